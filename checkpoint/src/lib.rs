@@ -1,0 +1,1 @@
+//! Checkpoint engine (freeze, collect, image, rebuild). Filled in by the checkpoint issue.
