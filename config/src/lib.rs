@@ -1,1 +1,271 @@
+//! The cluster configuration file.
+//!
+//! ```toml
+//! cluster_key_file = "cluster.key"     # relative paths are relative to this file
+//!
+//! [[node]]
+//! name = "node1"                        # unique; what migrate-cli and --node use
+//! id = 1                                # unique, 1..=255; the high bits of its vPIDs
+//! peer_addr = "192.0.2.11:7700"         # where the other agents reach it
+//! runtime_dir = "/run/dvk/node1"        # holds agent.sock
+//! image_dir = "/var/lib/dvk/node1/images"
+//! ```
+//! Every error names the file, the line and the field.
 
+use serde::Deserialize;
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use toml::Spanned;
+
+/// Where tools look when neither `--config` nor `DVK_CONFIG` is given.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/dvk/cluster.toml";
+/// File name of the agent's local socket inside `runtime_dir`.
+pub const AGENT_SOCKET_NAME: &str = "agent.sock";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{path}: cannot read: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("{path}:{line}: {message}")]
+    Invalid { path: PathBuf, line: usize, message: String },
+    #[error("{path}: no node named `{name}` (known: {known})")]
+    UnknownNode { path: PathBuf, name: String, known: String },
+    #[error("{path}: cluster key file {key_path}: {message}")]
+    Key { path: PathBuf, key_path: PathBuf, message: String },
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    cluster_key_file: Spanned<String>,
+    #[serde(default)]
+    node: Vec<RawNode>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawNode {
+    name: Spanned<String>,
+    id: Spanned<i64>,
+    peer_addr: Spanned<String>,
+    runtime_dir: Spanned<String>,
+    image_dir: Spanned<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NodeConfig {
+    pub name: String,
+    pub id: u16,
+    pub peer_addr: SocketAddr,
+    pub runtime_dir: PathBuf,
+    pub image_dir: PathBuf,
+}
+
+impl NodeConfig {
+    /// The agent's local socket (shim and CLI connect here).
+    pub fn socket_path(&self) -> PathBuf {
+        self.runtime_dir.join(AGENT_SOCKET_NAME)
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub path: PathBuf,
+    pub cluster_key_file: PathBuf,
+    pub nodes: Vec<NodeConfig>,
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        Config::parse(path, &text)
+    }
+
+    /// Parses `text` as if read from `path` (used for messages and relative paths).
+    pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
+        let invalid = |offset: usize, message: String| ConfigError::Invalid {
+            path: path.to_owned(),
+            line: line_of(text, offset),
+            message,
+        };
+        let raw: RawConfig = toml::from_str(text).map_err(|e| {
+            let offset = e.span().map(|s| s.start).unwrap_or(0);
+            invalid(offset, e.message().trim_end().to_owned())
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        let resolve = |p: &str| if Path::new(p).is_absolute() { PathBuf::from(p) } else { base.join(p) };
+
+        if raw.node.is_empty() {
+            return Err(invalid(text.len(), "no [[node]] is configured".into()));
+        }
+        let mut names = HashSet::new();
+        let mut ids = HashSet::new();
+        let mut addrs = HashSet::new();
+        let mut nodes = Vec::new();
+        for n in &raw.node {
+            let name = n.name.get_ref();
+            if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
+                return Err(invalid(
+                    n.name.span().start,
+                    format!("field `name`: `{name}` must be non-empty letters, digits, `-` or `_`"),
+                ));
+            }
+            if !names.insert(name.clone()) {
+                return Err(invalid(n.name.span().start, format!("field `name`: node `{name}` is defined twice")));
+            }
+            let id = *n.id.get_ref();
+            if !(1..=255).contains(&id) {
+                return Err(invalid(n.id.span().start, format!("field `id`: {id} is out of range 1..=255")));
+            }
+            if !ids.insert(id) {
+                return Err(invalid(n.id.span().start, format!("field `id`: id {id} is used by two nodes")));
+            }
+            let peer_addr: SocketAddr = n.peer_addr.get_ref().parse().map_err(|_| {
+                invalid(
+                    n.peer_addr.span().start,
+                    format!("field `peer_addr`: `{}` is not an IP:port address", n.peer_addr.get_ref()),
+                )
+            })?;
+            if !addrs.insert(peer_addr) {
+                return Err(invalid(
+                    n.peer_addr.span().start,
+                    format!("field `peer_addr`: {peer_addr} is used by two nodes"),
+                ));
+            }
+            for (field, value) in [("runtime_dir", &n.runtime_dir), ("image_dir", &n.image_dir)] {
+                if value.get_ref().is_empty() {
+                    return Err(invalid(value.span().start, format!("field `{field}`: must not be empty")));
+                }
+            }
+            nodes.push(NodeConfig {
+                name: name.clone(),
+                id: id as u16,
+                peer_addr,
+                runtime_dir: resolve(n.runtime_dir.get_ref()),
+                image_dir: resolve(n.image_dir.get_ref()),
+            });
+        }
+        if raw.cluster_key_file.get_ref().is_empty() {
+            return Err(invalid(raw.cluster_key_file.span().start, "field `cluster_key_file`: must not be empty".into()));
+        }
+        Ok(Config {
+            path: path.to_owned(),
+            cluster_key_file: resolve(raw.cluster_key_file.get_ref()),
+            nodes,
+        })
+    }
+
+    pub fn node(&self, name: &str) -> Result<&NodeConfig, ConfigError> {
+        self.nodes.iter().find(|n| n.name == name).ok_or_else(|| ConfigError::UnknownNode {
+            path: self.path.clone(),
+            name: name.to_owned(),
+            known: self.nodes.iter().map(|n| n.name.as_str()).collect::<Vec<_>>().join(", "),
+        })
+    }
+
+    pub fn node_by_id(&self, id: u16) -> Option<&NodeConfig> {
+        self.nodes.iter().find(|n| n.id == id)
+    }
+
+    /// Reads the cluster key: a hex string (whitespace ignored), or else the raw bytes.
+    pub fn read_key(&self) -> Result<Vec<u8>, ConfigError> {
+        let key_err = |message: String| ConfigError::Key {
+            path: self.path.clone(),
+            key_path: self.cluster_key_file.clone(),
+            message,
+        };
+        let bytes = std::fs::read(&self.cluster_key_file).map_err(|e| key_err(e.to_string()))?;
+        let text: String = String::from_utf8_lossy(&bytes).split_whitespace().collect();
+        let key = match decode_hex(&text) {
+            Some(k) if !k.is_empty() => k,
+            _ => bytes,
+        };
+        if key.len() < 16 {
+            return Err(key_err(format!("key is {} bytes; at least 16 are required", key.len())));
+        }
+        Ok(key)
+    }
+}
+
+fn decode_hex(s: &str) -> Option<Vec<u8>> {
+    if s.len() % 2 != 0 {
+        return None;
+    }
+    (0..s.len()).step_by(2).map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok()).collect()
+}
+
+fn line_of(text: &str, offset: usize) -> usize {
+    text[..offset.min(text.len())].matches('\n').count() + 1
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"cluster_key_file = "cluster.key"
+
+[[node]]
+name = "node1"
+id = 1
+peer_addr = "127.0.0.1:7701"
+runtime_dir = "run/node1"
+image_dir = "/var/lib/dvk/node1/images"
+
+[[node]]
+name = "node2"
+id = 2
+peer_addr = "127.0.0.1:7702"
+runtime_dir = "/run/dvk/node2"
+image_dir = "/var/lib/dvk/node2/images"
+"#;
+
+    fn err(text: &str) -> String {
+        Config::parse(Path::new("/etc/dvk/c.toml"), text).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn good_config_parses_with_relative_paths_resolved() {
+        let c = Config::parse(Path::new("/etc/dvk/c.toml"), GOOD).unwrap();
+        assert_eq!(c.nodes.len(), 2);
+        assert_eq!(c.cluster_key_file, PathBuf::from("/etc/dvk/cluster.key"));
+        assert_eq!(c.node("node1").unwrap().socket_path(), PathBuf::from("/etc/dvk/run/node1/agent.sock"));
+        assert_eq!(c.node_by_id(2).unwrap().name, "node2");
+        let unknown = c.node("node9").unwrap_err().to_string();
+        assert!(unknown.contains("node9") && unknown.contains("node1, node2"), "{unknown}");
+    }
+
+    #[test]
+    fn errors_name_file_line_and_field() {
+        let e = err(&GOOD.replace("id = 2", "id = 300"));
+        assert!(e.starts_with("/etc/dvk/c.toml:12:") && e.contains("`id`") && e.contains("300"), "{e}");
+        let e = err(&GOOD.replace("id = 2", "id = 1"));
+        assert!(e.starts_with("/etc/dvk/c.toml:12:") && e.contains("used by two nodes"), "{e}");
+        let e = err(&GOOD.replace("\"127.0.0.1:7702\"", "\"localhost\""));
+        assert!(e.starts_with("/etc/dvk/c.toml:13:") && e.contains("peer_addr"), "{e}");
+        let e = err(&GOOD.replace("image_dir = \"/var/lib/dvk/node2/images\"", ""));
+        assert!(e.contains("image_dir"), "{e}");
+        let e = err(&GOOD.replace("runtime_dir = \"run/node1\"", "runtime_dir = \"run/node1\"\nport = 3"));
+        assert!(e.starts_with("/etc/dvk/c.toml:8:") && e.contains("port"), "{e}");
+        let e = err(&GOOD.replace("id = 1", "id = \"one\""));
+        assert!(e.starts_with("/etc/dvk/c.toml:5:"), "{e}");
+        let e = err(&GOOD.replace("name = \"node2\"", "name = \"node1\""));
+        assert!(e.starts_with("/etc/dvk/c.toml:11:") && e.contains("defined twice"), "{e}");
+        let e = err("cluster_key_file = \"k\"\n");
+        assert!(e.contains("no [[node]]"), "{e}");
+    }
+
+    #[test]
+    fn key_file_hex_or_raw() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg_path = dir.path().join("c.toml");
+        let c = Config::parse(&cfg_path, GOOD).unwrap();
+        std::fs::write(dir.path().join("cluster.key"), "00112233445566778899aabbccddeeff\n").unwrap();
+        assert_eq!(c.read_key().unwrap().len(), 16);
+        std::fs::write(dir.path().join("cluster.key"), "short").unwrap();
+        assert!(c.read_key().unwrap_err().to_string().contains("at least 16"));
+        std::fs::remove_file(dir.path().join("cluster.key")).unwrap();
+        assert!(c.read_key().unwrap_err().to_string().contains("cluster.key"));
+    }
+}

@@ -1,0 +1,275 @@
+//! The routing table every agent keeps, and the endpoint state machine of
+//! DESIGN §3 (after the DVS paper's PROC_RUNNING / remote / migrating states).
+//!
+//! ```text
+//!                 register here                 register elsewhere
+//!   (unknown) ───────────────▶ Local      (unknown) ──────────────▶ Remote(n)
+//!                                │  ▲                                 │  ▲
+//!                  start(m)      │  │ rollback(m)          start(m)   │  │ rollback(m)
+//!                                ▼  │                                 ▼  │
+//!                      Migrating{previous, m} ───commit(m, dest)───▶ Local   if dest == this node
+//!                                                                    Remote(dest) otherwise
+//! ```
+//! While an entry is `Migrating`, nothing is delivered to or from it; the
+//! agent queues. Every transition names the migration id, so a late or
+//! duplicated commit/rollback of another migration is refused, never applied.
+
+use crate::{DcName, NodeId, Vpid};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// Identifies one migration attempt; also the routing epoch it produces.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct MigrationId(pub u64);
+
+/// Where, from this node's point of view, a process/endpoint lives.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum EndpointState {
+    /// Runs on this node.
+    Local,
+    /// Runs on another node; traffic is relayed there.
+    Remote(NodeId),
+    /// A passive replica is kept on that node (reserved, not used yet).
+    Backup(NodeId),
+    /// A move is under way: nothing is delivered, arriving messages queue.
+    Migrating { previous: Box<EndpointState>, migration: MigrationId },
+}
+
+impl EndpointState {
+    /// Short name for tables: `local`, `remote`, `backup`, `migrating`.
+    pub fn label(&self) -> &'static str {
+        match self {
+            EndpointState::Local => "local",
+            EndpointState::Remote(_) => "remote",
+            EndpointState::Backup(_) => "backup",
+            EndpointState::Migrating { .. } => "migrating",
+        }
+    }
+}
+
+/// One registered process as the whole cluster sees it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProcessEntry {
+    pub vpid: Vpid,
+    /// The node it runs on now.
+    pub node: NodeId,
+    /// Its real PID on that node.
+    pub real_pid: i32,
+    /// Owner (real uid), as the kernel reported it through SO_PEERCRED.
+    pub uid: u32,
+    pub dc: DcName,
+    pub endpoint: String,
+    /// Command line, NUL separators turned into spaces.
+    pub command: String,
+    /// vPID of its parent, when the parent is in the cluster.
+    pub parent: Option<Vpid>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Route {
+    pub entry: ProcessEntry,
+    pub state: EndpointState,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum TransitionError {
+    Unknown(Vpid),
+    AlreadyMigrating { vpid: Vpid, migration: MigrationId },
+    NotMigrating(Vpid),
+    WrongMigration { vpid: Vpid, expected: MigrationId, got: MigrationId },
+}
+
+impl std::fmt::Display for TransitionError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            TransitionError::Unknown(v) => write!(f, "vPID {v} is not in the routing table"),
+            TransitionError::AlreadyMigrating { vpid, migration } => {
+                write!(f, "vPID {vpid} is already migrating (migration {})", migration.0)
+            }
+            TransitionError::NotMigrating(v) => write!(f, "vPID {v} is not migrating"),
+            TransitionError::WrongMigration { vpid, expected, got } => write!(
+                f,
+                "vPID {vpid} is in migration {} but the request names migration {}",
+                expected.0, got.0
+            ),
+        }
+    }
+}
+
+impl std::error::Error for TransitionError {}
+
+/// The routing table of one node.
+#[derive(Debug)]
+pub struct RoutingTable {
+    this_node: NodeId,
+    routes: BTreeMap<Vpid, Route>,
+}
+
+impl RoutingTable {
+    pub fn new(this_node: NodeId) -> Self {
+        RoutingTable { this_node, routes: BTreeMap::new() }
+    }
+
+    pub fn this_node(&self) -> NodeId {
+        self.this_node
+    }
+
+    fn state_for(&self, node: NodeId) -> EndpointState {
+        if node == self.this_node {
+            EndpointState::Local
+        } else {
+            EndpointState::Remote(node)
+        }
+    }
+
+    /// Adds or replaces the entry for `entry.vpid`; the state follows from where it runs.
+    pub fn upsert(&mut self, entry: ProcessEntry) {
+        let state = self.state_for(entry.node);
+        self.routes.insert(entry.vpid, Route { entry, state });
+    }
+
+    pub fn remove(&mut self, vpid: Vpid) -> Option<Route> {
+        self.routes.remove(&vpid)
+    }
+
+    /// Drops every entry that runs on `node` (its link went down; it re-announces on reconnect).
+    pub fn remove_node(&mut self, node: NodeId) -> Vec<Vpid> {
+        let gone: Vec<Vpid> =
+            self.routes.values().filter(|r| r.entry.node == node).map(|r| r.entry.vpid).collect();
+        for v in &gone {
+            self.routes.remove(v);
+        }
+        gone
+    }
+
+    pub fn get(&self, vpid: Vpid) -> Option<&Route> {
+        self.routes.get(&vpid)
+    }
+
+    pub fn routes(&self) -> impl Iterator<Item = &Route> {
+        self.routes.values()
+    }
+
+    pub fn local_entries(&self) -> impl Iterator<Item = &ProcessEntry> {
+        let me = self.this_node;
+        self.routes.values().map(|r| &r.entry).filter(move |e| e.node == me)
+    }
+
+    pub fn count_on(&self, node: NodeId) -> usize {
+        self.routes.values().filter(|r| r.entry.node == node).count()
+    }
+
+    pub fn find_local_by_pid(&self, real_pid: i32) -> Option<&ProcessEntry> {
+        self.local_entries().find(|e| e.real_pid == real_pid)
+    }
+
+    /// start: stop delivering to/from `vpid` and queue.
+    pub fn start_migration(&mut self, vpid: Vpid, migration: MigrationId) -> Result<(), TransitionError> {
+        let route = self.routes.get_mut(&vpid).ok_or(TransitionError::Unknown(vpid))?;
+        if let EndpointState::Migrating { migration: m, .. } = route.state {
+            return Err(TransitionError::AlreadyMigrating { vpid, migration: m });
+        }
+        let previous = Box::new(route.state.clone());
+        route.state = EndpointState::Migrating { previous, migration };
+        Ok(())
+    }
+
+    fn finish(&mut self, vpid: Vpid, migration: MigrationId) -> Result<&mut Route, TransitionError> {
+        let route = self.routes.get_mut(&vpid).ok_or(TransitionError::Unknown(vpid))?;
+        match &route.state {
+            EndpointState::Migrating { migration: m, .. } if *m == migration => Ok(route),
+            EndpointState::Migrating { migration: m, .. } => {
+                Err(TransitionError::WrongMigration { vpid, expected: *m, got: migration })
+            }
+            _ => Err(TransitionError::NotMigrating(vpid)),
+        }
+    }
+
+    /// commit: the process now runs on `destination` with real PID `real_pid`.
+    pub fn commit_migration(
+        &mut self,
+        vpid: Vpid,
+        migration: MigrationId,
+        destination: NodeId,
+        real_pid: i32,
+    ) -> Result<(), TransitionError> {
+        let state = self.state_for(destination);
+        let route = self.finish(vpid, migration)?;
+        route.state = state;
+        route.entry.node = destination;
+        route.entry.real_pid = real_pid;
+        Ok(())
+    }
+
+    /// rollback: back to the state before `start`.
+    pub fn rollback_migration(&mut self, vpid: Vpid, migration: MigrationId) -> Result<(), TransitionError> {
+        let route = self.finish(vpid, migration)?;
+        if let EndpointState::Migrating { previous, .. } = &route.state {
+            route.state = (**previous).clone();
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(vpid: i32, node: u16) -> ProcessEntry {
+        ProcessEntry {
+            vpid: Vpid(vpid),
+            node: NodeId(node),
+            real_pid: 100,
+            uid: 0,
+            dc: "dc0".into(),
+            endpoint: "srv".into(),
+            command: "srv".into(),
+            parent: None,
+        }
+    }
+
+    #[test]
+    fn state_follows_location() {
+        let mut t = RoutingTable::new(NodeId(1));
+        t.upsert(entry(1 << 22 | 1, 1));
+        t.upsert(entry(2 << 22 | 1, 2));
+        assert_eq!(t.get(Vpid(1 << 22 | 1)).unwrap().state, EndpointState::Local);
+        assert_eq!(t.get(Vpid(2 << 22 | 1)).unwrap().state, EndpointState::Remote(NodeId(2)));
+        assert_eq!(t.count_on(NodeId(2)), 1);
+        assert_eq!(t.remove_node(NodeId(2)), vec![Vpid(2 << 22 | 1)]);
+        assert_eq!(t.count_on(NodeId(2)), 0);
+    }
+
+    #[test]
+    fn migration_start_commit_moves_the_route() {
+        let mut t = RoutingTable::new(NodeId(1));
+        let v = Vpid(1 << 22 | 7);
+        t.upsert(entry(v.0, 1));
+        t.start_migration(v, MigrationId(9)).unwrap();
+        assert_eq!(t.get(v).unwrap().state.label(), "migrating");
+        assert_eq!(
+            t.start_migration(v, MigrationId(10)),
+            Err(TransitionError::AlreadyMigrating { vpid: v, migration: MigrationId(9) })
+        );
+        assert_eq!(
+            t.commit_migration(v, MigrationId(8), NodeId(2), 55),
+            Err(TransitionError::WrongMigration { vpid: v, expected: MigrationId(9), got: MigrationId(8) })
+        );
+        t.commit_migration(v, MigrationId(9), NodeId(2), 55).unwrap();
+        let r = t.get(v).unwrap();
+        assert_eq!(r.state, EndpointState::Remote(NodeId(2)));
+        assert_eq!((r.entry.node, r.entry.real_pid), (NodeId(2), 55));
+        assert_eq!(t.commit_migration(v, MigrationId(9), NodeId(2), 55), Err(TransitionError::NotMigrating(v)));
+    }
+
+    #[test]
+    fn rollback_restores_previous_state() {
+        let mut t = RoutingTable::new(NodeId(3));
+        let v = Vpid(1 << 22 | 1);
+        t.upsert(entry(v.0, 1));
+        t.start_migration(v, MigrationId(1)).unwrap();
+        t.rollback_migration(v, MigrationId(1)).unwrap();
+        assert_eq!(t.get(v).unwrap().state, EndpointState::Remote(NodeId(1)));
+        assert_eq!(t.rollback_migration(Vpid(5 << 22 | 1), MigrationId(1)), Err(TransitionError::Unknown(Vpid(5 << 22 | 1))));
+    }
+}

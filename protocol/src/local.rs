@@ -1,0 +1,64 @@
+//! The local socket of an agent (`<runtime_dir>/agent.sock`): requests from
+//! the shim inside a process and from `migrate-cli`, one response each.
+//!
+//! The agent never trusts identities in these messages: the caller's pid and
+//! uid come from `SO_PEERCRED` of the connection.
+
+use pidvirt::{EndpointState, NodeId, ProcessEntry, Vpid};
+use serde::{Deserialize, Serialize};
+
+/// Bumped on breaking changes to [`LocalRequest`]/[`LocalResponse`]; additive
+/// variants at the end of an enum do not bump it. The agent accepts exactly
+/// its own version in `Register` and answers others with an error.
+pub const LOCAL_PROTOCOL_VERSION: u16 = 1;
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum LocalRequest {
+    /// Wire value 0: never sent.
+    Reserved,
+    /// The connecting process registers itself (shim constructor, or a forked child).
+    /// `endpoint` None: the agent uses the program name.
+    Register { version: u16, dc: String, endpoint: Option<String> },
+    /// Deliver `signal` to the process (or, with `group`, its process group) named by `vpid`,
+    /// wherever it runs. Only root or the owner may.
+    Kill { vpid: Vpid, signal: i32, group: bool },
+    /// Every registered process of the cluster.
+    ListProcesses,
+    /// Every configured node and its link state.
+    ListNodes,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum LocalResponse {
+    Reserved,
+    Registered { vpid: Vpid, parent: Option<Vpid>, node: NodeId },
+    /// 0 on success, else the errno `kill(2)` would have set (ESRCH, EPERM, EINVAL, EHOSTUNREACH).
+    KillDone { errno: i32 },
+    Processes(Vec<ProcessRow>),
+    Nodes(Vec<NodeStatus>),
+    Error { message: String },
+}
+
+/// One line of `migrate-cli ps`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProcessRow {
+    pub entry: ProcessEntry,
+    pub node_name: String,
+    /// State as the answering agent sees it.
+    pub state: EndpointState,
+}
+
+/// One line of `migrate-cli nodes`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeStatus {
+    pub name: String,
+    pub id: NodeId,
+    pub address: String,
+    /// This is the agent that answered.
+    pub is_self: bool,
+    /// Authenticated link up (always true for self).
+    pub up: bool,
+    /// Milliseconds since the last frame from that node (None: never heard from it).
+    pub last_contact_ms: Option<u64>,
+    pub processes: u32,
+}
