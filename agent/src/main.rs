@@ -1,1 +1,103 @@
-fn main() {}
+//! dvk-agent: one per node. Owns the node's routing table, links to every
+//! peer over authenticated TCP, and serves the shim and the CLI on a local
+//! socket.
+
+mod local;
+mod peer;
+mod procinfo;
+mod state;
+mod sys;
+mod vpid_store;
+
+use anyhow::Context;
+use clap::Parser;
+use dvk_config::{Config, DEFAULT_CONFIG_PATH};
+use dvk_protocol::auth::ClusterKey;
+use pidvirt::NodeId;
+use std::os::unix::fs::PermissionsExt;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+/// The dvk node agent (runs in the foreground; logs to stderr).
+#[derive(Parser, Debug)]
+#[command(version, about)]
+struct Args {
+    /// Cluster configuration file.
+    #[arg(long, env = "DVK_CONFIG", default_value = DEFAULT_CONFIG_PATH)]
+    config: PathBuf,
+    /// Which node of the config this agent is.
+    #[arg(long, env = "DVK_NODE")]
+    node: String,
+    /// Log level: error, warn, info, debug or trace (RUST_LOG, if set, takes precedence).
+    #[arg(long, default_value = "info")]
+    log_level: String,
+}
+
+fn main() {
+    let args = Args::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&args.log_level));
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_env_filter(filter)
+        .with_target(false)
+        .init();
+    if let Err(e) = run(args) {
+        tracing::error!("{e:#}");
+        eprintln!("dvk-agent: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(args: Args) -> anyhow::Result<()> {
+    let config = Config::load(&args.config)?;
+    let me = config.node(&args.node)?.clone();
+    let key = ClusterKey::new(config.read_key()?).map_err(|e| anyhow::anyhow!("{e}"))?;
+    warn_if_key_readable(&config.cluster_key_file);
+
+    std::fs::create_dir_all(&me.runtime_dir)
+        .with_context(|| format!("cannot create runtime dir {}", me.runtime_dir.display()))?;
+    std::fs::create_dir_all(&me.image_dir)
+        .with_context(|| format!("cannot create image dir {}", me.image_dir.display()))?;
+    std::fs::set_permissions(&me.image_dir, std::fs::Permissions::from_mode(0o700))
+        .with_context(|| format!("cannot set mode 0700 on {}", me.image_dir.display()))?;
+    let vpids = vpid_store::VpidStore::open(NodeId(me.id), me.runtime_dir.join("vpid-next"))
+        .with_context(|| format!("cannot open the vPID store in {}", me.runtime_dir.display()))?;
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async move {
+        let socket_path = me.socket_path();
+        let local_listener = local::bind(&socket_path)?;
+        let peer_listener = tokio::net::TcpListener::bind(me.peer_addr)
+            .await
+            .with_context(|| format!("cannot listen for peers on {}", me.peer_addr))?;
+        let agent = Arc::new(state::Agent::new(config.clone(), me.clone(), key, vpids));
+        tracing::info!(node = %me.name, id = me.id, peers = %me.peer_addr, socket = %socket_path.display(), "agent started");
+
+        tokio::spawn(local::serve(agent.clone(), local_listener));
+        tokio::spawn(peer::accept_loop(agent.clone(), peer_listener));
+        for n in config.nodes.iter().filter(|n| n.id > me.id) {
+            tokio::spawn(peer::dial_loop(agent.clone(), NodeId(n.id), n.peer_addr));
+        }
+
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+        tracing::info!("shutting down");
+        let _ = std::fs::remove_file(&socket_path);
+        Ok(())
+    })
+}
+
+fn warn_if_key_readable(path: &std::path::Path) {
+    if let Ok(meta) = std::fs::metadata(path) {
+        if meta.permissions().mode() & 0o077 != 0 {
+            tracing::warn!(key = %path.display(), "cluster key file is readable by group/others; chmod 600 it");
+        }
+    }
+}

@@ -90,7 +90,10 @@ pub struct VpidSpaceExhausted;
 impl VpidAllocator {
     /// Starts allocating at `first_seq` (1 for a fresh node).
     pub fn new(node: NodeId, first_seq: u32) -> Self {
-        VpidAllocator { node, next_seq: first_seq.max(1) }
+        VpidAllocator {
+            node,
+            next_seq: first_seq.max(1),
+        }
     }
 
     /// The sequence number the next allocation will use.

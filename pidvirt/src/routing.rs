@@ -32,7 +32,10 @@ pub enum EndpointState {
     /// A passive replica is kept on that node (reserved, not used yet).
     Backup(NodeId),
     /// A move is under way: nothing is delivered, arriving messages queue.
-    Migrating { previous: Box<EndpointState>, migration: MigrationId },
+    Migrating {
+        previous: Box<EndpointState>,
+        migration: MigrationId,
+    },
 }
 
 impl EndpointState {
@@ -74,9 +77,16 @@ pub struct Route {
 #[derive(Debug, PartialEq, Eq)]
 pub enum TransitionError {
     Unknown(Vpid),
-    AlreadyMigrating { vpid: Vpid, migration: MigrationId },
+    AlreadyMigrating {
+        vpid: Vpid,
+        migration: MigrationId,
+    },
     NotMigrating(Vpid),
-    WrongMigration { vpid: Vpid, expected: MigrationId, got: MigrationId },
+    WrongMigration {
+        vpid: Vpid,
+        expected: MigrationId,
+        got: MigrationId,
+    },
 }
 
 impl std::fmt::Display for TransitionError {
@@ -84,10 +94,18 @@ impl std::fmt::Display for TransitionError {
         match self {
             TransitionError::Unknown(v) => write!(f, "vPID {v} is not in the routing table"),
             TransitionError::AlreadyMigrating { vpid, migration } => {
-                write!(f, "vPID {vpid} is already migrating (migration {})", migration.0)
+                write!(
+                    f,
+                    "vPID {vpid} is already migrating (migration {})",
+                    migration.0
+                )
             }
             TransitionError::NotMigrating(v) => write!(f, "vPID {v} is not migrating"),
-            TransitionError::WrongMigration { vpid, expected, got } => write!(
+            TransitionError::WrongMigration {
+                vpid,
+                expected,
+                got,
+            } => write!(
                 f,
                 "vPID {vpid} is in migration {} but the request names migration {}",
                 expected.0, got.0
@@ -107,7 +125,10 @@ pub struct RoutingTable {
 
 impl RoutingTable {
     pub fn new(this_node: NodeId) -> Self {
-        RoutingTable { this_node, routes: BTreeMap::new() }
+        RoutingTable {
+            this_node,
+            routes: BTreeMap::new(),
+        }
     }
 
     pub fn this_node(&self) -> NodeId {
@@ -134,8 +155,12 @@ impl RoutingTable {
 
     /// Drops every entry that runs on `node` (its link went down; it re-announces on reconnect).
     pub fn remove_node(&mut self, node: NodeId) -> Vec<Vpid> {
-        let gone: Vec<Vpid> =
-            self.routes.values().filter(|r| r.entry.node == node).map(|r| r.entry.vpid).collect();
+        let gone: Vec<Vpid> = self
+            .routes
+            .values()
+            .filter(|r| r.entry.node == node)
+            .map(|r| r.entry.vpid)
+            .collect();
         for v in &gone {
             self.routes.remove(v);
         }
@@ -152,11 +177,17 @@ impl RoutingTable {
 
     pub fn local_entries(&self) -> impl Iterator<Item = &ProcessEntry> {
         let me = self.this_node;
-        self.routes.values().map(|r| &r.entry).filter(move |e| e.node == me)
+        self.routes
+            .values()
+            .map(|r| &r.entry)
+            .filter(move |e| e.node == me)
     }
 
     pub fn count_on(&self, node: NodeId) -> usize {
-        self.routes.values().filter(|r| r.entry.node == node).count()
+        self.routes
+            .values()
+            .filter(|r| r.entry.node == node)
+            .count()
     }
 
     pub fn find_local_by_pid(&self, real_pid: i32) -> Option<&ProcessEntry> {
@@ -164,23 +195,42 @@ impl RoutingTable {
     }
 
     /// start: stop delivering to/from `vpid` and queue.
-    pub fn start_migration(&mut self, vpid: Vpid, migration: MigrationId) -> Result<(), TransitionError> {
-        let route = self.routes.get_mut(&vpid).ok_or(TransitionError::Unknown(vpid))?;
+    pub fn start_migration(
+        &mut self,
+        vpid: Vpid,
+        migration: MigrationId,
+    ) -> Result<(), TransitionError> {
+        let route = self
+            .routes
+            .get_mut(&vpid)
+            .ok_or(TransitionError::Unknown(vpid))?;
         if let EndpointState::Migrating { migration: m, .. } = route.state {
             return Err(TransitionError::AlreadyMigrating { vpid, migration: m });
         }
         let previous = Box::new(route.state.clone());
-        route.state = EndpointState::Migrating { previous, migration };
+        route.state = EndpointState::Migrating {
+            previous,
+            migration,
+        };
         Ok(())
     }
 
-    fn finish(&mut self, vpid: Vpid, migration: MigrationId) -> Result<&mut Route, TransitionError> {
-        let route = self.routes.get_mut(&vpid).ok_or(TransitionError::Unknown(vpid))?;
+    fn finish(
+        &mut self,
+        vpid: Vpid,
+        migration: MigrationId,
+    ) -> Result<&mut Route, TransitionError> {
+        let route = self
+            .routes
+            .get_mut(&vpid)
+            .ok_or(TransitionError::Unknown(vpid))?;
         match &route.state {
             EndpointState::Migrating { migration: m, .. } if *m == migration => Ok(route),
-            EndpointState::Migrating { migration: m, .. } => {
-                Err(TransitionError::WrongMigration { vpid, expected: *m, got: migration })
-            }
+            EndpointState::Migrating { migration: m, .. } => Err(TransitionError::WrongMigration {
+                vpid,
+                expected: *m,
+                got: migration,
+            }),
             _ => Err(TransitionError::NotMigrating(vpid)),
         }
     }
@@ -202,7 +252,11 @@ impl RoutingTable {
     }
 
     /// rollback: back to the state before `start`.
-    pub fn rollback_migration(&mut self, vpid: Vpid, migration: MigrationId) -> Result<(), TransitionError> {
+    pub fn rollback_migration(
+        &mut self,
+        vpid: Vpid,
+        migration: MigrationId,
+    ) -> Result<(), TransitionError> {
         let route = self.finish(vpid, migration)?;
         if let EndpointState::Migrating { previous, .. } = &route.state {
             route.state = (**previous).clone();
@@ -233,8 +287,14 @@ mod tests {
         let mut t = RoutingTable::new(NodeId(1));
         t.upsert(entry(1 << 22 | 1, 1));
         t.upsert(entry(2 << 22 | 1, 2));
-        assert_eq!(t.get(Vpid(1 << 22 | 1)).unwrap().state, EndpointState::Local);
-        assert_eq!(t.get(Vpid(2 << 22 | 1)).unwrap().state, EndpointState::Remote(NodeId(2)));
+        assert_eq!(
+            t.get(Vpid(1 << 22 | 1)).unwrap().state,
+            EndpointState::Local
+        );
+        assert_eq!(
+            t.get(Vpid(2 << 22 | 1)).unwrap().state,
+            EndpointState::Remote(NodeId(2))
+        );
         assert_eq!(t.count_on(NodeId(2)), 1);
         assert_eq!(t.remove_node(NodeId(2)), vec![Vpid(2 << 22 | 1)]);
         assert_eq!(t.count_on(NodeId(2)), 0);
@@ -249,17 +309,28 @@ mod tests {
         assert_eq!(t.get(v).unwrap().state.label(), "migrating");
         assert_eq!(
             t.start_migration(v, MigrationId(10)),
-            Err(TransitionError::AlreadyMigrating { vpid: v, migration: MigrationId(9) })
+            Err(TransitionError::AlreadyMigrating {
+                vpid: v,
+                migration: MigrationId(9)
+            })
         );
         assert_eq!(
             t.commit_migration(v, MigrationId(8), NodeId(2), 55),
-            Err(TransitionError::WrongMigration { vpid: v, expected: MigrationId(9), got: MigrationId(8) })
+            Err(TransitionError::WrongMigration {
+                vpid: v,
+                expected: MigrationId(9),
+                got: MigrationId(8)
+            })
         );
-        t.commit_migration(v, MigrationId(9), NodeId(2), 55).unwrap();
+        t.commit_migration(v, MigrationId(9), NodeId(2), 55)
+            .unwrap();
         let r = t.get(v).unwrap();
         assert_eq!(r.state, EndpointState::Remote(NodeId(2)));
         assert_eq!((r.entry.node, r.entry.real_pid), (NodeId(2), 55));
-        assert_eq!(t.commit_migration(v, MigrationId(9), NodeId(2), 55), Err(TransitionError::NotMigrating(v)));
+        assert_eq!(
+            t.commit_migration(v, MigrationId(9), NodeId(2), 55),
+            Err(TransitionError::NotMigrating(v))
+        );
     }
 
     #[test]
@@ -270,6 +341,9 @@ mod tests {
         t.start_migration(v, MigrationId(1)).unwrap();
         t.rollback_migration(v, MigrationId(1)).unwrap();
         assert_eq!(t.get(v).unwrap().state, EndpointState::Remote(NodeId(1)));
-        assert_eq!(t.rollback_migration(Vpid(5 << 22 | 1), MigrationId(1)), Err(TransitionError::Unknown(Vpid(5 << 22 | 1))));
+        assert_eq!(
+            t.rollback_migration(Vpid(5 << 22 | 1), MigrationId(1)),
+            Err(TransitionError::Unknown(Vpid(5 << 22 | 1)))
+        );
     }
 }

@@ -18,10 +18,18 @@ pub enum LocalRequest {
     Reserved,
     /// The connecting process registers itself (shim constructor, or a forked child).
     /// `endpoint` None: the agent uses the program name.
-    Register { version: u16, dc: String, endpoint: Option<String> },
+    Register {
+        version: u16,
+        dc: String,
+        endpoint: Option<String>,
+    },
     /// Deliver `signal` to the process (or, with `group`, its process group) named by `vpid`,
     /// wherever it runs. Only root or the owner may.
-    Kill { vpid: Vpid, signal: i32, group: bool },
+    Kill {
+        vpid: Vpid,
+        signal: i32,
+        group: bool,
+    },
     /// Every registered process of the cluster.
     ListProcesses,
     /// Every configured node and its link state.
@@ -31,12 +39,20 @@ pub enum LocalRequest {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum LocalResponse {
     Reserved,
-    Registered { vpid: Vpid, parent: Option<Vpid>, node: NodeId },
+    Registered {
+        vpid: Vpid,
+        parent: Option<Vpid>,
+        node: NodeId,
+    },
     /// 0 on success, else the errno `kill(2)` would have set (ESRCH, EPERM, EINVAL, EHOSTUNREACH).
-    KillDone { errno: i32 },
+    KillDone {
+        errno: i32,
+    },
     Processes(Vec<ProcessRow>),
     Nodes(Vec<NodeStatus>),
-    Error { message: String },
+    Error {
+        message: String,
+    },
 }
 
 /// One line of `migrate-cli ps`.

@@ -27,21 +27,45 @@ pub type Mac = [u8; 32];
 pub enum PeerMessage {
     /// Wire value 0: never sent.
     Reserved,
-    Hello { version: u16, node: NodeId, nonce: Nonce },
-    Challenge { node: NodeId, nonce: Nonce },
-    Proof { mac: Mac },
-    Accepted { mac: Mac },
+    Hello {
+        version: u16,
+        node: NodeId,
+        nonce: Nonce,
+    },
+    Challenge {
+        node: NodeId,
+        nonce: Nonce,
+    },
+    Proof {
+        mac: Mac,
+    },
+    Accepted {
+        mac: Mac,
+    },
     /// Liveness; answered with Pong.
     Ping,
     Pong,
     /// The sender's complete list of local processes (replaces what the receiver had for it).
-    Announce { processes: Vec<ProcessEntry> },
+    Announce {
+        processes: Vec<ProcessEntry>,
+    },
     /// A process registered on (or its entry changed at) the sender.
     ProcessUp(ProcessEntry),
     /// A process of the sender exited.
-    ProcessDown { vpid: Vpid },
+    ProcessDown {
+        vpid: Vpid,
+    },
     /// Deliver a signal to a process running on the receiver, on behalf of `sender_uid`.
-    Signal { request: u64, vpid: Vpid, signal: i32, group: bool, sender_uid: u32 },
+    Signal {
+        request: u64,
+        vpid: Vpid,
+        signal: i32,
+        group: bool,
+        sender_uid: u32,
+    },
     /// Result of `Signal`: 0 or an errno.
-    SignalDone { request: u64, errno: i32 },
+    SignalDone {
+        request: u64,
+        errno: i32,
+    },
 }

@@ -1,1 +1,102 @@
+//! libdvkshim.so — preloaded into a process (`LD_PRELOAD=libdvkshim.so prog`).
+//!
+//! At load time it registers the process with its node agent and learns its
+//! vPID; from then on the hooks in [`hooks`] answer in vPIDs. A child made by
+//! fork() registers itself and gets its own vPID. Without a reachable agent the
+//! program runs unchanged after one warning on stderr.
+//!
+//! Environment: `DVK_AGENT_SOCK` (default `/run/dvk/agent.sock`), `DVK_DC`
+//! (default `dc0`), `DVK_ENDPOINT` (default: the program name).
+//!
+//! Limits of any LD_PRELOAD shim apply (docs/ARCHITECTURE.md): static
+//! binaries, raw syscalls and glibc-internal calls are not seen; the kernel
+//! still reports real PIDs in /proc, si_pid and SO_PEERCRED.
 
+mod hooks;
+mod identity;
+mod link;
+mod raw;
+
+/// Where the shim looks for its agent when DVK_AGENT_SOCK is not set (the
+/// runtime dir of the packaged config and systemd unit).
+const DEFAULT_AGENT_SOCK: &str = "/run/dvk/agent.sock";
+
+#[ctor::ctor]
+fn on_load() {
+    // Nothing may unwind into the dynamic loader.
+    let _ = std::panic::catch_unwind(|| raw::preserving_errno(init));
+}
+
+fn init() {
+    let sock = std::env::var_os("DVK_AGENT_SOCK").unwrap_or_else(|| DEFAULT_AGENT_SOCK.into());
+    let dc = std::env::var("DVK_DC")
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "dc0".into());
+    let endpoint = std::env::var("DVK_ENDPOINT").ok().filter(|s| !s.is_empty());
+    if let Err(why) = link::configure(
+        std::os::unix::ffi::OsStrExt::as_bytes(sock.as_os_str()),
+        dc,
+        endpoint,
+    ) {
+        warn_parts(&[
+            b"dvk: ",
+            why.as_bytes(),
+            b"; running without virtual PIDs\n",
+        ]);
+        return;
+    }
+    if !raw::at_fork_child(after_fork_in_child) {
+        raw::warn(b"dvk: pthread_atfork failed; forked children keep real PIDs\n");
+    }
+    register_or_warn();
+}
+
+/// Registers and installs the identity, or warns once and leaves the program on real PIDs.
+fn register_or_warn() {
+    match link::register() {
+        Ok(r) => identity::set(r.vpid.0, r.parent.map(|p| p.0), raw::getppid(), r.link_fd),
+        Err(e) => {
+            let Some(cfg) = link::config() else { return };
+            let mut reason = [0u8; 128];
+            let reason: &[u8] = match e {
+                link::RegisterError::Unreachable(errno) => {
+                    let n = raw::strerror_into(errno, &mut reason);
+                    &reason[..n]
+                }
+                link::RegisterError::Refused => b"the agent refused the registration (see its log)",
+            };
+            warn_parts(&[
+                b"dvk: no usable agent at ",
+                cfg.path_display.as_bytes(),
+                b" (",
+                reason,
+                b"); running without virtual PIDs\n",
+            ]);
+        }
+    }
+}
+
+/// Writes the parts as one line with one write(2), without allocating.
+fn warn_parts(parts: &[&[u8]]) {
+    let mut line = [0u8; 512];
+    let mut len = 0;
+    for part in parts {
+        let take = part.len().min(line.len() - len);
+        line[len..len + take].copy_from_slice(&part[..take]);
+        len += take;
+    }
+    raw::warn(&line[..len]);
+}
+
+/// In the child of fork(): drop the parent's identity and agent link, register anew.
+unsafe extern "C" fn after_fork_in_child() {
+    let _ = std::panic::catch_unwind(|| {
+        raw::preserving_errno(|| {
+            if let Some(inherited) = identity::clear() {
+                raw::close(inherited);
+            }
+            register_or_warn();
+        })
+    });
+}

@@ -1,0 +1,249 @@
+//! The local socket: the shim inside each process and `migrate-cli` talk to
+//! the agent here. Identity comes from SO_PEERCRED, never from a message.
+
+use crate::state::Agent;
+use dvk_protocol::frame::{self, FrameError, HEADER_LEN, LOCAL_MAX_FRAME};
+use dvk_protocol::local::{LocalRequest, LocalResponse, LOCAL_PROTOCOL_VERSION};
+use dvk_protocol::peer::PeerMessage;
+use pidvirt::{ProcessEntry, Vpid};
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::sync::Arc;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{UnixListener, UnixStream};
+
+/// Longest DC or endpoint name accepted.
+const MAX_NAME: usize = 128;
+
+pub fn bind(path: &Path) -> anyhow::Result<UnixListener> {
+    if path.exists() {
+        // A live agent answers on it; a stale file from a crashed one does not.
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            anyhow::bail!(
+                "{}: another agent is already listening there",
+                path.display()
+            );
+        }
+        std::fs::remove_file(path)?;
+    }
+    let listener = UnixListener::bind(path)
+        .map_err(|e| anyhow::anyhow!("cannot bind local socket {}: {e}", path.display()))?;
+    // Every local user may register its own processes; the agent checks SO_PEERCRED per request.
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666))?;
+    Ok(listener)
+}
+
+pub async fn serve(agent: Arc<Agent>, listener: UnixListener) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, _)) => {
+                let agent = agent.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = client(agent, stream).await {
+                        tracing::debug!("local connection closed: {e}");
+                    }
+                });
+            }
+            Err(e) => {
+                tracing::warn!("local accept failed: {e}");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+async fn client(agent: Arc<Agent>, mut stream: UnixStream) -> Result<(), FrameError> {
+    let cred = stream.peer_cred()?;
+    let (uid, pid) = (cred.uid(), cred.pid().unwrap_or(0));
+    loop {
+        let mut header = [0u8; HEADER_LEN];
+        match stream.read_exact(&mut header).await {
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
+            Err(e) => return Err(e.into()),
+        }
+        let len = frame::body_len(header, LOCAL_MAX_FRAME).inspect_err(|e| {
+            tracing::warn!(
+                pid,
+                uid,
+                "bad frame on the local socket, closing that connection: {e}"
+            )
+        })?;
+        let mut body = vec![0u8; len];
+        stream.read_exact(&mut body).await?;
+        let request: LocalRequest = frame::decode(&body).inspect_err(|e| {
+            tracing::warn!(
+                pid,
+                uid,
+                "malformed request on the local socket, closing that connection: {e}"
+            )
+        })?;
+        let response = handle(&agent, request, pid, uid).await;
+        stream
+            .write_all(&frame::encode(&response, LOCAL_MAX_FRAME)?)
+            .await?;
+    }
+}
+
+async fn handle(agent: &Arc<Agent>, request: LocalRequest, pid: i32, uid: u32) -> LocalResponse {
+    match request {
+        LocalRequest::Reserved => LocalResponse::Error {
+            message: "reserved request".into(),
+        },
+        LocalRequest::Register {
+            version,
+            dc,
+            endpoint,
+        } => {
+            if version != LOCAL_PROTOCOL_VERSION {
+                return LocalResponse::Error {
+                    message: format!(
+                        "shim speaks protocol {version}, agent {LOCAL_PROTOCOL_VERSION}"
+                    ),
+                };
+            }
+            register(agent, pid, uid, dc, endpoint).unwrap_or_else(|message| {
+                tracing::warn!(pid, uid, "registration refused: {message}");
+                LocalResponse::Error { message }
+            })
+        }
+        LocalRequest::Kill {
+            vpid,
+            signal,
+            group,
+        } => LocalResponse::KillDone {
+            errno: agent.signal(vpid, signal, group, uid).await,
+        },
+        LocalRequest::ListProcesses => LocalResponse::Processes(agent.process_rows()),
+        LocalRequest::ListNodes => LocalResponse::Nodes(agent.node_statuses()),
+    }
+}
+
+fn valid_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= MAX_NAME
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+}
+
+fn register(
+    agent: &Arc<Agent>,
+    pid: i32,
+    uid: u32,
+    dc: String,
+    endpoint: Option<String>,
+) -> Result<LocalResponse, String> {
+    if pid <= 0 {
+        return Err("the kernel did not report the caller's pid".into());
+    }
+    if !valid_name(&dc) {
+        return Err(format!(
+            "DC name `{dc}` must be 1..={MAX_NAME} of letters, digits, `-`, `_`, `.`"
+        ));
+    }
+    if let Some(e) = &endpoint {
+        if !valid_name(e) {
+            return Err(format!(
+                "endpoint name `{e}` must be 1..={MAX_NAME} of letters, digits, `-`, `_`, `.`"
+            ));
+        }
+    }
+    let info = crate::procinfo::read(pid).map_err(|e| format!("cannot read /proc/{pid}: {e}"))?;
+    let endpoint = endpoint.unwrap_or_else(|| sanitize(&info.comm));
+    let node = agent.node_id();
+
+    let (entry, fresh) = {
+        let mut t = agent.tables.lock();
+        let parent = t.routing.find_local_by_pid(info.ppid).map(|p| p.vpid);
+        // The same process registering again: it called execve and the shim loaded anew.
+        // It keeps its vPID (the pidfd watcher already follows it).
+        if let Some(existing) = t.routing.find_local_by_pid(pid).cloned() {
+            let entry = ProcessEntry {
+                dc,
+                endpoint,
+                command: info.command,
+                parent: existing.parent.or(parent),
+                ..existing
+            };
+            t.routing.upsert(entry.clone());
+            (entry, false)
+        } else {
+            let vpid = t.vpids.allocate().map_err(|e| e.to_string())?;
+            let entry = ProcessEntry {
+                vpid,
+                node,
+                real_pid: pid,
+                uid,
+                dc,
+                endpoint,
+                command: info.command,
+                parent,
+            };
+            t.routing.upsert(entry.clone());
+            (entry, true)
+        }
+    };
+    if fresh {
+        let pidfd = match crate::sys::pidfd_open(pid) {
+            Ok(fd) => fd,
+            Err(e) => {
+                agent.tables.lock().routing.remove(entry.vpid);
+                return Err(format!("pidfd_open({pid}): {e}"));
+            }
+        };
+        tokio::spawn(watch_exit(agent.clone(), entry.vpid, pid, pidfd));
+    }
+    tracing::info!(vpid = %entry.vpid, pid, uid, dc = %entry.dc, endpoint = %entry.endpoint, "process registered");
+    agent.broadcast(PeerMessage::ProcessUp(entry.clone()));
+    Ok(LocalResponse::Registered {
+        vpid: entry.vpid,
+        parent: entry.parent,
+        node,
+    })
+}
+
+fn sanitize(comm: &str) -> String {
+    let s: String = comm
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "-_.".contains(c) {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    if s.is_empty() {
+        "process".into()
+    } else {
+        s
+    }
+}
+
+/// Removes the process from the cluster's tables when it exits.
+async fn watch_exit(agent: Arc<Agent>, vpid: Vpid, pid: i32, pidfd: std::os::fd::OwnedFd) {
+    match crate::sys::async_pidfd(pidfd) {
+        Ok(fd) => {
+            let _ = fd.readable().await;
+        }
+        Err(e) => {
+            tracing::error!(%vpid, pid, "cannot watch for exit: {e}; polling instead");
+            while crate::sys::kill(pid, 0) != libc::ESRCH {
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            }
+        }
+    }
+    let removed = {
+        let mut t = agent.tables.lock();
+        match t.routing.get(vpid) {
+            Some(r) if r.entry.node == agent.node_id() && r.entry.real_pid == pid => {
+                t.routing.remove(vpid).is_some()
+            }
+            _ => false,
+        }
+    };
+    if removed {
+        tracing::info!(%vpid, pid, "process exited");
+        agent.broadcast(PeerMessage::ProcessDown { vpid });
+    }
+}

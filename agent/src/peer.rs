@@ -1,0 +1,320 @@
+//! Peer links: one authenticated TCP connection per pair of nodes. The node
+//! with the lower id dials (and redials with backoff); the higher one accepts.
+//! The handshake is drawn in `dvk_protocol::peer`.
+
+use crate::state::Agent;
+use dvk_protocol::auth::{Role, Transcript};
+use dvk_protocol::frame::{self, FrameError, HEADER_LEN, PEER_MAX_FRAME};
+use dvk_protocol::peer::{Nonce, PeerMessage, PEER_PROTOCOL_VERSION};
+use pidvirt::NodeId;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+
+/// The whole handshake must finish within this, or the connection is dropped.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Handshake frames are tiny; anything larger is garbage.
+const HANDSHAKE_MAX_FRAME: usize = 256;
+const PING_EVERY: Duration = Duration::from_secs(1);
+/// A link that has carried nothing (not even a Pong) for this long is dead.
+const SILENCE_LIMIT: Duration = Duration::from_secs(5);
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+const LINK_QUEUE: usize = 4096;
+
+async fn read_msg<R: AsyncRead + Unpin>(r: &mut R, max: usize) -> Result<PeerMessage, FrameError> {
+    let mut header = [0u8; HEADER_LEN];
+    r.read_exact(&mut header).await.map_err(|e| {
+        if e.kind() == std::io::ErrorKind::UnexpectedEof {
+            FrameError::Closed
+        } else {
+            e.into()
+        }
+    })?;
+    let len = frame::body_len(header, max)?;
+    let mut body = vec![0u8; len];
+    r.read_exact(&mut body).await?;
+    frame::decode(&body)
+}
+
+async fn write_msg<W: AsyncWrite + Unpin>(w: &mut W, msg: &PeerMessage) -> Result<(), FrameError> {
+    w.write_all(&frame::encode(msg, PEER_MAX_FRAME)?).await?;
+    Ok(())
+}
+
+fn nonce() -> Nonce {
+    let mut n = [0u8; 32];
+    getrandom::getrandom(&mut n).expect("the kernel's random source is available");
+    n
+}
+
+#[derive(Debug, thiserror::Error)]
+enum HandshakeError {
+    #[error("{0}")]
+    Frame(#[from] FrameError),
+    #[error("protocol violation: expected {expected}, got {got}")]
+    Unexpected { expected: &'static str, got: String },
+    #[error("peer speaks protocol version {0}, we speak {PEER_PROTOCOL_VERSION}")]
+    Version(u16),
+    #[error("node id {0} is not in the cluster config (or should not dial us)")]
+    UnknownNode(NodeId),
+    #[error("authentication failed: the peer does not hold the cluster key")]
+    BadProof,
+    #[error("timed out")]
+    Timeout,
+}
+
+fn unexpected(expected: &'static str, got: &PeerMessage) -> HandshakeError {
+    let name = format!("{got:?}");
+    HandshakeError::Unexpected {
+        expected,
+        got: name.split([' ', '{', '(']).next().unwrap_or("?").to_owned(),
+    }
+}
+
+/// Dialer side; returns the authenticated stream.
+async fn dial_handshake(
+    agent: &Agent,
+    peer: NodeId,
+    stream: &mut TcpStream,
+) -> Result<(), HandshakeError> {
+    let me = agent.node_id();
+    let dialer_nonce = nonce();
+    write_msg(
+        stream,
+        &PeerMessage::Hello {
+            version: PEER_PROTOCOL_VERSION,
+            node: me,
+            nonce: dialer_nonce,
+        },
+    )
+    .await?;
+    let acceptor_nonce = match read_msg(stream, HANDSHAKE_MAX_FRAME).await? {
+        PeerMessage::Challenge { node, nonce } if node == peer => nonce,
+        PeerMessage::Challenge { node, .. } => return Err(HandshakeError::UnknownNode(node)),
+        other => return Err(unexpected("Challenge", &other)),
+    };
+    let t = Transcript {
+        dialer: me,
+        acceptor: peer,
+        dialer_nonce,
+        acceptor_nonce,
+    };
+    write_msg(
+        stream,
+        &PeerMessage::Proof {
+            mac: t.prove(&agent.key, Role::Dialer),
+        },
+    )
+    .await?;
+    match read_msg(stream, HANDSHAKE_MAX_FRAME).await? {
+        PeerMessage::Accepted { mac } if t.verify(&agent.key, Role::Acceptor, &mac) => Ok(()),
+        PeerMessage::Accepted { .. } => Err(HandshakeError::BadProof),
+        other => Err(unexpected("Accepted", &other)),
+    }
+}
+
+/// Acceptor side; returns the authenticated peer's id.
+async fn accept_handshake(agent: &Agent, stream: &mut TcpStream) -> Result<NodeId, HandshakeError> {
+    let me = agent.node_id();
+    let (peer, dialer_nonce) = match read_msg(stream, HANDSHAKE_MAX_FRAME).await? {
+        PeerMessage::Hello { version, .. } if version != PEER_PROTOCOL_VERSION => {
+            return Err(HandshakeError::Version(version))
+        }
+        PeerMessage::Hello { node, nonce, .. } => (node, nonce),
+        other => return Err(unexpected("Hello", &other)),
+    };
+    if agent.config.node_by_id(peer.0).is_none() || peer >= me {
+        return Err(HandshakeError::UnknownNode(peer));
+    }
+    let acceptor_nonce = nonce();
+    write_msg(
+        stream,
+        &PeerMessage::Challenge {
+            node: me,
+            nonce: acceptor_nonce,
+        },
+    )
+    .await?;
+    let t = Transcript {
+        dialer: peer,
+        acceptor: me,
+        dialer_nonce,
+        acceptor_nonce,
+    };
+    match read_msg(stream, HANDSHAKE_MAX_FRAME).await? {
+        PeerMessage::Proof { mac } if t.verify(&agent.key, Role::Dialer, &mac) => {}
+        PeerMessage::Proof { .. } => return Err(HandshakeError::BadProof),
+        other => return Err(unexpected("Proof", &other)),
+    }
+    write_msg(
+        stream,
+        &PeerMessage::Accepted {
+            mac: t.prove(&agent.key, Role::Acceptor),
+        },
+    )
+    .await?;
+    Ok(peer)
+}
+
+async fn with_timeout<T>(
+    f: impl std::future::Future<Output = Result<T, HandshakeError>>,
+) -> Result<T, HandshakeError> {
+    tokio::time::timeout(HANDSHAKE_TIMEOUT, f)
+        .await
+        .unwrap_or(Err(HandshakeError::Timeout))
+}
+
+pub async fn accept_loop(agent: Arc<Agent>, listener: TcpListener) {
+    loop {
+        let (mut stream, addr) = match listener.accept().await {
+            Ok(x) => x,
+            Err(e) => {
+                tracing::warn!("peer accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let agent = agent.clone();
+        tokio::spawn(async move {
+            match with_timeout(accept_handshake(&agent, &mut stream)).await {
+                Ok(peer) => {
+                    tracing::info!(peer = %agent.node_name(peer), %addr, "peer link up (accepted, authenticated)");
+                    run_link(agent, peer, stream).await;
+                }
+                Err(HandshakeError::BadProof) => {
+                    tracing::warn!(%addr, "refused peer: it does not hold the cluster key");
+                }
+                Err(e) => tracing::warn!(%addr, "refused peer connection: {e}"),
+            }
+        });
+    }
+}
+
+/// Keeps a link to `peer` up for as long as the agent runs.
+pub async fn dial_loop(agent: Arc<Agent>, peer: NodeId, addr: SocketAddr) {
+    let name = agent.node_name(peer);
+    let mut backoff = BACKOFF_MIN;
+    let mut logged_down = false;
+    loop {
+        let attempt = async {
+            let mut stream = TcpStream::connect(addr)
+                .await
+                .map_err(|e| HandshakeError::Frame(e.into()))?;
+            dial_handshake(&agent, peer, &mut stream).await?;
+            Ok(stream)
+        };
+        match with_timeout(attempt).await {
+            Ok(stream) => {
+                tracing::info!(peer = %name, %addr, "peer link up (dialed, authenticated)");
+                backoff = BACKOFF_MIN;
+                logged_down = false;
+                run_link(agent.clone(), peer, stream).await;
+                tracing::warn!(peer = %name, "peer link down; reconnecting");
+            }
+            Err(e) => {
+                if !logged_down {
+                    tracing::warn!(peer = %name, %addr, "cannot link to peer: {e}; retrying with backoff");
+                    logged_down = true;
+                } else {
+                    tracing::debug!(peer = %name, "still cannot link: {e}");
+                }
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(BACKOFF_MAX);
+            }
+        }
+    }
+}
+
+/// Runs an authenticated link until it fails; cleans up after it.
+async fn run_link(agent: Arc<Agent>, peer: NodeId, stream: TcpStream) {
+    let _ = stream.set_nodelay(true);
+    let (mut reader, mut writer) = stream.into_split();
+    let (tx, mut rx) = mpsc::channel::<PeerMessage>(LINK_QUEUE);
+    // Announce our processes first: queued before the link is visible to broadcasts,
+    // so the peer never sees an update before the full list.
+    let _ = tx.try_send(PeerMessage::Announce {
+        processes: agent.local_processes(),
+    });
+    let link_id = agent.link_up(peer, tx.clone());
+
+    let writer_task = tokio::spawn(async move {
+        while let Some(msg) = rx.recv().await {
+            if write_msg(&mut writer, &msg).await.is_err() {
+                break;
+            }
+        }
+    });
+    let pinger = {
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(PING_EVERY).await;
+                if tx.send(PeerMessage::Ping).await.is_err() {
+                    break;
+                }
+            }
+        })
+    };
+    drop(tx);
+
+    let name = agent.node_name(peer);
+    loop {
+        let msg = match tokio::time::timeout(SILENCE_LIMIT, read_msg(&mut reader, PEER_MAX_FRAME))
+            .await
+        {
+            Err(_) => {
+                tracing::warn!(peer = %name, "peer silent for {SILENCE_LIMIT:?}; closing the link");
+                break;
+            }
+            Ok(Err(FrameError::Closed)) => break,
+            Ok(Err(e)) => {
+                tracing::warn!(peer = %name, "bad frame on the peer link, closing it: {e}");
+                break;
+            }
+            Ok(Ok(msg)) => msg,
+        };
+        agent.touch(peer);
+        if !handle(&agent, peer, msg) {
+            tracing::warn!(peer = %name, "protocol violation on the peer link; closing it");
+            break;
+        }
+    }
+    pinger.abort();
+    writer_task.abort();
+    agent.link_down(peer, link_id);
+}
+
+/// Handles one message from an authenticated peer; false closes the link.
+fn handle(agent: &Arc<Agent>, peer: NodeId, msg: PeerMessage) -> bool {
+    match msg {
+        PeerMessage::Ping => {
+            agent.send_to(peer, PeerMessage::Pong);
+        }
+        PeerMessage::Pong => {}
+        PeerMessage::Announce { processes } => agent.apply_announce(peer, processes),
+        PeerMessage::ProcessUp(entry) => agent.apply_process_up(peer, entry),
+        PeerMessage::ProcessDown { vpid } => agent.apply_process_down(peer, vpid),
+        PeerMessage::Signal {
+            request,
+            vpid,
+            signal,
+            group,
+            sender_uid,
+        } => {
+            let errno = agent.signal_local(vpid, signal, group, sender_uid);
+            tracing::info!(peer = %agent.node_name(peer), %vpid, signal, errno, "relayed signal");
+            agent.send_to(peer, PeerMessage::SignalDone { request, errno });
+        }
+        PeerMessage::SignalDone { request, errno } => agent.complete_signal(request, errno),
+        PeerMessage::Reserved
+        | PeerMessage::Hello { .. }
+        | PeerMessage::Challenge { .. }
+        | PeerMessage::Proof { .. }
+        | PeerMessage::Accepted { .. } => return false,
+    }
+    true
+}

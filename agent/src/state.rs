@@ -1,0 +1,256 @@
+//! The agent's shared state: routing table, vPID store, peer links, and the
+//! operations the local socket and the peer links both use.
+
+use crate::vpid_store::VpidStore;
+use dvk_config::{Config, NodeConfig};
+use dvk_protocol::auth::ClusterKey;
+use dvk_protocol::local::{NodeStatus, ProcessRow};
+use dvk_protocol::peer::PeerMessage;
+use parking_lot::Mutex;
+use pidvirt::{NodeId, ProcessEntry, RoutingTable, Vpid};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, oneshot};
+
+/// How long a signal relayed to another node may take before the caller gets EHOSTUNREACH.
+pub const RELAY_TIMEOUT: Duration = Duration::from_secs(5);
+
+pub struct Agent {
+    pub config: Config,
+    pub me: NodeConfig,
+    pub key: ClusterKey,
+    pub tables: Mutex<Tables>,
+    next_request: AtomicU64,
+    next_link: AtomicU64,
+}
+
+pub struct Tables {
+    pub routing: RoutingTable,
+    pub vpids: VpidStore,
+    pub links: HashMap<NodeId, PeerLink>,
+    /// Last frame seen from each node, kept after its link drops (for `nodes`).
+    pub last_contact: HashMap<NodeId, Instant>,
+    pending_signals: HashMap<u64, oneshot::Sender<i32>>,
+}
+
+/// An authenticated link to a peer: frames queued here are written by the link's writer task.
+pub struct PeerLink {
+    pub id: u64,
+    pub tx: mpsc::Sender<PeerMessage>,
+}
+
+impl Agent {
+    pub fn new(config: Config, me: NodeConfig, key: ClusterKey, vpids: VpidStore) -> Self {
+        let node = NodeId(me.id);
+        Agent {
+            config,
+            me,
+            key,
+            tables: Mutex::new(Tables {
+                routing: RoutingTable::new(node),
+                vpids,
+                links: HashMap::new(),
+                last_contact: HashMap::new(),
+                pending_signals: HashMap::new(),
+            }),
+            next_request: AtomicU64::new(1),
+            next_link: AtomicU64::new(1),
+        }
+    }
+
+    pub fn node_id(&self) -> NodeId {
+        NodeId(self.me.id)
+    }
+
+    pub fn node_name(&self, id: NodeId) -> String {
+        self.config
+            .node_by_id(id.0)
+            .map(|n| n.name.clone())
+            .unwrap_or_else(|| format!("node#{id}"))
+    }
+
+    /// Installs a freshly authenticated link, replacing (and so closing) an older one
+    /// to the same node. Returns the link id.
+    pub fn link_up(&self, node: NodeId, tx: mpsc::Sender<PeerMessage>) -> u64 {
+        let id = self.next_link.fetch_add(1, Ordering::Relaxed);
+        let mut t = self.tables.lock();
+        t.links.insert(node, PeerLink { id, tx });
+        t.last_contact.insert(node, Instant::now());
+        id
+    }
+
+    /// Forgets link `link_id` to `node` (if it is still the current one) and the processes
+    /// known through it; they come back with the next `Announce`.
+    pub fn link_down(&self, node: NodeId, link_id: u64) {
+        let mut t = self.tables.lock();
+        if t.links.get(&node).map(|l| l.id) == Some(link_id) {
+            t.links.remove(&node);
+            t.routing.remove_node(node);
+        }
+    }
+
+    pub fn touch(&self, node: NodeId) {
+        self.tables.lock().last_contact.insert(node, Instant::now());
+    }
+
+    /// Queues `msg` for every peer. A peer whose queue is full is cut off: it will
+    /// reconnect and resynchronise from a fresh `Announce`, so nothing is silently lost.
+    pub fn broadcast(&self, msg: PeerMessage) {
+        let mut t = self.tables.lock();
+        let mut overflowing = Vec::new();
+        for (node, link) in &t.links {
+            if link.tx.try_send(msg.clone()).is_err() {
+                overflowing.push(*node);
+            }
+        }
+        for node in overflowing {
+            tracing::warn!(node = %node, "peer link queue full or closed; dropping the link to resynchronise");
+            t.links.remove(&node);
+            t.routing.remove_node(node);
+        }
+    }
+
+    pub fn send_to(&self, node: NodeId, msg: PeerMessage) -> bool {
+        let t = self.tables.lock();
+        t.links
+            .get(&node)
+            .map(|l| l.tx.try_send(msg).is_ok())
+            .unwrap_or(false)
+    }
+
+    pub fn local_processes(&self) -> Vec<ProcessEntry> {
+        self.tables
+            .lock()
+            .routing
+            .local_entries()
+            .cloned()
+            .collect()
+    }
+
+    /// Applies a peer's complete process list.
+    pub fn apply_announce(&self, from: NodeId, processes: Vec<ProcessEntry>) {
+        let mut t = self.tables.lock();
+        t.routing.remove_node(from);
+        for p in processes.into_iter().filter(|p| p.node == from) {
+            t.routing.upsert(p);
+        }
+    }
+
+    pub fn apply_process_up(&self, from: NodeId, entry: ProcessEntry) {
+        if entry.node != from {
+            tracing::warn!(node = %from, vpid = %entry.vpid, "peer announced a process of another node; ignored");
+            return;
+        }
+        self.tables.lock().routing.upsert(entry);
+    }
+
+    pub fn apply_process_down(&self, from: NodeId, vpid: Vpid) {
+        let mut t = self.tables.lock();
+        if t.routing.get(vpid).map(|r| r.entry.node) == Some(from) {
+            t.routing.remove(vpid);
+        }
+    }
+
+    /// Delivers a signal to a process of this node, checking that `sender_uid` may.
+    pub fn signal_local(&self, vpid: Vpid, signal: i32, group: bool, sender_uid: u32) -> i32 {
+        if !(0..=64).contains(&signal) {
+            return libc::EINVAL;
+        }
+        let target = {
+            let t = self.tables.lock();
+            match t.routing.get(vpid) {
+                Some(r) if r.entry.node == self.node_id() => r.entry.clone(),
+                _ => return libc::ESRCH,
+            }
+        };
+        if sender_uid != 0 && sender_uid != target.uid {
+            return libc::EPERM;
+        }
+        let pid = if group {
+            -target.real_pid
+        } else {
+            target.real_pid
+        };
+        crate::sys::kill(pid, signal)
+    }
+
+    /// kill(vpid) from a local caller: delivered here or relayed to the node it runs on.
+    pub async fn signal(&self, vpid: Vpid, signal: i32, group: bool, sender_uid: u32) -> i32 {
+        let node = match self.tables.lock().routing.get(vpid) {
+            Some(r) => r.entry.node,
+            None => return libc::ESRCH,
+        };
+        if node == self.node_id() {
+            return self.signal_local(vpid, signal, group, sender_uid);
+        }
+        let request = self.next_request.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        self.tables.lock().pending_signals.insert(request, tx);
+        let sent = self.send_to(
+            node,
+            PeerMessage::Signal {
+                request,
+                vpid,
+                signal,
+                group,
+                sender_uid,
+            },
+        );
+        let result = if sent {
+            match tokio::time::timeout(RELAY_TIMEOUT, rx).await {
+                Ok(Ok(errno)) => errno,
+                _ => libc::EHOSTUNREACH,
+            }
+        } else {
+            libc::EHOSTUNREACH
+        };
+        self.tables.lock().pending_signals.remove(&request);
+        result
+    }
+
+    pub fn complete_signal(&self, request: u64, errno: i32) {
+        if let Some(tx) = self.tables.lock().pending_signals.remove(&request) {
+            let _ = tx.send(errno);
+        }
+    }
+
+    pub fn process_rows(&self) -> Vec<ProcessRow> {
+        let t = self.tables.lock();
+        t.routing
+            .routes()
+            .map(|r| ProcessRow {
+                node_name: self.node_name(r.entry.node),
+                entry: r.entry.clone(),
+                state: r.state.clone(),
+            })
+            .collect()
+    }
+
+    pub fn node_statuses(&self) -> Vec<NodeStatus> {
+        let t = self.tables.lock();
+        self.config
+            .nodes
+            .iter()
+            .map(|n| {
+                let id = NodeId(n.id);
+                let is_self = id == self.node_id();
+                NodeStatus {
+                    name: n.name.clone(),
+                    id,
+                    address: n.peer_addr.to_string(),
+                    is_self,
+                    up: is_self || t.links.contains_key(&id),
+                    last_contact_ms: if is_self {
+                        Some(0)
+                    } else {
+                        t.last_contact
+                            .get(&id)
+                            .map(|at| at.elapsed().as_millis() as u64)
+                    },
+                    processes: t.routing.count_on(id) as u32,
+                }
+            })
+            .collect()
+    }
+}
