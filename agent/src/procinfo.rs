@@ -24,7 +24,7 @@ pub fn read(pid: i32) -> std::io::Result<ProcInfo> {
     let command = cmdline
         .split(|b| *b == 0)
         .filter(|a| !a.is_empty())
-        .map(|a| String::from_utf8_lossy(a).into_owned())
+        .map(|a| String::from_utf8_lossy(a).replace(|c: char| c.is_control(), " "))
         .collect::<Vec<_>>()
         .join(" ");
     Ok(ProcInfo {

@@ -58,17 +58,15 @@ pub fn skip_unless(mode: Mode, test: &str) -> bool {
     }
 }
 
-/// Where the workspace's built binaries are: next to the test executable's `deps/`.
+/// Where the workspace's built binaries are (`target/<profile>/`), or `DVK_BIN_DIR`.
 pub fn bin_dir() -> PathBuf {
     if let Some(dir) = std::env::var_os("DVK_BIN_DIR") {
         return dir.into();
     }
+    // Test executables live in target/<profile>/deps/, dvk-bench in target/<profile>/.
     let exe = std::env::current_exe().expect("current_exe");
-    let dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("target/<profile>/deps/<test>")
-        .to_owned();
+    let exe_dir = exe.parent().expect("executable has a directory");
+    let dir = if exe_dir.ends_with("deps") { exe_dir.parent().unwrap() } else { exe_dir }.to_owned();
     for needed in ["dvk-agent", "migrate-cli", "libdvkshim.so"] {
         assert!(
             dir.join(needed).exists(),

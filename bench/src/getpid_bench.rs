@@ -1,0 +1,36 @@
+//! getpid() under the shim vs bare, same program, same run.
+
+use dvk_tests::programs::c_program;
+use dvk_tests::{Cluster, Mode};
+use std::process::Command;
+
+fn ns_per_call(cmd: &mut Command) -> anyhow::Result<f64> {
+    let out = cmd.output()?;
+    anyhow::ensure!(out.status.success(), "getpid_bench failed: {}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8(out.stdout)?;
+    Ok(text.trim().parse()?)
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[v.len() / 2]
+}
+
+pub fn run(calls: u64, repeats: usize) -> anyhow::Result<()> {
+    let program = c_program("getpid_bench");
+    let cluster = Cluster::start(1, Mode::Loopback);
+    let mut bare = Vec::new();
+    let mut shim = Vec::new();
+    // Interleave the two so drift in machine load hits both alike.
+    for _ in 0..repeats {
+        bare.push(ns_per_call(Command::new(&program).arg(calls.to_string()))?);
+        shim.push(ns_per_call(cluster.preloaded(0, &program).arg(calls.to_string()))?);
+    }
+    let (bare, shim) = (median(bare), median(shim));
+    println!("getpid(): {calls} calls x {repeats} runs, median ns/call");
+    println!("{:<28} {:>10} {:>8}", "case", "ns/call", "ratio");
+    println!("{:<28} {:>10.2} {:>8}", "bare (real syscall)", bare, "1.00x");
+    println!("{:<28} {:>10.2} {:>7.3}x", "under libdvkshim.so (vPID)", shim, shim / bare);
+    println!("target: <= 1.0x bare  ->  {}", if shim <= bare { "met" } else { "NOT met" });
+    Ok(())
+}
