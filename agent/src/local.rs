@@ -19,15 +19,12 @@ pub fn bind(path: &Path) -> anyhow::Result<UnixListener> {
     if path.exists() {
         // A live agent answers on it; a stale file from a crashed one does not.
         if std::os::unix::net::UnixStream::connect(path).is_ok() {
-            anyhow::bail!(
-                "{}: another agent is already listening there",
-                path.display()
-            );
+            anyhow::bail!("{}: another agent is already listening there", path.display());
         }
         std::fs::remove_file(path)?;
     }
-    let listener = UnixListener::bind(path)
-        .map_err(|e| anyhow::anyhow!("cannot bind local socket {}: {e}", path.display()))?;
+    let listener =
+        UnixListener::bind(path).map_err(|e| anyhow::anyhow!("cannot bind local socket {}: {e}", path.display()))?;
     // Every local user may register its own processes; the agent checks SO_PEERCRED per request.
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666))?;
     Ok(listener)
@@ -62,44 +59,30 @@ async fn client(agent: Arc<Agent>, mut stream: UnixStream) -> Result<(), FrameEr
             Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
             Err(e) => return Err(e.into()),
         }
-        let len = frame::body_len(header, LOCAL_MAX_FRAME).inspect_err(|e| {
-            tracing::warn!(
-                pid,
-                uid,
-                "bad frame on the local socket, closing that connection: {e}"
-            )
-        })?;
+        let len = frame::body_len(header, LOCAL_MAX_FRAME)
+            .inspect_err(|e| tracing::warn!(pid, uid, "bad frame on the local socket, closing that connection: {e}"))?;
         let mut body = vec![0u8; len];
         stream.read_exact(&mut body).await?;
         let request: LocalRequest = frame::decode(&body).inspect_err(|e| {
-            tracing::warn!(
-                pid,
-                uid,
-                "malformed request on the local socket, closing that connection: {e}"
-            )
+            tracing::warn!(pid, uid, "malformed request on the local socket, closing that connection: {e}")
         })?;
+        if let LocalRequest::OpenStream { vip, port } = request {
+            // From here on this connection is the program's virtual socket.
+            crate::endpoints::open_from_shim(agent, stream, pid, vip, port).await;
+            return Ok(());
+        }
         let response = handle(&agent, request, pid, uid).await;
-        stream
-            .write_all(&frame::encode(&response, LOCAL_MAX_FRAME)?)
-            .await?;
+        stream.write_all(&frame::encode(&response, LOCAL_MAX_FRAME)?).await?;
     }
 }
 
 async fn handle(agent: &Arc<Agent>, request: LocalRequest, pid: i32, uid: u32) -> LocalResponse {
     match request {
-        LocalRequest::Reserved => LocalResponse::Error {
-            message: "reserved request".into(),
-        },
-        LocalRequest::Register {
-            version,
-            dc,
-            endpoint,
-        } => {
+        LocalRequest::Reserved => LocalResponse::Error { message: "reserved request".into() },
+        LocalRequest::Register { version, dc, endpoint } => {
             if version != LOCAL_PROTOCOL_VERSION {
                 return LocalResponse::Error {
-                    message: format!(
-                        "shim speaks protocol {version}, agent {LOCAL_PROTOCOL_VERSION}"
-                    ),
+                    message: format!("shim speaks protocol {version}, agent {LOCAL_PROTOCOL_VERSION}"),
                 };
             }
             register(agent, pid, uid, dc, endpoint).unwrap_or_else(|message| {
@@ -107,23 +90,22 @@ async fn handle(agent: &Arc<Agent>, request: LocalRequest, pid: i32, uid: u32) -
                 LocalResponse::Error { message }
             })
         }
-        LocalRequest::Kill {
-            vpid,
-            signal,
-            group,
-        } => LocalResponse::KillDone {
-            errno: agent.signal(vpid, signal, group, uid).await,
-        },
+        LocalRequest::Kill { vpid, signal, group } => {
+            LocalResponse::KillDone { errno: agent.signal(vpid, signal, group, uid).await }
+        }
         LocalRequest::ListProcesses => LocalResponse::Processes(agent.process_rows()),
         LocalRequest::ListNodes => LocalResponse::Nodes(agent.node_statuses()),
+        LocalRequest::Resolve { dc, name } => crate::endpoints::resolve(agent, pid, &dc, &name),
+        LocalRequest::Listen { port, path } => crate::endpoints::listen(agent, pid, uid, port, path),
+        LocalRequest::ListEndpoints => {
+            LocalResponse::Endpoints(agent.tables.lock().routing.endpoints().cloned().collect())
+        }
+        LocalRequest::OpenStream { .. } => unreachable!("handled by the connection loop"),
     }
 }
 
 fn valid_name(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= MAX_NAME
-        && s.chars()
-            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+    !s.is_empty() && s.len() <= MAX_NAME && s.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
 }
 
 fn register(
@@ -137,15 +119,11 @@ fn register(
         return Err("the kernel did not report the caller's pid".into());
     }
     if !valid_name(&dc) {
-        return Err(format!(
-            "DC name `{dc}` must be 1..={MAX_NAME} of letters, digits, `-`, `_`, `.`"
-        ));
+        return Err(format!("DC name `{dc}` must be 1..={MAX_NAME} of letters, digits, `-`, `_`, `.`"));
     }
     if let Some(e) = &endpoint {
         if !valid_name(e) {
-            return Err(format!(
-                "endpoint name `{e}` must be 1..={MAX_NAME} of letters, digits, `-`, `_`, `.`"
-            ));
+            return Err(format!("endpoint name `{e}` must be 1..={MAX_NAME} of letters, digits, `-`, `_`, `.`"));
         }
     }
     let info = crate::procinfo::read(pid).map_err(|e| format!("cannot read /proc/{pid}: {e}"))?;
@@ -158,27 +136,13 @@ fn register(
         // The same process registering again: it called execve and the shim loaded anew.
         // It keeps its vPID (the pidfd watcher already follows it).
         if let Some(existing) = t.routing.find_local_by_pid(pid).cloned() {
-            let entry = ProcessEntry {
-                dc,
-                endpoint,
-                command: info.command,
-                parent: existing.parent.or(parent),
-                ..existing
-            };
+            let entry =
+                ProcessEntry { dc, endpoint, command: info.command, parent: existing.parent.or(parent), ..existing };
             t.routing.upsert(entry.clone());
             (entry, false)
         } else {
             let vpid = t.vpids.allocate().map_err(|e| e.to_string())?;
-            let entry = ProcessEntry {
-                vpid,
-                node,
-                real_pid: pid,
-                uid,
-                dc,
-                endpoint,
-                command: info.command,
-                parent,
-            };
+            let entry = ProcessEntry { vpid, node, real_pid: pid, uid, dc, endpoint, command: info.command, parent };
             t.routing.upsert(entry.clone());
             (entry, true)
         }
@@ -195,24 +159,12 @@ fn register(
     }
     tracing::info!(vpid = %entry.vpid, pid, uid, dc = %entry.dc, endpoint = %entry.endpoint, "process registered");
     agent.broadcast(PeerMessage::ProcessUp(entry.clone()));
-    Ok(LocalResponse::Registered {
-        vpid: entry.vpid,
-        parent: entry.parent,
-        node,
-    })
+    Ok(LocalResponse::Registered { vpid: entry.vpid, parent: entry.parent, node })
 }
 
 fn sanitize(comm: &str) -> String {
-    let s: String = comm
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || "-_.".contains(c) {
-                c
-            } else {
-                '_'
-            }
-        })
-        .collect();
+    let s: String =
+        comm.chars().map(|c| if c.is_ascii_alphanumeric() || "-_.".contains(c) { c } else { '_' }).collect();
     if s.is_empty() {
         "process".into()
     } else {
@@ -237,12 +189,15 @@ async fn watch_exit(agent: Arc<Agent>, vpid: Vpid, pid: i32, pidfd: std::os::fd:
         let mut t = agent.tables.lock();
         match t.routing.get(vpid) {
             Some(r) if r.entry.node == agent.node_id() && r.entry.real_pid == pid => {
-                t.routing.remove(vpid).is_some()
+                let endpoints: Vec<_> = t.routing.endpoints().filter(|e| e.vpid == vpid).map(|e| e.key()).collect();
+                t.routing.remove(vpid);
+                Some(endpoints)
             }
-            _ => false,
+            _ => None,
         }
     };
-    if removed {
+    if let Some(endpoints) = removed {
+        crate::endpoints::process_exited(&agent, &endpoints);
         tracing::info!(%vpid, pid, "process exited");
         agent.broadcast(PeerMessage::ProcessDown { vpid });
     }

@@ -2,9 +2,11 @@
 //! peer over authenticated TCP, and serves the shim and the CLI on a local
 //! socket.
 
+mod endpoints;
 mod local;
 mod peer;
 mod procinfo;
+mod relay;
 mod state;
 mod sys;
 mod vpid_store;
@@ -64,21 +66,25 @@ fn run(args: Args) -> anyhow::Result<()> {
         .with_context(|| format!("cannot set mode 0700 on {}", me.image_dir.display()))?;
     let vpids = vpid_store::VpidStore::open(NodeId(me.id), me.runtime_dir.join("vpid-next"))
         .with_context(|| format!("cannot open the vPID store in {}", me.runtime_dir.display()))?;
+    endpoints::prepare_listener_dir(&me.runtime_dir)
+        .with_context(|| format!("cannot prepare the listener dir in {}", me.runtime_dir.display()))?;
 
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async move {
         let socket_path = me.socket_path();
         let local_listener = local::bind(&socket_path)?;
         let peer_listener = tokio::net::TcpListener::bind(me.peer_addr)
             .await
             .with_context(|| format!("cannot listen for peers on {}", me.peer_addr))?;
+        let ingress = endpoints::bind_ingress(&me.ingress).await?;
         let agent = Arc::new(state::Agent::new(config.clone(), me.clone(), key, vpids));
         tracing::info!(node = %me.name, id = me.id, peers = %me.peer_addr, socket = %socket_path.display(), "agent started");
 
         tokio::spawn(local::serve(agent.clone(), local_listener));
         tokio::spawn(peer::accept_loop(agent.clone(), peer_listener));
+        for (ing, listener) in ingress {
+            tokio::spawn(endpoints::serve_ingress(agent.clone(), ing, listener));
+        }
         for n in config.nodes.iter().filter(|n| n.id > me.id) {
             tokio::spawn(peer::dial_loop(agent.clone(), NodeId(n.id), n.peer_addr));
         }

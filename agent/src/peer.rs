@@ -24,6 +24,8 @@ const SILENCE_LIMIT: Duration = Duration::from_secs(5);
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
 const LINK_QUEUE: usize = 4096;
+/// Read and write buffer of a peer link: small frames are batched into one syscall.
+const LINK_BUFFER: usize = 256 * 1024;
 
 async fn read_msg<R: AsyncRead + Unpin>(r: &mut R, max: usize) -> Result<PeerMessage, FrameError> {
     let mut header = [0u8; HEADER_LEN];
@@ -69,47 +71,21 @@ enum HandshakeError {
 
 fn unexpected(expected: &'static str, got: &PeerMessage) -> HandshakeError {
     let name = format!("{got:?}");
-    HandshakeError::Unexpected {
-        expected,
-        got: name.split([' ', '{', '(']).next().unwrap_or("?").to_owned(),
-    }
+    HandshakeError::Unexpected { expected, got: name.split([' ', '{', '(']).next().unwrap_or("?").to_owned() }
 }
 
 /// Dialer side; returns the authenticated stream.
-async fn dial_handshake(
-    agent: &Agent,
-    peer: NodeId,
-    stream: &mut TcpStream,
-) -> Result<(), HandshakeError> {
+async fn dial_handshake(agent: &Agent, peer: NodeId, stream: &mut TcpStream) -> Result<(), HandshakeError> {
     let me = agent.node_id();
     let dialer_nonce = nonce();
-    write_msg(
-        stream,
-        &PeerMessage::Hello {
-            version: PEER_PROTOCOL_VERSION,
-            node: me,
-            nonce: dialer_nonce,
-        },
-    )
-    .await?;
+    write_msg(stream, &PeerMessage::Hello { version: PEER_PROTOCOL_VERSION, node: me, nonce: dialer_nonce }).await?;
     let acceptor_nonce = match read_msg(stream, HANDSHAKE_MAX_FRAME).await? {
         PeerMessage::Challenge { node, nonce } if node == peer => nonce,
         PeerMessage::Challenge { node, .. } => return Err(HandshakeError::UnknownNode(node)),
         other => return Err(unexpected("Challenge", &other)),
     };
-    let t = Transcript {
-        dialer: me,
-        acceptor: peer,
-        dialer_nonce,
-        acceptor_nonce,
-    };
-    write_msg(
-        stream,
-        &PeerMessage::Proof {
-            mac: t.prove(&agent.key, Role::Dialer),
-        },
-    )
-    .await?;
+    let t = Transcript { dialer: me, acceptor: peer, dialer_nonce, acceptor_nonce };
+    write_msg(stream, &PeerMessage::Proof { mac: t.prove(&agent.key, Role::Dialer) }).await?;
     match read_msg(stream, HANDSHAKE_MAX_FRAME).await? {
         PeerMessage::Accepted { mac } if t.verify(&agent.key, Role::Acceptor, &mac) => Ok(()),
         PeerMessage::Accepted { .. } => Err(HandshakeError::BadProof),
@@ -131,41 +107,19 @@ async fn accept_handshake(agent: &Agent, stream: &mut TcpStream) -> Result<NodeI
         return Err(HandshakeError::UnknownNode(peer));
     }
     let acceptor_nonce = nonce();
-    write_msg(
-        stream,
-        &PeerMessage::Challenge {
-            node: me,
-            nonce: acceptor_nonce,
-        },
-    )
-    .await?;
-    let t = Transcript {
-        dialer: peer,
-        acceptor: me,
-        dialer_nonce,
-        acceptor_nonce,
-    };
+    write_msg(stream, &PeerMessage::Challenge { node: me, nonce: acceptor_nonce }).await?;
+    let t = Transcript { dialer: peer, acceptor: me, dialer_nonce, acceptor_nonce };
     match read_msg(stream, HANDSHAKE_MAX_FRAME).await? {
         PeerMessage::Proof { mac } if t.verify(&agent.key, Role::Dialer, &mac) => {}
         PeerMessage::Proof { .. } => return Err(HandshakeError::BadProof),
         other => return Err(unexpected("Proof", &other)),
     }
-    write_msg(
-        stream,
-        &PeerMessage::Accepted {
-            mac: t.prove(&agent.key, Role::Acceptor),
-        },
-    )
-    .await?;
+    write_msg(stream, &PeerMessage::Accepted { mac: t.prove(&agent.key, Role::Acceptor) }).await?;
     Ok(peer)
 }
 
-async fn with_timeout<T>(
-    f: impl std::future::Future<Output = Result<T, HandshakeError>>,
-) -> Result<T, HandshakeError> {
-    tokio::time::timeout(HANDSHAKE_TIMEOUT, f)
-        .await
-        .unwrap_or(Err(HandshakeError::Timeout))
+async fn with_timeout<T>(f: impl std::future::Future<Output = Result<T, HandshakeError>>) -> Result<T, HandshakeError> {
+    tokio::time::timeout(HANDSHAKE_TIMEOUT, f).await.unwrap_or(Err(HandshakeError::Timeout))
 }
 
 pub async fn accept_loop(agent: Arc<Agent>, listener: TcpListener) {
@@ -201,9 +155,7 @@ pub async fn dial_loop(agent: Arc<Agent>, peer: NodeId, addr: SocketAddr) {
     let mut logged_down = false;
     loop {
         let attempt = async {
-            let mut stream = TcpStream::connect(addr)
-                .await
-                .map_err(|e| HandshakeError::Frame(e.into()))?;
+            let mut stream = TcpStream::connect(addr).await.map_err(|e| HandshakeError::Frame(e.into()))?;
             dial_handshake(&agent, peer, &mut stream).await?;
             Ok(stream)
         };
@@ -236,15 +188,23 @@ async fn run_link(agent: Arc<Agent>, peer: NodeId, stream: TcpStream) {
     let (tx, mut rx) = mpsc::channel::<PeerMessage>(LINK_QUEUE);
     // Announce our processes first: queued before the link is visible to broadcasts,
     // so the peer never sees an update before the full list.
-    let _ = tx.try_send(PeerMessage::Announce {
-        processes: agent.local_processes(),
-    });
+    let _ = tx.try_send(agent.announcement());
     let link_id = agent.link_up(peer, tx.clone());
 
     let writer_task = tokio::spawn(async move {
+        let mut out = tokio::io::BufWriter::with_capacity(LINK_BUFFER, &mut writer);
         while let Some(msg) = rx.recv().await {
-            if write_msg(&mut writer, &msg).await.is_err() {
-                break;
+            if write_msg(&mut out, &msg).await.is_err() {
+                return;
+            }
+            // Whatever else is queued goes out in the same write.
+            while let Ok(msg) = rx.try_recv() {
+                if write_msg(&mut out, &msg).await.is_err() {
+                    return;
+                }
+            }
+            if out.flush().await.is_err() {
+                return;
             }
         }
     });
@@ -262,10 +222,9 @@ async fn run_link(agent: Arc<Agent>, peer: NodeId, stream: TcpStream) {
     drop(tx);
 
     let name = agent.node_name(peer);
+    let mut buffered = tokio::io::BufReader::with_capacity(LINK_BUFFER, &mut reader);
     loop {
-        let msg = match tokio::time::timeout(SILENCE_LIMIT, read_msg(&mut reader, PEER_MAX_FRAME))
-            .await
-        {
+        let msg = match tokio::time::timeout(SILENCE_LIMIT, read_msg(&mut buffered, PEER_MAX_FRAME)).await {
             Err(_) => {
                 tracing::warn!(peer = %name, "peer silent for {SILENCE_LIMIT:?}; closing the link");
                 break;
@@ -295,16 +254,49 @@ fn handle(agent: &Arc<Agent>, peer: NodeId, msg: PeerMessage) -> bool {
             agent.send_to(peer, PeerMessage::Pong);
         }
         PeerMessage::Pong => {}
-        PeerMessage::Announce { processes } => agent.apply_announce(peer, processes),
+        PeerMessage::Announce { processes, endpoints } => agent.apply_announce(peer, processes, endpoints),
+        PeerMessage::EndpointUp(entry) => agent.apply_endpoint_up(peer, entry),
+        PeerMessage::EndpointDown(key) => agent.apply_endpoint_down(peer, key),
+        PeerMessage::StreamOpen { stream, endpoint, client, server } => {
+            crate::endpoints::accept_remote_stream(agent, peer, stream, endpoint, client, server)
+        }
+        PeerMessage::StreamData { stream, bytes } => {
+            let overrun = match agent.streams.lock().get(&stream) {
+                Some(s) if s.peer == peer => !s.deliver(bytes),
+                _ => {
+                    agent.send_to(peer, PeerMessage::StreamReset { stream });
+                    false
+                }
+            };
+            if overrun {
+                tracing::warn!(peer = %agent.node_name(peer), stream, "peer overran the stream window; resetting the stream");
+                if let Some(s) = agent.streams.lock().remove(&stream) {
+                    s.reset();
+                }
+                agent.send_to(peer, PeerMessage::StreamReset { stream });
+            }
+        }
+        PeerMessage::StreamCredit { stream, bytes } => {
+            if let Some(s) = agent.streams.lock().get(&stream).filter(|s| s.peer == peer) {
+                s.grant(bytes as u64);
+            }
+        }
+        PeerMessage::StreamFin { stream } => {
+            if let Some(s) = agent.streams.lock().get(&stream).filter(|s| s.peer == peer) {
+                s.finish();
+            }
+        }
+        PeerMessage::StreamReset { stream } => {
+            let mut streams = agent.streams.lock();
+            if streams.get(&stream).is_some_and(|s| s.peer == peer) {
+                if let Some(s) = streams.remove(&stream) {
+                    s.reset();
+                }
+            }
+        }
         PeerMessage::ProcessUp(entry) => agent.apply_process_up(peer, entry),
         PeerMessage::ProcessDown { vpid } => agent.apply_process_down(peer, vpid),
-        PeerMessage::Signal {
-            request,
-            vpid,
-            signal,
-            group,
-            sender_uid,
-        } => {
+        PeerMessage::Signal { request, vpid, signal, group, sender_uid } => {
             let errno = agent.signal_local(vpid, signal, group, sender_uid);
             tracing::info!(peer = %agent.node_name(peer), %vpid, signal, errno, "relayed signal");
             agent.send_to(peer, PeerMessage::SignalDone { request, errno });

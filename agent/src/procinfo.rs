@@ -15,10 +15,7 @@ pub struct ProcInfo {
 pub fn read(pid: i32) -> std::io::Result<ProcInfo> {
     let stat = fs::read_to_string(format!("/proc/{pid}/stat"))?;
     let (comm, ppid, start_time) = parse_stat(&stat).ok_or_else(|| {
-        std::io::Error::new(
-            std::io::ErrorKind::InvalidData,
-            format!("/proc/{pid}/stat: unexpected format"),
-        )
+        std::io::Error::new(std::io::ErrorKind::InvalidData, format!("/proc/{pid}/stat: unexpected format"))
     })?;
     let cmdline = fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
     let command = cmdline
@@ -27,16 +24,7 @@ pub fn read(pid: i32) -> std::io::Result<ProcInfo> {
         .map(|a| String::from_utf8_lossy(a).replace(|c: char| c.is_control(), " "))
         .collect::<Vec<_>>()
         .join(" ");
-    Ok(ProcInfo {
-        ppid,
-        start_time,
-        command: if command.is_empty() {
-            comm.clone()
-        } else {
-            command
-        },
-        comm,
-    })
+    Ok(ProcInfo { ppid, start_time, command: if command.is_empty() { comm.clone() } else { command }, comm })
 }
 
 /// Parses `pid (comm) state ppid … starttime …`; comm may contain spaces and ')'.

@@ -1,15 +1,17 @@
 //! The agent's shared state: routing table, vPID store, peer links, and the
 //! operations the local socket and the peer links both use.
 
+use crate::relay::RemoteStream;
 use crate::vpid_store::VpidStore;
 use dvk_config::{Config, NodeConfig};
 use dvk_protocol::auth::ClusterKey;
 use dvk_protocol::local::{NodeStatus, ProcessRow};
 use dvk_protocol::peer::PeerMessage;
 use parking_lot::Mutex;
-use pidvirt::{NodeId, ProcessEntry, RoutingTable, Vpid};
+use pidvirt::{EndpointEntry, EndpointKey, NodeId, ProcessEntry, RoutingTable, Vpid};
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
 
@@ -21,8 +23,12 @@ pub struct Agent {
     pub me: NodeConfig,
     pub key: ClusterKey,
     pub tables: Mutex<Tables>,
+    /// Streams whose other end is on another node, by stream id.
+    pub streams: Mutex<HashMap<u64, RemoteStream>>,
     next_request: AtomicU64,
     next_link: AtomicU64,
+    next_stream: AtomicU64,
+    next_client_port: AtomicU32,
 }
 
 pub struct Tables {
@@ -32,6 +38,8 @@ pub struct Tables {
     /// Last frame seen from each node, kept after its link drops (for `nodes`).
     pub last_contact: HashMap<NodeId, Instant>,
     pending_signals: HashMap<u64, oneshot::Sender<i32>>,
+    /// AF_UNIX listener paths of the endpoints that listen on this node.
+    pub listeners: HashMap<EndpointKey, Vec<PathBuf>>,
 }
 
 /// An authenticated link to a peer: frames queued here are written by the link's writer task.
@@ -53,9 +61,13 @@ impl Agent {
                 links: HashMap::new(),
                 last_contact: HashMap::new(),
                 pending_signals: HashMap::new(),
+                listeners: HashMap::new(),
             }),
+            streams: Mutex::new(HashMap::new()),
             next_request: AtomicU64::new(1),
             next_link: AtomicU64::new(1),
+            next_stream: AtomicU64::new(1),
+            next_client_port: AtomicU32::new(0),
         }
     }
 
@@ -64,10 +76,7 @@ impl Agent {
     }
 
     pub fn node_name(&self, id: NodeId) -> String {
-        self.config
-            .node_by_id(id.0)
-            .map(|n| n.name.clone())
-            .unwrap_or_else(|| format!("node#{id}"))
+        self.config.node_by_id(id.0).map(|n| n.name.clone()).unwrap_or_else(|| format!("node#{id}"))
     }
 
     /// Installs a freshly authenticated link, replacing (and so closing) an older one
@@ -87,7 +96,40 @@ impl Agent {
         if t.links.get(&node).map(|l| l.id) == Some(link_id) {
             t.links.remove(&node);
             t.routing.remove_node(node);
+            drop(t);
+            self.reset_streams_of(node);
         }
+    }
+
+    /// The queue of the link to `node`, for senders that wait for room (stream data).
+    pub fn link_tx(&self, node: NodeId) -> Option<mpsc::Sender<PeerMessage>> {
+        self.tables.lock().links.get(&node).map(|l| l.tx.clone())
+    }
+
+    /// A cluster-unique stream id: this node's id above bit 48.
+    pub fn new_stream_id(&self) -> u64 {
+        ((self.me.id as u64) << 48) | self.next_stream.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// An ephemeral port for a client's virtual address (32768..=60999, like Linux's default range).
+    pub fn client_port(&self) -> u16 {
+        (32768 + self.next_client_port.fetch_add(1, Ordering::Relaxed) % (60999 - 32768 + 1)) as u16
+    }
+
+    pub fn remove_stream(&self, id: u64) {
+        self.streams.lock().remove(&id);
+    }
+
+    fn reset_streams_of(&self, node: NodeId) {
+        let mut streams = self.streams.lock();
+        streams.retain(|_, s| {
+            if s.peer == node {
+                s.reset();
+                false
+            } else {
+                true
+            }
+        });
     }
 
     pub fn touch(&self, node: NodeId) {
@@ -113,27 +155,42 @@ impl Agent {
 
     pub fn send_to(&self, node: NodeId, msg: PeerMessage) -> bool {
         let t = self.tables.lock();
-        t.links
-            .get(&node)
-            .map(|l| l.tx.try_send(msg).is_ok())
-            .unwrap_or(false)
+        t.links.get(&node).map(|l| l.tx.try_send(msg).is_ok()).unwrap_or(false)
     }
 
-    pub fn local_processes(&self) -> Vec<ProcessEntry> {
-        self.tables
-            .lock()
-            .routing
-            .local_entries()
-            .cloned()
-            .collect()
+    /// The announcement of everything local, sent first on every new link.
+    pub fn announcement(&self) -> PeerMessage {
+        let t = self.tables.lock();
+        PeerMessage::Announce {
+            processes: t.routing.local_entries().cloned().collect(),
+            endpoints: t.routing.local_endpoints().cloned().collect(),
+        }
     }
 
-    /// Applies a peer's complete process list.
-    pub fn apply_announce(&self, from: NodeId, processes: Vec<ProcessEntry>) {
+    /// Applies a peer's complete list of processes and endpoints.
+    pub fn apply_announce(&self, from: NodeId, processes: Vec<ProcessEntry>, endpoints: Vec<EndpointEntry>) {
         let mut t = self.tables.lock();
         t.routing.remove_node(from);
         for p in processes.into_iter().filter(|p| p.node == from) {
             t.routing.upsert(p);
+        }
+        for e in endpoints.into_iter().filter(|e| e.node == from) {
+            t.routing.upsert_endpoint(e);
+        }
+    }
+
+    pub fn apply_endpoint_up(&self, from: NodeId, entry: EndpointEntry) {
+        if entry.node != from {
+            tracing::warn!(node = %from, endpoint = %entry.key(), "peer announced an endpoint of another node; ignored");
+            return;
+        }
+        self.tables.lock().routing.upsert_endpoint(entry);
+    }
+
+    pub fn apply_endpoint_down(&self, from: NodeId, key: EndpointKey) {
+        let mut t = self.tables.lock();
+        if t.routing.endpoint(&key).map(|e| e.node) == Some(from) {
+            t.routing.remove_endpoint(&key);
         }
     }
 
@@ -167,11 +224,7 @@ impl Agent {
         if sender_uid != 0 && sender_uid != target.uid {
             return libc::EPERM;
         }
-        let pid = if group {
-            -target.real_pid
-        } else {
-            target.real_pid
-        };
+        let pid = if group { -target.real_pid } else { target.real_pid };
         crate::sys::kill(pid, signal)
     }
 
@@ -187,16 +240,7 @@ impl Agent {
         let request = self.next_request.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
         self.tables.lock().pending_signals.insert(request, tx);
-        let sent = self.send_to(
-            node,
-            PeerMessage::Signal {
-                request,
-                vpid,
-                signal,
-                group,
-                sender_uid,
-            },
-        );
+        let sent = self.send_to(node, PeerMessage::Signal { request, vpid, signal, group, sender_uid });
         let result = if sent {
             match tokio::time::timeout(RELAY_TIMEOUT, rx).await {
                 Ok(Ok(errno)) => errno,
@@ -244,9 +288,7 @@ impl Agent {
                     last_contact_ms: if is_self {
                         Some(0)
                     } else {
-                        t.last_contact
-                            .get(&id)
-                            .map(|at| at.elapsed().as_millis() as u64)
+                        t.last_contact.get(&id).map(|at| at.elapsed().as_millis() as u64)
                     },
                     processes: t.routing.count_on(id) as u32,
                 }

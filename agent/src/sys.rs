@@ -21,9 +21,7 @@ pub fn kill(pid: i32, signal: i32) -> i32 {
     if unsafe { libc::kill(pid, signal) } == 0 {
         0
     } else {
-        io::Error::last_os_error()
-            .raw_os_error()
-            .unwrap_or(libc::EINVAL)
+        io::Error::last_os_error().raw_os_error().unwrap_or(libc::EINVAL)
     }
 }
 

@@ -21,11 +21,7 @@ impl VpidStore {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => 1,
             Err(e) => return Err(e),
         };
-        let mut store = VpidStore {
-            allocator: VpidAllocator::new(node, first),
-            reserved_until: first,
-            path,
-        };
+        let mut store = VpidStore { allocator: VpidAllocator::new(node, first), reserved_until: first, path };
         store.reserve()?;
         Ok(store)
     }
@@ -43,9 +39,7 @@ impl VpidStore {
         if self.allocator.next_seq() >= self.reserved_until {
             self.reserve().map_err(AllocError::Persist)?;
         }
-        self.allocator
-            .allocate()
-            .map_err(|VpidSpaceExhausted| AllocError::Exhausted)
+        self.allocator.allocate().map_err(|VpidSpaceExhausted| AllocError::Exhausted)
     }
 }
 

@@ -9,6 +9,11 @@
 //! peer_addr = "192.0.2.11:7700"         # where the other agents reach it
 //! runtime_dir = "/run/dvk/node1"        # holds agent.sock
 //! image_dir = "/var/lib/dvk/node1/images"
+//!
+//! [[node.ingress]]                      # optional: expose an endpoint on a real TCP port
+//! endpoint = "web:8000"                 # <name>:<port> of the endpoint
+//! dc = "dc0"                            # optional, default dc0
+//! listen = "192.0.2.11:8080"            # where this node's agent accepts plain TCP clients
 //! ```
 //! Every error names the file, the line and the field.
 
@@ -26,28 +31,13 @@ pub const AGENT_SOCKET_NAME: &str = "agent.sock";
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("{path}: cannot read: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Read { path: PathBuf, source: std::io::Error },
     #[error("{path}:{line}: {message}")]
-    Invalid {
-        path: PathBuf,
-        line: usize,
-        message: String,
-    },
+    Invalid { path: PathBuf, line: usize, message: String },
     #[error("{path}: no node named `{name}` (known: {known})")]
-    UnknownNode {
-        path: PathBuf,
-        name: String,
-        known: String,
-    },
+    UnknownNode { path: PathBuf, name: String, known: String },
     #[error("{path}: cluster key file {key_path}: {message}")]
-    Key {
-        path: PathBuf,
-        key_path: PathBuf,
-        message: String,
-    },
+    Key { path: PathBuf, key_path: PathBuf, message: String },
 }
 
 #[derive(Debug, Deserialize)]
@@ -66,6 +56,25 @@ struct RawNode {
     peer_addr: Spanned<String>,
     runtime_dir: Spanned<String>,
     image_dir: Spanned<String>,
+    #[serde(default)]
+    ingress: Vec<RawIngress>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawIngress {
+    endpoint: Spanned<String>,
+    dc: Option<Spanned<String>>,
+    listen: Spanned<String>,
+}
+
+/// A real TCP port on a node that leads to an endpoint, for clients without the shim.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct IngressConfig {
+    pub dc: String,
+    pub name: String,
+    pub port: u16,
+    pub listen: SocketAddr,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -75,6 +84,7 @@ pub struct NodeConfig {
     pub peer_addr: SocketAddr,
     pub runtime_dir: PathBuf,
     pub image_dir: PathBuf,
+    pub ingress: Vec<IngressConfig>,
 }
 
 impl NodeConfig {
@@ -93,10 +103,8 @@ pub struct Config {
 
 impl Config {
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_owned(),
-            source,
-        })?;
+        let text =
+            std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
         Config::parse(path, &text)
     }
 
@@ -129,42 +137,26 @@ impl Config {
         let mut nodes = Vec::new();
         for n in &raw.node {
             let name = n.name.get_ref();
-            if name.is_empty()
-                || !name
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
-            {
+            if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
                 return Err(invalid(
                     n.name.span().start,
                     format!("field `name`: `{name}` must be non-empty letters, digits, `-` or `_`"),
                 ));
             }
             if !names.insert(name.clone()) {
-                return Err(invalid(
-                    n.name.span().start,
-                    format!("field `name`: node `{name}` is defined twice"),
-                ));
+                return Err(invalid(n.name.span().start, format!("field `name`: node `{name}` is defined twice")));
             }
             let id = *n.id.get_ref();
             if !(1..=255).contains(&id) {
-                return Err(invalid(
-                    n.id.span().start,
-                    format!("field `id`: {id} is out of range 1..=255"),
-                ));
+                return Err(invalid(n.id.span().start, format!("field `id`: {id} is out of range 1..=255")));
             }
             if !ids.insert(id) {
-                return Err(invalid(
-                    n.id.span().start,
-                    format!("field `id`: id {id} is used by two nodes"),
-                ));
+                return Err(invalid(n.id.span().start, format!("field `id`: id {id} is used by two nodes")));
             }
             let peer_addr: SocketAddr = n.peer_addr.get_ref().parse().map_err(|_| {
                 invalid(
                     n.peer_addr.span().start,
-                    format!(
-                        "field `peer_addr`: `{}` is not an IP:port address",
-                        n.peer_addr.get_ref()
-                    ),
+                    format!("field `peer_addr`: `{}` is not an IP:port address", n.peer_addr.get_ref()),
                 )
             })?;
             if !addrs.insert(peer_addr) {
@@ -175,13 +167,33 @@ impl Config {
             }
             for (field, value) in [("runtime_dir", &n.runtime_dir), ("image_dir", &n.image_dir)] {
                 if value.get_ref().is_empty() {
-                    return Err(invalid(
-                        value.span().start,
-                        format!("field `{field}`: must not be empty"),
-                    ));
+                    return Err(invalid(value.span().start, format!("field `{field}`: must not be empty")));
                 }
             }
+            let mut ingress = Vec::new();
+            for ing in &n.ingress {
+                let spec = ing.endpoint.get_ref();
+                let parsed = spec.rsplit_once(':').and_then(|(name, port)| {
+                    let port: u16 = port.parse().ok()?;
+                    (!name.is_empty() && port != 0).then(|| (name.to_owned(), port))
+                });
+                let Some((ep_name, port)) = parsed else {
+                    return Err(invalid(
+                        ing.endpoint.span().start,
+                        format!("field `endpoint`: `{spec}` is not <name>:<port>"),
+                    ));
+                };
+                let listen: SocketAddr = ing.listen.get_ref().parse().map_err(|_| {
+                    invalid(
+                        ing.listen.span().start,
+                        format!("field `listen`: `{}` is not an IP:port address", ing.listen.get_ref()),
+                    )
+                })?;
+                let dc = ing.dc.as_ref().map(|d| d.get_ref().clone()).unwrap_or_else(|| "dc0".into());
+                ingress.push(IngressConfig { dc, name: ep_name, port, listen });
+            }
             nodes.push(NodeConfig {
+                ingress,
                 name: name.clone(),
                 id: id as u16,
                 peer_addr,
@@ -195,27 +207,15 @@ impl Config {
                 "field `cluster_key_file`: must not be empty".into(),
             ));
         }
-        Ok(Config {
-            path: path.to_owned(),
-            cluster_key_file: resolve(raw.cluster_key_file.get_ref()),
-            nodes,
-        })
+        Ok(Config { path: path.to_owned(), cluster_key_file: resolve(raw.cluster_key_file.get_ref()), nodes })
     }
 
     pub fn node(&self, name: &str) -> Result<&NodeConfig, ConfigError> {
-        self.nodes
-            .iter()
-            .find(|n| n.name == name)
-            .ok_or_else(|| ConfigError::UnknownNode {
-                path: self.path.clone(),
-                name: name.to_owned(),
-                known: self
-                    .nodes
-                    .iter()
-                    .map(|n| n.name.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", "),
-            })
+        self.nodes.iter().find(|n| n.name == name).ok_or_else(|| ConfigError::UnknownNode {
+            path: self.path.clone(),
+            name: name.to_owned(),
+            known: self.nodes.iter().map(|n| n.name.as_str()).collect::<Vec<_>>().join(", "),
+        })
     }
 
     pub fn node_by_id(&self, id: u16) -> Option<&NodeConfig> {
@@ -236,10 +236,7 @@ impl Config {
             _ => bytes,
         };
         if key.len() < 16 {
-            return Err(key_err(format!(
-                "key is {} bytes; at least 16 are required",
-                key.len()
-            )));
+            return Err(key_err(format!("key is {} bytes; at least 16 are required", key.len())));
         }
         Ok(key)
     }
@@ -249,10 +246,7 @@ fn decode_hex(s: &str) -> Option<Vec<u8>> {
     if s.len() % 2 != 0 {
         return None;
     }
-    (0..s.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
-        .collect()
+    (0..s.len()).step_by(2).map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok()).collect()
 }
 
 fn line_of(text: &str, offset: usize) -> usize {
@@ -281,9 +275,7 @@ image_dir = "/var/lib/dvk/node2/images"
 "#;
 
     fn err(text: &str) -> String {
-        Config::parse(Path::new("/etc/dvk/c.toml"), text)
-            .unwrap_err()
-            .to_string()
+        Config::parse(Path::new("/etc/dvk/c.toml"), text).unwrap_err().to_string()
     }
 
     #[test]
@@ -291,54 +283,46 @@ image_dir = "/var/lib/dvk/node2/images"
         let c = Config::parse(Path::new("/etc/dvk/c.toml"), GOOD).unwrap();
         assert_eq!(c.nodes.len(), 2);
         assert_eq!(c.cluster_key_file, PathBuf::from("/etc/dvk/cluster.key"));
-        assert_eq!(
-            c.node("node1").unwrap().socket_path(),
-            PathBuf::from("/etc/dvk/run/node1/agent.sock")
-        );
+        assert_eq!(c.node("node1").unwrap().socket_path(), PathBuf::from("/etc/dvk/run/node1/agent.sock"));
         assert_eq!(c.node_by_id(2).unwrap().name, "node2");
         let unknown = c.node("node9").unwrap_err().to_string();
-        assert!(
-            unknown.contains("node9") && unknown.contains("node1, node2"),
-            "{unknown}"
-        );
+        assert!(unknown.contains("node9") && unknown.contains("node1, node2"), "{unknown}");
     }
 
     #[test]
     fn errors_name_file_line_and_field() {
         let e = err(&GOOD.replace("id = 2", "id = 300"));
-        assert!(
-            e.starts_with("/etc/dvk/c.toml:12:") && e.contains("`id`") && e.contains("300"),
-            "{e}"
-        );
+        assert!(e.starts_with("/etc/dvk/c.toml:12:") && e.contains("`id`") && e.contains("300"), "{e}");
         let e = err(&GOOD.replace("id = 2", "id = 1"));
-        assert!(
-            e.starts_with("/etc/dvk/c.toml:12:") && e.contains("used by two nodes"),
-            "{e}"
-        );
+        assert!(e.starts_with("/etc/dvk/c.toml:12:") && e.contains("used by two nodes"), "{e}");
         let e = err(&GOOD.replace("\"127.0.0.1:7702\"", "\"localhost\""));
-        assert!(
-            e.starts_with("/etc/dvk/c.toml:13:") && e.contains("peer_addr"),
-            "{e}"
-        );
+        assert!(e.starts_with("/etc/dvk/c.toml:13:") && e.contains("peer_addr"), "{e}");
         let e = err(&GOOD.replace("image_dir = \"/var/lib/dvk/node2/images\"", ""));
         assert!(e.contains("image_dir"), "{e}");
-        let e = err(&GOOD.replace(
-            "runtime_dir = \"run/node1\"",
-            "runtime_dir = \"run/node1\"\nport = 3",
-        ));
-        assert!(
-            e.starts_with("/etc/dvk/c.toml:8:") && e.contains("port"),
-            "{e}"
-        );
+        let e = err(&GOOD.replace("runtime_dir = \"run/node1\"", "runtime_dir = \"run/node1\"\nport = 3"));
+        assert!(e.starts_with("/etc/dvk/c.toml:8:") && e.contains("port"), "{e}");
         let e = err(&GOOD.replace("id = 1", "id = \"one\""));
         assert!(e.starts_with("/etc/dvk/c.toml:5:"), "{e}");
         let e = err(&GOOD.replace("name = \"node2\"", "name = \"node1\""));
-        assert!(
-            e.starts_with("/etc/dvk/c.toml:11:") && e.contains("defined twice"),
-            "{e}"
-        );
+        assert!(e.starts_with("/etc/dvk/c.toml:11:") && e.contains("defined twice"), "{e}");
         let e = err("cluster_key_file = \"k\"\n");
         assert!(e.contains("no [[node]]"), "{e}");
+    }
+
+    #[test]
+    fn ingress_tables_belong_to_their_node() {
+        let text = GOOD.replace(
+            "image_dir = \"/var/lib/dvk/node2/images\"\n",
+            "image_dir = \"/var/lib/dvk/node2/images\"\n\n[[node.ingress]]\nendpoint = \"web:8000\"\nlisten = \"127.0.0.1:18080\"\n",
+        );
+        let c = Config::parse(Path::new("/c.toml"), &text).unwrap();
+        assert!(c.node("node1").unwrap().ingress.is_empty());
+        let ing = &c.node("node2").unwrap().ingress[0];
+        assert_eq!((ing.dc.as_str(), ing.name.as_str(), ing.port), ("dc0", "web", 8000));
+        assert_eq!(ing.listen.to_string(), "127.0.0.1:18080");
+        let bad = text.replace("web:8000", "web");
+        let e = err(&bad);
+        assert!(e.starts_with("/etc/dvk/c.toml:18:") && e.contains("`endpoint`"), "{e}");
     }
 
     #[test]
@@ -346,23 +330,11 @@ image_dir = "/var/lib/dvk/node2/images"
         let dir = tempfile::tempdir().unwrap();
         let cfg_path = dir.path().join("c.toml");
         let c = Config::parse(&cfg_path, GOOD).unwrap();
-        std::fs::write(
-            dir.path().join("cluster.key"),
-            "00112233445566778899aabbccddeeff\n",
-        )
-        .unwrap();
+        std::fs::write(dir.path().join("cluster.key"), "00112233445566778899aabbccddeeff\n").unwrap();
         assert_eq!(c.read_key().unwrap().len(), 16);
         std::fs::write(dir.path().join("cluster.key"), "short").unwrap();
-        assert!(c
-            .read_key()
-            .unwrap_err()
-            .to_string()
-            .contains("at least 16"));
+        assert!(c.read_key().unwrap_err().to_string().contains("at least 16"));
         std::fs::remove_file(dir.path().join("cluster.key")).unwrap();
-        assert!(c
-            .read_key()
-            .unwrap_err()
-            .to_string()
-            .contains("cluster.key"));
+        assert!(c.read_key().unwrap_err().to_string().contains("cluster.key"));
     }
 }

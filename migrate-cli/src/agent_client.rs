@@ -16,16 +16,9 @@ pub struct Target {
 }
 
 impl Target {
-    pub fn resolve(
-        config: &std::path::Path,
-        node: Option<&str>,
-        socket: Option<PathBuf>,
-    ) -> anyhow::Result<Target> {
+    pub fn resolve(config: &std::path::Path, node: Option<&str>, socket: Option<PathBuf>) -> anyhow::Result<Target> {
         if let Some(socket) = socket {
-            return Ok(Target {
-                describe: format!("the agent at {}", socket.display()),
-                socket,
-            });
+            return Ok(Target { describe: format!("the agent at {}", socket.display()), socket });
         }
         let cfg = Config::load(config)?;
         let node = match node {
@@ -34,26 +27,15 @@ impl Target {
             None => bail!(
                 "which node's agent? pass --node NAME (or set DVK_NODE); {} has {}",
                 cfg.path.display(),
-                cfg.nodes
-                    .iter()
-                    .map(|n| n.name.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", ")
+                cfg.nodes.iter().map(|n| n.name.as_str()).collect::<Vec<_>>().join(", ")
             ),
         };
-        Ok(Target {
-            socket: node.socket_path(),
-            describe: format!("the agent of {}", node.name),
-        })
+        Ok(Target { socket: node.socket_path(), describe: format!("the agent of {}", node.name) })
     }
 
     pub fn request(&self, request: &LocalRequest) -> anyhow::Result<LocalResponse> {
         let mut stream = UnixStream::connect(&self.socket).map_err(|e| {
-            anyhow!(
-                "cannot reach {} at {}: {e} (is dvk-agent running?)",
-                self.describe,
-                self.socket.display()
-            )
+            anyhow!("cannot reach {} at {}: {e} (is dvk-agent running?)", self.describe, self.socket.display())
         })?;
         stream.set_read_timeout(Some(Duration::from_secs(10)))?;
         frame::write_frame(&mut stream, request, LOCAL_MAX_FRAME)

@@ -9,10 +9,7 @@ use dvk_config::DEFAULT_CONFIG_PATH;
 use std::path::PathBuf;
 
 #[derive(Parser, Debug)]
-#[command(
-    version,
-    about = "Inspect a dvk cluster and migrate processes between its nodes"
-)]
+#[command(version, about = "Inspect a dvk cluster and migrate processes between its nodes")]
 struct Cli {
     /// Cluster configuration file.
     #[arg(long, global = true, env = "DVK_CONFIG", default_value = DEFAULT_CONFIG_PATH)]

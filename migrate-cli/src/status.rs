@@ -29,11 +29,8 @@ pub fn ps(target: &Target, json: bool) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(&rows)?);
         return Ok(());
     }
-    let mut table = vec![[
-        "VPID", "NODE", "PID", "DC", "ENDPOINT", "STATE", "OWNER", "COMMAND",
-    ]
-    .map(String::from)
-    .to_vec()];
+    let mut table =
+        vec![["VPID", "NODE", "PID", "DC", "ENDPOINT", "STATE", "OWNER", "COMMAND"].map(String::from).to_vec()];
     for r in &rows {
         table.push(vec![
             r.vpid.to_string(),
@@ -86,16 +83,7 @@ pub fn nodes(target: &Target, json: bool) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(&out)?);
         return Ok(());
     }
-    let mut table = vec![[
-        "NODE",
-        "ID",
-        "ADDRESS",
-        "STATE",
-        "LAST CONTACT",
-        "PROCESSES",
-    ]
-    .map(String::from)
-    .to_vec()];
+    let mut table = vec![["NODE", "ID", "ADDRESS", "STATE", "LAST CONTACT", "PROCESSES"].map(String::from).to_vec()];
     for n in &nodes {
         let state = match (n.is_self, n.up) {
             (true, _) => "up (this node)",
@@ -135,9 +123,7 @@ fn node_json(n: &NodeStatus) -> NodeJson<'_> {
 /// Left-aligned columns, two spaces apart; the last column is not padded.
 fn print_table(rows: &[Vec<String>]) {
     let cols = rows.first().map(|r| r.len()).unwrap_or(0);
-    let widths: Vec<usize> = (0..cols)
-        .map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0))
-        .collect();
+    let widths: Vec<usize> = (0..cols).map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0)).collect();
     for row in rows {
         let mut line = String::new();
         for (c, cell) in row.iter().enumerate() {

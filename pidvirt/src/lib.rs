@@ -7,8 +7,10 @@
 //! (`PID_MAX_LIMIT` on 64-bit), so a number passed to `kill()` can always be told
 //! apart: below `VPID_BASE` it is a real PID, at or above it a vPID.
 
+pub mod endpoint;
 pub mod routing;
 
+pub use endpoint::{EndpointEntry, EndpointKey, VirtualAddr};
 pub use routing::{EndpointState, MigrationId, ProcessEntry, RoutingTable};
 
 use serde::{Deserialize, Serialize};
@@ -90,10 +92,7 @@ pub struct VpidSpaceExhausted;
 impl VpidAllocator {
     /// Starts allocating at `first_seq` (1 for a fresh node).
     pub fn new(node: NodeId, first_seq: u32) -> Self {
-        VpidAllocator {
-            node,
-            next_seq: first_seq.max(1),
-        }
+        VpidAllocator { node, next_seq: first_seq.max(1) }
     }
 
     /// The sequence number the next allocation will use.

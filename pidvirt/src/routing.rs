@@ -14,6 +14,7 @@
 //! agent queues. Every transition names the migration id, so a late or
 //! duplicated commit/rollback of another migration is refused, never applied.
 
+use crate::endpoint::{vip_candidates, EndpointEntry, EndpointKey};
 use crate::{DcName, NodeId, Vpid};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -32,10 +33,7 @@ pub enum EndpointState {
     /// A passive replica is kept on that node (reserved, not used yet).
     Backup(NodeId),
     /// A move is under way: nothing is delivered, arriving messages queue.
-    Migrating {
-        previous: Box<EndpointState>,
-        migration: MigrationId,
-    },
+    Migrating { previous: Box<EndpointState>, migration: MigrationId },
 }
 
 impl EndpointState {
@@ -77,16 +75,9 @@ pub struct Route {
 #[derive(Debug, PartialEq, Eq)]
 pub enum TransitionError {
     Unknown(Vpid),
-    AlreadyMigrating {
-        vpid: Vpid,
-        migration: MigrationId,
-    },
+    AlreadyMigrating { vpid: Vpid, migration: MigrationId },
     NotMigrating(Vpid),
-    WrongMigration {
-        vpid: Vpid,
-        expected: MigrationId,
-        got: MigrationId,
-    },
+    WrongMigration { vpid: Vpid, expected: MigrationId, got: MigrationId },
 }
 
 impl std::fmt::Display for TransitionError {
@@ -94,22 +85,12 @@ impl std::fmt::Display for TransitionError {
         match self {
             TransitionError::Unknown(v) => write!(f, "vPID {v} is not in the routing table"),
             TransitionError::AlreadyMigrating { vpid, migration } => {
-                write!(
-                    f,
-                    "vPID {vpid} is already migrating (migration {})",
-                    migration.0
-                )
+                write!(f, "vPID {vpid} is already migrating (migration {})", migration.0)
             }
             TransitionError::NotMigrating(v) => write!(f, "vPID {v} is not migrating"),
-            TransitionError::WrongMigration {
-                vpid,
-                expected,
-                got,
-            } => write!(
-                f,
-                "vPID {vpid} is in migration {} but the request names migration {}",
-                expected.0, got.0
-            ),
+            TransitionError::WrongMigration { vpid, expected, got } => {
+                write!(f, "vPID {vpid} is in migration {} but the request names migration {}", expected.0, got.0)
+            }
         }
     }
 }
@@ -121,14 +102,13 @@ impl std::error::Error for TransitionError {}
 pub struct RoutingTable {
     this_node: NodeId,
     routes: BTreeMap<Vpid, Route>,
+    /// Endpoints follow their process: its route's state is theirs.
+    endpoints: BTreeMap<EndpointKey, EndpointEntry>,
 }
 
 impl RoutingTable {
     pub fn new(this_node: NodeId) -> Self {
-        RoutingTable {
-            this_node,
-            routes: BTreeMap::new(),
-        }
+        RoutingTable { this_node, routes: BTreeMap::new(), endpoints: BTreeMap::new() }
     }
 
     pub fn this_node(&self) -> NodeId {
@@ -149,22 +129,68 @@ impl RoutingTable {
         self.routes.insert(entry.vpid, Route { entry, state });
     }
 
+    /// Removes a process and every endpoint it listened on.
     pub fn remove(&mut self, vpid: Vpid) -> Option<Route> {
+        self.endpoints.retain(|_, e| e.vpid != vpid);
         self.routes.remove(&vpid)
     }
 
     /// Drops every entry that runs on `node` (its link went down; it re-announces on reconnect).
     pub fn remove_node(&mut self, node: NodeId) -> Vec<Vpid> {
-        let gone: Vec<Vpid> = self
-            .routes
-            .values()
-            .filter(|r| r.entry.node == node)
-            .map(|r| r.entry.vpid)
-            .collect();
+        let gone: Vec<Vpid> = self.routes.values().filter(|r| r.entry.node == node).map(|r| r.entry.vpid).collect();
         for v in &gone {
             self.routes.remove(v);
         }
+        self.endpoints.retain(|_, e| e.node != node);
         gone
+    }
+
+    /// Adds or replaces an endpoint. Its process must be known (else it is ignored
+    /// and false is returned): an endpoint without a process cannot be routed.
+    pub fn upsert_endpoint(&mut self, entry: EndpointEntry) -> bool {
+        if !self.routes.contains_key(&entry.vpid) {
+            return false;
+        }
+        self.endpoints.insert(entry.key(), entry);
+        true
+    }
+
+    pub fn remove_endpoint(&mut self, key: &EndpointKey) -> Option<EndpointEntry> {
+        self.endpoints.remove(key)
+    }
+
+    pub fn endpoint(&self, key: &EndpointKey) -> Option<&EndpointEntry> {
+        self.endpoints.get(key)
+    }
+
+    pub fn endpoints(&self) -> impl Iterator<Item = &EndpointEntry> {
+        self.endpoints.values()
+    }
+
+    pub fn local_endpoints(&self) -> impl Iterator<Item = &EndpointEntry> {
+        let me = self.this_node;
+        self.endpoints.values().filter(move |e| e.node == me)
+    }
+
+    /// The endpoint a program reaches by connecting to `vip:port` from DC `dc`.
+    pub fn endpoint_by_vip(&self, dc: &str, vip: [u8; 4], port: u16) -> Option<&EndpointEntry> {
+        self.endpoints.values().find(|e| e.dc == dc && e.vip == vip && e.port == port)
+    }
+
+    /// The VIP of endpoint name `name` in `dc`, if any endpoint of that name exists.
+    pub fn vip_of(&self, dc: &str, name: &str) -> Option<[u8; 4]> {
+        self.endpoints.values().find(|e| e.dc == dc && e.name == name).map(|e| e.vip)
+    }
+
+    /// The VIP a new endpoint named `name` gets: the name's existing VIP, else the first
+    /// candidate no other name of the DC uses.
+    pub fn choose_vip(&self, dc: &str, name: &str) -> [u8; 4] {
+        if let Some(vip) = self.vip_of(dc, name) {
+            return vip;
+        }
+        vip_candidates(dc, name)
+            .find(|vip| !self.endpoints.values().any(|e| e.dc == dc && e.vip == *vip))
+            .expect("fewer than 65534 endpoint names in a DC")
     }
 
     pub fn get(&self, vpid: Vpid) -> Option<&Route> {
@@ -177,17 +203,11 @@ impl RoutingTable {
 
     pub fn local_entries(&self) -> impl Iterator<Item = &ProcessEntry> {
         let me = self.this_node;
-        self.routes
-            .values()
-            .map(|r| &r.entry)
-            .filter(move |e| e.node == me)
+        self.routes.values().map(|r| &r.entry).filter(move |e| e.node == me)
     }
 
     pub fn count_on(&self, node: NodeId) -> usize {
-        self.routes
-            .values()
-            .filter(|r| r.entry.node == node)
-            .count()
+        self.routes.values().filter(|r| r.entry.node == node).count()
     }
 
     pub fn find_local_by_pid(&self, real_pid: i32) -> Option<&ProcessEntry> {
@@ -195,42 +215,23 @@ impl RoutingTable {
     }
 
     /// start: stop delivering to/from `vpid` and queue.
-    pub fn start_migration(
-        &mut self,
-        vpid: Vpid,
-        migration: MigrationId,
-    ) -> Result<(), TransitionError> {
-        let route = self
-            .routes
-            .get_mut(&vpid)
-            .ok_or(TransitionError::Unknown(vpid))?;
+    pub fn start_migration(&mut self, vpid: Vpid, migration: MigrationId) -> Result<(), TransitionError> {
+        let route = self.routes.get_mut(&vpid).ok_or(TransitionError::Unknown(vpid))?;
         if let EndpointState::Migrating { migration: m, .. } = route.state {
             return Err(TransitionError::AlreadyMigrating { vpid, migration: m });
         }
         let previous = Box::new(route.state.clone());
-        route.state = EndpointState::Migrating {
-            previous,
-            migration,
-        };
+        route.state = EndpointState::Migrating { previous, migration };
         Ok(())
     }
 
-    fn finish(
-        &mut self,
-        vpid: Vpid,
-        migration: MigrationId,
-    ) -> Result<&mut Route, TransitionError> {
-        let route = self
-            .routes
-            .get_mut(&vpid)
-            .ok_or(TransitionError::Unknown(vpid))?;
+    fn finish(&mut self, vpid: Vpid, migration: MigrationId) -> Result<&mut Route, TransitionError> {
+        let route = self.routes.get_mut(&vpid).ok_or(TransitionError::Unknown(vpid))?;
         match &route.state {
             EndpointState::Migrating { migration: m, .. } if *m == migration => Ok(route),
-            EndpointState::Migrating { migration: m, .. } => Err(TransitionError::WrongMigration {
-                vpid,
-                expected: *m,
-                got: migration,
-            }),
+            EndpointState::Migrating { migration: m, .. } => {
+                Err(TransitionError::WrongMigration { vpid, expected: *m, got: migration })
+            }
             _ => Err(TransitionError::NotMigrating(vpid)),
         }
     }
@@ -248,15 +249,14 @@ impl RoutingTable {
         route.state = state;
         route.entry.node = destination;
         route.entry.real_pid = real_pid;
+        for e in self.endpoints.values_mut().filter(|e| e.vpid == vpid) {
+            e.node = destination;
+        }
         Ok(())
     }
 
     /// rollback: back to the state before `start`.
-    pub fn rollback_migration(
-        &mut self,
-        vpid: Vpid,
-        migration: MigrationId,
-    ) -> Result<(), TransitionError> {
+    pub fn rollback_migration(&mut self, vpid: Vpid, migration: MigrationId) -> Result<(), TransitionError> {
         let route = self.finish(vpid, migration)?;
         if let EndpointState::Migrating { previous, .. } = &route.state {
             route.state = (**previous).clone();
@@ -287,14 +287,8 @@ mod tests {
         let mut t = RoutingTable::new(NodeId(1));
         t.upsert(entry(1 << 22 | 1, 1));
         t.upsert(entry(2 << 22 | 1, 2));
-        assert_eq!(
-            t.get(Vpid(1 << 22 | 1)).unwrap().state,
-            EndpointState::Local
-        );
-        assert_eq!(
-            t.get(Vpid(2 << 22 | 1)).unwrap().state,
-            EndpointState::Remote(NodeId(2))
-        );
+        assert_eq!(t.get(Vpid(1 << 22 | 1)).unwrap().state, EndpointState::Local);
+        assert_eq!(t.get(Vpid(2 << 22 | 1)).unwrap().state, EndpointState::Remote(NodeId(2)));
         assert_eq!(t.count_on(NodeId(2)), 1);
         assert_eq!(t.remove_node(NodeId(2)), vec![Vpid(2 << 22 | 1)]);
         assert_eq!(t.count_on(NodeId(2)), 0);
@@ -309,28 +303,67 @@ mod tests {
         assert_eq!(t.get(v).unwrap().state.label(), "migrating");
         assert_eq!(
             t.start_migration(v, MigrationId(10)),
-            Err(TransitionError::AlreadyMigrating {
-                vpid: v,
-                migration: MigrationId(9)
-            })
+            Err(TransitionError::AlreadyMigrating { vpid: v, migration: MigrationId(9) })
         );
         assert_eq!(
             t.commit_migration(v, MigrationId(8), NodeId(2), 55),
-            Err(TransitionError::WrongMigration {
-                vpid: v,
-                expected: MigrationId(9),
-                got: MigrationId(8)
-            })
+            Err(TransitionError::WrongMigration { vpid: v, expected: MigrationId(9), got: MigrationId(8) })
         );
-        t.commit_migration(v, MigrationId(9), NodeId(2), 55)
-            .unwrap();
+        t.commit_migration(v, MigrationId(9), NodeId(2), 55).unwrap();
         let r = t.get(v).unwrap();
         assert_eq!(r.state, EndpointState::Remote(NodeId(2)));
         assert_eq!((r.entry.node, r.entry.real_pid), (NodeId(2), 55));
-        assert_eq!(
-            t.commit_migration(v, MigrationId(9), NodeId(2), 55),
-            Err(TransitionError::NotMigrating(v))
-        );
+        assert_eq!(t.commit_migration(v, MigrationId(9), NodeId(2), 55), Err(TransitionError::NotMigrating(v)));
+    }
+
+    fn endpoint(name: &str, port: u16, vpid: i32, node: u16, t: &RoutingTable) -> EndpointEntry {
+        EndpointEntry {
+            dc: "dc0".into(),
+            name: name.into(),
+            port,
+            vip: t.choose_vip("dc0", name),
+            vpid: Vpid(vpid),
+            node: NodeId(node),
+        }
+    }
+
+    #[test]
+    fn endpoints_follow_their_process() {
+        let mut t = RoutingTable::new(NodeId(1));
+        let v = Vpid(2 << 22 | 1);
+        let orphan = endpoint("web", 80, v.0, 2, &t);
+        assert!(!t.upsert_endpoint(orphan), "no process, no endpoint");
+        t.upsert(entry(v.0, 2));
+        let web80 = endpoint("web", 80, v.0, 2, &t);
+        assert!(t.upsert_endpoint(web80.clone()));
+        let web81 = endpoint("web", 81, v.0, 2, &t);
+        assert_eq!(web81.vip, web80.vip, "one VIP per name");
+        t.upsert_endpoint(web81);
+        assert_eq!(t.endpoint_by_vip("dc0", web80.vip, 81).unwrap().port, 81);
+        assert!(t.endpoint_by_vip("dc1", web80.vip, 80).is_none(), "DCs are isolated");
+        assert_ne!(t.choose_vip("dc0", "db"), web80.vip);
+        t.start_migration(v, MigrationId(1)).unwrap();
+        t.commit_migration(v, MigrationId(1), NodeId(3), 9).unwrap();
+        assert!(t.endpoints().all(|e| e.node == NodeId(3)));
+        t.remove(v);
+        assert_eq!(t.endpoints().count(), 0);
+    }
+
+    #[test]
+    fn vip_collisions_are_probed_past() {
+        let mut t = RoutingTable::new(NodeId(1));
+        t.upsert(entry(1 << 22 | 1, 1));
+        // Occupy "b"'s first candidate with name "a".
+        let taken = crate::endpoint::vip_candidates("dc0", "b").next().unwrap();
+        t.upsert_endpoint(EndpointEntry {
+            dc: "dc0".into(),
+            name: "a".into(),
+            port: 1,
+            vip: taken,
+            vpid: Vpid(1 << 22 | 1),
+            node: NodeId(1),
+        });
+        assert_ne!(t.choose_vip("dc0", "b"), taken);
     }
 
     #[test]

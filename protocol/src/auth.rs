@@ -81,12 +81,7 @@ mod tests {
     use super::*;
 
     fn transcript() -> Transcript {
-        Transcript {
-            dialer: NodeId(1),
-            acceptor: NodeId(2),
-            dialer_nonce: [7; 32],
-            acceptor_nonce: [9; 32],
-        }
+        Transcript { dialer: NodeId(1), acceptor: NodeId(2), dialer_nonce: [7; 32], acceptor_nonce: [9; 32] }
     }
 
     #[test]
@@ -104,29 +99,17 @@ mod tests {
         let k = ClusterKey::new(vec![1; 32]).unwrap();
         let t = transcript();
         let p = t.prove(&k, Role::Dialer);
-        assert!(
-            !t.verify(&k, Role::Acceptor, &p),
-            "a dialer proof is not an acceptor proof"
-        );
+        assert!(!t.verify(&k, Role::Acceptor, &p), "a dialer proof is not an acceptor proof");
         let mut fresh = t;
         fresh.acceptor_nonce = [10; 32];
-        assert!(
-            !fresh.verify(&k, Role::Dialer, &p),
-            "a proof is bound to the nonces"
-        );
+        assert!(!fresh.verify(&k, Role::Dialer, &p), "a proof is bound to the nonces");
         let mut other = t;
         other.dialer = NodeId(3);
-        assert!(
-            !other.verify(&k, Role::Dialer, &p),
-            "a proof is bound to the node ids"
-        );
+        assert!(!other.verify(&k, Role::Dialer, &p), "a proof is bound to the node ids");
     }
 
     #[test]
     fn short_keys_are_refused() {
-        assert_eq!(
-            ClusterKey::new(vec![0; 8]).unwrap_err(),
-            KeyError::TooShort(8)
-        );
+        assert_eq!(ClusterKey::new(vec![0; 8]).unwrap_err(), KeyError::TooShort(8));
     }
 }

@@ -59,9 +59,8 @@ pub fn encode_into<'a, T: Serialize>(msg: &T, buf: &'a mut [u8]) -> Result<&'a [
         return Err(FrameError::BufferTooSmall(buf.len()));
     }
     let capacity = buf.len();
-    let body_len = postcard::to_slice(msg, &mut buf[HEADER_LEN..])
-        .map_err(|_| FrameError::BufferTooSmall(capacity))?
-        .len();
+    let body_len =
+        postcard::to_slice(msg, &mut buf[HEADER_LEN..]).map_err(|_| FrameError::BufferTooSmall(capacity))?.len();
     buf[..HEADER_LEN].copy_from_slice(&(body_len as u32).to_le_bytes());
     Ok(&buf[..HEADER_LEN + body_len])
 }
@@ -70,9 +69,7 @@ pub fn encode_into<'a, T: Serialize>(msg: &T, buf: &'a mut [u8]) -> Result<&'a [
 pub fn decode<'de, T: Deserialize<'de>>(body: &'de [u8]) -> Result<T, FrameError> {
     let (msg, rest) = postcard::take_from_bytes(body)?;
     if !rest.is_empty() {
-        return Err(FrameError::Malformed(
-            postcard::Error::DeserializeBadEncoding,
-        ));
+        return Err(FrameError::Malformed(postcard::Error::DeserializeBadEncoding));
     }
     Ok(msg)
 }
@@ -81,11 +78,7 @@ pub fn decode<'de, T: Deserialize<'de>>(body: &'de [u8]) -> Result<T, FrameError
 pub fn read_frame<R: Read, T: DeserializeOwned>(r: &mut R, max: usize) -> Result<T, FrameError> {
     let mut header = [0u8; HEADER_LEN];
     if let Err(e) = r.read_exact(&mut header) {
-        return Err(if e.kind() == std::io::ErrorKind::UnexpectedEof {
-            FrameError::Closed
-        } else {
-            e.into()
-        });
+        return Err(if e.kind() == std::io::ErrorKind::UnexpectedEof { FrameError::Closed } else { e.into() });
     }
     let len = body_len(header, max)?;
     let mut body = vec![0u8; len];
@@ -94,11 +87,7 @@ pub fn read_frame<R: Read, T: DeserializeOwned>(r: &mut R, max: usize) -> Result
 }
 
 /// Blocking write of one frame.
-pub fn write_frame<W: Write, T: Serialize>(
-    w: &mut W,
-    msg: &T,
-    max: usize,
-) -> Result<(), FrameError> {
+pub fn write_frame<W: Write, T: Serialize>(w: &mut W, msg: &T, max: usize) -> Result<(), FrameError> {
     w.write_all(&encode(msg, max)?)?;
     Ok(())
 }
@@ -110,11 +99,7 @@ mod tests {
 
     #[test]
     fn round_trip_through_a_stream() {
-        let msg = LocalRequest::Kill {
-            vpid: pidvirt::Vpid(1 << 22 | 3),
-            signal: 10,
-            group: false,
-        };
+        let msg = LocalRequest::Kill { vpid: pidvirt::Vpid(1 << 22 | 3), signal: 10, group: false };
         let mut wire = Vec::new();
         write_frame(&mut wire, &msg, LOCAL_MAX_FRAME).unwrap();
         let back: LocalRequest = read_frame(&mut wire.as_slice(), LOCAL_MAX_FRAME).unwrap();
@@ -128,22 +113,13 @@ mod tests {
         let a = encode_into(&msg, &mut buf).unwrap().to_vec();
         assert_eq!(a, encode(&msg, LOCAL_MAX_FRAME).unwrap());
         let mut tiny = [0u8; 5];
-        assert!(matches!(
-            encode_into(&msg, &mut tiny),
-            Err(FrameError::BufferTooSmall(_))
-        ));
+        assert!(matches!(encode_into(&msg, &mut tiny), Err(FrameError::BufferTooSmall(_))));
     }
 
     #[test]
     fn oversized_and_empty_headers_are_refused_before_allocation() {
-        assert!(matches!(
-            body_len([0xff, 0xff, 0xff, 0x7f], LOCAL_MAX_FRAME),
-            Err(FrameError::TooLarge { .. })
-        ));
-        assert!(matches!(
-            body_len([0, 0, 0, 0], LOCAL_MAX_FRAME),
-            Err(FrameError::Empty)
-        ));
+        assert!(matches!(body_len([0xff, 0xff, 0xff, 0x7f], LOCAL_MAX_FRAME), Err(FrameError::TooLarge { .. })));
+        assert!(matches!(body_len([0, 0, 0, 0], LOCAL_MAX_FRAME), Err(FrameError::Empty)));
     }
 
     #[test]
@@ -163,10 +139,7 @@ mod tests {
             let _ = decode::<crate::peer::PeerMessage>(&body);
         }
         // Wire value 0 is reserved and never a command.
-        assert!(matches!(
-            decode::<LocalRequest>(&[0]),
-            Ok(LocalRequest::Reserved)
-        ));
+        assert!(matches!(decode::<LocalRequest>(&[0]), Ok(LocalRequest::Reserved)));
     }
 
     #[test]
@@ -182,9 +155,6 @@ mod tests {
         let mut cut = &frame[..frame.len() - 1];
         assert!(read_frame::<_, LocalRequest>(&mut cut, LOCAL_MAX_FRAME).is_err());
         let mut nothing: &[u8] = &[];
-        assert!(matches!(
-            read_frame::<_, LocalRequest>(&mut nothing, LOCAL_MAX_FRAME),
-            Err(FrameError::Closed)
-        ));
+        assert!(matches!(read_frame::<_, LocalRequest>(&mut nothing, LOCAL_MAX_FRAME), Err(FrameError::Closed)));
     }
 }

@@ -9,5 +9,6 @@ pub mod auth;
 pub mod frame;
 pub mod local;
 pub mod peer;
+pub mod stream;
 
 pub use frame::FrameError;

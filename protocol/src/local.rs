@@ -4,7 +4,7 @@
 //! The agent never trusts identities in these messages: the caller's pid and
 //! uid come from `SO_PEERCRED` of the connection.
 
-use pidvirt::{EndpointState, NodeId, ProcessEntry, Vpid};
+use pidvirt::{EndpointState, NodeId, ProcessEntry, VirtualAddr, Vpid};
 use serde::{Deserialize, Serialize};
 
 /// Bumped on breaking changes to [`LocalRequest`]/[`LocalResponse`]; additive
@@ -18,22 +18,24 @@ pub enum LocalRequest {
     Reserved,
     /// The connecting process registers itself (shim constructor, or a forked child).
     /// `endpoint` None: the agent uses the program name.
-    Register {
-        version: u16,
-        dc: String,
-        endpoint: Option<String>,
-    },
+    Register { version: u16, dc: String, endpoint: Option<String> },
     /// Deliver `signal` to the process (or, with `group`, its process group) named by `vpid`,
     /// wherever it runs. Only root or the owner may.
-    Kill {
-        vpid: Vpid,
-        signal: i32,
-        group: bool,
-    },
+    Kill { vpid: Vpid, signal: i32, group: bool },
     /// Every registered process of the cluster.
     ListProcesses,
     /// Every configured node and its link state.
     ListNodes,
+    /// The VIP of endpoint name `name` in DC `dc` (the caller's own DC only).
+    Resolve { dc: String, name: String },
+    /// Connect to the endpoint at `vip:port` in the caller's DC. On `StreamOpened`
+    /// this connection carries the stream's bytes from then on.
+    OpenStream { vip: [u8; 4], port: u16 },
+    /// The caller listens for endpoint `<its name>:port` on the AF_UNIX listener at `path`;
+    /// the agent connects there per incoming stream and first sends an [`crate::stream::AcceptHeader`].
+    Listen { port: u16, path: String },
+    /// Every endpoint of the cluster.
+    ListEndpoints,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -53,6 +55,22 @@ pub enum LocalResponse {
     Error {
         message: String,
     },
+    Resolved {
+        vip: [u8; 4],
+    },
+    /// `errno`-style refusal for calls that mimic a syscall (ECONNREFUSED, EADDRINUSE, …).
+    Refused {
+        errno: i32,
+    },
+    StreamOpened {
+        stream: u64,
+        local: VirtualAddr,
+        peer: VirtualAddr,
+    },
+    Listening {
+        vip: [u8; 4],
+    },
+    Endpoints(Vec<pidvirt::EndpointEntry>),
 }
 
 /// One line of `migrate-cli ps`.

@@ -48,3 +48,315 @@ pub extern "C" fn kill(pid: pid_t, sig: c_int) -> c_int {
         -1
     }
 }
+
+// ---------------------------------------------------------------------------
+// Virtual sockets: only the calls that deal with addresses.
+
+use crate::{names, real, vsock};
+use libc::{addrinfo, c_char, c_void, hostent, size_t, sockaddr, socklen_t};
+use std::ffi::CStr;
+
+fn fail(errno: c_int) -> c_int {
+    raw::set_errno(errno);
+    -1
+}
+
+/// connect(): to a virtual IP, through the agent; anything else, libc's.
+///
+/// # Safety
+/// Called by the program with connect(2)'s contract.
+#[no_mangle]
+pub unsafe extern "C" fn connect(fd: c_int, addr: *const sockaddr, len: socklen_t) -> c_int {
+    // SAFETY: the program passed len readable bytes at addr.
+    match unsafe { vsock::virtual_target(addr, len) } {
+        Some((target, _)) => match raw::preserving_errno(|| vsock::connect(fd, target)) {
+            Ok(()) => 0,
+            Err(libc::EPROTOTYPE) => unsafe { real::connect()(fd, addr, len) },
+            Err(errno) => fail(errno),
+        },
+        // SAFETY: forwarded unchanged.
+        None => unsafe { real::connect()(fd, addr, len) },
+    }
+}
+
+/// listen(): a bound TCP socket becomes endpoint `<name>:<port>` of the process's DC.
+#[no_mangle]
+pub extern "C" fn listen(fd: c_int, backlog: c_int) -> c_int {
+    match raw::preserving_errno(|| vsock::listen(fd, backlog)) {
+        Some(Ok(())) => 0,
+        Some(Err(errno)) => fail(errno),
+        // SAFETY: forwarded unchanged.
+        None => unsafe { real::listen()(fd, backlog) },
+    }
+}
+
+/// # Safety
+/// Called by the program with accept4(2)'s contract.
+#[no_mangle]
+pub unsafe extern "C" fn accept4(fd: c_int, addr: *mut sockaddr, len: *mut socklen_t, flags: c_int) -> c_int {
+    match vsock::lookup(fd) {
+        // SAFETY: forwarded from the program.
+        Some(l) if l.kind == vsock::Kind::Listener => unsafe { vsock::accept(l, fd, addr, len, flags) },
+        // SAFETY: forwarded unchanged.
+        _ => unsafe { real::accept4()(fd, addr, len, flags) },
+    }
+}
+
+/// # Safety
+/// Called by the program with accept(2)'s contract.
+#[no_mangle]
+pub unsafe extern "C" fn accept(fd: c_int, addr: *mut sockaddr, len: *mut socklen_t) -> c_int {
+    match vsock::lookup(fd) {
+        // SAFETY: forwarded from the program.
+        Some(l) if l.kind == vsock::Kind::Listener => unsafe { vsock::accept(l, fd, addr, len, 0) },
+        // SAFETY: forwarded unchanged.
+        _ => unsafe { real::accept()(fd, addr, len) },
+    }
+}
+
+/// # Safety
+/// Called by the program with getsockname(2)'s contract.
+#[no_mangle]
+pub unsafe extern "C" fn getsockname(fd: c_int, addr: *mut sockaddr, len: *mut socklen_t) -> c_int {
+    match vsock::lookup(fd) {
+        Some(v) => {
+            // SAFETY: forwarded from the program.
+            unsafe { vsock::write_address(v.local, v.family, addr, len) };
+            0
+        }
+        // SAFETY: forwarded unchanged.
+        None => unsafe { real::getsockname()(fd, addr, len) },
+    }
+}
+
+/// # Safety
+/// Called by the program with getpeername(2)'s contract.
+#[no_mangle]
+pub unsafe extern "C" fn getpeername(fd: c_int, addr: *mut sockaddr, len: *mut socklen_t) -> c_int {
+    match vsock::lookup(fd) {
+        Some(v) if v.kind == vsock::Kind::Listener => fail(libc::ENOTCONN),
+        Some(v) => {
+            // SAFETY: forwarded from the program.
+            unsafe { vsock::write_address(v.peer, v.family, addr, len) };
+            0
+        }
+        // SAFETY: forwarded unchanged.
+        None => unsafe { real::getpeername()(fd, addr, len) },
+    }
+}
+
+fn is_ip_level(level: c_int) -> bool {
+    level == libc::IPPROTO_TCP || level == libc::IPPROTO_IP || level == libc::IPPROTO_IPV6
+}
+
+/// TCP/IP-level options of a virtual socket are accepted (it is a TCP socket to the
+/// program); socket-level ones go to the real AF_UNIX socket.
+///
+/// # Safety
+/// Called by the program with setsockopt(2)'s contract.
+#[no_mangle]
+pub unsafe extern "C" fn setsockopt(fd: c_int, level: c_int, name: c_int, value: *const c_void, len: socklen_t) -> c_int {
+    if vsock::lookup(fd).is_none() {
+        // SAFETY: forwarded unchanged.
+        return unsafe { real::setsockopt()(fd, level, name, value, len) };
+    }
+    if is_ip_level(level) {
+        return 0;
+    }
+    // SAFETY: forwarded unchanged.
+    let rc = unsafe { real::setsockopt()(fd, level, name, value, len) };
+    if rc < 0 && matches!(raw::errno(), libc::ENOPROTOOPT | libc::EOPNOTSUPP) {
+        return 0; // e.g. TCP-only SOL_SOCKET options: accepted, no effect
+    }
+    rc
+}
+
+/// # Safety
+/// Called by the program with getsockopt(2)'s contract.
+#[no_mangle]
+pub unsafe extern "C" fn getsockopt(fd: c_int, level: c_int, name: c_int, value: *mut c_void, len: *mut socklen_t) -> c_int {
+    let Some(v) = vsock::lookup(fd) else {
+        // SAFETY: forwarded unchanged.
+        return unsafe { real::getsockopt()(fd, level, name, value, len) };
+    };
+    let answer = if level == libc::SOL_SOCKET && name == libc::SO_DOMAIN {
+        Some(if v.family == vsock::Family::V6 { libc::AF_INET6 } else { libc::AF_INET })
+    } else if level == libc::SOL_SOCKET && name == libc::SO_PROTOCOL {
+        Some(libc::IPPROTO_TCP)
+    } else if is_ip_level(level) {
+        Some(0)
+    } else {
+        None
+    };
+    match answer {
+        // SAFETY: the program passed *len writable bytes at value.
+        Some(int) => unsafe {
+            if value.is_null() || len.is_null() {
+                return fail(libc::EFAULT);
+            }
+            let n = *len as usize;
+            std::ptr::write_bytes(value as *mut u8, 0, n);
+            let bytes = int.to_ne_bytes();
+            std::ptr::copy_nonoverlapping(bytes.as_ptr(), value as *mut u8, n.min(bytes.len()));
+            *len = n.min(std::mem::size_of::<c_int>().max(n)) as socklen_t;
+            0
+        },
+        // SAFETY: forwarded unchanged.
+        None => unsafe { real::getsockopt()(fd, level, name, value, len) },
+    }
+}
+
+/// getaddrinfo(): `<name>.<dc>.dvk` becomes the endpoint's VIP, resolved by libc as a
+/// numeric host so the result list is libc's own (freeaddrinfo frees it as usual).
+///
+/// # Safety
+/// Called by the program with getaddrinfo(3)'s contract.
+#[no_mangle]
+pub unsafe extern "C" fn getaddrinfo(
+    node: *const c_char,
+    service: *const c_char,
+    hints: *const addrinfo,
+    res: *mut *mut addrinfo,
+) -> c_int {
+    // SAFETY: node, when not null, is a NUL-terminated string.
+    let lookup = if node.is_null() { None } else { names::lookup(unsafe { CStr::from_ptr(node) }) };
+    match lookup {
+        // SAFETY: forwarded unchanged.
+        None => unsafe { real::getaddrinfo()(node, service, hints, res) },
+        Some(None) => libc::EAI_NONAME,
+        Some(Some(vip)) => {
+            let mut text = [0u8; 16];
+            let numeric = names::dotted(vip, &mut text);
+            // SAFETY: addrinfo is plain old data; hints, when not null, points to one.
+            let mut h: addrinfo = if hints.is_null() { unsafe { std::mem::zeroed() } } else { unsafe { *hints } };
+            h.ai_flags |= libc::AI_NUMERICHOST;
+            if h.ai_family == libc::AF_INET6 {
+                h.ai_flags |= libc::AI_V4MAPPED;
+            }
+            // SAFETY: numeric is NUL-terminated; the other arguments are the program's.
+            unsafe { real::getaddrinfo()(numeric.as_ptr(), service, &h, res) }
+        }
+    }
+}
+
+/// Storage for gethostbyname()'s static result, as libc's own (not thread-safe by contract).
+struct HostentStorage {
+    /// Pointer-aligned space for the entry's arrays, address and name.
+    buf: [u64; 64],
+    entry: hostent,
+}
+
+static mut HOSTENT: HostentStorage = HostentStorage {
+    buf: [0; 64],
+    entry: hostent {
+        h_name: std::ptr::null_mut(),
+        h_aliases: std::ptr::null_mut(),
+        h_addrtype: 0,
+        h_length: 0,
+        h_addr_list: std::ptr::null_mut(),
+    },
+};
+
+/// Fills a hostent for `name` → `vip` using `buf` for its strings and arrays.
+/// Returns false if `buf` is too small.
+///
+/// # Safety
+/// `entry` writable; `buf` valid for `buf_len` bytes and outliving the entry's use.
+unsafe fn fill_hostent(entry: *mut hostent, name: &CStr, vip: [u8; 4], buf: *mut u8, buf_len: usize) -> bool {
+    let ptr_size = std::mem::size_of::<*mut c_char>();
+    let name_bytes = name.to_bytes_with_nul();
+    // Layout in buf: [addr_list: 2 ptrs][aliases: 1 ptr][addr: 4][name]
+    let need = 3 * ptr_size + 4 + name_bytes.len();
+    if buf_len < need || (buf as usize) % ptr_size != 0 {
+        return false;
+    }
+    // SAFETY: buf has `need` writable, pointer-aligned bytes (checked above).
+    unsafe {
+        let addr_list = buf as *mut *mut c_char;
+        let aliases = addr_list.add(2);
+        let addr = buf.add(3 * ptr_size);
+        let name_out = addr.add(4);
+        std::ptr::copy_nonoverlapping(vip.as_ptr(), addr, 4);
+        std::ptr::copy_nonoverlapping(name_bytes.as_ptr(), name_out, name_bytes.len());
+        *addr_list = addr as *mut c_char;
+        *addr_list.add(1) = std::ptr::null_mut();
+        *aliases = std::ptr::null_mut();
+        (*entry).h_name = name_out as *mut c_char;
+        (*entry).h_aliases = aliases;
+        (*entry).h_addrtype = libc::AF_INET;
+        (*entry).h_length = 4;
+        (*entry).h_addr_list = addr_list;
+    }
+    true
+}
+
+/// # Safety
+/// Called by the program with gethostbyname(3)'s contract.
+#[no_mangle]
+pub unsafe extern "C" fn gethostbyname(name: *const c_char) -> *mut hostent {
+    // SAFETY: name, when not null, is a NUL-terminated string.
+    let lookup = if name.is_null() { None } else { names::lookup(unsafe { CStr::from_ptr(name) }) };
+    match lookup {
+        // SAFETY: forwarded unchanged.
+        None => unsafe { real::gethostbyname()(name) },
+        Some(None) => {
+            raw::set_h_errno(raw::HOST_NOT_FOUND);
+            std::ptr::null_mut()
+        }
+        Some(Some(vip)) => {
+            // SAFETY: gethostbyname's result is static storage by contract (not thread-safe),
+            // exactly like libc's; we only touch it here.
+            unsafe {
+                let storage = &mut *std::ptr::addr_of_mut!(HOSTENT);
+                let ok = fill_hostent(
+                    &mut storage.entry,
+                    CStr::from_ptr(name),
+                    vip,
+                    storage.buf.as_mut_ptr() as *mut u8,
+                    std::mem::size_of_val(&storage.buf),
+                );
+                if !ok {
+                    raw::set_h_errno(raw::NO_RECOVERY);
+                    return std::ptr::null_mut();
+                }
+                &mut storage.entry
+            }
+        }
+    }
+}
+
+/// # Safety
+/// Called by the program with gethostbyname_r(3)'s contract.
+#[no_mangle]
+pub unsafe extern "C" fn gethostbyname_r(
+    name: *const c_char,
+    ret: *mut hostent,
+    buf: *mut c_char,
+    buf_len: size_t,
+    result: *mut *mut hostent,
+    h_errnop: *mut c_int,
+) -> c_int {
+    // SAFETY: name, when not null, is a NUL-terminated string.
+    let lookup = if name.is_null() { None } else { names::lookup(unsafe { CStr::from_ptr(name) }) };
+    // SAFETY: all pointers are the program's, valid per gethostbyname_r's contract.
+    unsafe {
+        match lookup {
+            None => real::gethostbyname_r()(name, ret, buf, buf_len, result, h_errnop),
+            Some(None) => {
+                *result = std::ptr::null_mut();
+                *h_errnop = raw::HOST_NOT_FOUND;
+                0
+            }
+            Some(Some(vip)) => {
+                // Align the caller's buffer for the pointer arrays.
+                let align = (buf as usize).wrapping_neg() % std::mem::align_of::<*mut c_char>();
+                if buf_len < align || !fill_hostent(ret, CStr::from_ptr(name), vip, buf.add(align) as *mut u8, buf_len - align) {
+                    *result = std::ptr::null_mut();
+                    return libc::ERANGE;
+                }
+                *result = ret;
+                0
+            }
+        }
+    }
+}

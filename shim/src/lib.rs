@@ -15,7 +15,10 @@
 mod hooks;
 mod identity;
 mod link;
+mod names;
 mod raw;
+mod real;
+mod vsock;
 
 /// Where the shim looks for its agent when DVK_AGENT_SOCK is not set (the
 /// runtime dir of the packaged config and systemd unit).
@@ -29,23 +32,13 @@ fn on_load() {
 
 fn init() {
     let sock = std::env::var_os("DVK_AGENT_SOCK").unwrap_or_else(|| DEFAULT_AGENT_SOCK.into());
-    let dc = std::env::var("DVK_DC")
-        .ok()
-        .filter(|s| !s.is_empty())
-        .unwrap_or_else(|| "dc0".into());
+    let dc = std::env::var("DVK_DC").ok().filter(|s| !s.is_empty()).unwrap_or_else(|| "dc0".into());
     let endpoint = std::env::var("DVK_ENDPOINT").ok().filter(|s| !s.is_empty());
-    if let Err(why) = link::configure(
-        std::os::unix::ffi::OsStrExt::as_bytes(sock.as_os_str()),
-        dc,
-        endpoint,
-    ) {
-        warn_parts(&[
-            b"dvk: ",
-            why.as_bytes(),
-            b"; running without virtual PIDs\n",
-        ]);
+    if let Err(why) = link::configure(std::os::unix::ffi::OsStrExt::as_bytes(sock.as_os_str()), dc, endpoint) {
+        warn_parts(&[b"dvk: ", why.as_bytes(), b"; running without virtual PIDs\n"]);
         return;
     }
+    real::resolve_all();
     if !raw::at_fork_child(after_fork_in_child) {
         raw::warn(b"dvk: pthread_atfork failed; forked children keep real PIDs\n");
     }

@@ -8,7 +8,7 @@ use crate::raw;
 use dvk_protocol::frame::{self, HEADER_LEN};
 use dvk_protocol::local::{LocalRequest, LocalResponse, LOCAL_PROTOCOL_VERSION};
 use libc::c_int;
-use pidvirt::Vpid;
+use pidvirt::{VirtualAddr, Vpid};
 use std::sync::OnceLock;
 
 /// How long the shim waits for its agent before giving up on a request.
@@ -22,15 +22,13 @@ pub struct LinkConfig {
     pub addr: libc::sockaddr_un,
     pub path_display: String,
     pub register_frame: Vec<u8>,
+    /// Where virtual listeners are created: `<agent socket dir>/ep`.
+    pub listener_dir: String,
 }
 
 static CONFIG: OnceLock<LinkConfig> = OnceLock::new();
 
-pub fn configure(
-    socket_path: &[u8],
-    dc: String,
-    endpoint: Option<String>,
-) -> Result<(), &'static str> {
+pub fn configure(socket_path: &[u8], dc: String, endpoint: Option<String>) -> Result<(), &'static str> {
     let mut addr = empty_sockaddr();
     if socket_path.is_empty() || socket_path.len() >= addr.sun_path.len() {
         return Err("DVK_AGENT_SOCK is empty or longer than a unix socket path can be");
@@ -39,28 +37,22 @@ pub fn configure(
     for (dst, src) in addr.sun_path.iter_mut().zip(socket_path) {
         *dst = *src as libc::c_char;
     }
-    let request = LocalRequest::Register {
-        version: LOCAL_PROTOCOL_VERSION,
-        dc,
-        endpoint,
-    };
-    let register_frame = frame::encode(&request, frame::LOCAL_MAX_FRAME)
-        .map_err(|_| "cannot encode the registration")?;
+    let request = LocalRequest::Register { version: LOCAL_PROTOCOL_VERSION, dc, endpoint };
+    let register_frame =
+        frame::encode(&request, frame::LOCAL_MAX_FRAME).map_err(|_| "cannot encode the registration")?;
     let path_display = String::from_utf8_lossy(socket_path).into_owned();
+    let listener_dir = match path_display.rsplit_once('/') {
+        Some((dir, _)) if !dir.is_empty() => format!("{dir}/ep"),
+        Some(_) => "/ep".to_owned(),
+        None => "ep".to_owned(),
+    };
     CONFIG
-        .set(LinkConfig {
-            addr,
-            path_display,
-            register_frame,
-        })
+        .set(LinkConfig { addr, path_display, register_frame, listener_dir })
         .map_err(|_| "configured twice")
 }
 
 fn empty_sockaddr() -> libc::sockaddr_un {
-    libc::sockaddr_un {
-        sun_family: 0,
-        sun_path: [0; 108],
-    }
+    libc::sockaddr_un { sun_family: 0, sun_path: [0; 108] }
 }
 
 pub fn config() -> Option<&'static LinkConfig> {
@@ -81,11 +73,7 @@ pub struct Registration {
 }
 
 /// Sends one frame and reads one response frame into `buf`; returns the body.
-fn round_trip<'b>(
-    fd: c_int,
-    request: &[u8],
-    buf: &'b mut [u8; RESPONSE_MAX],
-) -> Result<&'b [u8], c_int> {
+fn round_trip<'b>(fd: c_int, request: &[u8], buf: &'b mut [u8; RESPONSE_MAX]) -> Result<&'b [u8], c_int> {
     raw::write_all(fd, request)?;
     let mut header = [0u8; HEADER_LEN];
     raw::read_exact(fd, &mut header)?;
@@ -109,11 +97,7 @@ pub fn register() -> Result<Registration, RegisterError> {
         },
     };
     match result {
-        Ok((vpid, parent)) => Ok(Registration {
-            link_fd: raw::move_fd_high(fd, LINK_FD_MIN),
-            vpid,
-            parent,
-        }),
+        Ok((vpid, parent)) => Ok(Registration { link_fd: raw::move_fd_high(fd, LINK_FD_MIN), vpid, parent }),
         Err(e) => {
             raw::close(fd);
             Err(e)
@@ -128,14 +112,7 @@ pub fn kill(vpid: Vpid, signal: c_int, group: bool) -> c_int {
         return libc::ESRCH;
     };
     let mut request = [0u8; 64];
-    let Ok(request) = frame::encode_into(
-        &LocalRequest::Kill {
-            vpid,
-            signal,
-            group,
-        },
-        &mut request,
-    ) else {
+    let Ok(request) = frame::encode_into(&LocalRequest::Kill { vpid, signal, group }, &mut request) else {
         return libc::EINVAL;
     };
     let fd = match raw::connect_unix(&cfg.addr, AGENT_TIMEOUT_MS) {
@@ -153,4 +130,67 @@ pub fn kill(vpid: Vpid, signal: c_int, group: bool) -> c_int {
     };
     raw::close(fd);
     errno
+}
+
+/// One request on a fresh connection to the agent; returns the connection (still open)
+/// and the answer. Allocates: for hooks that never run in signal handlers.
+fn call(request: &LocalRequest) -> Result<(c_int, LocalResponse), c_int> {
+    let cfg = config().ok_or(libc::ENOENT)?;
+    let frame = frame::encode(request, frame::LOCAL_MAX_FRAME).map_err(|_| libc::EINVAL)?;
+    let fd = raw::connect_unix(&cfg.addr, AGENT_TIMEOUT_MS)?;
+    let mut buf = [0u8; RESPONSE_MAX];
+    let response = round_trip(fd, &frame, &mut buf).and_then(|body| frame::decode(body).map_err(|_| libc::EPROTO));
+    match response {
+        Ok(r) => Ok((fd, r)),
+        Err(e) => {
+            raw::close(fd);
+            Err(e)
+        }
+    }
+}
+
+/// Opens a stream to the endpoint at `target`. On success returns the connection that
+/// now carries the stream, our virtual address and the endpoint's. Err(errno) as connect(2).
+pub fn open_stream(target: VirtualAddr) -> Result<(c_int, VirtualAddr, VirtualAddr), c_int> {
+    let (fd, response) = call(&LocalRequest::OpenStream { vip: target.ip, port: target.port })
+        .map_err(|_| libc::ECONNREFUSED)?;
+    match response {
+        LocalResponse::StreamOpened { local, peer, .. } => Ok((fd, local, peer)),
+        other => {
+            raw::close(fd);
+            Err(match other {
+                LocalResponse::Refused { errno } => errno,
+                _ => libc::ECONNREFUSED,
+            })
+        }
+    }
+}
+
+pub enum ListenError {
+    /// The agent refused as listen(2) would (EADDRINUSE).
+    Errno(c_int),
+    /// Not possible here (no agent, not registered): the socket stays a plain TCP socket.
+    NotVirtual,
+}
+
+/// Registers our AF_UNIX listener at `path` as endpoint `<our name>:port`; returns its VIP.
+pub fn listen(port: u16, path: &str) -> Result<[u8; 4], ListenError> {
+    let (fd, response) =
+        call(&LocalRequest::Listen { port, path: path.to_owned() }).map_err(|_| ListenError::NotVirtual)?;
+    raw::close(fd);
+    match response {
+        LocalResponse::Listening { vip } => Ok(vip),
+        LocalResponse::Refused { errno } => Err(ListenError::Errno(errno)),
+        _ => Err(ListenError::NotVirtual),
+    }
+}
+
+/// The VIP of `name` in `dc`; None if it does not resolve (unknown, or another DC).
+pub fn resolve(dc: &str, name: &str) -> Option<[u8; 4]> {
+    let (fd, response) = call(&LocalRequest::Resolve { dc: dc.to_owned(), name: name.to_owned() }).ok()?;
+    raw::close(fd);
+    match response {
+        LocalResponse::Resolved { vip } => Some(vip),
+        _ => None,
+    }
 }

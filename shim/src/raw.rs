@@ -47,34 +47,12 @@ pub fn close(fd: c_int) {
 /// A blocking, close-on-exec AF_UNIX stream connection to `addr`, with send/receive
 /// timeouts so a wedged agent cannot hang the program.
 pub fn connect_unix(addr: &libc::sockaddr_un, timeout_ms: i64) -> Result<c_int, c_int> {
-    // SAFETY: socket() takes integers and returns a new fd or -1.
-    let fd = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
-    if fd < 0 {
-        return Err(errno());
-    }
-    let tv = libc::timeval {
-        tv_sec: timeout_ms / 1000,
-        tv_usec: (timeout_ms % 1000) * 1000,
-    };
-    for opt in [libc::SO_RCVTIMEO, libc::SO_SNDTIMEO] {
-        // SAFETY: tv is a valid timeval for the duration of the call and its size is passed.
-        unsafe {
-            libc::setsockopt(
-                fd,
-                libc::SOL_SOCKET,
-                opt,
-                &tv as *const _ as *const c_void,
-                std::mem::size_of::<libc::timeval>() as u32,
-            )
-        };
-    }
+    let fd = unix_socket()?;
+    let tv = libc::timeval { tv_sec: timeout_ms / 1000, tv_usec: (timeout_ms % 1000) * 1000 };
+    set_timeouts(fd, tv);
     // SAFETY: addr points to a fully initialised sockaddr_un whose size is passed.
     let rc = unsafe {
-        libc::connect(
-            fd,
-            addr as *const _ as *const libc::sockaddr,
-            std::mem::size_of::<libc::sockaddr_un>() as u32,
-        )
+        libc::connect(fd, addr as *const _ as *const libc::sockaddr, std::mem::size_of::<libc::sockaddr_un>() as u32)
     };
     if rc < 0 {
         let e = errno();
@@ -87,14 +65,7 @@ pub fn connect_unix(addr: &libc::sockaddr_un, timeout_ms: i64) -> Result<c_int, 
 pub fn write_all(fd: c_int, mut buf: &[u8]) -> Result<(), c_int> {
     while !buf.is_empty() {
         // SAFETY: buf is a valid readable slice of buf.len() bytes.
-        let n = unsafe {
-            libc::send(
-                fd,
-                buf.as_ptr() as *const c_void,
-                buf.len(),
-                libc::MSG_NOSIGNAL,
-            )
-        };
+        let n = unsafe { libc::send(fd, buf.as_ptr() as *const c_void, buf.len(), libc::MSG_NOSIGNAL) };
         if n < 0 {
             let e = errno();
             if e == libc::EINTR {
@@ -176,4 +147,163 @@ pub fn strerror_into(errnum: c_int, out: &mut [u8]) -> usize {
         return 0;
     }
     out.iter().position(|b| *b == 0).unwrap_or(0)
+}
+
+
+/// Socket calls below are raw syscalls: the libc symbols of the same names are our hooks.
+fn sockcall(nr: libc::c_long, a: usize, b: usize, c: usize, d: usize, e: usize) -> Result<c_int, c_int> {
+    // SAFETY: callers pass arguments valid for syscall `nr` (pointers to live buffers of the
+    // sizes they pass); the kernel validates the rest and reports EFAULT/EINVAL otherwise.
+    let rc = unsafe { libc::syscall(nr, a, b, c, d, e) };
+    if rc < 0 {
+        Err(errno())
+    } else {
+        Ok(rc as c_int)
+    }
+}
+
+pub fn unix_socket() -> Result<c_int, c_int> {
+    sockcall(libc::SYS_socket, libc::AF_UNIX as usize, (libc::SOCK_STREAM | libc::SOCK_CLOEXEC) as usize, 0, 0, 0)
+}
+
+fn set_timeouts(fd: c_int, tv: libc::timeval) {
+    for opt in [libc::SO_RCVTIMEO, libc::SO_SNDTIMEO] {
+        let _ = sockcall(
+            libc::SYS_setsockopt,
+            fd as usize,
+            libc::SOL_SOCKET as usize,
+            opt as usize,
+            &tv as *const _ as usize,
+            std::mem::size_of::<libc::timeval>(),
+        );
+    }
+}
+
+/// Back to blocking forever: the agent link's request timeouts must not leak into
+/// a socket the program owns.
+pub fn clear_timeouts(fd: c_int) {
+    set_timeouts(fd, libc::timeval { tv_sec: 0, tv_usec: 0 });
+}
+
+pub fn getsockopt_int(fd: c_int, level: c_int, name: c_int) -> Result<c_int, c_int> {
+    let mut value: c_int = 0;
+    let mut len = std::mem::size_of::<c_int>() as libc::socklen_t;
+    sockcall(
+        libc::SYS_getsockopt,
+        fd as usize,
+        level as usize,
+        name as usize,
+        &mut value as *mut _ as usize,
+        &mut len as *mut _ as usize,
+    )?;
+    Ok(value)
+}
+
+/// getsockname into a sockaddr_storage.
+pub fn local_address(fd: c_int) -> Result<libc::sockaddr_storage, c_int> {
+    // SAFETY: sockaddr_storage is plain old data; all-zero is a valid value.
+    let mut ss: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+    sockcall(libc::SYS_getsockname, fd as usize, &mut ss as *mut _ as usize, &mut len as *mut _ as usize, 0, 0)?;
+    Ok(ss)
+}
+
+pub fn bind_unix(fd: c_int, addr: &libc::sockaddr_un) -> Result<(), c_int> {
+    sockcall(libc::SYS_bind, fd as usize, addr as *const _ as usize, std::mem::size_of::<libc::sockaddr_un>(), 0, 0)
+        .map(|_| ())
+}
+
+pub fn listen(fd: c_int, backlog: c_int) -> Result<(), c_int> {
+    sockcall(libc::SYS_listen, fd as usize, backlog as usize, 0, 0, 0).map(|_| ())
+}
+
+/// The inode of `fd` if it is a socket (identifies the open socket, unlike the fd number).
+pub fn socket_inode(fd: c_int) -> Option<u64> {
+    // SAFETY: stat is plain old data; fstat fills it or fails.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: st is a valid, writable stat buffer.
+    if unsafe { libc::fstat(fd, &mut st) } != 0 || st.st_mode & libc::S_IFMT != libc::S_IFSOCK {
+        return None;
+    }
+    Some(st.st_ino)
+}
+
+pub fn fcntl_get(fd: c_int, cmd: c_int) -> Result<c_int, c_int> {
+    // SAFETY: F_GETFL/F_GETFD take no argument.
+    let rc = unsafe { libc::fcntl(fd, cmd) };
+    if rc < 0 {
+        Err(errno())
+    } else {
+        Ok(rc)
+    }
+}
+
+pub fn fcntl_set(fd: c_int, cmd: c_int, value: c_int) {
+    // SAFETY: F_SETFL/F_SETFD take an int argument.
+    unsafe { libc::fcntl(fd, cmd, value) };
+}
+
+/// Puts `from` at fd number `to` (closing what was there), then closes `from`.
+pub fn replace_fd(from: c_int, to: c_int, cloexec: bool) -> Result<(), c_int> {
+    // SAFETY: dup3 takes integers; it atomically replaces `to`.
+    let rc = unsafe { libc::dup3(from, to, if cloexec { libc::O_CLOEXEC } else { 0 }) };
+    let result = if rc < 0 { Err(errno()) } else { Ok(()) };
+    close(from);
+    result
+}
+
+/// Reads exactly `buf.len()` bytes within `timeout_ms`, whether or not `fd` is non-blocking.
+pub fn read_exact_within(fd: c_int, buf: &mut [u8], timeout_ms: c_int) -> Result<(), c_int> {
+    let mut done = 0;
+    let mut waited = 0;
+    while done < buf.len() {
+        let rest = &mut buf[done..];
+        // SAFETY: rest is a valid writable slice of rest.len() bytes.
+        let n = unsafe { libc::recv(fd, rest.as_mut_ptr() as *mut c_void, rest.len(), libc::MSG_DONTWAIT) };
+        if n > 0 {
+            done += n as usize;
+            continue;
+        }
+        if n == 0 {
+            return Err(libc::ECONNRESET);
+        }
+        match errno() {
+            libc::EINTR => continue,
+            libc::EAGAIN => {
+                if waited >= timeout_ms {
+                    return Err(libc::ETIMEDOUT);
+                }
+                let mut pfd = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
+                // SAFETY: pfd is one valid pollfd.
+                unsafe { libc::poll(&mut pfd, 1, 50) };
+                waited += 50;
+            }
+            e => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+pub fn unlink(path: &std::ffi::CStr) {
+    // SAFETY: path is a valid NUL-terminated string.
+    unsafe { libc::unlink(path.as_ptr()) };
+}
+
+pub fn chmod(path: &std::ffi::CStr, mode: libc::mode_t) {
+    // SAFETY: path is a valid NUL-terminated string.
+    unsafe { libc::chmod(path.as_ptr(), mode) };
+}
+
+/// <netdb.h> values libc does not export to Rust.
+pub const HOST_NOT_FOUND: c_int = 1;
+pub const NO_RECOVERY: c_int = 3;
+
+extern "C" {
+    fn __h_errno_location() -> *mut c_int;
+}
+
+/// Sets this thread's resolver error (h_errno).
+pub fn set_h_errno(value: c_int) {
+    // SAFETY: __h_errno_location returns this thread's h_errno slot (glibc).
+    unsafe { *__h_errno_location() = value }
 }

@@ -12,6 +12,7 @@
 //! a test process that died are removed by the next cluster that starts.
 
 pub mod programs;
+pub mod net;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -124,11 +125,7 @@ pub struct ClusterSpec {
 impl Cluster {
     /// Starts `n` nodes and waits until every agent links to every other.
     pub fn start(n: usize, mode: Mode) -> Cluster {
-        let c = Cluster::start_with(ClusterSpec {
-            nodes: n,
-            mode,
-            not_started: vec![],
-        });
+        let c = Cluster::start_with(ClusterSpec { nodes: n, mode, not_started: vec![] });
         c.wait_mesh();
         c
     }
@@ -138,10 +135,7 @@ impl Cluster {
             reap_stale_namespaces();
         }
         let seq = CLUSTER_SEQ.fetch_add(1, Ordering::Relaxed);
-        let dir = tempfile::Builder::new()
-            .prefix("dvk-cluster-")
-            .tempdir()
-            .expect("tempdir");
+        let dir = tempfile::Builder::new().prefix("dvk-cluster-").tempdir().expect("tempdir");
         // Other users (the EPERM tests) must reach the agent socket and the shim.
         set_mode(dir.path(), 0o755);
         let key = dir.path().join("cluster.key");
@@ -149,11 +143,7 @@ impl Cluster {
         set_mode(&key, 0o600);
 
         let tag = format!("dvk{}x{}", std::process::id(), seq);
-        let ports = if spec.mode == Mode::Loopback {
-            free_ports(spec.nodes)
-        } else {
-            vec![7700; spec.nodes]
-        };
+        let ports = if spec.mode == Mode::Loopback { free_ports(spec.nodes) } else { vec![7700; spec.nodes] };
         let mut nodes = Vec::new();
         let mut config = String::from("cluster_key_file = \"cluster.key\"\n");
         for i in 0..spec.nodes {
@@ -161,10 +151,7 @@ impl Cluster {
             let name = format!("node{id}");
             let (peer_addr, netns) = match spec.mode {
                 Mode::Loopback => (format!("127.0.0.1:{}", ports[i]), None),
-                Mode::Network => (
-                    format!("192.0.2.{}:{}", 10 + id, ports[i]),
-                    Some(format!("{tag}n{id}")),
-                ),
+                Mode::Network => (format!("192.0.2.{}:{}", 10 + id, ports[i]), Some(format!("{tag}n{id}"))),
             };
             let runtime_dir = dir.path().join(&name).join("run");
             config.push_str(&format!(
@@ -173,15 +160,7 @@ impl Cluster {
                 dir.path().join(&name).join("images").display()
             ));
             let log = dir.path().join(format!("{name}.log"));
-            nodes.push(Node {
-                name,
-                id,
-                peer_addr,
-                runtime_dir,
-                netns,
-                log,
-                agent: None,
-            });
+            nodes.push(Node { name, id, peer_addr, runtime_dir, netns, log, agent: None });
         }
         let config_path = dir.path().join("cluster.toml");
         std::fs::write(&config_path, config).unwrap();
@@ -215,10 +194,7 @@ impl Cluster {
             let ns = node.netns.as_ref().unwrap();
             ip(&["netns", "add", ns]);
             let port = format!("v{}", node.id);
-            ip(&[
-                "-n", &br, "link", "add", &port, "type", "veth", "peer", "name", "eth0", "netns",
-                ns,
-            ]);
+            ip(&["-n", &br, "link", "add", &port, "type", "veth", "peer", "name", "eth0", "netns", ns]);
             ip(&["-n", &br, "link", "set", &port, "master", "br0", "up"]);
             let addr = format!("{}/24", node.peer_addr.split(':').next().unwrap());
             ip(&["-n", ns, "addr", "add", &addr, "dev", "eth0"]);
@@ -238,9 +214,7 @@ impl Cluster {
             }
             None => Command::new(program),
         };
-        cmd.env("DVK_AGENT_SOCK", node.socket())
-            .env("DVK_CONFIG", &self.config)
-            .env("DVK_NODE", &node.name);
+        cmd.env("DVK_AGENT_SOCK", node.socket()).env("DVK_CONFIG", &self.config).env("DVK_NODE", &node.name);
         cmd
     }
 
@@ -252,11 +226,7 @@ impl Cluster {
     }
 
     pub fn start_agent(&mut self, i: usize) {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.nodes[i].log)
-            .unwrap();
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.nodes[i].log).unwrap();
         let child = self
             .command(i, bin_dir().join("dvk-agent"))
             .args(["--config"])
@@ -270,11 +240,9 @@ impl Cluster {
             .expect("spawn dvk-agent");
         self.nodes[i].agent = Some(child);
         let socket = self.nodes[i].socket();
-        wait_until(
-            Duration::from_secs(10),
-            &format!("agent {} to listen", self.nodes[i].name),
-            || std::os::unix::net::UnixStream::connect(&socket).is_ok(),
-        );
+        wait_until(Duration::from_secs(10), &format!("agent {} to listen", self.nodes[i].name), || {
+            std::os::unix::net::UnixStream::connect(&socket).is_ok()
+        });
     }
 
     /// Stops node `i`'s agent (SIGTERM, then SIGKILL) and reaps it.
@@ -295,10 +263,7 @@ impl Cluster {
     /// Takes a child back (to wait for it or read its output).
     pub fn take_child(&self, pid: u32) -> Child {
         let mut children = self.children.lock().unwrap();
-        let at = children
-            .iter()
-            .position(|c| c.id() == pid)
-            .expect("a child of this cluster");
+        let at = children.iter().position(|c| c.id() == pid).expect("a child of this cluster");
         children.remove(at)
     }
 
@@ -316,35 +281,23 @@ impl Cluster {
 
     fn cli_json(&self, i: usize, args: &[&str]) -> serde_json::Value {
         let out = self.cli(i, args);
-        assert!(
-            out.status.success(),
-            "migrate-cli {args:?} failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        assert!(out.status.success(), "migrate-cli {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
         serde_json::from_slice(&out.stdout).expect("migrate-cli --json prints JSON")
     }
 
     /// `ps --json` as seen from node `i`.
     pub fn ps(&self, i: usize) -> Vec<serde_json::Value> {
-        self.cli_json(i, &["ps", "--json"])
-            .as_array()
-            .unwrap()
-            .clone()
+        self.cli_json(i, &["ps", "--json"]).as_array().unwrap().clone()
     }
 
     /// `nodes --json` as seen from node `i`.
     pub fn node_status(&self, i: usize) -> Vec<serde_json::Value> {
-        self.cli_json(i, &["nodes", "--json"])
-            .as_array()
-            .unwrap()
-            .clone()
+        self.cli_json(i, &["nodes", "--json"]).as_array().unwrap().clone()
     }
 
     /// Waits until every started agent sees every other started agent up.
     pub fn wait_mesh(&self) {
-        let running: Vec<usize> = (0..self.nodes.len())
-            .filter(|i| self.nodes[*i].agent.is_some())
-            .collect();
+        let running: Vec<usize> = (0..self.nodes.len()).filter(|i| self.nodes[*i].agent.is_some()).collect();
         wait_until(Duration::from_secs(20), "the agent mesh to form", || {
             running.iter().all(|&i| {
                 let status = self.node_status(i);
@@ -356,14 +309,10 @@ impl Cluster {
     /// Waits until node `i` lists a process with real pid `pid`; returns its ps row.
     pub fn wait_registered(&self, i: usize, pid: u32) -> serde_json::Value {
         let mut row = None;
-        wait_until(
-            Duration::from_secs(10),
-            &format!("pid {pid} to appear in ps of node {}", i + 1),
-            || {
-                row = self.ps(i).into_iter().find(|r| r["pid"] == pid);
-                row.is_some()
-            },
-        );
+        wait_until(Duration::from_secs(10), &format!("pid {pid} to appear in ps of node {}", i + 1), || {
+            row = self.ps(i).into_iter().find(|r| r["pid"] == pid);
+            row.is_some()
+        });
         row.unwrap()
     }
 
@@ -379,12 +328,7 @@ impl Cluster {
 
 impl Drop for Cluster {
     fn drop(&mut self) {
-        for mut child in self
-            .children
-            .lock()
-            .map(|mut c| std::mem::take(&mut *c))
-            .unwrap_or_default()
-        {
+        for mut child in self.children.lock().map(|mut c| std::mem::take(&mut *c)).unwrap_or_default() {
             terminate(&mut child);
         }
         for i in 0..self.nodes.len() {
@@ -438,22 +382,14 @@ pub fn wait_until(timeout: Duration, what: &str, mut cond: impl FnMut() -> bool)
         if cond() {
             return;
         }
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {timeout:?} waiting for {what}"
-        );
+        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
         std::thread::sleep(Duration::from_millis(20));
     }
 }
 
 fn ip(args: &[&str]) {
     let out = Command::new("ip").args(args).output().expect("run ip");
-    assert!(
-        out.status.success(),
-        "ip {}: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "ip {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr));
 }
 
 /// Deletes `dvk<pid>x…` namespaces whose creating test process no longer exists.
@@ -477,13 +413,8 @@ fn reap_stale_namespaces() {
 
 fn free_ports(n: usize) -> Vec<u16> {
     // Bind them all at once so they are distinct, then release for the agents.
-    let listeners: Vec<_> = (0..n)
-        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
-        .collect();
-    listeners
-        .iter()
-        .map(|l| l.local_addr().unwrap().port())
-        .collect()
+    let listeners: Vec<_> = (0..n).map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap()).collect();
+    listeners.iter().map(|l| l.local_addr().unwrap().port()).collect()
 }
 
 pub fn random_bytes(n: usize) -> Vec<u8> {

@@ -9,9 +9,7 @@ static COMPILE: Mutex<()> = Mutex::new(());
 
 /// Compiles `tests/programs/<name>.c` (if newer than the binary) and returns the binary.
 pub fn c_program(name: &str) -> PathBuf {
-    let src = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("programs")
-        .join(format!("{name}.c"));
+    let src = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("programs").join(format!("{name}.c"));
     let out_dir = crate::bin_dir().join("dvk-test-programs");
     let bin = out_dir.join(name);
     let _guard = COMPILE.lock().unwrap_or_else(|p| p.into_inner());
@@ -28,12 +26,7 @@ pub fn c_program(name: &str) -> PathBuf {
             .arg(&src)
             .output()
             .expect("run cc (apt-get install gcc)");
-        assert!(
-            out.status.success(),
-            "cc {}: {}",
-            src.display(),
-            String::from_utf8_lossy(&out.stderr)
-        );
+        assert!(out.status.success(), "cc {}: {}", src.display(), String::from_utf8_lossy(&out.stderr));
         std::fs::rename(&tmp, &bin).unwrap();
     }
     bin

@@ -29,9 +29,7 @@ fn read_line(child: &mut Child) -> String {
             }
         }
     });
-    let line = rx
-        .recv_timeout(Duration::from_secs(10))
-        .expect("a line from the test program");
+    let line = rx.recv_timeout(Duration::from_secs(10)).expect("a line from the test program");
     // Keep the rest flowing to the same channel for later reads.
     LINES.with(|l| l.borrow_mut().insert(child.id(), rx));
     line
@@ -58,12 +56,7 @@ fn fields(line: &str) -> (String, i64, i64, i64) {
     let who = parts.next().unwrap().to_owned();
     let mut get = |k: &str| -> i64 {
         let p = parts.next().unwrap_or_else(|| panic!("`{line}` lacks {k}"));
-        p.strip_prefix(k)
-            .unwrap()
-            .strip_prefix('=')
-            .unwrap()
-            .parse()
-            .unwrap()
+        p.strip_prefix(k).unwrap().strip_prefix('=').unwrap().parse().unwrap()
     };
     (who, get("vpid"), get("real"), get("ppid"))
 }
@@ -96,22 +89,14 @@ fn vpids_are_unique_across_three_nodes(mode: Mode) {
         cluster.wait_registered(*node, *pid);
     }
     // Every node converges on the same nine processes.
-    wait_until(
-        Duration::from_secs(10),
-        "all nodes to list 9 processes",
-        || (0..3).all(|i| cluster.ps(i).len() == 9),
-    );
+    wait_until(Duration::from_secs(10), "all nodes to list 9 processes", || (0..3).all(|i| cluster.ps(i).len() == 9));
     let views: Vec<Vec<(i64, i64, String)>> = (0..3)
         .map(|i| {
             let mut v: Vec<_> = cluster
                 .ps(i)
                 .iter()
                 .map(|r| {
-                    (
-                        r["vpid"].as_i64().unwrap(),
-                        r["pid"].as_i64().unwrap(),
-                        r["node"].as_str().unwrap().to_owned(),
-                    )
+                    (r["vpid"].as_i64().unwrap(), r["pid"].as_i64().unwrap(), r["node"].as_str().unwrap().to_owned())
                 })
                 .collect();
             v.sort();
@@ -126,19 +111,11 @@ fn vpids_are_unique_across_three_nodes(mode: Mode) {
         let (vpid, _, name) = views[0].iter().find(|v| v.1 == *pid as i64).unwrap();
         assert!(*vpid >= VPID_BASE, "vPID {vpid} is above every real PID");
         assert_eq!(name, &format!("node{}", node + 1));
-        assert_eq!(
-            vpid >> 22,
-            *node as i64 + 1,
-            "vPID {vpid} carries the id of the node that allocated it"
-        );
+        assert_eq!(vpid >> 22, *node as i64 + 1, "vPID {vpid} carries the id of the node that allocated it");
     }
     // States as the asking node sees them.
     for r in cluster.ps(0) {
-        let expected = if r["node"] == "node1" {
-            "local"
-        } else {
-            "remote"
-        };
+        let expected = if r["node"] == "node1" { "local" } else { "remote" };
         assert_eq!(r["state"], expected, "{r}");
         assert_eq!(r["dc"], "dc0");
         assert_eq!(r["owner"], "root");
@@ -163,27 +140,17 @@ fn vpids_are_unique_across_three_nodes_network() {
 fn preloaded_c_program_sees_its_vpid_as_listed_by_ps() {
     let cluster = Cluster::start(2, Mode::Loopback);
     let pid = cluster.spawn(
-        cluster
-            .preloaded(1, c_program("identity"))
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .env("DVK_DC", "dc7"),
+        cluster.preloaded(1, c_program("identity")).stdin(Stdio::piped()).stdout(Stdio::piped()).env("DVK_DC", "dc7"),
     );
     let mut child = cluster.take_child(pid);
     let (who, vpid, real, _) = fields(&read_line(&mut child));
     assert_eq!(who, "self");
     assert_eq!(real, pid as i64);
     let row = cluster.wait_registered(0, pid);
-    assert_eq!(
-        row["vpid"], vpid,
-        "getpid() == the vPID that ps lists on another node"
-    );
+    assert_eq!(row["vpid"], vpid, "getpid() == the vPID that ps lists on another node");
     assert_eq!(row["node"], "node2");
     assert_eq!(row["dc"], "dc7");
-    assert_eq!(
-        row["endpoint"], "identity",
-        "endpoint defaults to the program name"
-    );
+    assert_eq!(row["endpoint"], "identity", "endpoint defaults to the program name");
     assert!(row["command"].as_str().unwrap().ends_with("identity"));
     drop(child.stdin.take());
     assert!(child.wait().unwrap().success());
@@ -193,22 +160,14 @@ fn preloaded_c_program_sees_its_vpid_as_listed_by_ps() {
 fn preloaded_python_program_sees_its_vpid_as_listed_by_ps() {
     let cluster = Cluster::start(3, Mode::Loopback);
     let script = "import os, sys\nprint(os.getpid(), os.readlink('/proc/self'), flush=True)\nsys.stdin.read()";
-    let pid = cluster.spawn(
-        cluster
-            .preloaded(2, python3())
-            .args(["-c", script])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped()),
-    );
+    let pid = cluster
+        .spawn(cluster.preloaded(2, python3()).args(["-c", script]).stdin(Stdio::piped()).stdout(Stdio::piped()));
     let mut child = cluster.take_child(pid);
     let line = read_line(&mut child);
     let mut it = line.split_whitespace().map(|x| x.parse::<i64>().unwrap());
     let (vpid, real) = (it.next().unwrap(), it.next().unwrap());
     assert_eq!(real, pid as i64);
-    assert!(
-        vpid >= VPID_BASE,
-        "os.getpid() answers the vPID, got {vpid}"
-    );
+    assert!(vpid >= VPID_BASE, "os.getpid() answers the vPID, got {vpid}");
     for node in 0..3 {
         assert_eq!(cluster.wait_registered(node, pid)["vpid"], vpid);
     }
@@ -219,23 +178,15 @@ fn preloaded_python_program_sees_its_vpid_as_listed_by_ps() {
 #[test]
 fn forked_child_registers_with_its_own_vpid_and_sees_its_parents() {
     let cluster = Cluster::start(1, Mode::Loopback);
-    let pid = cluster.spawn(
-        cluster
-            .preloaded(0, c_program("identity"))
-            .arg("fork")
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped()),
-    );
+    let pid = cluster
+        .spawn(cluster.preloaded(0, c_program("identity")).arg("fork").stdin(Stdio::piped()).stdout(Stdio::piped()));
     let mut child = cluster.take_child(pid);
     let (_, parent_vpid, _, _) = fields(&read_line(&mut child));
     let (who, child_vpid, child_real, child_ppid) = fields(&next_line(&child));
     assert_eq!(who, "child");
     assert!(child_vpid >= VPID_BASE);
     assert_ne!(child_vpid, parent_vpid, "the child has its own vPID");
-    assert_eq!(
-        child_ppid, parent_vpid,
-        "getppid() in the child is the parent's vPID"
-    );
+    assert_eq!(child_ppid, parent_vpid, "getppid() in the child is the parent's vPID");
     let row = cluster.wait_registered(0, child_real as u32);
     assert_eq!(row["vpid"], child_vpid);
     assert_eq!(row["parent_vpid"], parent_vpid);
@@ -246,13 +197,8 @@ fn forked_child_registers_with_its_own_vpid_and_sees_its_parents() {
 #[test]
 fn getpid_is_consistent_across_threads() {
     let cluster = Cluster::start(1, Mode::Loopback);
-    let pid = cluster.spawn(
-        cluster
-            .preloaded(0, c_program("identity"))
-            .arg("threads")
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped()),
-    );
+    let pid = cluster
+        .spawn(cluster.preloaded(0, c_program("identity")).arg("threads").stdin(Stdio::piped()).stdout(Stdio::piped()));
     let mut child = cluster.take_child(pid);
     let (_, vpid, _, _) = fields(&read_line(&mut child));
     assert!(vpid >= VPID_BASE);
@@ -275,15 +221,8 @@ fn program_runs_unchanged_with_one_warning_when_no_agent_is_reachable() {
     let (_, vpid, real, _) = fields(stdout.lines().next().unwrap());
     assert_eq!(vpid, real, "without an agent getpid() is the real PID");
     let stderr = String::from_utf8(out.stderr).unwrap();
-    assert_eq!(
-        stderr.lines().count(),
-        1,
-        "exactly one warning, got: {stderr:?}"
-    );
-    assert!(
-        stderr.starts_with("dvk: no usable agent at ") && stderr.contains("no-agent.sock"),
-        "{stderr}"
-    );
+    assert_eq!(stderr.lines().count(), 1, "exactly one warning, got: {stderr:?}");
+    assert!(stderr.starts_with("dvk: no usable agent at ") && stderr.contains("no-agent.sock"), "{stderr}");
 }
 
 // ---------------------------------------------------------------------------
@@ -307,33 +246,20 @@ except OSError as e:
 fn send_signal(cluster: &Cluster, node: usize, vpid: i64, as_nobody: bool) -> String {
     let mut cmd = if as_nobody {
         let mut c = cluster.preloaded(node, "setpriv");
-        c.args(["--reuid=65534", "--regid=65534", "--clear-groups"])
-            .arg(python3());
+        c.args(["--reuid=65534", "--regid=65534", "--clear-groups"]).arg(python3());
         c
     } else {
         cluster.preloaded(node, python3())
     };
-    let out = cmd
-        .args(["-c", SEND_SIGNAL, &vpid.to_string()])
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = cmd.args(["-c", SEND_SIGNAL, &vpid.to_string()]).stdin(Stdio::null()).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     String::from_utf8(out.stdout).unwrap().trim().to_owned()
 }
 
 fn kill_by_vpid_reaches_another_node(mode: Mode) {
     let cluster = Cluster::start(3, mode);
     let pid = cluster.spawn(
-        cluster
-            .preloaded(0, python3())
-            .args(["-c", WAIT_FOR_SIGNAL])
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped()),
+        cluster.preloaded(0, python3()).args(["-c", WAIT_FOR_SIGNAL]).stdin(Stdio::null()).stdout(Stdio::piped()),
     );
     let mut target = cluster.take_child(pid);
     let vpid: i64 = read_line(&mut target).parse().unwrap();
@@ -341,16 +267,10 @@ fn kill_by_vpid_reaches_another_node(mode: Mode) {
 
     // An unprivileged user may not signal root's process: EPERM, and nothing is delivered.
     if dvk_tests::is_root() {
-        assert_eq!(
-            send_signal(&cluster, 2, vpid, true),
-            format!("error {}", libc::EPERM)
-        );
+        assert_eq!(send_signal(&cluster, 2, vpid, true), format!("error {}", libc::EPERM));
     }
     // Unknown vPID: ESRCH, as kill(2) says.
-    assert_eq!(
-        send_signal(&cluster, 2, vpid + 999, false),
-        format!("error {}", libc::ESRCH)
-    );
+    assert_eq!(send_signal(&cluster, 2, vpid + 999, false), format!("error {}", libc::ESRCH));
     // Root on node3 signals the process on node1 by its vPID.
     assert_eq!(send_signal(&cluster, 2, vpid, false), "sent");
     assert_eq!(next_line(&target), "got SIGUSR1");
@@ -364,10 +284,7 @@ fn kill_by_vpid_reaches_a_process_on_another_node_loopback() {
 
 #[test]
 fn kill_by_vpid_reaches_a_process_on_another_node_network() {
-    if skip_unless(
-        Mode::Network,
-        "kill_by_vpid_reaches_a_process_on_another_node_network",
-    ) {
+    if skip_unless(Mode::Network, "kill_by_vpid_reaches_a_process_on_another_node_network") {
         return;
     }
     kill_by_vpid_reaches_another_node(Mode::Network);
@@ -385,21 +302,13 @@ fn exited_process_disappears_from_every_node() {
     let mut child = cluster.take_child(pid);
     child.kill().unwrap();
     child.wait().unwrap();
-    wait_until(
-        Duration::from_secs(10),
-        "the exited process to vanish everywhere",
-        || (0..3).all(|i| row_for_pid(&cluster.ps(i), pid as i64).is_none()),
-    );
+    wait_until(Duration::from_secs(10), "the exited process to vanish everywhere", || {
+        (0..3).all(|i| row_for_pid(&cluster.ps(i), pid as i64).is_none())
+    });
     for i in 0..3 {
-        assert!(
-            row_for_pid(&cluster.ps(i), other as i64).is_some(),
-            "the other process stays listed"
-        );
+        assert!(row_for_pid(&cluster.ps(i), other as i64).is_some(), "the other process stays listed");
         let status = cluster.node_status(i);
-        assert_eq!(
-            status[1]["processes"], 1,
-            "node2 runs one registered process now"
-        );
+        assert_eq!(status[1]["processes"], 1, "node2 runs one registered process now");
     }
 }
 
@@ -408,21 +317,14 @@ fn exited_process_disappears_from_every_node() {
 #[test]
 fn peer_without_the_cluster_key_is_refused() {
     // node2 is an impostor with another key: node1 dials it, it dials node3.
-    let mut cluster = Cluster::start_with(ClusterSpec {
-        nodes: 3,
-        mode: Mode::Loopback,
-        not_started: vec![1],
-    });
+    let mut cluster = Cluster::start_with(ClusterSpec { nodes: 3, mode: Mode::Loopback, not_started: vec![1] });
     let wrong_key = cluster.path("wrong.key");
     std::fs::write(&wrong_key, "ff".repeat(32)).unwrap();
     let config = std::fs::read_to_string(&cluster.config).unwrap();
     let impostor_config = cluster.path("impostor.toml");
     std::fs::write(
         &impostor_config,
-        config.replace(
-            "cluster_key_file = \"cluster.key\"",
-            "cluster_key_file = \"wrong.key\"",
-        ),
+        config.replace("cluster_key_file = \"cluster.key\"", "cluster_key_file = \"wrong.key\""),
     )
     .unwrap();
     let real_config = std::mem::replace(&mut cluster.config, impostor_config);
@@ -435,30 +337,15 @@ fn peer_without_the_cluster_key_is_refused() {
         cluster.node_status(0)[2]["up"] == true && cluster.node_status(2)[0]["up"] == true
     });
     wait_until(Duration::from_secs(10), "node3 to log the refusal", || {
-        cluster
-            .log_of(2)
-            .contains("refused peer: it does not hold the cluster key")
+        cluster.log_of(2).contains("refused peer: it does not hold the cluster key")
     });
-    wait_until(
-        Duration::from_secs(10),
-        "the impostor to log the refusal",
-        || {
-            cluster
-                .log_of(1)
-                .contains("refused peer: it does not hold the cluster key")
-        },
-    );
+    wait_until(Duration::from_secs(10), "the impostor to log the refusal", || {
+        cluster.log_of(1).contains("refused peer: it does not hold the cluster key")
+    });
     std::thread::sleep(Duration::from_millis(500));
     for i in [0, 2] {
-        assert_eq!(
-            cluster.node_status(i)[1]["up"],
-            false,
-            "the impostor is never up"
-        );
-        assert!(
-            row_for_pid(&cluster.ps(i), impostors_process as i64).is_none(),
-            "nothing of the impostor's is listed"
-        );
+        assert_eq!(cluster.node_status(i)[1]["up"], false, "the impostor is never up");
+        assert!(row_for_pid(&cluster.ps(i), impostors_process as i64).is_none(), "nothing of the impostor's is listed");
     }
 }
 
@@ -478,16 +365,8 @@ fn garbage(seed: u64, n: usize) -> Vec<u8> {
 fn assert_serving(cluster: &Cluster, marker: u32) {
     for i in 0..cluster.nodes.len() {
         let pid = cluster.nodes[i].agent_pid().unwrap();
-        assert!(
-            std::path::Path::new(&format!("/proc/{pid}")).exists(),
-            "agent of node{} died",
-            i + 1
-        );
-        assert!(
-            row_for_pid(&cluster.ps(i), marker as i64).is_some(),
-            "node{} still answers ps",
-            i + 1
-        );
+        assert!(std::path::Path::new(&format!("/proc/{pid}")).exists(), "agent of node{} died", i + 1);
+        assert!(row_for_pid(&cluster.ps(i), marker as i64).is_some(), "node{} still answers ps", i + 1);
     }
     cluster.wait_mesh();
 }
@@ -500,9 +379,7 @@ fn garbage_on_the_peer_and_local_sockets_closes_only_that_connection() {
     let peer_addr = cluster.nodes[1].peer_addr.clone();
     let socket = cluster.nodes[1].socket();
 
-    let mut attacks: Vec<Vec<u8>> = (0..20)
-        .map(|s| garbage(s + 1, 64 + 997 * s as usize))
-        .collect();
+    let mut attacks: Vec<Vec<u8>> = (0..20).map(|s| garbage(s + 1, 64 + 997 * s as usize)).collect();
     attacks.push(u32::MAX.to_le_bytes().to_vec()); // oversized length
     attacks.push(vec![0, 0, 0, 0]); // empty frame
     attacks.push({
@@ -546,15 +423,9 @@ fn garbage_on_the_peer_and_local_sockets_closes_only_that_connection() {
     s.set_read_timeout(Some(Duration::from_secs(6))).unwrap();
     let mut rest = Vec::new();
     let _ = s.read_to_end(&mut rest);
-    assert!(
-        rest.is_empty(),
-        "a keyless peer received {} more bytes",
-        rest.len()
-    );
+    assert!(rest.is_empty(), "a keyless peer received {} more bytes", rest.len());
     wait_until(Duration::from_secs(5), "the refusal to be logged", || {
-        cluster
-            .log_of(1)
-            .contains("refused peer: it does not hold the cluster key")
+        cluster.log_of(1).contains("refused peer: it does not hold the cluster key")
     });
     assert_serving(&cluster, marker);
 }
@@ -574,13 +445,8 @@ fn restarted_peer_is_reconnected_and_resynchronised() {
     let on_node3 = sleeper(&cluster, 2, "survivor");
     cluster.wait_registered(0, on_node3);
     cluster.stop_agent(2);
-    wait_until(Duration::from_secs(10), "node1 to see node3 down", || {
-        cluster.node_status(0)[2]["up"] == false
-    });
-    assert!(
-        row_for_pid(&cluster.ps(0), on_node3 as i64).is_none(),
-        "a down node's processes are not listed"
-    );
+    wait_until(Duration::from_secs(10), "node1 to see node3 down", || cluster.node_status(0)[2]["up"] == false);
+    assert!(row_for_pid(&cluster.ps(0), on_node3 as i64).is_none(), "a down node's processes are not listed");
     cluster.start_agent(2);
     cluster.wait_mesh();
     // The new agent forgot the old registration; a new process registers and is seen everywhere.
@@ -611,10 +477,7 @@ fn cli_errors_are_one_clear_line() {
     assert!(!out.status.success());
     let err = String::from_utf8(out.stderr).unwrap();
     assert_eq!(err.lines().count(), 1, "{err}");
-    assert!(
-        err.contains("cannot reach") && err.contains("is dvk-agent running?"),
-        "{err}"
-    );
+    assert!(err.contains("cannot reach") && err.contains("is dvk-agent running?"), "{err}");
 }
 
 #[test]
@@ -630,8 +493,5 @@ fn agent_refuses_a_bad_config_naming_file_line_and_field() {
         .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8(out.stderr).unwrap();
-    assert!(
-        err.contains(&format!("{}:4: field `id`", cfg.display())),
-        "{err}"
-    );
+    assert!(err.contains(&format!("{}:4: field `id`", cfg.display())), "{err}");
 }

@@ -1,0 +1,308 @@
+//! Endpoints on this node: listeners registered by the shim, name resolution,
+//! opening streams (from the shim, from ingress, from peers), and ingress ports.
+
+use crate::relay::{self, End, Sequence};
+use crate::state::Agent;
+use dvk_config::IngressConfig;
+use dvk_protocol::frame::{self, LOCAL_MAX_FRAME};
+use dvk_protocol::local::LocalResponse;
+use dvk_protocol::peer::PeerMessage;
+use dvk_protocol::stream::AcceptHeader;
+use pidvirt::endpoint::client_vip;
+use pidvirt::{EndpointEntry, EndpointKey, NodeId, ProcessEntry, VirtualAddr};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, UnixStream};
+
+/// Directory (inside the runtime dir) where programs put their virtual listeners.
+pub const LISTENER_DIR: &str = "ep";
+
+/// Creates the listener directory: world-writable and sticky, like /tmp, so every
+/// user's programs can listen and none can remove another's listener.
+pub fn prepare_listener_dir(runtime_dir: &Path) -> std::io::Result<PathBuf> {
+    let dir = runtime_dir.join(LISTENER_DIR);
+    std::fs::create_dir_all(&dir)?;
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o1777))?;
+    Ok(dir)
+}
+
+fn caller(agent: &Agent, pid: i32) -> Result<ProcessEntry, LocalResponse> {
+    agent
+        .tables
+        .lock()
+        .routing
+        .find_local_by_pid(pid)
+        .cloned()
+        .ok_or_else(|| LocalResponse::Error { message: format!("pid {pid} is not registered with this agent") })
+}
+
+/// `Listen`: the caller's AF_UNIX listener at `path` serves endpoint `<its name>:port`.
+pub fn listen(agent: &Agent, pid: i32, uid: u32, port: u16, path: String) -> LocalResponse {
+    let me = match caller(agent, pid) {
+        Ok(e) => e,
+        Err(r) => return r,
+    };
+    let path = PathBuf::from(path);
+    let dir = agent.me.runtime_dir.join(LISTENER_DIR);
+    if path.parent() != Some(dir.as_path()) {
+        return LocalResponse::Error { message: format!("listener {} is not in {}", path.display(), dir.display()) };
+    }
+    match std::fs::symlink_metadata(&path) {
+        Ok(m) if m.file_type().is_socket() && (uid == 0 || m.uid() == uid) => {}
+        Ok(_) => {
+            return LocalResponse::Error { message: format!("{} is not a socket owned by uid {uid}", path.display()) }
+        }
+        Err(e) => return LocalResponse::Error { message: format!("{}: {e}", path.display()) },
+    }
+    let key = EndpointKey { dc: me.dc.clone(), name: me.endpoint.clone(), port };
+    let entry = {
+        let mut t = agent.tables.lock();
+        if let Some(existing) = t.routing.endpoint(&key) {
+            if existing.vpid != me.vpid {
+                return LocalResponse::Refused { errno: libc::EADDRINUSE };
+            }
+        }
+        let vip = t.routing.choose_vip(&key.dc, &key.name);
+        let entry = EndpointEntry {
+            dc: key.dc.clone(),
+            name: key.name.clone(),
+            port,
+            vip,
+            vpid: me.vpid,
+            node: agent.node_id(),
+        };
+        t.routing.upsert_endpoint(entry.clone());
+        t.listeners.entry(key.clone()).or_default().push(path);
+        entry
+    };
+    tracing::info!(endpoint = %key, vip = %VirtualAddr { ip: entry.vip, port }, vpid = %me.vpid, "endpoint listening");
+    agent.broadcast(PeerMessage::EndpointUp(entry.clone()));
+    LocalResponse::Listening { vip: entry.vip }
+}
+
+/// `Resolve`: only names of the caller's own DC resolve.
+pub fn resolve(agent: &Agent, pid: i32, dc: &str, name: &str) -> LocalResponse {
+    let me = match caller(agent, pid) {
+        Ok(e) => e,
+        Err(r) => return r,
+    };
+    if me.dc != dc {
+        return LocalResponse::Refused { errno: libc::ENOENT };
+    }
+    match agent.tables.lock().routing.vip_of(dc, name) {
+        Some(vip) => LocalResponse::Resolved { vip },
+        None => LocalResponse::Refused { errno: libc::ENOENT },
+    }
+}
+
+/// Removes the listeners of an endpoint; it disappears from the cluster.
+fn endpoint_gone(agent: &Agent, key: &EndpointKey) {
+    let removed = {
+        let mut t = agent.tables.lock();
+        for path in t.listeners.remove(key).unwrap_or_default() {
+            let _ = std::fs::remove_file(path);
+        }
+        t.routing.remove_endpoint(key).is_some()
+    };
+    if removed {
+        tracing::info!(endpoint = %key, "endpoint no longer listening");
+        agent.broadcast(PeerMessage::EndpointDown(key.clone()));
+    }
+}
+
+/// Forgets the listener files of a process that exited (its endpoints left the
+/// routing table with it).
+pub fn process_exited(agent: &Agent, gone: &[EndpointKey]) {
+    let mut t = agent.tables.lock();
+    for key in gone {
+        for path in t.listeners.remove(key).unwrap_or_default() {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+/// Connects to a live listener of a local endpoint and sends the accept header.
+async fn connect_listener(agent: &Agent, key: &EndpointKey, header: AcceptHeader) -> Option<UnixStream> {
+    loop {
+        let path = agent.tables.lock().listeners.get(key).and_then(|l| l.first().cloned());
+        let Some(path) = path else {
+            endpoint_gone(agent, key);
+            return None;
+        };
+        match UnixStream::connect(&path).await {
+            Ok(mut s) => {
+                if s.write_all(&header.encode()).await.is_ok() {
+                    return Some(s);
+                }
+            }
+            Err(e) => {
+                // The program closed that listener (or died): drop it, try the next.
+                tracing::info!(endpoint = %key, path = %path.display(), "listener gone: {e}");
+                let mut t = agent.tables.lock();
+                if let Some(list) = t.listeners.get_mut(key) {
+                    list.retain(|p| p != &path);
+                    if list.is_empty() {
+                        t.listeners.remove(key);
+                    }
+                }
+                let _ = std::fs::remove_file(&path);
+            }
+        }
+    }
+}
+
+/// Where a new stream goes, decided before the opener is told it is connected.
+enum Route {
+    Local(UnixStream),
+    Remote(NodeId),
+}
+
+struct Opening {
+    id: u64,
+    key: EndpointKey,
+    client: VirtualAddr,
+    server: VirtualAddr,
+    route: Route,
+}
+
+/// Finds the endpoint and, if it is local, connects to it. Err(errno) as connect(2) would fail.
+async fn prepare(agent: &Agent, entry: Option<EndpointEntry>, client: VirtualAddr) -> Result<Opening, i32> {
+    let entry = entry.ok_or(libc::ECONNREFUSED)?;
+    let key = entry.key();
+    let server = VirtualAddr { ip: entry.vip, port: entry.port };
+    let id = agent.new_stream_id();
+    let route = if entry.node == agent.node_id() {
+        let header = AcceptHeader { peer: client, local: server, stream: id };
+        Route::Local(connect_listener(agent, &key, header).await.ok_or(libc::ECONNREFUSED)?)
+    } else {
+        Route::Remote(entry.node)
+    };
+    Ok(Opening { id, key, client, server, route })
+}
+
+/// Relays an opened stream until both directions end.
+async fn run(agent: Arc<Agent>, opening: Opening, client_end: End) {
+    match opening.route {
+        Route::Local(server) => relay::relay_local(client_end, End::Unix(server), Arc::new(Sequence::default())).await,
+        Route::Remote(node) => {
+            let (stream, pumps) = relay::remote_stream(node);
+            agent.streams.lock().insert(opening.id, stream);
+            let open = PeerMessage::StreamOpen {
+                stream: opening.id,
+                endpoint: opening.key,
+                client: opening.client,
+                server: opening.server,
+            };
+            let sent = match agent.link_tx(node) {
+                Some(tx) => tx.send(open).await.is_ok(),
+                None => false,
+            };
+            if !sent {
+                agent.remove_stream(opening.id);
+                return; // dropping the client end closes it: the program sees EOF
+            }
+            relay::relay_remote(agent, opening.id, node, client_end, pumps, true).await;
+        }
+    }
+}
+
+/// `OpenStream` from the shim: answers on `conn`, then `conn` carries the stream.
+pub async fn open_from_shim(agent: Arc<Agent>, mut conn: UnixStream, pid: i32, vip: [u8; 4], port: u16) {
+    let me = match caller(&agent, pid) {
+        Ok(e) => e,
+        Err(response) => {
+            let _ = write_response(&mut conn, &response).await;
+            return;
+        }
+    };
+    let entry = agent.tables.lock().routing.endpoint_by_vip(&me.dc, vip, port).cloned();
+    let client = VirtualAddr { ip: client_vip(&me.dc, &me.endpoint), port: agent.client_port() };
+    match prepare(&agent, entry, client).await {
+        Err(errno) => {
+            let _ = write_response(&mut conn, &LocalResponse::Refused { errno }).await;
+        }
+        Ok(opening) => {
+            let reply = LocalResponse::StreamOpened { stream: opening.id, local: client, peer: opening.server };
+            if write_response(&mut conn, &reply).await.is_ok() {
+                tracing::debug!(stream = opening.id, endpoint = %opening.key, %client, "stream opened");
+                run(agent, opening, End::Unix(conn)).await;
+            }
+        }
+    }
+}
+
+async fn write_response(conn: &mut UnixStream, response: &LocalResponse) -> std::io::Result<()> {
+    let bytes = frame::encode(response, LOCAL_MAX_FRAME).map_err(std::io::Error::other)?;
+    conn.write_all(&bytes).await
+}
+
+/// `StreamOpen` from a peer: register the stream at once (its data may follow
+/// right behind), then connect to the local listener.
+pub fn accept_remote_stream(
+    agent: &Arc<Agent>,
+    peer: NodeId,
+    id: u64,
+    key: EndpointKey,
+    client: VirtualAddr,
+    server: VirtualAddr,
+) {
+    let (stream, pumps) = relay::remote_stream(peer);
+    agent.streams.lock().insert(id, stream);
+    let agent = agent.clone();
+    tokio::spawn(async move {
+        let header = AcceptHeader { peer: client, local: server, stream: id };
+        match connect_listener(&agent, &key, header).await {
+            Some(conn) => relay::relay_remote(agent, id, peer, End::Unix(conn), pumps, false).await,
+            None => {
+                tracing::info!(stream = id, endpoint = %key, "stream refused: no listener here");
+                if let Some(s) = agent.streams.lock().remove(&id) {
+                    s.reset();
+                }
+                agent.send_to(peer, PeerMessage::StreamReset { stream: id });
+            }
+        }
+    });
+}
+
+/// Binds the ingress ports of this node (before the agent reports itself started).
+pub async fn bind_ingress(ingress: &[IngressConfig]) -> anyhow::Result<Vec<(IngressConfig, TcpListener)>> {
+    let mut out = Vec::new();
+    for ing in ingress {
+        let listener = TcpListener::bind(ing.listen).await.map_err(|e| {
+            anyhow::anyhow!("cannot listen for ingress {}:{} on {}: {e}", ing.name, ing.port, ing.listen)
+        })?;
+        out.push((ing.clone(), listener));
+    }
+    Ok(out)
+}
+
+/// Accepts plain TCP clients on an ingress port and relays each to the endpoint.
+pub async fn serve_ingress(agent: Arc<Agent>, ing: IngressConfig, listener: TcpListener) {
+    let key = EndpointKey { dc: ing.dc.clone(), name: ing.name.clone(), port: ing.port };
+    tracing::info!(endpoint = %key, listen = %ing.listen, "ingress open");
+    loop {
+        let (tcp, from) = match listener.accept().await {
+            Ok(x) => x,
+            Err(e) => {
+                tracing::warn!("ingress accept failed: {e}");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let agent = agent.clone();
+        let key = key.clone();
+        tokio::spawn(async move {
+            let client = match from {
+                std::net::SocketAddr::V4(v4) => VirtualAddr { ip: v4.ip().octets(), port: v4.port() },
+                std::net::SocketAddr::V6(v6) => VirtualAddr { ip: [0; 4], port: v6.port() },
+            };
+            let entry = agent.tables.lock().routing.endpoint(&key).cloned();
+            match prepare(&agent, entry, client).await {
+                Ok(opening) => run(agent, opening, End::Tcp(tcp)).await,
+                Err(_) => tracing::info!(endpoint = %key, %from, "ingress client refused: endpoint not listening"),
+            }
+        });
+    }
+}
