@@ -104,8 +104,12 @@ async fn handle(agent: &Arc<Agent>, request: LocalRequest, pid: i32, uid: u32) -
     }
 }
 
-fn valid_name(s: &str) -> bool {
-    !s.is_empty() && s.len() <= MAX_NAME && s.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+/// Endpoint names may contain dots; DC names may not (in `<name>.<dc>.dvk` the DC is
+/// the last label before `.dvk`).
+fn valid_name(s: &str, dots: bool) -> bool {
+    !s.is_empty()
+        && s.len() <= MAX_NAME
+        && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || (dots && c == '.'))
 }
 
 fn register(
@@ -118,11 +122,11 @@ fn register(
     if pid <= 0 {
         return Err("the kernel did not report the caller's pid".into());
     }
-    if !valid_name(&dc) {
-        return Err(format!("DC name `{dc}` must be 1..={MAX_NAME} of letters, digits, `-`, `_`, `.`"));
+    if !valid_name(&dc, false) {
+        return Err(format!("DC name `{dc}` must be 1..={MAX_NAME} of letters, digits, `-`, `_`"));
     }
     if let Some(e) = &endpoint {
-        if !valid_name(e) {
+        if !valid_name(e, true) {
             return Err(format!("endpoint name `{e}` must be 1..={MAX_NAME} of letters, digits, `-`, `_`, `.`"));
         }
     }

@@ -96,6 +96,18 @@ pub fn client_vip(dc: &str, name: &str) -> [u8; 4] {
     vip_candidates(dc, name).next().expect("at least one candidate")
 }
 
+/// Splits a host name `<name>.<dc>.dvk` (case-insensitive suffix, optional final dot)
+/// into (name, dc). The DC is the last label before `.dvk`; the name may contain dots.
+pub fn parse_dvk_host(host: &str) -> Option<(&str, &str)> {
+    let host = host.strip_suffix('.').unwrap_or(host);
+    let cut = host.len().checked_sub(4)?;
+    if !host.get(cut..)?.eq_ignore_ascii_case(".dvk") {
+        return None;
+    }
+    let (name, dc) = host[..cut].rsplit_once('.')?;
+    (!name.is_empty() && !dc.is_empty()).then_some((name, dc))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -110,6 +122,17 @@ mod tests {
         let set: std::collections::HashSet<_> = a.iter().collect();
         assert_eq!(set.len(), 5);
         assert_ne!(client_vip("dc0", "redis"), client_vip("dc1", "redis"), "DCs hash apart");
+    }
+
+    #[test]
+    fn parses_dvk_host_names() {
+        assert_eq!(parse_dvk_host("redis.dc0.dvk"), Some(("redis", "dc0")));
+        assert_eq!(parse_dvk_host("Web.Server.dc1.DVK."), Some(("Web.Server", "dc1")));
+        assert_eq!(parse_dvk_host("example.com"), None);
+        assert_eq!(parse_dvk_host("dc0.dvk"), None);
+        assert_eq!(parse_dvk_host(".dvk"), None);
+        assert_eq!(parse_dvk_host("x.dvk.com"), None);
+        assert_eq!(parse_dvk_host("a.b.dv"), None);
     }
 
     #[test]

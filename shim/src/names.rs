@@ -4,22 +4,10 @@
 use crate::link;
 use std::ffi::CStr;
 
-/// Splits `<name>.<dc>.dvk` (case-insensitive suffix, optional final dot) into (name, dc).
-pub fn parse(host: &CStr) -> Option<(&str, &str)> {
-    let host = host.to_str().ok()?;
-    let host = host.strip_suffix('.').unwrap_or(host);
-    let cut = host.len().checked_sub(4)?;
-    if !host.get(cut..)?.eq_ignore_ascii_case(".dvk") {
-        return None;
-    }
-    let (name, dc) = host[..cut].rsplit_once('.')?;
-    (!name.is_empty() && !dc.is_empty()).then_some((name, dc))
-}
-
 /// The VIP for a `.dvk` host name: Some(Some(vip)) resolved, Some(None) a `.dvk` name that
 /// does not resolve, None not a `.dvk` name.
 pub fn lookup(host: &CStr) -> Option<Option<[u8; 4]>> {
-    let (name, dc) = parse(host)?;
+    let (name, dc) = pidvirt::endpoint::parse_dvk_host(host.to_str().ok()?)?;
     Some(link::resolve(dc, name))
 }
 
@@ -45,16 +33,6 @@ pub fn dotted(ip: [u8; 4], out: &mut [u8; 16]) -> &CStr {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn parses_dvk_names() {
-        assert_eq!(parse(c"redis.dc0.dvk"), Some(("redis", "dc0")));
-        assert_eq!(parse(c"Web.Server.dc1.DVK."), Some(("Web.Server", "dc1")));
-        assert_eq!(parse(c"example.com"), None);
-        assert_eq!(parse(c"dc0.dvk"), None);
-        assert_eq!(parse(c".dvk"), None);
-        assert_eq!(parse(c"x.dvk.com"), None);
-    }
 
     #[test]
     fn formats_dotted_quads() {

@@ -11,6 +11,7 @@
 //! namespaces and files — also when the test panics. Namespaces left behind by
 //! a test process that died are removed by the next cluster that starts.
 
+pub mod net;
 pub mod programs;
 pub mod net;
 

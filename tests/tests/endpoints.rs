@@ -1,0 +1,792 @@
+//! Virtual endpoints, end to end (issue 4): unmodified socket programs under
+//! the shim talk across nodes through the agents — python's http.server and
+//! curl, redis-server with redis-cli and redis-benchmark, plain clients through
+//! ingress, 1 GiB each way with checksums, TCP socket semantics call by call,
+//! DC isolation, and per-stream flow control with bounded agent memory.
+//!
+//! Scenarios run in loopback mode and, as root, in network mode (each node a
+//! network namespace on 192.0.2.0/24); the heavy ones run in loopback mode.
+//! Every wait is bounded; a hung program is killed and the test fails with
+//! what it printed.
+
+use dvk_tests::net::{
+    cluster_with_ingress, run_bounded, run_ok, tail, vm_rss_kib, wait_connectable, wait_plain_connectable, which,
+    without_proxy, Lines, Proc,
+};
+use dvk_tests::programs::{c_program, python3};
+use dvk_tests::{skip_unless, wait_until, Cluster, Mode};
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+const REACH: Duration = Duration::from_secs(20);
+const SHORT: Duration = Duration::from_secs(30);
+
+fn log_file(cluster: &Cluster, name: &str) -> std::fs::File {
+    std::fs::File::create(cluster.path(name)).unwrap()
+}
+
+fn read_log(cluster: &Cluster, name: &str) -> String {
+    std::fs::read_to_string(cluster.path(name)).unwrap_or_default()
+}
+
+/// Fails the test with the server's log when the server has exited.
+fn assert_alive(pid: u32, what: &str, log: &str) {
+    assert!(Path::new(&format!("/proc/{pid}")).exists(), "{what} (pid {pid}) died; its output:\n{log}");
+}
+
+// ---------------------------------------------------------------------------
+// 1. python3 -m http.server on node1, curl on node3, both preloaded.
+
+struct Site {
+    dir: PathBuf,
+    files: Vec<(String, Vec<u8>)>,
+}
+
+fn make_site(cluster: &Cluster) -> Site {
+    let dir = cluster.path("www");
+    std::fs::create_dir_all(dir.join("sub")).unwrap();
+    let mut files = vec![
+        ("index.txt".to_owned(), b"hello from node1 through dvk\n".to_vec()),
+        ("empty.txt".to_owned(), Vec::new()),
+        ("big.bin".to_owned(), dvk_tests::random_bytes(3 * 1024 * 1024 + 12345)),
+        ("sub/nested.bin".to_owned(), dvk_tests::random_bytes(65536)),
+    ];
+    // A file full of bytes that look like HTTP framing.
+    files.push(("crlf.bin".to_owned(), b"\r\n\r\n\0HTTP/1.1 200 OK\r\n".repeat(5000)));
+    for (name, data) in &files {
+        std::fs::write(dir.join(name), data).unwrap();
+    }
+    Site { dir, files }
+}
+
+/// Starts `python3 -m http.server PORT` preloaded on `node` as endpoint `name`; returns its pid.
+fn start_http_server(cluster: &Cluster, node: usize, name: &str, port: u16, site: &Site) -> u32 {
+    let log = log_file(cluster, &format!("http-{name}.log"));
+    cluster.spawn(
+        cluster
+            .preloaded(node, python3())
+            .args(["-u", "-m", "http.server", &port.to_string(), "--bind", "0.0.0.0", "--directory"])
+            .arg(&site.dir)
+            .env("DVK_ENDPOINT", name)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log),
+    )
+}
+
+/// Fetches every file of the site with one curl (one connection, keep-alive) and compares bytes.
+fn fetch_and_compare(cluster: &Cluster, mut curl: Command, base_url: &str, site: &Site, tag: &str) {
+    let out_dir = cluster.path(&format!("fetched-{tag}"));
+    std::fs::create_dir_all(&out_dir).unwrap();
+    curl.args(["-sS", "--fail", "--noproxy", "*", "--max-time", "60"]);
+    for (k, (name, _)) in site.files.iter().enumerate() {
+        curl.arg("-o").arg(out_dir.join(format!("f{k}"))).arg(format!("{base_url}/{name}"));
+    }
+    without_proxy(&mut curl);
+    let out = run_bounded(&mut curl, b"", Duration::from_secs(90), &format!("curl ({tag})"));
+    assert!(
+        out.status.success(),
+        "curl ({tag}) failed with {}: {}\nstdout: {}",
+        out.status,
+        tail(&out.stderr),
+        tail(&out.stdout)
+    );
+    for (k, (name, data)) in site.files.iter().enumerate() {
+        let got = std::fs::read(out_dir.join(format!("f{k}"))).unwrap_or_default();
+        assert_eq!(got.len(), data.len(), "{tag}: {name}: {} bytes fetched, {} served", got.len(), data.len());
+        assert!(got == *data, "{tag}: {name}: contents differ");
+    }
+}
+
+fn http_server_on_node1_is_fetched_by_curl_on_node3(mode: Mode) {
+    let cluster = Cluster::start(3, mode);
+    let site = make_site(&cluster);
+    let server = start_http_server(&cluster, 0, "web", 8000, &site);
+    wait_connectable(&cluster, 2, "dc0", "web.dc0.dvk", 8000, REACH);
+    fetch_and_compare(&cluster, cluster.preloaded(2, "curl"), "http://web.dc0.dvk:8000", &site, "node3");
+    // Same node, and the third node, too.
+    fetch_and_compare(&cluster, cluster.preloaded(0, "curl"), "http://web.dc0.dvk:8000", &site, "node1");
+    fetch_and_compare(&cluster, cluster.preloaded(1, "curl"), "http://web.dc0.dvk:8000", &site, "node2");
+    // Concurrent fetches of the big file from two nodes at once.
+    let big = &site.files.iter().find(|f| f.0 == "big.bin").unwrap().1;
+    let mut children = Vec::new();
+    for (k, node) in [2usize, 1, 2].into_iter().enumerate() {
+        let out = cluster.path(&format!("concurrent{k}.bin"));
+        let mut cmd = cluster.preloaded(node, "curl");
+        cmd.args(["-sS", "--fail", "--noproxy", "*", "--max-time", "60", "-o"])
+            .arg(&out)
+            .arg("http://web.dc0.dvk:8000/big.bin")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        without_proxy(&mut cmd);
+        children.push((out, cluster.spawn(&mut cmd)));
+    }
+    for (out, pid) in children {
+        let child = cluster.take_child(pid);
+        let res = child.wait_with_output().unwrap();
+        assert!(res.status.success(), "concurrent curl: {}", tail(&res.stderr));
+        assert!(std::fs::read(&out).unwrap() == *big, "concurrent fetch: contents differ");
+    }
+    // The server saw the clients at virtual addresses (getpeername/accept under the shim).
+    let log = read_log(&cluster, "http-web.log");
+    assert_alive(server, "http.server", &log);
+    let requests: Vec<&str> = log.lines().filter(|l| l.contains("\"GET /")).collect();
+    assert!(requests.len() >= 3 * site.files.len() + 3, "http.server logged {} requests:\n{log}", requests.len());
+    for r in &requests {
+        assert!(r.starts_with("127.77."), "http.server sees a client address outside 127.77.0.0/16: {r}");
+    }
+}
+
+#[test]
+fn http_server_on_node1_is_fetched_by_curl_on_node3_loopback() {
+    http_server_on_node1_is_fetched_by_curl_on_node3(Mode::Loopback);
+}
+
+#[test]
+fn http_server_on_node1_is_fetched_by_curl_on_node3_network() {
+    if skip_unless(Mode::Network, "http_server_on_node1_is_fetched_by_curl_on_node3_network") {
+        return;
+    }
+    http_server_on_node1_is_fetched_by_curl_on_node3(Mode::Network);
+}
+
+// ---------------------------------------------------------------------------
+// 2. redis-server on node2, redis-cli and redis-benchmark on node3, all preloaded.
+
+struct Redis {
+    server: PathBuf,
+    cli: PathBuf,
+    benchmark: PathBuf,
+}
+
+fn redis_or_skip(test: &str) -> Option<Redis> {
+    let found = (which("redis-server"), which("redis-cli"), which("redis-benchmark"));
+    match found {
+        (Some(server), Some(cli), Some(benchmark)) => Some(Redis { server, cli, benchmark }),
+        _ => {
+            eprintln!(
+                "SKIP {test}: redis-server/redis-cli/redis-benchmark not installed (apt-get install redis-server redis-tools)"
+            );
+            None
+        }
+    }
+}
+
+fn start_redis(cluster: &Cluster, redis: &Redis, node: usize, name: &str, port: u16) -> u32 {
+    let log = cluster.path(&format!("redis-{name}.log"));
+    cluster.spawn(
+        cluster
+            .preloaded(node, &redis.server)
+            .args(["--port", &port.to_string(), "--bind", "0.0.0.0", "--save", "", "--appendonly", "no"])
+            .args(["--protected-mode", "no", "--daemonize", "no", "--dir"])
+            .arg(cluster.dir.path())
+            .arg("--logfile")
+            .arg(&log)
+            .env("DVK_ENDPOINT", name)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null()),
+    )
+}
+
+/// Runs one redis-cli command (`--raw`) through `cmd` (which already names the
+/// program and its -h/-p); returns stdout.
+fn redis_cli(mut cmd: Command, args: &[&str], stdin: &[u8]) -> Vec<u8> {
+    cmd.arg("--raw").args(args);
+    let out = run_ok(&mut cmd, stdin, SHORT, &format!("redis-cli {}", args.join(" ")));
+    out.stdout
+}
+
+/// SET/GET of binary values, INCR, lists; returns the binary value it stored.
+fn redis_session(cli: &dyn Fn() -> Command, tag: &str) -> Vec<u8> {
+    assert_eq!(redis_cli(cli(), &["PING"], b""), b"PONG\n", "{tag}");
+    let mut blob = dvk_tests::random_bytes(200_000);
+    blob.extend_from_slice(b"\r\n\0*3\r\n$3\r\nSET\r\n\xff\xfe");
+    assert_eq!(redis_cli(cli(), &["-x", "SET", "bin"], &blob), b"OK\n", "{tag}: SET bin");
+    let mut got = redis_cli(cli(), &["GET", "bin"], b"");
+    assert_eq!(got.pop(), Some(b'\n'), "{tag}: --raw ends the value with a newline");
+    assert_eq!(got.len(), blob.len(), "{tag}: GET bin length");
+    assert!(got == blob, "{tag}: GET bin returns other bytes than SET stored");
+    assert_eq!(redis_cli(cli(), &["STRLEN", "bin"], b""), format!("{}\n", blob.len()).into_bytes(), "{tag}");
+    for k in 1..=5 {
+        assert_eq!(redis_cli(cli(), &["INCR", "counter"], b""), format!("{k}\n").into_bytes(), "{tag}: INCR");
+    }
+    assert_eq!(redis_cli(cli(), &["INCRBY", "counter", "10"], b""), b"15\n", "{tag}");
+    assert_eq!(redis_cli(cli(), &["RPUSH", "list", "a", "b", "c d", ""], b""), b"4\n", "{tag}");
+    assert_eq!(redis_cli(cli(), &["LRANGE", "list", "0", "-1"], b""), b"a\nb\nc d\n\n", "{tag}: LRANGE");
+    assert_eq!(redis_cli(cli(), &["LRANGE", "list", "1", "2"], b""), b"b\nc d\n", "{tag}: LRANGE 1 2");
+    blob
+}
+
+fn redis_dbsize(cli: &dyn Fn() -> Command) -> u64 {
+    String::from_utf8(redis_cli(cli(), &["DBSIZE"], b"")).unwrap().trim().parse().unwrap()
+}
+
+/// Parses `redis-benchmark -q` output into {test: requests per second}.
+fn benchmark_rps(stdout: &[u8]) -> BTreeMap<String, f64> {
+    let text = String::from_utf8_lossy(stdout);
+    let mut rps = BTreeMap::new();
+    for line in text.split('\n') {
+        let line = line.rsplit('\r').next().unwrap_or("").trim();
+        if let Some((name, rest)) = line.split_once(": ") {
+            if let Some(num) = rest.strip_suffix_any_requests() {
+                rps.insert(name.to_owned(), num);
+            }
+        }
+    }
+    rps
+}
+
+trait RequestsPerSecond {
+    fn strip_suffix_any_requests(&self) -> Option<f64>;
+}
+
+impl RequestsPerSecond for str {
+    fn strip_suffix_any_requests(&self) -> Option<f64> {
+        let (num, rest) = self.split_once(' ')?;
+        if rest.starts_with("requests per second") {
+            num.parse().ok()
+        } else {
+            None
+        }
+    }
+}
+
+fn redis_on_node2_is_driven_from_node3(mode: Mode, test: &str) {
+    let Some(redis) = redis_or_skip(test) else { return };
+    let cluster = Cluster::start(3, mode);
+    let server = start_redis(&cluster, &redis, 1, "redis", 6379);
+    wait_connectable(&cluster, 2, "dc0", "redis.dc0.dvk", 6379, REACH);
+    let cli = || {
+        let mut c = cluster.preloaded(2, &redis.cli);
+        c.args(["-h", "redis.dc0.dvk", "-p", "6379"]);
+        c
+    };
+    let blob = redis_session(&cli, "node3");
+    let keys_before = redis_dbsize(&cli);
+    assert_eq!(keys_before, 3, "bin, counter, list");
+
+    let out = run_ok(
+        cluster
+            .preloaded(2, &redis.benchmark)
+            .args(["-h", "redis.dc0.dvk", "-p", "6379"])
+            .args(["-n", "2000", "-c", "10", "-t", "set,get", "-q"]),
+        b"",
+        Duration::from_secs(120),
+        "redis-benchmark",
+    );
+    let rps = benchmark_rps(&out.stdout);
+    eprintln!("redis-benchmark through dvk ({mode:?}): {rps:?}");
+    for t in ["SET", "GET"] {
+        let r = rps.get(t).copied().unwrap_or(0.0);
+        assert!(r > 0.0, "redis-benchmark reported no {t} rate:\n{}", tail(&out.stdout));
+    }
+    // The benchmark wrote one key (key:__rand_int__, 3 bytes); ours are intact.
+    assert_eq!(redis_dbsize(&cli), keys_before + 1);
+    assert_eq!(redis_cli(cli(), &["STRLEN", "key:__rand_int__"], b""), b"3\n");
+    let mut got = redis_cli(cli(), &["GET", "bin"], b"");
+    got.pop();
+    assert!(got == blob, "the binary value changed during the benchmark");
+    assert_eq!(redis_cli(cli(), &["GET", "counter"], b""), b"15\n");
+    // A client on the server's own node sees the same data.
+    let same_node = || {
+        let mut c = cluster.preloaded(1, &redis.cli);
+        c.args(["-h", "redis.dc0.dvk", "-p", "6379"]);
+        c
+    };
+    assert_eq!(redis_cli(same_node(), &["GET", "counter"], b""), b"15\n");
+    assert_alive(server, "redis-server", &read_log(&cluster, "redis-redis.log"));
+}
+
+#[test]
+fn redis_on_node2_is_driven_by_redis_cli_and_benchmark_on_node3_loopback() {
+    redis_on_node2_is_driven_from_node3(
+        Mode::Loopback,
+        "redis_on_node2_is_driven_by_redis_cli_and_benchmark_on_node3_loopback",
+    );
+}
+
+#[test]
+fn redis_on_node2_is_driven_by_redis_cli_and_benchmark_on_node3_network() {
+    let test = "redis_on_node2_is_driven_by_redis_cli_and_benchmark_on_node3_network";
+    if skip_unless(Mode::Network, test) {
+        return;
+    }
+    redis_on_node2_is_driven_from_node3(Mode::Network, test);
+}
+
+// ---------------------------------------------------------------------------
+// 3. Ingress: plain clients (no shim) reach endpoints through a node's real TCP port.
+
+fn plain_clients_reach_endpoints_through_ingress(mode: Mode, test: &str) {
+    let redis = redis_or_skip(&format!("{test} (redis part)"));
+    // web runs on node1 and is exposed on node3 and node2; redis runs on node2 and is exposed on node1.
+    let (cluster, addrs) =
+        cluster_with_ingress(3, mode, &[(2, "web:8001", "dc0"), (1, "web:8001", "dc0"), (0, "redis:6380", "dc0")]);
+    let site = make_site(&cluster);
+    let server = start_http_server(&cluster, 0, "web", 8001, &site);
+    for node in [2, 1] {
+        wait_connectable(&cluster, node, "dc0", "web.dc0.dvk", 8001, REACH);
+    }
+    wait_plain_connectable(&cluster, 2, &addrs[0], REACH);
+    // curl without LD_PRELOAD, on node3, to node3's ingress.
+    let plain_curl = |node: usize| {
+        let mut c = cluster.command(node, "curl");
+        c.env_remove("LD_PRELOAD");
+        c
+    };
+    fetch_and_compare(&cluster, plain_curl(2), &format!("http://{}", addrs[0]), &site, "ingress-node3");
+    wait_plain_connectable(&cluster, 1, &addrs[1], REACH);
+    fetch_and_compare(&cluster, plain_curl(1), &format!("http://{}", addrs[1]), &site, "ingress-node2");
+    let log = read_log(&cluster, "http-web.log");
+    assert_alive(server, "http.server", &log);
+    assert!(
+        log.lines().filter(|l| l.contains("\"GET /big.bin")).count() >= 2,
+        "http.server did not log the ingress requests:\n{log}"
+    );
+
+    let Some(redis) = redis else { return };
+    let rserver = start_redis(&cluster, &redis, 1, "redis", 6380);
+    wait_connectable(&cluster, 0, "dc0", "redis.dc0.dvk", 6380, REACH);
+    wait_plain_connectable(&cluster, 0, &addrs[2], REACH);
+    let (host, port) = addrs[2].rsplit_once(':').unwrap();
+    let (host, port) = (host.to_owned(), port.to_owned());
+    let plain_cli = || {
+        let mut c = cluster.command(0, &redis.cli);
+        c.env_remove("LD_PRELOAD").args(["-h", &host, "-p", &port]);
+        c
+    };
+    let blob = redis_session(&plain_cli, "ingress");
+    // What the plain client stored is what a preloaded client sees by name.
+    let mut got = {
+        let mut c = cluster.preloaded(2, &redis.cli);
+        c.args(["-h", "redis.dc0.dvk", "-p", "6380"]);
+        redis_cli(c, &["GET", "bin"], b"")
+    };
+    got.pop();
+    assert!(got == blob, "a preloaded client reads other bytes than the ingress client stored");
+    assert_alive(rserver, "redis-server", &read_log(&cluster, "redis-redis.log"));
+}
+
+#[test]
+fn plain_curl_and_redis_cli_reach_endpoints_through_ingress_loopback() {
+    plain_clients_reach_endpoints_through_ingress(
+        Mode::Loopback,
+        "plain_curl_and_redis_cli_reach_endpoints_through_ingress_loopback",
+    );
+}
+
+#[test]
+fn plain_curl_and_redis_cli_reach_endpoints_through_ingress_network() {
+    let test = "plain_curl_and_redis_cli_reach_endpoints_through_ingress_network";
+    if skip_unless(Mode::Network, test) {
+        return;
+    }
+    plain_clients_reach_endpoints_through_ingress(Mode::Network, test);
+}
+
+// ---------------------------------------------------------------------------
+// 4. 1 GiB each way at once, verified byte by byte, across nodes.
+
+/// Parses "PASS sent=N sent_hash=H received=N received_hash=H secs=S".
+fn pass_fields(line: &str) -> BTreeMap<String, String> {
+    assert!(line.starts_with("PASS "), "stream_check: {line}");
+    line.split_whitespace()
+        .skip(1)
+        .filter_map(|kv| kv.split_once('='))
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect()
+}
+
+#[test]
+fn one_gib_each_way_at_once_arrives_intact_across_nodes() {
+    // DVK_STREAM_BYTES overrides the size (e.g. for a slow debug build).
+    let bytes: u64 = std::env::var("DVK_STREAM_BYTES").ok().and_then(|s| s.parse().ok()).unwrap_or(1 << 30);
+    let cluster = Cluster::start(3, Mode::Loopback);
+    let program = c_program("stream_check");
+    let mut server = Proc::spawn(
+        cluster
+            .preloaded(0, &program)
+            .args(["server", "9500", &bytes.to_string(), "1"])
+            .env("DVK_ENDPOINT", "bulk")
+            .stdin(Stdio::null()),
+        "stream_check server",
+    );
+    server.lines.wait_for("LISTENING", SHORT);
+    wait_connectable(&cluster, 2, "dc0", "bulk.dc0.dvk", 9500, REACH);
+    let started = Instant::now();
+    let client = run_bounded(
+        cluster.preloaded(2, &program).args(["client", "bulk.dc0.dvk", "9500", &bytes.to_string()]),
+        b"",
+        Duration::from_secs(180),
+        "stream_check client",
+    );
+    let secs = started.elapsed().as_secs_f64();
+    let client_line = String::from_utf8_lossy(&client.stdout).trim().to_owned();
+    let server_line = server
+        .lines
+        .next(SHORT, "the server's verdict")
+        .unwrap_or_else(|| format!("(server printed nothing more; lines: {:?})", server.lines.seen));
+    server.wait(SHORT, "stream_check server");
+    assert!(
+        client.status.success() && server_line.starts_with("PASS"),
+        "client: {client_line} (stderr: {})\nserver: {server_line}",
+        tail(&client.stderr)
+    );
+    let (c, s) = (pass_fields(&client_line), pass_fields(&server_line));
+    let n = bytes.to_string();
+    assert_eq!((c["sent"].as_str(), c["received"].as_str()), (n.as_str(), n.as_str()));
+    assert_eq!((s["sent"].as_str(), s["received"].as_str()), (n.as_str(), n.as_str()));
+    assert_eq!(c["sent_hash"], s["received_hash"], "client -> server hashes");
+    assert_eq!(s["sent_hash"], c["received_hash"], "server -> client hashes");
+    eprintln!(
+        "2 x {} MiB through shim + agents across nodes in {secs:.2} s ({:.0} MB/s each way)",
+        bytes >> 20,
+        bytes as f64 / secs / 1e6
+    );
+    assert!(secs < 60.0, "1 GiB each way took {secs:.1} s (budget 60 s)");
+}
+
+// ---------------------------------------------------------------------------
+// 5. TCP socket semantics, call by call (tests/programs/sockcheck_*.c).
+
+/// A plain TCP echo server (no shim) on 127.0.0.1 of `node`; returns (pid, port).
+fn plain_echo_server(cluster: &Cluster, node: usize) -> (Proc, u16) {
+    let script = "import socket
+s = socket.socket()
+s.bind(('127.0.0.1', 0))
+s.listen()
+print(s.getsockname()[1], flush=True)
+c, _ = s.accept()
+c.settimeout(20)
+while True:
+    d = c.recv(65536)
+    if not d:
+        break
+    c.sendall(d)";
+    let mut echo = Proc::spawn(
+        cluster.command(node, python3()).args(["-c", script]).env_remove("LD_PRELOAD").stdin(Stdio::null()),
+        "plain echo server",
+    );
+    let port = echo.lines.next(SHORT, "the echo server's port").expect("port").parse().unwrap();
+    (echo, port)
+}
+
+fn socket_semantics(cluster: &Cluster, server_node: usize, client_node: usize, name: &str, port: u16) {
+    let tag = format!("server on node{}, client on node{}", server_node + 1, client_node + 1);
+    let mut server = Proc::spawn(
+        cluster
+            .preloaded(server_node, c_program("sockcheck_server"))
+            .args([&port.to_string(), "1"])
+            .env("DVK_ENDPOINT", name)
+            .stdin(Stdio::null()),
+        "sockcheck_server",
+    );
+    server.lines.wait_for("READY", SHORT);
+    let host = format!("{name}.dc0.dvk");
+    wait_connectable(cluster, client_node, "dc0", &host, port, REACH);
+    let (echo, realport) = plain_echo_server(cluster, client_node);
+    let client = run_bounded(
+        cluster.preloaded(client_node, c_program("sockcheck_client")).args([
+            host.as_str(),
+            &port.to_string(),
+            &(port + 1).to_string(),
+            &realport.to_string(),
+        ]),
+        b"",
+        Duration::from_secs(60),
+        "sockcheck_client",
+    );
+    let client_out = String::from_utf8_lossy(&client.stdout).into_owned();
+    // The server's verdict (a server stuck in a check is killed by the bound; its output says where).
+    let deadline = Instant::now() + Duration::from_secs(if client.status.success() { 30 } else { 2 });
+    while Instant::now() < deadline {
+        let left = deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1));
+        match server.lines.try_next(left) {
+            Some(l) if l.starts_with("SERVER PASS") || l.starts_with("FAIL") => break,
+            Some(_) => continue,
+            None => break,
+        }
+    }
+    drop(echo);
+    eprintln!("sockcheck ({tag}): client:\n{client_out}");
+    let server_out = server.lines.seen.join("\n");
+    assert!(
+        client.status.success() && client_out.contains("CLIENT PASS") && server_out.contains("SERVER PASS"),
+        "socket semantics ({tag}):\n--- client ---\n{client_out}{}\n--- server ---\n{server_out}",
+        tail(&client.stderr)
+    );
+}
+
+#[test]
+fn tcp_socket_semantics_hold_across_nodes_and_on_one_node_loopback() {
+    let cluster = Cluster::start(3, Mode::Loopback);
+    socket_semantics(&cluster, 0, 2, "sockx", 7100);
+    socket_semantics(&cluster, 0, 0, "socks", 7200);
+}
+
+#[test]
+fn tcp_socket_semantics_hold_across_nodes_network() {
+    if skip_unless(Mode::Network, "tcp_socket_semantics_hold_across_nodes_network") {
+        return;
+    }
+    let cluster = Cluster::start(3, Mode::Network);
+    socket_semantics(&cluster, 0, 2, "sockx", 7100);
+}
+
+// ---------------------------------------------------------------------------
+// 6. DC isolation.
+
+const ONE_SHOT_SERVER: &str = "import socket, sys
+port, reply = int(sys.argv[1]), sys.argv[2].encode()
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(('0.0.0.0', port))
+s.listen()
+print('LISTENING', flush=True)
+while True:
+    c, _ = s.accept()
+    try:
+        c.sendall(reply + b'\\n')
+    except OSError:
+        pass
+    c.close()";
+
+/// Prints one JSON object: for each name, its address or resolution error,
+/// gethostbyname's answer, and what a connection read; for each extra
+/// `ip:port`, what a connection to it gives.
+const DC_CLIENT: &str = "import json, socket, sys
+out = {}
+for name, port in [a.rsplit(':', 1) for a in sys.argv[1].split(',') if a]:
+    r = {}
+    try:
+        r['ip'] = socket.getaddrinfo(name, int(port), socket.AF_INET, socket.SOCK_STREAM)[0][4][0]
+    except socket.gaierror as e:
+        r['gaierror'] = e.errno
+    try:
+        r['gethostbyname'] = socket.gethostbyname(name)
+    except OSError as e:
+        r['gethostbyname_error'] = str(e)
+    if 'ip' in r:
+        try:
+            c = socket.create_connection((r['ip'], int(port)), timeout=10)
+            r['read'] = c.recv(64).decode().strip()
+            c.close()
+        except ConnectionRefusedError:
+            r['connect'] = 'refused'
+        except OSError as e:
+            r['connect'] = 'error %s' % e
+    out[name + ':' + port] = r
+for addr in [a for a in sys.argv[2].split(',') if a]:
+    ip, port = addr.rsplit(':', 1)
+    try:
+        c = socket.create_connection((ip, int(port)), timeout=10)
+        out[addr] = {'read': c.recv(64).decode().strip()}
+        c.close()
+    except ConnectionRefusedError:
+        out[addr] = {'connect': 'refused'}
+    except OSError as e:
+        out[addr] = {'connect': 'error %s' % e}
+print(json.dumps(out), flush=True)";
+
+fn dc_view(cluster: &Cluster, node: usize, dc: &str, names: &[&str], addrs: &[String]) -> serde_json::Value {
+    let out = run_ok(
+        cluster
+            .preloaded(node, python3())
+            .args(["-c", DC_CLIENT, &names.join(","), &addrs.join(",")])
+            .env("DVK_DC", dc),
+        b"",
+        Duration::from_secs(60),
+        &format!("python client in {dc}"),
+    );
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}\n{}", tail(&out.stdout), tail(&out.stderr)))
+}
+
+fn dcs_are_isolated(mode: Mode) {
+    let cluster = Cluster::start(3, mode);
+    // dc0: secret:7000 and only0:7001 on node1; dc1: secret:7000 on node2 (same name, other DC).
+    let servers = [
+        (0, "dc0", "secret", 7000, "from-dc0"),
+        (0, "dc0", "only0", 7001, "only-dc0"),
+        (1, "dc1", "secret", 7000, "from-dc1"),
+    ];
+    let mut procs = Vec::new();
+    for (node, dc, name, port, reply) in servers {
+        let mut server = Proc::spawn(
+            cluster
+                .preloaded(node, python3())
+                .args(["-c", ONE_SHOT_SERVER, &port.to_string(), reply])
+                .env("DVK_DC", dc)
+                .env("DVK_ENDPOINT", name)
+                .stdin(Stdio::null()),
+            "python server",
+        );
+        server.lines.wait_for("LISTENING", SHORT);
+        procs.push(server);
+        wait_connectable(&cluster, 2, dc, &format!("{name}.{dc}.dvk"), port, REACH);
+    }
+    let names = ["secret.dc0.dvk:7000", "only0.dc0.dvk:7001", "secret.dc1.dvk:7000"];
+    let dc0 = dc_view(&cluster, 2, "dc0", &names, &[]);
+    let dc1 = dc_view(&cluster, 2, "dc1", &names, &[]);
+    let ctx = format!("dc0 view: {dc0}\ndc1 view: {dc1}");
+    // Each DC reaches its own endpoints by name, and the right one.
+    assert_eq!(dc0["secret.dc0.dvk:7000"]["read"], "from-dc0", "{ctx}");
+    assert_eq!(dc0["only0.dc0.dvk:7001"]["read"], "only-dc0", "{ctx}");
+    assert_eq!(dc1["secret.dc1.dvk:7000"]["read"], "from-dc1", "{ctx}");
+    for (view, foreign) in [(&dc0, "secret.dc1.dvk:7000"), (&dc1, "secret.dc0.dvk:7000"), (&dc1, "only0.dc0.dvk:7001")]
+    {
+        assert!(view[foreign]["gaierror"].is_i64(), "{foreign} must not resolve in the other DC\n{ctx}");
+        assert!(view[foreign]["ip"].is_null(), "{ctx}");
+        assert!(view[foreign]["gethostbyname"].is_null(), "gethostbyname answered {foreign}\n{ctx}");
+    }
+    // The other DC's virtual IPs lead nowhere: refused, never the other DC's server.
+    let ip = |v: &serde_json::Value, k: &str| {
+        let ip = v[k]["ip"].as_str().unwrap_or_else(|| panic!("{k} did not resolve in its own DC\n{ctx}"));
+        format!("{ip}:{}", k.rsplit_once(':').unwrap().1)
+    };
+    let dc0_addrs = vec![ip(&dc0, "secret.dc0.dvk:7000"), ip(&dc0, "only0.dc0.dvk:7001")];
+    let dc1_addrs = vec![ip(&dc1, "secret.dc1.dvk:7000")];
+    for a in dc0_addrs.iter().chain(&dc1_addrs) {
+        assert!(a.starts_with("127.77."), "virtual IPs are in 127.77.0.0/16: {a}\n{ctx}");
+    }
+    let from_dc1 = dc_view(&cluster, 2, "dc1", &[], &dc0_addrs);
+    let from_dc0 = dc_view(&cluster, 0, "dc0", &[], &dc1_addrs);
+    let ctx = format!("{ctx}\ndc1 dialing dc0's VIPs: {from_dc1}\ndc0 dialing dc1's VIPs: {from_dc0}");
+    assert_eq!(from_dc1[&dc0_addrs[1]]["connect"], "refused", "{ctx}");
+    for a in &dc0_addrs {
+        // secret's VIP may coincide in both DCs; then dc1 reaches its own secret, never dc0's.
+        let r = &from_dc1[a];
+        assert!(r["connect"] == "refused" || r["read"] == "from-dc1", "dc1 reached {a}: {r}\n{ctx}");
+    }
+    for a in &dc1_addrs {
+        let r = &from_dc0[a];
+        assert!(r["connect"] == "refused" || r["read"] == "from-dc0", "dc0 reached {a}: {r}\n{ctx}");
+    }
+}
+
+#[test]
+fn a_dc1_process_can_neither_resolve_nor_reach_dc0_endpoints_loopback() {
+    dcs_are_isolated(Mode::Loopback);
+}
+
+#[test]
+fn a_dc1_process_can_neither_resolve_nor_reach_dc0_endpoints_network() {
+    if skip_unless(Mode::Network, "a_dc1_process_can_neither_resolve_nor_reach_dc0_endpoints_network") {
+        return;
+    }
+    dcs_are_isolated(Mode::Network);
+}
+
+// ---------------------------------------------------------------------------
+// 7. Per-stream flow control: a stalled reader holds up only its own stream,
+//    and the agents do not buffer its backlog.
+
+fn progress(lines: &mut Lines, last: &mut u64) -> u64 {
+    for l in lines.drain_now() {
+        if let Some(n) = l.strip_prefix("progress ") {
+            *last = n.parse().unwrap();
+        }
+    }
+    *last
+}
+
+#[test]
+fn a_stalled_reader_stalls_only_its_own_stream_and_agent_memory_stays_bounded() {
+    const FLOOD: u64 = 768 << 20;
+    const RSS_LIMIT_KIB: u64 = 200 * 1024;
+    let cluster = Cluster::start(3, Mode::Loopback);
+    let program = c_program("flow");
+    let mut server = Proc::spawn(
+        cluster.preloaded(0, &program).args(["server", "9600"]).env("DVK_ENDPOINT", "flow").stdin(Stdio::null()),
+        "flow server",
+    );
+    let server_lines = &mut server.lines;
+    server_lines.wait_for("LISTENING", SHORT);
+    for node in [2, 1, 0] {
+        wait_connectable(&cluster, node, "dc0", "flow.dc0.dvk", 9600, REACH);
+    }
+
+    // node3 asks for 768 MiB and reads nothing.
+    let mut stalled = Proc::spawn(
+        cluster
+            .preloaded(2, &program)
+            .args(["flood", "flow.dc0.dvk", "9600", &FLOOD.to_string()])
+            .stdin(Stdio::piped()),
+        "flow flood (stalled reader)",
+    );
+    stalled.lines.wait_for("connected", SHORT);
+
+    // The server's writes must stop: the pipe between it and the reader is bounded.
+    let mut last = 0;
+    let mut prev = u64::MAX;
+    let mut plateau_since = Instant::now();
+    wait_until(Duration::from_secs(30), "the flooding server to be held back", || {
+        let now = progress(server_lines, &mut last);
+        assert!(
+            FLOOD - now >= 512 << 20,
+            "the server wrote {} MiB to a reader that reads nothing: the agents buffer the backlog",
+            now >> 20
+        );
+        if now != prev {
+            prev = now;
+            plateau_since = Instant::now();
+        }
+        now > 0 && plateau_since.elapsed() >= Duration::from_secs(2)
+    });
+    let held = progress(server_lines, &mut last);
+    let agents: Vec<u32> = cluster.nodes.iter().map(|n| n.agent_pid().unwrap()).collect();
+    let rss = |when: &str| {
+        for (i, pid) in agents.iter().enumerate() {
+            let kib = vm_rss_kib(*pid).unwrap_or_else(|| panic!("agent of node{} died {when}", i + 1));
+            eprintln!("agent node{} VmRSS {} MiB {when}", i + 1, kib >> 10);
+            assert!(
+                kib < RSS_LIMIT_KIB,
+                "agent of node{} uses {} MiB {when} (limit {} MiB); {} MiB held back",
+                i + 1,
+                kib >> 10,
+                RSS_LIMIT_KIB >> 10,
+                (FLOOD - held) >> 20
+            );
+        }
+    };
+    eprintln!("server held back after {} KiB in flight, {} MiB pending", held >> 10, (FLOOD - held) >> 20);
+    rss("with the stalled stream");
+
+    // Other streams to the same server still get prompt answers: from node3
+    // (sharing the node3<->node1 link with the stalled stream), node2 and node1.
+    for node in [2, 1, 0] {
+        let out = run_ok(
+            cluster.preloaded(node, &program).args(["ping", "flow.dc0.dvk", "9600", "200"]),
+            b"",
+            Duration::from_secs(30),
+            &format!("ping from node{}", node + 1),
+        );
+        let line = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        eprintln!("node{}: {line}", node + 1);
+        let field = |k: &str| -> f64 {
+            line.split_whitespace()
+                .find_map(|kv| kv.strip_prefix(k))
+                .and_then(|v| v.strip_prefix('='))
+                .and_then(|v| v.parse().ok())
+                .unwrap_or_else(|| panic!("no {k} in `{line}`"))
+        };
+        assert!(line.starts_with("PINGS 200"), "{line}");
+        assert!(field("max_us") < 1e6, "a ping took {} ms next to the stalled stream", field("max_us") / 1e3);
+        assert!(field("total_ms") < 5000.0, "200 pings took {} ms next to the stalled stream", field("total_ms"));
+    }
+    let still = progress(server_lines, &mut last);
+    assert!(FLOOD - still >= 512 << 20, "the backlog drained while nobody read it: {} MiB written", still >> 20);
+    rss("after the pings");
+
+    // The reader resumes: every byte arrives, in order.
+    stalled.child.stdin.as_mut().unwrap().write_all(b"go\n").unwrap();
+    let verdict = stalled.lines.wait_for("", Duration::from_secs(120));
+    stalled.wait(SHORT, "the stalled reader");
+    assert!(verdict.starts_with(&format!("DRAINED {FLOOD} ok")), "stalled reader after resuming: {verdict}");
+    server_lines.wait_for("flood done", SHORT);
+    rss("after the drain");
+}
