@@ -13,7 +13,6 @@
 
 pub mod net;
 pub mod programs;
-pub mod net;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
