@@ -32,6 +32,12 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// List every endpoint (listening service) of the cluster with its virtual address.
+    Endpoints {
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
     /// List the cluster's nodes with their link state.
     Nodes {
         /// Machine-readable output.
@@ -53,5 +59,6 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     match &cli.command {
         Command::Ps { json } => status::ps(&target()?, *json),
         Command::Nodes { json } => status::nodes(&target()?, *json),
+        Command::Endpoints { json } => status::endpoints(&target()?, *json),
     }
 }

@@ -150,3 +150,56 @@ fn user_name(uid: u32) -> String {
         })
         .unwrap_or_else(|| uid.to_string())
 }
+
+#[derive(Serialize)]
+struct EndpointJson<'a> {
+    dc: &'a str,
+    name: &'a str,
+    port: u16,
+    vip: String,
+    host: String,
+    node: String,
+    vpid: i32,
+}
+
+/// `endpoints`: every endpoint of the cluster with its virtual address.
+pub fn endpoints(target: &Target, json: bool) -> anyhow::Result<()> {
+    let LocalResponse::Endpoints(list) = target.request(&LocalRequest::ListEndpoints)? else {
+        bail!("{} answered `endpoints` with something else", target.describe);
+    };
+    let LocalResponse::Nodes(nodes) = target.request(&LocalRequest::ListNodes)? else {
+        bail!("{} answered `nodes` with something else", target.describe);
+    };
+    let node_name = |id: pidvirt::NodeId| {
+        nodes.iter().find(|n| n.id == id).map(|n| n.name.clone()).unwrap_or_else(|| format!("node#{id}"))
+    };
+    let rows: Vec<EndpointJson> = list
+        .iter()
+        .map(|e| EndpointJson {
+            dc: &e.dc,
+            name: &e.name,
+            port: e.port,
+            vip: std::net::Ipv4Addr::from(e.vip).to_string(),
+            host: format!("{}.{}.dvk", e.name, e.dc),
+            node: node_name(e.node),
+            vpid: e.vpid.0,
+        })
+        .collect();
+    if json {
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+        return Ok(());
+    }
+    let mut table = vec![["DC", "ENDPOINT", "ADDRESS", "HOST NAME", "NODE", "VPID"].map(String::from).to_vec()];
+    for r in &rows {
+        table.push(vec![
+            r.dc.to_owned(),
+            format!("{}:{}", r.name, r.port),
+            format!("{}:{}", r.vip, r.port),
+            r.host.clone(),
+            r.node.clone(),
+            r.vpid.to_string(),
+        ]);
+    }
+    print_table(&table);
+    Ok(())
+}

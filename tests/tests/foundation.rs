@@ -495,3 +495,40 @@ fn agent_refuses_a_bad_config_naming_file_line_and_field() {
     let err = String::from_utf8(out.stderr).unwrap();
     assert!(err.contains(&format!("{}:4: field `id`", cfg.display())), "{err}");
 }
+
+#[test]
+fn endpoints_are_listed_everywhere_and_leave_with_their_process() {
+    let cluster = Cluster::start(2, Mode::Loopback);
+    let server = "import socket, time\ns = socket.socket()\ns.bind(('0.0.0.0', 7000))\ns.listen()\ntime.sleep(60)";
+    let pid = cluster.spawn(
+        cluster.preloaded(0, python3()).args(["-c", server]).env("DVK_ENDPOINT", "svc").stdin(Stdio::null()),
+    );
+    let vpid = cluster.wait_registered(1, pid)["vpid"].clone();
+    let mut row = None;
+    wait_until(Duration::from_secs(10), "endpoint svc:7000 to be listed on node2", || {
+        let out = cluster.cli(1, &["endpoints", "--json"]);
+        let list: Value = serde_json::from_slice(&out.stdout).unwrap();
+        row = list.as_array().unwrap().iter().find(|e| e["name"] == "svc").cloned();
+        row.is_some()
+    });
+    let row = row.unwrap();
+    assert_eq!(row["port"], 7000);
+    assert_eq!(row["dc"], "dc0");
+    assert_eq!(row["host"], "svc.dc0.dvk");
+    assert_eq!(row["node"], "node1");
+    assert_eq!(row["vpid"], vpid);
+    assert!(row["vip"].as_str().unwrap().starts_with("127.77."), "{row}");
+    let table = String::from_utf8(cluster.cli(0, &["endpoints"]).stdout).unwrap();
+    assert!(table.contains("svc:7000") && table.contains("svc.dc0.dvk"), "{table}");
+
+    let mut child = cluster.take_child(pid);
+    child.kill().unwrap();
+    child.wait().unwrap();
+    wait_until(Duration::from_secs(10), "the endpoint to leave with its process", || {
+        let out = cluster.cli(1, &["endpoints", "--json"]);
+        let list: Value = serde_json::from_slice(&out.stdout).unwrap();
+        list.as_array().unwrap().is_empty()
+    });
+    let leftovers: Vec<_> = std::fs::read_dir(cluster.nodes[0].runtime_dir.join("ep")).unwrap().collect();
+    assert!(leftovers.is_empty(), "the agent removes a dead process's listener files: {leftovers:?}");
+}
