@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The dvk demo: builds everything, starts a 3-node cluster on this machine
-# (loopback ports, one runtime dir per node), runs a program under the shim and
-# shows the cluster. Everything it starts is stopped when it ends.
+# (loopback ports, one runtime dir per node), runs programs under the shim (a
+# web server on node1 reached by name from node3) and shows the cluster.
+# Everything it starts is stopped when it ends.
 #
 #   bash contrib/demo.sh          # run the demo and exit
 #   bash contrib/demo.sh --keep   # leave the cluster up until you press Enter
@@ -57,8 +58,22 @@ time.sleep(30)' &
 pids+=($!)
 sleep 0.5
 echo
-echo "== migrate-cli ps, asked on node3"
+echo "== a web server under the shim on node1: it becomes endpoint web:8000 of dc0"
+mkdir -p "$demo/www" && echo "hello from node1" > "$demo/www/index.txt"
+(cd "$demo/www" && DVK_AGENT_SOCK=$demo/node1/run/agent.sock DVK_ENDPOINT=web LD_PRELOAD=$bin/libdvkshim.so \
+  exec python3 -m http.server 8000 > "$demo/web.log" 2>&1) &
+pids+=($!)
+for _ in $(seq 100); do "$bin/migrate-cli" --node node3 endpoints | grep -q web:8000 && break; sleep 0.1; done
+
+echo
+echo "== migrate-cli ps and endpoints, asked on node3"
 "$bin/migrate-cli" --node node3 ps
+echo
+"$bin/migrate-cli" --node node3 endpoints
+
+echo
+echo "== curl under the shim on node3 fetches http://web.dc0.dvk:8000/index.txt (relayed node3 -> node1)"
+DVK_AGENT_SOCK=$demo/node3/run/agent.sock LD_PRELOAD=$bin/libdvkshim.so curl -sS --max-time 5 http://web.dc0.dvk:8000/index.txt
 
 if [ "$keep" = yes ]; then
   echo
