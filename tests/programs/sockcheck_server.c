@@ -10,9 +10,13 @@
  *      getsockname / accept's address reported back with sendmsg; then reads
  *      the half-closed rest to EOF and answers "GOT <n>\n" after the EOF.
  *   B  accept(): TCP and SOL_SOCKET options; echoes with recv/send until EOF.
- *   C  accept(): writes "bye" and closes (the client must see EOF).
+ *   C  accept(): writes "bye", shutdown(SHUT_WR) (the client sees EOF), then
+ *      still reads the client's "thanks" until EOF.
  * Prints "ok <check>" per check, "FAIL <check>: <detail>" and exits 1 on the
  * first failure, "SERVER PASS" at the end.
+ * Before A, the listener is made non-blocking: accept must say EAGAIN and
+ * poll(POLLIN) must wake when A arrives. After C:
+ *   D  accept(): the client bound its socket before connecting; echo 4 bytes.
  */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
@@ -154,6 +158,19 @@ int main(int argc, char **argv) {
         ok("probe");
     }
 
+    /* ---- non-blocking listener ---- */
+    int lfl = fcntl(l, F_GETFL);
+    fcntl(l, F_SETFL, lfl | O_NONBLOCK);
+    errno = 0;
+    int early = accept(l, NULL, NULL);
+    if (early >= 0 || (errno != EAGAIN && errno != EWOULDBLOCK))
+        fail("listener.nonblock-accept", "accept on an empty non-blocking listener returned %d", early);
+    ok("listener.nonblock-accept-EAGAIN");
+    struct pollfd lp = {.fd = l, .events = POLLIN};
+    if (poll(&lp, 1, 20000) != 1 || !(lp.revents & POLLIN)) fail("listener.poll-in", "no POLLIN in 20 s");
+    ok("listener.poll-in");
+    fcntl(l, F_SETFL, lfl);
+
     /* ---- A ---- */
     struct sockaddr_in from;
     memset(&from, 0, sizeof from);
@@ -283,8 +300,39 @@ int main(int argc, char **argv) {
     int c = accept(l, NULL, NULL);
     if (c < 0) fail("C.accept", "accept");
     write_all(c, "bye", 3, "C.write");
+    if (shutdown(c, SHUT_WR) != 0) fail("C.shutdown", "shutdown(SHUT_WR)");
+    struct timeval ctv = {.tv_sec = 10};
+    setsockopt(c, SOL_SOCKET, SO_RCVTIMEO, &ctv, sizeof ctv);
+    char thanks[16];
+    size_t tn = 0;
+    for (;;) {
+        ssize_t n = read(c, thanks + tn, sizeof thanks - tn);
+        if (n < 0 && errno == EINTR) continue;
+        if (n < 0) fail("C.read-after-own-shutdown", "read after %zu bytes", tn);
+        if (n == 0) break;
+        tn += n;
+        if (tn == sizeof thanks) break;
+    }
+    if (tn != 6 || memcmp(thanks, "thanks", 6) != 0)
+        fail("C.read-after-own-shutdown", "got %zu bytes (%.*s), want \"thanks\"", tn, (int)tn, thanks);
     close(c);
-    ok("C.closed");
+    ok("C.read-after-own-shutdown");
+
+    /* ---- D ---- */
+    int d = accept(l, NULL, NULL);
+    if (d < 0) fail("D.accept", "accept");
+    setsockopt(d, SOL_SOCKET, SO_RCVTIMEO, &ctv, sizeof ctv);
+    char dbuf[4];
+    size_t dn = 0;
+    while (dn < 4) {
+        ssize_t n = read(d, dbuf + dn, 4 - dn);
+        if (n < 0 && errno == EINTR) continue;
+        if (n <= 0) fail("D.read", "read returned %zd", n);
+        dn += n;
+    }
+    write_all(d, dbuf, 4, "D.write");
+    close(d);
+    ok("D.echo");
     printf("SERVER PASS\n");
     (void)s3;
     return 0;

@@ -10,8 +10,8 @@
 //! what it printed.
 
 use dvk_tests::net::{
-    cluster_with_ingress, run_bounded, run_ok, tail, vm_rss_kib, wait_connectable, wait_plain_connectable, which,
-    without_proxy, Lines, Proc,
+    cluster_with_ingress, probe, run_bounded, run_ok, tail, vm_rss_kib, wait_connectable, wait_plain_connectable,
+    which, without_proxy, Lines, Proc,
 };
 use dvk_tests::programs::{c_program, python3};
 use dvk_tests::{skip_unless, wait_until, Cluster, Mode};
@@ -299,7 +299,46 @@ fn redis_on_node2_is_driven_from_node3(mode: Mode, test: &str) {
         c
     };
     assert_eq!(redis_cli(same_node(), &["GET", "counter"], b""), b"15\n");
+
+    // Connection churn: -k 0 opens a new connection per request. Every stream must be
+    // torn down at both ends: redis sees its clients go, the agents' fds come back.
+    let fds_before = agent_fds(&cluster);
+    let out = run_ok(
+        cluster
+            .preloaded(2, &redis.benchmark)
+            .args(["-h", "redis.dc0.dvk", "-p", "6379"])
+            .args(["-n", "1000", "-c", "10", "-k", "0", "-t", "get", "-q"]),
+        b"",
+        Duration::from_secs(120),
+        "redis-benchmark -k 0",
+    );
+    let rps = benchmark_rps(&out.stdout);
+    eprintln!("redis-benchmark -k 0 through dvk ({mode:?}): {rps:?}");
+    assert!(rps.get("GET").copied().unwrap_or(0.0) > 0.0, "{}", tail(&out.stdout));
+    let mut clients = String::new();
+    wait_until(Duration::from_secs(10), "redis to see only the asking client", || {
+        clients = String::from_utf8_lossy(&redis_cli(cli(), &["INFO", "clients"], b"")).into_owned();
+        clients.contains("connected_clients:1\r\n") || clients.contains("connected_clients:1\n")
+    });
+    let mut fds_after = Vec::new();
+    wait_until(Duration::from_secs(10), "the agents' fds to return to their count before the churn", || {
+        fds_after = agent_fds(&cluster);
+        fds_after.iter().zip(&fds_before).all(|(a, b)| *a <= b + 4)
+    });
+    eprintln!("agent fds before churn {fds_before:?}, after {fds_after:?}");
     assert_alive(server, "redis-server", &read_log(&cluster, "redis-redis.log"));
+}
+
+/// Open fds of every agent of the cluster.
+fn agent_fds(cluster: &Cluster) -> Vec<usize> {
+    cluster
+        .nodes
+        .iter()
+        .map(|n| {
+            let pid = n.agent_pid().expect("agent running");
+            std::fs::read_dir(format!("/proc/{pid}/fd")).map(|d| d.count()).unwrap_or(usize::MAX)
+        })
+        .collect()
 }
 
 #[test]
@@ -520,6 +559,19 @@ fn socket_semantics(cluster: &Cluster, server_node: usize, client_node: usize, n
         "socket semantics ({tag}):\n--- client ---\n{client_out}{}\n--- server ---\n{server_out}",
         tail(&client.stderr)
     );
+    // The server has exited: its endpoint is gone, a connect is refused (after the news spreads).
+    server.wait(SHORT, "sockcheck_server");
+    wait_refused(cluster, client_node, "dc0", &host, port);
+}
+
+/// Waits (bounded) until a connect from `node` to `host:port` is refused.
+fn wait_refused(cluster: &Cluster, node: usize, dc: &str, host: &str, port: u16) {
+    wait_until(Duration::from_secs(10), &format!("{host}:{port} to refuse connections from node{}", node + 1), || {
+        let (ok, line) = probe(cluster, node, dc, host, port);
+        let refused = !ok && line.starts_with("connect-failed ECONNREFUSED");
+        assert!(ok || refused || line.starts_with("resolve-failed"), "probe {host}:{port}: {line}");
+        refused || (!ok && line.starts_with("resolve-failed"))
+    });
 }
 
 #[test]
@@ -789,4 +841,142 @@ fn a_stalled_reader_stalls_only_its_own_stream_and_agent_memory_stays_bounded() 
     assert!(verdict.starts_with(&format!("DRAINED {FLOOD} ok")), "stalled reader after resuming: {verdict}");
     server_lines.wait_for("flood done", SHORT);
     rss("after the drain");
+}
+
+// ---------------------------------------------------------------------------
+// 8. An endpoint lives as long as its listener: gone when the listener closes or
+//    the process exits, and another process may take the name over.
+
+const LISTEN_UNTIL_TOLD: &str = "import socket, sys
+port, reply = int(sys.argv[1]), sys.argv[2].encode()
+s = socket.socket()
+s.bind(('0.0.0.0', port))
+s.listen()
+print('LISTENING', flush=True)
+s.settimeout(0.05)
+while True:
+    try:
+        c, _ = s.accept()
+        c.sendall(reply + b'\\n')
+        c.close()
+    except socket.timeout:
+        pass
+    import select
+    if select.select([sys.stdin], [], [], 0)[0]:
+        if sys.stdin.readline().strip() == 'close':
+            s.close()
+            print('CLOSED', flush=True)
+            sys.stdin.read()
+            break";
+
+fn read_from(cluster: &Cluster, node: usize, name_port: &str) -> String {
+    let v = dc_view(cluster, node, "dc0", &[name_port], &[]);
+    v[name_port]["read"].as_str().map(str::to_owned).unwrap_or_else(|| format!("(no read: {v})"))
+}
+
+#[test]
+fn an_endpoint_goes_away_with_its_listener_and_another_process_can_take_it_over() {
+    let cluster = Cluster::start(3, Mode::Loopback);
+    let start = |node: usize, reply: &str| {
+        let mut p = Proc::spawn(
+            cluster
+                .preloaded(node, python3())
+                .args(["-c", LISTEN_UNTIL_TOLD, "7300", reply])
+                .env("DVK_ENDPOINT", "svc")
+                .stdin(Stdio::piped()),
+            "python server",
+        );
+        p.lines.wait_for("LISTENING", SHORT);
+        wait_connectable(&cluster, 2, "dc0", "svc.dc0.dvk", 7300, REACH);
+        p
+    };
+    // 1. The listener closes while its process keeps running.
+    let mut first = start(0, "first");
+    assert_eq!(read_from(&cluster, 2, "svc.dc0.dvk:7300"), "first");
+    first.child.stdin.as_mut().unwrap().write_all(b"close\n").unwrap();
+    first.lines.wait_for("CLOSED", SHORT);
+    wait_refused(&cluster, 2, "dc0", "svc.dc0.dvk", 7300);
+    wait_refused(&cluster, 0, "dc0", "svc.dc0.dvk", 7300);
+    assert_alive(first.pid(), "the first server", "");
+    // 2. Another process on another node takes the endpoint over.
+    let second = start(1, "second");
+    assert_eq!(read_from(&cluster, 2, "svc.dc0.dvk:7300"), "second");
+    assert_eq!(read_from(&cluster, 0, "svc.dc0.dvk:7300"), "second");
+    // 3. Its process dies (SIGKILL: no close() runs in it): the endpoint goes away too.
+    drop(second);
+    wait_refused(&cluster, 2, "dc0", "svc.dc0.dvk", 7300);
+    wait_refused(&cluster, 1, "dc0", "svc.dc0.dvk", 7300);
+    // 4. And it can come back once more, on the first node.
+    let _third = start(0, "third");
+    assert_eq!(read_from(&cluster, 2, "svc.dc0.dvk:7300"), "third");
+}
+
+// ---------------------------------------------------------------------------
+// 9. Streams between two processes of one node do not cross the peer links.
+
+/// Bytes received so far on every TCP connection of the cluster's peer links
+/// (loopback mode: both ends are on this host), from the kernel's tcp_info.
+fn peer_link_bytes(cluster: &Cluster) -> u64 {
+    let ports: Vec<String> =
+        cluster.nodes.iter().map(|n| format!(":{}", n.peer_addr.rsplit_once(':').unwrap().1)).collect();
+    let out = Command::new("ss").args(["-tinH"]).output().expect("run ss (apt-get install iproute2)");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut total = 0;
+    let mut ours = false;
+    for line in text.lines() {
+        if !line.starts_with(char::is_whitespace) {
+            let cols: Vec<&str> = line.split_whitespace().collect();
+            ours =
+                cols.len() >= 5 && ports.iter().any(|p| cols[3].ends_with(p.as_str()) || cols[4].ends_with(p.as_str()));
+        } else if ours {
+            total += line
+                .split_whitespace()
+                .find_map(|kv| kv.strip_prefix("bytes_received:"))
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(0);
+        }
+    }
+    total
+}
+
+fn stream_between(cluster: &Cluster, server_node: usize, client_node: usize, name: &str, port: u16, bytes: u64) {
+    let program = c_program("stream_check");
+    let mut server = Proc::spawn(
+        cluster
+            .preloaded(server_node, &program)
+            .args(["server", &port.to_string(), &bytes.to_string(), "1"])
+            .env("DVK_ENDPOINT", name)
+            .stdin(Stdio::null()),
+        "stream_check server",
+    );
+    server.lines.wait_for("LISTENING", SHORT);
+    let host = format!("{name}.dc0.dvk");
+    wait_connectable(cluster, client_node, "dc0", &host, port, REACH);
+    let out = run_bounded(
+        cluster.preloaded(client_node, &program).args(["client", &host, &port.to_string(), &bytes.to_string()]),
+        b"",
+        Duration::from_secs(120),
+        "stream_check client",
+    );
+    let client_line = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    let server_line = server.lines.next(SHORT, "the server's verdict").unwrap_or_default();
+    assert!(out.status.success() && server_line.starts_with("PASS"), "client: {client_line}\nserver: {server_line}");
+    server.wait(SHORT, "stream_check server");
+}
+
+#[test]
+fn streams_between_processes_on_one_node_stay_off_the_peer_links() {
+    const MIB: u64 = 1 << 20;
+    let cluster = Cluster::start(3, Mode::Loopback);
+    // Control: a cross-node stream shows up on the links (the measure works).
+    let before = peer_link_bytes(&cluster);
+    stream_between(&cluster, 0, 1, "across", 9800, 64 * MIB);
+    let across = peer_link_bytes(&cluster) - before;
+    assert!(across >= 2 * 64 * MIB, "64 MiB each way across nodes moved only {} KiB over the peer links", across >> 10);
+    // Same node: 256 MiB each way, the links stay quiet (heartbeats and control only).
+    let before = peer_link_bytes(&cluster);
+    stream_between(&cluster, 1, 1, "local", 9801, 256 * MIB);
+    let local = peer_link_bytes(&cluster) - before;
+    eprintln!("peer-link bytes: cross-node stream {} MiB, same-node stream {} KiB", across >> 20, local >> 10);
+    assert!(local < 4 * MIB, "a same-node stream of 2 x 256 MiB moved {} MiB over the peer links", local >> 20);
 }
