@@ -980,3 +980,221 @@ fn streams_between_processes_on_one_node_stay_off_the_peer_links() {
     eprintln!("peer-link bytes: cross-node stream {} MiB, same-node stream {} KiB", across >> 20, local >> 10);
     assert!(local < 4 * MIB, "a same-node stream of 2 x 256 MiB moved {} MiB over the peer links", local >> 20);
 }
+
+// ---------------------------------------------------------------------------
+// 10. More unmodified programs: http.server with its default (dual-stack IPv6)
+//     bind, a forking server, a pre-forked shared listener, asyncio with many
+//     concurrent connections.
+
+#[test]
+fn http_server_with_its_default_dual_stack_bind_is_reached_by_name() {
+    let cluster = Cluster::start(3, Mode::Loopback);
+    let site = make_site(&cluster);
+    // No --bind: python 3.11 binds [::]:PORT with IPV6_V6ONLY off (DualStackServer).
+    let log = log_file(&cluster, "http-web6.log");
+    let server = cluster.spawn(
+        cluster
+            .preloaded(0, python3())
+            .args(["-u", "-m", "http.server", "8002", "--directory"])
+            .arg(&site.dir)
+            .env("DVK_ENDPOINT", "web6")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log),
+    );
+    wait_connectable(&cluster, 2, "dc0", "web6.dc0.dvk", 8002, REACH);
+    fetch_and_compare(&cluster, cluster.preloaded(2, "curl"), "http://web6.dc0.dvk:8002", &site, "dual-stack");
+    assert_alive(server, "http.server (default bind)", &read_log(&cluster, "http-web6.log"));
+}
+
+/// A server that forks per connection (socketserver.ForkingTCPServer) or
+/// pre-forks workers that all accept on one listener; every handler answers
+/// "<handler pid> <peer ip> <line>".
+const FORKING_SERVER: &str = "import os, socket, socketserver, sys, time
+mode, port = sys.argv[1], int(sys.argv[2])
+def answer(conn):
+    f = conn.makefile('rwb')
+    for line in f:
+        peer = conn.getpeername()[0]
+        f.write(('%d %s %s\\n' % (os.getpid(), peer, line.decode().strip())).encode())
+        f.flush()
+if mode == 'fork':
+    class H(socketserver.StreamRequestHandler):
+        def handle(self):
+            answer(self.request)
+    class S(socketserver.ForkingTCPServer):
+        allow_reuse_address = True
+    srv = S(('0.0.0.0', port), H)
+    print('LISTENING', os.getpid(), flush=True)
+    srv.serve_forever()
+else:
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind(('0.0.0.0', port))
+    s.listen(64)
+    kids = []
+    for _ in range(3):
+        pid = os.fork()
+        if pid == 0:
+            while True:
+                c, _ = s.accept()
+                answer(c)
+                c.close()
+        kids.append(pid)
+    print('LISTENING', os.getpid(), flush=True)
+    try:
+        time.sleep(600)
+    finally:
+        for k in kids:
+            os.kill(k, 9)";
+
+/// Opens `n` connections at once to host:port, each asks 3 lines; prints JSON replies.
+const MANY_CLIENTS: &str = "import json, socket, sys, threading
+host, port, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+out = [None] * n
+def one(i):
+    try:
+        c = socket.create_connection((host, port), timeout=20)
+        f = c.makefile('rwb')
+        got = []
+        for k in range(3):
+            f.write(b'req-%d-%d\\n' % (i, k))
+            f.flush()
+            got.append(f.readline().decode().strip())
+        c.close()
+        out[i] = got
+    except Exception as e:
+        out[i] = ['error %r' % e]
+ts = [threading.Thread(target=one, args=(i,)) for i in range(n)]
+for t in ts: t.start()
+for t in ts: t.join()
+print(json.dumps(out))";
+
+fn many_clients(cluster: &Cluster, node: usize, host: &str, port: u16, n: usize) -> Vec<Vec<String>> {
+    let out = run_ok(
+        cluster.preloaded(node, python3()).args(["-c", MANY_CLIENTS, host, &port.to_string(), &n.to_string()]),
+        b"",
+        Duration::from_secs(60),
+        "python clients",
+    );
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", tail(&out.stdout)))
+}
+
+fn forking_server_serves(mode: &str, port: u16) {
+    let cluster = Cluster::start(3, Mode::Loopback);
+    let name = format!("fork{mode}");
+    let mut server = Proc::spawn(
+        cluster
+            .preloaded(0, python3())
+            .args(["-c", FORKING_SERVER, mode, &port.to_string()])
+            .env("DVK_ENDPOINT", &name)
+            .stdin(Stdio::null()),
+        "forking server",
+    );
+    let line = server.lines.wait_for("LISTENING", SHORT);
+    let server_vpid: i64 = line.split_whitespace().nth(1).unwrap().parse().unwrap();
+    let host = format!("{name}.dc0.dvk");
+    wait_connectable(&cluster, 2, "dc0", &host, port, REACH);
+    let mut handlers = std::collections::HashSet::new();
+    for round in 0..3 {
+        let replies = many_clients(&cluster, 2, &host, port, 8);
+        for (i, got) in replies.iter().enumerate() {
+            assert_eq!(got.len(), 3, "{mode} round {round} client {i}: {got:?}");
+            for (k, r) in got.iter().enumerate() {
+                let parts: Vec<&str> = r.split_whitespace().collect();
+                assert_eq!(parts.len(), 3, "{mode} round {round} client {i}: {got:?}");
+                assert_eq!(parts[2], format!("req-{i}-{k}"), "{mode}: replies belong to their requests: {got:?}");
+                assert!(parts[1].starts_with("127.77."), "{mode}: handler sees peer {}", parts[1]);
+                let pid: i64 = parts[0].parse().unwrap();
+                assert_ne!(pid, server_vpid, "{mode}: the answer comes from a forked child");
+                handlers.insert(pid);
+            }
+        }
+    }
+    assert!(handlers.len() >= if mode == "fork" { 24 } else { 1 }, "{mode}: handler pids {handlers:?}");
+    assert_alive(server.pid(), "forking server", &server.lines.seen.join("\n"));
+}
+
+#[test]
+fn a_forking_server_serves_virtual_connections_from_its_children() {
+    forking_server_serves("fork", 7400);
+}
+
+#[test]
+fn prefork_workers_share_one_virtual_listener() {
+    forking_server_serves("prefork", 7401);
+}
+
+const ASYNCIO_ECHO: &str = "import asyncio, sys
+async def handle(r, w):
+    try:
+        while True:
+            hdr = await r.readexactly(4)
+            n = int.from_bytes(hdr, 'big')
+            data = await r.readexactly(n)
+            w.write(hdr + data)
+            await w.drain()
+    except asyncio.IncompleteReadError:
+        pass
+    w.close()
+async def main():
+    srv = await asyncio.start_server(handle, '0.0.0.0', int(sys.argv[1]))
+    print('LISTENING', flush=True)
+    await srv.serve_forever()
+asyncio.run(main())";
+
+const ASYNCIO_CLIENTS: &str = "import asyncio, os, random, sys
+host, port, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+async def one(i):
+    r, w = await asyncio.open_connection(host, port)
+    rnd = random.Random(i)
+    total = 0
+    for k in range(10):
+        data = os.urandom(rnd.randint(1, 65536))
+        w.write(len(data).to_bytes(4, 'big') + data)
+        await w.drain()
+        back = await r.readexactly(4 + len(data))
+        if back[4:] != data:
+            raise Exception('client %d message %d: echo differs' % (i, k))
+        total += len(data)
+    w.close()
+    await w.wait_closed()
+    return total
+async def main():
+    res = await asyncio.wait_for(asyncio.gather(*[one(i) for i in range(n)], return_exceptions=True), 60)
+    bad = [r for r in res if isinstance(r, BaseException)]
+    print('OK %d %d' % (n, sum(res)) if not bad else 'BAD %d %r' % (len(bad), bad[:3]), flush=True)
+asyncio.run(main())";
+
+#[test]
+fn asyncio_echo_serves_a_hundred_concurrent_connections_across_nodes() {
+    let cluster = Cluster::start(3, Mode::Loopback);
+    let mut server = Proc::spawn(
+        cluster
+            .preloaded(0, python3())
+            .args(["-c", ASYNCIO_ECHO, "7500"])
+            .env("DVK_ENDPOINT", "aecho")
+            .stdin(Stdio::null()),
+        "asyncio server",
+    );
+    server.lines.wait_for("LISTENING", SHORT);
+    wait_connectable(&cluster, 2, "dc0", "aecho.dc0.dvk", 7500, REACH);
+    let mut clients: Vec<Proc> = [2usize, 1]
+        .into_iter()
+        .map(|node| {
+            Proc::spawn(
+                cluster
+                    .preloaded(node, python3())
+                    .args(["-c", ASYNCIO_CLIENTS, "aecho.dc0.dvk", "7500", "100"])
+                    .stdin(Stdio::null()),
+                "asyncio clients",
+            )
+        })
+        .collect();
+    for (k, c) in clients.iter_mut().enumerate() {
+        let verdict = c.lines.next(Duration::from_secs(90), "the asyncio clients' verdict").unwrap_or_default();
+        assert!(verdict.starts_with("OK 100 "), "asyncio clients #{k}: {verdict}");
+        assert!(c.wait(SHORT, "asyncio clients").success());
+    }
+    assert_alive(server.pid(), "asyncio server", &server.lines.seen.join("\n"));
+}
