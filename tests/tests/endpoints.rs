@@ -1198,3 +1198,146 @@ fn asyncio_echo_serves_a_hundred_concurrent_connections_across_nodes() {
     }
     assert_alive(server.pid(), "asyncio server", &server.lines.seen.join("\n"));
 }
+
+// ---------------------------------------------------------------------------
+// 11. A stream never hangs when one end goes away: the other end sees EOF when
+//     the peer process dies or when either node's agent stops.
+
+const HOLD_SERVER: &str = "import socket, sys, time
+s = socket.socket()
+s.bind(('0.0.0.0', int(sys.argv[1])))
+s.listen()
+print('LISTENING', flush=True)
+n = 0
+while True:
+    c, _ = s.accept()
+    n += 1
+    print('ACCEPTED', n, flush=True)
+    if n >= 2:
+        c.settimeout(30)
+        try:
+            print('SERVER-RECV %r' % c.recv(10), flush=True)
+        except Exception as e:
+            print('SERVER-RECV-ERROR %r' % e, flush=True)";
+
+const HOLD_CLIENT: &str = "import socket, sys, time
+c = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=30)
+print('CONNECTED', flush=True)
+try:
+    print('CLIENT-RECV %r' % c.recv(10), flush=True)
+except Exception as e:
+    print('CLIENT-RECV-ERROR %r' % e, flush=True)
+time.sleep(60)";
+
+#[derive(Clone, Copy, Debug)]
+enum Gone {
+    ServerKilled,
+    ClientKilled,
+    ServerAgentStopped,
+    ClientAgentStopped,
+}
+
+fn the_other_end_sees_eof(gone: Gone) {
+    // One port per scenario: the tests run in parallel on one host.
+    let port = (7600 + gone as u16).to_string();
+    let mut cluster = Cluster::start(3, Mode::Loopback);
+    let mut server = Proc::spawn(
+        cluster
+            .preloaded(0, python3())
+            .args(["-c", HOLD_SERVER, &port])
+            .env("DVK_ENDPOINT", "hold")
+            .stdin(Stdio::null()),
+        "hold server",
+    );
+    server.lines.wait_for("LISTENING", SHORT);
+    wait_connectable(&cluster, 2, "dc0", "hold.dc0.dvk", port.parse().unwrap(), REACH);
+    server.lines.wait_for("ACCEPTED 1", SHORT);
+    let mut client = Proc::spawn(
+        cluster.preloaded(2, python3()).args(["-c", HOLD_CLIENT, "hold.dc0.dvk", &port]).stdin(Stdio::null()),
+        "hold client",
+    );
+    client.lines.wait_for("CONNECTED", SHORT);
+    server.lines.wait_for("ACCEPTED 2", SHORT);
+    std::thread::sleep(Duration::from_millis(200)); // both are blocked in recv now
+    let bound = Duration::from_secs(10);
+    let (survivor, what) = match gone {
+        Gone::ServerKilled => {
+            server.child.kill().unwrap();
+            (vec![&mut client], "CLIENT-RECV")
+        }
+        Gone::ClientKilled => {
+            client.child.kill().unwrap();
+            (vec![&mut server], "SERVER-RECV")
+        }
+        Gone::ServerAgentStopped => {
+            cluster.stop_agent(0);
+            (vec![&mut client, &mut server], "")
+        }
+        Gone::ClientAgentStopped => {
+            cluster.stop_agent(2);
+            (vec![&mut server, &mut client], "")
+        }
+    };
+    for p in survivor {
+        let line = p.lines.next(bound, &format!("the end of the stream after {gone:?}")).unwrap_or_default();
+        assert!(
+            line.ends_with("-RECV b''") && line.starts_with(what),
+            "after {gone:?} a blocked recv must return EOF, got: {line}"
+        );
+    }
+}
+
+#[test]
+fn the_client_sees_eof_when_the_server_process_is_killed() {
+    the_other_end_sees_eof(Gone::ServerKilled);
+}
+
+#[test]
+fn the_server_sees_eof_when_the_client_process_is_killed() {
+    the_other_end_sees_eof(Gone::ClientKilled);
+}
+
+#[test]
+fn both_ends_see_eof_when_the_servers_agent_stops() {
+    the_other_end_sees_eof(Gone::ServerAgentStopped);
+}
+
+#[test]
+fn both_ends_see_eof_when_the_clients_agent_stops() {
+    the_other_end_sees_eof(Gone::ClientAgentStopped);
+}
+
+// ---------------------------------------------------------------------------
+// 12. Endpoints are virtual: a node's own services may hold the same port for
+//     real (on a real node, sshd, nginx, another DC's tenant...).
+
+#[test]
+fn an_endpoint_can_use_a_port_that_a_plain_socket_holds_on_the_node() {
+    let cluster = Cluster::start(2, Mode::Loopback);
+    // A plain (non-shim) listener holds the port on the host, for real.
+    let plain = std::net::TcpListener::bind("0.0.0.0:0").unwrap();
+    let port = plain.local_addr().unwrap().port();
+    let err = cluster.path("busy.err");
+    let mut server = Proc::spawn(
+        cluster
+            .preloaded(0, python3())
+            .args(["-c", ONE_SHOT_SERVER, &port.to_string(), "virtual"])
+            .env("DVK_ENDPOINT", "busy")
+            .stdin(Stdio::null())
+            .stderr(std::fs::File::create(&err).unwrap()),
+        "python server",
+    );
+    if server.lines.try_next(SHORT).as_deref() != Some("LISTENING") {
+        panic!(
+            "a preloaded server could not listen on port {port}, which a plain socket holds on the host: {}",
+            std::fs::read_to_string(&err).unwrap_or_default().lines().last().unwrap_or("(no error output)")
+        );
+    }
+    let name_port = format!("busy.dc0.dvk:{port}");
+    wait_connectable(&cluster, 1, "dc0", "busy.dc0.dvk", port, REACH);
+    assert_eq!(read_from(&cluster, 1, &name_port), "virtual");
+    // The plain listener is untouched: a plain client still reaches it.
+    let _c = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    plain.set_nonblocking(false).unwrap();
+    let (_conn, _) = plain.accept().unwrap();
+}
