@@ -334,6 +334,12 @@ int main(int argc, char **argv) {
     len = sizeof v;
     if (getsockopt(b, SOL_SOCKET, SO_TYPE, &v, &len) != 0 || v != SOCK_STREAM) fail("B.SO_TYPE", "%d", v);
     ok("B.sockopts");
+    v = 0;
+    len = sizeof v;
+    if (getsockopt(b, IPPROTO_TCP, TCP_NODELAY, &v, &len) != 0 || v == 0)
+        soft_fail("B.TCP_NODELAY-readback", "getsockopt(TCP_NODELAY) after setting it gives %d", v);
+    else
+        ok("B.TCP_NODELAY-readback");
     bound(b);
     static char big[65536], back[65536];
     for (size_t i = 0; i < sizeof big; i++) big[i] = (char)(i * 7 + (i >> 8));
@@ -369,12 +375,30 @@ int main(int argc, char **argv) {
     close(c);
     ok("C.write-after-peer-shutdown");
 
-    /* ---- D: bind before connect ---- */
+    /* ---- D: bind and a receive timeout before connect ---- */
     int d = socket(AF_INET, SOCK_STREAM, 0);
+    struct timeval rto = {.tv_sec = 0, .tv_usec = 300000};
+    if (setsockopt(d, SOL_SOCKET, SO_RCVTIMEO, &rto, sizeof rto) != 0) fail("D.SO_RCVTIMEO", "setsockopt");
     struct sockaddr_in any = {.sin_family = AF_INET};
     any.sin_addr.s_addr = htonl(INADDR_ANY);
     if (bind(d, (struct sockaddr *)&any, sizeof any) != 0) fail("D.bind", "bind 0.0.0.0:0 before connect");
     if (connect(d, (struct sockaddr *)&vip, sizeof vip) != 0) fail("D.connect-after-bind", "connect");
+    /* Options set before connect stay set: the server sends nothing until it gets 4 bytes, so a read times out. */
+    struct timeval got_rto = {0};
+    len = sizeof got_rto;
+    getsockopt(d, SOL_SOCKET, SO_RCVTIMEO, &got_rto, &len);
+    if (got_rto.tv_sec != 0 || got_rto.tv_usec < 200000 || got_rto.tv_usec > 400000) {
+        soft_fail("D.option-set-before-connect", "SO_RCVTIMEO set to 0.3 s before connect reads back as %ld.%06ld s",
+                  (long)got_rto.tv_sec, (long)got_rto.tv_usec);
+    } else {
+        char nothing;
+        errno = 0;
+        ssize_t r = read(d, &nothing, 1);
+        if (r != -1 || (errno != EAGAIN && errno != EWOULDBLOCK))
+            soft_fail("D.option-set-before-connect", "read with a 0.3 s SO_RCVTIMEO returned %zd", r);
+        else
+            ok("D.option-set-before-connect");
+    }
     bound(d);
     write_all(d, "ding", 4, "D.write");
     char dback[4];
