@@ -441,11 +441,10 @@ fn pass_fields(line: &str) -> BTreeMap<String, String> {
         .collect()
 }
 
-#[test]
-fn one_gib_each_way_at_once_arrives_intact_across_nodes() {
+fn one_gib_each_way_at_once(mode: Mode) {
     // DVK_STREAM_BYTES overrides the size (e.g. for a slow debug build).
     let bytes: u64 = std::env::var("DVK_STREAM_BYTES").ok().and_then(|s| s.parse().ok()).unwrap_or(1 << 30);
-    let cluster = Cluster::start(3, Mode::Loopback);
+    let cluster = Cluster::start(3, mode);
     let program = c_program("stream_check");
     let mut server = Proc::spawn(
         cluster
@@ -483,11 +482,24 @@ fn one_gib_each_way_at_once_arrives_intact_across_nodes() {
     assert_eq!(c["sent_hash"], s["received_hash"], "client -> server hashes");
     assert_eq!(s["sent_hash"], c["received_hash"], "server -> client hashes");
     eprintln!(
-        "2 x {} MiB through shim + agents across nodes in {secs:.2} s ({:.0} MB/s each way)",
+        "2 x {} MiB through shim + agents across nodes ({mode:?}) in {secs:.2} s ({:.0} MB/s each way)",
         bytes >> 20,
         bytes as f64 / secs / 1e6
     );
     assert!(secs < 60.0, "1 GiB each way took {secs:.1} s (budget 60 s)");
+}
+
+#[test]
+fn one_gib_each_way_at_once_arrives_intact_across_nodes_loopback() {
+    one_gib_each_way_at_once(Mode::Loopback);
+}
+
+#[test]
+fn one_gib_each_way_at_once_arrives_intact_across_nodes_network() {
+    if skip_unless(Mode::Network, "one_gib_each_way_at_once_arrives_intact_across_nodes_network") {
+        return;
+    }
+    one_gib_each_way_at_once(Mode::Network);
 }
 
 // ---------------------------------------------------------------------------
@@ -1340,4 +1352,61 @@ fn an_endpoint_can_use_a_port_that_a_plain_socket_holds_on_the_node() {
     let _c = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
     plain.set_nonblocking(false).unwrap();
     let (_conn, _) = plain.accept().unwrap();
+}
+
+// ---------------------------------------------------------------------------
+// 13. Name lookup answers like a resolver: host names are case-insensitive
+//     (RFC 4343), a trailing dot is the same name, an AF_INET6 query gets the
+//     VIP v4-mapped and an AF_INET6 socket connects to it.
+
+const LOOKUPS: &str = "import json, socket, sys
+port = int(sys.argv[1])
+out = {}
+for name in ['look.dc0.dvk', 'LOOK.DC0.DVK', 'Look.Dc0.Dvk', 'look.dc0.dvk.']:
+    try:
+        out[name] = socket.getaddrinfo(name, port, socket.AF_INET, socket.SOCK_STREAM)[0][4][0]
+    except socket.gaierror as e:
+        out[name] = 'gaierror %d' % e.errno
+    try:
+        out['ghbn ' + name] = socket.gethostbyname(name)
+    except OSError as e:
+        out['ghbn ' + name] = 'error %s' % e
+try:
+    a6 = socket.getaddrinfo('look.dc0.dvk', port, socket.AF_INET6, socket.SOCK_STREAM)[0][4]
+    s = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+    s.settimeout(10)
+    s.connect(a6)
+    out['v6'] = s.recv(64).decode().strip()
+except Exception as e:
+    out['v6'] = 'error %r' % e
+print(json.dumps(out))";
+
+#[test]
+fn name_lookup_is_case_insensitive_and_serves_ipv6_sockets() {
+    let cluster = Cluster::start(2, Mode::Loopback);
+    let mut server = Proc::spawn(
+        cluster
+            .preloaded(0, python3())
+            .args(["-c", ONE_SHOT_SERVER, "7800", "found"])
+            .env("DVK_ENDPOINT", "look")
+            .stdin(Stdio::null()),
+        "python server",
+    );
+    server.lines.wait_for("LISTENING", SHORT);
+    wait_connectable(&cluster, 1, "dc0", "look.dc0.dvk", 7800, REACH);
+    let out =
+        run_ok(cluster.preloaded(1, python3()).args(["-c", LOOKUPS, "7800"]), b"", Duration::from_secs(30), "lookups");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let vip = v["look.dc0.dvk"].as_str().unwrap_or("").to_owned();
+    assert!(vip.starts_with("127.77."), "{v}");
+    let mut wrong = Vec::new();
+    for name in ["LOOK.DC0.DVK", "Look.Dc0.Dvk", "look.dc0.dvk."] {
+        for key in [name.to_owned(), format!("ghbn {name}")] {
+            if v[&key] != vip.as_str() {
+                wrong.push(format!("{key} -> {}", v[&key]));
+            }
+        }
+    }
+    assert_eq!(v["v6"], "found", "an AF_INET6 socket to the v4-mapped VIP: {v}");
+    assert!(wrong.is_empty(), "these spellings of look.dc0.dvk ({vip}) answer otherwise: {wrong:?}");
 }
