@@ -59,12 +59,13 @@ pub fn listen(agent: &Agent, pid: i32, uid: u32, port: u16, path: String) -> Loc
     let key = EndpointKey { dc: me.dc.clone(), name: me.endpoint.clone(), port };
     let entry = {
         let mut t = agent.tables.lock();
-        if let Some(existing) = t.routing.endpoint(&key) {
-            if existing.vpid != me.vpid {
+        // Names differing only in case are one host name, so one VIP: the port must be free on it.
+        let vip = t.routing.choose_vip(&key.dc, &key.name);
+        if let Some(existing) = t.routing.endpoint_by_vip(&key.dc, vip, port) {
+            if existing.vpid != me.vpid || existing.name != key.name {
                 return LocalResponse::Refused { errno: libc::EADDRINUSE };
             }
         }
-        let vip = t.routing.choose_vip(&key.dc, &key.name);
         let entry = EndpointEntry {
             dc: key.dc.clone(),
             name: key.name.clone(),
@@ -88,10 +89,10 @@ pub fn resolve(agent: &Agent, pid: i32, dc: &str, name: &str) -> LocalResponse {
         Ok(e) => e,
         Err(r) => return r,
     };
-    if me.dc != dc {
+    if !me.dc.eq_ignore_ascii_case(dc) {
         return LocalResponse::Refused { errno: libc::ENOENT };
     }
-    match agent.tables.lock().routing.vip_of(dc, name) {
+    match agent.tables.lock().routing.vip_of(&me.dc, name) {
         Some(vip) => LocalResponse::Resolved { vip },
         None => LocalResponse::Refused { errno: libc::ENOENT },
     }

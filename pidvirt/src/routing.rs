@@ -178,8 +178,12 @@ impl RoutingTable {
     }
 
     /// The VIP of endpoint name `name` in `dc`, if any endpoint of that name exists.
+    /// Names are matched without regard to ASCII case, as host names are.
     pub fn vip_of(&self, dc: &str, name: &str) -> Option<[u8; 4]> {
-        self.endpoints.values().find(|e| e.dc == dc && e.name == name).map(|e| e.vip)
+        self.endpoints
+            .values()
+            .find(|e| e.dc.eq_ignore_ascii_case(dc) && e.name.eq_ignore_ascii_case(name))
+            .map(|e| e.vip)
     }
 
     /// The VIP a new endpoint named `name` gets: the name's existing VIP, else the first
@@ -338,6 +342,7 @@ mod tests {
         assert!(t.upsert_endpoint(web80.clone()));
         let web81 = endpoint("web", 81, v.0, 2, &t);
         assert_eq!(web81.vip, web80.vip, "one VIP per name");
+        assert_eq!(t.vip_of("DC0", "WEB"), Some(web80.vip), "host names are case-insensitive");
         t.upsert_endpoint(web81);
         assert_eq!(t.endpoint_by_vip("dc0", web80.vip, 81).unwrap().port, 81);
         assert!(t.endpoint_by_vip("dc1", web80.vip, 80).is_none(), "DCs are isolated");

@@ -52,6 +52,7 @@ pub extern "C" fn kill(pid: pid_t, sig: c_int) -> c_int {
 // ---------------------------------------------------------------------------
 // Virtual sockets: only the calls that deal with addresses.
 
+use crate::fdtable::{Entry, Family, Kind, V6Form};
 use crate::{names, real, vsock};
 use libc::{addrinfo, c_char, c_void, hostent, size_t, sockaddr, socklen_t};
 use std::ffi::CStr;
@@ -61,6 +62,21 @@ fn fail(errno: c_int) -> c_int {
     -1
 }
 
+/// bind(): a TCP port of a registered process is recorded, not taken from the node.
+///
+/// # Safety
+/// Called by the program with bind(2)'s contract.
+#[no_mangle]
+pub unsafe extern "C" fn bind(fd: c_int, addr: *const sockaddr, len: socklen_t) -> c_int {
+    // SAFETY: the program passed len readable bytes at addr.
+    match raw::preserving_errno(|| unsafe { vsock::bind(fd, addr, len) }) {
+        Some(Ok(())) => 0,
+        Some(Err(errno)) => fail(errno),
+        // SAFETY: forwarded unchanged.
+        None => unsafe { real::bind()(fd, addr, len) },
+    }
+}
+
 /// connect(): to a virtual IP, through the agent; anything else, libc's.
 ///
 /// # Safety
@@ -68,15 +84,18 @@ fn fail(errno: c_int) -> c_int {
 #[no_mangle]
 pub unsafe extern "C" fn connect(fd: c_int, addr: *const sockaddr, len: socklen_t) -> c_int {
     // SAFETY: the program passed len readable bytes at addr.
-    match unsafe { vsock::virtual_target(addr, len) } {
-        Some((target, _)) => match raw::preserving_errno(|| vsock::connect(fd, target)) {
-            Ok(()) => 0,
-            Err(libc::EPROTOTYPE) => unsafe { real::connect()(fd, addr, len) },
-            Err(errno) => fail(errno),
-        },
-        // SAFETY: forwarded unchanged.
-        None => unsafe { real::connect()(fd, addr, len) },
+    if let Some(target) = unsafe { vsock::virtual_target(addr, len) } {
+        match raw::preserving_errno(|| vsock::connect(fd, target)) {
+            Ok(()) => return 0,
+            Err(libc::EPROTOTYPE) => {} // not a TCP socket: the kernel decides
+            Err(errno) => return fail(errno),
+        }
     }
+    if let Err(errno) = raw::preserving_errno(|| vsock::carry_out_bind(fd)) {
+        return fail(errno);
+    }
+    // SAFETY: forwarded unchanged.
+    unsafe { real::connect()(fd, addr, len) }
 }
 
 /// listen(): a bound TCP socket becomes endpoint `<name>:<port>` of the process's DC.
@@ -90,13 +109,18 @@ pub extern "C" fn listen(fd: c_int, backlog: c_int) -> c_int {
     }
 }
 
+/// The virtual socket at `fd` that is connected or listening (not a recorded bind).
+fn live_virtual(fd: c_int) -> Option<Entry> {
+    vsock::lookup(fd).filter(|e| e.kind != Kind::Bound)
+}
+
 /// # Safety
 /// Called by the program with accept4(2)'s contract.
 #[no_mangle]
 pub unsafe extern "C" fn accept4(fd: c_int, addr: *mut sockaddr, len: *mut socklen_t, flags: c_int) -> c_int {
     match vsock::lookup(fd) {
         // SAFETY: forwarded from the program.
-        Some(l) if l.kind == vsock::Kind::Listener => unsafe { vsock::accept(l, fd, addr, len, flags) },
+        Some(l) if l.kind == Kind::Listener => unsafe { vsock::accept(l, fd, addr, len, flags) },
         // SAFETY: forwarded unchanged.
         _ => unsafe { real::accept4()(fd, addr, len, flags) },
     }
@@ -108,7 +132,7 @@ pub unsafe extern "C" fn accept4(fd: c_int, addr: *mut sockaddr, len: *mut sockl
 pub unsafe extern "C" fn accept(fd: c_int, addr: *mut sockaddr, len: *mut socklen_t) -> c_int {
     match vsock::lookup(fd) {
         // SAFETY: forwarded from the program.
-        Some(l) if l.kind == vsock::Kind::Listener => unsafe { vsock::accept(l, fd, addr, len, 0) },
+        Some(l) if l.kind == Kind::Listener => unsafe { vsock::accept(l, fd, addr, len, 0) },
         // SAFETY: forwarded unchanged.
         _ => unsafe { real::accept()(fd, addr, len) },
     }
@@ -120,8 +144,9 @@ pub unsafe extern "C" fn accept(fd: c_int, addr: *mut sockaddr, len: *mut sockle
 pub unsafe extern "C" fn getsockname(fd: c_int, addr: *mut sockaddr, len: *mut socklen_t) -> c_int {
     match vsock::lookup(fd) {
         Some(v) => {
+            let form = if v.kind == Kind::Bound { v.v6_form } else { V6Form::Mapped };
             // SAFETY: forwarded from the program.
-            unsafe { vsock::write_address(v.local, v.family, addr, len) };
+            unsafe { vsock::write_address(v.local, v.family, form, addr, len) };
             0
         }
         // SAFETY: forwarded unchanged.
@@ -133,11 +158,11 @@ pub unsafe extern "C" fn getsockname(fd: c_int, addr: *mut sockaddr, len: *mut s
 /// Called by the program with getpeername(2)'s contract.
 #[no_mangle]
 pub unsafe extern "C" fn getpeername(fd: c_int, addr: *mut sockaddr, len: *mut socklen_t) -> c_int {
-    match vsock::lookup(fd) {
-        Some(v) if v.kind == vsock::Kind::Listener => fail(libc::ENOTCONN),
+    match live_virtual(fd) {
+        Some(v) if v.kind == Kind::Listener => fail(libc::ENOTCONN),
         Some(v) => {
             // SAFETY: forwarded from the program.
-            unsafe { vsock::write_address(v.peer, v.family, addr, len) };
+            unsafe { vsock::write_address(v.peer, v.family, V6Form::Mapped, addr, len) };
             0
         }
         // SAFETY: forwarded unchanged.
@@ -150,17 +175,25 @@ fn is_ip_level(level: c_int) -> bool {
 }
 
 /// TCP/IP-level options of a virtual socket are accepted (it is a TCP socket to the
-/// program); socket-level ones go to the real AF_UNIX socket.
+/// program; TCP_NODELAY reads back); socket-level ones go to the real AF_UNIX socket.
 ///
 /// # Safety
 /// Called by the program with setsockopt(2)'s contract.
 #[no_mangle]
 pub unsafe extern "C" fn setsockopt(fd: c_int, level: c_int, name: c_int, value: *const c_void, len: socklen_t) -> c_int {
-    if vsock::lookup(fd).is_none() {
+    if live_virtual(fd).is_none() {
         // SAFETY: forwarded unchanged.
         return unsafe { real::setsockopt()(fd, level, name, value, len) };
     }
     if is_ip_level(level) {
+        if level == libc::IPPROTO_TCP && name == libc::TCP_NODELAY {
+            if value.is_null() || (len as usize) < std::mem::size_of::<c_int>() {
+                return fail(libc::EINVAL);
+            }
+            // SAFETY: the program passed len >= sizeof(int) readable bytes at value.
+            let on = unsafe { std::ptr::read_unaligned(value as *const c_int) } != 0;
+            crate::fdtable::set_nodelay(fd, on);
+        }
         return 0;
     }
     // SAFETY: forwarded unchanged.
@@ -175,32 +208,39 @@ pub unsafe extern "C" fn setsockopt(fd: c_int, level: c_int, name: c_int, value:
 /// Called by the program with getsockopt(2)'s contract.
 #[no_mangle]
 pub unsafe extern "C" fn getsockopt(fd: c_int, level: c_int, name: c_int, value: *mut c_void, len: *mut socklen_t) -> c_int {
-    let Some(v) = vsock::lookup(fd) else {
+    let Some(v) = live_virtual(fd) else {
         // SAFETY: forwarded unchanged.
         return unsafe { real::getsockopt()(fd, level, name, value, len) };
     };
     let answer = if level == libc::SOL_SOCKET && name == libc::SO_DOMAIN {
-        Some(if v.family == vsock::Family::V6 { libc::AF_INET6 } else { libc::AF_INET })
+        Some(if v.family == Family::V6 { libc::AF_INET6 } else { libc::AF_INET })
     } else if level == libc::SOL_SOCKET && name == libc::SO_PROTOCOL {
         Some(libc::IPPROTO_TCP)
+    } else if level == libc::IPPROTO_TCP && name == libc::TCP_NODELAY {
+        Some(v.nodelay as c_int)
     } else if is_ip_level(level) {
         Some(0)
     } else {
         None
     };
     match answer {
-        // SAFETY: the program passed *len writable bytes at value.
-        Some(int) => unsafe {
+        Some(int) => {
             if value.is_null() || len.is_null() {
                 return fail(libc::EFAULT);
             }
-            let n = *len as usize;
-            std::ptr::write_bytes(value as *mut u8, 0, n);
-            let bytes = int.to_ne_bytes();
-            std::ptr::copy_nonoverlapping(bytes.as_ptr(), value as *mut u8, n.min(bytes.len()));
-            *len = n.min(std::mem::size_of::<c_int>().max(n)) as socklen_t;
+            // SAFETY: the program passed *len writable bytes at value; we write no more.
+            unsafe {
+                let n = *len as usize;
+                std::ptr::write_bytes(value as *mut u8, 0, n);
+                let bytes = int.to_ne_bytes();
+                let copied = n.min(bytes.len());
+                std::ptr::copy_nonoverlapping(bytes.as_ptr(), value as *mut u8, copied);
+                if n >= bytes.len() {
+                    *len = bytes.len() as socklen_t;
+                }
+            }
             0
-        },
+        }
         // SAFETY: forwarded unchanged.
         None => unsafe { real::getsockopt()(fd, level, name, value, len) },
     }

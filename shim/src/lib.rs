@@ -12,6 +12,7 @@
 //! binaries, raw syscalls and glibc-internal calls are not seen; the kernel
 //! still reports real PIDs in /proc, si_pid and SO_PEERCRED.
 
+mod fdtable;
 mod hooks;
 mod identity;
 mod link;

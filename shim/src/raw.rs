@@ -307,3 +307,34 @@ pub fn set_h_errno(value: c_int) {
     // SAFETY: __h_errno_location returns this thread's h_errno slot (glibc).
     unsafe { *__h_errno_location() = value }
 }
+
+/// Copies SO_RCVTIMEO/SO_SNDTIMEO from `from` to `to` (a program's timeouts survive
+/// the replacement of its socket).
+pub fn copy_timeouts(from: c_int, to: c_int) {
+    for opt in [libc::SO_RCVTIMEO, libc::SO_SNDTIMEO] {
+        let mut tv = libc::timeval { tv_sec: 0, tv_usec: 0 };
+        let mut len = std::mem::size_of::<libc::timeval>() as libc::socklen_t;
+        let got = sockcall(
+            libc::SYS_getsockopt,
+            from as usize,
+            libc::SOL_SOCKET as usize,
+            opt as usize,
+            &mut tv as *mut _ as usize,
+            &mut len as *mut _ as usize,
+        );
+        if got.is_ok() && (tv.tv_sec != 0 || tv.tv_usec != 0) {
+            let _ = sockcall(
+                libc::SYS_setsockopt,
+                to as usize,
+                libc::SOL_SOCKET as usize,
+                opt as usize,
+                &tv as *const _ as usize,
+                std::mem::size_of::<libc::timeval>(),
+            );
+        }
+    }
+}
+
+pub fn bind_inet(fd: c_int, addr: &libc::sockaddr_storage, len: usize) -> Result<(), c_int> {
+    sockcall(libc::SYS_bind, fd as usize, addr as *const _ as usize, len, 0, 0).map(|_| ())
+}

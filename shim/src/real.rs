@@ -40,6 +40,7 @@ macro_rules! next_symbol {
 }
 
 next_symbol! {
+    bind: fn(c_int, *const sockaddr, socklen_t) -> c_int;
     connect: fn(c_int, *const sockaddr, socklen_t) -> c_int;
     listen: fn(c_int, c_int) -> c_int;
     accept: fn(c_int, *mut sockaddr, *mut socklen_t) -> c_int;

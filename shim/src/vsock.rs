@@ -1,102 +1,31 @@
 //! Virtual sockets (DESIGN §4). A virtual socket is a real AF_UNIX stream
 //! socket to the local agent, put at the fd number the program holds, so
 //! read/write/poll/epoll/shutdown/close work natively. Only calls that involve
-//! addresses need us: connect, listen, accept, get{sock,peer}name, {get,set}sockopt.
+//! addresses need us: bind, connect, listen, accept, get{sock,peer}name and
+//! {get,set}sockopt. Which fds are virtual is kept in [`fdtable`].
 //!
-//! Which fds are virtual, and their virtual addresses, live in a lock-free
-//! table indexed by fd. An entry also records the socket's inode, so an entry
-//! left behind by a close()d fd is recognised as stale (we do not hook close).
+//! `bind()` of a TCP socket to a port is recorded, not done: an endpoint's port
+//! belongs to its DC, not to the node, so two DCs (or a plain service of the
+//! node) may use the same port. listen() then makes the endpoint; a connect()
+//! to a real address carries the recorded bind out first.
 
+use crate::fdtable::{self, Entry, Family, Kind, V6Form};
 use crate::{identity, link, raw};
 use libc::{c_int, sockaddr, socklen_t};
 use pidvirt::endpoint::is_virtual_ip;
 use pidvirt::VirtualAddr;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, Ordering};
 
-const TABLE_SIZE: usize = 1 << 16;
+pub use fdtable::lookup;
+
 /// How long accept() waits for the header the agent sends on every new connection.
 const HEADER_TIMEOUT_MS: c_int = 2000;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Kind {
-    Listener,
-    Stream,
-}
-
-/// The address family the program created the socket with; answers use it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Family {
-    V4,
-    V6,
-}
-
-#[derive(Clone, Copy, Debug)]
-pub struct VirtualSocket {
-    pub kind: Kind,
-    pub family: Family,
-    pub local: VirtualAddr,
-    pub peer: VirtualAddr,
-}
-
-struct Slot {
-    /// Socket inode + 1 (0: empty).
-    ino: AtomicU64,
-    local: AtomicU64,
-    peer: AtomicU64,
-    meta: AtomicU32,
-}
-
-#[allow(clippy::declare_interior_mutable_const)] // a template for the array below, never used by reference
-const EMPTY: Slot = Slot { ino: AtomicU64::new(0), local: AtomicU64::new(0), peer: AtomicU64::new(0), meta: AtomicU32::new(0) };
-static TABLE: [Slot; TABLE_SIZE] = [EMPTY; TABLE_SIZE];
-
-fn pack(a: VirtualAddr) -> u64 {
-    (u32::from_be_bytes(a.ip) as u64) << 16 | a.port as u64
-}
-
-fn unpack(v: u64) -> VirtualAddr {
-    VirtualAddr { ip: ((v >> 16) as u32).to_be_bytes(), port: v as u16 }
-}
-
-fn record(fd: c_int, sock: VirtualSocket) {
-    let Some(slot) = usize::try_from(fd).ok().and_then(|i| TABLE.get(i)) else { return };
-    let Some(ino) = raw::socket_inode(fd) else { return };
-    let meta = match sock.kind {
-        Kind::Listener => 1,
-        Kind::Stream => 2,
-    } | match sock.family {
-        Family::V4 => 0,
-        Family::V6 => 0x100,
-    };
-    slot.ino.store(0, Ordering::Release);
-    slot.local.store(pack(sock.local), Ordering::Relaxed);
-    slot.peer.store(pack(sock.peer), Ordering::Relaxed);
-    slot.meta.store(meta, Ordering::Relaxed);
-    slot.ino.store(ino + 1, Ordering::Release);
-}
-
-/// The virtual socket at `fd`, if it is one (and still the same open socket).
-pub fn lookup(fd: c_int) -> Option<VirtualSocket> {
-    let slot = usize::try_from(fd).ok().and_then(|i| TABLE.get(i))?;
-    let ino = slot.ino.load(Ordering::Acquire);
-    if ino == 0 || raw::socket_inode(fd)? + 1 != ino {
-        return None;
-    }
-    let meta = slot.meta.load(Ordering::Relaxed);
-    Some(VirtualSocket {
-        kind: if meta & 0xff == 1 { Kind::Listener } else { Kind::Stream },
-        family: if meta & 0x100 != 0 { Family::V6 } else { Family::V4 },
-        local: unpack(slot.local.load(Ordering::Relaxed)),
-        peer: unpack(slot.peer.load(Ordering::Relaxed)),
-    })
-}
-
-/// A virtual target address in a sockaddr the program passed (AF_INET, or AF_INET6
-/// v4-mapped), or None for every other address.
+/// An IPv4 address (or IPv6 wildcard/loopback/v4-mapped) and port in a sockaddr.
 ///
 /// # Safety
-/// `addr` must point to `len` readable bytes (as connect(2) requires).
-pub unsafe fn virtual_target(addr: *const sockaddr, len: socklen_t) -> Option<(VirtualAddr, Family)> {
+/// `addr` must point to `len` readable bytes.
+unsafe fn parse_inet(addr: *const sockaddr, len: socklen_t) -> Option<(VirtualAddr, Family, V6Form)> {
     if addr.is_null() || (len as usize) < std::mem::size_of::<libc::sa_family_t>() {
         return None;
     }
@@ -105,55 +34,87 @@ pub unsafe fn virtual_target(addr: *const sockaddr, len: socklen_t) -> Option<(V
         match (*addr).sa_family as c_int {
             libc::AF_INET if len as usize >= std::mem::size_of::<libc::sockaddr_in>() => {
                 let sin = &*(addr as *const libc::sockaddr_in);
-                let ip = sin.sin_addr.s_addr.to_ne_bytes();
-                is_virtual_ip(ip).then(|| (VirtualAddr { ip, port: u16::from_be(sin.sin_port) }, Family::V4))
+                let a = VirtualAddr { ip: sin.sin_addr.s_addr.to_ne_bytes(), port: u16::from_be(sin.sin_port) };
+                Some((a, Family::V4, V6Form::Mapped))
             }
             libc::AF_INET6 if len as usize >= std::mem::size_of::<libc::sockaddr_in6>() => {
                 let sin6 = &*(addr as *const libc::sockaddr_in6);
                 let b = sin6.sin6_addr.s6_addr;
-                let mapped = b[..10].iter().all(|x| *x == 0) && b[10] == 0xff && b[11] == 0xff;
-                let ip = [b[12], b[13], b[14], b[15]];
-                (mapped && is_virtual_ip(ip))
-                    .then(|| (VirtualAddr { ip, port: u16::from_be(sin6.sin6_port) }, Family::V6))
+                let port = u16::from_be(sin6.sin6_port);
+                let zero10 = b[..10].iter().all(|x| *x == 0);
+                let (ip, form) = if zero10 && b[10] == 0xff && b[11] == 0xff {
+                    ([b[12], b[13], b[14], b[15]], V6Form::Mapped)
+                } else if b == [0; 16] {
+                    ([0; 4], V6Form::Any)
+                } else if b[..15].iter().all(|x| *x == 0) && b[15] == 1 {
+                    ([127, 0, 0, 1], V6Form::Loopback)
+                } else {
+                    return None;
+                };
+                Some((VirtualAddr { ip, port }, Family::V6, form))
             }
             _ => None,
         }
     }
 }
 
-/// Writes `a` as the program's family into (addr, len) with the truncation rules of
-/// getsockname(2): copies at most *len bytes, sets *len to the full size.
+/// A virtual target address in a sockaddr the program passed (AF_INET, or AF_INET6
+/// v4-mapped), or None for every other address.
 ///
 /// # Safety
-/// `addr`/`len` as the program passed them to a socket call: null, or valid for *len bytes.
-pub unsafe fn write_address(a: VirtualAddr, family: Family, addr: *mut sockaddr, len: *mut socklen_t) {
-    if addr.is_null() || len.is_null() {
-        return;
-    }
-    // SAFETY: sockaddr_in6 is plain old data; all-zero is valid.
-    let mut sin6: libc::sockaddr_in6 = unsafe { std::mem::zeroed() };
-    // SAFETY: as above.
-    let mut sin: libc::sockaddr_in = unsafe { std::mem::zeroed() };
-    let (src, size) = match family {
+/// `addr` must point to `len` readable bytes (as connect(2) requires).
+pub unsafe fn virtual_target(addr: *const sockaddr, len: socklen_t) -> Option<VirtualAddr> {
+    // SAFETY: forwarded from the caller.
+    let (a, _, form) = unsafe { parse_inet(addr, len) }?;
+    (form == V6Form::Mapped && is_virtual_ip(a.ip)).then_some(a)
+}
+
+/// Builds the sockaddr for `a` as the program's family would spell it.
+fn sockaddr_of(a: VirtualAddr, family: Family, form: V6Form) -> (libc::sockaddr_storage, usize) {
+    // SAFETY: sockaddr_storage is plain old data; all-zero is valid.
+    let mut ss: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    match family {
         Family::V4 => {
+            // SAFETY: sockaddr_storage is large enough and aligned for sockaddr_in.
+            let sin = unsafe { &mut *(&mut ss as *mut _ as *mut libc::sockaddr_in) };
             sin.sin_family = libc::AF_INET as libc::sa_family_t;
             sin.sin_port = a.port.to_be();
             sin.sin_addr.s_addr = u32::from_ne_bytes(a.ip);
-            (&sin as *const _ as *const u8, std::mem::size_of::<libc::sockaddr_in>())
+            (ss, std::mem::size_of::<libc::sockaddr_in>())
         }
         Family::V6 => {
+            // SAFETY: sockaddr_storage is large enough and aligned for sockaddr_in6.
+            let sin6 = unsafe { &mut *(&mut ss as *mut _ as *mut libc::sockaddr_in6) };
             sin6.sin6_family = libc::AF_INET6 as libc::sa_family_t;
             sin6.sin6_port = a.port.to_be();
-            sin6.sin6_addr.s6_addr[10] = 0xff;
-            sin6.sin6_addr.s6_addr[11] = 0xff;
-            sin6.sin6_addr.s6_addr[12..].copy_from_slice(&a.ip);
-            (&sin6 as *const _ as *const u8, std::mem::size_of::<libc::sockaddr_in6>())
+            match form {
+                V6Form::Any => {}
+                V6Form::Loopback => sin6.sin6_addr.s6_addr[15] = 1,
+                V6Form::Mapped => {
+                    sin6.sin6_addr.s6_addr[10] = 0xff;
+                    sin6.sin6_addr.s6_addr[11] = 0xff;
+                    sin6.sin6_addr.s6_addr[12..].copy_from_slice(&a.ip);
+                }
+            }
+            (ss, std::mem::size_of::<libc::sockaddr_in6>())
         }
-    };
+    }
+}
+
+/// Writes `a` into (addr, len) with the truncation rules of getsockname(2): copies
+/// at most *len bytes, sets *len to the full size.
+///
+/// # Safety
+/// `addr`/`len` as the program passed them to a socket call: null, or valid for *len bytes.
+pub unsafe fn write_address(a: VirtualAddr, family: Family, form: V6Form, addr: *mut sockaddr, len: *mut socklen_t) {
+    if addr.is_null() || len.is_null() {
+        return;
+    }
+    let (ss, size) = sockaddr_of(a, family, form);
     // SAFETY: the caller guarantees *len writable bytes at addr; we copy no more than that.
     unsafe {
         let n = (*len as usize).min(size);
-        std::ptr::copy_nonoverlapping(src, addr as *mut u8, n);
+        std::ptr::copy_nonoverlapping(&ss as *const _ as *const u8, addr as *mut u8, n);
         *len = size as socklen_t;
     }
 }
@@ -170,26 +131,60 @@ fn tcp_family(fd: c_int) -> Option<Family> {
     }
 }
 
-/// Installs agent connection `conn` at the program's `fd`, keeping its flags.
-fn install(conn: c_int, fd: c_int) -> Result<(), c_int> {
+/// Installs agent connection `conn` at the program's `fd`, keeping the fd's flags and
+/// the socket options the program set that still mean something (timeouts).
+/// Returns the TCP_NODELAY setting the program had made.
+fn install(conn: c_int, fd: c_int) -> Result<bool, c_int> {
     let status = raw::fcntl_get(fd, libc::F_GETFL)?;
     let cloexec = raw::fcntl_get(fd, libc::F_GETFD)? & libc::FD_CLOEXEC != 0;
+    raw::copy_timeouts(fd, conn);
+    let nodelay = raw::getsockopt_int(fd, libc::IPPROTO_TCP, libc::TCP_NODELAY).unwrap_or(0) != 0;
     raw::replace_fd(conn, fd, cloexec)?;
     raw::fcntl_set(fd, libc::F_SETFL, status);
-    Ok(())
+    Ok(nodelay)
 }
 
-/// connect() to a virtual address. Returns connect(2)'s result with errno set.
-pub fn connect(fd: c_int, target: VirtualAddr) -> Result<(), c_int> {
-    if lookup(fd).is_some() {
-        return Err(libc::EISCONN);
+/// bind(): recorded for TCP sockets of a registered process (see the module doc).
+/// None: not for us; the real bind() runs.
+///
+/// # Safety
+/// `addr` must point to `len` readable bytes (as bind(2) requires).
+pub unsafe fn bind(fd: c_int, addr: *const sockaddr, len: socklen_t) -> Option<Result<(), c_int>> {
+    if identity::vpid() == 0 {
+        return None;
     }
-    let family = tcp_family(fd).ok_or(libc::EPROTOTYPE)?;
+    // SAFETY: forwarded from the caller.
+    let (local, family, form) = unsafe { parse_inet(addr, len) }?;
+    if local.port == 0 || tcp_family(fd)? != family {
+        return None; // ephemeral ports need the kernel; a family mismatch is the kernel's to refuse
+    }
+    if lookup(fd).is_some() || bound_port(fd).is_some() {
+        return Some(Err(libc::EINVAL)); // already bound, as the kernel says
+    }
+    fdtable::record(fd, Entry { v6_form: form, ..Entry::new(Kind::Bound, family, local, VirtualAddr::default()) });
+    Some(Ok(()))
+}
+
+/// Before a real connect() of a socket whose bind was only recorded: bind it for real.
+pub fn carry_out_bind(fd: c_int) -> Result<(), c_int> {
+    let Some(e) = lookup(fd).filter(|e| e.kind == Kind::Bound) else { return Ok(()) };
+    let (ss, size) = sockaddr_of(e.local, e.family, e.v6_form);
+    fdtable::forget(fd);
+    raw::bind_inet(fd, &ss, size)
+}
+
+/// connect() to a virtual address. Ok, or the errno connect(2) reports.
+pub fn connect(fd: c_int, target: VirtualAddr) -> Result<(), c_int> {
+    let family = match lookup(fd) {
+        Some(e) if e.kind == Kind::Bound => e.family,
+        Some(_) => return Err(libc::EISCONN),
+        None => tcp_family(fd).ok_or(libc::EPROTOTYPE)?,
+    };
     let nonblocking = raw::fcntl_get(fd, libc::F_GETFL)? & libc::O_NONBLOCK != 0;
     let (conn, local, peer) = link::open_stream(target)?;
     raw::clear_timeouts(conn);
-    install(conn, fd)?;
-    record(fd, VirtualSocket { kind: Kind::Stream, family, local, peer });
+    let nodelay = install(conn, fd)?;
+    fdtable::record(fd, Entry { nodelay, ..Entry::new(Kind::Stream, family, local, peer) });
     // A non-blocking connect reports "in progress" as TCP does; the socket is already
     // writable and SO_ERROR is 0, which is what the program checks next.
     if nonblocking {
@@ -204,11 +199,14 @@ static LISTENER_SEQ: AtomicU32 = AtomicU32::new(0);
 /// listen() on a TCP socket bound to port P: it becomes endpoint `<name>:P`.
 /// None: not for us (unregistered, unbound, not TCP…): the real listen() runs.
 pub fn listen(fd: c_int, backlog: c_int) -> Option<Result<(), c_int>> {
-    if identity::vpid() == 0 || lookup(fd).is_some() {
+    if identity::vpid() == 0 {
         return None;
     }
-    let family = tcp_family(fd)?;
-    let port = bound_port(fd)?;
+    let (family, port) = match lookup(fd) {
+        Some(e) if e.kind == Kind::Bound => (e.family, e.local.port),
+        Some(_) => return None, // already a virtual listener: the real listen() adjusts the backlog
+        None => (tcp_family(fd)?, bound_port(fd)?),
+    };
     let cfg = link::config()?;
     let path = format!(
         "{}/{}-{}-{}.sock",
@@ -248,12 +246,15 @@ pub fn listen(fd: c_int, backlog: c_int) -> Option<Result<(), c_int>> {
             };
         }
     };
-    if let Err(e) = install(sock, fd) {
-        raw::unlink(&cpath);
-        return Some(Err(e));
-    }
+    let nodelay = match install(sock, fd) {
+        Ok(n) => n,
+        Err(e) => {
+            raw::unlink(&cpath);
+            return Some(Err(e));
+        }
+    };
     let local = VirtualAddr { ip: vip, port };
-    record(fd, VirtualSocket { kind: Kind::Listener, family, local, peer: VirtualAddr::default() });
+    fdtable::record(fd, Entry { nodelay, ..Entry::new(Kind::Listener, family, local, VirtualAddr::default()) });
     Some(Ok(()))
 }
 
@@ -274,13 +275,7 @@ fn bound_port(fd: c_int) -> Option<u16> {
 ///
 /// # Safety
 /// `addr`/`len` as the program passed them to accept(2).
-pub unsafe fn accept(
-    listener: VirtualSocket,
-    fd: c_int,
-    addr: *mut sockaddr,
-    len: *mut socklen_t,
-    flags: c_int,
-) -> c_int {
+pub unsafe fn accept(listener: Entry, fd: c_int, addr: *mut sockaddr, len: *mut socklen_t, flags: c_int) -> c_int {
     loop {
         // SAFETY: null address arguments are allowed by accept4.
         let conn = unsafe { crate::real::accept4()(fd, std::ptr::null_mut(), std::ptr::null_mut(), flags) };
@@ -293,9 +288,10 @@ pub unsafe fn accept(
             .and_then(|_| dvk_protocol::stream::AcceptHeader::decode(&header));
         match decoded {
             Some(h) => {
-                record(conn, VirtualSocket { kind: Kind::Stream, family: listener.family, local: h.local, peer: h.peer });
+                let entry = Entry { nodelay: listener.nodelay, ..Entry::new(Kind::Stream, listener.family, h.local, h.peer) };
+                fdtable::record(conn, entry);
                 // SAFETY: forwarded from the program's accept call.
-                unsafe { write_address(h.peer, listener.family, addr, len) };
+                unsafe { write_address(h.peer, listener.family, V6Form::Mapped, addr, len) };
                 return conn;
             }
             // Not from the agent (or it gave up): drop it and wait for the next one.

@@ -1030,9 +1030,12 @@ fn http_server_with_its_default_dual_stack_bind_is_reached_by_name() {
 /// A server that forks per connection (socketserver.ForkingTCPServer) or
 /// pre-forks workers that all accept on one listener; every handler answers
 /// "<handler pid> <peer ip> <line>".
-const FORKING_SERVER: &str = "import os, socket, socketserver, sys, time
+const FORKING_SERVER: &str = "import ctypes, os, signal, socket, socketserver, sys, time
 mode, port = sys.argv[1], int(sys.argv[2])
+def die_with_parent():
+    ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: no worker outlives the test's server
 def answer(conn):
+    die_with_parent()
     f = conn.makefile('rwb')
     for line in f:
         peer = conn.getpeername()[0]
@@ -1056,6 +1059,7 @@ else:
     for _ in range(3):
         pid = os.fork()
         if pid == 0:
+            die_with_parent()
             while True:
                 c, _ = s.accept()
                 answer(c)
