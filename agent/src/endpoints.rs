@@ -13,6 +13,7 @@ use pidvirt::{EndpointEntry, EndpointKey, NodeId, ProcessEntry, VirtualAddr};
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, UnixStream};
 
@@ -124,33 +125,55 @@ pub fn process_exited(agent: &Agent, gone: &[EndpointKey]) {
     }
 }
 
+/// How long a new stream waits for room in a listener's backlog before it is refused.
+/// A full backlog means a busy program, not a closed listener (TCP would retry its SYN).
+const BACKLOG_PATIENCE: Duration = Duration::from_secs(5);
+
 /// Connects to a live listener of a local endpoint and sends the accept header.
 async fn connect_listener(agent: &Agent, key: &EndpointKey, header: AcceptHeader) -> Option<UnixStream> {
+    let deadline = Instant::now() + BACKLOG_PATIENCE;
+    let mut pause = Duration::from_millis(1);
     loop {
-        let path = agent.tables.lock().listeners.get(key).and_then(|l| l.first().cloned());
-        let Some(path) = path else {
+        let paths = agent.tables.lock().listeners.get(key).cloned().unwrap_or_default();
+        if paths.is_empty() {
             endpoint_gone(agent, key);
             return None;
-        };
-        match UnixStream::connect(&path).await {
-            Ok(mut s) => {
-                if s.write_all(&header.encode()).await.is_ok() {
-                    return Some(s);
-                }
-            }
-            Err(e) => {
-                // The program closed that listener (or died): drop it, try the next.
-                tracing::info!(endpoint = %key, path = %path.display(), "listener gone: {e}");
-                let mut t = agent.tables.lock();
-                if let Some(list) = t.listeners.get_mut(key) {
-                    list.retain(|p| p != &path);
-                    if list.is_empty() {
-                        t.listeners.remove(key);
+        }
+        let mut busy = false;
+        for path in paths {
+            match UnixStream::connect(&path).await {
+                Ok(mut s) => {
+                    if s.write_all(&header.encode()).await.is_ok() {
+                        return Some(s);
                     }
                 }
-                let _ = std::fs::remove_file(&path);
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => busy = true,
+                Err(e) => {
+                    // The program closed that listener (or died): drop it, try the next.
+                    tracing::info!(endpoint = %key, path = %path.display(), "listener gone: {e}");
+                    let mut t = agent.tables.lock();
+                    if let Some(list) = t.listeners.get_mut(key) {
+                        list.retain(|p| p != &path);
+                        if list.is_empty() {
+                            t.listeners.remove(key);
+                        }
+                    }
+                    let _ = std::fs::remove_file(&path);
+                }
             }
         }
+        if !busy {
+            if agent.tables.lock().listeners.contains_key(key) {
+                return None;
+            }
+            continue; // every listener is gone: the next pass retires the endpoint
+        }
+        if Instant::now() >= deadline {
+            tracing::warn!(endpoint = %key, "listener backlog full for {BACKLOG_PATIENCE:?}; refusing the stream");
+            return None;
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_millis(50));
     }
 }
 

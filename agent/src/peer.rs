@@ -5,7 +5,7 @@
 use crate::state::Agent;
 use dvk_protocol::auth::{Role, Transcript};
 use dvk_protocol::frame::{self, FrameError, HEADER_LEN, PEER_MAX_FRAME};
-use dvk_protocol::peer::{Nonce, PeerMessage, PEER_PROTOCOL_VERSION};
+use dvk_protocol::peer::{stream_data, Nonce, PeerMessage, PEER_PROTOCOL_VERSION};
 use pidvirt::NodeId;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -24,10 +24,16 @@ const SILENCE_LIMIT: Duration = Duration::from_secs(5);
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
 const LINK_QUEUE: usize = 4096;
-/// Read and write buffer of a peer link: small frames are batched into one syscall.
-const LINK_BUFFER: usize = 256 * 1024;
+/// Read and write buffer of a peer link: small frames are batched into one syscall;
+/// stream payloads, larger than this, bypass it.
+const LINK_BUFFER: usize = 64 * 1024;
 
 async fn read_msg<R: AsyncRead + Unpin>(r: &mut R, max: usize) -> Result<PeerMessage, FrameError> {
+    frame::decode(&read_body(r, max).await?)
+}
+
+/// Reads one frame and returns its body.
+async fn read_body<R: AsyncRead + Unpin>(r: &mut R, max: usize) -> Result<Vec<u8>, FrameError> {
     let mut header = [0u8; HEADER_LEN];
     r.read_exact(&mut header).await.map_err(|e| {
         if e.kind() == std::io::ErrorKind::UnexpectedEof {
@@ -39,7 +45,21 @@ async fn read_msg<R: AsyncRead + Unpin>(r: &mut R, max: usize) -> Result<PeerMes
     let len = frame::body_len(header, max)?;
     let mut body = vec![0u8; len];
     r.read_exact(&mut body).await?;
-    frame::decode(&body)
+    Ok(body)
+}
+
+/// Writes one message; stream payloads take the zero-copy path.
+async fn write_any<W: AsyncWrite + Unpin>(w: &mut W, msg: PeerMessage) -> Result<(), FrameError> {
+    match msg {
+        PeerMessage::StreamData { stream, bytes } => {
+            let mut prefix = [0u8; stream_data::MAX_PREFIX];
+            let n = stream_data::prefix(stream, bytes.len(), &mut prefix);
+            w.write_all(&prefix[..n]).await?;
+            w.write_all(&bytes).await?;
+            Ok(())
+        }
+        other => write_msg(w, &other).await,
+    }
 }
 
 async fn write_msg<W: AsyncWrite + Unpin>(w: &mut W, msg: &PeerMessage) -> Result<(), FrameError> {
@@ -192,14 +212,16 @@ async fn run_link(agent: Arc<Agent>, peer: NodeId, stream: TcpStream) {
     let link_id = agent.link_up(peer, tx.clone());
 
     let writer_task = tokio::spawn(async move {
+        // Small messages are batched in the buffer; stream payloads (larger than it)
+        // go straight from their own buffer to the socket.
         let mut out = tokio::io::BufWriter::with_capacity(LINK_BUFFER, &mut writer);
         while let Some(msg) = rx.recv().await {
-            if write_msg(&mut out, &msg).await.is_err() {
+            if write_any(&mut out, msg).await.is_err() {
                 return;
             }
             // Whatever else is queued goes out in the same write.
             while let Ok(msg) = rx.try_recv() {
-                if write_msg(&mut out, &msg).await.is_err() {
+                if write_any(&mut out, msg).await.is_err() {
                     return;
                 }
             }
@@ -224,7 +246,7 @@ async fn run_link(agent: Arc<Agent>, peer: NodeId, stream: TcpStream) {
     let name = agent.node_name(peer);
     let mut buffered = tokio::io::BufReader::with_capacity(LINK_BUFFER, &mut reader);
     loop {
-        let msg = match tokio::time::timeout(SILENCE_LIMIT, read_msg(&mut buffered, PEER_MAX_FRAME)).await {
+        let body = match tokio::time::timeout(SILENCE_LIMIT, read_body(&mut buffered, PEER_MAX_FRAME)).await {
             Err(_) => {
                 tracing::warn!(peer = %name, "peer silent for {SILENCE_LIMIT:?}; closing the link");
                 break;
@@ -234,9 +256,21 @@ async fn run_link(agent: Arc<Agent>, peer: NodeId, stream: TcpStream) {
                 tracing::warn!(peer = %name, "bad frame on the peer link, closing it: {e}");
                 break;
             }
-            Ok(Ok(msg)) => msg,
+            Ok(Ok(body)) => body,
         };
         agent.touch(peer);
+        // Stream payloads are handed on inside the received buffer, without decoding.
+        if let Some((stream, offset)) = stream_data::parse(&body) {
+            stream_payload(&agent, peer, stream, body, offset);
+            continue;
+        }
+        let msg = match frame::decode(&body) {
+            Ok(msg) => msg,
+            Err(e) => {
+                tracing::warn!(peer = %name, "bad frame on the peer link, closing it: {e}");
+                break;
+            }
+        };
         if !handle(&agent, peer, msg) {
             tracing::warn!(peer = %name, "protocol violation on the peer link; closing it");
             break;
@@ -245,6 +279,24 @@ async fn run_link(agent: Arc<Agent>, peer: NodeId, stream: TcpStream) {
     pinger.abort();
     writer_task.abort();
     agent.link_down(peer, link_id);
+}
+
+/// Stream bytes from `peer`: `buf[offset..]` goes to the stream's inbound pump.
+fn stream_payload(agent: &Arc<Agent>, peer: NodeId, stream: u64, buf: Vec<u8>, offset: usize) {
+    let overrun = match agent.streams.lock().get(&stream) {
+        Some(s) if s.peer == peer => !s.deliver(buf, offset),
+        _ => {
+            agent.send_to(peer, PeerMessage::StreamReset { stream });
+            false
+        }
+    };
+    if overrun {
+        tracing::warn!(peer = %agent.node_name(peer), stream, "peer overran the stream window; resetting the stream");
+        if let Some(s) = agent.streams.lock().remove(&stream) {
+            s.reset();
+        }
+        agent.send_to(peer, PeerMessage::StreamReset { stream });
+    }
 }
 
 /// Handles one message from an authenticated peer; false closes the link.
@@ -260,22 +312,7 @@ fn handle(agent: &Arc<Agent>, peer: NodeId, msg: PeerMessage) -> bool {
         PeerMessage::StreamOpen { stream, endpoint, client, server } => {
             crate::endpoints::accept_remote_stream(agent, peer, stream, endpoint, client, server)
         }
-        PeerMessage::StreamData { stream, bytes } => {
-            let overrun = match agent.streams.lock().get(&stream) {
-                Some(s) if s.peer == peer => !s.deliver(bytes),
-                _ => {
-                    agent.send_to(peer, PeerMessage::StreamReset { stream });
-                    false
-                }
-            };
-            if overrun {
-                tracing::warn!(peer = %agent.node_name(peer), stream, "peer overran the stream window; resetting the stream");
-                if let Some(s) = agent.streams.lock().remove(&stream) {
-                    s.reset();
-                }
-                agent.send_to(peer, PeerMessage::StreamReset { stream });
-            }
-        }
+        PeerMessage::StreamData { stream, bytes } => stream_payload(agent, peer, stream, bytes, 0),
         PeerMessage::StreamCredit { stream, bytes } => {
             if let Some(s) = agent.streams.lock().get(&stream).filter(|s| s.peer == peer) {
                 s.grant(bytes as u64);

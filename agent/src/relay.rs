@@ -138,7 +138,8 @@ impl Credit {
 }
 
 pub enum Inbound {
-    Data(Vec<u8>),
+    /// Payload `buf[offset..]` (the received frame body, not copied out of it).
+    Data(Vec<u8>, usize),
     Fin,
     Reset,
 }
@@ -174,12 +175,13 @@ pub fn remote_stream(peer: NodeId) -> (RemoteStream, RemotePumps) {
 impl RemoteStream {
     /// Hands data from the peer to the inbound pump. False if the peer overran the
     /// window it was granted (the caller resets the stream).
-    pub fn deliver(&self, bytes: Vec<u8>) -> bool {
-        let total = self.buffered.fetch_add(bytes.len() as u64, Ordering::AcqRel) + bytes.len() as u64;
+    pub fn deliver(&self, buf: Vec<u8>, offset: usize) -> bool {
+        let n = buf.len().saturating_sub(offset) as u64;
+        let total = self.buffered.fetch_add(n, Ordering::AcqRel) + n;
         if total > STREAM_WINDOW as u64 {
             return false;
         }
-        let _ = self.inbound.send(Inbound::Data(bytes));
+        let _ = self.inbound.send(Inbound::Data(buf, offset));
         true
     }
 
@@ -224,19 +226,13 @@ pub async fn relay_remote(
     agent.remove_stream(id);
 }
 
-async fn outbound(
-    link: &mpsc::Sender<PeerMessage>,
-    stream: u64,
-    mut from: Reader,
-    credit: &Credit,
-    counter: &AtomicU64,
-) {
-    let mut buf = vec![0u8; STREAM_CHUNK];
+async fn outbound(link: &mpsc::Sender<PeerMessage>, stream: u64, mut from: Reader, credit: &Credit, counter: &AtomicU64) {
     loop {
         let Some(avail) = credit.available().await else { return };
-        let want = (avail as usize).min(STREAM_CHUNK);
+        // A fresh buffer per chunk: it travels to the link writer and onto the socket uncopied.
+        let mut buf = Vec::with_capacity((avail as usize).min(STREAM_CHUNK));
         let read = tokio::select! {
-            r = from.read(&mut buf[..want]) => r,
+            r = from.read_buf(&mut buf) => r,
             _ = credit.closed() => return,
         };
         let n = match read {
@@ -248,7 +244,7 @@ async fn outbound(
         };
         credit.consume(n as u64);
         counter.fetch_add(n as u64, Ordering::Relaxed);
-        if link.send(PeerMessage::StreamData { stream, bytes: buf[..n].to_vec() }).await.is_err() {
+        if link.send(PeerMessage::StreamData { stream, bytes: buf }).await.is_err() {
             return;
         }
     }
@@ -265,8 +261,9 @@ async fn inbound(
 ) {
     while let Some(msg) = rx.recv().await {
         match msg {
-            Inbound::Data(bytes) => {
-                if to.write_all(&bytes).await.is_err() {
+            Inbound::Data(buf, offset) => {
+                let bytes = buf.get(offset..).unwrap_or_default();
+                if to.write_all(bytes).await.is_err() {
                     // The program closed its socket: abort both directions.
                     let _ = link.send(PeerMessage::StreamReset { stream }).await;
                     credit.close();

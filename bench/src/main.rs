@@ -2,6 +2,7 @@
 //! run and prints a table with the ratio. Results go to docs/PERFORMANCE.md.
 
 mod getpid_bench;
+mod net_bench;
 
 use clap::{Parser, Subcommand};
 
@@ -23,12 +24,23 @@ enum Bench {
         #[arg(long, default_value_t = 5)]
         repeats: usize,
     },
+    /// Request/reply RTT and bulk throughput through shim + agents (same node, cross
+    /// node) vs direct TCP on loopback.
+    Net {
+        /// Request/reply rounds per run.
+        #[arg(long, default_value_t = 10_000)]
+        rounds: usize,
+        /// Megabytes per bulk transfer.
+        #[arg(long, default_value_t = 1000)]
+        bulk_mb: usize,
+    },
 }
 
 fn main() {
     let cli = Cli::parse();
     let result = match cli.bench {
         Bench::Getpid { calls, repeats } => getpid_bench::run(calls, repeats),
+        Bench::Net { rounds, bulk_mb } => net_bench::run(rounds, bulk_mb),
     };
     if let Err(e) = result {
         eprintln!("dvk-bench: {e:#}");

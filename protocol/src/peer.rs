@@ -105,6 +105,110 @@ pub enum PeerMessage {
 
 /// Bytes a stream direction may have in flight (sent, not yet written to the program).
 /// Bounds the agent memory per stream and lets one slow reader stall only its own stream.
-pub const STREAM_WINDOW: u32 = 512 * 1024;
+pub const STREAM_WINDOW: u32 = 1024 * 1024;
 /// Largest payload of one `StreamData`.
-pub const STREAM_CHUNK: usize = 64 * 1024;
+pub const STREAM_CHUNK: usize = 256 * 1024;
+
+/// The fast path for the one message that carries bulk bytes: `StreamData` is
+/// written as a small prefix followed by the payload straight from the
+/// sender's buffer, and read back as an offset into the received body, so the
+/// payload is never copied by encoding or decoding. The bytes on the wire are
+/// exactly postcard's encoding of `PeerMessage::StreamData` (tested below).
+pub mod stream_data {
+    use super::PeerMessage;
+    use crate::frame::HEADER_LEN;
+
+    /// Longest prefix: frame header + variant + two u64 varints.
+    pub const MAX_PREFIX: usize = HEADER_LEN + 1 + 10 + 10;
+
+    fn variant() -> u8 {
+        // postcard encodes the variant index first, as a varint (one byte below 128).
+        static VARIANT: std::sync::OnceLock<u8> = std::sync::OnceLock::new();
+        *VARIANT.get_or_init(|| {
+            postcard::to_allocvec(&PeerMessage::StreamData { stream: 0, bytes: Vec::new() }).expect("encodes")[0]
+        })
+    }
+
+    fn put_varint(mut v: u64, out: &mut [u8], at: &mut usize) {
+        loop {
+            let byte = (v & 0x7f) as u8;
+            v >>= 7;
+            if v == 0 {
+                out[*at] = byte;
+                *at += 1;
+                return;
+            }
+            out[*at] = byte | 0x80;
+            *at += 1;
+        }
+    }
+
+    fn take_varint(b: &[u8], at: &mut usize) -> Option<u64> {
+        let mut v: u64 = 0;
+        for shift in (0..70).step_by(7) {
+            let byte = *b.get(*at)?;
+            *at += 1;
+            v |= ((byte & 0x7f) as u64).checked_shl(shift)?;
+            if byte & 0x80 == 0 {
+                return Some(v);
+            }
+        }
+        None
+    }
+
+    /// Writes the frame header and message prefix for `len` payload bytes of `stream`
+    /// into `out`; returns the prefix length. Frame = prefix ‖ payload.
+    pub fn prefix(stream: u64, len: usize, out: &mut [u8; MAX_PREFIX]) -> usize {
+        let mut at = HEADER_LEN;
+        out[at] = variant();
+        at += 1;
+        put_varint(stream, out, &mut at);
+        put_varint(len as u64, out, &mut at);
+        let body_len = (at - HEADER_LEN + len) as u32;
+        out[..HEADER_LEN].copy_from_slice(&body_len.to_le_bytes());
+        at
+    }
+
+    /// If `body` (a frame body) is a `StreamData`, its stream id and where the payload starts.
+    pub fn parse(body: &[u8]) -> Option<(u64, usize)> {
+        if *body.first()? != variant() {
+            return None;
+        }
+        let mut at = 1;
+        let stream = take_varint(body, &mut at)?;
+        let len = take_varint(body, &mut at)?;
+        (len == (body.len() - at) as u64).then_some((stream, at))
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+        use crate::frame::{encode, PEER_MAX_FRAME};
+
+        #[test]
+        fn fast_path_is_postcards_encoding() {
+            for (stream, len) in [(0u64, 0usize), (1, 5), (300, 127), (u64::MAX, 128), (7 << 48 | 9, 262_144)] {
+                let payload: Vec<u8> = (0..len).map(|i| i as u8).collect();
+                let reference = encode(&PeerMessage::StreamData { stream, bytes: payload.clone() }, PEER_MAX_FRAME).unwrap();
+                let mut p = [0u8; MAX_PREFIX];
+                let n = prefix(stream, len, &mut p);
+                let mut fast = p[..n].to_vec();
+                fast.extend_from_slice(&payload);
+                assert_eq!(fast, reference, "stream {stream} len {len}");
+                assert_eq!(parse(&reference[HEADER_LEN..]), Some((stream, n - HEADER_LEN)));
+            }
+        }
+
+        #[test]
+        fn other_messages_and_lies_are_not_stream_data() {
+            let ping = encode(&PeerMessage::Ping, PEER_MAX_FRAME).unwrap();
+            assert_eq!(parse(&ping[HEADER_LEN..]), None);
+            let mut p = [0u8; MAX_PREFIX];
+            let n = prefix(3, 10, &mut p);
+            let mut short = p[HEADER_LEN..n].to_vec();
+            short.extend_from_slice(&[0; 9]); // one byte less than announced
+            assert_eq!(parse(&short), None);
+            assert_eq!(parse(&[]), None);
+        }
+    }
+}

@@ -1422,3 +1422,50 @@ fn name_lookup_is_case_insensitive_and_serves_ipv6_sockets() {
     assert_eq!(v["v6"], "found", "an AF_INET6 socket to the v4-mapped VIP: {v}");
     assert!(wrong.is_empty(), "these spellings of look.dc0.dvk ({vip}) answer otherwise: {wrong:?}");
 }
+
+/// A server with a backlog of 1 that is slow to accept: a burst of clients fills
+/// the listener's queue. Like TCP (which retries its SYN), every client is served
+/// once the server catches up, and the endpoint stays up: a full backlog is a busy
+/// program, not a closed listener.
+const SLOW_ACCEPTOR: &str = "import socket, time
+s = socket.socket()
+s.bind(('0.0.0.0', 7600))
+s.listen(1)
+print('LISTENING', flush=True)
+time.sleep(0.5)
+conns = []
+for _ in range(12):
+    c, _ = s.accept()
+    conns.append(c)
+for c in conns:
+    c.sendall(c.recv(16))
+time.sleep(30)";
+
+const BURST_CLIENTS: &str = "import socket, threading
+ok = []
+def one(i):
+    c = socket.create_connection(('slow.dc0.dvk', 7600), timeout=20)
+    c.sendall(b'hello-%02d' % i)
+    if c.recv(16) == b'hello-%02d' % i:
+        ok.append(i)
+ts = [threading.Thread(target=one, args=(i,)) for i in range(12)]
+[t.start() for t in ts]
+[t.join() for t in ts]
+print(len(ok))";
+
+#[test]
+fn a_burst_that_overflows_the_listen_backlog_waits_instead_of_killing_the_endpoint() {
+    let cluster = Cluster::start(2, Mode::Loopback);
+    let mut server = Proc::spawn(
+        cluster.preloaded(0, python3()).args(["-c", SLOW_ACCEPTOR]).env("DVK_ENDPOINT", "slow").stdin(Stdio::null()),
+        "slow acceptor",
+    );
+    server.lines.wait_for("LISTENING", SHORT);
+    wait_until(REACH, "slow:7600 to be listed on node2", || {
+        String::from_utf8_lossy(&cluster.cli(1, &["endpoints"]).stdout).contains("slow:7600")
+    });
+    let out = run_ok(cluster.preloaded(1, python3()).args(["-c", BURST_CLIENTS]), b"", SHORT, "burst from node2");
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "12", "every client of the burst is served");
+    assert!(String::from_utf8_lossy(&cluster.cli(1, &["endpoints"]).stdout).contains("slow:7600"));
+    drop(server);
+}
