@@ -219,8 +219,9 @@ async fn run(agent: Arc<Agent>, opening: Opening, client_end: End) {
                 client: opening.client,
                 server: opening.server,
             };
-            let sent = match agent.link_tx(node) {
-                Some(tx) => tx.send(open).await.is_ok(),
+            // Written at once, like the stream's data after it, so it cannot be overtaken.
+            let sent = match agent.link(node) {
+                Some(link) => link.write_now(open).await.is_ok(),
                 None => false,
             };
             if !sent {

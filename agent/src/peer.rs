@@ -49,7 +49,7 @@ async fn read_body<R: AsyncRead + Unpin>(r: &mut R, max: usize) -> Result<Vec<u8
 }
 
 /// Writes one message; stream payloads take the zero-copy path.
-async fn write_any<W: AsyncWrite + Unpin>(w: &mut W, msg: PeerMessage) -> Result<(), FrameError> {
+pub(crate) async fn write_any<W: AsyncWrite + Unpin>(w: &mut W, msg: PeerMessage) -> Result<(), FrameError> {
     match msg {
         PeerMessage::StreamData { stream, bytes } => {
             let mut prefix = [0u8; stream_data::MAX_PREFIX];
@@ -204,28 +204,29 @@ pub async fn dial_loop(agent: Arc<Agent>, peer: NodeId, addr: SocketAddr) {
 /// Runs an authenticated link until it fails; cleans up after it.
 async fn run_link(agent: Arc<Agent>, peer: NodeId, stream: TcpStream) {
     let _ = stream.set_nodelay(true);
-    let (mut reader, mut writer) = stream.into_split();
+    let (mut reader, writer) = stream.into_split();
     let (tx, mut rx) = mpsc::channel::<PeerMessage>(LINK_QUEUE);
     // Announce our processes first: queued before the link is visible to broadcasts,
     // so the peer never sees an update before the full list.
     let _ = tx.try_send(agent.announcement());
-    let link_id = agent.link_up(peer, tx.clone());
 
+    let out = Arc::new(tokio::sync::Mutex::new(tokio::io::BufWriter::with_capacity(LINK_BUFFER, writer)));
+    let link_id = agent.link_up(peer, crate::state::LinkHandle { tx: tx.clone(), out: out.clone() });
     let writer_task = tokio::spawn(async move {
         // Small messages are batched in the buffer; stream payloads (larger than it)
         // go straight from their own buffer to the socket.
-        let mut out = tokio::io::BufWriter::with_capacity(LINK_BUFFER, &mut writer);
         while let Some(msg) = rx.recv().await {
-            if write_any(&mut out, msg).await.is_err() {
+            let mut w = out.lock().await;
+            if write_any(&mut *w, msg).await.is_err() {
                 return;
             }
             // Whatever else is queued goes out in the same write.
             while let Ok(msg) = rx.try_recv() {
-                if write_any(&mut out, msg).await.is_err() {
+                if write_any(&mut *w, msg).await.is_err() {
                     return;
                 }
             }
-            if out.flush().await.is_err() {
+            if w.flush().await.is_err() {
                 return;
             }
         }

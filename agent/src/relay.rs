@@ -13,7 +13,7 @@
 //! stream counts the bytes it moved per direction (the sequence numbers a
 //! migration will need).
 
-use crate::state::Agent;
+use crate::state::{Agent, LinkHandle};
 use dvk_protocol::peer::{PeerMessage, STREAM_CHUNK, STREAM_WINDOW};
 use parking_lot::Mutex;
 use pidvirt::NodeId;
@@ -22,6 +22,9 @@ use std::sync::Arc;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpStream, UnixStream};
 use tokio::sync::{mpsc, Notify};
+
+/// Credit is returned once this much has been written to the program.
+const CREDIT_BATCH: u64 = STREAM_WINDOW as u64 / 4;
 
 /// Copy buffer for same-node relaying.
 const LOCAL_CHUNK: usize = 256 * 1024;
@@ -293,7 +296,7 @@ pub async fn relay_remote(
     pumps: RemotePumps,
     is_client_side: bool,
 ) {
-    let Some(link) = agent.link_tx(peer) else {
+    let Some(link) = agent.link(peer) else {
         agent.remove_stream(id);
         return;
     };
@@ -310,10 +313,10 @@ pub async fn relay_remote(
     agent.remove_stream(id);
 }
 
-async fn outbound(link: &mpsc::Sender<PeerMessage>, stream: u64, mut from: Reader, credit: &Credit, counter: &AtomicU64) {
+async fn outbound(link: &LinkHandle, stream: u64, mut from: Reader, credit: &Credit, counter: &AtomicU64) {
     loop {
         let Some(avail) = credit.available().await else { return };
-        // A fresh buffer per chunk: it travels to the link writer and onto the socket uncopied.
+        // A fresh buffer per chunk: it goes onto the link's socket uncopied.
         let mut buf = Vec::with_capacity((avail as usize).min(STREAM_CHUNK));
         let read = tokio::select! {
             r = from.read_buf(&mut buf) => r,
@@ -321,21 +324,21 @@ async fn outbound(link: &mpsc::Sender<PeerMessage>, stream: u64, mut from: Reade
         };
         let n = match read {
             Ok(0) | Err(_) => {
-                let _ = link.send(PeerMessage::StreamFin { stream }).await;
+                let _ = link.write_now(PeerMessage::StreamFin { stream }).await;
                 return;
             }
             Ok(n) => n,
         };
         credit.consume(n as u64);
         counter.fetch_add(n as u64, Ordering::Relaxed);
-        if link.send(PeerMessage::StreamData { stream, bytes: buf }).await.is_err() {
+        if link.write_now(PeerMessage::StreamData { stream, bytes: buf }).await.is_err() {
             return;
         }
     }
 }
 
 async fn inbound(
-    link: &mpsc::Sender<PeerMessage>,
+    link: &LinkHandle,
     stream: u64,
     mut to: Writer,
     mut rx: mpsc::UnboundedReceiver<Inbound>,
@@ -343,20 +346,28 @@ async fn inbound(
     credit: &Credit,
     counter: &AtomicU64,
 ) {
+    // Credit goes back in batches of a quarter window: small request/reply traffic
+    // then sends no credit messages at all (each one costs both agents a wake-up).
+    let mut unacknowledged: u64 = 0;
     while let Some(msg) = rx.recv().await {
         match msg {
             Inbound::Data(buf, offset) => {
                 let bytes = buf.get(offset..).unwrap_or_default();
                 if to.write_all(bytes).await.is_err() {
                     // The program closed its socket: abort both directions.
-                    let _ = link.send(PeerMessage::StreamReset { stream }).await;
+                    let _ = link.tx.send(PeerMessage::StreamReset { stream }).await;
                     credit.close();
                     return;
                 }
                 let n = bytes.len() as u64;
                 buffered.fetch_sub(n, Ordering::AcqRel);
                 counter.fetch_add(n, Ordering::Relaxed);
-                let _ = link.send(PeerMessage::StreamCredit { stream, bytes: n as u32 }).await;
+                unacknowledged += n;
+                if unacknowledged >= CREDIT_BATCH {
+                    let bytes = unacknowledged as u32;
+                    unacknowledged = 0;
+                    let _ = link.tx.send(PeerMessage::StreamCredit { stream, bytes }).await;
+                }
             }
             Inbound::Fin => {
                 let _ = to.shutdown().await;
