@@ -46,7 +46,6 @@ fn main() {
         .with_target(false)
         .init();
     if let Err(e) = run(args) {
-        tracing::error!("{e:#}");
         eprintln!("dvk-agent: {e:#}");
         std::process::exit(1);
     }
