@@ -166,16 +166,20 @@ pub fn unix_socket() -> Result<c_int, c_int> {
     sockcall(libc::SYS_socket, libc::AF_UNIX as usize, (libc::SOCK_STREAM | libc::SOCK_CLOEXEC) as usize, 0, 0, 0)
 }
 
+fn set_timeval(fd: c_int, opt: c_int, tv: &libc::timeval) {
+    let _ = sockcall(
+        libc::SYS_setsockopt,
+        fd as usize,
+        libc::SOL_SOCKET as usize,
+        opt as usize,
+        tv as *const _ as usize,
+        std::mem::size_of::<libc::timeval>(),
+    );
+}
+
 fn set_timeouts(fd: c_int, tv: libc::timeval) {
     for opt in [libc::SO_RCVTIMEO, libc::SO_SNDTIMEO] {
-        let _ = sockcall(
-            libc::SYS_setsockopt,
-            fd as usize,
-            libc::SOL_SOCKET as usize,
-            opt as usize,
-            &tv as *const _ as usize,
-            std::mem::size_of::<libc::timeval>(),
-        );
+        set_timeval(fd, opt, &tv);
     }
 }
 
@@ -323,14 +327,7 @@ pub fn copy_timeouts(from: c_int, to: c_int) {
             &mut len as *mut _ as usize,
         );
         if got.is_ok() && (tv.tv_sec != 0 || tv.tv_usec != 0) {
-            let _ = sockcall(
-                libc::SYS_setsockopt,
-                to as usize,
-                libc::SOL_SOCKET as usize,
-                opt as usize,
-                &tv as *const _ as usize,
-                std::mem::size_of::<libc::timeval>(),
-            );
+            set_timeval(to, opt, &tv);
         }
     }
 }

@@ -26,6 +26,8 @@
 #include <sys/un.h>
 #include <unistd.h>
 
+#include "sockcheck.h"
+
 static void fail(const char *check, const char *fmt, ...) {
     int e = errno;
     va_list ap;
@@ -51,22 +53,6 @@ static void soft_fail(const char *check, const char *fmt, ...) {
     soft_failures++;
 }
 
-static void ok(const char *check) {
-    printf("ok %s\n", check);
-    fflush(stdout);
-}
-
-static const char *fmt_addr(const struct sockaddr_in *a, char *out, size_t n) {
-    char ip[INET_ADDRSTRLEN];
-    inet_ntop(AF_INET, &a->sin_addr, ip, sizeof ip);
-    snprintf(out, n, "%s:%u", ip, ntohs(a->sin_port));
-    return out;
-}
-
-static int is_virtual(const struct sockaddr_in *a) {
-    uint32_t ip = ntohl(a->sin_addr.s_addr);
-    return (ip >> 16) == ((127u << 8) | 77u);
-}
 
 static void read_exact(int fd, char *p, size_t n, const char *check) {
     size_t got = 0;

@@ -35,6 +35,8 @@
 #include <sys/uio.h>
 #include <unistd.h>
 
+#include "sockcheck.h"
+
 static void fail(const char *check, const char *fmt, ...) {
     va_list ap;
     va_start(ap, fmt);
@@ -46,22 +48,6 @@ static void fail(const char *check, const char *fmt, ...) {
     exit(1);
 }
 
-static void ok(const char *check) {
-    printf("ok %s\n", check);
-    fflush(stdout);
-}
-
-static const char *fmt_addr(const struct sockaddr_in *a, char *out, size_t n) {
-    char ip[INET_ADDRSTRLEN];
-    inet_ntop(AF_INET, &a->sin_addr, ip, sizeof ip);
-    snprintf(out, n, "%s:%u", ip, ntohs(a->sin_port));
-    return out;
-}
-
-static int is_virtual(const struct sockaddr_in *a) {
-    uint32_t ip = ntohl(a->sin_addr.s_addr);
-    return (ip >> 16) == ((127u << 8) | 77u); /* 127.77.0.0/16 */
-}
 
 /* Waits for `events` on fd with epoll (bounded). */
 static void epoll_wait_for(int ep, int fd, uint32_t events, const char *check) {

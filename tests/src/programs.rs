@@ -13,8 +13,15 @@ pub fn c_program(name: &str) -> PathBuf {
     let out_dir = crate::bin_dir().join("dvk-test-programs");
     let bin = out_dir.join(name);
     let _guard = COMPILE.lock().unwrap_or_else(|p| p.into_inner());
-    let fresh = match (std::fs::metadata(&src), std::fs::metadata(&bin)) {
-        (Ok(s), Ok(b)) => b.modified().unwrap() >= s.modified().unwrap(),
+    // Rebuilt when the source or any header next to it is newer than the binary.
+    let newest_source = std::fs::read_dir(src.parent().unwrap())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.path() == src || e.path().extension().is_some_and(|x| x == "h"))
+        .filter_map(|e| e.metadata().ok()?.modified().ok())
+        .max();
+    let fresh = match (newest_source, std::fs::metadata(&bin).and_then(|b| b.modified())) {
+        (Some(s), Ok(b)) => b >= s,
         _ => false,
     };
     if !fresh {
