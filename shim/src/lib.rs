@@ -84,13 +84,17 @@ fn warn_parts(parts: &[&[u8]]) {
 }
 
 /// In the child of fork(): drop the parent's identity and agent link, register anew.
+/// A parent that runs without an agent has warned once already: its children stay quiet.
 unsafe extern "C" fn after_fork_in_child() {
     let _ = std::panic::catch_unwind(|| {
         raw::preserving_errno(|| {
+            let parent_was_registered = identity::vpid() != 0;
             if let Some(inherited) = identity::clear() {
                 raw::close(inherited);
             }
-            register_or_warn();
+            if parent_was_registered {
+                register_or_warn();
+            }
         })
     });
 }

@@ -210,7 +210,9 @@ fn getpid_is_consistent_across_threads() {
 #[test]
 fn program_runs_unchanged_with_one_warning_when_no_agent_is_reachable() {
     let dir = tempfile::tempdir().unwrap();
+    // `fork`: the forked child runs without an agent too, and says nothing more.
     let out = std::process::Command::new(c_program("identity"))
+        .arg("fork")
         .env("LD_PRELOAD", dvk_tests::shim_path())
         .env("DVK_AGENT_SOCK", dir.path().join("no-agent.sock"))
         .stdin(Stdio::null())
@@ -218,8 +220,11 @@ fn program_runs_unchanged_with_one_warning_when_no_agent_is_reachable() {
         .unwrap();
     assert!(out.status.success());
     let stdout = String::from_utf8(out.stdout).unwrap();
-    let (_, vpid, real, _) = fields(stdout.lines().next().unwrap());
-    assert_eq!(vpid, real, "without an agent getpid() is the real PID");
+    for line in stdout.lines() {
+        let (_, vpid, real, _) = fields(line);
+        assert_eq!(vpid, real, "without an agent getpid() is the real PID: {line}");
+    }
+    assert_eq!(stdout.lines().count(), 2, "parent and child both ran: {stdout}");
     let stderr = String::from_utf8(out.stderr).unwrap();
     assert_eq!(stderr.lines().count(), 1, "exactly one warning, got: {stderr:?}");
     assert!(stderr.starts_with("dvk: no usable agent at ") && stderr.contains("no-agent.sock"), "{stderr}");
