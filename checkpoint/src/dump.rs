@@ -1,0 +1,201 @@
+//! The dump pipeline: check → freeze → collect (registers, files, memory, injected queries) →
+//! write the manifest → kill / thaw. Any failure after the freeze thaws the process (the
+//! [`Frozen`] guard puts everything back), so a refused dump leaves it running as it was.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use crate::error::{Error, Result};
+use crate::freeze::Frozen;
+use crate::image::{self, Manifest, PageSink};
+use crate::sys::{self, Pid};
+use crate::{cpu, files, memory, proc, signals, task, vdso};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum AfterDump {
+    /// Kill the process once the image is complete (a move).
+    #[default]
+    Kill,
+    /// Detach into a job-control stop (SIGSTOP); SIGCONT resumes it.
+    LeaveStopped,
+    /// Let it run on (a snapshot).
+    LeaveRunning,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct DumpReport {
+    pub pid: Pid,
+    /// (phase, duration) in order.
+    pub phases: Vec<(&'static str, Duration)>,
+    /// From the freeze until the process was killed or resumed.
+    pub frozen: Duration,
+    pub total: Duration,
+    pub pages_bytes: u64,
+    pub manifest_bytes: u64,
+    pub vmas: usize,
+    pub fds: usize,
+}
+
+/// Refuses what cannot be moved, without touching the process.
+pub fn preflight(pid: Pid) -> Result<()> {
+    let threads = proc::threads(pid)?;
+    if threads != 1 {
+        return Err(Error::Threads { pid, threads });
+    }
+    memory::preflight(&proc::maps(pid)?)?;
+    files::collect(pid)?;
+    task::collect_static(pid)?;
+    Ok(())
+}
+
+struct Clock {
+    last: Instant,
+    phases: Vec<(&'static str, Duration)>,
+}
+impl Clock {
+    fn lap(&mut self, name: &'static str) {
+        let now = Instant::now();
+        self.phases.push((name, now - self.last));
+        self.last = now;
+    }
+}
+
+/// Dumps `pid` into `dir` (created 0700; files 0600).
+pub fn dump(pid: Pid, dir: &Path, after: AfterDump) -> Result<DumpReport> {
+    let start = Instant::now();
+    let mut clk = Clock {
+        last: start,
+        phases: Vec::new(),
+    };
+    preflight(pid)?;
+    image::create_dir(dir)?;
+    clk.lap("check");
+
+    let frozen_at = Instant::now();
+    let mut f = Frozen::freeze(pid)?;
+    let threads = proc::threads(pid)?;
+    if threads != 1 {
+        return Err(Error::Threads { pid, threads });
+    }
+    clk.lap("freeze");
+
+    let res = collect_all(&mut f, dir, &mut clk);
+    let (manifest, pages_len) = match res {
+        Ok(v) => v,
+        Err(e) => {
+            let _ = std::fs::remove_file(dir.join(image::PAGES));
+            let _ = std::fs::remove_file(dir.join(image::MANIFEST));
+            return Err(e); // `f` is dropped: thawed
+        }
+    };
+    let manifest_bytes = image::write_manifest(dir, &manifest)?;
+    clk.lap("write");
+
+    match after {
+        AfterDump::Kill => f.kill()?,
+        AfterDump::LeaveRunning => f.thaw(false)?,
+        AfterDump::LeaveStopped => f.thaw(true)?,
+    }
+    let frozen = frozen_at.elapsed();
+    clk.lap(match after {
+        AfterDump::Kill => "kill",
+        _ => "thaw",
+    });
+    Ok(DumpReport {
+        pid,
+        phases: clk.phases,
+        frozen,
+        total: start.elapsed(),
+        pages_bytes: pages_len,
+        manifest_bytes,
+        vmas: manifest.memory.vmas.len(),
+        fds: manifest.files.fds.len(),
+    })
+}
+
+/// Everything but the final manifest write, from a frozen process.
+pub fn collect_all(f: &mut Frozen, dir: &Path, clk: &mut impl Lap) -> Result<(Manifest, u64)> {
+    let pid = f.pid;
+    let maps = proc::maps(pid)?;
+    let vdso = vdso::collect(&maps);
+    let (mut cpu, cpu_ident) = cpu::collect(pid, &f.regs)?;
+    let files = files::collect(pid)?;
+    clk.lap("collect");
+
+    let mut sink = PageSink::create(dir)?;
+    let memory = memory::collect(pid, &maps, &mut sink)?;
+    clk.lap("pages");
+
+    let gadget_at = maps
+        .iter()
+        .find(|m| m.path == "[vdso]")
+        .or_else(|| {
+            maps.iter()
+                .find(|m| m.perms[2] == b'x' && m.path != "[vsyscall]")
+        })
+        .map(|m| m.start)
+        .ok_or_else(|| Error::Unsupported {
+            pid,
+            what: "process without executable mappings".into(),
+        })?;
+    let sigmask = f.sigmask;
+    let r = f.remote(gadget_at)?;
+    let mut sig = signals::collect(r, sigmask)?;
+    let task = task::collect(r)?;
+    signals::collect_pending(pid, &mut sig)?;
+    if let Some(rs) = task.rseq {
+        abort_rseq_cs(pid, rs.ptr, &mut cpu.regs);
+    }
+    clk.lap("inject");
+
+    let comm = task.comm.clone();
+    let m = Manifest {
+        pid,
+        comm,
+        kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease")
+            .unwrap_or_default()
+            .trim()
+            .to_string(),
+        cpu_ident,
+        vdso,
+        cpu,
+        memory,
+        files,
+        signals: sig,
+        task,
+        pages_len: sink.len(),
+    };
+    Ok((m, sink.len()))
+}
+
+pub trait Lap {
+    fn lap(&mut self, name: &'static str);
+}
+impl Lap for Clock {
+    fn lap(&mut self, name: &'static str) {
+        Clock::lap(self, name)
+    }
+}
+
+/// If the process stopped inside an rseq critical section, resume it at the abort handler (as
+/// the kernel would on preemption).
+fn abort_rseq_cs(pid: Pid, rseq: u64, regs: &mut sys::Regs) {
+    let mut b = [0u8; 8];
+    if sys::vm_read(pid, &mut b, &[(rseq + 8, 8)]).ok() != Some(8) {
+        return;
+    }
+    let cs = u64::from_le_bytes(b);
+    if cs == 0 {
+        return;
+    }
+    let mut c = [0u8; 32];
+    if sys::vm_read(pid, &mut c, &[(cs, 32)]).ok() != Some(32) {
+        return;
+    }
+    let start = u64::from_le_bytes(c[8..16].try_into().unwrap());
+    let post = u64::from_le_bytes(c[16..24].try_into().unwrap());
+    let abort = u64::from_le_bytes(c[24..32].try_into().unwrap());
+    if regs.rip >= start && regs.rip < start + post {
+        regs.rip = abort;
+    }
+}

@@ -1,0 +1,193 @@
+//! Freeze and thaw: `PTRACE_SEIZE` + `PTRACE_INTERRUPT` (never SIGSTOP, which the parent would see
+//! as a job-control stop), and the syscall-restart fixup of DESIGN §5.
+//!
+//! A [`Frozen`] process can run injected system calls (for what /proc cannot tell). Thawing puts
+//! every register, the signal mask and the patched gadget bytes back and detaches; the kernel then
+//! restarts an interrupted system call exactly as it would have without us.
+
+use crate::error::{pt, Error, Result};
+use crate::inject::{Remote, GADGET};
+use crate::sys::{self, Pid, Regs};
+
+const PTRACE_EVENT_STOP: i32 = 128;
+const DUMP_SCRATCH: usize = 64 * 1024;
+
+pub struct Frozen {
+    pub pid: Pid,
+    /// Registers exactly as stopped (before any restart fixup).
+    pub regs: Regs,
+    pub sigmask: u64,
+    remote: Option<Remote>,
+    poked: Option<(u64, u64)>,
+    finished: bool,
+}
+
+/// The registers a resumed copy must start with: an interrupted system call is restarted the way
+/// the kernel restarts it (`-ERESTARTSYS/-ERESTARTNOINTR/-ERESTARTNOHAND` → run it again;
+/// `-ERESTART_RESTARTBLOCK` → `-EINTR`, as the restart block is kernel state we cannot carry).
+pub fn restart_fixup(r: &Regs) -> Regs {
+    let mut o = *r;
+    if (r.orig_rax as i64) >= 0 {
+        match r.rax as i64 {
+            -512 | -513 | -514 => {
+                o.rax = r.orig_rax;
+                o.rip = r.rip - 2;
+            }
+            -516 => o.rax = (-libc::EINTR) as i64 as u64,
+            _ => {}
+        }
+    }
+    o.orig_rax = u64::MAX;
+    o
+}
+
+impl Frozen {
+    /// Seizes `pid` and stops it with PTRACE_INTERRUPT. Signals that arrive meanwhile are
+    /// delivered normally (passed through), never lost.
+    pub fn freeze(pid: Pid) -> Result<Frozen> {
+        sys::seize(pid, libc::PTRACE_O_TRACESYSGOOD as u64).map_err(pt("PTRACE_SEIZE", pid))?;
+        let fail = |e: Error| {
+            let _ = sys::detach(pid, 0);
+            e
+        };
+        sys::interrupt(pid)
+            .map_err(pt("PTRACE_INTERRUPT", pid))
+            .map_err(fail)?;
+        for _ in 0..1000 {
+            let st = sys::wait(pid).map_err(pt("waitpid", pid)).map_err(fail)?;
+            if libc::WIFEXITED(st) || libc::WIFSIGNALED(st) {
+                return Err(Error::UnexpectedStop {
+                    pid,
+                    during: "freezing (process exited)".into(),
+                    status: st,
+                });
+            }
+            if !libc::WIFSTOPPED(st) {
+                continue;
+            }
+            if st >> 16 == PTRACE_EVENT_STOP {
+                let regs = sys::get_regs(pid)
+                    .map_err(pt("PTRACE_GETREGS", pid))
+                    .map_err(fail)?;
+                let sigmask = sys::get_sigmask(pid)
+                    .map_err(pt("PTRACE_GETSIGMASK", pid))
+                    .map_err(fail)?;
+                return Ok(Frozen {
+                    pid,
+                    regs,
+                    sigmask,
+                    remote: None,
+                    poked: None,
+                    finished: false,
+                });
+            }
+            // A signal-delivery-stop: let the signal through and keep waiting for our stop.
+            let sig = libc::WSTOPSIG(st);
+            let pass = if sig == libc::SIGTRAP || (sig & 0x80) != 0 {
+                0
+            } else {
+                sig
+            };
+            sys::cont(pid, pass)
+                .map_err(pt("PTRACE_CONT", pid))
+                .map_err(fail)?;
+        }
+        Err(fail(Error::UnexpectedStop {
+            pid,
+            during: "freezing (no stop after 1000 events)".into(),
+            status: 0,
+        }))
+    }
+
+    /// Prepares syscall injection: all signals blocked, a `syscall; int3` gadget patched over the
+    /// first bytes of `gadget_at` (the vDSO's ELF header, never executed), a scratch mapping.
+    pub fn remote(&mut self, gadget_at: u64) -> Result<&Remote> {
+        if self.remote.is_none() {
+            let pid = self.pid;
+            sys::set_sigmask(pid, !0u64).map_err(pt("PTRACE_SETSIGMASK", pid))?;
+            let orig = sys::peek_data(pid, gadget_at).map_err(pt("PTRACE_PEEKDATA", pid))?;
+            let mut b = orig.to_le_bytes();
+            b[..3].copy_from_slice(&GADGET);
+            sys::poke_data(pid, gadget_at, u64::from_le_bytes(b))
+                .map_err(pt("PTRACE_POKEDATA", pid))?;
+            self.poked = Some((gadget_at, orig));
+            let mut r = Remote {
+                pid,
+                gadget: gadget_at,
+                base: self.regs,
+                scratch: 0,
+                scratch_len: 0,
+            };
+            let p = r.call(
+                "mmap (scratch)",
+                libc::SYS_mmap,
+                &[
+                    0,
+                    DUMP_SCRATCH as u64,
+                    (libc::PROT_READ | libc::PROT_WRITE) as u64,
+                    (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS) as u64,
+                    u64::MAX,
+                    0,
+                ],
+            )?;
+            r.scratch = p;
+            r.scratch_len = DUMP_SCRATCH;
+            self.remote = Some(r);
+        }
+        Ok(self.remote.as_ref().unwrap())
+    }
+
+    fn undo_injection(&mut self) -> Result<()> {
+        if let Some(r) = self.remote.take() {
+            if r.scratch != 0 {
+                r.call(
+                    "munmap (scratch)",
+                    libc::SYS_munmap,
+                    &[r.scratch, r.scratch_len as u64],
+                )?;
+            }
+        }
+        if let Some((addr, orig)) = self.poked.take() {
+            sys::poke_data(self.pid, addr, orig).map_err(pt("PTRACE_POKEDATA", self.pid))?;
+        }
+        Ok(())
+    }
+
+    /// Puts everything back and lets the process run on (`stop`: detach into a job-control stop).
+    pub fn thaw(mut self, stop: bool) -> Result<()> {
+        self.finished = true;
+        let pid = self.pid;
+        self.undo_injection()?;
+        sys::set_regs(pid, &self.regs).map_err(pt("PTRACE_SETREGS", pid))?;
+        sys::set_sigmask(pid, self.sigmask).map_err(pt("PTRACE_SETSIGMASK", pid))?;
+        sys::detach(pid, if stop { libc::SIGSTOP } else { 0 }).map_err(pt("PTRACE_DETACH", pid))
+    }
+
+    /// Kills the frozen process (after a successful dump) and collects its ptrace exit report.
+    /// If the caller is also its parent, this reaps it.
+    pub fn kill(mut self) -> Result<()> {
+        self.finished = true;
+        let pid = self.pid;
+        sys::kill(pid, libc::SIGKILL).map_err(pt("kill", pid))?;
+        for _ in 0..100 {
+            match sys::wait(pid) {
+                Ok(st) if libc::WIFEXITED(st) || libc::WIFSIGNALED(st) => return Ok(()),
+                Ok(_) => {}
+                Err(_) => return Ok(()),
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Frozen {
+    fn drop(&mut self) {
+        if !self.finished {
+            // Best effort: an error path must leave the process running as it was.
+            let _ = self.undo_injection();
+            let _ = sys::set_regs(self.pid, &self.regs);
+            let _ = sys::set_sigmask(self.pid, self.sigmask);
+            let _ = sys::detach(self.pid, 0);
+        }
+    }
+}

@@ -1,0 +1,330 @@
+//! The image: what a dump writes and a restore reads.
+//!
+//! ```text
+//!  DIR/ (0700)
+//!  ├── manifest.img (0600)                    ├── pages.img (0600)
+//!  │  0  magic     "DVKCKPT\0"    8 bytes      │  raw page data, every run page-aligned,
+//!  │  8  version   u32 le  (= 1)               │  runs back to back in manifest order;
+//!  │ 12  arch      u32 le  (62 = EM_X86_64)    │  never-populated pages are absent;
+//!  │ 16  length    u64 le  of the payload      │  each run has its own CRC32 in the
+//!  │ 24  crc32     u32 le  of the payload      │  manifest (memory.vmas[].runs[].crc)
+//!  │ 28  hdr_crc   u32 le  of bytes 0..28      │
+//!  │ 32  payload   postcard(Manifest)          │
+//! ```
+//!
+//! Reading checks, in order: length ≥ header, magic, version, architecture, header CRC, payload
+//! length, payload CRC, payload decoding, page file length, every run's CRC — each with its own
+//! error variant — so a wrong image is refused before anything is created.
+//!
+//! Version rule: any change to the header or to a serialized struct bumps [`VERSION`] (postcard
+//! is not self-describing); a reader accepts exactly its own version.
+
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::cpu::{CpuIdent, CpuState};
+use crate::error::{io_at, pt, Error, Result};
+use crate::files::FilesState;
+use crate::memory::{self, MemoryState, Run};
+use crate::signals::SignalState;
+use crate::sys::{self, MappedFile, Pid};
+use crate::task::TaskState;
+use crate::vdso::VdsoLayout;
+
+pub const MAGIC: [u8; 8] = *b"DVKCKPT\0";
+pub const VERSION: u32 = 1;
+pub const ARCH_X86_64: u32 = 62;
+pub const HEADER_LEN: usize = 32;
+pub const MANIFEST: &str = "manifest.img";
+pub const PAGES: &str = "pages.img";
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Manifest {
+    pub pid: i32,
+    pub comm: String,
+    pub kernel: String,
+    pub cpu_ident: CpuIdent,
+    pub vdso: VdsoLayout,
+    pub cpu: CpuState,
+    pub memory: MemoryState,
+    pub files: FilesState,
+    pub signals: SignalState,
+    pub task: TaskState,
+    pub pages_len: u64,
+}
+
+pub fn create_dir(dir: &Path) -> Result<()> {
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(io_at(dir))?;
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(io_at(dir))
+}
+
+fn create_file(path: &Path) -> Result<File> {
+    OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(io_at(path))
+}
+
+/// Encodes header + payload.
+pub fn encode_manifest(m: &Manifest) -> Result<Vec<u8>> {
+    let payload = postcard::to_allocvec(m).map_err(|e| Error::Decode {
+        path: MANIFEST.into(),
+        msg: e.to_string(),
+    })?;
+    let mut out = Vec::with_capacity(HEADER_LEN + payload.len());
+    out.extend_from_slice(&MAGIC);
+    out.extend_from_slice(&VERSION.to_le_bytes());
+    out.extend_from_slice(&ARCH_X86_64.to_le_bytes());
+    out.extend_from_slice(&(payload.len() as u64).to_le_bytes());
+    out.extend_from_slice(&crc32fast::hash(&payload).to_le_bytes());
+    let hcrc = crc32fast::hash(&out[..28]);
+    out.extend_from_slice(&hcrc.to_le_bytes());
+    out.extend_from_slice(&payload);
+    Ok(out)
+}
+
+/// Decodes and checks header + payload, in the documented order.
+pub fn decode_manifest(b: &[u8], path: &Path) -> Result<Manifest> {
+    let p = || path.to_path_buf();
+    if b.len() < HEADER_LEN {
+        if b.len() >= 8 && b[..8] != MAGIC {
+            return Err(Error::BadMagic { path: p() });
+        }
+        return Err(Error::Truncated {
+            path: p(),
+            what: format!("header: {} of {HEADER_LEN} bytes", b.len()),
+        });
+    }
+    if b[..8] != MAGIC {
+        return Err(Error::BadMagic { path: p() });
+    }
+    let u32_at = |o: usize| u32::from_le_bytes(b[o..o + 4].try_into().unwrap());
+    let version = u32_at(8);
+    if version != VERSION {
+        return Err(Error::BadVersion {
+            path: p(),
+            found: version,
+            supported: VERSION,
+        });
+    }
+    let arch = u32_at(12);
+    if arch != ARCH_X86_64 {
+        return Err(Error::BadArch {
+            path: p(),
+            found: arch,
+            here: ARCH_X86_64,
+        });
+    }
+    if crc32fast::hash(&b[..28]) != u32_at(28) {
+        return Err(Error::Checksum {
+            path: p(),
+            what: "header".into(),
+        });
+    }
+    let len = u64::from_le_bytes(b[16..24].try_into().unwrap()) as usize;
+    let payload = &b[HEADER_LEN..];
+    if payload.len() < len {
+        return Err(Error::Truncated {
+            path: p(),
+            what: format!("manifest: {} of {len} bytes", payload.len()),
+        });
+    }
+    let payload = &payload[..len];
+    if crc32fast::hash(payload) != u32_at(24) {
+        return Err(Error::Checksum {
+            path: p(),
+            what: "manifest".into(),
+        });
+    }
+    postcard::from_bytes(payload).map_err(|e| Error::Decode {
+        path: p(),
+        msg: e.to_string(),
+    })
+}
+
+pub fn write_manifest(dir: &Path, m: &Manifest) -> Result<u64> {
+    let bytes = encode_manifest(m)?;
+    let path = dir.join(MANIFEST);
+    let mut f = create_file(&path)?;
+    f.write_all(&bytes).map_err(io_at(&path))?;
+    f.sync_data().ok();
+    Ok(bytes.len() as u64)
+}
+
+/// A read image: the checked manifest and the mapped, checked page data.
+pub struct Image {
+    pub dir: PathBuf,
+    pub manifest: Manifest,
+    pub pages: MappedFile,
+}
+
+/// Reads and verifies an image (manifest header and checksum, page file length and every run's
+/// checksum) without creating anything.
+pub fn read(dir: &Path) -> Result<Image> {
+    let mpath = dir.join(MANIFEST);
+    let bytes = std::fs::read(&mpath).map_err(io_at(&mpath))?;
+    let manifest = decode_manifest(&bytes, &mpath)?;
+    let ppath = dir.join(PAGES);
+    let f = File::open(&ppath).map_err(io_at(&ppath))?;
+    let len = f.metadata().map_err(io_at(&ppath))?.len();
+    if len < manifest.pages_len {
+        return Err(Error::Truncated {
+            path: ppath,
+            what: format!("page data: {len} of {} bytes", manifest.pages_len),
+        });
+    }
+    let pages = MappedFile::map(&f, manifest.pages_len as usize).map_err(io_at(&ppath))?;
+    let b = pages.bytes();
+    for v in &manifest.memory.vmas {
+        for r in &v.runs {
+            let end = r
+                .off
+                .checked_add(r.len)
+                .filter(|&e| e <= manifest.pages_len);
+            let Some(end) = end else {
+                return Err(Error::Truncated {
+                    path: ppath,
+                    what: format!("run at {:#x}", r.addr),
+                });
+            };
+            if crc32fast::hash(&b[r.off as usize..end as usize]) != r.crc {
+                return Err(Error::Checksum {
+                    path: ppath,
+                    what: format!(
+                        "pages {:#x}-{:#x} of mapping {}",
+                        r.addr,
+                        r.addr + r.len,
+                        v.describe()
+                    ),
+                });
+            }
+        }
+    }
+    Ok(Image {
+        dir: dir.to_path_buf(),
+        manifest,
+        pages,
+    })
+}
+
+/// Streams page data into pages.img, batching `process_vm_readv` calls into one large buffer.
+pub struct PageSink {
+    file: File,
+    path: PathBuf,
+    off: u64,
+    buf: Vec<u8>,
+}
+
+const BATCH: usize = 8 << 20;
+const MAX_IOV: usize = 512;
+
+impl PageSink {
+    pub fn create(dir: &Path) -> Result<PageSink> {
+        let path = dir.join(PAGES);
+        let file = create_file(&path)?;
+        Ok(PageSink {
+            file,
+            path,
+            off: 0,
+            buf: vec![0u8; BATCH],
+        })
+    }
+
+    pub fn len(&self) -> u64 {
+        self.off
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.off == 0
+    }
+
+    /// Stores the page runs `(addr, len)` of `pid`; returns their manifest entries.
+    pub fn store(&mut self, pid: Pid, runs: &[(u64, u64)], readable: bool) -> Result<Vec<Run>> {
+        let mut out: Vec<Run> = Vec::with_capacity(runs.len());
+        let mut hashers: Vec<crc32fast::Hasher> = Vec::with_capacity(runs.len());
+        // pieces in the current batch: (run index, addr, len)
+        let mut batch: Vec<(usize, u64, usize)> = Vec::new();
+        let mut fill = 0usize;
+        for (i, &(addr, len)) in runs.iter().enumerate() {
+            out.push(Run {
+                addr,
+                len,
+                off: self.off + fill as u64,
+                crc: 0,
+            });
+            hashers.push(crc32fast::Hasher::new());
+            let mut a = addr;
+            let mut left = len as usize;
+            while left > 0 {
+                let n = left.min(BATCH - fill);
+                batch.push((i, a, n));
+                fill += n;
+                a += n as u64;
+                left -= n;
+                if fill == BATCH || batch.len() == MAX_IOV {
+                    self.flush(pid, &mut batch, &mut fill, &mut hashers, readable)?;
+                }
+            }
+        }
+        self.flush(pid, &mut batch, &mut fill, &mut hashers, readable)?;
+        for (r, h) in out.iter_mut().zip(hashers) {
+            r.crc = h.finalize();
+        }
+        Ok(out)
+    }
+
+    fn flush(
+        &mut self,
+        pid: Pid,
+        batch: &mut Vec<(usize, u64, usize)>,
+        fill: &mut usize,
+        hashers: &mut [crc32fast::Hasher],
+        readable: bool,
+    ) -> Result<()> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let total = *fill;
+        if readable {
+            let remote: Vec<(u64, usize)> = batch.iter().map(|&(_, a, l)| (a, l)).collect();
+            let n = sys::vm_read(pid, &mut self.buf[..total], &remote)
+                .map_err(pt("process_vm_readv", pid))?;
+            if n != total {
+                return Err(Error::Restore(format!(
+                    "process {pid}: memory at {:#x} could not be read ({n} of {total} bytes)",
+                    remote[0].0
+                )));
+            }
+        } else {
+            let mut o = 0;
+            for &(_, a, l) in batch.iter() {
+                memory::read_mem(pid, a, &mut self.buf[o..o + l])?;
+                o += l;
+            }
+        }
+        let mut o = 0;
+        for &(i, _, l) in batch.iter() {
+            hashers[i].update(&self.buf[o..o + l]);
+            o += l;
+        }
+        self.file
+            .write_all(&self.buf[..total])
+            .map_err(io_at(&self.path))?;
+        self.off += total as u64;
+        batch.clear();
+        *fill = 0;
+        Ok(())
+    }
+}
