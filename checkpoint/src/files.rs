@@ -488,7 +488,10 @@ pub fn restore(r: &Remote, st: &FilesState) -> Result<()> {
                     libc::SYS_timerfd_create,
                     &[*clockid as u64, fl],
                 )?;
-                if *value_ns != 0 {
+                if *value_ns != 0 || *interval_ns != 0 {
+                    // A periodic timer whose expiry was not read yet shows it_value 0 (the kernel
+                    // re-arms it on read): arm it to expire at once, it then runs on its interval.
+                    let value_ns = (*value_ns).max(1);
                     let mut b = Vec::new();
                     for v in [
                         interval_ns / 1_000_000_000,

@@ -197,8 +197,8 @@ pub fn get_rseq(pid: Pid) -> io::Result<Option<RseqConf>> {
     struct Conf {
         ptr: u64,
         len: u32,
-        flags: u32,
         sig: u32,
+        flags: u32,
         pad: u32,
     }
     let mut c = Conf::default();

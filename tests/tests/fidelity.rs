@@ -1,0 +1,297 @@
+//! Fidelity suite of the checkpoint engine (in the spirit of CRIU's zdtm): each C program in
+//! tests/fidelity/ sets up one kind of process state, prints READY, and keeps using that state;
+//! the driver dumps it (the original is killed), restores it, says "go" through the FIFO `ctl`,
+//! and the program checks its own state and prints PASS or FAIL. Every wait is bounded; the
+//! driver kills only the processes it started, by pid. Needs root (ptrace of any process,
+//! clone3 set_tid, PR_SET_MM_MAP); without it each test prints SKIP and returns.
+
+use std::fs::{self, File};
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use dvk_checkpoint::{self as ck, AfterDump, RestoreOptions};
+
+fn root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    let ok = unsafe { libc::geteuid() } == 0;
+    if !ok {
+        eprintln!("SKIP: the checkpoint fidelity suite needs root (ptrace, clone3 set_tid, PR_SET_MM_MAP)");
+    }
+    ok
+}
+
+struct Prog {
+    name: &'static str,
+    dir: tempfile::TempDir,
+    pid: i32,
+}
+
+fn src_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("fidelity")
+}
+
+fn compile(name: &str, out: &Path) -> PathBuf {
+    let bin = out.join(name);
+    let st = Command::new("cc")
+        .args(["-O1", "-w", "-pthread", "-o"])
+        .arg(&bin)
+        .arg(src_dir().join(format!("{name}.c")))
+        .status()
+        .expect("cc not found (install gcc)");
+    assert!(st.success(), "compiling {name}.c failed");
+    bin
+}
+
+fn read(p: &Path) -> String {
+    fs::read_to_string(p).unwrap_or_default()
+}
+
+/// Bounded wait for `pid` (a child of this process) to exit; kills it on timeout.
+fn wait_exit(pid: i32, timeout: Duration) -> Option<i32> {
+    let t = Instant::now();
+    loop {
+        let mut st = 0;
+        // SAFETY: valid out pointer; pid is our own child.
+        let r = unsafe { libc::waitpid(pid, &mut st, libc::WNOHANG) };
+        if r == pid {
+            return Some(st);
+        }
+        if r < 0 {
+            return None;
+        }
+        if t.elapsed() > timeout {
+            // SAFETY: killing our own child by pid.
+            unsafe {
+                libc::kill(pid, libc::SIGKILL);
+                libc::waitpid(pid, &mut st, 0);
+            }
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+impl Prog {
+    fn start(name: &'static str) -> Prog {
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("dvk-fid-{name}-"))
+            .tempdir()
+            .unwrap();
+        let bin = compile(name, dir.path());
+        let ctl = std::ffi::CString::new(dir.path().join("ctl").to_str().unwrap()).unwrap();
+        // SAFETY: valid C string.
+        assert_eq!(unsafe { libc::mkfifo(ctl.as_ptr(), 0o600) }, 0);
+        let child = Command::new(&bin)
+            .current_dir(dir.path())
+            .stdin(Stdio::null())
+            .stdout(File::create(dir.path().join("out")).unwrap())
+            .stderr(File::create(dir.path().join("err")).unwrap())
+            .spawn()
+            .unwrap();
+        let pid = child.id() as i32;
+        drop(child); // waited for by pid below
+        let p = Prog { name, dir, pid };
+        let t = Instant::now();
+        while !read(&p.out()).contains("READY") {
+            let mut st = 0;
+            // SAFETY: our own child.
+            if unsafe { libc::waitpid(pid, &mut st, libc::WNOHANG) } == pid {
+                panic!("{name} exited before READY: {}", read(&p.out()));
+            }
+            assert!(
+                t.elapsed() < Duration::from_secs(10),
+                "{name}: no READY in 10 s"
+            );
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        p
+    }
+    fn path(&self, f: &str) -> PathBuf {
+        self.dir.path().join(f)
+    }
+    fn out(&self) -> PathBuf {
+        self.path("out")
+    }
+    fn img(&self, n: u32) -> PathBuf {
+        self.path(&format!("img{n}"))
+    }
+    /// Dump (killing the original, which this process reaps) and restore; returns the new pid.
+    fn move_once(&mut self, n: u32) {
+        let rep = ck::dump(self.pid, &self.img(n), AfterDump::Kill)
+            .unwrap_or_else(|e| panic!("{}: dump failed: {e}", self.name));
+        assert!(rep.pages_bytes > 0);
+        wait_exit(self.pid, Duration::from_secs(5)); // already reaped by the dump: no-op
+        let r = ck::restore(&self.img(n), &RestoreOptions::default())
+            .unwrap_or_else(|e| panic!("{}: restore failed: {e}", self.name));
+        assert!(
+            r.same_pid,
+            "{}: pid {} was free but not reused (got {})",
+            self.name, self.pid, r.pid
+        );
+        self.pid = r.pid;
+    }
+    fn go(&self) {
+        let mut f = fs::OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(self.path("ctl"))
+            .unwrap();
+        f.write_all(b"g").unwrap();
+    }
+    fn expect_pass(&self) {
+        let st = wait_exit(self.pid, Duration::from_secs(20));
+        let out = read(&self.out());
+        let err = read(&self.path("err"));
+        let ok = matches!(st, Some(s) if libc::WIFEXITED(s) && libc::WEXITSTATUS(s) == 0);
+        assert!(
+            ok && out.contains("PASS") && !out.contains("FAIL"),
+            "{}: status {st:?}\n--- stdout\n{out}--- stderr\n{err}",
+            self.name
+        );
+    }
+}
+
+fn simple(name: &'static str, settle_ms: u64) {
+    if !root() {
+        return;
+    }
+    let mut p = Prog::start(name);
+    std::thread::sleep(Duration::from_millis(settle_ms));
+    p.move_once(1);
+    p.go();
+    p.expect_pass();
+}
+
+macro_rules! fidelity {
+    ($($name:ident $(settle $ms:literal)?),* $(,)?) => {$(
+        #[test]
+        fn $name() {
+            simple(stringify!($name), 0 $(+ $ms)?);
+        }
+    )*};
+}
+
+fidelity! {
+    anon_memory,
+    file_private_map,
+    shared_anon,
+    regs_sse_avx settle 20,
+    tls_fsbase,
+    vdso_clock settle 20,
+    rseq settle 20,
+    sig_handlers,
+    sig_mask_pending,
+    sigaltstack,
+    itimer settle 100,
+    raise_abort,
+    regular_files,
+    devnull_pipe,
+    cwd_umask_rlimit,
+    blocked_read settle 100,
+    blocked_nanosleep settle 200,
+    blocked_epoll settle 100,
+    eventfd_timerfd,
+    epoll_set,
+}
+
+#[test]
+fn stdio_files() {
+    if !root() {
+        return;
+    }
+    let mut p = Prog::start("stdio_files");
+    p.move_once(1);
+    p.go();
+    p.expect_pass();
+    assert_eq!(read(&p.out()), "out-before\nREADY\nout-after\nPASS\n");
+    assert_eq!(read(&p.path("err")), "err-before\nerr-after\n");
+}
+
+#[test]
+fn blocked_accept() {
+    if !root() {
+        return;
+    }
+    let mut p = Prog::start("blocked_accept");
+    std::thread::sleep(Duration::from_millis(100));
+    p.move_once(1);
+    let mut c = std::os::unix::net::UnixStream::connect(p.path("sock"))
+        .expect("connect to the restored listener");
+    c.write_all(b"g").unwrap();
+    p.expect_pass();
+}
+
+/// A restored process is dumped and restored again.
+#[test]
+fn restore_twice() {
+    if !root() {
+        return;
+    }
+    let mut p = Prog::start("anon_memory");
+    p.move_once(1);
+    std::thread::sleep(Duration::from_millis(50));
+    p.move_once(2);
+    p.go();
+    p.expect_pass();
+}
+
+/// `dump --leave-running`: the original runs on and the copy (with a new pid) runs too.
+#[test]
+fn leave_running_both_run() {
+    if !root() {
+        return;
+    }
+    let p = Prog::start("snapshot");
+    ck::dump(p.pid, &p.img(1), AfterDump::LeaveRunning).unwrap();
+    let r = ck::restore(&p.img(1), &RestoreOptions::default()).unwrap();
+    assert_ne!(r.pid, p.pid);
+    assert!(!r.same_pid);
+    // Each reads exactly one byte of the FIFO they share.
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(p.path("ctl"))
+        .unwrap();
+    f.write_all(b"gg").unwrap();
+    wait_exit(p.pid, Duration::from_secs(10));
+    wait_exit(r.pid, Duration::from_secs(10));
+    let a = read(&p.path(&format!("res.{}", p.pid)));
+    let b = read(&p.path(&format!("res.{}", r.pid)));
+    assert_eq!(a, "PASS original\n");
+    assert_eq!(b, "PASS copy\n");
+}
+
+/// Refused dumps name the culprit and leave the process running as it was.
+fn refused(name: &'static str, want: &[&str]) {
+    if !root() {
+        return;
+    }
+    let p = Prog::start(name);
+    let e = ck::dump(p.pid, &p.img(1), AfterDump::Kill)
+        .expect_err("dump should be refused")
+        .to_string();
+    for w in want {
+        assert!(e.contains(w), "{name}: error {e:?} should mention {w:?}");
+    }
+    assert!(!p.img(1).join("manifest.img").exists());
+    p.go();
+    p.expect_pass();
+}
+
+#[test]
+fn deleted_file_refused() {
+    refused("deleted_file", &["fd 3", "gone.txt", "deleted"]);
+}
+
+#[test]
+fn tcp_socket_refused() {
+    refused("tcp_socket", &["fd 3", "AF_INET"]);
+}
+
+#[test]
+fn two_threads_refused() {
+    refused("two_threads", &["2 threads"]);
+}
