@@ -191,3 +191,40 @@ impl Drop for Frozen {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn regs(rax: i64, orig: i64, rip: u64) -> Regs {
+        Regs {
+            rax: rax as u64,
+            orig_rax: orig as u64,
+            rip,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn restartable_syscalls_are_rerun() {
+        for code in [-512, -513, -514] {
+            let o = restart_fixup(&regs(code, 0, 0x1002));
+            assert_eq!((o.rax, o.rip, o.orig_rax), (0, 0x1000, u64::MAX));
+        }
+    }
+
+    #[test]
+    fn restart_block_becomes_eintr() {
+        let o = restart_fixup(&regs(-516, 230, 0x1002));
+        assert_eq!(o.rax as i64, -(libc::EINTR as i64));
+        assert_eq!(o.rip, 0x1002);
+    }
+
+    #[test]
+    fn finished_syscalls_and_user_code_are_untouched() {
+        let o = restart_fixup(&regs(-11, 0, 0x1002));
+        assert_eq!((o.rax as i64, o.rip), (-11, 0x1002));
+        let o = restart_fixup(&regs(-512, -1, 0x1002));
+        assert_eq!((o.rax as i64, o.rip), (-512, 0x1002));
+    }
+}

@@ -328,3 +328,196 @@ impl PageSink {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::memory::{FileIdent, Vma, VmaKind};
+
+    fn sample(pages_len: u64, runs: Vec<Run>) -> Manifest {
+        Manifest {
+            pid: 4242,
+            comm: "sample".into(),
+            kernel: "6.18".into(),
+            cpu_ident: Default::default(),
+            vdso: Default::default(),
+            cpu: Default::default(),
+            memory: MemoryState {
+                vmas: vec![
+                    Vma {
+                        start: 0x10000,
+                        end: 0x20000,
+                        prot: 3,
+                        shared: false,
+                        growsdown: false,
+                        kind: VmaKind::Anon {
+                            name: "[heap]".into(),
+                        },
+                        runs,
+                    },
+                    Vma {
+                        start: 0x40000,
+                        end: 0x41000,
+                        prot: 5,
+                        shared: false,
+                        growsdown: false,
+                        kind: VmaKind::File {
+                            path: "/bin/true".into(),
+                            offset: 0,
+                            ident: FileIdent {
+                                ino: 1,
+                                size: 2,
+                                mtime: 3,
+                                mtime_ns: 4,
+                            },
+                        },
+                        runs: vec![],
+                    },
+                ],
+            },
+            files: Default::default(),
+            signals: Default::default(),
+            task: Default::default(),
+            pages_len,
+        }
+    }
+
+    /// Writes an image with two stored pages; returns its directory.
+    fn write_sample() -> (tempfile::TempDir, Manifest) {
+        let d = tempfile::tempdir().unwrap();
+        let dir = d.path().join("img");
+        create_dir(&dir).unwrap();
+        let mut data = vec![0u8; 8192];
+        data[..4096].fill(1);
+        data[4096..].fill(2);
+        let run = Run {
+            addr: 0x10000,
+            len: 8192,
+            off: 0,
+            crc: crc32fast::hash(&data),
+        };
+        let m = sample(8192, vec![run]);
+        write_manifest(&dir, &m).unwrap();
+        std::fs::write(dir.join(PAGES), &data).unwrap();
+        (d, m)
+    }
+
+    fn dir(d: &tempfile::TempDir) -> PathBuf {
+        d.path().join("img")
+    }
+
+    fn patch(d: &tempfile::TempDir, file: &str, f: impl FnOnce(&mut Vec<u8>)) {
+        let p = dir(d).join(file);
+        let mut b = std::fs::read(&p).unwrap();
+        f(&mut b);
+        std::fs::write(&p, b).unwrap();
+    }
+
+    #[test]
+    fn round_trip() {
+        let (d, m) = write_sample();
+        let img = read(&dir(&d)).unwrap();
+        assert_eq!(img.manifest, m);
+        assert_eq!(img.pages.bytes()[4096], 2);
+    }
+
+    #[test]
+    fn permissions_are_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let (d, _) = write_sample();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&dir(&d)), 0o700);
+        assert_eq!(mode(&dir(&d).join(MANIFEST)), 0o600);
+    }
+
+    #[test]
+    fn refuses_bad_magic() {
+        let (d, _) = write_sample();
+        patch(&d, MANIFEST, |b| b[0] = b'X');
+        assert!(matches!(read(&dir(&d)), Err(Error::BadMagic { .. })));
+    }
+
+    #[test]
+    fn refuses_other_version() {
+        let (d, _) = write_sample();
+        patch(&d, MANIFEST, |b| {
+            b[8..12].copy_from_slice(&99u32.to_le_bytes())
+        });
+        match read(&dir(&d)) {
+            Err(Error::BadVersion {
+                found: 99,
+                supported: VERSION,
+                ..
+            }) => {}
+            other => panic!("{:?}", other.err()),
+        }
+    }
+
+    #[test]
+    fn refuses_other_arch() {
+        let (d, _) = write_sample();
+        patch(&d, MANIFEST, |b| {
+            b[12..16].copy_from_slice(&183u32.to_le_bytes())
+        });
+        assert!(matches!(
+            read(&dir(&d)),
+            Err(Error::BadArch { found: 183, .. })
+        ));
+    }
+
+    #[test]
+    fn refuses_corrupt_header() {
+        let (d, _) = write_sample();
+        patch(&d, MANIFEST, |b| b[20] ^= 1); // inside the length field
+        assert!(matches!(read(&dir(&d)), Err(Error::Checksum { what, .. }) if what == "header"));
+    }
+
+    #[test]
+    fn refuses_truncated_header_and_manifest() {
+        let (d, _) = write_sample();
+        patch(&d, MANIFEST, |b| b.truncate(20));
+        assert!(matches!(read(&dir(&d)), Err(Error::Truncated { .. })));
+        let (d, _) = write_sample();
+        patch(&d, MANIFEST, |b| {
+            let n = b.len() - 5;
+            b.truncate(n)
+        });
+        let e = read(&dir(&d)).err().unwrap();
+        assert!(matches!(e, Error::Truncated { .. }), "{e}");
+    }
+
+    #[test]
+    fn refuses_corrupt_manifest() {
+        let (d, _) = write_sample();
+        patch(&d, MANIFEST, |b| {
+            let n = b.len() - 3;
+            b[n] ^= 0x40
+        });
+        assert!(matches!(read(&dir(&d)), Err(Error::Checksum { what, .. }) if what == "manifest"));
+    }
+
+    #[test]
+    fn refuses_truncated_pages() {
+        let (d, _) = write_sample();
+        patch(&d, PAGES, |b| b.truncate(4096));
+        assert!(
+            matches!(read(&dir(&d)), Err(Error::Truncated { what, .. }) if what.starts_with("page data"))
+        );
+    }
+
+    #[test]
+    fn refuses_corrupt_pages_naming_the_mapping() {
+        let (d, _) = write_sample();
+        patch(&d, PAGES, |b| b[5000] ^= 0xff);
+        let e = read(&dir(&d)).err().unwrap();
+        assert!(matches!(e, Error::Checksum { .. }));
+        assert!(e.to_string().contains("[heap]"), "{e}");
+    }
+
+    #[test]
+    fn missing_image_is_an_io_error_naming_the_file() {
+        let d = tempfile::tempdir().unwrap();
+        let e = read(d.path()).err().unwrap();
+        assert!(e.to_string().contains(MANIFEST), "{e}");
+    }
+}

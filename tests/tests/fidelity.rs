@@ -295,3 +295,50 @@ fn tcp_socket_refused() {
 fn two_threads_refused() {
     refused("two_threads", &["2 threads"]);
 }
+
+/// Restore refuses, before creating anything, a mapped file that changed since the dump and a
+/// corrupted page file.
+#[test]
+fn changed_file_and_corrupt_image_refused() {
+    if !root() {
+        return;
+    }
+    let p = Prog::start("file_private_map");
+    ck::dump(p.pid, &p.img(1), AfterDump::Kill).unwrap();
+    wait_exit(p.pid, Duration::from_secs(5));
+    let good = fs::read(p.path("data.bin")).unwrap();
+    fs::OpenOptions::new()
+        .append(true)
+        .open(p.path("data.bin"))
+        .unwrap()
+        .write_all(b"more")
+        .unwrap();
+    let e = ck::restore(&p.img(1), &RestoreOptions::default())
+        .expect_err("changed file must be refused")
+        .to_string();
+    assert!(
+        e.contains("data.bin") && e.contains("changed") && e.contains("size"),
+        "{e}"
+    );
+    // SAFETY: signal 0 only probes for existence.
+    assert_ne!(unsafe { libc::kill(p.pid, 0) }, 0, "a process was created");
+
+    fs::write(p.path("data.bin"), &good).unwrap(); // same size, but a new mtime
+    let e = ck::restore(&p.img(1), &RestoreOptions::default())
+        .expect_err("mtime")
+        .to_string();
+    assert!(e.contains("mtime"), "{e}");
+
+    let pages = p.img(1).join("pages.img");
+    let mut b = fs::read(&pages).unwrap();
+    let n = b.len() / 2;
+    b[n] ^= 0x55;
+    fs::write(&pages, b).unwrap();
+    let e = ck::restore(&p.img(1), &RestoreOptions::default())
+        .expect_err("corrupt pages")
+        .to_string();
+    assert!(
+        e.contains("checksum mismatch") && e.contains("pages.img"),
+        "{e}"
+    );
+}
