@@ -91,12 +91,16 @@ pub fn dump(pid: Pid, dir: &Path, after: AfterDump) -> Result<DumpReport> {
     let manifest_bytes = image::write_manifest(dir, &manifest)?;
     clk.lap("write");
 
+    // Frozen time: until the image is complete (kill) or the process runs again (thaw).
+    let mut frozen = frozen_at.elapsed();
     match after {
         AfterDump::Kill => f.kill()?,
         AfterDump::LeaveRunning => f.thaw(false)?,
         AfterDump::LeaveStopped => f.thaw(true)?,
     }
-    let frozen = frozen_at.elapsed();
+    if after != AfterDump::Kill {
+        frozen = frozen_at.elapsed();
+    }
     clk.lap(match after {
         AfterDump::Kill => "kill",
         _ => "thaw",
