@@ -71,12 +71,12 @@ impl CpuIdent {
             "CPUID.7:ECX",
             "CPUID.7:EDX",
         ];
-        for i in 0..5 {
-            let missing = self.features[i] & !here.features[i];
+        for ((name, have), want) in names.iter().zip(here.features).zip(self.features) {
+            let missing = want & !have;
             if missing != 0 {
                 return Err(Error::Mismatch {
                     what: "CPU features".into(),
-                    detail: format!("{} bits {missing:#x} missing", names[i]),
+                    detail: format!("{name} bits {missing:#x} missing"),
                 });
             }
         }

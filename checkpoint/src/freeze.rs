@@ -29,7 +29,8 @@ pub fn restart_fixup(r: &Regs) -> Regs {
     let mut o = *r;
     if (r.orig_rax as i64) >= 0 {
         match r.rax as i64 {
-            -512 | -513 | -514 => {
+            // -ERESTARTSYS, -ERESTARTNOINTR, -ERESTARTNOHAND
+            -514..=-512 => {
                 o.rax = r.orig_rax;
                 o.rip = r.rip - 2;
             }

@@ -160,6 +160,7 @@ pub fn restore(img: &Image, opts: &RestoreOptions) -> Result<RestoreReport> {
         &[0, u32::MAX as u64, 0],
     )?;
     task::restore_early(&r, &m.task)?;
+    task::restore_session(&r, &m.task)?;
     m.vdso.place(&r, VDSO_TEMP)?;
     lap("layout");
 
@@ -174,6 +175,7 @@ pub fn restore(img: &Image, opts: &RestoreOptions) -> Result<RestoreReport> {
     task::restore_thread(&r, &m.task)?;
     signals::restore_late(&r, &m.signals)?;
     task::restore_rlimits(pid, &m.task)?;
+    task::restore_creds(&r, &m.task)?;
     lap("signals");
 
     finish(&r, m, opts.stopped)?;

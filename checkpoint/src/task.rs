@@ -38,6 +38,32 @@ pub struct TaskState {
     pub tid_address: u64,
     pub robust_list: (u64, u64),
     pub rseq: Option<RseqConf>,
+    pub creds: Creds,
+    /// Was the process its session's / its process group's leader?
+    pub session_leader: bool,
+    pub group_leader: bool,
+    pub no_new_privs: bool,
+}
+
+/// Identity: (real, effective, saved) uid and gid, supplementary groups.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Creds {
+    pub uid: [u32; 3],
+    pub gid: [u32; 3],
+    pub groups: Vec<u32>,
+}
+
+fn ids(status: &str, key: &str) -> [u32; 3] {
+    let v: Vec<u32> = field(status, key)
+        .unwrap_or("")
+        .split_whitespace()
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    [
+        v.first().copied().unwrap_or(0),
+        v.get(1).copied().unwrap_or(0),
+        v.get(2).copied().unwrap_or(0),
+    ]
 }
 
 fn link(pid: Pid, what: &str) -> Result<String> {
@@ -75,10 +101,24 @@ pub fn collect_static(pid: Pid) -> Result<TaskState> {
         env_start: n(50),
         env_end: n(51),
     };
-    let mut rlimits = Vec::new();
-    for res in 0..16u32 {
-        rlimits.push(sys::prlimit(pid, res, None).map_err(pt("prlimit", pid))?);
+    if field(&status, "Seccomp").is_some_and(|v| v != "0") {
+        return Err(Error::Unsupported {
+            pid,
+            what: "a seccomp filter".into(),
+        });
     }
+    let creds = Creds {
+        uid: ids(&status, "Uid"),
+        gid: ids(&status, "Gid"),
+        groups: field(&status, "Groups")
+            .unwrap_or("")
+            .split_whitespace()
+            .filter_map(|x| x.parse().ok())
+            .collect(),
+    };
+    let no_new_privs = field(&status, "NoNewPrivs").is_some_and(|v| v == "1");
+    let session_leader = f.get(6).and_then(|v| v.parse::<i32>().ok()) == Some(pid);
+    let group_leader = f.get(5).and_then(|v| v.parse::<i32>().ok()) == Some(pid);
     let exe = link(pid, "exe")?;
     if exe.ends_with(" (deleted)") {
         return Err(Error::Unsupported {
@@ -91,7 +131,7 @@ pub fn collect_static(pid: Pid) -> Result<TaskState> {
         umask,
         comm: read_string(pid, "comm")?.trim_end().to_string(),
         personality: u64::from_str_radix(read_string(pid, "personality")?.trim(), 16).unwrap_or(0),
-        rlimits,
+        rlimits: Vec::new(),
         mm,
         auxv: std::fs::read(proc_path(pid, "auxv"))
             .map_err(|source| Error::NoProcess { pid, source })?,
@@ -99,6 +139,10 @@ pub fn collect_static(pid: Pid) -> Result<TaskState> {
         tid_address: 0,
         robust_list: (0, 0),
         rseq: None,
+        creds,
+        session_leader,
+        group_leader,
+        no_new_privs,
     })
 }
 
@@ -106,6 +150,12 @@ pub fn collect(r: &Remote) -> Result<TaskState> {
     let pid = r.pid;
     let mut st = collect_static(pid)?;
     st.mm.brk = r.call("brk(0)", libc::SYS_brk, &[0])?;
+    // From inside: prlimit on another user's process needs CAP_SYS_RESOURCE, which root lacks here.
+    for res in 0..16u64 {
+        r.call("prlimit64", libc::SYS_prlimit64, &[0, res, 0, r.scratch])?;
+        let b = r.get(0, 16)?;
+        st.rlimits.push((u64_at(&b, 0), u64_at(&b, 8)));
+    }
     r.call(
         "prctl(PR_GET_TID_ADDRESS)",
         libc::SYS_prctl,
@@ -207,6 +257,55 @@ pub fn restore_thread(r: &Remote, st: &TaskState) -> Result<()> {
             "rseq (register)",
             libc::SYS_rseq,
             &[rs.ptr, rs.len as u64, 0, rs.sig as u64],
+        )?;
+    }
+    Ok(())
+}
+
+/// Session and process group: a leader becomes a leader again (new session / group).
+pub fn restore_session(r: &Remote, st: &TaskState) -> Result<()> {
+    if st.session_leader {
+        r.call("setsid", libc::SYS_setsid, &[])?;
+    } else if st.group_leader {
+        r.call("setpgid", libc::SYS_setpgid, &[0, 0])?;
+    }
+    Ok(())
+}
+
+/// Identity, last (everything before needed the restorer's privileges): groups, gids, uids,
+/// then dumpable again (a uid change clears it) and no_new_privs.
+pub fn restore_creds(r: &Remote, st: &TaskState) -> Result<()> {
+    let c = &st.creds;
+    let mut g = Vec::with_capacity(c.groups.len() * 4);
+    for x in &c.groups {
+        g.extend_from_slice(&x.to_le_bytes());
+    }
+    let p = r.put(0, &g)?;
+    r.call(
+        "setgroups",
+        libc::SYS_setgroups,
+        &[c.groups.len() as u64, p],
+    )?;
+    r.call(
+        "setresgid",
+        libc::SYS_setresgid,
+        &[c.gid[0] as u64, c.gid[1] as u64, c.gid[2] as u64],
+    )?;
+    r.call(
+        "setresuid",
+        libc::SYS_setresuid,
+        &[c.uid[0] as u64, c.uid[1] as u64, c.uid[2] as u64],
+    )?;
+    r.call(
+        "prctl(PR_SET_DUMPABLE)",
+        libc::SYS_prctl,
+        &[libc::PR_SET_DUMPABLE as u64, 1],
+    )?;
+    if st.no_new_privs {
+        r.call(
+            "prctl(PR_SET_NO_NEW_PRIVS)",
+            libc::SYS_prctl,
+            &[libc::PR_SET_NO_NEW_PRIVS as u64, 1, 0, 0, 0],
         )?;
     }
     Ok(())

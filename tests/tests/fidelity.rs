@@ -76,6 +76,11 @@ fn wait_exit(pid: i32, timeout: Duration) -> Option<i32> {
 
 impl Prog {
     fn start(name: &'static str) -> Prog {
+        Prog::start_as(name, None)
+    }
+
+    /// Starts `name`, as user/group `uid` when given.
+    fn start_as(name: &'static str, uid: Option<u32>) -> Prog {
         let dir = tempfile::Builder::new()
             .prefix(&format!("dvk-fid-{name}-"))
             .tempdir()
@@ -84,7 +89,15 @@ impl Prog {
         let ctl = std::ffi::CString::new(dir.path().join("ctl").to_str().unwrap()).unwrap();
         // SAFETY: valid C string.
         assert_eq!(unsafe { libc::mkfifo(ctl.as_ptr(), 0o600) }, 0);
-        let child = Command::new(&bin)
+        let mut cmd = Command::new(&bin);
+        if let Some(id) = uid {
+            use std::os::unix::fs::PermissionsExt;
+            use std::os::unix::process::CommandExt;
+            fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o777)).unwrap();
+            fs::set_permissions(dir.path().join("ctl"), fs::Permissions::from_mode(0o666)).unwrap();
+            cmd.uid(id).gid(id);
+        }
+        let child = cmd
             .current_dir(dir.path())
             .stdin(Stdio::null())
             .stdout(File::create(dir.path().join("out")).unwrap())
@@ -195,6 +208,17 @@ fidelity! {
     blocked_epoll settle 100,
     eventfd_timerfd,
     epoll_set,
+}
+
+#[test]
+fn credentials() {
+    if !root() {
+        return;
+    }
+    let mut p = Prog::start_as("credentials", Some(65534));
+    p.move_once(1);
+    p.go();
+    p.expect_pass();
 }
 
 #[test]
