@@ -44,12 +44,11 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
 
+/// Phases in their order: `[{"phase": "freeze", "ms": 0.2}, …]`.
 fn phases_json(p: &[(&'static str, Duration)]) -> serde_json::Value {
-    serde_json::Value::Object(
-        p.iter()
-            .map(|(n, d)| (n.to_string(), serde_json::json!(ms(*d))))
-            .collect(),
-    )
+    p.iter()
+        .map(|(n, d)| serde_json::json!({"phase": n, "ms": ms(*d)}))
+        .collect()
 }
 
 fn print_phases(p: &[(&'static str, Duration)]) {
@@ -71,7 +70,7 @@ pub fn run_dump(args: &DumpArgs) -> anyhow::Result<()> {
         let v = serde_json::json!({
             "pid": r.pid,
             "images": args.images,
-            "phases_ms": phases_json(&r.phases),
+            "phases": phases_json(&r.phases),
             "frozen_ms": ms(r.frozen),
             "total_ms": ms(r.total),
             "pages_bytes": r.pages_bytes,
@@ -110,7 +109,7 @@ pub fn run_restore(args: &RestoreArgs) -> anyhow::Result<()> {
         let v = serde_json::json!({
             "pid": r.pid,
             "same_pid": r.same_pid,
-            "phases_ms": phases_json(&r.phases),
+            "phases": phases_json(&r.phases),
             "total_ms": ms(r.total),
             "pages_bytes": r.pages_bytes,
         });
