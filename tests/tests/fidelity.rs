@@ -45,6 +45,18 @@ fn compile(name: &str, out: &Path) -> PathBuf {
     bin
 }
 
+/// Nothing but stdio is inherited (the harness may have stray fds, e.g. a pipe to its runner).
+fn close_stray_fds(cmd: &mut Command) -> &mut Command {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: close_range is async-signal-safe; runs in the child between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::syscall(libc::SYS_close_range, 3, u32::MAX, 0);
+            Ok(())
+        })
+    }
+}
+
 fn read(p: &Path) -> String {
     fs::read_to_string(p).unwrap_or_default()
 }
@@ -97,7 +109,7 @@ impl Prog {
             fs::set_permissions(dir.path().join("ctl"), fs::Permissions::from_mode(0o666)).unwrap();
             cmd.uid(id).gid(id);
         }
-        let child = cmd
+        let child = close_stray_fds(&mut cmd)
             .current_dir(dir.path())
             .stdin(Stdio::null())
             .stdout(File::create(dir.path().join("out")).unwrap())
@@ -208,6 +220,76 @@ fidelity! {
     blocked_epoll settle 100,
     eventfd_timerfd,
     epoll_set,
+    protections,
+}
+
+#[test]
+fn blocked_sigsuspend() {
+    if !root() {
+        return;
+    }
+    let mut p = Prog::start("blocked_sigsuspend");
+    std::thread::sleep(Duration::from_millis(100));
+    p.move_once(1);
+    std::thread::sleep(Duration::from_millis(50));
+    // SAFETY: signalling the restored program, our child, by pid.
+    unsafe { libc::kill(p.pid, libc::SIGUSR1) };
+    p.expect_pass();
+}
+
+/// A real interpreter: python3 (if installed) with 100+ mappings and a 200 000-entry dict.
+#[test]
+fn python_interpreter() {
+    if !root() {
+        return;
+    }
+    if Command::new("python3")
+        .arg("-c")
+        .arg("1")
+        .status()
+        .map(|s| !s.success())
+        .unwrap_or(true)
+    {
+        eprintln!("SKIP: python3 not installed");
+        return;
+    }
+    let dir = tempfile::Builder::new()
+        .prefix("dvk-fid-python-")
+        .tempdir()
+        .unwrap();
+    let script = "import os, sys, time, hashlib\n\
+        d = {i: str(i) * 10 for i in range(200000)}\n\
+        print('READY', flush=True)\n\
+        while not os.path.exists('go'): time.sleep(0.005)\n\
+        h = hashlib.sha256(''.join(d[i] for i in range(0, 200000, 7)).encode()).hexdigest()\n\
+        want = hashlib.sha256(''.join(str(i) * 10 for i in range(0, 200000, 7)).encode()).hexdigest()\n\
+        print('PASS' if h == want and len(d) == 200000 else 'FAIL', flush=True)\n";
+    let child = close_stray_fds(&mut Command::new("python3"))
+        .args(["-c", script])
+        .current_dir(dir.path())
+        .stdin(Stdio::null())
+        .stdout(File::create(dir.path().join("out")).unwrap())
+        .stderr(File::create(dir.path().join("err")).unwrap())
+        .spawn()
+        .unwrap();
+    let pid = child.id() as i32;
+    let t = Instant::now();
+    while !read(&dir.path().join("out")).contains("READY") {
+        assert!(t.elapsed() < Duration::from_secs(20), "python: no READY");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    ck::dump(pid, &dir.path().join("img"), AfterDump::Kill).unwrap();
+    wait_exit(pid, Duration::from_secs(5));
+    let r = ck::restore(&dir.path().join("img"), &RestoreOptions::default()).unwrap();
+    File::create(dir.path().join("go")).unwrap();
+    let st = wait_exit(r.pid, Duration::from_secs(20));
+    let out = read(&dir.path().join("out"));
+    assert!(
+        matches!(st, Some(s) if libc::WIFEXITED(s) && libc::WEXITSTATUS(s) == 0)
+            && out.contains("PASS"),
+        "python: {st:?}\n{out}\n{}",
+        read(&dir.path().join("err"))
+    );
 }
 
 #[test]
