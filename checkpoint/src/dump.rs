@@ -105,17 +105,7 @@ pub fn dump(pid: Pid, dir: &Path, after: AfterDump) -> Result<DumpReport> {
     }
     clk.lap("freeze");
 
-    let res = collect_all(&mut f, dir, &mut clk);
-    let (manifest, pages_len) = match res {
-        Ok(v) => v,
-        Err(e) => {
-            let _ = std::fs::remove_file(dir.join(image::PAGES));
-            let _ = std::fs::remove_file(dir.join(image::MANIFEST));
-            return Err(e); // `f` is dropped: thawed
-        }
-    };
-    let manifest_bytes = image::write_manifest(dir, &manifest)?;
-    clk.lap("write");
+    let mut rep = write_image_timed(&mut f, dir, &mut clk)?;
 
     // Frozen time: until the image is complete (kill) or the process runs again (thaw).
     let mut frozen = frozen_at.elapsed();
@@ -131,20 +121,51 @@ pub fn dump(pid: Pid, dir: &Path, after: AfterDump) -> Result<DumpReport> {
         AfterDump::Kill => "kill",
         _ => "thaw",
     });
+    rep.phases = clk.phases;
+    rep.frozen = frozen;
+    rep.total = start.elapsed();
+    Ok(rep)
+}
+
+/// Collects and writes the image of a process that is already frozen, and leaves it frozen:
+/// for a caller that decides later whether to kill or thaw it (the agent during a move). On an
+/// error the partial image files are removed and the process is still frozen.
+pub fn write_image(f: &mut Frozen, dir: &Path) -> Result<DumpReport> {
+    image::create_dir(dir)?;
+    let start = Instant::now();
+    let mut clk = Clock {
+        last: start,
+        phases: Vec::new(),
+    };
+    let mut rep = write_image_timed(f, dir, &mut clk)?;
+    rep.phases = clk.phases;
+    rep.total = start.elapsed();
+    Ok(rep)
+}
+
+fn write_image_timed(f: &mut Frozen, dir: &Path, clk: &mut Clock) -> Result<DumpReport> {
+    let (manifest, pages_len) = match collect_all(f, dir, clk) {
+        Ok(v) => v,
+        Err(e) => {
+            let _ = std::fs::remove_file(dir.join(image::PAGES));
+            let _ = std::fs::remove_file(dir.join(image::MANIFEST));
+            return Err(e);
+        }
+    };
+    let manifest_bytes = image::write_manifest(dir, &manifest)?;
+    clk.lap("write");
     Ok(DumpReport {
-        pid,
-        phases: clk.phases,
-        frozen,
-        total: start.elapsed(),
+        pid: f.pid,
         pages_bytes: pages_len,
         manifest_bytes,
         vmas: manifest.memory.vmas.len(),
         fds: manifest.files.fds.len(),
+        ..Default::default()
     })
 }
 
 /// Everything but the final manifest write, from a frozen process.
-pub fn collect_all(f: &mut Frozen, dir: &Path, clk: &mut impl Lap) -> Result<(Manifest, u64)> {
+fn collect_all(f: &mut Frozen, dir: &Path, clk: &mut Clock) -> Result<(Manifest, u64)> {
     let pid = f.pid;
     let maps = proc::maps(pid)?;
     let vdso = vdso::collect(&maps);
@@ -173,6 +194,7 @@ pub fn collect_all(f: &mut Frozen, dir: &Path, clk: &mut impl Lap) -> Result<(Ma
     let mut sig = signals::collect(r, sigmask)?;
     let task = task::collect(r)?;
     signals::collect_pending(pid, &mut sig)?;
+    f.end_injection()?;
     if let Some(rs) = task.rseq {
         abort_rseq_cs(pid, rs.ptr, &mut cpu.regs);
     }
@@ -196,15 +218,6 @@ pub fn collect_all(f: &mut Frozen, dir: &Path, clk: &mut impl Lap) -> Result<(Ma
         pages_len: sink.len(),
     };
     Ok((m, sink.len()))
-}
-
-pub trait Lap {
-    fn lap(&mut self, name: &'static str);
-}
-impl Lap for Clock {
-    fn lap(&mut self, name: &'static str) {
-        Clock::lap(self, name)
-    }
 }
 
 /// If the process stopped inside an rseq critical section, resume it at the abort handler (as

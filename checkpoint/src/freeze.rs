@@ -138,6 +138,14 @@ impl Frozen {
         Ok(self.remote.as_ref().unwrap())
     }
 
+    /// Removes the injection helpers (scratch mapping, gadget bytes, all-blocked mask): the
+    /// process is frozen exactly as it was stopped, and can be collected again.
+    pub fn end_injection(&mut self) -> Result<()> {
+        self.undo_injection()?;
+        sys::set_sigmask(self.pid, self.sigmask).map_err(pt("PTRACE_SETSIGMASK", self.pid))?;
+        sys::set_regs(self.pid, &self.regs).map_err(pt("PTRACE_SETREGS", self.pid))
+    }
+
     fn undo_injection(&mut self) -> Result<()> {
         if let Some(r) = self.remote.take() {
             if r.scratch != 0 {

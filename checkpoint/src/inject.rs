@@ -40,7 +40,16 @@ impl Remote {
         r.r9 = g(5);
         sys::set_regs(self.pid, &r).map_err(pt("PTRACE_SETREGS", self.pid))?;
         sys::cont(self.pid, 0).map_err(pt("PTRACE_CONT", self.pid))?;
-        let st = sys::wait(self.pid).map_err(pt("waitpid", self.pid))?;
+        let mut st = sys::wait(self.pid).map_err(pt("waitpid", self.pid))?;
+        // A process that was in a job-control stop reports its group-stop again first
+        // (PTRACE_EVENT_STOP with the stop signal): a tracer may resume it through that.
+        for _ in 0..8 {
+            if !(libc::WIFSTOPPED(st) && st >> 16 == 0x80 && libc::WSTOPSIG(st) != libc::SIGTRAP) {
+                break;
+            }
+            sys::cont(self.pid, 0).map_err(pt("PTRACE_CONT", self.pid))?;
+            st = sys::wait(self.pid).map_err(pt("waitpid", self.pid))?;
+        }
         if !(libc::WIFSTOPPED(st) && libc::WSTOPSIG(st) == libc::SIGTRAP) {
             return Err(Error::UnexpectedStop {
                 pid: self.pid,

@@ -3,7 +3,7 @@
 //!
 //! Phases, each usable on its own:
 //! - [`freeze::Frozen`]: `PTRACE_SEIZE` + `PTRACE_INTERRUPT`, thaw, kill;
-//! - [`dump::collect_all`]: registers and xstate ([`cpu`]), memory ([`memory`], [`vdso`]), fds
+//! - [`dump::write_image`] (collect + write, process stays frozen): registers and xstate ([`cpu`]), memory ([`memory`], [`vdso`]), fds
 //!   ([`files`]), signals ([`signals`]), process attributes ([`task`]);
 //! - [`image`]: write and read (checked) images;
 //! - [`rebuild`]: a new process from an image.
@@ -28,8 +28,9 @@ pub mod sys;
 pub mod task;
 pub mod vdso;
 
-pub use dump::{dump, preflight, AfterDump, DumpReport};
+pub use dump::{dump, preflight, write_image, AfterDump, DumpReport};
 pub use error::{Error, Result};
+pub use freeze::Frozen;
 pub use rebuild::{RestoreOptions, RestoreReport};
 
 /// Reads and checks the image in `dir`, then rebuilds the process from it.

@@ -370,6 +370,64 @@ fn leave_running_both_run() {
     assert_eq!(b, "PASS copy\n");
 }
 
+/// The phases one by one, as the agent drives a move: freeze, write an image twice while the
+/// process stays frozen (identical page data), kill, restore the second.
+#[test]
+fn phases_one_by_one() {
+    if !root() {
+        return;
+    }
+    let mut p = Prog::start("sig_mask_pending");
+    let mut f = ck::Frozen::freeze(p.pid).unwrap();
+    let a = ck::write_image(&mut f, &p.img(1)).unwrap();
+    let b = ck::write_image(&mut f, &p.img(2)).unwrap();
+    assert_eq!(a.pages_bytes, b.pages_bytes);
+    assert_eq!(
+        a.vmas, b.vmas,
+        "the injection helpers leaked into the second image"
+    );
+    assert_eq!(
+        fs::read(p.img(1).join("pages.img")).unwrap(),
+        fs::read(p.img(2).join("pages.img")).unwrap()
+    );
+    f.kill().unwrap();
+    wait_exit(p.pid, Duration::from_secs(5));
+    let r = ck::restore(&p.img(2), &RestoreOptions::default()).unwrap();
+    p.pid = r.pid;
+    p.go();
+    p.expect_pass();
+}
+
+/// A process in a job-control stop (SIGSTOP) is dumped and left as it was: stopped.
+#[test]
+fn stopped_process_stays_stopped() {
+    if !root() {
+        return;
+    }
+    let p = Prog::start("anon_memory");
+    let state = |pid: i32| {
+        let s = read(Path::new(&format!("/proc/{pid}/stat")));
+        s.rsplit(')')
+            .next()
+            .and_then(|r| r.split_whitespace().next())
+            .unwrap_or("?")
+            .to_string()
+    };
+    // SAFETY: signalling our own child by pid.
+    unsafe { libc::kill(p.pid, libc::SIGSTOP) };
+    let t = Instant::now();
+    while state(p.pid) != "T" && t.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    ck::dump(p.pid, &p.img(1), AfterDump::LeaveRunning).unwrap();
+    std::thread::sleep(Duration::from_millis(50));
+    assert_eq!(state(p.pid), "T", "the dump resumed a stopped process");
+    // SAFETY: as above.
+    unsafe { libc::kill(p.pid, libc::SIGCONT) };
+    p.go();
+    p.expect_pass();
+}
+
 /// Refused dumps name the culprit and leave the process running as it was.
 fn refused(name: &'static str, want: &[&str]) {
     if !root() {
