@@ -23,6 +23,13 @@ pub enum AfterDump {
 }
 
 #[derive(Clone, Debug, Default)]
+pub struct DumpOptions {
+    /// fds not to inspect: recorded as external, replaced by the caller at restore (the dvk
+    /// agent link and virtual sockets).
+    pub external_fds: Vec<i32>,
+}
+
+#[derive(Clone, Debug, Default)]
 pub struct DumpReport {
     pub pid: Pid,
     /// (phase, duration) in order.
@@ -37,13 +44,13 @@ pub struct DumpReport {
 }
 
 /// Refuses what cannot be moved, without touching the process.
-pub fn preflight(pid: Pid) -> Result<()> {
+pub fn preflight(pid: Pid, opts: &DumpOptions) -> Result<()> {
     let threads = proc::threads(pid)?;
     if threads != 1 {
         return Err(Error::Threads { pid, threads });
     }
     memory::preflight(&proc::maps(pid)?)?;
-    files::collect(pid)?;
+    files::collect(pid, &opts.external_fds)?;
     task::collect_static(pid)?;
     // POSIX timers and file locks are not carried yet: refuse rather than lose them.
     if let Ok(t) = std::fs::read_to_string(proc::proc_path(pid, "timers")) {
@@ -88,12 +95,17 @@ impl Clock {
 
 /// Dumps `pid` into `dir` (created 0700; files 0600).
 pub fn dump(pid: Pid, dir: &Path, after: AfterDump) -> Result<DumpReport> {
+    dump_with(pid, dir, after, &DumpOptions::default())
+}
+
+/// [`dump`] with options.
+pub fn dump_with(pid: Pid, dir: &Path, after: AfterDump, opts: &DumpOptions) -> Result<DumpReport> {
     let start = Instant::now();
     let mut clk = Clock {
         last: start,
         phases: Vec::new(),
     };
-    preflight(pid)?;
+    preflight(pid, opts)?;
     image::create_dir(dir)?;
     clk.lap("check");
 
@@ -105,7 +117,7 @@ pub fn dump(pid: Pid, dir: &Path, after: AfterDump) -> Result<DumpReport> {
     }
     clk.lap("freeze");
 
-    let mut rep = write_image_timed(&mut f, dir, &mut clk)?;
+    let mut rep = write_image_timed(&mut f, dir, opts, &mut clk)?;
 
     // Frozen time: until the image is complete (kill) or the process runs again (thaw).
     let mut frozen = frozen_at.elapsed();
@@ -130,21 +142,26 @@ pub fn dump(pid: Pid, dir: &Path, after: AfterDump) -> Result<DumpReport> {
 /// Collects and writes the image of a process that is already frozen, and leaves it frozen:
 /// for a caller that decides later whether to kill or thaw it (the agent during a move). On an
 /// error the partial image files are removed and the process is still frozen.
-pub fn write_image(f: &mut Frozen, dir: &Path) -> Result<DumpReport> {
+pub fn write_image(f: &mut Frozen, dir: &Path, opts: &DumpOptions) -> Result<DumpReport> {
     image::create_dir(dir)?;
     let start = Instant::now();
     let mut clk = Clock {
         last: start,
         phases: Vec::new(),
     };
-    let mut rep = write_image_timed(f, dir, &mut clk)?;
+    let mut rep = write_image_timed(f, dir, opts, &mut clk)?;
     rep.phases = clk.phases;
     rep.total = start.elapsed();
     Ok(rep)
 }
 
-fn write_image_timed(f: &mut Frozen, dir: &Path, clk: &mut Clock) -> Result<DumpReport> {
-    let (manifest, pages_len) = match collect_all(f, dir, clk) {
+fn write_image_timed(
+    f: &mut Frozen,
+    dir: &Path,
+    opts: &DumpOptions,
+    clk: &mut Clock,
+) -> Result<DumpReport> {
+    let (manifest, pages_len) = match collect_all(f, dir, opts, clk) {
         Ok(v) => v,
         Err(e) => {
             let _ = std::fs::remove_file(dir.join(image::PAGES));
@@ -165,12 +182,17 @@ fn write_image_timed(f: &mut Frozen, dir: &Path, clk: &mut Clock) -> Result<Dump
 }
 
 /// Everything but the final manifest write, from a frozen process.
-fn collect_all(f: &mut Frozen, dir: &Path, clk: &mut Clock) -> Result<(Manifest, u64)> {
+fn collect_all(
+    f: &mut Frozen,
+    dir: &Path,
+    opts: &DumpOptions,
+    clk: &mut Clock,
+) -> Result<(Manifest, u64)> {
     let pid = f.pid;
     let maps = proc::maps(pid)?;
     let vdso = vdso::collect(&maps);
     let (mut cpu, cpu_ident) = cpu::collect(pid, &f.regs)?;
-    let files = files::collect(pid)?;
+    let files = files::collect(pid, &opts.external_fds)?;
     clk.lap("collect");
 
     let mut sink = PageSink::create(dir)?;

@@ -68,6 +68,9 @@ pub enum FileKind {
         sock_type: i32,
         flags: u32,
     },
+    /// Left to the caller (e.g. the dvk agent link, a virtual socket): not inspected at dump;
+    /// at restore the caller hands in a replacement, installed at this fd with these flags.
+    External { fd: i32, what: String, flags: u32 },
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -288,8 +291,9 @@ fn describe(pid: Pid, fd: i32, pidfd: &std::os::fd::OwnedFd) -> Result<FileKind>
     Err(refuse("this kind of file is not supported"))
 }
 
-/// Describes every fd (also the preflight: nothing in the process is changed).
-pub fn collect(pid: Pid) -> Result<FilesState> {
+/// Describes every fd (also the preflight: nothing in the process is changed). The fds in
+/// `external` are recorded as [`FileKind::External`], not inspected.
+pub fn collect(pid: Pid, external: &[i32]) -> Result<FilesState> {
     let pidfd = sys::pidfd_open(pid).map_err(|source| Error::NoProcess { pid, source })?;
     let mut st = FilesState::default();
     let mut links: Vec<(i32, String)> = Vec::new();
@@ -308,6 +312,15 @@ pub fn collect(pid: Pid) -> Result<FilesState> {
             .map(|(f, _)| st.fds.iter().find(|e| e.fd == *f).unwrap().file);
         let file = match same {
             Some(i) => i,
+            None if external.contains(&fd) => {
+                let flags = octal(field(&info, "flags"));
+                st.files.push(FileKind::External {
+                    fd,
+                    what: link.clone(),
+                    flags,
+                });
+                st.files.len() - 1
+            }
             None => {
                 st.files.push(describe(pid, fd, &pidfd)?);
                 st.files.len() - 1
@@ -353,8 +366,9 @@ pub fn collect(pid: Pid) -> Result<FilesState> {
 const KEEP_FLAGS: u32 =
     !((libc::O_CREAT | libc::O_EXCL | libc::O_TRUNC | libc::O_NOCTTY | libc::O_CLOEXEC) as u32);
 
-/// Rebuild side (every fd of the stub was closed before).
-pub fn restore(r: &Remote, st: &FilesState) -> Result<()> {
+/// Rebuild side (every fd of the stub was closed before). `external` maps the image's external
+/// fds to fds of this (the restoring) process, pulled into the new one with `pidfd_getfd`.
+pub fn restore(r: &Remote, st: &FilesState, external: &[(i32, i32)]) -> Result<()> {
     let top = st.fds.iter().map(|e| e.fd).max().unwrap_or(-1);
     let temp_base = (top + 1).max(3) as u64;
     let mut temps: Vec<Option<u64>> = vec![None; st.files.len()];
@@ -515,6 +529,25 @@ pub fn restore(r: &Remote, st: &FilesState) -> Result<()> {
                 fd
             }
             FileKind::Epoll { .. } => continue,
+            FileKind::External { fd, what, flags } => {
+                let Some(&(_, local)) = external.iter().find(|(f, _)| f == fd) else {
+                    return Err(missing_external(*fd, what));
+                };
+                let pidfd = r.call(
+                    "pidfd_open (restorer)",
+                    libc::SYS_pidfd_open,
+                    &[std::process::id() as u64, 0],
+                )?;
+                let got = r.call(
+                    &format!("pidfd_getfd (replacement of fd {fd})"),
+                    libc::SYS_pidfd_getfd,
+                    &[pidfd, local as u64, 0],
+                );
+                r.call("close", libc::SYS_close, &[pidfd])?;
+                let got = got?;
+                setfl(got, *flags)?;
+                got
+            }
             FileKind::UnixListener {
                 path,
                 sock_type,
@@ -589,10 +622,22 @@ pub fn restore(r: &Remote, st: &FilesState) -> Result<()> {
     Ok(())
 }
 
-/// Before a restore: every path the fds need exists; AF_UNIX listener paths are freed.
-pub fn prepare(st: &FilesState) -> Result<()> {
+fn missing_external(fd: i32, what: &str) -> Error {
+    Error::Restore(format!(
+        "fd {fd} ({what}) was left to the caller at dump, and no replacement was given"
+    ))
+}
+
+/// Before a restore: every external fd has a replacement, every path the fds need exists; AF_UNIX
+/// listener paths are freed.
+pub fn prepare(st: &FilesState, external: &[(i32, i32)]) -> Result<()> {
     for f in &st.files {
         match f {
+            FileKind::External { fd, what, .. } => {
+                if !external.iter().any(|(f, _)| f == fd) {
+                    return Err(missing_external(*fd, what));
+                }
+            }
             FileKind::Path { path, .. } => {
                 std::fs::metadata(path).map_err(|e| Error::FileChanged {
                     path: path.clone(),

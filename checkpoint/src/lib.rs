@@ -28,7 +28,7 @@ pub mod sys;
 pub mod task;
 pub mod vdso;
 
-pub use dump::{dump, preflight, write_image, AfterDump, DumpReport};
+pub use dump::{dump, dump_with, preflight, write_image, AfterDump, DumpOptions, DumpReport};
 pub use error::{Error, Result};
 pub use freeze::Frozen;
 pub use rebuild::{RestoreOptions, RestoreReport};

@@ -19,12 +19,15 @@ use crate::stub::{self, GADGET_PAGE, RESERVED_END, SCRATCH, SCRATCH_LEN, STUB_BA
 use crate::sys::{self, Pid};
 use crate::{cpu, files, memory, proc, signals, task};
 
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub struct RestoreOptions {
     /// Leave the new process in a job-control stop (SIGCONT resumes it).
     pub stopped: bool,
     /// Do not try to reuse the image's pid.
     pub new_pid: bool,
+    /// Replacements for the fds dumped as external: (fd in the image, fd of this process). The
+    /// new process gets its own copy (pidfd_getfd) of the same open file description.
+    pub external_fds: Vec<(i32, i32)>,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -37,7 +40,7 @@ pub struct RestoreReport {
 }
 
 /// Everything that can be refused before a process exists.
-pub fn check(img: &Image) -> Result<()> {
+pub fn check(img: &Image, opts: &RestoreOptions) -> Result<()> {
     let m = &img.manifest;
     m.cpu_ident.check_here()?;
     m.vdso.check_here()?;
@@ -55,7 +58,7 @@ pub fn check(img: &Image) -> Result<()> {
             ident.check(path)?;
         }
     }
-    files::prepare(&m.files)?;
+    files::prepare(&m.files, &opts.external_fds)?;
     std::fs::metadata(&m.task.exe).map_err(|e| Error::FileChanged {
         path: m.task.exe.clone(),
         detail: format!("executable missing: {e}"),
@@ -86,7 +89,7 @@ pub fn restore(img: &Image, opts: &RestoreOptions) -> Result<RestoreReport> {
         last = now;
     };
     let m = &img.manifest;
-    check(img)?;
+    check(img, opts)?;
     lap("check");
 
     let elf = sys::memfd_with("dvk-restore", &stub::elf())
@@ -168,7 +171,7 @@ pub fn restore(img: &Image, opts: &RestoreOptions) -> Result<RestoreReport> {
     task::restore_mm(&r, &m.task)?;
     lap("memory");
 
-    files::restore(&r, &m.files)?;
+    files::restore(&r, &m.files, &opts.external_fds)?;
     lap("files");
 
     signals::restore_actions(&r, &m.signals)?;

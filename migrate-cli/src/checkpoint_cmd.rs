@@ -103,6 +103,7 @@ pub fn run_restore(args: &RestoreArgs) -> anyhow::Result<()> {
     let opts = RestoreOptions {
         stopped: args.stopped,
         new_pid: args.new_pid,
+        ..Default::default()
     };
     let r = dvk_checkpoint::restore(&args.images, &opts)?;
     if args.json {

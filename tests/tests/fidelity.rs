@@ -97,6 +97,11 @@ impl Prog {
             .prefix(&format!("dvk-fid-{name}-"))
             .tempdir()
             .unwrap();
+        Prog::start_in(name, dir, uid)
+    }
+
+    /// Starts `name` in `dir`, as user/group `uid` when given.
+    fn start_in(name: &'static str, dir: tempfile::TempDir, uid: Option<u32>) -> Prog {
         let bin = compile(name, dir.path());
         let ctl = std::ffi::CString::new(dir.path().join("ctl").to_str().unwrap()).unwrap();
         // SAFETY: valid C string.
@@ -379,8 +384,8 @@ fn phases_one_by_one() {
     }
     let mut p = Prog::start("sig_mask_pending");
     let mut f = ck::Frozen::freeze(p.pid).unwrap();
-    let a = ck::write_image(&mut f, &p.img(1)).unwrap();
-    let b = ck::write_image(&mut f, &p.img(2)).unwrap();
+    let a = ck::write_image(&mut f, &p.img(1), &Default::default()).unwrap();
+    let b = ck::write_image(&mut f, &p.img(2), &Default::default()).unwrap();
     assert_eq!(a.pages_bytes, b.pages_bytes);
     assert_eq!(
         a.vmas, b.vmas,
@@ -395,6 +400,57 @@ fn phases_one_by_one() {
     let r = ck::restore(&p.img(2), &RestoreOptions::default()).unwrap();
     p.pid = r.pid;
     p.go();
+    p.expect_pass();
+}
+
+/// An fd left to the caller (how the agent link and virtual sockets will be carried): recorded
+/// as external at dump, replaced at restore by an fd the restorer hands in.
+#[test]
+fn external_fd_replaced() {
+    use std::io::Read;
+    use std::os::fd::AsRawFd;
+    if !root() {
+        return;
+    }
+    let dir = tempfile::Builder::new()
+        .prefix("dvk-fid-agent-")
+        .tempdir()
+        .unwrap();
+    let listener = std::os::unix::net::UnixListener::bind(dir.path().join("agent.sock")).unwrap();
+    let mut p = Prog::start_in("agent_link", dir, None);
+    let (_first, _) = listener.accept().unwrap();
+    let fd: i32 = read(&p.out())
+        .split("fd=")
+        .nth(1)
+        .and_then(|v| v.trim().parse().ok())
+        .expect("fd in READY line");
+    let opts = ck::DumpOptions {
+        external_fds: vec![fd],
+    };
+    ck::dump_with(p.pid, &p.img(1), AfterDump::Kill, &opts).unwrap();
+    wait_exit(p.pid, Duration::from_secs(5));
+    // Without a replacement the restore is refused before anything is created.
+    let e = ck::restore(&p.img(1), &RestoreOptions::default())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains(&format!("fd {fd}")) && e.contains("no replacement"),
+        "{e}"
+    );
+    let (mut mine, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
+    let ro = RestoreOptions {
+        external_fds: vec![(fd, theirs.as_raw_fd())],
+        ..Default::default()
+    };
+    let r = ck::restore(&p.img(1), &ro).unwrap();
+    drop(theirs);
+    p.pid = r.pid;
+    mine.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    mine.write_all(b"ping").unwrap();
+    let mut b = [0u8; 4];
+    mine.read_exact(&mut b).unwrap();
+    assert_eq!(&b, b"pong");
     p.expect_pass();
 }
 
