@@ -633,10 +633,8 @@ fn missing_external(fd: i32, what: &str) -> Error {
 pub fn prepare(st: &FilesState, external: &[(i32, i32)]) -> Result<()> {
     for f in &st.files {
         match f {
-            FileKind::External { fd, what, .. } => {
-                if !external.iter().any(|(f, _)| f == fd) {
-                    return Err(missing_external(*fd, what));
-                }
+            FileKind::External { fd, what, .. } if !external.iter().any(|(f, _)| f == fd) => {
+                return Err(missing_external(*fd, what));
             }
             FileKind::Path { path, .. } => {
                 std::fs::metadata(path).map_err(|e| Error::FileChanged {
