@@ -105,7 +105,8 @@ impl Frozen {
     pub fn remote(&mut self, gadget_at: u64) -> Result<&Remote> {
         if self.remote.is_none() {
             let pid = self.pid;
-            sys::set_sigmask(pid, !0u64).map_err(pt("PTRACE_SETSIGMASK", pid))?;
+            sys::set_sigmask(pid, crate::signals::BLOCK_ALL)
+                .map_err(pt("PTRACE_SETSIGMASK", pid))?;
             let orig = sys::peek_data(pid, gadget_at).map_err(pt("PTRACE_PEEKDATA", pid))?;
             let mut b = orig.to_le_bytes();
             b[..3].copy_from_slice(&GADGET);

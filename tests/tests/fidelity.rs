@@ -226,6 +226,7 @@ fidelity! {
     eventfd_timerfd,
     epoll_set,
     protections,
+    sigtrap_handler,
 }
 
 #[test]
