@@ -9,7 +9,7 @@ use crate::error::{Error, Result};
 use crate::freeze::Frozen;
 use crate::image::{self, Manifest, PageSink};
 use crate::sys::{self, Pid};
-use crate::{cpu, files, memory, proc, signals, task, vdso};
+use crate::{cpu, files, memory, proc, signals, task, threads, vdso};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum AfterDump {
@@ -45,10 +45,6 @@ pub struct DumpReport {
 
 /// Refuses what cannot be moved, without touching the process.
 pub fn preflight(pid: Pid, opts: &DumpOptions) -> Result<()> {
-    let threads = proc::threads(pid)?;
-    if threads != 1 {
-        return Err(Error::Threads { pid, threads });
-    }
     memory::preflight(&proc::maps(pid)?)?;
     files::collect(pid, &opts.external_fds)?;
     task::collect_static(pid)?;
@@ -111,10 +107,6 @@ pub fn dump_with(pid: Pid, dir: &Path, after: AfterDump, opts: &DumpOptions) -> 
 
     let frozen_at = Instant::now();
     let mut f = Frozen::freeze(pid)?;
-    let threads = proc::threads(pid)?;
-    if threads != 1 {
-        return Err(Error::Threads { pid, threads });
-    }
     clk.lap("freeze");
 
     let mut rep = write_image_timed(&mut f, dir, opts, &mut clk)?;
@@ -216,6 +208,7 @@ fn collect_all(
     let mut sig = signals::collect(r, sigmask)?;
     let task = task::collect(r)?;
     signals::collect_pending(pid, &mut sig)?;
+    let threads = threads::collect(f)?;
     f.end_injection()?;
     if let Some(rs) = task.rseq {
         abort_rseq_cs(pid, rs.ptr, &mut cpu.regs);
@@ -237,6 +230,7 @@ fn collect_all(
         files,
         signals: sig,
         task,
+        threads,
         pages_len: sink.len(),
     };
     Ok((m, sink.len()))
@@ -244,7 +238,7 @@ fn collect_all(
 
 /// If the process stopped inside an rseq critical section, resume it at the abort handler (as
 /// the kernel would on preemption).
-fn abort_rseq_cs(pid: Pid, rseq: u64, regs: &mut sys::Regs) {
+pub(crate) fn abort_rseq_cs(pid: Pid, rseq: u64, regs: &mut sys::Regs) {
     let mut b = [0u8; 8];
     if sys::vm_read(pid, &mut b, &[(rseq + 8, 8)]).ok() != Some(8) {
         return;

@@ -8,10 +8,6 @@ pub enum Error {
     // ---- the process cannot be dumped (nothing was changed in it)
     #[error("process {pid} does not exist or cannot be read: {source}")]
     NoProcess { pid: i32, source: io::Error },
-    #[error(
-        "process {pid} has {threads} threads; only single-threaded processes can be dumped yet"
-    )]
-    Threads { pid: i32, threads: usize },
     #[error("fd {fd} ({what}) cannot be moved: {why}")]
     UnsupportedFd { fd: i32, what: String, why: String },
     #[error("mapping {range} {what} cannot be moved: {why}")]

@@ -14,12 +14,68 @@ const DUMP_SCRATCH: usize = 64 * 1024;
 
 pub struct Frozen {
     pub pid: Pid,
-    /// Registers exactly as stopped (before any restart fixup).
+    /// Registers of the main thread exactly as stopped (before any restart fixup).
     pub regs: Regs,
     pub sigmask: u64,
+    /// The other threads, stopped the same way.
+    pub threads: Vec<ThreadStop>,
     remote: Option<Remote>,
     poked: Option<(u64, u64)>,
     finished: bool,
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct ThreadStop {
+    pub tid: Pid,
+    pub regs: Regs,
+    pub sigmask: u64,
+}
+
+fn tasks(pid: Pid) -> Result<Vec<Pid>> {
+    let d = crate::proc::proc_path(pid, "task");
+    let mut v: Vec<Pid> = std::fs::read_dir(&d)
+        .map_err(|source| Error::NoProcess { pid, source })?
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .collect();
+    v.sort_unstable();
+    Ok(v)
+}
+
+/// Seizes and interrupts one thread; returns its registers and mask once it stopped for us.
+fn stop_one(tid: Pid) -> Result<ThreadStop> {
+    sys::seize(tid, libc::PTRACE_O_TRACESYSGOOD as u64).map_err(pt("PTRACE_SEIZE", tid))?;
+    sys::interrupt(tid).map_err(pt("PTRACE_INTERRUPT", tid))?;
+    for _ in 0..1000 {
+        let st = sys::wait(tid).map_err(pt("waitpid", tid))?;
+        if libc::WIFEXITED(st) || libc::WIFSIGNALED(st) {
+            return Err(Error::UnexpectedStop {
+                pid: tid,
+                during: "freezing (exited)".into(),
+                status: st,
+            });
+        }
+        if !libc::WIFSTOPPED(st) {
+            continue;
+        }
+        if st >> 16 == PTRACE_EVENT_STOP {
+            let regs = sys::get_regs(tid).map_err(pt("PTRACE_GETREGS", tid))?;
+            let sigmask = sys::get_sigmask(tid).map_err(pt("PTRACE_GETSIGMASK", tid))?;
+            return Ok(ThreadStop { tid, regs, sigmask });
+        }
+        // A signal-delivery-stop: let the signal through and keep waiting for our stop.
+        let sig = libc::WSTOPSIG(st);
+        let pass = if sig == libc::SIGTRAP || (sig & 0x80) != 0 {
+            0
+        } else {
+            sig
+        };
+        sys::cont(tid, pass).map_err(pt("PTRACE_CONT", tid))?;
+    }
+    Err(Error::UnexpectedStop {
+        pid: tid,
+        during: "freezing (no stop after 1000 events)".into(),
+        status: 0,
+    })
 }
 
 /// The registers a resumed copy must start with: an interrupted system call is restarted the way
@@ -43,61 +99,79 @@ pub fn restart_fixup(r: &Regs) -> Regs {
 }
 
 impl Frozen {
-    /// Seizes `pid` and stops it with PTRACE_INTERRUPT. Signals that arrive meanwhile are
-    /// delivered normally (passed through), never lost.
+    /// Seizes every thread of `pid` and stops it with PTRACE_INTERRUPT (the thread list is read
+    /// again until no new thread appeared). Signals that arrive meanwhile are delivered
+    /// normally (passed through), never lost.
     pub fn freeze(pid: Pid) -> Result<Frozen> {
-        sys::seize(pid, libc::PTRACE_O_TRACESYSGOOD as u64).map_err(pt("PTRACE_SEIZE", pid))?;
-        let fail = |e: Error| {
-            let _ = sys::detach(pid, 0);
-            e
+        let mut stopped: Vec<ThreadStop> = Vec::new();
+        let undo = |stopped: &[ThreadStop]| {
+            for t in stopped {
+                let _ = sys::detach(t.tid, 0);
+            }
         };
-        sys::interrupt(pid)
-            .map_err(pt("PTRACE_INTERRUPT", pid))
-            .map_err(fail)?;
-        for _ in 0..1000 {
-            let st = sys::wait(pid).map_err(pt("waitpid", pid)).map_err(fail)?;
-            if libc::WIFEXITED(st) || libc::WIFSIGNALED(st) {
-                return Err(Error::UnexpectedStop {
-                    pid,
-                    during: "freezing (process exited)".into(),
-                    status: st,
-                });
+        for _round in 0..100 {
+            let all = tasks(pid)?;
+            let new: Vec<Pid> = all
+                .into_iter()
+                .filter(|t| !stopped.iter().any(|s| s.tid == *t))
+                .collect();
+            if new.is_empty() {
+                break;
             }
-            if !libc::WIFSTOPPED(st) {
-                continue;
+            for tid in new {
+                match stop_one(tid) {
+                    Ok(t) => stopped.push(t),
+                    Err(e) => {
+                        let _ = sys::detach(tid, 0);
+                        undo(&stopped);
+                        return Err(e);
+                    }
+                }
             }
-            if st >> 16 == PTRACE_EVENT_STOP {
-                let regs = sys::get_regs(pid)
-                    .map_err(pt("PTRACE_GETREGS", pid))
-                    .map_err(fail)?;
-                let sigmask = sys::get_sigmask(pid)
-                    .map_err(pt("PTRACE_GETSIGMASK", pid))
-                    .map_err(fail)?;
-                return Ok(Frozen {
-                    pid,
-                    regs,
-                    sigmask,
-                    remote: None,
-                    poked: None,
-                    finished: false,
-                });
-            }
-            // A signal-delivery-stop: let the signal through and keep waiting for our stop.
-            let sig = libc::WSTOPSIG(st);
-            let pass = if sig == libc::SIGTRAP || (sig & 0x80) != 0 {
-                0
-            } else {
-                sig
-            };
-            sys::cont(pid, pass)
-                .map_err(pt("PTRACE_CONT", pid))
-                .map_err(fail)?;
         }
-        Err(fail(Error::UnexpectedStop {
+        let Some(i) = stopped.iter().position(|t| t.tid == pid) else {
+            undo(&stopped);
+            return Err(Error::Unsupported {
+                pid,
+                what: "a process whose main thread has exited".into(),
+            });
+        };
+        let main = stopped.remove(i);
+        Ok(Frozen {
             pid,
-            during: "freezing (no stop after 1000 events)".into(),
-            status: 0,
-        }))
+            regs: main.regs,
+            sigmask: main.sigmask,
+            threads: stopped,
+            remote: None,
+            poked: None,
+            finished: false,
+        })
+    }
+
+    /// Runs `f` with an injector on thread `tid` (another thread than the main one), its
+    /// signals blocked meanwhile; its registers and mask are put back afterwards.
+    pub fn with_thread<T>(&mut self, tid: Pid, f: impl FnOnce(&Remote) -> Result<T>) -> Result<T> {
+        let t = *self
+            .threads
+            .iter()
+            .find(|t| t.tid == tid)
+            .ok_or_else(|| Error::Restore(format!("no frozen thread {tid}")))?;
+        let main = self
+            .remote
+            .as_ref()
+            .ok_or_else(|| Error::Restore("injection not prepared".into()))?;
+        let r = Remote {
+            pid: tid,
+            gadget: main.gadget,
+            base: t.regs,
+            scratch: main.scratch,
+            scratch_len: main.scratch_len,
+        };
+        sys::set_sigmask(tid, crate::signals::BLOCK_ALL).map_err(pt("PTRACE_SETSIGMASK", tid))?;
+        let out = f(&r);
+        sys::set_regs(tid, &t.regs).map_err(pt("PTRACE_SETREGS", tid))?;
+        sys::set_sigmask(tid, t.sigmask).map_err(pt("PTRACE_SETSIGMASK", tid))?;
+        out
     }
 
     /// Prepares syscall injection: all signals blocked, a `syscall; int3` gadget patched over the
@@ -168,6 +242,11 @@ impl Frozen {
         self.finished = true;
         let pid = self.pid;
         self.undo_injection()?;
+        for t in &self.threads {
+            sys::set_regs(t.tid, &t.regs).map_err(pt("PTRACE_SETREGS", t.tid))?;
+            sys::set_sigmask(t.tid, t.sigmask).map_err(pt("PTRACE_SETSIGMASK", t.tid))?;
+            sys::detach(t.tid, 0).map_err(pt("PTRACE_DETACH", t.tid))?;
+        }
         sys::set_regs(pid, &self.regs).map_err(pt("PTRACE_SETREGS", pid))?;
         sys::set_sigmask(pid, self.sigmask).map_err(pt("PTRACE_SETSIGMASK", pid))?;
         sys::detach(pid, if stop { libc::SIGSTOP } else { 0 }).map_err(pt("PTRACE_DETACH", pid))
@@ -179,11 +258,14 @@ impl Frozen {
         self.finished = true;
         let pid = self.pid;
         sys::kill(pid, libc::SIGKILL).map_err(pt("kill", pid))?;
-        for _ in 0..100 {
-            match sys::wait(pid) {
-                Ok(st) if libc::WIFEXITED(st) || libc::WIFSIGNALED(st) => return Ok(()),
-                Ok(_) => {}
-                Err(_) => return Ok(()),
+        // Collect every traced thread's exit, the main thread (reported last) at the end.
+        for tid in self.threads.iter().map(|t| t.tid).chain([pid]) {
+            for _ in 0..100 {
+                match sys::wait(tid) {
+                    Ok(st) if libc::WIFEXITED(st) || libc::WIFSIGNALED(st) => break,
+                    Ok(_) => {}
+                    Err(_) => break,
+                }
             }
         }
         Ok(())
@@ -195,6 +277,11 @@ impl Drop for Frozen {
         if !self.finished {
             // Best effort: an error path must leave the process running as it was.
             let _ = self.undo_injection();
+            for t in &self.threads {
+                let _ = sys::set_regs(t.tid, &t.regs);
+                let _ = sys::set_sigmask(t.tid, t.sigmask);
+                let _ = sys::detach(t.tid, 0);
+            }
             let _ = sys::set_regs(self.pid, &self.regs);
             let _ = sys::set_sigmask(self.pid, self.sigmask);
             let _ = sys::detach(self.pid, 0);

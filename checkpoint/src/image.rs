@@ -33,10 +33,11 @@ use crate::memory::{self, MemoryState, Run};
 use crate::signals::SignalState;
 use crate::sys::{self, MappedFile, Pid};
 use crate::task::TaskState;
+use crate::threads::ThreadState;
 use crate::vdso::VdsoLayout;
 
 pub const MAGIC: [u8; 8] = *b"DVKCKPT\0";
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
 pub const ARCH_X86_64: u32 = 62;
 pub const HEADER_LEN: usize = 32;
 pub const MANIFEST: &str = "manifest.img";
@@ -54,6 +55,8 @@ pub struct Manifest {
     pub files: FilesState,
     pub signals: SignalState,
     pub task: TaskState,
+    /// Threads other than the main one.
+    pub threads: Vec<ThreadState>,
     pub pages_len: u64,
 }
 
@@ -378,6 +381,7 @@ mod tests {
             files: Default::default(),
             signals: Default::default(),
             task: Default::default(),
+            threads: vec![],
             pages_len,
         }
     }

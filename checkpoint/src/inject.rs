@@ -43,8 +43,9 @@ impl Remote {
         let mut st = sys::wait(self.pid).map_err(pt("waitpid", self.pid))?;
         // A process that was in a job-control stop reports its group-stop again first
         // (PTRACE_EVENT_STOP with the stop signal): a tracer may resume it through that.
-        for _ in 0..8 {
-            if !(libc::WIFSTOPPED(st) && st >> 16 == 0x80 && libc::WSTOPSIG(st) != libc::SIGTRAP) {
+        for _ in 0..16 {
+            // (Also PTRACE_EVENT_CLONE when the injected call made a thread.)
+            if !(libc::WIFSTOPPED(st) && st >> 16 != 0) {
                 break;
             }
             sys::cont(self.pid, 0).map_err(pt("PTRACE_CONT", self.pid))?;

@@ -1,4 +1,4 @@
-//! dvk's checkpoint engine: freeze, dump and restore a live single-threaded Linux process in user
+//! dvk's checkpoint engine: freeze, dump and restore a live Linux process (one or more threads) in user
 //! space, with ptrace and /proc only (no CRIU, no DMTCP, no kernel module).
 //!
 //! Phases, each usable on its own:
@@ -26,6 +26,7 @@ pub mod signals;
 pub mod stub;
 pub mod sys;
 pub mod task;
+pub mod threads;
 pub mod vdso;
 
 pub use dump::{dump, dump_with, preflight, write_image, AfterDump, DumpOptions, DumpReport};

@@ -17,7 +17,7 @@ use crate::inject::{Remote, GADGET};
 use crate::memory::VmaKind;
 use crate::stub::{self, GADGET_PAGE, RESERVED_END, SCRATCH, SCRATCH_LEN, STUB_BASE, VDSO_TEMP};
 use crate::sys::{self, Pid};
-use crate::{cpu, files, memory, proc, signals, task};
+use crate::{cpu, files, memory, proc, signals, task, threads};
 
 #[derive(Clone, Debug, Default)]
 pub struct RestoreOptions {
@@ -66,15 +66,19 @@ pub fn check(img: &Image, opts: &RestoreOptions) -> Result<()> {
     Ok(())
 }
 
+/// The half-built process: killed (and its traced threads collected) if the rebuild fails.
 struct Child {
     pid: Pid,
+    threads: Vec<Pid>,
     done: bool,
 }
 impl Drop for Child {
     fn drop(&mut self) {
         if !self.done {
             let _ = sys::kill(self.pid, libc::SIGKILL);
-            let _ = sys::wait(self.pid);
+            for t in self.threads.iter().chain([&self.pid]) {
+                let _ = sys::wait(*t);
+            }
         }
     }
 }
@@ -98,7 +102,11 @@ pub fn restore(img: &Image, opts: &RestoreOptions) -> Result<RestoreReport> {
     let (pid, same_pid) =
         sys::spawn_traced_stub(&elf, want).map_err(|e| Error::Restore(format!("fork: {e}")))?;
     drop(elf);
-    let mut child = Child { pid, done: false };
+    let mut child = Child {
+        pid,
+        threads: Vec::new(),
+        done: false,
+    };
     let st = sys::wait(pid).map_err(pt("waitpid", pid))?;
     if !(libc::WIFSTOPPED(st) && libc::WSTOPSIG(st) == libc::SIGTRAP) {
         return Err(Error::UnexpectedStop {
@@ -109,7 +117,7 @@ pub fn restore(img: &Image, opts: &RestoreOptions) -> Result<RestoreReport> {
     }
     sys::set_options(
         pid,
-        (libc::PTRACE_O_EXITKILL | libc::PTRACE_O_TRACESYSGOOD) as u64,
+        (libc::PTRACE_O_EXITKILL | libc::PTRACE_O_TRACESYSGOOD | libc::PTRACE_O_TRACECLONE) as u64,
     )
     .map_err(pt("PTRACE_SETOPTIONS", pid))?;
     sys::set_sigmask(pid, signals::BLOCK_ALL).map_err(pt("PTRACE_SETSIGMASK", pid))?;
@@ -177,11 +185,17 @@ pub fn restore(img: &Image, opts: &RestoreOptions) -> Result<RestoreReport> {
     signals::restore_actions(&r, &m.signals)?;
     task::restore_thread(&r, &m.task)?;
     signals::restore_late(&r, &m.signals)?;
+    threads::restore(
+        &r,
+        &m.threads,
+        !opts.new_pid && same_pid,
+        &mut child.threads,
+    )?;
     task::restore_rlimits(pid, &m.task)?;
     task::restore_creds(&r, &m.task)?;
     lap("signals");
 
-    finish(&r, m, opts.stopped)?;
+    finish(&r, m, &child.threads, opts.stopped)?;
     child.done = true;
     lap("resume");
     Ok(RestoreReport {
@@ -195,7 +209,7 @@ pub fn restore(img: &Image, opts: &RestoreOptions) -> Result<RestoreReport> {
 
 /// Unmaps the reserved range from inside (the gadget goes with it, so the `munmap` is caught at
 /// syscall exit), writes the final CPU state and signal mask there, and detaches.
-fn finish(r: &Remote, m: &crate::image::Manifest, stopped: bool) -> Result<()> {
+fn finish(r: &Remote, m: &crate::image::Manifest, threads: &[Pid], stopped: bool) -> Result<()> {
     let pid = r.pid;
     let mut regs = r.base;
     regs.rax = libc::SYS_munmap as u64;
@@ -227,5 +241,8 @@ fn finish(r: &Remote, m: &crate::image::Manifest, stopped: bool) -> Result<()> {
     }
     cpu::restore(pid, &m.cpu)?;
     sys::set_sigmask(pid, m.signals.blocked).map_err(pt("PTRACE_SETSIGMASK", pid))?;
+    for &t in threads {
+        sys::detach(t, if stopped { libc::SIGSTOP } else { 0 }).map_err(pt("PTRACE_DETACH", t))?;
+    }
     sys::detach(pid, if stopped { libc::SIGSTOP } else { 0 }).map_err(pt("PTRACE_DETACH", pid))
 }

@@ -227,6 +227,7 @@ fidelity! {
     epoll_set,
     protections,
     sigtrap_handler,
+    threads settle 20,
 }
 
 #[test]
@@ -350,6 +351,21 @@ fn restore_twice() {
     p.expect_pass();
 }
 
+/// A multi-threaded process, restored twice in a row.
+#[test]
+fn threads_restore_twice() {
+    if !root() {
+        return;
+    }
+    let mut p = Prog::start("threads");
+    std::thread::sleep(Duration::from_millis(20));
+    p.move_once(1);
+    std::thread::sleep(Duration::from_millis(50));
+    p.move_once(2);
+    p.go();
+    p.expect_pass();
+}
+
 /// `dump --leave-running`: the original runs on and the copy (with a new pid) runs too.
 #[test]
 fn leave_running_both_run() {
@@ -377,7 +393,7 @@ fn leave_running_both_run() {
 }
 
 /// The phases one by one, as the agent drives a move: freeze, write an image twice while the
-/// process stays frozen (identical page data), kill, restore the second.
+/// process stays frozen (same mappings and page runs), kill, restore the second.
 #[test]
 fn phases_one_by_one() {
     if !root() {
@@ -392,9 +408,11 @@ fn phases_one_by_one() {
         a.vmas, b.vmas,
         "the injection helpers leaked into the second image"
     );
+    // (Byte equality is not expected: the kernel refreshes the rseq area's cpu id whenever an
+    // injected syscall returns.)
     assert_eq!(
-        fs::read(p.img(1).join("pages.img")).unwrap(),
-        fs::read(p.img(2).join("pages.img")).unwrap()
+        fs::metadata(p.img(1).join("pages.img")).unwrap().len(),
+        fs::metadata(p.img(2).join("pages.img")).unwrap().len()
     );
     f.kill().unwrap();
     wait_exit(p.pid, Duration::from_secs(5));
@@ -510,11 +528,6 @@ fn deleted_file_refused() {
 #[test]
 fn tcp_socket_refused() {
     refused("tcp_socket", &["fd 3", "AF_INET"]);
-}
-
-#[test]
-fn two_threads_refused() {
-    refused("two_threads", &["2 threads"]);
 }
 
 /// Restore refuses, before creating anything, a mapped file that changed since the dump and a
