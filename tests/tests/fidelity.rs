@@ -247,6 +247,39 @@ fn blocked_sigsuspend() {
 /// A real interpreter: python3 (if installed) with 100+ mappings and a 200 000-entry dict.
 #[test]
 fn python_interpreter() {
+    python("import os, sys, time, hashlib\n\
+        d = {i: str(i) * 10 for i in range(200000)}\n\
+        print('READY', flush=True)\n\
+        while not os.path.exists('go'): time.sleep(0.005)\n\
+        h = hashlib.sha256(''.join(d[i] for i in range(0, 200000, 7)).encode()).hexdigest()\n\
+        want = hashlib.sha256(''.join(str(i) * 10 for i in range(0, 200000, 7)).encode()).hexdigest()\n\
+        print('PASS' if h == want and len(d) == 200000 else 'FAIL', flush=True)\n");
+}
+
+/// python3 with four worker threads (GIL, condition variables, thread-local data) that keep
+/// computing across the dump and are joined after the restore.
+#[test]
+fn python_threads() {
+    python("import os, threading, time\n\
+        local = threading.local()\n\
+        results = {}\n\
+        def work(n):\n\
+        \x20   local.n = n\n\
+        \x20   total = 0\n\
+        \x20   while not os.path.exists('go'):\n\
+        \x20       total += sum(range(1000)); time.sleep(0.001)\n\
+        \x20   results[n] = (local.n == n, threading.get_ident() == idents[n])\n\
+        idents = {}\n\
+        ts = [threading.Thread(target=work, args=(i,), name=f'w{i}') for i in range(4)]\n\
+        for i, t in enumerate(ts): t.start(); idents[i] = t.ident\n\
+        time.sleep(0.1)\n\
+        print('READY', flush=True)\n\
+        for t in ts: t.join(20)\n\
+        ok = all(not t.is_alive() for t in ts) and all(a and b for a, b in results.values()) and len(results) == 4\n\
+        print('PASS' if ok else f'FAIL {results}', flush=True)\n");
+}
+
+fn python(script: &str) {
     if !root() {
         return;
     }
@@ -264,13 +297,6 @@ fn python_interpreter() {
         .prefix("dvk-fid-python-")
         .tempdir()
         .unwrap();
-    let script = "import os, sys, time, hashlib\n\
-        d = {i: str(i) * 10 for i in range(200000)}\n\
-        print('READY', flush=True)\n\
-        while not os.path.exists('go'): time.sleep(0.005)\n\
-        h = hashlib.sha256(''.join(d[i] for i in range(0, 200000, 7)).encode()).hexdigest()\n\
-        want = hashlib.sha256(''.join(str(i) * 10 for i in range(0, 200000, 7)).encode()).hexdigest()\n\
-        print('PASS' if h == want and len(d) == 200000 else 'FAIL', flush=True)\n";
     let child = close_stray_fds(&mut Command::new("python3"))
         .args(["-c", script])
         .current_dir(dir.path())
@@ -362,6 +388,33 @@ fn threads_restore_twice() {
     p.move_once(1);
     std::thread::sleep(Duration::from_millis(50));
     p.move_once(2);
+    p.go();
+    p.expect_pass();
+}
+
+/// A multi-threaded process dumped with --leave-running runs on (every thread thawed); later
+/// the image restores it again.
+#[test]
+fn threads_leave_running_then_restore() {
+    if !root() {
+        return;
+    }
+    let mut p = Prog::start("threads");
+    std::thread::sleep(Duration::from_millis(20));
+    ck::dump(p.pid, &p.img(1), AfterDump::LeaveRunning).unwrap();
+    let at_dump = fs::metadata(p.out()).unwrap().len();
+    p.go();
+    p.expect_pass();
+    // The original has exited: its pid and tids are free for the copy.
+    fs::OpenOptions::new()
+        .write(true)
+        .open(p.out())
+        .unwrap()
+        .set_len(at_dump)
+        .unwrap();
+    let r = ck::restore(&p.img(1), &RestoreOptions::default()).unwrap();
+    assert!(r.same_pid);
+    p.pid = r.pid;
     p.go();
     p.expect_pass();
 }
