@@ -113,3 +113,29 @@ pub fn restore(pid: Pid, st: &CpuState) -> Result<()> {
     sys::set_xstate(pid, &st.xstate).map_err(pt("PTRACE_SETREGSET NT_X86_XSTATE", pid))?;
     sys::set_regs(pid, &st.regs).map_err(pt("PTRACE_SETREGS", pid))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn this_cpu_satisfies_itself_but_not_more() {
+        let here = ident_here();
+        here.check_here().unwrap();
+        let mut more = here.clone();
+        more.features[2] |= 1 << 31; // CPUID.7:EBX bit 31 (AVX512VL) — set it if absent
+        if more.features[2] != here.features[2] {
+            let e = more.check_here().unwrap_err().to_string();
+            assert!(e.contains("CPUID.7:EBX"), "{e}");
+        }
+        let mut xs = here.clone();
+        xs.xfeatures |= 1 << 62;
+        assert!(xs.check_here().unwrap_err().to_string().contains("XCR0"));
+    }
+
+    #[test]
+    fn xstate_buffer_is_sized_from_cpuid() {
+        assert!(xstate_len() >= 576);
+        assert_eq!(xfeatures_of(&[0u8; 100]), 3);
+    }
+}

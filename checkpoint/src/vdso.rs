@@ -125,3 +125,46 @@ impl VdsoLayout {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn b(v: &[(&str, u64, u64)]) -> Vec<(String, u64, u64)> {
+        v.iter().map(|(n, s, e)| (n.to_string(), *s, *e)).collect()
+    }
+
+    #[test]
+    fn shape_compares_names_sizes_and_offsets_not_addresses() {
+        let a = b(&[
+            ("[vvar]", 0x1000, 0x5000),
+            ("[vvar_vclock]", 0x5000, 0x7000),
+            ("[vdso]", 0x7000, 0x9000),
+        ]);
+        let moved = b(&[
+            ("[vvar]", 0x11000, 0x15000),
+            ("[vvar_vclock]", 0x15000, 0x17000),
+            ("[vdso]", 0x17000, 0x19000),
+        ]);
+        assert!(same_shape(&a, &moved));
+        let bigger = b(&[
+            ("[vvar]", 0x1000, 0x5000),
+            ("[vvar_vclock]", 0x5000, 0x7000),
+            ("[vdso]", 0x7000, 0xa000),
+        ]);
+        assert!(!same_shape(&a, &bigger));
+        let gap = b(&[
+            ("[vvar]", 0x1000, 0x5000),
+            ("[vvar_vclock]", 0x6000, 0x8000),
+            ("[vdso]", 0x8000, 0xa000),
+        ]);
+        assert!(!same_shape(&a, &gap));
+        assert!(!same_shape(&a, &a[..2]));
+    }
+
+    #[test]
+    fn this_machine_matches_itself() {
+        let maps = crate::proc::maps(std::process::id() as i32).unwrap();
+        collect(&maps).check_here().unwrap();
+    }
+}
