@@ -222,27 +222,25 @@ pub fn read(dir: &Path) -> Result<Image> {
     })
 }
 
-/// Streams page data into pages.img, batching `process_vm_readv` calls into one large buffer.
+/// Writes page data into pages.img. Runs are planned first (at most [`MAX_RUN`] bytes each,
+/// offsets assigned in order), then filled: `process_vm_readv` of up to 512 runs into an 8 MiB
+/// buffer, CRC32 of each run, `pwrite` at its offset — by two threads on disjoint halves above
+/// 64 MiB (reading another process's memory and filling the page cache both scale with cores).
 pub struct PageSink {
     file: File,
     path: PathBuf,
     off: u64,
-    buf: Vec<u8>,
 }
 
-const BATCH: usize = 8 << 20;
+/// Largest run: one run always fits one read buffer, so its CRC is computed in one go.
+pub const MAX_RUN: u64 = 8 << 20;
 const MAX_IOV: usize = 512;
 
 impl PageSink {
     pub fn create(dir: &Path) -> Result<PageSink> {
         let path = dir.join(PAGES);
         let file = create_file(&path)?;
-        Ok(PageSink {
-            file,
-            path,
-            off: 0,
-            buf: vec![0u8; BATCH],
-        })
+        Ok(PageSink { file, path, off: 0 })
     }
 
     pub fn len(&self) -> u64 {
@@ -253,81 +251,103 @@ impl PageSink {
         self.off == 0
     }
 
-    /// Stores the page runs `(addr, len)` of `pid`; returns their manifest entries.
-    pub fn store(&mut self, pid: Pid, runs: &[(u64, u64)], readable: bool) -> Result<Vec<Run>> {
-        let mut out: Vec<Run> = Vec::with_capacity(runs.len());
-        let mut hashers: Vec<crc32fast::Hasher> = Vec::with_capacity(runs.len());
-        // pieces in the current batch: (run index, addr, len)
-        let mut batch: Vec<(usize, u64, usize)> = Vec::new();
-        let mut fill = 0usize;
-        for (i, &(addr, len)) in runs.iter().enumerate() {
-            out.push(Run {
-                addr,
-                len,
-                off: self.off + fill as u64,
-                crc: 0,
-            });
-            hashers.push(crc32fast::Hasher::new());
-            let mut a = addr;
-            let mut left = len as usize;
-            while left > 0 {
-                let n = left.min(BATCH - fill);
-                batch.push((i, a, n));
-                fill += n;
-                a += n as u64;
-                left -= n;
-                if fill == BATCH || batch.len() == MAX_IOV {
-                    self.flush(pid, &mut batch, &mut fill, &mut hashers, readable)?;
-                }
+    /// Plans the page runs `(addr, len)`: split to at most [`MAX_RUN`] bytes, offsets assigned.
+    pub fn plan(&mut self, runs: &[(u64, u64)]) -> Vec<Run> {
+        let mut out = Vec::with_capacity(runs.len());
+        for &(addr, len) in runs {
+            let mut o = 0;
+            while o < len {
+                let n = (len - o).min(MAX_RUN);
+                out.push(Run {
+                    addr: addr + o,
+                    len: n,
+                    off: self.off,
+                    crc: 0,
+                });
+                self.off += n;
+                o += n;
             }
         }
-        self.flush(pid, &mut batch, &mut fill, &mut hashers, readable)?;
-        for (r, h) in out.iter_mut().zip(hashers) {
-            r.crc = h.finalize();
-        }
-        Ok(out)
+        out
     }
 
-    fn flush(
-        &mut self,
-        pid: Pid,
-        batch: &mut Vec<(usize, u64, usize)>,
-        fill: &mut usize,
-        hashers: &mut [crc32fast::Hasher],
-        readable: bool,
-    ) -> Result<()> {
-        if batch.is_empty() {
-            return Ok(());
+    /// Reads every planned run from `pid`, fills in its CRC and writes it at its offset.
+    /// `readable`: false for runs of VMAs without read permission (read through /proc/PID/mem).
+    pub fn fill(&self, pid: Pid, jobs: &mut [(&mut Run, bool)]) -> Result<()> {
+        let total: u64 = jobs.iter().map(|j| j.0.len).sum();
+        if total < (64 << 20) {
+            return self.fill_part(pid, jobs);
         }
-        let total = *fill;
-        if readable {
-            let remote: Vec<(u64, usize)> = batch.iter().map(|&(_, a, l)| (a, l)).collect();
-            let n = sys::vm_read(pid, &mut self.buf[..total], &remote)
-                .map_err(pt("process_vm_readv", pid))?;
-            if n != total {
-                return Err(Error::Restore(format!(
-                    "process {pid}: memory at {:#x} could not be read ({n} of {total} bytes)",
-                    remote[0].0
-                )));
+        let mut acc = 0;
+        let split = jobs
+            .iter()
+            .position(|j| {
+                acc += j.0.len;
+                acc >= total / 2
+            })
+            .map_or(jobs.len(), |i| i + 1);
+        let (a, b) = jobs.split_at_mut(split);
+        std::thread::scope(|s| {
+            let h = s.spawn(|| self.fill_part(pid, b));
+            let ra = self.fill_part(pid, a);
+            let rb = h
+                .join()
+                .unwrap_or_else(|_| Err(Error::Restore("page reader thread panicked".into())));
+            ra.and(rb)
+        })
+    }
+
+    fn fill_part(&self, pid: Pid, jobs: &mut [(&mut Run, bool)]) -> Result<()> {
+        use std::os::unix::fs::FileExt;
+        let mut buf = vec![0u8; MAX_RUN as usize];
+        let mut i = 0;
+        while i < jobs.len() {
+            // A batch: consecutive runs (in the file), same readability, fitting the buffer.
+            let first = jobs[i].0.off;
+            let readable = jobs[i].1;
+            let mut j = i;
+            let mut fill = 0u64;
+            while j < jobs.len()
+                && j - i < MAX_IOV
+                && jobs[j].1 == readable
+                && jobs[j].0.off == first + fill
+                && fill + jobs[j].0.len <= MAX_RUN
+            {
+                fill += jobs[j].0.len;
+                j += 1;
             }
-        } else {
+            let total = fill as usize;
+            if readable {
+                let remote: Vec<(u64, usize)> = jobs[i..j]
+                    .iter()
+                    .map(|r| (r.0.addr, r.0.len as usize))
+                    .collect();
+                let n = sys::vm_read(pid, &mut buf[..total], &remote)
+                    .map_err(pt("process_vm_readv", pid))?;
+                if n != total {
+                    return Err(Error::Restore(format!(
+                        "process {pid}: memory at {:#x} could not be read ({n} of {total} bytes)",
+                        remote[0].0
+                    )));
+                }
+            } else {
+                let mut o = 0;
+                for r in &jobs[i..j] {
+                    memory::read_mem(pid, r.0.addr, &mut buf[o..o + r.0.len as usize])?;
+                    o += r.0.len as usize;
+                }
+            }
             let mut o = 0;
-            for &(_, a, l) in batch.iter() {
-                memory::read_mem(pid, a, &mut self.buf[o..o + l])?;
+            for r in &mut jobs[i..j] {
+                let l = r.0.len as usize;
+                r.0.crc = crc32fast::hash(&buf[o..o + l]);
                 o += l;
             }
+            self.file
+                .write_all_at(&buf[..total], first)
+                .map_err(io_at(&self.path))?;
+            i = j;
         }
-        let mut o = 0;
-        for &(i, _, l) in batch.iter() {
-            hashers[i].update(&self.buf[o..o + l]);
-            o += l;
-        }
-        self.file
-            .write_all(&self.buf[..total])
-            .map_err(io_at(&self.path))?;
-        self.off += total as u64;
-        batch.clear();
-        *fill = 0;
         Ok(())
     }
 }

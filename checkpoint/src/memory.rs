@@ -11,7 +11,6 @@
 
 use std::collections::HashMap;
 use std::fs::File;
-use std::io::Write;
 use std::os::unix::fs::MetadataExt;
 
 use serde::{Deserialize, Serialize};
@@ -236,8 +235,7 @@ pub fn collect(pid: Pid, maps: &[MapLine], sink: &mut PageSink) -> Result<Memory
                 }
             }
         }
-        let readable = m.perms[0] == b'r';
-        let runs = sink.store(pid, &pages, readable)?;
+        let runs = sink.plan(&pages);
         vmas.push(Vma {
             start: m.start,
             end: m.end,
@@ -248,6 +246,14 @@ pub fn collect(pid: Pid, maps: &[MapLine], sink: &mut PageSink) -> Result<Memory
             runs,
         });
     }
+    let mut jobs: Vec<(&mut Run, bool)> = vmas
+        .iter_mut()
+        .flat_map(|v| {
+            let readable = v.prot & libc::PROT_READ as u32 != 0;
+            v.runs.iter_mut().map(move |r| (r, readable))
+        })
+        .collect();
+    sink.fill(pid, &mut jobs)?;
     Ok(MemoryState { vmas })
 }
 
@@ -413,9 +419,4 @@ pub fn read_mem(pid: Pid, addr: u64, buf: &mut [u8]) -> Result<()> {
     let p = proc_path(pid, "mem");
     let f = File::open(&p).map_err(io_at(&p))?;
     sys::pread_exact(&f, buf, addr).map_err(io_at(&p))
-}
-
-/// Helper for the sink: write a buffer fully.
-pub fn write_all(f: &mut File, b: &[u8], path: &std::path::Path) -> Result<()> {
-    f.write_all(b).map_err(io_at(path))
 }
