@@ -48,30 +48,13 @@ pub fn preflight(pid: Pid, opts: &DumpOptions) -> Result<()> {
     memory::preflight(&proc::maps(pid)?)?;
     files::collect(pid, &opts.external_fds)?;
     task::collect_static(pid)?;
-    // POSIX timers and file locks are not carried yet: refuse rather than lose them.
+    // POSIX timers are not carried yet: refuse rather than lose them (file locks: files.rs).
     if let Ok(t) = std::fs::read_to_string(proc::proc_path(pid, "timers")) {
         if let Some(id) = t.lines().find_map(|l| l.strip_prefix("ID: ")) {
             return Err(Error::Unsupported {
                 pid,
                 what: format!("POSIX timer {id} (timer_create)"),
             });
-        }
-    }
-    if let Ok(locks) = std::fs::read_to_string("/proc/locks") {
-        for l in locks.lines() {
-            let w: Vec<&str> = l.split_whitespace().collect();
-            // "1: POSIX  ADVISORY  WRITE 1234 fd:00:5678 0 EOF" (blocked waiters have "->")
-            let owner = if w.get(1) == Some(&"->") {
-                w.get(5)
-            } else {
-                w.get(4)
-            };
-            if owner.and_then(|p| p.parse::<Pid>().ok()) == Some(pid) {
-                return Err(Error::Unsupported {
-                    pid,
-                    what: format!("file lock ({})", w[1..].join(" ")),
-                });
-            }
         }
     }
     Ok(())

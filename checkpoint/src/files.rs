@@ -304,6 +304,22 @@ pub fn collect(pid: Pid, external: &[i32]) -> Result<FilesState> {
         let info =
             std::fs::read_to_string(proc_path(pid, &format!("fdinfo/{fd}"))).unwrap_or_default();
         let cloexec = octal(field(&info, "flags")) & libc::O_CLOEXEC as u32 != 0;
+        // fdinfo lists this process's locks on the file (cheaper than /proc/locks, whose read
+        // waits for an RCU grace period).
+        if let Some(l) = info
+            .lines()
+            .find(|l| l.starts_with("lock:"))
+            .filter(|_| !external.contains(&fd))
+        {
+            return Err(Error::UnsupportedFd {
+                fd,
+                what: link,
+                why: format!(
+                    "holds a file lock ({}), locks are not carried yet",
+                    l[5..].trim()
+                ),
+            });
+        }
         // Same open file description as an earlier fd?
         let same = links
             .iter()
