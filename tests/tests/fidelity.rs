@@ -579,6 +579,16 @@ fn deleted_file_refused() {
 }
 
 #[test]
+fn file_lock_refused() {
+    refused("file_lock", &["fd 3", "locked", "file lock", "FLOCK"]);
+}
+
+#[test]
+fn posix_timer_refused() {
+    refused("posix_timer", &["POSIX timer", "timer_create"]);
+}
+
+#[test]
 fn tcp_socket_refused() {
     refused("tcp_socket", &["fd 3", "AF_INET"]);
 }
