@@ -1,4 +1,6 @@
 //! Typed errors. Each names the process state it is about, so a binary can print it as one line.
+//! The underlying OS error is part of the message (fields are named `err`, not `source`, so that
+//! `anyhow`'s `{:#}` does not print it twice).
 
 use std::io;
 use std::path::PathBuf;
@@ -6,8 +8,8 @@ use std::path::PathBuf;
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     // ---- the process cannot be dumped (nothing was changed in it)
-    #[error("process {pid} does not exist or cannot be read: {source}")]
-    NoProcess { pid: i32, source: io::Error },
+    #[error("process {pid} does not exist or cannot be read: {err}")]
+    NoProcess { pid: i32, err: io::Error },
     #[error("fd {fd} ({what}) cannot be moved: {why}")]
     UnsupportedFd { fd: i32, what: String, why: String },
     #[error("mapping {range} {what} cannot be moved: {why}")]
@@ -20,11 +22,11 @@ pub enum Error {
     Unsupported { pid: i32, what: String },
 
     // ---- ptrace / injection
-    #[error("{op} on process {pid} failed: {source}")]
+    #[error("{op} on process {pid} failed: {err}")]
     Ptrace {
         op: &'static str,
         pid: i32,
-        source: io::Error,
+        err: io::Error,
     },
     #[error("process {pid}: unexpected stop while {during} (wait status {status:#x})")]
     UnexpectedStop {
@@ -41,8 +43,8 @@ pub enum Error {
     },
 
     // ---- the image
-    #[error("{path}: {source}")]
-    Io { path: PathBuf, source: io::Error },
+    #[error("{path}: {err}")]
+    Io { path: PathBuf, err: io::Error },
     #[error("{path}: not a dvk checkpoint image (bad magic)")]
     BadMagic { path: PathBuf },
     #[error(
@@ -77,9 +79,9 @@ pub type Result<T> = std::result::Result<T, Error>;
 
 pub(crate) fn io_at(path: impl Into<PathBuf>) -> impl FnOnce(io::Error) -> Error {
     let path = path.into();
-    move |source| Error::Io { path, source }
+    move |err| Error::Io { path, err }
 }
 
 pub(crate) fn pt(op: &'static str, pid: i32) -> impl FnOnce(io::Error) -> Error {
-    move |source| Error::Ptrace { op, pid, source }
+    move |err| Error::Ptrace { op, pid, err }
 }

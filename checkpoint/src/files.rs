@@ -89,7 +89,7 @@ pub struct FilesState {
 fn list_fds(pid: Pid) -> Result<Vec<i32>> {
     let d = proc_path(pid, "fd");
     let mut v: Vec<i32> = std::fs::read_dir(&d)
-        .map_err(|source| Error::NoProcess { pid, source })?
+        .map_err(|source| Error::NoProcess { pid, err: source })?
         .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
         .collect();
     v.sort_unstable();
@@ -118,11 +118,11 @@ const ALLOWED_DEVS: [&str; 5] = [
 /// Describes one fd, or refuses it naming it.
 fn describe(pid: Pid, fd: i32, pidfd: &std::os::fd::OwnedFd) -> Result<FileKind> {
     let link = std::fs::read_link(proc_path(pid, &format!("fd/{fd}")))
-        .map_err(|source| Error::NoProcess { pid, source })?
+        .map_err(|source| Error::NoProcess { pid, err: source })?
         .to_string_lossy()
         .into_owned();
     let info = std::fs::read_to_string(proc_path(pid, &format!("fdinfo/{fd}")))
-        .map_err(|source| Error::NoProcess { pid, source })?;
+        .map_err(|source| Error::NoProcess { pid, err: source })?;
     let flags = octal(field(&info, "flags"));
     let pos = field(&info, "pos")
         .and_then(|v| v.parse().ok())
@@ -294,7 +294,7 @@ fn describe(pid: Pid, fd: i32, pidfd: &std::os::fd::OwnedFd) -> Result<FileKind>
 /// Describes every fd (also the preflight: nothing in the process is changed). The fds in
 /// `external` are recorded as [`FileKind::External`], not inspected.
 pub fn collect(pid: Pid, external: &[i32]) -> Result<FilesState> {
-    let pidfd = sys::pidfd_open(pid).map_err(|source| Error::NoProcess { pid, source })?;
+    let pidfd = sys::pidfd_open(pid).map_err(|source| Error::NoProcess { pid, err: source })?;
     let mut st = FilesState::default();
     let mut links: Vec<(i32, String)> = Vec::new();
     for fd in list_fds(pid)? {

@@ -34,7 +34,7 @@ pub struct ThreadStop {
 fn tasks(pid: Pid) -> Result<Vec<Pid>> {
     let d = crate::proc::proc_path(pid, "task");
     let mut v: Vec<Pid> = std::fs::read_dir(&d)
-        .map_err(|source| Error::NoProcess { pid, source })?
+        .map_err(|source| Error::NoProcess { pid, err: source })?
         .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
         .collect();
     v.sort_unstable();

@@ -43,7 +43,7 @@ pub fn proc_path(pid: Pid, what: &str) -> PathBuf {
 
 pub fn read_string(pid: Pid, what: &str) -> Result<String> {
     let p = proc_path(pid, what);
-    std::fs::read_to_string(&p).map_err(|source| Error::NoProcess { pid, source })
+    std::fs::read_to_string(&p).map_err(|source| Error::NoProcess { pid, err: source })
 }
 
 pub fn parse_maps(text: &str) -> Vec<MapLine> {
@@ -100,7 +100,7 @@ pub fn field<'a>(text: &'a str, key: &str) -> Option<&'a str> {
 pub fn threads(pid: Pid) -> Result<usize> {
     let d = proc_path(pid, "task");
     Ok(std::fs::read_dir(&d)
-        .map_err(|source| Error::NoProcess { pid, source })?
+        .map_err(|source| Error::NoProcess { pid, err: source })?
         .count())
 }
 

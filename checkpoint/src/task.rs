@@ -70,7 +70,7 @@ fn link(pid: Pid, what: &str) -> Result<String> {
     let p = proc_path(pid, what);
     std::fs::read_link(&p)
         .map(|l| l.to_string_lossy().into_owned())
-        .map_err(|source| Error::NoProcess { pid, source })
+        .map_err(|source| Error::NoProcess { pid, err: source })
 }
 
 /// What needs no injection (also used by the preflight).
@@ -134,7 +134,7 @@ pub fn collect_static(pid: Pid) -> Result<TaskState> {
         rlimits: Vec::new(),
         mm,
         auxv: std::fs::read(proc_path(pid, "auxv"))
-            .map_err(|source| Error::NoProcess { pid, source })?,
+            .map_err(|source| Error::NoProcess { pid, err: source })?,
         exe,
         tid_address: 0,
         robust_list: (0, 0),

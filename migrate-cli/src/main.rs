@@ -25,7 +25,7 @@ fn main() {
         Cmd::Restore(a) => checkpoint_cmd::run_restore(a),
     };
     if let Err(e) = r {
-        eprintln!("migrate-cli: {e}");
+        eprintln!("migrate-cli: {e:#}");
         std::process::exit(1);
     }
 }
