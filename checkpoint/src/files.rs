@@ -298,9 +298,12 @@ pub fn collect(pid: Pid, external: &[i32]) -> Result<FilesState> {
     let mut st = FilesState::default();
     let mut links: Vec<(i32, String)> = Vec::new();
     for fd in list_fds(pid)? {
-        let link = std::fs::read_link(proc_path(pid, &format!("fd/{fd}")))
-            .map(|l| l.to_string_lossy().into_owned())
-            .unwrap_or_default();
+        // An fd closed since the listing (only possible in the preflight, on a running
+        // process) is simply not there.
+        let Ok(link) = std::fs::read_link(proc_path(pid, &format!("fd/{fd}"))) else {
+            continue;
+        };
+        let link = link.to_string_lossy().into_owned();
         let info =
             std::fs::read_to_string(proc_path(pid, &format!("fdinfo/{fd}"))).unwrap_or_default();
         let cloexec = octal(field(&info, "flags")) & libc::O_CLOEXEC as u32 != 0;
@@ -338,7 +341,16 @@ pub fn collect(pid: Pid, external: &[i32]) -> Result<FilesState> {
                 st.files.len() - 1
             }
             None => {
-                st.files.push(describe(pid, fd, &pidfd)?);
+                match describe(pid, fd, &pidfd) {
+                    Ok(k) => st.files.push(k),
+                    Err(Error::NoProcess { err, .. })
+                        if err.kind() == std::io::ErrorKind::NotFound
+                            && crate::proc::proc_path(pid, "").exists() =>
+                    {
+                        continue
+                    }
+                    Err(e) => return Err(e),
+                }
                 st.files.len() - 1
             }
         };
@@ -676,6 +688,9 @@ pub fn prepare(st: &FilesState, external: &[(i32, i32)]) -> Result<()> {
 mod tests {
     use super::*;
 
+    /// The fd tests look at this very process's fd table: one at a time.
+    static FD_TABLE: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
     #[test]
     fn parses_fdinfo_fields() {
         assert_eq!(octal(Some("02004002")), 0o2004002);
@@ -687,6 +702,7 @@ mod tests {
 
     #[test]
     fn own_fds_are_described() {
+        let _g = FD_TABLE.lock().unwrap_or_else(|e| e.into_inner());
         use std::os::fd::AsRawFd;
         let me = std::process::id() as i32;
         let f = std::fs::File::open("/dev/null").unwrap();
@@ -717,6 +733,7 @@ mod tests {
 
     #[test]
     fn external_fds_are_not_inspected() {
+        let _g = FD_TABLE.lock().unwrap_or_else(|e| e.into_inner());
         use std::os::fd::AsRawFd;
         let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
         let fd = a.as_raw_fd();
@@ -733,10 +750,23 @@ mod tests {
             other => panic!("a connected AF_UNIX socket must be refused: {other:?}"),
         }
         // … unless left to the caller (every fd of this harness is, so nothing else is judged).
-        // (Other tests open and close fds concurrently: retry until one pass sees a stable table.)
-        let st = (0..20)
-            .find_map(|_| collect(me, &list_fds(me).unwrap()).ok())
-            .expect("fd table never stable");
+        // (Other tests open and close files concurrently: retry until one pass sees a stable table.)
+        let mut last = None;
+        let st = (0..200)
+            .find_map(|_| {
+                // Every number up to past the highest open fd (collect's own pidfd and directory fd
+                // take the lowest free numbers).
+                let top = list_fds(me).unwrap().into_iter().max().unwrap_or(0);
+                let ext: Vec<i32> = (0..top + 16).collect();
+                match collect(me, &ext) {
+                    Ok(st) => Some(st),
+                    Err(e) => {
+                        last = Some(e.to_string());
+                        None
+                    }
+                }
+            })
+            .unwrap_or_else(|| panic!("fd table never stable: {last:?}"));
         let e = st.fds.iter().find(|e| e.fd == fd).unwrap();
         assert!(
             matches!(&st.files[e.file], FileKind::External { fd: f, what, .. } if *f == fd && what.starts_with("socket:["))
