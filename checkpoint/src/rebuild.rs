@@ -189,6 +189,7 @@ pub fn restore(img: &Image, opts: &RestoreOptions) -> Result<RestoreReport> {
         &r,
         &m.threads,
         !opts.new_pid && same_pid,
+        &m.task,
         &mut child.threads,
     )?;
     task::restore_rlimits(pid, &m.task)?;

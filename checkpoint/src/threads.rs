@@ -93,6 +93,7 @@ pub fn restore(
     r: &Remote,
     threads: &[ThreadState],
     keep_tids: bool,
+    task: &crate::task::TaskState,
     tids: &mut Vec<Pid>,
 ) -> Result<()> {
     for t in threads {
@@ -196,6 +197,10 @@ pub fn restore(
                 &[r.pid as u64, tid as u64, sig, p],
             )?;
         }
+        // Credentials are per thread in the kernel (glibc's setuid broadcasts them): each thread
+        // drops to the process's identity itself; the main thread stays root until every
+        // thread exists (clone3 with set_tid needs the privilege).
+        crate::task::restore_creds(&tr, task)?;
         cpu::restore(tid, &t.cpu)?;
         sys::set_sigmask(tid, t.sigmask).map_err(pt("PTRACE_SETSIGMASK", tid))?;
     }

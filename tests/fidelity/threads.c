@@ -19,12 +19,16 @@ static char errs[4][128];
 
 static void usr1(int s) { (void)s; handled_by = gettid(); }
 
+static long uid0;
+
 static void check_self(int i, const char *name) {
     char n[32] = {0};
+    long uid = syscall(SYS_geteuid); /* per-thread credentials, not glibc's view */
     pthread_getname_np(pthread_self(), n, sizeof n);
     if (tv != 1000 + i) snprintf(errs[i], sizeof errs[i], "thread %d: tls %ld", i, tv);
     else if (gettid() != tids[i]) snprintf(errs[i], sizeof errs[i], "thread %d: tid %d, was %d", i, gettid(), tids[i]);
     else if (strcmp(n, name)) snprintf(errs[i], sizeof errs[i], "thread %d: name '%s'", i, n);
+    else if (uid != uid0) snprintf(errs[i], sizeof errs[i], "thread %d: euid %ld, process %ld", i, uid, uid0);
 }
 
 static void *t1(void *a) {
@@ -66,7 +70,7 @@ static void *t3(void *a) {
 
 int main(void) {
     fid_init();
-    tv = 1000; tids[0] = gettid();
+    tv = 1000; tids[0] = gettid(); uid0 = syscall(SYS_geteuid);
     signal(SIGUSR1, usr1);
     pipe(pfd);
     pthread_t th[4];

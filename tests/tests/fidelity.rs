@@ -336,6 +336,20 @@ fn credentials() {
     p.expect_pass();
 }
 
+/// Threads of a process running as nobody come back as nobody, every one of them (credentials
+/// are per thread in the kernel).
+#[test]
+fn threads_as_nobody() {
+    if !root() {
+        return;
+    }
+    let mut p = Prog::start_as("threads", Some(65534));
+    std::thread::sleep(Duration::from_millis(20));
+    p.move_once(1);
+    p.go();
+    p.expect_pass();
+}
+
 #[test]
 fn stdio_files() {
     if !root() {
