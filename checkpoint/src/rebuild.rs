@@ -193,6 +193,8 @@ pub fn restore(img: &Image, opts: &RestoreOptions) -> Result<RestoreReport> {
         &mut child.threads,
     )?;
     task::restore_rlimits(pid, &m.task)?;
+    task::restore_sched(pid, &m.task.affinity, m.task.nice)?;
+    task::restore_oom(pid, &m.task)?;
     task::restore_creds(&r, &m.task)?;
     lap("signals");
 

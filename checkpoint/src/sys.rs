@@ -487,6 +487,39 @@ pub fn prlimit(pid: Pid, res: u32, new: Option<(u64, u64)>) -> io::Result<(u64, 
     cvt(r as libc::c_long).map(|_| (old.rlim_cur, old.rlim_max))
 }
 
+/// CPU affinity of one thread, as mask words.
+pub fn get_affinity(tid: Pid) -> io::Result<Vec<u64>> {
+    let mut m = vec![0u64; 16]; // 1024 CPUs
+                                // SAFETY: the kernel writes at most the given size into `m`.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_sched_getaffinity,
+            tid,
+            m.len() * 8,
+            m.as_mut_ptr(),
+        )
+    };
+    let n = cvt(r)? as usize;
+    m.truncate(n.div_ceil(8));
+    Ok(m)
+}
+pub fn set_affinity(tid: Pid, m: &[u64]) -> io::Result<()> {
+    // SAFETY: the kernel reads `m.len() * 8` bytes from `m`.
+    let r = unsafe { libc::syscall(libc::SYS_sched_setaffinity, tid, m.len() * 8, m.as_ptr()) };
+    cvt(r).map(drop)
+}
+/// Nice value of one thread.
+pub fn get_nice(tid: Pid) -> io::Result<i32> {
+    // SAFETY: integer-only syscall; the raw syscall returns 20 - nice.
+    let r = unsafe { libc::syscall(libc::SYS_getpriority, libc::PRIO_PROCESS, tid) };
+    cvt(r).map(|v| 20 - v as i32)
+}
+pub fn set_nice(tid: Pid, nice: i32) -> io::Result<()> {
+    // SAFETY: integer-only syscall.
+    let r = unsafe { libc::syscall(libc::SYS_setpriority, libc::PRIO_PROCESS, tid, nice) };
+    cvt(r).map(drop)
+}
+
 pub fn get_robust_list(pid: Pid) -> io::Result<(u64, u64)> {
     let mut head = 0u64;
     let mut len = 0usize;

@@ -43,6 +43,10 @@ pub struct TaskState {
     pub session_leader: bool,
     pub group_leader: bool,
     pub no_new_privs: bool,
+    /// Scheduling of the main thread: CPU affinity mask words and nice value.
+    pub affinity: Vec<u64>,
+    pub nice: i32,
+    pub oom_score_adj: i32,
 }
 
 /// Identity: (real, effective, saved) uid and gid, supplementary groups.
@@ -143,6 +147,12 @@ pub fn collect_static(pid: Pid) -> Result<TaskState> {
         session_leader,
         group_leader,
         no_new_privs,
+        affinity: sys::get_affinity(pid).map_err(pt("sched_getaffinity", pid))?,
+        nice: sys::get_nice(pid).map_err(pt("getpriority", pid))?,
+        oom_score_adj: read_string(pid, "oom_score_adj")?
+            .trim()
+            .parse()
+            .unwrap_or(0),
     })
 }
 
@@ -309,6 +319,24 @@ pub fn restore_creds(r: &Remote, st: &TaskState) -> Result<()> {
         )?;
     }
     Ok(())
+}
+
+/// Affinity, nice value (of thread `tid`), from outside.
+pub fn restore_sched(tid: Pid, affinity: &[u64], nice: i32) -> Result<()> {
+    if !affinity.is_empty() {
+        sys::set_affinity(tid, affinity).map_err(pt("sched_setaffinity", tid))?;
+    }
+    sys::set_nice(tid, nice).map_err(pt("setpriority", tid))
+}
+
+/// oom_score_adj, from outside. Lowering it below what the restorer has needs
+/// CAP_SYS_RESOURCE (which root lacks on this machine): then the restorer's value stays.
+pub fn restore_oom(pid: Pid, st: &TaskState) -> Result<()> {
+    let p = proc_path(pid, "oom_score_adj");
+    match std::fs::write(&p, st.oom_score_adj.to_string()) {
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => Ok(()),
+        r => r.map_err(crate::error::io_at(p)),
+    }
 }
 
 /// rlimits, from outside (prlimit on the new pid), at the very end.

@@ -31,6 +31,8 @@ pub struct ThreadState {
     pub tid_address: u64,
     pub robust_list: (u64, u64),
     pub rseq: Option<RseqConf>,
+    pub affinity: Vec<u64>,
+    pub nice: i32,
 }
 
 /// Collects every thread but the main one (injection must be prepared on `f`).
@@ -74,6 +76,8 @@ pub fn collect(f: &mut Frozen) -> Result<Vec<ThreadState>> {
             tid_address,
             robust_list: sys::get_robust_list(tid).map_err(pt("get_robust_list", tid))?,
             rseq,
+            affinity: sys::get_affinity(tid).map_err(pt("sched_getaffinity", tid))?,
+            nice: sys::get_nice(tid).map_err(pt("getpriority", tid))?,
         });
     }
     Ok(out)
@@ -201,6 +205,7 @@ pub fn restore(
         // drops to the process's identity itself; the main thread stays root until every
         // thread exists (clone3 with set_tid needs the privilege).
         crate::task::restore_creds(&tr, task)?;
+        crate::task::restore_sched(tid, &t.affinity, t.nice)?;
         cpu::restore(tid, &t.cpu)?;
         sys::set_sigmask(tid, t.sigmask).map_err(pt("PTRACE_SETSIGMASK", tid))?;
     }

@@ -227,6 +227,7 @@ fidelity! {
     epoll_set,
     protections,
     sigtrap_handler,
+    sched_attrs settle 20,
     threads settle 20,
 }
 
