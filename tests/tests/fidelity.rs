@@ -654,3 +654,89 @@ fn changed_file_and_corrupt_image_refused() {
         "{e}"
     );
 }
+
+/// The CLI around the same engine: `migrate-cli dump --json` then `migrate-cli restore`; a refused
+/// dump is one line on stderr and a non-zero exit. Needs the binary built next to this test
+/// (`cargo build -p migrate-cli` or `cargo test --workspace`); otherwise SKIP.
+#[test]
+fn cli_dump_restore() {
+    if !root() {
+        return;
+    }
+    let cli = std::env::current_exe()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .join("migrate-cli");
+    if !cli.exists() {
+        eprintln!(
+            "SKIP: {} not built (cargo build -p migrate-cli)",
+            cli.display()
+        );
+        return;
+    }
+    // The restored process is the CLI's child; once the CLI exits it is re-parented to us.
+    // SAFETY: prctl with integer arguments.
+    unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
+    let mut p = Prog::start("sig_handlers");
+    let out = Command::new(&cli)
+        .args(["dump", &p.pid.to_string(), "--images"])
+        .arg(p.img(1))
+        .arg("--json")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "dump: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["pid"], p.pid);
+    let phases: Vec<&str> = v["phases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x["phase"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        phases,
+        ["check", "freeze", "collect", "pages", "inject", "write", "kill"]
+    );
+    assert!(v["pages_bytes"].as_u64().unwrap() > 0 && v["frozen_ms"].as_f64().unwrap() > 0.0);
+    wait_exit(p.pid, Duration::from_secs(5));
+    let out = Command::new(&cli)
+        .args(["restore", "--images"])
+        .arg(p.img(1))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "restore: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let pid: i32 = String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .expect("restore prints the pid");
+    assert_eq!(pid, p.pid, "the old pid was free");
+    p.go();
+    p.expect_pass();
+
+    let t = Prog::start("tcp_socket");
+    let out = Command::new(&cli)
+        .args(["dump", &t.pid.to_string(), "--images"])
+        .arg(t.img(1))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.starts_with("migrate-cli: fd 3 (socket:[") && err.contains("AF_INET"),
+        "{err}"
+    );
+    t.go();
+    t.expect_pass();
+}
