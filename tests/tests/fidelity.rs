@@ -280,6 +280,7 @@ fn python_threads() {
         print('PASS' if ok else f'FAIL {results}', flush=True)\n");
 }
 
+#[allow(clippy::zombie_processes)] // waited for by pid (the dump kills and reaps it)
 fn python(script: &str) {
     if !root() {
         return;
@@ -680,7 +681,7 @@ fn cli_dump_restore() {
     // The restored process is the CLI's child; once the CLI exits it is re-parented to us.
     // SAFETY: prctl with integer arguments.
     unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
-    let mut p = Prog::start("sig_handlers");
+    let p = Prog::start("sig_handlers");
     let out = Command::new(&cli)
         .args(["dump", &p.pid.to_string(), "--images"])
         .arg(p.img(1))
