@@ -299,7 +299,8 @@ impl PageSink {
 
     fn fill_part(&self, pid: Pid, jobs: &mut [(&mut Run, bool)]) -> Result<()> {
         use std::os::unix::fs::FileExt;
-        let mut buf = vec![0u8; MAX_RUN as usize];
+        let need: u64 = jobs.iter().map(|j| j.0.len).sum();
+        let mut buf = vec![0u8; need.min(MAX_RUN) as usize];
         let mut i = 0;
         while i < jobs.len() {
             // A batch: consecutive runs (in the file), same readability, fitting the buffer.
