@@ -6,6 +6,21 @@ use std::time::Duration;
 
 use dvk_checkpoint::{AfterDump, RestoreOptions};
 
+/// `println!`/`eprintln!` that ignore a closed pipe (`migrate-cli dump … | head -1`): the
+/// outcome is already decided when the report is printed.
+macro_rules! out {
+    ($($t:tt)*) => {{
+        use std::io::Write;
+        let _ = writeln!(std::io::stdout(), $($t)*);
+    }};
+}
+macro_rules! err {
+    ($($t:tt)*) => {{
+        use std::io::Write;
+        let _ = writeln!(std::io::stderr(), $($t)*);
+    }};
+}
+
 #[derive(clap::Args, Debug, Clone)]
 pub struct DumpArgs {
     /// Process to dump (real pid).
@@ -53,7 +68,7 @@ fn phases_json(p: &[(&'static str, Duration)]) -> serde_json::Value {
 
 fn print_phases(p: &[(&'static str, Duration)]) {
     for (n, d) in p {
-        println!("  {n:<8} {:>9.3} ms", ms(*d));
+        out!("  {n:<8} {:>9.3} ms", ms(*d));
     }
 }
 
@@ -78,9 +93,9 @@ pub fn run_dump(args: &DumpArgs) -> anyhow::Result<()> {
             "vmas": r.vmas,
             "fds": r.fds,
         });
-        println!("{v}");
+        out!("{v}");
     } else {
-        println!(
+        out!(
             "dumped pid {} to {}: {:.1} MiB of pages, {} B manifest, {} mappings, {} fds",
             r.pid,
             args.images.display(),
@@ -90,7 +105,7 @@ pub fn run_dump(args: &DumpArgs) -> anyhow::Result<()> {
             r.fds
         );
         print_phases(&r.phases);
-        println!(
+        out!(
             "  frozen   {:>9.3} ms\n  total    {:>9.3} ms",
             ms(r.frozen),
             ms(r.total)
@@ -114,10 +129,10 @@ pub fn run_restore(args: &RestoreArgs) -> anyhow::Result<()> {
             "total_ms": ms(r.total),
             "pages_bytes": r.pages_bytes,
         });
-        println!("{v}");
+        out!("{v}");
     } else {
-        println!("{}", r.pid);
-        eprintln!(
+        out!("{}", r.pid);
+        err!(
             "restored pid {}{} from {}: {:.1} MiB of pages",
             r.pid,
             if r.same_pid {
@@ -129,9 +144,9 @@ pub fn run_restore(args: &RestoreArgs) -> anyhow::Result<()> {
             r.pages_bytes as f64 / (1 << 20) as f64
         );
         for (n, d) in &r.phases {
-            eprintln!("  {n:<8} {:>9.3} ms", ms(*d));
+            err!("  {n:<8} {:>9.3} ms", ms(*d));
         }
-        eprintln!("  total    {:>9.3} ms", ms(r.total));
+        err!("  total    {:>9.3} ms", ms(r.total));
     }
     Ok(())
 }
