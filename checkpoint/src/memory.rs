@@ -215,24 +215,33 @@ pub fn collect(pid: Pid, maps: &[MapLine], sink: &mut PageSink) -> Result<Memory
             (&kind, m.shared()),
             (VmaKind::SharedAnon, _) | (VmaKind::File { .. }, true)
         );
-        if needs_pagemap {
-            ents.resize(npages * 8, 0);
-            sys::pread_exact(&pagemap, &mut ents, m.start / PAGE * 8).map_err(io_at(&pm_path))?;
-        }
         if !(matches!(kind, VmaKind::File { .. }) && m.shared()) {
-            for i in 0..npages {
-                let e = if needs_pagemap {
-                    u64::from_le_bytes(ents[i * 8..i * 8 + 8].try_into().unwrap())
-                } else {
-                    0
-                };
-                if want(e) {
-                    let a = m.start + i as u64 * PAGE;
-                    match pages.last_mut() {
-                        Some((s, l)) if *s + *l == a => *l += PAGE,
-                        _ => pages.push((a, PAGE)),
+            // pagemap in chunks of 64 Ki pages (512 KiB of entries): a huge sparse reservation
+            // costs time, not memory.
+            const CHUNK: usize = 64 << 10;
+            let mut first = 0usize;
+            while first < npages {
+                let n = (npages - first).min(CHUNK);
+                if needs_pagemap {
+                    ents.resize(n * 8, 0);
+                    let at = (m.start / PAGE + first as u64) * 8;
+                    sys::pread_exact(&pagemap, &mut ents, at).map_err(io_at(&pm_path))?;
+                }
+                for i in 0..n {
+                    let e = if needs_pagemap {
+                        u64::from_le_bytes(ents[i * 8..i * 8 + 8].try_into().unwrap())
+                    } else {
+                        0
+                    };
+                    if want(e) {
+                        let a = m.start + (first + i) as u64 * PAGE;
+                        match pages.last_mut() {
+                            Some((s, l)) if *s + *l == a => *l += PAGE,
+                            _ => pages.push((a, PAGE)),
+                        }
                     }
                 }
+                first += n;
             }
         }
         let runs = sink.plan(&pages);

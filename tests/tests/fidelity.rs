@@ -153,6 +153,13 @@ impl Prog {
         let rep = ck::dump(self.pid, &self.img(n), AfterDump::Kill)
             .unwrap_or_else(|e| panic!("{}: dump failed: {e}", self.name));
         assert!(rep.pages_bytes > 0);
+        // Never-populated pages are not stored (the largest program touches ~180 MiB).
+        assert!(
+            rep.pages_bytes < 512 << 20,
+            "{}: {} bytes stored",
+            self.name,
+            rep.pages_bytes
+        );
         wait_exit(self.pid, Duration::from_secs(5)); // already reaped by the dump: no-op
         let r = ck::restore(&self.img(n), &RestoreOptions::default())
             .unwrap_or_else(|e| panic!("{}: restore failed: {e}", self.name));
@@ -228,6 +235,7 @@ fidelity! {
     protections,
     sigtrap_handler,
     sched_attrs settle 20,
+    sparse_reservation,
     threads settle 20,
 }
 
