@@ -32,7 +32,7 @@ pub mod vdso;
 pub use dump::{dump, dump_with, preflight, write_image, AfterDump, DumpOptions, DumpReport};
 pub use error::{Error, Result};
 pub use freeze::Frozen;
-pub use rebuild::{RestoreOptions, RestoreReport};
+pub use rebuild::{Held, RestoreOptions, RestoreReport};
 
 /// Reads and checks the image in `dir`, then rebuilds the process from it.
 pub fn restore(dir: &std::path::Path, opts: &RestoreOptions) -> Result<RestoreReport> {
@@ -43,4 +43,16 @@ pub fn restore(dir: &std::path::Path, opts: &RestoreOptions) -> Result<RestoreRe
     rep.phases.insert(0, ("read", read));
     rep.total += read;
     Ok(rep)
+}
+
+/// [`restore`], leaving the process complete but held in a ptrace stop until
+/// [`Held::resume`] (a move's commit) or [`Held::kill`]/drop (its rollback).
+pub fn restore_held(dir: &std::path::Path, opts: &RestoreOptions) -> Result<(RestoreReport, Held)> {
+    let t = std::time::Instant::now();
+    let img = image::read(dir)?;
+    let read = t.elapsed();
+    let (mut rep, held) = rebuild::restore_held(&img, opts)?;
+    rep.phases.insert(0, ("read", read));
+    rep.total += read;
+    Ok((rep, held))
 }

@@ -75,15 +75,26 @@ struct Child {
 impl Drop for Child {
     fn drop(&mut self) {
         if !self.done {
-            let _ = sys::kill(self.pid, libc::SIGKILL);
-            for t in self.threads.iter().chain([&self.pid]) {
-                let _ = sys::wait(*t);
-            }
+            kill_all(self.pid, &self.threads);
         }
     }
 }
 
 pub fn restore(img: &Image, opts: &RestoreOptions) -> Result<RestoreReport> {
+    restore_inner(img, opts, false).map(|(r, _)| r)
+}
+
+/// [`restore`], but the process is left complete and ptrace-stopped: see [`Held`].
+pub fn restore_held(img: &Image, opts: &RestoreOptions) -> Result<(RestoreReport, Held)> {
+    let (r, h) = restore_inner(img, opts, true)?;
+    Ok((r, h.expect("held")))
+}
+
+fn restore_inner(
+    img: &Image,
+    opts: &RestoreOptions,
+    hold: bool,
+) -> Result<(RestoreReport, Option<Held>)> {
     let start = Instant::now();
     let mut last = start;
     let mut phases = Vec::new();
@@ -198,21 +209,35 @@ pub fn restore(img: &Image, opts: &RestoreOptions) -> Result<RestoreReport> {
     task::restore_creds(&r, &m.task)?;
     lap("signals");
 
-    finish(&r, m, &child.threads, opts.stopped)?;
+    finish(&r, m, &child.threads, opts.stopped, hold)?;
     child.done = true;
     lap("resume");
-    Ok(RestoreReport {
+    let held = hold.then(|| Held {
         pid,
-        same_pid,
-        phases,
-        total: start.elapsed(),
-        pages_bytes: m.pages_len,
-    })
+        threads: std::mem::take(&mut child.threads),
+        done: false,
+    });
+    Ok((
+        RestoreReport {
+            pid,
+            same_pid,
+            phases,
+            total: start.elapsed(),
+            pages_bytes: m.pages_len,
+        },
+        held,
+    ))
 }
 
 /// Unmaps the reserved range from inside (the gadget goes with it, so the `munmap` is caught at
 /// syscall exit), writes the final CPU state and signal mask there, and detaches.
-fn finish(r: &Remote, m: &crate::image::Manifest, threads: &[Pid], stopped: bool) -> Result<()> {
+fn finish(
+    r: &Remote,
+    m: &crate::image::Manifest,
+    threads: &[Pid],
+    stopped: bool,
+    hold: bool,
+) -> Result<()> {
     let pid = r.pid;
     let mut regs = r.base;
     regs.rax = libc::SYS_munmap as u64;
@@ -244,8 +269,58 @@ fn finish(r: &Remote, m: &crate::image::Manifest, threads: &[Pid], stopped: bool
     }
     cpu::restore(pid, &m.cpu)?;
     sys::set_sigmask(pid, m.signals.blocked).map_err(pt("PTRACE_SETSIGMASK", pid))?;
+    if hold {
+        return Ok(());
+    }
+    detach_all(pid, threads, stopped)
+}
+
+fn detach_all(pid: Pid, threads: &[Pid], stopped: bool) -> Result<()> {
     for &t in threads {
         sys::detach(t, if stopped { libc::SIGSTOP } else { 0 }).map_err(pt("PTRACE_DETACH", t))?;
     }
     sys::detach(pid, if stopped { libc::SIGSTOP } else { 0 }).map_err(pt("PTRACE_DETACH", pid))
+}
+
+/// A restored process kept in a ptrace stop, complete but not yet running — invisible to it
+/// and to its parent, unlike SIGSTOP (the commit point of a move). Only the thread that
+/// restored it may resume or kill it. Dropped without either, it is killed (a rolled-back move).
+pub struct Held {
+    pid: Pid,
+    threads: Vec<Pid>,
+    done: bool,
+}
+
+impl Held {
+    pub fn pid(&self) -> Pid {
+        self.pid
+    }
+
+    /// Lets the process run (detaches every thread).
+    pub fn resume(mut self) -> Result<()> {
+        self.done = true;
+        detach_all(self.pid, &self.threads, false)
+    }
+
+    /// Kills the held process and collects its threads.
+    pub fn kill(mut self) -> Result<()> {
+        self.done = true;
+        kill_all(self.pid, &self.threads);
+        Ok(())
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        if !self.done {
+            kill_all(self.pid, &self.threads);
+        }
+    }
+}
+
+fn kill_all(pid: Pid, threads: &[Pid]) {
+    let _ = sys::kill(pid, libc::SIGKILL);
+    for t in threads.iter().chain([&pid]) {
+        let _ = sys::wait(*t);
+    }
 }

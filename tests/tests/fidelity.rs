@@ -550,6 +550,55 @@ fn external_fd_replaced() {
     p.expect_pass();
 }
 
+/// A move's commit point: the copy is restored complete but held in a ptrace stop (no SIGSTOP
+/// the program or its parent could see); it runs only once resumed. A held copy that is dropped
+/// (a rolled-back move) is killed.
+#[test]
+fn held_until_resumed() {
+    if !root() {
+        return;
+    }
+    let mut p = Prog::start("threads");
+    std::thread::sleep(Duration::from_millis(20));
+    ck::dump(p.pid, &p.img(1), AfterDump::LeaveRunning).unwrap();
+    let at_dump = fs::metadata(p.out()).unwrap().len();
+    // Rollback first: the original goes on; a held copy (new pid: the original is alive) dies.
+    let (r, held) = ck::restore_held(&p.img(1), &RestoreOptions::default()).unwrap();
+    assert!(!r.same_pid);
+    let stat = read(Path::new(&format!("/proc/{}/stat", r.pid)));
+    assert_eq!(
+        stat.rsplit(')')
+            .next()
+            .and_then(|x| x.split_whitespace().next()),
+        Some("t"),
+        "{stat}"
+    );
+    drop(held);
+    // SAFETY: probing our own former child by pid.
+    assert_ne!(
+        unsafe { libc::kill(r.pid, 0) },
+        0,
+        "a dropped held copy must be gone"
+    );
+    p.go();
+    p.expect_pass();
+    // Commit: with the original gone, the held copy takes its pid and runs only when resumed.
+    fs::OpenOptions::new()
+        .write(true)
+        .open(p.out())
+        .unwrap()
+        .set_len(at_dump)
+        .unwrap();
+    let (r, held) = ck::restore_held(&p.img(1), &RestoreOptions::default()).unwrap();
+    assert!(r.same_pid);
+    p.go();
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(!read(&p.out()).contains("PASS"), "a held copy ran");
+    held.resume().unwrap();
+    p.pid = r.pid;
+    p.expect_pass();
+}
+
 /// A process in a job-control stop (SIGSTOP) is dumped and left as it was: stopped.
 #[test]
 fn stopped_process_stays_stopped() {
