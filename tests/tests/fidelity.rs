@@ -666,8 +666,8 @@ fn tcp_socket_refused() {
     refused("tcp_socket", &["fd 3", "AF_INET"]);
 }
 
-/// Restore refuses, before creating anything, a mapped file that changed since the dump and a
-/// corrupted page file.
+/// Restore refuses, before creating anything, a mapped file that changed since the dump or is
+/// missing, another vDSO layout, missing CPU features, and a corrupted page file.
 #[test]
 fn changed_file_and_corrupt_image_refused() {
     if !root() {
@@ -698,6 +698,37 @@ fn changed_file_and_corrupt_image_refused() {
         .expect_err("mtime")
         .to_string();
     assert!(e.contains("mtime"), "{e}");
+
+    // Another kernel's vDSO layout, another CPU: refused before anything is created.
+    let mpath = p.img(1).join("manifest.img");
+    let orig = fs::read(&mpath).unwrap();
+    let mut m = ck::image::decode_manifest(&orig, &mpath).unwrap();
+    if let Some(last) = m.vdso.blocks.last_mut() {
+        last.2 += 4096;
+    }
+    fs::write(&mpath, ck::image::encode_manifest(&m).unwrap()).unwrap();
+    let e = ck::restore(&p.img(1), &RestoreOptions::default())
+        .expect_err("vdso")
+        .to_string();
+    assert!(e.contains("vDSO layout"), "{e}");
+    let mut m = ck::image::decode_manifest(&orig, &mpath).unwrap();
+    m.cpu_ident.xfeatures |= 1 << 62;
+    fs::write(&mpath, ck::image::encode_manifest(&m).unwrap()).unwrap();
+    let e = ck::restore(&p.img(1), &RestoreOptions::default())
+        .expect_err("cpu")
+        .to_string();
+    assert!(
+        e.contains("XCR0") && e.contains("differs on this machine"),
+        "{e}"
+    );
+    fs::write(&mpath, &orig).unwrap();
+    // A missing mapped file.
+    fs::rename(p.path("data.bin"), p.path("data.moved")).unwrap();
+    let e = ck::restore(&p.img(1), &RestoreOptions::default())
+        .expect_err("missing")
+        .to_string();
+    assert!(e.contains("data.bin") && e.contains("cannot stat"), "{e}");
+    fs::rename(p.path("data.moved"), p.path("data.bin")).unwrap();
 
     let pages = p.img(1).join("pages.img");
     let mut b = fs::read(&pages).unwrap();
