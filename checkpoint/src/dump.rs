@@ -9,7 +9,7 @@ use crate::error::{Error, Result};
 use crate::freeze::Frozen;
 use crate::image::{self, Manifest, PageSink};
 use crate::sys::{self, Pid};
-use crate::{cpu, files, memory, proc, signals, task, threads, vdso};
+use crate::{cpu, files, memfd, memory, proc, signals, task, threads, vdso};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum AfterDump {
@@ -141,6 +141,11 @@ fn write_image_timed(
         Err(e) => {
             let _ = std::fs::remove_file(dir.join(image::PAGES));
             let _ = std::fs::remove_file(dir.join(image::MANIFEST));
+            for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+                if e.file_name().to_string_lossy().starts_with("memfd-") {
+                    let _ = std::fs::remove_file(e.path());
+                }
+            }
             return Err(e);
         }
     };
@@ -172,6 +177,7 @@ fn collect_all(
 
     let mut sink = PageSink::create(dir)?;
     let memory = memory::collect(pid, &maps, &mut sink)?;
+    let memfds = memfd::collect(pid, &files, &memory, dir)?;
     clk.lap("pages");
 
     let gadget_at = maps
@@ -214,6 +220,7 @@ fn collect_all(
         signals: sig,
         task,
         threads,
+        memfds,
         pages_len: sink.len(),
     };
     Ok((m, sink.len()))

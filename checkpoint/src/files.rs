@@ -68,6 +68,13 @@ pub enum FileKind {
         sock_type: i32,
         flags: u32,
     },
+    /// An fd of a memfd (content saved once per inode, see `memfd`).
+    Memfd {
+        ino: u64,
+        name: String,
+        flags: u32,
+        pos: u64,
+    },
     /// Left to the caller (e.g. the dvk agent link, a virtual socket): not inspected at dump;
     /// at restore the caller hands in a replacement, installed at this fd with these flags.
     External { fd: i32, what: String, flags: u32 },
@@ -132,6 +139,17 @@ fn describe(pid: Pid, fd: i32, pidfd: &std::os::fd::OwnedFd) -> Result<FileKind>
         what: link.clone(),
         why: why.to_string(),
     };
+    if let Some(name) = crate::memfd::name_of(&link) {
+        use std::os::unix::fs::MetadataExt;
+        let md = std::fs::metadata(proc_path(pid, &format!("fd/{fd}")))
+            .map_err(|e| refuse(&e.to_string()))?;
+        return Ok(FileKind::Memfd {
+            ino: md.ino(),
+            name: name.to_string(),
+            flags,
+            pos,
+        });
+    }
     if link.starts_with('/') {
         if link.ends_with(" (deleted)") {
             return Err(refuse(
@@ -396,7 +414,12 @@ const KEEP_FLAGS: u32 =
 
 /// Rebuild side (every fd of the stub was closed before). `external` maps the image's external
 /// fds to fds of this (the restoring) process, pulled into the new one with `pidfd_getfd`.
-pub fn restore(r: &Remote, st: &FilesState, external: &[(i32, i32)]) -> Result<()> {
+pub fn restore(
+    r: &Remote,
+    st: &FilesState,
+    external: &[(i32, i32)],
+    memfds: &HashMap<u64, u64>,
+) -> Result<()> {
     let top = st.fds.iter().map(|e| e.fd).max().unwrap_or(-1);
     let temp_base = (top + 1).max(3) as u64;
     let mut temps: Vec<Option<u64>> = vec![None; st.files.len()];
@@ -557,6 +580,31 @@ pub fn restore(r: &Remote, st: &FilesState, external: &[(i32, i32)]) -> Result<(
                 fd
             }
             FileKind::Epoll { .. } => continue,
+            FileKind::Memfd {
+                ino,
+                name,
+                flags,
+                pos,
+            } => {
+                // A new description of the same memfd, as the original's own open of it.
+                let helper = *memfds
+                    .get(ino)
+                    .ok_or_else(|| Error::Restore(format!("memfd {name} was not saved")))?;
+                let p = r.put_cstr(0, format!("/proc/self/fd/{helper}").as_bytes())?;
+                let fd = r.call(
+                    &format!("open memfd {name}"),
+                    libc::SYS_openat,
+                    &[libc::AT_FDCWD as u64, p, (flags & KEEP_FLAGS) as u64, 0],
+                )?;
+                if *pos != 0 {
+                    r.call(
+                        "lseek (memfd)",
+                        libc::SYS_lseek,
+                        &[fd, *pos, libc::SEEK_SET as u64],
+                    )?;
+                }
+                fd
+            }
             FileKind::External { fd, what, flags } => {
                 let Some(&(_, local)) = external.iter().find(|(f, _)| f == fd) else {
                     return Err(missing_external(*fd, what));

@@ -29,6 +29,7 @@ use serde::{Deserialize, Serialize};
 use crate::cpu::{CpuIdent, CpuState};
 use crate::error::{io_at, pt, Error, Result};
 use crate::files::FilesState;
+use crate::memfd::MemfdState;
 use crate::memory::{self, MemoryState, Run};
 use crate::signals::SignalState;
 use crate::sys::{self, MappedFile, Pid};
@@ -37,7 +38,7 @@ use crate::threads::ThreadState;
 use crate::vdso::VdsoLayout;
 
 pub const MAGIC: [u8; 8] = *b"DVKCKPT\0";
-pub const VERSION: u32 = 3;
+pub const VERSION: u32 = 4;
 pub const ARCH_X86_64: u32 = 62;
 pub const HEADER_LEN: usize = 32;
 pub const MANIFEST: &str = "manifest.img";
@@ -57,6 +58,8 @@ pub struct Manifest {
     pub task: TaskState,
     /// Threads other than the main one.
     pub threads: Vec<ThreadState>,
+    /// memfds, their content in memfd-<inode>.img.
+    pub memfds: Vec<MemfdState>,
     pub pages_len: u64,
 }
 
@@ -171,6 +174,8 @@ pub struct Image {
     pub dir: PathBuf,
     pub manifest: Manifest,
     pub pages: MappedFile,
+    /// Content of each memfd, in manifest order (checked).
+    pub memfd_data: Vec<Vec<u8>>,
 }
 
 /// Reads and verifies an image (manifest header and checksum, page file length and every run's
@@ -215,10 +220,12 @@ pub fn read(dir: &Path) -> Result<Image> {
             }
         }
     }
+    let memfd_data = crate::memfd::read_all(dir, &manifest.memfds)?;
     Ok(Image {
         dir: dir.to_path_buf(),
         manifest,
         pages,
+        memfd_data,
     })
 }
 
@@ -403,6 +410,7 @@ mod tests {
             signals: Default::default(),
             task: Default::default(),
             threads: vec![],
+            memfds: vec![],
             pages_len,
         }
     }

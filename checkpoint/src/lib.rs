@@ -19,6 +19,7 @@ pub mod files;
 pub mod freeze;
 pub mod image;
 pub mod inject;
+pub mod memfd;
 pub mod memory;
 pub mod proc;
 pub mod rebuild;

@@ -70,6 +70,8 @@ pub enum VmaKind {
     Anon { name: String },
     /// MAP_SHARED|MAP_ANONYMOUS (shows as "/dev/zero (deleted)").
     SharedAnon,
+    /// A mapping of a memfd (saved with its content, see `memfd`).
+    Memfd { ino: u64, name: String, offset: u64 },
     /// A file mapping (private or shared), re-mapped from the file at restore.
     File {
         path: String,
@@ -105,6 +107,7 @@ impl Vma {
             VmaKind::Anon { name } => name.clone(),
             VmaKind::SharedAnon => "shared anonymous".into(),
             VmaKind::File { path, .. } => path.clone(),
+            VmaKind::Memfd { name, .. } => format!("/memfd:{name}"),
         };
         format!("{:#x}-{:#x} {}", self.start, self.end, what)
     }
@@ -151,8 +154,15 @@ pub fn classify(m: &MapLine) -> Result<VmaKind> {
     if p.starts_with('[') {
         return Err(refuse("special kernel mapping"));
     }
-    if p.starts_with("/memfd:") || p.starts_with("/SYSV") {
-        return Err(refuse("memfd / SysV shared memory is not supported yet"));
+    if let Some(name) = crate::memfd::name_of(p) {
+        return Ok(VmaKind::Memfd {
+            ino: m.inode,
+            name: name.to_string(),
+            offset: m.offset,
+        });
+    }
+    if p.starts_with("/SYSV") {
+        return Err(refuse("SysV shared memory is not supported yet"));
     }
     if p.ends_with(" (deleted)") {
         return Err(refuse("the mapped file was deleted"));
@@ -204,8 +214,8 @@ pub fn collect(pid: Pid, maps: &[MapLine], sink: &mut PageSink) -> Result<Memory
         let npages = ((m.end - m.start) / PAGE) as usize;
         let want: Box<dyn Fn(u64) -> bool> = match (&kind, m.shared()) {
             (VmaKind::SharedAnon, _) => Box::new(|_| true),
-            (VmaKind::File { .. }, true) => Box::new(|_| false),
-            (VmaKind::File { .. }, false) => {
+            (VmaKind::File { .. } | VmaKind::Memfd { .. }, true) => Box::new(|_| false),
+            (VmaKind::File { .. } | VmaKind::Memfd { .. }, false) => {
                 Box::new(|e| (e & PM_PRESENT != 0 && e & PM_FILE == 0) || e & PM_SWAP != 0)
             }
             (VmaKind::Anon { .. }, _) => Box::new(|e| e & (PM_PRESENT | PM_SWAP) != 0),
@@ -213,9 +223,9 @@ pub fn collect(pid: Pid, maps: &[MapLine], sink: &mut PageSink) -> Result<Memory
         let mut pages: Vec<(u64, u64)> = Vec::new(); // runs of (addr, len)
         let needs_pagemap = !matches!(
             (&kind, m.shared()),
-            (VmaKind::SharedAnon, _) | (VmaKind::File { .. }, true)
+            (VmaKind::SharedAnon, _) | (VmaKind::File { .. } | VmaKind::Memfd { .. }, true)
         );
-        if !(matches!(kind, VmaKind::File { .. }) && m.shared()) {
+        if !(matches!(kind, VmaKind::File { .. } | VmaKind::Memfd { .. }) && m.shared()) {
             // pagemap in chunks of 64 Ki pages (512 KiB of entries): a huge sparse reservation
             // costs time, not memory.
             const CHUNK: usize = 64 << 10;
@@ -268,7 +278,12 @@ pub fn collect(pid: Pid, maps: &[MapLine], sink: &mut PageSink) -> Result<Memory
 
 /// Rebuild side: maps every VMA into the stub (read+write where data will be written), writes the
 /// pages from the image and sets the final protections.
-pub fn restore(r: &Remote, state: &MemoryState, pages: &[u8]) -> Result<()> {
+pub fn restore(
+    r: &Remote,
+    state: &MemoryState,
+    pages: &[u8],
+    memfds: &HashMap<u64, u64>,
+) -> Result<()> {
     let pid = r.pid;
     let mut fds: HashMap<(String, bool), u64> = HashMap::new();
     for v in &state.vmas {
@@ -293,6 +308,22 @@ pub fn restore(r: &Remote, state: &MemoryState, pages: &[u8]) -> Result<()> {
                     &what,
                     libc::SYS_mmap,
                     &[v.start, len, prot, fl as u64, u64::MAX, 0],
+                )?;
+            }
+            VmaKind::Memfd { ino, name, offset } => {
+                let fd = *memfds
+                    .get(ino)
+                    .ok_or_else(|| Error::Restore(format!("memfd {name} was not saved")))?;
+                let fl = libc::MAP_FIXED
+                    | if v.shared {
+                        libc::MAP_SHARED
+                    } else {
+                        libc::MAP_PRIVATE
+                    };
+                r.call(
+                    &what,
+                    libc::SYS_mmap,
+                    &[v.start, len, prot, fl as u64, fd, *offset],
                 )?;
             }
             VmaKind::File { path, offset, .. } => {

@@ -17,7 +17,7 @@ use crate::inject::{Remote, GADGET};
 use crate::memory::VmaKind;
 use crate::stub::{self, GADGET_PAGE, RESERVED_END, SCRATCH, SCRATCH_LEN, STUB_BASE, VDSO_TEMP};
 use crate::sys::{self, Pid};
-use crate::{cpu, files, memory, proc, signals, task, threads};
+use crate::{cpu, files, memfd, memory, proc, signals, task, threads};
 
 #[derive(Clone, Debug, Default)]
 pub struct RestoreOptions {
@@ -186,11 +186,14 @@ fn restore_inner(
     m.vdso.place(&r, VDSO_TEMP)?;
     lap("layout");
 
-    memory::restore(&r, &m.memory, img.pages.bytes())?;
+    let above_fds = (m.files.fds.iter().map(|e| e.fd).max().unwrap_or(2) + 1).max(3) as u64;
+    let memfds = memfd::install(&r, &m.memfds, &img.memfd_data, above_fds)?;
+    memory::restore(&r, &m.memory, img.pages.bytes(), &memfds)?;
     task::restore_mm(&r, &m.task)?;
     lap("memory");
 
-    files::restore(&r, &m.files, &opts.external_fds)?;
+    files::restore(&r, &m.files, &opts.external_fds, &memfds)?;
+    memfd::close(&r, &memfds)?;
     lap("files");
 
     signals::restore_actions(&r, &m.signals)?;

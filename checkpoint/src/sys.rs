@@ -578,6 +578,35 @@ pub fn memfd_with(name: &str, data: &[u8]) -> io::Result<OwnedFd> {
     Ok(OwnedFd::from(f))
 }
 
+/// F_GET_SEALS of a memfd.
+pub fn memfd_seals(f: &impl AsRawFd) -> io::Result<u32> {
+    // SAFETY: integer-only fcntl.
+    cvt(unsafe { libc::fcntl(f.as_raw_fd(), libc::F_GET_SEALS) } as libc::c_long).map(|v| v as u32)
+}
+
+/// A memfd named `name` holding `data`, then sealed with `seals`.
+pub fn memfd_with_seals(name: &str, data: &[u8], seals: u32) -> io::Result<OwnedFd> {
+    let n = CString::new(name).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    // SAFETY: valid C string; the fd is owned below.
+    let fd =
+        cvt(
+            unsafe { libc::memfd_create(n.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) }
+                as libc::c_long,
+        )?;
+    // SAFETY: fd was just created.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd as RawFd) };
+    let mut f = std::fs::File::from(fd);
+    std::io::Write::write_all(&mut f, data)?;
+    if seals != 0 {
+        // SAFETY: integer-only fcntl.
+        cvt(
+            unsafe { libc::fcntl(f.as_raw_fd(), libc::F_ADD_SEALS, seals as libc::c_int) }
+                as libc::c_long,
+        )?;
+    }
+    Ok(OwnedFd::from(f))
+}
+
 /// Forks a child (with PID `want` when given and free) that asks to be traced and executes the
 /// static stub in `stub_fd`. Returns the child's pid; it stops with SIGTRAP after the execve.
 /// `want` taken: falls back to an ordinary fork (returned flag false).

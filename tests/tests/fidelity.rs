@@ -236,6 +236,7 @@ fidelity! {
     sigtrap_handler,
     sched_attrs settle 20,
     sparse_reservation,
+    memfd,
     threads settle 20,
 }
 
