@@ -4,8 +4,10 @@
 //! Supported: regular files and directories (path, flags, offset), /dev/null and friends, FIFOs by
 //! path, pipes with both ends in the process (unread data copied with `tee`, not consumed),
 //! eventfd (counter), timerfd (clock, remaining time, interval, unread ticks), epoll (every
-//! registered fd with its events and data), AF_UNIX listeners bound to a path. Anything else is
-//! refused with the fd named, before the process is frozen.
+//! registered fd with its events and data), AF_UNIX listeners bound to a path, AF_UNIX stream
+//! pairs with both ends inside (peer from sock_diag, unread bytes with MSG_PEEK), memfds, and
+//! fds left to the caller. Anything else is refused with the fd named, before the process is
+//! frozen.
 //!
 //! Rebuild: every description is created inside the process (injected open/pipe2/eventfd2/…) at a
 //! temporary number above all the image's fds, `dup3`'d to each of its numbers, temporaries
@@ -67,6 +69,16 @@ pub enum FileKind {
         path: Vec<u8>,
         sock_type: i32,
         flags: u32,
+    },
+    /// One end of a connected AF_UNIX stream socket whose peer is also in the process (e.g.
+    /// asyncio's self-pipe); `data` is what was queued for this end to read, `shutdown` the
+    /// kernel's mask (1 = receive side, 2 = send side).
+    UnixPair {
+        ino: u64,
+        peer: u64,
+        flags: u32,
+        data: Vec<u8>,
+        shutdown: u8,
     },
     /// An fd of a memfd (content saved once per inode, see `memfd`).
     Memfd {
@@ -300,6 +312,26 @@ fn describe(pid: Pid, fd: i32, pidfd: &std::os::fd::OwnedFd) -> Result<FileKind>
                 flags,
             });
         }
+        if domain == libc::AF_UNIX && ty == libc::SOCK_STREAM {
+            let ino: u32 = link
+                .trim_start_matches("socket:[")
+                .trim_end_matches(']')
+                .parse()
+                .unwrap_or(0);
+            let (peer, shutdown) =
+                sys::unix_peer(ino).map_err(|e| refuse(&format!("sock_diag: {e}")))?;
+            if peer != 0 {
+                let data = sys::sock_peek(&dup, 4 << 20)
+                    .map_err(|e| refuse(&format!("cannot copy unread data: {e}")))?;
+                return Ok(FileKind::UnixPair {
+                    ino: ino as u64,
+                    peer: peer as u64,
+                    flags,
+                    data,
+                    shutdown,
+                });
+            }
+        }
         return Err(refuse(if domain == libc::AF_UNIX {
             "connected AF_UNIX sockets are not supported yet"
         } else {
@@ -374,6 +406,25 @@ pub fn collect(pid: Pid, external: &[i32]) -> Result<FilesState> {
         };
         links.push((fd, link));
         st.fds.push(FdEntry { fd, cloexec, file });
+    }
+    // Socket pairs need both ends inside the process.
+    for (i, f) in st.files.iter().enumerate() {
+        if let FileKind::UnixPair { ino, peer, .. } = f {
+            let inside = st
+                .files
+                .iter()
+                .any(|g| matches!(g, FileKind::UnixPair { ino: p, .. } if p == peer));
+            if !inside {
+                let fd = st.fds.iter().find(|e| e.file == i).map_or(-1, |e| e.fd);
+                return Err(Error::UnsupportedFd {
+                    fd,
+                    what: format!("socket:[{ino}], AF_UNIX"),
+                    why:
+                        "connected AF_UNIX sockets are supported only with both ends in the process"
+                            .into(),
+                });
+            }
+        }
     }
     // Pipes need both ends inside the process, one description per end.
     let mut ends: HashMap<u64, (usize, usize)> = HashMap::new();
@@ -579,6 +630,60 @@ pub fn restore(
                 }
                 fd
             }
+            FileKind::UnixPair { ino, peer, .. } => {
+                // Create the pair once, for both ends.
+                let p = r.put(0, &[0u8; 8])?;
+                r.call(
+                    "socketpair(AF_UNIX)",
+                    libc::SYS_socketpair,
+                    &[
+                        libc::AF_UNIX as u64,
+                        (libc::SOCK_STREAM | libc::SOCK_CLOEXEC) as u64,
+                        0,
+                        p,
+                    ],
+                )?;
+                let b = r.get(0, 8)?;
+                let here = u32::from_le_bytes(b[0..4].try_into().unwrap()) as u64;
+                let there = u32::from_le_bytes(b[4..8].try_into().unwrap()) as u64;
+                let j = st
+                    .files
+                    .iter()
+                    .position(|g| matches!(g, FileKind::UnixPair { ino: x, .. } if x == peer))
+                    .ok_or_else(|| Error::Restore(format!("socket:[{ino}]: peer missing")))?;
+                // What each end had queued to read is written by the other end.
+                for (idx, other) in [(i, there), (j, here)] {
+                    if let FileKind::UnixPair { data, .. } = &st.files[idx] {
+                        for chunk in data.chunks(r.scratch_len / 2) {
+                            let a = r.put(0, chunk)?;
+                            let n = r.call(
+                                "write (socket data)",
+                                libc::SYS_write,
+                                &[other, a, chunk.len() as u64],
+                            )?;
+                            if n != chunk.len() as u64 {
+                                return Err(Error::Restore(format!(
+                                    "socket:[{ino}]: short write of unread data"
+                                )));
+                            }
+                        }
+                    }
+                }
+                for (idx, fd) in [(i, here), (j, there)] {
+                    if let FileKind::UnixPair {
+                        flags, shutdown, ..
+                    } = &st.files[idx]
+                    {
+                        // SEND_SHUTDOWN on an end = SHUT_WR there (the kernel mirrors it).
+                        if shutdown & 2 != 0 {
+                            r.call("shutdown", libc::SYS_shutdown, &[fd, libc::SHUT_WR as u64])?;
+                        }
+                        setfl(fd, *flags)?;
+                        temps[idx] = Some(to_temp(fd)?);
+                    }
+                }
+                continue;
+            }
             FileKind::Epoll { .. } => continue,
             FileKind::Memfd {
                 ino,
@@ -783,10 +888,10 @@ mod tests {
     fn external_fds_are_not_inspected() {
         let _g = FD_TABLE.lock().unwrap_or_else(|e| e.into_inner());
         use std::os::fd::AsRawFd;
-        let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
+        let (a, _b) = std::os::unix::net::UnixDatagram::pair().unwrap();
         let fd = a.as_raw_fd();
         let me = std::process::id() as i32;
-        // A connected AF_UNIX socket is refused …
+        // A connected AF_UNIX datagram socket is refused …
         match describe(me, fd, &sys::pidfd_open(me).unwrap()) {
             Err(Error::UnsupportedFd { fd: f, why, what }) => {
                 assert_eq!(f, fd);
@@ -795,7 +900,7 @@ mod tests {
                     "{what}: {why}"
                 );
             }
-            other => panic!("a connected AF_UNIX socket must be refused: {other:?}"),
+            other => panic!("a connected AF_UNIX datagram socket must be refused: {other:?}"),
         }
         // … unless left to the caller (every fd of this harness is, so nothing else is judged).
         // (Other tests open and close files concurrently: retry until one pass sees a stable table.)

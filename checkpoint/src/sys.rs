@@ -578,6 +578,89 @@ pub fn memfd_with(name: &str, data: &[u8]) -> io::Result<OwnedFd> {
     Ok(OwnedFd::from(f))
 }
 
+/// What sock_diag tells about one AF_UNIX socket: (peer inode, shutdown mask).
+pub fn unix_peer(ino: u32) -> io::Result<(u32, u8)> {
+    // SAFETY: plain socket creation; the fd is owned below.
+    let fd = cvt(unsafe {
+        libc::socket(
+            libc::AF_NETLINK,
+            libc::SOCK_DGRAM | libc::SOCK_CLOEXEC,
+            4, /* NETLINK_SOCK_DIAG */
+        )
+    } as libc::c_long)?;
+    // SAFETY: fd was just created.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd as RawFd) };
+    let mut req = [0u8; 16 + 24];
+    req[0..4].copy_from_slice(&40u32.to_le_bytes());
+    req[4..6].copy_from_slice(&20u16.to_le_bytes()); // SOCK_DIAG_BY_FAMILY
+    req[6..8].copy_from_slice(&1u16.to_le_bytes()); // NLM_F_REQUEST
+    req[16] = libc::AF_UNIX as u8;
+    req[20..24].copy_from_slice(&u32::MAX.to_le_bytes()); // all states
+    req[24..28].copy_from_slice(&ino.to_le_bytes());
+    req[28..32].copy_from_slice(&(4u32 | 0x10).to_le_bytes()); // UDIAG_SHOW_PEER | RQLEN
+    req[32..40].copy_from_slice(&[0xff; 8]); // no cookie
+                                             // SAFETY: sends `req` (valid for its length) to the kernel (default destination).
+    cvt(unsafe { libc::send(fd.as_raw_fd(), req.as_ptr().cast(), req.len(), 0) } as libc::c_long)?;
+    let mut buf = vec![0u8; 8192];
+    // SAFETY: receives into `buf` (valid for its length).
+    let n = cvt(
+        unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) }
+            as libc::c_long,
+    )? as usize;
+    let u16_at = |o: usize| u16::from_le_bytes([buf[o], buf[o + 1]]);
+    let u32_at = |o: usize| u32::from_le_bytes(buf[o..o + 4].try_into().unwrap());
+    if n < 16 || u16_at(4) == 2
+    /* NLMSG_ERROR */
+    {
+        let errno = if n >= 20 {
+            -(u32_at(16) as i32)
+        } else {
+            libc::EIO
+        };
+        return Err(io::Error::from_raw_os_error(errno.max(1)));
+    }
+    let (mut peer, mut shut) = (0u32, 0u8);
+    let mut o = 16 + 16; // nlmsghdr + unix_diag_msg
+    let end = (u32_at(0) as usize).min(n);
+    while o + 4 <= end {
+        let len = u16_at(o) as usize;
+        let ty = u16_at(o + 2);
+        if len < 4 {
+            break;
+        }
+        match ty {
+            2 if len >= 8 => peer = u32_at(o + 4), // UNIX_DIAG_PEER
+            6 if len >= 5 => shut = buf[o + 4],    // UNIX_DIAG_SHUTDOWN
+            _ => {}
+        }
+        o += (len + 3) & !3;
+    }
+    Ok((peer, shut))
+}
+
+/// Bytes queued for reading on a stream socket, copied without consuming them (MSG_PEEK).
+pub fn sock_peek(fd: &OwnedFd, max: usize) -> io::Result<Vec<u8>> {
+    let mut buf = vec![0u8; max];
+    // SAFETY: receives into `buf` (valid for its length).
+    let n = unsafe {
+        libc::recv(
+            fd.as_raw_fd(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+            libc::MSG_PEEK | libc::MSG_DONTWAIT,
+        )
+    };
+    if n < 0 {
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::EAGAIN) {
+            return Ok(Vec::new());
+        }
+        return Err(e);
+    }
+    buf.truncate(n as usize);
+    Ok(buf)
+}
+
 /// F_GET_SEALS of a memfd.
 pub fn memfd_seals(f: &impl AsRawFd) -> io::Result<u32> {
     // SAFETY: integer-only fcntl.

@@ -237,6 +237,7 @@ fidelity! {
     sched_attrs settle 20,
     sparse_reservation,
     memfd,
+    socketpair,
     threads settle 20,
 }
 
@@ -287,6 +288,29 @@ fn python_threads() {
         for t in ts: t.join(20)\n\
         ok = all(not t.is_alive() for t in ts) and all(a and b for a, b in results.values()) and len(results) == 4\n\
         print('PASS' if ok else f'FAIL {results}', flush=True)\n");
+}
+
+/// python3 asyncio: the event loop's self-pipe is a socketpair; tasks, a queue and timers go on.
+#[test]
+fn python_asyncio() {
+    python(
+        "import asyncio, os\n\
+        async def producer(q):\n\
+        \x20   for i in range(1000000):\n\
+        \x20       await q.put(i); await asyncio.sleep(0.001)\n\
+        async def main():\n\
+        \x20   q = asyncio.Queue(); got = []\n\
+        \x20   t = asyncio.create_task(producer(q))\n\
+        \x20   loop = asyncio.get_running_loop()\n\
+        \x20   print('READY', flush=True)\n\
+        \x20   while not os.path.exists('go'):\n\
+        \x20       got.append(await q.get())\n\
+        \x20   fut = loop.run_in_executor(None, sum, range(10))\n\
+        \x20   ok = got == list(range(len(got))) and await fut == 45\n\
+        \x20   t.cancel()\n\
+        \x20   print('PASS' if ok else 'FAIL', len(got), flush=True)\n\
+        asyncio.run(main())\n",
+    );
 }
 
 #[allow(clippy::zombie_processes)] // waited for by pid (the dump kills and reaps it)
@@ -521,6 +545,14 @@ fn external_fd_replaced() {
         .nth(1)
         .and_then(|v| v.trim().parse().ok())
         .expect("fd in READY line");
+    // Not marked external, the link (its peer is outside the process) is refused by name.
+    let e = ck::dump(p.pid, &p.img(0), AfterDump::Kill)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains(&format!("fd {fd} (socket:[")) && e.contains("both ends"),
+        "{e}"
+    );
     let opts = ck::DumpOptions {
         external_fds: vec![fd],
     };
