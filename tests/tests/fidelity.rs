@@ -695,6 +695,16 @@ fn posix_timer_refused() {
 }
 
 #[test]
+fn io_uring_refused() {
+    refused("io_uring", &["fd 3", "io_uring"]);
+}
+
+#[test]
+fn pidfd_refused() {
+    refused("pidfd", &["fd 3", "pidfd"]);
+}
+
+#[test]
 fn tcp_socket_refused() {
     refused("tcp_socket", &["fd 3", "AF_INET"]);
 }
