@@ -48,6 +48,24 @@ pub fn preflight(pid: Pid, opts: &DumpOptions) -> Result<()> {
     memory::preflight(&proc::maps(pid)?)?;
     files::collect(pid, &opts.external_fds)?;
     task::collect_static(pid)?;
+    // Children would be left behind (re-parented) and the copy's wait() would fail: refuse.
+    let mut children: Vec<String> = Vec::new();
+    if let Ok(tasks) = std::fs::read_dir(proc::proc_path(pid, "task")) {
+        for t in tasks.flatten() {
+            if let Ok(c) = std::fs::read_to_string(t.path().join("children")) {
+                children.extend(c.split_whitespace().map(str::to_string));
+            }
+        }
+    }
+    if !children.is_empty() {
+        return Err(Error::Unsupported {
+            pid,
+            what: format!(
+                "a process with children (pids {}): process trees",
+                children.join(", ")
+            ),
+        });
+    }
     // POSIX timers are not carried yet: refuse rather than lose them (file locks: files.rs).
     if let Ok(t) = std::fs::read_to_string(proc::proc_path(pid, "timers")) {
         if let Some(id) = t.lines().find_map(|l| l.strip_prefix("ID: ")) {

@@ -705,6 +705,11 @@ fn pidfd_refused() {
 }
 
 #[test]
+fn child_process_refused() {
+    refused("child_process", &["children", "process trees"]);
+}
+
+#[test]
 fn tcp_socket_refused() {
     refused("tcp_socket", &["fd 3", "AF_INET"]);
 }
