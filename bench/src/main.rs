@@ -1,6 +1,7 @@
 //! dvk-bench: every benchmark compares against a baseline measured in the same
 //! run and prints a table with the ratio. Results go to docs/PERFORMANCE.md.
 
+mod checkpoint_bench;
 mod getpid_bench;
 mod net_bench;
 
@@ -24,6 +25,8 @@ enum Bench {
         #[arg(long, default_value_t = 5)]
         repeats: usize,
     },
+    /// Dump/restore throughput of the checkpoint engine at 2.5 MB, 256 MB and 1 GB (root).
+    Checkpoint(checkpoint_bench::CheckpointBenchArgs),
     /// Request/reply RTT and bulk throughput through shim + agents (same node, cross
     /// node) vs direct TCP on loopback.
     Net {
@@ -41,6 +44,7 @@ fn main() {
     let result = match cli.bench {
         Bench::Getpid { calls, repeats } => getpid_bench::run(calls, repeats),
         Bench::Net { rounds, bulk_mb } => net_bench::run(rounds, bulk_mb),
+        Bench::Checkpoint(args) => checkpoint_bench::run(&args),
     };
     if let Err(e) = result {
         eprintln!("dvk-bench: {e:#}");

@@ -1,1 +1,59 @@
-//! Checkpoint engine (freeze, collect, image, rebuild). Filled in by the checkpoint issue.
+//! dvk's checkpoint engine: freeze, dump and restore a live Linux process (one or more threads) in user
+//! space, with ptrace and /proc only (no CRIU, no DMTCP, no kernel module).
+//!
+//! Phases, each usable on its own:
+//! - [`freeze::Frozen`]: `PTRACE_SEIZE` + `PTRACE_INTERRUPT`, thaw, kill;
+//! - [`dump::write_image`] (collect + write, process stays frozen): registers and xstate ([`cpu`]), memory ([`memory`], [`vdso`]), fds
+//!   ([`files`]), signals ([`signals`]), process attributes ([`task`]);
+//! - [`image`]: write and read (checked) images;
+//! - [`rebuild`]: a new process from an image.
+//!
+//! One module per kind of process state, with its collect and its rebuild side by side. All
+//! `unsafe` lives in [`sys`]. The library never prints or exits; errors name what they are about.
+//! See docs/CHECKPOINT.md for the image format, the phases and the limits.
+
+pub mod cpu;
+pub mod dump;
+pub mod error;
+pub mod files;
+pub mod freeze;
+pub mod image;
+pub mod inject;
+pub mod memfd;
+pub mod memory;
+pub mod proc;
+pub mod rebuild;
+pub mod signals;
+pub mod stub;
+pub mod sys;
+pub mod task;
+pub mod threads;
+pub mod vdso;
+
+pub use dump::{dump, dump_with, preflight, write_image, AfterDump, DumpOptions, DumpReport};
+pub use error::{Error, Result};
+pub use freeze::Frozen;
+pub use rebuild::{Held, RestoreOptions, RestoreReport};
+
+/// Reads and checks the image in `dir`, then rebuilds the process from it.
+pub fn restore(dir: &std::path::Path, opts: &RestoreOptions) -> Result<RestoreReport> {
+    let t = std::time::Instant::now();
+    let img = image::read(dir)?;
+    let read = t.elapsed();
+    let mut rep = rebuild::restore(&img, opts)?;
+    rep.phases.insert(0, ("read", read));
+    rep.total += read;
+    Ok(rep)
+}
+
+/// [`restore`], leaving the process complete but held in a ptrace stop until
+/// [`Held::resume`] (a move's commit) or [`Held::kill`]/drop (its rollback).
+pub fn restore_held(dir: &std::path::Path, opts: &RestoreOptions) -> Result<(RestoreReport, Held)> {
+    let t = std::time::Instant::now();
+    let img = image::read(dir)?;
+    let read = t.elapsed();
+    let (mut rep, held) = rebuild::restore_held(&img, opts)?;
+    rep.phases.insert(0, ("read", read));
+    rep.total += read;
+    Ok((rep, held))
+}

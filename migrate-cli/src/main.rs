@@ -1,6 +1,7 @@
 //! migrate-cli: look at a dvk cluster and move processes around it.
 
 mod agent_client;
+mod checkpoint_cmd;
 mod status;
 
 use agent_client::Target;
@@ -38,6 +39,10 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Dump a process (any single- or multi-threaded process of this machine) into an image directory.
+    Dump(checkpoint_cmd::DumpArgs),
+    /// Restore a process from an image directory; prints its pid.
+    Restore(checkpoint_cmd::RestoreArgs),
     /// List the cluster's nodes with their link state.
     Nodes {
         /// Machine-readable output.
@@ -60,5 +65,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Ps { json } => status::ps(&target()?, *json),
         Command::Nodes { json } => status::nodes(&target()?, *json),
         Command::Endpoints { json } => status::endpoints(&target()?, *json),
+        Command::Dump(args) => checkpoint_cmd::run_dump(args),
+        Command::Restore(args) => checkpoint_cmd::run_restore(args),
     }
 }

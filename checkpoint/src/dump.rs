@@ -1,0 +1,268 @@
+//! The dump pipeline: check → freeze → collect (registers, files, memory, injected queries) →
+//! write the manifest → kill / thaw. Any failure after the freeze thaws the process (the
+//! [`Frozen`] guard puts everything back), so a refused dump leaves it running as it was.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use crate::error::{Error, Result};
+use crate::freeze::Frozen;
+use crate::image::{self, Manifest, PageSink};
+use crate::sys::{self, Pid};
+use crate::{cpu, files, memfd, memory, proc, signals, task, threads, vdso};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum AfterDump {
+    /// Kill the process once the image is complete (a move).
+    #[default]
+    Kill,
+    /// Detach into a job-control stop (SIGSTOP); SIGCONT resumes it.
+    LeaveStopped,
+    /// Let it run on (a snapshot).
+    LeaveRunning,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct DumpOptions {
+    /// fds not to inspect: recorded as external, replaced by the caller at restore (the dvk
+    /// agent link and virtual sockets).
+    pub external_fds: Vec<i32>,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct DumpReport {
+    pub pid: Pid,
+    /// (phase, duration) in order.
+    pub phases: Vec<(&'static str, Duration)>,
+    /// From the freeze until the process was killed or resumed.
+    pub frozen: Duration,
+    pub total: Duration,
+    pub pages_bytes: u64,
+    pub manifest_bytes: u64,
+    pub vmas: usize,
+    pub fds: usize,
+}
+
+/// Refuses what cannot be moved, without touching the process.
+pub fn preflight(pid: Pid, opts: &DumpOptions) -> Result<()> {
+    memory::preflight(&proc::maps(pid)?)?;
+    files::collect(pid, &opts.external_fds)?;
+    task::collect_static(pid)?;
+    // Children would be left behind (re-parented) and the copy's wait() would fail: refuse.
+    let mut children: Vec<String> = Vec::new();
+    if let Ok(tasks) = std::fs::read_dir(proc::proc_path(pid, "task")) {
+        for t in tasks.flatten() {
+            if let Ok(c) = std::fs::read_to_string(t.path().join("children")) {
+                children.extend(c.split_whitespace().map(str::to_string));
+            }
+        }
+    }
+    if !children.is_empty() {
+        return Err(Error::Unsupported {
+            pid,
+            what: format!(
+                "a process with children (pids {}): process trees",
+                children.join(", ")
+            ),
+        });
+    }
+    // POSIX timers are not carried yet: refuse rather than lose them (file locks: files.rs).
+    if let Ok(t) = std::fs::read_to_string(proc::proc_path(pid, "timers")) {
+        if let Some(id) = t.lines().find_map(|l| l.strip_prefix("ID: ")) {
+            return Err(Error::Unsupported {
+                pid,
+                what: format!("POSIX timer {id} (timer_create)"),
+            });
+        }
+    }
+    Ok(())
+}
+
+struct Clock {
+    last: Instant,
+    phases: Vec<(&'static str, Duration)>,
+}
+impl Clock {
+    fn lap(&mut self, name: &'static str) {
+        let now = Instant::now();
+        self.phases.push((name, now - self.last));
+        self.last = now;
+    }
+}
+
+/// Dumps `pid` into `dir` (created 0700; files 0600).
+pub fn dump(pid: Pid, dir: &Path, after: AfterDump) -> Result<DumpReport> {
+    dump_with(pid, dir, after, &DumpOptions::default())
+}
+
+/// [`dump`] with options.
+pub fn dump_with(pid: Pid, dir: &Path, after: AfterDump, opts: &DumpOptions) -> Result<DumpReport> {
+    let start = Instant::now();
+    let mut clk = Clock {
+        last: start,
+        phases: Vec::new(),
+    };
+    preflight(pid, opts)?;
+    image::create_dir(dir)?;
+    clk.lap("check");
+
+    let frozen_at = Instant::now();
+    let mut f = Frozen::freeze(pid)?;
+    clk.lap("freeze");
+
+    let mut rep = write_image_timed(&mut f, dir, opts, &mut clk)?;
+
+    // Frozen time: until the image is complete (kill) or the process runs again (thaw).
+    let mut frozen = frozen_at.elapsed();
+    match after {
+        AfterDump::Kill => f.kill()?,
+        AfterDump::LeaveRunning => f.thaw(false)?,
+        AfterDump::LeaveStopped => f.thaw(true)?,
+    }
+    if after != AfterDump::Kill {
+        frozen = frozen_at.elapsed();
+    }
+    clk.lap(match after {
+        AfterDump::Kill => "kill",
+        _ => "thaw",
+    });
+    rep.phases = clk.phases;
+    rep.frozen = frozen;
+    rep.total = start.elapsed();
+    Ok(rep)
+}
+
+/// Collects and writes the image of a process that is already frozen, and leaves it frozen:
+/// for a caller that decides later whether to kill or thaw it (the agent during a move). On an
+/// error the partial image files are removed and the process is still frozen.
+pub fn write_image(f: &mut Frozen, dir: &Path, opts: &DumpOptions) -> Result<DumpReport> {
+    image::create_dir(dir)?;
+    let start = Instant::now();
+    let mut clk = Clock {
+        last: start,
+        phases: Vec::new(),
+    };
+    let mut rep = write_image_timed(f, dir, opts, &mut clk)?;
+    rep.phases = clk.phases;
+    rep.total = start.elapsed();
+    Ok(rep)
+}
+
+fn write_image_timed(
+    f: &mut Frozen,
+    dir: &Path,
+    opts: &DumpOptions,
+    clk: &mut Clock,
+) -> Result<DumpReport> {
+    let (manifest, pages_len) = match collect_all(f, dir, opts, clk) {
+        Ok(v) => v,
+        Err(e) => {
+            let _ = std::fs::remove_file(dir.join(image::PAGES));
+            let _ = std::fs::remove_file(dir.join(image::MANIFEST));
+            for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+                if e.file_name().to_string_lossy().starts_with("memfd-") {
+                    let _ = std::fs::remove_file(e.path());
+                }
+            }
+            return Err(e);
+        }
+    };
+    let manifest_bytes = image::write_manifest(dir, &manifest)?;
+    clk.lap("write");
+    Ok(DumpReport {
+        pid: f.pid,
+        pages_bytes: pages_len,
+        manifest_bytes,
+        vmas: manifest.memory.vmas.len(),
+        fds: manifest.files.fds.len(),
+        ..Default::default()
+    })
+}
+
+/// Everything but the final manifest write, from a frozen process.
+fn collect_all(
+    f: &mut Frozen,
+    dir: &Path,
+    opts: &DumpOptions,
+    clk: &mut Clock,
+) -> Result<(Manifest, u64)> {
+    let pid = f.pid;
+    let maps = proc::maps(pid)?;
+    let vdso = vdso::collect(&maps);
+    let (mut cpu, cpu_ident) = cpu::collect(pid, &f.regs)?;
+    let files = files::collect(pid, &opts.external_fds)?;
+    clk.lap("collect");
+
+    let mut sink = PageSink::create(dir)?;
+    let memory = memory::collect(pid, &maps, &mut sink)?;
+    let memfds = memfd::collect(pid, &files, &memory, dir)?;
+    clk.lap("pages");
+
+    let gadget_at = maps
+        .iter()
+        .find(|m| m.path == "[vdso]")
+        .or_else(|| {
+            maps.iter()
+                .find(|m| m.perms[2] == b'x' && m.path != "[vsyscall]")
+        })
+        .map(|m| m.start)
+        .ok_or_else(|| Error::Unsupported {
+            pid,
+            what: "process without executable mappings".into(),
+        })?;
+    let sigmask = f.sigmask;
+    let r = f.remote(gadget_at)?;
+    let mut sig = signals::collect(r, sigmask)?;
+    let task = task::collect(r)?;
+    signals::collect_pending(pid, &mut sig)?;
+    let threads = threads::collect(f)?;
+    f.end_injection()?;
+    if let Some(rs) = task.rseq {
+        abort_rseq_cs(pid, rs.ptr, &mut cpu.regs);
+    }
+    clk.lap("inject");
+
+    let comm = task.comm.clone();
+    let m = Manifest {
+        pid,
+        comm,
+        kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease")
+            .unwrap_or_default()
+            .trim()
+            .to_string(),
+        cpu_ident,
+        vdso,
+        cpu,
+        memory,
+        files,
+        signals: sig,
+        task,
+        threads,
+        memfds,
+        pages_len: sink.len(),
+    };
+    Ok((m, sink.len()))
+}
+
+/// If the process stopped inside an rseq critical section, resume it at the abort handler (as
+/// the kernel would on preemption).
+pub(crate) fn abort_rseq_cs(pid: Pid, rseq: u64, regs: &mut sys::Regs) {
+    let mut b = [0u8; 8];
+    if sys::vm_read(pid, &mut b, &[(rseq + 8, 8)]).ok() != Some(8) {
+        return;
+    }
+    let cs = u64::from_le_bytes(b);
+    if cs == 0 {
+        return;
+    }
+    let mut c = [0u8; 32];
+    if sys::vm_read(pid, &mut c, &[(cs, 32)]).ok() != Some(32) {
+        return;
+    }
+    let start = u64::from_le_bytes(c[8..16].try_into().unwrap());
+    let post = u64::from_le_bytes(c[16..24].try_into().unwrap());
+    let abort = u64::from_le_bytes(c[24..32].try_into().unwrap());
+    if regs.rip >= start && regs.rip < start + post {
+        regs.rip = abort;
+    }
+}

@@ -1,0 +1,327 @@
+//! Freeze and thaw: `PTRACE_SEIZE` + `PTRACE_INTERRUPT` (never SIGSTOP, which the parent would see
+//! as a job-control stop), and the syscall-restart fixup of DESIGN §5.
+//!
+//! A [`Frozen`] process can run injected system calls (for what /proc cannot tell). Thawing puts
+//! every register, the signal mask and the patched gadget bytes back and detaches; the kernel then
+//! restarts an interrupted system call exactly as it would have without us.
+
+use crate::error::{pt, Error, Result};
+use crate::inject::{Remote, GADGET};
+use crate::sys::{self, Pid, Regs};
+
+const PTRACE_EVENT_STOP: i32 = 128;
+const DUMP_SCRATCH: usize = 64 * 1024;
+
+pub struct Frozen {
+    pub pid: Pid,
+    /// Registers of the main thread exactly as stopped (before any restart fixup).
+    pub regs: Regs,
+    pub sigmask: u64,
+    /// The other threads, stopped the same way.
+    pub threads: Vec<ThreadStop>,
+    remote: Option<Remote>,
+    poked: Option<(u64, u64)>,
+    finished: bool,
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct ThreadStop {
+    pub tid: Pid,
+    pub regs: Regs,
+    pub sigmask: u64,
+}
+
+fn tasks(pid: Pid) -> Result<Vec<Pid>> {
+    let d = crate::proc::proc_path(pid, "task");
+    let mut v: Vec<Pid> = std::fs::read_dir(&d)
+        .map_err(|source| Error::NoProcess { pid, err: source })?
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .collect();
+    v.sort_unstable();
+    Ok(v)
+}
+
+/// Seizes and interrupts one thread; returns its registers and mask once it stopped for us.
+fn stop_one(tid: Pid) -> Result<ThreadStop> {
+    sys::seize(tid, libc::PTRACE_O_TRACESYSGOOD as u64).map_err(pt("PTRACE_SEIZE", tid))?;
+    sys::interrupt(tid).map_err(pt("PTRACE_INTERRUPT", tid))?;
+    for _ in 0..1000 {
+        let st = sys::wait(tid).map_err(pt("waitpid", tid))?;
+        if libc::WIFEXITED(st) || libc::WIFSIGNALED(st) {
+            return Err(Error::UnexpectedStop {
+                pid: tid,
+                during: "freezing (exited)".into(),
+                status: st,
+            });
+        }
+        if !libc::WIFSTOPPED(st) {
+            continue;
+        }
+        if st >> 16 == PTRACE_EVENT_STOP {
+            let regs = sys::get_regs(tid).map_err(pt("PTRACE_GETREGS", tid))?;
+            let sigmask = sys::get_sigmask(tid).map_err(pt("PTRACE_GETSIGMASK", tid))?;
+            return Ok(ThreadStop { tid, regs, sigmask });
+        }
+        // A signal-delivery-stop: let the signal through and keep waiting for our stop.
+        let sig = libc::WSTOPSIG(st);
+        let pass = if sig == libc::SIGTRAP || (sig & 0x80) != 0 {
+            0
+        } else {
+            sig
+        };
+        sys::cont(tid, pass).map_err(pt("PTRACE_CONT", tid))?;
+    }
+    Err(Error::UnexpectedStop {
+        pid: tid,
+        during: "freezing (no stop after 1000 events)".into(),
+        status: 0,
+    })
+}
+
+/// The registers a resumed copy must start with: an interrupted system call is restarted the way
+/// the kernel restarts it (`-ERESTARTSYS/-ERESTARTNOINTR/-ERESTARTNOHAND` → run it again;
+/// `-ERESTART_RESTARTBLOCK` → `-EINTR`, as the restart block is kernel state we cannot carry).
+pub fn restart_fixup(r: &Regs) -> Regs {
+    let mut o = *r;
+    if (r.orig_rax as i64) >= 0 {
+        match r.rax as i64 {
+            // -ERESTARTSYS, -ERESTARTNOINTR, -ERESTARTNOHAND
+            -514..=-512 => {
+                o.rax = r.orig_rax;
+                o.rip = r.rip - 2;
+            }
+            -516 => o.rax = (-libc::EINTR) as i64 as u64,
+            _ => {}
+        }
+    }
+    o.orig_rax = u64::MAX;
+    o
+}
+
+impl Frozen {
+    /// Seizes every thread of `pid` and stops it with PTRACE_INTERRUPT (the thread list is read
+    /// again until no new thread appeared). Signals that arrive meanwhile are delivered
+    /// normally (passed through), never lost.
+    pub fn freeze(pid: Pid) -> Result<Frozen> {
+        let mut stopped: Vec<ThreadStop> = Vec::new();
+        let undo = |stopped: &[ThreadStop]| {
+            for t in stopped {
+                let _ = sys::detach(t.tid, 0);
+            }
+        };
+        for _round in 0..100 {
+            let all = tasks(pid)?;
+            let new: Vec<Pid> = all
+                .into_iter()
+                .filter(|t| !stopped.iter().any(|s| s.tid == *t))
+                .collect();
+            if new.is_empty() {
+                break;
+            }
+            for tid in new {
+                match stop_one(tid) {
+                    Ok(t) => stopped.push(t),
+                    Err(e) => {
+                        let _ = sys::detach(tid, 0);
+                        undo(&stopped);
+                        return Err(e);
+                    }
+                }
+            }
+        }
+        let Some(i) = stopped.iter().position(|t| t.tid == pid) else {
+            undo(&stopped);
+            return Err(Error::Unsupported {
+                pid,
+                what: "a process whose main thread has exited".into(),
+            });
+        };
+        let main = stopped.remove(i);
+        Ok(Frozen {
+            pid,
+            regs: main.regs,
+            sigmask: main.sigmask,
+            threads: stopped,
+            remote: None,
+            poked: None,
+            finished: false,
+        })
+    }
+
+    /// Runs `f` with an injector on thread `tid` (another thread than the main one), its
+    /// signals blocked meanwhile; its registers and mask are put back afterwards.
+    pub fn with_thread<T>(&mut self, tid: Pid, f: impl FnOnce(&Remote) -> Result<T>) -> Result<T> {
+        let t = *self
+            .threads
+            .iter()
+            .find(|t| t.tid == tid)
+            .ok_or_else(|| Error::Restore(format!("no frozen thread {tid}")))?;
+        let main = self
+            .remote
+            .as_ref()
+            .ok_or_else(|| Error::Restore("injection not prepared".into()))?;
+        let r = Remote {
+            pid: tid,
+            gadget: main.gadget,
+            base: t.regs,
+            scratch: main.scratch,
+            scratch_len: main.scratch_len,
+        };
+        sys::set_sigmask(tid, crate::signals::BLOCK_ALL).map_err(pt("PTRACE_SETSIGMASK", tid))?;
+        let out = f(&r);
+        sys::set_regs(tid, &t.regs).map_err(pt("PTRACE_SETREGS", tid))?;
+        sys::set_sigmask(tid, t.sigmask).map_err(pt("PTRACE_SETSIGMASK", tid))?;
+        out
+    }
+
+    /// Prepares syscall injection: all signals blocked, a `syscall; int3` gadget patched over the
+    /// first bytes of `gadget_at` (the vDSO's ELF header, never executed), a scratch mapping.
+    pub fn remote(&mut self, gadget_at: u64) -> Result<&Remote> {
+        if self.remote.is_none() {
+            let pid = self.pid;
+            sys::set_sigmask(pid, crate::signals::BLOCK_ALL)
+                .map_err(pt("PTRACE_SETSIGMASK", pid))?;
+            let orig = sys::peek_data(pid, gadget_at).map_err(pt("PTRACE_PEEKDATA", pid))?;
+            let mut b = orig.to_le_bytes();
+            b[..3].copy_from_slice(&GADGET);
+            sys::poke_data(pid, gadget_at, u64::from_le_bytes(b))
+                .map_err(pt("PTRACE_POKEDATA", pid))?;
+            self.poked = Some((gadget_at, orig));
+            let mut r = Remote {
+                pid,
+                gadget: gadget_at,
+                base: self.regs,
+                scratch: 0,
+                scratch_len: 0,
+            };
+            let p = r.call(
+                "mmap (scratch)",
+                libc::SYS_mmap,
+                &[
+                    0,
+                    DUMP_SCRATCH as u64,
+                    (libc::PROT_READ | libc::PROT_WRITE) as u64,
+                    (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS) as u64,
+                    u64::MAX,
+                    0,
+                ],
+            )?;
+            r.scratch = p;
+            r.scratch_len = DUMP_SCRATCH;
+            self.remote = Some(r);
+        }
+        Ok(self.remote.as_ref().unwrap())
+    }
+
+    /// Removes the injection helpers (scratch mapping, gadget bytes, all-blocked mask): the
+    /// process is frozen exactly as it was stopped, and can be collected again.
+    pub fn end_injection(&mut self) -> Result<()> {
+        self.undo_injection()?;
+        sys::set_sigmask(self.pid, self.sigmask).map_err(pt("PTRACE_SETSIGMASK", self.pid))?;
+        sys::set_regs(self.pid, &self.regs).map_err(pt("PTRACE_SETREGS", self.pid))
+    }
+
+    fn undo_injection(&mut self) -> Result<()> {
+        if let Some(r) = self.remote.take() {
+            if r.scratch != 0 {
+                r.call(
+                    "munmap (scratch)",
+                    libc::SYS_munmap,
+                    &[r.scratch, r.scratch_len as u64],
+                )?;
+            }
+        }
+        if let Some((addr, orig)) = self.poked.take() {
+            sys::poke_data(self.pid, addr, orig).map_err(pt("PTRACE_POKEDATA", self.pid))?;
+        }
+        Ok(())
+    }
+
+    /// Puts everything back and lets the process run on (`stop`: detach into a job-control stop).
+    pub fn thaw(mut self, stop: bool) -> Result<()> {
+        self.finished = true;
+        let pid = self.pid;
+        self.undo_injection()?;
+        for t in &self.threads {
+            sys::set_regs(t.tid, &t.regs).map_err(pt("PTRACE_SETREGS", t.tid))?;
+            sys::set_sigmask(t.tid, t.sigmask).map_err(pt("PTRACE_SETSIGMASK", t.tid))?;
+            sys::detach(t.tid, 0).map_err(pt("PTRACE_DETACH", t.tid))?;
+        }
+        sys::set_regs(pid, &self.regs).map_err(pt("PTRACE_SETREGS", pid))?;
+        sys::set_sigmask(pid, self.sigmask).map_err(pt("PTRACE_SETSIGMASK", pid))?;
+        sys::detach(pid, if stop { libc::SIGSTOP } else { 0 }).map_err(pt("PTRACE_DETACH", pid))
+    }
+
+    /// Kills the frozen process (after a successful dump) and collects its ptrace exit report.
+    /// If the caller is also its parent, this reaps it.
+    pub fn kill(mut self) -> Result<()> {
+        self.finished = true;
+        let pid = self.pid;
+        sys::kill(pid, libc::SIGKILL).map_err(pt("kill", pid))?;
+        // Collect every traced thread's exit, the main thread (reported last) at the end.
+        for tid in self.threads.iter().map(|t| t.tid).chain([pid]) {
+            for _ in 0..100 {
+                match sys::wait(tid) {
+                    Ok(st) if libc::WIFEXITED(st) || libc::WIFSIGNALED(st) => break,
+                    Ok(_) => {}
+                    Err(_) => break,
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Frozen {
+    fn drop(&mut self) {
+        if !self.finished {
+            // Best effort: an error path must leave the process running as it was.
+            let _ = self.undo_injection();
+            for t in &self.threads {
+                let _ = sys::set_regs(t.tid, &t.regs);
+                let _ = sys::set_sigmask(t.tid, t.sigmask);
+                let _ = sys::detach(t.tid, 0);
+            }
+            let _ = sys::set_regs(self.pid, &self.regs);
+            let _ = sys::set_sigmask(self.pid, self.sigmask);
+            let _ = sys::detach(self.pid, 0);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn regs(rax: i64, orig: i64, rip: u64) -> Regs {
+        Regs {
+            rax: rax as u64,
+            orig_rax: orig as u64,
+            rip,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn restartable_syscalls_are_rerun() {
+        for code in [-512, -513, -514] {
+            let o = restart_fixup(&regs(code, 0, 0x1002));
+            assert_eq!((o.rax, o.rip, o.orig_rax), (0, 0x1000, u64::MAX));
+        }
+    }
+
+    #[test]
+    fn restart_block_becomes_eintr() {
+        let o = restart_fixup(&regs(-516, 230, 0x1002));
+        assert_eq!(o.rax as i64, -(libc::EINTR as i64));
+        assert_eq!(o.rip, 0x1002);
+    }
+
+    #[test]
+    fn finished_syscalls_and_user_code_are_untouched() {
+        let o = restart_fixup(&regs(-11, 0, 0x1002));
+        assert_eq!((o.rax as i64, o.rip), (-11, 0x1002));
+        let o = restart_fixup(&regs(-512, -1, 0x1002));
+        assert_eq!((o.rax as i64, o.rip), (-512, 0x1002));
+    }
+}

@@ -1,0 +1,556 @@
+//! The image: what a dump writes and a restore reads.
+//!
+//! ```text
+//!  DIR/ (0700)
+//!  ├── manifest.img (0600)                    ├── pages.img (0600)
+//!  │  0  magic     "DVKCKPT\0"    8 bytes      │  raw page data, every run page-aligned,
+//!  │  8  version   u32 le  (= 1)               │  runs back to back in manifest order;
+//!  │ 12  arch      u32 le  (62 = EM_X86_64)    │  never-populated pages are absent;
+//!  │ 16  length    u64 le  of the payload      │  each run has its own CRC32 in the
+//!  │ 24  crc32     u32 le  of the payload      │  manifest (memory.vmas[].runs[].crc)
+//!  │ 28  hdr_crc   u32 le  of bytes 0..28      │
+//!  │ 32  payload   postcard(Manifest)          │
+//! ```
+//!
+//! Reading checks, in order: length ≥ header, magic, version, architecture, header CRC, payload
+//! length, payload CRC, payload decoding, page file length, every run's CRC — each with its own
+//! error variant — so a wrong image is refused before anything is created.
+//!
+//! Version rule: any change to the header or to a serialized struct bumps [`VERSION`] (postcard
+//! is not self-describing); a reader accepts exactly its own version.
+
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::cpu::{CpuIdent, CpuState};
+use crate::error::{io_at, pt, Error, Result};
+use crate::files::FilesState;
+use crate::memfd::MemfdState;
+use crate::memory::{self, MemoryState, Run};
+use crate::signals::SignalState;
+use crate::sys::{self, MappedFile, Pid};
+use crate::task::TaskState;
+use crate::threads::ThreadState;
+use crate::vdso::VdsoLayout;
+
+pub const MAGIC: [u8; 8] = *b"DVKCKPT\0";
+pub const VERSION: u32 = 4;
+pub const ARCH_X86_64: u32 = 62;
+pub const HEADER_LEN: usize = 32;
+pub const MANIFEST: &str = "manifest.img";
+pub const PAGES: &str = "pages.img";
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Manifest {
+    pub pid: i32,
+    pub comm: String,
+    pub kernel: String,
+    pub cpu_ident: CpuIdent,
+    pub vdso: VdsoLayout,
+    pub cpu: CpuState,
+    pub memory: MemoryState,
+    pub files: FilesState,
+    pub signals: SignalState,
+    pub task: TaskState,
+    /// Threads other than the main one.
+    pub threads: Vec<ThreadState>,
+    /// memfds, their content in memfd-<inode>.img.
+    pub memfds: Vec<MemfdState>,
+    pub pages_len: u64,
+}
+
+pub fn create_dir(dir: &Path) -> Result<()> {
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(io_at(dir))?;
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(io_at(dir))
+}
+
+fn create_file(path: &Path) -> Result<File> {
+    OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(io_at(path))
+}
+
+/// Encodes header + payload.
+pub fn encode_manifest(m: &Manifest) -> Result<Vec<u8>> {
+    let payload = postcard::to_allocvec(m).map_err(|e| Error::Decode {
+        path: MANIFEST.into(),
+        msg: e.to_string(),
+    })?;
+    let mut out = Vec::with_capacity(HEADER_LEN + payload.len());
+    out.extend_from_slice(&MAGIC);
+    out.extend_from_slice(&VERSION.to_le_bytes());
+    out.extend_from_slice(&ARCH_X86_64.to_le_bytes());
+    out.extend_from_slice(&(payload.len() as u64).to_le_bytes());
+    out.extend_from_slice(&crc32fast::hash(&payload).to_le_bytes());
+    let hcrc = crc32fast::hash(&out[..28]);
+    out.extend_from_slice(&hcrc.to_le_bytes());
+    out.extend_from_slice(&payload);
+    Ok(out)
+}
+
+/// Decodes and checks header + payload, in the documented order.
+pub fn decode_manifest(b: &[u8], path: &Path) -> Result<Manifest> {
+    let p = || path.to_path_buf();
+    if b.len() < HEADER_LEN {
+        if b.len() >= 8 && b[..8] != MAGIC {
+            return Err(Error::BadMagic { path: p() });
+        }
+        return Err(Error::Truncated {
+            path: p(),
+            what: format!("header: {} of {HEADER_LEN} bytes", b.len()),
+        });
+    }
+    if b[..8] != MAGIC {
+        return Err(Error::BadMagic { path: p() });
+    }
+    let u32_at = |o: usize| u32::from_le_bytes(b[o..o + 4].try_into().unwrap());
+    let version = u32_at(8);
+    if version != VERSION {
+        return Err(Error::BadVersion {
+            path: p(),
+            found: version,
+            supported: VERSION,
+        });
+    }
+    let arch = u32_at(12);
+    if arch != ARCH_X86_64 {
+        return Err(Error::BadArch {
+            path: p(),
+            found: arch,
+            here: ARCH_X86_64,
+        });
+    }
+    if crc32fast::hash(&b[..28]) != u32_at(28) {
+        return Err(Error::Checksum {
+            path: p(),
+            what: "header".into(),
+        });
+    }
+    let len = u64::from_le_bytes(b[16..24].try_into().unwrap()) as usize;
+    let payload = &b[HEADER_LEN..];
+    if payload.len() < len {
+        return Err(Error::Truncated {
+            path: p(),
+            what: format!("manifest: {} of {len} bytes", payload.len()),
+        });
+    }
+    let payload = &payload[..len];
+    if crc32fast::hash(payload) != u32_at(24) {
+        return Err(Error::Checksum {
+            path: p(),
+            what: "manifest".into(),
+        });
+    }
+    postcard::from_bytes(payload).map_err(|e| Error::Decode {
+        path: p(),
+        msg: e.to_string(),
+    })
+}
+
+pub fn write_manifest(dir: &Path, m: &Manifest) -> Result<u64> {
+    let bytes = encode_manifest(m)?;
+    let path = dir.join(MANIFEST);
+    let mut f = create_file(&path)?;
+    f.write_all(&bytes).map_err(io_at(&path))?;
+    f.sync_data().ok();
+    Ok(bytes.len() as u64)
+}
+
+/// A read image: the checked manifest and the mapped, checked page data.
+pub struct Image {
+    pub dir: PathBuf,
+    pub manifest: Manifest,
+    pub pages: MappedFile,
+    /// Content of each memfd, in manifest order (checked).
+    pub memfd_data: Vec<Vec<u8>>,
+}
+
+/// Reads and verifies an image (manifest header and checksum, page file length and every run's
+/// checksum) without creating anything.
+pub fn read(dir: &Path) -> Result<Image> {
+    let mpath = dir.join(MANIFEST);
+    let bytes = std::fs::read(&mpath).map_err(io_at(&mpath))?;
+    let manifest = decode_manifest(&bytes, &mpath)?;
+    let ppath = dir.join(PAGES);
+    let f = File::open(&ppath).map_err(io_at(&ppath))?;
+    let len = f.metadata().map_err(io_at(&ppath))?.len();
+    if len < manifest.pages_len {
+        return Err(Error::Truncated {
+            path: ppath,
+            what: format!("page data: {len} of {} bytes", manifest.pages_len),
+        });
+    }
+    let pages = MappedFile::map(&f, manifest.pages_len as usize).map_err(io_at(&ppath))?;
+    let b = pages.bytes();
+    for v in &manifest.memory.vmas {
+        for r in &v.runs {
+            let end = r
+                .off
+                .checked_add(r.len)
+                .filter(|&e| e <= manifest.pages_len);
+            let Some(end) = end else {
+                return Err(Error::Truncated {
+                    path: ppath,
+                    what: format!("run at {:#x}", r.addr),
+                });
+            };
+            if crc32fast::hash(&b[r.off as usize..end as usize]) != r.crc {
+                return Err(Error::Checksum {
+                    path: ppath,
+                    what: format!(
+                        "pages {:#x}-{:#x} of mapping {}",
+                        r.addr,
+                        r.addr + r.len,
+                        v.describe()
+                    ),
+                });
+            }
+        }
+    }
+    let memfd_data = crate::memfd::read_all(dir, &manifest.memfds)?;
+    Ok(Image {
+        dir: dir.to_path_buf(),
+        manifest,
+        pages,
+        memfd_data,
+    })
+}
+
+/// Writes page data into pages.img. Runs are planned first (at most [`MAX_RUN`] bytes each,
+/// offsets assigned in order), then filled: `process_vm_readv` of up to 512 runs into an 8 MiB
+/// buffer, CRC32 of each run, `pwrite` at its offset — by two threads on disjoint halves above
+/// 64 MiB (reading another process's memory and filling the page cache both scale with cores).
+pub struct PageSink {
+    file: File,
+    path: PathBuf,
+    off: u64,
+}
+
+/// Largest run: one run always fits one read buffer, so its CRC is computed in one go.
+pub const MAX_RUN: u64 = 8 << 20;
+const MAX_IOV: usize = 512;
+
+impl PageSink {
+    pub fn create(dir: &Path) -> Result<PageSink> {
+        let path = dir.join(PAGES);
+        let file = create_file(&path)?;
+        Ok(PageSink { file, path, off: 0 })
+    }
+
+    pub fn len(&self) -> u64 {
+        self.off
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.off == 0
+    }
+
+    /// Plans the page runs `(addr, len)`: split to at most [`MAX_RUN`] bytes, offsets assigned.
+    pub fn plan(&mut self, runs: &[(u64, u64)]) -> Vec<Run> {
+        let mut out = Vec::with_capacity(runs.len());
+        for &(addr, len) in runs {
+            let mut o = 0;
+            while o < len {
+                let n = (len - o).min(MAX_RUN);
+                out.push(Run {
+                    addr: addr + o,
+                    len: n,
+                    off: self.off,
+                    crc: 0,
+                });
+                self.off += n;
+                o += n;
+            }
+        }
+        out
+    }
+
+    /// Reads every planned run from `pid`, fills in its CRC and writes it at its offset.
+    /// `readable`: false for runs of VMAs without read permission (read through /proc/PID/mem).
+    pub fn fill(&self, pid: Pid, jobs: &mut [(&mut Run, bool)]) -> Result<()> {
+        let total: u64 = jobs.iter().map(|j| j.0.len).sum();
+        if total < (64 << 20) {
+            return self.fill_part(pid, jobs);
+        }
+        let mut acc = 0;
+        let split = jobs
+            .iter()
+            .position(|j| {
+                acc += j.0.len;
+                acc >= total / 2
+            })
+            .map_or(jobs.len(), |i| i + 1);
+        let (a, b) = jobs.split_at_mut(split);
+        std::thread::scope(|s| {
+            let h = s.spawn(|| self.fill_part(pid, b));
+            let ra = self.fill_part(pid, a);
+            let rb = h
+                .join()
+                .unwrap_or_else(|_| Err(Error::Restore("page reader thread panicked".into())));
+            ra.and(rb)
+        })
+    }
+
+    fn fill_part(&self, pid: Pid, jobs: &mut [(&mut Run, bool)]) -> Result<()> {
+        use std::os::unix::fs::FileExt;
+        let need: u64 = jobs.iter().map(|j| j.0.len).sum();
+        let mut buf = vec![0u8; need.min(MAX_RUN) as usize];
+        let mut i = 0;
+        while i < jobs.len() {
+            // A batch: consecutive runs (in the file), same readability, fitting the buffer.
+            let first = jobs[i].0.off;
+            let readable = jobs[i].1;
+            let mut j = i;
+            let mut fill = 0u64;
+            while j < jobs.len()
+                && j - i < MAX_IOV
+                && jobs[j].1 == readable
+                && jobs[j].0.off == first + fill
+                && fill + jobs[j].0.len <= MAX_RUN
+            {
+                fill += jobs[j].0.len;
+                j += 1;
+            }
+            let total = fill as usize;
+            if readable {
+                let remote: Vec<(u64, usize)> = jobs[i..j]
+                    .iter()
+                    .map(|r| (r.0.addr, r.0.len as usize))
+                    .collect();
+                let n = sys::vm_read(pid, &mut buf[..total], &remote)
+                    .map_err(pt("process_vm_readv", pid))?;
+                if n != total {
+                    return Err(Error::Restore(format!(
+                        "process {pid}: memory at {:#x} could not be read ({n} of {total} bytes)",
+                        remote[0].0
+                    )));
+                }
+            } else {
+                let mut o = 0;
+                for r in &jobs[i..j] {
+                    memory::read_mem(pid, r.0.addr, &mut buf[o..o + r.0.len as usize])?;
+                    o += r.0.len as usize;
+                }
+            }
+            let mut o = 0;
+            for r in &mut jobs[i..j] {
+                let l = r.0.len as usize;
+                r.0.crc = crc32fast::hash(&buf[o..o + l]);
+                o += l;
+            }
+            self.file
+                .write_all_at(&buf[..total], first)
+                .map_err(io_at(&self.path))?;
+            i = j;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::memory::{FileIdent, Vma, VmaKind};
+
+    fn sample(pages_len: u64, runs: Vec<Run>) -> Manifest {
+        Manifest {
+            pid: 4242,
+            comm: "sample".into(),
+            kernel: "6.18".into(),
+            cpu_ident: Default::default(),
+            vdso: Default::default(),
+            cpu: Default::default(),
+            memory: MemoryState {
+                vmas: vec![
+                    Vma {
+                        start: 0x10000,
+                        end: 0x20000,
+                        prot: 3,
+                        shared: false,
+                        growsdown: false,
+                        kind: VmaKind::Anon {
+                            name: "[heap]".into(),
+                        },
+                        runs,
+                    },
+                    Vma {
+                        start: 0x40000,
+                        end: 0x41000,
+                        prot: 5,
+                        shared: false,
+                        growsdown: false,
+                        kind: VmaKind::File {
+                            path: "/bin/true".into(),
+                            offset: 0,
+                            ident: FileIdent {
+                                ino: 1,
+                                size: 2,
+                                mtime: 3,
+                                mtime_ns: 4,
+                            },
+                        },
+                        runs: vec![],
+                    },
+                ],
+            },
+            files: Default::default(),
+            signals: Default::default(),
+            task: Default::default(),
+            threads: vec![],
+            memfds: vec![],
+            pages_len,
+        }
+    }
+
+    /// Writes an image with two stored pages; returns its directory.
+    fn write_sample() -> (tempfile::TempDir, Manifest) {
+        let d = tempfile::tempdir().unwrap();
+        let dir = d.path().join("img");
+        create_dir(&dir).unwrap();
+        let mut data = vec![0u8; 8192];
+        data[..4096].fill(1);
+        data[4096..].fill(2);
+        let run = Run {
+            addr: 0x10000,
+            len: 8192,
+            off: 0,
+            crc: crc32fast::hash(&data),
+        };
+        let m = sample(8192, vec![run]);
+        write_manifest(&dir, &m).unwrap();
+        std::fs::write(dir.join(PAGES), &data).unwrap();
+        (d, m)
+    }
+
+    fn dir(d: &tempfile::TempDir) -> PathBuf {
+        d.path().join("img")
+    }
+
+    fn patch(d: &tempfile::TempDir, file: &str, f: impl FnOnce(&mut Vec<u8>)) {
+        let p = dir(d).join(file);
+        let mut b = std::fs::read(&p).unwrap();
+        f(&mut b);
+        std::fs::write(&p, b).unwrap();
+    }
+
+    #[test]
+    fn round_trip() {
+        let (d, m) = write_sample();
+        let img = read(&dir(&d)).unwrap();
+        assert_eq!(img.manifest, m);
+        assert_eq!(img.pages.bytes()[4096], 2);
+    }
+
+    #[test]
+    fn permissions_are_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let (d, _) = write_sample();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&dir(&d)), 0o700);
+        assert_eq!(mode(&dir(&d).join(MANIFEST)), 0o600);
+    }
+
+    #[test]
+    fn refuses_bad_magic() {
+        let (d, _) = write_sample();
+        patch(&d, MANIFEST, |b| b[0] = b'X');
+        assert!(matches!(read(&dir(&d)), Err(Error::BadMagic { .. })));
+    }
+
+    #[test]
+    fn refuses_other_version() {
+        let (d, _) = write_sample();
+        patch(&d, MANIFEST, |b| {
+            b[8..12].copy_from_slice(&99u32.to_le_bytes())
+        });
+        match read(&dir(&d)) {
+            Err(Error::BadVersion {
+                found: 99,
+                supported: VERSION,
+                ..
+            }) => {}
+            other => panic!("{:?}", other.err()),
+        }
+    }
+
+    #[test]
+    fn refuses_other_arch() {
+        let (d, _) = write_sample();
+        patch(&d, MANIFEST, |b| {
+            b[12..16].copy_from_slice(&183u32.to_le_bytes())
+        });
+        assert!(matches!(
+            read(&dir(&d)),
+            Err(Error::BadArch { found: 183, .. })
+        ));
+    }
+
+    #[test]
+    fn refuses_corrupt_header() {
+        let (d, _) = write_sample();
+        patch(&d, MANIFEST, |b| b[20] ^= 1); // inside the length field
+        assert!(matches!(read(&dir(&d)), Err(Error::Checksum { what, .. }) if what == "header"));
+    }
+
+    #[test]
+    fn refuses_truncated_header_and_manifest() {
+        let (d, _) = write_sample();
+        patch(&d, MANIFEST, |b| b.truncate(20));
+        assert!(matches!(read(&dir(&d)), Err(Error::Truncated { .. })));
+        let (d, _) = write_sample();
+        patch(&d, MANIFEST, |b| {
+            let n = b.len() - 5;
+            b.truncate(n)
+        });
+        let e = read(&dir(&d)).err().unwrap();
+        assert!(matches!(e, Error::Truncated { .. }), "{e}");
+    }
+
+    #[test]
+    fn refuses_corrupt_manifest() {
+        let (d, _) = write_sample();
+        patch(&d, MANIFEST, |b| {
+            let n = b.len() - 3;
+            b[n] ^= 0x40
+        });
+        assert!(matches!(read(&dir(&d)), Err(Error::Checksum { what, .. }) if what == "manifest"));
+    }
+
+    #[test]
+    fn refuses_truncated_pages() {
+        let (d, _) = write_sample();
+        patch(&d, PAGES, |b| b.truncate(4096));
+        assert!(
+            matches!(read(&dir(&d)), Err(Error::Truncated { what, .. }) if what.starts_with("page data"))
+        );
+    }
+
+    #[test]
+    fn refuses_corrupt_pages_naming_the_mapping() {
+        let (d, _) = write_sample();
+        patch(&d, PAGES, |b| b[5000] ^= 0xff);
+        let e = read(&dir(&d)).err().unwrap();
+        assert!(matches!(e, Error::Checksum { .. }));
+        assert!(e.to_string().contains("[heap]"), "{e}");
+    }
+
+    #[test]
+    fn missing_image_is_an_io_error_naming_the_file() {
+        let d = tempfile::tempdir().unwrap();
+        let e = read(d.path()).err().unwrap();
+        assert!(e.to_string().contains(MANIFEST), "{e}");
+    }
+}

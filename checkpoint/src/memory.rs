@@ -1,0 +1,462 @@
+//! Memory: every VMA of the process, and the pages that must travel as data.
+//!
+//! Collect: `/proc/PID/maps` lists the VMAs; `/proc/PID/pagemap` says which pages were ever
+//! populated. Private memory is data (anonymous pages, and the copied-on-write pages of private
+//! file mappings); pages never populated are not stored; unwritten file pages are references to
+//! the file (path + identity checked at restore). Pages are read with `process_vm_readv` in large
+//! batches (`/proc/PID/mem` only for VMAs without read permission).
+//!
+//! Rebuild: map every VMA at its address (read+write first), write the pages with
+//! `process_vm_writev`, then `mprotect` to the saved protections.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::os::unix::fs::MetadataExt;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{io_at, pt, Error, Result};
+use crate::image::PageSink;
+use crate::inject::Remote;
+use crate::proc::{proc_path, MapLine};
+use crate::sys::{self, Pid, PAGE};
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct FileIdent {
+    pub ino: u64,
+    pub size: u64,
+    pub mtime: i64,
+    pub mtime_ns: i64,
+}
+
+impl FileIdent {
+    pub fn of(path: &str) -> std::io::Result<FileIdent> {
+        let m = std::fs::metadata(path)?;
+        Ok(FileIdent {
+            ino: m.ino(),
+            size: m.size(),
+            mtime: m.mtime(),
+            mtime_ns: m.mtime_nsec(),
+        })
+    }
+    /// Refuses if the file at `path` is not the one recorded.
+    pub fn check(&self, path: &str) -> Result<()> {
+        let now = FileIdent::of(path).map_err(|e| Error::FileChanged {
+            path: path.into(),
+            detail: format!("cannot stat it: {e}"),
+        })?;
+        let detail = if now.size != self.size {
+            format!("size {} ≠ {}", self.size, now.size)
+        } else if (now.mtime, now.mtime_ns) != (self.mtime, self.mtime_ns) {
+            format!(
+                "mtime {}.{:09} ≠ {}.{:09}",
+                self.mtime, self.mtime_ns, now.mtime, now.mtime_ns
+            )
+        } else if now.ino != self.ino {
+            format!("inode {} ≠ {}", self.ino, now.ino)
+        } else {
+            return Ok(());
+        };
+        Err(Error::FileChanged {
+            path: path.into(),
+            detail,
+        })
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub enum VmaKind {
+    /// Private anonymous memory; `name` is "", "[heap]", "[stack]" or "[anon:…]".
+    Anon { name: String },
+    /// MAP_SHARED|MAP_ANONYMOUS (shows as "/dev/zero (deleted)").
+    SharedAnon,
+    /// A mapping of a memfd (saved with its content, see `memfd`).
+    Memfd { ino: u64, name: String, offset: u64 },
+    /// A file mapping (private or shared), re-mapped from the file at restore.
+    File {
+        path: String,
+        offset: u64,
+        ident: FileIdent,
+    },
+}
+
+/// A run of consecutive stored pages: `len` bytes at `addr`, stored at `off` in pages.img.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Run {
+    pub addr: u64,
+    pub len: u64,
+    pub off: u64,
+    pub crc: u32,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Vma {
+    pub start: u64,
+    pub end: u64,
+    pub prot: u32,
+    pub shared: bool,
+    pub growsdown: bool,
+    pub kind: VmaKind,
+    pub runs: Vec<Run>,
+}
+
+impl Vma {
+    pub fn describe(&self) -> String {
+        let what = match &self.kind {
+            VmaKind::Anon { name } if name.is_empty() => "anonymous".to_string(),
+            VmaKind::Anon { name } => name.clone(),
+            VmaKind::SharedAnon => "shared anonymous".into(),
+            VmaKind::File { path, .. } => path.clone(),
+            VmaKind::Memfd { name, .. } => format!("/memfd:{name}"),
+        };
+        format!("{:#x}-{:#x} {}", self.start, self.end, what)
+    }
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct MemoryState {
+    pub vmas: Vec<Vma>,
+}
+
+impl MemoryState {
+    pub fn stored_bytes(&self) -> u64 {
+        self.vmas.iter().flat_map(|v| &v.runs).map(|r| r.len).sum()
+    }
+}
+
+/// Mappings the engine leaves to the kernel (vDSO block handled in `vdso`).
+pub fn is_special(path: &str) -> bool {
+    matches!(
+        path,
+        "[vvar]" | "[vvar_vclock]" | "[vdso]" | "[vsyscall]" | "[uprobes]"
+    )
+}
+
+/// Classifies one VMA, or refuses it naming the mapping.
+pub fn classify(m: &MapLine) -> Result<VmaKind> {
+    let p = m.path.as_str();
+    let refuse = |why: &str| Error::UnsupportedMapping {
+        range: m.range(),
+        what: p.to_string(),
+        why: why.into(),
+    };
+    if p.is_empty() || p == "[heap]" || p == "[stack]" || p.starts_with("[anon:") {
+        if m.shared() {
+            return Ok(VmaKind::SharedAnon);
+        }
+        return Ok(VmaKind::Anon {
+            name: p.to_string(),
+        });
+    }
+    if p == "/dev/zero (deleted)" || p.starts_with("[anon_shmem:") {
+        return Ok(VmaKind::SharedAnon);
+    }
+    if p.starts_with('[') {
+        return Err(refuse("special kernel mapping"));
+    }
+    if let Some(name) = crate::memfd::name_of(p) {
+        return Ok(VmaKind::Memfd {
+            ino: m.inode,
+            name: name.to_string(),
+            offset: m.offset,
+        });
+    }
+    if p.starts_with("/SYSV") {
+        return Err(refuse("SysV shared memory is not supported yet"));
+    }
+    if p.ends_with(" (deleted)") {
+        return Err(refuse("the mapped file was deleted"));
+    }
+    if !p.starts_with('/') {
+        return Err(refuse("not a regular file mapping"));
+    }
+    let md = std::fs::metadata(p).map_err(|e| refuse(&format!("cannot stat the file: {e}")))?;
+    if !md.file_type().is_file() {
+        return Err(refuse("device or special file mapping"));
+    }
+    if md.ino() != m.inode {
+        return Err(refuse(
+            "the path now names a different file (inode changed)",
+        ));
+    }
+    Ok(VmaKind::File {
+        path: p.to_string(),
+        offset: m.offset,
+        ident: FileIdent {
+            ino: md.ino(),
+            size: md.size(),
+            mtime: md.mtime(),
+            mtime_ns: md.mtime_nsec(),
+        },
+    })
+}
+
+/// Checks every mapping can be moved, without touching the process.
+pub fn preflight(maps: &[MapLine]) -> Result<()> {
+    for m in maps.iter().filter(|m| !is_special(&m.path)) {
+        classify(m)?;
+    }
+    Ok(())
+}
+
+const PM_PRESENT: u64 = 1 << 63;
+const PM_SWAP: u64 = 1 << 62;
+const PM_FILE: u64 = 1 << 61;
+
+/// Collects all VMAs and streams their data pages into `sink`.
+pub fn collect(pid: Pid, maps: &[MapLine], sink: &mut PageSink) -> Result<MemoryState> {
+    let pm_path = proc_path(pid, "pagemap");
+    let pagemap = File::open(&pm_path).map_err(io_at(&pm_path))?;
+    let mut vmas = Vec::new();
+    let mut ents: Vec<u8> = Vec::new();
+    for m in maps.iter().filter(|m| !is_special(&m.path)) {
+        let kind = classify(m)?;
+        let npages = ((m.end - m.start) / PAGE) as usize;
+        let want: Box<dyn Fn(u64) -> bool> = match (&kind, m.shared()) {
+            (VmaKind::SharedAnon, _) => Box::new(|_| true),
+            (VmaKind::File { .. } | VmaKind::Memfd { .. }, true) => Box::new(|_| false),
+            (VmaKind::File { .. } | VmaKind::Memfd { .. }, false) => {
+                Box::new(|e| (e & PM_PRESENT != 0 && e & PM_FILE == 0) || e & PM_SWAP != 0)
+            }
+            (VmaKind::Anon { .. }, _) => Box::new(|e| e & (PM_PRESENT | PM_SWAP) != 0),
+        };
+        let mut pages: Vec<(u64, u64)> = Vec::new(); // runs of (addr, len)
+        let needs_pagemap = !matches!(
+            (&kind, m.shared()),
+            (VmaKind::SharedAnon, _) | (VmaKind::File { .. } | VmaKind::Memfd { .. }, true)
+        );
+        if !(matches!(kind, VmaKind::File { .. } | VmaKind::Memfd { .. }) && m.shared()) {
+            // pagemap in chunks of 64 Ki pages (512 KiB of entries): a huge sparse reservation
+            // costs time, not memory.
+            const CHUNK: usize = 64 << 10;
+            let mut first = 0usize;
+            while first < npages {
+                let n = (npages - first).min(CHUNK);
+                if needs_pagemap {
+                    ents.resize(n * 8, 0);
+                    let at = (m.start / PAGE + first as u64) * 8;
+                    sys::pread_exact(&pagemap, &mut ents, at).map_err(io_at(&pm_path))?;
+                }
+                for i in 0..n {
+                    let e = if needs_pagemap {
+                        u64::from_le_bytes(ents[i * 8..i * 8 + 8].try_into().unwrap())
+                    } else {
+                        0
+                    };
+                    if want(e) {
+                        let a = m.start + (first + i) as u64 * PAGE;
+                        match pages.last_mut() {
+                            Some((s, l)) if *s + *l == a => *l += PAGE,
+                            _ => pages.push((a, PAGE)),
+                        }
+                    }
+                }
+                first += n;
+            }
+        }
+        let runs = sink.plan(&pages);
+        vmas.push(Vma {
+            start: m.start,
+            end: m.end,
+            prot: m.prot(),
+            shared: m.shared(),
+            growsdown: m.path == "[stack]",
+            kind,
+            runs,
+        });
+    }
+    let mut jobs: Vec<(&mut Run, bool)> = vmas
+        .iter_mut()
+        .flat_map(|v| {
+            let readable = v.prot & libc::PROT_READ as u32 != 0;
+            v.runs.iter_mut().map(move |r| (r, readable))
+        })
+        .collect();
+    sink.fill(pid, &mut jobs)?;
+    Ok(MemoryState { vmas })
+}
+
+/// Rebuild side: maps every VMA into the stub (read+write where data will be written), writes the
+/// pages from the image and sets the final protections.
+pub fn restore(
+    r: &Remote,
+    state: &MemoryState,
+    pages: &[u8],
+    memfds: &HashMap<u64, u64>,
+) -> Result<()> {
+    let pid = r.pid;
+    let mut fds: HashMap<(String, bool), u64> = HashMap::new();
+    for v in &state.vmas {
+        let len = v.end - v.start;
+        let mut prot = v.prot as u64;
+        if !v.runs.is_empty() {
+            prot |= (libc::PROT_READ | libc::PROT_WRITE) as u64;
+        }
+        let what = format!("mmap {}", v.describe());
+        match &v.kind {
+            VmaKind::Anon { .. } | VmaKind::SharedAnon => {
+                let mut fl = libc::MAP_ANONYMOUS | libc::MAP_FIXED;
+                fl |= if v.shared {
+                    libc::MAP_SHARED
+                } else {
+                    libc::MAP_PRIVATE
+                };
+                if v.growsdown {
+                    fl |= libc::MAP_GROWSDOWN;
+                }
+                r.call(
+                    &what,
+                    libc::SYS_mmap,
+                    &[v.start, len, prot, fl as u64, u64::MAX, 0],
+                )?;
+            }
+            VmaKind::Memfd { ino, name, offset } => {
+                let fd = *memfds
+                    .get(ino)
+                    .ok_or_else(|| Error::Restore(format!("memfd {name} was not saved")))?;
+                let fl = libc::MAP_FIXED
+                    | if v.shared {
+                        libc::MAP_SHARED
+                    } else {
+                        libc::MAP_PRIVATE
+                    };
+                r.call(
+                    &what,
+                    libc::SYS_mmap,
+                    &[v.start, len, prot, fl as u64, fd, *offset],
+                )?;
+            }
+            VmaKind::File { path, offset, .. } => {
+                let rw = v.shared && v.prot & libc::PROT_WRITE as u32 != 0;
+                let fd = match fds.get(&(path.clone(), rw)) {
+                    Some(fd) => *fd,
+                    None => {
+                        let a = r.put_cstr(0, path.as_bytes())?;
+                        let fl = if rw { libc::O_RDWR } else { libc::O_RDONLY } | libc::O_CLOEXEC;
+                        let fd = r.call(
+                            &format!("open {path}"),
+                            libc::SYS_openat,
+                            &[libc::AT_FDCWD as u64, a, fl as u64, 0],
+                        )?;
+                        fds.insert((path.clone(), rw), fd);
+                        fd
+                    }
+                };
+                let fl = libc::MAP_FIXED
+                    | if v.shared {
+                        libc::MAP_SHARED
+                    } else {
+                        libc::MAP_PRIVATE
+                    };
+                r.call(
+                    &what,
+                    libc::SYS_mmap,
+                    &[v.start, len, prot, fl as u64, fd, *offset],
+                )?;
+            }
+        }
+    }
+    for fd in fds.values() {
+        r.call("close", libc::SYS_close, &[*fd])?;
+    }
+    write_pages(pid, state, pages)?;
+    for v in &state.vmas {
+        if !v.runs.is_empty() && v.prot != (libc::PROT_READ | libc::PROT_WRITE) as u32 {
+            r.call(
+                &format!("mprotect {}", v.describe()),
+                libc::SYS_mprotect,
+                &[v.start, v.end - v.start, v.prot as u64],
+            )?;
+        }
+    }
+    Ok(())
+}
+
+/// Writes all stored runs. The runs are consecutive in pages.img, so each call takes one local
+/// span and up to 512 remote ranges. Above 64 MiB the work is split in two halves written by two
+/// threads: most of the time goes into faulting fresh pages in, which scales with cores.
+fn write_pages(pid: Pid, state: &MemoryState, pages: &[u8]) -> Result<()> {
+    const PIECE: u64 = 16 << 20;
+    let mut pieces: Vec<(u64, u64, u64)> = Vec::new(); // (addr, len, offset in pages)
+    for r in state.vmas.iter().flat_map(|v| &v.runs) {
+        let mut o = 0;
+        while o < r.len {
+            let n = (r.len - o).min(PIECE);
+            pieces.push((r.addr + o, n, r.off + o));
+            o += n;
+        }
+    }
+    let total: u64 = pieces.iter().map(|p| p.1).sum();
+    if total < (64 << 20) {
+        return write_pieces(pid, &pieces, pages);
+    }
+    let mut acc = 0;
+    let split = pieces
+        .iter()
+        .position(|p| {
+            acc += p.1;
+            acc >= total / 2
+        })
+        .map_or(pieces.len(), |i| i + 1);
+    let (a, b) = pieces.split_at(split);
+    std::thread::scope(|s| {
+        let h = s.spawn(|| write_pieces(pid, b, pages));
+        let ra = write_pieces(pid, a, pages);
+        let rb = h
+            .join()
+            .unwrap_or_else(|_| Err(Error::Restore("page writer thread panicked".into())));
+        ra.and(rb)
+    })
+}
+
+fn write_pieces(pid: Pid, pieces: &[(u64, u64, u64)], pages: &[u8]) -> Result<()> {
+    const MAX_IOV: usize = 512;
+    const MAX_BYTES: u64 = 64 << 20;
+    let mut i = 0;
+    while i < pieces.len() {
+        let first = pieces[i].2;
+        let mut remote: Vec<(u64, usize)> = Vec::new();
+        let mut total = 0u64;
+        while i < pieces.len()
+            && remote.len() < MAX_IOV
+            && total < MAX_BYTES
+            && pieces[i].2 == first + total
+        {
+            remote.push((pieces[i].0, pieces[i].1 as usize));
+            total += pieces[i].1;
+            i += 1;
+        }
+        let local = &pages[first as usize..(first + total) as usize];
+        // process_vm_writev may stop early; continue from where it stopped.
+        let mut done = 0usize;
+        while done < local.len() {
+            let mut skip = done;
+            let mut rem: Vec<(u64, usize)> = Vec::new();
+            for &(a, l) in &remote {
+                if skip >= l {
+                    skip -= l;
+                    continue;
+                }
+                rem.push((a + skip as u64, l - skip));
+                skip = 0;
+            }
+            let n =
+                sys::vm_write(pid, &local[done..], &rem).map_err(pt("process_vm_writev", pid))?;
+            if n == 0 {
+                return Err(Error::Restore(format!(
+                    "cannot write memory at {:#x}",
+                    rem[0].0
+                )));
+            }
+            done += n;
+        }
+    }
+    Ok(())
+}
+
+/// Reads pages through /proc/PID/mem (for VMAs without read permission).
+pub fn read_mem(pid: Pid, addr: u64, buf: &mut [u8]) -> Result<()> {
+    let p = proc_path(pid, "mem");
+    let f = File::open(&p).map_err(io_at(&p))?;
+    sys::pread_exact(&f, buf, addr).map_err(io_at(&p))
+}

@@ -1,0 +1,329 @@
+//! The rebuild: a new process from an image.
+//!
+//! fork (clone3 with `set_tid` = the old pid when free) → `PTRACE_TRACEME` → execve of the stub
+//! (see `stub`), then, by syscalls injected into it: a gadget page and a scratch area in the
+//! reserved range; the stub's vDSO block parked there; every other stub mapping unmapped; every fd
+//! closed; umask/cwd/personality/name; the vDSO block moved onto the image's addresses; every VMA
+//! mapped and filled; `PR_SET_MM_MAP`; fds; signal handlers and altstack; set_tid_address,
+//! robust list, rseq; pending signals and itimers; rlimits (from outside); finally the whole
+//! reserved range is unmapped by a `munmap` caught at syscall exit, where the saved xstate,
+//! registers and signal mask are written, and the process is detached.
+
+use std::time::{Duration, Instant};
+
+use crate::error::{pt, Error, Result};
+use crate::image::Image;
+use crate::inject::{Remote, GADGET};
+use crate::memory::VmaKind;
+use crate::stub::{self, GADGET_PAGE, RESERVED_END, SCRATCH, SCRATCH_LEN, STUB_BASE, VDSO_TEMP};
+use crate::sys::{self, Pid};
+use crate::{cpu, files, memfd, memory, proc, signals, task, threads};
+
+#[derive(Clone, Debug, Default)]
+pub struct RestoreOptions {
+    /// Leave the new process in a job-control stop (SIGCONT resumes it).
+    pub stopped: bool,
+    /// Do not try to reuse the image's pid.
+    pub new_pid: bool,
+    /// Replacements for the fds dumped as external: (fd in the image, fd of this process). The
+    /// new process gets its own copy (pidfd_getfd) of the same open file description.
+    pub external_fds: Vec<(i32, i32)>,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct RestoreReport {
+    pub pid: Pid,
+    pub same_pid: bool,
+    pub phases: Vec<(&'static str, Duration)>,
+    pub total: Duration,
+    pub pages_bytes: u64,
+}
+
+/// Everything that can be refused before a process exists.
+pub fn check(img: &Image, opts: &RestoreOptions) -> Result<()> {
+    let m = &img.manifest;
+    m.cpu_ident.check_here()?;
+    m.vdso.check_here()?;
+    for v in &m.memory.vmas {
+        if v.start < RESERVED_END && v.end > STUB_BASE {
+            return Err(Error::Mismatch {
+                what: "address space".into(),
+                detail: format!(
+                    "mapping {} overlaps the restorer's reserved range",
+                    v.describe()
+                ),
+            });
+        }
+        if let VmaKind::File { path, ident, .. } = &v.kind {
+            ident.check(path)?;
+        }
+    }
+    files::prepare(&m.files, &opts.external_fds)?;
+    std::fs::metadata(&m.task.exe).map_err(|e| Error::FileChanged {
+        path: m.task.exe.clone(),
+        detail: format!("executable missing: {e}"),
+    })?;
+    Ok(())
+}
+
+/// The half-built process: killed (and its traced threads collected) if the rebuild fails.
+struct Child {
+    pid: Pid,
+    threads: Vec<Pid>,
+    done: bool,
+}
+impl Drop for Child {
+    fn drop(&mut self) {
+        if !self.done {
+            kill_all(self.pid, &self.threads);
+        }
+    }
+}
+
+pub fn restore(img: &Image, opts: &RestoreOptions) -> Result<RestoreReport> {
+    restore_inner(img, opts, false).map(|(r, _)| r)
+}
+
+/// [`restore`], but the process is left complete and ptrace-stopped: see [`Held`].
+pub fn restore_held(img: &Image, opts: &RestoreOptions) -> Result<(RestoreReport, Held)> {
+    let (r, h) = restore_inner(img, opts, true)?;
+    Ok((r, h.expect("held")))
+}
+
+fn restore_inner(
+    img: &Image,
+    opts: &RestoreOptions,
+    hold: bool,
+) -> Result<(RestoreReport, Option<Held>)> {
+    let start = Instant::now();
+    let mut last = start;
+    let mut phases = Vec::new();
+    let mut lap = |n: &'static str| {
+        let now = Instant::now();
+        phases.push((n, now - last));
+        last = now;
+    };
+    let m = &img.manifest;
+    check(img, opts)?;
+    lap("check");
+
+    let elf = sys::memfd_with("dvk-restore", &stub::elf())
+        .map_err(|e| Error::Restore(format!("memfd: {e}")))?;
+    let want = if opts.new_pid { None } else { Some(m.pid) };
+    let (pid, same_pid) =
+        sys::spawn_traced_stub(&elf, want).map_err(|e| Error::Restore(format!("fork: {e}")))?;
+    drop(elf);
+    let mut child = Child {
+        pid,
+        threads: Vec::new(),
+        done: false,
+    };
+    let st = sys::wait(pid).map_err(pt("waitpid", pid))?;
+    if !(libc::WIFSTOPPED(st) && libc::WSTOPSIG(st) == libc::SIGTRAP) {
+        return Err(Error::UnexpectedStop {
+            pid,
+            during: "starting the restore stub".into(),
+            status: st,
+        });
+    }
+    sys::set_options(
+        pid,
+        (libc::PTRACE_O_EXITKILL | libc::PTRACE_O_TRACESYSGOOD | libc::PTRACE_O_TRACECLONE) as u64,
+    )
+    .map_err(pt("PTRACE_SETOPTIONS", pid))?;
+    sys::set_sigmask(pid, signals::BLOCK_ALL).map_err(pt("PTRACE_SETSIGMASK", pid))?;
+    let base = sys::get_regs(pid).map_err(pt("PTRACE_GETREGS", pid))?;
+    let mut r = Remote {
+        pid,
+        gadget: STUB_BASE + stub::ENTRY_OFF,
+        base,
+        scratch: 0,
+        scratch_len: 0,
+    };
+    let rwx = (libc::PROT_READ | libc::PROT_WRITE | libc::PROT_EXEC) as u64;
+    let rw = (libc::PROT_READ | libc::PROT_WRITE) as u64;
+    let fixed = (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED) as u64;
+    r.call(
+        "mmap (gadget)",
+        libc::SYS_mmap,
+        &[GADGET_PAGE, 4096, rwx, fixed, u64::MAX, 0],
+    )?;
+    sys::vm_write(pid, &GADGET, &[(GADGET_PAGE, GADGET.len())])
+        .map_err(pt("process_vm_writev", pid))?;
+    r.gadget = GADGET_PAGE;
+    r.call(
+        "mmap (scratch)",
+        libc::SYS_mmap,
+        &[SCRATCH, SCRATCH_LEN as u64, rw, fixed, u64::MAX, 0],
+    )?;
+    r.scratch = SCRATCH;
+    r.scratch_len = SCRATCH_LEN;
+    lap("spawn");
+
+    // The stub's own address space: park its vDSO block, drop everything else.
+    let maps = proc::maps(pid)?;
+    m.vdso.park(&r, &maps, VDSO_TEMP)?;
+    for l in proc::maps(pid)? {
+        let keep = l.path == "[vsyscall]"
+            || l.start == GADGET_PAGE
+            || l.start == SCRATCH
+            || (l.start >= VDSO_TEMP && l.end <= RESERVED_END);
+        if !keep {
+            r.call(
+                &format!("munmap stub {}", l.range()),
+                libc::SYS_munmap,
+                &[l.start, l.end - l.start],
+            )?;
+        }
+    }
+    r.call(
+        "close_range",
+        libc::SYS_close_range,
+        &[0, u32::MAX as u64, 0],
+    )?;
+    task::restore_early(&r, &m.task)?;
+    task::restore_session(&r, &m.task)?;
+    m.vdso.place(&r, VDSO_TEMP)?;
+    lap("layout");
+
+    let above_fds = (m.files.fds.iter().map(|e| e.fd).max().unwrap_or(2) + 1).max(3) as u64;
+    let memfds = memfd::install(&r, &m.memfds, &img.memfd_data, above_fds)?;
+    memory::restore(&r, &m.memory, img.pages.bytes(), &memfds)?;
+    task::restore_mm(&r, &m.task)?;
+    lap("memory");
+
+    files::restore(&r, &m.files, &opts.external_fds, &memfds)?;
+    memfd::close(&r, &memfds)?;
+    lap("files");
+
+    signals::restore_actions(&r, &m.signals)?;
+    task::restore_thread(&r, &m.task)?;
+    signals::restore_late(&r, &m.signals)?;
+    threads::restore(
+        &r,
+        &m.threads,
+        !opts.new_pid && same_pid,
+        &m.task,
+        &mut child.threads,
+    )?;
+    task::restore_rlimits(pid, &m.task)?;
+    task::restore_sched(pid, &m.task.affinity, m.task.nice)?;
+    task::restore_oom(pid, &m.task)?;
+    task::restore_creds(&r, &m.task)?;
+    lap("signals");
+
+    finish(&r, m, &child.threads, opts.stopped, hold)?;
+    child.done = true;
+    lap("resume");
+    let held = hold.then(|| Held {
+        pid,
+        threads: std::mem::take(&mut child.threads),
+        done: false,
+    });
+    Ok((
+        RestoreReport {
+            pid,
+            same_pid,
+            phases,
+            total: start.elapsed(),
+            pages_bytes: m.pages_len,
+        },
+        held,
+    ))
+}
+
+/// Unmaps the reserved range from inside (the gadget goes with it, so the `munmap` is caught at
+/// syscall exit), writes the final CPU state and signal mask there, and detaches.
+fn finish(
+    r: &Remote,
+    m: &crate::image::Manifest,
+    threads: &[Pid],
+    stopped: bool,
+    hold: bool,
+) -> Result<()> {
+    let pid = r.pid;
+    let mut regs = r.base;
+    regs.rax = libc::SYS_munmap as u64;
+    regs.orig_rax = u64::MAX;
+    regs.rip = GADGET_PAGE;
+    regs.rdi = STUB_BASE;
+    regs.rsi = RESERVED_END - STUB_BASE;
+    regs.eflags &= !(0x100 | 0x400);
+    sys::set_regs(pid, &regs).map_err(pt("PTRACE_SETREGS", pid))?;
+    for stage in ["entry", "exit"] {
+        sys::cont_syscall(pid).map_err(pt("PTRACE_SYSCALL", pid))?;
+        let st = sys::wait(pid).map_err(pt("waitpid", pid))?;
+        if !(libc::WIFSTOPPED(st) && libc::WSTOPSIG(st) == (libc::SIGTRAP | 0x80)) {
+            return Err(Error::UnexpectedStop {
+                pid,
+                during: format!("final munmap ({stage})"),
+                status: st,
+            });
+        }
+    }
+    let ret = sys::get_regs(pid).map_err(pt("PTRACE_GETREGS", pid))?.rax as i64;
+    if ret != 0 {
+        return Err(Error::Injected {
+            pid,
+            call: "munmap (restorer)".into(),
+            errno: -ret as i32,
+            msg: crate::inject::errno_name(-ret as i32),
+        });
+    }
+    cpu::restore(pid, &m.cpu)?;
+    sys::set_sigmask(pid, m.signals.blocked).map_err(pt("PTRACE_SETSIGMASK", pid))?;
+    if hold {
+        return Ok(());
+    }
+    detach_all(pid, threads, stopped)
+}
+
+fn detach_all(pid: Pid, threads: &[Pid], stopped: bool) -> Result<()> {
+    for &t in threads {
+        sys::detach(t, if stopped { libc::SIGSTOP } else { 0 }).map_err(pt("PTRACE_DETACH", t))?;
+    }
+    sys::detach(pid, if stopped { libc::SIGSTOP } else { 0 }).map_err(pt("PTRACE_DETACH", pid))
+}
+
+/// A restored process kept in a ptrace stop, complete but not yet running — invisible to it
+/// and to its parent, unlike SIGSTOP (the commit point of a move). Only the thread that
+/// restored it may resume or kill it. Dropped without either, it is killed (a rolled-back move).
+pub struct Held {
+    pid: Pid,
+    threads: Vec<Pid>,
+    done: bool,
+}
+
+impl Held {
+    pub fn pid(&self) -> Pid {
+        self.pid
+    }
+
+    /// Lets the process run (detaches every thread).
+    pub fn resume(mut self) -> Result<()> {
+        self.done = true;
+        detach_all(self.pid, &self.threads, false)
+    }
+
+    /// Kills the held process and collects its threads.
+    pub fn kill(mut self) -> Result<()> {
+        self.done = true;
+        kill_all(self.pid, &self.threads);
+        Ok(())
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        if !self.done {
+            kill_all(self.pid, &self.threads);
+        }
+    }
+}
+
+fn kill_all(pid: Pid, threads: &[Pid]) {
+    let _ = sys::kill(pid, libc::SIGKILL);
+    for t in threads.iter().chain([&pid]) {
+        let _ = sys::wait(*t);
+    }
+}

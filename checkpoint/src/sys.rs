@@ -1,0 +1,771 @@
+//! Every system call the engine makes that needs `unsafe`, wrapped once, with safe signatures.
+//!
+//! Nothing outside this module contains `unsafe`. Wrappers return `std::io::Error` (errno); the
+//! callers turn them into typed [`crate::Error`]s that name the process state involved.
+
+use std::ffi::CString;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+
+use serde::{Deserialize, Serialize};
+
+pub type Pid = libc::pid_t;
+
+pub const PAGE: u64 = 4096;
+
+/// General purpose registers, laid out exactly like the kernel's `struct user_regs_struct`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Regs {
+    pub r15: u64,
+    pub r14: u64,
+    pub r13: u64,
+    pub r12: u64,
+    pub rbp: u64,
+    pub rbx: u64,
+    pub r11: u64,
+    pub r10: u64,
+    pub r9: u64,
+    pub r8: u64,
+    pub rax: u64,
+    pub rcx: u64,
+    pub rdx: u64,
+    pub rsi: u64,
+    pub rdi: u64,
+    pub orig_rax: u64,
+    pub rip: u64,
+    pub cs: u64,
+    pub eflags: u64,
+    pub rsp: u64,
+    pub ss: u64,
+    pub fs_base: u64,
+    pub gs_base: u64,
+    pub ds: u64,
+    pub es: u64,
+    pub fs: u64,
+    pub gs: u64,
+}
+
+const _: () = assert!(std::mem::size_of::<Regs>() == std::mem::size_of::<libc::user_regs_struct>());
+
+fn cvt(r: libc::c_long) -> io::Result<libc::c_long> {
+    if r == -1 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(r)
+    }
+}
+
+// ---------------------------------------------------------------- ptrace
+
+const PTRACE_GETSIGMASK: libc::c_uint = 0x420a;
+const PTRACE_SETSIGMASK: libc::c_uint = 0x420b;
+const PTRACE_PEEKSIGINFO: libc::c_uint = 0x4209;
+const PTRACE_GET_RSEQ_CONFIGURATION: libc::c_uint = 0x420f;
+pub const NT_X86_XSTATE: libc::c_int = 0x202;
+
+fn ptrace(req: libc::c_uint, pid: Pid, addr: u64, data: u64) -> io::Result<libc::c_long> {
+    // SAFETY: raw ptrace request; every pointer passed as addr/data by the callers below points
+    // to a live, correctly sized buffer owned by the caller for the duration of the call.
+    let r = unsafe {
+        *libc::__errno_location() = 0;
+        libc::ptrace(
+            req,
+            pid,
+            addr as *mut libc::c_void,
+            data as *mut libc::c_void,
+        )
+    };
+    if r == -1 {
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() != Some(0) {
+            return Err(e);
+        }
+    }
+    Ok(r)
+}
+
+pub fn seize(pid: Pid, options: u64) -> io::Result<()> {
+    ptrace(libc::PTRACE_SEIZE, pid, 0, options).map(drop)
+}
+pub fn interrupt(pid: Pid) -> io::Result<()> {
+    ptrace(libc::PTRACE_INTERRUPT, pid, 0, 0).map(drop)
+}
+pub fn set_options(pid: Pid, options: u64) -> io::Result<()> {
+    ptrace(libc::PTRACE_SETOPTIONS, pid, 0, options).map(drop)
+}
+pub fn cont(pid: Pid, sig: i32) -> io::Result<()> {
+    ptrace(libc::PTRACE_CONT, pid, 0, sig as u64).map(drop)
+}
+pub fn cont_syscall(pid: Pid) -> io::Result<()> {
+    ptrace(libc::PTRACE_SYSCALL, pid, 0, 0).map(drop)
+}
+pub fn detach(pid: Pid, sig: i32) -> io::Result<()> {
+    ptrace(libc::PTRACE_DETACH, pid, 0, sig as u64).map(drop)
+}
+pub fn get_regs(pid: Pid) -> io::Result<Regs> {
+    let mut r = Regs::default();
+    ptrace(libc::PTRACE_GETREGS, pid, 0, &mut r as *mut Regs as u64)?;
+    Ok(r)
+}
+pub fn set_regs(pid: Pid, r: &Regs) -> io::Result<()> {
+    ptrace(libc::PTRACE_SETREGS, pid, 0, r as *const Regs as u64).map(drop)
+}
+/// Reads the NT_X86_XSTATE regset into `buf`; returns the length the kernel filled in.
+pub fn get_xstate(pid: Pid, buf: &mut [u8]) -> io::Result<usize> {
+    let mut iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    ptrace(
+        libc::PTRACE_GETREGSET,
+        pid,
+        NT_X86_XSTATE as u64,
+        &mut iov as *mut _ as u64,
+    )?;
+    Ok(iov.iov_len)
+}
+pub fn set_xstate(pid: Pid, buf: &[u8]) -> io::Result<()> {
+    let mut iov = libc::iovec {
+        iov_base: buf.as_ptr() as *mut _,
+        iov_len: buf.len(),
+    };
+    ptrace(
+        libc::PTRACE_SETREGSET,
+        pid,
+        NT_X86_XSTATE as u64,
+        &mut iov as *mut _ as u64,
+    )
+    .map(drop)
+}
+pub fn get_sigmask(pid: Pid) -> io::Result<u64> {
+    let mut m = 0u64;
+    ptrace(PTRACE_GETSIGMASK, pid, 8, &mut m as *mut u64 as u64)?;
+    Ok(m)
+}
+pub fn set_sigmask(pid: Pid, m: u64) -> io::Result<()> {
+    ptrace(PTRACE_SETSIGMASK, pid, 8, &m as *const u64 as u64).map(drop)
+}
+pub fn peek_data(pid: Pid, addr: u64) -> io::Result<u64> {
+    ptrace(libc::PTRACE_PEEKDATA, pid, addr, 0).map(|v| v as u64)
+}
+pub fn poke_data(pid: Pid, addr: u64, val: u64) -> io::Result<()> {
+    ptrace(libc::PTRACE_POKEDATA, pid, addr, val).map(drop)
+}
+
+/// Pending signals of one queue (`shared` = the process-wide one), as raw 128-byte siginfos.
+pub fn peek_siginfo(pid: Pid, shared: bool) -> io::Result<Vec<[u8; 128]>> {
+    #[repr(C)]
+    struct Args {
+        off: u64,
+        flags: u32,
+        nr: i32,
+    }
+    let mut out = Vec::new();
+    let mut buf = vec![[0u8; 128]; 32];
+    loop {
+        let a = Args {
+            off: out.len() as u64,
+            flags: shared as u32,
+            nr: buf.len() as i32,
+        };
+        let n = ptrace(
+            PTRACE_PEEKSIGINFO,
+            pid,
+            &a as *const Args as u64,
+            buf.as_mut_ptr() as u64,
+        )?;
+        if n <= 0 {
+            return Ok(out);
+        }
+        out.extend_from_slice(&buf[..n as usize]);
+        if out.len() > 1 << 16 {
+            return Ok(out);
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RseqConf {
+    pub ptr: u64,
+    pub len: u32,
+    pub sig: u32,
+}
+pub fn get_rseq(pid: Pid) -> io::Result<Option<RseqConf>> {
+    #[repr(C)]
+    #[derive(Default)]
+    struct Conf {
+        ptr: u64,
+        len: u32,
+        sig: u32,
+        flags: u32,
+        pad: u32,
+    }
+    let mut c = Conf::default();
+    let n = ptrace(
+        PTRACE_GET_RSEQ_CONFIGURATION,
+        pid,
+        std::mem::size_of::<Conf>() as u64,
+        &mut c as *mut Conf as u64,
+    )?;
+    if n <= 0 || c.ptr == 0 {
+        return Ok(None);
+    }
+    Ok(Some(RseqConf {
+        ptr: c.ptr,
+        len: c.len,
+        sig: c.sig,
+    }))
+}
+
+/// Raw wait status of `pid` (`__WALL`).
+pub fn wait(pid: Pid) -> io::Result<i32> {
+    let mut st = 0;
+    loop {
+        // SAFETY: `st` is a valid out pointer.
+        let r = unsafe { libc::waitpid(pid, &mut st, libc::__WALL) };
+        if r == -1 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        return Ok(st);
+    }
+}
+/// Non-blocking wait: `Some(status)` when `pid` changed state.
+pub fn wait_nohang(pid: Pid) -> io::Result<Option<i32>> {
+    let mut st = 0;
+    // SAFETY: `st` is a valid out pointer.
+    let r = unsafe { libc::waitpid(pid, &mut st, libc::__WALL | libc::WNOHANG) };
+    if r == -1 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(if r == 0 { None } else { Some(st) })
+}
+
+pub fn kill(pid: Pid, sig: i32) -> io::Result<()> {
+    // SAFETY: plain syscall with integer arguments.
+    cvt(unsafe { libc::kill(pid, sig) } as libc::c_long).map(drop)
+}
+
+// ---------------------------------------------------------------- remote memory
+
+/// Reads `remote.len()` ranges of `pid` into consecutive parts of `local`; returns bytes read.
+pub fn vm_read(pid: Pid, local: &mut [u8], remote: &[(u64, usize)]) -> io::Result<usize> {
+    let liov = libc::iovec {
+        iov_base: local.as_mut_ptr().cast(),
+        iov_len: local.len(),
+    };
+    let riov: Vec<libc::iovec> = remote
+        .iter()
+        .map(|&(a, l)| libc::iovec {
+            iov_base: a as *mut _,
+            iov_len: l,
+        })
+        .collect();
+    // SAFETY: local iovec covers `local` (exclusively borrowed); remote addresses are only
+    // interpreted in the other process.
+    let r = unsafe { libc::process_vm_readv(pid, &liov, 1, riov.as_ptr(), riov.len() as _, 0) };
+    cvt(r as libc::c_long).map(|n| n as usize)
+}
+
+/// Writes consecutive parts of `local` into the ranges `remote` of `pid`; returns bytes written.
+pub fn vm_write(pid: Pid, local: &[u8], remote: &[(u64, usize)]) -> io::Result<usize> {
+    let liov = libc::iovec {
+        iov_base: local.as_ptr() as *mut _,
+        iov_len: local.len(),
+    };
+    let riov: Vec<libc::iovec> = remote
+        .iter()
+        .map(|&(a, l)| libc::iovec {
+            iov_base: a as *mut _,
+            iov_len: l,
+        })
+        .collect();
+    // SAFETY: the local buffer is only read; remote addresses are only interpreted in the other
+    // process.
+    let r = unsafe { libc::process_vm_writev(pid, &liov, 1, riov.as_ptr(), riov.len() as _, 0) };
+    cvt(r as libc::c_long).map(|n| n as usize)
+}
+
+/// Whole-buffer positional read (for `/proc/PID/{mem,pagemap}`).
+pub fn pread_exact(fd: &impl AsRawFd, buf: &mut [u8], off: u64) -> io::Result<()> {
+    let mut done = 0;
+    while done < buf.len() {
+        // SAFETY: writes at most `buf.len() - done` bytes into the tail of `buf`.
+        let r = unsafe {
+            libc::pread(
+                fd.as_raw_fd(),
+                buf[done..].as_mut_ptr().cast(),
+                buf.len() - done,
+                (off + done as u64) as libc::off_t,
+            )
+        };
+        let n = cvt(r as libc::c_long)?;
+        if n == 0 {
+            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "short read"));
+        }
+        done += n as usize;
+    }
+    Ok(())
+}
+
+/// A read-only private mapping of a whole file (the image's page data).
+pub struct MappedFile {
+    ptr: *mut u8,
+    len: usize,
+}
+// SAFETY: the mapping is read-only and owned by this value.
+unsafe impl Send for MappedFile {}
+impl MappedFile {
+    pub fn map(file: &std::fs::File, len: usize) -> io::Result<MappedFile> {
+        if len == 0 {
+            return Ok(MappedFile {
+                ptr: std::ptr::NonNull::dangling().as_ptr(),
+                len: 0,
+            });
+        }
+        // SAFETY: new read-only mapping of an open file; the kernel chooses the address.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ,
+                libc::MAP_PRIVATE,
+                file.as_raw_fd(),
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(MappedFile { ptr: p.cast(), len })
+    }
+    pub fn bytes(&self) -> &[u8] {
+        // SAFETY: ptr/len describe a live read-only mapping owned by self.
+        unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
+    }
+}
+impl Drop for MappedFile {
+    fn drop(&mut self) {
+        if self.len > 0 {
+            // SAFETY: unmapping exactly the mapping created in `map`.
+            unsafe { libc::munmap(self.ptr.cast(), self.len) };
+        }
+    }
+}
+
+// ---------------------------------------------------------------- misc process queries
+
+pub fn kcmp_file(pid: Pid, fd1: i32, fd2: i32) -> io::Result<bool> {
+    // SAFETY: integer-only syscall.
+    let r = unsafe {
+        libc::syscall(libc::SYS_kcmp, pid, pid, 0 /* KCMP_FILE */, fd1, fd2)
+    };
+    cvt(r).map(|v| v == 0)
+}
+
+pub fn pidfd_open(pid: Pid) -> io::Result<OwnedFd> {
+    // SAFETY: integer-only syscall; the returned fd is owned by the OwnedFd.
+    let r = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    cvt(r).map(|fd| unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+}
+pub fn pidfd_getfd(pidfd: &OwnedFd, fd: i32) -> io::Result<OwnedFd> {
+    // SAFETY: integer-only syscall; the returned fd is owned by the OwnedFd.
+    let r = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), fd, 0) };
+    cvt(r).map(|fd| unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+}
+pub fn getsockopt_int(fd: &OwnedFd, level: i32, opt: i32) -> io::Result<i32> {
+    let mut v: libc::c_int = 0;
+    let mut l = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: v/l are valid out pointers of the declared size.
+    let r = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            level,
+            opt,
+            (&mut v as *mut i32).cast(),
+            &mut l,
+        )
+    };
+    cvt(r as libc::c_long).map(|_| v)
+}
+/// The bound path of an AF_UNIX socket (None when unnamed or abstract).
+pub fn unix_sock_path(fd: &OwnedFd) -> io::Result<Option<Vec<u8>>> {
+    // SAFETY: sockaddr_un is plain data; zero is a valid value.
+    let mut sa: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    let mut l = std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t;
+    // SAFETY: sa/l are valid out pointers of the declared size.
+    let r = unsafe {
+        libc::getsockname(
+            fd.as_raw_fd(),
+            (&mut sa as *mut libc::sockaddr_un).cast(),
+            &mut l,
+        )
+    };
+    cvt(r as libc::c_long)?;
+    let n = (l as usize).saturating_sub(2);
+    let p: Vec<u8> = sa.sun_path[..n.min(108)].iter().map(|&c| c as u8).collect();
+    if p.is_empty() || p[0] == 0 {
+        return Ok(None);
+    }
+    Ok(Some(p.into_iter().take_while(|&c| c != 0).collect()))
+}
+
+/// Copies up to `len` bytes queued in pipe `fd` without consuming them (tee into a fresh pipe).
+pub fn pipe_peek(fd: &OwnedFd, len: usize) -> io::Result<Vec<u8>> {
+    let mut p = [0i32; 2];
+    // SAFETY: p is a valid 2-int out array.
+    cvt(
+        unsafe { libc::pipe2(p.as_mut_ptr(), libc::O_CLOEXEC | libc::O_NONBLOCK) } as libc::c_long,
+    )?;
+    // SAFETY: the two fds were just created and are owned here.
+    let (r, w) = unsafe { (OwnedFd::from_raw_fd(p[0]), OwnedFd::from_raw_fd(p[1])) };
+    // SAFETY: integer-only fcntl.
+    unsafe {
+        libc::fcntl(
+            w.as_raw_fd(),
+            libc::F_SETPIPE_SZ,
+            len.max(4096) as libc::c_int,
+        )
+    };
+    // SAFETY: tee between two pipe fds, no user memory.
+    let n = unsafe { libc::tee(fd.as_raw_fd(), w.as_raw_fd(), len, libc::SPLICE_F_NONBLOCK) };
+    if n < 0 {
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::EAGAIN) {
+            return Ok(Vec::new());
+        }
+        return Err(e);
+    }
+    let mut out = vec![0u8; n as usize];
+    let mut done = 0;
+    while done < out.len() {
+        // SAFETY: reads into the tail of `out`.
+        let k = unsafe {
+            libc::read(
+                r.as_raw_fd(),
+                out[done..].as_mut_ptr().cast(),
+                out.len() - done,
+            )
+        };
+        let k = cvt(k as libc::c_long)?;
+        if k == 0 {
+            break;
+        }
+        done += k as usize;
+    }
+    out.truncate(done);
+    Ok(out)
+}
+pub fn pipe_size(fd: &OwnedFd) -> io::Result<usize> {
+    // SAFETY: integer-only fcntl.
+    cvt(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETPIPE_SZ) } as libc::c_long)
+        .map(|v| v as usize)
+}
+
+pub fn prlimit(pid: Pid, res: u32, new: Option<(u64, u64)>) -> io::Result<(u64, u64)> {
+    let n = new.map(|(c, m)| libc::rlimit64 {
+        rlim_cur: c,
+        rlim_max: m,
+    });
+    let mut old = libc::rlimit64 {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: valid in/out pointers to rlimit64 values (new may be null).
+    let r = unsafe {
+        libc::prlimit64(
+            pid,
+            res as _,
+            n.as_ref().map_or(std::ptr::null(), |x| x as *const _),
+            &mut old,
+        )
+    };
+    cvt(r as libc::c_long).map(|_| (old.rlim_cur, old.rlim_max))
+}
+
+/// CPU affinity of one thread, as mask words.
+pub fn get_affinity(tid: Pid) -> io::Result<Vec<u64>> {
+    let mut m = vec![0u64; 16]; // 1024 CPUs
+                                // SAFETY: the kernel writes at most the given size into `m`.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_sched_getaffinity,
+            tid,
+            m.len() * 8,
+            m.as_mut_ptr(),
+        )
+    };
+    let n = cvt(r)? as usize;
+    m.truncate(n.div_ceil(8));
+    Ok(m)
+}
+pub fn set_affinity(tid: Pid, m: &[u64]) -> io::Result<()> {
+    // SAFETY: the kernel reads `m.len() * 8` bytes from `m`.
+    let r = unsafe { libc::syscall(libc::SYS_sched_setaffinity, tid, m.len() * 8, m.as_ptr()) };
+    cvt(r).map(drop)
+}
+/// Nice value of one thread.
+pub fn get_nice(tid: Pid) -> io::Result<i32> {
+    // SAFETY: integer-only syscall; the raw syscall returns 20 - nice.
+    let r = unsafe { libc::syscall(libc::SYS_getpriority, libc::PRIO_PROCESS, tid) };
+    cvt(r).map(|v| 20 - v as i32)
+}
+pub fn set_nice(tid: Pid, nice: i32) -> io::Result<()> {
+    // SAFETY: integer-only syscall.
+    let r = unsafe { libc::syscall(libc::SYS_setpriority, libc::PRIO_PROCESS, tid, nice) };
+    cvt(r).map(drop)
+}
+
+pub fn get_robust_list(pid: Pid) -> io::Result<(u64, u64)> {
+    let mut head = 0u64;
+    let mut len = 0usize;
+    // SAFETY: valid out pointers.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_get_robust_list,
+            pid,
+            &mut head as *mut u64,
+            &mut len as *mut usize,
+        )
+    };
+    cvt(r).map(|_| (head, len as u64))
+}
+
+pub fn cpuid(leaf: u32, sub: u32) -> [u32; 4] {
+    #[allow(unused_unsafe)]
+    // SAFETY: CPUID is available on every x86_64 CPU.
+    let r = unsafe { core::arch::x86_64::__cpuid_count(leaf, sub) };
+    [r.eax, r.ebx, r.ecx, r.edx]
+}
+
+/// Start and end of this process's own vDSO, for its content hash.
+pub fn own_vdso() -> Option<&'static [u8]> {
+    // SAFETY: getauxval is always safe to call.
+    let base = unsafe { libc::getauxval(libc::AT_SYSINFO_EHDR) } as usize;
+    if base == 0 {
+        return None;
+    }
+    let maps = std::fs::read_to_string("/proc/self/maps").ok()?;
+    for l in maps.lines() {
+        if l.ends_with("[vdso]") {
+            let (a, rest) = l.split_once('-')?;
+            let b = rest.split_whitespace().next()?;
+            let a = usize::from_str_radix(a, 16).ok()?;
+            let b = usize::from_str_radix(b, 16).ok()?;
+            if a == base {
+                // SAFETY: the vDSO is mapped readable for the life of the process.
+                return Some(unsafe { std::slice::from_raw_parts(a as *const u8, b - a) });
+            }
+        }
+    }
+    None
+}
+
+// ---------------------------------------------------------------- spawning the restore stub
+
+pub fn memfd_with(name: &str, data: &[u8]) -> io::Result<OwnedFd> {
+    let n = CString::new(name).unwrap();
+    // SAFETY: valid C string; fd owned below.
+    let fd = cvt(unsafe { libc::memfd_create(n.as_ptr(), libc::MFD_CLOEXEC) } as libc::c_long)?;
+    // SAFETY: fd was just created.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd as RawFd) };
+    let mut f = std::fs::File::from(fd);
+    std::io::Write::write_all(&mut f, data)?;
+    Ok(OwnedFd::from(f))
+}
+
+/// What sock_diag tells about one AF_UNIX socket: (peer inode, shutdown mask).
+pub fn unix_peer(ino: u32) -> io::Result<(u32, u8)> {
+    // SAFETY: plain socket creation; the fd is owned below.
+    let fd = cvt(unsafe {
+        libc::socket(
+            libc::AF_NETLINK,
+            libc::SOCK_DGRAM | libc::SOCK_CLOEXEC,
+            4, /* NETLINK_SOCK_DIAG */
+        )
+    } as libc::c_long)?;
+    // SAFETY: fd was just created.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd as RawFd) };
+    let mut req = [0u8; 16 + 24];
+    req[0..4].copy_from_slice(&40u32.to_le_bytes());
+    req[4..6].copy_from_slice(&20u16.to_le_bytes()); // SOCK_DIAG_BY_FAMILY
+    req[6..8].copy_from_slice(&1u16.to_le_bytes()); // NLM_F_REQUEST
+    req[16] = libc::AF_UNIX as u8;
+    req[20..24].copy_from_slice(&u32::MAX.to_le_bytes()); // all states
+    req[24..28].copy_from_slice(&ino.to_le_bytes());
+    req[28..32].copy_from_slice(&(4u32 | 0x10).to_le_bytes()); // UDIAG_SHOW_PEER | RQLEN
+    req[32..40].copy_from_slice(&[0xff; 8]); // no cookie
+                                             // SAFETY: sends `req` (valid for its length) to the kernel (default destination).
+    cvt(unsafe { libc::send(fd.as_raw_fd(), req.as_ptr().cast(), req.len(), 0) } as libc::c_long)?;
+    let mut buf = vec![0u8; 8192];
+    // SAFETY: receives into `buf` (valid for its length).
+    let n = cvt(
+        unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) }
+            as libc::c_long,
+    )? as usize;
+    let u16_at = |o: usize| u16::from_le_bytes([buf[o], buf[o + 1]]);
+    let u32_at = |o: usize| u32::from_le_bytes(buf[o..o + 4].try_into().unwrap());
+    if n < 16 || u16_at(4) == 2
+    /* NLMSG_ERROR */
+    {
+        let errno = if n >= 20 {
+            -(u32_at(16) as i32)
+        } else {
+            libc::EIO
+        };
+        return Err(io::Error::from_raw_os_error(errno.max(1)));
+    }
+    let (mut peer, mut shut) = (0u32, 0u8);
+    let mut o = 16 + 16; // nlmsghdr + unix_diag_msg
+    let end = (u32_at(0) as usize).min(n);
+    while o + 4 <= end {
+        let len = u16_at(o) as usize;
+        let ty = u16_at(o + 2);
+        if len < 4 {
+            break;
+        }
+        match ty {
+            2 if len >= 8 => peer = u32_at(o + 4), // UNIX_DIAG_PEER
+            6 if len >= 5 => shut = buf[o + 4],    // UNIX_DIAG_SHUTDOWN
+            _ => {}
+        }
+        o += (len + 3) & !3;
+    }
+    Ok((peer, shut))
+}
+
+/// Bytes queued for reading on a stream socket, copied without consuming them (MSG_PEEK).
+pub fn sock_peek(fd: &OwnedFd, max: usize) -> io::Result<Vec<u8>> {
+    let mut buf = vec![0u8; max];
+    // SAFETY: receives into `buf` (valid for its length).
+    let n = unsafe {
+        libc::recv(
+            fd.as_raw_fd(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+            libc::MSG_PEEK | libc::MSG_DONTWAIT,
+        )
+    };
+    if n < 0 {
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::EAGAIN) {
+            return Ok(Vec::new());
+        }
+        return Err(e);
+    }
+    buf.truncate(n as usize);
+    Ok(buf)
+}
+
+/// F_GET_SEALS of a memfd.
+pub fn memfd_seals(f: &impl AsRawFd) -> io::Result<u32> {
+    // SAFETY: integer-only fcntl.
+    cvt(unsafe { libc::fcntl(f.as_raw_fd(), libc::F_GET_SEALS) } as libc::c_long).map(|v| v as u32)
+}
+
+/// A memfd named `name` holding `data`, then sealed with `seals`.
+pub fn memfd_with_seals(name: &str, data: &[u8], seals: u32) -> io::Result<OwnedFd> {
+    let n = CString::new(name).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    // SAFETY: valid C string; the fd is owned below.
+    let fd =
+        cvt(
+            unsafe { libc::memfd_create(n.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) }
+                as libc::c_long,
+        )?;
+    // SAFETY: fd was just created.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd as RawFd) };
+    let mut f = std::fs::File::from(fd);
+    std::io::Write::write_all(&mut f, data)?;
+    if seals != 0 {
+        // SAFETY: integer-only fcntl.
+        cvt(
+            unsafe { libc::fcntl(f.as_raw_fd(), libc::F_ADD_SEALS, seals as libc::c_int) }
+                as libc::c_long,
+        )?;
+    }
+    Ok(OwnedFd::from(f))
+}
+
+/// Forks a child (with PID `want` when given and free) that asks to be traced and executes the
+/// static stub in `stub_fd`. Returns the child's pid; it stops with SIGTRAP after the execve.
+/// `want` taken: falls back to an ordinary fork (returned flag false).
+pub fn spawn_traced_stub(stub_fd: &OwnedFd, want: Option<Pid>) -> io::Result<(Pid, bool)> {
+    #[repr(C)]
+    struct CloneArgs {
+        flags: u64,
+        pidfd: u64,
+        child_tid: u64,
+        parent_tid: u64,
+        exit_signal: u64,
+        stack: u64,
+        stack_size: u64,
+        tls: u64,
+        set_tid: u64,
+        set_tid_size: u64,
+        cgroup: u64,
+    }
+    let empty = [0u8; 1];
+    let argv: [*const libc::c_char; 2] = [c"dvk-restore".as_ptr(), std::ptr::null()];
+    let envp: [*const libc::c_char; 1] = [std::ptr::null()];
+    let raw = stub_fd.as_raw_fd();
+    let child = |_: ()| -> ! {
+        // SAFETY: runs in the forked child of a possibly multi-threaded parent: only raw,
+        // async-signal-safe syscalls until execve replaces the image.
+        unsafe {
+            libc::syscall(libc::SYS_ptrace, libc::PTRACE_TRACEME, 0, 0, 0);
+            libc::syscall(
+                libc::SYS_execveat,
+                raw,
+                empty.as_ptr(),
+                argv.as_ptr(),
+                envp.as_ptr(),
+                libc::AT_EMPTY_PATH,
+            );
+            libc::syscall(libc::SYS_exit_group, 127);
+        }
+        #[allow(clippy::empty_loop)]
+        loop {}
+    };
+    if let Some(p) = want {
+        let tids = [p as u64];
+        let args = CloneArgs {
+            flags: 0,
+            pidfd: 0,
+            child_tid: 0,
+            parent_tid: 0,
+            exit_signal: libc::SIGCHLD as u64,
+            stack: 0,
+            stack_size: 0,
+            tls: 0,
+            set_tid: tids.as_ptr() as u64,
+            set_tid_size: 1,
+            cgroup: 0,
+        };
+        // SAFETY: fork-like clone3 (no CLONE_VM): the child gets a copy of memory and only
+        // calls `child` above; args/tids live across the call.
+        let r = unsafe {
+            libc::syscall(
+                libc::SYS_clone3,
+                &args as *const CloneArgs,
+                std::mem::size_of::<CloneArgs>(),
+            )
+        };
+        if r == 0 {
+            child(());
+        }
+        if r > 0 {
+            return Ok((r as Pid, true));
+        }
+        // EEXIST (taken), EPERM/EINVAL (no privilege / nested namespace): ordinary fork.
+    }
+    // SAFETY: as above, the child only runs raw syscalls before execve.
+    let r = unsafe { libc::fork() };
+    if r == 0 {
+        child(());
+    }
+    cvt(r as libc::c_long).map(|p| (p as Pid, false))
+}

@@ -1,0 +1,213 @@
+//! Threads other than the main one (DESIGN §5 step 8).
+//!
+//! Collect: every thread was seized and interrupted by the freeze; per thread, its registers and
+//! xstate, signal mask, private pending signals, name, robust list and rseq (from outside), and
+//! what only the thread itself can tell — its sigaltstack and `clear_child_tid` address — by
+//! syscalls injected into that thread.
+//!
+//! Rebuild: after the address space, the fds and the handlers exist, the main thread runs an
+//! injected `clone3(CLONE_VM|FS|FILES|SIGHAND|THREAD|SYSVSEM)` with `set_tid` = the old tid
+//! (`PTRACE_O_TRACECLONE` attaches the new thread); inside the new thread: `set_tid_address`,
+//! `set_robust_list`, rseq, sigaltstack, name; then its xstate, registers and mask. The threads
+//! stay stopped until the main thread's final step, then all are detached.
+
+use serde::{Deserialize, Serialize};
+
+use crate::cpu::{self, CpuState};
+use crate::error::{pt, Error, Result};
+use crate::freeze::Frozen;
+use crate::inject::{u64_at, Remote};
+use crate::proc::proc_path;
+use crate::sys::{self, Pid, RseqConf};
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ThreadState {
+    pub tid: i32,
+    pub comm: String,
+    pub cpu: CpuState,
+    pub sigmask: u64,
+    pub pending: Vec<Vec<u8>>,
+    pub altstack: Option<(u64, i32, u64)>,
+    pub tid_address: u64,
+    pub robust_list: (u64, u64),
+    pub rseq: Option<RseqConf>,
+    pub affinity: Vec<u64>,
+    pub nice: i32,
+}
+
+/// Collects every thread but the main one (injection must be prepared on `f`).
+pub fn collect(f: &mut Frozen) -> Result<Vec<ThreadState>> {
+    let pid = f.pid;
+    let mut out = Vec::new();
+    for t in f.threads.clone() {
+        let tid = t.tid;
+        let (mut cpu, _) = cpu::collect(tid, &t.regs)?;
+        let (altstack, tid_address) = f.with_thread(tid, |r| {
+            r.call("sigaltstack", libc::SYS_sigaltstack, &[0, r.scratch])?;
+            let b = r.get(0, 24)?;
+            let flags = u64_at(&b, 8) as u32 as i32;
+            let alt =
+                (flags & libc::SS_DISABLE == 0).then(|| (u64_at(&b, 0), flags, u64_at(&b, 16)));
+            r.call(
+                "prctl(PR_GET_TID_ADDRESS)",
+                libc::SYS_prctl,
+                &[libc::PR_GET_TID_ADDRESS as u64, r.scratch],
+            )?;
+            Ok((alt, u64_at(&r.get(0, 8)?, 0)))
+        })?;
+        let rseq = sys::get_rseq(tid).map_err(pt("PTRACE_GET_RSEQ_CONFIGURATION", tid))?;
+        if let Some(rs) = rseq {
+            crate::dump::abort_rseq_cs(pid, rs.ptr, &mut cpu.regs);
+        }
+        out.push(ThreadState {
+            tid,
+            comm: std::fs::read_to_string(proc_path(pid, &format!("task/{tid}/comm")))
+                .unwrap_or_default()
+                .trim_end()
+                .to_string(),
+            cpu,
+            sigmask: t.sigmask,
+            pending: sys::peek_siginfo(tid, false)
+                .map_err(pt("PTRACE_PEEKSIGINFO", tid))?
+                .iter()
+                .map(|s| s.to_vec())
+                .collect(),
+            altstack,
+            tid_address,
+            robust_list: sys::get_robust_list(tid).map_err(pt("get_robust_list", tid))?,
+            rseq,
+            affinity: sys::get_affinity(tid).map_err(pt("sched_getaffinity", tid))?,
+            nice: sys::get_nice(tid).map_err(pt("getpriority", tid))?,
+        });
+    }
+    Ok(out)
+}
+
+const CLONE_FLAGS: u64 = (libc::CLONE_VM
+    | libc::CLONE_FS
+    | libc::CLONE_FILES
+    | libc::CLONE_SIGHAND
+    | libc::CLONE_THREAD
+    | libc::CLONE_SYSVSEM) as u64;
+
+/// Creates every thread from the main thread `r`, sets its state, and leaves it stopped. The
+/// new tids are pushed to `tids` as soon as they exist (to detach at the end, or to collect if
+/// the rebuild fails).
+pub fn restore(
+    r: &Remote,
+    threads: &[ThreadState],
+    keep_tids: bool,
+    task: &crate::task::TaskState,
+    tids: &mut Vec<Pid>,
+) -> Result<()> {
+    for t in threads {
+        let stack = r.scratch + (r.scratch_len as u64) / 2;
+        let set_tid = r.put(0x100, &(t.tid as u64).to_le_bytes())?;
+        let mut new_tid = -1i64;
+        for with_tid in [keep_tids, false] {
+            let mut args = Vec::with_capacity(88);
+            for v in [
+                CLONE_FLAGS,
+                0,
+                0,
+                0,
+                0, // exit_signal: none for a thread
+                stack,
+                0x10000,
+                0,
+                if with_tid { set_tid } else { 0 },
+                with_tid as u64,
+                0,
+            ] {
+                args.extend_from_slice(&v.to_le_bytes());
+            }
+            let a = r.put(0, &args)?;
+            new_tid = r.raw(libc::SYS_clone3, &[a, args.len() as u64])?;
+            if new_tid > 0 || !with_tid {
+                break;
+            }
+        }
+        if new_tid <= 0 {
+            return Err(Error::Injected {
+                pid: r.pid,
+                call: format!("clone3 (thread {})", t.tid),
+                errno: -new_tid as i32,
+                msg: crate::inject::errno_name(-new_tid as i32),
+            });
+        }
+        let tid = new_tid as Pid;
+        tids.push(tid);
+        // The new thread is attached (PTRACE_O_TRACECLONE) and starts with a stop.
+        let st = sys::wait(tid).map_err(pt("waitpid (new thread)", tid))?;
+        if !libc::WIFSTOPPED(st) {
+            return Err(Error::UnexpectedStop {
+                pid: tid,
+                during: "starting a thread".into(),
+                status: st,
+            });
+        }
+        let base = sys::get_regs(tid).map_err(pt("PTRACE_GETREGS", tid))?;
+        let tr = Remote {
+            pid: tid,
+            gadget: r.gadget,
+            base,
+            scratch: r.scratch,
+            scratch_len: r.scratch_len,
+        };
+        if t.tid_address != 0 {
+            tr.call(
+                "set_tid_address",
+                libc::SYS_set_tid_address,
+                &[t.tid_address],
+            )?;
+        }
+        if t.robust_list.0 != 0 {
+            tr.call(
+                "set_robust_list",
+                libc::SYS_set_robust_list,
+                &[t.robust_list.0, t.robust_list.1],
+            )?;
+        }
+        if let Some(rs) = t.rseq {
+            tr.call(
+                "rseq (register)",
+                libc::SYS_rseq,
+                &[rs.ptr, rs.len as u64, 0, rs.sig as u64],
+            )?;
+        }
+        if let Some((sp, flags, size)) = t.altstack {
+            let mut b = Vec::with_capacity(24);
+            b.extend_from_slice(&sp.to_le_bytes());
+            b.extend_from_slice(&((flags & !libc::SS_ONSTACK) as u32 as u64).to_le_bytes());
+            b.extend_from_slice(&size.to_le_bytes());
+            let p = tr.put(0, &b)?;
+            tr.call("sigaltstack", libc::SYS_sigaltstack, &[p, 0])?;
+        }
+        let mut name = t.comm.as_bytes().to_vec();
+        name.truncate(15);
+        let p = tr.put_cstr(0, &name)?;
+        tr.call(
+            "prctl(PR_SET_NAME)",
+            libc::SYS_prctl,
+            &[libc::PR_SET_NAME as u64, p],
+        )?;
+        for info in &t.pending {
+            let sig = u32::from_le_bytes(info[0..4].try_into().unwrap()) as u64;
+            // Queued by the thread itself: only then does the kernel accept any si_code.
+            let p = tr.put(0, info)?;
+            tr.call(
+                &format!("rt_tgsigqueueinfo({sig}) to thread {tid}"),
+                libc::SYS_rt_tgsigqueueinfo,
+                &[r.pid as u64, tid as u64, sig, p],
+            )?;
+        }
+        // Credentials are per thread in the kernel (glibc's setuid broadcasts them): each thread
+        // drops to the process's identity itself; the main thread stays root until every
+        // thread exists (clone3 with set_tid needs the privilege).
+        crate::task::restore_creds(&tr, task)?;
+        crate::task::restore_sched(tid, &t.affinity, t.nice)?;
+        cpu::restore(tid, &t.cpu)?;
+        sys::set_sigmask(tid, t.sigmask).map_err(pt("PTRACE_SETSIGMASK", tid))?;
+    }
+    Ok(())
+}

@@ -1,0 +1,152 @@
+//! `migrate-cli dump` and `migrate-cli restore`: thin wrappers over the checkpoint engine that
+//! print per-phase timings and sizes (human table, or one JSON object with `--json`).
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use dvk_checkpoint::{AfterDump, RestoreOptions};
+
+/// `println!`/`eprintln!` that ignore a closed pipe (`migrate-cli dump … | head -1`): the
+/// outcome is already decided when the report is printed.
+macro_rules! out {
+    ($($t:tt)*) => {{
+        use std::io::Write;
+        let _ = writeln!(std::io::stdout(), $($t)*);
+    }};
+}
+macro_rules! err {
+    ($($t:tt)*) => {{
+        use std::io::Write;
+        let _ = writeln!(std::io::stderr(), $($t)*);
+    }};
+}
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct DumpArgs {
+    /// Process to dump (real pid).
+    pub pid: i32,
+    /// Image directory (created 0700).
+    #[arg(long)]
+    pub images: PathBuf,
+    /// Leave the process stopped (SIGSTOP; SIGCONT resumes it) instead of killing it.
+    #[arg(long, conflicts_with = "leave_running")]
+    pub leave_stopped: bool,
+    /// Leave the process running (a snapshot) instead of killing it.
+    #[arg(long)]
+    pub leave_running: bool,
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct RestoreArgs {
+    /// Image directory written by `dump`.
+    #[arg(long)]
+    pub images: PathBuf,
+    /// Leave the restored process stopped (SIGCONT resumes it).
+    #[arg(long)]
+    pub stopped: bool,
+    /// Do not try to keep the image's pid.
+    #[arg(long)]
+    pub new_pid: bool,
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+/// Phases in their order: `[{"phase": "freeze", "ms": 0.2}, …]`.
+fn phases_json(p: &[(&'static str, Duration)]) -> serde_json::Value {
+    p.iter()
+        .map(|(n, d)| serde_json::json!({"phase": n, "ms": ms(*d)}))
+        .collect()
+}
+
+fn print_phases(p: &[(&'static str, Duration)]) {
+    for (n, d) in p {
+        out!("  {n:<8} {:>9.3} ms", ms(*d));
+    }
+}
+
+pub fn run_dump(args: &DumpArgs) -> anyhow::Result<()> {
+    let after = if args.leave_running {
+        AfterDump::LeaveRunning
+    } else if args.leave_stopped {
+        AfterDump::LeaveStopped
+    } else {
+        AfterDump::Kill
+    };
+    let r = dvk_checkpoint::dump(args.pid, &args.images, after)?;
+    if args.json {
+        let v = serde_json::json!({
+            "pid": r.pid,
+            "images": args.images,
+            "phases": phases_json(&r.phases),
+            "frozen_ms": ms(r.frozen),
+            "total_ms": ms(r.total),
+            "pages_bytes": r.pages_bytes,
+            "manifest_bytes": r.manifest_bytes,
+            "vmas": r.vmas,
+            "fds": r.fds,
+        });
+        out!("{v}");
+    } else {
+        out!(
+            "dumped pid {} to {}: {:.1} MiB of pages, {} B manifest, {} mappings, {} fds",
+            r.pid,
+            args.images.display(),
+            r.pages_bytes as f64 / (1 << 20) as f64,
+            r.manifest_bytes,
+            r.vmas,
+            r.fds
+        );
+        print_phases(&r.phases);
+        out!(
+            "  frozen   {:>9.3} ms\n  total    {:>9.3} ms",
+            ms(r.frozen),
+            ms(r.total)
+        );
+    }
+    Ok(())
+}
+
+pub fn run_restore(args: &RestoreArgs) -> anyhow::Result<()> {
+    let opts = RestoreOptions {
+        stopped: args.stopped,
+        new_pid: args.new_pid,
+        ..Default::default()
+    };
+    let r = dvk_checkpoint::restore(&args.images, &opts)?;
+    if args.json {
+        let v = serde_json::json!({
+            "pid": r.pid,
+            "same_pid": r.same_pid,
+            "phases": phases_json(&r.phases),
+            "total_ms": ms(r.total),
+            "pages_bytes": r.pages_bytes,
+        });
+        out!("{v}");
+    } else {
+        out!("{}", r.pid);
+        err!(
+            "restored pid {}{} from {}: {:.1} MiB of pages",
+            r.pid,
+            if r.same_pid {
+                " (same pid)"
+            } else {
+                " (new pid)"
+            },
+            args.images.display(),
+            r.pages_bytes as f64 / (1 << 20) as f64
+        );
+        for (n, d) in &r.phases {
+            err!("  {n:<8} {:>9.3} ms", ms(*d));
+        }
+        err!("  total    {:>9.3} ms", ms(r.total));
+    }
+    Ok(())
+}

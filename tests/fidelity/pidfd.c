@@ -1,0 +1,11 @@
+/* A pidfd: the dump is refused naming the fd; the process runs on. */
+#include "fidelity.h"
+
+int main(void) {
+    fid_init();
+    int fd = syscall(SYS_pidfd_open, getpid(), 0);
+    ready();
+    wait_go();
+    CHECK(fd >= 0 && fcntl(fd, F_GETFD) != -1, "pidfd gone");
+    return finish();
+}
