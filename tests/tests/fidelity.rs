@@ -29,6 +29,22 @@ struct Prog {
     pid: i32,
 }
 
+/// A test that fails half-way must not leave its program behind: kill it if it is
+/// still our unreaped child (waitpid says so; a reaped pid that was reused by someone
+/// else is not our child and is left alone).
+impl Drop for Prog {
+    fn drop(&mut self) {
+        let mut st = 0;
+        // SAFETY: waitpid/kill take integers and a valid out pointer; only our own child is killed.
+        unsafe {
+            if libc::waitpid(self.pid, &mut st, libc::WNOHANG) == 0 {
+                libc::kill(self.pid, libc::SIGKILL);
+                libc::waitpid(self.pid, &mut st, 0);
+            }
+        }
+    }
+}
+
 fn src_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("fidelity")
 }
@@ -261,7 +277,7 @@ fn python_interpreter() {
     python("import os, sys, time, hashlib\n\
         d = {i: str(i) * 10 for i in range(200000)}\n\
         print('READY', flush=True)\n\
-        while not os.path.exists('go'): time.sleep(0.005)\n\
+        while not os.path.exists('go') and time.time() < DEADLINE: time.sleep(0.005)\n\
         h = hashlib.sha256(''.join(d[i] for i in range(0, 200000, 7)).encode()).hexdigest()\n\
         want = hashlib.sha256(''.join(str(i) * 10 for i in range(0, 200000, 7)).encode()).hexdigest()\n\
         print('PASS' if h == want and len(d) == 200000 else 'FAIL', flush=True)\n");
@@ -277,7 +293,7 @@ fn python_threads() {
         def work(n):\n\
         \x20   local.n = n\n\
         \x20   total = 0\n\
-        \x20   while not os.path.exists('go'):\n\
+        \x20   while not os.path.exists('go') and time.time() < DEADLINE:\n\
         \x20       total += sum(range(1000)); time.sleep(0.001)\n\
         \x20   results[n] = (local.n == n, threading.get_ident() == idents[n])\n\
         idents = {}\n\
@@ -303,7 +319,7 @@ fn python_asyncio() {
         \x20   t = asyncio.create_task(producer(q))\n\
         \x20   loop = asyncio.get_running_loop()\n\
         \x20   print('READY', flush=True)\n\
-        \x20   while not os.path.exists('go'):\n\
+        \x20   while not os.path.exists('go') and time.time() < DEADLINE:\n\
         \x20       got.append(await q.get())\n\
         \x20   fut = loop.run_in_executor(None, sum, range(10))\n\
         \x20   ok = got == list(range(len(got))) and await fut == 45\n\
@@ -332,8 +348,10 @@ fn python(script: &str) {
         .prefix("dvk-fid-python-")
         .tempdir()
         .unwrap();
+    // Every wait in the scripts is bounded: a test that dies never leaves one spinning.
+    let script = format!("import time\nDEADLINE = time.time() + 60\n{script}");
     let child = close_stray_fds(&mut Command::new("python3"))
-        .args(["-c", script])
+        .args(["-c", &script])
         .current_dir(dir.path())
         .stdin(Stdio::null())
         .stdout(File::create(dir.path().join("out")).unwrap())
