@@ -11,8 +11,8 @@ use parking_lot::Mutex;
 use pidvirt::{EndpointEntry, EndpointKey, NodeId, ProcessEntry, RoutingTable, Vpid};
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
 

@@ -76,11 +76,7 @@ fn spawn_workload(len: usize) -> anyhow::Result<Workload> {
     if pid < 0 {
         bail!("fork failed");
     }
-    let w = Workload {
-        pid,
-        addr: p as u64,
-        len,
-    };
+    let w = Workload { pid, addr: p as u64, len };
     // Ready once the child's first word is 1 (written after the fill).
     let t = Instant::now();
     loop {
@@ -162,8 +158,7 @@ pub fn run(args: &CheckpointBenchArgs) -> anyhow::Result<()> {
         let mut off = 0;
         while off < w.len {
             let n = (w.len - off).min(buf.len());
-            ck::sys::vm_read(w.pid, &mut buf[..n], &[(w.addr + off as u64, n)])
-                .context("baseline read")?;
+            ck::sys::vm_read(w.pid, &mut buf[..n], &[(w.addr + off as u64, n)]).context("baseline read")?;
             off += n;
         }
         let base = mbps(w.len as u64, t.elapsed());
@@ -210,16 +205,9 @@ pub fn run(args: &CheckpointBenchArgs) -> anyhow::Result<()> {
             wbase
         );
         let phases = |p: &[(&'static str, Duration)]| {
-            p.iter()
-                .map(|(n, d)| format!("{n} {:.1}", d.as_secs_f64() * 1e3))
-                .collect::<Vec<_>>()
-                .join(", ")
+            p.iter().map(|(n, d)| format!("{n} {:.1}", d.as_secs_f64() * 1e3)).collect::<Vec<_>>().join(", ")
         };
-        println!(
-            "           dump phases (ms): {}; frozen {:.1}",
-            phases(&d.phases),
-            d.frozen.as_secs_f64() * 1e3
-        );
+        println!("           dump phases (ms): {}; frozen {:.1}", phases(&d.phases), d.frozen.as_secs_f64() * 1e3);
         println!("           restore phases (ms): {}", phases(&r.phases));
     }
     Ok(())

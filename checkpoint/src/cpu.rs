@@ -49,13 +49,7 @@ pub fn ident_here() -> CpuIdent {
     let l7 = sys::cpuid(7, 0);
     let d = sys::cpuid(0xd, 0);
     CpuIdent {
-        features: [
-            l1[2] & !LEAF1_ECX_IGNORE,
-            l1[3] & !LEAF1_EDX_IGNORE,
-            l7[1],
-            l7[2] & !LEAF7_ECX_IGNORE,
-            l7[3],
-        ],
+        features: [l1[2] & !LEAF1_ECX_IGNORE, l1[3] & !LEAF1_EDX_IGNORE, l7[1], l7[2] & !LEAF7_ECX_IGNORE, l7[3]],
         xfeatures: d[0] as u64 | (d[3] as u64) << 32,
     }
 }
@@ -64,13 +58,7 @@ impl CpuIdent {
     /// Refuses when this machine lacks a CPU feature or xstate component the image uses.
     pub fn check_here(&self) -> Result<()> {
         let here = ident_here();
-        let names = [
-            "CPUID.1:ECX",
-            "CPUID.1:EDX",
-            "CPUID.7:EBX",
-            "CPUID.7:ECX",
-            "CPUID.7:EDX",
-        ];
+        let names = ["CPUID.1:ECX", "CPUID.1:EDX", "CPUID.7:EBX", "CPUID.7:ECX", "CPUID.7:EDX"];
         for ((name, have), want) in names.iter().zip(here.features).zip(self.features) {
             let missing = want & !have;
             if missing != 0 {
@@ -98,14 +86,7 @@ pub fn collect(pid: Pid, stopped: &Regs) -> Result<(CpuState, CpuIdent)> {
     let mut ident = ident_here();
     ident.xfeatures = xfeatures_of(&buf);
     let regs = crate::freeze::restart_fixup(stopped);
-    Ok((
-        CpuState {
-            regs,
-            stopped_regs: *stopped,
-            xstate: buf,
-        },
-        ident,
-    ))
+    Ok((CpuState { regs, stopped_regs: *stopped, xstate: buf }, ident))
 }
 
 /// Writes xstate then registers (the last thing before the process runs).

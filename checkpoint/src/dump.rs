@@ -60,19 +60,13 @@ pub fn preflight(pid: Pid, opts: &DumpOptions) -> Result<()> {
     if !children.is_empty() {
         return Err(Error::Unsupported {
             pid,
-            what: format!(
-                "a process with children (pids {}): process trees",
-                children.join(", ")
-            ),
+            what: format!("a process with children (pids {}): process trees", children.join(", ")),
         });
     }
     // POSIX timers are not carried yet: refuse rather than lose them (file locks: files.rs).
     if let Ok(t) = std::fs::read_to_string(proc::proc_path(pid, "timers")) {
         if let Some(id) = t.lines().find_map(|l| l.strip_prefix("ID: ")) {
-            return Err(Error::Unsupported {
-                pid,
-                what: format!("POSIX timer {id} (timer_create)"),
-            });
+            return Err(Error::Unsupported { pid, what: format!("POSIX timer {id} (timer_create)") });
         }
     }
     Ok(())
@@ -98,10 +92,7 @@ pub fn dump(pid: Pid, dir: &Path, after: AfterDump) -> Result<DumpReport> {
 /// [`dump`] with options.
 pub fn dump_with(pid: Pid, dir: &Path, after: AfterDump, opts: &DumpOptions) -> Result<DumpReport> {
     let start = Instant::now();
-    let mut clk = Clock {
-        last: start,
-        phases: Vec::new(),
-    };
+    let mut clk = Clock { last: start, phases: Vec::new() };
     preflight(pid, opts)?;
     image::create_dir(dir)?;
     clk.lap("check");
@@ -138,22 +129,14 @@ pub fn dump_with(pid: Pid, dir: &Path, after: AfterDump, opts: &DumpOptions) -> 
 pub fn write_image(f: &mut Frozen, dir: &Path, opts: &DumpOptions) -> Result<DumpReport> {
     image::create_dir(dir)?;
     let start = Instant::now();
-    let mut clk = Clock {
-        last: start,
-        phases: Vec::new(),
-    };
+    let mut clk = Clock { last: start, phases: Vec::new() };
     let mut rep = write_image_timed(f, dir, opts, &mut clk)?;
     rep.phases = clk.phases;
     rep.total = start.elapsed();
     Ok(rep)
 }
 
-fn write_image_timed(
-    f: &mut Frozen,
-    dir: &Path,
-    opts: &DumpOptions,
-    clk: &mut Clock,
-) -> Result<DumpReport> {
+fn write_image_timed(f: &mut Frozen, dir: &Path, opts: &DumpOptions, clk: &mut Clock) -> Result<DumpReport> {
     let (manifest, pages_len) = match collect_all(f, dir, opts, clk) {
         Ok(v) => v,
         Err(e) => {
@@ -180,12 +163,7 @@ fn write_image_timed(
 }
 
 /// Everything but the final manifest write, from a frozen process.
-fn collect_all(
-    f: &mut Frozen,
-    dir: &Path,
-    opts: &DumpOptions,
-    clk: &mut Clock,
-) -> Result<(Manifest, u64)> {
+fn collect_all(f: &mut Frozen, dir: &Path, opts: &DumpOptions, clk: &mut Clock) -> Result<(Manifest, u64)> {
     let pid = f.pid;
     let maps = proc::maps(pid)?;
     let vdso = vdso::collect(&maps);
@@ -201,15 +179,9 @@ fn collect_all(
     let gadget_at = maps
         .iter()
         .find(|m| m.path == "[vdso]")
-        .or_else(|| {
-            maps.iter()
-                .find(|m| m.perms[2] == b'x' && m.path != "[vsyscall]")
-        })
+        .or_else(|| maps.iter().find(|m| m.perms[2] == b'x' && m.path != "[vsyscall]"))
         .map(|m| m.start)
-        .ok_or_else(|| Error::Unsupported {
-            pid,
-            what: "process without executable mappings".into(),
-        })?;
+        .ok_or_else(|| Error::Unsupported { pid, what: "process without executable mappings".into() })?;
     let sigmask = f.sigmask;
     let r = f.remote(gadget_at)?;
     let mut sig = signals::collect(r, sigmask)?;
@@ -226,10 +198,7 @@ fn collect_all(
     let m = Manifest {
         pid,
         comm,
-        kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease")
-            .unwrap_or_default()
-            .trim()
-            .to_string(),
+        kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim().to_string(),
         cpu_ident,
         vdso,
         cpu,

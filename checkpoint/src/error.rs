@@ -13,54 +13,27 @@ pub enum Error {
     #[error("fd {fd} ({what}) cannot be moved: {why}")]
     UnsupportedFd { fd: i32, what: String, why: String },
     #[error("mapping {range} {what} cannot be moved: {why}")]
-    UnsupportedMapping {
-        range: String,
-        what: String,
-        why: String,
-    },
+    UnsupportedMapping { range: String, what: String, why: String },
     #[error("process {pid}: {what} cannot be moved")]
     Unsupported { pid: i32, what: String },
 
     // ---- ptrace / injection
     #[error("{op} on process {pid} failed: {err}")]
-    Ptrace {
-        op: &'static str,
-        pid: i32,
-        err: io::Error,
-    },
+    Ptrace { op: &'static str, pid: i32, err: io::Error },
     #[error("process {pid}: unexpected stop while {during} (wait status {status:#x})")]
-    UnexpectedStop {
-        pid: i32,
-        during: String,
-        status: i32,
-    },
+    UnexpectedStop { pid: i32, during: String, status: i32 },
     #[error("process {pid}: injected {call} failed: errno {errno} ({msg})")]
-    Injected {
-        pid: i32,
-        call: String,
-        errno: i32,
-        msg: String,
-    },
+    Injected { pid: i32, call: String, errno: i32, msg: String },
 
     // ---- the image
     #[error("{path}: {err}")]
     Io { path: PathBuf, err: io::Error },
     #[error("{path}: not a dvk checkpoint image (bad magic)")]
     BadMagic { path: PathBuf },
-    #[error(
-        "{path}: image version {found} is not supported (this build reads version {supported})"
-    )]
-    BadVersion {
-        path: PathBuf,
-        found: u32,
-        supported: u32,
-    },
+    #[error("{path}: image version {found} is not supported (this build reads version {supported})")]
+    BadVersion { path: PathBuf, found: u32, supported: u32 },
     #[error("{path}: image is for architecture {found}, this machine is {here}")]
-    BadArch {
-        path: PathBuf,
-        found: u32,
-        here: u32,
-    },
+    BadArch { path: PathBuf, found: u32, here: u32 },
     #[error("{path}: image is truncated ({what})")]
     Truncated { path: PathBuf, what: String },
     #[error("{path}: checksum mismatch in {what} (image corrupted)")]

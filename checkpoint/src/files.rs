@@ -89,7 +89,11 @@ pub enum FileKind {
     },
     /// Left to the caller (e.g. the dvk agent link, a virtual socket): not inspected at dump;
     /// at restore the caller hands in a replacement, installed at this fd with these flags.
-    External { fd: i32, what: String, flags: u32 },
+    External {
+        fd: i32,
+        what: String,
+        flags: u32,
+    },
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -126,13 +130,7 @@ fn pair_ns(s: Option<&str>) -> u64 {
     it.next().unwrap_or(0) * 1_000_000_000 + it.next().unwrap_or(0)
 }
 
-const ALLOWED_DEVS: [&str; 5] = [
-    "/dev/null",
-    "/dev/zero",
-    "/dev/full",
-    "/dev/random",
-    "/dev/urandom",
-];
+const ALLOWED_DEVS: [&str; 5] = ["/dev/null", "/dev/zero", "/dev/full", "/dev/random", "/dev/urandom"];
 
 /// Describes one fd, or refuses it naming it.
 fn describe(pid: Pid, fd: i32, pidfd: &std::os::fd::OwnedFd) -> Result<FileKind> {
@@ -143,35 +141,19 @@ fn describe(pid: Pid, fd: i32, pidfd: &std::os::fd::OwnedFd) -> Result<FileKind>
     let info = std::fs::read_to_string(proc_path(pid, &format!("fdinfo/{fd}")))
         .map_err(|source| Error::NoProcess { pid, err: source })?;
     let flags = octal(field(&info, "flags"));
-    let pos = field(&info, "pos")
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0);
-    let refuse = |why: &str| Error::UnsupportedFd {
-        fd,
-        what: link.clone(),
-        why: why.to_string(),
-    };
+    let pos = field(&info, "pos").and_then(|v| v.parse().ok()).unwrap_or(0);
+    let refuse = |why: &str| Error::UnsupportedFd { fd, what: link.clone(), why: why.to_string() };
     if let Some(name) = crate::memfd::name_of(&link) {
         use std::os::unix::fs::MetadataExt;
-        let md = std::fs::metadata(proc_path(pid, &format!("fd/{fd}")))
-            .map_err(|e| refuse(&e.to_string()))?;
-        return Ok(FileKind::Memfd {
-            ino: md.ino(),
-            name: name.to_string(),
-            flags,
-            pos,
-        });
+        let md = std::fs::metadata(proc_path(pid, &format!("fd/{fd}"))).map_err(|e| refuse(&e.to_string()))?;
+        return Ok(FileKind::Memfd { ino: md.ino(), name: name.to_string(), flags, pos });
     }
     if link.starts_with('/') {
         if link.ends_with(" (deleted)") {
-            return Err(refuse(
-                "the file was deleted while open (deleted-but-open files are not carried)",
-            ));
+            return Err(refuse("the file was deleted while open (deleted-but-open files are not carried)"));
         }
-        let md =
-            std::fs::metadata(&link).map_err(|e| refuse(&format!("cannot stat the path: {e}")))?;
-        let own = std::fs::metadata(proc_path(pid, &format!("fd/{fd}")))
-            .map_err(|e| refuse(&e.to_string()))?;
+        let md = std::fs::metadata(&link).map_err(|e| refuse(&format!("cannot stat the path: {e}")))?;
+        let own = std::fs::metadata(proc_path(pid, &format!("fd/{fd}"))).map_err(|e| refuse(&e.to_string()))?;
         use std::os::unix::fs::MetadataExt;
         if (md.ino(), md.dev()) != (own.ino(), own.dev()) {
             return Err(refuse("the path now names another file"));
@@ -185,65 +167,35 @@ fn describe(pid: Pid, fd: i32, pidfd: &std::os::fd::OwnedFd) -> Result<FileKind>
             PathKind::Fifo
         } else if ft.is_char_device() && ALLOWED_DEVS.contains(&link.as_str()) {
             PathKind::CharDev
-        } else if ft.is_char_device()
-            && (link.starts_with("/dev/pts/") || link.starts_with("/dev/tty"))
-        {
+        } else if ft.is_char_device() && (link.starts_with("/dev/pts/") || link.starts_with("/dev/tty")) {
             return Err(refuse("a terminal (tty) cannot be moved"));
         } else {
             return Err(refuse("device or special file"));
         };
-        return Ok(FileKind::Path {
-            path: link.clone(),
-            kind,
-            flags,
-            pos,
-        });
+        return Ok(FileKind::Path { path: link.clone(), kind, flags, pos });
     }
-    if let Some(ino) = link
-        .strip_prefix("pipe:[")
-        .and_then(|s| s.strip_suffix(']'))
-    {
+    if let Some(ino) = link.strip_prefix("pipe:[").and_then(|s| s.strip_suffix(']')) {
         let ino: u64 = ino.parse().unwrap_or(0);
         let write_end = flags & libc::O_ACCMODE as u32 == libc::O_WRONLY as u32;
         let (mut data, mut size) = (Vec::new(), 0);
         if !write_end {
-            let dup =
-                sys::pidfd_getfd(pidfd, fd).map_err(|e| refuse(&format!("pidfd_getfd: {e}")))?;
+            let dup = sys::pidfd_getfd(pidfd, fd).map_err(|e| refuse(&format!("pidfd_getfd: {e}")))?;
             size = sys::pipe_size(&dup).map_err(|e| refuse(&e.to_string()))? as u64;
-            data = sys::pipe_peek(&dup, size as usize)
-                .map_err(|e| refuse(&format!("cannot copy unread data: {e}")))?;
+            data = sys::pipe_peek(&dup, size as usize).map_err(|e| refuse(&format!("cannot copy unread data: {e}")))?;
         }
-        return Ok(FileKind::Pipe {
-            ino,
-            write_end,
-            flags,
-            data,
-            size,
-        });
+        return Ok(FileKind::Pipe { ino, write_end, flags, data, size });
     }
     match link.as_str() {
         "anon_inode:[eventfd]" => {
-            let count = field(&info, "eventfd-count")
-                .and_then(|v| u64::from_str_radix(v, 16).ok())
-                .unwrap_or(0);
-            let semaphore = field(&info, "eventfd-semaphore")
-                .map(|v| v != "0")
-                .unwrap_or(false);
-            return Ok(FileKind::EventFd {
-                count,
-                flags,
-                semaphore,
-            });
+            let count = field(&info, "eventfd-count").and_then(|v| u64::from_str_radix(v, 16).ok()).unwrap_or(0);
+            let semaphore = field(&info, "eventfd-semaphore").map(|v| v != "0").unwrap_or(false);
+            return Ok(FileKind::EventFd { count, flags, semaphore });
         }
         "anon_inode:[timerfd]" => {
             return Ok(FileKind::TimerFd {
-                clockid: field(&info, "clockid")
-                    .and_then(|v| v.parse().ok())
-                    .unwrap_or(0),
+                clockid: field(&info, "clockid").and_then(|v| v.parse().ok()).unwrap_or(0),
                 flags,
-                ticks: field(&info, "ticks")
-                    .and_then(|v| v.parse().ok())
-                    .unwrap_or(0),
+                ticks: field(&info, "ticks").and_then(|v| v.parse().ok()).unwrap_or(0),
                 value_ns: pair_ns(field(&info, "it_value")),
                 interval_ns: pair_ns(field(&info, "it_interval")),
             });
@@ -252,19 +204,10 @@ fn describe(pid: Pid, fd: i32, pidfd: &std::os::fd::OwnedFd) -> Result<FileKind>
             let mut targets = Vec::new();
             for l in info.lines().filter(|l| l.starts_with("tfd:")) {
                 let w: Vec<&str> = l.split_whitespace().collect();
-                let get = |k: &str| {
-                    w.iter()
-                        .position(|x| *x == k)
-                        .and_then(|i| w.get(i + 1))
-                        .copied()
-                };
+                let get = |k: &str| w.iter().position(|x| *x == k).and_then(|i| w.get(i + 1)).copied();
                 let tfd = get("tfd:").and_then(|v| v.parse().ok()).unwrap_or(-1);
-                let ev = get("events:")
-                    .and_then(|v| u32::from_str_radix(v, 16).ok())
-                    .unwrap_or(0);
-                let data = get("data:")
-                    .and_then(|v| u64::from_str_radix(v, 16).ok())
-                    .unwrap_or(0);
+                let ev = get("events:").and_then(|v| u32::from_str_radix(v, 16).ok()).unwrap_or(0);
+                let data = get("data:").and_then(|v| u64::from_str_radix(v, 16).ok()).unwrap_or(0);
                 targets.push((tfd, ev, data));
             }
             return Ok(FileKind::Epoll { flags, targets });
@@ -275,8 +218,7 @@ fn describe(pid: Pid, fd: i32, pidfd: &std::os::fd::OwnedFd) -> Result<FileKind>
         let dup = sys::pidfd_getfd(pidfd, fd).map_err(|e| refuse(&format!("pidfd_getfd: {e}")))?;
         let domain = sys::getsockopt_int(&dup, libc::SOL_SOCKET, libc::SO_DOMAIN).unwrap_or(-1);
         let ty = sys::getsockopt_int(&dup, libc::SOL_SOCKET, libc::SO_TYPE).unwrap_or(-1);
-        let listening =
-            sys::getsockopt_int(&dup, libc::SOL_SOCKET, libc::SO_ACCEPTCONN).unwrap_or(0) != 0;
+        let listening = sys::getsockopt_int(&dup, libc::SOL_SOCKET, libc::SO_ACCEPTCONN).unwrap_or(0) != 0;
         let fam = match domain {
             libc::AF_INET => "AF_INET",
             libc::AF_INET6 => "AF_INET6",
@@ -286,50 +228,27 @@ fn describe(pid: Pid, fd: i32, pidfd: &std::os::fd::OwnedFd) -> Result<FileKind>
             _ => "other family",
         };
         let what = format!("{link}, {fam}");
-        let refuse = |why: &str| Error::UnsupportedFd {
-            fd,
-            what: what.clone(),
-            why: why.to_string(),
-        };
+        let refuse = |why: &str| Error::UnsupportedFd { fd, what: what.clone(), why: why.to_string() };
         if domain == libc::AF_UNIX && listening {
-            let Some(mut path) = sys::unix_sock_path(&dup).map_err(|e| refuse(&e.to_string()))?
-            else {
-                return Err(refuse(
-                    "abstract or unnamed AF_UNIX listeners are not supported yet",
-                ));
+            let Some(mut path) = sys::unix_sock_path(&dup).map_err(|e| refuse(&e.to_string()))? else {
+                return Err(refuse("abstract or unnamed AF_UNIX listeners are not supported yet"));
             };
             if path.first() != Some(&b'/') {
-                let cwd = std::fs::read_link(proc_path(pid, "cwd"))
-                    .map_err(|e| refuse(&e.to_string()))?;
+                let cwd = std::fs::read_link(proc_path(pid, "cwd")).map_err(|e| refuse(&e.to_string()))?;
                 let mut p = cwd.as_os_str().as_encoded_bytes().to_vec();
                 p.push(b'/');
                 p.extend_from_slice(&path);
                 path = p;
             }
-            return Ok(FileKind::UnixListener {
-                path,
-                sock_type: ty,
-                flags,
-            });
+            return Ok(FileKind::UnixListener { path, sock_type: ty, flags });
         }
         if domain == libc::AF_UNIX && ty == libc::SOCK_STREAM {
-            let ino: u32 = link
-                .trim_start_matches("socket:[")
-                .trim_end_matches(']')
-                .parse()
-                .unwrap_or(0);
-            let (peer, shutdown) =
-                sys::unix_peer(ino).map_err(|e| refuse(&format!("sock_diag: {e}")))?;
+            let ino: u32 = link.trim_start_matches("socket:[").trim_end_matches(']').parse().unwrap_or(0);
+            let (peer, shutdown) = sys::unix_peer(ino).map_err(|e| refuse(&format!("sock_diag: {e}")))?;
             if peer != 0 {
-                let data = sys::sock_peek(&dup, 4 << 20)
-                    .map_err(|e| refuse(&format!("cannot copy unread data: {e}")))?;
-                return Ok(FileKind::UnixPair {
-                    ino: ino as u64,
-                    peer: peer as u64,
-                    flags,
-                    data,
-                    shutdown,
-                });
+                let data =
+                    sys::sock_peek(&dup, 4 << 20).map_err(|e| refuse(&format!("cannot copy unread data: {e}")))?;
+                return Ok(FileKind::UnixPair { ino: ino as u64, peer: peer as u64, flags, data, shutdown });
             }
         }
         return Err(refuse(if domain == libc::AF_UNIX {
@@ -354,23 +273,15 @@ pub fn collect(pid: Pid, external: &[i32]) -> Result<FilesState> {
             continue;
         };
         let link = link.to_string_lossy().into_owned();
-        let info =
-            std::fs::read_to_string(proc_path(pid, &format!("fdinfo/{fd}"))).unwrap_or_default();
+        let info = std::fs::read_to_string(proc_path(pid, &format!("fdinfo/{fd}"))).unwrap_or_default();
         let cloexec = octal(field(&info, "flags")) & libc::O_CLOEXEC as u32 != 0;
         // fdinfo lists this process's locks on the file (cheaper than /proc/locks, whose read
         // waits for an RCU grace period).
-        if let Some(l) = info
-            .lines()
-            .find(|l| l.starts_with("lock:"))
-            .filter(|_| !external.contains(&fd))
-        {
+        if let Some(l) = info.lines().find(|l| l.starts_with("lock:")).filter(|_| !external.contains(&fd)) {
             return Err(Error::UnsupportedFd {
                 fd,
                 what: link,
-                why: format!(
-                    "holds a file lock ({}), locks are not carried yet",
-                    l[5..].trim()
-                ),
+                why: format!("holds a file lock ({}), locks are not carried yet", l[5..].trim()),
             });
         }
         // Same open file description as an earlier fd?
@@ -383,19 +294,14 @@ pub fn collect(pid: Pid, external: &[i32]) -> Result<FilesState> {
             Some(i) => i,
             None if external.contains(&fd) => {
                 let flags = octal(field(&info, "flags"));
-                st.files.push(FileKind::External {
-                    fd,
-                    what: link.clone(),
-                    flags,
-                });
+                st.files.push(FileKind::External { fd, what: link.clone(), flags });
                 st.files.len() - 1
             }
             None => {
                 match describe(pid, fd, &pidfd) {
                     Ok(k) => st.files.push(k),
                     Err(Error::NoProcess { err, .. })
-                        if err.kind() == std::io::ErrorKind::NotFound
-                            && crate::proc::proc_path(pid, "").exists() =>
+                        if err.kind() == std::io::ErrorKind::NotFound && crate::proc::proc_path(pid, "").exists() =>
                     {
                         continue
                     }
@@ -410,18 +316,13 @@ pub fn collect(pid: Pid, external: &[i32]) -> Result<FilesState> {
     // Socket pairs need both ends inside the process.
     for (i, f) in st.files.iter().enumerate() {
         if let FileKind::UnixPair { ino, peer, .. } = f {
-            let inside = st
-                .files
-                .iter()
-                .any(|g| matches!(g, FileKind::UnixPair { ino: p, .. } if p == peer));
+            let inside = st.files.iter().any(|g| matches!(g, FileKind::UnixPair { ino: p, .. } if p == peer));
             if !inside {
                 let fd = st.fds.iter().find(|e| e.file == i).map_or(-1, |e| e.fd);
                 return Err(Error::UnsupportedFd {
                     fd,
                     what: format!("socket:[{ino}], AF_UNIX"),
-                    why:
-                        "connected AF_UNIX sockets are supported only with both ends in the process"
-                            .into(),
+                    why: "connected AF_UNIX sockets are supported only with both ends in the process".into(),
                 });
             }
         }
@@ -460,67 +361,40 @@ pub fn collect(pid: Pid, external: &[i32]) -> Result<FilesState> {
     Ok(st)
 }
 
-const KEEP_FLAGS: u32 =
-    !((libc::O_CREAT | libc::O_EXCL | libc::O_TRUNC | libc::O_NOCTTY | libc::O_CLOEXEC) as u32);
+const KEEP_FLAGS: u32 = !((libc::O_CREAT | libc::O_EXCL | libc::O_TRUNC | libc::O_NOCTTY | libc::O_CLOEXEC) as u32);
 
 /// Rebuild side (every fd of the stub was closed before). `external` maps the image's external
 /// fds to fds of this (the restoring) process, pulled into the new one with `pidfd_getfd`.
-pub fn restore(
-    r: &Remote,
-    st: &FilesState,
-    external: &[(i32, i32)],
-    memfds: &HashMap<u64, u64>,
-) -> Result<()> {
+pub fn restore(r: &Remote, st: &FilesState, external: &[(i32, i32)], memfds: &HashMap<u64, u64>) -> Result<()> {
     let top = st.fds.iter().map(|e| e.fd).max().unwrap_or(-1);
     let temp_base = (top + 1).max(3) as u64;
     let mut temps: Vec<Option<u64>> = vec![None; st.files.len()];
     let to_temp = |fd: u64| -> Result<u64> {
-        let t = r.call(
-            "fcntl(F_DUPFD_CLOEXEC)",
-            libc::SYS_fcntl,
-            &[fd, libc::F_DUPFD_CLOEXEC as u64, temp_base],
-        )?;
+        let t = r.call("fcntl(F_DUPFD_CLOEXEC)", libc::SYS_fcntl, &[fd, libc::F_DUPFD_CLOEXEC as u64, temp_base])?;
         r.call("close", libc::SYS_close, &[fd])?;
         Ok(t)
     };
     let setfl = |fd: u64, flags: u32| -> Result<()> {
-        r.call(
-            "fcntl(F_SETFL)",
-            libc::SYS_fcntl,
-            &[fd, libc::F_SETFL as u64, (flags & KEEP_FLAGS) as u64],
-        )
-        .map(drop)
+        r.call("fcntl(F_SETFL)", libc::SYS_fcntl, &[fd, libc::F_SETFL as u64, (flags & KEEP_FLAGS) as u64]).map(drop)
     };
     for (i, f) in st.files.iter().enumerate() {
         if temps[i].is_some() {
             continue;
         }
         let fd = match f {
-            FileKind::Path {
-                path,
-                kind,
-                flags,
-                pos,
-            } => {
+            FileKind::Path { path, kind, flags, pos } => {
                 let p = r.put_cstr(0, path.as_bytes())?;
                 let mut fl = flags & KEEP_FLAGS;
                 if *kind == PathKind::Fifo {
                     fl |= libc::O_NONBLOCK as u32; // a FIFO open must not wait for a peer
                 }
-                let fd = r.call(
-                    &format!("open {path}"),
-                    libc::SYS_openat,
-                    &[libc::AT_FDCWD as u64, p, fl as u64, 0],
-                )?;
+                let fd =
+                    r.call(&format!("open {path}"), libc::SYS_openat, &[libc::AT_FDCWD as u64, p, fl as u64, 0])?;
                 if *kind == PathKind::Fifo {
                     setfl(fd, *flags)?;
                 }
                 if matches!(kind, PathKind::Regular | PathKind::Dir) && *pos != 0 {
-                    r.call(
-                        &format!("lseek {path}"),
-                        libc::SYS_lseek,
-                        &[fd, *pos, libc::SEEK_SET as u64],
-                    )?;
+                    r.call(&format!("lseek {path}"), libc::SYS_lseek, &[fd, *pos, libc::SEEK_SET as u64])?;
                 }
                 fd
             }
@@ -534,14 +408,7 @@ pub fn restore(
                     u32::from_le_bytes(b[4..8].try_into().unwrap()) as u64,
                 );
                 for (j, g) in st.files.iter().enumerate() {
-                    if let FileKind::Pipe {
-                        ino: i2,
-                        write_end,
-                        flags,
-                        data,
-                        size,
-                    } = g
-                    {
+                    if let FileKind::Pipe { ino: i2, write_end, flags, data, size } = g {
                         if i2 != ino {
                             continue;
                         }
@@ -555,15 +422,9 @@ pub fn restore(
                             }
                             for chunk in data.chunks(r.scratch_len / 2) {
                                 let a = r.put(0, chunk)?;
-                                let n = r.call(
-                                    "write (pipe data)",
-                                    libc::SYS_write,
-                                    &[wfd, a, chunk.len() as u64],
-                                )?;
+                                let n = r.call("write (pipe data)", libc::SYS_write, &[wfd, a, chunk.len() as u64])?;
                                 if n != chunk.len() as u64 {
-                                    return Err(Error::Restore(format!(
-                                        "pipe:[{ino}]: short write of unread data"
-                                    )));
+                                    return Err(Error::Restore(format!("pipe:[{ino}]: short write of unread data")));
                                 }
                             }
                         }
@@ -574,36 +435,18 @@ pub fn restore(
                 }
                 continue;
             }
-            FileKind::EventFd {
-                count,
-                flags,
-                semaphore,
-            } => {
+            FileKind::EventFd { count, flags, semaphore } => {
                 let fl = (flags & libc::O_NONBLOCK as u32) as u64 | if *semaphore { 1 } else { 0 };
-                let fd = r.call(
-                    "eventfd2",
-                    libc::SYS_eventfd2,
-                    &[0, fl | libc::O_CLOEXEC as u64],
-                )?;
+                let fd = r.call("eventfd2", libc::SYS_eventfd2, &[0, fl | libc::O_CLOEXEC as u64])?;
                 if *count != 0 {
                     let a = r.put(0, &count.to_le_bytes())?;
                     r.call("write (eventfd count)", libc::SYS_write, &[fd, a, 8])?;
                 }
                 fd
             }
-            FileKind::TimerFd {
-                clockid,
-                flags,
-                ticks,
-                value_ns,
-                interval_ns,
-            } => {
+            FileKind::TimerFd { clockid, flags, ticks, value_ns, interval_ns } => {
                 let fl = (flags & libc::O_NONBLOCK as u32) as u64 | libc::O_CLOEXEC as u64;
-                let fd = r.call(
-                    "timerfd_create",
-                    libc::SYS_timerfd_create,
-                    &[*clockid as u64, fl],
-                )?;
+                let fd = r.call("timerfd_create", libc::SYS_timerfd_create, &[*clockid as u64, fl])?;
                 if *value_ns != 0 || *interval_ns != 0 {
                     // A periodic timer whose expiry was not read yet shows it_value 0 (the kernel
                     // re-arms it on read): arm it to expire at once, it then runs on its interval.
@@ -622,11 +465,7 @@ pub fn restore(
                 }
                 if *ticks != 0 {
                     let a = r.put(0, &ticks.to_le_bytes())?;
-                    r.call(
-                        "ioctl(TFD_IOC_SET_TICKS)",
-                        libc::SYS_ioctl,
-                        &[fd, 0x4008_5400, a],
-                    )?;
+                    r.call("ioctl(TFD_IOC_SET_TICKS)", libc::SYS_ioctl, &[fd, 0x4008_5400, a])?;
                 }
                 fd
             }
@@ -636,12 +475,7 @@ pub fn restore(
                 r.call(
                     "socketpair(AF_UNIX)",
                     libc::SYS_socketpair,
-                    &[
-                        libc::AF_UNIX as u64,
-                        (libc::SOCK_STREAM | libc::SOCK_CLOEXEC) as u64,
-                        0,
-                        p,
-                    ],
+                    &[libc::AF_UNIX as u64, (libc::SOCK_STREAM | libc::SOCK_CLOEXEC) as u64, 0, p],
                 )?;
                 let b = r.get(0, 8)?;
                 let here = u32::from_le_bytes(b[0..4].try_into().unwrap()) as u64;
@@ -656,24 +490,15 @@ pub fn restore(
                     if let FileKind::UnixPair { data, .. } = &st.files[idx] {
                         for chunk in data.chunks(r.scratch_len / 2) {
                             let a = r.put(0, chunk)?;
-                            let n = r.call(
-                                "write (socket data)",
-                                libc::SYS_write,
-                                &[other, a, chunk.len() as u64],
-                            )?;
+                            let n = r.call("write (socket data)", libc::SYS_write, &[other, a, chunk.len() as u64])?;
                             if n != chunk.len() as u64 {
-                                return Err(Error::Restore(format!(
-                                    "socket:[{ino}]: short write of unread data"
-                                )));
+                                return Err(Error::Restore(format!("socket:[{ino}]: short write of unread data")));
                             }
                         }
                     }
                 }
                 for (idx, fd) in [(i, here), (j, there)] {
-                    if let FileKind::UnixPair {
-                        flags, shutdown, ..
-                    } = &st.files[idx]
-                    {
+                    if let FileKind::UnixPair { flags, shutdown, .. } = &st.files[idx] {
                         // SEND_SHUTDOWN on an end = SHUT_WR there (the kernel mirrors it).
                         if shutdown & 2 != 0 {
                             r.call("shutdown", libc::SYS_shutdown, &[fd, libc::SHUT_WR as u64])?;
@@ -685,16 +510,9 @@ pub fn restore(
                 continue;
             }
             FileKind::Epoll { .. } => continue,
-            FileKind::Memfd {
-                ino,
-                name,
-                flags,
-                pos,
-            } => {
+            FileKind::Memfd { ino, name, flags, pos } => {
                 // A new description of the same memfd, as the original's own open of it.
-                let helper = *memfds
-                    .get(ino)
-                    .ok_or_else(|| Error::Restore(format!("memfd {name} was not saved")))?;
+                let helper = *memfds.get(ino).ok_or_else(|| Error::Restore(format!("memfd {name} was not saved")))?;
                 let p = r.put_cstr(0, format!("/proc/self/fd/{helper}").as_bytes())?;
                 let fd = r.call(
                     &format!("open memfd {name}"),
@@ -702,11 +520,7 @@ pub fn restore(
                     &[libc::AT_FDCWD as u64, p, (flags & KEEP_FLAGS) as u64, 0],
                 )?;
                 if *pos != 0 {
-                    r.call(
-                        "lseek (memfd)",
-                        libc::SYS_lseek,
-                        &[fd, *pos, libc::SEEK_SET as u64],
-                    )?;
+                    r.call("lseek (memfd)", libc::SYS_lseek, &[fd, *pos, libc::SEEK_SET as u64])?;
                 }
                 fd
             }
@@ -714,11 +528,7 @@ pub fn restore(
                 let Some(&(_, local)) = external.iter().find(|(f, _)| f == fd) else {
                     return Err(missing_external(*fd, what));
                 };
-                let pidfd = r.call(
-                    "pidfd_open (restorer)",
-                    libc::SYS_pidfd_open,
-                    &[std::process::id() as u64, 0],
-                )?;
+                let pidfd = r.call("pidfd_open (restorer)", libc::SYS_pidfd_open, &[std::process::id() as u64, 0])?;
                 let got = r.call(
                     &format!("pidfd_getfd (replacement of fd {fd})"),
                     libc::SYS_pidfd_getfd,
@@ -729,27 +539,16 @@ pub fn restore(
                 setfl(got, *flags)?;
                 got
             }
-            FileKind::UnixListener {
-                path,
-                sock_type,
-                flags,
-            } => {
+            FileKind::UnixListener { path, sock_type, flags } => {
                 let fl = (flags & libc::O_NONBLOCK as u32) as u64 | libc::SOCK_CLOEXEC as u64;
-                let fd = r.call(
-                    "socket(AF_UNIX)",
-                    libc::SYS_socket,
-                    &[libc::AF_UNIX as u64, *sock_type as u64 | fl, 0],
-                )?;
+                let fd =
+                    r.call("socket(AF_UNIX)", libc::SYS_socket, &[libc::AF_UNIX as u64, *sock_type as u64 | fl, 0])?;
                 let mut sa = vec![0u8; 110];
                 sa[0..2].copy_from_slice(&(libc::AF_UNIX as u16).to_le_bytes());
                 sa[2..2 + path.len()].copy_from_slice(path);
                 let a = r.put(0, &sa)?;
                 let name = String::from_utf8_lossy(path).into_owned();
-                r.call(
-                    &format!("bind {name}"),
-                    libc::SYS_bind,
-                    &[fd, a, (2 + path.len() + 1) as u64],
-                )?;
+                r.call(&format!("bind {name}"), libc::SYS_bind, &[fd, a, (2 + path.len() + 1) as u64])?;
                 r.call(&format!("listen {name}"), libc::SYS_listen, &[fd, 4096])?;
                 fd
             }
@@ -762,25 +561,16 @@ pub fn restore(
             if is_ep != only_epoll {
                 continue;
             }
-            let t =
-                temps[e.file].ok_or_else(|| Error::Restore(format!("fd {} has no file", e.fd)))?;
+            let t = temps[e.file].ok_or_else(|| Error::Restore(format!("fd {} has no file", e.fd)))?;
             let fl = if e.cloexec { libc::O_CLOEXEC } else { 0 } as u64;
-            r.call(
-                &format!("dup3 to fd {}", e.fd),
-                libc::SYS_dup3,
-                &[t, e.fd as u64, fl],
-            )?;
+            r.call(&format!("dup3 to fd {}", e.fd), libc::SYS_dup3, &[t, e.fd as u64, fl])?;
         }
         Ok(())
     };
     place(&temps, false)?;
     for (i, f) in st.files.iter().enumerate() {
         if let FileKind::Epoll { flags, targets } = f {
-            let fd = r.call(
-                "epoll_create1",
-                libc::SYS_epoll_create1,
-                &[libc::O_CLOEXEC as u64],
-            )?;
+            let fd = r.call("epoll_create1", libc::SYS_epoll_create1, &[libc::O_CLOEXEC as u64])?;
             for &(tfd, ev, data) in targets {
                 let mut b = Vec::with_capacity(12);
                 b.extend_from_slice(&ev.to_le_bytes());
@@ -804,9 +594,7 @@ pub fn restore(
 }
 
 fn missing_external(fd: i32, what: &str) -> Error {
-    Error::Restore(format!(
-        "fd {fd} ({what}) was left to the caller at dump, and no replacement was given"
-    ))
+    Error::Restore(format!("fd {fd} ({what}) was left to the caller at dump, and no replacement was given"))
 }
 
 /// Before a restore: every external fd has a replacement, every path the fds need exists; AF_UNIX
@@ -818,10 +606,8 @@ pub fn prepare(st: &FilesState, external: &[(i32, i32)]) -> Result<()> {
                 return Err(missing_external(*fd, what));
             }
             FileKind::Path { path, .. } => {
-                std::fs::metadata(path).map_err(|e| Error::FileChanged {
-                    path: path.clone(),
-                    detail: format!("cannot open it: {e}"),
-                })?;
+                std::fs::metadata(path)
+                    .map_err(|e| Error::FileChanged { path: path.clone(), detail: format!("cannot open it: {e}") })?;
             }
             FileKind::UnixListener { path, .. } => {
                 let p = std::path::Path::new(std::ffi::OsStr::from_bytes(path));
@@ -860,9 +646,7 @@ mod tests {
         let me = std::process::id() as i32;
         let f = std::fs::File::open("/dev/null").unwrap();
         let k = describe(me, f.as_raw_fd(), &sys::pidfd_open(me).unwrap()).unwrap();
-        assert!(
-            matches!(&k, FileKind::Path { path, kind: PathKind::CharDev, .. } if path == "/dev/null")
-        );
+        assert!(matches!(&k, FileKind::Path { path, kind: PathKind::CharDev, .. } if path == "/dev/null"));
         let [r, w] = {
             let mut p = [0; 2];
             // SAFETY: test-only pipe creation into a valid array.
@@ -895,10 +679,7 @@ mod tests {
         match describe(me, fd, &sys::pidfd_open(me).unwrap()) {
             Err(Error::UnsupportedFd { fd: f, why, what }) => {
                 assert_eq!(f, fd);
-                assert!(
-                    what.contains("AF_UNIX") && why.contains("connected"),
-                    "{what}: {why}"
-                );
+                assert!(what.contains("AF_UNIX") && why.contains("connected"), "{what}: {why}");
             }
             other => panic!("a connected AF_UNIX datagram socket must be refused: {other:?}"),
         }

@@ -48,11 +48,7 @@ fn stop_one(tid: Pid) -> Result<ThreadStop> {
     for _ in 0..1000 {
         let st = sys::wait(tid).map_err(pt("waitpid", tid))?;
         if libc::WIFEXITED(st) || libc::WIFSIGNALED(st) {
-            return Err(Error::UnexpectedStop {
-                pid: tid,
-                during: "freezing (exited)".into(),
-                status: st,
-            });
+            return Err(Error::UnexpectedStop { pid: tid, during: "freezing (exited)".into(), status: st });
         }
         if !libc::WIFSTOPPED(st) {
             continue;
@@ -64,18 +60,10 @@ fn stop_one(tid: Pid) -> Result<ThreadStop> {
         }
         // A signal-delivery-stop: let the signal through and keep waiting for our stop.
         let sig = libc::WSTOPSIG(st);
-        let pass = if sig == libc::SIGTRAP || (sig & 0x80) != 0 {
-            0
-        } else {
-            sig
-        };
+        let pass = if sig == libc::SIGTRAP || (sig & 0x80) != 0 { 0 } else { sig };
         sys::cont(tid, pass).map_err(pt("PTRACE_CONT", tid))?;
     }
-    Err(Error::UnexpectedStop {
-        pid: tid,
-        during: "freezing (no stop after 1000 events)".into(),
-        status: 0,
-    })
+    Err(Error::UnexpectedStop { pid: tid, during: "freezing (no stop after 1000 events)".into(), status: 0 })
 }
 
 /// The registers a resumed copy must start with: an interrupted system call is restarted the way
@@ -111,10 +99,7 @@ impl Frozen {
         };
         for _round in 0..100 {
             let all = tasks(pid)?;
-            let new: Vec<Pid> = all
-                .into_iter()
-                .filter(|t| !stopped.iter().any(|s| s.tid == *t))
-                .collect();
+            let new: Vec<Pid> = all.into_iter().filter(|t| !stopped.iter().any(|s| s.tid == *t)).collect();
             if new.is_empty() {
                 break;
             }
@@ -131,10 +116,7 @@ impl Frozen {
         }
         let Some(i) = stopped.iter().position(|t| t.tid == pid) else {
             undo(&stopped);
-            return Err(Error::Unsupported {
-                pid,
-                what: "a process whose main thread has exited".into(),
-            });
+            return Err(Error::Unsupported { pid, what: "a process whose main thread has exited".into() });
         };
         let main = stopped.remove(i);
         Ok(Frozen {
@@ -156,10 +138,7 @@ impl Frozen {
             .iter()
             .find(|t| t.tid == tid)
             .ok_or_else(|| Error::Restore(format!("no frozen thread {tid}")))?;
-        let main = self
-            .remote
-            .as_ref()
-            .ok_or_else(|| Error::Restore("injection not prepared".into()))?;
+        let main = self.remote.as_ref().ok_or_else(|| Error::Restore("injection not prepared".into()))?;
         let r = Remote {
             pid: tid,
             gadget: main.gadget,
@@ -179,21 +158,13 @@ impl Frozen {
     pub fn remote(&mut self, gadget_at: u64) -> Result<&Remote> {
         if self.remote.is_none() {
             let pid = self.pid;
-            sys::set_sigmask(pid, crate::signals::BLOCK_ALL)
-                .map_err(pt("PTRACE_SETSIGMASK", pid))?;
+            sys::set_sigmask(pid, crate::signals::BLOCK_ALL).map_err(pt("PTRACE_SETSIGMASK", pid))?;
             let orig = sys::peek_data(pid, gadget_at).map_err(pt("PTRACE_PEEKDATA", pid))?;
             let mut b = orig.to_le_bytes();
             b[..3].copy_from_slice(&GADGET);
-            sys::poke_data(pid, gadget_at, u64::from_le_bytes(b))
-                .map_err(pt("PTRACE_POKEDATA", pid))?;
+            sys::poke_data(pid, gadget_at, u64::from_le_bytes(b)).map_err(pt("PTRACE_POKEDATA", pid))?;
             self.poked = Some((gadget_at, orig));
-            let mut r = Remote {
-                pid,
-                gadget: gadget_at,
-                base: self.regs,
-                scratch: 0,
-                scratch_len: 0,
-            };
+            let mut r = Remote { pid, gadget: gadget_at, base: self.regs, scratch: 0, scratch_len: 0 };
             let p = r.call(
                 "mmap (scratch)",
                 libc::SYS_mmap,
@@ -224,11 +195,7 @@ impl Frozen {
     fn undo_injection(&mut self) -> Result<()> {
         if let Some(r) = self.remote.take() {
             if r.scratch != 0 {
-                r.call(
-                    "munmap (scratch)",
-                    libc::SYS_munmap,
-                    &[r.scratch, r.scratch_len as u64],
-                )?;
+                r.call("munmap (scratch)", libc::SYS_munmap, &[r.scratch, r.scratch_len as u64])?;
             }
         }
         if let Some((addr, orig)) = self.poked.take() {
@@ -294,12 +261,7 @@ mod tests {
     use super::*;
 
     fn regs(rax: i64, orig: i64, rip: u64) -> Regs {
-        Regs {
-            rax: rax as u64,
-            orig_rax: orig as u64,
-            rip,
-            ..Default::default()
-        }
+        Regs { rax: rax as u64, orig_rax: orig as u64, rip, ..Default::default() }
     }
 
     #[test]

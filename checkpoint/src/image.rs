@@ -64,31 +64,18 @@ pub struct Manifest {
 }
 
 pub fn create_dir(dir: &Path) -> Result<()> {
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)
-        .map_err(io_at(dir))?;
+    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(io_at(dir))?;
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(io_at(dir))
 }
 
 fn create_file(path: &Path) -> Result<File> {
-    OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)
-        .map_err(io_at(path))
+    OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(path).map_err(io_at(path))
 }
 
 /// Encodes header + payload.
 pub fn encode_manifest(m: &Manifest) -> Result<Vec<u8>> {
-    let payload = postcard::to_allocvec(m).map_err(|e| Error::Decode {
-        path: MANIFEST.into(),
-        msg: e.to_string(),
-    })?;
+    let payload = postcard::to_allocvec(m).map_err(|e| Error::Decode { path: MANIFEST.into(), msg: e.to_string() })?;
     let mut out = Vec::with_capacity(HEADER_LEN + payload.len());
     out.extend_from_slice(&MAGIC);
     out.extend_from_slice(&VERSION.to_le_bytes());
@@ -108,10 +95,7 @@ pub fn decode_manifest(b: &[u8], path: &Path) -> Result<Manifest> {
         if b.len() >= 8 && b[..8] != MAGIC {
             return Err(Error::BadMagic { path: p() });
         }
-        return Err(Error::Truncated {
-            path: p(),
-            what: format!("header: {} of {HEADER_LEN} bytes", b.len()),
-        });
+        return Err(Error::Truncated { path: p(), what: format!("header: {} of {HEADER_LEN} bytes", b.len()) });
     }
     if b[..8] != MAGIC {
         return Err(Error::BadMagic { path: p() });
@@ -119,45 +103,25 @@ pub fn decode_manifest(b: &[u8], path: &Path) -> Result<Manifest> {
     let u32_at = |o: usize| u32::from_le_bytes(b[o..o + 4].try_into().unwrap());
     let version = u32_at(8);
     if version != VERSION {
-        return Err(Error::BadVersion {
-            path: p(),
-            found: version,
-            supported: VERSION,
-        });
+        return Err(Error::BadVersion { path: p(), found: version, supported: VERSION });
     }
     let arch = u32_at(12);
     if arch != ARCH_X86_64 {
-        return Err(Error::BadArch {
-            path: p(),
-            found: arch,
-            here: ARCH_X86_64,
-        });
+        return Err(Error::BadArch { path: p(), found: arch, here: ARCH_X86_64 });
     }
     if crc32fast::hash(&b[..28]) != u32_at(28) {
-        return Err(Error::Checksum {
-            path: p(),
-            what: "header".into(),
-        });
+        return Err(Error::Checksum { path: p(), what: "header".into() });
     }
     let len = u64::from_le_bytes(b[16..24].try_into().unwrap()) as usize;
     let payload = &b[HEADER_LEN..];
     if payload.len() < len {
-        return Err(Error::Truncated {
-            path: p(),
-            what: format!("manifest: {} of {len} bytes", payload.len()),
-        });
+        return Err(Error::Truncated { path: p(), what: format!("manifest: {} of {len} bytes", payload.len()) });
     }
     let payload = &payload[..len];
     if crc32fast::hash(payload) != u32_at(24) {
-        return Err(Error::Checksum {
-            path: p(),
-            what: "manifest".into(),
-        });
+        return Err(Error::Checksum { path: p(), what: "manifest".into() });
     }
-    postcard::from_bytes(payload).map_err(|e| Error::Decode {
-        path: p(),
-        msg: e.to_string(),
-    })
+    postcard::from_bytes(payload).map_err(|e| Error::Decode { path: p(), msg: e.to_string() })
 }
 
 pub fn write_manifest(dir: &Path, m: &Manifest) -> Result<u64> {
@@ -197,36 +161,20 @@ pub fn read(dir: &Path) -> Result<Image> {
     let b = pages.bytes();
     for v in &manifest.memory.vmas {
         for r in &v.runs {
-            let end = r
-                .off
-                .checked_add(r.len)
-                .filter(|&e| e <= manifest.pages_len);
+            let end = r.off.checked_add(r.len).filter(|&e| e <= manifest.pages_len);
             let Some(end) = end else {
-                return Err(Error::Truncated {
-                    path: ppath,
-                    what: format!("run at {:#x}", r.addr),
-                });
+                return Err(Error::Truncated { path: ppath, what: format!("run at {:#x}", r.addr) });
             };
             if crc32fast::hash(&b[r.off as usize..end as usize]) != r.crc {
                 return Err(Error::Checksum {
                     path: ppath,
-                    what: format!(
-                        "pages {:#x}-{:#x} of mapping {}",
-                        r.addr,
-                        r.addr + r.len,
-                        v.describe()
-                    ),
+                    what: format!("pages {:#x}-{:#x} of mapping {}", r.addr, r.addr + r.len, v.describe()),
                 });
             }
         }
     }
     let memfd_data = crate::memfd::read_all(dir, &manifest.memfds)?;
-    Ok(Image {
-        dir: dir.to_path_buf(),
-        manifest,
-        pages,
-        memfd_data,
-    })
+    Ok(Image { dir: dir.to_path_buf(), manifest, pages, memfd_data })
 }
 
 /// Writes page data into pages.img. Runs are planned first (at most [`MAX_RUN`] bytes each,
@@ -265,12 +213,7 @@ impl PageSink {
             let mut o = 0;
             while o < len {
                 let n = (len - o).min(MAX_RUN);
-                out.push(Run {
-                    addr: addr + o,
-                    len: n,
-                    off: self.off,
-                    crc: 0,
-                });
+                out.push(Run { addr: addr + o, len: n, off: self.off, crc: 0 });
                 self.off += n;
                 o += n;
             }
@@ -297,9 +240,7 @@ impl PageSink {
         std::thread::scope(|s| {
             let h = s.spawn(|| self.fill_part(pid, b));
             let ra = self.fill_part(pid, a);
-            let rb = h
-                .join()
-                .unwrap_or_else(|_| Err(Error::Restore("page reader thread panicked".into())));
+            let rb = h.join().unwrap_or_else(|_| Err(Error::Restore("page reader thread panicked".into())));
             ra.and(rb)
         })
     }
@@ -326,12 +267,8 @@ impl PageSink {
             }
             let total = fill as usize;
             if readable {
-                let remote: Vec<(u64, usize)> = jobs[i..j]
-                    .iter()
-                    .map(|r| (r.0.addr, r.0.len as usize))
-                    .collect();
-                let n = sys::vm_read(pid, &mut buf[..total], &remote)
-                    .map_err(pt("process_vm_readv", pid))?;
+                let remote: Vec<(u64, usize)> = jobs[i..j].iter().map(|r| (r.0.addr, r.0.len as usize)).collect();
+                let n = sys::vm_read(pid, &mut buf[..total], &remote).map_err(pt("process_vm_readv", pid))?;
                 if n != total {
                     return Err(Error::Restore(format!(
                         "process {pid}: memory at {:#x} could not be read ({n} of {total} bytes)",
@@ -351,9 +288,7 @@ impl PageSink {
                 r.0.crc = crc32fast::hash(&buf[o..o + l]);
                 o += l;
             }
-            self.file
-                .write_all_at(&buf[..total], first)
-                .map_err(io_at(&self.path))?;
+            self.file.write_all_at(&buf[..total], first).map_err(io_at(&self.path))?;
             i = j;
         }
         Ok(())
@@ -381,9 +316,7 @@ mod tests {
                         prot: 3,
                         shared: false,
                         growsdown: false,
-                        kind: VmaKind::Anon {
-                            name: "[heap]".into(),
-                        },
+                        kind: VmaKind::Anon { name: "[heap]".into() },
                         runs,
                     },
                     Vma {
@@ -395,12 +328,7 @@ mod tests {
                         kind: VmaKind::File {
                             path: "/bin/true".into(),
                             offset: 0,
-                            ident: FileIdent {
-                                ino: 1,
-                                size: 2,
-                                mtime: 3,
-                                mtime_ns: 4,
-                            },
+                            ident: FileIdent { ino: 1, size: 2, mtime: 3, mtime_ns: 4 },
                         },
                         runs: vec![],
                     },
@@ -423,12 +351,7 @@ mod tests {
         let mut data = vec![0u8; 8192];
         data[..4096].fill(1);
         data[4096..].fill(2);
-        let run = Run {
-            addr: 0x10000,
-            len: 8192,
-            off: 0,
-            crc: crc32fast::hash(&data),
-        };
+        let run = Run { addr: 0x10000, len: 8192, off: 0, crc: crc32fast::hash(&data) };
         let m = sample(8192, vec![run]);
         write_manifest(&dir, &m).unwrap();
         std::fs::write(dir.join(PAGES), &data).unwrap();
@@ -473,15 +396,9 @@ mod tests {
     #[test]
     fn refuses_other_version() {
         let (d, _) = write_sample();
-        patch(&d, MANIFEST, |b| {
-            b[8..12].copy_from_slice(&99u32.to_le_bytes())
-        });
+        patch(&d, MANIFEST, |b| b[8..12].copy_from_slice(&99u32.to_le_bytes()));
         match read(&dir(&d)) {
-            Err(Error::BadVersion {
-                found: 99,
-                supported: VERSION,
-                ..
-            }) => {}
+            Err(Error::BadVersion { found: 99, supported: VERSION, .. }) => {}
             other => panic!("{:?}", other.err()),
         }
     }
@@ -489,13 +406,8 @@ mod tests {
     #[test]
     fn refuses_other_arch() {
         let (d, _) = write_sample();
-        patch(&d, MANIFEST, |b| {
-            b[12..16].copy_from_slice(&183u32.to_le_bytes())
-        });
-        assert!(matches!(
-            read(&dir(&d)),
-            Err(Error::BadArch { found: 183, .. })
-        ));
+        patch(&d, MANIFEST, |b| b[12..16].copy_from_slice(&183u32.to_le_bytes()));
+        assert!(matches!(read(&dir(&d)), Err(Error::BadArch { found: 183, .. })));
     }
 
     #[test]
@@ -533,9 +445,7 @@ mod tests {
     fn refuses_truncated_pages() {
         let (d, _) = write_sample();
         patch(&d, PAGES, |b| b.truncate(4096));
-        assert!(
-            matches!(read(&dir(&d)), Err(Error::Truncated { what, .. }) if what.starts_with("page data"))
-        );
+        assert!(matches!(read(&dir(&d)), Err(Error::Truncated { what, .. }) if what.starts_with("page data")));
     }
 
     #[test]

@@ -79,10 +79,7 @@ impl Remote {
     /// Copies `data` into the scratch area at `off`; returns its address in the tracee.
     pub fn put(&self, off: usize, data: &[u8]) -> Result<u64> {
         if off + data.len() > self.scratch_len {
-            return Err(Error::Restore(format!(
-                "{} bytes do not fit the scratch area",
-                data.len()
-            )));
+            return Err(Error::Restore(format!("{} bytes do not fit the scratch area", data.len())));
         }
         let addr = self.scratch + off as u64;
         let n = sys::vm_write(self.pid, data, &[(addr, data.len())])

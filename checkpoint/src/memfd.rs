@@ -41,17 +41,11 @@ pub fn file_name(ino: u64) -> String {
 
 /// "/memfd:NAME (deleted)" → NAME
 pub fn name_of(path: &str) -> Option<&str> {
-    path.strip_prefix("/memfd:")
-        .map(|r| r.strip_suffix(" (deleted)").unwrap_or(r))
+    path.strip_prefix("/memfd:").map(|r| r.strip_suffix(" (deleted)").unwrap_or(r))
 }
 
 /// Saves every memfd the fds and mappings refer to.
-pub fn collect(
-    pid: Pid,
-    files: &FilesState,
-    memory: &MemoryState,
-    dir: &Path,
-) -> Result<Vec<MemfdState>> {
+pub fn collect(pid: Pid, files: &FilesState, memory: &MemoryState, dir: &Path) -> Result<Vec<MemfdState>> {
     let mut out: Vec<MemfdState> = Vec::new();
     let pidfd = sys::pidfd_open(pid).map_err(|err| Error::NoProcess { pid, err })?;
     // (inode, name, an fd of the process, a mapping of it): where to read each memfd from.
@@ -73,9 +67,7 @@ pub fn collect(
     }
     for (ino, name, fd, range) in want {
         let file: File = match (fd, range) {
-            (Some(fd), _) => File::from(
-                sys::pidfd_getfd(&pidfd, fd).map_err(|err| Error::NoProcess { pid, err })?,
-            ),
+            (Some(fd), _) => File::from(sys::pidfd_getfd(&pidfd, fd).map_err(|err| Error::NoProcess { pid, err })?),
             (None, Some((s, e))) => {
                 let p = proc_path(pid, &format!("map_files/{s:x}-{e:x}"));
                 File::open(&p).map_err(io_at(p))?
@@ -84,19 +76,14 @@ pub fn collect(
         };
         let md = file.metadata().map_err(io_at(format!("memfd {name}")))?;
         if md.ino() != ino {
-            return Err(Error::Unsupported {
-                pid,
-                what: format!("memfd {name} (inode changed while reading)"),
-            });
+            return Err(Error::Unsupported { pid, what: format!("memfd {name} (inode changed while reading)") });
         }
         let seals = sys::memfd_seals(&file).unwrap_or(0);
         // Positional reads: the offset the process shares through its fd does not move.
         let mut data = Vec::with_capacity(md.size() as usize);
         let mut buf = vec![0u8; 1 << 20];
         while (data.len() as u64) < md.size() {
-            let n = file
-                .read_at(&mut buf, data.len() as u64)
-                .map_err(io_at(format!("memfd {name}")))?;
+            let n = file.read_at(&mut buf, data.len() as u64).map_err(io_at(format!("memfd {name}")))?;
             if n == 0 {
                 break;
             }
@@ -111,13 +98,7 @@ pub fn collect(
             .open(&path)
             .map_err(io_at(&path))?;
         out_f.write_all(&data).map_err(io_at(&path))?;
-        out.push(MemfdState {
-            ino,
-            name,
-            size: data.len() as u64,
-            seals,
-            crc: crc32fast::hash(&data),
-        });
+        out.push(MemfdState { ino, name, size: data.len() as u64, seals, crc: crc32fast::hash(&data) });
     }
     Ok(out)
 }
@@ -128,20 +109,12 @@ pub fn read_all(dir: &Path, memfds: &[MemfdState]) -> Result<Vec<Vec<u8>>> {
     for m in memfds {
         let path = dir.join(file_name(m.ino));
         let mut d = Vec::new();
-        File::open(&path)
-            .and_then(|mut f| f.read_to_end(&mut d))
-            .map_err(io_at(&path))?;
+        File::open(&path).and_then(|mut f| f.read_to_end(&mut d)).map_err(io_at(&path))?;
         if d.len() as u64 != m.size {
-            return Err(Error::Truncated {
-                path,
-                what: format!("memfd {}: {} of {} bytes", m.name, d.len(), m.size),
-            });
+            return Err(Error::Truncated { path, what: format!("memfd {}: {} of {} bytes", m.name, d.len(), m.size) });
         }
         if crc32fast::hash(&d) != m.crc {
-            return Err(Error::Checksum {
-                path,
-                what: format!("memfd {}", m.name),
-            });
+            return Err(Error::Checksum { path, what: format!("memfd {}", m.name) });
         }
         out.push(d);
     }
@@ -150,21 +123,12 @@ pub fn read_all(dir: &Path, memfds: &[MemfdState]) -> Result<Vec<Vec<u8>>> {
 
 /// Creates the memfds here and pulls them into the new process above fd `above`; returns
 /// inode → fd in the new process.
-pub fn install(
-    r: &Remote,
-    memfds: &[MemfdState],
-    contents: &[Vec<u8>],
-    above: u64,
-) -> Result<HashMap<u64, u64>> {
+pub fn install(r: &Remote, memfds: &[MemfdState], contents: &[Vec<u8>], above: u64) -> Result<HashMap<u64, u64>> {
     let mut map = HashMap::new();
     if memfds.is_empty() {
         return Ok(map);
     }
-    let pidfd = r.call(
-        "pidfd_open (restorer)",
-        libc::SYS_pidfd_open,
-        &[std::process::id() as u64, 0],
-    )?;
+    let pidfd = r.call("pidfd_open (restorer)", libc::SYS_pidfd_open, &[std::process::id() as u64, 0])?;
     for (m, data) in memfds.iter().zip(contents) {
         let local: OwnedFd = sys::memfd_with_seals(&m.name, data, m.seals)
             .map_err(|e| Error::Restore(format!("memfd {}: {e}", m.name)))?;
@@ -173,11 +137,7 @@ pub fn install(
             libc::SYS_pidfd_getfd,
             &[pidfd, local.as_raw_fd() as u64, 0],
         )?;
-        let high = r.call(
-            "fcntl(F_DUPFD_CLOEXEC)",
-            libc::SYS_fcntl,
-            &[got, libc::F_DUPFD_CLOEXEC as u64, above],
-        )?;
+        let high = r.call("fcntl(F_DUPFD_CLOEXEC)", libc::SYS_fcntl, &[got, libc::F_DUPFD_CLOEXEC as u64, above])?;
         r.call("close", libc::SYS_close, &[got])?;
         map.insert(m.ino, high);
     }

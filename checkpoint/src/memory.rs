@@ -32,35 +32,22 @@ pub struct FileIdent {
 impl FileIdent {
     pub fn of(path: &str) -> std::io::Result<FileIdent> {
         let m = std::fs::metadata(path)?;
-        Ok(FileIdent {
-            ino: m.ino(),
-            size: m.size(),
-            mtime: m.mtime(),
-            mtime_ns: m.mtime_nsec(),
-        })
+        Ok(FileIdent { ino: m.ino(), size: m.size(), mtime: m.mtime(), mtime_ns: m.mtime_nsec() })
     }
     /// Refuses if the file at `path` is not the one recorded.
     pub fn check(&self, path: &str) -> Result<()> {
-        let now = FileIdent::of(path).map_err(|e| Error::FileChanged {
-            path: path.into(),
-            detail: format!("cannot stat it: {e}"),
-        })?;
+        let now = FileIdent::of(path)
+            .map_err(|e| Error::FileChanged { path: path.into(), detail: format!("cannot stat it: {e}") })?;
         let detail = if now.size != self.size {
             format!("size {} ≠ {}", self.size, now.size)
         } else if (now.mtime, now.mtime_ns) != (self.mtime, self.mtime_ns) {
-            format!(
-                "mtime {}.{:09} ≠ {}.{:09}",
-                self.mtime, self.mtime_ns, now.mtime, now.mtime_ns
-            )
+            format!("mtime {}.{:09} ≠ {}.{:09}", self.mtime, self.mtime_ns, now.mtime, now.mtime_ns)
         } else if now.ino != self.ino {
             format!("inode {} ≠ {}", self.ino, now.ino)
         } else {
             return Ok(());
         };
-        Err(Error::FileChanged {
-            path: path.into(),
-            detail,
-        })
+        Err(Error::FileChanged { path: path.into(), detail })
     }
 }
 
@@ -73,11 +60,7 @@ pub enum VmaKind {
     /// A mapping of a memfd (saved with its content, see `memfd`).
     Memfd { ino: u64, name: String, offset: u64 },
     /// A file mapping (private or shared), re-mapped from the file at restore.
-    File {
-        path: String,
-        offset: u64,
-        ident: FileIdent,
-    },
+    File { path: String, offset: u64, ident: FileIdent },
 }
 
 /// A run of consecutive stored pages: `len` bytes at `addr`, stored at `off` in pages.img.
@@ -126,27 +109,18 @@ impl MemoryState {
 
 /// Mappings the engine leaves to the kernel (vDSO block handled in `vdso`).
 pub fn is_special(path: &str) -> bool {
-    matches!(
-        path,
-        "[vvar]" | "[vvar_vclock]" | "[vdso]" | "[vsyscall]" | "[uprobes]"
-    )
+    matches!(path, "[vvar]" | "[vvar_vclock]" | "[vdso]" | "[vsyscall]" | "[uprobes]")
 }
 
 /// Classifies one VMA, or refuses it naming the mapping.
 pub fn classify(m: &MapLine) -> Result<VmaKind> {
     let p = m.path.as_str();
-    let refuse = |why: &str| Error::UnsupportedMapping {
-        range: m.range(),
-        what: p.to_string(),
-        why: why.into(),
-    };
+    let refuse = |why: &str| Error::UnsupportedMapping { range: m.range(), what: p.to_string(), why: why.into() };
     if p.is_empty() || p == "[heap]" || p == "[stack]" || p.starts_with("[anon:") {
         if m.shared() {
             return Ok(VmaKind::SharedAnon);
         }
-        return Ok(VmaKind::Anon {
-            name: p.to_string(),
-        });
+        return Ok(VmaKind::Anon { name: p.to_string() });
     }
     if p == "/dev/zero (deleted)" || p.starts_with("[anon_shmem:") {
         return Ok(VmaKind::SharedAnon);
@@ -155,11 +129,7 @@ pub fn classify(m: &MapLine) -> Result<VmaKind> {
         return Err(refuse("special kernel mapping"));
     }
     if let Some(name) = crate::memfd::name_of(p) {
-        return Ok(VmaKind::Memfd {
-            ino: m.inode,
-            name: name.to_string(),
-            offset: m.offset,
-        });
+        return Ok(VmaKind::Memfd { ino: m.inode, name: name.to_string(), offset: m.offset });
     }
     if p.starts_with("/SYSV") {
         return Err(refuse("SysV shared memory is not supported yet"));
@@ -175,19 +145,12 @@ pub fn classify(m: &MapLine) -> Result<VmaKind> {
         return Err(refuse("device or special file mapping"));
     }
     if md.ino() != m.inode {
-        return Err(refuse(
-            "the path now names a different file (inode changed)",
-        ));
+        return Err(refuse("the path now names a different file (inode changed)"));
     }
     Ok(VmaKind::File {
         path: p.to_string(),
         offset: m.offset,
-        ident: FileIdent {
-            ino: md.ino(),
-            size: md.size(),
-            mtime: md.mtime(),
-            mtime_ns: md.mtime_nsec(),
-        },
+        ident: FileIdent { ino: md.ino(), size: md.size(), mtime: md.mtime(), mtime_ns: md.mtime_nsec() },
     })
 }
 
@@ -238,11 +201,8 @@ pub fn collect(pid: Pid, maps: &[MapLine], sink: &mut PageSink) -> Result<Memory
                     sys::pread_exact(&pagemap, &mut ents, at).map_err(io_at(&pm_path))?;
                 }
                 for i in 0..n {
-                    let e = if needs_pagemap {
-                        u64::from_le_bytes(ents[i * 8..i * 8 + 8].try_into().unwrap())
-                    } else {
-                        0
-                    };
+                    let e =
+                        if needs_pagemap { u64::from_le_bytes(ents[i * 8..i * 8 + 8].try_into().unwrap()) } else { 0 };
                     if want(e) {
                         let a = m.start + (first + i) as u64 * PAGE;
                         match pages.last_mut() {
@@ -278,12 +238,7 @@ pub fn collect(pid: Pid, maps: &[MapLine], sink: &mut PageSink) -> Result<Memory
 
 /// Rebuild side: maps every VMA into the stub (read+write where data will be written), writes the
 /// pages from the image and sets the final protections.
-pub fn restore(
-    r: &Remote,
-    state: &MemoryState,
-    pages: &[u8],
-    memfds: &HashMap<u64, u64>,
-) -> Result<()> {
+pub fn restore(r: &Remote, state: &MemoryState, pages: &[u8], memfds: &HashMap<u64, u64>) -> Result<()> {
     let pid = r.pid;
     let mut fds: HashMap<(String, bool), u64> = HashMap::new();
     for v in &state.vmas {
@@ -296,35 +251,16 @@ pub fn restore(
         match &v.kind {
             VmaKind::Anon { .. } | VmaKind::SharedAnon => {
                 let mut fl = libc::MAP_ANONYMOUS | libc::MAP_FIXED;
-                fl |= if v.shared {
-                    libc::MAP_SHARED
-                } else {
-                    libc::MAP_PRIVATE
-                };
+                fl |= if v.shared { libc::MAP_SHARED } else { libc::MAP_PRIVATE };
                 if v.growsdown {
                     fl |= libc::MAP_GROWSDOWN;
                 }
-                r.call(
-                    &what,
-                    libc::SYS_mmap,
-                    &[v.start, len, prot, fl as u64, u64::MAX, 0],
-                )?;
+                r.call(&what, libc::SYS_mmap, &[v.start, len, prot, fl as u64, u64::MAX, 0])?;
             }
             VmaKind::Memfd { ino, name, offset } => {
-                let fd = *memfds
-                    .get(ino)
-                    .ok_or_else(|| Error::Restore(format!("memfd {name} was not saved")))?;
-                let fl = libc::MAP_FIXED
-                    | if v.shared {
-                        libc::MAP_SHARED
-                    } else {
-                        libc::MAP_PRIVATE
-                    };
-                r.call(
-                    &what,
-                    libc::SYS_mmap,
-                    &[v.start, len, prot, fl as u64, fd, *offset],
-                )?;
+                let fd = *memfds.get(ino).ok_or_else(|| Error::Restore(format!("memfd {name} was not saved")))?;
+                let fl = libc::MAP_FIXED | if v.shared { libc::MAP_SHARED } else { libc::MAP_PRIVATE };
+                r.call(&what, libc::SYS_mmap, &[v.start, len, prot, fl as u64, fd, *offset])?;
             }
             VmaKind::File { path, offset, .. } => {
                 let rw = v.shared && v.prot & libc::PROT_WRITE as u32 != 0;
@@ -342,17 +278,8 @@ pub fn restore(
                         fd
                     }
                 };
-                let fl = libc::MAP_FIXED
-                    | if v.shared {
-                        libc::MAP_SHARED
-                    } else {
-                        libc::MAP_PRIVATE
-                    };
-                r.call(
-                    &what,
-                    libc::SYS_mmap,
-                    &[v.start, len, prot, fl as u64, fd, *offset],
-                )?;
+                let fl = libc::MAP_FIXED | if v.shared { libc::MAP_SHARED } else { libc::MAP_PRIVATE };
+                r.call(&what, libc::SYS_mmap, &[v.start, len, prot, fl as u64, fd, *offset])?;
             }
         }
     }
@@ -402,9 +329,7 @@ fn write_pages(pid: Pid, state: &MemoryState, pages: &[u8]) -> Result<()> {
     std::thread::scope(|s| {
         let h = s.spawn(|| write_pieces(pid, b, pages));
         let ra = write_pieces(pid, a, pages);
-        let rb = h
-            .join()
-            .unwrap_or_else(|_| Err(Error::Restore("page writer thread panicked".into())));
+        let rb = h.join().unwrap_or_else(|_| Err(Error::Restore("page writer thread panicked".into())));
         ra.and(rb)
     })
 }
@@ -417,11 +342,7 @@ fn write_pieces(pid: Pid, pieces: &[(u64, u64, u64)], pages: &[u8]) -> Result<()
         let first = pieces[i].2;
         let mut remote: Vec<(u64, usize)> = Vec::new();
         let mut total = 0u64;
-        while i < pieces.len()
-            && remote.len() < MAX_IOV
-            && total < MAX_BYTES
-            && pieces[i].2 == first + total
-        {
+        while i < pieces.len() && remote.len() < MAX_IOV && total < MAX_BYTES && pieces[i].2 == first + total {
             remote.push((pieces[i].0, pieces[i].1 as usize));
             total += pieces[i].1;
             i += 1;
@@ -440,13 +361,9 @@ fn write_pieces(pid: Pid, pieces: &[(u64, u64, u64)], pages: &[u8]) -> Result<()
                 rem.push((a + skip as u64, l - skip));
                 skip = 0;
             }
-            let n =
-                sys::vm_write(pid, &local[done..], &rem).map_err(pt("process_vm_writev", pid))?;
+            let n = sys::vm_write(pid, &local[done..], &rem).map_err(pt("process_vm_writev", pid))?;
             if n == 0 {
-                return Err(Error::Restore(format!(
-                    "cannot write memory at {:#x}",
-                    rem[0].0
-                )));
+                return Err(Error::Restore(format!("cannot write memory at {:#x}", rem[0].0)));
             }
             done += n;
         }

@@ -90,18 +90,12 @@ pub fn stat_fields(pid: Pid) -> Result<Vec<String>> {
 
 /// A `Key:\tvalue` line of /proc/PID/status or fdinfo.
 pub fn field<'a>(text: &'a str, key: &str) -> Option<&'a str> {
-    text.lines().find_map(|l| {
-        l.strip_prefix(key)
-            .and_then(|r| r.strip_prefix(':'))
-            .map(str::trim)
-    })
+    text.lines().find_map(|l| l.strip_prefix(key).and_then(|r| r.strip_prefix(':')).map(str::trim))
 }
 
 pub fn threads(pid: Pid) -> Result<usize> {
     let d = proc_path(pid, "task");
-    Ok(std::fs::read_dir(&d)
-        .map_err(|source| Error::NoProcess { pid, err: source })?
-        .count())
+    Ok(std::fs::read_dir(&d).map_err(|source| Error::NoProcess { pid, err: source })?.count())
 }
 
 #[cfg(test)]

@@ -48,10 +48,7 @@ pub fn check(img: &Image, opts: &RestoreOptions) -> Result<()> {
         if v.start < RESERVED_END && v.end > STUB_BASE {
             return Err(Error::Mismatch {
                 what: "address space".into(),
-                detail: format!(
-                    "mapping {} overlaps the restorer's reserved range",
-                    v.describe()
-                ),
+                detail: format!("mapping {} overlaps the restorer's reserved range", v.describe()),
             });
         }
         if let VmaKind::File { path, ident, .. } = &v.kind {
@@ -59,10 +56,8 @@ pub fn check(img: &Image, opts: &RestoreOptions) -> Result<()> {
         }
     }
     files::prepare(&m.files, &opts.external_fds)?;
-    std::fs::metadata(&m.task.exe).map_err(|e| Error::FileChanged {
-        path: m.task.exe.clone(),
-        detail: format!("executable missing: {e}"),
-    })?;
+    std::fs::metadata(&m.task.exe)
+        .map_err(|e| Error::FileChanged { path: m.task.exe.clone(), detail: format!("executable missing: {e}") })?;
     Ok(())
 }
 
@@ -90,11 +85,7 @@ pub fn restore_held(img: &Image, opts: &RestoreOptions) -> Result<(RestoreReport
     Ok((r, h.expect("held")))
 }
 
-fn restore_inner(
-    img: &Image,
-    opts: &RestoreOptions,
-    hold: bool,
-) -> Result<(RestoreReport, Option<Held>)> {
+fn restore_inner(img: &Image, opts: &RestoreOptions, hold: bool) -> Result<(RestoreReport, Option<Held>)> {
     let start = Instant::now();
     let mut last = start;
     let mut phases = Vec::new();
@@ -107,55 +98,27 @@ fn restore_inner(
     check(img, opts)?;
     lap("check");
 
-    let elf = sys::memfd_with("dvk-restore", &stub::elf())
-        .map_err(|e| Error::Restore(format!("memfd: {e}")))?;
+    let elf = sys::memfd_with("dvk-restore", &stub::elf()).map_err(|e| Error::Restore(format!("memfd: {e}")))?;
     let want = if opts.new_pid { None } else { Some(m.pid) };
-    let (pid, same_pid) =
-        sys::spawn_traced_stub(&elf, want).map_err(|e| Error::Restore(format!("fork: {e}")))?;
+    let (pid, same_pid) = sys::spawn_traced_stub(&elf, want).map_err(|e| Error::Restore(format!("fork: {e}")))?;
     drop(elf);
-    let mut child = Child {
-        pid,
-        threads: Vec::new(),
-        done: false,
-    };
+    let mut child = Child { pid, threads: Vec::new(), done: false };
     let st = sys::wait(pid).map_err(pt("waitpid", pid))?;
     if !(libc::WIFSTOPPED(st) && libc::WSTOPSIG(st) == libc::SIGTRAP) {
-        return Err(Error::UnexpectedStop {
-            pid,
-            during: "starting the restore stub".into(),
-            status: st,
-        });
+        return Err(Error::UnexpectedStop { pid, during: "starting the restore stub".into(), status: st });
     }
-    sys::set_options(
-        pid,
-        (libc::PTRACE_O_EXITKILL | libc::PTRACE_O_TRACESYSGOOD | libc::PTRACE_O_TRACECLONE) as u64,
-    )
-    .map_err(pt("PTRACE_SETOPTIONS", pid))?;
+    sys::set_options(pid, (libc::PTRACE_O_EXITKILL | libc::PTRACE_O_TRACESYSGOOD | libc::PTRACE_O_TRACECLONE) as u64)
+        .map_err(pt("PTRACE_SETOPTIONS", pid))?;
     sys::set_sigmask(pid, signals::BLOCK_ALL).map_err(pt("PTRACE_SETSIGMASK", pid))?;
     let base = sys::get_regs(pid).map_err(pt("PTRACE_GETREGS", pid))?;
-    let mut r = Remote {
-        pid,
-        gadget: STUB_BASE + stub::ENTRY_OFF,
-        base,
-        scratch: 0,
-        scratch_len: 0,
-    };
+    let mut r = Remote { pid, gadget: STUB_BASE + stub::ENTRY_OFF, base, scratch: 0, scratch_len: 0 };
     let rwx = (libc::PROT_READ | libc::PROT_WRITE | libc::PROT_EXEC) as u64;
     let rw = (libc::PROT_READ | libc::PROT_WRITE) as u64;
     let fixed = (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED) as u64;
-    r.call(
-        "mmap (gadget)",
-        libc::SYS_mmap,
-        &[GADGET_PAGE, 4096, rwx, fixed, u64::MAX, 0],
-    )?;
-    sys::vm_write(pid, &GADGET, &[(GADGET_PAGE, GADGET.len())])
-        .map_err(pt("process_vm_writev", pid))?;
+    r.call("mmap (gadget)", libc::SYS_mmap, &[GADGET_PAGE, 4096, rwx, fixed, u64::MAX, 0])?;
+    sys::vm_write(pid, &GADGET, &[(GADGET_PAGE, GADGET.len())]).map_err(pt("process_vm_writev", pid))?;
     r.gadget = GADGET_PAGE;
-    r.call(
-        "mmap (scratch)",
-        libc::SYS_mmap,
-        &[SCRATCH, SCRATCH_LEN as u64, rw, fixed, u64::MAX, 0],
-    )?;
+    r.call("mmap (scratch)", libc::SYS_mmap, &[SCRATCH, SCRATCH_LEN as u64, rw, fixed, u64::MAX, 0])?;
     r.scratch = SCRATCH;
     r.scratch_len = SCRATCH_LEN;
     lap("spawn");
@@ -169,18 +132,10 @@ fn restore_inner(
             || l.start == SCRATCH
             || (l.start >= VDSO_TEMP && l.end <= RESERVED_END);
         if !keep {
-            r.call(
-                &format!("munmap stub {}", l.range()),
-                libc::SYS_munmap,
-                &[l.start, l.end - l.start],
-            )?;
+            r.call(&format!("munmap stub {}", l.range()), libc::SYS_munmap, &[l.start, l.end - l.start])?;
         }
     }
-    r.call(
-        "close_range",
-        libc::SYS_close_range,
-        &[0, u32::MAX as u64, 0],
-    )?;
+    r.call("close_range", libc::SYS_close_range, &[0, u32::MAX as u64, 0])?;
     task::restore_early(&r, &m.task)?;
     task::restore_session(&r, &m.task)?;
     m.vdso.place(&r, VDSO_TEMP)?;
@@ -199,13 +154,7 @@ fn restore_inner(
     signals::restore_actions(&r, &m.signals)?;
     task::restore_thread(&r, &m.task)?;
     signals::restore_late(&r, &m.signals)?;
-    threads::restore(
-        &r,
-        &m.threads,
-        !opts.new_pid && same_pid,
-        &m.task,
-        &mut child.threads,
-    )?;
+    threads::restore(&r, &m.threads, !opts.new_pid && same_pid, &m.task, &mut child.threads)?;
     task::restore_rlimits(pid, &m.task)?;
     task::restore_sched(pid, &m.task.affinity, m.task.nice)?;
     task::restore_oom(pid, &m.task)?;
@@ -215,32 +164,13 @@ fn restore_inner(
     finish(&r, m, &child.threads, opts.stopped, hold)?;
     child.done = true;
     lap("resume");
-    let held = hold.then(|| Held {
-        pid,
-        threads: std::mem::take(&mut child.threads),
-        done: false,
-    });
-    Ok((
-        RestoreReport {
-            pid,
-            same_pid,
-            phases,
-            total: start.elapsed(),
-            pages_bytes: m.pages_len,
-        },
-        held,
-    ))
+    let held = hold.then(|| Held { pid, threads: std::mem::take(&mut child.threads), done: false });
+    Ok((RestoreReport { pid, same_pid, phases, total: start.elapsed(), pages_bytes: m.pages_len }, held))
 }
 
 /// Unmaps the reserved range from inside (the gadget goes with it, so the `munmap` is caught at
 /// syscall exit), writes the final CPU state and signal mask there, and detaches.
-fn finish(
-    r: &Remote,
-    m: &crate::image::Manifest,
-    threads: &[Pid],
-    stopped: bool,
-    hold: bool,
-) -> Result<()> {
+fn finish(r: &Remote, m: &crate::image::Manifest, threads: &[Pid], stopped: bool, hold: bool) -> Result<()> {
     let pid = r.pid;
     let mut regs = r.base;
     regs.rax = libc::SYS_munmap as u64;
@@ -254,11 +184,7 @@ fn finish(
         sys::cont_syscall(pid).map_err(pt("PTRACE_SYSCALL", pid))?;
         let st = sys::wait(pid).map_err(pt("waitpid", pid))?;
         if !(libc::WIFSTOPPED(st) && libc::WSTOPSIG(st) == (libc::SIGTRAP | 0x80)) {
-            return Err(Error::UnexpectedStop {
-                pid,
-                during: format!("final munmap ({stage})"),
-                status: st,
-            });
+            return Err(Error::UnexpectedStop { pid, during: format!("final munmap ({stage})"), status: st });
         }
     }
     let ret = sys::get_regs(pid).map_err(pt("PTRACE_GETREGS", pid))?.rax as i64;

@@ -40,32 +40,21 @@ pub struct SignalState {
 pub const BLOCK_ALL: u64 = !(1u64 << (libc::SIGTRAP - 1));
 
 pub fn collect(r: &Remote, blocked: u64) -> Result<SignalState> {
-    let mut st = SignalState {
-        blocked,
-        ..Default::default()
-    };
+    let mut st = SignalState { blocked, ..Default::default() };
     // Only signals whose disposition is not the default need reading (SigCgt: caught, SigIgn:
     // ignored), plus SIGCHLD, whose SA_NOCLDWAIT/SA_NOCLDSTOP matter even with SIG_DFL: a few
     // injected calls instead of 62 (each is two ptrace stops).
     let status = crate::proc::read_string(r.pid, "status")?;
-    let mask =
-        |k: &str| crate::proc::field(&status, k).and_then(|v| u64::from_str_radix(v, 16).ok());
+    let mask = |k: &str| crate::proc::field(&status, k).and_then(|v| u64::from_str_radix(v, 16).ok());
     let wanted = match (mask("SigCgt"), mask("SigIgn")) {
         (Some(c), Some(i)) => c | i | 1 << (libc::SIGCHLD - 1),
         _ => !0,
     };
     for sig in 1..=64u64 {
-        if sig == libc::SIGKILL as u64
-            || sig == libc::SIGSTOP as u64
-            || wanted & (1 << (sig - 1)) == 0
-        {
+        if sig == libc::SIGKILL as u64 || sig == libc::SIGSTOP as u64 || wanted & (1 << (sig - 1)) == 0 {
             continue;
         }
-        r.call(
-            &format!("rt_sigaction({sig})"),
-            libc::SYS_rt_sigaction,
-            &[sig, 0, r.scratch, 8],
-        )?;
+        r.call(&format!("rt_sigaction({sig})"), libc::SYS_rt_sigaction, &[sig, 0, r.scratch, 8])?;
         let b = r.get(0, 32)?;
         let a = SigAction {
             sig: sig as u32,
@@ -87,24 +76,17 @@ pub fn collect(r: &Remote, blocked: u64) -> Result<SignalState> {
     for which in 0..3u64 {
         r.call("getitimer", libc::SYS_getitimer, &[which, r.scratch])?;
         let b = r.get(0, 32)?;
-        st.itimers
-            .push([u64_at(&b, 0), u64_at(&b, 8), u64_at(&b, 16), u64_at(&b, 24)]);
+        st.itimers.push([u64_at(&b, 0), u64_at(&b, 8), u64_at(&b, 16), u64_at(&b, 24)]);
     }
     Ok(st)
 }
 
 /// Pending signals, read once nothing else will be dequeued (after the injections).
 pub fn collect_pending(pid: Pid, st: &mut SignalState) -> Result<()> {
-    st.pending_private = sys::peek_siginfo(pid, false)
-        .map_err(pt("PTRACE_PEEKSIGINFO", pid))?
-        .iter()
-        .map(|s| s.to_vec())
-        .collect();
-    st.pending_shared = sys::peek_siginfo(pid, true)
-        .map_err(pt("PTRACE_PEEKSIGINFO", pid))?
-        .iter()
-        .map(|s| s.to_vec())
-        .collect();
+    st.pending_private =
+        sys::peek_siginfo(pid, false).map_err(pt("PTRACE_PEEKSIGINFO", pid))?.iter().map(|s| s.to_vec()).collect();
+    st.pending_shared =
+        sys::peek_siginfo(pid, true).map_err(pt("PTRACE_PEEKSIGINFO", pid))?.iter().map(|s| s.to_vec()).collect();
     Ok(())
 }
 
@@ -116,11 +98,7 @@ pub fn restore_actions(r: &Remote, st: &SignalState) -> Result<()> {
             b.extend_from_slice(&v.to_le_bytes());
         }
         let p = r.put(0, &b)?;
-        r.call(
-            &format!("rt_sigaction({})", a.sig),
-            libc::SYS_rt_sigaction,
-            &[a.sig as u64, p, 0, 8],
-        )?;
+        r.call(&format!("rt_sigaction({})", a.sig), libc::SYS_rt_sigaction, &[a.sig as u64, p, 0, 8])?;
     }
     if let Some((sp, flags, size)) = st.altstack {
         let mut b = Vec::with_capacity(24);
@@ -140,11 +118,7 @@ pub fn restore_late(r: &Remote, st: &SignalState) -> Result<()> {
             let sig = u32::from_le_bytes(info[0..4].try_into().unwrap()) as u64;
             let p = r.put(0, info)?;
             if shared {
-                r.call(
-                    &format!("rt_sigqueueinfo({sig})"),
-                    libc::SYS_rt_sigqueueinfo,
-                    &[r.pid as u64, sig, p],
-                )?;
+                r.call(&format!("rt_sigqueueinfo({sig})"), libc::SYS_rt_sigqueueinfo, &[r.pid as u64, sig, p])?;
             } else {
                 r.call(
                     &format!("rt_tgsigqueueinfo({sig})"),

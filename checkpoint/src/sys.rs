@@ -69,12 +69,7 @@ fn ptrace(req: libc::c_uint, pid: Pid, addr: u64, data: u64) -> io::Result<libc:
     // to a live, correctly sized buffer owned by the caller for the duration of the call.
     let r = unsafe {
         *libc::__errno_location() = 0;
-        libc::ptrace(
-            req,
-            pid,
-            addr as *mut libc::c_void,
-            data as *mut libc::c_void,
-        )
+        libc::ptrace(req, pid, addr as *mut libc::c_void, data as *mut libc::c_void)
     };
     if r == -1 {
         let e = io::Error::last_os_error();
@@ -113,30 +108,13 @@ pub fn set_regs(pid: Pid, r: &Regs) -> io::Result<()> {
 }
 /// Reads the NT_X86_XSTATE regset into `buf`; returns the length the kernel filled in.
 pub fn get_xstate(pid: Pid, buf: &mut [u8]) -> io::Result<usize> {
-    let mut iov = libc::iovec {
-        iov_base: buf.as_mut_ptr().cast(),
-        iov_len: buf.len(),
-    };
-    ptrace(
-        libc::PTRACE_GETREGSET,
-        pid,
-        NT_X86_XSTATE as u64,
-        &mut iov as *mut _ as u64,
-    )?;
+    let mut iov = libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: buf.len() };
+    ptrace(libc::PTRACE_GETREGSET, pid, NT_X86_XSTATE as u64, &mut iov as *mut _ as u64)?;
     Ok(iov.iov_len)
 }
 pub fn set_xstate(pid: Pid, buf: &[u8]) -> io::Result<()> {
-    let mut iov = libc::iovec {
-        iov_base: buf.as_ptr() as *mut _,
-        iov_len: buf.len(),
-    };
-    ptrace(
-        libc::PTRACE_SETREGSET,
-        pid,
-        NT_X86_XSTATE as u64,
-        &mut iov as *mut _ as u64,
-    )
-    .map(drop)
+    let mut iov = libc::iovec { iov_base: buf.as_ptr() as *mut _, iov_len: buf.len() };
+    ptrace(libc::PTRACE_SETREGSET, pid, NT_X86_XSTATE as u64, &mut iov as *mut _ as u64).map(drop)
 }
 pub fn get_sigmask(pid: Pid) -> io::Result<u64> {
     let mut m = 0u64;
@@ -164,17 +142,8 @@ pub fn peek_siginfo(pid: Pid, shared: bool) -> io::Result<Vec<[u8; 128]>> {
     let mut out = Vec::new();
     let mut buf = vec![[0u8; 128]; 32];
     loop {
-        let a = Args {
-            off: out.len() as u64,
-            flags: shared as u32,
-            nr: buf.len() as i32,
-        };
-        let n = ptrace(
-            PTRACE_PEEKSIGINFO,
-            pid,
-            &a as *const Args as u64,
-            buf.as_mut_ptr() as u64,
-        )?;
+        let a = Args { off: out.len() as u64, flags: shared as u32, nr: buf.len() as i32 };
+        let n = ptrace(PTRACE_PEEKSIGINFO, pid, &a as *const Args as u64, buf.as_mut_ptr() as u64)?;
         if n <= 0 {
             return Ok(out);
         }
@@ -202,20 +171,11 @@ pub fn get_rseq(pid: Pid) -> io::Result<Option<RseqConf>> {
         pad: u32,
     }
     let mut c = Conf::default();
-    let n = ptrace(
-        PTRACE_GET_RSEQ_CONFIGURATION,
-        pid,
-        std::mem::size_of::<Conf>() as u64,
-        &mut c as *mut Conf as u64,
-    )?;
+    let n = ptrace(PTRACE_GET_RSEQ_CONFIGURATION, pid, std::mem::size_of::<Conf>() as u64, &mut c as *mut Conf as u64)?;
     if n <= 0 || c.ptr == 0 {
         return Ok(None);
     }
-    Ok(Some(RseqConf {
-        ptr: c.ptr,
-        len: c.len,
-        sig: c.sig,
-    }))
+    Ok(Some(RseqConf { ptr: c.ptr, len: c.len, sig: c.sig }))
 }
 
 /// Raw wait status of `pid` (`__WALL`).
@@ -252,19 +212,15 @@ pub fn kill(pid: Pid, sig: i32) -> io::Result<()> {
 
 // ---------------------------------------------------------------- remote memory
 
+/// iovecs for address ranges of another process (never dereferenced here).
+fn remote_iovecs(remote: &[(u64, usize)]) -> Vec<libc::iovec> {
+    remote.iter().map(|&(a, l)| libc::iovec { iov_base: a as *mut _, iov_len: l }).collect()
+}
+
 /// Reads `remote.len()` ranges of `pid` into consecutive parts of `local`; returns bytes read.
 pub fn vm_read(pid: Pid, local: &mut [u8], remote: &[(u64, usize)]) -> io::Result<usize> {
-    let liov = libc::iovec {
-        iov_base: local.as_mut_ptr().cast(),
-        iov_len: local.len(),
-    };
-    let riov: Vec<libc::iovec> = remote
-        .iter()
-        .map(|&(a, l)| libc::iovec {
-            iov_base: a as *mut _,
-            iov_len: l,
-        })
-        .collect();
+    let liov = libc::iovec { iov_base: local.as_mut_ptr().cast(), iov_len: local.len() };
+    let riov = remote_iovecs(remote);
     // SAFETY: local iovec covers `local` (exclusively borrowed); remote addresses are only
     // interpreted in the other process.
     let r = unsafe { libc::process_vm_readv(pid, &liov, 1, riov.as_ptr(), riov.len() as _, 0) };
@@ -273,17 +229,8 @@ pub fn vm_read(pid: Pid, local: &mut [u8], remote: &[(u64, usize)]) -> io::Resul
 
 /// Writes consecutive parts of `local` into the ranges `remote` of `pid`; returns bytes written.
 pub fn vm_write(pid: Pid, local: &[u8], remote: &[(u64, usize)]) -> io::Result<usize> {
-    let liov = libc::iovec {
-        iov_base: local.as_ptr() as *mut _,
-        iov_len: local.len(),
-    };
-    let riov: Vec<libc::iovec> = remote
-        .iter()
-        .map(|&(a, l)| libc::iovec {
-            iov_base: a as *mut _,
-            iov_len: l,
-        })
-        .collect();
+    let liov = libc::iovec { iov_base: local.as_ptr() as *mut _, iov_len: local.len() };
+    let riov = remote_iovecs(remote);
     // SAFETY: the local buffer is only read; remote addresses are only interpreted in the other
     // process.
     let r = unsafe { libc::process_vm_writev(pid, &liov, 1, riov.as_ptr(), riov.len() as _, 0) };
@@ -322,22 +269,11 @@ unsafe impl Send for MappedFile {}
 impl MappedFile {
     pub fn map(file: &std::fs::File, len: usize) -> io::Result<MappedFile> {
         if len == 0 {
-            return Ok(MappedFile {
-                ptr: std::ptr::NonNull::dangling().as_ptr(),
-                len: 0,
-            });
+            return Ok(MappedFile { ptr: std::ptr::NonNull::dangling().as_ptr(), len: 0 });
         }
         // SAFETY: new read-only mapping of an open file; the kernel chooses the address.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ,
-                libc::MAP_PRIVATE,
-                file.as_raw_fd(),
-                0,
-            )
-        };
+        let p =
+            unsafe { libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ, libc::MAP_PRIVATE, file.as_raw_fd(), 0) };
         if p == libc::MAP_FAILED {
             return Err(io::Error::last_os_error());
         }
@@ -381,15 +317,7 @@ pub fn getsockopt_int(fd: &OwnedFd, level: i32, opt: i32) -> io::Result<i32> {
     let mut v: libc::c_int = 0;
     let mut l = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
     // SAFETY: v/l are valid out pointers of the declared size.
-    let r = unsafe {
-        libc::getsockopt(
-            fd.as_raw_fd(),
-            level,
-            opt,
-            (&mut v as *mut i32).cast(),
-            &mut l,
-        )
-    };
+    let r = unsafe { libc::getsockopt(fd.as_raw_fd(), level, opt, (&mut v as *mut i32).cast(), &mut l) };
     cvt(r as libc::c_long).map(|_| v)
 }
 /// The bound path of an AF_UNIX socket (None when unnamed or abstract).
@@ -398,13 +326,7 @@ pub fn unix_sock_path(fd: &OwnedFd) -> io::Result<Option<Vec<u8>>> {
     let mut sa: libc::sockaddr_un = unsafe { std::mem::zeroed() };
     let mut l = std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t;
     // SAFETY: sa/l are valid out pointers of the declared size.
-    let r = unsafe {
-        libc::getsockname(
-            fd.as_raw_fd(),
-            (&mut sa as *mut libc::sockaddr_un).cast(),
-            &mut l,
-        )
-    };
+    let r = unsafe { libc::getsockname(fd.as_raw_fd(), (&mut sa as *mut libc::sockaddr_un).cast(), &mut l) };
     cvt(r as libc::c_long)?;
     let n = (l as usize).saturating_sub(2);
     let p: Vec<u8> = sa.sun_path[..n.min(108)].iter().map(|&c| c as u8).collect();
@@ -418,19 +340,11 @@ pub fn unix_sock_path(fd: &OwnedFd) -> io::Result<Option<Vec<u8>>> {
 pub fn pipe_peek(fd: &OwnedFd, len: usize) -> io::Result<Vec<u8>> {
     let mut p = [0i32; 2];
     // SAFETY: p is a valid 2-int out array.
-    cvt(
-        unsafe { libc::pipe2(p.as_mut_ptr(), libc::O_CLOEXEC | libc::O_NONBLOCK) } as libc::c_long,
-    )?;
+    cvt(unsafe { libc::pipe2(p.as_mut_ptr(), libc::O_CLOEXEC | libc::O_NONBLOCK) } as libc::c_long)?;
     // SAFETY: the two fds were just created and are owned here.
     let (r, w) = unsafe { (OwnedFd::from_raw_fd(p[0]), OwnedFd::from_raw_fd(p[1])) };
     // SAFETY: integer-only fcntl.
-    unsafe {
-        libc::fcntl(
-            w.as_raw_fd(),
-            libc::F_SETPIPE_SZ,
-            len.max(4096) as libc::c_int,
-        )
-    };
+    unsafe { libc::fcntl(w.as_raw_fd(), libc::F_SETPIPE_SZ, len.max(4096) as libc::c_int) };
     // SAFETY: tee between two pipe fds, no user memory.
     let n = unsafe { libc::tee(fd.as_raw_fd(), w.as_raw_fd(), len, libc::SPLICE_F_NONBLOCK) };
     if n < 0 {
@@ -444,13 +358,7 @@ pub fn pipe_peek(fd: &OwnedFd, len: usize) -> io::Result<Vec<u8>> {
     let mut done = 0;
     while done < out.len() {
         // SAFETY: reads into the tail of `out`.
-        let k = unsafe {
-            libc::read(
-                r.as_raw_fd(),
-                out[done..].as_mut_ptr().cast(),
-                out.len() - done,
-            )
-        };
+        let k = unsafe { libc::read(r.as_raw_fd(), out[done..].as_mut_ptr().cast(), out.len() - done) };
         let k = cvt(k as libc::c_long)?;
         if k == 0 {
             break;
@@ -462,28 +370,14 @@ pub fn pipe_peek(fd: &OwnedFd, len: usize) -> io::Result<Vec<u8>> {
 }
 pub fn pipe_size(fd: &OwnedFd) -> io::Result<usize> {
     // SAFETY: integer-only fcntl.
-    cvt(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETPIPE_SZ) } as libc::c_long)
-        .map(|v| v as usize)
+    cvt(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETPIPE_SZ) } as libc::c_long).map(|v| v as usize)
 }
 
 pub fn prlimit(pid: Pid, res: u32, new: Option<(u64, u64)>) -> io::Result<(u64, u64)> {
-    let n = new.map(|(c, m)| libc::rlimit64 {
-        rlim_cur: c,
-        rlim_max: m,
-    });
-    let mut old = libc::rlimit64 {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
+    let n = new.map(|(c, m)| libc::rlimit64 { rlim_cur: c, rlim_max: m });
+    let mut old = libc::rlimit64 { rlim_cur: 0, rlim_max: 0 };
     // SAFETY: valid in/out pointers to rlimit64 values (new may be null).
-    let r = unsafe {
-        libc::prlimit64(
-            pid,
-            res as _,
-            n.as_ref().map_or(std::ptr::null(), |x| x as *const _),
-            &mut old,
-        )
-    };
+    let r = unsafe { libc::prlimit64(pid, res as _, n.as_ref().map_or(std::ptr::null(), |x| x as *const _), &mut old) };
     cvt(r as libc::c_long).map(|_| (old.rlim_cur, old.rlim_max))
 }
 
@@ -491,14 +385,7 @@ pub fn prlimit(pid: Pid, res: u32, new: Option<(u64, u64)>) -> io::Result<(u64, 
 pub fn get_affinity(tid: Pid) -> io::Result<Vec<u64>> {
     let mut m = vec![0u64; 16]; // 1024 CPUs
                                 // SAFETY: the kernel writes at most the given size into `m`.
-    let r = unsafe {
-        libc::syscall(
-            libc::SYS_sched_getaffinity,
-            tid,
-            m.len() * 8,
-            m.as_mut_ptr(),
-        )
-    };
+    let r = unsafe { libc::syscall(libc::SYS_sched_getaffinity, tid, m.len() * 8, m.as_mut_ptr()) };
     let n = cvt(r)? as usize;
     m.truncate(n.div_ceil(8));
     Ok(m)
@@ -524,14 +411,7 @@ pub fn get_robust_list(pid: Pid) -> io::Result<(u64, u64)> {
     let mut head = 0u64;
     let mut len = 0usize;
     // SAFETY: valid out pointers.
-    let r = unsafe {
-        libc::syscall(
-            libc::SYS_get_robust_list,
-            pid,
-            &mut head as *mut u64,
-            &mut len as *mut usize,
-        )
-    };
+    let r = unsafe { libc::syscall(libc::SYS_get_robust_list, pid, &mut head as *mut u64, &mut len as *mut usize) };
     cvt(r).map(|_| (head, len as u64))
 }
 
@@ -582,11 +462,7 @@ pub fn memfd_with(name: &str, data: &[u8]) -> io::Result<OwnedFd> {
 pub fn unix_peer(ino: u32) -> io::Result<(u32, u8)> {
     // SAFETY: plain socket creation; the fd is owned below.
     let fd = cvt(unsafe {
-        libc::socket(
-            libc::AF_NETLINK,
-            libc::SOCK_DGRAM | libc::SOCK_CLOEXEC,
-            4, /* NETLINK_SOCK_DIAG */
-        )
+        libc::socket(libc::AF_NETLINK, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 4 /* NETLINK_SOCK_DIAG */)
     } as libc::c_long)?;
     // SAFETY: fd was just created.
     let fd = unsafe { OwnedFd::from_raw_fd(fd as RawFd) };
@@ -603,20 +479,13 @@ pub fn unix_peer(ino: u32) -> io::Result<(u32, u8)> {
     cvt(unsafe { libc::send(fd.as_raw_fd(), req.as_ptr().cast(), req.len(), 0) } as libc::c_long)?;
     let mut buf = vec![0u8; 8192];
     // SAFETY: receives into `buf` (valid for its length).
-    let n = cvt(
-        unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) }
-            as libc::c_long,
-    )? as usize;
+    let n = cvt(unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) } as libc::c_long)? as usize;
     let u16_at = |o: usize| u16::from_le_bytes([buf[o], buf[o + 1]]);
     let u32_at = |o: usize| u32::from_le_bytes(buf[o..o + 4].try_into().unwrap());
     if n < 16 || u16_at(4) == 2
     /* NLMSG_ERROR */
     {
-        let errno = if n >= 20 {
-            -(u32_at(16) as i32)
-        } else {
-            libc::EIO
-        };
+        let errno = if n >= 20 { -(u32_at(16) as i32) } else { libc::EIO };
         return Err(io::Error::from_raw_os_error(errno.max(1)));
     }
     let (mut peer, mut shut) = (0u32, 0u8);
@@ -642,14 +511,8 @@ pub fn unix_peer(ino: u32) -> io::Result<(u32, u8)> {
 pub fn sock_peek(fd: &OwnedFd, max: usize) -> io::Result<Vec<u8>> {
     let mut buf = vec![0u8; max];
     // SAFETY: receives into `buf` (valid for its length).
-    let n = unsafe {
-        libc::recv(
-            fd.as_raw_fd(),
-            buf.as_mut_ptr().cast(),
-            buf.len(),
-            libc::MSG_PEEK | libc::MSG_DONTWAIT,
-        )
-    };
+    let n =
+        unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), libc::MSG_PEEK | libc::MSG_DONTWAIT) };
     if n < 0 {
         let e = io::Error::last_os_error();
         if e.raw_os_error() == Some(libc::EAGAIN) {
@@ -672,20 +535,14 @@ pub fn memfd_with_seals(name: &str, data: &[u8], seals: u32) -> io::Result<Owned
     let n = CString::new(name).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
     // SAFETY: valid C string; the fd is owned below.
     let fd =
-        cvt(
-            unsafe { libc::memfd_create(n.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) }
-                as libc::c_long,
-        )?;
+        cvt(unsafe { libc::memfd_create(n.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) } as libc::c_long)?;
     // SAFETY: fd was just created.
     let fd = unsafe { OwnedFd::from_raw_fd(fd as RawFd) };
     let mut f = std::fs::File::from(fd);
     std::io::Write::write_all(&mut f, data)?;
     if seals != 0 {
         // SAFETY: integer-only fcntl.
-        cvt(
-            unsafe { libc::fcntl(f.as_raw_fd(), libc::F_ADD_SEALS, seals as libc::c_int) }
-                as libc::c_long,
-        )?;
+        cvt(unsafe { libc::fcntl(f.as_raw_fd(), libc::F_ADD_SEALS, seals as libc::c_int) } as libc::c_long)?;
     }
     Ok(OwnedFd::from(f))
 }
@@ -717,14 +574,7 @@ pub fn spawn_traced_stub(stub_fd: &OwnedFd, want: Option<Pid>) -> io::Result<(Pi
         // async-signal-safe syscalls until execve replaces the image.
         unsafe {
             libc::syscall(libc::SYS_ptrace, libc::PTRACE_TRACEME, 0, 0, 0);
-            libc::syscall(
-                libc::SYS_execveat,
-                raw,
-                empty.as_ptr(),
-                argv.as_ptr(),
-                envp.as_ptr(),
-                libc::AT_EMPTY_PATH,
-            );
+            libc::syscall(libc::SYS_execveat, raw, empty.as_ptr(), argv.as_ptr(), envp.as_ptr(), libc::AT_EMPTY_PATH);
             libc::syscall(libc::SYS_exit_group, 127);
         }
         #[allow(clippy::empty_loop)]
@@ -747,13 +597,7 @@ pub fn spawn_traced_stub(stub_fd: &OwnedFd, want: Option<Pid>) -> io::Result<(Pi
         };
         // SAFETY: fork-like clone3 (no CLONE_VM): the child gets a copy of memory and only
         // calls `child` above; args/tids live across the call.
-        let r = unsafe {
-            libc::syscall(
-                libc::SYS_clone3,
-                &args as *const CloneArgs,
-                std::mem::size_of::<CloneArgs>(),
-            )
-        };
+        let r = unsafe { libc::syscall(libc::SYS_clone3, &args as *const CloneArgs, std::mem::size_of::<CloneArgs>()) };
         if r == 0 {
             child(());
         }

@@ -58,16 +58,8 @@ pub struct Creds {
 }
 
 fn ids(status: &str, key: &str) -> [u32; 3] {
-    let v: Vec<u32> = field(status, key)
-        .unwrap_or("")
-        .split_whitespace()
-        .filter_map(|x| x.parse().ok())
-        .collect();
-    [
-        v.first().copied().unwrap_or(0),
-        v.get(1).copied().unwrap_or(0),
-        v.get(2).copied().unwrap_or(0),
-    ]
+    let v: Vec<u32> = field(status, key).unwrap_or("").split_whitespace().filter_map(|x| x.parse().ok()).collect();
+    [v.first().copied().unwrap_or(0), v.get(1).copied().unwrap_or(0), v.get(2).copied().unwrap_or(0)]
 }
 
 fn link(pid: Pid, what: &str) -> Result<String> {
@@ -81,15 +73,10 @@ fn link(pid: Pid, what: &str) -> Result<String> {
 pub fn collect_static(pid: Pid) -> Result<TaskState> {
     let cwd = link(pid, "cwd")?;
     if cwd.ends_with(" (deleted)") {
-        return Err(Error::Unsupported {
-            pid,
-            what: format!("working directory {cwd}"),
-        });
+        return Err(Error::Unsupported { pid, what: format!("working directory {cwd}") });
     }
     let status = read_string(pid, "status")?;
-    let umask = field(&status, "Umask")
-        .and_then(|v| u32::from_str_radix(v, 8).ok())
-        .unwrap_or(0o022);
+    let umask = field(&status, "Umask").and_then(|v| u32::from_str_radix(v, 8).ok()).unwrap_or(0o022);
     let f = stat_fields(pid)?;
     let n = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
     let mm = MmFields {
@@ -106,29 +93,19 @@ pub fn collect_static(pid: Pid) -> Result<TaskState> {
         env_end: n(51),
     };
     if field(&status, "Seccomp").is_some_and(|v| v != "0") {
-        return Err(Error::Unsupported {
-            pid,
-            what: "a seccomp filter".into(),
-        });
+        return Err(Error::Unsupported { pid, what: "a seccomp filter".into() });
     }
     let creds = Creds {
         uid: ids(&status, "Uid"),
         gid: ids(&status, "Gid"),
-        groups: field(&status, "Groups")
-            .unwrap_or("")
-            .split_whitespace()
-            .filter_map(|x| x.parse().ok())
-            .collect(),
+        groups: field(&status, "Groups").unwrap_or("").split_whitespace().filter_map(|x| x.parse().ok()).collect(),
     };
     let no_new_privs = field(&status, "NoNewPrivs").is_some_and(|v| v == "1");
     let session_leader = f.get(6).and_then(|v| v.parse::<i32>().ok()) == Some(pid);
     let group_leader = f.get(5).and_then(|v| v.parse::<i32>().ok()) == Some(pid);
     let exe = link(pid, "exe")?;
     if exe.ends_with(" (deleted)") {
-        return Err(Error::Unsupported {
-            pid,
-            what: format!("executable {exe} (deleted)"),
-        });
+        return Err(Error::Unsupported { pid, what: format!("executable {exe} (deleted)") });
     }
     Ok(TaskState {
         cwd,
@@ -137,8 +114,7 @@ pub fn collect_static(pid: Pid) -> Result<TaskState> {
         personality: u64::from_str_radix(read_string(pid, "personality")?.trim(), 16).unwrap_or(0),
         rlimits: Vec::new(),
         mm,
-        auxv: std::fs::read(proc_path(pid, "auxv"))
-            .map_err(|source| Error::NoProcess { pid, err: source })?,
+        auxv: std::fs::read(proc_path(pid, "auxv")).map_err(|source| Error::NoProcess { pid, err: source })?,
         exe,
         tid_address: 0,
         robust_list: (0, 0),
@@ -149,10 +125,7 @@ pub fn collect_static(pid: Pid) -> Result<TaskState> {
         no_new_privs,
         affinity: sys::get_affinity(pid).map_err(pt("sched_getaffinity", pid))?,
         nice: sys::get_nice(pid).map_err(pt("getpriority", pid))?,
-        oom_score_adj: read_string(pid, "oom_score_adj")?
-            .trim()
-            .parse()
-            .unwrap_or(0),
+        oom_score_adj: read_string(pid, "oom_score_adj")?.trim().parse().unwrap_or(0),
     })
 }
 
@@ -166,11 +139,7 @@ pub fn collect(r: &Remote) -> Result<TaskState> {
         let b = r.get(0, 16)?;
         st.rlimits.push((u64_at(&b, 0), u64_at(&b, 8)));
     }
-    r.call(
-        "prctl(PR_GET_TID_ADDRESS)",
-        libc::SYS_prctl,
-        &[libc::PR_GET_TID_ADDRESS as u64, r.scratch],
-    )?;
+    r.call("prctl(PR_GET_TID_ADDRESS)", libc::SYS_prctl, &[libc::PR_GET_TID_ADDRESS as u64, r.scratch])?;
     st.tid_address = u64_at(&r.get(0, 8)?, 0);
     st.robust_list = sys::get_robust_list(pid).map_err(pt("get_robust_list", pid))?;
     st.rseq = sys::get_rseq(pid).map_err(pt("PTRACE_GET_RSEQ_CONFIGURATION", pid))?;
@@ -186,11 +155,7 @@ pub fn restore_early(r: &Remote, st: &TaskState) -> Result<()> {
     let mut name = st.comm.as_bytes().to_vec();
     name.truncate(15);
     let p = r.put_cstr(0, &name)?;
-    r.call(
-        "prctl(PR_SET_NAME)",
-        libc::SYS_prctl,
-        &[libc::PR_SET_NAME as u64, p],
-    )?;
+    r.call("prctl(PR_SET_NAME)", libc::SYS_prctl, &[libc::PR_SET_NAME as u64, p])?;
     Ok(())
 }
 
@@ -200,12 +165,7 @@ pub fn restore_mm(r: &Remote, st: &TaskState) -> Result<()> {
     let exe_fd = r.call(
         &format!("open {}", st.exe),
         libc::SYS_openat,
-        &[
-            libc::AT_FDCWD as u64,
-            p,
-            (libc::O_RDONLY | libc::O_CLOEXEC) as u64,
-            0,
-        ],
+        &[libc::AT_FDCWD as u64, p, (libc::O_RDONLY | libc::O_CLOEXEC) as u64, 0],
     )?;
     let m = &st.mm;
     let mut auxv = st.auxv.clone();
@@ -234,13 +194,7 @@ pub fn restore_mm(r: &Remote, st: &TaskState) -> Result<()> {
     let res = r.call(
         "prctl(PR_SET_MM, PR_SET_MM_MAP)",
         libc::SYS_prctl,
-        &[
-            libc::PR_SET_MM as u64,
-            libc::PR_SET_MM_MAP as u64,
-            map,
-            b.len() as u64,
-            0,
-        ],
+        &[libc::PR_SET_MM as u64, libc::PR_SET_MM_MAP as u64, map, b.len() as u64, 0],
     );
     r.call("close", libc::SYS_close, &[exe_fd])?;
     res.map(drop)
@@ -249,25 +203,13 @@ pub fn restore_mm(r: &Remote, st: &TaskState) -> Result<()> {
 /// set_tid_address, robust list, rseq.
 pub fn restore_thread(r: &Remote, st: &TaskState) -> Result<()> {
     if st.tid_address != 0 {
-        r.call(
-            "set_tid_address",
-            libc::SYS_set_tid_address,
-            &[st.tid_address],
-        )?;
+        r.call("set_tid_address", libc::SYS_set_tid_address, &[st.tid_address])?;
     }
     if st.robust_list.0 != 0 {
-        r.call(
-            "set_robust_list",
-            libc::SYS_set_robust_list,
-            &[st.robust_list.0, st.robust_list.1],
-        )?;
+        r.call("set_robust_list", libc::SYS_set_robust_list, &[st.robust_list.0, st.robust_list.1])?;
     }
     if let Some(rs) = st.rseq {
-        r.call(
-            "rseq (register)",
-            libc::SYS_rseq,
-            &[rs.ptr, rs.len as u64, 0, rs.sig as u64],
-        )?;
+        r.call("rseq (register)", libc::SYS_rseq, &[rs.ptr, rs.len as u64, 0, rs.sig as u64])?;
     }
     Ok(())
 }
@@ -291,32 +233,12 @@ pub fn restore_creds(r: &Remote, st: &TaskState) -> Result<()> {
         g.extend_from_slice(&x.to_le_bytes());
     }
     let p = r.put(0, &g)?;
-    r.call(
-        "setgroups",
-        libc::SYS_setgroups,
-        &[c.groups.len() as u64, p],
-    )?;
-    r.call(
-        "setresgid",
-        libc::SYS_setresgid,
-        &[c.gid[0] as u64, c.gid[1] as u64, c.gid[2] as u64],
-    )?;
-    r.call(
-        "setresuid",
-        libc::SYS_setresuid,
-        &[c.uid[0] as u64, c.uid[1] as u64, c.uid[2] as u64],
-    )?;
-    r.call(
-        "prctl(PR_SET_DUMPABLE)",
-        libc::SYS_prctl,
-        &[libc::PR_SET_DUMPABLE as u64, 1],
-    )?;
+    r.call("setgroups", libc::SYS_setgroups, &[c.groups.len() as u64, p])?;
+    r.call("setresgid", libc::SYS_setresgid, &[c.gid[0] as u64, c.gid[1] as u64, c.gid[2] as u64])?;
+    r.call("setresuid", libc::SYS_setresuid, &[c.uid[0] as u64, c.uid[1] as u64, c.uid[2] as u64])?;
+    r.call("prctl(PR_SET_DUMPABLE)", libc::SYS_prctl, &[libc::PR_SET_DUMPABLE as u64, 1])?;
     if st.no_new_privs {
-        r.call(
-            "prctl(PR_SET_NO_NEW_PRIVS)",
-            libc::SYS_prctl,
-            &[libc::PR_SET_NO_NEW_PRIVS as u64, 1, 0, 0, 0],
-        )?;
+        r.call("prctl(PR_SET_NO_NEW_PRIVS)", libc::SYS_prctl, &[libc::PR_SET_NO_NEW_PRIVS as u64, 1, 0, 0, 0])?;
     }
     Ok(())
 }

@@ -46,13 +46,8 @@ pub fn collect(f: &mut Frozen) -> Result<Vec<ThreadState>> {
             r.call("sigaltstack", libc::SYS_sigaltstack, &[0, r.scratch])?;
             let b = r.get(0, 24)?;
             let flags = u64_at(&b, 8) as u32 as i32;
-            let alt =
-                (flags & libc::SS_DISABLE == 0).then(|| (u64_at(&b, 0), flags, u64_at(&b, 16)));
-            r.call(
-                "prctl(PR_GET_TID_ADDRESS)",
-                libc::SYS_prctl,
-                &[libc::PR_GET_TID_ADDRESS as u64, r.scratch],
-            )?;
+            let alt = (flags & libc::SS_DISABLE == 0).then(|| (u64_at(&b, 0), flags, u64_at(&b, 16)));
+            r.call("prctl(PR_GET_TID_ADDRESS)", libc::SYS_prctl, &[libc::PR_GET_TID_ADDRESS as u64, r.scratch])?;
             Ok((alt, u64_at(&r.get(0, 8)?, 0)))
         })?;
         let rseq = sys::get_rseq(tid).map_err(pt("PTRACE_GET_RSEQ_CONFIGURATION", tid))?;
@@ -140,40 +135,18 @@ pub fn restore(
         // The new thread is attached (PTRACE_O_TRACECLONE) and starts with a stop.
         let st = sys::wait(tid).map_err(pt("waitpid (new thread)", tid))?;
         if !libc::WIFSTOPPED(st) {
-            return Err(Error::UnexpectedStop {
-                pid: tid,
-                during: "starting a thread".into(),
-                status: st,
-            });
+            return Err(Error::UnexpectedStop { pid: tid, during: "starting a thread".into(), status: st });
         }
         let base = sys::get_regs(tid).map_err(pt("PTRACE_GETREGS", tid))?;
-        let tr = Remote {
-            pid: tid,
-            gadget: r.gadget,
-            base,
-            scratch: r.scratch,
-            scratch_len: r.scratch_len,
-        };
+        let tr = Remote { pid: tid, gadget: r.gadget, base, scratch: r.scratch, scratch_len: r.scratch_len };
         if t.tid_address != 0 {
-            tr.call(
-                "set_tid_address",
-                libc::SYS_set_tid_address,
-                &[t.tid_address],
-            )?;
+            tr.call("set_tid_address", libc::SYS_set_tid_address, &[t.tid_address])?;
         }
         if t.robust_list.0 != 0 {
-            tr.call(
-                "set_robust_list",
-                libc::SYS_set_robust_list,
-                &[t.robust_list.0, t.robust_list.1],
-            )?;
+            tr.call("set_robust_list", libc::SYS_set_robust_list, &[t.robust_list.0, t.robust_list.1])?;
         }
         if let Some(rs) = t.rseq {
-            tr.call(
-                "rseq (register)",
-                libc::SYS_rseq,
-                &[rs.ptr, rs.len as u64, 0, rs.sig as u64],
-            )?;
+            tr.call("rseq (register)", libc::SYS_rseq, &[rs.ptr, rs.len as u64, 0, rs.sig as u64])?;
         }
         if let Some((sp, flags, size)) = t.altstack {
             let mut b = Vec::with_capacity(24);
@@ -186,11 +159,7 @@ pub fn restore(
         let mut name = t.comm.as_bytes().to_vec();
         name.truncate(15);
         let p = tr.put_cstr(0, &name)?;
-        tr.call(
-            "prctl(PR_SET_NAME)",
-            libc::SYS_prctl,
-            &[libc::PR_SET_NAME as u64, p],
-        )?;
+        tr.call("prctl(PR_SET_NAME)", libc::SYS_prctl, &[libc::PR_SET_NAME as u64, p])?;
         for info in &t.pending {
             let sig = u32::from_le_bytes(info[0..4].try_into().unwrap()) as u64;
             // Queued by the thread itself: only then does the kernel accept any si_code.

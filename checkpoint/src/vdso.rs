@@ -22,38 +22,25 @@ pub struct VdsoLayout {
 }
 
 pub fn layout_of(maps: &[MapLine]) -> Vec<(String, u64, u64)> {
-    maps.iter()
-        .filter(|m| NAMES.contains(&m.path.as_str()))
-        .map(|m| (m.path.clone(), m.start, m.end))
-        .collect()
+    maps.iter().filter(|m| NAMES.contains(&m.path.as_str())).map(|m| (m.path.clone(), m.start, m.end)).collect()
 }
 
 fn own_hash() -> Vec<u8> {
-    crate::sys::own_vdso()
-        .map(|b| Sha256::digest(b).to_vec())
-        .unwrap_or_default()
+    crate::sys::own_vdso().map(|b| Sha256::digest(b).to_vec()).unwrap_or_default()
 }
 
 pub fn collect(maps: &[MapLine]) -> VdsoLayout {
-    VdsoLayout {
-        blocks: layout_of(maps),
-        hash: own_hash(),
-    }
+    VdsoLayout { blocks: layout_of(maps), hash: own_hash() }
 }
 
 /// Same names, sizes and relative offsets, in the same order.
 fn same_shape(a: &[(String, u64, u64)], b: &[(String, u64, u64)]) -> bool {
     a.len() == b.len()
-        && a.iter()
-            .zip(b)
-            .all(|(x, y)| x.0 == y.0 && x.2 - x.1 == y.2 - y.1 && x.1 - a[0].1 == y.1 - b[0].1)
+        && a.iter().zip(b).all(|(x, y)| x.0 == y.0 && x.2 - x.1 == y.2 - y.1 && x.1 - a[0].1 == y.1 - b[0].1)
 }
 
 fn describe(v: &[(String, u64, u64)]) -> String {
-    v.iter()
-        .map(|(n, s, e)| format!("{n} {:#x}", e - s))
-        .collect::<Vec<_>>()
-        .join(" + ")
+    v.iter().map(|(n, s, e)| format!("{n} {:#x}", e - s)).collect::<Vec<_>>().join(" + ")
 }
 
 impl VdsoLayout {
@@ -68,10 +55,7 @@ impl VdsoLayout {
             });
         }
         if own_hash() != self.hash {
-            return Err(Error::Mismatch {
-                what: "vDSO contents".into(),
-                detail: "another kernel build".into(),
-            });
+            return Err(Error::Mismatch { what: "vDSO contents".into(), detail: "another kernel build".into() });
         }
         Ok(())
     }
@@ -82,11 +66,7 @@ impl VdsoLayout {
         if !same_shape(&self.blocks, &cur) {
             return Err(Error::Mismatch {
                 what: "vDSO layout".into(),
-                detail: format!(
-                    "image: {}; here: {}",
-                    describe(&self.blocks),
-                    describe(&cur)
-                ),
+                detail: format!("image: {}; here: {}", describe(&self.blocks), describe(&cur)),
             });
         }
         let base = cur.first().map(|b| b.1).unwrap_or(0);
@@ -94,13 +74,7 @@ impl VdsoLayout {
             r.call(
                 &format!("mremap {n}"),
                 libc::SYS_mremap,
-                &[
-                    *s,
-                    e - s,
-                    e - s,
-                    (libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED) as u64,
-                    temp + (s - base),
-                ],
+                &[*s, e - s, e - s, (libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED) as u64, temp + (s - base)],
             )?;
         }
         Ok(())
@@ -113,13 +87,7 @@ impl VdsoLayout {
             r.call(
                 &format!("mremap {n} to {s:#x}"),
                 libc::SYS_mremap,
-                &[
-                    temp + (s - base),
-                    e - s,
-                    e - s,
-                    (libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED) as u64,
-                    *s,
-                ],
+                &[temp + (s - base), e - s, e - s, (libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED) as u64, *s],
             )?;
         }
         Ok(())
@@ -136,28 +104,13 @@ mod tests {
 
     #[test]
     fn shape_compares_names_sizes_and_offsets_not_addresses() {
-        let a = b(&[
-            ("[vvar]", 0x1000, 0x5000),
-            ("[vvar_vclock]", 0x5000, 0x7000),
-            ("[vdso]", 0x7000, 0x9000),
-        ]);
-        let moved = b(&[
-            ("[vvar]", 0x11000, 0x15000),
-            ("[vvar_vclock]", 0x15000, 0x17000),
-            ("[vdso]", 0x17000, 0x19000),
-        ]);
+        let a = b(&[("[vvar]", 0x1000, 0x5000), ("[vvar_vclock]", 0x5000, 0x7000), ("[vdso]", 0x7000, 0x9000)]);
+        let moved =
+            b(&[("[vvar]", 0x11000, 0x15000), ("[vvar_vclock]", 0x15000, 0x17000), ("[vdso]", 0x17000, 0x19000)]);
         assert!(same_shape(&a, &moved));
-        let bigger = b(&[
-            ("[vvar]", 0x1000, 0x5000),
-            ("[vvar_vclock]", 0x5000, 0x7000),
-            ("[vdso]", 0x7000, 0xa000),
-        ]);
+        let bigger = b(&[("[vvar]", 0x1000, 0x5000), ("[vvar_vclock]", 0x5000, 0x7000), ("[vdso]", 0x7000, 0xa000)]);
         assert!(!same_shape(&a, &bigger));
-        let gap = b(&[
-            ("[vvar]", 0x1000, 0x5000),
-            ("[vvar_vclock]", 0x6000, 0x8000),
-            ("[vdso]", 0x8000, 0xa000),
-        ]);
+        let gap = b(&[("[vvar]", 0x1000, 0x5000), ("[vvar_vclock]", 0x6000, 0x8000), ("[vdso]", 0x8000, 0xa000)]);
         assert!(!same_shape(&a, &gap));
         assert!(!same_shape(&a, &a[..2]));
     }

@@ -61,9 +61,7 @@ fn ms(d: Duration) -> f64 {
 
 /// Phases in their order: `[{"phase": "freeze", "ms": 0.2}, …]`.
 fn phases_json(p: &[(&'static str, Duration)]) -> serde_json::Value {
-    p.iter()
-        .map(|(n, d)| serde_json::json!({"phase": n, "ms": ms(*d)}))
-        .collect()
+    p.iter().map(|(n, d)| serde_json::json!({"phase": n, "ms": ms(*d)})).collect()
 }
 
 fn print_phases(p: &[(&'static str, Duration)]) {
@@ -105,21 +103,13 @@ pub fn run_dump(args: &DumpArgs) -> anyhow::Result<()> {
             r.fds
         );
         print_phases(&r.phases);
-        out!(
-            "  frozen   {:>9.3} ms\n  total    {:>9.3} ms",
-            ms(r.frozen),
-            ms(r.total)
-        );
+        out!("  frozen   {:>9.3} ms\n  total    {:>9.3} ms", ms(r.frozen), ms(r.total));
     }
     Ok(())
 }
 
 pub fn run_restore(args: &RestoreArgs) -> anyhow::Result<()> {
-    let opts = RestoreOptions {
-        stopped: args.stopped,
-        new_pid: args.new_pid,
-        ..Default::default()
-    };
+    let opts = RestoreOptions { stopped: args.stopped, new_pid: args.new_pid, ..Default::default() };
     let r = dvk_checkpoint::restore(&args.images, &opts)?;
     if args.json {
         let v = serde_json::json!({
@@ -135,11 +125,7 @@ pub fn run_restore(args: &RestoreArgs) -> anyhow::Result<()> {
         err!(
             "restored pid {}{} from {}: {:.1} MiB of pages",
             r.pid,
-            if r.same_pid {
-                " (same pid)"
-            } else {
-                " (new pid)"
-            },
+            if r.same_pid { " (same pid)" } else { " (new pid)" },
             args.images.display(),
             r.pages_bytes as f64 / (1 << 20) as f64
         );

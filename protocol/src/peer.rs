@@ -189,7 +189,8 @@ pub mod stream_data {
         fn fast_path_is_postcards_encoding() {
             for (stream, len) in [(0u64, 0usize), (1, 5), (300, 127), (u64::MAX, 128), (7 << 48 | 9, 262_144)] {
                 let payload: Vec<u8> = (0..len).map(|i| i as u8).collect();
-                let reference = encode(&PeerMessage::StreamData { stream, bytes: payload.clone() }, PEER_MAX_FRAME).unwrap();
+                let reference =
+                    encode(&PeerMessage::StreamData { stream, bytes: payload.clone() }, PEER_MAX_FRAME).unwrap();
                 let mut p = [0u8; MAX_PREFIX];
                 let n = prefix(stream, len, &mut p);
                 let mut fast = p[..n].to_vec();

@@ -180,7 +180,13 @@ fn is_ip_level(level: c_int) -> bool {
 /// # Safety
 /// Called by the program with setsockopt(2)'s contract.
 #[no_mangle]
-pub unsafe extern "C" fn setsockopt(fd: c_int, level: c_int, name: c_int, value: *const c_void, len: socklen_t) -> c_int {
+pub unsafe extern "C" fn setsockopt(
+    fd: c_int,
+    level: c_int,
+    name: c_int,
+    value: *const c_void,
+    len: socklen_t,
+) -> c_int {
     if live_virtual(fd).is_none() {
         // SAFETY: forwarded unchanged.
         return unsafe { real::setsockopt()(fd, level, name, value, len) };
@@ -207,7 +213,13 @@ pub unsafe extern "C" fn setsockopt(fd: c_int, level: c_int, name: c_int, value:
 /// # Safety
 /// Called by the program with getsockopt(2)'s contract.
 #[no_mangle]
-pub unsafe extern "C" fn getsockopt(fd: c_int, level: c_int, name: c_int, value: *mut c_void, len: *mut socklen_t) -> c_int {
+pub unsafe extern "C" fn getsockopt(
+    fd: c_int,
+    level: c_int,
+    name: c_int,
+    value: *mut c_void,
+    len: *mut socklen_t,
+) -> c_int {
     let Some(v) = live_virtual(fd) else {
         // SAFETY: forwarded unchanged.
         return unsafe { real::getsockopt()(fd, level, name, value, len) };
@@ -390,7 +402,9 @@ pub unsafe extern "C" fn gethostbyname_r(
             Some(Some(vip)) => {
                 // Align the caller's buffer for the pointer arrays.
                 let align = (buf as usize).wrapping_neg() % std::mem::align_of::<*mut c_char>();
-                if buf_len < align || !fill_hostent(ret, CStr::from_ptr(name), vip, buf.add(align) as *mut u8, buf_len - align) {
+                if buf_len < align
+                    || !fill_hostent(ret, CStr::from_ptr(name), vip, buf.add(align) as *mut u8, buf_len - align)
+                {
                     *result = std::ptr::null_mut();
                     return libc::ERANGE;
                 }

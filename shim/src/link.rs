@@ -46,9 +46,7 @@ pub fn configure(socket_path: &[u8], dc: String, endpoint: Option<String>) -> Re
         Some(_) => "/ep".to_owned(),
         None => "ep".to_owned(),
     };
-    CONFIG
-        .set(LinkConfig { addr, path_display, register_frame, listener_dir })
-        .map_err(|_| "configured twice")
+    CONFIG.set(LinkConfig { addr, path_display, register_frame, listener_dir }).map_err(|_| "configured twice")
 }
 
 fn empty_sockaddr() -> libc::sockaddr_un {
@@ -152,8 +150,8 @@ fn call(request: &LocalRequest) -> Result<(c_int, LocalResponse), c_int> {
 /// Opens a stream to the endpoint at `target`. On success returns the connection that
 /// now carries the stream, our virtual address and the endpoint's. Err(errno) as connect(2).
 pub fn open_stream(target: VirtualAddr) -> Result<(c_int, VirtualAddr, VirtualAddr), c_int> {
-    let (fd, response) = call(&LocalRequest::OpenStream { vip: target.ip, port: target.port })
-        .map_err(|_| libc::ECONNREFUSED)?;
+    let (fd, response) =
+        call(&LocalRequest::OpenStream { vip: target.ip, port: target.port }).map_err(|_| libc::ECONNREFUSED)?;
     match response {
         LocalResponse::StreamOpened { local, peer, .. } => Ok((fd, local, peer)),
         other => {

@@ -20,7 +20,13 @@ pub fn dotted(ip: [u8; 4], out: &mut [u8; 16]) -> &CStr {
             n += 1;
         }
         let digits = [octet / 100, octet / 10 % 10, octet % 10];
-        let skip = if *octet >= 100 { 0 } else if *octet >= 10 { 1 } else { 2 };
+        let skip = if *octet >= 100 {
+            0
+        } else if *octet >= 10 {
+            1
+        } else {
+            2
+        };
         for d in &digits[skip..] {
             out[n] = b'0' + d;
             n += 1;

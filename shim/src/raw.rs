@@ -149,7 +149,6 @@ pub fn strerror_into(errnum: c_int, out: &mut [u8]) -> usize {
     out.iter().position(|b| *b == 0).unwrap_or(0)
 }
 
-
 /// Socket calls below are raw syscalls: the libc symbols of the same names are our hooks.
 fn sockcall(nr: libc::c_long, a: usize, b: usize, c: usize, d: usize, e: usize) -> Result<c_int, c_int> {
     // SAFETY: callers pass arguments valid for syscall `nr` (pointers to live buffers of the

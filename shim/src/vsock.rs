@@ -208,13 +208,8 @@ pub fn listen(fd: c_int, backlog: c_int) -> Option<Result<(), c_int>> {
         None => (tcp_family(fd)?, bound_port(fd)?),
     };
     let cfg = link::config()?;
-    let path = format!(
-        "{}/{}-{}-{}.sock",
-        cfg.listener_dir,
-        raw::getpid(),
-        fd,
-        LISTENER_SEQ.fetch_add(1, Ordering::Relaxed)
-    );
+    let path =
+        format!("{}/{}-{}-{}.sock", cfg.listener_dir, raw::getpid(), fd, LISTENER_SEQ.fetch_add(1, Ordering::Relaxed));
     let cpath = std::ffi::CString::new(path.clone()).ok()?;
     let mut addr = libc::sockaddr_un { sun_family: libc::AF_UNIX as libc::sa_family_t, sun_path: [0; 108] };
     if path.len() >= addr.sun_path.len() {
@@ -288,7 +283,8 @@ pub unsafe fn accept(listener: Entry, fd: c_int, addr: *mut sockaddr, len: *mut 
             .and_then(|_| dvk_protocol::stream::AcceptHeader::decode(&header));
         match decoded {
             Some(h) => {
-                let entry = Entry { nodelay: listener.nodelay, ..Entry::new(Kind::Stream, listener.family, h.local, h.peer) };
+                let entry =
+                    Entry { nodelay: listener.nodelay, ..Entry::new(Kind::Stream, listener.family, h.local, h.peer) };
                 fdtable::record(conn, entry);
                 // SAFETY: forwarded from the program's accept call.
                 unsafe { write_address(h.peer, listener.family, V6Form::Mapped, addr, len) };

@@ -109,10 +109,7 @@ impl Prog {
 
     /// Starts `name`, as user/group `uid` when given.
     fn start_as(name: &'static str, uid: Option<u32>) -> Prog {
-        let dir = tempfile::Builder::new()
-            .prefix(&format!("dvk-fid-{name}-"))
-            .tempdir()
-            .unwrap();
+        let dir = tempfile::Builder::new().prefix(&format!("dvk-fid-{name}-")).tempdir().unwrap();
         Prog::start_in(name, dir, uid)
     }
 
@@ -147,10 +144,7 @@ impl Prog {
             if unsafe { libc::waitpid(pid, &mut st, libc::WNOHANG) } == pid {
                 panic!("{name} exited before READY: {}", read(&p.out()));
             }
-            assert!(
-                t.elapsed() < Duration::from_secs(10),
-                "{name}: no READY in 10 s"
-            );
+            assert!(t.elapsed() < Duration::from_secs(10), "{name}: no READY in 10 s");
             std::thread::sleep(Duration::from_millis(2));
         }
         p
@@ -170,28 +164,15 @@ impl Prog {
             .unwrap_or_else(|e| panic!("{}: dump failed: {e}", self.name));
         assert!(rep.pages_bytes > 0);
         // Never-populated pages are not stored (the largest program touches ~180 MiB).
-        assert!(
-            rep.pages_bytes < 512 << 20,
-            "{}: {} bytes stored",
-            self.name,
-            rep.pages_bytes
-        );
+        assert!(rep.pages_bytes < 512 << 20, "{}: {} bytes stored", self.name, rep.pages_bytes);
         wait_exit(self.pid, Duration::from_secs(5)); // already reaped by the dump: no-op
         let r = ck::restore(&self.img(n), &RestoreOptions::default())
             .unwrap_or_else(|e| panic!("{}: restore failed: {e}", self.name));
-        assert!(
-            r.same_pid,
-            "{}: pid {} was free but not reused (got {})",
-            self.name, self.pid, r.pid
-        );
+        assert!(r.same_pid, "{}: pid {} was free but not reused (got {})", self.name, self.pid, r.pid);
         self.pid = r.pid;
     }
     fn go(&self) {
-        let mut f = fs::OpenOptions::new()
-            .write(true)
-            .custom_flags(libc::O_NONBLOCK)
-            .open(self.path("ctl"))
-            .unwrap();
+        let mut f = fs::OpenOptions::new().write(true).custom_flags(libc::O_NONBLOCK).open(self.path("ctl")).unwrap();
         f.write_all(b"g").unwrap();
     }
     fn expect_pass(&self) {
@@ -274,20 +255,23 @@ fn blocked_sigsuspend() {
 /// A real interpreter: python3 (if installed) with 100+ mappings and a 200 000-entry dict.
 #[test]
 fn python_interpreter() {
-    python("import os, sys, time, hashlib\n\
+    python(
+        "import os, sys, time, hashlib\n\
         d = {i: str(i) * 10 for i in range(200000)}\n\
         print('READY', flush=True)\n\
         while not os.path.exists('go') and time.time() < DEADLINE: time.sleep(0.005)\n\
         h = hashlib.sha256(''.join(d[i] for i in range(0, 200000, 7)).encode()).hexdigest()\n\
         want = hashlib.sha256(''.join(str(i) * 10 for i in range(0, 200000, 7)).encode()).hexdigest()\n\
-        print('PASS' if h == want and len(d) == 200000 else 'FAIL', flush=True)\n");
+        print('PASS' if h == want and len(d) == 200000 else 'FAIL', flush=True)\n",
+    );
 }
 
 /// python3 with four worker threads (GIL, condition variables, thread-local data) that keep
 /// computing across the dump and are joined after the restore.
 #[test]
 fn python_threads() {
-    python("import os, threading, time\n\
+    python(
+        "import os, threading, time\n\
         local = threading.local()\n\
         results = {}\n\
         def work(n):\n\
@@ -303,7 +287,8 @@ fn python_threads() {
         print('READY', flush=True)\n\
         for t in ts: t.join(20)\n\
         ok = all(not t.is_alive() for t in ts) and all(a and b for a, b in results.values()) and len(results) == 4\n\
-        print('PASS' if ok else f'FAIL {results}', flush=True)\n");
+        print('PASS' if ok else f'FAIL {results}', flush=True)\n",
+    );
 }
 
 /// python3 asyncio: the event loop's self-pipe is a socketpair; tasks, a queue and timers go on.
@@ -334,20 +319,11 @@ fn python(script: &str) {
     if !root() {
         return;
     }
-    if Command::new("python3")
-        .arg("-c")
-        .arg("1")
-        .status()
-        .map(|s| !s.success())
-        .unwrap_or(true)
-    {
+    if Command::new("python3").arg("-c").arg("1").status().map(|s| !s.success()).unwrap_or(true) {
         eprintln!("SKIP: python3 not installed");
         return;
     }
-    let dir = tempfile::Builder::new()
-        .prefix("dvk-fid-python-")
-        .tempdir()
-        .unwrap();
+    let dir = tempfile::Builder::new().prefix("dvk-fid-python-").tempdir().unwrap();
     // Every wait in the scripts is bounded: a test that dies never leaves one spinning.
     let script = format!("import time\nDEADLINE = time.time() + 60\n{script}");
     let child = close_stray_fds(&mut Command::new("python3"))
@@ -371,8 +347,7 @@ fn python(script: &str) {
     let st = wait_exit(r.pid, Duration::from_secs(20));
     let out = read(&dir.path().join("out"));
     assert!(
-        matches!(st, Some(s) if libc::WIFEXITED(s) && libc::WEXITSTATUS(s) == 0)
-            && out.contains("PASS"),
+        matches!(st, Some(s) if libc::WIFEXITED(s) && libc::WEXITSTATUS(s) == 0) && out.contains("PASS"),
         "python: {st:?}\n{out}\n{}",
         read(&dir.path().join("err"))
     );
@@ -424,8 +399,7 @@ fn blocked_accept() {
     let mut p = Prog::start("blocked_accept");
     std::thread::sleep(Duration::from_millis(100));
     p.move_once(1);
-    let mut c = std::os::unix::net::UnixStream::connect(p.path("sock"))
-        .expect("connect to the restored listener");
+    let mut c = std::os::unix::net::UnixStream::connect(p.path("sock")).expect("connect to the restored listener");
     c.write_all(b"g").unwrap();
     p.expect_pass();
 }
@@ -473,12 +447,7 @@ fn threads_leave_running_then_restore() {
     p.go();
     p.expect_pass();
     // The original has exited: its pid and tids are free for the copy.
-    fs::OpenOptions::new()
-        .write(true)
-        .open(p.out())
-        .unwrap()
-        .set_len(at_dump)
-        .unwrap();
+    fs::OpenOptions::new().write(true).open(p.out()).unwrap().set_len(at_dump).unwrap();
     let r = ck::restore(&p.img(1), &RestoreOptions::default()).unwrap();
     assert!(r.same_pid);
     p.pid = r.pid;
@@ -498,11 +467,7 @@ fn leave_running_both_run() {
     assert_ne!(r.pid, p.pid);
     assert!(!r.same_pid);
     // Each reads exactly one byte of the FIFO they share.
-    let mut f = fs::OpenOptions::new()
-        .write(true)
-        .custom_flags(libc::O_NONBLOCK)
-        .open(p.path("ctl"))
-        .unwrap();
+    let mut f = fs::OpenOptions::new().write(true).custom_flags(libc::O_NONBLOCK).open(p.path("ctl")).unwrap();
     f.write_all(b"gg").unwrap();
     wait_exit(p.pid, Duration::from_secs(10));
     wait_exit(r.pid, Duration::from_secs(10));
@@ -524,10 +489,7 @@ fn phases_one_by_one() {
     let a = ck::write_image(&mut f, &p.img(1), &Default::default()).unwrap();
     let b = ck::write_image(&mut f, &p.img(2), &Default::default()).unwrap();
     assert_eq!(a.pages_bytes, b.pages_bytes);
-    assert_eq!(
-        a.vmas, b.vmas,
-        "the injection helpers leaked into the second image"
-    );
+    assert_eq!(a.vmas, b.vmas, "the injection helpers leaked into the second image");
     // (Byte equality is not expected: the kernel refreshes the rseq area's cpu id whenever an
     // injected syscall returns.)
     assert_eq!(
@@ -551,49 +513,26 @@ fn external_fd_replaced() {
     if !root() {
         return;
     }
-    let dir = tempfile::Builder::new()
-        .prefix("dvk-fid-agent-")
-        .tempdir()
-        .unwrap();
+    let dir = tempfile::Builder::new().prefix("dvk-fid-agent-").tempdir().unwrap();
     let listener = std::os::unix::net::UnixListener::bind(dir.path().join("agent.sock")).unwrap();
     let mut p = Prog::start_in("agent_link", dir, None);
     let (_first, _) = listener.accept().unwrap();
-    let fd: i32 = read(&p.out())
-        .split("fd=")
-        .nth(1)
-        .and_then(|v| v.trim().parse().ok())
-        .expect("fd in READY line");
+    let fd: i32 = read(&p.out()).split("fd=").nth(1).and_then(|v| v.trim().parse().ok()).expect("fd in READY line");
     // Not marked external, the link (its peer is outside the process) is refused by name.
-    let e = ck::dump(p.pid, &p.img(0), AfterDump::Kill)
-        .unwrap_err()
-        .to_string();
-    assert!(
-        e.contains(&format!("fd {fd} (socket:[")) && e.contains("both ends"),
-        "{e}"
-    );
-    let opts = ck::DumpOptions {
-        external_fds: vec![fd],
-    };
+    let e = ck::dump(p.pid, &p.img(0), AfterDump::Kill).unwrap_err().to_string();
+    assert!(e.contains(&format!("fd {fd} (socket:[")) && e.contains("both ends"), "{e}");
+    let opts = ck::DumpOptions { external_fds: vec![fd] };
     ck::dump_with(p.pid, &p.img(1), AfterDump::Kill, &opts).unwrap();
     wait_exit(p.pid, Duration::from_secs(5));
     // Without a replacement the restore is refused before anything is created.
-    let e = ck::restore(&p.img(1), &RestoreOptions::default())
-        .unwrap_err()
-        .to_string();
-    assert!(
-        e.contains(&format!("fd {fd}")) && e.contains("no replacement"),
-        "{e}"
-    );
+    let e = ck::restore(&p.img(1), &RestoreOptions::default()).unwrap_err().to_string();
+    assert!(e.contains(&format!("fd {fd}")) && e.contains("no replacement"), "{e}");
     let (mut mine, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
-    let ro = RestoreOptions {
-        external_fds: vec![(fd, theirs.as_raw_fd())],
-        ..Default::default()
-    };
+    let ro = RestoreOptions { external_fds: vec![(fd, theirs.as_raw_fd())], ..Default::default() };
     let r = ck::restore(&p.img(1), &ro).unwrap();
     drop(theirs);
     p.pid = r.pid;
-    mine.set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
+    mine.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     mine.write_all(b"ping").unwrap();
     let mut b = [0u8; 4];
     mine.read_exact(&mut b).unwrap();
@@ -617,29 +556,14 @@ fn held_until_resumed() {
     let (r, held) = ck::restore_held(&p.img(1), &RestoreOptions::default()).unwrap();
     assert!(!r.same_pid);
     let stat = read(Path::new(&format!("/proc/{}/stat", r.pid)));
-    assert_eq!(
-        stat.rsplit(')')
-            .next()
-            .and_then(|x| x.split_whitespace().next()),
-        Some("t"),
-        "{stat}"
-    );
+    assert_eq!(stat.rsplit(')').next().and_then(|x| x.split_whitespace().next()), Some("t"), "{stat}");
     drop(held);
     // SAFETY: probing our own former child by pid.
-    assert_ne!(
-        unsafe { libc::kill(r.pid, 0) },
-        0,
-        "a dropped held copy must be gone"
-    );
+    assert_ne!(unsafe { libc::kill(r.pid, 0) }, 0, "a dropped held copy must be gone");
     p.go();
     p.expect_pass();
     // Commit: with the original gone, the held copy takes its pid and runs only when resumed.
-    fs::OpenOptions::new()
-        .write(true)
-        .open(p.out())
-        .unwrap()
-        .set_len(at_dump)
-        .unwrap();
+    fs::OpenOptions::new().write(true).open(p.out()).unwrap().set_len(at_dump).unwrap();
     let (r, held) = ck::restore_held(&p.img(1), &RestoreOptions::default()).unwrap();
     assert!(r.same_pid);
     p.go();
@@ -659,11 +583,7 @@ fn stopped_process_stays_stopped() {
     let p = Prog::start("anon_memory");
     let state = |pid: i32| {
         let s = read(Path::new(&format!("/proc/{pid}/stat")));
-        s.rsplit(')')
-            .next()
-            .and_then(|r| r.split_whitespace().next())
-            .unwrap_or("?")
-            .to_string()
+        s.rsplit(')').next().and_then(|r| r.split_whitespace().next()).unwrap_or("?").to_string()
     };
     // SAFETY: signalling our own child by pid.
     unsafe { libc::kill(p.pid, libc::SIGSTOP) };
@@ -686,9 +606,7 @@ fn refused(name: &'static str, want: &[&str]) {
         return;
     }
     let p = Prog::start(name);
-    let e = ck::dump(p.pid, &p.img(1), AfterDump::Kill)
-        .expect_err("dump should be refused")
-        .to_string();
+    let e = ck::dump(p.pid, &p.img(1), AfterDump::Kill).expect_err("dump should be refused").to_string();
     for w in want {
         assert!(e.contains(w), "{name}: error {e:?} should mention {w:?}");
     }
@@ -743,26 +661,14 @@ fn changed_file_and_corrupt_image_refused() {
     ck::dump(p.pid, &p.img(1), AfterDump::Kill).unwrap();
     wait_exit(p.pid, Duration::from_secs(5));
     let good = fs::read(p.path("data.bin")).unwrap();
-    fs::OpenOptions::new()
-        .append(true)
-        .open(p.path("data.bin"))
-        .unwrap()
-        .write_all(b"more")
-        .unwrap();
-    let e = ck::restore(&p.img(1), &RestoreOptions::default())
-        .expect_err("changed file must be refused")
-        .to_string();
-    assert!(
-        e.contains("data.bin") && e.contains("changed") && e.contains("size"),
-        "{e}"
-    );
+    fs::OpenOptions::new().append(true).open(p.path("data.bin")).unwrap().write_all(b"more").unwrap();
+    let e = ck::restore(&p.img(1), &RestoreOptions::default()).expect_err("changed file must be refused").to_string();
+    assert!(e.contains("data.bin") && e.contains("changed") && e.contains("size"), "{e}");
     // SAFETY: signal 0 only probes for existence.
     assert_ne!(unsafe { libc::kill(p.pid, 0) }, 0, "a process was created");
 
     fs::write(p.path("data.bin"), &good).unwrap(); // same size, but a new mtime
-    let e = ck::restore(&p.img(1), &RestoreOptions::default())
-        .expect_err("mtime")
-        .to_string();
+    let e = ck::restore(&p.img(1), &RestoreOptions::default()).expect_err("mtime").to_string();
     assert!(e.contains("mtime"), "{e}");
 
     // Another kernel's vDSO layout, another CPU: refused before anything is created.
@@ -773,26 +679,17 @@ fn changed_file_and_corrupt_image_refused() {
         last.2 += 4096;
     }
     fs::write(&mpath, ck::image::encode_manifest(&m).unwrap()).unwrap();
-    let e = ck::restore(&p.img(1), &RestoreOptions::default())
-        .expect_err("vdso")
-        .to_string();
+    let e = ck::restore(&p.img(1), &RestoreOptions::default()).expect_err("vdso").to_string();
     assert!(e.contains("vDSO layout"), "{e}");
     let mut m = ck::image::decode_manifest(&orig, &mpath).unwrap();
     m.cpu_ident.xfeatures |= 1 << 62;
     fs::write(&mpath, ck::image::encode_manifest(&m).unwrap()).unwrap();
-    let e = ck::restore(&p.img(1), &RestoreOptions::default())
-        .expect_err("cpu")
-        .to_string();
-    assert!(
-        e.contains("XCR0") && e.contains("differs on this machine"),
-        "{e}"
-    );
+    let e = ck::restore(&p.img(1), &RestoreOptions::default()).expect_err("cpu").to_string();
+    assert!(e.contains("XCR0") && e.contains("differs on this machine"), "{e}");
     fs::write(&mpath, &orig).unwrap();
     // A missing mapped file.
     fs::rename(p.path("data.bin"), p.path("data.moved")).unwrap();
-    let e = ck::restore(&p.img(1), &RestoreOptions::default())
-        .expect_err("missing")
-        .to_string();
+    let e = ck::restore(&p.img(1), &RestoreOptions::default()).expect_err("missing").to_string();
     assert!(e.contains("data.bin") && e.contains("cannot stat"), "{e}");
     fs::rename(p.path("data.moved"), p.path("data.bin")).unwrap();
 
@@ -801,13 +698,8 @@ fn changed_file_and_corrupt_image_refused() {
     let n = b.len() / 2;
     b[n] ^= 0x55;
     fs::write(&pages, b).unwrap();
-    let e = ck::restore(&p.img(1), &RestoreOptions::default())
-        .expect_err("corrupt pages")
-        .to_string();
-    assert!(
-        e.contains("checksum mismatch") && e.contains("pages.img"),
-        "{e}"
-    );
+    let e = ck::restore(&p.img(1), &RestoreOptions::default()).expect_err("corrupt pages").to_string();
+    assert!(e.contains("checksum mismatch") && e.contains("pages.img"), "{e}");
 }
 
 /// The CLI around the same engine: `migrate-cli dump --json` then `migrate-cli restore`; a refused
@@ -818,80 +710,37 @@ fn cli_dump_restore() {
     if !root() {
         return;
     }
-    let cli = std::env::current_exe()
-        .unwrap()
-        .parent()
-        .unwrap()
-        .parent()
-        .unwrap()
-        .join("migrate-cli");
+    let cli = std::env::current_exe().unwrap().parent().unwrap().parent().unwrap().join("migrate-cli");
     if !cli.exists() {
-        eprintln!(
-            "SKIP: {} not built (cargo build -p migrate-cli)",
-            cli.display()
-        );
+        eprintln!("SKIP: {} not built (cargo build -p migrate-cli)", cli.display());
         return;
     }
     // The restored process is the CLI's child; once the CLI exits it is re-parented to us.
     // SAFETY: prctl with integer arguments.
     unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
     let p = Prog::start("sig_handlers");
-    let out = Command::new(&cli)
-        .args(["dump", &p.pid.to_string(), "--images"])
-        .arg(p.img(1))
-        .arg("--json")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "dump: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out =
+        Command::new(&cli).args(["dump", &p.pid.to_string(), "--images"]).arg(p.img(1)).arg("--json").output().unwrap();
+    assert!(out.status.success(), "dump: {}", String::from_utf8_lossy(&out.stderr));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["pid"], p.pid);
-    let phases: Vec<&str> = v["phases"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x["phase"].as_str().unwrap())
-        .collect();
-    assert_eq!(
-        phases,
-        ["check", "freeze", "collect", "pages", "inject", "write", "kill"]
-    );
+    let phases: Vec<&str> = v["phases"].as_array().unwrap().iter().map(|x| x["phase"].as_str().unwrap()).collect();
+    assert_eq!(phases, ["check", "freeze", "collect", "pages", "inject", "write", "kill"]);
     assert!(v["pages_bytes"].as_u64().unwrap() > 0 && v["frozen_ms"].as_f64().unwrap() > 0.0);
     wait_exit(p.pid, Duration::from_secs(5));
-    let out = Command::new(&cli)
-        .args(["restore", "--images"])
-        .arg(p.img(1))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "restore: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let pid: i32 = String::from_utf8_lossy(&out.stdout)
-        .trim()
-        .parse()
-        .expect("restore prints the pid");
+    let out = Command::new(&cli).args(["restore", "--images"]).arg(p.img(1)).output().unwrap();
+    assert!(out.status.success(), "restore: {}", String::from_utf8_lossy(&out.stderr));
+    let pid: i32 = String::from_utf8_lossy(&out.stdout).trim().parse().expect("restore prints the pid");
     assert_eq!(pid, p.pid, "the old pid was free");
     p.go();
     p.expect_pass();
 
     let t = Prog::start("tcp_socket");
-    let out = Command::new(&cli)
-        .args(["dump", &t.pid.to_string(), "--images"])
-        .arg(t.img(1))
-        .output()
-        .unwrap();
+    let out = Command::new(&cli).args(["dump", &t.pid.to_string(), "--images"]).arg(t.img(1)).output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1));
     assert_eq!(err.lines().count(), 1, "{err}");
-    assert!(
-        err.starts_with("migrate-cli: fd 3 (socket:[") && err.contains("AF_INET"),
-        "{err}"
-    );
+    assert!(err.starts_with("migrate-cli: fd 3 (socket:[") && err.contains("AF_INET"), "{err}");
     t.go();
     t.expect_pass();
 }

@@ -505,9 +505,8 @@ fn agent_refuses_a_bad_config_naming_file_line_and_field() {
 fn endpoints_are_listed_everywhere_and_leave_with_their_process() {
     let cluster = Cluster::start(2, Mode::Loopback);
     let server = "import socket, time\ns = socket.socket()\ns.bind(('0.0.0.0', 7000))\ns.listen()\ntime.sleep(60)";
-    let pid = cluster.spawn(
-        cluster.preloaded(0, python3()).args(["-c", server]).env("DVK_ENDPOINT", "svc").stdin(Stdio::null()),
-    );
+    let pid = cluster
+        .spawn(cluster.preloaded(0, python3()).args(["-c", server]).env("DVK_ENDPOINT", "svc").stdin(Stdio::null()));
     let vpid = cluster.wait_registered(1, pid)["vpid"].clone();
     let mut row = None;
     wait_until(Duration::from_secs(10), "endpoint svc:7000 to be listed on node2", || {
