@@ -83,10 +83,10 @@ fn fnv1a(parts: &[&[u8]]) -> u64 {
 /// Never 127.77.0.0 or 127.77.255.255.
 pub fn vip_candidates(dc: &str, name: &str) -> impl Iterator<Item = [u8; 4]> {
     let start = fnv1a(&[dc.as_bytes(), name.as_bytes()]);
-    (0..u16::MAX as u64).filter_map(move |i| {
+    (0..u16::MAX as u64).map(move |i| {
         let low = ((start.wrapping_add(i)) % 0xfffe + 1) as u16;
         let [a, b] = low.to_be_bytes();
-        Some([VIP_PREFIX[0], VIP_PREFIX[1], a, b])
+        [VIP_PREFIX[0], VIP_PREFIX[1], a, b]
     })
 }
 

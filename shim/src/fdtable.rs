@@ -153,7 +153,7 @@ pub fn lookup(fd: c_int) -> Option<Entry> {
         return None;
     }
     let high = HIGH_WATER.load(Ordering::Relaxed);
-    let found = TABLE[..high.min(TABLE_SIZE)].iter().find_map(|s| read(s))?;
+    let found = TABLE[..high.min(TABLE_SIZE)].iter().find_map(read)?;
     store(own, ino - 1, &found);
     HIGH_WATER.fetch_max(fd as usize + 1, Ordering::Relaxed);
     Some(found)

@@ -319,7 +319,7 @@ unsafe fn fill_hostent(entry: *mut hostent, name: &CStr, vip: [u8; 4], buf: *mut
     let name_bytes = name.to_bytes_with_nul();
     // Layout in buf: [addr_list: 2 ptrs][aliases: 1 ptr][addr: 4][name]
     let need = 3 * ptr_size + 4 + name_bytes.len();
-    if buf_len < need || (buf as usize) % ptr_size != 0 {
+    if buf_len < need || !(buf as usize).is_multiple_of(ptr_size) {
         return false;
     }
     // SAFETY: buf has `need` writable, pointer-aligned bytes (checked above).

@@ -146,12 +146,12 @@ impl Cluster {
         let ports = if spec.mode == Mode::Loopback { free_ports(spec.nodes) } else { vec![7700; spec.nodes] };
         let mut nodes = Vec::new();
         let mut config = String::from("cluster_key_file = \"cluster.key\"\n");
-        for i in 0..spec.nodes {
+        for (i, port) in ports.iter().enumerate() {
             let id = (i + 1) as u16;
             let name = format!("node{id}");
             let (peer_addr, netns) = match spec.mode {
-                Mode::Loopback => (format!("127.0.0.1:{}", ports[i]), None),
-                Mode::Network => (format!("192.0.2.{}:{}", 10 + id, ports[i]), Some(format!("{tag}n{id}"))),
+                Mode::Loopback => (format!("127.0.0.1:{port}"), None),
+                Mode::Network => (format!("192.0.2.{}:{port}", 10 + id), Some(format!("{tag}n{id}"))),
             };
             let runtime_dir = dir.path().join(&name).join("run");
             config.push_str(&format!(
