@@ -211,20 +211,24 @@ fn getpid_is_consistent_across_threads() {
 fn program_runs_unchanged_with_one_warning_when_no_agent_is_reachable() {
     let dir = tempfile::tempdir().unwrap();
     // `fork`: the forked child runs without an agent too, and says nothing more.
-    let out = std::process::Command::new(c_program("identity"))
+    let mut child = std::process::Command::new(c_program("identity"))
         .arg("fork")
         .env("LD_PRELOAD", dvk_tests::shim_path())
         .env("DVK_AGENT_SOCK", dir.path().join("no-agent.sock"))
-        .stdin(Stdio::null())
-        .output()
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
         .unwrap();
-    assert!(out.status.success());
-    let stdout = String::from_utf8(out.stdout).unwrap();
-    for line in stdout.lines() {
+    let lines = [read_line(&mut child), next_line(&child)];
+    for line in &lines {
         let (_, vpid, real, _) = fields(line);
         assert_eq!(vpid, real, "without an agent getpid() is the real PID: {line}");
     }
-    assert_eq!(stdout.lines().count(), 2, "parent and child both ran: {stdout}");
+    assert!(lines[0].starts_with("self") && lines[1].starts_with("child"), "{lines:?}");
+    drop(child.stdin.take());
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
     let stderr = String::from_utf8(out.stderr).unwrap();
     assert_eq!(stderr.lines().count(), 1, "exactly one warning, got: {stderr:?}");
     assert!(stderr.starts_with("dvk: no usable agent at ") && stderr.contains("no-agent.sock"), "{stderr}");
