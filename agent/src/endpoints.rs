@@ -80,6 +80,7 @@ pub fn listen(agent: &Agent, pid: i32, uid: u32, port: u16, path: String) -> Loc
         entry
     };
     tracing::info!(endpoint = %key, vip = %VirtualAddr { ip: entry.vip, port }, vpid = %me.vpid, "endpoint listening");
+    crate::registry::save(agent);
     agent.broadcast(PeerMessage::EndpointUp(entry.clone()));
     LocalResponse::Listening { vip: entry.vip }
 }
@@ -109,6 +110,7 @@ fn endpoint_gone(agent: &Agent, key: &EndpointKey) {
         t.routing.remove_endpoint(key).is_some()
     };
     if removed {
+        crate::registry::save(agent);
         tracing::info!(endpoint = %key, "endpoint no longer listening");
         agent.broadcast(PeerMessage::EndpointDown(key.clone()));
     }

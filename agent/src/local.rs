@@ -162,6 +162,7 @@ fn register(
         tokio::spawn(watch_exit(agent.clone(), entry.vpid, pid, pidfd));
     }
     tracing::info!(vpid = %entry.vpid, pid, uid, dc = %entry.dc, endpoint = %entry.endpoint, "process registered");
+    crate::registry::save(agent);
     agent.broadcast(PeerMessage::ProcessUp(entry.clone()));
     Ok(LocalResponse::Registered { vpid: entry.vpid, parent: entry.parent, node })
 }
@@ -177,7 +178,7 @@ fn sanitize(comm: &str) -> String {
 }
 
 /// Removes the process from the cluster's tables when it exits.
-async fn watch_exit(agent: Arc<Agent>, vpid: Vpid, pid: i32, pidfd: std::os::fd::OwnedFd) {
+pub(crate) async fn watch_exit(agent: Arc<Agent>, vpid: Vpid, pid: i32, pidfd: std::os::fd::OwnedFd) {
     match crate::sys::async_pidfd(pidfd) {
         Ok(fd) => {
             let _ = fd.readable().await;
@@ -202,6 +203,7 @@ async fn watch_exit(agent: Arc<Agent>, vpid: Vpid, pid: i32, pidfd: std::os::fd:
     };
     if let Some(endpoints) = removed {
         crate::endpoints::process_exited(&agent, &endpoints);
+        crate::registry::save(&agent);
         tracing::info!(%vpid, pid, "process exited");
         agent.broadcast(PeerMessage::ProcessDown { vpid });
     }

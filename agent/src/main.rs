@@ -6,6 +6,7 @@ mod endpoints;
 mod local;
 mod peer;
 mod procinfo;
+mod registry;
 mod relay;
 mod state;
 mod sys;
@@ -79,6 +80,10 @@ fn run(args: Args) -> anyhow::Result<()> {
         let agent = Arc::new(state::Agent::new(config.clone(), me.clone(), key, vpids));
         tracing::info!(node = %me.name, id = me.id, peers = %me.peer_addr, socket = %socket_path.display(), "agent started");
 
+        let recovered = registry::recover(&agent);
+        if recovered > 0 {
+            tracing::info!(recovered, "took back the processes of this node that outlived the previous agent");
+        }
         tokio::spawn(local::serve(agent.clone(), local_listener));
         tokio::spawn(peer::accept_loop(agent.clone(), peer_listener));
         for (ing, listener) in ingress {

@@ -1469,3 +1469,50 @@ fn a_burst_that_overflows_the_listen_backlog_waits_instead_of_killing_the_endpoi
     assert!(String::from_utf8_lossy(&cluster.cli(1, &["endpoints"]).stdout).contains("slow:7600"));
     drop(server);
 }
+
+/// Echoes every line it is sent, for as many connections as come, for up to a minute.
+const LINE_ECHO: &str = "import socket, threading, time
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(('0.0.0.0', 7700))
+s.listen(16)
+s.settimeout(60)
+print('LISTENING', flush=True)
+def serve(c):
+    f = c.makefile('rwb')
+    for line in f:
+        f.write(line)
+        f.flush()
+    c.close()
+while True:
+    c, _ = s.accept()
+    threading.Thread(target=serve, args=(c,), daemon=True).start()";
+
+const ONE_ROUND_TRIP: &str = "import socket, sys
+c = socket.create_connection(('echo.dc0.dvk', 7700), timeout=10)
+c.sendall(sys.argv[1].encode() + b'\\n')
+print(c.makefile('rb').readline().decode().strip())";
+
+#[test]
+fn an_endpoint_and_its_process_survive_a_restart_of_their_agent() {
+    let mut cluster = Cluster::start(2, Mode::Loopback);
+    let mut server = Proc::spawn(
+        cluster.preloaded(0, python3()).args(["-c", LINE_ECHO]).env("DVK_ENDPOINT", "echo").stdin(Stdio::null()),
+        "echo server",
+    );
+    server.lines.wait_for("LISTENING", SHORT);
+    wait_connectable(&cluster, 1, "dc0", "echo.dc0.dvk", 7700, REACH);
+    let ask = |cluster: &Cluster, word: &str| {
+        let out = run_ok(cluster.preloaded(1, python3()).args(["-c", ONE_ROUND_TRIP, word]), b"", SHORT, "echo client");
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    };
+    assert_eq!(ask(&cluster, "before"), "before");
+
+    // The server's agent goes away and comes back; the server never noticed.
+    cluster.stop_agent(0);
+    cluster.start_agent(0);
+    cluster.wait_mesh();
+    wait_connectable(&cluster, 1, "dc0", "echo.dc0.dvk", 7700, REACH);
+    assert_eq!(ask(&cluster, "after"), "after", "the endpoint is served again after the restart");
+    drop(server);
+}

@@ -452,17 +452,38 @@ fn hello_frame(node: u8) -> Vec<u8> {
 fn restarted_peer_is_reconnected_and_resynchronised() {
     let mut cluster = Cluster::start(3, Mode::Loopback);
     let on_node3 = sleeper(&cluster, 2, "survivor");
-    cluster.wait_registered(0, on_node3);
+    let before = cluster.wait_registered(0, on_node3);
+    let doomed = sleeper(&cluster, 2, "doomed");
+    cluster.wait_registered(0, doomed);
     cluster.stop_agent(2);
     wait_until(Duration::from_secs(10), "node1 to see node3 down", || cluster.node_status(0)[2]["up"] == false);
     assert!(row_for_pid(&cluster.ps(0), on_node3 as i64).is_none(), "a down node's processes are not listed");
+    // One process dies while its agent is away.
+    let mut gone = cluster.take_child(doomed);
+    gone.kill().unwrap();
+    gone.wait().unwrap();
+
     cluster.start_agent(2);
     cluster.wait_mesh();
-    // The new agent forgot the old registration; a new process registers and is seen everywhere.
+    // The restarted agent takes back its surviving process, with the same vPID, and
+    // the rest of the cluster learns it again; the one that died is not brought back.
+    let after = cluster.wait_registered(0, on_node3);
+    assert_eq!(after["vpid"], before["vpid"], "the survivor keeps its vPID");
+    assert_eq!(after["node"], "node3");
+    assert!(row_for_pid(&cluster.ps(2), doomed as i64).is_none(), "a process that died meanwhile stays gone");
+    // New registrations work and get fresh vPIDs.
     let fresh = sleeper(&cluster, 2, "fresh");
     let row = cluster.wait_registered(0, fresh);
     assert_eq!(row["node"], "node3");
+    assert_ne!(row["vpid"], before["vpid"]);
     assert_eq!(cluster.node_status(1)[2]["up"], true);
+    // And the survivor's exit is still noticed.
+    let mut survivor = cluster.take_child(on_node3);
+    survivor.kill().unwrap();
+    survivor.wait().unwrap();
+    wait_until(Duration::from_secs(10), "the survivor's exit to be seen", || {
+        row_for_pid(&cluster.ps(0), on_node3 as i64).is_none()
+    });
 }
 
 #[test]
