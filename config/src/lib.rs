@@ -30,8 +30,10 @@ pub const AGENT_SOCKET_NAME: &str = "agent.sock";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("{path}: cannot read: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    /// The io error is part of the message, not a `source` (printers of error chains
+    /// would repeat it).
+    #[error("{path}: cannot read: {error}")]
+    Read { path: PathBuf, error: std::io::Error },
     #[error("{path}:{line}: {message}")]
     Invalid { path: PathBuf, line: usize, message: String },
     #[error("{path}: no node named `{name}` (known: {known})")]
@@ -104,7 +106,7 @@ pub struct Config {
 impl Config {
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text =
-            std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+            std::fs::read_to_string(path).map_err(|error| ConfigError::Read { path: path.to_owned(), error })?;
         Config::parse(path, &text)
     }
 

@@ -20,7 +20,12 @@ impl Target {
         if let Some(socket) = socket {
             return Ok(Target { describe: format!("the agent at {}", socket.display()), socket });
         }
-        let cfg = Config::load(config)?;
+        let cfg = Config::load(config).map_err(|e| match e {
+            dvk_config::ConfigError::Read { ref error, .. } if error.kind() == std::io::ErrorKind::NotFound => {
+                anyhow!("{e} (pass --config FILE or set DVK_CONFIG; or talk to an agent directly with --socket PATH)")
+            }
+            e => e.into(),
+        })?;
         let node = match node {
             Some(n) => cfg.node(n)?,
             None if cfg.nodes.len() == 1 => &cfg.nodes[0],

@@ -508,6 +508,16 @@ fn cli_errors_are_one_clear_line() {
     let err = String::from_utf8(out.stderr).unwrap();
     assert_eq!(err.lines().count(), 1, "{err}");
     assert!(err.contains("cannot reach") && err.contains("is dvk-agent running?"), "{err}");
+
+    let out = std::process::Command::new(dvk_tests::bin_dir().join("migrate-cli"))
+        .args(["--config", "/nonexistent/cluster.toml", "ps"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert_eq!(err.matches("No such file").count(), 1, "the cause is said once: {err}");
+    assert!(err.contains("/nonexistent/cluster.toml") && err.contains("--config"), "{err}");
 }
 
 #[test]
