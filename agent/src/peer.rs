@@ -75,7 +75,7 @@ fn nonce() -> Nonce {
 
 #[derive(Debug, thiserror::Error)]
 enum HandshakeError {
-    #[error("{0}")]
+    #[error(transparent)]
     Frame(#[from] FrameError),
     #[error("protocol violation: expected {expected}, got {got}")]
     Unexpected { expected: &'static str, got: String },

@@ -13,6 +13,8 @@ pub const LOCAL_MAX_FRAME: usize = 1 << 20;
 /// Largest frame on a peer link.
 pub const PEER_MAX_FRAME: usize = 8 << 20;
 
+/// The causes (postcard, io) are part of each message rather than `source`s, so a
+/// printer of error chains (anyhow's `{:#}`) says them once.
 #[derive(Debug, thiserror::Error)]
 pub enum FrameError {
     #[error("frame of {len} bytes exceeds the limit of {max}")]
@@ -20,13 +22,25 @@ pub enum FrameError {
     #[error("empty frame")]
     Empty,
     #[error("malformed frame body: {0}")]
-    Malformed(#[from] postcard::Error),
+    Malformed(postcard::Error),
     #[error("buffer of {0} bytes too small for the frame")]
     BufferTooSmall(usize),
     #[error("connection closed")]
     Closed,
     #[error("i/o: {0}")]
-    Io(#[from] std::io::Error),
+    Io(std::io::Error),
+}
+
+impl From<postcard::Error> for FrameError {
+    fn from(e: postcard::Error) -> Self {
+        FrameError::Malformed(e)
+    }
+}
+
+impl From<std::io::Error> for FrameError {
+    fn from(e: std::io::Error) -> Self {
+        FrameError::Io(e)
+    }
 }
 
 /// Validates a header and returns the body length it announces.
