@@ -85,7 +85,7 @@ async fn handle(agent: &Arc<Agent>, request: LocalRequest, pid: i32, uid: u32) -
                     message: format!("shim speaks protocol {version}, agent {LOCAL_PROTOCOL_VERSION}"),
                 };
             }
-            register(agent, pid, uid, dc, endpoint).unwrap_or_else(|message| {
+            register(agent, pid, uid, dc, endpoint, None).unwrap_or_else(|message| {
                 tracing::warn!(pid, uid, "registration refused: {message}");
                 LocalResponse::Error { message }
             })
@@ -101,6 +101,22 @@ async fn handle(agent: &Arc<Agent>, request: LocalRequest, pid: i32, uid: u32) -
             LocalResponse::Endpoints(agent.tables.lock().routing.endpoints().cloned().collect())
         }
         LocalRequest::OpenStream { .. } => unreachable!("handled by the connection loop"),
+        LocalRequest::ReserveVpid => reserve_vpid(agent, pid),
+        LocalRequest::RegisterForked { version, reserved } => {
+            if version != LOCAL_PROTOCOL_VERSION {
+                return LocalResponse::Error {
+                    message: format!("shim speaks protocol {version}, agent {LOCAL_PROTOCOL_VERSION}"),
+                };
+            }
+            register_forked(agent, pid, uid, reserved).unwrap_or_else(|message| {
+                // A child that exits right after fork() is often gone before its registration
+                // is read: nothing to register then.
+                if std::path::Path::new(&format!("/proc/{pid}")).exists() {
+                    tracing::warn!(pid, uid, "registration of a forked child refused: {message}");
+                }
+                LocalResponse::Error { message }
+            })
+        }
     }
 }
 
@@ -112,12 +128,51 @@ fn valid_name(s: &str, dots: bool) -> bool {
         && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || (dots && c == '.'))
 }
 
+/// How long a vPID reserved for a child waits to be claimed.
+const RESERVATION_LIFETIME: std::time::Duration = std::time::Duration::from_secs(60);
+
+fn reserve_vpid(agent: &Agent, pid: i32) -> LocalResponse {
+    let mut t = agent.tables.lock();
+    if t.routing.find_local_by_pid(pid).is_none() {
+        return LocalResponse::Error { message: format!("pid {pid} is not registered with this agent") };
+    }
+    t.reservations.retain(|_, (_, at)| at.elapsed() < RESERVATION_LIFETIME);
+    match t.vpids.allocate() {
+        Ok(vpid) => {
+            t.reservations.insert(vpid, (pid, std::time::Instant::now()));
+            LocalResponse::VpidReserved { vpid }
+        }
+        Err(e) => LocalResponse::Error { message: e.to_string() },
+    }
+}
+
+/// A forked child claims the vPID its parent reserved; it takes the parent's DC and endpoint.
+fn register_forked(agent: &Arc<Agent>, pid: i32, uid: u32, reserved: Vpid) -> Result<LocalResponse, String> {
+    let info = crate::procinfo::read(pid).map_err(|e| format!("cannot read /proc/{pid}: {e}"))?;
+    let (dc, endpoint) = {
+        let mut t = agent.tables.lock();
+        match t.reservations.remove(&reserved) {
+            Some((parent, _)) if parent == info.ppid => {}
+            Some(other) => {
+                t.reservations.insert(reserved, other);
+                return Err(format!("vPID {reserved} was not reserved by pid {pid}'s parent"));
+            }
+            None => return Err(format!("vPID {reserved} is not reserved")),
+        }
+        let parent = t.routing.find_local_by_pid(info.ppid).ok_or("the parent is not registered")?;
+        (parent.dc.clone(), parent.endpoint.clone())
+    };
+    register(agent, pid, uid, dc, Some(endpoint), Some(reserved))
+}
+
+/// Registers `pid`; `reserved` is the vPID its parent reserved for it, if any.
 fn register(
     agent: &Arc<Agent>,
     pid: i32,
     uid: u32,
     dc: String,
     endpoint: Option<String>,
+    reserved: Option<Vpid>,
 ) -> Result<LocalResponse, String> {
     if pid <= 0 {
         return Err("the kernel did not report the caller's pid".into());
@@ -145,9 +200,13 @@ fn register(
             t.routing.upsert(entry.clone());
             (entry, false)
         } else {
-            let vpid = t.vpids.allocate().map_err(|e| e.to_string())?;
+            let vpid = match reserved {
+                Some(v) => v,
+                None => t.vpids.allocate().map_err(|e| e.to_string())?,
+            };
             let entry = ProcessEntry { vpid, node, real_pid: pid, uid, dc, endpoint, command: info.command, parent };
             t.routing.upsert(entry.clone());
+            t.start_times.insert(vpid, info.start_time);
             (entry, true)
         }
     };
@@ -196,6 +255,7 @@ pub(crate) async fn watch_exit(agent: Arc<Agent>, vpid: Vpid, pid: i32, pidfd: s
             Some(r) if r.entry.node == agent.node_id() && r.entry.real_pid == pid => {
                 let endpoints: Vec<_> = t.routing.endpoints().filter(|e| e.vpid == vpid).map(|e| e.key()).collect();
                 t.routing.remove(vpid);
+                t.start_times.remove(&vpid);
                 Some(endpoints)
             }
             _ => None,

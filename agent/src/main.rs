@@ -84,6 +84,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         if recovered > 0 {
             tracing::info!(recovered, "took back the processes of this node that outlived the previous agent");
         }
+        tokio::spawn(registry::saver(agent.clone()));
         tokio::spawn(local::serve(agent.clone(), local_listener));
         tokio::spawn(peer::accept_loop(agent.clone(), peer_listener));
         for (ing, listener) in ingress {
@@ -99,6 +100,7 @@ fn run(args: Args) -> anyhow::Result<()> {
             _ = tokio::signal::ctrl_c() => {}
         }
         tracing::info!("shutting down");
+        registry::save_now(&agent);
         let _ = std::fs::remove_file(&socket_path);
         Ok(())
     })

@@ -1,5 +1,7 @@
 //! This node's processes and endpoints survive a restart of the agent: they are
-//! saved in the runtime dir after every change and taken back at start-up for
+//! saved in the runtime dir shortly after every change (changes within
+//! [`SAVE_DELAY`] are written together, off the registration path; at shutdown
+//! at once) and taken back at start-up for
 //! every process that still runs (same pid *and* start time, so a reused pid is
 //! never mistaken for the old process). The processes keep their vPIDs, and
 //! the peers learn them again from the next `Announce`.
@@ -13,6 +15,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 const FILE: &str = "registry.bin";
+/// Changes are saved this long after the first of them, together.
+pub const SAVE_DELAY: std::time::Duration = std::time::Duration::from_millis(50);
 /// Bumped when the saved layout changes; an old file is then ignored (with a warning).
 const VERSION: u32 = 1;
 
@@ -40,8 +44,22 @@ fn path(agent: &Agent) -> PathBuf {
     agent.me.runtime_dir.join(FILE)
 }
 
-/// Saves this node's processes and endpoints (atomically: a crash leaves the old file).
+/// Asks for a save soon (the saver task writes changes together).
 pub fn save(agent: &Agent) {
+    agent.registry_changed.notify_one();
+}
+
+/// Writes the changes `save` asked for, [`SAVE_DELAY`] after the first of them.
+pub async fn saver(agent: Arc<Agent>) {
+    loop {
+        agent.registry_changed.notified().await;
+        tokio::time::sleep(SAVE_DELAY).await;
+        save_now(&agent);
+    }
+}
+
+/// Saves this node's processes and endpoints now (atomically: a crash leaves the old file).
+pub fn save_now(agent: &Agent) {
     let saved = {
         let t = agent.tables.lock();
         Saved {
@@ -50,7 +68,7 @@ pub fn save(agent: &Agent) {
                 .routing
                 .local_entries()
                 .filter_map(|e| {
-                    let start_time = crate::procinfo::read(e.real_pid).ok()?.start_time;
+                    let start_time = *t.start_times.get(&e.vpid)?;
                     Some(SavedProcess { entry: e.clone(), start_time })
                 })
                 .collect(),
@@ -108,7 +126,11 @@ pub fn recover(agent: &Arc<Agent>) -> usize {
             continue;
         }
         let Ok(pidfd) = crate::sys::pidfd_open(pid) else { continue };
-        agent.tables.lock().routing.upsert(p.entry.clone());
+        {
+            let mut t = agent.tables.lock();
+            t.routing.upsert(p.entry.clone());
+            t.start_times.insert(p.entry.vpid, p.start_time);
+        }
         tokio::spawn(crate::local::watch_exit(agent.clone(), p.entry.vpid, pid, pidfd));
         tracing::info!(vpid = %p.entry.vpid, pid, "process recovered after an agent restart");
         recovered.push(p.entry.vpid);
@@ -121,6 +143,6 @@ pub fn recover(agent: &Arc<Agent>) -> usize {
         }
     }
     drop(t);
-    save(agent);
+    save_now(agent);
     recovered.len()
 }

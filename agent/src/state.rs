@@ -26,6 +26,8 @@ pub struct Agent {
     pub tables: Mutex<Tables>,
     /// Streams whose other end is on another node, by stream id.
     pub streams: Mutex<HashMap<u64, RemoteStream>>,
+    /// Signals the registry saver that this node's processes or endpoints changed.
+    pub registry_changed: tokio::sync::Notify,
     next_request: AtomicU64,
     next_link: AtomicU64,
     next_stream: AtomicU64,
@@ -41,6 +43,10 @@ pub struct Tables {
     pending_signals: HashMap<u64, oneshot::Sender<i32>>,
     /// AF_UNIX listener paths of the endpoints that listen on this node.
     pub listeners: HashMap<EndpointKey, Vec<PathBuf>>,
+    /// vPIDs reserved by a parent for the child it is forking: vPID -> (parent pid, when).
+    pub reservations: HashMap<Vpid, (i32, Instant)>,
+    /// Start time (clock ticks since boot) of each local process: with the pid, its identity.
+    pub start_times: HashMap<Vpid, u64>,
 }
 
 /// An authenticated link to a peer.
@@ -85,7 +91,10 @@ impl Agent {
                 last_contact: HashMap::new(),
                 pending_signals: HashMap::new(),
                 listeners: HashMap::new(),
+                reservations: HashMap::new(),
+                start_times: HashMap::new(),
             }),
+            registry_changed: tokio::sync::Notify::new(),
             streams: Mutex::new(HashMap::new()),
             next_request: AtomicU64::new(1),
             next_link: AtomicU64::new(1),

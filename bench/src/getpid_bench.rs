@@ -1,4 +1,4 @@
-//! getpid() under the shim vs bare, same program, same run.
+//! getpid() and fork() under the shim vs bare, same program, same run.
 
 use dvk_tests::programs::c_program;
 use dvk_tests::{Cluster, Mode};
@@ -32,5 +32,23 @@ pub fn run(calls: u64, repeats: usize) -> anyhow::Result<()> {
     println!("{:<28} {:>10.2} {:>8}", "bare (real syscall)", bare, "1.00x");
     println!("{:<28} {:>10.2} {:>7.3}x", "under libdvkshim.so (vPID)", shim, shim / bare);
     println!("target: <= 1.0x bare  ->  {}", if shim <= bare { "met" } else { "NOT met" });
+    Ok(())
+}
+
+/// fork()+waitpid() under the shim (a vPID reserved per fork, the child registers) vs bare.
+pub fn run_fork(forks: u64, repeats: usize) -> anyhow::Result<()> {
+    let program = c_program("fork_bench");
+    let cluster = Cluster::start(1, Mode::Loopback);
+    let mut bare = Vec::new();
+    let mut shim = Vec::new();
+    for _ in 0..repeats {
+        bare.push(ns_per_call(Command::new(&program).arg(forks.to_string()))?);
+        shim.push(ns_per_call(cluster.preloaded(0, &program).arg(forks.to_string()))?);
+    }
+    let (bare, shim) = (median(bare), median(shim));
+    println!("fork()+waitpid(): {forks} pairs x {repeats} runs, median us/pair");
+    println!("{:<28} {:>10} {:>8}", "case", "us/pair", "ratio");
+    println!("{:<28} {:>10.1} {:>8}", "bare", bare, "1.00x");
+    println!("{:<28} {:>10.1} {:>7.2}x", "under libdvkshim.so", shim, shim / bare);
     Ok(())
 }

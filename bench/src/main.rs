@@ -25,6 +25,15 @@ enum Bench {
         #[arg(long, default_value_t = 5)]
         repeats: usize,
     },
+    /// fork()+waitpid() under the shim (the child gets a vPID) vs bare.
+    Fork {
+        /// fork/wait pairs per run.
+        #[arg(long, default_value_t = 2000)]
+        forks: u64,
+        /// Runs of each case (the median is reported).
+        #[arg(long, default_value_t = 5)]
+        repeats: usize,
+    },
     /// Dump/restore throughput of the checkpoint engine at 2.5 MB, 256 MB and 1 GB (root).
     Checkpoint(checkpoint_bench::CheckpointBenchArgs),
     /// Request/reply RTT and bulk throughput through shim + agents (same node, cross
@@ -43,6 +52,7 @@ fn main() {
     let cli = Cli::parse();
     let result = match cli.bench {
         Bench::Getpid { calls, repeats } => getpid_bench::run(calls, repeats),
+        Bench::Fork { forks, repeats } => getpid_bench::run_fork(forks, repeats),
         Bench::Net { rounds, bulk_mb } => net_bench::run(rounds, bulk_mb),
         Bench::Checkpoint(args) => checkpoint_bench::run(&args),
     };

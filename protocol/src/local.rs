@@ -36,6 +36,11 @@ pub enum LocalRequest {
     Listen { port: u16, path: String },
     /// Every endpoint of the cluster.
     ListEndpoints,
+    /// The caller is about to fork(): reserve a vPID for the child, so fork() can return it
+    /// to the parent at once (the child claims it with `RegisterForked`).
+    ReserveVpid,
+    /// A forked child registers with the vPID its parent reserved (DC and endpoint are the parent's).
+    RegisterForked { version: u16, reserved: Vpid },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -71,6 +76,9 @@ pub enum LocalResponse {
         vip: [u8; 4],
     },
     Endpoints(Vec<pidvirt::EndpointEntry>),
+    VpidReserved {
+        vpid: Vpid,
+    },
 }
 
 /// One line of `migrate-cli ps`.

@@ -35,10 +35,11 @@ pub extern "C" fn kill(pid: pid_t, sig: c_int) -> c_int {
     } else {
         return raw::kill(pid, sig);
     };
-    // Ourselves: no need to ask anyone (and works before/without an agent).
-    if target == identity::vpid() {
-        let me = raw::getpid();
-        return raw::kill(if group { -me } else { me }, sig);
+    // Ourselves or our own child: no need to ask anyone (a child's registration may
+    // still be on its way to the agent right after fork()).
+    let local = if target == identity::vpid() { Some(raw::getpid()) } else { crate::children::real_of(target) };
+    if let Some(real) = local {
+        return raw::kill(if group { -real } else { real }, sig);
     }
     let errno = raw::preserving_errno(|| link::kill(Vpid(target), sig, group));
     if errno == 0 {
@@ -413,4 +414,145 @@ pub unsafe extern "C" fn gethostbyname_r(
             }
         }
     }
+}
+
+// ---------------------------------------------------------------------------
+// fork and the wait family: a child is known to its parent by its vPID.
+
+/// fork(): the child's vPID is reserved before the fork, claimed by the child as it
+/// starts, and returned to the parent at once. Without an agent: the real PID.
+#[no_mangle]
+pub extern "C" fn fork() -> pid_t {
+    let reserved = if identity::vpid() != 0 { raw::preserving_errno(link::reserve_vpid) } else { None };
+    crate::set_reserved_for_child(reserved.map(|v| v.0).unwrap_or(0));
+    // SAFETY: forwarded; the atfork handlers (ours among them) run inside.
+    let pid = unsafe { real::fork()() };
+    if pid > 0 {
+        crate::set_reserved_for_child(0);
+        if let Some(v) = reserved {
+            if crate::children::record(v.0, pid) {
+                return v.0;
+            }
+        }
+    }
+    pid
+}
+
+/// A vPID of one of our children becomes its real PID for the kernel; other values pass.
+fn real_target(pid: pid_t) -> Result<pid_t, c_int> {
+    if pid >= VPID_BASE {
+        crate::children::real_of(pid).ok_or(libc::ECHILD)
+    } else {
+        Ok(pid)
+    }
+}
+
+/// The kernel's answer (a real PID) as the program knows that child; forgets it once reaped.
+fn reported(real: pid_t, status: Option<c_int>) -> pid_t {
+    if real <= 0 {
+        return real;
+    }
+    match crate::children::vpid_of(real) {
+        Some(v) => {
+            let reaped = status.is_none_or(|s| libc::WIFEXITED(s) || libc::WIFSIGNALED(s));
+            if reaped {
+                crate::children::forget(real);
+            }
+            v
+        }
+        None => real,
+    }
+}
+
+/// # Safety
+/// Called by the program with waitpid(2)'s contract.
+#[no_mangle]
+pub unsafe extern "C" fn waitpid(pid: pid_t, status: *mut c_int, options: c_int) -> pid_t {
+    let target = match real_target(pid) {
+        Ok(t) => t,
+        Err(e) => return fail(e),
+    };
+    let mut local: c_int = 0;
+    let out = if status.is_null() { &mut local as *mut c_int } else { status };
+    // SAFETY: forwarded, with a valid status pointer.
+    let r = unsafe { real::waitpid()(target, out, options) };
+    // SAFETY: out points to a status the kernel wrote when r > 0.
+    reported(r, (r > 0).then(|| unsafe { *out }))
+}
+
+/// # Safety
+/// Called by the program with wait(2)'s contract.
+#[no_mangle]
+pub unsafe extern "C" fn wait(status: *mut c_int) -> pid_t {
+    let mut local: c_int = 0;
+    let out = if status.is_null() { &mut local as *mut c_int } else { status };
+    // SAFETY: forwarded, with a valid status pointer.
+    let r = unsafe { real::wait()(out) };
+    // SAFETY: as in waitpid.
+    reported(r, (r > 0).then(|| unsafe { *out }))
+}
+
+/// # Safety
+/// Called by the program with wait4(2)'s contract.
+#[no_mangle]
+pub unsafe extern "C" fn wait4(pid: pid_t, status: *mut c_int, options: c_int, usage: *mut libc::rusage) -> pid_t {
+    let target = match real_target(pid) {
+        Ok(t) => t,
+        Err(e) => return fail(e),
+    };
+    let mut local: c_int = 0;
+    let out = if status.is_null() { &mut local as *mut c_int } else { status };
+    // SAFETY: forwarded, with a valid status pointer.
+    let r = unsafe { real::wait4()(target, out, options, usage) };
+    // SAFETY: as in waitpid.
+    reported(r, (r > 0).then(|| unsafe { *out }))
+}
+
+/// # Safety
+/// Called by the program with waitid(2)'s contract.
+#[no_mangle]
+pub unsafe extern "C" fn waitid(
+    idtype: libc::idtype_t,
+    id: libc::id_t,
+    info: *mut libc::siginfo_t,
+    options: c_int,
+) -> c_int {
+    let id = if idtype == libc::P_PID {
+        match real_target(id as pid_t) {
+            Ok(t) => t as libc::id_t,
+            Err(e) => return fail(e),
+        }
+    } else {
+        id
+    };
+    // SAFETY: forwarded unchanged.
+    let rc = unsafe { real::waitid()(idtype, id, info, options) };
+    if rc == 0 && !info.is_null() {
+        // SAFETY: the kernel filled *info; si_pid is 0 when nothing was waitable (WNOHANG).
+        unsafe {
+            let real = (*info).si_pid();
+            if real > 0 {
+                let code = (*info).si_code;
+                let gone = code == libc::CLD_EXITED || code == libc::CLD_KILLED || code == libc::CLD_DUMPED;
+                let kept = options & libc::WNOWAIT != 0;
+                if let Some(v) = crate::children::vpid_of(real) {
+                    if gone && !kept {
+                        crate::children::forget(real);
+                    }
+                    set_si_pid(info, v);
+                }
+            }
+        }
+    }
+    rc
+}
+
+/// Writes si_pid of a SIGCHLD-style siginfo (libc exposes only a getter).
+///
+/// # Safety
+/// `info` points to a siginfo_t the kernel filled for a child.
+unsafe fn set_si_pid(info: *mut libc::siginfo_t, pid: pid_t) {
+    // Layout (x86_64): si_signo, si_errno, si_code (3 ints), padding, then si_pid.
+    // SAFETY: offset 16 is si_pid inside the 128-byte siginfo_t.
+    unsafe { std::ptr::write_unaligned((info as *mut u8).add(16) as *mut pid_t, pid) };
 }

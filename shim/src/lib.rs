@@ -12,6 +12,7 @@
 //! binaries, raw syscalls and glibc-internal calls are not seen; the kernel
 //! still reports real PIDs in /proc, si_pid and SO_PEERCRED.
 
+mod children;
 mod fdtable;
 mod hooks;
 mod identity;
@@ -83,18 +84,37 @@ fn warn_parts(parts: &[&[u8]]) {
     raw::warn(&line[..len]);
 }
 
-/// In the child of fork(): drop the parent's identity and agent link, register anew.
+/// The vPID the parent reserved for the child it is forking (0: none). Written by the
+/// fork hook before the fork, read in the child's copy of memory.
+static RESERVED_FOR_CHILD: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
+
+pub(crate) fn set_reserved_for_child(vpid: i32) {
+    RESERVED_FOR_CHILD.store(vpid, std::sync::atomic::Ordering::Release);
+}
+
+/// In the child of fork(): drop the parent's identity, agent link and children, and
+/// register anew (under the vPID the parent reserved, when it did).
 /// A parent that runs without an agent has warned once already: its children stay quiet.
 unsafe extern "C" fn after_fork_in_child() {
     let _ = std::panic::catch_unwind(|| {
         raw::preserving_errno(|| {
-            let parent_was_registered = identity::vpid() != 0;
+            let parent_vpid = identity::vpid();
+            let parent_was_registered = parent_vpid != 0;
+            let reserved = RESERVED_FOR_CHILD.swap(0, std::sync::atomic::Ordering::AcqRel);
             if let Some(inherited) = identity::clear() {
                 raw::close(inherited);
             }
-            if parent_was_registered {
-                register_or_warn();
+            children::clear();
+            if !parent_was_registered {
+                return;
             }
+            if reserved != 0 {
+                if let Ok(link_fd) = link::register_forked(pidvirt::Vpid(reserved)) {
+                    identity::set(reserved, Some(parent_vpid), raw::getppid(), link_fd);
+                    return;
+                }
+            }
+            register_or_warn();
         })
     });
 }

@@ -103,6 +103,38 @@ pub fn register() -> Result<Registration, RegisterError> {
     }
 }
 
+/// Registers a forked child under the vPID its parent reserved, without waiting for the
+/// answer: the child already knows its vPID and its parent's, so fork() returns in the
+/// child at once. Returns the agent link. Allocation-free.
+pub fn register_forked(reserved: Vpid) -> Result<c_int, c_int> {
+    let cfg = config().ok_or(libc::EINVAL)?;
+    let mut request = [0u8; 64];
+    let request =
+        frame::encode_into(&LocalRequest::RegisterForked { version: LOCAL_PROTOCOL_VERSION, reserved }, &mut request)
+            .map_err(|_| libc::EINVAL)?;
+    let fd = raw::connect_unix(&cfg.addr, AGENT_TIMEOUT_MS)?;
+    if let Err(e) = raw::write_all(fd, request) {
+        raw::close(fd);
+        return Err(e);
+    }
+    Ok(raw::move_fd_high(fd, LINK_FD_MIN))
+}
+
+/// A vPID for the child the caller is about to fork. Allocation-free.
+pub fn reserve_vpid() -> Option<Vpid> {
+    let cfg = config()?;
+    let mut request = [0u8; 16];
+    let request = frame::encode_into(&LocalRequest::ReserveVpid, &mut request).ok()?;
+    let fd = raw::connect_unix(&cfg.addr, AGENT_TIMEOUT_MS).ok()?;
+    let mut buf = [0u8; RESPONSE_MAX];
+    let vpid = match round_trip(fd, request, &mut buf).map(frame::decode::<LocalResponse>) {
+        Ok(Ok(LocalResponse::VpidReserved { vpid })) => Some(vpid),
+        _ => None,
+    };
+    raw::close(fd);
+    vpid
+}
+
 /// Asks the agent to deliver `signal` to `vpid` wherever it runs. Returns 0 or an errno.
 /// Allocation-free: kill() may be called from a signal handler.
 pub fn kill(vpid: Vpid, signal: c_int, group: bool) -> c_int {

@@ -2,7 +2,7 @@
 //! `dlsym(RTLD_NEXT)`. Resolved eagerly at load time (dlsym may allocate), and
 //! lazily as a fallback for hooks called from other libraries' constructors.
 
-use libc::{addrinfo, c_char, c_int, hostent, size_t, sockaddr, socklen_t};
+use libc::{addrinfo, c_char, c_int, hostent, pid_t, size_t, sockaddr, socklen_t};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 fn lookup(name: &'static str) -> usize {
@@ -52,4 +52,9 @@ next_symbol! {
     getaddrinfo: fn(*const c_char, *const c_char, *const addrinfo, *mut *mut addrinfo) -> c_int;
     gethostbyname: fn(*const c_char) -> *mut hostent;
     gethostbyname_r: fn(*const c_char, *mut hostent, *mut c_char, size_t, *mut *mut hostent, *mut c_int) -> c_int;
+    fork: fn() -> pid_t;
+    wait: fn(*mut c_int) -> pid_t;
+    waitpid: fn(pid_t, *mut c_int, c_int) -> pid_t;
+    wait4: fn(pid_t, *mut c_int, c_int, *mut libc::rusage) -> pid_t;
+    waitid: fn(libc::idtype_t, libc::id_t, *mut libc::siginfo_t, c_int) -> c_int;
 }

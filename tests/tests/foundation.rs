@@ -571,3 +571,24 @@ fn endpoints_are_listed_everywhere_and_leave_with_their_process() {
     let leftovers: Vec<_> = std::fs::read_dir(cluster.nodes[0].runtime_dir.join("ep")).unwrap().collect();
     assert!(leftovers.is_empty(), "the agent removes a dead process's listener files: {leftovers:?}");
 }
+
+#[test]
+fn fork_returns_the_childs_vpid_and_the_wait_family_takes_it() {
+    let cluster = Cluster::start(1, Mode::Loopback);
+    let out = cluster.preloaded(0, c_program("fork_wait")).stdin(Stdio::null()).output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && stdout.contains("done 0"), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(stdout.matches(" ok").count(), 9, "{stdout}");
+
+    // Without an agent the same program sees real PIDs throughout, and still passes
+    // every check but the one that wants a vPID.
+    let dir = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(c_program("fork_wait"))
+        .env("LD_PRELOAD", dvk_tests::shim_path())
+        .env("DVK_AGENT_SOCK", dir.path().join("none.sock"))
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("child-pid-is-virtual FAIL") && stdout.contains("done 1"), "{stdout}");
+}
