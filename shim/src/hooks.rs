@@ -439,12 +439,29 @@ pub extern "C" fn fork() -> pid_t {
 }
 
 /// A vPID of one of our children becomes its real PID for the kernel; other values pass.
-fn real_target(pid: pid_t) -> Result<pid_t, c_int> {
+/// The real PID behind a vPID of ourselves or one of our children.
+fn local_real(vpid: pid_t) -> Option<pid_t> {
+    if vpid == identity::vpid() {
+        Some(raw::getpid())
+    } else {
+        crate::children::real_of(vpid)
+    }
+}
+
+/// A PID argument as the kernel needs it: vPIDs of ourselves or our children (and of
+/// their process groups, negated) become real; real PIDs pass; other vPIDs are `unknown`.
+fn to_real(pid: pid_t, unknown: c_int) -> Result<pid_t, c_int> {
     if pid >= VPID_BASE {
-        crate::children::real_of(pid).ok_or(libc::ECHILD)
+        local_real(pid).ok_or(unknown)
+    } else if pid <= -VPID_BASE {
+        local_real(-pid).map(|r| -r).ok_or(unknown)
     } else {
         Ok(pid)
     }
+}
+
+fn real_target(pid: pid_t) -> Result<pid_t, c_int> {
+    to_real(pid, libc::ECHILD)
 }
 
 /// The kernel's answer (a real PID) as the program knows that child; forgets it once reaped.
@@ -555,4 +572,51 @@ unsafe fn set_si_pid(info: *mut libc::siginfo_t, pid: pid_t) {
     // Layout (x86_64): si_signo, si_errno, si_code (3 ints), padding, then si_pid.
     // SAFETY: offset 16 is si_pid inside the 128-byte siginfo_t.
     unsafe { std::ptr::write_unaligned((info as *mut u8).add(16) as *mut pid_t, pid) };
+}
+
+// Process groups and sessions: their ids are real PIDs, but a program names the group
+// of a child it forked by the PID fork() gave it (as shells with job control do).
+
+/// # Safety
+/// Called by the program with setpgid(2)'s contract.
+#[no_mangle]
+pub unsafe extern "C" fn setpgid(pid: pid_t, pgid: pid_t) -> c_int {
+    match (to_real(pid, libc::ESRCH), to_real(pgid, libc::EPERM)) {
+        // SAFETY: forwarded with real ids.
+        (Ok(p), Ok(g)) => unsafe { real::setpgid()(p, g) },
+        (Err(e), _) | (_, Err(e)) => fail(e),
+    }
+}
+
+/// # Safety
+/// Called by the program with getpgid(2)'s contract.
+#[no_mangle]
+pub unsafe extern "C" fn getpgid(pid: pid_t) -> pid_t {
+    match to_real(pid, libc::ESRCH) {
+        // SAFETY: forwarded with a real id.
+        Ok(p) => unsafe { real::getpgid()(p) },
+        Err(e) => fail(e),
+    }
+}
+
+/// # Safety
+/// Called by the program with getsid(2)'s contract.
+#[no_mangle]
+pub unsafe extern "C" fn getsid(pid: pid_t) -> pid_t {
+    match to_real(pid, libc::ESRCH) {
+        // SAFETY: forwarded with a real id.
+        Ok(p) => unsafe { real::getsid()(p) },
+        Err(e) => fail(e),
+    }
+}
+
+/// # Safety
+/// Called by the program with tcsetpgrp(3)'s contract.
+#[no_mangle]
+pub unsafe extern "C" fn tcsetpgrp(fd: c_int, pgrp: pid_t) -> c_int {
+    match to_real(pgrp, libc::EPERM) {
+        // SAFETY: forwarded with a real id.
+        Ok(g) => unsafe { real::tcsetpgrp()(fd, g) },
+        Err(e) => fail(e),
+    }
 }

@@ -53,6 +53,10 @@ next_symbol! {
     gethostbyname: fn(*const c_char) -> *mut hostent;
     gethostbyname_r: fn(*const c_char, *mut hostent, *mut c_char, size_t, *mut *mut hostent, *mut c_int) -> c_int;
     fork: fn() -> pid_t;
+    setpgid: fn(pid_t, pid_t) -> c_int;
+    getpgid: fn(pid_t) -> pid_t;
+    getsid: fn(pid_t) -> pid_t;
+    tcsetpgrp: fn(c_int, pid_t) -> c_int;
     wait: fn(*mut c_int) -> pid_t;
     waitpid: fn(pid_t, *mut c_int, c_int) -> pid_t;
     wait4: fn(pid_t, *mut c_int, c_int, *mut libc::rusage) -> pid_t;

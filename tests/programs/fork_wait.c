@@ -65,6 +65,14 @@ int main(void) {
     w = wait4(d, &st, 0, &ru);
     check("wait4-by-that-pid", w == d && WEXITSTATUS(st) == 5, "wait4 gave %ld want %ld", w, d);
 
+    /* Process groups named by the child's PID, as a shell with job control does. */
+    pid_t e = spawn(0, &says, 1);
+    check("setpgid-of-child", setpgid(e, e) == 0, "setpgid(%ld) failed (%ld)", e, 0);
+    check("getpgid-of-child", getpgid(e) > 0 && getpgid(e) != getpgid(0), "getpgid(%ld) gave %ld", e, (long)getpgid(e));
+    check("kill-child-group", kill(-e, SIGTERM) == 0, "kill(-%ld) failed (%ld)", e, 0);
+    w = waitpid(-e, &st, 0);
+    check("waitpid-child-group", w == e && WIFSIGNALED(st), "waitpid(-%ld) gave %ld", e, w);
+
     w = waitpid(a, &st, WNOHANG);
     check("reaped-child-is-gone", w == -1, "waitpid of a reaped child gave %ld (%ld)", w, 0);
     check("parent-unchanged", getpid() == self, "getpid %ld was %ld", getpid(), self);
