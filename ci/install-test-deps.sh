@@ -2,7 +2,7 @@
 # Installs what the test suite needs on a fresh Debian machine (run as root).
 # Idempotent: skips apt entirely when everything is already there.
 set -euo pipefail
-packages=(gcc python3 iproute2 util-linux curl rsync redis-server redis-tools)
+packages=(gcc libc6-dev python3 iproute2 util-linux curl rsync redis-server redis-tools)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
