@@ -4,9 +4,10 @@ use dvk_tests::programs::c_program;
 use dvk_tests::{Cluster, Mode};
 use std::process::Command;
 
-fn ns_per_call(cmd: &mut Command) -> anyhow::Result<f64> {
+/// Runs a benchmark program; it prints the time per operation.
+fn per_op(cmd: &mut Command) -> anyhow::Result<f64> {
     let out = cmd.output()?;
-    anyhow::ensure!(out.status.success(), "getpid_bench failed: {}", String::from_utf8_lossy(&out.stderr));
+    anyhow::ensure!(out.status.success(), "{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr));
     let text = String::from_utf8(out.stdout)?;
     Ok(text.trim().parse()?)
 }
@@ -16,17 +17,22 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-pub fn run(calls: u64, repeats: usize) -> anyhow::Result<()> {
-    let program = c_program("getpid_bench");
+/// Median per-operation time of `program ARG` bare and under the shim, runs interleaved
+/// so that drift in machine load hits both alike.
+fn compare(program: &str, arg: u64, repeats: usize) -> anyhow::Result<(f64, f64)> {
+    let program = c_program(program);
     let cluster = Cluster::start(1, Mode::Loopback);
     let mut bare = Vec::new();
     let mut shim = Vec::new();
-    // Interleave the two so drift in machine load hits both alike.
     for _ in 0..repeats {
-        bare.push(ns_per_call(Command::new(&program).arg(calls.to_string()))?);
-        shim.push(ns_per_call(cluster.preloaded(0, &program).arg(calls.to_string()))?);
+        bare.push(per_op(Command::new(&program).arg(arg.to_string()))?);
+        shim.push(per_op(cluster.preloaded(0, &program).arg(arg.to_string()))?);
     }
-    let (bare, shim) = (median(bare), median(shim));
+    Ok((median(bare), median(shim)))
+}
+
+pub fn run(calls: u64, repeats: usize) -> anyhow::Result<()> {
+    let (bare, shim) = compare("getpid_bench", calls, repeats)?;
     println!("getpid(): {calls} calls x {repeats} runs, median ns/call");
     println!("{:<28} {:>10} {:>8}", "case", "ns/call", "ratio");
     println!("{:<28} {:>10.2} {:>8}", "bare (real syscall)", bare, "1.00x");
@@ -37,15 +43,7 @@ pub fn run(calls: u64, repeats: usize) -> anyhow::Result<()> {
 
 /// fork()+waitpid() under the shim (a vPID reserved per fork, the child registers) vs bare.
 pub fn run_fork(forks: u64, repeats: usize) -> anyhow::Result<()> {
-    let program = c_program("fork_bench");
-    let cluster = Cluster::start(1, Mode::Loopback);
-    let mut bare = Vec::new();
-    let mut shim = Vec::new();
-    for _ in 0..repeats {
-        bare.push(ns_per_call(Command::new(&program).arg(forks.to_string()))?);
-        shim.push(ns_per_call(cluster.preloaded(0, &program).arg(forks.to_string()))?);
-    }
-    let (bare, shim) = (median(bare), median(shim));
+    let (bare, shim) = compare("fork_bench", forks, repeats)?;
     println!("fork()+waitpid(): {forks} pairs x {repeats} runs, median us/pair");
     println!("{:<28} {:>10} {:>8}", "case", "us/pair", "ratio");
     println!("{:<28} {:>10.1} {:>8}", "bare", bare, "1.00x");

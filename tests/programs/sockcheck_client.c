@@ -65,17 +65,6 @@ static void read_exact(int fd, char *p, size_t n, const char *check) {
     }
 }
 
-static void write_all(int fd, const void *p, size_t n, const char *check) {
-    const char *c = p;
-    while (n) {
-        ssize_t w = write(fd, c, n);
-        if (w < 0 && errno == EINTR) continue;
-        if (w <= 0) fail(check, "write");
-        c += w;
-        n -= w;
-    }
-}
-
 static void expect_eof(int fd, const char *check) {
     char c;
     ssize_t r;

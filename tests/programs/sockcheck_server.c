@@ -93,17 +93,6 @@ static void set_blocking(int fd) {
     fcntl(fd, F_SETFL, fl & ~O_NONBLOCK);
 }
 
-static void write_all(int fd, const void *p, size_t n, const char *check) {
-    const char *c = p;
-    while (n) {
-        ssize_t w = write(fd, c, n);
-        if (w < 0 && errno == EINTR) continue;
-        if (w <= 0) fail(check, "write");
-        c += w;
-        n -= w;
-    }
-}
-
 int main(int argc, char **argv) {
     if (argc != 2 && argc != 3) {
         fprintf(stderr, "usage: sockcheck_server PORT [NPROBES]\n");
