@@ -1,7 +1,7 @@
 //! Endpoints on this node: listeners registered by the shim, name resolution,
 //! opening streams (from the shim, from ingress, from peers), and ingress ports.
 
-use crate::relay::{self, End, Sequence};
+use crate::relay::{self, Dir, End};
 use crate::state::Agent;
 use dvk_config::IngressConfig;
 use dvk_protocol::frame::{self, LOCAL_MAX_FRAME};
@@ -191,10 +191,43 @@ struct Opening {
     client: VirtualAddr,
     server: VirtualAddr,
     route: Route,
+    _guard: crate::state::OpenGuard,
+}
+
+/// How long a new stream waits for an endpoint that is moving (instead of being refused).
+pub const MOVE_PATIENCE: Duration = Duration::from_secs(10);
+
+/// Waits while the process serving `key` is moving; then its current entry (it may now be on
+/// another node). The returned guard counts this open as under way until the stream reached
+/// the listener or its StreamOpen is on the link, so a move's start can wait for it.
+pub async fn settled_endpoint(agent: &Agent, key: &EndpointKey) -> (Option<EndpointEntry>, crate::state::OpenGuard) {
+    let deadline = Instant::now() + MOVE_PATIENCE;
+    loop {
+        let guard = agent.opens.enter();
+        let (entry, moving) = {
+            let t = agent.tables.lock();
+            let entry = t.routing.endpoint(key).cloned();
+            let moving = entry.as_ref().is_some_and(|e| {
+                t.routing.get(e.vpid).is_some_and(|r| matches!(r.state, pidvirt::EndpointState::Migrating { .. }))
+            });
+            (entry, moving)
+        };
+        if !moving || Instant::now() >= deadline {
+            if moving {
+                tracing::warn!(endpoint = %key, "endpoint still moving after {MOVE_PATIENCE:?}; refusing the stream");
+                return (None, guard);
+            }
+            return (entry, guard);
+        }
+        drop(guard);
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
 }
 
 /// Finds the endpoint and, if it is local, connects to it. Err(errno) as connect(2) would fail.
 async fn prepare(agent: &Agent, entry: Option<EndpointEntry>, client: VirtualAddr) -> Result<Opening, i32> {
+    let entry = entry.ok_or(libc::ECONNREFUSED)?;
+    let (entry, guard) = settled_endpoint(agent, &entry.key()).await;
     let entry = entry.ok_or(libc::ECONNREFUSED)?;
     let key = entry.key();
     let server = VirtualAddr { ip: entry.vip, port: entry.port };
@@ -205,13 +238,15 @@ async fn prepare(agent: &Agent, entry: Option<EndpointEntry>, client: VirtualAdd
     } else {
         Route::Remote(entry.node)
     };
-    Ok(Opening { id, key, client, server, route })
+    Ok(Opening { id, key, client, server, route, _guard: guard })
 }
 
 /// Relays an opened stream until both directions end.
 async fn run(agent: Arc<Agent>, opening: Opening, client_end: End) {
     match opening.route {
-        Route::Local(server) => relay::relay_local(client_end, End::Unix(server), Arc::new(Sequence::default())).await,
+        Route::Local(server) => {
+            relay::spawn_local(&agent, opening.id, client_end, End::Unix(server), Dir::default(), Dir::default())
+        }
         Route::Remote(node) => {
             let (stream, pumps) = relay::remote_stream(node);
             agent.streams.lock().insert(opening.id, stream);
@@ -230,7 +265,7 @@ async fn run(agent: Arc<Agent>, opening: Opening, client_end: End) {
                 agent.remove_stream(opening.id);
                 return; // dropping the client end closes it: the program sees EOF
             }
-            relay::relay_remote(agent, opening.id, node, client_end, pumps, true).await;
+            relay::spawn_remote(&agent, opening.id, node, client_end, pumps, true, Dir::default(), Dir::default());
         }
     }
 }
@@ -277,11 +312,20 @@ pub fn accept_remote_stream(
 ) {
     let (stream, pumps) = relay::remote_stream(peer);
     agent.streams.lock().insert(id, stream);
+    // Counted as under way from now: a move starting here waits until it reached the listener.
+    let early = agent.opens.enter();
     let agent = agent.clone();
     tokio::spawn(async move {
+        let (entry, guard) = settled_endpoint(&agent, &key).await;
+        drop(early);
         let header = AcceptHeader { peer: client, local: server, stream: id };
-        match connect_listener(&agent, &key, header).await {
-            Some(conn) => relay::relay_remote(agent, id, peer, End::Unix(conn), pumps, false).await,
+        let here = entry.is_some_and(|e| e.node == agent.node_id());
+        let conn = if here { connect_listener(&agent, &key, header).await } else { None };
+        drop(guard);
+        match conn {
+            Some(conn) => {
+                relay::spawn_remote(&agent, id, peer, End::Unix(conn), pumps, false, Dir::default(), Dir::default())
+            }
             None => {
                 tracing::info!(stream = id, endpoint = %key, "stream refused: no listener here");
                 if let Some(s) = agent.streams.lock().remove(&id) {

@@ -71,7 +71,27 @@ async fn client(agent: Arc<Agent>, mut stream: UnixStream) -> Result<(), FrameEr
             crate::endpoints::open_from_shim(agent, stream, pid, vip, port).await;
             return Ok(());
         }
+        if let LocalRequest::Move { target, dest } = request {
+            // Answered step by step until the move is over.
+            let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+            crate::moving::request_move(&agent, target, &dest, uid, tx);
+            while let Some(event) = rx.recv().await {
+                let last = matches!(event, LocalResponse::MoveDone(_) | LocalResponse::Error { .. });
+                stream.write_all(&frame::encode(&event, LOCAL_MAX_FRAME)?).await?;
+                if last {
+                    break;
+                }
+            }
+            continue;
+        }
+        let registering = matches!(request, LocalRequest::Register { .. } | LocalRequest::RegisterForked { .. });
         let response = handle(&agent, request, pid, uid).await;
+        if let (true, LocalResponse::Registered { vpid, .. }) = (registering, &response) {
+            // The agent's end of the process's link: how a move finds the link among its fds.
+            if let Ok(ino) = crate::sys::inode(&stream) {
+                agent.tables.lock().link_inodes.insert(*vpid, ino);
+            }
+        }
         stream.write_all(&frame::encode(&response, LOCAL_MAX_FRAME)?).await?;
     }
 }
@@ -100,7 +120,11 @@ async fn handle(agent: &Arc<Agent>, request: LocalRequest, pid: i32, uid: u32) -
         LocalRequest::ListEndpoints => {
             LocalResponse::Endpoints(agent.tables.lock().routing.endpoints().cloned().collect())
         }
-        LocalRequest::OpenStream { .. } => unreachable!("handled by the connection loop"),
+        LocalRequest::OpenStream { .. } | LocalRequest::Move { .. } => {
+            LocalResponse::Error { message: "handled by the connection loop".into() }
+        }
+        LocalRequest::MoveCheck { target, dest } => crate::moving::check(agent, target, dest.as_deref()).await,
+        LocalRequest::Logs { vpid, offset } => crate::moving::logs(agent, vpid, offset).await,
         LocalRequest::ReserveVpid => reserve_vpid(agent, pid),
         LocalRequest::RegisterForked { version, reserved } => {
             if version != LOCAL_PROTOCOL_VERSION {
@@ -241,6 +265,8 @@ pub(crate) async fn watch_exit(agent: Arc<Agent>, vpid: Vpid, pid: i32, pidfd: s
     match crate::sys::async_pidfd(pidfd) {
         Ok(fd) => {
             let _ = fd.readable().await;
+            // A process a move restored here is the agent's child: collect it.
+            crate::sys::reap(pid);
         }
         Err(e) => {
             tracing::error!(%vpid, pid, "cannot watch for exit: {e}; polling instead");

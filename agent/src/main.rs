@@ -4,6 +4,7 @@
 
 mod endpoints;
 mod local;
+mod moving;
 mod peer;
 mod procinfo;
 mod registry;
@@ -69,6 +70,7 @@ fn run(args: Args) -> anyhow::Result<()> {
     endpoints::prepare_listener_dir(&me.runtime_dir)
         .with_context(|| format!("cannot prepare the listener dir in {}", me.runtime_dir.display()))?;
 
+    sys::install_interrupt_handler().context("cannot install the relay interrupt handler")?;
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async move {
         let socket_path = me.socket_path();
@@ -85,6 +87,7 @@ fn run(args: Args) -> anyhow::Result<()> {
             tracing::info!(recovered, "took back the processes of this node that outlived the previous agent");
         }
         tokio::spawn(registry::saver(agent.clone()));
+        tokio::spawn(moving::housekeeping(agent.clone()));
         tokio::spawn(local::serve(agent.clone(), local_listener));
         tokio::spawn(peer::accept_loop(agent.clone(), peer_listener));
         for (ing, listener) in ingress {

@@ -212,6 +212,7 @@ async fn run_link(agent: Arc<Agent>, peer: NodeId, stream: TcpStream) {
 
     let out = Arc::new(tokio::sync::Mutex::new(tokio::io::BufWriter::with_capacity(LINK_BUFFER, writer)));
     let link_id = agent.link_up(peer, crate::state::LinkHandle { tx: tx.clone(), out: out.clone() });
+    crate::moving::on_link(&agent, peer, true);
     let writer_task = tokio::spawn(async move {
         // Small messages are batched in the buffer; stream payloads (larger than it)
         // go straight from their own buffer to the socket.
@@ -272,6 +273,8 @@ async fn run_link(agent: Arc<Agent>, peer: NodeId, stream: TcpStream) {
                 break;
             }
         };
+        // A reattach waits for a detach of the same stream still under way (same link order).
+        crate::moving::before_message(&agent, &msg).await;
         if !handle(&agent, peer, msg) {
             tracing::warn!(peer = %name, "protocol violation on the peer link; closing it");
             break;
@@ -280,6 +283,7 @@ async fn run_link(agent: Arc<Agent>, peer: NodeId, stream: TcpStream) {
     pinger.abort();
     writer_task.abort();
     agent.link_down(peer, link_id);
+    crate::moving::on_link(&agent, peer, false);
 }
 
 /// Stream bytes from `peer`: `buf[offset..]` goes to the stream's inbound pump.
@@ -340,6 +344,24 @@ fn handle(agent: &Arc<Agent>, peer: NodeId, msg: PeerMessage) -> bool {
             agent.send_to(peer, PeerMessage::SignalDone { request, errno });
         }
         PeerMessage::SignalDone { request, errno } => agent.complete_signal(request, errno),
+        PeerMessage::Move(m) => crate::moving::on_message(agent, peer, m),
+        PeerMessage::MoveImage { mid, file, offset, bytes } => {
+            // Disk writes: off the reactor's hands, but in order with the next frame.
+            tokio::task::block_in_place(|| {
+                crate::moving::participant::receive_image(agent, peer, mid, &file, offset, &bytes)
+            });
+        }
+        PeerMessage::MoveForward { request, vpid, dest, uid } => crate::moving::serve_forwarded(agent, peer, request, vpid, dest, uid),
+        PeerMessage::MoveForwardEvent { request, event } => crate::moving::forwarded_event(agent, peer, request, event),
+        PeerMessage::LogRead { request, vpid, offset } => {
+            let response = crate::moving::read_log(agent, vpid, offset);
+            agent.send_to(peer, PeerMessage::LogChunk { request, response });
+        }
+        PeerMessage::LogChunk { request, response } => {
+            if let Some(tx) = agent.moves.log_reads.lock().remove(&request) {
+                let _ = tx.send(response);
+            }
+        }
         PeerMessage::Reserved
         | PeerMessage::Hello { .. }
         | PeerMessage::Challenge { .. }

@@ -28,6 +28,12 @@ pub struct Agent {
     pub streams: Mutex<HashMap<u64, RemoteStream>>,
     /// Signals the registry saver that this node's processes or endpoints changed.
     pub registry_changed: tokio::sync::Notify,
+    /// Every relay this agent runs (for a move to detach).
+    pub relays: crate::relay::Relays,
+    /// Stream opens under way (a move's start waits for them).
+    pub opens: Arc<OpenGate>,
+    /// Moves this agent coordinates or takes part in.
+    pub moves: crate::moving::Moves,
     next_request: AtomicU64,
     next_link: AtomicU64,
     next_stream: AtomicU64,
@@ -47,6 +53,44 @@ pub struct Tables {
     pub reservations: HashMap<Vpid, (i32, Instant)>,
     /// Start time (clock ticks since boot) of each local process: with the pid, its identity.
     pub start_times: HashMap<Vpid, u64>,
+    /// Inode of the agent's end of each local process's registration link (its fd ≥ 900).
+    pub link_inodes: HashMap<Vpid, u64>,
+}
+
+/// Counts stream opens that decided where to go but have not reached the listener (or put
+/// their StreamOpen on the link) yet.
+#[derive(Default)]
+pub struct OpenGate {
+    under_way: std::sync::atomic::AtomicUsize,
+    idle: tokio::sync::Notify,
+}
+
+pub struct OpenGuard(Arc<OpenGate>);
+
+impl OpenGate {
+    pub fn enter(self: &Arc<Self>) -> OpenGuard {
+        self.under_way.fetch_add(1, Ordering::AcqRel);
+        OpenGuard(self.clone())
+    }
+
+    /// Waits until no open is under way (new ones see the Migrating state and wait).
+    pub async fn quiesce(&self) {
+        loop {
+            let idle = self.idle.notified();
+            if self.under_way.load(Ordering::Acquire) == 0 {
+                return;
+            }
+            let _ = tokio::time::timeout(Duration::from_millis(5), idle).await;
+        }
+    }
+}
+
+impl Drop for OpenGuard {
+    fn drop(&mut self) {
+        if self.0.under_way.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.idle.notify_waiters();
+        }
+    }
 }
 
 /// An authenticated link to a peer.
@@ -93,8 +137,12 @@ impl Agent {
                 listeners: HashMap::new(),
                 reservations: HashMap::new(),
                 start_times: HashMap::new(),
+                link_inodes: HashMap::new(),
             }),
             registry_changed: tokio::sync::Notify::new(),
+            relays: Default::default(),
+            opens: Arc::new(OpenGate::default()),
+            moves: Default::default(),
             streams: Mutex::new(HashMap::new()),
             next_request: AtomicU64::new(1),
             next_link: AtomicU64::new(1),

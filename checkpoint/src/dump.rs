@@ -43,33 +43,69 @@ pub struct DumpReport {
     pub fds: usize,
 }
 
-/// Refuses what cannot be moved, without touching the process.
+/// Refuses what cannot be moved, without touching the process: the first of [`blockers`].
 pub fn preflight(pid: Pid, opts: &DumpOptions) -> Result<()> {
-    memory::preflight(&proc::maps(pid)?)?;
-    files::collect(pid, &opts.external_fds)?;
-    task::collect_static(pid)?;
+    match blockers(pid, opts)?.into_iter().next() {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
+
+/// Every reason `pid` cannot be dumped, each printable as one line, without touching the
+/// process (from /proc, sock_diag and `pidfd_getfd` copies): mappings, fds (with the
+/// processes at the other end of pipes and sockets named), working directory, executable,
+/// seccomp, a tracer, children, POSIX timers. The fds in `opts.external_fds` are not judged.
+/// `Err` only when the process cannot be read at all.
+pub fn blockers(pid: Pid, opts: &DumpOptions) -> Result<Vec<Error>> {
+    let mut v = memory::blockers(&proc::maps(pid)?);
+    v.extend(files::blockers(pid, &opts.external_fds)?);
+    v.extend(task::blockers(pid)?);
+    let status = proc::read_string(pid, "status")?;
+    // Another tracer (a debugger, strace): the freeze (PTRACE_SEIZE) would fail.
+    if let Some(t) = proc::field(&status, "TracerPid").and_then(|v| v.parse::<Pid>().ok()) {
+        if t != 0 && t != std::process::id() as Pid {
+            v.push(Error::Unsupported {
+                pid,
+                what: format!("a process traced by {} (a debugger or strace)", named(&[t])),
+            });
+        }
+    }
     // Children would be left behind (re-parented) and the copy's wait() would fail: refuse.
-    let mut children: Vec<String> = Vec::new();
+    let mut children: Vec<Pid> = Vec::new();
     if let Ok(tasks) = std::fs::read_dir(proc::proc_path(pid, "task")) {
         for t in tasks.flatten() {
             if let Ok(c) = std::fs::read_to_string(t.path().join("children")) {
-                children.extend(c.split_whitespace().map(str::to_string));
+                children.extend(c.split_whitespace().filter_map(|x| x.parse::<Pid>().ok()));
             }
         }
     }
     if !children.is_empty() {
-        return Err(Error::Unsupported {
+        v.push(Error::Unsupported {
             pid,
-            what: format!("a process with children (pids {}): process trees", children.join(", ")),
+            what: format!("a process with children ({}): process trees", named(&children)),
         });
     }
     // POSIX timers are not carried yet: refuse rather than lose them (file locks: files.rs).
     if let Ok(t) = std::fs::read_to_string(proc::proc_path(pid, "timers")) {
-        if let Some(id) = t.lines().find_map(|l| l.strip_prefix("ID: ")) {
-            return Err(Error::Unsupported { pid, what: format!("POSIX timer {id} (timer_create)") });
+        let ids: Vec<&str> = t.lines().filter_map(|l| l.strip_prefix("ID: ")).collect();
+        if !ids.is_empty() {
+            let s = if ids.len() == 1 { "" } else { "s" };
+            v.push(Error::Unsupported { pid, what: format!("POSIX timer{s} {} (timer_create)", ids.join(", ")) });
         }
     }
-    Ok(())
+    Ok(v)
+}
+
+/// "pid 4242 (python3)", "pids 4242 (python3), 4243 (sh)".
+fn named(pids: &[Pid]) -> String {
+    let h: Vec<(Pid, String)> = pids
+        .iter()
+        .map(|&p| {
+            let c = std::fs::read_to_string(proc::proc_path(p, "comm")).unwrap_or_default();
+            (p, c.trim_end().to_string())
+        })
+        .collect();
+    files::name_holders(&h)
 }
 
 struct Clock {

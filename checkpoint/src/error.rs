@@ -10,7 +10,8 @@ pub enum Error {
     // ---- the process cannot be dumped (nothing was changed in it)
     #[error("process {pid} does not exist or cannot be read: {err}")]
     NoProcess { pid: i32, err: io::Error },
-    #[error("fd {fd} ({what}) cannot be moved: {why}")]
+    /// fds 0–2 are also named as the user knows them: "fd 1 (stdout, pipe:[…]) cannot be moved: …".
+    #[error("fd {fd} ({}{what}) cannot be moved: {why}", stdio_prefix(*.fd))]
     UnsupportedFd { fd: i32, what: String, why: String },
     #[error("mapping {range} {what} cannot be moved: {why}")]
     UnsupportedMapping { range: String, what: String, why: String },
@@ -49,6 +50,25 @@ pub enum Error {
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
+
+fn stdio_prefix(fd: i32) -> &'static str {
+    match fd {
+        0 => "stdin, ",
+        1 => "stdout, ",
+        2 => "stderr, ",
+        _ => "",
+    }
+}
+
+impl Error {
+    /// The fd a refusal is about, if it is about one.
+    pub fn fd(&self) -> Option<i32> {
+        match self {
+            Error::UnsupportedFd { fd, .. } => Some(*fd),
+            _ => None,
+        }
+    }
+}
 
 pub(crate) fn io_at(path: impl Into<PathBuf>) -> impl FnOnce(io::Error) -> Error {
     let path = path.into();

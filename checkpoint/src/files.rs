@@ -13,7 +13,7 @@
 //! temporary number above all the image's fds, `dup3`'d to each of its numbers, temporaries
 //! closed; epoll sets last, once their targets sit at their final numbers.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::FileTypeExt;
 
@@ -167,8 +167,8 @@ fn describe(pid: Pid, fd: i32, pidfd: &std::os::fd::OwnedFd) -> Result<FileKind>
             PathKind::Fifo
         } else if ft.is_char_device() && ALLOWED_DEVS.contains(&link.as_str()) {
             PathKind::CharDev
-        } else if ft.is_char_device() && (link.starts_with("/dev/pts/") || link.starts_with("/dev/tty")) {
-            return Err(refuse("a terminal (tty) cannot be moved"));
+        } else if ft.is_char_device() && is_tty_path(&link) {
+            return Err(refuse(&format!("it is the terminal {link} (a tty cannot follow the process)")));
         } else {
             return Err(refuse("device or special file"));
         };
@@ -250,23 +250,71 @@ fn describe(pid: Pid, fd: i32, pidfd: &std::os::fd::OwnedFd) -> Result<FileKind>
                     sys::sock_peek(&dup, 4 << 20).map_err(|e| refuse(&format!("cannot copy unread data: {e}")))?;
                 return Ok(FileKind::UnixPair { ino: ino as u64, peer: peer as u64, flags, data, shutdown });
             }
+            return Err(refuse(
+                "an AF_UNIX stream socket that is not connected (or whose peer closed) is not supported yet",
+            ));
         }
-        return Err(refuse(if domain == libc::AF_UNIX {
-            "connected AF_UNIX sockets are not supported yet"
-        } else {
-            "real network sockets cannot be moved (use the dvk shim's virtual sockets)"
+        if domain == libc::AF_UNIX {
+            let kind = if ty == libc::SOCK_DGRAM { "datagram" } else { "seqpacket" };
+            let ino: u32 = link.trim_start_matches("socket:[").trim_end_matches(']').parse().unwrap_or(0);
+            let connected = sys::unix_peer(ino).map(|(p, _)| p != 0).unwrap_or(false);
+            return Err(refuse(&format!(
+                "{}AF_UNIX {kind} sockets are not supported yet",
+                if connected { "connected " } else { "" }
+            )));
+        }
+        return Err(refuse(match domain {
+            libc::AF_INET | libc::AF_INET6 => {
+                "real network sockets cannot be moved (use the dvk shim's virtual sockets)"
+            }
+            _ => "sockets of this family cannot be moved",
         }));
     }
     Err(refuse("this kind of file is not supported"))
 }
 
 /// Describes every fd (also the preflight: nothing in the process is changed). The fds in
-/// `external` are recorded as [`FileKind::External`], not inspected.
+/// `external` are recorded as [`FileKind::External`], not inspected. Refuses with the first fd
+/// that cannot be moved ([`blockers`] lists them all).
 pub fn collect(pid: Pid, external: &[i32]) -> Result<FilesState> {
+    let (st, errs) = collect_impl(pid, external, false)?;
+    match errs.into_iter().next() {
+        Some(e) => Err(e),
+        None => Ok(st),
+    }
+}
+
+/// Every fd that [`collect`] would refuse (one error per fd; a lock on an fd that is refused
+/// for another reason too gives two), naming the processes at the other end of pipes and
+/// sockets. `Err` only when the process cannot be read at all.
+pub fn blockers(pid: Pid, external: &[i32]) -> Result<Vec<Error>> {
+    collect_impl(pid, external, true).map(|(_, errs)| errs)
+}
+
+/// A refusal whose message names the processes holding the other end (found in one /proc
+/// scan, after every fd was looked at).
+enum Tie {
+    /// One end of a pipe whose other end is outside.
+    Pipe { write_end: bool },
+    /// A socket pair end whose peer is outside.
+    Pair,
+    /// Any other refused AF_UNIX socket with a peer.
+    Peer,
+}
+
+fn collect_impl(pid: Pid, external: &[i32], all: bool) -> Result<(FilesState, Vec<Error>)> {
     let pidfd = sys::pidfd_open(pid).map_err(|source| Error::NoProcess { pid, err: source })?;
     let mut st = FilesState::default();
+    let mut errs: Vec<Error> = Vec::new();
+    // (index in errs, link of the other end, how to phrase it)
+    let mut ties: Vec<(usize, String, Tie)> = Vec::new();
     let mut links: Vec<(i32, String)> = Vec::new();
+    // Links of refused fds: their pipes and pairs are not judged again.
+    let mut refused: HashSet<String> = HashSet::new();
     for fd in list_fds(pid)? {
+        if !all && !errs.is_empty() {
+            break;
+        }
         // An fd closed since the listing (only possible in the preflight, on a running
         // process) is simply not there.
         let Ok(link) = std::fs::read_link(proc_path(pid, &format!("fd/{fd}"))) else {
@@ -278,11 +326,15 @@ pub fn collect(pid: Pid, external: &[i32]) -> Result<FilesState> {
         // fdinfo lists this process's locks on the file (cheaper than /proc/locks, whose read
         // waits for an RCU grace period).
         if let Some(l) = info.lines().find(|l| l.starts_with("lock:")).filter(|_| !external.contains(&fd)) {
-            return Err(Error::UnsupportedFd {
+            errs.push(Error::UnsupportedFd {
                 fd,
-                what: link,
+                what: link.clone(),
                 why: format!("holds a file lock ({}), locks are not carried yet", l[5..].trim()),
             });
+            refused.insert(link.clone());
+            if !all {
+                break;
+            }
         }
         // Same open file description as an earlier fd?
         let same = links
@@ -305,7 +357,14 @@ pub fn collect(pid: Pid, external: &[i32]) -> Result<FilesState> {
                     {
                         continue
                     }
-                    Err(e) => return Err(e),
+                    Err(e) => {
+                        if let Some(peer) = unix_peer_link(&link, &e) {
+                            ties.push((errs.len(), peer, Tie::Peer));
+                        }
+                        errs.push(e);
+                        refused.insert(link);
+                        continue;
+                    }
                 }
                 st.files.len() - 1
             }
@@ -313,52 +372,446 @@ pub fn collect(pid: Pid, external: &[i32]) -> Result<FilesState> {
         links.push((fd, link));
         st.fds.push(FdEntry { fd, cloexec, file });
     }
-    // Socket pairs need both ends inside the process.
-    for (i, f) in st.files.iter().enumerate() {
-        if let FileKind::UnixPair { ino, peer, .. } = f {
-            let inside = st.files.iter().any(|g| matches!(g, FileKind::UnixPair { ino: p, .. } if p == peer));
-            if !inside {
-                let fd = st.fds.iter().find(|e| e.file == i).map_or(-1, |e| e.fd);
-                return Err(Error::UnsupportedFd {
-                    fd,
-                    what: format!("socket:[{ino}], AF_UNIX"),
-                    why: "connected AF_UNIX sockets are supported only with both ends in the process".into(),
-                });
+    if all || errs.is_empty() {
+        // Socket pairs need both ends inside the process.
+        for (i, f) in st.files.iter().enumerate() {
+            if let FileKind::UnixPair { ino, peer, .. } = f {
+                let inside = st.files.iter().any(|g| matches!(g, FileKind::UnixPair { ino: p, .. } if p == peer))
+                    || refused.contains(&format!("socket:[{peer}]"));
+                if inside {
+                    continue;
+                }
+                for e in st.fds.iter().filter(|e| e.file == i) {
+                    ties.push((errs.len(), format!("socket:[{peer}]"), Tie::Pair));
+                    errs.push(Error::UnsupportedFd {
+                        fd: e.fd,
+                        what: format!("socket:[{ino}], AF_UNIX"),
+                        why: format!(
+                            "connected to socket:[{peer}] outside the process (AF_UNIX sockets are carried only with \
+                             both ends in the process)"
+                        ),
+                    });
+                    if !all {
+                        break;
+                    }
+                }
+                if !all {
+                    break;
+                }
             }
         }
     }
-    // Pipes need both ends inside the process, one description per end.
-    let mut ends: HashMap<u64, (usize, usize)> = HashMap::new();
-    for f in &st.files {
-        if let FileKind::Pipe { ino, write_end, .. } = f {
-            let e = ends.entry(*ino).or_default();
-            if *write_end {
-                e.1 += 1
-            } else {
-                e.0 += 1
-            }
-        }
-    }
-    for (ino, (r, w)) in ends {
-        if r != 1 || w != 1 {
-            let fd = st
-                .fds
-                .iter()
-                .find(|e| matches!(st.files[e.file], FileKind::Pipe { ino: i, .. } if i == ino))
-                .unwrap()
-                .fd;
-            return Err(Error::UnsupportedFd {
-                fd,
-                what: format!("pipe:[{ino}]"),
-                why: if r == 0 || w == 0 {
-                    "the other end of the pipe is outside the process".into()
+    if all || errs.is_empty() {
+        // Pipes need both ends inside the process, one description per end.
+        let mut ends: HashMap<u64, (usize, usize)> = HashMap::new();
+        for f in &st.files {
+            if let FileKind::Pipe { ino, write_end, .. } = f {
+                let e = ends.entry(*ino).or_default();
+                if *write_end {
+                    e.1 += 1
                 } else {
-                    "the pipe was reopened through /proc (several descriptions of one end)".into()
-                },
-            });
+                    e.0 += 1
+                }
+            }
+        }
+        let mut ends: Vec<(u64, (usize, usize))> = ends.into_iter().collect();
+        ends.sort_unstable();
+        'pipes: for (ino, (r, w)) in ends {
+            if (r == 1 && w == 1) || refused.contains(&format!("pipe:[{ino}]")) {
+                continue;
+            }
+            for e in &st.fds {
+                let FileKind::Pipe { ino: i, write_end, .. } = st.files[e.file] else { continue };
+                if i != ino {
+                    continue;
+                }
+                let outside = r == 0 || w == 0;
+                if outside {
+                    ties.push((errs.len(), format!("pipe:[{ino}]"), Tie::Pipe { write_end }));
+                }
+                errs.push(Error::UnsupportedFd {
+                    fd: e.fd,
+                    what: format!("pipe:[{ino}]"),
+                    why: if outside {
+                        "the other end of the pipe is outside the process (pipes are carried only with both ends \
+                         inside)"
+                            .into()
+                    } else {
+                        "the pipe was reopened through /proc (several descriptions of one end)".into()
+                    },
+                });
+                if !all {
+                    break 'pipes;
+                }
+            }
         }
     }
-    Ok(st)
+    name_other_ends(pid, &mut errs, ties);
+    errs.sort_by_key(|e| if let Error::UnsupportedFd { fd, .. } = e { *fd } else { -1 });
+    Ok((st, errs))
+}
+/// The names a user knows fds 0, 1 and 2 by.
+pub fn stdio_name(fd: i32) -> Option<&'static str> {
+    match fd {
+        0 => Some("stdin"),
+        1 => Some("stdout"),
+        2 => Some("stderr"),
+        _ => None,
+    }
+}
+
+/// A terminal: `/dev/pts/N`, `/dev/ttyX`, `/dev/console`.
+pub fn is_tty_path(path: &str) -> bool {
+    path.starts_with("/dev/pts/") || path.starts_with("/dev/tty") || path == "/dev/console"
+}
+
+/// The inode in a `socket:[N]` / `pipe:[N]` link.
+fn link_ino(link: &str, kind: &str) -> Option<u64> {
+    link.strip_prefix(kind)?.strip_prefix(":[")?.strip_suffix(']')?.parse().ok()
+}
+
+/// `socket:[peer]` of a refused AF_UNIX socket that has a peer.
+fn unix_peer_link(link: &str, e: &Error) -> Option<String> {
+    let Error::UnsupportedFd { what, .. } = e else { return None };
+    if !what.contains("AF_UNIX") {
+        return None;
+    }
+    let ino = link_ino(link, "socket")?;
+    let (peer, _) = sys::unix_peer(u32::try_from(ino).ok()?).ok()?;
+    (peer != 0).then(|| format!("socket:[{peer}]"))
+}
+
+/// "pid 4242 (python3)", "pids 4242 (python3), 4243 (sh)", at most four named.
+pub fn name_holders(h: &[(Pid, String)]) -> String {
+    let mut s = String::from(if h.len() == 1 { "pid " } else { "pids " });
+    for (i, (p, c)) in h.iter().take(4).enumerate() {
+        if i > 0 {
+            s.push_str(", ");
+        }
+        s.push_str(&format!("{p} ({c})"));
+    }
+    if h.len() > 4 {
+        s.push_str(&format!(" and {} more", h.len() - 4));
+    }
+    s
+}
+
+/// Rewrites the refusals in `ties` to name the processes at the other end.
+fn name_other_ends(pid: Pid, errs: &mut [Error], ties: Vec<(usize, String, Tie)>) {
+    if ties.is_empty() {
+        return;
+    }
+    let want: Vec<String> = ties.iter().map(|(_, l, _)| l.clone()).collect();
+    let found = scan_holders(&want, pid);
+    for (i, link, tie) in ties {
+        let h = match tie {
+            Tie::Pipe { write_end } => other_end(found.get(&link), write_end),
+            _ => found.get(&link).into_iter().flatten().map(|(p, c, _)| (*p, c.clone())).collect(),
+        };
+        if h.is_empty() {
+            continue;
+        }
+        let Some(Error::UnsupportedFd { why, .. }) = errs.get_mut(i) else { continue };
+        let who = name_holders(&h);
+        *why = match tie {
+            Tie::Pipe { write_end } => format!(
+                "pipe {} {who}, outside the process (pipes are carried only with both ends inside)",
+                if write_end { "to" } else { "from" }
+            ),
+            Tie::Pair => format!(
+                "connected to {who}, outside the process (AF_UNIX sockets are carried only with both ends in the \
+                 process)"
+            ),
+            Tie::Peer => format!("{why} (connected to {who})"),
+        };
+    }
+}
+
+/// At most this many processes are named per file.
+const MAX_HOLDERS: usize = 16;
+
+/// A process holding a file: pid, name, and for a pipe which end(s) (bit 0: read, bit 1: write).
+type Holder = (Pid, String, u8);
+
+/// One pass over /proc: the processes other than `skip` that hold any of `links`, by link.
+/// Bounded (1 s, a million fds); processes whose fds cannot be read are skipped.
+fn scan_holders(links: &[String], skip: Pid) -> HashMap<String, Vec<Holder>> {
+    let mut out: HashMap<String, Vec<Holder>> = HashMap::new();
+    if links.is_empty() {
+        return out;
+    }
+    let want: HashSet<&str> = links.iter().map(String::as_str).collect();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(1);
+    let mut budget: usize = 1_000_000;
+    let Ok(procs) = std::fs::read_dir("/proc") else { return out };
+    let mut pids: Vec<Pid> = procs.flatten().filter_map(|e| e.file_name().to_str()?.parse().ok()).collect();
+    pids.sort_unstable();
+    'procs: for p in pids {
+        if p == skip {
+            continue;
+        }
+        if budget == 0 || std::time::Instant::now() > deadline {
+            break;
+        }
+        let Ok(fds) = std::fs::read_dir(proc_path(p, "fd")) else { continue };
+        let mut hit: HashMap<String, u8> = HashMap::new();
+        for e in fds.flatten() {
+            budget = budget.saturating_sub(1);
+            if budget == 0 {
+                break 'procs;
+            }
+            let Ok(l) = std::fs::read_link(e.path()) else { continue };
+            let Some(l) = l.to_str() else { continue };
+            if want.contains(l) {
+                let mut end = 0;
+                if l.starts_with("pipe:") {
+                    let info =
+                        std::fs::read_to_string(proc_path(p, &format!("fdinfo/{}", e.file_name().to_string_lossy())))
+                            .unwrap_or_default();
+                    end = if octal(field(&info, "flags")) & libc::O_ACCMODE as u32 == libc::O_WRONLY as u32 {
+                        2
+                    } else {
+                        1
+                    };
+                }
+                *hit.entry(l.to_string()).or_default() |= end;
+            }
+        }
+        if hit.is_empty() {
+            continue;
+        }
+        let comm = std::fs::read_to_string(proc_path(p, "comm")).map(|c| c.trim_end().to_string()).unwrap_or_default();
+        for (l, end) in hit {
+            let v = out.entry(l).or_default();
+            if v.len() < MAX_HOLDERS {
+                v.push((p, comm.clone(), end));
+            }
+        }
+    }
+    out
+}
+
+/// The processes other than `skip` that hold any of `links` (as /proc/PID/fd shows them:
+/// `pipe:[N]`, `socket:[N]`), by link, each with its name. One pass over /proc, bounded (1 s,
+/// a million fds); processes whose fds cannot be read are skipped.
+pub fn holders_of(links: &[String], skip: Pid) -> HashMap<String, Vec<(Pid, String)>> {
+    scan_holders(links, skip).into_iter().map(|(l, v)| (l, v.into_iter().map(|(p, c, _)| (p, c)).collect())).collect()
+}
+
+fn other_end_any(h: Option<&Vec<Holder>>) -> Vec<(Pid, String)> {
+    h.into_iter().flatten().map(|(p, c, _)| (*p, c.clone())).collect()
+}
+
+/// The holders of the other end of a pipe than `write_end`.
+fn other_end(h: Option<&Vec<Holder>>, write_end: bool) -> Vec<(Pid, String)> {
+    let want = if write_end { 1 } else { 2 };
+    h.into_iter().flatten().filter(|(_, _, e)| e & want != 0).map(|(p, c, _)| (*p, c.clone())).collect()
+}
+
+/// What one fd of a process is, as the user and the dvk agent see it (see [`describe_fds`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FdDescription {
+    pub fd: i32,
+    /// The /proc/PID/fd link text.
+    pub link: String,
+    pub class: FdClass,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum FdClass {
+    /// A terminal (`/dev/pts/N`, `/dev/ttyX`, `/dev/console`).
+    Tty { path: String },
+    /// One end of a pipe; `other_holders` are the other processes that hold its other end.
+    Pipe { ino: u64, write_end: bool, other_holders: Vec<(Pid, String)> },
+    /// An AF_UNIX socket. `path` is its bound name (an accepted socket shows its listener's; the
+    /// raw bytes, possibly relative), `peer_path` its peer's, `peer_holders` the processes
+    /// other than this one that hold the peer.
+    UnixSocket {
+        ino: u64,
+        peer_ino: Option<u64>,
+        listening: bool,
+        path: Option<Vec<u8>>,
+        peer_path: Option<Vec<u8>>,
+        peer_holders: Vec<(Pid, String)>,
+    },
+    /// AF_INET or AF_INET6.
+    InetSocket,
+    /// A path (regular file, directory, device, FIFO); `exists`: the path still names this file.
+    File { path: String, exists: bool },
+    /// Anything else (anon inodes, other socket families).
+    Other,
+}
+
+impl FdDescription {
+    pub fn stdio_name(&self) -> Option<&'static str> {
+        stdio_name(self.fd)
+    }
+
+    /// Why this fd ties the process to something that stays behind when it moves (a terminal,
+    /// a pipe or socket whose other end is not among `all`, the process's own fds), or None.
+    pub fn outside_tie(&self, all: &[FdDescription]) -> Option<String> {
+        match &self.class {
+            FdClass::Tty { path } => Some(format!("terminal {path}")),
+            FdClass::Pipe { ino, write_end, other_holders } => {
+                let other_inside = all.iter().any(
+                    |d| matches!(&d.class, FdClass::Pipe { ino: i, write_end: w, .. } if i == ino && w != write_end),
+                );
+                if other_inside {
+                    return None;
+                }
+                let dir = if *write_end { "to" } else { "from" };
+                Some(if other_holders.is_empty() {
+                    format!("pipe {dir} outside the process (other end closed or not visible)")
+                } else {
+                    format!("pipe {dir} {}", name_holders(other_holders))
+                })
+            }
+            FdClass::UnixSocket { peer_ino: Some(peer), peer_holders, peer_path, .. } => {
+                let inside = all.iter().any(|d| matches!(&d.class, FdClass::UnixSocket { ino, .. } if ino == peer));
+                if inside {
+                    return None;
+                }
+                Some(match (peer_holders.is_empty(), peer_path) {
+                    (false, _) => format!("AF_UNIX socket connected to {}", name_holders(peer_holders)),
+                    (true, Some(p)) => format!("AF_UNIX socket connected to {}", String::from_utf8_lossy(p)),
+                    (true, None) => format!("AF_UNIX socket connected to socket:[{peer}]"),
+                })
+            }
+            FdClass::InetSocket => Some(format!("network socket {}", self.link)),
+            _ => None,
+        }
+    }
+}
+
+impl std::fmt::Display for FdDescription {
+    /// One line: "fd 1 (stdout): pipe to pid 4242 (python3)".
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "fd {}", self.fd)?;
+        if let Some(n) = self.stdio_name() {
+            write!(f, " ({n})")?;
+        }
+        match &self.class {
+            FdClass::Tty { path } => write!(f, ": terminal {path}"),
+            FdClass::Pipe { write_end, other_holders, .. } if !other_holders.is_empty() => {
+                write!(f, ": pipe {} {}", if *write_end { "to" } else { "from" }, name_holders(other_holders))
+            }
+            FdClass::Pipe { write_end, .. } => {
+                write!(f, ": {} ({} end)", self.link, if *write_end { "write" } else { "read" })
+            }
+            FdClass::UnixSocket { listening: true, path, .. } => match path {
+                Some(p) => write!(f, ": AF_UNIX listener {}", String::from_utf8_lossy(p)),
+                None => write!(f, ": AF_UNIX listener {}", self.link),
+            },
+            FdClass::UnixSocket { peer_holders, .. } if !peer_holders.is_empty() => {
+                write!(f, ": AF_UNIX socket connected to {}", name_holders(peer_holders))
+            }
+            FdClass::UnixSocket { peer_path: Some(p), .. } => {
+                write!(f, ": AF_UNIX socket connected to {}", String::from_utf8_lossy(p))
+            }
+            FdClass::UnixSocket { peer_ino: Some(p), .. } => {
+                write!(f, ": AF_UNIX socket connected to socket:[{p}]")
+            }
+            FdClass::UnixSocket { .. } => write!(f, ": AF_UNIX socket {} (not connected)", self.link),
+            FdClass::InetSocket => write!(f, ": network socket {}", self.link),
+            FdClass::File { path, exists: true } => write!(f, ": {path}"),
+            FdClass::File { path, exists: false } => write!(f, ": {path} (deleted or replaced)"),
+            FdClass::Other => write!(f, ": {}", self.link),
+        }
+    }
+}
+
+/// A path-bound AF_UNIX name (not abstract, not empty).
+fn bound_path(name: Option<Vec<u8>>) -> Option<Vec<u8>> {
+    name.filter(|n| !n.is_empty() && n[0] != 0).map(|n| n.into_iter().take_while(|&c| c != 0).collect())
+}
+
+/// Classifies every fd of `pid` without changing anything in it (from /proc, sock_diag and a
+/// `pidfd_getfd` copy of each socket). Pipe ends and socket peers are looked up in every other
+/// process's fds (one bounded /proc scan).
+pub fn describe_fds(pid: Pid) -> Result<Vec<FdDescription>> {
+    use std::os::unix::fs::MetadataExt;
+    let pidfd = sys::pidfd_open(pid).map_err(|source| Error::NoProcess { pid, err: source })?;
+    let mut out = Vec::new();
+    for fd in list_fds(pid)? {
+        let Ok(link) = std::fs::read_link(proc_path(pid, &format!("fd/{fd}"))) else {
+            continue;
+        };
+        let link = link.to_string_lossy().into_owned();
+        let class = if link.starts_with('/') {
+            let path = link.strip_suffix(" (deleted)").unwrap_or(&link).to_string();
+            if is_tty_path(&path) {
+                FdClass::Tty { path }
+            } else {
+                let own = std::fs::metadata(proc_path(pid, &format!("fd/{fd}"))).ok();
+                let now = std::fs::metadata(&path).ok();
+                let exists = !link.ends_with(" (deleted)")
+                    && matches!((own, now), (Some(a), Some(b)) if (a.dev(), a.ino()) == (b.dev(), b.ino()));
+                FdClass::File { path, exists }
+            }
+        } else if let Some(ino) = link_ino(&link, "pipe") {
+            let info = std::fs::read_to_string(proc_path(pid, &format!("fdinfo/{fd}"))).unwrap_or_default();
+            let write_end = octal(field(&info, "flags")) & libc::O_ACCMODE as u32 == libc::O_WRONLY as u32;
+            FdClass::Pipe { ino, write_end, other_holders: Vec::new() }
+        } else if let Some(ino) = link_ino(&link, "socket") {
+            describe_socket(&pidfd, fd, ino)
+        } else {
+            FdClass::Other
+        };
+        out.push(FdDescription { fd, link, class });
+    }
+    // Who holds the other ends.
+    let mut want: Vec<String> = Vec::new();
+    for d in &out {
+        match &d.class {
+            FdClass::Pipe { .. } => want.push(d.link.clone()),
+            FdClass::UnixSocket { peer_ino: Some(p), .. } => want.push(format!("socket:[{p}]")),
+            _ => {}
+        }
+    }
+    want.sort();
+    want.dedup();
+    let found = scan_holders(&want, pid);
+    for d in &mut out {
+        match &mut d.class {
+            FdClass::Pipe { other_holders, write_end, .. } => {
+                *other_holders = other_end(found.get(&d.link), *write_end)
+            }
+            FdClass::UnixSocket { peer_ino: Some(p), peer_holders, .. } => {
+                *peer_holders = other_end_any(found.get(&format!("socket:[{p}]")))
+            }
+            _ => {}
+        }
+    }
+    Ok(out)
+}
+
+fn describe_socket(pidfd: &std::os::fd::OwnedFd, fd: i32, ino: u64) -> FdClass {
+    let diag = u32::try_from(ino).ok().and_then(|i| sys::unix_diag(i).ok());
+    let unix = |listening: Option<bool>, path: Option<Vec<u8>>| {
+        let d = diag.clone().unwrap_or_default();
+        let peer_ino = (d.peer != 0).then_some(d.peer as u64);
+        let peer_path = peer_ino.and_then(|p| sys::unix_diag(p as u32).ok()).and_then(|pd| bound_path(pd.name));
+        FdClass::UnixSocket {
+            ino,
+            peer_ino,
+            listening: listening.unwrap_or(d.state == 10 /* TCP_LISTEN */),
+            path: path.or_else(|| bound_path(d.name.clone())),
+            peer_path,
+            peer_holders: Vec::new(),
+        }
+    };
+    let Ok(dup) = sys::pidfd_getfd(pidfd, fd) else {
+        // No copy (permissions): sock_diag still knows AF_UNIX sockets by inode.
+        return if diag.is_some() { unix(None, None) } else { FdClass::Other };
+    };
+    match sys::getsockopt_int(&dup, libc::SOL_SOCKET, libc::SO_DOMAIN).unwrap_or(-1) {
+        libc::AF_UNIX => {
+            let listening = sys::getsockopt_int(&dup, libc::SOL_SOCKET, libc::SO_ACCEPTCONN).ok().map(|v| v != 0);
+            unix(listening, sys::unix_sock_path(&dup).ok().flatten())
+        }
+        libc::AF_INET | libc::AF_INET6 => FdClass::InetSocket,
+        _ => FdClass::Other,
+    }
 }
 
 const KEEP_FLAGS: u32 = !((libc::O_CREAT | libc::O_EXCL | libc::O_TRUNC | libc::O_NOCTTY | libc::O_CLOEXEC) as u32);
@@ -704,6 +1157,133 @@ mod tests {
         let e = st.fds.iter().find(|e| e.fd == fd).unwrap();
         assert!(
             matches!(&st.files[e.file], FileKind::External { fd: f, what, .. } if *f == fd && what.starts_with("socket:["))
+        );
+    }
+
+    #[test]
+    fn names_links_and_holders() {
+        assert_eq!(stdio_name(0), Some("stdin"));
+        assert_eq!(stdio_name(2), Some("stderr"));
+        assert_eq!(stdio_name(3), None);
+        assert_eq!(link_ino("pipe:[123]", "pipe"), Some(123));
+        assert_eq!(link_ino("socket:[7]", "socket"), Some(7));
+        assert_eq!(link_ino("socket:[7]", "pipe"), None);
+        assert_eq!(link_ino("/tmp/x", "pipe"), None);
+        assert!(is_tty_path("/dev/pts/3") && is_tty_path("/dev/tty1") && !is_tty_path("/dev/null"));
+        assert_eq!(name_holders(&[(4242, "python3".into())]), "pid 4242 (python3)");
+        assert_eq!(name_holders(&[(1, "a".into()), (2, "b".into())]), "pids 1 (a), 2 (b)");
+        let many: Vec<(Pid, String)> = (1..=6).map(|p| (p, "x".to_string())).collect();
+        assert_eq!(name_holders(&many), "pids 1 (x), 2 (x), 3 (x), 4 (x) and 2 more");
+        assert_eq!(bound_path(Some(b"/run/a.sock".to_vec())), Some(b"/run/a.sock".to_vec()));
+        assert_eq!(bound_path(Some(b"\0abstract".to_vec())), None);
+        assert_eq!(bound_path(None), None);
+    }
+
+    #[test]
+    fn refusals_name_stdio() {
+        let e = Error::UnsupportedFd { fd: 1, what: "pipe:[9]".into(), why: "pipe to pid 4242 (python3)".into() };
+        assert_eq!(e.to_string(), "fd 1 (stdout, pipe:[9]) cannot be moved: pipe to pid 4242 (python3)");
+        let e = Error::UnsupportedFd { fd: 3, what: "socket:[9], AF_INET".into(), why: "x".into() };
+        assert_eq!(e.to_string(), "fd 3 (socket:[9], AF_INET) cannot be moved: x");
+        assert_eq!(e.fd(), Some(3));
+    }
+
+    #[test]
+    fn fd_descriptions_print_and_judge() {
+        let d = |fd, class| FdDescription { fd, link: "pipe:[5]".into(), class };
+        let out = d(1, FdClass::Pipe { ino: 5, write_end: true, other_holders: vec![(4242, "python3".into())] });
+        assert_eq!(out.to_string(), "fd 1 (stdout): pipe to pid 4242 (python3)");
+        assert_eq!(out.outside_tie(std::slice::from_ref(&out)).unwrap(), "pipe to pid 4242 (python3)");
+        // Both ends in the process: nothing ties it outside (even if a child holds it too).
+        let r = d(3, FdClass::Pipe { ino: 5, write_end: false, other_holders: vec![] });
+        assert_eq!(out.outside_tie(&[out.clone(), r.clone()]), None);
+        assert_eq!(r.to_string(), "fd 3: pipe:[5] (read end)");
+        let tty = FdDescription { fd: 0, link: "/dev/pts/3".into(), class: FdClass::Tty { path: "/dev/pts/3".into() } };
+        assert_eq!(tty.to_string(), "fd 0 (stdin): terminal /dev/pts/3");
+        assert_eq!(tty.outside_tie(&[]).unwrap(), "terminal /dev/pts/3");
+        let sock = |ino, peer: Option<u64>, holders: Vec<(Pid, String)>| FdDescription {
+            fd: 4,
+            link: format!("socket:[{ino}]"),
+            class: FdClass::UnixSocket {
+                ino,
+                peer_ino: peer,
+                listening: false,
+                path: None,
+                peer_path: Some(b"/run/dvk/agent.sock".to_vec()),
+                peer_holders: holders,
+            },
+        };
+        let a = sock(10, Some(11), vec![(7, "dvk-agent".into())]);
+        assert_eq!(a.to_string(), "fd 4: AF_UNIX socket connected to pid 7 (dvk-agent)");
+        assert_eq!(a.outside_tie(std::slice::from_ref(&a)).unwrap(), "AF_UNIX socket connected to pid 7 (dvk-agent)");
+        let b = sock(11, Some(10), vec![]);
+        assert_eq!(a.outside_tie(&[a.clone(), b.clone()]), None);
+        assert_eq!(b.to_string(), "fd 4: AF_UNIX socket connected to /run/dvk/agent.sock");
+        let f = FdDescription {
+            fd: 5,
+            link: "/tmp/x".into(),
+            class: FdClass::File { path: "/tmp/x".into(), exists: true },
+        };
+        assert_eq!(f.outside_tie(&[]), None);
+    }
+
+    /// A child holding the other end of our pipe and of our socket pair is found and named.
+    #[test]
+    fn describe_fds_finds_the_other_ends() {
+        let _g = FD_TABLE.lock().unwrap_or_else(|e| e.into_inner());
+        use std::os::fd::AsRawFd;
+        use std::process::{Command, Stdio};
+        let me = std::process::id() as i32;
+        let (ours, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
+        let mut child = Command::new("sleep")
+            .arg("30")
+            .stdin(Stdio::piped())
+            .stdout(std::fs::File::from(std::os::fd::OwnedFd::from(theirs)))
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let stdin = child.stdin.take().unwrap();
+        let (wfd, sfd) = (stdin.as_raw_fd(), ours.as_raw_fd());
+        let ds = describe_fds(me);
+        // The child's view: blockers name us at the other ends, stdin/stdout by their names.
+        let cpid = child.id() as i32;
+        let t = std::time::Instant::now();
+        while std::fs::read_link(proc_path(cpid, "exe")).map(|p| !p.ends_with("sleep")).unwrap_or(true)
+            && t.elapsed() < std::time::Duration::from_secs(5)
+        {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        // (Only stdio: the child inherits whatever stray fds the test runner left open.)
+        let errs = blockers(cpid, &[])
+            .map(|v| v.iter().filter(|e| e.fd().is_some_and(|f| f < 3)).map(|e| e.to_string()).collect::<Vec<_>>());
+        let _ = child.kill();
+        let _ = child.wait();
+        let ds = ds.unwrap();
+        let w = ds.iter().find(|d| d.fd == wfd).unwrap();
+        assert!(
+            matches!(&w.class, FdClass::Pipe { write_end: true, other_holders, .. }
+                if other_holders.iter().any(|(p, c)| *p == cpid && c == "sleep")),
+            "{w:?}"
+        );
+        let s = ds.iter().find(|d| d.fd == sfd).unwrap();
+        assert!(
+            matches!(&s.class, FdClass::UnixSocket { peer_ino: Some(_), listening: false, peer_holders, .. }
+                if peer_holders.iter().any(|(p, _)| *p == cpid)),
+            "{s:?}"
+        );
+        assert_eq!(s.outside_tie(&ds).unwrap(), format!("AF_UNIX socket connected to pid {cpid} (sleep)"));
+        let errs = errs.unwrap();
+        let me_named = format!("pid {me} (");
+        assert_eq!(errs.len(), 2, "{errs:?}");
+        assert!(
+            errs[0].starts_with("fd 0 (stdin, pipe:[") && errs[0].contains(&format!("pipe from {me_named}")),
+            "{errs:?}"
+        );
+        assert!(
+            errs[1].starts_with("fd 1 (stdout, socket:[")
+                && errs[1].contains(&format!("connected to {me_named}"))
+                && errs[1].contains("both ends"),
+            "{errs:?}"
         );
     }
 }

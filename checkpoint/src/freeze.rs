@@ -204,6 +204,20 @@ impl Frozen {
         Ok(())
     }
 
+    /// With `on`, the frozen process is killed if this tracer exits before it is thawed
+    /// (`PTRACE_O_EXITKILL`): a move's source sets it once a copy may resume elsewhere, so a
+    /// crash of the source can never leave two copies running.
+    pub fn set_exit_kill(&mut self, on: bool) -> Result<()> {
+        let mut opts = libc::PTRACE_O_TRACESYSGOOD as u64;
+        if on {
+            opts |= libc::PTRACE_O_EXITKILL as u64;
+        }
+        for tid in self.threads.iter().map(|t| t.tid).chain([self.pid]) {
+            sys::set_options(tid, opts).map_err(pt("PTRACE_SETOPTIONS", tid))?;
+        }
+        Ok(())
+    }
+
     /// Puts everything back and lets the process run on (`stop`: detach into a job-control stop).
     pub fn thaw(mut self, stop: bool) -> Result<()> {
         self.finished = true;

@@ -17,6 +17,7 @@ pub mod dump;
 pub mod error;
 pub mod files;
 pub mod freeze;
+pub mod host;
 pub mod image;
 pub mod inject;
 pub mod memfd;
@@ -30,8 +31,9 @@ pub mod task;
 pub mod threads;
 pub mod vdso;
 
-pub use dump::{dump, dump_with, preflight, write_image, AfterDump, DumpOptions, DumpReport};
+pub use dump::{blockers, dump, dump_with, preflight, write_image, AfterDump, DumpOptions, DumpReport};
 pub use error::{Error, Result};
+pub use files::{describe_fds, FdClass, FdDescription};
 pub use freeze::Frozen;
 pub use rebuild::{Held, RestoreOptions, RestoreReport};
 

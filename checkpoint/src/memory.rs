@@ -162,6 +162,11 @@ pub fn preflight(maps: &[MapLine]) -> Result<()> {
     Ok(())
 }
 
+/// Every mapping that cannot be moved (one error each), without touching the process.
+pub fn blockers(maps: &[MapLine]) -> Vec<Error> {
+    maps.iter().filter(|m| !is_special(&m.path)).filter_map(|m| classify(m).err()).collect()
+}
+
 const PM_PRESENT: u64 = 1 << 63;
 const PM_SWAP: u64 = 1 << 62;
 const PM_FILE: u64 = 1 << 61;

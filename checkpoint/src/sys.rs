@@ -460,6 +460,26 @@ pub fn memfd_with(name: &str, data: &[u8]) -> io::Result<OwnedFd> {
 
 /// What sock_diag tells about one AF_UNIX socket: (peer inode, shutdown mask).
 pub fn unix_peer(ino: u32) -> io::Result<(u32, u8)> {
+    unix_diag(ino).map(|d| (d.peer, d.shutdown))
+}
+
+/// One AF_UNIX socket as sock_diag sees it (by inode, in this network namespace).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct UnixDiag {
+    /// SOCK_STREAM, SOCK_DGRAM, SOCK_SEQPACKET.
+    pub sock_type: u8,
+    /// TCP_* numbering: 1 = established, 7 = close (unconnected), 10 = listen.
+    pub state: u8,
+    /// Inode of the peer (0: none, or the peer was closed).
+    pub peer: u32,
+    pub shutdown: u8,
+    /// The bound name (an accepted socket shows its listener's): a path, or starting with NUL
+    /// when abstract; None when unnamed.
+    pub name: Option<Vec<u8>>,
+}
+
+/// Asks sock_diag about the AF_UNIX socket with inode `ino`.
+pub fn unix_diag(ino: u32) -> io::Result<UnixDiag> {
     // SAFETY: plain socket creation; the fd is owned below.
     let fd = cvt(unsafe {
         libc::socket(libc::AF_NETLINK, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 4 /* NETLINK_SOCK_DIAG */)
@@ -473,13 +493,19 @@ pub fn unix_peer(ino: u32) -> io::Result<(u32, u8)> {
     req[16] = libc::AF_UNIX as u8;
     req[20..24].copy_from_slice(&u32::MAX.to_le_bytes()); // all states
     req[24..28].copy_from_slice(&ino.to_le_bytes());
-    req[28..32].copy_from_slice(&(4u32 | 0x10).to_le_bytes()); // UDIAG_SHOW_PEER | RQLEN
+    req[28..32].copy_from_slice(&(1u32 | 4 | 0x10).to_le_bytes()); // UDIAG_SHOW_NAME | PEER | RQLEN
     req[32..40].copy_from_slice(&[0xff; 8]); // no cookie
                                              // SAFETY: sends `req` (valid for its length) to the kernel (default destination).
     cvt(unsafe { libc::send(fd.as_raw_fd(), req.as_ptr().cast(), req.len(), 0) } as libc::c_long)?;
     let mut buf = vec![0u8; 8192];
     // SAFETY: receives into `buf` (valid for its length).
     let n = cvt(unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) } as libc::c_long)? as usize;
+    parse_unix_diag(&buf[..n])
+}
+
+/// Parses sock_diag's answer (nlmsghdr + unix_diag_msg + attributes).
+fn parse_unix_diag(buf: &[u8]) -> io::Result<UnixDiag> {
+    let n = buf.len();
     let u16_at = |o: usize| u16::from_le_bytes([buf[o], buf[o + 1]]);
     let u32_at = |o: usize| u32::from_le_bytes(buf[o..o + 4].try_into().unwrap());
     if n < 16 || u16_at(4) == 2
@@ -488,23 +514,31 @@ pub fn unix_peer(ino: u32) -> io::Result<(u32, u8)> {
         let errno = if n >= 20 { -(u32_at(16) as i32) } else { libc::EIO };
         return Err(io::Error::from_raw_os_error(errno.max(1)));
     }
-    let (mut peer, mut shut) = (0u32, 0u8);
+    if n < 32 {
+        return Err(io::Error::from_raw_os_error(libc::EIO));
+    }
+    let mut d = UnixDiag { sock_type: buf[17], state: buf[18], ..Default::default() };
     let mut o = 16 + 16; // nlmsghdr + unix_diag_msg
     let end = (u32_at(0) as usize).min(n);
     while o + 4 <= end {
         let len = u16_at(o) as usize;
         let ty = u16_at(o + 2);
-        if len < 4 {
+        if len < 4 || o + len > end {
             break;
         }
         match ty {
-            2 if len >= 8 => peer = u32_at(o + 4), // UNIX_DIAG_PEER
-            6 if len >= 5 => shut = buf[o + 4],    // UNIX_DIAG_SHUTDOWN
+            0 if len > 4 => {
+                // UNIX_DIAG_NAME: a path ends at its first NUL (binders may count it in).
+                let n = &buf[o + 4..o + len];
+                d.name = Some(if n[0] == 0 { n.to_vec() } else { n.iter().copied().take_while(|&c| c != 0).collect() });
+            }
+            2 if len >= 8 => d.peer = u32_at(o + 4),  // UNIX_DIAG_PEER
+            6 if len >= 5 => d.shutdown = buf[o + 4], // UNIX_DIAG_SHUTDOWN
             _ => {}
         }
         o += (len + 3) & !3;
     }
-    Ok((peer, shut))
+    Ok(d)
 }
 
 /// Bytes queued for reading on a stream socket, copied without consuming them (MSG_PEEK).
@@ -612,4 +646,84 @@ pub fn spawn_traced_stub(stub_fd: &OwnedFd, want: Option<Pid>) -> io::Result<(Pi
         child(());
     }
     cvt(r as libc::c_long).map(|p| (p as Pid, false))
+}
+
+// ---------------------------------------------------------------- host capability probes
+
+/// Whether the kernel has clone3: a call with a size below the first version of its arguments
+/// fails with EINVAL before reading anything; ENOSYS (or a seccomp filter's) means no clone3.
+pub fn clone3_exists() -> io::Result<()> {
+    // SAFETY: size 0 is rejected by the kernel before the (null) argument pointer is read.
+    let r = unsafe { libc::syscall(libc::SYS_clone3, std::ptr::null::<u8>(), 0usize) };
+    match cvt(r) {
+        Err(e) if e.raw_os_error() == Some(libc::ENOSYS) || e.raw_os_error() == Some(libc::EPERM) => Err(e),
+        _ => Ok(()),
+    }
+}
+
+/// `prctl(PR_SET_MM, PR_SET_MM_MAP_SIZE)`: the size of `struct prctl_mm_map` (present with
+/// CONFIG_CHECKPOINT_RESTORE); changes nothing.
+pub fn mm_map_size() -> io::Result<u32> {
+    let mut size: libc::c_uint = 0;
+    // SAFETY: the kernel writes one unsigned int to the given pointer.
+    let r = unsafe {
+        libc::prctl(libc::PR_SET_MM, libc::PR_SET_MM_MAP_SIZE, &mut size as *mut libc::c_uint as libc::c_ulong, 0, 0)
+    };
+    cvt(r as libc::c_long).map(|_| size)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_unix_diag_answers() {
+        // nlmsghdr (16) + unix_diag_msg (16) + NAME "/a" + PEER 77 + SHUTDOWN 2
+        let mut b = vec![0u8; 32];
+        b[17] = libc::SOCK_STREAM as u8;
+        b[18] = 1;
+        let attr = |b: &mut Vec<u8>, ty: u16, data: &[u8]| {
+            b.extend_from_slice(&((4 + data.len()) as u16).to_le_bytes());
+            b.extend_from_slice(&ty.to_le_bytes());
+            b.extend_from_slice(data);
+            while b.len() & 3 != 0 {
+                b.push(0);
+            }
+        };
+        attr(&mut b, 0, b"/a");
+        attr(&mut b, 2, &77u32.to_le_bytes());
+        attr(&mut b, 6, &[2]);
+        let n = b.len() as u32;
+        b[0..4].copy_from_slice(&n.to_le_bytes());
+        b[4..6].copy_from_slice(&20u16.to_le_bytes());
+        let d = parse_unix_diag(&b).unwrap();
+        assert_eq!(d, UnixDiag { sock_type: 1, state: 1, peer: 77, shutdown: 2, name: Some(b"/a".to_vec()) });
+        // NLMSG_ERROR carries -errno.
+        let mut e = vec![0u8; 20];
+        e[4..6].copy_from_slice(&2u16.to_le_bytes());
+        e[16..20].copy_from_slice(&(-libc::ENOENT).to_le_bytes());
+        assert_eq!(parse_unix_diag(&e).unwrap_err().raw_os_error(), Some(libc::ENOENT));
+    }
+
+    #[test]
+    fn unix_diag_of_a_pair_and_a_listener() {
+        use std::os::unix::fs::MetadataExt;
+        let ino = |fd: i32| std::fs::metadata(format!("/proc/self/fd/{fd}")).unwrap().ino() as u32;
+        let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
+        let d = unix_diag(ino(a.as_raw_fd())).unwrap();
+        assert_eq!(d.peer, ino(b.as_raw_fd()));
+        assert_eq!(d.name, None);
+        let dir = tempfile::tempdir().unwrap();
+        let l = std::os::unix::net::UnixListener::bind(dir.path().join("s")).unwrap();
+        let d = unix_diag(ino(l.as_raw_fd())).unwrap();
+        assert_eq!(d.state, 10);
+        assert_eq!(d.name.as_deref(), Some(dir.path().join("s").as_os_str().as_encoded_bytes()));
+        // An accepted socket shows its listener's name; its client is unnamed.
+        let c = std::os::unix::net::UnixStream::connect(dir.path().join("s")).unwrap();
+        let (s, _) = l.accept().unwrap();
+        let dc = unix_diag(ino(c.as_raw_fd())).unwrap();
+        assert_eq!(dc.peer, ino(s.as_raw_fd()));
+        assert_eq!(dc.name, None);
+        assert_eq!(unix_diag(dc.peer).unwrap().name, d.name);
+    }
 }

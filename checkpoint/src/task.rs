@@ -69,13 +69,52 @@ fn link(pid: Pid, what: &str) -> Result<String> {
         .map_err(|source| Error::NoProcess { pid, err: source })
 }
 
+/// What the process-wide attributes forbid (deleted working directory or executable, a seccomp
+/// filter), all of them, without touching the process.
+pub fn blockers(pid: Pid) -> Result<Vec<Error>> {
+    let cwd = link(pid, "cwd")?;
+    let status = read_string(pid, "status")?;
+    let exe = link(pid, "exe")?;
+    let mut v = refusals(pid, &cwd, &status, &exe);
+    if v.is_empty() {
+        // Anything else the collection would trip on.
+        if let Err(e) = collect_static(pid) {
+            v.push(e);
+        }
+    }
+    Ok(v)
+}
+
+fn refusals(pid: Pid, cwd: &str, status: &str, exe: &str) -> Vec<Error> {
+    let mut v = Vec::new();
+    if cwd.ends_with(" (deleted)") {
+        v.push(Error::Unsupported { pid, what: format!("working directory {cwd}") });
+    }
+    match field(status, "Seccomp") {
+        Some("0") | None => {}
+        Some("1") => v.push(Error::Unsupported { pid, what: "strict seccomp mode".into() }),
+        Some(_) => v.push(Error::Unsupported {
+            pid,
+            what: format!(
+                "a seccomp filter ({} filter(s), e.g. from a sandbox or container runtime)",
+                field(status, "Seccomp_filters").unwrap_or("?")
+            ),
+        }),
+    }
+    if exe.ends_with(" (deleted)") {
+        v.push(Error::Unsupported { pid, what: format!("executable {exe}") });
+    }
+    v
+}
+
 /// What needs no injection (also used by the preflight).
 pub fn collect_static(pid: Pid) -> Result<TaskState> {
     let cwd = link(pid, "cwd")?;
-    if cwd.ends_with(" (deleted)") {
-        return Err(Error::Unsupported { pid, what: format!("working directory {cwd}") });
-    }
     let status = read_string(pid, "status")?;
+    let exe = link(pid, "exe")?;
+    if let Some(e) = refusals(pid, &cwd, &status, &exe).into_iter().next() {
+        return Err(e);
+    }
     let umask = field(&status, "Umask").and_then(|v| u32::from_str_radix(v, 8).ok()).unwrap_or(0o022);
     let f = stat_fields(pid)?;
     let n = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
@@ -92,9 +131,6 @@ pub fn collect_static(pid: Pid) -> Result<TaskState> {
         env_start: n(50),
         env_end: n(51),
     };
-    if field(&status, "Seccomp").is_some_and(|v| v != "0") {
-        return Err(Error::Unsupported { pid, what: "a seccomp filter".into() });
-    }
     let creds = Creds {
         uid: ids(&status, "Uid"),
         gid: ids(&status, "Gid"),
@@ -103,10 +139,6 @@ pub fn collect_static(pid: Pid) -> Result<TaskState> {
     let no_new_privs = field(&status, "NoNewPrivs").is_some_and(|v| v == "1");
     let session_leader = f.get(6).and_then(|v| v.parse::<i32>().ok()) == Some(pid);
     let group_leader = f.get(5).and_then(|v| v.parse::<i32>().ok()) == Some(pid);
-    let exe = link(pid, "exe")?;
-    if exe.ends_with(" (deleted)") {
-        return Err(Error::Unsupported { pid, what: format!("executable {exe} (deleted)") });
-    }
     Ok(TaskState {
         cwd,
         umask,

@@ -23,8 +23,9 @@ macro_rules! err {
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct DumpArgs {
-    /// Process to dump (real pid).
-    pub pid: i32,
+    /// Process to dump: a real pid, or a vPID of a process on this node (asks the agent).
+    #[arg(value_name = "PID|VPID")]
+    pub pid: String,
     /// Image directory (created 0700).
     #[arg(long)]
     pub images: PathBuf,
@@ -70,7 +71,11 @@ fn print_phases(p: &[(&'static str, Duration)]) {
     }
 }
 
-pub fn run_dump(args: &DumpArgs) -> anyhow::Result<()> {
+pub fn run_dump(
+    args: &DumpArgs,
+    target: &dyn Fn() -> anyhow::Result<crate::agent_client::Target>,
+) -> anyhow::Result<()> {
+    let pid = crate::check::resolve_pid_arg(&args.pid, target)?.pid;
     let after = if args.leave_running {
         AfterDump::LeaveRunning
     } else if args.leave_stopped {
@@ -78,7 +83,7 @@ pub fn run_dump(args: &DumpArgs) -> anyhow::Result<()> {
     } else {
         AfterDump::Kill
     };
-    let r = dvk_checkpoint::dump(args.pid, &args.images, after)?;
+    let r = dvk_checkpoint::dump(pid, &args.images, after)?;
     if args.json {
         let v = serde_json::json!({
             "pid": r.pid,

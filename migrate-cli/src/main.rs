@@ -1,7 +1,9 @@
 //! migrate-cli: look at a dvk cluster and move processes around it.
 
 mod agent_client;
+mod check;
 mod checkpoint_cmd;
+mod move_cmd;
 mod status;
 
 use agent_client::Target;
@@ -41,8 +43,16 @@ enum Command {
     },
     /// Dump a process (any single- or multi-threaded process of this machine) into an image directory.
     Dump(checkpoint_cmd::DumpArgs),
+    /// Move a process under the shim to another node while its clients stay connected:
+    /// start → freeze → dump → transfer → restore → commit (or roll back: it runs on here).
+    Move(move_cmd::MoveArgs),
+    /// Show the stdout/stderr log a moved process writes when they could not follow it.
+    Logs(move_cmd::LogsArgs),
     /// Restore a process from an image directory; prints its pid.
     Restore(checkpoint_cmd::RestoreArgs),
+    /// Check this machine (ptrace, pidfd, clone3, …) and, given a pid or vPID, list everything
+    /// that keeps that process from moving (to NODE); nothing is frozen. Exit 1 if anything fails.
+    Check(check::CheckArgs),
     /// List the cluster's nodes with their link state.
     Nodes {
         /// Machine-readable output.
@@ -65,7 +75,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Ps { json } => status::ps(&target()?, *json),
         Command::Nodes { json } => status::nodes(&target()?, *json),
         Command::Endpoints { json } => status::endpoints(&target()?, *json),
-        Command::Dump(args) => checkpoint_cmd::run_dump(args),
+        Command::Dump(args) => checkpoint_cmd::run_dump(args, &target),
+        Command::Check(args) => {
+            if !check::run(args, &cli.config, &target)? {
+                std::process::exit(1);
+            }
+            Ok(())
+        }
         Command::Restore(args) => checkpoint_cmd::run_restore(args),
+        Command::Move(args) => move_cmd::run_move(&target()?, args),
+        Command::Logs(args) => move_cmd::run_logs(&target()?, args),
     }
 }

@@ -9,6 +9,7 @@ pub mod auth;
 pub mod frame;
 pub mod local;
 pub mod peer;
+pub mod relink;
 pub mod stream;
 
 pub use frame::FrameError;

@@ -41,6 +41,13 @@ pub enum LocalRequest {
     ReserveVpid,
     /// A forked child registers with the vPID its parent reserved (DC and endpoint are the parent's).
     RegisterForked { version: u16, reserved: Vpid },
+    /// Move the process `target` (a vPID, or a real pid of this node) to node `dest`. Answered
+    /// by `MoveStep`/`MoveProgress` frames, then one `MoveDone` (or `Error`).
+    Move { target: i32, dest: String },
+    /// Could `target` move to `dest` (or anywhere)? Nothing is frozen.
+    MoveCheck { target: i32, dest: Option<String> },
+    /// The stdout/stderr log that a moved process writes on the node it runs on, from `offset`.
+    Logs { vpid: Vpid, offset: u64 },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -79,6 +86,65 @@ pub enum LocalResponse {
     VpidReserved {
         vpid: Vpid,
     },
+    /// One finished step of a move.
+    MoveStep(MoveStep),
+    /// Image bytes sent so far of `total`.
+    MoveProgress {
+        sent: u64,
+        total: u64,
+    },
+    /// The move is over (committed or rolled back).
+    MoveDone(MoveReport),
+    MoveChecked(MoveCheck),
+    /// Log bytes from the requested offset; `next` is the offset to ask for next.
+    LogChunk {
+        node: String,
+        #[serde(with = "serde_bytes")]
+        bytes: Vec<u8>,
+        next: u64,
+    },
+}
+
+/// One step of a move as `migrate-cli move` prints it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MoveStep {
+    pub name: String,
+    /// How long the step took.
+    pub micros: u64,
+    pub detail: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MoveReport {
+    pub vpid: Vpid,
+    pub from: String,
+    pub to: String,
+    pub old_pid: i32,
+    /// The real pid on the destination (0 if rolled back).
+    pub new_pid: i32,
+    pub committed: bool,
+    /// Why the move rolled back.
+    pub reason: Option<String>,
+    pub steps: Vec<MoveStep>,
+    pub image_bytes: u64,
+    /// From the freeze until the process ran again (on either node).
+    pub frozen_micros: u64,
+    pub total_micros: u64,
+    /// Where stdout/stderr that could not follow now go (on the destination).
+    pub log: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MoveCheck {
+    pub vpid: Vpid,
+    pub pid: i32,
+    pub node: String,
+    /// What would stop the move, each as a user knows it.
+    pub blockers: Vec<String>,
+    /// fds that would be redirected (stdio that cannot follow).
+    pub redirects: Vec<String>,
+    /// fds the agents carry (virtual sockets, listeners, the agent link).
+    pub carried: Vec<String>,
 }
 
 /// One line of `migrate-cli ps`.

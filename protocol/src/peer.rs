@@ -101,6 +101,39 @@ pub enum PeerMessage {
     StreamReset {
         stream: u64,
     },
+    /// A control message of a move (see `dvk_move`: start, detach, commit, rollback…).
+    Move(dvk_move::MoveMsg),
+    /// Bytes of file `file` of move `mid`'s image, at `offset` (source → destination).
+    MoveImage {
+        mid: u64,
+        file: String,
+        offset: u64,
+        #[serde(with = "serde_bytes")]
+        bytes: Vec<u8>,
+    },
+    /// `migrate-cli move` run on another node: the sender's agent asks the source to move
+    /// `vpid` to `dest` on behalf of `uid` (checked at the source, where the owner is known).
+    MoveForward {
+        request: u64,
+        vpid: Vpid,
+        dest: NodeId,
+        uid: u32,
+    },
+    /// A step (or progress) of a forwarded move, for the requester's CLI.
+    MoveForwardEvent {
+        request: u64,
+        event: crate::local::LocalResponse,
+    },
+    /// Bytes of the stdout/stderr log of `vpid` kept on the receiver, from `offset`.
+    LogRead {
+        request: u64,
+        vpid: Vpid,
+        offset: u64,
+    },
+    LogChunk {
+        request: u64,
+        response: crate::local::LocalResponse,
+    },
 }
 
 /// Bytes a stream direction may have in flight (sent, not yet written to the program).

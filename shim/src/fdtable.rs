@@ -137,6 +137,10 @@ pub fn forget(fd: c_int) {
 }
 
 /// The entry for `fd`, if it is (a duplicate of) a virtual socket still open.
+///
+/// After a restore on another node every socket has a new inode, so every entry looks
+/// stale until the shim reads the Relink frame ([`crate::relink::check`]): a miss looks
+/// again once after that check (one more fstat, on the miss paths only).
 pub fn lookup(fd: c_int) -> Option<Entry> {
     let own = slot(fd)?;
     let ino = raw::socket_inode(fd)? + 1;
@@ -144,19 +148,46 @@ pub fn lookup(fd: c_int) -> Option<Entry> {
         let e = decode(s.meta.load(Ordering::Relaxed), s.local.load(Ordering::Relaxed), s.peer.load(Ordering::Relaxed));
         (s.ino.load(Ordering::Acquire) == ino).then_some(e)
     };
-    if own.ino.load(Ordering::Acquire) == ino {
+    let stored = own.ino.load(Ordering::Acquire);
+    if stored == ino {
         return read(own);
+    }
+    let stale = stored != 0;
+    if stale {
+        // Stale: the fd was closed and its number reused, or the process was restored.
+        crate::relink::check();
+        if own.ino.load(Ordering::Acquire) == ino {
+            return read(own);
+        }
     }
     // Not recorded under this number: a duplicate of a virtual socket is an AF_UNIX
     // socket whose inode some entry holds. Real TCP/UDP sockets stop here.
     if raw::getsockopt_int(fd, libc::SOL_SOCKET, libc::SO_DOMAIN).ok()? != libc::AF_UNIX {
         return None;
     }
-    let high = HIGH_WATER.load(Ordering::Relaxed);
-    let found = TABLE[..high.min(TABLE_SIZE)].iter().find_map(read)?;
+    let scan = || {
+        let high = HIGH_WATER.load(Ordering::Relaxed);
+        TABLE[..high.min(TABLE_SIZE)].iter().find_map(read)
+    };
+    // A duplicate never looked up before a restore has no entry of its own: the entry
+    // it duplicates gets its new inode from the Relink frame.
+    let found = match scan() {
+        Some(e) => e,
+        None if !stale && crate::relink::check() => scan()?,
+        None => return None,
+    };
     store(own, ino - 1, &found);
     HIGH_WATER.fetch_max(fd as usize + 1, Ordering::Relaxed);
     Some(found)
+}
+
+/// After a restore: the socket at `fd` had inode `old` and now has inode `new`. Only
+/// the entry of `fd` itself changes, and only if it holds `old` (a duplicate gets its
+/// own record). Allocation- and lock-free.
+pub fn relink(fd: c_int, old: u64, new: u64) -> bool {
+    let Some(s) = slot(fd) else { return false };
+    let (Some(old1), Some(new1)) = (old.checked_add(1), new.checked_add(1)) else { return false };
+    s.ino.compare_exchange(old1, new1, Ordering::AcqRel, Ordering::Relaxed).is_ok()
 }
 
 /// Updates the TCP_NODELAY flag of a recorded virtual socket.

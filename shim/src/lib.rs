@@ -3,7 +3,8 @@
 //! At load time it registers the process with its node agent and learns its
 //! vPID; from then on the hooks in [`hooks`] answer in vPIDs. A child made by
 //! fork() registers itself and gets its own vPID. Without a reachable agent the
-//! program runs unchanged after one warning on stderr.
+//! program runs unchanged after one warning on stderr. A process restored on
+//! another node (moved) follows its new agent through [`relink`].
 //!
 //! Environment: `DVK_AGENT_SOCK` (default `/run/dvk/agent.sock`), `DVK_DC`
 //! (default `dc0`), `DVK_ENDPOINT` (default: the program name).
@@ -20,6 +21,7 @@ mod link;
 mod names;
 mod raw;
 mod real;
+mod relink;
 mod vsock;
 
 /// Where the shim looks for its agent when DVK_AGENT_SOCK is not set (the
@@ -52,7 +54,10 @@ fn register_or_warn() {
     match link::register() {
         Ok(r) => identity::set(r.vpid.0, r.parent.map(|p| p.0), raw::getppid(), r.link_fd),
         Err(e) => {
-            let Some(cfg) = link::config() else { return };
+            if link::config().is_none() {
+                return;
+            }
+            let path = link::current_path();
             let mut reason = [0u8; 128];
             let reason: &[u8] = match e {
                 link::RegisterError::Unreachable(errno) => {
@@ -63,7 +68,7 @@ fn register_or_warn() {
             };
             warn_parts(&[
                 b"dvk: no usable agent at ",
-                cfg.path_display.as_bytes(),
+                dvk_protocol::relink::path_bytes(&path),
                 b" (",
                 reason,
                 b"); running without virtual PIDs\n",
@@ -101,6 +106,8 @@ unsafe extern "C" fn after_fork_in_child() {
             let parent_vpid = identity::vpid();
             let parent_was_registered = parent_vpid != 0;
             let reserved = RESERVED_FOR_CHILD.swap(0, std::sync::atomic::Ordering::AcqRel);
+            // Before the inherited link is dropped: a relink the parent had pending.
+            relink::after_fork_child();
             if let Some(inherited) = identity::clear() {
                 raw::close(inherited);
             }

@@ -3,12 +3,18 @@
 //!
 //! The Register frame is encoded once at load time and kept, so a forked child
 //! re-registers without allocating; one-shot requests encode into stack buffers.
+//!
+//! Every request first asks [`relink::check`] whether the process was restored on
+//! another node (one fstat of the link), and connects to the agent socket path
+//! current at that moment.
 
-use crate::raw;
+use crate::{raw, relink};
 use dvk_protocol::frame::{self, HEADER_LEN};
 use dvk_protocol::local::{LocalRequest, LocalResponse, LOCAL_PROTOCOL_VERSION};
+use dvk_protocol::relink::{self as relink_proto, PATH_LEN};
 use libc::c_int;
 use pidvirt::{VirtualAddr, Vpid};
+use std::sync::atomic::{fence, AtomicU32, AtomicU64, Ordering};
 use std::sync::OnceLock;
 
 /// How long the shim waits for its agent before giving up on a request.
@@ -19,42 +25,164 @@ const LINK_FD_MIN: c_int = 900;
 const RESPONSE_MAX: usize = 512;
 
 pub struct LinkConfig {
-    pub addr: libc::sockaddr_un,
-    pub path_display: String,
     pub register_frame: Vec<u8>,
-    /// Where virtual listeners are created: `<agent socket dir>/ep`.
-    pub listener_dir: String,
 }
 
 static CONFIG: OnceLock<LinkConfig> = OnceLock::new();
 
 pub fn configure(socket_path: &[u8], dc: String, endpoint: Option<String>) -> Result<(), &'static str> {
-    let mut addr = empty_sockaddr();
-    if socket_path.is_empty() || socket_path.len() >= addr.sun_path.len() {
+    if socket_path.is_empty() || socket_path.len() >= PATH_LEN || socket_path.contains(&0) {
         return Err("DVK_AGENT_SOCK is empty or longer than a unix socket path can be");
-    }
-    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
-    for (dst, src) in addr.sun_path.iter_mut().zip(socket_path) {
-        *dst = *src as libc::c_char;
     }
     let request = LocalRequest::Register { version: LOCAL_PROTOCOL_VERSION, dc, endpoint };
     let register_frame =
         frame::encode(&request, frame::LOCAL_MAX_FRAME).map_err(|_| "cannot encode the registration")?;
-    let path_display = String::from_utf8_lossy(socket_path).into_owned();
-    let listener_dir = match path_display.rsplit_once('/') {
-        Some((dir, _)) if !dir.is_empty() => format!("{dir}/ep"),
-        Some(_) => "/ep".to_owned(),
-        None => "ep".to_owned(),
-    };
-    CONFIG.set(LinkConfig { addr, path_display, register_frame, listener_dir }).map_err(|_| "configured twice")
-}
-
-fn empty_sockaddr() -> libc::sockaddr_un {
-    libc::sockaddr_un { sun_family: 0, sun_path: [0; 108] }
+    let mut path = [0u8; PATH_LEN];
+    path[..socket_path.len()].copy_from_slice(socket_path);
+    // Before CONFIG is set, no request reads the path.
+    AGENT_PATH.write(&path);
+    CONFIG.set(LinkConfig { register_frame }).map_err(|_| "configured twice")
 }
 
 pub fn config() -> Option<&'static LinkConfig> {
     CONFIG.get()
+}
+
+// ---------------------------------------------------------------------------
+// The agent socket path. It changes when the process is restored on another node
+// (crate::relink switches it), while any thread, or a signal handler, may be about to
+// connect: so it is read without locks, through a latch.
+//
+// Why a latch (a seqlock over two copies) rather than one seqlock or a ring of configs
+// behind an atomic index: a plain seqlock's reader spins while the writer is inside,
+// which never ends for a signal handler that interrupted the writer on its own thread;
+// a ring of N immutable configs is torn once N moves happen while a reader is preempted.
+// With the latch the writer updates the two copies one after the other and the counter
+// tells readers which copy is not being written: a reader never waits for the writer,
+// and retries only if a whole step of a write completed while it was copying (bounded
+// in practice: a write happens once per move). Copies are AtomicU64 words, so a torn
+// read is merely detected and retried, never a data race.
+
+/// `sun_path` bytes in 64-bit words (14 × 8 = 112 ≥ 108).
+const PATH_WORDS: usize = PATH_LEN.div_ceil(8);
+
+struct PathLatch {
+    /// Even: readers use copy 0; odd: copy 1. The writer bumps it before each copy it writes.
+    seq: AtomicU32,
+    copies: [[AtomicU64; PATH_WORDS]; 2],
+}
+
+#[allow(clippy::declare_interior_mutable_const)] // templates for the static below, never used by reference
+const ZERO_WORD: AtomicU64 = AtomicU64::new(0);
+#[allow(clippy::declare_interior_mutable_const)]
+const ZERO_COPY: [AtomicU64; PATH_WORDS] = [ZERO_WORD; PATH_WORDS];
+static AGENT_PATH: PathLatch = PathLatch { seq: AtomicU32::new(0), copies: [ZERO_COPY; 2] };
+
+impl PathLatch {
+    fn store_copy(&self, copy: usize, path: &[u8; PATH_LEN]) {
+        for (i, word) in self.copies[copy].iter().enumerate() {
+            let mut w = [0u8; 8];
+            for (j, b) in w.iter_mut().enumerate() {
+                *b = path.get(i * 8 + j).copied().unwrap_or(0);
+            }
+            word.store(u64::from_le_bytes(w), Ordering::Relaxed);
+        }
+    }
+
+    fn load_copy(&self, copy: usize) -> [u8; PATH_LEN] {
+        let mut path = [0u8; PATH_LEN];
+        for (i, word) in self.copies[copy].iter().enumerate() {
+            for (j, b) in word.load(Ordering::Relaxed).to_le_bytes().into_iter().enumerate() {
+                if let Some(out) = path.get_mut(i * 8 + j) {
+                    *out = b;
+                }
+            }
+        }
+        path
+    }
+
+    /// Writers are serialised by the caller (load time, or the relink lock).
+    fn write(&self, path: &[u8; PATH_LEN]) {
+        let mut seq = self.seq.load(Ordering::Relaxed);
+        // Two bumps: odd while copy 0 is written (readers use copy 1), even again while
+        // copy 1 is written (readers use copy 0, already new).
+        for copy in [0, 1] {
+            seq = seq.wrapping_add(1);
+            self.seq.store(seq, Ordering::Release);
+            fence(Ordering::Release);
+            self.store_copy(copy, path);
+        }
+    }
+
+    fn read(&self) -> [u8; PATH_LEN] {
+        let mut path = [0u8; PATH_LEN];
+        // A retry means a write step completed meanwhile; a write happens once per move,
+        // so the bound is never reached in practice (it only rules out spinning forever).
+        for _ in 0..1000 {
+            let before = self.seq.load(Ordering::Acquire);
+            path = self.load_copy(before as usize & 1);
+            fence(Ordering::Acquire);
+            if self.seq.load(Ordering::Relaxed) == before {
+                break;
+            }
+        }
+        path
+    }
+
+    /// In a forked child (one thread, no writer): a write the fork cut short (another
+    /// thread of the parent was relinking) would never finish. Settle on the copy
+    /// readers use now, in both copies, with an even counter.
+    fn settle_after_fork(&self) {
+        let seq = self.seq.load(Ordering::Relaxed);
+        let path = self.load_copy(seq as usize & 1);
+        self.store_copy(0, &path);
+        self.store_copy(1, &path);
+        self.seq.store(seq.wrapping_add(seq & 1), Ordering::Release);
+    }
+}
+
+/// The agent socket path requests use now (NUL padded). Lock-free, async-signal-safe.
+pub fn current_path() -> [u8; PATH_LEN] {
+    AGENT_PATH.read()
+}
+
+/// Switches every later request to the agent at `path` (NUL padded, at least one NUL).
+/// Only crate::relink calls it, holding the relink lock.
+pub(crate) fn switch_agent_path(path: &[u8; PATH_LEN]) {
+    AGENT_PATH.write(path);
+}
+
+pub(crate) fn settle_path_after_fork() {
+    AGENT_PATH.settle_after_fork();
+}
+
+/// The address of the agent for a request about to be made: first follows a restore on
+/// another node if there was one (crate::relink). Allocation-free, async-signal-safe.
+fn agent_addr() -> libc::sockaddr_un {
+    relink::check();
+    let path = current_path();
+    let mut addr = libc::sockaddr_un { sun_family: libc::AF_UNIX as libc::sa_family_t, sun_path: [0; PATH_LEN] };
+    for (dst, src) in addr.sun_path.iter_mut().zip(path.iter()) {
+        *dst = *src as libc::c_char;
+    }
+    addr
+}
+
+/// Where virtual listeners are created now: `<agent socket dir>/ep`. None before configure.
+pub fn listener_dir() -> Option<String> {
+    config()?;
+    relink::check();
+    let path = current_path();
+    Some(listener_dir_of(relink_proto::path_bytes(&path)))
+}
+
+fn listener_dir_of(socket_path: &[u8]) -> String {
+    let display = String::from_utf8_lossy(socket_path);
+    match display.rsplit_once('/') {
+        Some((dir, _)) if !dir.is_empty() => format!("{dir}/ep"),
+        Some(_) => "/ep".to_owned(),
+        None => "ep".to_owned(),
+    }
 }
 
 pub enum RegisterError {
@@ -85,7 +213,7 @@ fn round_trip<'b>(fd: c_int, request: &[u8], buf: &'b mut [u8; RESPONSE_MAX]) ->
 /// agent link (returned) on success.
 pub fn register() -> Result<Registration, RegisterError> {
     let cfg = config().ok_or(RegisterError::Unreachable(libc::EINVAL))?;
-    let fd = raw::connect_unix(&cfg.addr, AGENT_TIMEOUT_MS).map_err(RegisterError::Unreachable)?;
+    let fd = raw::connect_unix(&agent_addr(), AGENT_TIMEOUT_MS).map_err(RegisterError::Unreachable)?;
     let mut buf = [0u8; RESPONSE_MAX];
     let result = match round_trip(fd, &cfg.register_frame, &mut buf) {
         Err(e) => Err(RegisterError::Unreachable(e)),
@@ -95,7 +223,11 @@ pub fn register() -> Result<Registration, RegisterError> {
         },
     };
     match result {
-        Ok((vpid, parent)) => Ok(Registration { link_fd: raw::move_fd_high(fd, LINK_FD_MIN), vpid, parent }),
+        Ok((vpid, parent)) => {
+            let link_fd = raw::move_fd_high(fd, LINK_FD_MIN);
+            relink::remember_link(link_fd);
+            Ok(Registration { link_fd, vpid, parent })
+        }
         Err(e) => {
             raw::close(fd);
             Err(e)
@@ -107,25 +239,27 @@ pub fn register() -> Result<Registration, RegisterError> {
 /// answer: the child already knows its vPID and its parent's, so fork() returns in the
 /// child at once. Returns the agent link. Allocation-free.
 pub fn register_forked(reserved: Vpid) -> Result<c_int, c_int> {
-    let cfg = config().ok_or(libc::EINVAL)?;
+    config().ok_or(libc::EINVAL)?;
     let mut request = [0u8; 64];
     let request =
         frame::encode_into(&LocalRequest::RegisterForked { version: LOCAL_PROTOCOL_VERSION, reserved }, &mut request)
             .map_err(|_| libc::EINVAL)?;
-    let fd = raw::connect_unix(&cfg.addr, AGENT_TIMEOUT_MS)?;
+    let fd = raw::connect_unix(&agent_addr(), AGENT_TIMEOUT_MS)?;
     if let Err(e) = raw::write_all(fd, request) {
         raw::close(fd);
         return Err(e);
     }
-    Ok(raw::move_fd_high(fd, LINK_FD_MIN))
+    let link_fd = raw::move_fd_high(fd, LINK_FD_MIN);
+    relink::remember_link(link_fd);
+    Ok(link_fd)
 }
 
 /// A vPID for the child the caller is about to fork. Allocation-free.
 pub fn reserve_vpid() -> Option<Vpid> {
-    let cfg = config()?;
+    config()?;
     let mut request = [0u8; 16];
     let request = frame::encode_into(&LocalRequest::ReserveVpid, &mut request).ok()?;
-    let fd = raw::connect_unix(&cfg.addr, AGENT_TIMEOUT_MS).ok()?;
+    let fd = raw::connect_unix(&agent_addr(), AGENT_TIMEOUT_MS).ok()?;
     let mut buf = [0u8; RESPONSE_MAX];
     let vpid = match round_trip(fd, request, &mut buf).map(frame::decode::<LocalResponse>) {
         Ok(Ok(LocalResponse::VpidReserved { vpid })) => Some(vpid),
@@ -138,14 +272,14 @@ pub fn reserve_vpid() -> Option<Vpid> {
 /// Asks the agent to deliver `signal` to `vpid` wherever it runs. Returns 0 or an errno.
 /// Allocation-free: kill() may be called from a signal handler.
 pub fn kill(vpid: Vpid, signal: c_int, group: bool) -> c_int {
-    let Some(cfg) = config() else {
+    if config().is_none() {
         return libc::ESRCH;
-    };
+    }
     let mut request = [0u8; 64];
     let Ok(request) = frame::encode_into(&LocalRequest::Kill { vpid, signal, group }, &mut request) else {
         return libc::EINVAL;
     };
-    let fd = match raw::connect_unix(&cfg.addr, AGENT_TIMEOUT_MS) {
+    let fd = match raw::connect_unix(&agent_addr(), AGENT_TIMEOUT_MS) {
         Ok(fd) => fd,
         // No agent: nobody can route a vPID.
         Err(_) => return libc::ESRCH,
@@ -165,9 +299,9 @@ pub fn kill(vpid: Vpid, signal: c_int, group: bool) -> c_int {
 /// One request on a fresh connection to the agent; returns the connection (still open)
 /// and the answer. Allocates: for hooks that never run in signal handlers.
 fn call(request: &LocalRequest) -> Result<(c_int, LocalResponse), c_int> {
-    let cfg = config().ok_or(libc::ENOENT)?;
+    config().ok_or(libc::ENOENT)?;
     let frame = frame::encode(request, frame::LOCAL_MAX_FRAME).map_err(|_| libc::EINVAL)?;
-    let fd = raw::connect_unix(&cfg.addr, AGENT_TIMEOUT_MS)?;
+    let fd = raw::connect_unix(&agent_addr(), AGENT_TIMEOUT_MS)?;
     let mut buf = [0u8; RESPONSE_MAX];
     let response = round_trip(fd, &frame, &mut buf).and_then(|body| frame::decode(body).map_err(|_| libc::EPROTO));
     match response {

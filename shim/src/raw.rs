@@ -257,8 +257,14 @@ pub fn replace_fd(from: c_int, to: c_int, cloexec: bool) -> Result<(), c_int> {
 
 /// Reads exactly `buf.len()` bytes within `timeout_ms`, whether or not `fd` is non-blocking.
 pub fn read_exact_within(fd: c_int, buf: &mut [u8], timeout_ms: c_int) -> Result<(), c_int> {
+    let mut budget = timeout_ms;
+    read_exact_budget(fd, buf, &mut budget)
+}
+
+/// As [`read_exact_within`], waiting at most `*budget_ms` in all and taking what it
+/// waited off `*budget_ms` (several reads can share one budget).
+pub fn read_exact_budget(fd: c_int, buf: &mut [u8], budget_ms: &mut c_int) -> Result<(), c_int> {
     let mut done = 0;
-    let mut waited = 0;
     while done < buf.len() {
         let rest = &mut buf[done..];
         // SAFETY: rest is a valid writable slice of rest.len() bytes.
@@ -273,18 +279,89 @@ pub fn read_exact_within(fd: c_int, buf: &mut [u8], timeout_ms: c_int) -> Result
         match errno() {
             libc::EINTR => continue,
             libc::EAGAIN => {
-                if waited >= timeout_ms {
+                if *budget_ms <= 0 {
                     return Err(libc::ETIMEDOUT);
                 }
                 let mut pfd = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
                 // SAFETY: pfd is one valid pollfd.
                 unsafe { libc::poll(&mut pfd, 1, 50) };
-                waited += 50;
+                *budget_ms -= 50;
             }
             e => return Err(e),
         }
     }
     Ok(())
+}
+
+/// Copies the first `buf.len()` queued bytes of `fd` into `buf` without consuming them
+/// (MSG_PEEK), waiting at most `timeout_ms` for that many to be queued.
+pub fn peek_within(fd: c_int, buf: &mut [u8], timeout_ms: c_int) -> Result<(), c_int> {
+    let mut waited = 0;
+    loop {
+        // SAFETY: buf is a valid writable slice of buf.len() bytes.
+        let n =
+            unsafe { libc::recv(fd, buf.as_mut_ptr() as *mut c_void, buf.len(), libc::MSG_PEEK | libc::MSG_DONTWAIT) };
+        if n >= 0 && n as usize >= buf.len() {
+            return Ok(());
+        }
+        if n == 0 {
+            return Err(libc::ECONNRESET);
+        }
+        if n < 0 {
+            match errno() {
+                libc::EINTR | libc::EAGAIN => {}
+                e => return Err(e),
+            }
+        }
+        if waited >= timeout_ms {
+            return Err(libc::ETIMEDOUT);
+        }
+        // Part of it may be queued already (poll would not wait then): sleep instead.
+        sleep_ms(10);
+        waited += 10;
+    }
+}
+
+/// This thread's kernel id.
+pub fn gettid() -> pid_t {
+    // SAFETY: gettid has no arguments and cannot fail.
+    unsafe { libc::syscall(libc::SYS_gettid) as pid_t }
+}
+
+pub fn sched_yield() {
+    // SAFETY: sched_yield has no arguments.
+    unsafe { libc::syscall(libc::SYS_sched_yield) };
+}
+
+/// Sleeps about `ms` milliseconds (less if a signal interrupts it).
+pub fn sleep_ms(ms: c_int) {
+    let ts = libc::timespec { tv_sec: (ms / 1000) as libc::time_t, tv_nsec: ((ms % 1000) * 1_000_000) as _ };
+    // SAFETY: ts is a valid timespec; the remainder pointer may be null.
+    unsafe { libc::syscall(libc::SYS_nanosleep, &ts as *const libc::timespec, std::ptr::null_mut::<libc::timespec>()) };
+}
+
+/// Runs `f` on `len` zeroed bytes of fresh anonymous pages (a buffer without malloc,
+/// unmapped afterwards). None if they cannot be mapped.
+pub fn with_pages<T>(len: usize, f: impl FnOnce(&mut [u8]) -> T) -> Option<T> {
+    // SAFETY: an anonymous private mapping at an address of the kernel's choosing.
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )
+    };
+    if p == libc::MAP_FAILED {
+        return None;
+    }
+    // SAFETY: p is `len` writable bytes that only this slice refers to until the munmap.
+    let out = f(unsafe { std::slice::from_raw_parts_mut(p as *mut u8, len) });
+    // SAFETY: the mapping made above; the slice is gone.
+    unsafe { libc::munmap(p, len) };
+    Some(out)
 }
 
 pub fn unlink(path: &std::ffi::CStr) {

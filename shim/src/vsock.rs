@@ -207,9 +207,9 @@ pub fn listen(fd: c_int, backlog: c_int) -> Option<Result<(), c_int>> {
         Some(_) => return None, // already a virtual listener: the real listen() adjusts the backlog
         None => (tcp_family(fd)?, bound_port(fd)?),
     };
-    let cfg = link::config()?;
-    let path =
-        format!("{}/{}-{}-{}.sock", cfg.listener_dir, raw::getpid(), fd, LISTENER_SEQ.fetch_add(1, Ordering::Relaxed));
+    // The directory follows a restore on another node (link::listener_dir checks).
+    let dir = link::listener_dir()?;
+    let path = format!("{dir}/{}-{}-{}.sock", raw::getpid(), fd, LISTENER_SEQ.fetch_add(1, Ordering::Relaxed));
     let cpath = std::ffi::CString::new(path.clone()).ok()?;
     let mut addr = libc::sockaddr_un { sun_family: libc::AF_UNIX as libc::sa_family_t, sun_path: [0; 108] };
     if path.len() >= addr.sun_path.len() {

@@ -744,3 +744,64 @@ fn cli_dump_restore() {
     t.go();
     t.expect_pass();
 }
+
+/// Every blocker at once, each named as a user knows it (stdio by name, the process at the
+/// other end of a pipe, children by name), without freezing anything; `preflight` refuses
+/// with the first of them; `migrate-cli check --json` reports stdio that cannot follow as
+/// redirected, not as blockers.
+#[test]
+fn blockers_listed_at_once() {
+    if !root() {
+        return;
+    }
+    let me = std::process::id() as i32;
+    let mut sh = close_stray_fds(Command::new("sh").args(["-c", "sleep 30 & wait"]))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = sh.id() as i32;
+    let children = |p: i32| read(Path::new(&format!("/proc/{p}/task/{p}/children")));
+    let t = Instant::now();
+    while children(pid).trim().is_empty() && t.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let kid: i32 = children(pid).split_whitespace().next().and_then(|v| v.parse().ok()).expect("sh started sleep");
+    while read(Path::new(&format!("/proc/{kid}/comm"))).trim() != "sleep" && t.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let errs: Vec<String> = ck::blockers(pid, &Default::default()).unwrap().iter().map(|e| e.to_string()).collect();
+    let first = ck::preflight(pid, &Default::default()).unwrap_err().to_string();
+    let cli = std::env::current_exe().unwrap().parent().unwrap().parent().unwrap().join("migrate-cli");
+    let check = cli.exists().then(|| {
+        Command::new(&cli).args(["--config", "/nonexistent", "check", &pid.to_string(), "--json"]).output().unwrap()
+    });
+    // Nothing was frozen: sh still waits (state S), its child still runs.
+    let stat = read(Path::new(&format!("/proc/{pid}/stat")));
+    let state = stat.rsplit(')').next().and_then(|r| r.split_whitespace().next()).unwrap_or("?").to_string();
+    // SAFETY: killing the grandchild (found above by pid) and our own child by pid.
+    unsafe {
+        libc::kill(kid, libc::SIGKILL);
+        libc::kill(pid, libc::SIGKILL);
+    }
+    let _ = sh.wait();
+    assert_eq!(state, "S", "{stat}");
+    let has = |f: &dyn Fn(&String) -> bool| errs.iter().any(f);
+    assert!(has(&|e| e.starts_with("fd 1 (stdout, pipe:[") && e.contains(&format!("pipe to pid {me} ("))), "{errs:#?}");
+    assert!(has(&|e| e.starts_with("fd 2 (stderr, pipe:[") && e.contains(&format!("pipe to pid {me} ("))), "{errs:#?}");
+    assert!(has(&|e| e.contains("children") && e.contains(&format!("pid {kid} (sleep)"))), "{errs:#?}");
+    assert_eq!(first, errs[0]);
+    let Some(out) = check else {
+        eprintln!("SKIP (check): {} not built (cargo build -p migrate-cli)", cli.display());
+        return;
+    };
+    assert_eq!(out.status.code(), Some(1), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let redirected: Vec<i64> =
+        v["process"]["redirected"].as_array().unwrap().iter().map(|r| r["fd"].as_i64().unwrap()).collect();
+    assert_eq!(redirected, [1, 2], "{v}");
+    let blockers = v["process"]["blockers"].as_array().unwrap();
+    assert!(blockers.iter().all(|b| b["fd"].as_i64().map_or(true, |fd| fd > 2)), "{v}");
+    assert!(blockers.iter().any(|b| b["message"].as_str().unwrap().contains("process trees")), "{v}");
+}

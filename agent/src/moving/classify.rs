@@ -1,0 +1,161 @@
+//! Which fds of a process the agents carry themselves: its agent link, its virtual listeners
+//! and streams (found by the inode of the agent's end, through sock_diag), connections whose
+//! other end already closed, and stdio that cannot follow. The rest is the checkpoint engine's.
+
+use super::plan::{FdRef, Redirect};
+use crate::state::Agent;
+use dvk_checkpoint::sys as ck;
+use pidvirt::{EndpointEntry, Vpid};
+use std::collections::BTreeMap;
+
+#[derive(Debug, Default)]
+pub struct Classified {
+    pub link: Option<FdRef>,
+    /// stream id → (the process's fds on it, the process is the connecting side).
+    pub streams: BTreeMap<u64, (Vec<FdRef>, bool)>,
+    pub listeners: Vec<(EndpointEntry, Vec<FdRef>)>,
+    /// Connections whose other end is gone, grouped by socket.
+    pub closed: Vec<Vec<FdRef>>,
+    pub stdio: Vec<(i32, Redirect, String)>,
+    /// What each carried fd is, as a user knows it.
+    pub carried: Vec<String>,
+}
+
+impl Classified {
+    /// Every fd the engine must leave to us.
+    pub fn external(&self) -> Vec<i32> {
+        let mut v: Vec<i32> = self.link.iter().map(|l| l.fd).collect();
+        v.extend(self.streams.values().flat_map(|(f, _)| f.iter().map(|r| r.fd)));
+        v.extend(self.listeners.iter().flat_map(|(_, f)| f.iter().map(|r| r.fd)));
+        v.extend(self.closed.iter().flatten().map(|r| r.fd));
+        v.extend(self.stdio.iter().map(|(fd, _, _)| *fd));
+        v.sort_unstable();
+        v
+    }
+}
+
+fn fds_of(pid: i32) -> std::io::Result<Vec<(i32, String)>> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(format!("/proc/{pid}/fd"))? {
+        let e = e?;
+        let Some(fd) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else { continue };
+        if let Ok(l) = std::fs::read_link(e.path()) {
+            out.push((fd, l.to_string_lossy().into_owned()));
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+fn std_name(fd: i32) -> &'static str {
+    match fd {
+        0 => " (stdin)",
+        1 => " (stdout)",
+        2 => " (stderr)",
+        _ => "",
+    }
+}
+
+/// Classifies the fds of local process `vpid` (real `pid`), without changing anything.
+pub fn classify(agent: &Agent, vpid: Vpid, pid: i32) -> std::io::Result<Classified> {
+    let fds = fds_of(pid)?;
+    let by_inode = agent.relays.by_inode();
+    let (link_ino, listeners) = {
+        let t = agent.tables.lock();
+        let eps: Vec<EndpointEntry> = t.routing.endpoints().filter(|e| e.vpid == vpid).cloned().collect();
+        let listeners: Vec<(EndpointEntry, Vec<Vec<u8>>)> = eps
+            .into_iter()
+            .map(|e| {
+                let paths = t
+                    .listeners
+                    .get(&e.key())
+                    .map(|v| v.iter().map(|p| p.as_os_str().as_encoded_bytes().to_vec()).collect())
+                    .unwrap_or_default();
+                (e, paths)
+            })
+            .collect();
+        (t.link_inodes.get(&vpid).copied(), listeners)
+    };
+    let mut c = Classified::default();
+    let mut closed: BTreeMap<u64, Vec<FdRef>> = BTreeMap::new();
+    let mut listener_fds: BTreeMap<usize, Vec<FdRef>> = BTreeMap::new();
+    for (fd, link) in &fds {
+        let Some(ino) = link.strip_prefix("socket:[").and_then(|s| s.strip_suffix(']')).and_then(|s| s.parse::<u64>().ok())
+        else {
+            stdio_check(&mut c, pid, *fd, link, &fds);
+            continue;
+        };
+        let r = FdRef { fd: *fd, old_ino: ino };
+        let Ok(diag) = ck::unix_diag(ino as u32) else {
+            stdio_check(&mut c, pid, *fd, link, &fds);
+            continue;
+        };
+        let peer = diag.peer as u64;
+        if peer != 0 {
+            if let Some((stream, client)) = by_inode.get(&peer) {
+                // The agent's socket faces the process: it is the client side if the process is.
+                let moving_is_client = *client;
+                c.carried.push(format!("fd {fd}{}: virtual stream {stream:#x}", std_name(*fd)));
+                c.streams.entry(*stream).or_insert_with(|| (Vec::new(), moving_is_client)).0.push(r);
+                continue;
+            }
+            if Some(peer) == link_ino {
+                c.carried.push(format!("fd {fd}: the dvk agent link"));
+                c.link = Some(r);
+                continue;
+            }
+        }
+        if diag.state == 10 {
+            if let Some(name) = &diag.name {
+                if let Some(i) = listeners.iter().position(|(_, paths)| paths.iter().any(|p| p == name)) {
+                    let e = &listeners[i].0;
+                    c.carried.push(format!("fd {fd}: virtual listener {}.{}.dvk:{}", e.name, e.dc, e.port));
+                    listener_fds.entry(i).or_default().push(r);
+                    continue;
+                }
+            }
+        }
+        if diag.sock_type == libc::SOCK_STREAM as u8 && diag.state != 10 && peer == 0 {
+            c.carried.push(format!("fd {fd}{}: a connection whose other end closed", std_name(*fd)));
+            closed.entry(ino).or_default().push(r);
+            continue;
+        }
+        stdio_check(&mut c, pid, *fd, link, &fds);
+    }
+    c.closed = closed.into_values().collect();
+    c.listeners = listener_fds.into_iter().map(|(i, f)| (listeners[i].0.clone(), f)).collect();
+    Ok(c)
+}
+
+/// stdin/stdout/stderr that cannot follow the process: a terminal, a pipe or socket whose
+/// other end stays behind, a deleted file. stdin becomes /dev/null, the others a log.
+fn stdio_check(c: &mut Classified, pid: i32, fd: i32, link: &str, all: &[(i32, String)]) {
+    if !(0..=2).contains(&fd) {
+        return;
+    }
+    let cannot_follow = if link.starts_with("/dev/pts/") || link.starts_with("/dev/tty") || link == "/dev/console" {
+        Some(format!("terminal {link}"))
+    } else if link.starts_with("pipe:[") {
+        // Both ends inside the process are carried by the engine; otherwise the other end stays.
+        let mode = |f: i32| {
+            std::fs::read_to_string(format!("/proc/{pid}/fdinfo/{f}"))
+                .ok()
+                .and_then(|i| i.lines().find_map(|l| l.strip_prefix("flags:").map(|v| v.trim().to_owned())))
+                .and_then(|v| u32::from_str_radix(&v, 8).ok())
+                .map(|flags| flags & 3)
+        };
+        let mine = mode(fd);
+        let inside = all.iter().any(|(f, l)| l == link && *f != fd && mode(*f) != mine);
+        (!inside).then(|| format!("{link}, whose other end stays behind"))
+    } else if link.starts_with("socket:[") {
+        Some(format!("{link}, connected to something that stays behind"))
+    } else if link.ends_with(" (deleted)") {
+        Some(format!("deleted file {link}"))
+    } else {
+        None
+    };
+    if let Some(what) = cannot_follow {
+        let redirect = if fd == 0 { Redirect::Null } else { Redirect::Log };
+        c.stdio.push((fd, redirect, what));
+    }
+}

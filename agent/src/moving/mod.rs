@@ -1,0 +1,342 @@
+//! Moves: the agent's driver of the `dvk_move` state machines (docs/MOVE.md has the whole
+//! protocol). `source` coordinates a move of one of this node's processes; `participant` takes
+//! part in another node's move (as its destination, or as a node that routes to the process or
+//! holds the other end of its streams); `streams` detaches and reattaches stream halves;
+//! `plan` is what travels beside the image.
+
+pub mod classify;
+pub mod participant;
+pub mod plan;
+pub mod source;
+pub mod streams;
+
+use crate::state::Agent;
+use dvk_move::{MoveMsg, Timeouts};
+use dvk_protocol::local::LocalResponse;
+use parking_lot::Mutex;
+use pidvirt::{MigrationId, NodeId, Vpid};
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+
+/// A fixed end nobody reattached for this long is closed.
+const HELD_MAX_AGE: Duration = Duration::from_secs(120);
+
+#[derive(Default)]
+pub struct Moves {
+    /// Moves this node coordinates, by vPID (one at a time per process) → their event queue.
+    pub coordinating: Mutex<HashMap<Vpid, (u64, mpsc::UnboundedSender<source::Input>)>>,
+    /// Moves of other nodes this node takes part in, by move id.
+    pub participating: Mutex<HashMap<u64, mpsc::UnboundedSender<participant::Input>>>,
+    /// Fixed ends waiting for a reattach, by stream id.
+    pub held: Mutex<HashMap<u64, streams::HeldFixed>>,
+    /// Moves forwarded from this node to a source: request id → the CLI's reply queue.
+    pub forwarded: Mutex<HashMap<u64, (NodeId, mpsc::UnboundedSender<LocalResponse>)>>,
+    /// Log reads forwarded to another node.
+    pub log_reads: Mutex<HashMap<u64, tokio::sync::oneshot::Sender<LocalResponse>>>,
+    next_move: std::sync::atomic::AtomicU64,
+    /// Moves completed per vPID that left this node (the next epoch).
+    pub epochs: Mutex<HashMap<Vpid, u64>>,
+    /// Fixed ends being detached: a reattach of the same stream waits for it.
+    pub detaching: Mutex<HashMap<u64, tokio::sync::watch::Receiver<bool>>>,
+    next_request: std::sync::atomic::AtomicU64,
+}
+
+impl Moves {
+    pub fn new_move_id(&self, node: NodeId) -> u64 {
+        (node.0 as u64) << 48 | (self.next_move.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1)
+    }
+}
+
+pub fn timeouts() -> Timeouts {
+    Timeouts::default()
+}
+
+/// Milliseconds on the agent's move clock.
+pub fn now_ms() -> u64 {
+    static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    START.get_or_init(Instant::now).elapsed().as_millis() as u64
+}
+
+/// A move message from peer `from` (in the link reader: must not block).
+pub fn on_message(agent: &Arc<Agent>, from: NodeId, msg: MoveMsg) {
+    let Some(tag) = msg.tag() else { return };
+    match &msg {
+        MoveMsg::StartAck { .. }
+        | MoveMsg::StreamDetached { .. }
+        | MoveMsg::Restored { .. }
+        | MoveMsg::Failed { .. }
+        | MoveMsg::Committed { .. }
+        | MoveMsg::Outcome { .. } => {
+            let c = agent.moves.coordinating.lock();
+            if let Some((_, tx)) = c.values().find(|(mid, _)| *mid == tag.mid) {
+                let _ = tx.send(source::Input::Peer(from, msg));
+            }
+        }
+        MoveMsg::StreamReattach { stream, .. } => streams::reattach_fixed_remote(agent, from, tag, *stream),
+        MoveMsg::StreamDetach { stream, .. } => {
+            // Concerns the fixed ends held here, whether or not this node heard the Start.
+            let (agent, stream) = (agent.clone(), *stream);
+            let (done_tx, done_rx) = tokio::sync::watch::channel(false);
+            agent.moves.detaching.lock().insert(stream, done_rx);
+            tokio::spawn(async move {
+                let held = streams::detach_fixed(&agent, tag, stream).await;
+                agent.moves.detaching.lock().remove(&stream);
+                let _ = done_tx.send(true);
+                if let Some(link) = agent.link(from) {
+                    let _ = link.write_now(dvk_protocol::peer::PeerMessage::Move(MoveMsg::StreamDetached { tag, stream, held })).await;
+                }
+            });
+        }
+        MoveMsg::Start { .. } => participant::start(agent, from, msg),
+        _ => {
+            let p = agent.moves.participating.lock();
+            if let Some(tx) = p.get(&tag.mid) {
+                let _ = tx.send(participant::Input::Msg(msg));
+            } else {
+                drop(p);
+                participant::without_machine(agent, from, msg);
+            }
+        }
+    }
+}
+
+/// Runs in the link reader before a message is handled: a reattach waits until a detach of
+/// the same stream (requested earlier on this link) is complete.
+pub async fn before_message(agent: &Agent, msg: &dvk_protocol::peer::PeerMessage) {
+    if let dvk_protocol::peer::PeerMessage::Move(MoveMsg::StreamReattach { stream, .. }) = msg {
+        let pending = agent.moves.detaching.lock().get(stream).cloned();
+        if let Some(mut rx) = pending {
+            let _ = tokio::time::timeout(Duration::from_secs(5), rx.wait_for(|done| *done)).await;
+        }
+    }
+}
+
+/// Starts a move asked for on this node: run here if the process is local, else forwarded to
+/// the node it runs on. Every step and the end go to `reply`.
+pub fn request_move(agent: &Arc<Agent>, target: i32, dest: &str, uid: u32, reply: mpsc::UnboundedSender<LocalResponse>) {
+    let fail = |message: String| {
+        let _ = reply.send(LocalResponse::Error { message });
+    };
+    let Some(dest_node) = agent.config.nodes.iter().find(|n| n.name == dest).map(|n| NodeId(n.id)) else {
+        let known: Vec<&str> = agent.config.nodes.iter().map(|n| n.name.as_str()).collect();
+        return fail(format!("unknown node `{dest}` (the cluster has: {})", known.join(", ")));
+    };
+    let me = agent.node_id();
+    let route = {
+        let t = agent.tables.lock();
+        if Vpid::is_virtual(target) {
+            t.routing.get(Vpid(target)).map(|r| (r.entry.vpid, r.entry.node))
+        } else {
+            t.routing.find_local_by_pid(target).map(|e| (e.vpid, e.node))
+        }
+    };
+    let Some((vpid, node)) = route else {
+        return fail(if Vpid::is_virtual(target) {
+            format!("no process with vPID {target} in the cluster (see `migrate-cli ps`)")
+        } else {
+            format!("pid {target} is not a process under the dvk shim on this node (see `migrate-cli ps`)")
+        });
+    };
+    if node == me {
+        let req = source::Request { vpid, dest: dest_node, uid, reply };
+        tokio::spawn(source::run(agent.clone(), req));
+        return;
+    }
+    let request = agent.moves.next_request.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    agent.moves.forwarded.lock().insert(request, (node, reply.clone()));
+    if !agent.send_to(node, dvk_protocol::peer::PeerMessage::MoveForward { request, vpid, dest: dest_node, uid }) {
+        agent.moves.forwarded.lock().remove(&request);
+        fail(format!("vPID {vpid} runs on {}, which is not linked to this node", agent.node_name(node)));
+    }
+}
+
+/// `MoveForward` from `from`: run the move here and send every step back.
+pub fn serve_forwarded(agent: &Arc<Agent>, from: NodeId, request: u64, vpid: Vpid, dest: NodeId, uid: u32) {
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let req = source::Request { vpid, dest, uid, reply: tx };
+    tokio::spawn(source::run(agent.clone(), req));
+    let agent = agent.clone();
+    tokio::spawn(async move {
+        while let Some(event) = rx.recv().await {
+            let last = matches!(event, LocalResponse::MoveDone(_) | LocalResponse::Error { .. });
+            agent.send_to(from, dvk_protocol::peer::PeerMessage::MoveForwardEvent { request, event });
+            if last {
+                return;
+            }
+        }
+    });
+}
+
+pub fn forwarded_event(agent: &Agent, from: NodeId, request: u64, event: LocalResponse) {
+    let last = matches!(event, LocalResponse::MoveDone(_) | LocalResponse::Error { .. });
+    let mut f = agent.moves.forwarded.lock();
+    if let Some((node, tx)) = f.get(&request) {
+        if *node == from {
+            let _ = tx.send(event);
+            if last {
+                f.remove(&request);
+            }
+        }
+    }
+}
+
+/// Log bytes of `vpid` on this node from `offset` (64 KiB at most).
+pub fn read_log(agent: &Agent, vpid: Vpid, offset: u64) -> LocalResponse {
+    use std::io::{Read, Seek, SeekFrom};
+    let path = participant::log_path_for(agent, vpid);
+    let node = agent.node_name(agent.node_id());
+    let mut f = match std::fs::File::open(&path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return LocalResponse::Error { message: format!("no log for vPID {vpid} on {node} (its stdout/stderr were not redirected there)") }
+        }
+        Err(e) => return LocalResponse::Error { message: format!("{}: {e}", path.display()) },
+    };
+    let mut bytes = Vec::new();
+    let read = f.seek(SeekFrom::Start(offset)).and_then(|_| f.take(64 * 1024).read_to_end(&mut bytes));
+    match read {
+        Ok(n) => LocalResponse::LogChunk { node, bytes, next: offset + n as u64 },
+        Err(e) => LocalResponse::Error { message: format!("{}: {e}", path.display()) },
+    }
+}
+
+/// `migrate-cli logs`: read here if the process runs here (or its log is here), else ask
+/// the node it runs on.
+pub async fn logs(agent: &Arc<Agent>, vpid: Vpid, offset: u64) -> LocalResponse {
+    let node = agent.tables.lock().routing.get(vpid).map(|r| r.entry.node);
+    let here = participant::log_path_for(agent, vpid).exists();
+    match node {
+        Some(n) if n != agent.node_id() && !here => {
+            let request = agent.moves.next_request.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            agent.moves.log_reads.lock().insert(request, tx);
+            if !agent.send_to(n, dvk_protocol::peer::PeerMessage::LogRead { request, vpid, offset }) {
+                agent.moves.log_reads.lock().remove(&request);
+                return LocalResponse::Error { message: format!("{} is not linked to this node", agent.node_name(n)) };
+            }
+            match tokio::time::timeout(Duration::from_secs(5), rx).await {
+                Ok(Ok(r)) => r,
+                _ => {
+                    agent.moves.log_reads.lock().remove(&request);
+                    LocalResponse::Error { message: format!("{} did not answer", agent.node_name(n)) }
+                }
+            }
+        }
+        _ => read_log(agent, vpid, offset),
+    }
+}
+
+/// The link to `node` went down or came up: coordinators care.
+pub fn on_link(agent: &Agent, node: NodeId, up: bool) {
+    for (_, tx) in agent.moves.coordinating.lock().values() {
+        let _ = tx.send(source::Input::Link(node, up));
+    }
+    if !up {
+        let mut f = agent.moves.forwarded.lock();
+        f.retain(|_, (n, tx)| {
+            if *n == node {
+                let _ = tx.send(LocalResponse::Error {
+                    message: format!(
+                        "lost the link to the source node {node} during the move; its outcome is decided there \
+                         (see `migrate-cli ps`)"
+                    ),
+                });
+                false
+            } else {
+                true
+            }
+        });
+    }
+}
+
+/// Periodic housekeeping: expire fixed ends nobody reattached.
+pub async fn housekeeping(agent: Arc<Agent>) {
+    loop {
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        streams::expire_held(&agent, HELD_MAX_AGE);
+    }
+}
+
+/// Routes of `vpid` (and its endpoints) → Migrating, once no stream open is under way here.
+pub async fn mark_migrating(agent: &Agent, vpid: Vpid, mid: u64) {
+    let _ = agent.tables.lock().routing.start_migration(vpid, MigrationId(mid));
+    agent.opens.quiesce().await;
+}
+
+/// Routes of `vpid` → `dest` (real pid there), whether or not this node saw the start.
+pub fn route_committed(agent: &Agent, vpid: Vpid, mid: u64, dest: NodeId, pid: i32) {
+    let mut t = agent.tables.lock();
+    if t.routing.commit_migration(vpid, MigrationId(mid), dest, pid).is_err() {
+        if let Some(r) = t.routing.get(vpid) {
+            let mut e = r.entry.clone();
+            e.node = dest;
+            e.real_pid = pid;
+            t.routing.upsert(e);
+        }
+        let eps: Vec<_> = t.routing.endpoints().filter(|e| e.vpid == vpid).cloned().collect();
+        for mut e in eps {
+            e.node = dest;
+            t.routing.upsert_endpoint(e);
+        }
+    }
+}
+
+pub fn route_rolled_back(agent: &Agent, vpid: Vpid, mid: u64) {
+    let _ = agent.tables.lock().routing.rollback_migration(vpid, MigrationId(mid));
+}
+
+/// `migrate-cli check <pid|vpid> [node]`: what a move would carry, redirect, or be stopped by.
+pub async fn check(agent: &Arc<Agent>, target: i32, dest: Option<&str>) -> LocalResponse {
+    use dvk_protocol::local::MoveCheck;
+    let me = agent.node_id();
+    let found = {
+        let t = agent.tables.lock();
+        if Vpid::is_virtual(target) {
+            t.routing.get(Vpid(target)).map(|r| r.entry.clone())
+        } else {
+            t.routing.find_local_by_pid(target).cloned()
+        }
+    };
+    let Some(entry) = found else {
+        return LocalResponse::Error { message: format!("{target} is not a process under the dvk shim (see `migrate-cli ps`)") };
+    };
+    if entry.node != me {
+        return LocalResponse::Error {
+            message: format!("vPID {} runs on {}: run the check there (`--node {}`)", entry.vpid, agent.node_name(entry.node), agent.node_name(entry.node)),
+        };
+    }
+    let mut blockers = Vec::new();
+    if let Some(dest) = dest {
+        match agent.config.nodes.iter().find(|n| n.name == dest) {
+            None => blockers.push(format!("unknown node `{dest}`")),
+            Some(n) if NodeId(n.id) == me => blockers.push(format!("the process already runs on {dest}")),
+            Some(n) if agent.link(NodeId(n.id)).is_none() => blockers.push(format!("node {dest} is not linked to this node")),
+            _ => {}
+        }
+    }
+    let (a, vpid, pid) = (agent.clone(), entry.vpid, entry.real_pid);
+    let result = tokio::task::spawn_blocking(move || -> Result<(classify::Classified, Vec<String>), String> {
+        let c = classify::classify(&a, vpid, pid).map_err(|e| e.to_string())?;
+        let b = dvk_checkpoint::dump::blockers(pid, &dvk_checkpoint::DumpOptions { external_fds: c.external() })
+            .map_err(|e| e.to_string())?;
+        Ok((c, b.iter().map(|e| e.to_string()).collect()))
+    })
+    .await;
+    match result {
+        Ok(Ok((c, b))) => {
+            blockers.extend(b);
+            LocalResponse::MoveChecked(MoveCheck {
+                vpid,
+                pid,
+                node: agent.node_name(me),
+                blockers,
+                redirects: c.stdio.iter().map(|(fd, _, what)| format!("fd {fd}: {what}")).collect(),
+                carried: c.carried,
+            })
+        }
+        Ok(Err(e)) => LocalResponse::Error { message: e },
+        Err(e) => LocalResponse::Error { message: e.to_string() },
+    }
+}

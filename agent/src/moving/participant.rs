@@ -1,0 +1,447 @@
+//! Taking part in another node's move: the driver of [`dvk_move::Participant`]. Every peer
+//! holds new opens while the process moves; the destination also receives the image, restores
+//! the process held, and on commit resumes it with new sockets at its old fd numbers.
+
+use super::plan::{MovePlan, Redirect, PLAN_FILE};
+use super::streams;
+use crate::relay::{Dir, End};
+use crate::state::Agent;
+use dvk_checkpoint::RestoreOptions;
+use dvk_move::{MoveMsg, PartAction, PartEvent, Participant};
+use dvk_protocol::peer::PeerMessage;
+use dvk_protocol::relink::{self, RelinkRecord};
+use pidvirt::{EndpointEntry, NodeId, Vpid};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot};
+
+pub enum Input {
+    Msg(MoveMsg),
+    Restored(Result<i32, String>),
+}
+
+/// `Start` from `from`: a participant machine for the move, run by a task of its own.
+pub fn start(agent: &Arc<Agent>, from: NodeId, msg: MoveMsg) {
+    let Some(tag) = msg.tag() else { return };
+    let now = super::now_ms();
+    let Some(mut machine) = Participant::new(agent.node_id(), &msg, super::timeouts(), now) else { return };
+    if machine.coordinator != from {
+        tracing::warn!(peer = %agent.node_name(from), "move start names another source; ignored");
+        return;
+    }
+    let (tx, rx) = mpsc::unbounded_channel();
+    {
+        let mut p = agent.moves.participating.lock();
+        if p.contains_key(&tag.mid) {
+            return;
+        }
+        p.insert(tag.mid, tx.clone());
+    }
+    let first = machine.start(&msg);
+    let agent = agent.clone();
+    tokio::spawn(async move {
+        let mut d = Driver { agent: agent.clone(), from, restore: None, tx };
+        let mut queue: std::collections::VecDeque<PartAction> = first.into();
+        let mut rx = rx;
+        loop {
+            while let Some(a) = queue.pop_front() {
+                execute(&mut d, &machine, a).await;
+            }
+            if machine.is_done() {
+                break;
+            }
+            let wait = Duration::from_millis(machine.deadline().saturating_sub(super::now_ms()).max(1));
+            let ev = tokio::select! {
+                i = rx.recv() => match i {
+                    Some(Input::Msg(m)) => PartEvent::Msg(m),
+                    Some(Input::Restored(r)) => PartEvent::RestoreDone(r),
+                    None => PartEvent::Tick,
+                },
+                _ = tokio::time::sleep(wait) => PartEvent::Tick,
+            };
+            queue.extend(machine.handle(super::now_ms(), ev));
+        }
+        // Answer late questions about this move for a while (a Query after a lost Committed).
+        let lingering = tokio::time::sleep(Duration::from_secs(30));
+        tokio::pin!(lingering);
+        loop {
+            tokio::select! {
+                i = rx.recv() => match i {
+                    Some(Input::Msg(m)) => {
+                        for a in machine.handle(super::now_ms(), PartEvent::Msg(m)) {
+                            execute(&mut d, &machine, a).await;
+                        }
+                    }
+                    Some(Input::Restored(r)) => {
+                        for a in machine.handle(super::now_ms(), PartEvent::RestoreDone(r)) {
+                            execute(&mut d, &machine, a).await;
+                        }
+                    }
+                    None => break,
+                },
+                _ = &mut lingering => break,
+            }
+        }
+        agent.moves.participating.lock().remove(&tag.mid);
+    });
+}
+
+/// A move message for which this node runs no machine (it missed the start, or the move is
+/// long over): answer what can be answered from the routing table.
+pub fn without_machine(agent: &Arc<Agent>, from: NodeId, msg: MoveMsg) {
+    match msg {
+        MoveMsg::Commit { tag, vpid, dest, pid } => {
+            if dest == agent.node_id() {
+                // Never restored here (or given up long ago): the source must thaw.
+                agent.send_to(from, PeerMessage::Move(MoveMsg::Outcome { tag, committed: false }));
+            } else {
+                super::route_committed(agent, vpid, tag.mid, dest, pid);
+            }
+        }
+        MoveMsg::Query { tag } => {
+            agent.send_to(from, PeerMessage::Move(MoveMsg::Outcome { tag, committed: false }));
+        }
+        MoveMsg::Restore { tag } => {
+            let why = "this node did not take part in the move's start".to_string();
+            agent.send_to(from, PeerMessage::Move(MoveMsg::Failed { tag, why }));
+        }
+        MoveMsg::Abort { tag, vpid } => super::route_rolled_back(agent, vpid, tag.mid),
+        _ => {}
+    }
+}
+
+/// What the destination keeps between restore and commit.
+struct Restoring {
+    plan: MovePlan,
+    dir: PathBuf,
+    /// Commands to the thread that holds the restored copy (ptrace is per thread).
+    holder: std::sync::mpsc::Sender<HoldCmd>,
+    pid: i32,
+    /// Our ends of the process's new sockets, by stream id.
+    stream_ends: Vec<(u64, UnixStream)>,
+    /// New listeners, by port.
+    listeners: Vec<(EndpointEntry, PathBuf, UnixListener)>,
+    link_end: UnixStream,
+    /// Kept open until the process runs (it has its own copies).
+    _replacements: Vec<OwnedFd>,
+}
+
+enum HoldCmd {
+    Resume(oneshot::Sender<Result<(), String>>),
+    Kill,
+}
+
+struct Driver {
+    agent: Arc<Agent>,
+    from: NodeId,
+    restore: Option<Restoring>,
+    tx: mpsc::UnboundedSender<Input>,
+}
+
+fn image_dir(agent: &Agent, mid: u64) -> PathBuf {
+    agent.me.image_dir.join(format!("move-{mid:x}-in"))
+}
+
+/// Where a moved process's stdout/stderr go when they could not follow it.
+pub fn log_path(runtime_dir: &Path, vpid: Vpid) -> PathBuf {
+    runtime_dir.join("logs").join(format!("{}.log", vpid.0))
+}
+
+/// The log of `vpid` on this node.
+pub fn log_path_for(agent: &Agent, vpid: Vpid) -> PathBuf {
+    log_path(&agent.me.runtime_dir, vpid)
+}
+
+/// `MoveImage` bytes from the move's source: written into the move's image directory (names
+/// are checked: the sender can only write files of that one directory).
+pub fn receive_image(agent: &Agent, from: NodeId, mid: u64, file: &str, offset: u64, bytes: &[u8]) -> bool {
+    use std::io::{Seek, SeekFrom, Write};
+    let valid = !file.is_empty()
+        && file.len() <= 64
+        && file.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        && !file.starts_with('.');
+    let known = agent.moves.participating.lock().contains_key(&mid) && (mid >> 48) as u16 == from.0;
+    if !valid || !known {
+        tracing::warn!(peer = %agent.node_name(from), file, "image data for no move of that node (or a bad name); dropped");
+        return false;
+    }
+    let dir = image_dir(agent, mid);
+    let write = || -> std::io::Result<()> {
+        std::fs::create_dir_all(&dir)?;
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))?;
+        let mut f = std::fs::OpenOptions::new().create(true).write(true).mode(0o600).open(dir.join(file))?;
+        f.seek(SeekFrom::Start(offset))?;
+        f.write_all(bytes)
+    };
+    if let Err(e) = write() {
+        tracing::error!(dir = %dir.display(), "cannot write image data: {e}");
+        return false;
+    }
+    true
+}
+
+async fn execute(d: &mut Driver, m: &Participant, action: PartAction) {
+    let agent = d.agent.clone();
+    match action {
+        PartAction::Reply(msg) => {
+            if let Some(link) = agent.link(d.from) {
+                let _ = link.write_now(PeerMessage::Move(msg)).await;
+            }
+        }
+        PartAction::MarkMigrating { .. } => super::mark_migrating(&agent, m.vpid, m.tag.mid).await,
+        PartAction::DetachStream(stream) => {
+            // Answered by on_message directly (it concerns ends, not the machine).
+            let _ = stream;
+        }
+        PartAction::StartRestore => {
+            let dir = image_dir(&agent, m.tag.mid);
+            let tx = d.tx.clone();
+            match prepare_restore(&agent, &dir).await {
+                Ok(r) => {
+                    let pid = r.pid;
+                    d.restore = Some(r);
+                    let _ = tx.send(Input::Restored(Ok(pid)));
+                }
+                Err(e) => {
+                    tracing::warn!(tag = %m.tag, "restore failed: {e}");
+                    let _ = std::fs::remove_dir_all(&dir);
+                    let _ = tx.send(Input::Restored(Err(e)));
+                }
+            }
+        }
+        PartAction::ResumeHeld => {
+            if let Some(r) = d.restore.take() {
+                resume(&agent, m, r).await;
+            }
+        }
+        PartAction::DiscardCopy => {
+            if let Some(r) = d.restore.take() {
+                let _ = r.holder.send(HoldCmd::Kill);
+                for (_, path, _) in &r.listeners {
+                    let _ = std::fs::remove_file(path);
+                }
+            }
+            let _ = std::fs::remove_dir_all(image_dir(&agent, m.tag.mid));
+        }
+        PartAction::RouteCommitted { dest, pid } => super::route_committed(&agent, m.vpid, m.tag.mid, dest, pid),
+        PartAction::RouteRolledBack => super::route_rolled_back(&agent, m.vpid, m.tag.mid),
+    }
+}
+
+/// Builds the process's new sockets, queues the Relink frame, and restores the image held.
+async fn prepare_restore(agent: &Arc<Agent>, dir: &Path) -> Result<Restoring, String> {
+    let plan_bytes = std::fs::read(dir.join(PLAN_FILE)).map_err(|e| format!("the move plan is missing: {e}"))?;
+    let plan: MovePlan = postcard::from_bytes(&plan_bytes).map_err(|e| format!("the move plan is corrupt: {e}"))?;
+    let uid = plan.entry.uid;
+    let mut external: Vec<(i32, i32)> = Vec::new();
+    let mut keep: Vec<OwnedFd> = Vec::new();
+    let mut records: Vec<RelinkRecord> = Vec::new();
+    let ino = |fd: &dyn AsRawFd| crate::sys::inode(&fd.as_raw_fd()).unwrap_or(0);
+
+    let (link_end, link_prog) = UnixStream::pair().map_err(|e| format!("socketpair: {e}"))?;
+    if let Some(l) = &plan.link {
+        records.push(RelinkRecord { fd: l.fd, old_ino: l.old_ino, new_ino: ino(&link_prog) });
+        external.push((l.fd, link_prog.as_raw_fd()));
+    }
+    keep.push(OwnedFd::from(link_prog));
+
+    let ep_dir = agent.me.runtime_dir.join(crate::endpoints::LISTENER_DIR);
+    let mut listeners = Vec::new();
+    for l in &plan.listeners {
+        let path = ep_dir.join(format!("moved-{}-{}-{:x}.sock", plan.entry.vpid.0, l.endpoint.port, plan.tag.mid));
+        let _ = std::fs::remove_file(&path);
+        let sock = UnixListener::bind(&path).map_err(|e| format!("cannot listen at {}: {e}", path.display()))?;
+        std::os::unix::fs::chown(&path, Some(uid), None).map_err(|e| format!("chown {}: {e}", path.display()))?;
+        let _ = std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600));
+        crate::sys::listen_backlog(&sock, 4096);
+        for f in &l.fds {
+            records.push(RelinkRecord { fd: f.fd, old_ino: f.old_ino, new_ino: ino(&sock) });
+            external.push((f.fd, sock.as_raw_fd()));
+        }
+        listeners.push((l.endpoint.clone(), path, sock));
+    }
+    let mut stream_ends = Vec::new();
+    for s in plan.streams.iter().filter(|s| !s.fds.is_empty()) {
+        let (ours, theirs) = UnixStream::pair().map_err(|e| format!("socketpair: {e}"))?;
+        for f in &s.fds {
+            records.push(RelinkRecord { fd: f.fd, old_ino: f.old_ino, new_ino: ino(&theirs) });
+            external.push((f.fd, theirs.as_raw_fd()));
+        }
+        keep.push(OwnedFd::from(theirs));
+        stream_ends.push((s.id, ours));
+    }
+    for c in &plan.closed {
+        let (ours, theirs) = UnixStream::pair().map_err(|e| format!("socketpair: {e}"))?;
+        for f in &c.fds {
+            records.push(RelinkRecord { fd: f.fd, old_ino: f.old_ino, new_ino: ino(&theirs) });
+            external.push((f.fd, theirs.as_raw_fd()));
+        }
+        keep.push(OwnedFd::from(theirs));
+        // Its bytes, then EOF (written by a thread: the process reads them once it runs).
+        let unread = c.unread.clone();
+        std::thread::spawn(move || {
+            use std::io::Write;
+            let mut ours = ours;
+            let _ = ours.write_all(&unread);
+            let _ = ours.shutdown(std::net::Shutdown::Write);
+        });
+    }
+    for (fd, r) in &plan.stdio {
+        let f = match r {
+            Redirect::Null => std::fs::OpenOptions::new().read(true).write(true).open("/dev/null"),
+            Redirect::Log => {
+                let path = log_path_for(agent, plan.entry.vpid);
+                let _ = std::fs::create_dir_all(path.parent().unwrap_or(Path::new("/")));
+                let f = std::fs::OpenOptions::new().create(true).append(true).mode(0o600).open(&path);
+                if f.is_ok() {
+                    let _ = std::os::unix::fs::chown(&path, Some(uid), None);
+                }
+                f
+            }
+        }
+        .map_err(|e| format!("cannot open the redirection of fd {fd}: {e}"))?;
+        external.push((*fd, f.as_raw_fd()));
+        keep.push(OwnedFd::from(f));
+    }
+    let agent_socket = agent.me.socket_path();
+    let frame = relink::encode(agent_socket.as_os_str().as_encoded_bytes(), &records)
+        .map_err(|e| format!("cannot build the relink frame: {e:?}"))?;
+    {
+        use std::io::Write;
+        (&link_end).write_all(&frame).map_err(|e| format!("cannot queue the relink frame: {e}"))?;
+    }
+
+    let (holder, cmds) = std::sync::mpsc::channel::<HoldCmd>();
+    let (ready_tx, ready_rx) = oneshot::channel();
+    let dir2 = dir.to_path_buf();
+    let opts = RestoreOptions { external_fds: external, ..Default::default() };
+    std::thread::Builder::new()
+        .name("restore-held".into())
+        .spawn(move || {
+            let held = match dvk_checkpoint::restore_held(&dir2, &opts) {
+                Ok((_, held)) => {
+                    let _ = ready_tx.send(Ok(held.pid()));
+                    held
+                }
+                Err(e) => {
+                    let _ = ready_tx.send(Err(e.to_string()));
+                    return;
+                }
+            };
+            match cmds.recv() {
+                Ok(HoldCmd::Resume(done)) => {
+                    let _ = done.send(held.resume().map_err(|e| e.to_string()));
+                }
+                // Kill, or the driver went away: the copy must not run.
+                _ => {
+                    let _ = held.kill();
+                }
+            }
+        })
+        .map_err(|e| format!("cannot start the restore thread: {e}"))?;
+    let pid = ready_rx.await.map_err(|_| "the restore thread died".to_string())??;
+    Ok(Restoring { plan, dir: dir.to_path_buf(), holder, pid, stream_ends, listeners, link_end, _replacements: keep })
+}
+
+/// Commit on the destination: register the process, reattach its streams, requeue its backlog,
+/// then let it run.
+async fn resume(agent: &Arc<Agent>, m: &Participant, r: Restoring) {
+    let plan = &r.plan;
+    let vpid = plan.entry.vpid;
+    let me = agent.node_id();
+    let start_time = crate::procinfo::read(r.pid).map(|i| i.start_time).unwrap_or(0);
+    let mut entry = plan.entry.clone();
+    entry.node = me;
+    entry.real_pid = r.pid;
+    let link_ino = crate::sys::inode(&r.link_end).unwrap_or(0);
+    {
+        let mut t = agent.tables.lock();
+        t.routing.upsert(entry.clone());
+        t.start_times.insert(vpid, start_time);
+        t.link_inodes.insert(vpid, link_ino);
+        for (ep, path, _) in &r.listeners {
+            let mut e = ep.clone();
+            e.node = me;
+            t.routing.upsert_endpoint(e.clone());
+            t.listeners.insert(e.key(), vec![path.clone()]);
+        }
+    }
+    agent.moves.epochs.lock().insert(vpid, m.tag.epoch + 1);
+    crate::registry::save_now(agent);
+
+    // Streams: our new ends, with the bytes owed first.
+    let mut ends: std::collections::HashMap<u64, UnixStream> = r.stream_ends.into_iter().collect();
+    let listener_paths: std::collections::HashMap<u16, PathBuf> =
+        r.listeners.iter().map(|(e, p, _)| (e.port, p.clone())).collect();
+    for s in &plan.streams {
+        let mut owed = Dir { pending: s.unread.clone(), ended: false };
+        owed.append(s.to_program.clone());
+        let end = if s.fds.is_empty() {
+            // Queued in a listen backlog at the freeze: queue it into the new listener, in order.
+            let Some(path) = s.backlog_of.and_then(|p| listener_paths.get(&p)) else { continue };
+            match tokio::net::UnixStream::connect(path).await {
+                Ok(c) => End::Unix(c),
+                Err(e) => {
+                    tracing::warn!(stream = s.id, "cannot requeue a backlog connection: {e}");
+                    continue;
+                }
+            }
+        } else {
+            let Some(std_end) = ends.remove(&s.id) else { continue };
+            let _ = std_end.set_nonblocking(true);
+            match tokio::net::UnixStream::from_std(std_end) {
+                Ok(e) => End::Unix(e),
+                Err(_) => continue,
+            }
+        };
+        if s.reset {
+            streams::finish_alone(end, owed);
+            continue;
+        }
+        streams::reattach_moving(agent, m.tag, s.id, end, s.moving_is_client, s.fixed_node, owed, s.to_fixed.clone())
+            .await;
+    }
+    drop(r._replacements);
+
+    // The link: the agent's end of the process's new registration connection.
+    tokio::spawn(hold_link(r.link_end));
+    let (tx, rx) = oneshot::channel();
+    let _ = r.holder.send(HoldCmd::Resume(tx));
+    match rx.await {
+        Ok(Ok(())) => tracing::info!(%vpid, pid = r.pid, tag = %m.tag, "moved process resumed here"),
+        Ok(Err(e)) => tracing::error!(%vpid, pid = r.pid, "resume failed: {e}"),
+        Err(_) => tracing::error!(%vpid, "the restore thread died before resuming"),
+    }
+    let _ = std::fs::remove_dir_all(&r.dir);
+    if let Ok(pidfd) = crate::sys::pidfd_open(r.pid) {
+        tokio::spawn(crate::local::watch_exit(agent.clone(), vpid, r.pid, pidfd));
+    }
+    agent.broadcast(PeerMessage::ProcessUp(entry));
+    for (ep, _, _) in &r.listeners {
+        let mut e = ep.clone();
+        e.node = me;
+        agent.broadcast(PeerMessage::EndpointUp(e));
+    }
+    crate::registry::save(agent);
+}
+
+/// Keeps the agent's end of a moved process's link open (the shim reads its Relink frame from
+/// it) until the process closes it.
+async fn hold_link(end: UnixStream) {
+    let _ = end.set_nonblocking(true);
+    let Ok(end) = tokio::net::UnixStream::from_std(end) else { return };
+    let mut buf = [0u8; 512];
+    loop {
+        let _ = end.readable().await;
+        match end.try_read(&mut buf) {
+            Ok(0) => return,
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(_) => return,
+        }
+    }
+}

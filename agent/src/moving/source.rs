@@ -1,0 +1,721 @@
+//! The source side of a move: the driver of [`dvk_move::Coordinator`]. It runs as one task per
+//! move; the machine decides, this code carries out its actions (freeze, detach, dump, transfer,
+//! kill or thaw) and feeds back what happened. The ptrace work runs on one thread of its own
+//! (`freezer`): only the thread that froze a process may thaw or kill it.
+
+use super::classify::{self, Classified};
+use super::plan::{ClosedPlan, FdRef, ListenerPlan, MovePlan, Redirect, StreamPlan, PLAN_FILE};
+use super::streams::{self, HeldFixed};
+use crate::relay::{self, Dir, End, HeldEnd, Inbound, Left};
+use crate::state::Agent;
+use dvk_checkpoint::sys as ck;
+use dvk_checkpoint::{DumpOptions, Frozen};
+use dvk_move::{CoordAction, CoordEvent, Coordinator, MoveMsg, MoveTag, Outcome};
+use dvk_protocol::local::{LocalResponse, MoveReport, MoveStep};
+use dvk_protocol::peer::PeerMessage;
+use pidvirt::{EndpointEntry, NodeId, ProcessEntry, Vpid};
+use std::collections::{BTreeMap, BTreeSet};
+use std::os::fd::OwnedFd;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, oneshot};
+
+/// Image bytes per MoveImage message.
+const IMAGE_CHUNK: usize = 1 << 20;
+/// At most this many unread bytes are carried per socket.
+const MAX_UNREAD: usize = 64 << 20;
+
+pub enum Input {
+    Peer(NodeId, MoveMsg),
+    Link(NodeId, bool),
+}
+
+pub struct Request {
+    pub vpid: Vpid,
+    pub dest: NodeId,
+    /// Who asks (root or the owner may move a process).
+    pub uid: u32,
+    pub reply: mpsc::UnboundedSender<LocalResponse>,
+}
+
+enum FreezeCmd {
+    Image(PathBuf, DumpOptions, oneshot::Sender<Result<dvk_checkpoint::DumpReport, String>>),
+    ExitKill(bool),
+    Kill(oneshot::Sender<()>),
+    Thaw(oneshot::Sender<Result<(), String>>),
+}
+
+/// Freezes `pid` on a thread of its own and serves commands until kill or thaw (dropping the
+/// sender thaws: the Frozen guard puts everything back).
+fn spawn_freezer(pid: i32) -> (std::sync::mpsc::Sender<FreezeCmd>, oneshot::Receiver<Result<(), String>>) {
+    let (tx, rx) = std::sync::mpsc::channel::<FreezeCmd>();
+    let (ready_tx, ready_rx) = oneshot::channel();
+    let spawned = std::thread::Builder::new().name(format!("freeze-{pid}")).spawn(move || {
+        let mut frozen = match Frozen::freeze(pid) {
+            Ok(f) => {
+                let _ = ready_tx.send(Ok(()));
+                f
+            }
+            Err(e) => {
+                let _ = ready_tx.send(Err(e.to_string()));
+                return;
+            }
+        };
+        while let Ok(cmd) = rx.recv() {
+            match cmd {
+                FreezeCmd::Image(dir, opts, done) => {
+                    let _ = done.send(dvk_checkpoint::write_image(&mut frozen, &dir, &opts).map_err(|e| e.to_string()));
+                }
+                FreezeCmd::ExitKill(on) => {
+                    if let Err(e) = frozen.set_exit_kill(on) {
+                        tracing::warn!(pid, "cannot set PTRACE_O_EXITKILL: {e}");
+                    }
+                }
+                FreezeCmd::Kill(done) => {
+                    let _ = frozen.kill();
+                    crate::sys::reap(pid);
+                    let _ = done.send(());
+                    return;
+                }
+                FreezeCmd::Thaw(done) => {
+                    let _ = frozen.set_exit_kill(false);
+                    let _ = done.send(frozen.thaw(false).map_err(|e| e.to_string()));
+                    return;
+                }
+            }
+        }
+    });
+    if let Err(e) = spawned {
+        tracing::error!("cannot start the freezer thread: {e}");
+    }
+    (tx, ready_rx)
+}
+
+/// One stream of the moving process, as the source handles it.
+struct StreamWork {
+    plan: StreamPlan,
+    /// The agent's end facing the process (original socket) — reattached on rollback.
+    moving_end: Option<HeldEnd>,
+    /// A connection taken out of a listen backlog (its bytes are in `plan.unread`).
+    backlog_conn: Option<OwnedFd>,
+    /// The stream's inbound queue, drained once the fixed end confirmed it stopped.
+    rx: Option<mpsc::UnboundedReceiver<Inbound>>,
+}
+
+struct Driver {
+    agent: Arc<Agent>,
+    entry: ProcessEntry,
+    tag: MoveTag,
+    dest: NodeId,
+    reply: mpsc::UnboundedSender<LocalResponse>,
+    freezer: Option<std::sync::mpsc::Sender<FreezeCmd>>,
+    classified: Classified,
+    endpoints: Vec<EndpointEntry>,
+    streams: BTreeMap<u64, StreamWork>,
+    closed: Vec<ClosedPlan>,
+    image_dir: PathBuf,
+    image_bytes: u64,
+    steps: Vec<MoveStep>,
+    started: Instant,
+    step_start: Instant,
+    frozen_at: Option<Instant>,
+    frozen_for: Option<Duration>,
+    log_path: Option<String>,
+}
+
+impl Driver {
+    fn step(&mut self, name: &str, detail: String) {
+        let now = Instant::now();
+        let s = MoveStep { name: name.into(), micros: (now - self.step_start).as_micros() as u64, detail };
+        self.step_start = now;
+        let _ = self.reply.send(LocalResponse::MoveStep(s.clone()));
+        self.steps.push(s);
+    }
+
+    fn freezer(&self, cmd: FreezeCmd) {
+        if let Some(f) = &self.freezer {
+            let _ = f.send(cmd);
+        }
+    }
+}
+
+/// Runs a move requested on this node (or forwarded here) to its end; the last message on
+/// `reply` is `MoveDone` or `Error`.
+pub async fn run(agent: Arc<Agent>, req: Request) {
+    let reply = req.reply.clone();
+    match prepare(&agent, &req).await {
+        Err(message) => {
+            let _ = reply.send(LocalResponse::Error { message });
+        }
+        Ok((driver, coordinator, rx)) => {
+            let vpid = req.vpid;
+            drive(driver, coordinator, rx).await;
+            agent.moves.coordinating.lock().remove(&vpid);
+        }
+    }
+}
+
+/// Checks, classifies and registers the move; nothing is changed in the process.
+async fn prepare(
+    agent: &Arc<Agent>,
+    req: &Request,
+) -> Result<(Driver, Coordinator, mpsc::UnboundedReceiver<Input>), String> {
+    let started = Instant::now();
+    let me = agent.node_id();
+    let (entry, endpoints, peers) = {
+        let t = agent.tables.lock();
+        let r = t.routing.get(req.vpid).ok_or_else(|| format!("no process with vPID {} in the cluster", req.vpid))?;
+        if r.entry.node != me {
+            return Err(format!("vPID {} runs on {}, not here", req.vpid, agent.node_name(r.entry.node)));
+        }
+        if let pidvirt::EndpointState::Migrating { migration, .. } = &r.state {
+            return Err(format!("vPID {} is already moving (move {:x})", req.vpid, migration.0));
+        }
+        let eps: Vec<EndpointEntry> = t.routing.endpoints().filter(|e| e.vpid == req.vpid).cloned().collect();
+        let peers: BTreeSet<NodeId> = t.links.keys().copied().collect();
+        (r.entry.clone(), eps, peers)
+    };
+    if req.uid != 0 && req.uid != entry.uid {
+        return Err(format!(
+            "permission denied: vPID {} (pid {}) belongs to uid {}; only root or its owner may move it",
+            entry.vpid, entry.real_pid, entry.uid
+        ));
+    }
+    if req.dest == me {
+        return Err(format!("vPID {} already runs on {}", entry.vpid, agent.node_name(me)));
+    }
+    if !peers.contains(&req.dest) {
+        return Err(format!("node {} is not linked to {} (see `migrate-cli nodes`)", agent.node_name(req.dest), agent.node_name(me)));
+    }
+    let (a, vpid, pid) = (agent.clone(), entry.vpid, entry.real_pid);
+    let classified = tokio::task::spawn_blocking(move || -> Result<Classified, String> {
+        let c = classify::classify(&a, vpid, pid).map_err(|e| format!("cannot read the fds of pid {pid}: {e}"))?;
+        let blockers = dvk_checkpoint::dump::blockers(pid, &DumpOptions { external_fds: c.external() })
+            .map_err(|e| e.to_string())?;
+        if !blockers.is_empty() {
+            let list: Vec<String> = blockers.iter().map(|b| format!("  - {b}")).collect();
+            return Err(format!(
+                "vPID {vpid} (pid {pid}) cannot move; {} blocker(s), nothing was frozen:\n{}",
+                list.len(),
+                list.join("\n")
+            ));
+        }
+        Ok(c)
+    })
+    .await
+    .map_err(|e| format!("preflight failed: {e}"))??;
+
+    let (tx, rx) = mpsc::unbounded_channel();
+    let mid = agent.moves.new_move_id(me);
+    {
+        let mut c = agent.moves.coordinating.lock();
+        if c.contains_key(&entry.vpid) {
+            return Err(format!("vPID {} is already moving", entry.vpid));
+        }
+        c.insert(entry.vpid, (mid, tx));
+    }
+    let epoch = agent.moves.epochs.lock().get(&entry.vpid).copied().unwrap_or(0);
+    let tag = MoveTag { mid, epoch };
+    let image_dir = agent.me.image_dir.join(format!("move-{mid:x}-out"));
+    let keys = endpoints.iter().map(|e| e.key()).collect();
+    let coordinator = Coordinator::new(
+        tag,
+        entry.vpid,
+        me,
+        req.dest,
+        keys,
+        peers,
+        BTreeMap::new(),
+        super::timeouts(),
+        super::now_ms(),
+    );
+    let mut d = Driver {
+        agent: agent.clone(),
+        entry,
+        tag,
+        dest: req.dest,
+        reply: req.reply.clone(),
+        freezer: None,
+        classified,
+        endpoints,
+        streams: BTreeMap::new(),
+        closed: Vec::new(),
+        image_dir,
+        image_bytes: 0,
+        steps: Vec::new(),
+        started,
+        step_start: started,
+        frozen_at: None,
+        frozen_for: None,
+        log_path: None,
+    };
+    let detail = format!(
+        "vPID {} (pid {}) {} → {}; {} fd(s) carried by the agents{}",
+        d.entry.vpid,
+        d.entry.real_pid,
+        agent.node_name(me),
+        agent.node_name(req.dest),
+        d.classified.carried.len(),
+        if d.classified.stdio.is_empty() {
+            String::new()
+        } else {
+            let s: Vec<String> = d.classified.stdio.iter().map(|(fd, _, what)| format!("fd {fd}: {what}")).collect();
+            format!("; redirected: {}", s.join(", "))
+        }
+    );
+    d.step("preflight", detail);
+    tracing::info!(vpid = %d.entry.vpid, %tag, dest = %agent.node_name(req.dest), "move started");
+    Ok((d, coordinator, rx))
+}
+
+async fn drive(mut d: Driver, mut m: Coordinator, mut rx: mpsc::UnboundedReceiver<Input>) {
+    let mut queue: std::collections::VecDeque<CoordAction> = m.start().into();
+    loop {
+        while let Some(action) = queue.pop_front() {
+            if let Some(ev) = execute(&mut d, &mut m, action).await {
+                queue.extend(m.handle(super::now_ms(), ev));
+            }
+        }
+        if m.is_done() {
+            return;
+        }
+        let deadline = m.deadline();
+        let now = super::now_ms();
+        let wait = Duration::from_millis(deadline.saturating_sub(now).max(1));
+        let ev = tokio::select! {
+            input = rx.recv() => match input {
+                Some(Input::Peer(from, msg)) => CoordEvent::Msg(from, msg),
+                Some(Input::Link(node, true)) => CoordEvent::LinkUp(node),
+                Some(Input::Link(node, false)) => CoordEvent::LinkDown(node),
+                None => CoordEvent::Tick,
+            },
+            _ = tokio::time::sleep(wait) => CoordEvent::Tick,
+        };
+        if let CoordEvent::Msg(_, MoveMsg::StartAck { .. }) = &ev {
+        } else if let CoordEvent::Msg(_, MoveMsg::Restored { .. }) = &ev {
+            d.step("restore", format!("held on {}", d.agent.node_name(d.dest)));
+        }
+        queue.extend(m.handle(super::now_ms(), ev));
+    }
+}
+
+/// Carries out one action; returns the event it produced, if any.
+async fn execute(d: &mut Driver, m: &mut Coordinator, action: CoordAction) -> Option<CoordEvent> {
+    let agent = d.agent.clone();
+    match action {
+        CoordAction::Send(node, msg) => {
+            let ok = match agent.link(node) {
+                Some(link) => link.write_now(PeerMessage::Move(msg)).await.is_ok(),
+                None => false,
+            };
+            if !ok {
+                tracing::info!(node = %agent.node_name(node), "move message not sent: no link");
+            }
+            None
+        }
+        CoordAction::MarkMigrating => {
+            super::mark_migrating(&agent, d.entry.vpid, d.tag.mid).await;
+            d.step("start", "every agent holds new connections to the process".into());
+            None
+        }
+        CoordAction::Freeze => Some(freeze(d, m).await),
+        CoordAction::DetachLocal => {
+            detach_local(d).await;
+            None
+        }
+        CoordAction::DumpAndSend => Some(dump_and_send(d).await),
+        CoordAction::KillOriginalOnExit => {
+            d.freezer(FreezeCmd::ExitKill(true));
+            None
+        }
+        CoordAction::KillOriginal => {
+            d.frozen_for = d.frozen_at.map(|t| t.elapsed());
+            d.step("commit", format!("runs on {}", agent.node_name(d.dest)));
+            let (tx, rx) = oneshot::channel();
+            d.freezer(FreezeCmd::Kill(tx));
+            let _ = rx.await;
+            d.freezer = None;
+            forget_here(d);
+            None
+        }
+        CoordAction::RouteCommitted { dest, pid } => {
+            super::route_committed(&agent, d.entry.vpid, d.tag.mid, dest, pid);
+            crate::registry::save(&agent);
+            None
+        }
+        CoordAction::ReattachLocal => {
+            reattach_here(d).await;
+            None
+        }
+        CoordAction::Thaw => {
+            let (tx, rx) = oneshot::channel();
+            d.freezer(FreezeCmd::Thaw(tx));
+            d.freezer = None;
+            if let Ok(Err(e)) = rx.await {
+                tracing::error!(vpid = %d.entry.vpid, "thaw failed: {e}");
+            }
+            d.frozen_for = d.frozen_at.map(|t| t.elapsed());
+            None
+        }
+        CoordAction::RouteRolledBack => {
+            super::route_rolled_back(&agent, d.entry.vpid, d.tag.mid);
+            None
+        }
+        CoordAction::Finish(outcome) => {
+            finish(d, outcome);
+            None
+        }
+    }
+}
+
+/// Freeze, then find every stream of the frozen process (its fds may have changed since the
+/// preflight) and take the connections waiting in its listen backlogs.
+async fn freeze(d: &mut Driver, m: &mut Coordinator) -> CoordEvent {
+    d.step_start = Instant::now();
+    let (tx, ready) = spawn_freezer(d.entry.real_pid);
+    d.frozen_at = Some(Instant::now());
+    match ready.await {
+        Ok(Ok(())) => d.freezer = Some(tx),
+        Ok(Err(e)) => return CoordEvent::FreezeFailed(e),
+        Err(_) => return CoordEvent::FreezeFailed("the freezer thread died".into()),
+    }
+    let (agent, vpid, pid) = (d.agent.clone(), d.entry.vpid, d.entry.real_pid);
+    let found = tokio::task::spawn_blocking(move || -> Result<(Classified, Vec<(u16, OwnedFd)>), String> {
+        let c = classify::classify(&agent, vpid, pid).map_err(|e| e.to_string())?;
+        let pidfd = ck::pidfd_open(pid).map_err(|e| format!("pidfd_open: {e}"))?;
+        let mut backlog = Vec::new();
+        for (ep, fds) in &c.listeners {
+            let Some(first) = fds.first() else { continue };
+            let l = ck::pidfd_getfd(&pidfd, first.fd).map_err(|e| format!("pidfd_getfd(fd {}): {e}", first.fd))?;
+            while let Ok(conn) = crate::sys::accept_now(&l) {
+                backlog.push((ep.port, conn));
+            }
+        }
+        Ok((c, backlog))
+    })
+    .await;
+    let (c, backlog) = match found {
+        Ok(Ok(x)) => x,
+        Ok(Err(e)) => return CoordEvent::FreezeFailed(e),
+        Err(e) => return CoordEvent::FreezeFailed(e.to_string()),
+    };
+    let by_inode = d.agent.relays.by_inode();
+    let mut remote = BTreeMap::new();
+    let pidfd = ck::pidfd_open(d.entry.real_pid).ok();
+    for (id, (fds, moving_is_client)) in &c.streams {
+        let unread = match (&pidfd, fds.first()) {
+            (Some(p), Some(f)) => ck::pidfd_getfd(p, f.fd).and_then(|s| ck::sock_peek(&s, MAX_UNREAD)).unwrap_or_default(),
+            _ => Vec::new(),
+        };
+        d.streams.insert(*id, StreamWork::new(*id, fds.clone(), None, *moving_is_client, unread));
+    }
+    for (port, conn) in backlog {
+        let Ok(ino) = crate::sys::inode(&conn) else { continue };
+        let peer = ck::unix_diag(ino as u32).map(|x| x.peer as u64).unwrap_or(0);
+        let Some((id, _)) = by_inode.get(&peer) else { continue };
+        let mut unread = Vec::new();
+        let mut buf = vec![0u8; 64 * 1024];
+        while let Ok(n) = crate::sys::recv_now(&conn, &mut buf) {
+            if n == 0 {
+                break;
+            }
+            unread.extend_from_slice(&buf[..n]);
+        }
+        let mut w = StreamWork::new(*id, Vec::new(), Some(port), false, unread);
+        w.backlog_conn = Some(conn);
+        d.streams.insert(*id, w);
+    }
+    for fds in &c.closed {
+        let unread = match (&pidfd, fds.first()) {
+            (Some(p), Some(f)) => ck::pidfd_getfd(p, f.fd).and_then(|s| ck::sock_peek(&s, MAX_UNREAD)).unwrap_or_default(),
+            _ => Vec::new(),
+        };
+        d.closed.push(ClosedPlan { fds: fds.clone(), unread });
+    }
+    for id in d.streams.keys() {
+        if let Some(Some(peer)) = d.agent.relays.peer_of(*id) {
+            remote.insert(*id, peer);
+        }
+    }
+    d.classified = c;
+    m.streams_found(remote);
+    let n_backlog = d.streams.values().filter(|w| w.plan.backlog_of.is_some()).count();
+    d.step("freeze", format!("{} stream(s), {} queued connection(s)", d.streams.len(), n_backlog));
+    CoordEvent::Frozen
+}
+
+impl StreamWork {
+    fn new(id: u64, fds: Vec<FdRef>, backlog_of: Option<u16>, moving_is_client: bool, unread: Vec<u8>) -> StreamWork {
+        StreamWork {
+            plan: StreamPlan {
+                id,
+                fds,
+                backlog_of,
+                moving_is_client,
+                fixed_node: NodeId(0),
+                unread,
+                to_program: Dir::default(),
+                to_fixed: Dir::default(),
+                reset: false,
+            },
+            moving_end: None,
+            backlog_conn: None,
+            rx: None,
+        }
+    }
+}
+
+/// Stops this node's relay of every stream of the frozen process and reads its tails.
+async fn detach_local(d: &mut Driver) {
+    let me = d.agent.node_id();
+    let ids: Vec<u64> = d.streams.keys().copied().collect();
+    for id in ids {
+        let detached = d.agent.relays.detach(id).await;
+        let w = d.streams.get_mut(&id).expect("listed");
+        let Some(det) = detached else {
+            // The relay had ended: both directions closed. The process keeps its bytes, then EOF.
+            w.plan.reset = true;
+            w.plan.fixed_node = me;
+            continue;
+        };
+        let moving_is_client = w.plan.moving_is_client;
+        let Some(moving) = det.ends.iter().find(|e| e.client == moving_is_client).cloned() else {
+            w.plan.reset = true;
+            continue;
+        };
+        let tail = streams::read_tail(&moving);
+        match det.left {
+            Left::Local { to_server, to_client } => {
+                let (to_program, toward_fixed) =
+                    if moving_is_client { (to_client, to_server) } else { (to_server, to_client) };
+                if let Some(fixed) = det.ends.iter().find(|e| e.client != moving_is_client).cloned() {
+                    let from_fixed = Dir { pending: Vec::new(), ended: to_program.ended };
+                    d.agent.moves.held.lock().insert(
+                        id,
+                        HeldFixed { tag: d.tag, end: fixed, to_fixed: toward_fixed, from_fixed, since: Instant::now() },
+                    );
+                }
+                w.plan.to_program = to_program;
+                w.plan.to_fixed = tail;
+                w.plan.fixed_node = me;
+            }
+            Left::Remote { mut out, inb, rx, .. } => {
+                out.append(tail);
+                w.plan.to_fixed = out;
+                w.plan.to_program = inb;
+                w.plan.fixed_node = det.peer.unwrap_or(me);
+                w.rx = Some(rx);
+            }
+        }
+        w.moving_end = Some(moving);
+    }
+    let n = d.streams.len();
+    d.step("detach", format!("{n} stream(s) held, bytes in flight accounted for"));
+}
+
+/// The fixed ends all confirmed: what they sent before is in our queues now.
+fn drain_remote_queues(d: &mut Driver) {
+    for (id, w) in d.streams.iter_mut() {
+        if let Some(mut rx) = w.rx.take() {
+            if relay::drain_inbound(&mut rx, &mut w.plan.to_program) {
+                w.plan.reset = true;
+            }
+            d.agent.remove_stream(*id);
+        }
+    }
+}
+
+fn build_plan(d: &Driver) -> MovePlan {
+    let c = &d.classified;
+    MovePlan {
+        tag: d.tag,
+        entry: d.entry.clone(),
+        source: d.agent.node_id(),
+        link: c.link.clone(),
+        listeners: c
+            .listeners
+            .iter()
+            .map(|(e, fds)| ListenerPlan { fds: fds.clone(), endpoint: e.clone() })
+            .collect(),
+        streams: d.streams.values().map(|w| w.plan.clone()).collect(),
+        closed: d.closed.clone(),
+        stdio: c.stdio.iter().map(|(fd, r, _)| (*fd, *r)).collect(),
+        endpoints: d.endpoints.clone(),
+    }
+}
+
+async fn dump_and_send(d: &mut Driver) -> CoordEvent {
+    drain_remote_queues(d);
+    let _ = std::fs::remove_dir_all(&d.image_dir);
+    let (tx, rx) = oneshot::channel();
+    let opts = DumpOptions { external_fds: d.classified.external() };
+    d.freezer(FreezeCmd::Image(d.image_dir.clone(), opts, tx));
+    let report = match rx.await {
+        Ok(Ok(r)) => r,
+        Ok(Err(e)) => return CoordEvent::DumpFailed(e),
+        Err(_) => return CoordEvent::DumpFailed("the freezer thread died".into()),
+    };
+    let plan = build_plan(d);
+    let plan_bytes = match postcard::to_allocvec(&plan) {
+        Ok(b) => b,
+        Err(e) => return CoordEvent::DumpFailed(format!("cannot encode the move plan: {e}")),
+    };
+    if let Err(e) = write_private(&d.image_dir.join(PLAN_FILE), &plan_bytes) {
+        return CoordEvent::DumpFailed(format!("cannot write the move plan: {e}"));
+    }
+    d.image_bytes = report.pages_bytes + report.manifest_bytes + plan_bytes.len() as u64;
+    d.step("dump", format!("{} MB of pages, {} mappings, {} fds", report.pages_bytes >> 20, report.vmas, report.fds));
+    match send_image(d).await {
+        Ok(sent) => {
+            let _ = std::fs::remove_dir_all(&d.image_dir);
+            d.image_bytes = sent;
+            let secs = d.step_start.elapsed().as_secs_f64().max(1e-6);
+            d.step("transfer", format!("{:.1} MB, {:.0} MB/s over the agent link", sent as f64 / 1e6, sent as f64 / 1e6 / secs));
+            CoordEvent::ImageSent
+        }
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(&d.image_dir);
+            CoordEvent::DumpFailed(format!("transfer to {}: {e}", d.agent.node_name(d.dest)))
+        }
+    }
+}
+
+fn write_private(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path)?;
+    f.write_all(bytes)
+}
+
+/// Streams every file of the image directory to the destination over the agent link.
+async fn send_image(d: &mut Driver) -> std::io::Result<u64> {
+    use tokio::io::AsyncReadExt;
+    let link = d.agent.link(d.dest).ok_or_else(|| std::io::Error::other("no link"))?;
+    let mut files: Vec<(String, u64)> = Vec::new();
+    for e in std::fs::read_dir(&d.image_dir)? {
+        let e = e?;
+        let name = e.file_name().to_string_lossy().into_owned();
+        files.push((name, e.metadata()?.len()));
+    }
+    // The plan goes last: the destination restores once it has it and Restore.
+    files.sort_by_key(|(n, _)| n == PLAN_FILE);
+    let total: u64 = files.iter().map(|(_, l)| *l).sum();
+    let mut sent = 0u64;
+    let mut last_report = Instant::now();
+    for (name, _) in files {
+        let mut f = tokio::fs::File::open(d.image_dir.join(&name)).await?;
+        let mut offset = 0u64;
+        loop {
+            let mut buf = Vec::with_capacity(IMAGE_CHUNK);
+            let n = (&mut f).take(IMAGE_CHUNK as u64).read_to_end(&mut buf).await?;
+            if n == 0 && offset > 0 {
+                break;
+            }
+            let msg = PeerMessage::MoveImage { mid: d.tag.mid, file: name.clone(), offset, bytes: buf };
+            link.write_now(msg).await.map_err(|e| std::io::Error::other(e.to_string()))?;
+            offset += n as u64;
+            sent += n as u64;
+            if last_report.elapsed() > Duration::from_millis(100) {
+                last_report = Instant::now();
+                let _ = d.reply.send(LocalResponse::MoveProgress { sent, total });
+            }
+            if n < IMAGE_CHUNK {
+                break;
+            }
+        }
+    }
+    let _ = d.reply.send(LocalResponse::MoveProgress { sent: total, total });
+    Ok(sent)
+}
+
+/// Rollback: the process stays here. Its streams go back to where they were; connections taken
+/// out of its listen backlogs are queued into its listeners again.
+async fn reattach_here(d: &mut Driver) {
+    drain_remote_queues(d);
+    let listeners: BTreeMap<u16, PathBuf> = {
+        let t = d.agent.tables.lock();
+        d.endpoints
+            .iter()
+            .filter_map(|e| t.listeners.get(&e.key()).and_then(|p| p.first()).map(|p| (e.port, p.clone())))
+            .collect()
+    };
+    let streams = std::mem::take(&mut d.streams);
+    for (id, w) in streams {
+        let p = w.plan;
+        let (end, to_program) = match (p.backlog_of, &w.moving_end) {
+            (Some(port), _) => {
+                let Some(path) = listeners.get(&port) else { continue };
+                match tokio::net::UnixStream::connect(path).await {
+                    Ok(s) => {
+                        let mut owed = Dir { pending: p.unread.clone(), ended: false };
+                        owed.append(p.to_program.clone());
+                        (End::Unix(s), owed)
+                    }
+                    Err(e) => {
+                        tracing::warn!(stream = id, "cannot requeue a backlog connection: {e}");
+                        continue;
+                    }
+                }
+            }
+            (None, Some(h)) => match End::from_held(h) {
+                Ok(e) => (e, p.to_program.clone()),
+                Err(_) => continue,
+            },
+            (None, None) => continue,
+        };
+        if p.reset {
+            streams::finish_alone(end, to_program);
+            continue;
+        }
+        streams::reattach_moving(&d.agent, d.tag, id, end, p.moving_is_client, p.fixed_node, to_program, p.to_fixed).await;
+    }
+}
+
+/// Commit: the process lives on the destination now; this node forgets it.
+fn forget_here(d: &mut Driver) {
+    let agent = &d.agent;
+    {
+        let mut t = agent.tables.lock();
+        for e in &d.endpoints {
+            for path in t.listeners.remove(&e.key()).unwrap_or_default() {
+                let _ = std::fs::remove_file(path);
+            }
+        }
+        t.start_times.remove(&d.entry.vpid);
+        t.link_inodes.remove(&d.entry.vpid);
+    }
+    agent.moves.epochs.lock().remove(&d.entry.vpid);
+    d.streams.clear();
+    crate::registry::save(agent);
+}
+
+fn finish(d: &mut Driver, outcome: Outcome) {
+    let _ = std::fs::remove_dir_all(&d.image_dir);
+    let (committed, new_pid, reason) = match &outcome {
+        Outcome::Committed { pid } => (true, *pid, None),
+        Outcome::RolledBack { reason } => (false, 0, Some(reason.clone())),
+    };
+    if !committed {
+        d.step("rollback", reason.clone().unwrap_or_default());
+    }
+    if d.classified.stdio.iter().any(|(_, r, _)| *r == Redirect::Log) && committed {
+        d.log_path = Some(format!("{} on {}", super::participant::log_path_for(&d.agent, d.entry.vpid).display(), d.agent.node_name(d.dest)));
+    }
+    let report = MoveReport {
+        vpid: d.entry.vpid,
+        from: d.agent.node_name(d.agent.node_id()),
+        to: d.agent.node_name(d.dest),
+        old_pid: d.entry.real_pid,
+        new_pid,
+        committed,
+        reason,
+        steps: d.steps.clone(),
+        image_bytes: d.image_bytes,
+        frozen_micros: d.frozen_for.map(|f| f.as_micros() as u64).unwrap_or(0),
+        total_micros: d.started.elapsed().as_micros() as u64,
+        log: d.log_path.clone(),
+    };
+    tracing::info!(vpid = %d.entry.vpid, tag = %d.tag, committed, frozen_ms = report.frozen_micros / 1000, total_ms = report.total_micros / 1000, reason = ?report.reason, "move finished");
+    let _ = d.reply.send(LocalResponse::MoveDone(report));
+}

@@ -1,0 +1,143 @@
+//! `migrate-cli move` and `migrate-cli logs`.
+
+use crate::agent_client::Target;
+use anyhow::{anyhow, bail, Context};
+use dvk_protocol::frame::{self, LOCAL_MAX_FRAME};
+use dvk_protocol::local::{LocalRequest, LocalResponse, MoveReport};
+use std::io::{IsTerminal, Write};
+use std::os::unix::net::UnixStream;
+use std::time::{Duration, Instant};
+
+#[derive(clap::Args, Debug)]
+pub struct MoveArgs {
+    /// The process: its vPID (see `migrate-cli ps`) or its real pid on the node asked.
+    pub target: i32,
+    /// The node to move it to.
+    pub node: String,
+    /// Print the report as JSON (steps, image size, frozen time, total).
+    #[arg(long)]
+    pub json: bool,
+    /// Stop waiting for the report after this many seconds (the move goes on; see `ps`).
+    #[arg(long, default_value_t = 600)]
+    pub wait: u64,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct LogsArgs {
+    /// vPID of a moved process whose stdout/stderr could not follow it.
+    pub vpid: i32,
+    /// Keep printing what it writes.
+    #[arg(short, long)]
+    pub follow: bool,
+}
+
+fn connect(target: &Target, timeout: Duration) -> anyhow::Result<UnixStream> {
+    let s = UnixStream::connect(&target.socket).map_err(|e| {
+        anyhow!("cannot reach {} at {}: {e} (is dvk-agent running?)", target.describe, target.socket.display())
+    })?;
+    s.set_read_timeout(Some(timeout))?;
+    Ok(s)
+}
+
+/// Runs a move; Ok(()) only when the process runs on the destination.
+pub fn run_move(target: &Target, args: &MoveArgs) -> anyhow::Result<()> {
+    let mut s = connect(target, Duration::from_secs(args.wait))?;
+    frame::write_frame(&mut s, &LocalRequest::Move { target: args.target, dest: args.node.clone() }, LOCAL_MAX_FRAME)
+        .with_context(|| format!("sending the move to {}", target.describe))?;
+    let tty = std::io::stderr().is_terminal() && !args.json;
+    let started = Instant::now();
+    let mut bar: Option<indicatif::ProgressBar> = None;
+    let mut out = std::io::stdout();
+    loop {
+        let event: LocalResponse = frame::read_frame(&mut s, LOCAL_MAX_FRAME)
+            .with_context(|| format!("waiting for {} (the move goes on; see `migrate-cli ps`)", target.describe))?;
+        match event {
+            LocalResponse::MoveStep(step) => {
+                if let Some(b) = bar.take() {
+                    b.finish_and_clear();
+                }
+                if !args.json {
+                    writeln!(out, "{:<10} {:>10.3} ms  {}", step.name, step.micros as f64 / 1000.0, step.detail)?;
+                }
+            }
+            LocalResponse::MoveProgress { sent, total } => {
+                if tty && bar.is_none() && started.elapsed() > Duration::from_secs(1) && sent < total {
+                    let b = indicatif::ProgressBar::new(total);
+                    b.set_style(
+                        indicatif::ProgressStyle::with_template("transfer  {bar:40} {bytes}/{total_bytes} {bytes_per_sec}")
+                            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+                    );
+                    bar = Some(b);
+                }
+                if let Some(b) = &bar {
+                    b.set_position(sent);
+                }
+            }
+            LocalResponse::MoveDone(report) => {
+                if let Some(b) = bar.take() {
+                    b.finish_and_clear();
+                }
+                return finish(&report, args.json);
+            }
+            LocalResponse::Error { message } => bail!("{} refused: {message}", target.describe),
+            other => bail!("unexpected answer from {}: {other:?}", target.describe),
+        }
+    }
+}
+
+fn finish(report: &MoveReport, json: bool) -> anyhow::Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(report)?);
+    } else if report.committed {
+        println!(
+            "moved vPID {} from {} (pid {}) to {} (pid {}): image {:.1} MB, frozen {:.1} ms, total {:.1} ms",
+            report.vpid,
+            report.from,
+            report.old_pid,
+            report.to,
+            report.new_pid,
+            report.image_bytes as f64 / 1e6,
+            report.frozen_micros as f64 / 1000.0,
+            report.total_micros as f64 / 1000.0
+        );
+        if let Some(log) = &report.log {
+            println!("stdout/stderr could not follow; they go to {log} (`migrate-cli logs {}`)", report.vpid);
+        }
+    }
+    if !report.committed {
+        bail!(
+            "move of vPID {} to {} rolled back: {}; it runs on {} as before",
+            report.vpid,
+            report.to,
+            report.reason.as_deref().unwrap_or("unknown reason"),
+            report.from
+        );
+    }
+    Ok(())
+}
+
+pub fn run_logs(target: &Target, args: &LogsArgs) -> anyhow::Result<()> {
+    let vpid = pidvirt::Vpid(args.vpid);
+    if !pidvirt::Vpid::is_virtual(args.vpid) {
+        bail!("{} is not a vPID (see `migrate-cli ps`)", args.vpid);
+    }
+    let mut offset = 0u64;
+    let mut out = std::io::stdout();
+    loop {
+        match target.request(&LocalRequest::Logs { vpid, offset })? {
+            LocalResponse::LogChunk { bytes, next, .. } => {
+                out.write_all(&bytes)?;
+                out.flush()?;
+                let empty = bytes.is_empty();
+                offset = next;
+                if empty {
+                    if !args.follow {
+                        return Ok(());
+                    }
+                    std::thread::sleep(Duration::from_millis(300));
+                }
+            }
+            other => bail!("unexpected answer from {}: {other:?}", target.describe),
+        }
+    }
+}
