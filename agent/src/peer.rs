@@ -211,7 +211,8 @@ async fn run_link(agent: Arc<Agent>, peer: NodeId, stream: TcpStream) {
     let _ = tx.try_send(agent.announcement());
 
     let out = Arc::new(tokio::sync::Mutex::new(tokio::io::BufWriter::with_capacity(LINK_BUFFER, writer)));
-    let link_id = agent.link_up(peer, crate::state::LinkHandle { tx: tx.clone(), out: out.clone() });
+    let cut = Arc::new(tokio::sync::Notify::new());
+    let link_id = agent.link_up(peer, crate::state::LinkHandle { tx: tx.clone(), out: out.clone(), cut: cut.clone() });
     crate::moving::on_link(&agent, peer, true);
     let writer_task = tokio::spawn(async move {
         // Small messages are batched in the buffer; stream payloads (larger than it)
@@ -248,7 +249,14 @@ async fn run_link(agent: Arc<Agent>, peer: NodeId, stream: TcpStream) {
     let name = agent.node_name(peer);
     let mut buffered = tokio::io::BufReader::with_capacity(LINK_BUFFER, &mut reader);
     loop {
-        let body = match tokio::time::timeout(SILENCE_LIMIT, read_body(&mut buffered, PEER_MAX_FRAME)).await {
+        let read = tokio::select! {
+            r = tokio::time::timeout(SILENCE_LIMIT, read_body(&mut buffered, PEER_MAX_FRAME)) => r,
+            _ = cut.notified() => {
+                tracing::warn!(peer = %name, "link cut on purpose");
+                break;
+            }
+        };
+        let body = match read {
             Err(_) => {
                 tracing::warn!(peer = %name, "peer silent for {SILENCE_LIMIT:?}; closing the link");
                 break;

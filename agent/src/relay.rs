@@ -174,7 +174,7 @@ pub enum Left {
     /// One end here, the other on `peer`. `out`: read from our end, not sent; `inb`: received,
     /// not written to our end; `rx`: the stream's inbound queue (more may arrive until the peer
     /// confirms it stopped too).
-    Remote { out: Dir, inb: Dir, rx: mpsc::UnboundedReceiver<Inbound>, client_side: bool },
+    Remote { out: Dir, inb: Dir, rx: mpsc::UnboundedReceiver<Inbound> },
 }
 
 struct RelayEntry {
@@ -187,7 +187,6 @@ struct RelayEntry {
 
 /// A relay taken off its sockets by [`Relays::detach`].
 pub struct Detached {
-    pub stream: u64,
     pub ends: Vec<HeldEnd>,
     pub peer: Option<NodeId>,
     pub left: Left,
@@ -248,7 +247,7 @@ impl Relays {
                 Err(_) => entry.stop.request(),
             }
         };
-        Some(Detached { stream, ends: entry.ends, peer: entry.peer, left })
+        Some(Detached { ends: entry.ends, peer: entry.peer, left })
     }
 }
 
@@ -614,7 +613,7 @@ async fn relay_remote(
     if !stop.is_set() {
         return None;
     }
-    Some(Left::Remote { out: out_left, inb: inb_left, rx, client_side })
+    Some(Left::Remote { out: out_left, inb: inb_left, rx })
 }
 
 #[allow(clippy::too_many_arguments)]

@@ -34,6 +34,8 @@ pub struct Agent {
     pub opens: Arc<OpenGate>,
     /// Moves this agent coordinates or takes part in.
     pub moves: crate::moving::Moves,
+    /// A failure the tests ask for (`DVK_TEST_FAULT`), to prove each step rolls back.
+    pub fault: Option<crate::moving::Fault>,
     next_request: AtomicU64,
     next_link: AtomicU64,
     next_stream: AtomicU64,
@@ -109,6 +111,8 @@ pub type LinkWriter = tokio::io::BufWriter<tokio::net::tcp::OwnedWriteHalf>;
 pub struct LinkHandle {
     pub tx: mpsc::Sender<PeerMessage>,
     pub out: Arc<tokio::sync::Mutex<LinkWriter>>,
+    /// Closes the link (its reader stops).
+    pub cut: Arc<tokio::sync::Notify>,
 }
 
 impl LinkHandle {
@@ -143,6 +147,7 @@ impl Agent {
             relays: Default::default(),
             opens: Arc::new(OpenGate::default()),
             moves: Default::default(),
+            fault: crate::moving::Fault::from_env(),
             streams: Mutex::new(HashMap::new()),
             next_request: AtomicU64::new(1),
             next_link: AtomicU64::new(1),
@@ -178,6 +183,13 @@ impl Agent {
             t.routing.remove_node(node);
             drop(t);
             self.reset_streams_of(node);
+        }
+    }
+
+    /// Closes the link to `node` now (it reconnects as after any failure).
+    pub fn cut_link(&self, node: NodeId) {
+        if let Some(l) = self.tables.lock().links.get(&node) {
+            l.handle.cut.notify_one();
         }
     }
 

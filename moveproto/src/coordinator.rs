@@ -61,7 +61,8 @@ pub enum CoordAction {
     /// Routes of the process and its endpoints here → Migrating (new opens wait), once every
     /// open already under way here has reached the process's listener.
     MarkMigrating,
-    /// Freeze the process (ptrace), then report Frozen / FreezeFailed.
+    /// Freeze the process (ptrace), then report Frozen / FreezeFailed. Report Frozen even if the
+    /// move ended meanwhile (the freeze outlived its timeout): the machine answers Thaw.
     Freeze,
     /// Stop this node's half of every stream of the process and read the process's unsent
     /// tails (it is frozen). Sends of StreamDetach follow this action.
@@ -190,6 +191,10 @@ impl Coordinator {
     pub fn handle(&mut self, now: Millis, ev: CoordEvent) -> Vec<CoordAction> {
         self.now = self.now.max(now);
         if self.is_done() {
+            // The freeze outlived its timeout and the move rolled back without it: let P run.
+            if ev == CoordEvent::Frozen && !self.frozen {
+                return vec![CoordAction::Thaw];
+            }
             return Vec::new();
         }
         if let CoordEvent::Msg(_, m) = &ev {

@@ -213,7 +213,8 @@ impl Participant {
         if self.is_done() {
             return;
         }
-        if self.is_destination() && self.phase != PartPhase::Started {
+        if self.is_destination() {
+            // Even before Restore: image chunks may have arrived.
             out.push(PartAction::DiscardCopy);
         }
         self.phase = PartPhase::Aborted;

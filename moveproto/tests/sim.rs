@@ -56,6 +56,8 @@ use std::collections::{BTreeMap, BTreeSet, BinaryHeap, VecDeque};
 
 const MAXN: usize = 4;
 const DEFAULT_SEEDS: u64 = 5000;
+/// How long after a move ended (here) an end detached for it and not reattached is kept.
+const EXPIRE: Millis = 3_000;
 
 /// splitmix64.
 struct Rng(u64);
@@ -114,6 +116,8 @@ enum Wire {
     /// Stream bytes `[from, to)`; `up`: fixed end → P.
     Data { s: usize, up: bool, from: u64, to: u64 },
     Reset { s: usize },
+    /// P (of that epoch) runs on the sender.
+    Announce { epoch: u64 },
     /// An image chunk; the last one carries the snapshot.
     Image { tag: MoveTag, snap: Option<Snapshot> },
 }
@@ -135,6 +139,8 @@ enum Ev {
     Activity,
     Relay { n: usize },
     StartMove,
+    /// Fixed ends at `n` still detached for `tag` are reset (nobody reattached them).
+    Expire { n: usize, gen: u64, tag: MoveTag },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -193,6 +199,8 @@ struct Copy {
     freezing: bool,
     /// The move that brought it (None: the first original).
     from: Option<MoveTag>,
+    /// Moves of P completed before this copy ran.
+    epoch: u64,
     resumed: bool,
     read_up: Vec<u64>,
     written: Vec<u64>,
@@ -240,6 +248,8 @@ struct Agent {
     parts: Vec<Participant>,
     images: BTreeMap<MoveTag, Option<Snapshot>>,
     route: Route,
+    /// The vPID epoch the route is about: older updates are ignored.
+    route_epoch: u64,
 }
 
 #[derive(Default, Clone, Debug)]
@@ -338,7 +348,7 @@ impl World {
         let nstreams = rng.range(2, 5) as usize;
         let fs: Vec<usize> = (0..nstreams).map(|_| rng.below(n as u64) as usize).collect();
         let timeouts =
-            Timeouts { start: 300, detach: 300, transfer_idle: 1_000, restore: 2_000, query_every: 100, hold: 8_000 };
+            Timeouts { start: 1_000, detach: 1_000, transfer_idle: 1_000, restore: 2_000, query_every: 100, hold: 8_000 };
         let agents = (0..n)
             .map(|_| Agent {
                 gen: 0,
@@ -346,6 +356,7 @@ impl World {
                 parts: Vec::new(),
                 images: BTreeMap::new(),
                 route: Route::At(0),
+                route_epoch: 0,
             })
             .collect();
         // P starts on node 0; every stream attached to it.
@@ -357,6 +368,7 @@ impl World {
             kill_on_exit: false,
             freezing: false,
             from: None,
+            epoch: 0,
             resumed: true,
             read_up: vec![0; nstreams],
             written: vec![0; nstreams],
@@ -442,6 +454,21 @@ impl World {
         self.at(t, Ev::Deliver { from: a, to: b, epoch });
     }
 
+    /// The agent of `n` tells `x` about P if it runs here.
+    fn announce_to(&mut self, n: usize, x: usize) {
+        if let Some(c) = self.copies.iter().find(|c| c.node == n && c.st == CSt::Running) {
+            let epoch = c.epoch;
+            self.send(n, x, Wire::Announce { epoch });
+        }
+    }
+
+    fn set_route(&mut self, n: usize, r: Route, epoch: u64) {
+        if epoch >= self.agents[n].route_epoch {
+            self.agents[n].route = r;
+            self.agents[n].route_epoch = epoch;
+        }
+    }
+
     fn relay_soon(&mut self, n: usize) {
         let d = self.rng.range(0, 30);
         self.after(d, Ev::Relay { n });
@@ -492,7 +519,14 @@ impl World {
                 continue;
             }
             for s in 0..self.fs.len() {
-                if matches!(self.copies[c].ends[s].st, MSt::Att(p) | MSt::Drain(p) if p == x) {
+                // Also a detached half whose fixed end is on x: x resets that end (detached for a
+                // move of ours) and the coordinator forgets the stream.
+                let reset = match self.copies[c].ends[s].st {
+                    MSt::Att(p) | MSt::Drain(p) => p == x,
+                    MSt::Det => self.fs[s] == x,
+                    MSt::Reset => false,
+                };
+                if reset {
                     self.reset_mend(c, s, "link down");
                 }
             }
@@ -512,6 +546,9 @@ impl World {
         tr!(self, "LINK UP n{}–n{}", a + 1, b + 1);
         self.up[a][b] = true;
         self.up[b][a] = true;
+        for (n, x) in [(a, b), (b, a)] {
+            self.announce_to(n, x);
+        }
         for (n, x) in [(a, b), (b, a)] {
             for i in 0..self.agents[n].coords.len() {
                 if !self.agents[n].coords[i].0.is_done() {
@@ -538,6 +575,7 @@ impl World {
         ag.parts.clear();
         ag.images.clear();
         ag.route = Route::Unknown;
+        ag.route_epoch = 0;
         for (c, mi) in coords {
             if !c.is_done() {
                 self.moves[mi].coord_lost = Some(c.phase().clone());
@@ -566,6 +604,7 @@ impl World {
             cp.kill_on_exit = false;
             if cp.st == CSt::Running {
                 self.agents[n].route = Route::At(n);
+                self.agents[n].route_epoch = cp.epoch;
             }
             if self.copies[c].st != CSt::Killed {
                 for s in 0..self.fs.len() {
@@ -632,6 +671,13 @@ impl World {
                     {
                         self.reset_mend(c, s, "reset by peer");
                     }
+                }
+            }
+            Wire::Announce { epoch } => {
+                let ag = &mut self.agents[n];
+                if epoch > ag.route_epoch || (epoch == ag.route_epoch && ag.route == Route::Unknown) {
+                    ag.route = Route::At(from);
+                    ag.route_epoch = epoch;
                 }
             }
             Wire::Image { tag, snap } => {
@@ -718,7 +764,11 @@ impl World {
             for a in acts {
                 match a {
                     PartAction::Reply(r) => self.send(n, from, Wire::Move(r)),
-                    PartAction::DetachStream(s) => self.detach_fixed(n, s as usize, tag, from, from),
+                    PartAction::DetachStream(s) => {
+                        self.detach_fixed(n, s as usize, tag, from, from);
+                        let gen = self.agents[n].gen;
+                        self.after(self.timeouts.hold + EXPIRE, Ev::Expire { n, gen, tag });
+                    }
                     a => self.fail(format!("without_machine returned {a:?}")),
                 }
             }
@@ -736,7 +786,7 @@ impl World {
             tr!(self, "  S n{} does {a:?}", n + 1);
             match a {
                 CoordAction::Send(x, m) => self.send(n, idx(x), Wire::Move(m)),
-                CoordAction::MarkMigrating => self.agents[n].route = Route::Migrating(tag, n),
+                CoordAction::MarkMigrating => self.set_route(n, Route::Migrating(tag, n), tag.epoch),
                 CoordAction::Freeze => {
                     self.copies[orig].freezing = true;
                     let inj = self.moves[mi].inject;
@@ -786,7 +836,7 @@ impl World {
                     }
                 }
                 CoordAction::RouteCommitted { dest, .. } => {
-                    self.agents[n].route = Route::At(idx(dest));
+                    self.set_route(n, Route::At(idx(dest)), tag.epoch + 1);
                     if !self.moves[mi].resumed {
                         self.fail(format!("{tag}: source routes to n{} but the copy never resumed", idx(dest) + 1));
                     }
@@ -847,10 +897,9 @@ impl World {
                             }
                         }
                     }
-                    if matches!(o, Outcome::Committed { .. }) {
-                        // Later moves carry the next epoch.
-                    }
                     self.moves[mi].outcome = Some(o);
+                    let gen = self.agents[n].gen;
+                    self.after(EXPIRE, Ev::Expire { n, gen, tag });
                     if self.active == Some(mi) {
                         self.move_over();
                     }
@@ -879,7 +928,7 @@ impl World {
             tr!(self, "  P n{} does {a:?}", n + 1);
             match a {
                 PartAction::Reply(m) => self.send(n, coord, Wire::Move(m)),
-                PartAction::MarkMigrating { .. } => self.agents[n].route = Route::Migrating(tag, coord),
+                PartAction::MarkMigrating { .. } => self.set_route(n, Route::Migrating(tag, coord), tag.epoch),
                 PartAction::DetachStream(s) => self.detach_fixed(n, s as usize, tag, coord, dest),
                 PartAction::StartRestore => {
                     let d = if self.moves[mi].inject.restore_slow {
@@ -904,20 +953,21 @@ impl World {
                     self.agents[n].images.remove(&tag);
                 }
                 PartAction::RouteCommitted { dest, .. } => {
-                    self.agents[n].route = Route::At(idx(dest));
+                    self.set_route(n, Route::At(idx(dest)), tag.epoch + 1);
                     if !self.moves[mi].resumed {
                         self.fail(format!("n{} routes to n{} but the copy never resumed", n + 1, idx(dest) + 1));
                     }
+                    let gen = self.agents[n].gen;
+                    self.after(EXPIRE, Ev::Expire { n, gen, tag });
                 }
                 PartAction::RouteRolledBack => {
                     if matches!(self.agents[n].route, Route::Migrating(t, _) if t == tag) {
                         self.agents[n].route = Route::At(coord);
                     }
-                    for s in 0..self.fs.len() {
-                        if self.fs[s] == n && matches!(self.fixed[s].st, FSt::Det { tag: t, .. } if t == tag) {
-                            self.reset_fixed(s, "rolled back while detached");
-                        }
-                    }
+                    // Ends still detached stay held: the source's StreamReattach follows its
+                    // Abort; ends nobody reattaches expire.
+                    let gen = self.agents[n].gen;
+                    self.after(EXPIRE, Ev::Expire { n, gen, tag });
                 }
             }
         }
@@ -977,6 +1027,11 @@ impl World {
         }
         self.agents[n].images.remove(&tag);
         self.relay_soon(n);
+        for x in 0..self.n {
+            if x != n {
+                self.announce_to(n, x);
+            }
+        }
     }
 
     // ---------------------------------------------------------------- the driver's work
@@ -996,6 +1051,11 @@ impl World {
             if self.copies[orig].st == CSt::Running {
                 self.copies[orig].st = CSt::Frozen;
             }
+            let remote: BTreeMap<u64, NodeId> = (0..self.fs.len())
+                .filter(|&s| self.fs[s] != n && self.copies[orig].ends[s].st != MSt::Reset)
+                .map(|s| (s as u64, nid(self.fs[s])))
+                .collect();
+            self.agents[n].coords[ci].0.streams_found(remote);
             CoordEvent::Frozen
         } else {
             CoordEvent::FreezeFailed("injected".into())
@@ -1064,6 +1124,7 @@ impl World {
                     kill_on_exit: false,
                     freezing: false,
                     from: Some(tag),
+                    epoch: tag.epoch + 1,
                     resumed: false,
                     read_up: snap.read_up.clone(),
                     written: snap.written.clone(),
@@ -1412,6 +1473,15 @@ impl World {
             Ev::Activity => self.activity(),
             Ev::Relay { n } => self.relay(n),
             Ev::StartMove => self.start_move(),
+            Ev::Expire { n, gen, tag } => {
+                if self.agents[n].gen == gen {
+                    for s in 0..self.fs.len() {
+                        if self.fs[s] == n && matches!(self.fixed[s].st, FSt::Det { tag: t, .. } if t == tag) {
+                            self.reset_fixed(s, "detached end expired");
+                        }
+                    }
+                }
+            }
         }
     }
 

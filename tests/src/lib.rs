@@ -11,6 +11,7 @@
 //! namespaces and files — also when the test panics. Namespaces left behind by
 //! a test process that died are removed by the next cluster that starts.
 
+pub mod moving;
 pub mod net;
 pub mod programs;
 
@@ -226,6 +227,18 @@ impl Cluster {
     }
 
     pub fn start_agent(&mut self, i: usize) {
+        self.start_agent_env(i, &[]);
+    }
+
+    /// Restarts node `i`'s agent with extra environment (e.g. `DVK_TEST_FAULT`), and waits
+    /// for the mesh to form again.
+    pub fn restart_agent_with(&mut self, i: usize, env: &[(&str, &str)]) {
+        self.stop_agent(i);
+        self.start_agent_env(i, env);
+        self.wait_mesh();
+    }
+
+    fn start_agent_env(&mut self, i: usize, env: &[(&str, &str)]) {
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.nodes[i].log).unwrap();
         let child = self
             .command(i, bin_dir().join("dvk-agent"))
@@ -233,6 +246,7 @@ impl Cluster {
             .arg(&self.config)
             .args(["--node", &self.nodes[i].name, "--log-level", "debug"])
             .env_remove("LD_PRELOAD")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)

@@ -20,6 +20,38 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 
+/// Failures the end-to-end tests inject (environment variable `DVK_TEST_FAULT` of the agent),
+/// each at one step of a move, to prove that step rolls back. Inert unless set.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fault {
+    /// Destination: flip a byte of the received page file (the restore's checksum must catch it).
+    CorruptImage,
+    /// Destination: the restore fails (as when a mapped file is missing there).
+    FailRestore,
+    /// Destination: stop reading the link once the image starts arriving (a hung node).
+    StallImage,
+    /// Source: cut the link to the destination just before sending Commit (Commit lost).
+    CutBeforeCommit,
+}
+
+impl Fault {
+    pub fn from_env() -> Option<Fault> {
+        let v = std::env::var("DVK_TEST_FAULT").ok()?;
+        let f = match v.as_str() {
+            "corrupt-image" => Fault::CorruptImage,
+            "fail-restore" => Fault::FailRestore,
+            "stall-image" => Fault::StallImage,
+            "cut-before-commit" => Fault::CutBeforeCommit,
+            other => {
+                tracing::warn!("unknown DVK_TEST_FAULT `{other}` ignored");
+                return None;
+            }
+        };
+        tracing::warn!(fault = ?f, "test fault injection is on (DVK_TEST_FAULT)");
+        Some(f)
+    }
+}
+
 /// A fixed end nobody reattached for this long is closed.
 const HELD_MAX_AGE: Duration = Duration::from_secs(120);
 

@@ -170,6 +170,10 @@ pub fn receive_image(agent: &Agent, from: NodeId, mid: u64, file: &str, offset: 
         return false;
     }
     let dir = image_dir(agent, mid);
+    if agent.fault == Some(super::Fault::StallImage) {
+        tracing::warn!(mid, "test fault: stalling the image transfer (this node stops reading its link)");
+        std::thread::sleep(Duration::from_secs(60));
+    }
     let write = || -> std::io::Result<()> {
         std::fs::create_dir_all(&dir)?;
         std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))?;
@@ -234,6 +238,24 @@ async fn execute(d: &mut Driver, m: &Participant, action: PartAction) {
 
 /// Builds the process's new sockets, queues the Relink frame, and restores the image held.
 async fn prepare_restore(agent: &Arc<Agent>, dir: &Path) -> Result<Restoring, String> {
+    match agent.fault {
+        Some(super::Fault::FailRestore) => return Err("test fault: the restore fails on this node".into()),
+        Some(super::Fault::CorruptImage) => {
+            use std::io::{Read, Seek, SeekFrom, Write};
+            tracing::warn!("test fault: corrupting the received page file");
+            let mut f = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(dir.join("pages.img"))
+                .map_err(|e| format!("pages.img: {e}"))?;
+            let mut b = [0u8; 1];
+            let at = f.metadata().map(|m| m.len() / 2).unwrap_or(0);
+            let _ = f.seek(SeekFrom::Start(at)).and_then(|_| f.read_exact(&mut b));
+            b[0] ^= 0x5a;
+            let _ = f.seek(SeekFrom::Start(at)).and_then(|_| f.write_all(&b));
+        }
+        _ => {}
+    }
     let plan_bytes = std::fs::read(dir.join(PLAN_FILE)).map_err(|e| format!("the move plan is missing: {e}"))?;
     let plan: MovePlan = postcard::from_bytes(&plan_bytes).map_err(|e| format!("the move plan is corrupt: {e}"))?;
     let uid = plan.entry.uid;

@@ -305,6 +305,11 @@ async fn execute(d: &mut Driver, m: &mut Coordinator, action: CoordAction) -> Op
     let agent = d.agent.clone();
     match action {
         CoordAction::Send(node, msg) => {
+            if agent.fault == Some(super::Fault::CutBeforeCommit) && matches!(msg, MoveMsg::Commit { .. }) && node == d.dest {
+                tracing::warn!("test fault: the Commit is lost with the link to the destination");
+                agent.cut_link(node);
+                return None;
+            }
             let ok = match agent.link(node) {
                 Some(link) => link.write_now(PeerMessage::Move(msg)).await.is_ok(),
                 None => false,
@@ -613,7 +618,11 @@ async fn send_image(d: &mut Driver) -> std::io::Result<u64> {
                 break;
             }
             let msg = PeerMessage::MoveImage { mid: d.tag.mid, file: name.clone(), offset, bytes: buf };
-            link.write_now(msg).await.map_err(|e| std::io::Error::other(e.to_string()))?;
+            let idle = Duration::from_millis(super::timeouts().transfer_idle);
+            match tokio::time::timeout(idle, link.write_now(msg)).await {
+                Ok(r) => r.map_err(|e| std::io::Error::other(e.to_string()))?,
+                Err(_) => return Err(std::io::Error::other(format!("no progress for {idle:?}"))),
+            }
             offset += n as u64;
             sent += n as u64;
             if last_report.elapsed() > Duration::from_millis(100) {
