@@ -79,8 +79,11 @@ fn run(args: Args) -> anyhow::Result<()> {
             .await
             .with_context(|| format!("cannot listen for peers on {}", me.peer_addr))?;
         let ingress = endpoints::bind_ingress(&me.ingress).await?;
-        let agent = Arc::new(state::Agent::new(config.clone(), me.clone(), key, vpids));
-        tracing::info!(node = %me.name, id = me.id, peers = %me.peer_addr, socket = %socket_path.display(), "agent started");
+        // Move images are staged in memory: a fresh 0700 directory on tmpfs, removed at exit.
+        let staging = tempfile::Builder::new().prefix("dvk-moves-").tempdir_in("/dev/shm").ok();
+        let staging_path = staging.as_ref().map(|d| d.path().to_path_buf()).unwrap_or_else(|| me.image_dir.clone());
+        let agent = Arc::new(state::Agent::new(config.clone(), me.clone(), key, vpids, staging_path));
+        tracing::info!(node = %me.name, id = me.id, peers = %me.peer_addr, socket = %socket_path.display(), staging = %agent.staging.display(), "agent started");
 
         let recovered = registry::recover(&agent);
         if recovered > 0 {

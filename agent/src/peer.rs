@@ -51,6 +51,17 @@ async fn read_body<R: AsyncRead + Unpin>(r: &mut R, max: usize) -> Result<Vec<u8
 /// Writes one message; stream payloads take the zero-copy path.
 pub(crate) async fn write_any<W: AsyncWrite + Unpin>(w: &mut W, msg: PeerMessage) -> Result<(), FrameError> {
     match msg {
+        PeerMessage::MoveImage { mid, file, offset, bytes } => {
+            let mut prefix = [0u8; dvk_protocol::peer::move_image::MAX_PREFIX];
+            match dvk_protocol::peer::move_image::prefix(mid, &file, offset, bytes.len(), &mut prefix) {
+                Some(n) => {
+                    w.write_all(&prefix[..n]).await?;
+                    w.write_all(&bytes).await?;
+                    Ok(())
+                }
+                None => write_msg(w, &PeerMessage::MoveImage { mid, file, offset, bytes }).await,
+            }
+        }
         PeerMessage::StreamData { stream, bytes } => {
             let mut prefix = [0u8; stream_data::MAX_PREFIX];
             let n = stream_data::prefix(stream, bytes.len(), &mut prefix);
@@ -274,6 +285,13 @@ async fn run_link(agent: Arc<Agent>, peer: NodeId, stream: TcpStream) {
             stream_payload(&agent, peer, stream, body, offset);
             continue;
         }
+        // Image bytes of a move are written from the received buffer, without decoding.
+        if let Some((mid, file, offset, at)) = dvk_protocol::peer::move_image::parse(&body) {
+            tokio::task::block_in_place(|| {
+                crate::moving::participant::receive_image(&agent, peer, mid, file, offset, &body[at..])
+            });
+            continue;
+        }
         let msg = match frame::decode(&body) {
             Ok(msg) => msg,
             Err(e) => {
@@ -358,6 +376,9 @@ fn handle(agent: &Arc<Agent>, peer: NodeId, msg: PeerMessage) -> bool {
             tokio::task::block_in_place(|| {
                 crate::moving::participant::receive_image(agent, peer, mid, &file, offset, &bytes)
             });
+        }
+        PeerMessage::MoveImageSize { mid, file, len } => {
+            crate::moving::participant::image_size(agent, peer, mid, &file, len);
         }
         PeerMessage::MoveForward { request, vpid, dest, uid } => crate::moving::serve_forwarded(agent, peer, request, vpid, dest, uid),
         PeerMessage::MoveForwardEvent { request, event } => crate::moving::forwarded_event(agent, peer, request, event),

@@ -34,6 +34,9 @@ pub struct Agent {
     pub opens: Arc<OpenGate>,
     /// Moves this agent coordinates or takes part in.
     pub moves: crate::moving::Moves,
+    /// Where moves stage images: a private directory on tmpfs (/dev/shm) when there is one,
+    /// else the node's image dir. Page data must not go through a disk on the way.
+    pub staging: PathBuf,
     /// A failure the tests ask for (`DVK_TEST_FAULT`), to prove each step rolls back.
     pub fault: Option<crate::moving::Fault>,
     next_request: AtomicU64,
@@ -126,7 +129,7 @@ impl LinkHandle {
 }
 
 impl Agent {
-    pub fn new(config: Config, me: NodeConfig, key: ClusterKey, vpids: VpidStore) -> Self {
+    pub fn new(config: Config, me: NodeConfig, key: ClusterKey, vpids: VpidStore, staging: PathBuf) -> Self {
         let node = NodeId(me.id);
         Agent {
             config,
@@ -148,6 +151,7 @@ impl Agent {
             opens: Arc::new(OpenGate::default()),
             moves: Default::default(),
             fault: crate::moving::Fault::from_env(),
+            staging,
             streams: Mutex::new(HashMap::new()),
             next_request: AtomicU64::new(1),
             next_link: AtomicU64::new(1),

@@ -3,6 +3,7 @@
 
 mod checkpoint_bench;
 mod getpid_bench;
+mod move_bench;
 mod net_bench;
 
 use clap::{Parser, Subcommand};
@@ -46,6 +47,9 @@ enum Bench {
         #[arg(long, default_value_t = 1000)]
         bulk_mb: usize,
     },
+    /// A live move (`migrate-cli move`) as its client sees it, at 2.5, 64 and 256 MB, vs a local
+    /// dump + restore of the same process (root).
+    Move(move_bench::MoveBenchArgs),
 }
 
 fn main() {
@@ -55,6 +59,7 @@ fn main() {
         Bench::Fork { forks, repeats } => getpid_bench::run_fork(forks, repeats),
         Bench::Net { rounds, bulk_mb } => net_bench::run(rounds, bulk_mb),
         Bench::Checkpoint(args) => checkpoint_bench::run(&args),
+        Bench::Move(args) => move_bench::run(&args),
     };
     if let Err(e) = result {
         eprintln!("dvk-bench: {e:#}");

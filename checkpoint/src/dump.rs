@@ -27,6 +27,8 @@ pub struct DumpOptions {
     /// fds not to inspect: recorded as external, replaced by the caller at restore (the dvk
     /// agent link and virtual sockets).
     pub external_fds: Vec<i32>,
+    /// Send page data there instead of writing pages.img (the other files are still written).
+    pub pages_to: Option<image::PagesTo>,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -207,7 +209,10 @@ fn collect_all(f: &mut Frozen, dir: &Path, opts: &DumpOptions, clk: &mut Clock) 
     let files = files::collect(pid, &opts.external_fds)?;
     clk.lap("collect");
 
-    let mut sink = PageSink::create(dir)?;
+    let mut sink = match &opts.pages_to {
+        Some(out) => PageSink::to(dir, out.clone()),
+        None => PageSink::create(dir)?,
+    };
     let memory = memory::collect(pid, &maps, &mut sink)?;
     let memfds = memfd::collect(pid, &files, &memory, dir)?;
     clk.lap("pages");

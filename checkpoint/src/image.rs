@@ -145,20 +145,28 @@ pub struct Image {
 /// Reads and verifies an image (manifest header and checksum, page file length and every run's
 /// checksum) without creating anything.
 pub fn read(dir: &Path) -> Result<Image> {
+    let ppath = dir.join(PAGES);
+    let f = File::open(&ppath).map_err(io_at(&ppath))?;
+    let len = f.metadata().map_err(io_at(&ppath))?.len();
+    let pages = MappedFile::map(&f, len as usize).map_err(io_at(&ppath))?;
+    read_with_pages(dir, pages)
+}
+
+/// [`read`], with the page data already in memory (received over the network into an
+/// anonymous mapping) instead of in pages.img. Every check is the same.
+pub fn read_with_pages(dir: &Path, pages: MappedFile) -> Result<Image> {
     let mpath = dir.join(MANIFEST);
     let bytes = std::fs::read(&mpath).map_err(io_at(&mpath))?;
     let manifest = decode_manifest(&bytes, &mpath)?;
     let ppath = dir.join(PAGES);
-    let f = File::open(&ppath).map_err(io_at(&ppath))?;
-    let len = f.metadata().map_err(io_at(&ppath))?.len();
+    let len = pages.bytes().len() as u64;
     if len < manifest.pages_len {
         return Err(Error::Truncated {
             path: ppath,
             what: format!("page data: {len} of {} bytes", manifest.pages_len),
         });
     }
-    let pages = MappedFile::map(&f, manifest.pages_len as usize).map_err(io_at(&ppath))?;
-    let b = pages.bytes();
+    let b = &pages.bytes()[..manifest.pages_len as usize];
     for v in &manifest.memory.vmas {
         for r in &v.runs {
             let end = r.off.checked_add(r.len).filter(|&e| e <= manifest.pages_len);
@@ -182,9 +190,50 @@ pub fn read(dir: &Path) -> Result<Image> {
 /// buffer, CRC32 of each run, `pwrite` at its offset — by two threads on disjoint halves above
 /// 64 MiB (reading another process's memory and filling the page cache both scale with cores).
 pub struct PageSink {
-    file: File,
+    out: Box<dyn PageOut>,
     path: PathBuf,
     off: u64,
+}
+
+/// Where page data goes: pages.img by default, or anything else that takes it by offset (the
+/// dvk agent streams it straight onto the link to the destination during a move, so pages never
+/// pass through a file on the source).
+pub trait PageOut: Send + Sync {
+    /// Called once the runs are planned, before any data: the page data is `len` bytes.
+    fn reserve(&self, _len: u64) -> std::io::Result<()> {
+        Ok(())
+    }
+    /// `buf` belongs at offset `off` of the page data (calls may come from two threads, for
+    /// disjoint ranges).
+    fn write_at(&self, buf: &[u8], off: u64) -> std::io::Result<()>;
+}
+
+struct FileOut(File);
+
+impl PageOut for FileOut {
+    fn write_at(&self, buf: &[u8], off: u64) -> std::io::Result<()> {
+        use std::os::unix::fs::FileExt;
+        self.0.write_all_at(buf, off)
+    }
+}
+
+/// A [`PageOut`] a caller provides through [`crate::DumpOptions::pages_to`].
+#[derive(Clone)]
+pub struct PagesTo(pub std::sync::Arc<dyn PageOut>);
+
+impl std::fmt::Debug for PagesTo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PagesTo(..)")
+    }
+}
+
+impl PageOut for PagesTo {
+    fn reserve(&self, len: u64) -> std::io::Result<()> {
+        self.0.reserve(len)
+    }
+    fn write_at(&self, buf: &[u8], off: u64) -> std::io::Result<()> {
+        self.0.write_at(buf, off)
+    }
 }
 
 /// Largest run: one run always fits one read buffer, so its CRC is computed in one go.
@@ -195,7 +244,12 @@ impl PageSink {
     pub fn create(dir: &Path) -> Result<PageSink> {
         let path = dir.join(PAGES);
         let file = create_file(&path)?;
-        Ok(PageSink { file, path, off: 0 })
+        Ok(PageSink { out: Box::new(FileOut(file)), path, off: 0 })
+    }
+
+    /// Page data goes to `out` instead of pages.img in `dir`.
+    pub fn to(dir: &Path, out: PagesTo) -> PageSink {
+        PageSink { out: Box::new(out), path: dir.join(PAGES), off: 0 }
     }
 
     pub fn len(&self) -> u64 {
@@ -224,6 +278,7 @@ impl PageSink {
     /// Reads every planned run from `pid`, fills in its CRC and writes it at its offset.
     /// `readable`: false for runs of VMAs without read permission (read through /proc/PID/mem).
     pub fn fill(&self, pid: Pid, jobs: &mut [(&mut Run, bool)]) -> Result<()> {
+        self.out.reserve(self.off).map_err(io_at(&self.path))?;
         let total: u64 = jobs.iter().map(|j| j.0.len).sum();
         if total < (64 << 20) {
             return self.fill_part(pid, jobs);
@@ -246,7 +301,6 @@ impl PageSink {
     }
 
     fn fill_part(&self, pid: Pid, jobs: &mut [(&mut Run, bool)]) -> Result<()> {
-        use std::os::unix::fs::FileExt;
         let need: u64 = jobs.iter().map(|j| j.0.len).sum();
         let mut buf = vec![0u8; need.min(MAX_RUN) as usize];
         let mut i = 0;
@@ -288,7 +342,7 @@ impl PageSink {
                 r.0.crc = crc32fast::hash(&buf[o..o + l]);
                 o += l;
             }
-            self.file.write_all_at(&buf[..total], first).map_err(io_at(&self.path))?;
+            self.out.write_at(&buf[..total], first).map_err(io_at(&self.path))?;
             i = j;
         }
         Ok(())

@@ -48,6 +48,22 @@ pub fn restore(dir: &std::path::Path, opts: &RestoreOptions) -> Result<RestoreRe
     Ok(rep)
 }
 
+/// [`restore_held`] with the page data already in memory (`pages`, e.g. received over the
+/// network into [`sys::MappedFile::anonymous`]) instead of in `dir/pages.img`.
+pub fn restore_held_with_pages(
+    dir: &std::path::Path,
+    pages: sys::MappedFile,
+    opts: &RestoreOptions,
+) -> Result<(RestoreReport, Held)> {
+    let t = std::time::Instant::now();
+    let img = image::read_with_pages(dir, pages)?;
+    let read = t.elapsed();
+    let (mut rep, held) = rebuild::restore_held(&img, opts)?;
+    rep.phases.insert(0, ("read", read));
+    rep.total += read;
+    Ok((rep, held))
+}
+
 /// [`restore`], leaving the process complete but held in a ptrace stop until
 /// [`Held::resume`] (a move's commit) or [`Held::kill`]/drop (its rollback).
 pub fn restore_held(dir: &std::path::Path, opts: &RestoreOptions) -> Result<(RestoreReport, Held)> {

@@ -263,13 +263,15 @@ pub fn pread_exact(fd: &impl AsRawFd, buf: &mut [u8], off: u64) -> io::Result<()
 pub struct MappedFile {
     ptr: *mut u8,
     len: usize,
+    /// Made by [`MappedFile::anonymous`]: [`MappedFile::write_at`] may write into it.
+    writable: bool,
 }
 // SAFETY: the mapping is read-only and owned by this value.
 unsafe impl Send for MappedFile {}
 impl MappedFile {
     pub fn map(file: &std::fs::File, len: usize) -> io::Result<MappedFile> {
         if len == 0 {
-            return Ok(MappedFile { ptr: std::ptr::NonNull::dangling().as_ptr(), len: 0 });
+            return Ok(MappedFile { ptr: std::ptr::NonNull::dangling().as_ptr(), len: 0, writable: false });
         }
         // SAFETY: new read-only mapping of an open file; the kernel chooses the address.
         let p =
@@ -277,8 +279,48 @@ impl MappedFile {
         if p == libc::MAP_FAILED {
             return Err(io::Error::last_os_error());
         }
-        Ok(MappedFile { ptr: p.cast(), len })
+        Ok(MappedFile { ptr: p.cast(), len, writable: false })
     }
+    /// A private anonymous read-write mapping of `len` bytes (transparent huge pages asked
+    /// for: page data received over the network is written here, then read by the restore).
+    pub fn anonymous(len: usize) -> io::Result<MappedFile> {
+        if len == 0 {
+            return Ok(MappedFile { ptr: std::ptr::NonNull::dangling().as_ptr(), len: 0, writable: false });
+        }
+        // SAFETY: a new anonymous mapping; the kernel chooses the address.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: advice on the mapping just created; failure only loses the hint.
+        unsafe { libc::madvise(p, len, libc::MADV_HUGEPAGE) };
+        Ok(MappedFile { ptr: p.cast(), len, writable: true })
+    }
+
+    /// Copies `data` to offset `off` of an [`MappedFile::anonymous`] mapping.
+    pub fn write_at(&mut self, off: usize, data: &[u8]) -> io::Result<()> {
+        let end = off.checked_add(data.len()).filter(|&e| e <= self.len);
+        if !self.writable {
+            return Err(io::Error::new(io::ErrorKind::PermissionDenied, "a file's mapping is read-only"));
+        }
+        if end.is_none() {
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, "write past the end of the page data"));
+        }
+        // SAFETY: off..off+len is inside the mapping (checked above), which is writable (made by
+        // `anonymous`) and exclusively borrowed.
+        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), self.ptr.add(off), data.len()) };
+        Ok(())
+    }
+
     pub fn bytes(&self) -> &[u8] {
         // SAFETY: ptr/len describe a live read-only mapping owned by self.
         unsafe { std::slice::from_raw_parts(self.ptr, self.len) }

@@ -167,7 +167,7 @@ fn check_process(
             ext.push(d.fd);
         }
     }
-    let blockers = dvk_checkpoint::blockers(pid, &DumpOptions { external_fds: ext })?;
+    let blockers = dvk_checkpoint::blockers(pid, &DumpOptions { external_fds: ext, ..Default::default() })?;
     let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default().trim_end().to_string();
     Ok(ProcessReport { pid, vpid: resolved.vpid, comm, agent, redirected, blockers })
 }

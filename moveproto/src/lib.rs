@@ -38,6 +38,8 @@
 
 pub mod coordinator;
 pub mod participant;
+#[cfg(test)]
+mod tests;
 
 use pidvirt::{EndpointKey, NodeId, Vpid};
 use serde::{Deserialize, Serialize};

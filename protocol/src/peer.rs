@@ -134,6 +134,13 @@ pub enum PeerMessage {
         request: u64,
         response: crate::local::LocalResponse,
     },
+    /// File `file` of move `mid`'s image will be `len` bytes (sent before its data, so the
+    /// receiver can hold it in memory).
+    MoveImageSize {
+        mid: u64,
+        file: String,
+        len: u64,
+    },
 }
 
 /// Bytes a stream direction may have in flight (sent, not yet written to the program).
@@ -141,6 +148,121 @@ pub enum PeerMessage {
 pub const STREAM_WINDOW: u32 = 1024 * 1024;
 /// Largest payload of one `StreamData`.
 pub const STREAM_CHUNK: usize = 256 * 1024;
+
+/// The fast path for image bytes during a move (`MoveImage`), like [`stream_data`]: written as
+/// a prefix and the payload straight from the sender's buffer, read back as an offset into the
+/// received body. The bytes on the wire are exactly postcard's encoding (tested below).
+pub mod move_image {
+    use super::PeerMessage;
+    use crate::frame::HEADER_LEN;
+
+    /// Longest file name carried.
+    pub const MAX_NAME: usize = 64;
+    /// Longest prefix: frame header + variant + mid + name (length + bytes) + offset + length.
+    pub const MAX_PREFIX: usize = HEADER_LEN + 2 + 10 + 1 + MAX_NAME + 10 + 10;
+
+    fn variant() -> u8 {
+        static VARIANT: std::sync::OnceLock<u8> = std::sync::OnceLock::new();
+        *VARIANT.get_or_init(|| {
+            postcard::to_allocvec(&PeerMessage::MoveImage { mid: 0, file: String::new(), offset: 0, bytes: Vec::new() })
+                .expect("encodes")[0]
+        })
+    }
+
+    fn put_varint(mut v: u64, out: &mut [u8], at: &mut usize) {
+        loop {
+            let byte = (v & 0x7f) as u8;
+            v >>= 7;
+            if v == 0 {
+                out[*at] = byte;
+                *at += 1;
+                return;
+            }
+            out[*at] = byte | 0x80;
+            *at += 1;
+        }
+    }
+
+    fn take_varint(b: &[u8], at: &mut usize) -> Option<u64> {
+        let mut v: u64 = 0;
+        for shift in (0..70).step_by(7) {
+            let byte = *b.get(*at)?;
+            *at += 1;
+            v |= ((byte & 0x7f) as u64).checked_shl(shift)?;
+            if byte & 0x80 == 0 {
+                return Some(v);
+            }
+        }
+        None
+    }
+
+    /// Frame header and message prefix for `len` payload bytes; None if `file` is too long.
+    pub fn prefix(mid: u64, file: &str, offset: u64, len: usize, out: &mut [u8; MAX_PREFIX]) -> Option<usize> {
+        if file.len() > MAX_NAME {
+            return None;
+        }
+        let mut at = HEADER_LEN;
+        out[at] = variant();
+        at += 1;
+        put_varint(mid, out, &mut at);
+        put_varint(file.len() as u64, out, &mut at);
+        out[at..at + file.len()].copy_from_slice(file.as_bytes());
+        at += file.len();
+        put_varint(offset, out, &mut at);
+        put_varint(len as u64, out, &mut at);
+        let body_len = (at - HEADER_LEN + len) as u32;
+        out[..HEADER_LEN].copy_from_slice(&body_len.to_le_bytes());
+        Some(at)
+    }
+
+    /// If `body` is a `MoveImage`: (mid, file, offset, where the payload starts).
+    pub fn parse(body: &[u8]) -> Option<(u64, &str, u64, usize)> {
+        if *body.first()? != variant() {
+            return None;
+        }
+        let mut at = 1;
+        let mid = take_varint(body, &mut at)?;
+        let name_len = take_varint(body, &mut at)? as usize;
+        let name = std::str::from_utf8(body.get(at..at.checked_add(name_len)?)?).ok()?;
+        at += name_len;
+        let offset = take_varint(body, &mut at)?;
+        let len = take_varint(body, &mut at)?;
+        (len == (body.len() - at) as u64).then_some((mid, name, offset, at))
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+        use crate::frame::{encode, PEER_MAX_FRAME};
+
+        #[test]
+        fn fast_path_is_postcards_encoding() {
+            for (mid, file, offset, len) in
+                [(0u64, "pages.img", 0u64, 0usize), (1 << 48 | 7, "manifest.img", 300, 5), (u64::MAX, "x", u64::MAX, 1 << 20)]
+            {
+                let payload: Vec<u8> = (0..len).map(|i| i as u8).collect();
+                let msg = PeerMessage::MoveImage { mid, file: file.into(), offset, bytes: payload.clone() };
+                let reference = encode(&msg, PEER_MAX_FRAME).unwrap();
+                let mut p = [0u8; MAX_PREFIX];
+                let n = prefix(mid, file, offset, len, &mut p).unwrap();
+                let mut fast = p[..n].to_vec();
+                fast.extend_from_slice(&payload);
+                assert_eq!(fast, reference);
+                assert_eq!(parse(&reference[HEADER_LEN..]), Some((mid, file, offset, n - HEADER_LEN)));
+            }
+        }
+
+        #[test]
+        fn lies_are_not_move_image() {
+            let mut p = [0u8; MAX_PREFIX];
+            let n = prefix(1, "pages.img", 0, 10, &mut p).unwrap();
+            let mut short = p[HEADER_LEN..n].to_vec();
+            short.extend_from_slice(&[0; 9]);
+            assert_eq!(parse(&short), None);
+            assert!(prefix(1, &"a".repeat(65), 0, 1, &mut p).is_none());
+        }
+    }
+}
 
 /// The fast path for the one message that carries bulk bytes: `StreamData` is
 /// written as a small prefix followed by the payload straight from the

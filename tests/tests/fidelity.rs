@@ -521,7 +521,7 @@ fn external_fd_replaced() {
     // Not marked external, the link (its peer is outside the process) is refused by name.
     let e = ck::dump(p.pid, &p.img(0), AfterDump::Kill).unwrap_err().to_string();
     assert!(e.contains(&format!("fd {fd} (socket:[")) && e.contains("both ends"), "{e}");
-    let opts = ck::DumpOptions { external_fds: vec![fd] };
+    let opts = ck::DumpOptions { external_fds: vec![fd], ..Default::default() };
     ck::dump_with(p.pid, &p.img(1), AfterDump::Kill, &opts).unwrap();
     wait_exit(p.pid, Duration::from_secs(5));
     // Without a replacement the restore is refused before anything is created.

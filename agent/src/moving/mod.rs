@@ -70,6 +70,8 @@ pub struct Moves {
     next_move: std::sync::atomic::AtomicU64,
     /// Moves completed per vPID that left this node (the next epoch).
     pub epochs: Mutex<HashMap<Vpid, u64>>,
+    /// Page data of incoming moves, received into memory, by move id.
+    pub incoming: Mutex<HashMap<u64, dvk_checkpoint::sys::MappedFile>>,
     /// Fixed ends being detached: a reattach of the same stream waits for it.
     pub detaching: Mutex<HashMap<u64, tokio::sync::watch::Receiver<bool>>>,
     next_request: std::sync::atomic::AtomicU64,
@@ -351,7 +353,7 @@ pub async fn check(agent: &Arc<Agent>, target: i32, dest: Option<&str>) -> Local
     let (a, vpid, pid) = (agent.clone(), entry.vpid, entry.real_pid);
     let result = tokio::task::spawn_blocking(move || -> Result<(classify::Classified, Vec<String>), String> {
         let c = classify::classify(&a, vpid, pid).map_err(|e| e.to_string())?;
-        let b = dvk_checkpoint::dump::blockers(pid, &dvk_checkpoint::DumpOptions { external_fds: c.external() })
+        let b = dvk_checkpoint::dump::blockers(pid, &dvk_checkpoint::DumpOptions { external_fds: c.external(), ..Default::default() })
             .map_err(|e| e.to_string())?;
         Ok((c, b.iter().map(|e| e.to_string()).collect()))
     })

@@ -87,6 +87,7 @@ pub fn start(agent: &Arc<Agent>, from: NodeId, msg: MoveMsg) {
             }
         }
         agent.moves.participating.lock().remove(&tag.mid);
+        agent.moves.incoming.lock().remove(&tag.mid);
     });
 }
 
@@ -142,8 +143,18 @@ struct Driver {
     tx: mpsc::UnboundedSender<Input>,
 }
 
+/// The move id of a staging directory (`move-<mid>-in`).
+fn mid_of(dir: &Path) -> u64 {
+    dir.file_name()
+        .and_then(|n| n.to_str())
+        .and_then(|n| n.strip_prefix("move-"))
+        .and_then(|n| n.strip_suffix("-in"))
+        .and_then(|h| u64::from_str_radix(h, 16).ok())
+        .unwrap_or(0)
+}
+
 fn image_dir(agent: &Agent, mid: u64) -> PathBuf {
-    agent.me.image_dir.join(format!("move-{mid:x}-in"))
+    agent.staging.join(format!("move-{mid:x}-in"))
 }
 
 /// Where a moved process's stdout/stderr go when they could not follow it.
@@ -156,10 +167,10 @@ pub fn log_path_for(agent: &Agent, vpid: Vpid) -> PathBuf {
     log_path(&agent.me.runtime_dir, vpid)
 }
 
-/// `MoveImage` bytes from the move's source: written into the move's image directory (names
-/// are checked: the sender can only write files of that one directory).
-pub fn receive_image(agent: &Agent, from: NodeId, mid: u64, file: &str, offset: u64, bytes: &[u8]) -> bool {
-    use std::io::{Seek, SeekFrom, Write};
+/// Page data larger than this is refused (the agent would have to hold it in memory).
+const MAX_PAGES: u64 = 64 << 30;
+
+fn image_file_ok(agent: &Agent, from: NodeId, mid: u64, file: &str) -> bool {
     let valid = !file.is_empty()
         && file.len() <= 64
         && file.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
@@ -167,7 +178,43 @@ pub fn receive_image(agent: &Agent, from: NodeId, mid: u64, file: &str, offset: 
     let known = agent.moves.participating.lock().contains_key(&mid) && (mid >> 48) as u16 == from.0;
     if !valid || !known {
         tracing::warn!(peer = %agent.node_name(from), file, "image data for no move of that node (or a bad name); dropped");
+    }
+    valid && known
+}
+
+/// `MoveImageSize`: the page data of move `mid` is received into memory (no file on the way).
+pub fn image_size(agent: &Agent, from: NodeId, mid: u64, file: &str, len: u64) {
+    if file != dvk_checkpoint::image::PAGES || !image_file_ok(agent, from, mid, file) {
+        return;
+    }
+    if len > MAX_PAGES {
+        tracing::warn!(mid, len, "page data larger than {MAX_PAGES} bytes refused");
+        return;
+    }
+    match dvk_checkpoint::sys::MappedFile::anonymous(len as usize) {
+        Ok(m) => {
+            agent.moves.incoming.lock().insert(mid, m);
+        }
+        Err(e) => tracing::error!(mid, len, "cannot hold the page data in memory: {e}"),
+    }
+}
+
+/// `MoveImage` bytes from the move's source: page data into memory, other files into the
+/// move's staging directory (names are checked: the sender can only write files of that one
+/// directory).
+pub fn receive_image(agent: &Agent, from: NodeId, mid: u64, file: &str, offset: u64, bytes: &[u8]) -> bool {
+    use std::io::{Seek, SeekFrom, Write};
+    if !image_file_ok(agent, from, mid, file) {
         return false;
+    }
+    if file == dvk_checkpoint::image::PAGES {
+        if let Some(m) = agent.moves.incoming.lock().get_mut(&mid) {
+            if let Err(e) = m.write_at(offset as usize, bytes) {
+                tracing::warn!(mid, "page data out of bounds: {e}");
+                return false;
+            }
+            return true;
+        }
     }
     let dir = image_dir(agent, mid);
     if agent.fault == Some(super::Fault::StallImage) {
@@ -223,6 +270,7 @@ async fn execute(d: &mut Driver, m: &Participant, action: PartAction) {
             }
         }
         PartAction::DiscardCopy => {
+            agent.moves.incoming.lock().remove(&m.tag.mid);
             if let Some(r) = d.restore.take() {
                 let _ = r.holder.send(HoldCmd::Kill);
                 for (_, path, _) in &r.listeners {
@@ -240,6 +288,14 @@ async fn execute(d: &mut Driver, m: &Participant, action: PartAction) {
 async fn prepare_restore(agent: &Arc<Agent>, dir: &Path) -> Result<Restoring, String> {
     match agent.fault {
         Some(super::Fault::FailRestore) => return Err("test fault: the restore fails on this node".into()),
+        Some(super::Fault::CorruptImage) if agent.moves.incoming.lock().contains_key(&mid_of(dir)) => {
+            tracing::warn!("test fault: corrupting the received page data");
+            if let Some(m) = agent.moves.incoming.lock().get_mut(&mid_of(dir)) {
+                let at = m.bytes().len() / 2;
+                let b = m.bytes().get(at).copied().unwrap_or(0);
+                let _ = m.write_at(at, &[b ^ 0x5a]);
+            }
+        }
         Some(super::Fault::CorruptImage) => {
             use std::io::{Read, Seek, SeekFrom, Write};
             tracing::warn!("test fault: corrupting the received page file");
@@ -341,11 +397,19 @@ async fn prepare_restore(agent: &Arc<Agent>, dir: &Path) -> Result<Restoring, St
     let (ready_tx, ready_rx) = oneshot::channel();
     let dir2 = dir.to_path_buf();
     let opts = RestoreOptions { external_fds: external, ..Default::default() };
+    let pages = agent.moves.incoming.lock().remove(&plan.tag.mid);
     std::thread::Builder::new()
         .name("restore-held".into())
         .spawn(move || {
-            let held = match dvk_checkpoint::restore_held(&dir2, &opts) {
-                Ok((_, held)) => {
+            let restored = match pages {
+                Some(pages) => dvk_checkpoint::restore_held_with_pages(&dir2, pages, &opts),
+                None => dvk_checkpoint::restore_held(&dir2, &opts),
+            };
+            let held = match restored {
+                Ok((report, held)) => {
+                    let phases: Vec<String> =
+                        report.phases.iter().map(|(n, t)| format!("{n} {:.1}", t.as_secs_f64() * 1000.0)).collect();
+                    tracing::info!(pid = held.pid(), "restored (held): {} ms", phases.join(", "));
                     let _ = ready_tx.send(Ok(held.pid()));
                     held
                 }

@@ -191,7 +191,7 @@ async fn prepare(
     let (a, vpid, pid) = (agent.clone(), entry.vpid, entry.real_pid);
     let classified = tokio::task::spawn_blocking(move || -> Result<Classified, String> {
         let c = classify::classify(&a, vpid, pid).map_err(|e| format!("cannot read the fds of pid {pid}: {e}"))?;
-        let blockers = dvk_checkpoint::dump::blockers(pid, &DumpOptions { external_fds: c.external() })
+        let blockers = dvk_checkpoint::dump::blockers(pid, &DumpOptions { external_fds: c.external(), ..Default::default() })
             .map_err(|e| e.to_string())?;
         if !blockers.is_empty() {
             let list: Vec<String> = blockers.iter().map(|b| format!("  - {b}")).collect();
@@ -217,7 +217,7 @@ async fn prepare(
     }
     let epoch = agent.moves.epochs.lock().get(&entry.vpid).copied().unwrap_or(0);
     let tag = MoveTag { mid, epoch };
-    let image_dir = agent.me.image_dir.join(format!("move-{mid:x}-out"));
+    let image_dir = agent.staging.join(format!("move-{mid:x}-out"));
     let keys = endpoints.iter().map(|e| e.key()).collect();
     let coordinator = Coordinator::new(
         tag,
@@ -550,13 +550,91 @@ fn build_plan(d: &Driver) -> MovePlan {
     }
 }
 
+/// Page data from the dump, by offset, on its way to the link (see [`stream_pages`]).
+enum PageChunk {
+    Size(u64),
+    Data(u64, Vec<u8>),
+}
+
+/// The engine's page output during a move: every buffer it read with process_vm_readv goes to
+/// the destination over the agent link, never into a file here.
+struct LinkPages(mpsc::Sender<PageChunk>);
+
+impl dvk_checkpoint::image::PageOut for LinkPages {
+    fn reserve(&self, len: u64) -> std::io::Result<()> {
+        self.0.blocking_send(PageChunk::Size(len)).map_err(|_| std::io::Error::other("the link to the destination failed"))
+    }
+    fn write_at(&self, buf: &[u8], off: u64) -> std::io::Result<()> {
+        self.0
+            .blocking_send(PageChunk::Data(off, buf.to_vec()))
+            .map_err(|_| std::io::Error::other("the link to the destination failed"))
+    }
+}
+
+/// Sends the page data the dump produces; returns the bytes sent.
+async fn stream_pages(
+    agent: Arc<Agent>,
+    dest: NodeId,
+    mid: u64,
+    mut rx: mpsc::Receiver<PageChunk>,
+    reply: mpsc::UnboundedSender<LocalResponse>,
+) -> std::io::Result<u64> {
+    let link = agent.link(dest).ok_or_else(|| std::io::Error::other("no link"))?;
+    let idle = Duration::from_millis(super::timeouts().transfer_idle);
+    let file = dvk_checkpoint::image::PAGES.to_string();
+    let (mut sent, mut total, mut last_report) = (0u64, 0u64, Instant::now());
+    while let Some(chunk) = rx.recv().await {
+        let msgs = match chunk {
+            PageChunk::Size(len) => {
+                total = len;
+                vec![PeerMessage::MoveImageSize { mid, file: file.clone(), len }]
+            }
+            PageChunk::Data(off, mut bytes) => {
+                let mut out = Vec::new();
+                let mut at = off;
+                while bytes.len() > IMAGE_CHUNK {
+                    let rest = bytes.split_off(IMAGE_CHUNK);
+                    let n = bytes.len() as u64;
+                    out.push(PeerMessage::MoveImage { mid, file: file.clone(), offset: at, bytes });
+                    at += n;
+                    bytes = rest;
+                }
+                out.push(PeerMessage::MoveImage { mid, file: file.clone(), offset: at, bytes });
+                out
+            }
+        };
+        for m in msgs {
+            let n = if let PeerMessage::MoveImage { bytes, .. } = &m { bytes.len() as u64 } else { 0 };
+            match tokio::time::timeout(idle, link.write_now(m)).await {
+                Ok(Ok(())) => sent += n,
+                Ok(Err(e)) => return Err(std::io::Error::other(e.to_string())),
+                Err(_) => return Err(std::io::Error::other(format!("no progress for {idle:?}"))),
+            }
+        }
+        if last_report.elapsed() > Duration::from_millis(100) {
+            last_report = Instant::now();
+            let _ = reply.send(LocalResponse::MoveProgress { sent, total });
+        }
+    }
+    Ok(sent)
+}
+
 async fn dump_and_send(d: &mut Driver) -> CoordEvent {
     drain_remote_queues(d);
     let _ = std::fs::remove_dir_all(&d.image_dir);
     let (tx, rx) = oneshot::channel();
-    let opts = DumpOptions { external_fds: d.classified.external() };
+    let (pages_tx, pages_rx) = mpsc::channel(4);
+    let streaming = tokio::spawn(stream_pages(d.agent.clone(), d.dest, d.tag.mid, pages_rx, d.reply.clone()));
+    let out = dvk_checkpoint::image::PagesTo(Arc::new(LinkPages(pages_tx)));
+    let opts = DumpOptions { external_fds: d.classified.external(), pages_to: Some(out) };
     d.freezer(FreezeCmd::Image(d.image_dir.clone(), opts, tx));
-    let report = match rx.await {
+    let dumped = rx.await;
+    let pages_sent = match streaming.await {
+        Ok(Ok(n)) => n,
+        Ok(Err(e)) => return CoordEvent::DumpFailed(format!("transfer to {}: {e}", d.agent.node_name(d.dest))),
+        Err(e) => return CoordEvent::DumpFailed(e.to_string()),
+    };
+    let report = match dumped {
         Ok(Ok(r)) => r,
         Ok(Err(e)) => return CoordEvent::DumpFailed(e),
         Err(_) => return CoordEvent::DumpFailed("the freezer thread died".into()),
@@ -570,13 +648,31 @@ async fn dump_and_send(d: &mut Driver) -> CoordEvent {
         return CoordEvent::DumpFailed(format!("cannot write the move plan: {e}"));
     }
     d.image_bytes = report.pages_bytes + report.manifest_bytes + plan_bytes.len() as u64;
-    d.step("dump", format!("{} MB of pages, {} mappings, {} fds", report.pages_bytes >> 20, report.vmas, report.fds));
+    let phases: Vec<String> =
+        report.phases.iter().map(|(n, t)| format!("{n} {:.1}", t.as_secs_f64() * 1000.0)).collect();
+    d.step(
+        "dump",
+        format!(
+            "{:.1} MB of pages streamed to the destination, {} mappings, {} fds ({} ms)",
+            report.pages_bytes as f64 / 1e6,
+            report.vmas,
+            report.fds,
+            phases.join(", ")
+        ),
+    );
     match send_image(d).await {
         Ok(sent) => {
             let _ = std::fs::remove_dir_all(&d.image_dir);
+            let sent = sent + pages_sent;
             d.image_bytes = sent;
-            let secs = d.step_start.elapsed().as_secs_f64().max(1e-6);
-            d.step("transfer", format!("{:.1} MB, {:.0} MB/s over the agent link", sent as f64 / 1e6, sent as f64 / 1e6 / secs));
+            d.step(
+                "transfer",
+                format!(
+                    "{:.1} MB in all over the agent link ({:.1} MB of pages sent during the dump)",
+                    sent as f64 / 1e6,
+                    pages_sent as f64 / 1e6
+                ),
+            );
             CoordEvent::ImageSent
         }
         Err(e) => {

@@ -1,0 +1,452 @@
+//! A move that fails at any step rolls back (docs/MOVE.md): `migrate-cli move` exits non-zero
+//! naming the cause, the paper client (`tests/programs/move_client.c`) keeps looping and every
+//! check passes, the server still runs on its node, every node routes to it there, nothing is
+//! left on the destination (image directory, moved listener, restored copy) — and a second move
+//! of the same process succeeds, so the rollback left it movable.
+//!
+//! One test per failing step, each injected with the agent's `DVK_TEST_FAULT`
+//! (agent/src/moving/mod.rs): a preflight blocker, the destination agent killed during the
+//! transfer, the restore failing, the image corrupted in transit, the Commit lost with the link,
+//! and a second move of a process that is already moving.
+//!
+//! Layout: the server on node1 (index 0), its client on node3 (index 2), moves to node2 (index 1).
+
+use dvk_tests::moving::{agent_logs, client_done, move_to, start_client, start_server, REACH};
+use dvk_tests::net::{wait_connectable, Proc};
+use dvk_tests::programs::c_program;
+use dvk_tests::{bin_dir, skip_unless, Cluster, Mode};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+const PORT: u16 = 7000;
+const MB: usize = 4;
+/// Requests of the client loop: enough that it still runs through the failed move, the checks
+/// and the second move (about 3 s unpaused at loopback speed).
+const COUNT: usize = 6000;
+const PAUSE_US: u64 = 200;
+/// How long the agents get to converge after a move ended (Abort and routes travel on).
+const SETTLE: Duration = Duration::from_secs(15);
+/// How long a failing move may take (the longest is the Commit lost: cut, reconnect, Query).
+const FAIL_WITHIN: Duration = Duration::from_secs(40);
+
+const SOURCE: usize = 0;
+const DEST: usize = 1;
+const CLIENT: usize = 2;
+
+/// The server on node1 and the client on node3, looping.
+struct Setup {
+    server: Proc,
+    vpid: i64,
+    client: Proc,
+}
+
+fn setup(cluster: &Cluster) -> Setup {
+    let (server, vpid) = start_server(cluster, SOURCE, PORT, MB);
+    let mut client = start_client(cluster, CLIENT, PORT, MB, COUNT, 1, PAUSE_US);
+    client.lines.wait_for("progress", REACH);
+    Setup { server, vpid, client }
+}
+
+fn text(out: &Output) -> String {
+    format!("stderr: {}\nstdout: {}", String::from_utf8_lossy(&out.stderr), String::from_utf8_lossy(&out.stdout))
+}
+
+fn move_cmd(cluster: &Cluster, ask: usize, vpid: i64, to: usize) -> Command {
+    let mut cmd = Command::new(bin_dir().join("migrate-cli"));
+    cmd.arg("--config")
+        .arg(&cluster.config)
+        .args(["--node", &cluster.nodes[ask].name, "move", &vpid.to_string(), &cluster.nodes[to].name, "--json"])
+        .env_remove("LD_PRELOAD")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    cmd
+}
+
+/// `migrate-cli move` started and not waited for (the cluster kills it if the test fails).
+fn move_in_background(cluster: &Cluster, ask: usize, vpid: i64, to: usize) -> u32 {
+    cluster.spawn(&mut move_cmd(cluster, ask, vpid, to))
+}
+
+/// Waits (bounded) for a background `migrate-cli` to exit; its output.
+fn wait_cli(cluster: &Cluster, pid: u32, timeout: Duration) -> Output {
+    let mut child: Child = cluster.take_child(pid);
+    let deadline = Instant::now() + timeout;
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let out = child.wait_with_output().unwrap();
+            panic!("migrate-cli move did not end within {timeout:?}\n{}\n{}", text(&out), agent_logs(cluster));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.wait_with_output().unwrap()
+}
+
+/// Runs a move that must fail; returns what migrate-cli printed (stderr, then stdout).
+fn move_fails(cluster: &Cluster, ask: usize, vpid: i64, to: usize) -> String {
+    let pid = move_in_background(cluster, ask, vpid, to);
+    expect_failed(cluster, wait_cli(cluster, pid, FAIL_WITHIN))
+}
+
+fn expect_failed(cluster: &Cluster, out: Output) -> String {
+    let t = text(&out);
+    assert!(!out.status.success(), "the move should have failed but succeeded:\n{t}\n{}", agent_logs(cluster));
+    if !out.stdout.is_empty() {
+        // A move that started ends with a report: rolled back.
+        let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("move --json prints the report");
+        assert_eq!(report["committed"], false, "{t}");
+    }
+    t
+}
+
+fn assert_mentions(what: &str, out: &str, needles: &[&str]) {
+    for n in needles {
+        assert!(out.contains(n), "{what}: expected `{n}` in migrate-cli's output:\n{out}");
+    }
+}
+
+/// Polls `check` (which says what is wrong) until it passes; panics with the last complaint.
+fn settle(cluster: &Cluster, what: &str, mut check: impl FnMut() -> Result<(), String>) {
+    let deadline = Instant::now() + SETTLE;
+    loop {
+        match check() {
+            Ok(()) => return,
+            Err(e) if Instant::now() >= deadline => {
+                panic!("{what}: still wrong after {SETTLE:?}: {e}\n{}", agent_logs(cluster))
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(50)),
+        }
+    }
+}
+
+fn names_in(dir: &std::path::Path, prefix: &str) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .map(|d| {
+            d.filter_map(|e| e.ok())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.starts_with(prefix))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Where node `i` may keep move images: its configured image dir and the staging directories
+/// its agents announced at start (`staging=…` in the log).
+fn image_dirs(cluster: &Cluster, i: usize) -> Vec<std::path::PathBuf> {
+    let mut dirs = vec![cluster.path(&format!("{}/images", cluster.nodes[i].name))];
+    for line in cluster.log_of(i).lines().filter(|l| l.contains("agent started")) {
+        if let Some(dir) = line.split_whitespace().find_map(|w| w.strip_prefix("staging=")) {
+            dirs.push(dir.into());
+        }
+    }
+    dirs
+}
+
+/// (pid, ppid, state) of every process on the machine.
+fn processes() -> Vec<(u32, u32, char)> {
+    let mut v = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else { continue };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { continue };
+        // "pid (comm) S ppid ...": comm may hold spaces and parentheses.
+        let Some(rest) = stat.rfind(')').map(|i| &stat[i + 1..]) else { continue };
+        let mut f = rest.split_whitespace();
+        let state = f.next().and_then(|s| s.chars().next()).unwrap_or('?');
+        let ppid = f.next().and_then(|s| s.parse().ok()).unwrap_or(0);
+        v.push((pid, ppid, state));
+    }
+    v
+}
+
+fn status_field(pid: u32, field: &str) -> Option<String> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    s.lines().find_map(|l| l.strip_prefix(field).map(|v| v.trim().to_owned()))
+}
+
+/// Everything the rollback must have put back: the original runs (thawed) on node1, every node
+/// routes the process and its endpoint there, and the destination holds nothing of the move.
+fn assert_rolled_back(cluster: &Cluster, s: &mut Setup) {
+    let pid = s.server.pid();
+    assert!(s.server.child.try_wait().unwrap().is_none(), "the original server exited\n{}", agent_logs(cluster));
+    let src = cluster.nodes[SOURCE].name.clone();
+    settle(cluster, "the original is thawed", || match status_field(pid, "TracerPid:").as_deref() {
+        Some("0") => Ok(()),
+        other => Err(format!("pid {pid} TracerPid {other:?}")),
+    });
+    settle(cluster, "every node routes the process to node1", || {
+        for i in 0..cluster.nodes.len() {
+            let row = cluster.ps(i).into_iter().find(|r| r["vpid"] == s.vpid);
+            let Some(row) = row else { return Err(format!("{} lists no vPID {}", cluster.nodes[i].name, s.vpid)) };
+            let state = if i == SOURCE { "local" } else { "remote" };
+            if row["node"] != src.as_str() || row["pid"] != pid || row["state"] != state {
+                return Err(format!("{}'s ps row: {row}", cluster.nodes[i].name));
+            }
+            let eps = cluster.cli(i, &["endpoints", "--json"]);
+            let eps: serde_json::Value = serde_json::from_slice(&eps.stdout).map_err(|e| e.to_string())?;
+            let ep = eps.as_array().unwrap().iter().find(|e| e["vpid"] == s.vpid && e["port"] == PORT).cloned();
+            match ep {
+                Some(e) if e["node"] == src.as_str() => {}
+                other => return Err(format!("{}'s endpoint row: {other:?}", cluster.nodes[i].name)),
+            }
+        }
+        Ok(())
+    });
+    let dest = &cluster.nodes[DEST];
+    settle(cluster, "nothing of the move is left on the destination", || {
+        for node in [DEST, SOURCE] {
+            for dir in image_dirs(cluster, node) {
+                let left = names_in(&dir, "move-");
+                if !left.is_empty() {
+                    return Err(format!(
+                        "{}: image dirs left in {}: {left:?}",
+                        cluster.nodes[node].name,
+                        dir.display()
+                    ));
+                }
+            }
+        }
+        let ep = dest.runtime_dir.join("ep");
+        let left = names_in(&ep, "moved-");
+        if !left.is_empty() {
+            return Err(format!("moved listeners left in {}: {left:?}", ep.display()));
+        }
+        // A restored copy is a child of the agent that restored it.
+        let agents: Vec<u32> = cluster.nodes.iter().filter_map(|n| n.agent_pid()).collect();
+        let copies: Vec<_> = processes().into_iter().filter(|(_, ppid, _)| agents.contains(ppid)).collect();
+        if !copies.is_empty() {
+            return Err(format!("children of the agents (pid, ppid, state): {copies:?}"));
+        }
+        Ok(())
+    });
+}
+
+/// The second move (fault removed) succeeds; the copy runs on node2 as a child of its agent.
+fn second_move_succeeds(cluster: &Cluster, s: &mut Setup) {
+    if s.client.child.try_wait().unwrap().is_some() {
+        eprintln!("note: the client loop had ended before the second move");
+    }
+    let report = move_to(cluster, SOURCE, s.vpid, DEST);
+    let new_pid = report["new_pid"].as_u64().unwrap() as u32;
+    let ppid = processes().into_iter().find(|(p, _, _)| *p == new_pid).map(|(_, pp, _)| pp);
+    assert_eq!(ppid, cluster.nodes[DEST].agent_pid(), "the moved copy (pid {new_pid}) is a child of node2's agent");
+    settle(cluster, "every node routes the process to node2", || {
+        for i in 0..cluster.nodes.len() {
+            let row = cluster.ps(i).into_iter().find(|r| r["vpid"] == s.vpid);
+            match row {
+                Some(r) if r["node"] == cluster.nodes[DEST].name.as_str() && r["pid"] == new_pid => {}
+                other => return Err(format!("{}'s ps row: {other:?}", cluster.nodes[i].name)),
+            }
+        }
+        Ok(())
+    });
+}
+
+fn wait_log(cluster: &Cluster, node: usize, line: &str) {
+    let deadline = Instant::now() + REACH;
+    while !cluster.log_of(node).contains(line) {
+        assert!(
+            Instant::now() < deadline,
+            "`{line}` not in {}'s log within {REACH:?}\n{}",
+            cluster.nodes[node].name,
+            agent_logs(cluster)
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+const STALL_LINE: &str = "test fault: stalling the image transfer";
+
+// ---- 1. preflight refusal -------------------------------------------------------------------
+
+/// The server with an extra fd 3 the engine refuses: a file it holds an flock on (locks are not
+/// carried). The lock is on the open file description the test shares with the server, so the
+/// test can release it afterwards and make the process movable again — a pipe or a real TCP
+/// socket would block every later move too.
+fn start_server_with_locked_fd(cluster: &Cluster, lock: &std::fs::File) -> (Proc, i64) {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::process::CommandExt;
+    let raw = lock.as_raw_fd();
+    let log = std::fs::File::create(cluster.path(&format!("server-{PORT}.err"))).unwrap();
+    let mut cmd = cluster.preloaded(SOURCE, c_program("move_server"));
+    cmd.args([PORT.to_string(), MB.to_string()]).env("DVK_ENDPOINT", "kv").stdin(Stdio::null()).stderr(log);
+    // SAFETY: close_range, dup2 and fcntl are async-signal-safe and touch no memory of ours.
+    unsafe {
+        cmd.pre_exec(move || {
+            libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 4u32 /* CLOSE_RANGE_CLOEXEC */);
+            let r = if raw == 3 { libc::fcntl(3, libc::F_SETFD, 0) } else { libc::dup2(raw, 3) };
+            if r < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut server = Proc::spawn(&mut cmd, "move_server");
+    server.lines.wait_for("listening", REACH);
+    let row = cluster.wait_registered(SOURCE, server.pid());
+    (server, row["vpid"].as_i64().unwrap())
+}
+
+#[test]
+fn preflight_refusal_rolls_back_loopback() {
+    use std::os::fd::AsRawFd;
+    let cluster = Cluster::start(3, Mode::Loopback);
+    let lock_path = cluster.path("held.lock");
+    let lock =
+        std::fs::OpenOptions::new().create(true).truncate(false).read(true).write(true).open(&lock_path).unwrap();
+    // SAFETY: flock on an fd we own.
+    assert_eq!(unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) }, 0);
+    let (server, vpid) = start_server_with_locked_fd(&cluster, &lock);
+    let mut client = start_client(&cluster, CLIENT, PORT, MB, COUNT, 1, PAUSE_US);
+    client.lines.wait_for("progress", REACH);
+    let mut s = Setup { server, vpid, client };
+
+    let out = move_fails(&cluster, SOURCE, vpid, DEST);
+    assert_mentions("preflight", &out, &["cannot move", "fd 3", "held.lock", "file lock", "nothing was frozen"]);
+    assert_rolled_back(&cluster, &mut s);
+
+    // The blocker goes away; the same process moves.
+    // SAFETY: flock on an fd we own (the description the server shares).
+    assert_eq!(unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_UN) }, 0);
+    s.client.lines.wait_for("progress", REACH);
+    second_move_succeeds(&cluster, &mut s);
+    let done = client_done(&cluster, &mut s.client);
+    eprintln!("preflight_refusal_rolls_back_loopback: {done}");
+}
+
+// ---- 2. destination agent killed during the transfer ----------------------------------------
+
+fn destination_killed(mode: Mode, test: &str) {
+    if skip_unless(mode, test) {
+        return;
+    }
+    let mut cluster = Cluster::start(3, mode);
+    cluster.restart_agent_with(DEST, &[("DVK_TEST_FAULT", "stall-image")]);
+    let mut s = setup(&cluster);
+
+    let mv = move_in_background(&cluster, SOURCE, s.vpid, DEST);
+    wait_log(&cluster, DEST, STALL_LINE);
+    cluster.stop_agent(DEST);
+    let out = expect_failed(&cluster, wait_cli(&cluster, mv, FAIL_WITHIN));
+    assert_mentions("destination killed", &out, &["rolled back", "runs on node1 as before"]);
+    assert!(
+        out.contains("lost the link to the destination") || out.contains("transfer to node2"),
+        "the cause (the destination's link or the transfer) is named:\n{out}"
+    );
+
+    cluster.restart_agent_with(DEST, &[]);
+    assert_rolled_back(&cluster, &mut s);
+    s.client.lines.wait_for("progress", REACH);
+    second_move_succeeds(&cluster, &mut s);
+    let done = client_done(&cluster, &mut s.client);
+    eprintln!("{test}: {done}");
+}
+
+#[test]
+fn destination_killed_during_transfer_rolls_back_loopback() {
+    destination_killed(Mode::Loopback, "destination_killed_during_transfer_rolls_back_loopback");
+}
+
+#[test]
+fn destination_killed_during_transfer_rolls_back_network() {
+    destination_killed(Mode::Network, "destination_killed_during_transfer_rolls_back_network");
+}
+
+// ---- 3 and 4. the restore fails at the destination ------------------------------------------
+
+fn destination_fault(mode: Mode, test: &str, fault: &str, needles: &[&str]) {
+    if skip_unless(mode, test) {
+        return;
+    }
+    let mut cluster = Cluster::start(3, mode);
+    cluster.restart_agent_with(DEST, &[("DVK_TEST_FAULT", fault)]);
+    let mut s = setup(&cluster);
+
+    let out = move_fails(&cluster, SOURCE, s.vpid, DEST);
+    assert_mentions(test, &out, &["rolled back", "restore on the destination failed", "runs on node1 as before"]);
+    assert_mentions(test, &out, needles);
+    assert_rolled_back(&cluster, &mut s);
+
+    cluster.restart_agent_with(DEST, &[]);
+    s.client.lines.wait_for("progress", REACH);
+    second_move_succeeds(&cluster, &mut s);
+    let done = client_done(&cluster, &mut s.client);
+    eprintln!("{test}: {done}");
+}
+
+#[test]
+fn restore_failure_rolls_back_loopback() {
+    destination_fault(Mode::Loopback, "restore_failure_rolls_back_loopback", "fail-restore", &["the restore fails"]);
+}
+
+#[test]
+fn restore_failure_rolls_back_network() {
+    destination_fault(Mode::Network, "restore_failure_rolls_back_network", "fail-restore", &["the restore fails"]);
+}
+
+#[test]
+fn corrupted_image_rolls_back_loopback() {
+    destination_fault(Mode::Loopback, "corrupted_image_rolls_back_loopback", "corrupt-image", &["checksum"]);
+}
+
+// ---- 5. the link cut just before the Commit (the Commit is lost) -----------------------------
+
+#[test]
+fn commit_lost_rolls_back_loopback() {
+    let test = "commit_lost_rolls_back_loopback";
+    let mut cluster = Cluster::start(3, Mode::Loopback);
+    cluster.restart_agent_with(SOURCE, &[("DVK_TEST_FAULT", "cut-before-commit")]);
+    let mut s = setup(&cluster);
+
+    let out = move_fails(&cluster, SOURCE, s.vpid, DEST);
+    assert_mentions(test, &out, &["rolled back", "the destination gave up", "runs on node1 as before"]);
+    assert!(cluster.log_of(SOURCE).contains("test fault: the Commit is lost"), "{}", agent_logs(&cluster));
+    assert_rolled_back(&cluster, &mut s);
+    // The client's stream runs through node1's agent: let it finish before that agent restarts.
+    let done = client_done(&cluster, &mut s.client);
+    eprintln!("{test}: {done}");
+
+    // Clearing the fault restarts the source's agent; the server stays (agents keep their
+    // processes), is found again, moves, and serves from node2.
+    let pid = s.server.pid();
+    cluster.restart_agent_with(SOURCE, &[]);
+    cluster.wait_registered(SOURCE, pid);
+    second_move_succeeds(&cluster, &mut s);
+    wait_connectable(&cluster, CLIENT, "dc0", "kv.dc0.dvk", PORT, REACH);
+}
+
+// ---- 6. a second move of a process that is already moving ------------------------------------
+
+#[test]
+fn second_move_while_moving_is_refused_loopback() {
+    let test = "second_move_while_moving_is_refused_loopback";
+    let mut cluster = Cluster::start(3, Mode::Loopback);
+    cluster.restart_agent_with(DEST, &[("DVK_TEST_FAULT", "stall-image")]);
+    let mut s = setup(&cluster);
+
+    let first = move_in_background(&cluster, SOURCE, s.vpid, DEST);
+    wait_log(&cluster, DEST, STALL_LINE);
+    // Asked on the source and on another node (forwarded to the source): refused at once, while
+    // the first move still runs.
+    for ask in [SOURCE, CLIENT] {
+        let again = move_in_background(&cluster, ask, s.vpid, CLIENT);
+        let out = expect_failed(&cluster, wait_cli(&cluster, again, REACH));
+        assert_mentions(test, &out, &["already moving"]);
+        assert!(out.contains(&s.vpid.to_string()), "the refusal names the vPID:\n{out}");
+    }
+    // (Unreaped, an exited migrate-cli would be a zombie.)
+    let running = processes().into_iter().any(|(p, _, state)| p == first && state != 'Z');
+    assert!(running, "the first move ended before the refusals\n{}", agent_logs(&cluster));
+
+    // The destination dies: the first move rolls back.
+    cluster.stop_agent(DEST);
+    let out = expect_failed(&cluster, wait_cli(&cluster, first, FAIL_WITHIN));
+    assert_mentions(test, &out, &["rolled back", "runs on node1 as before"]);
+
+    cluster.restart_agent_with(DEST, &[]);
+    assert_rolled_back(&cluster, &mut s);
+    s.client.lines.wait_for("progress", REACH);
+    second_move_succeeds(&cluster, &mut s);
+    let done = client_done(&cluster, &mut s.client);
+    eprintln!("{test}: {done}");
+}
