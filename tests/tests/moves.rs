@@ -47,3 +47,43 @@ fn remote_server_moves_to_another_remote_node_loopback() {
 fn remote_server_moves_to_another_remote_node_network() {
     paper_evaluation(Mode::Network, "remote_server_moves_to_another_remote_node_network", 0, 2, &[1], 0);
 }
+
+/// `migrate-cli move` run as user `uid` through node `ask`'s agent socket.
+fn move_as(cluster: &Cluster, ask: usize, uid: u32, vpid: i64, to: usize) -> std::process::Output {
+    std::process::Command::new("setpriv")
+        .args([format!("--reuid={uid}"), format!("--regid={uid}"), "--clear-groups".into()])
+        .arg(dvk_tests::bin_dir().join("migrate-cli"))
+        .arg("--socket")
+        .arg(cluster.nodes[ask].socket())
+        .args(["move", &vpid.to_string(), &cluster.nodes[to].name])
+        .env_remove("LD_PRELOAD")
+        .output()
+        .expect("run migrate-cli under setpriv")
+}
+
+/// The agent runs as root for every user: only root or the process's owner may move it, whichever
+/// node the request comes from (the owner is checked at the source, the caller's uid taken from
+/// SO_PEERCRED where it asked).
+#[test]
+fn only_root_or_the_owner_may_move_a_process_loopback() {
+    if !dvk_tests::is_root() {
+        eprintln!("SKIP only_root_or_the_owner_may_move_a_process_loopback: needs root (setpriv)");
+        return;
+    }
+    let cluster = Cluster::start(3, Mode::Loopback);
+    let (port, mb) = (7000, 4);
+    let (_server, vpid) = start_server(&cluster, 0, port, mb);
+    let mut client = start_client(&cluster, 2, port, mb, 600, 1, 200);
+    client.lines.wait_for("progress", LOOP);
+    for ask in [0, 2] {
+        let out = move_as(&cluster, ask, 65534, vpid, 1);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "nobody moved root's process (asked on node{})", ask + 1);
+        assert!(err.contains("permission denied") && err.contains("uid 0"), "asked on node{}: {err}", ask + 1);
+    }
+    let row = cluster.ps(2).into_iter().find(|r| r["vpid"] == vpid).unwrap();
+    assert_eq!(row["node"], "node1", "the refused process did not move");
+    // Root may.
+    move_to(&cluster, 2, vpid, 1);
+    client_done(&cluster, &mut client);
+}
