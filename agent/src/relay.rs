@@ -683,7 +683,7 @@ async fn inbound(
             w = to.write(&first.pending[pos..]) => match w {
                 Ok(n) if n > 0 => pos += n,
                 _ => {
-                    let _ = link.tx.send(PeerMessage::StreamReset { stream }).await;
+                    let _ = link.write_now(PeerMessage::StreamReset { stream }).await;
                     credit.close();
                     return (Dir::default(), rx);
                 }
@@ -713,7 +713,7 @@ async fn inbound(
                             Ok(n) if n > 0 => pos += n,
                             _ => {
                                 // The program closed its socket: abort both directions.
-                                let _ = link.tx.send(PeerMessage::StreamReset { stream }).await;
+                                let _ = link.write_now(PeerMessage::StreamReset { stream }).await;
                                 credit.close();
                                 return (Dir::default(), rx);
                             }
@@ -731,7 +731,9 @@ async fn inbound(
                 if unacknowledged >= CREDIT_BATCH {
                     let bytes = unacknowledged as u32;
                     unacknowledged = 0;
-                    let _ = link.tx.send(PeerMessage::StreamCredit { stream, bytes }).await;
+                    // Written in order with the stream's other messages: a credit must never arrive
+                    // after the detach that ends this relay (it would count towards the next one).
+                    let _ = link.write_now(PeerMessage::StreamCredit { stream, bytes }).await;
                 }
             }
             Inbound::Fin => {

@@ -4,7 +4,9 @@
  * after its reply. Prints "progress N" every 100 requests, then
  *   "DONE requests=N max_gap_us=G"   (G: the longest wait for one reply)
  * and exits 0; any mismatch or error prints "FAIL ..." and exits 1.
- * usage: move_client HOST PORT MEGABYTES COUNT [CONNS] [PAUSE_US] [SEED] */
+ * With SLICE k/n, it writes and checks only the blocks b with b % n == k, so n clients can
+ * share one server.
+ * usage: move_client HOST PORT MEGABYTES COUNT [CONNS] [PAUSE_US] [SEED] [SLICE] */
 #include <errno.h>
 #include <netdb.h>
 #include <stdint.h>
@@ -68,6 +70,9 @@ int main(int argc, char **argv) {
     int nconn = argc > 5 ? atoi(argv[5]) : 1;
     long pause_us = argc > 6 ? atol(argv[6]) : 0;
     rng = argc > 7 ? strtoull(argv[7], 0, 10) : 42;
+    unsigned slice_k = 0, slice_n = 1;
+    if (argc > 8 && sscanf(argv[8], "%u/%u", &slice_k, &slice_n) != 2) { printf("FAIL bad slice %s\n", argv[8]); return 2; }
+    if (slice_n == 0 || slice_k >= slice_n) { printf("FAIL bad slice %s\n", argv[8]); return 2; }
     uint32_t nblocks = (uint32_t)(mb * 1024 * 1024 / BLOCK);
     unsigned char *model = malloc((size_t)nblocks * BLOCK);
     for (size_t i = 0; i < (size_t)nblocks * BLOCK / 8; i++) ((uint64_t *)model)[i] = next64();
@@ -88,7 +93,7 @@ int main(int argc, char **argv) {
         int fd = fds[i % nconn];
         uint64_t save = rng;
         rng = req_rng;
-        uint32_t b = (uint32_t)(next64() % nblocks);
+        uint32_t b = (uint32_t)(next64() % (nblocks / slice_n)) * slice_n + slice_k;
         req[0] = 'W';
         memcpy(req + 1, &b, 4);
         for (int j = 0; j < BLOCK / 8; j++) ((uint64_t *)(req + 5))[j] = next64();
@@ -103,13 +108,13 @@ int main(int argc, char **argv) {
         uint64_t h;
         memcpy(&h, reply, 8);
         if (h != fnv(model + (size_t)b * BLOCK, BLOCK)) fail("request %ld: checksum of block %ld differs", i, b);
-        if (memcmp(reply + 8, model + (size_t)((b + 1) % nblocks) * BLOCK, BLOCK))
+        if (slice_n == 1 && memcmp(reply + 8, model + (size_t)((b + 1) % nblocks) * BLOCK, BLOCK))
             fail("request %ld: next block %ld differs", i, (b + 1) % nblocks);
         if (i % 100 == 99) { printf("progress %ld\n", i + 1); fflush(stdout); }
         if (pause_us) usleep(pause_us);
     }
     /* The whole data, through the first connection. */
-    for (uint32_t b = 0; b < nblocks; b++) {
+    for (uint32_t b = slice_k; b < nblocks; b += slice_n) {
         req[0] = 'R';
         memcpy(req + 1, &b, 4);
         send_all(fds[0], req, 5);

@@ -36,6 +36,22 @@ pub fn start_server(cluster: &Cluster, node: usize, port: u16, mb: usize) -> (Pr
 
 /// The paper's client on node `node`: `count` requests over `conns` connections.
 pub fn start_client(cluster: &Cluster, node: usize, port: u16, mb: usize, count: usize, conns: usize, pause_us: u64) -> Proc {
+    start_client_slice(cluster, node, port, mb, count, conns, pause_us, "0/1")
+}
+
+/// [`start_client`] writing and checking only blocks `b % n == k` (`slice` = "k/n"), so several
+/// clients can share one server.
+#[allow(clippy::too_many_arguments)]
+pub fn start_client_slice(
+    cluster: &Cluster,
+    node: usize,
+    port: u16,
+    mb: usize,
+    count: usize,
+    conns: usize,
+    pause_us: u64,
+    slice: &str,
+) -> Proc {
     wait_connectable(cluster, node, "dc0", "kv.dc0.dvk", port, REACH);
     let mut cmd = cluster.preloaded(node, c_program("move_client"));
     cmd.args([
@@ -45,6 +61,8 @@ pub fn start_client(cluster: &Cluster, node: usize, port: u16, mb: usize, count:
         count.to_string(),
         conns.to_string(),
         pause_us.to_string(),
+        "42".to_string(),
+        slice.to_string(),
     ])
     .stdin(Stdio::null());
     let mut client = Proc::spawn(no_inherited_fds(&mut cmd), "move_client");

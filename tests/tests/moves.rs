@@ -11,6 +11,7 @@
 
 use dvk_tests::moving::{client_done, move_to, start_client, start_server, LOOP};
 use dvk_tests::{skip_unless, Cluster, Mode};
+use std::time::Duration;
 
 fn paper_evaluation(mode: Mode, test: &str, server_node: usize, client_node: usize, moves: &[usize], ask: usize) {
     if skip_unless(mode, test) {
@@ -86,4 +87,37 @@ fn only_root_or_the_owner_may_move_a_process_loopback() {
     // Root may.
     move_to(&cluster, 2, vpid, 1);
     client_done(&cluster, &mut client);
+}
+
+/// A client that connects while the server is moving waits (instead of being refused) and is
+/// served by the destination; the client already connected keeps going.
+#[test]
+fn a_client_connecting_during_the_move_is_served_by_the_destination_loopback() {
+    let mut cluster = Cluster::start(3, Mode::Loopback);
+    // The destination holds its restore for 2 s: a window in which the new client connects.
+    cluster.restart_agent_with(1, &[("DVK_TEST_FAULT", "hold-restore")]);
+    let (port, mb) = (7000, 4);
+    let (_server, vpid) = start_server(&cluster, 0, port, mb);
+    let mut first = dvk_tests::moving::start_client_slice(&cluster, 2, port, mb, 600, 1, 200, "0/2");
+    first.lines.wait_for("progress", LOOP);
+    let mover = std::process::Command::new(dvk_tests::bin_dir().join("migrate-cli"))
+        .arg("--config")
+        .arg(&cluster.config)
+        .args(["--node", "node1", "move", &vpid.to_string(), "node2"])
+        .env_remove("LD_PRELOAD")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    dvk_tests::wait_until(Duration::from_secs(20), "the destination to hold its restore", || {
+        cluster.log_of(1).contains("test fault: holding the restore")
+    });
+    // Connects now: the endpoint is Migrating everywhere, so the open waits for the commit.
+    let mut late = dvk_tests::moving::start_client_slice(&cluster, 2, port, mb, 300, 1, 0, "1/2");
+    let out = mover.wait_with_output().unwrap();
+    assert!(out.status.success(), "move failed: {}", String::from_utf8_lossy(&out.stderr));
+    client_done(&cluster, &mut late);
+    client_done(&cluster, &mut first);
+    let row = cluster.ps(2).into_iter().find(|r| r["vpid"] == vpid).unwrap();
+    assert_eq!(row["node"], "node2");
 }

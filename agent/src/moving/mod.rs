@@ -32,6 +32,8 @@ pub enum Fault {
     StallImage,
     /// Source: cut the link to the destination just before sending Commit (Commit lost).
     CutBeforeCommit,
+    /// Destination: wait 2 s before restoring (a window in which a test opens new connections).
+    HoldRestore,
 }
 
 impl Fault {
@@ -42,6 +44,7 @@ impl Fault {
             "fail-restore" => Fault::FailRestore,
             "stall-image" => Fault::StallImage,
             "cut-before-commit" => Fault::CutBeforeCommit,
+            "hold-restore" => Fault::HoldRestore,
             other => {
                 tracing::warn!("unknown DVK_TEST_FAULT `{other}` ignored");
                 return None;

@@ -286,6 +286,10 @@ async fn execute(d: &mut Driver, m: &Participant, action: PartAction) {
 
 /// Builds the process's new sockets, queues the Relink frame, and restores the image held.
 async fn prepare_restore(agent: &Arc<Agent>, dir: &Path) -> Result<Restoring, String> {
+    if agent.fault == Some(super::Fault::HoldRestore) {
+        tracing::warn!("test fault: holding the restore for 2 s");
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
     match agent.fault {
         Some(super::Fault::FailRestore) => return Err("test fault: the restore fails on this node".into()),
         Some(super::Fault::CorruptImage) if agent.moves.incoming.lock().contains_key(&mid_of(dir)) => {
