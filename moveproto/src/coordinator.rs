@@ -266,12 +266,12 @@ impl Coordinator {
                 return self.rollback("the destination gave up before the commit reached it".into(), out);
             }
             (Phase::InDoubt, CoordEvent::LinkUp(n)) if n == self.dest => {
-                out.push(CoordAction::Send(self.dest, MoveMsg::Query { tag: self.tag }));
+                out.push(CoordAction::Send(self.dest, MoveMsg::Query { tag: self.tag, vpid: self.vpid }));
                 self.next_query = self.now + self.timeouts.query_every;
             }
             (Phase::InDoubt, CoordEvent::Tick) => {
                 if self.now >= self.next_query {
-                    out.push(CoordAction::Send(self.dest, MoveMsg::Query { tag: self.tag }));
+                    out.push(CoordAction::Send(self.dest, MoveMsg::Query { tag: self.tag, vpid: self.vpid }));
                     self.next_query = self.now + self.timeouts.query_every;
                 }
             }
@@ -339,8 +339,9 @@ impl Coordinator {
 
     fn commit(&mut self, mut out: Vec<CoordAction>) -> Vec<CoordAction> {
         let pid = self.restored_pid.unwrap_or(0);
-        out.push(CoordAction::KillOriginal);
+        // Routes first: the original's death must find it already routed to the destination.
         out.push(CoordAction::RouteCommitted { dest: self.dest, pid });
+        out.push(CoordAction::KillOriginal);
         for &n in &self.started {
             if n != self.dest {
                 out.push(CoordAction::Send(

@@ -92,7 +92,7 @@ pub enum MoveMsg {
     /// S → every peer: roll back (D kills its held copy and deletes the image).
     Abort { tag: MoveTag, vpid: Vpid },
     /// S → D, while in doubt (Commit sent, no Committed): did the copy resume?
-    Query { tag: MoveTag },
+    Query { tag: MoveTag, vpid: Vpid },
     /// D → S: the answer to Query (or to a Commit that came after D had given up).
     Outcome { tag: MoveTag, committed: bool },
     /// New holder of the moving end → F: resume the held fixed end of `stream` with the sender
@@ -115,7 +115,7 @@ impl MoveMsg {
             | Commit { tag, .. }
             | Committed { tag }
             | Abort { tag, .. }
-            | Query { tag }
+            | Query { tag, .. }
             | Outcome { tag, .. }
             | StreamReattach { tag, .. } => Some(*tag),
         }

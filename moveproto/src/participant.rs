@@ -108,7 +108,7 @@ impl Participant {
     pub fn without_machine(me: NodeId, msg: &MoveMsg, resumed_here: bool) -> Vec<PartAction> {
         match *msg {
             MoveMsg::StreamDetach { stream, .. } => vec![PartAction::DetachStream(stream)],
-            MoveMsg::Query { tag } => vec![PartAction::Reply(MoveMsg::Outcome { tag, committed: resumed_here })],
+            MoveMsg::Query { tag, .. } => vec![PartAction::Reply(MoveMsg::Outcome { tag, committed: resumed_here })],
             MoveMsg::Commit { tag, dest, .. } if dest == me => vec![PartAction::Reply(if resumed_here {
                 MoveMsg::Committed { tag }
             } else {

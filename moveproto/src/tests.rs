@@ -112,8 +112,9 @@ fn happy_path_commits() {
     assert!(acts.contains(&PartAction::RouteCommitted { dest: D, pid: 4242 }));
     assert_eq!(m.d.phase(), &PartPhase::Committed);
     let acts = m.coord(CoordEvent::Msg(D, replies(&acts).pop().unwrap()));
-    assert_eq!(acts[0], CoordAction::KillOriginal);
-    assert!(acts.contains(&CoordAction::RouteCommitted { dest: D, pid: 4242 }));
+    // Routed to D before the original dies (its exit must not look like the process's end).
+    assert_eq!(acts[0], CoordAction::RouteCommitted { dest: D, pid: 4242 });
+    assert_eq!(acts[1], CoordAction::KillOriginal);
     assert!(!acts.contains(&CoordAction::Thaw));
     assert_eq!(acts.last(), Some(&CoordAction::Finish(Outcome::Committed { pid: 4242 })));
     let to_f = sent_to(&acts, F);
@@ -148,7 +149,7 @@ fn destination_link_cut_while_restoring_rolls_back() {
     let acts = m.d.handle(m.d.deadline(), PartEvent::Tick);
     assert_eq!(acts, vec![PartAction::DiscardCopy, PartAction::RouteRolledBack]);
     // If S asked now, D would say: never resumed.
-    let acts = m.d.handle(m.now, PartEvent::Msg(MoveMsg::Query { tag: TAG }));
+    let acts = m.d.handle(m.now, PartEvent::Msg(MoveMsg::Query { tag: TAG, vpid: vpid() }));
     assert_eq!(replies(&acts), vec![MoveMsg::Outcome { tag: TAG, committed: false }]);
 }
 
@@ -161,9 +162,9 @@ fn commit_lost_then_query_answered_aborted_thaws() {
     let due = m.c.deadline();
     m.now = due;
     let acts = m.c.handle(due, CoordEvent::Tick);
-    assert_eq!(acts, vec![CoordAction::Send(D, MoveMsg::Query { tag: TAG })]);
+    assert_eq!(acts, vec![CoordAction::Send(D, MoveMsg::Query { tag: TAG, vpid: vpid() })]);
     // D still holds the copy: it kills it first, then answers.
-    let acts = m.d.handle(m.now, PartEvent::Msg(MoveMsg::Query { tag: TAG }));
+    let acts = m.d.handle(m.now, PartEvent::Msg(MoveMsg::Query { tag: TAG, vpid: vpid() }));
     assert_eq!(acts[0], PartAction::DiscardCopy);
     assert_eq!(replies(&acts), vec![MoveMsg::Outcome { tag: TAG, committed: false }]);
     assert_eq!(m.d.phase(), &PartPhase::Aborted);
@@ -183,10 +184,10 @@ fn in_doubt_ignores_link_down_and_asks_on_link_up() {
     m.reach_in_doubt();
     assert!(m.coord(CoordEvent::LinkDown(D)).is_empty(), "in doubt: never roll back on a link");
     assert!(m.coord(CoordEvent::LinkDown(F)).is_empty());
-    assert_eq!(m.coord(CoordEvent::LinkUp(D)), vec![CoordAction::Send(D, MoveMsg::Query { tag: TAG })]);
+    assert_eq!(m.coord(CoordEvent::LinkUp(D)), vec![CoordAction::Send(D, MoveMsg::Query { tag: TAG, vpid: vpid() })]);
     // D had resumed: the answer commits.
     let acts = m.coord(CoordEvent::Msg(D, MoveMsg::Outcome { tag: TAG, committed: true }));
-    assert_eq!(acts[0], CoordAction::KillOriginal);
+    assert_eq!(acts[1], CoordAction::KillOriginal);
 }
 
 #[test]
@@ -231,7 +232,7 @@ fn abort_before_restore_deletes_the_partial_image() {
 
 #[test]
 fn without_a_machine_the_registry_answers() {
-    let query = MoveMsg::Query { tag: TAG };
+    let query = MoveMsg::Query { tag: TAG, vpid: vpid() };
     let commit = MoveMsg::Commit { tag: TAG, vpid: vpid(), dest: D, pid: 4242 };
     let reply = |me, msg: &MoveMsg, resumed| replies(&Participant::without_machine(me, msg, resumed));
     assert_eq!(reply(D, &query, true), vec![MoveMsg::Outcome { tag: TAG, committed: true }]);

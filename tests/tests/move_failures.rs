@@ -29,6 +29,9 @@ const SETTLE: Duration = Duration::from_secs(15);
 /// How long a failing move may take (the longest is the Commit lost: cut, reconnect, Query).
 const FAIL_WITHIN: Duration = Duration::from_secs(40);
 
+/// How long the client loop may take to its end once the last move is over.
+const CLIENT_WITHIN: Duration = Duration::from_secs(30);
+
 const SOURCE: usize = 0;
 const DEST: usize = 1;
 const CLIENT: usize = 2;
@@ -222,8 +225,10 @@ fn assert_rolled_back(cluster: &Cluster, s: &mut Setup) {
 }
 
 /// The second move (fault removed) succeeds; the copy runs on node2 as a child of its agent.
-fn second_move_succeeds(cluster: &Cluster, s: &mut Setup) {
-    if s.client.child.try_wait().unwrap().is_some() {
+/// `during_loop`: the client should still be looping (only noted when it is not: its speed
+/// varies, and the move must succeed either way).
+fn second_move_succeeds(cluster: &Cluster, s: &mut Setup, during_loop: bool) {
+    if during_loop && s.client.child.try_wait().unwrap().is_some() {
         eprintln!("note: the client loop had ended before the second move");
     }
     let report = move_to(cluster, SOURCE, s.vpid, DEST);
@@ -240,6 +245,24 @@ fn second_move_succeeds(cluster: &Cluster, s: &mut Setup) {
         }
         Ok(())
     });
+}
+
+/// The client loop ends (bounded) and every check passed.
+fn client_finishes(cluster: &Cluster, client: &mut Proc) -> String {
+    let deadline = Instant::now() + CLIENT_WITHIN;
+    while client.child.try_wait().unwrap().is_none() {
+        if Instant::now() >= deadline {
+            let _ = client.child.kill();
+            client.lines.drain_now();
+            panic!(
+                "the client loop did not end within {CLIENT_WITHIN:?}; it printed:\n{}\n{}",
+                client.lines.seen.join("\n"),
+                agent_logs(cluster)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    client_done(cluster, client)
 }
 
 fn wait_log(cluster: &Cluster, node: usize, line: &str) {
@@ -309,8 +332,8 @@ fn preflight_refusal_rolls_back_loopback() {
     // SAFETY: flock on an fd we own (the description the server shares).
     assert_eq!(unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_UN) }, 0);
     s.client.lines.wait_for("progress", REACH);
-    second_move_succeeds(&cluster, &mut s);
-    let done = client_done(&cluster, &mut s.client);
+    second_move_succeeds(&cluster, &mut s, true);
+    let done = client_finishes(&cluster, &mut s.client);
     eprintln!("preflight_refusal_rolls_back_loopback: {done}");
 }
 
@@ -337,8 +360,8 @@ fn destination_killed(mode: Mode, test: &str) {
     cluster.restart_agent_with(DEST, &[]);
     assert_rolled_back(&cluster, &mut s);
     s.client.lines.wait_for("progress", REACH);
-    second_move_succeeds(&cluster, &mut s);
-    let done = client_done(&cluster, &mut s.client);
+    second_move_succeeds(&cluster, &mut s, true);
+    let done = client_finishes(&cluster, &mut s.client);
     eprintln!("{test}: {done}");
 }
 
@@ -369,8 +392,8 @@ fn destination_fault(mode: Mode, test: &str, fault: &str, needles: &[&str]) {
 
     cluster.restart_agent_with(DEST, &[]);
     s.client.lines.wait_for("progress", REACH);
-    second_move_succeeds(&cluster, &mut s);
-    let done = client_done(&cluster, &mut s.client);
+    second_move_succeeds(&cluster, &mut s, true);
+    let done = client_finishes(&cluster, &mut s.client);
     eprintln!("{test}: {done}");
 }
 
@@ -403,7 +426,7 @@ fn commit_lost_rolls_back_loopback() {
     assert!(cluster.log_of(SOURCE).contains("test fault: the Commit is lost"), "{}", agent_logs(&cluster));
     assert_rolled_back(&cluster, &mut s);
     // The client's stream runs through node1's agent: let it finish before that agent restarts.
-    let done = client_done(&cluster, &mut s.client);
+    let done = client_finishes(&cluster, &mut s.client);
     eprintln!("{test}: {done}");
 
     // Clearing the fault restarts the source's agent; the server stays (agents keep their
@@ -411,7 +434,7 @@ fn commit_lost_rolls_back_loopback() {
     let pid = s.server.pid();
     cluster.restart_agent_with(SOURCE, &[]);
     cluster.wait_registered(SOURCE, pid);
-    second_move_succeeds(&cluster, &mut s);
+    second_move_succeeds(&cluster, &mut s, false);
     wait_connectable(&cluster, CLIENT, "dc0", "kv.dc0.dvk", PORT, REACH);
 }
 
@@ -446,7 +469,7 @@ fn second_move_while_moving_is_refused_loopback() {
     cluster.restart_agent_with(DEST, &[]);
     assert_rolled_back(&cluster, &mut s);
     s.client.lines.wait_for("progress", REACH);
-    second_move_succeeds(&cluster, &mut s);
-    let done = client_done(&cluster, &mut s.client);
+    second_move_succeeds(&cluster, &mut s, true);
+    let done = client_finishes(&cluster, &mut s.client);
     eprintln!("{test}: {done}");
 }

@@ -271,6 +271,14 @@ pub fn on_link(agent: &Agent, node: NodeId, up: bool) {
         let _ = tx.send(source::Input::Link(node, up));
     }
     if !up {
+        // Fixed ends held for a move of that node: nobody can account for their bytes now.
+        agent.moves.held.lock().retain(|stream, f| {
+            let keep = (f.tag.mid >> 48) as u16 != node.0;
+            if !keep {
+                tracing::info!(stream, tag = %f.tag, "link to the move's source lost; closing the held stream");
+            }
+            keep
+        });
         let mut f = agent.moves.forwarded.lock();
         f.retain(|_, (n, tx)| {
             if *n == node {

@@ -94,24 +94,25 @@ pub fn start(agent: &Arc<Agent>, from: NodeId, msg: MoveMsg) {
 /// A move message for which this node runs no machine (it missed the start, or the move is
 /// long over): answer what can be answered from the routing table.
 pub fn without_machine(agent: &Arc<Agent>, from: NodeId, msg: MoveMsg) {
-    match msg {
-        MoveMsg::Commit { tag, vpid, dest, pid } => {
-            if dest == agent.node_id() {
-                // Never restored here (or given up long ago): the source must thaw.
-                agent.send_to(from, PeerMessage::Move(MoveMsg::Outcome { tag, committed: false }));
-            } else {
-                super::route_committed(agent, vpid, tag.mid, dest, pid);
-            }
+    // Whether the process runs here is the answer to a Query or a late Commit: a destination
+    // that resumed it registered it (saved before the resume, so it survives an agent restart).
+    let resumed_here = match &msg {
+        MoveMsg::Query { vpid, .. } | MoveMsg::Commit { vpid, .. } => {
+            agent.tables.lock().routing.get(*vpid).is_some_and(|r| r.entry.node == agent.node_id())
         }
-        MoveMsg::Query { tag } => {
-            agent.send_to(from, PeerMessage::Move(MoveMsg::Outcome { tag, committed: false }));
+        _ => false,
+    };
+    match &msg {
+        MoveMsg::Commit { tag, vpid, dest, pid } if *dest != agent.node_id() => {
+            super::route_committed(agent, *vpid, tag.mid, *dest, *pid);
         }
-        MoveMsg::Restore { tag } => {
-            let why = "this node did not take part in the move's start".to_string();
-            agent.send_to(from, PeerMessage::Move(MoveMsg::Failed { tag, why }));
-        }
-        MoveMsg::Abort { tag, vpid } => super::route_rolled_back(agent, vpid, tag.mid),
+        MoveMsg::Abort { tag, vpid } => super::route_rolled_back(agent, *vpid, tag.mid),
         _ => {}
+    }
+    for action in Participant::without_machine(agent.node_id(), &msg, resumed_here) {
+        if let PartAction::Reply(reply) = action {
+            agent.send_to(from, PeerMessage::Move(reply));
+        }
     }
 }
 

@@ -380,10 +380,13 @@ async fn freeze(d: &mut Driver, m: &mut Coordinator) -> CoordEvent {
     d.step_start = Instant::now();
     let (tx, ready) = spawn_freezer(d.entry.real_pid);
     d.frozen_at = Some(Instant::now());
-    match ready.await {
-        Ok(Ok(())) => d.freezer = Some(tx),
-        Ok(Err(e)) => return CoordEvent::FreezeFailed(e),
-        Err(_) => return CoordEvent::FreezeFailed("the freezer thread died".into()),
+    // A freeze that hangs (a thread stuck in the kernel) is given up: dropping `tx` makes the
+    // freezer thread thaw whatever it froze, whenever it gets there.
+    match tokio::time::timeout(Duration::from_millis(super::timeouts().detach), ready).await {
+        Ok(Ok(Ok(()))) => d.freezer = Some(tx),
+        Ok(Ok(Err(e))) => return CoordEvent::FreezeFailed(e),
+        Ok(Err(_)) => return CoordEvent::FreezeFailed("the freezer thread died".into()),
+        Err(_) => return CoordEvent::FreezeFailed("the process did not stop in time".into()),
     }
     let (agent, vpid, pid) = (d.agent.clone(), d.entry.vpid, d.entry.real_pid);
     let found = tokio::task::spawn_blocking(move || -> Result<(Classified, Vec<(u16, OwnedFd)>), String> {
