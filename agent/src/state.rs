@@ -119,6 +119,32 @@ pub struct LinkHandle {
 }
 
 impl LinkHandle {
+    /// Writes `data` as `MoveImage` frames of at most `chunk` bytes straight from the caller's
+    /// buffer (no copy into a message), under one hold of the writer.
+    pub async fn write_image(
+        &self,
+        mid: u64,
+        file: &str,
+        offset: u64,
+        data: &[u8],
+        chunk: usize,
+    ) -> Result<(), dvk_protocol::FrameError> {
+        use dvk_protocol::peer::move_image;
+        use tokio::io::AsyncWriteExt;
+        let mut w = self.out.lock().await;
+        let mut at = offset;
+        for piece in data.chunks(chunk.max(1)) {
+            let mut prefix = [0u8; move_image::MAX_PREFIX];
+            let n = move_image::prefix(mid, file, at, piece.len(), &mut prefix)
+                .ok_or_else(|| dvk_protocol::FrameError::Io(std::io::Error::other("image file name too long")))?;
+            w.write_all(&prefix[..n]).await?;
+            w.write_all(piece).await?;
+            at += piece.len() as u64;
+        }
+        w.flush().await?;
+        Ok(())
+    }
+
     pub async fn write_now(&self, msg: PeerMessage) -> Result<(), dvk_protocol::FrameError> {
         use tokio::io::AsyncWriteExt;
         let mut w = self.out.lock().await;

@@ -361,6 +361,23 @@ fn criu_run(dir: &Path, mb: f64) -> anyhow::Result<(f64, f64)> {
     Ok((dump, restore))
 }
 
+/// After a failure: the agents' logs are copied out of the cluster's directory (deleted when
+/// the cluster stops) and their last lines printed.
+fn keep_logs(cluster: &Cluster) {
+    let dir = std::env::temp_dir().join(format!("dvk-bench-move-{}", std::process::id()));
+    let _ = std::fs::create_dir_all(&dir);
+    for (i, node) in cluster.nodes.iter().enumerate() {
+        let log = cluster.log_of(i);
+        let _ = std::fs::write(dir.join(format!("{}.log", node.name)), &log);
+        let tail: Vec<&str> = log.lines().rev().take(15).collect();
+        eprintln!("---- last lines of {} agent log ----", node.name);
+        for l in tail.into_iter().rev() {
+            eprintln!("{l}");
+        }
+    }
+    eprintln!("dvk-bench move: the agents' logs are in {}", dir.display());
+}
+
 fn machine() -> String {
     let nproc = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
     let uname = Command::new("uname").arg("-r").output().map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned());
@@ -389,7 +406,13 @@ pub fn run(args: &MoveBenchArgs) -> anyhow::Result<()> {
             pages = p;
         }
         eprintln!("dvk-bench move: {mb} MB: {} moves", args.moves);
-        let mut r = measure_moves(&cluster, 7100 + i as u16, mb, args.moves)?;
+        let mut r = match measure_moves(&cluster, 7100 + i as u16, mb, args.moves) {
+            Ok(r) => r,
+            Err(e) => {
+                keep_logs(&cluster);
+                return Err(e);
+            }
+        };
         r.base_dump_ms = median(dumps);
         r.base_restore_ms = median(restores);
         r.base_pages_mb = pages;

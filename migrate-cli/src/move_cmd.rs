@@ -13,7 +13,8 @@ pub struct MoveArgs {
     /// The process: its vPID (see `migrate-cli ps`) or its real pid on the node asked.
     pub target: i32,
     /// The node to move it to.
-    pub node: String,
+    #[arg(value_name = "NODE")]
+    pub dest: String,
     /// Print the report as JSON (steps, image size, frozen time, total).
     #[arg(long)]
     pub json: bool,
@@ -42,7 +43,7 @@ fn connect(target: &Target, timeout: Duration) -> anyhow::Result<UnixStream> {
 /// Runs a move; Ok(()) only when the process runs on the destination.
 pub fn run_move(target: &Target, args: &MoveArgs) -> anyhow::Result<()> {
     let mut s = connect(target, Duration::from_secs(args.wait))?;
-    frame::write_frame(&mut s, &LocalRequest::Move { target: args.target, dest: args.node.clone() }, LOCAL_MAX_FRAME)
+    frame::write_frame(&mut s, &LocalRequest::Move { target: args.target, dest: args.dest.clone() }, LOCAL_MAX_FRAME)
         .with_context(|| format!("sending the move to {}", target.describe))?;
     let tty = std::io::stderr().is_terminal() && !args.json;
     let started = Instant::now();

@@ -1,7 +1,9 @@
 //! The dvk test cluster: N nodes on this machine, each a real `dvk-agent`.
 //!
-//! * **Loopback mode** (always available): every agent listens on its own
-//!   127.0.0.1 port and has its own runtime dir.
+//! * **Loopback mode** (always available): every agent listens on an address of
+//!   its own in 127.0.0.0/8, derived from the test process and the cluster (no
+//!   port is probed and released: nothing else can take it meanwhile), and has
+//!   its own runtime dir.
 //! * **Network mode** (root and `ip`): every node is a network namespace with
 //!   its own address in 192.0.2.0/24 on a bridge (the bridge lives in a
 //!   namespace of its own, so nothing touches the host's interfaces); the
@@ -144,15 +146,14 @@ impl Cluster {
         set_mode(&key, 0o600);
 
         let tag = format!("dvk{}x{}", std::process::id(), seq);
-        let ports = if spec.mode == Mode::Loopback { free_ports(spec.nodes) } else { vec![7700; spec.nodes] };
         let mut nodes = Vec::new();
         let mut config = String::from("cluster_key_file = \"cluster.key\"\n");
-        for (i, port) in ports.iter().enumerate() {
+        for i in 0..spec.nodes {
             let id = (i + 1) as u16;
             let name = format!("node{id}");
             let (peer_addr, netns) = match spec.mode {
-                Mode::Loopback => (format!("127.0.0.1:{port}"), None),
-                Mode::Network => (format!("192.0.2.{}:{port}", 10 + id), Some(format!("{tag}n{id}"))),
+                Mode::Loopback => (loopback_addr(seq, id), None),
+                Mode::Network => (format!("192.0.2.{}:7700", 10 + id), Some(format!("{tag}n{id}"))),
             };
             let runtime_dir = dir.path().join(&name).join("run");
             config.push_str(&format!(
@@ -345,6 +346,15 @@ impl Drop for Cluster {
         for mut child in self.children.lock().map(|mut c| std::mem::take(&mut *c)).unwrap_or_default() {
             terminate(&mut child);
         }
+        // Processes a move restored are children of the destination's agent: ours to end too.
+        for node in &self.nodes {
+            if let Some(agent) = node.agent_pid() {
+                for pid in children_of(agent) {
+                    // SAFETY: kill takes two integers; the pid is a child of our own agent.
+                    unsafe { libc::kill(pid, libc::SIGKILL) };
+                }
+            }
+        }
         for i in 0..self.nodes.len() {
             self.stop_agent(i);
         }
@@ -425,10 +435,29 @@ fn reap_stale_namespaces() {
     }
 }
 
-fn free_ports(n: usize) -> Vec<u16> {
-    // Bind them all at once so they are distinct, then release for the agents.
-    let listeners: Vec<_> = (0..n).map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap()).collect();
-    listeners.iter().map(|l| l.local_addr().unwrap().port()).collect()
+/// The peer address of node `id` of cluster `seq` of this test process: 127.A.B.ID:PORT with A
+/// from the cluster, B and PORT from the pid (so two test processes never share one), PORT
+/// below the kernel's ephemeral range (outgoing connections never hold it).
+fn loopback_addr(seq: usize, id: u16) -> String {
+    let pid = std::process::id();
+    let a = 1 + seq % 250;
+    let b = pid & 0xff;
+    let port = 10000 + (pid >> 8) % 20000;
+    format!("127.{a}.{b}.{id}:{port}")
+}
+
+/// Pids whose parent is `parent` (from /proc).
+pub fn children_of(parent: u32) -> Vec<i32> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else { continue };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { continue };
+        let ppid = stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().nth(1)?.parse::<u32>().ok());
+        if ppid == Some(parent) {
+            out.push(pid);
+        }
+    }
+    out
 }
 
 pub fn random_bytes(n: usize) -> Vec<u8> {

@@ -66,16 +66,11 @@ pub fn add_ingress(cluster: &Cluster, ingress: &Ingress) {
     std::fs::write(&cluster.config, config_with_ingress(&text, &name, ingress)).expect("write cluster config");
 }
 
-/// An address for an ingress listener on node `node`: a free 127.0.0.1 port
-/// in loopback mode, the node's own address and `port` in network mode.
+/// An address for an ingress listener on node `node`: the node's own address (in loopback
+/// mode an address of this cluster alone in 127.0.0.0/8) and `port`.
 pub fn ingress_listen_addr(cluster: &Cluster, node: usize, port: u16) -> String {
-    match cluster.mode {
-        Mode::Loopback => format!("127.0.0.1:{}", free_port()),
-        Mode::Network => {
-            let ip = cluster.nodes[node].peer_addr.split(':').next().unwrap();
-            format!("{ip}:{port}")
-        }
-    }
+    let ip = cluster.nodes[node].peer_addr.split(':').next().unwrap();
+    format!("{ip}:{port}")
 }
 
 /// Starts an `n`-node cluster whose config exposes the given endpoints
@@ -97,11 +92,6 @@ pub fn cluster_with_ingress(n: usize, mode: Mode, wanted: &[(usize, &str, &str)]
     }
     cluster.wait_mesh();
     (cluster, addrs)
-}
-
-/// A TCP port on 127.0.0.1 that was free a moment ago.
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 /// The path of `program` on PATH, if installed.
@@ -418,4 +408,10 @@ mod tests {
             "both of node1's ingress tables stay in node1's section"
         );
     }
+}
+
+/// A TCP port on 127.0.0.1 that was free a moment ago. For benchmarks only: a test must not
+/// depend on a port that something else may take before it binds.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }

@@ -10,6 +10,25 @@
 //! and a second move of a process that is already moving.
 //!
 //! Layout: the server on node1 (index 0), its client on node3 (index 2), moves to node2 (index 1).
+//!
+//! BUGS these tests catch (open when written; each is marked `BUG n` where it shows):
+//! 1. On rollback the source sends `StreamReattach` twice to a remote fixed end: once from
+//!    `reattach_here` → `streams::reattach_moving` (agent/src/moving/source.rs), once as the
+//!    `CoordAction::Send` the coordinator emits in `rollback()` (moveproto/src/coordinator.rs).
+//!    The second finds nothing held ("reattach of a stream no longer held here; resetting it")
+//!    and resets the stream just reattached: the client reads EOF or hangs (every case but 1).
+//! 2. migrate-cli: `move`'s positional NODE has the clap id `node`, the same as the global
+//!    `--node`, so `migrate-cli --node node1 move V node2` talks to node2's agent (cases 2, 5, 6:
+//!    "connection closed" / "lost the link to the source node 1" instead of the rollback).
+//! 3. A restore that fails after `prepare_restore` bound the moved listener
+//!    (agent/src/moving/participant.rs) leaves `<runtime_dir>/ep/moved-*.sock` behind (case 4).
+//! 4. Move ids restart at 1 with the agent (`Moves::new_move_id`): the first move after the
+//!    source's agent restarted reuses the tag of the last one, the destination's lingering
+//!    participant ignores its Start, and it times out waiting for acks (case 5's second move).
+//! 5. (Intermittent) `source::freeze` peeks the unread bytes of the process's sockets before
+//!    `detach_local` stops this node's relays: bytes the relay writes in between are in neither
+//!    the plan nor the relay's leftovers, and are lost when the original is killed at commit
+//!    (the client hangs after the second move; seen about once in ten runs under load).
 
 use dvk_tests::moving::{agent_logs, client_done, move_to, start_client, start_server, REACH};
 use dvk_tests::net::{wait_connectable, Proc};
@@ -54,6 +73,8 @@ fn text(out: &Output) -> String {
     format!("stderr: {}\nstdout: {}", String::from_utf8_lossy(&out.stderr), String::from_utf8_lossy(&out.stdout))
 }
 
+/// `migrate-cli --node ASK move VPID TO --json`, as a user types it (BUG 2: the agent asked is
+/// TO's, not ASK's, until the CLI is fixed).
 fn move_cmd(cluster: &Cluster, ask: usize, vpid: i64, to: usize) -> Command {
     let mut cmd = Command::new(bin_dir().join("migrate-cli"));
     cmd.arg("--config")
@@ -209,6 +230,7 @@ fn assert_rolled_back(cluster: &Cluster, s: &mut Setup) {
                 }
             }
         }
+        // BUG 3: left behind when the restore fails after the listener was bound.
         let ep = dest.runtime_dir.join("ep");
         let left = names_in(&ep, "moved-");
         if !left.is_empty() {
@@ -227,12 +249,13 @@ fn assert_rolled_back(cluster: &Cluster, s: &mut Setup) {
 /// The second move (fault removed) succeeds; the copy runs on node2 as a child of its agent.
 /// `during_loop`: the client should still be looping (only noted when it is not: its speed
 /// varies, and the move must succeed either way).
-fn second_move_succeeds(cluster: &Cluster, s: &mut Setup, during_loop: bool) {
+fn second_move_succeeds(cluster: &Cluster, s: &mut Setup, during_loop: bool) -> MovedCopy {
     if during_loop && s.client.child.try_wait().unwrap().is_some() {
         eprintln!("note: the client loop had ended before the second move");
     }
     let report = move_to(cluster, SOURCE, s.vpid, DEST);
     let new_pid = report["new_pid"].as_u64().unwrap() as u32;
+    let copy = MovedCopy(new_pid);
     let ppid = processes().into_iter().find(|(p, _, _)| *p == new_pid).map(|(_, pp, _)| pp);
     assert_eq!(ppid, cluster.nodes[DEST].agent_pid(), "the moved copy (pid {new_pid}) is a child of node2's agent");
     settle(cluster, "every node routes the process to node2", || {
@@ -245,9 +268,43 @@ fn second_move_succeeds(cluster: &Cluster, s: &mut Setup, during_loop: bool) {
         }
         Ok(())
     });
+    copy
 }
 
-/// The client loop ends (bounded) and every check passed.
+/// The moved copy: a child of the destination's agent, which the cluster does not know about —
+/// killed at the end of the test (also when it fails), or it would outlive the cluster.
+struct MovedCopy(u32);
+
+impl Drop for MovedCopy {
+    fn drop(&mut self) {
+        let comm = std::fs::read_to_string(format!("/proc/{}/comm", self.0)).unwrap_or_default();
+        if comm.trim_end() == "move_server" {
+            // SAFETY: kill takes two integers; the pid was checked to be the moved server.
+            unsafe { libc::kill(self.0 as i32, libc::SIGKILL) };
+        }
+    }
+}
+
+/// The client loop goes on after the rollback: a further `progress` line (BUG 1: its stream is
+/// reset by a second StreamReattach — EOF or a hang).
+fn client_continues(cluster: &Cluster, client: &mut Proc) {
+    let deadline = Instant::now() + REACH;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match client.lines.try_next(left.max(Duration::from_millis(1))) {
+            Some(l) if l.starts_with("progress") || l.starts_with("DONE") => return,
+            Some(l) if !l.starts_with("FAIL") => continue,
+            _ => panic!(
+                "the client's stream did not survive the rollback (no progress within {REACH:?}); it printed:\n{}\n{}",
+                client.lines.seen.join("\n"),
+                agent_logs(cluster)
+            ),
+        }
+    }
+}
+
+/// The client loop ends (bounded) and every check passed (BUG 5: a request lost at the second
+/// move's commit leaves it waiting for a reply).
 fn client_finishes(cluster: &Cluster, client: &mut Proc) -> String {
     let deadline = Instant::now() + CLIENT_WITHIN;
     while client.child.try_wait().unwrap().is_none() {
@@ -331,8 +388,8 @@ fn preflight_refusal_rolls_back_loopback() {
     // The blocker goes away; the same process moves.
     // SAFETY: flock on an fd we own (the description the server shares).
     assert_eq!(unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_UN) }, 0);
-    s.client.lines.wait_for("progress", REACH);
-    second_move_succeeds(&cluster, &mut s, true);
+    client_continues(&cluster, &mut s.client);
+    let _copy = second_move_succeeds(&cluster, &mut s, true);
     let done = client_finishes(&cluster, &mut s.client);
     eprintln!("preflight_refusal_rolls_back_loopback: {done}");
 }
@@ -359,8 +416,8 @@ fn destination_killed(mode: Mode, test: &str) {
 
     cluster.restart_agent_with(DEST, &[]);
     assert_rolled_back(&cluster, &mut s);
-    s.client.lines.wait_for("progress", REACH);
-    second_move_succeeds(&cluster, &mut s, true);
+    client_continues(&cluster, &mut s.client);
+    let _copy = second_move_succeeds(&cluster, &mut s, true);
     let done = client_finishes(&cluster, &mut s.client);
     eprintln!("{test}: {done}");
 }
@@ -391,8 +448,8 @@ fn destination_fault(mode: Mode, test: &str, fault: &str, needles: &[&str]) {
     assert_rolled_back(&cluster, &mut s);
 
     cluster.restart_agent_with(DEST, &[]);
-    s.client.lines.wait_for("progress", REACH);
-    second_move_succeeds(&cluster, &mut s, true);
+    client_continues(&cluster, &mut s.client);
+    let _copy = second_move_succeeds(&cluster, &mut s, true);
     let done = client_finishes(&cluster, &mut s.client);
     eprintln!("{test}: {done}");
 }
@@ -432,9 +489,10 @@ fn commit_lost_rolls_back_loopback() {
     // Clearing the fault restarts the source's agent; the server stays (agents keep their
     // processes), is found again, moves, and serves from node2.
     let pid = s.server.pid();
+    // BUG 4: this restart makes node1 reuse the failed move's tag; node2 ignores its Start.
     cluster.restart_agent_with(SOURCE, &[]);
     cluster.wait_registered(SOURCE, pid);
-    second_move_succeeds(&cluster, &mut s, false);
+    let _copy = second_move_succeeds(&cluster, &mut s, false);
     wait_connectable(&cluster, CLIENT, "dc0", "kv.dc0.dvk", PORT, REACH);
 }
 
@@ -468,8 +526,8 @@ fn second_move_while_moving_is_refused_loopback() {
 
     cluster.restart_agent_with(DEST, &[]);
     assert_rolled_back(&cluster, &mut s);
-    s.client.lines.wait_for("progress", REACH);
-    second_move_succeeds(&cluster, &mut s, true);
+    client_continues(&cluster, &mut s.client);
+    let _copy = second_move_succeeds(&cluster, &mut s, true);
     let done = client_finishes(&cluster, &mut s.client);
     eprintln!("{test}: {done}");
 }

@@ -81,9 +81,21 @@ pub struct Moves {
 }
 
 impl Moves {
+    /// A move id no earlier run of this agent used: node id above bit 48, below it a counter
+    /// that starts at a random point (a restarted agent must not reuse the tag of a move its
+    /// peers still remember).
     pub fn new_move_id(&self, node: NodeId) -> u64 {
-        (node.0 as u64) << 48 | (self.next_move.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1)
+        use std::sync::atomic::Ordering;
+        let _ = self.next_move.compare_exchange(0, random_start(), Ordering::Relaxed, Ordering::Relaxed);
+        (node.0 as u64) << 48 | (self.next_move.fetch_add(1, Ordering::Relaxed) & ((1 << 48) - 1))
     }
+}
+
+fn random_start() -> u64 {
+    let mut b = [0u8; 8];
+    let _ = getrandom::getrandom(&mut b);
+    // 40 random bits: 2^8 moves' room above, never 0.
+    (u64::from_le_bytes(b) >> 24).max(1)
 }
 
 pub fn timeouts() -> Timeouts {

@@ -132,6 +132,16 @@ struct Restoring {
     _replacements: Vec<OwnedFd>,
 }
 
+struct ListenerFiles(Vec<PathBuf>);
+
+impl Drop for ListenerFiles {
+    fn drop(&mut self) {
+        for p in &self.0 {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
 enum HoldCmd {
     Resume(oneshot::Sender<Result<(), String>>),
     Kill,
@@ -334,10 +344,13 @@ async fn prepare_restore(agent: &Arc<Agent>, dir: &Path) -> Result<Restoring, St
 
     let ep_dir = agent.me.runtime_dir.join(crate::endpoints::LISTENER_DIR);
     let mut listeners = Vec::new();
+    // Listener files made here are removed again if the restore does not get to the end.
+    let mut made = ListenerFiles(Vec::new());
     for l in &plan.listeners {
         let path = ep_dir.join(format!("moved-{}-{}-{:x}.sock", plan.entry.vpid.0, l.endpoint.port, plan.tag.mid));
         let _ = std::fs::remove_file(&path);
         let sock = UnixListener::bind(&path).map_err(|e| format!("cannot listen at {}: {e}", path.display()))?;
+        made.0.push(path.clone());
         std::os::unix::fs::chown(&path, Some(uid), None).map_err(|e| format!("chown {}: {e}", path.display()))?;
         let _ = std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600));
         crate::sys::listen_backlog(&sock, 4096);
@@ -435,6 +448,7 @@ async fn prepare_restore(agent: &Arc<Agent>, dir: &Path) -> Result<Restoring, St
         })
         .map_err(|e| format!("cannot start the restore thread: {e}"))?;
     let pid = ready_rx.await.map_err(|_| "the restore thread died".to_string())??;
+    made.0.clear();
     Ok(Restoring { plan, dir: dir.to_path_buf(), holder, pid, stream_ends, listeners, link_end, _replacements: keep })
 }
 

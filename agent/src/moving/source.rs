@@ -304,6 +304,9 @@ async fn drive(mut d: Driver, mut m: Coordinator, mut rx: mpsc::UnboundedReceive
 async fn execute(d: &mut Driver, m: &mut Coordinator, action: CoordAction) -> Option<CoordEvent> {
     let agent = d.agent.clone();
     match action {
+        // reattach_here sent it already, right after making the stream's new relay and before
+        // any of its data: a second one would find the end taken and reset the stream.
+        CoordAction::Send(_, MoveMsg::StreamReattach { .. }) => None,
         CoordAction::Send(node, msg) => {
             if agent.fault == Some(super::Fault::CutBeforeCommit) && matches!(msg, MoveMsg::Commit { .. }) && node == d.dest {
                 tracing::warn!("test fault: the Commit is lost with the link to the destination");
@@ -411,26 +414,15 @@ async fn freeze(d: &mut Driver, m: &mut Coordinator) -> CoordEvent {
     let by_inode = d.agent.relays.by_inode();
     let mut remote = BTreeMap::new();
     let pidfd = ck::pidfd_open(d.entry.real_pid).ok();
+    // Unread bytes are taken in detach_local, once the relays stopped writing into the sockets.
     for (id, (fds, moving_is_client)) in &c.streams {
-        let unread = match (&pidfd, fds.first()) {
-            (Some(p), Some(f)) => ck::pidfd_getfd(p, f.fd).and_then(|s| ck::sock_peek(&s, MAX_UNREAD)).unwrap_or_default(),
-            _ => Vec::new(),
-        };
-        d.streams.insert(*id, StreamWork::new(*id, fds.clone(), None, *moving_is_client, unread));
+        d.streams.insert(*id, StreamWork::new(*id, fds.clone(), None, *moving_is_client, Vec::new()));
     }
     for (port, conn) in backlog {
         let Ok(ino) = crate::sys::inode(&conn) else { continue };
         let peer = ck::unix_diag(ino as u32).map(|x| x.peer as u64).unwrap_or(0);
         let Some((id, _)) = by_inode.get(&peer) else { continue };
-        let mut unread = Vec::new();
-        let mut buf = vec![0u8; 64 * 1024];
-        while let Ok(n) = crate::sys::recv_now(&conn, &mut buf) {
-            if n == 0 {
-                break;
-            }
-            unread.extend_from_slice(&buf[..n]);
-        }
-        let mut w = StreamWork::new(*id, Vec::new(), Some(port), false, unread);
+        let mut w = StreamWork::new(*id, Vec::new(), Some(port), false, Vec::new());
         w.backlog_conn = Some(conn);
         d.streams.insert(*id, w);
     }
@@ -477,10 +469,29 @@ impl StreamWork {
 /// Stops this node's relay of every stream of the frozen process and reads its tails.
 async fn detach_local(d: &mut Driver) {
     let me = d.agent.node_id();
+    let pidfd = ck::pidfd_open(d.entry.real_pid).ok();
     let ids: Vec<u64> = d.streams.keys().copied().collect();
     for id in ids {
         let detached = d.agent.relays.detach(id).await;
         let w = d.streams.get_mut(&id).expect("listed");
+        // Now nothing writes into the process's socket any more: what is unread there is final.
+        w.plan.unread = match (&w.backlog_conn, &pidfd, w.plan.fds.first()) {
+            (Some(conn), _, _) => {
+                let mut unread = Vec::new();
+                let mut buf = vec![0u8; 64 * 1024];
+                while let Ok(n) = crate::sys::recv_now(conn, &mut buf) {
+                    if n == 0 {
+                        break;
+                    }
+                    unread.extend_from_slice(&buf[..n]);
+                }
+                unread
+            }
+            (None, Some(p), Some(f)) => {
+                ck::pidfd_getfd(p, f.fd).and_then(|s| ck::sock_peek(&s, MAX_UNREAD)).unwrap_or_default()
+            }
+            _ => Vec::new(),
+        };
         let Some(det) = detached else {
             // The relay had ended: both directions closed. The process keeps its bytes, then EOF.
             w.plan.reset = true;
@@ -553,90 +564,72 @@ fn build_plan(d: &Driver) -> MovePlan {
     }
 }
 
-/// Page data from the dump, by offset, on its way to the link (see [`stream_pages`]).
-enum PageChunk {
-    Size(u64),
-    Data(u64, Vec<u8>),
+/// The engine's page output during a move: every buffer it filled with process_vm_readv is
+/// written onto the agent link to the destination from that buffer (the freezer thread blocks on
+/// the async writer), never into a file or another copy here.
+struct LinkPages {
+    runtime: tokio::runtime::Handle,
+    link: crate::state::LinkHandle,
+    mid: u64,
+    sent: std::sync::atomic::AtomicU64,
+    total: std::sync::atomic::AtomicU64,
+    last_report: parking_lot::Mutex<Instant>,
+    reply: mpsc::UnboundedSender<LocalResponse>,
 }
 
-/// The engine's page output during a move: every buffer it read with process_vm_readv goes to
-/// the destination over the agent link, never into a file here.
-struct LinkPages(mpsc::Sender<PageChunk>);
+impl LinkPages {
+    fn run<F: std::future::Future<Output = Result<(), dvk_protocol::FrameError>>>(&self, f: F) -> std::io::Result<()> {
+        let idle = Duration::from_millis(super::timeouts().transfer_idle);
+        match self.runtime.block_on(async { tokio::time::timeout(idle, f).await }) {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(std::io::Error::other(format!("the link to the destination failed: {e}"))),
+            Err(_) => Err(std::io::Error::other(format!("the destination took no data for {idle:?}"))),
+        }
+    }
+}
 
 impl dvk_checkpoint::image::PageOut for LinkPages {
     fn reserve(&self, len: u64) -> std::io::Result<()> {
-        self.0.blocking_send(PageChunk::Size(len)).map_err(|_| std::io::Error::other("the link to the destination failed"))
+        use std::sync::atomic::Ordering;
+        self.total.store(len, Ordering::Relaxed);
+        let msg = PeerMessage::MoveImageSize { mid: self.mid, file: dvk_checkpoint::image::PAGES.into(), len };
+        self.run(self.link.write_now(msg))
     }
-    fn write_at(&self, buf: &[u8], off: u64) -> std::io::Result<()> {
-        self.0
-            .blocking_send(PageChunk::Data(off, buf.to_vec()))
-            .map_err(|_| std::io::Error::other("the link to the destination failed"))
-    }
-}
 
-/// Sends the page data the dump produces; returns the bytes sent.
-async fn stream_pages(
-    agent: Arc<Agent>,
-    dest: NodeId,
-    mid: u64,
-    mut rx: mpsc::Receiver<PageChunk>,
-    reply: mpsc::UnboundedSender<LocalResponse>,
-) -> std::io::Result<u64> {
-    let link = agent.link(dest).ok_or_else(|| std::io::Error::other("no link"))?;
-    let idle = Duration::from_millis(super::timeouts().transfer_idle);
-    let file = dvk_checkpoint::image::PAGES.to_string();
-    let (mut sent, mut total, mut last_report) = (0u64, 0u64, Instant::now());
-    while let Some(chunk) = rx.recv().await {
-        let msgs = match chunk {
-            PageChunk::Size(len) => {
-                total = len;
-                vec![PeerMessage::MoveImageSize { mid, file: file.clone(), len }]
-            }
-            PageChunk::Data(off, mut bytes) => {
-                let mut out = Vec::new();
-                let mut at = off;
-                while bytes.len() > IMAGE_CHUNK {
-                    let rest = bytes.split_off(IMAGE_CHUNK);
-                    let n = bytes.len() as u64;
-                    out.push(PeerMessage::MoveImage { mid, file: file.clone(), offset: at, bytes });
-                    at += n;
-                    bytes = rest;
-                }
-                out.push(PeerMessage::MoveImage { mid, file: file.clone(), offset: at, bytes });
-                out
-            }
-        };
-        for m in msgs {
-            let n = if let PeerMessage::MoveImage { bytes, .. } = &m { bytes.len() as u64 } else { 0 };
-            match tokio::time::timeout(idle, link.write_now(m)).await {
-                Ok(Ok(())) => sent += n,
-                Ok(Err(e)) => return Err(std::io::Error::other(e.to_string())),
-                Err(_) => return Err(std::io::Error::other(format!("no progress for {idle:?}"))),
-            }
+    fn write_at(&self, buf: &[u8], off: u64) -> std::io::Result<()> {
+        use std::sync::atomic::Ordering;
+        self.run(self.link.write_image(self.mid, dvk_checkpoint::image::PAGES, off, buf, IMAGE_CHUNK))?;
+        let sent = self.sent.fetch_add(buf.len() as u64, Ordering::Relaxed) + buf.len() as u64;
+        let mut last = self.last_report.lock();
+        if last.elapsed() > Duration::from_millis(100) {
+            *last = Instant::now();
+            let _ = self.reply.send(LocalResponse::MoveProgress { sent, total: self.total.load(Ordering::Relaxed) });
         }
-        if last_report.elapsed() > Duration::from_millis(100) {
-            last_report = Instant::now();
-            let _ = reply.send(LocalResponse::MoveProgress { sent, total });
-        }
+        Ok(())
     }
-    Ok(sent)
 }
 
 async fn dump_and_send(d: &mut Driver) -> CoordEvent {
     drain_remote_queues(d);
     let _ = std::fs::remove_dir_all(&d.image_dir);
     let (tx, rx) = oneshot::channel();
-    let (pages_tx, pages_rx) = mpsc::channel(4);
-    let streaming = tokio::spawn(stream_pages(d.agent.clone(), d.dest, d.tag.mid, pages_rx, d.reply.clone()));
-    let out = dvk_checkpoint::image::PagesTo(Arc::new(LinkPages(pages_tx)));
+    let Some(link) = d.agent.link(d.dest) else {
+        return CoordEvent::DumpFailed(format!("no link to {}", d.agent.node_name(d.dest)));
+    };
+    let pages = Arc::new(LinkPages {
+        runtime: tokio::runtime::Handle::current(),
+        link,
+        mid: d.tag.mid,
+        sent: Default::default(),
+        total: Default::default(),
+        last_report: parking_lot::Mutex::new(Instant::now()),
+        reply: d.reply.clone(),
+    });
+    let out = dvk_checkpoint::image::PagesTo(pages.clone());
     let opts = DumpOptions { external_fds: d.classified.external(), pages_to: Some(out) };
     d.freezer(FreezeCmd::Image(d.image_dir.clone(), opts, tx));
     let dumped = rx.await;
-    let pages_sent = match streaming.await {
-        Ok(Ok(n)) => n,
-        Ok(Err(e)) => return CoordEvent::DumpFailed(format!("transfer to {}: {e}", d.agent.node_name(d.dest))),
-        Err(e) => return CoordEvent::DumpFailed(e.to_string()),
-    };
+    let pages_sent = pages.sent.load(std::sync::atomic::Ordering::Relaxed);
     let report = match dumped {
         Ok(Ok(r)) => r,
         Ok(Err(e)) => return CoordEvent::DumpFailed(e),
