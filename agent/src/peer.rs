@@ -380,7 +380,9 @@ fn handle(agent: &Arc<Agent>, peer: NodeId, msg: PeerMessage) -> bool {
         PeerMessage::MoveImageSize { mid, file, len } => {
             crate::moving::participant::image_size(agent, peer, mid, &file, len);
         }
-        PeerMessage::MoveForward { request, vpid, dest, uid } => crate::moving::serve_forwarded(agent, peer, request, vpid, dest, uid),
+        PeerMessage::MoveForward { request, vpid, dest, uid } => {
+            crate::moving::serve_forwarded(agent, peer, request, vpid, dest, uid)
+        }
         PeerMessage::MoveForwardEvent { request, event } => crate::moving::forwarded_event(agent, peer, request, event),
         PeerMessage::LogRead { request, vpid, offset } => {
             let response = crate::moving::read_log(agent, vpid, offset);

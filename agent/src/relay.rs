@@ -200,7 +200,12 @@ pub struct Relays {
 }
 
 impl Relays {
-    fn register(&self, stream: u64, ends: Vec<HeldEnd>, peer: Option<NodeId>) -> (u64, Arc<Stop>, oneshot::Sender<Left>) {
+    fn register(
+        &self,
+        stream: u64,
+        ends: Vec<HeldEnd>,
+        peer: Option<NodeId>,
+    ) -> (u64, Arc<Stop>, oneshot::Sender<Left>) {
         let generation = self.next_generation.fetch_add(1, Ordering::Relaxed);
         let stop = Arc::new(Stop::default());
         let (tx, rx) = oneshot::channel();
@@ -604,8 +609,11 @@ async fn relay_remote(
     let link = agent.link(peer)?;
     let mut end = end;
     let (r, w) = end.split();
-    let (sent, received) =
-        if client_side { (&pumps.seq.to_server, &pumps.seq.to_client) } else { (&pumps.seq.to_client, &pumps.seq.to_server) };
+    let (sent, received) = if client_side {
+        (&pumps.seq.to_server, &pumps.seq.to_client)
+    } else {
+        (&pumps.seq.to_client, &pumps.seq.to_server)
+    };
     let ((out_left, _), (inb_left, rx)) = tokio::join!(
         outbound(&link, id, r, &pumps.credit, sent, stop, out),
         inbound(&link, id, w, pumps.inbound, &pumps.buffered, &pumps.credit, received, stop, inb),

@@ -93,7 +93,12 @@ pub fn recv_now(fd: &impl std::os::fd::AsRawFd, buf: &mut [u8]) -> io::Result<us
 pub fn accept_now(fd: &impl std::os::fd::AsRawFd) -> io::Result<OwnedFd> {
     // SAFETY: null address pointers are allowed by accept4; the flags are valid.
     let c = unsafe {
-        libc::accept4(fd.as_raw_fd(), std::ptr::null_mut(), std::ptr::null_mut(), libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK)
+        libc::accept4(
+            fd.as_raw_fd(),
+            std::ptr::null_mut(),
+            std::ptr::null_mut(),
+            libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
+        )
     };
     if c < 0 {
         return Err(io::Error::last_os_error());

@@ -144,7 +144,7 @@ fn move_once(cluster: &Cluster, ask: usize, vpid: i64, to: usize) -> anyhow::Res
                     bail!("move of {vpid} to {dest} rolled back: {:?}", report.reason);
                 }
                 let freeze_at = freeze_at.context("the move reported no freeze step")?;
-                return Ok((report, sent, freeze_at));
+                return Ok((*report, sent, freeze_at));
             }
             LocalResponse::Error { message } => bail!("move of {vpid} to {dest} refused: {message}"),
             other => bail!("unexpected answer to the move: {other:?}"),

@@ -65,8 +65,10 @@ pub fn run_move(target: &Target, args: &MoveArgs) -> anyhow::Result<()> {
                 if tty && bar.is_none() && started.elapsed() > Duration::from_secs(1) && sent < total {
                     let b = indicatif::ProgressBar::new(total);
                     b.set_style(
-                        indicatif::ProgressStyle::with_template("transfer  {bar:40} {bytes}/{total_bytes} {bytes_per_sec}")
-                            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+                        indicatif::ProgressStyle::with_template(
+                            "transfer  {bar:40} {bytes}/{total_bytes} {bytes_per_sec}",
+                        )
+                        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
                     );
                     bar = Some(b);
                 }

@@ -269,11 +269,9 @@ impl Coordinator {
                 out.push(CoordAction::Send(self.dest, MoveMsg::Query { tag: self.tag, vpid: self.vpid }));
                 self.next_query = self.now + self.timeouts.query_every;
             }
-            (Phase::InDoubt, CoordEvent::Tick) => {
-                if self.now >= self.next_query {
-                    out.push(CoordAction::Send(self.dest, MoveMsg::Query { tag: self.tag, vpid: self.vpid }));
-                    self.next_query = self.now + self.timeouts.query_every;
-                }
+            (Phase::InDoubt, CoordEvent::Tick) if self.now >= self.next_query => {
+                out.push(CoordAction::Send(self.dest, MoveMsg::Query { tag: self.tag, vpid: self.vpid }));
+                self.next_query = self.now + self.timeouts.query_every;
             }
             (Phase::InDoubt, _) => {}
             (_, CoordEvent::LinkDown(n)) if n == self.dest => {
@@ -282,8 +280,7 @@ impl Coordinator {
             (_, CoordEvent::LinkDown(n)) => {
                 // A fixed end on that node was reset with its link: nothing to wait for.
                 self.started.remove(&n);
-                let gone: Vec<u64> =
-                    self.remote_streams.iter().filter(|(_, f)| **f == n).map(|(s, _)| *s).collect();
+                let gone: Vec<u64> = self.remote_streams.iter().filter(|(_, f)| **f == n).map(|(s, _)| *s).collect();
                 for s in gone {
                     self.remote_streams.remove(&s);
                     self.awaiting_detach.remove(&s);
@@ -292,18 +289,16 @@ impl Coordinator {
                     self.after_detach(&mut out);
                 }
             }
-            (_, CoordEvent::Tick) => {
-                if self.now >= self.deadline {
-                    let step = match self.phase {
-                        Phase::Starting => "peers to acknowledge the start",
-                        Phase::Freezing => "the freeze",
-                        Phase::Detaching => "the streams' other ends to detach",
-                        Phase::Transferring => "the image transfer (no progress)",
-                        Phase::Restoring => "the restore on the destination",
-                        _ => "the move",
-                    };
-                    return self.rollback(format!("timed out waiting for {step}"), out);
-                }
+            (_, CoordEvent::Tick) if self.now >= self.deadline => {
+                let step = match self.phase {
+                    Phase::Starting => "peers to acknowledge the start",
+                    Phase::Freezing => "the freeze",
+                    Phase::Detaching => "the streams' other ends to detach",
+                    Phase::Transferring => "the image transfer (no progress)",
+                    Phase::Restoring => "the restore on the destination",
+                    _ => "the move",
+                };
+                return self.rollback(format!("timed out waiting for {step}"), out);
             }
             _ => {}
         }

@@ -194,16 +194,8 @@ impl Participant {
                 }
                 out.push(PartAction::Reply(MoveMsg::Outcome { tag, committed }));
             }
-            PartEvent::Msg(MoveMsg::Abort { .. }) => {
-                if self.phase != PartPhase::Committed {
-                    self.abort(&mut out);
-                }
-            }
-            PartEvent::Tick => {
-                if now >= self.deadline && !self.is_done() {
-                    self.abort(&mut out);
-                }
-            }
+            PartEvent::Msg(MoveMsg::Abort { .. }) if self.phase != PartPhase::Committed => self.abort(&mut out),
+            PartEvent::Tick if now >= self.deadline && !self.is_done() => self.abort(&mut out),
             _ => {}
         }
         out

@@ -94,8 +94,8 @@ pub enum LocalResponse {
         total: u64,
     },
     /// The move is over (committed or rolled back).
-    MoveDone(MoveReport),
-    MoveChecked(MoveCheck),
+    MoveDone(Box<MoveReport>),
+    MoveChecked(Box<MoveCheck>),
     /// Log bytes from the requested offset; `next` is the offset to ask for next.
     LogChunk {
         node: String,

@@ -237,9 +237,11 @@ pub mod move_image {
 
         #[test]
         fn fast_path_is_postcards_encoding() {
-            for (mid, file, offset, len) in
-                [(0u64, "pages.img", 0u64, 0usize), (1 << 48 | 7, "manifest.img", 300, 5), (u64::MAX, "x", u64::MAX, 1 << 20)]
-            {
+            for (mid, file, offset, len) in [
+                (0u64, "pages.img", 0u64, 0usize),
+                (1 << 48 | 7, "manifest.img", 300, 5),
+                (u64::MAX, "x", u64::MAX, 1 << 20),
+            ] {
                 let payload: Vec<u8> = (0..len).map(|i| i as u8).collect();
                 let msg = PeerMessage::MoveImage { mid, file: file.into(), offset, bytes: payload.clone() };
                 let reference = encode(&msg, PEER_MAX_FRAME).unwrap();

@@ -35,7 +35,15 @@ pub fn start_server(cluster: &Cluster, node: usize, port: u16, mb: usize) -> (Pr
 }
 
 /// The paper's client on node `node`: `count` requests over `conns` connections.
-pub fn start_client(cluster: &Cluster, node: usize, port: u16, mb: usize, count: usize, conns: usize, pause_us: u64) -> Proc {
+pub fn start_client(
+    cluster: &Cluster,
+    node: usize,
+    port: u16,
+    mb: usize,
+    count: usize,
+    conns: usize,
+    pause_us: u64,
+) -> Proc {
     start_client_slice(cluster, node, port, mb, count, conns, pause_us, "0/1")
 }
 
@@ -91,7 +99,10 @@ pub fn move_to(cluster: &Cluster, ask: usize, vpid: i64, to: usize) -> serde_jso
 
 /// Waits for the client to finish and checks it saw every byte right.
 pub fn agent_logs(cluster: &Cluster) -> String {
-    (0..cluster.nodes.len()).map(|i| format!("=== {} ===\n{}", cluster.nodes[i].name, cluster.log_of(i))).collect::<Vec<_>>().join("\n")
+    (0..cluster.nodes.len())
+        .map(|i| format!("=== {} ===\n{}", cluster.nodes[i].name, cluster.log_of(i)))
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 pub fn client_done(cluster: &Cluster, client: &mut Proc) -> String {
@@ -110,4 +121,3 @@ pub fn client_done(cluster: &Cluster, client: &mut Proc) -> String {
     );
     done.unwrap()
 }
-

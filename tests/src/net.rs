@@ -381,6 +381,12 @@ pub fn random_file(path: &Path, len: usize) -> Vec<u8> {
     data
 }
 
+/// A TCP port on 127.0.0.1 that was free a moment ago. For benchmarks only: a test must not
+/// depend on a port that something else may take before it binds.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -408,10 +414,4 @@ mod tests {
             "both of node1's ingress tables stay in node1's section"
         );
     }
-}
-
-/// A TCP port on 127.0.0.1 that was free a moment ago. For benchmarks only: a test must not
-/// depend on a port that something else may take before it binds.
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }

@@ -80,7 +80,8 @@ pub fn classify(agent: &Agent, vpid: Vpid, pid: i32) -> std::io::Result<Classifi
     let mut closed: BTreeMap<u64, Vec<FdRef>> = BTreeMap::new();
     let mut listener_fds: BTreeMap<usize, Vec<FdRef>> = BTreeMap::new();
     for (fd, link) in &fds {
-        let Some(ino) = link.strip_prefix("socket:[").and_then(|s| s.strip_suffix(']')).and_then(|s| s.parse::<u64>().ok())
+        let Some(ino) =
+            link.strip_prefix("socket:[").and_then(|s| s.strip_suffix(']')).and_then(|s| s.parse::<u64>().ok())
         else {
             stdio_check(&mut c, pid, *fd, link, &fds);
             continue;

@@ -134,7 +134,9 @@ pub fn on_message(agent: &Arc<Agent>, from: NodeId, msg: MoveMsg) {
                 agent.moves.detaching.lock().remove(&stream);
                 let _ = done_tx.send(true);
                 if let Some(link) = agent.link(from) {
-                    let _ = link.write_now(dvk_protocol::peer::PeerMessage::Move(MoveMsg::StreamDetached { tag, stream, held })).await;
+                    let _ = link
+                        .write_now(dvk_protocol::peer::PeerMessage::Move(MoveMsg::StreamDetached { tag, stream, held }))
+                        .await;
                 }
             });
         }
@@ -164,7 +166,13 @@ pub async fn before_message(agent: &Agent, msg: &dvk_protocol::peer::PeerMessage
 
 /// Starts a move asked for on this node: run here if the process is local, else forwarded to
 /// the node it runs on. Every step and the end go to `reply`.
-pub fn request_move(agent: &Arc<Agent>, target: i32, dest: &str, uid: u32, reply: mpsc::UnboundedSender<LocalResponse>) {
+pub fn request_move(
+    agent: &Arc<Agent>,
+    target: i32,
+    dest: &str,
+    uid: u32,
+    reply: mpsc::UnboundedSender<LocalResponse>,
+) {
     let fail = |message: String| {
         let _ = reply.send(LocalResponse::Error { message });
     };
@@ -239,7 +247,9 @@ pub fn read_log(agent: &Agent, vpid: Vpid, offset: u64) -> LocalResponse {
     let mut f = match std::fs::File::open(&path) {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            return LocalResponse::Error { message: format!("no log for vPID {vpid} on {node} (its stdout/stderr were not redirected there)") }
+            return LocalResponse::Error {
+                message: format!("no log for vPID {vpid} on {node} (its stdout/stderr were not redirected there)"),
+            }
         }
         Err(e) => return LocalResponse::Error { message: format!("{}: {e}", path.display()) },
     };
@@ -357,11 +367,18 @@ pub async fn check(agent: &Arc<Agent>, target: i32, dest: Option<&str>) -> Local
         }
     };
     let Some(entry) = found else {
-        return LocalResponse::Error { message: format!("{target} is not a process under the dvk shim (see `migrate-cli ps`)") };
+        return LocalResponse::Error {
+            message: format!("{target} is not a process under the dvk shim (see `migrate-cli ps`)"),
+        };
     };
     if entry.node != me {
         return LocalResponse::Error {
-            message: format!("vPID {} runs on {}: run the check there (`--node {}`)", entry.vpid, agent.node_name(entry.node), agent.node_name(entry.node)),
+            message: format!(
+                "vPID {} runs on {}: run the check there (`--node {}`)",
+                entry.vpid,
+                agent.node_name(entry.node),
+                agent.node_name(entry.node)
+            ),
         };
     }
     let mut blockers = Vec::new();
@@ -369,29 +386,34 @@ pub async fn check(agent: &Arc<Agent>, target: i32, dest: Option<&str>) -> Local
         match agent.config.nodes.iter().find(|n| n.name == dest) {
             None => blockers.push(format!("unknown node `{dest}`")),
             Some(n) if NodeId(n.id) == me => blockers.push(format!("the process already runs on {dest}")),
-            Some(n) if agent.link(NodeId(n.id)).is_none() => blockers.push(format!("node {dest} is not linked to this node")),
+            Some(n) if agent.link(NodeId(n.id)).is_none() => {
+                blockers.push(format!("node {dest} is not linked to this node"))
+            }
             _ => {}
         }
     }
     let (a, vpid, pid) = (agent.clone(), entry.vpid, entry.real_pid);
     let result = tokio::task::spawn_blocking(move || -> Result<(classify::Classified, Vec<String>), String> {
         let c = classify::classify(&a, vpid, pid).map_err(|e| e.to_string())?;
-        let b = dvk_checkpoint::dump::blockers(pid, &dvk_checkpoint::DumpOptions { external_fds: c.external(), ..Default::default() })
-            .map_err(|e| e.to_string())?;
+        let b = dvk_checkpoint::dump::blockers(
+            pid,
+            &dvk_checkpoint::DumpOptions { external_fds: c.external(), ..Default::default() },
+        )
+        .map_err(|e| e.to_string())?;
         Ok((c, b.iter().map(|e| e.to_string()).collect()))
     })
     .await;
     match result {
         Ok(Ok((c, b))) => {
             blockers.extend(b);
-            LocalResponse::MoveChecked(MoveCheck {
+            LocalResponse::MoveChecked(Box::new(MoveCheck {
                 vpid,
                 pid,
                 node: agent.node_name(me),
                 blockers,
                 redirects: c.stdio.iter().map(|(fd, _, what)| format!("fd {fd}: {what}")).collect(),
                 carried: c.carried,
-            })
+            }))
         }
         Ok(Err(e)) => LocalResponse::Error { message: e },
         Err(e) => LocalResponse::Error { message: e.to_string() },

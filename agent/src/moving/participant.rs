@@ -235,7 +235,8 @@ pub fn receive_image(agent: &Agent, from: NodeId, mid: u64, file: &str, offset: 
     let write = || -> std::io::Result<()> {
         std::fs::create_dir_all(&dir)?;
         std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))?;
-        let mut f = std::fs::OpenOptions::new().create(true).write(true).mode(0o600).open(dir.join(file))?;
+        let mut f =
+            std::fs::OpenOptions::new().create(true).truncate(false).write(true).mode(0o600).open(dir.join(file))?;
         f.seek(SeekFrom::Start(offset))?;
         f.write_all(bytes)
     };

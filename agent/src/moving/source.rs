@@ -186,13 +186,18 @@ async fn prepare(
         return Err(format!("vPID {} already runs on {}", entry.vpid, agent.node_name(me)));
     }
     if !peers.contains(&req.dest) {
-        return Err(format!("node {} is not linked to {} (see `migrate-cli nodes`)", agent.node_name(req.dest), agent.node_name(me)));
+        return Err(format!(
+            "node {} is not linked to {} (see `migrate-cli nodes`)",
+            agent.node_name(req.dest),
+            agent.node_name(me)
+        ));
     }
     let (a, vpid, pid) = (agent.clone(), entry.vpid, entry.real_pid);
     let classified = tokio::task::spawn_blocking(move || -> Result<Classified, String> {
         let c = classify::classify(&a, vpid, pid).map_err(|e| format!("cannot read the fds of pid {pid}: {e}"))?;
-        let blockers = dvk_checkpoint::dump::blockers(pid, &DumpOptions { external_fds: c.external(), ..Default::default() })
-            .map_err(|e| e.to_string())?;
+        let blockers =
+            dvk_checkpoint::dump::blockers(pid, &DumpOptions { external_fds: c.external(), ..Default::default() })
+                .map_err(|e| e.to_string())?;
         if !blockers.is_empty() {
             let list: Vec<String> = blockers.iter().map(|b| format!("  - {b}")).collect();
             return Err(format!(
@@ -308,7 +313,10 @@ async fn execute(d: &mut Driver, m: &mut Coordinator, action: CoordAction) -> Op
         // any of its data: a second one would find the end taken and reset the stream.
         CoordAction::Send(_, MoveMsg::StreamReattach { .. }) => None,
         CoordAction::Send(node, msg) => {
-            if agent.fault == Some(super::Fault::CutBeforeCommit) && matches!(msg, MoveMsg::Commit { .. }) && node == d.dest {
+            if agent.fault == Some(super::Fault::CutBeforeCommit)
+                && matches!(msg, MoveMsg::Commit { .. })
+                && node == d.dest
+            {
                 tracing::warn!("test fault: the Commit is lost with the link to the destination");
                 agent.cut_link(node);
                 return None;
@@ -428,7 +436,9 @@ async fn freeze(d: &mut Driver, m: &mut Coordinator) -> CoordEvent {
     }
     for fds in &c.closed {
         let unread = match (&pidfd, fds.first()) {
-            (Some(p), Some(f)) => ck::pidfd_getfd(p, f.fd).and_then(|s| ck::sock_peek(&s, MAX_UNREAD)).unwrap_or_default(),
+            (Some(p), Some(f)) => {
+                ck::pidfd_getfd(p, f.fd).and_then(|s| ck::sock_peek(&s, MAX_UNREAD)).unwrap_or_default()
+            }
             _ => Vec::new(),
         };
         d.closed.push(ClosedPlan { fds: fds.clone(), unread });
@@ -552,11 +562,7 @@ fn build_plan(d: &Driver) -> MovePlan {
         entry: d.entry.clone(),
         source: d.agent.node_id(),
         link: c.link.clone(),
-        listeners: c
-            .listeners
-            .iter()
-            .map(|(e, fds)| ListenerPlan { fds: fds.clone(), endpoint: e.clone() })
-            .collect(),
+        listeners: c.listeners.iter().map(|(e, fds)| ListenerPlan { fds: fds.clone(), endpoint: e.clone() }).collect(),
         streams: d.streams.values().map(|w| w.plan.clone()).collect(),
         closed: d.closed.clone(),
         stdio: c.stdio.iter().map(|(fd, r, _)| (*fd, *r)).collect(),
@@ -769,7 +775,8 @@ async fn reattach_here(d: &mut Driver) {
             streams::finish_alone(end, to_program);
             continue;
         }
-        streams::reattach_moving(&d.agent, d.tag, id, end, p.moving_is_client, p.fixed_node, to_program, p.to_fixed).await;
+        streams::reattach_moving(&d.agent, d.tag, id, end, p.moving_is_client, p.fixed_node, to_program, p.to_fixed)
+            .await;
     }
 }
 
@@ -801,7 +808,11 @@ fn finish(d: &mut Driver, outcome: Outcome) {
         d.step("rollback", reason.clone().unwrap_or_default());
     }
     if d.classified.stdio.iter().any(|(_, r, _)| *r == Redirect::Log) && committed {
-        d.log_path = Some(format!("{} on {}", super::participant::log_path_for(&d.agent, d.entry.vpid).display(), d.agent.node_name(d.dest)));
+        d.log_path = Some(format!(
+            "{} on {}",
+            super::participant::log_path_for(&d.agent, d.entry.vpid).display(),
+            d.agent.node_name(d.dest)
+        ));
     }
     let report = MoveReport {
         vpid: d.entry.vpid,
@@ -818,5 +829,5 @@ fn finish(d: &mut Driver, outcome: Outcome) {
         log: d.log_path.clone(),
     };
     tracing::info!(vpid = %d.entry.vpid, tag = %d.tag, committed, frozen_ms = report.frozen_micros / 1000, total_ms = report.total_micros / 1000, reason = ?report.reason, "move finished");
-    let _ = d.reply.send(LocalResponse::MoveDone(report));
+    let _ = d.reply.send(LocalResponse::MoveDone(Box::new(report)));
 }

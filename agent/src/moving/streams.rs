@@ -56,7 +56,11 @@ pub async fn detach_fixed(agent: &Arc<Agent>, tag: MoveTag, stream: u64) -> bool
         return false;
     }
     let Some(end) = ends.into_iter().next() else { return false };
-    agent.moves.held.lock().insert(stream, HeldFixed { tag, end, to_fixed: inb, from_fixed: out, since: Instant::now() });
+    agent
+        .moves
+        .held
+        .lock()
+        .insert(stream, HeldFixed { tag, end, to_fixed: inb, from_fixed: out, since: Instant::now() });
     true
 }
 
