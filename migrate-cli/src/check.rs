@@ -235,6 +235,13 @@ pub fn run(args: &CheckArgs, config: &Path, target: &dyn Fn() -> anyhow::Result<
         Some(t) => resolve_target(t, arg)?,
         None => ResolvedPid { pid: n, vpid: None },
     };
+    // A registered process: the agent's own view, the very classification `move` uses.
+    if let (Some(t), Some(vpid), true) = (&agent, resolved.vpid, args.external.is_empty()) {
+        let asked = t.request(&LocalRequest::MoveCheck { target: vpid.0, dest: args.dest.clone() });
+        if let Ok(LocalResponse::MoveChecked(c)) = asked {
+            return Ok(print_agent_check(&host, &c, args.json) && host_ok);
+        }
+    }
     let runtime_dir: Option<PathBuf> = agent.as_ref().and_then(|t| t.socket.parent().map(Path::to_path_buf));
     let p = check_process(&resolved, runtime_dir.as_deref(), &args.external)?;
     let dest = match &args.dest {
@@ -299,6 +306,43 @@ pub fn run(args: &CheckArgs, config: &Path, target: &dyn Fn() -> anyhow::Result<
         (false, _) => out!("not ready to move: {n} blocker{}", if n == 1 { "" } else { "s" }),
     }
     Ok(host_ok && ready)
+}
+
+/// Prints the agent's answer to `MoveCheck`; true when nothing blocks the move.
+fn print_agent_check(host: &[dvk_checkpoint::host::HostCheck], c: &dvk_protocol::local::MoveCheck, json: bool) -> bool {
+    let ready = c.blockers.is_empty();
+    if json {
+        out!(
+            "{}",
+            json!({
+                "ok": ready && host.iter().all(|h| h.ok),
+                "machine": host_json(host),
+                "process": {
+                    "pid": c.pid, "vpid": c.vpid.0, "node": c.node, "ready": ready,
+                    "blockers": c.blockers, "redirected": c.redirects, "carried": c.carried,
+                },
+            })
+        );
+        return ready;
+    }
+    print_host(host);
+    out!("process {} on {}, vPID {}:", c.pid, c.node, c.vpid);
+    for what in &c.carried {
+        out!("  {what} — carried by the agents");
+    }
+    for what in &c.redirects {
+        out!("  {what} — will be redirected (stdin: /dev/null; stdout/stderr: a log on the destination)");
+    }
+    for b in &c.blockers {
+        out!("  BLOCKER {b}");
+    }
+    if ready {
+        out!("ready to move");
+    } else {
+        let n = c.blockers.len();
+        out!("not ready to move: {n} blocker{}", if n == 1 { "" } else { "s" });
+    }
+    ready
 }
 
 fn host_json(host: &[dvk_checkpoint::host::HostCheck]) -> serde_json::Value {

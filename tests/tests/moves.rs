@@ -121,3 +121,26 @@ fn a_client_connecting_during_the_move_is_served_by_the_destination_loopback() {
     let row = cluster.ps(2).into_iter().find(|r| r["vpid"] == vpid).unwrap();
     assert_eq!(row["node"], "node2");
 }
+
+/// `migrate-cli check VPID NODE` says, without freezing anything, what a move would carry and
+/// whether anything blocks it — the agent's own classification, the one `move` uses.
+#[test]
+fn check_lists_what_a_move_carries_and_what_blocks_it_loopback() {
+    let cluster = Cluster::start(3, Mode::Loopback);
+    let (port, mb) = (7000, 2);
+    let (server, vpid) = start_server(&cluster, 0, port, mb);
+    let out = cluster.cli(0, &["check", &vpid.to_string(), "node2"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "check failed: {text}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains("virtual listener kv.dc0.dvk:7000"), "{text}");
+    assert!(text.contains("the dvk agent link"), "{text}");
+    assert!(text.contains("fd 1: pipe:["), "stdout is a pipe to the test: redirected\n{text}");
+    assert!(text.contains("ready to move"), "{text}");
+    let out = cluster.cli(0, &["check", &vpid.to_string(), "node9"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success());
+    assert!(text.contains("BLOCKER unknown node `node9`"), "{text}");
+    // Nothing was frozen or moved: the server still answers where it was.
+    assert_eq!(cluster.ps(0).into_iter().find(|r| r["vpid"] == vpid).unwrap()["node"], "node1");
+    drop(server);
+}
