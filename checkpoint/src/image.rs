@@ -145,6 +145,9 @@ pub struct Image {
 /// Reads and verifies an image (manifest header and checksum, page file length and every run's
 /// checksum) without creating anything.
 pub fn read(dir: &Path) -> Result<Image> {
+    // The manifest is the image: a directory without one is named by it.
+    let mpath = dir.join(MANIFEST);
+    std::fs::metadata(&mpath).map_err(io_at(&mpath))?;
     let ppath = dir.join(PAGES);
     let f = File::open(&ppath).map_err(io_at(&ppath))?;
     let len = f.metadata().map_err(io_at(&ppath))?.len();
