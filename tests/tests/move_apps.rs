@@ -615,7 +615,7 @@ fn hundred_open_connections_survive_two_moves() {
     assert_eq!(client.lines.seen.last().map(String::as_str), Some("connected 100"));
     let mut reports = Vec::new();
     for to in [1, 0] {
-        client.lines.wait_for("progress", LOOP);
+        client.lines.wait_for("progress", SHORT);
         reports.push(move_to(&cluster, 2, vpid, to));
     }
     let done = client_done(&cluster, &mut client);
@@ -638,7 +638,7 @@ fn ten_moves_back_and_forth_in_one_run() {
     let mut client = start_client(&cluster, 2, port, mb, 1000 + 300 * moves, 1, 200);
     let mut reports = Vec::new();
     for k in 0..moves {
-        client.lines.wait_for("progress", LOOP);
+        client.lines.wait_for("progress", SHORT);
         let to = if k % 2 == 0 { 1 } else { 0 };
         // Ask the source, the destination and the client's node in turn.
         reports.push(move_to(&cluster, [0, 1, 2][k % 3], vpid, to));
@@ -669,7 +669,7 @@ fn a_running_client_is_moved_and_completes() {
     let mut client = start_client(&cluster, 2, port, mb, count, 4, 300);
     let client_vpid = cluster.wait_registered(2, client.pid())["vpid"].as_i64().unwrap();
     moved.add(client_vpid);
-    client.lines.wait_for("progress", LOOP);
+    client.lines.wait_for("progress", SHORT);
     let report = move_to(&cluster, 2, client_vpid, 1);
     assert!(report["log"].is_string(), "the client's stdout (a pipe to the test) goes to a log: {report}");
     // The original on node3 is gone; the client runs on node2 and writes its stdout to the log.
