@@ -89,8 +89,19 @@ pub fn recv_now(fd: &impl std::os::fd::AsRawFd, buf: &mut [u8]) -> io::Result<us
     Ok(n as usize)
 }
 
-/// accept4 without waiting: a queued connection of the listener `fd`, or WouldBlock.
+/// accept4 without waiting: a queued connection of the listener `fd`, or WouldBlock. The
+/// listener may be in blocking mode (another process's, taken with pidfd_getfd: its mode is
+/// that process's, not ours to change), so readiness is polled first.
 pub fn accept_now(fd: &impl std::os::fd::AsRawFd) -> io::Result<OwnedFd> {
+    let mut p = libc::pollfd { fd: fd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+    // SAFETY: one valid pollfd, timeout 0 (never blocks).
+    let r = unsafe { libc::poll(&mut p, 1, 0) };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if r == 0 || p.revents & libc::POLLIN == 0 {
+        return Err(io::Error::from(io::ErrorKind::WouldBlock));
+    }
     // SAFETY: null address pointers are allowed by accept4; the flags are valid.
     let c = unsafe {
         libc::accept4(

@@ -989,7 +989,10 @@ pub fn restore(r: &Remote, st: &FilesState, external: &[(i32, i32)], memfds: &Ha
                 );
                 r.call("close", libc::SYS_close, &[pidfd])?;
                 let got = got?;
-                setfl(got, *flags)?;
+                // A replacement opened for appending (a log standing in for a pipe) stays so:
+                // the recorded flags of what it replaces would make it overwrite from offset 0.
+                let appending = sys::fd_status_flags(local).map(|f| f & libc::O_APPEND as u32).unwrap_or(0);
+                setfl(got, *flags | appending)?;
                 got
             }
             FileKind::UnixListener { path, sock_type, flags } => {

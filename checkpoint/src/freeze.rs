@@ -106,6 +106,11 @@ impl Frozen {
             for tid in new {
                 match stop_one(tid) {
                     Ok(t) => stopped.push(t),
+                    // A thread that exited meanwhile (a server ending a worker thread) is simply
+                    // not there any more; the next listing shows who is.
+                    Err(_) if tid != pid && !crate::proc::proc_path(pid, &format!("task/{tid}")).exists() => {
+                        let _ = sys::detach(tid, 0);
+                    }
                     Err(e) => {
                         let _ = sys::detach(tid, 0);
                         undo(&stopped);

@@ -345,6 +345,13 @@ pub fn kcmp_file(pid: Pid, fd1: i32, fd2: i32) -> io::Result<bool> {
     cvt(r).map(|v| v == 0)
 }
 
+/// The status flags (F_GETFL) of one of our own fds.
+pub fn fd_status_flags(fd: i32) -> io::Result<u32> {
+    // SAFETY: integer-only fcntl on an fd number; an invalid fd gives EBADF.
+    let r = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+    cvt(r as libc::c_long).map(|v| v as u32)
+}
+
 pub fn pidfd_open(pid: Pid) -> io::Result<OwnedFd> {
     // SAFETY: integer-only syscall; the returned fd is owned by the OwnedFd.
     let r = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };

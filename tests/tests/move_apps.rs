@@ -585,7 +585,13 @@ fn http_server_moves_twice_under_a_curl_loop() {
         log.lines().filter_map(|l| l.split("?fetch=").nth(1)?.split(' ').next()?.parse().ok()).collect();
     // Fetches after the first move (≥ 150, as the loop waited there) are all in the log.
     for j in gates[0]..FETCHES {
-        assert!(logged.contains(&j), "fetch {j} (after the first move) is not in `migrate-cli logs`:\n{log}");
+        assert!(
+            logged.contains(&j),
+            "fetch {j} (after the first move) is not in `migrate-cli logs`:\n{log}\nFILE:\n{}\n{}",
+            std::fs::read_to_string(cluster.nodes[0].runtime_dir.join("logs").join(format!("{vpid}.log")))
+                .unwrap_or_default(),
+            agent_logs(&cluster)
+        );
     }
     assert!(log.lines().all(|l| !l.contains("Traceback")), "http.server raised:\n{log}");
     let row = ps_row(&cluster, 2, vpid).expect("http.server in ps");
@@ -635,7 +641,8 @@ fn ten_moves_back_and_forth_in_one_run() {
     let (_server, vpid) = start_server(&cluster, 0, port, mb);
     moved.add(vpid);
     let moves = 10;
-    let mut client = start_client(&cluster, 2, port, mb, 1000 + 300 * moves, 1, 200);
+    // The blocks b % 2 == 0 are this client's; the late client below takes the others.
+    let mut client = dvk_tests::moving::start_client_slice(&cluster, 2, port, mb, 1000 + 300 * moves, 1, 200, "0/2");
     let mut reports = Vec::new();
     for k in 0..moves {
         client.lines.wait_for("progress", SHORT);
@@ -647,7 +654,7 @@ fn ten_moves_back_and_forth_in_one_run() {
     let row = ps_row(&cluster, 2, vpid).expect("server in ps");
     assert_eq!(row["node"], cluster.nodes[0].name.as_str(), "10 moves end where they started");
     // The server still takes new connections (its listener followed it 10 times).
-    let mut late = start_client(&cluster, 2, port, mb, 200, 2, 0);
+    let mut late = dvk_tests::moving::start_client_slice(&cluster, 2, port, mb, 200, 2, 0, "1/2");
     let late_done = client_done(&cluster, &mut late);
     assert!(late_done.starts_with("DONE requests=200"), "{late_done}");
     eprintln!(

@@ -16,6 +16,13 @@ pub struct Classified {
     pub listeners: Vec<(EndpointEntry, Vec<FdRef>)>,
     /// Connections whose other end is gone, grouped by socket.
     pub closed: Vec<Vec<FdRef>>,
+    /// Connected to a socket of this agent that no relay holds yet (a stream being set up, or a
+    /// request to the agent under way): settles within moments.
+    pub pending: Vec<FdRef>,
+    /// Every fd the process had when it was classified.
+    pub seen: Vec<i32>,
+    /// The log an earlier move gave the process on this node (it follows the process).
+    pub own_log: Option<std::path::PathBuf>,
     pub stdio: Vec<(i32, Redirect, String)>,
     /// What each carried fd is, as a user knows it.
     pub carried: Vec<String>,
@@ -29,6 +36,7 @@ impl Classified {
         v.extend(self.listeners.iter().flat_map(|(_, f)| f.iter().map(|r| r.fd)));
         v.extend(self.closed.iter().flatten().map(|r| r.fd));
         v.extend(self.stdio.iter().map(|(fd, _, _)| *fd));
+        v.extend(self.pending.iter().map(|r| r.fd));
         v.sort_unstable();
         v
     }
@@ -56,10 +64,37 @@ fn std_name(fd: i32) -> &'static str {
     }
 }
 
+/// The blockers of a running process, with its fds classified: retried when the process opened
+/// an fd between the classification and the engine's look (a server accepting a connection).
+pub fn preflight(agent: &Agent, vpid: Vpid, pid: i32) -> Result<(Classified, Vec<dvk_checkpoint::Error>), String> {
+    for attempt in 0.. {
+        let c = classify(agent, vpid, pid).map_err(|e| format!("cannot read the fds of pid {pid}: {e}"))?;
+        let opts = dvk_checkpoint::DumpOptions { external_fds: c.external(), ..Default::default() };
+        let blockers = dvk_checkpoint::dump::blockers(pid, &opts).map_err(|e| e.to_string())?;
+        let unseen = blockers.iter().any(|b| b.fd().is_some_and(|fd| !c.seen.contains(&fd)));
+        if !unseen || attempt >= 20 {
+            return Ok((c, blockers));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+    unreachable!()
+}
+
+/// Inodes of the sockets the agent itself holds.
+fn agent_socket_inodes() -> std::collections::HashSet<u64> {
+    fds_of(std::process::id() as i32)
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|(_, l)| l.strip_prefix("socket:[").and_then(|s| s.strip_suffix(']')).and_then(|s| s.parse().ok()))
+        .collect()
+}
+
 /// Classifies the fds of local process `vpid` (real `pid`), without changing anything.
 pub fn classify(agent: &Agent, vpid: Vpid, pid: i32) -> std::io::Result<Classified> {
     let fds = fds_of(pid)?;
     let by_inode = agent.relays.by_inode();
+    let ours = agent_socket_inodes();
+    let log_dir = agent.me.runtime_dir.join("logs");
     let (link_ino, listeners) = {
         let t = agent.tables.lock();
         let eps: Vec<EndpointEntry> = t.routing.endpoints().filter(|e| e.vpid == vpid).cloned().collect();
@@ -76,13 +111,20 @@ pub fn classify(agent: &Agent, vpid: Vpid, pid: i32) -> std::io::Result<Classifi
             .collect();
         (t.link_inodes.get(&vpid).copied(), listeners)
     };
-    let mut c = Classified::default();
+    let mut c = Classified { seen: fds.iter().map(|(fd, _)| *fd).collect(), ..Default::default() };
     let mut closed: BTreeMap<u64, Vec<FdRef>> = BTreeMap::new();
     let mut listener_fds: BTreeMap<usize, Vec<FdRef>> = BTreeMap::new();
     for (fd, link) in &fds {
         let Some(ino) =
             link.strip_prefix("socket:[").and_then(|s| s.strip_suffix(']')).and_then(|s| s.parse::<u64>().ok())
         else {
+            // The log an earlier move redirected stdout/stderr to stays with this node: the
+            // process gets a log on its next node.
+            if (1..=2).contains(fd) && std::path::Path::new(link).starts_with(&log_dir) {
+                c.stdio.push((*fd, Redirect::Log, format!("the move log {link} of this node")));
+                c.own_log = Some(link.into());
+                continue;
+            }
             stdio_check(&mut c, pid, *fd, link, &fds);
             continue;
         };
@@ -103,6 +145,11 @@ pub fn classify(agent: &Agent, vpid: Vpid, pid: i32) -> std::io::Result<Classifi
             if Some(peer) == link_ino {
                 c.carried.push(format!("fd {fd}: the dvk agent link"));
                 c.link = Some(r);
+                continue;
+            }
+            if ours.contains(&peer) {
+                c.carried.push(format!("fd {fd}: a virtual stream being set up"));
+                c.pending.push(r);
                 continue;
             }
         }

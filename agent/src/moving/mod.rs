@@ -394,12 +394,7 @@ pub async fn check(agent: &Arc<Agent>, target: i32, dest: Option<&str>) -> Local
     }
     let (a, vpid, pid) = (agent.clone(), entry.vpid, entry.real_pid);
     let result = tokio::task::spawn_blocking(move || -> Result<(classify::Classified, Vec<String>), String> {
-        let c = classify::classify(&a, vpid, pid).map_err(|e| e.to_string())?;
-        let b = dvk_checkpoint::dump::blockers(
-            pid,
-            &dvk_checkpoint::DumpOptions { external_fds: c.external(), ..Default::default() },
-        )
-        .map_err(|e| e.to_string())?;
+        let (c, b) = classify::preflight(&a, vpid, pid)?;
         Ok((c, b.iter().map(|e| e.to_string()).collect()))
     })
     .await;

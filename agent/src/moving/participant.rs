@@ -387,6 +387,23 @@ async fn prepare_restore(agent: &Arc<Agent>, dir: &Path) -> Result<Restoring, St
             let _ = ours.shutdown(std::net::Shutdown::Write);
         });
     }
+    if let Some(carried) = &plan.log {
+        // The log it had on the source, continued here.
+        let path = log_path_for(agent, plan.entry.vpid);
+        tracing::info!(bytes = carried.len(), log = %path.display(), "the process's log follows it here");
+        let _ = std::fs::create_dir_all(path.parent().unwrap_or(Path::new("/")));
+        let written = std::fs::OpenOptions::new()
+            .create(true)
+            .write(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&path)
+            .and_then(|mut f| std::io::Write::write_all(&mut f, carried));
+        if let Err(e) = written {
+            return Err(format!("cannot write the log {}: {e}", path.display()));
+        }
+        let _ = std::os::unix::fs::chown(&path, Some(uid), None);
+    }
     for (fd, r) in &plan.stdio {
         let f = match r {
             Redirect::Null => std::fs::OpenOptions::new().read(true).write(true).open("/dev/null"),

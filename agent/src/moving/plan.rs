@@ -28,6 +28,8 @@ pub struct MovePlan {
     /// Connections whose other end had already closed: rebuilt with their unread bytes and EOF.
     pub closed: Vec<ClosedPlan>,
     pub stdio: Vec<(i32, Redirect)>,
+    /// What the process had written to its log on the source (the log follows the process).
+    pub log: Option<Vec<u8>>,
     pub endpoints: Vec<EndpointEntry>,
 }
 

@@ -194,10 +194,7 @@ async fn prepare(
     }
     let (a, vpid, pid) = (agent.clone(), entry.vpid, entry.real_pid);
     let classified = tokio::task::spawn_blocking(move || -> Result<Classified, String> {
-        let c = classify::classify(&a, vpid, pid).map_err(|e| format!("cannot read the fds of pid {pid}: {e}"))?;
-        let blockers =
-            dvk_checkpoint::dump::blockers(pid, &DumpOptions { external_fds: c.external(), ..Default::default() })
-                .map_err(|e| e.to_string())?;
+        let (c, blockers) = classify::preflight(&a, vpid, pid)?;
         if !blockers.is_empty() {
             let list: Vec<String> = blockers.iter().map(|b| format!("  - {b}")).collect();
             return Err(format!(
@@ -401,8 +398,21 @@ async fn freeze(d: &mut Driver, m: &mut Coordinator) -> CoordEvent {
     }
     let (agent, vpid, pid) = (d.agent.clone(), d.entry.vpid, d.entry.real_pid);
     let found = tokio::task::spawn_blocking(move || -> Result<(Classified, Vec<(u16, OwnedFd)>), String> {
-        let c = classify::classify(&agent, vpid, pid).map_err(|e| e.to_string())?;
+        // A stream the agent is setting up (connected, its relay not registered yet) settles
+        // within moments; the process is frozen, so no new one starts.
+        let mut c = classify::classify(&agent, vpid, pid).map_err(|e| e.to_string())?;
+        for _ in 0..100 {
+            if c.pending.is_empty() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+            c = classify::classify(&agent, vpid, pid).map_err(|e| e.to_string())?;
+        }
+        if let Some(r) = c.pending.first() {
+            return Err(format!("fd {} is a connection to the agent still being set up; try again", r.fd));
+        }
         let pidfd = ck::pidfd_open(pid).map_err(|e| format!("pidfd_open: {e}"))?;
+        unread_relink(&pidfd, &mut c);
         let mut backlog = Vec::new();
         for (ep, fds) in &c.listeners {
             let Some(first) = fds.first() else { continue };
@@ -453,6 +463,58 @@ async fn freeze(d: &mut Driver, m: &mut Coordinator) -> CoordEvent {
     let n_backlog = d.streams.values().filter(|w| w.plan.backlog_of.is_some()).count();
     d.step("freeze", format!("{} stream(s), {} queued connection(s)", d.streams.len(), n_backlog));
     CoordEvent::Frozen
+}
+
+/// The carried part of a log: its last 64 MiB.
+fn read_log_tail(path: &std::path::Path) -> Vec<u8> {
+    use std::io::{Read, Seek, SeekFrom};
+    const MAX: u64 = 64 << 20;
+    let Ok(mut f) = std::fs::File::open(path) else { return Vec::new() };
+    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+    let _ = f.seek(SeekFrom::Start(len.saturating_sub(MAX)));
+    let mut out = Vec::new();
+    let _ = f.take(MAX).read_to_end(&mut out);
+    out
+}
+
+/// A Relink frame an earlier move queued on the process's link that the shim has not read yet
+/// (the process made no agent request since): the shim still knows the inodes from before that
+/// move, so this move's records must name those.
+fn unread_relink(pidfd: &OwnedFd, c: &mut Classified) {
+    use dvk_protocol::relink;
+    let Some(link) = &c.link else { return };
+    let Ok(bytes) = ck::pidfd_getfd(pidfd, link.fd).and_then(|s| ck::sock_peek(&s, relink::MAX_FRAME_LEN)) else {
+        return;
+    };
+    let Some(header) = bytes.get(..relink::HEADER_LEN).and_then(|h| <&[u8; relink::HEADER_LEN]>::try_from(h).ok())
+    else {
+        return;
+    };
+    let Ok((count, _)) = relink::decode_header(header) else { return };
+    let mut earlier = std::collections::HashMap::new();
+    for i in 0..count as usize {
+        let at = relink::HEADER_LEN + i * relink::RECORD_LEN;
+        let Some(rec) =
+            bytes.get(at..at + relink::RECORD_LEN).and_then(|r| <&[u8; relink::RECORD_LEN]>::try_from(r).ok())
+        else {
+            return;
+        };
+        let r = relink::decode_record(rec);
+        earlier.insert(r.fd, (r.old_ino, r.new_ino));
+    }
+    let fix = |r: &mut FdRef| {
+        if let Some((old, new)) = earlier.get(&r.fd) {
+            if *new == r.old_ino {
+                r.old_ino = *old;
+            }
+        }
+    };
+    if let Some(l) = c.link.as_mut() {
+        fix(l);
+    }
+    c.listeners.iter_mut().flat_map(|(_, f)| f.iter_mut()).for_each(fix);
+    c.streams.values_mut().flat_map(|(f, _)| f.iter_mut()).for_each(fix);
+    c.closed.iter_mut().flatten().for_each(fix);
 }
 
 impl StreamWork {
@@ -566,6 +628,7 @@ fn build_plan(d: &Driver) -> MovePlan {
         streams: d.streams.values().map(|w| w.plan.clone()).collect(),
         closed: d.closed.clone(),
         stdio: c.stdio.iter().map(|(fd, r, _)| (*fd, *r)).collect(),
+        log: c.own_log.as_ref().map(|p| read_log_tail(p)),
         endpoints: d.endpoints.clone(),
     }
 }
@@ -794,6 +857,10 @@ fn forget_here(d: &mut Driver) {
         t.link_inodes.remove(&d.entry.vpid);
     }
     agent.moves.epochs.lock().remove(&d.entry.vpid);
+    // Its log went with it.
+    if let Some(log) = &d.classified.own_log {
+        let _ = std::fs::remove_file(log);
+    }
     d.streams.clear();
     crate::registry::save(agent);
 }
@@ -808,11 +875,10 @@ fn finish(d: &mut Driver, outcome: Outcome) {
         d.step("rollback", reason.clone().unwrap_or_default());
     }
     if d.classified.stdio.iter().any(|(_, r, _)| *r == Redirect::Log) && committed {
-        d.log_path = Some(format!(
-            "{} on {}",
-            super::participant::log_path_for(&d.agent, d.entry.vpid).display(),
-            d.agent.node_name(d.dest)
-        ));
+        if let Some(node) = d.agent.config.node_by_id(d.dest.0) {
+            let path = super::participant::log_path(&node.runtime_dir, d.entry.vpid);
+            d.log_path = Some(format!("{} on {}", path.display(), node.name));
+        }
     }
     let report = MoveReport {
         vpid: d.entry.vpid,
