@@ -937,8 +937,9 @@ fn an_endpoint_goes_away_with_its_listener_and_another_process_can_take_it_over(
 /// Bytes received so far on every TCP connection of the cluster's peer links
 /// (loopback mode: both ends are on this host), from the kernel's tcp_info.
 fn peer_link_bytes(cluster: &Cluster) -> u64 {
-    let ports: Vec<String> =
-        cluster.nodes.iter().map(|n| format!(":{}", n.peer_addr.rsplit_once(':').unwrap().1)).collect();
+    // Every link has one end at a node's peer address (the acceptor's): match whole addresses,
+    // since other clusters of this test process use the same port on other loopback IPs.
+    let addrs: Vec<String> = cluster.nodes.iter().map(|n| n.peer_addr.clone()).collect();
     let out = Command::new("ss").args(["-tinH"]).output().expect("run ss (apt-get install iproute2)");
     let text = String::from_utf8_lossy(&out.stdout);
     let mut total = 0;
@@ -946,8 +947,7 @@ fn peer_link_bytes(cluster: &Cluster) -> u64 {
     for line in text.lines() {
         if !line.starts_with(char::is_whitespace) {
             let cols: Vec<&str> = line.split_whitespace().collect();
-            ours =
-                cols.len() >= 5 && ports.iter().any(|p| cols[3].ends_with(p.as_str()) || cols[4].ends_with(p.as_str()));
+            ours = cols.len() >= 5 && addrs.iter().any(|a| cols[3] == a.as_str() || cols[4] == a.as_str());
         } else if ours {
             total += line
                 .split_whitespace()
