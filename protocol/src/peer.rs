@@ -149,6 +149,37 @@ pub const STREAM_WINDOW: u32 = 1024 * 1024;
 /// Largest payload of one `StreamData`.
 pub const STREAM_CHUNK: usize = 256 * 1024;
 
+/// postcard's unsigned varint, for the fast paths below (they write and read postcard's exact
+/// encoding without building the message).
+mod varint {
+    pub(super) fn put(mut v: u64, out: &mut [u8], at: &mut usize) {
+        loop {
+            let byte = (v & 0x7f) as u8;
+            v >>= 7;
+            if v == 0 {
+                out[*at] = byte;
+                *at += 1;
+                return;
+            }
+            out[*at] = byte | 0x80;
+            *at += 1;
+        }
+    }
+
+    pub(super) fn take(b: &[u8], at: &mut usize) -> Option<u64> {
+        let mut v: u64 = 0;
+        for shift in (0..70).step_by(7) {
+            let byte = *b.get(*at)?;
+            *at += 1;
+            v |= ((byte & 0x7f) as u64).checked_shl(shift)?;
+            if byte & 0x80 == 0 {
+                return Some(v);
+            }
+        }
+        None
+    }
+}
+
 /// The fast path for image bytes during a move (`MoveImage`), like [`stream_data`]: written as
 /// a prefix and the payload straight from the sender's buffer, read back as an offset into the
 /// received body. The bytes on the wire are exactly postcard's encoding (tested below).
@@ -169,33 +200,6 @@ pub mod move_image {
         })
     }
 
-    fn put_varint(mut v: u64, out: &mut [u8], at: &mut usize) {
-        loop {
-            let byte = (v & 0x7f) as u8;
-            v >>= 7;
-            if v == 0 {
-                out[*at] = byte;
-                *at += 1;
-                return;
-            }
-            out[*at] = byte | 0x80;
-            *at += 1;
-        }
-    }
-
-    fn take_varint(b: &[u8], at: &mut usize) -> Option<u64> {
-        let mut v: u64 = 0;
-        for shift in (0..70).step_by(7) {
-            let byte = *b.get(*at)?;
-            *at += 1;
-            v |= ((byte & 0x7f) as u64).checked_shl(shift)?;
-            if byte & 0x80 == 0 {
-                return Some(v);
-            }
-        }
-        None
-    }
-
     /// Frame header and message prefix for `len` payload bytes; None if `file` is too long.
     pub fn prefix(mid: u64, file: &str, offset: u64, len: usize, out: &mut [u8; MAX_PREFIX]) -> Option<usize> {
         if file.len() > MAX_NAME {
@@ -204,12 +208,12 @@ pub mod move_image {
         let mut at = HEADER_LEN;
         out[at] = variant();
         at += 1;
-        put_varint(mid, out, &mut at);
-        put_varint(file.len() as u64, out, &mut at);
+        super::varint::put(mid, out, &mut at);
+        super::varint::put(file.len() as u64, out, &mut at);
         out[at..at + file.len()].copy_from_slice(file.as_bytes());
         at += file.len();
-        put_varint(offset, out, &mut at);
-        put_varint(len as u64, out, &mut at);
+        super::varint::put(offset, out, &mut at);
+        super::varint::put(len as u64, out, &mut at);
         let body_len = (at - HEADER_LEN + len) as u32;
         out[..HEADER_LEN].copy_from_slice(&body_len.to_le_bytes());
         Some(at)
@@ -221,12 +225,12 @@ pub mod move_image {
             return None;
         }
         let mut at = 1;
-        let mid = take_varint(body, &mut at)?;
-        let name_len = take_varint(body, &mut at)? as usize;
+        let mid = super::varint::take(body, &mut at)?;
+        let name_len = super::varint::take(body, &mut at)? as usize;
         let name = std::str::from_utf8(body.get(at..at.checked_add(name_len)?)?).ok()?;
         at += name_len;
-        let offset = take_varint(body, &mut at)?;
-        let len = take_varint(body, &mut at)?;
+        let offset = super::varint::take(body, &mut at)?;
+        let len = super::varint::take(body, &mut at)?;
         (len == (body.len() - at) as u64).then_some((mid, name, offset, at))
     }
 
@@ -286,41 +290,14 @@ pub mod stream_data {
         })
     }
 
-    fn put_varint(mut v: u64, out: &mut [u8], at: &mut usize) {
-        loop {
-            let byte = (v & 0x7f) as u8;
-            v >>= 7;
-            if v == 0 {
-                out[*at] = byte;
-                *at += 1;
-                return;
-            }
-            out[*at] = byte | 0x80;
-            *at += 1;
-        }
-    }
-
-    fn take_varint(b: &[u8], at: &mut usize) -> Option<u64> {
-        let mut v: u64 = 0;
-        for shift in (0..70).step_by(7) {
-            let byte = *b.get(*at)?;
-            *at += 1;
-            v |= ((byte & 0x7f) as u64).checked_shl(shift)?;
-            if byte & 0x80 == 0 {
-                return Some(v);
-            }
-        }
-        None
-    }
-
     /// Writes the frame header and message prefix for `len` payload bytes of `stream`
     /// into `out`; returns the prefix length. Frame = prefix ‖ payload.
     pub fn prefix(stream: u64, len: usize, out: &mut [u8; MAX_PREFIX]) -> usize {
         let mut at = HEADER_LEN;
         out[at] = variant();
         at += 1;
-        put_varint(stream, out, &mut at);
-        put_varint(len as u64, out, &mut at);
+        super::varint::put(stream, out, &mut at);
+        super::varint::put(len as u64, out, &mut at);
         let body_len = (at - HEADER_LEN + len) as u32;
         out[..HEADER_LEN].copy_from_slice(&body_len.to_le_bytes());
         at
@@ -332,8 +309,8 @@ pub mod stream_data {
             return None;
         }
         let mut at = 1;
-        let stream = take_varint(body, &mut at)?;
-        let len = take_varint(body, &mut at)?;
+        let stream = super::varint::take(body, &mut at)?;
+        let len = super::varint::take(body, &mut at)?;
         (len == (body.len() - at) as u64).then_some((stream, at))
     }
 

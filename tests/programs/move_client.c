@@ -17,19 +17,7 @@
 #include <time.h>
 #include <unistd.h>
 
-#define BLOCK 4096
-static uint64_t rng;
-static uint64_t next64(void) {
-    uint64_t z = (rng += 0x9e3779b97f4a7c15ULL);
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
-    return z ^ (z >> 31);
-}
-static uint64_t fnv(const unsigned char *p, size_t n) {
-    uint64_t h = 1469598103934665603ULL;
-    for (size_t i = 0; i < n; i++) h = (h ^ p[i]) * 1099511628211ULL;
-    return h;
-}
+#include "move_common.h"
 static void fail(const char *fmt, long a, long b) {
     printf("FAIL ");
     printf(fmt, a, b);

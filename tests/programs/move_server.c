@@ -17,21 +17,9 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
-#define BLOCK 4096
-#define MAXC 1024
+#include "move_common.h"
 
-static uint64_t rng;
-static uint64_t next64(void) { /* splitmix64 */
-    uint64_t z = (rng += 0x9e3779b97f4a7c15ULL);
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
-    return z ^ (z >> 31);
-}
-static uint64_t fnv(const unsigned char *p, size_t n) {
-    uint64_t h = 1469598103934665603ULL;
-    for (size_t i = 0; i < n; i++) h = (h ^ p[i]) * 1099511628211ULL;
-    return h;
-}
+#define MAXC 1024
 
 struct conn { int fd; unsigned char in[1 + 4 + BLOCK]; size_t have; unsigned char *out; size_t out_len, out_off; };
 static struct conn conns[MAXC];
