@@ -144,3 +144,21 @@ fn check_lists_what_a_move_carries_and_what_blocks_it_loopback() {
     assert_eq!(cluster.ps(0).into_iter().find(|r| r["vpid"] == vpid).unwrap()["node"], "node1");
     drop(server);
 }
+
+/// A process that registered before its agent restarted (its link to the old agent is dead)
+/// still moves, and its shim relinks on the destination: it keeps accepting new connections.
+#[test]
+fn a_process_older_than_its_agent_moves_loopback() {
+    let mut cluster = Cluster::start(3, Mode::Loopback);
+    let (port, mb) = (7000, 2);
+    let (_server, vpid) = start_server(&cluster, 0, port, mb);
+    cluster.restart_agent_with(0, &[]);
+    let mut before = dvk_tests::moving::start_client_slice(&cluster, 2, port, mb, 600, 1, 200, "0/2");
+    before.lines.wait_for("progress", LOOP);
+    move_to(&cluster, 2, vpid, 1);
+    client_done(&cluster, &mut before);
+    // A new connection after the move: the listener on node2 hands it over with its header read
+    // by the shim (a stale fd table would give the program the header as data).
+    let mut after = dvk_tests::moving::start_client_slice(&cluster, 2, port, mb, 200, 1, 0, "1/2");
+    client_done(&cluster, &mut after);
+}

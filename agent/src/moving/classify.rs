@@ -80,6 +80,9 @@ pub fn preflight(agent: &Agent, vpid: Vpid, pid: i32) -> Result<(Classified, Vec
     unreachable!()
 }
 
+/// The shim keeps its agent link at the first free fd from here (shim/src/link.rs).
+const SHIM_LINK_FD_MIN: i32 = 900;
+
 /// Inodes of the sockets the agent itself holds.
 fn agent_socket_inodes() -> std::collections::HashSet<u64> {
     fds_of(std::process::id() as i32)
@@ -171,6 +174,17 @@ pub fn classify(agent: &Agent, vpid: Vpid, pid: i32) -> std::io::Result<Classifi
         stdio_check(&mut c, pid, *fd, link, &fds);
     }
     c.closed = closed.into_values().collect();
+    // After an agent restart the process's registration link is a dead connection (its other
+    // end was the old agent's): the shim's link is still the one at fd >= 900, and a move must
+    // give it a live one (with the Relink frame the shim reads).
+    if c.link.is_none() {
+        if let Some(i) = c.closed.iter().position(|refs| refs.len() == 1 && refs[0].fd >= SHIM_LINK_FD_MIN) {
+            let r = c.closed.remove(i).remove(0);
+            c.carried.retain(|what| !what.starts_with(&format!("fd {}:", r.fd)));
+            c.carried.push(format!("fd {}: the dvk agent link (from before an agent restart)", r.fd));
+            c.link = Some(r);
+        }
+    }
     c.listeners = listener_fds.into_iter().map(|(i, f)| (listeners[i].0.clone(), f)).collect();
     Ok(c)
 }
