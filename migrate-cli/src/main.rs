@@ -44,7 +44,8 @@ enum Command {
     /// Dump a process (any single- or multi-threaded process of this machine) into an image directory.
     Dump(checkpoint_cmd::DumpArgs),
     /// Move a process under the shim to another node while its clients stay connected:
-    /// start → freeze → dump → transfer → restore → commit (or roll back: it runs on here).
+    /// start → freeze → dump → transfer → restore → commit; on any failure it rolls back and
+    /// keeps running where it was. Exit 0 only when it runs on the destination.
     Move(move_cmd::MoveArgs),
     /// Show the stdout/stderr log a moved process writes when they could not follow it.
     Logs(move_cmd::LogsArgs),
