@@ -121,3 +121,12 @@ pub fn client_done(cluster: &Cluster, client: &mut Proc) -> String {
     );
     done.unwrap()
 }
+
+/// Moves need root (the agents ptrace the process): without it a move test prints SKIP and passes.
+pub fn skip_without_root(test: &str) -> bool {
+    if crate::is_root() {
+        return false;
+    }
+    eprintln!("SKIP {test}: moving a process needs root (the agents ptrace it)");
+    true
+}

@@ -444,11 +444,17 @@ fn redis_moves_under_clients(mode: Mode, test: &str) {
 
 #[test]
 fn redis_moves_twice_under_incr_loop_and_benchmark_loopback() {
+    if dvk_tests::moving::skip_without_root("redis_moves_twice_under_incr_loop_and_benchmark_loopback") {
+        return;
+    }
     redis_moves_under_clients(Mode::Loopback, "redis_moves_twice_under_incr_loop_and_benchmark_loopback");
 }
 
 #[test]
 fn redis_moves_twice_under_incr_loop_and_benchmark_network() {
+    if dvk_tests::moving::skip_without_root("redis_moves_twice_under_incr_loop_and_benchmark_network") {
+        return;
+    }
     redis_moves_under_clients(Mode::Network, "redis_moves_twice_under_incr_loop_and_benchmark_network");
 }
 
@@ -460,6 +466,9 @@ const PER_CURL: usize = 5;
 
 #[test]
 fn http_server_moves_twice_under_a_curl_loop() {
+    if dvk_tests::moving::skip_without_root("http_server_moves_twice_under_a_curl_loop") {
+        return;
+    }
     let test = "http_server_moves_twice_under_a_curl_loop";
     if which("curl").is_none() {
         eprintln!("SKIP {test}: curl not installed (ci/install-test-deps.sh)");
@@ -611,6 +620,9 @@ fn http_server_moves_twice_under_a_curl_loop() {
 
 #[test]
 fn hundred_open_connections_survive_two_moves() {
+    if dvk_tests::moving::skip_without_root("hundred_open_connections_survive_two_moves") {
+        return;
+    }
     let started = Instant::now();
     let cluster = Cluster::start(3, Mode::Loopback);
     let moved = KillMoved::new(&cluster);
@@ -634,6 +646,9 @@ fn hundred_open_connections_survive_two_moves() {
 
 #[test]
 fn ten_moves_back_and_forth_in_one_run() {
+    if dvk_tests::moving::skip_without_root("ten_moves_back_and_forth_in_one_run") {
+        return;
+    }
     let started = Instant::now();
     let cluster = Cluster::start(3, Mode::Loopback);
     let moved = KillMoved::new(&cluster);
@@ -666,6 +681,9 @@ fn ten_moves_back_and_forth_in_one_run() {
 
 #[test]
 fn a_running_client_is_moved_and_completes() {
+    if dvk_tests::moving::skip_without_root("a_running_client_is_moved_and_completes") {
+        return;
+    }
     let started = Instant::now();
     let cluster = Cluster::start(3, Mode::Loopback);
     let moved = KillMoved::new(&cluster);
@@ -774,6 +792,9 @@ fn wait_sigs(cluster: &Cluster, port: u16, want: u32) {
 
 #[test]
 fn a_moved_process_keeps_its_pid_forks_vpids_and_gets_signals() {
+    if dvk_tests::moving::skip_without_root("a_moved_process_keeps_its_pid_forks_vpids_and_gets_signals") {
+        return;
+    }
     let started = Instant::now();
     let cluster = Cluster::start(3, Mode::Loopback);
     let moved = KillMoved::new(&cluster);
@@ -831,6 +852,9 @@ fn backlog_of(cluster: &Cluster, node: usize, pid: u32) -> Option<u64> {
 
 #[test]
 fn connections_in_the_listen_backlog_are_accepted_on_the_destination() {
+    if dvk_tests::moving::skip_without_root("connections_in_the_listen_backlog_are_accepted_on_the_destination") {
+        return;
+    }
     let started = Instant::now();
     let cluster = Cluster::start(3, Mode::Loopback);
     let moved = KillMoved::new(&cluster);

@@ -369,6 +369,9 @@ fn start_server_with_locked_fd(cluster: &Cluster, lock: &std::fs::File) -> (Proc
 
 #[test]
 fn preflight_refusal_rolls_back_loopback() {
+    if dvk_tests::moving::skip_without_root("preflight_refusal_rolls_back_loopback") {
+        return;
+    }
     use std::os::fd::AsRawFd;
     let cluster = Cluster::start(3, Mode::Loopback);
     let lock_path = cluster.path("held.lock");
@@ -424,11 +427,17 @@ fn destination_killed(mode: Mode, test: &str) {
 
 #[test]
 fn destination_killed_during_transfer_rolls_back_loopback() {
+    if dvk_tests::moving::skip_without_root("destination_killed_during_transfer_rolls_back_loopback") {
+        return;
+    }
     destination_killed(Mode::Loopback, "destination_killed_during_transfer_rolls_back_loopback");
 }
 
 #[test]
 fn destination_killed_during_transfer_rolls_back_network() {
+    if dvk_tests::moving::skip_without_root("destination_killed_during_transfer_rolls_back_network") {
+        return;
+    }
     destination_killed(Mode::Network, "destination_killed_during_transfer_rolls_back_network");
 }
 
@@ -456,16 +465,25 @@ fn destination_fault(mode: Mode, test: &str, fault: &str, needles: &[&str]) {
 
 #[test]
 fn restore_failure_rolls_back_loopback() {
+    if dvk_tests::moving::skip_without_root("restore_failure_rolls_back_loopback") {
+        return;
+    }
     destination_fault(Mode::Loopback, "restore_failure_rolls_back_loopback", "fail-restore", &["the restore fails"]);
 }
 
 #[test]
 fn restore_failure_rolls_back_network() {
+    if dvk_tests::moving::skip_without_root("restore_failure_rolls_back_network") {
+        return;
+    }
     destination_fault(Mode::Network, "restore_failure_rolls_back_network", "fail-restore", &["the restore fails"]);
 }
 
 #[test]
 fn corrupted_image_rolls_back_loopback() {
+    if dvk_tests::moving::skip_without_root("corrupted_image_rolls_back_loopback") {
+        return;
+    }
     destination_fault(Mode::Loopback, "corrupted_image_rolls_back_loopback", "corrupt-image", &["checksum"]);
 }
 
@@ -473,6 +491,9 @@ fn corrupted_image_rolls_back_loopback() {
 
 #[test]
 fn commit_lost_rolls_back_loopback() {
+    if dvk_tests::moving::skip_without_root("commit_lost_rolls_back_loopback") {
+        return;
+    }
     let test = "commit_lost_rolls_back_loopback";
     let mut cluster = Cluster::start(3, Mode::Loopback);
     cluster.restart_agent_with(SOURCE, &[("DVK_TEST_FAULT", "cut-before-commit")]);
@@ -500,6 +521,9 @@ fn commit_lost_rolls_back_loopback() {
 
 #[test]
 fn second_move_while_moving_is_refused_loopback() {
+    if dvk_tests::moving::skip_without_root("second_move_while_moving_is_refused_loopback") {
+        return;
+    }
     let test = "second_move_while_moving_is_refused_loopback";
     let mut cluster = Cluster::start(3, Mode::Loopback);
     cluster.restart_agent_with(DEST, &[("DVK_TEST_FAULT", "stall-image")]);

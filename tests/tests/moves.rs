@@ -31,21 +31,33 @@ fn paper_evaluation(mode: Mode, test: &str, server_node: usize, client_node: usi
 
 #[test]
 fn remote_server_moves_to_the_clients_node_loopback() {
+    if dvk_tests::moving::skip_without_root("remote_server_moves_to_the_clients_node_loopback") {
+        return;
+    }
     paper_evaluation(Mode::Loopback, "remote_server_moves_to_the_clients_node_loopback", 0, 2, &[2], 0);
 }
 
 #[test]
 fn server_on_the_clients_node_moves_away_loopback() {
+    if dvk_tests::moving::skip_without_root("server_on_the_clients_node_moves_away_loopback") {
+        return;
+    }
     paper_evaluation(Mode::Loopback, "server_on_the_clients_node_moves_away_loopback", 2, 2, &[1], 2);
 }
 
 #[test]
 fn remote_server_moves_to_another_remote_node_loopback() {
+    if dvk_tests::moving::skip_without_root("remote_server_moves_to_another_remote_node_loopback") {
+        return;
+    }
     paper_evaluation(Mode::Loopback, "remote_server_moves_to_another_remote_node_loopback", 0, 2, &[1], 2);
 }
 
 #[test]
 fn remote_server_moves_to_another_remote_node_network() {
+    if dvk_tests::moving::skip_without_root("remote_server_moves_to_another_remote_node_network") {
+        return;
+    }
     paper_evaluation(Mode::Network, "remote_server_moves_to_another_remote_node_network", 0, 2, &[1], 0);
 }
 
@@ -67,6 +79,9 @@ fn move_as(cluster: &Cluster, ask: usize, uid: u32, vpid: i64, to: usize) -> std
 /// SO_PEERCRED where it asked).
 #[test]
 fn only_root_or_the_owner_may_move_a_process_loopback() {
+    if dvk_tests::moving::skip_without_root("only_root_or_the_owner_may_move_a_process_loopback") {
+        return;
+    }
     if !dvk_tests::is_root() {
         eprintln!("SKIP only_root_or_the_owner_may_move_a_process_loopback: needs root (setpriv)");
         return;
@@ -93,6 +108,10 @@ fn only_root_or_the_owner_may_move_a_process_loopback() {
 /// served by the destination; the client already connected keeps going.
 #[test]
 fn a_client_connecting_during_the_move_is_served_by_the_destination_loopback() {
+    if dvk_tests::moving::skip_without_root("a_client_connecting_during_the_move_is_served_by_the_destination_loopback")
+    {
+        return;
+    }
     let mut cluster = Cluster::start(3, Mode::Loopback);
     // The destination holds its restore for 2 s: a window in which the new client connects.
     cluster.restart_agent_with(1, &[("DVK_TEST_FAULT", "hold-restore")]);
@@ -126,6 +145,9 @@ fn a_client_connecting_during_the_move_is_served_by_the_destination_loopback() {
 /// whether anything blocks it — the agent's own classification, the one `move` uses.
 #[test]
 fn check_lists_what_a_move_carries_and_what_blocks_it_loopback() {
+    if dvk_tests::moving::skip_without_root("check_lists_what_a_move_carries_and_what_blocks_it_loopback") {
+        return;
+    }
     let cluster = Cluster::start(3, Mode::Loopback);
     let (port, mb) = (7000, 2);
     let (server, vpid) = start_server(&cluster, 0, port, mb);
@@ -149,6 +171,9 @@ fn check_lists_what_a_move_carries_and_what_blocks_it_loopback() {
 /// still moves, and its shim relinks on the destination: it keeps accepting new connections.
 #[test]
 fn a_process_older_than_its_agent_moves_loopback() {
+    if dvk_tests::moving::skip_without_root("a_process_older_than_its_agent_moves_loopback") {
+        return;
+    }
     let mut cluster = Cluster::start(3, Mode::Loopback);
     let (port, mb) = (7000, 2);
     let (_server, vpid) = start_server(&cluster, 0, port, mb);
