@@ -287,9 +287,7 @@ async fn run_link(agent: Arc<Agent>, peer: NodeId, stream: TcpStream) {
         }
         // Image bytes of a move are written from the received buffer, without decoding.
         if let Some((mid, file, offset, at)) = dvk_protocol::peer::move_image::parse(&body) {
-            tokio::task::block_in_place(|| {
-                crate::moving::participant::receive_image(&agent, peer, mid, file, offset, &body[at..])
-            });
+            crate::moving::participant::receive_image(&agent, peer, mid, file, offset, &body[at..]);
             continue;
         }
         let msg = match frame::decode(&body) {
@@ -372,10 +370,7 @@ fn handle(agent: &Arc<Agent>, peer: NodeId, msg: PeerMessage) -> bool {
         PeerMessage::SignalDone { request, errno } => agent.complete_signal(request, errno),
         PeerMessage::Move(m) => crate::moving::on_message(agent, peer, m),
         PeerMessage::MoveImage { mid, file, offset, bytes } => {
-            // Disk writes: off the reactor's hands, but in order with the next frame.
-            tokio::task::block_in_place(|| {
-                crate::moving::participant::receive_image(agent, peer, mid, &file, offset, &bytes)
-            });
+            crate::moving::participant::receive_image(agent, peer, mid, &file, offset, &bytes);
         }
         PeerMessage::MoveImageSize { mid, file, len } => {
             crate::moving::participant::image_size(agent, peer, mid, &file, len);

@@ -230,7 +230,7 @@ pub fn receive_image(agent: &Agent, from: NodeId, mid: u64, file: &str, offset: 
     let dir = image_dir(agent, mid);
     if agent.fault == Some(super::Fault::StallImage) {
         tracing::warn!(mid, "test fault: stalling the image transfer (this node stops reading its link)");
-        std::thread::sleep(Duration::from_secs(60));
+        tokio::task::block_in_place(|| std::thread::sleep(Duration::from_secs(60)));
     }
     let write = || -> std::io::Result<()> {
         std::fs::create_dir_all(&dir)?;
@@ -240,7 +240,9 @@ pub fn receive_image(agent: &Agent, from: NodeId, mid: u64, file: &str, offset: 
         f.seek(SeekFrom::Start(offset))?;
         f.write_all(bytes)
     };
-    if let Err(e) = write() {
+    // The small files (manifest, memfds, plan) go to tmpfs: off the reactor's hands, but in
+    // order with the next frame. (Page data above is a memcpy into memory, done inline.)
+    if let Err(e) = tokio::task::block_in_place(write) {
         tracing::error!(dir = %dir.display(), "cannot write image data: {e}");
         return false;
     }
