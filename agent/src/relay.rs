@@ -245,11 +245,21 @@ impl Relays {
         let mut rx = entry.left.take()?;
         // A thread may have been between its check and its blocking call when the signal came:
         // signal again until it answers.
+        // Bounded: a relay that never answers (it cannot, short of a kernel bug) costs its
+        // stream, not the move.
+        let mut tries = 0;
         let left = loop {
             match tokio::time::timeout(std::time::Duration::from_millis(2), &mut rx).await {
                 Ok(Ok(left)) => break left,
                 Ok(Err(_)) => return None,
-                Err(_) => entry.stop.request(),
+                Err(_) if tries >= 1000 => {
+                    tracing::error!(stream, "relay did not stop within 2 s; the stream is lost");
+                    return None;
+                }
+                Err(_) => {
+                    tries += 1;
+                    entry.stop.request();
+                }
             }
         };
         Some(Detached { ends: entry.ends, peer: entry.peer, left })
