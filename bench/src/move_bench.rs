@@ -3,7 +3,7 @@
 //! program holding the same data, with the checkpoint engine alone (no agents, no transfer).
 //!
 //! A 3-node loopback cluster (agents started here, stopped by pid at the end). The server
-//! (`tests/programs/move_bench_server.c`) runs on node1 under the shim; the client
+//! (`tests/programs/move_server.c`) runs on node1 under the shim; the client
 //! (`move_bench_client.c`) on node3 sends 5-byte requests in a tight loop (one outstanding,
 //! 4 KB replies, every byte checked) and prints the CLOCK_MONOTONIC time of every gap of more
 //! than 1 ms between two consecutive replies. The bench moves the server node1 -> node2 ->
@@ -171,15 +171,15 @@ fn server_pid(cluster: &Cluster, vpid: i64) -> Option<i32> {
     let row = cluster.ps(0).into_iter().find(|r| r["vpid"] == vpid)?;
     let pid = row["pid"].as_i64()? as i32;
     let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
-    String::from_utf8_lossy(&cmdline).contains("move_bench_server").then_some(pid)
+    String::from_utf8_lossy(&cmdline).contains("move_server").then_some(pid)
 }
 
 fn measure_moves(cluster: &Cluster, port: u16, mb: f64, moves: usize) -> anyhow::Result<SizeResult> {
     let mb_arg = format!("{mb}");
     let log = std::fs::File::create(cluster.path(&format!("server-{port}.err")))?;
-    let mut cmd = cluster.preloaded(0, c_program("move_bench_server"));
+    let mut cmd = cluster.preloaded(0, c_program("move_server"));
     cmd.args([port.to_string(), mb_arg.clone()]).env("DVK_ENDPOINT", "kv").stdin(Stdio::null()).stderr(log);
-    let mut server = Proc::spawn(no_inherited_fds(&mut cmd), "move_bench_server");
+    let mut server = Proc::spawn(no_inherited_fds(&mut cmd), "move_server");
     server.lines.wait_for("listening", Duration::from_secs(60));
     let vpid = cluster.wait_registered(0, server.pid())["vpid"].as_i64().context("no vPID")?;
     let result = (|| {
@@ -270,9 +270,9 @@ fn measure_moves(cluster: &Cluster, port: u16, mb: f64, moves: usize) -> anyhow:
 /// /dev/null), into the cluster's directory (the file system of the agents' image dirs).
 /// Returns (dump ms without the kill that follows it, restore ms, pages MB).
 fn baseline(dir: &Path, mb: f64) -> anyhow::Result<(f64, f64, f64)> {
-    let mut cmd = Command::new(c_program("move_bench_server"));
+    let mut cmd = Command::new(c_program("move_server"));
     cmd.args(["0".to_string(), format!("{mb}")]).env_remove("LD_PRELOAD").stdin(Stdio::null()).stderr(Stdio::null());
-    let mut p = Proc::spawn(no_inherited_fds(&mut cmd), "move_bench_server (baseline)");
+    let mut p = Proc::spawn(no_inherited_fds(&mut cmd), "move_server (baseline)");
     p.lines.wait_for("ready", Duration::from_secs(60));
     let pid = p.pid() as i32;
     // Ready to dump once stdio points at /dev/null and it sleeps.
@@ -326,9 +326,9 @@ fn criu_line(dir: &Path, mb: f64) -> String {
 }
 
 fn criu_run(dir: &Path, mb: f64) -> anyhow::Result<(f64, f64)> {
-    let mut cmd = Command::new(c_program("move_bench_server"));
+    let mut cmd = Command::new(c_program("move_server"));
     cmd.args(["0".to_string(), format!("{mb}")]).env_remove("LD_PRELOAD").stdin(Stdio::null()).stderr(Stdio::null());
-    let mut p = Proc::spawn(no_inherited_fds(&mut cmd), "move_bench_server (criu)");
+    let mut p = Proc::spawn(no_inherited_fds(&mut cmd), "move_server (criu)");
     p.lines.wait_for("ready", Duration::from_secs(60));
     std::thread::sleep(Duration::from_millis(50));
     let img = dir.join("criu");

@@ -1,6 +1,6 @@
 /* The client of `dvk-bench move`: one connection, small requests in a tight loop ('R' + a random
  * block number, 5 bytes; one request outstanding), every 4 KB reply checked against the server's
- * data (word i is splitmix64's (i+1)-th output from SEED, see move_bench_server.c). Times are
+ * data (word i is splitmix64's (i+1)-th output from SEED, see move_server.c and move_common.h). Times are
  * CLOCK_MONOTONIC microseconds, comparable with any other process's on this machine.
  *
  * Prints "connected", then

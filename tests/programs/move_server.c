@@ -6,8 +6,12 @@
  *                                            block, then the 4096 bytes of the NEXT block
  *             'R' u32 block               -> reply the 4096 bytes of block
  *             'Q'                         -> reply "bye\n" and close that connection
- * usage: move_server PORT MEGABYTES [SEED]   prints "listening" once it listens. */
+ * usage: move_server PORT MEGABYTES [SEED]   prints "listening BLOCKS blocks" once it listens.
+ * MEGABYTES (MiB) may be fractional (`dvk-bench move` holds 2.5). PORT 0: no socket at all;
+ * prints "ready BLOCKS", points stdio at /dev/null and sleeps (the process of the benchmark's
+ * local dump + restore baseline). */
 #include <errno.h>
+#include <fcntl.h>
 #include <netinet/in.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -56,11 +60,21 @@ static int flush_out(struct conn *c) {
 int main(int argc, char **argv) {
     if (argc < 3) { fprintf(stderr, "usage: %s PORT MEGABYTES [SEED]\n", argv[0]); return 2; }
     int port = atoi(argv[1]);
-    size_t mb = strtoul(argv[2], 0, 10);
+    double mb = strtod(argv[2], 0);
     rng = argc > 3 ? strtoull(argv[3], 0, 10) : 42;
     nblocks = (uint32_t)(mb * 1024 * 1024 / BLOCK);
+    if (nblocks == 0) nblocks = 1;
     data = malloc((size_t)nblocks * BLOCK);
+    if (!data) { perror("malloc"); return 1; }
     for (size_t i = 0; i < (size_t)nblocks * BLOCK / 8; i++) ((uint64_t *)data)[i] = next64();
+    if (port == 0) {
+        printf("ready %u\n", nblocks);
+        fflush(stdout);
+        int null = open("/dev/null", O_RDWR);
+        for (int fd = 0; fd < 3; fd++) dup2(null, fd);
+        if (null > 2) close(null);
+        for (;;) pause();
+    }
     int ls = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK, 0);
     int one = 1;
     setsockopt(ls, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
