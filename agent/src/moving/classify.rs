@@ -55,13 +55,9 @@ fn fds_of(pid: i32) -> std::io::Result<Vec<(i32, String)>> {
     Ok(out)
 }
 
-fn std_name(fd: i32) -> &'static str {
-    match fd {
-        0 => " (stdin)",
-        1 => " (stdout)",
-        2 => " (stderr)",
-        _ => "",
-    }
+/// " (stdout)" for fd 1, and so on; "" for other fds.
+fn std_name(fd: i32) -> String {
+    dvk_checkpoint::files::stdio_name(fd).map(|n| format!(" ({n})")).unwrap_or_default()
 }
 
 /// The blockers of a running process, with its fds classified: retried when the process opened
@@ -195,7 +191,7 @@ fn stdio_check(c: &mut Classified, pid: i32, fd: i32, link: &str, all: &[(i32, S
     if !(0..=2).contains(&fd) {
         return;
     }
-    let cannot_follow = if link.starts_with("/dev/pts/") || link.starts_with("/dev/tty") || link == "/dev/console" {
+    let cannot_follow = if dvk_checkpoint::files::is_tty_path(link) {
         Some(format!("terminal {link}"))
     } else if link.starts_with("pipe:[") {
         // Both ends inside the process are carried by the engine; otherwise the other end stays.
