@@ -51,17 +51,6 @@ async fn read_body<R: AsyncRead + Unpin>(r: &mut R, max: usize) -> Result<Vec<u8
 /// Writes one message; stream payloads take the zero-copy path.
 pub(crate) async fn write_any<W: AsyncWrite + Unpin>(w: &mut W, msg: PeerMessage) -> Result<(), FrameError> {
     match msg {
-        PeerMessage::MoveImage { mid, file, offset, bytes } => {
-            let mut prefix = [0u8; dvk_protocol::peer::move_image::MAX_PREFIX];
-            match dvk_protocol::peer::move_image::prefix(mid, &file, offset, bytes.len(), &mut prefix) {
-                Some(n) => {
-                    w.write_all(&prefix[..n]).await?;
-                    w.write_all(&bytes).await?;
-                    Ok(())
-                }
-                None => write_msg(w, &PeerMessage::MoveImage { mid, file, offset, bytes }).await,
-            }
-        }
         PeerMessage::StreamData { stream, bytes } => {
             let mut prefix = [0u8; stream_data::MAX_PREFIX];
             let n = stream_data::prefix(stream, bytes.len(), &mut prefix);

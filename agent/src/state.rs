@@ -133,7 +133,9 @@ impl LinkHandle {
         use tokio::io::AsyncWriteExt;
         let mut w = self.out.lock().await;
         let mut at = offset;
-        for piece in data.chunks(chunk.max(1)) {
+        // An empty file is one empty frame (the receiver still creates it).
+        let pieces: Vec<&[u8]> = if data.is_empty() { vec![data] } else { data.chunks(chunk.max(1)).collect() };
+        for piece in pieces {
             let mut prefix = [0u8; move_image::MAX_PREFIX];
             let n = move_image::prefix(mid, file, at, piece.len(), &mut prefix)
                 .ok_or_else(|| dvk_protocol::FrameError::Io(std::io::Error::other("image file name too long")))?;

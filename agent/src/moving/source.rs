@@ -434,13 +434,13 @@ async fn freeze(d: &mut Driver, m: &mut Coordinator) -> CoordEvent {
     let pidfd = ck::pidfd_open(d.entry.real_pid).ok();
     // Unread bytes are taken in detach_local, once the relays stopped writing into the sockets.
     for (id, (fds, moving_is_client)) in &c.streams {
-        d.streams.insert(*id, StreamWork::new(*id, fds.clone(), None, *moving_is_client, Vec::new()));
+        d.streams.insert(*id, StreamWork::new(*id, fds.clone(), None, *moving_is_client));
     }
     for (port, conn) in backlog {
         let Ok(ino) = crate::sys::inode(&conn) else { continue };
         let peer = ck::unix_diag(ino as u32).map(|x| x.peer as u64).unwrap_or(0);
         let Some((id, _)) = by_inode.get(&peer) else { continue };
-        let mut w = StreamWork::new(*id, Vec::new(), Some(port), false, Vec::new());
+        let mut w = StreamWork::new(*id, Vec::new(), Some(port), false);
         w.backlog_conn = Some(conn);
         d.streams.insert(*id, w);
     }
@@ -518,7 +518,7 @@ fn unread_relink(pidfd: &OwnedFd, c: &mut Classified) {
 }
 
 impl StreamWork {
-    fn new(id: u64, fds: Vec<FdRef>, backlog_of: Option<u16>, moving_is_client: bool, unread: Vec<u8>) -> StreamWork {
+    fn new(id: u64, fds: Vec<FdRef>, backlog_of: Option<u16>, moving_is_client: bool) -> StreamWork {
         StreamWork {
             plan: StreamPlan {
                 id,
@@ -526,7 +526,8 @@ impl StreamWork {
                 backlog_of,
                 moving_is_client,
                 fixed_node: NodeId(0),
-                unread,
+                // Taken in detach_local, once the relays stopped writing into the socket.
+                unread: Vec::new(),
                 to_program: Dir::default(),
                 to_fixed: Dir::default(),
                 reset: false,
@@ -754,48 +755,26 @@ fn write_private(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
     f.write_all(bytes)
 }
 
-/// Streams every file of the image directory to the destination over the agent link.
+/// Sends the image files written here (manifest, memfds, the plan; page data went during the
+/// dump) to the destination over the agent link.
 async fn send_image(d: &mut Driver) -> std::io::Result<u64> {
-    use tokio::io::AsyncReadExt;
     let link = d.agent.link(d.dest).ok_or_else(|| std::io::Error::other("no link"))?;
-    let mut files: Vec<(String, u64)> = Vec::new();
+    let mut names: Vec<String> = Vec::new();
     for e in std::fs::read_dir(&d.image_dir)? {
-        let e = e?;
-        let name = e.file_name().to_string_lossy().into_owned();
-        files.push((name, e.metadata()?.len()));
+        names.push(e?.file_name().to_string_lossy().into_owned());
     }
     // The plan goes last: the destination restores once it has it and Restore.
-    files.sort_by_key(|(n, _)| n == PLAN_FILE);
-    let total: u64 = files.iter().map(|(_, l)| *l).sum();
+    names.sort_by_key(|n| n == PLAN_FILE);
+    let idle = Duration::from_millis(super::timeouts().transfer_idle);
     let mut sent = 0u64;
-    let mut last_report = Instant::now();
-    for (name, _) in files {
-        let mut f = tokio::fs::File::open(d.image_dir.join(&name)).await?;
-        let mut offset = 0u64;
-        loop {
-            let mut buf = Vec::with_capacity(IMAGE_CHUNK);
-            let n = (&mut f).take(IMAGE_CHUNK as u64).read_to_end(&mut buf).await?;
-            if n == 0 && offset > 0 {
-                break;
-            }
-            let msg = PeerMessage::MoveImage { mid: d.tag.mid, file: name.clone(), offset, bytes: buf };
-            let idle = Duration::from_millis(super::timeouts().transfer_idle);
-            match tokio::time::timeout(idle, link.write_now(msg)).await {
-                Ok(r) => r.map_err(|e| std::io::Error::other(e.to_string()))?,
-                Err(_) => return Err(std::io::Error::other(format!("no progress for {idle:?}"))),
-            }
-            offset += n as u64;
-            sent += n as u64;
-            if last_report.elapsed() > Duration::from_millis(100) {
-                last_report = Instant::now();
-                let _ = d.reply.send(LocalResponse::MoveProgress { sent, total });
-            }
-            if n < IMAGE_CHUNK {
-                break;
-            }
+    for name in names {
+        let bytes = tokio::fs::read(d.image_dir.join(&name)).await?;
+        match tokio::time::timeout(idle, link.write_image(d.tag.mid, &name, 0, &bytes, IMAGE_CHUNK)).await {
+            Ok(r) => r.map_err(|e| std::io::Error::other(e.to_string()))?,
+            Err(_) => return Err(std::io::Error::other(format!("no progress for {idle:?}"))),
         }
+        sent += bytes.len() as u64;
     }
-    let _ = d.reply.send(LocalResponse::MoveProgress { sent: total, total });
     Ok(sent)
 }
 
