@@ -59,9 +59,10 @@ pub fn config() -> Option<&'static LinkConfig> {
 // a ring of N immutable configs is torn once N moves happen while a reader is preempted.
 // With the latch the writer updates the two copies one after the other and the counter
 // tells readers which copy is not being written: a reader never waits for the writer,
-// and retries only if a whole step of a write completed while it was copying (bounded
-// in practice: a write happens once per move). Copies are AtomicU64 words, so a torn
-// read is merely detected and retried, never a data race.
+// and retries only if a whole step of a write completed while it was copying (a write
+// happens once per move, so retries are rare; never capped, since giving up would
+// return a torn path). Copies are AtomicU64 words, so a torn read is merely detected
+// and retried, never a data race.
 
 /// `sun_path` bytes in 64-bit words (14 × 8 = 112 ≥ 108).
 const PATH_WORDS: usize = PATH_LEN.div_ceil(8);
@@ -115,18 +116,19 @@ impl PathLatch {
     }
 
     fn read(&self) -> [u8; PATH_LEN] {
-        let mut path = [0u8; PATH_LEN];
-        // A retry means a write step completed meanwhile; a write happens once per move,
-        // so the bound is never reached in practice (it only rules out spinning forever).
-        for _ in 0..1000 {
+        // A retry means a write step completed while we copied: the writer made progress,
+        // so this never spins on a writer that is stopped (a signal handler that
+        // interrupted it on its own thread reads the copy it is not writing, at once).
+        // No bound: giving up would hand out a torn path; writes happen once per move.
+        loop {
             let before = self.seq.load(Ordering::Acquire);
-            path = self.load_copy(before as usize & 1);
+            let path = self.load_copy(before as usize & 1);
             fence(Ordering::Acquire);
             if self.seq.load(Ordering::Relaxed) == before {
-                break;
+                return path;
             }
+            std::hint::spin_loop();
         }
-        path
     }
 
     /// In a forked child (one thread, no writer): a write the fork cut short (another
