@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use crate::error::{Error, Result};
 use crate::freeze::Frozen;
 use crate::image::{self, Manifest, PageSink};
+use crate::precopy::Precopy;
 use crate::sys::{self, Pid};
 use crate::{cpu, files, memfd, memory, proc, signals, task, threads, vdso};
 
@@ -29,6 +30,19 @@ pub struct DumpOptions {
     pub external_fds: Vec<i32>,
     /// Send page data there instead of writing pages.img (the other files are still written).
     pub pages_to: Option<image::PagesTo>,
+    /// Pages pre-copied while the process ran: those not written since stay out of the
+    /// dump (the image refers to the pre-copy store for them).
+    pub precopy: Option<PrecopyRef>,
+}
+
+/// A shared [`Precopy`] tracker for [`DumpOptions`].
+#[derive(Clone)]
+pub struct PrecopyRef(pub std::sync::Arc<std::sync::Mutex<Precopy>>);
+
+impl std::fmt::Debug for PrecopyRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PrecopyRef(..)")
+    }
 }
 
 #[derive(Clone, Debug, Default)]
@@ -43,6 +57,10 @@ pub struct DumpReport {
     pub manifest_bytes: u64,
     pub vmas: usize,
     pub fds: usize,
+    /// Pre-copy rounds before the freeze (empty without pre-copy).
+    pub precopy: Vec<crate::precopy::Round>,
+    /// Bytes the image refers to in the pre-copy store instead of holding them.
+    pub precopied_bytes: u64,
 }
 
 /// Refuses what cannot be moved, without touching the process: the first of [`blockers`].
@@ -161,6 +179,57 @@ pub fn dump_with(pid: Pid, dir: &Path, after: AfterDump, opts: &DumpOptions) -> 
     Ok(rep)
 }
 
+/// [`dump_with`] after pre-copy rounds while the process runs (see [`crate::precopy`]): the
+/// process is frozen briefly to start tracking, then its memory is copied into
+/// `dir/precopy.img` round after round under `policy`, and the final dump writes only the
+/// pages written since the last round. Refuses (naming why) where pre-copy cannot run; the
+/// caller may then dump without it.
+pub fn dump_precopy(
+    pid: Pid,
+    dir: &Path,
+    after: AfterDump,
+    opts: &DumpOptions,
+    policy: &crate::precopy::Policy,
+) -> Result<DumpReport> {
+    let start = Instant::now();
+    let mut clk = Clock { last: start, phases: Vec::new() };
+    preflight(pid, opts)?;
+    image::create_dir(dir)?;
+    let mut f = Frozen::freeze(pid)?;
+    let started = Precopy::start(&mut f);
+    f.thaw(false)?;
+    let mut pc = started?;
+    clk.lap("track");
+    let store = dir.join(crate::precopy::PRECOPY);
+    let rounds = (|| {
+        let out = image::file_out(&store)?;
+        while pc.wants_another(policy) {
+            pc.round(&out)?;
+        }
+        Ok(())
+    })();
+    if let Err(e) = rounds {
+        let _ = std::fs::remove_file(&store);
+        return Err(e);
+    }
+    clk.lap("precopy");
+    let rounds = pc.rounds.clone();
+    let opts =
+        DumpOptions { precopy: Some(PrecopyRef(std::sync::Arc::new(std::sync::Mutex::new(pc)))), ..opts.clone() };
+    let mut rep = match dump_with(pid, dir, after, &opts) {
+        Ok(r) => r,
+        Err(e) => {
+            let _ = std::fs::remove_file(&store);
+            return Err(e);
+        }
+    };
+    clk.phases.append(&mut rep.phases);
+    rep.phases = clk.phases;
+    rep.precopy = rounds;
+    rep.total = start.elapsed();
+    Ok(rep)
+}
+
 /// Collects and writes the image of a process that is already frozen, and leaves it frozen:
 /// for a caller that decides later whether to kill or thaw it (the agent during a move). On an
 /// error the partial image files are removed and the process is still frozen.
@@ -195,6 +264,7 @@ fn write_image_timed(f: &mut Frozen, dir: &Path, opts: &DumpOptions, clk: &mut C
         pages_bytes: pages_len,
         manifest_bytes,
         vmas: manifest.memory.vmas.len(),
+        precopied_bytes: manifest.memory.precopied_bytes(),
         fds: manifest.files.fds.len(),
         ..Default::default()
     })
@@ -213,16 +283,14 @@ fn collect_all(f: &mut Frozen, dir: &Path, opts: &DumpOptions, clk: &mut Clock) 
         Some(out) => PageSink::to(dir, out.clone()),
         None => PageSink::create(dir)?,
     };
-    let memory = memory::collect(pid, &maps, &mut sink)?;
+    let precopy = opts.precopy.as_ref().map(|p| p.0.lock().unwrap_or_else(|e| e.into_inner()));
+    let memory = memory::collect(pid, &maps, &mut sink, precopy.as_deref())?;
+    let precopy_len = precopy.as_ref().map_or(0, |p| p.store_len());
+    drop(precopy);
     let memfds = memfd::collect(pid, &files, &memory, dir)?;
     clk.lap("pages");
 
-    let gadget_at = maps
-        .iter()
-        .find(|m| m.path == "[vdso]")
-        .or_else(|| maps.iter().find(|m| m.perms[2] == b'x' && m.path != "[vsyscall]"))
-        .map(|m| m.start)
-        .ok_or_else(|| Error::Unsupported { pid, what: "process without executable mappings".into() })?;
+    let gadget_at = gadget_address(pid, &maps)?;
     let sigmask = f.sigmask;
     let r = f.remote(gadget_at)?;
     let mut sig = signals::collect(r, sigmask)?;
@@ -250,8 +318,19 @@ fn collect_all(f: &mut Frozen, dir: &Path, opts: &DumpOptions, clk: &mut Clock) 
         threads,
         memfds,
         pages_len: sink.len(),
+        precopy_len,
     };
     Ok((m, sink.len()))
+}
+
+/// Where injected syscalls run: the vDSO's first bytes (its ELF header, never executed), or
+/// the start of the first executable mapping.
+pub(crate) fn gadget_address(pid: Pid, maps: &[proc::MapLine]) -> Result<u64> {
+    maps.iter()
+        .find(|m| m.path == "[vdso]")
+        .or_else(|| maps.iter().find(|m| m.perms[2] == b'x' && m.path != "[vsyscall]"))
+        .map(|m| m.start)
+        .ok_or_else(|| Error::Unsupported { pid, what: "process without executable mappings".into() })
 }
 
 /// If the process stopped inside an rseq critical section, resume it at the abort handler (as

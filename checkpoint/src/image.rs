@@ -38,7 +38,7 @@ use crate::threads::ThreadState;
 use crate::vdso::VdsoLayout;
 
 pub const MAGIC: [u8; 8] = *b"DVKCKPT\0";
-pub const VERSION: u32 = 4;
+pub const VERSION: u32 = 5;
 pub const ARCH_X86_64: u32 = 62;
 pub const HEADER_LEN: usize = 32;
 pub const MANIFEST: &str = "manifest.img";
@@ -61,6 +61,8 @@ pub struct Manifest {
     /// memfds, their content in memfd-<inode>.img.
     pub memfds: Vec<MemfdState>,
     pub pages_len: u64,
+    /// Bytes of the pre-copy store the `precopied` runs refer to (0 without pre-copy).
+    pub precopy_len: u64,
 }
 
 pub fn create_dir(dir: &Path) -> Result<()> {
@@ -138,6 +140,8 @@ pub struct Image {
     pub dir: PathBuf,
     pub manifest: Manifest,
     pub pages: MappedFile,
+    /// The pre-copy store (empty without pre-copy).
+    pub precopy: MappedFile,
     /// Content of each memfd, in manifest order (checked).
     pub memfd_data: Vec<Vec<u8>>,
 }
@@ -152,12 +156,23 @@ pub fn read(dir: &Path) -> Result<Image> {
     let f = File::open(&ppath).map_err(io_at(&ppath))?;
     let len = f.metadata().map_err(io_at(&ppath))?.len();
     let pages = MappedFile::map(&f, len as usize).map_err(io_at(&ppath))?;
-    read_with_pages(dir, pages)
+    let cpath = dir.join(crate::precopy::PRECOPY);
+    let precopy = match File::open(&cpath) {
+        Ok(f) => {
+            let len = f.metadata().map_err(io_at(&cpath))?.len();
+            MappedFile::map(&f, len as usize).map_err(io_at(&cpath))?
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => MappedFile::empty(),
+        Err(e) => return Err(io_at(&cpath)(e)),
+    };
+    read_with_pages(dir, pages, precopy)
 }
 
 /// [`read`], with the page data already in memory (received over the network into an
 /// anonymous mapping) instead of in pages.img. Every check is the same.
-pub fn read_with_pages(dir: &Path, pages: MappedFile) -> Result<Image> {
+/// `precopy` is the pre-copy store (empty without pre-copy); its runs are bounds-checked
+/// only (it was filled while the process ran, so there is no checksum of it).
+pub fn read_with_pages(dir: &Path, pages: MappedFile, precopy: MappedFile) -> Result<Image> {
     let mpath = dir.join(MANIFEST);
     let bytes = std::fs::read(&mpath).map_err(io_at(&mpath))?;
     let manifest = decode_manifest(&bytes, &mpath)?;
@@ -184,8 +199,23 @@ pub fn read_with_pages(dir: &Path, pages: MappedFile) -> Result<Image> {
             }
         }
     }
+    let cpath = dir.join(crate::precopy::PRECOPY);
+    let have = precopy.bytes().len() as u64;
+    if have < manifest.precopy_len {
+        return Err(Error::Truncated {
+            path: cpath,
+            what: format!("pre-copied page data: {have} of {} bytes", manifest.precopy_len),
+        });
+    }
+    for v in &manifest.memory.vmas {
+        for r in &v.precopied {
+            if r.off.checked_add(r.len).is_none_or(|e| e > manifest.precopy_len) {
+                return Err(Error::Truncated { path: cpath, what: format!("pre-copied run at {:#x}", r.addr) });
+            }
+        }
+    }
     let memfd_data = crate::memfd::read_all(dir, &manifest.memfds)?;
-    Ok(Image { dir: dir.to_path_buf(), manifest, pages, memfd_data })
+    Ok(Image { dir: dir.to_path_buf(), manifest, pages, precopy, memfd_data })
 }
 
 /// Writes page data into pages.img. Runs are planned first (at most [`MAX_RUN`] bytes each,
@@ -212,6 +242,11 @@ pub trait PageOut: Send + Sync {
 }
 
 struct FileOut(File);
+
+/// A [`PageOut`] into a new file at `path` (0600): a local pre-copy's store.
+pub fn file_out(path: &Path) -> Result<PagesTo> {
+    Ok(PagesTo(std::sync::Arc::new(FileOut(create_file(path)?))))
+}
 
 impl PageOut for FileOut {
     fn write_at(&self, buf: &[u8], off: u64) -> std::io::Result<()> {
@@ -375,6 +410,7 @@ mod tests {
                         growsdown: false,
                         kind: VmaKind::Anon { name: "[heap]".into() },
                         runs,
+                        precopied: vec![],
                     },
                     Vma {
                         start: 0x40000,
@@ -388,6 +424,7 @@ mod tests {
                             ident: FileIdent { ino: 1, size: 2, mtime: 3, mtime_ns: 4 },
                         },
                         runs: vec![],
+                        precopied: vec![],
                     },
                 ],
             },
@@ -397,6 +434,7 @@ mod tests {
             threads: vec![],
             memfds: vec![],
             pages_len,
+            precopy_len: 0,
         }
     }
 

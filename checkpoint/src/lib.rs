@@ -22,6 +22,7 @@ pub mod image;
 pub mod inject;
 pub mod memfd;
 pub mod memory;
+pub mod precopy;
 pub mod proc;
 pub mod rebuild;
 pub mod signals;
@@ -31,7 +32,9 @@ pub mod task;
 pub mod threads;
 pub mod vdso;
 
-pub use dump::{blockers, dump, dump_with, preflight, write_image, AfterDump, DumpOptions, DumpReport};
+pub use dump::{
+    blockers, dump, dump_precopy, dump_with, preflight, write_image, AfterDump, DumpOptions, DumpReport, PrecopyRef,
+};
 pub use error::{Error, Result};
 pub use files::{describe_fds, FdClass, FdDescription};
 pub use freeze::Frozen;
@@ -50,13 +53,15 @@ pub fn restore(dir: &std::path::Path, opts: &RestoreOptions) -> Result<RestoreRe
 
 /// [`restore_held`] with the page data already in memory (`pages`, e.g. received over the
 /// network into [`sys::MappedFile::anonymous`]) instead of in `dir/pages.img`.
+/// `precopy` is the pre-copy store if the move pre-copied (else an empty mapping).
 pub fn restore_held_with_pages(
     dir: &std::path::Path,
     pages: sys::MappedFile,
+    precopy: sys::MappedFile,
     opts: &RestoreOptions,
 ) -> Result<(RestoreReport, Held)> {
     let t = std::time::Instant::now();
-    let img = image::read_with_pages(dir, pages)?;
+    let img = image::read_with_pages(dir, pages, precopy)?;
     let read = t.elapsed();
     let (mut rep, held) = rebuild::restore_held(&img, opts)?;
     rep.phases.insert(0, ("read", read));

@@ -18,6 +18,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::{io_at, pt, Error, Result};
 use crate::image::PageSink;
 use crate::inject::Remote;
+use crate::precopy::Precopy;
 use crate::proc::{proc_path, MapLine};
 use crate::sys::{self, Pid, PAGE};
 
@@ -81,9 +82,17 @@ pub struct Vma {
     pub growsdown: bool,
     pub kind: VmaKind,
     pub runs: Vec<Run>,
+    /// Runs whose data is in the pre-copy store (offsets there; not checksummed: the store
+    /// was filled while the process ran, see `precopy`).
+    pub precopied: Vec<Run>,
 }
 
 impl Vma {
+    /// Whether restore writes data into it (from the image or the pre-copy store).
+    pub fn has_data(&self) -> bool {
+        !self.runs.is_empty() || !self.precopied.is_empty()
+    }
+
     pub fn describe(&self) -> String {
         let what = match &self.kind {
             VmaKind::Anon { name } if name.is_empty() => "anonymous".to_string(),
@@ -104,6 +113,9 @@ pub struct MemoryState {
 impl MemoryState {
     pub fn stored_bytes(&self) -> u64 {
         self.vmas.iter().flat_map(|v| &v.runs).map(|r| r.len).sum()
+    }
+    pub fn precopied_bytes(&self) -> u64 {
+        self.vmas.iter().flat_map(|v| &v.precopied).map(|r| r.len).sum()
     }
 }
 
@@ -171,8 +183,9 @@ const PM_PRESENT: u64 = 1 << 63;
 const PM_SWAP: u64 = 1 << 62;
 const PM_FILE: u64 = 1 << 61;
 
-/// Collects all VMAs and streams their data pages into `sink`.
-pub fn collect(pid: Pid, maps: &[MapLine], sink: &mut PageSink) -> Result<MemoryState> {
+/// Collects all VMAs and streams their data pages into `sink`; with `precopy`, the pages it
+/// already holds (and that were not written since) are referred to, not streamed.
+pub fn collect(pid: Pid, maps: &[MapLine], sink: &mut PageSink, precopy: Option<&Precopy>) -> Result<MemoryState> {
     let pm_path = proc_path(pid, "pagemap");
     let pagemap = File::open(&pm_path).map_err(io_at(&pm_path))?;
     let mut vmas = Vec::new();
@@ -188,12 +201,20 @@ pub fn collect(pid: Pid, maps: &[MapLine], sink: &mut PageSink) -> Result<Memory
             }
             (VmaKind::Anon { .. }, _) => Box::new(|e| e & (PM_PRESENT | PM_SWAP) != 0),
         };
+        let split = match precopy {
+            Some(p) => p.split(m)?,
+            None => None,
+        };
         let mut pages: Vec<(u64, u64)> = Vec::new(); // runs of (addr, len)
         let needs_pagemap = !matches!(
             (&kind, m.shared()),
             (VmaKind::SharedAnon, _) | (VmaKind::File { .. } | VmaKind::Memfd { .. }, true)
         );
-        if !(matches!(kind, VmaKind::File { .. } | VmaKind::Memfd { .. }) && m.shared()) {
+        let mut precopied = Vec::new();
+        if let Some(split) = split {
+            pages = split.fresh;
+            precopied = split.kept;
+        } else if !(matches!(kind, VmaKind::File { .. } | VmaKind::Memfd { .. }) && m.shared()) {
             // pagemap in chunks of 64 Ki pages (512 KiB of entries): a huge sparse reservation
             // costs time, not memory.
             const CHUNK: usize = 64 << 10;
@@ -228,6 +249,7 @@ pub fn collect(pid: Pid, maps: &[MapLine], sink: &mut PageSink) -> Result<Memory
             growsdown: m.path == "[stack]",
             kind,
             runs,
+            precopied,
         });
     }
     let mut jobs: Vec<(&mut Run, bool)> = vmas
@@ -243,13 +265,20 @@ pub fn collect(pid: Pid, maps: &[MapLine], sink: &mut PageSink) -> Result<Memory
 
 /// Rebuild side: maps every VMA into the stub (read+write where data will be written), writes the
 /// pages from the image and sets the final protections.
-pub fn restore(r: &Remote, state: &MemoryState, pages: &[u8], memfds: &HashMap<u64, u64>) -> Result<()> {
+/// `precopy` holds the data of the `precopied` runs (empty without pre-copy).
+pub fn restore(
+    r: &Remote,
+    state: &MemoryState,
+    pages: &[u8],
+    precopy: &[u8],
+    memfds: &HashMap<u64, u64>,
+) -> Result<()> {
     let pid = r.pid;
     let mut fds: HashMap<(String, bool), u64> = HashMap::new();
     for v in &state.vmas {
         let len = v.end - v.start;
         let mut prot = v.prot as u64;
-        if !v.runs.is_empty() {
+        if v.has_data() {
             prot |= (libc::PROT_READ | libc::PROT_WRITE) as u64;
         }
         let what = format!("mmap {}", v.describe());
@@ -291,9 +320,10 @@ pub fn restore(r: &Remote, state: &MemoryState, pages: &[u8], memfds: &HashMap<u
     for fd in fds.values() {
         r.call("close", libc::SYS_close, &[*fd])?;
     }
-    write_pages(pid, state, pages)?;
+    write_pages(pid, state.vmas.iter().flat_map(|v| &v.runs), pages)?;
+    write_pages(pid, state.vmas.iter().flat_map(|v| &v.precopied), precopy)?;
     for v in &state.vmas {
-        if !v.runs.is_empty() && v.prot != (libc::PROT_READ | libc::PROT_WRITE) as u32 {
+        if v.has_data() && v.prot != (libc::PROT_READ | libc::PROT_WRITE) as u32 {
             r.call(
                 &format!("mprotect {}", v.describe()),
                 libc::SYS_mprotect,
@@ -307,10 +337,10 @@ pub fn restore(r: &Remote, state: &MemoryState, pages: &[u8], memfds: &HashMap<u
 /// Writes all stored runs. The runs are consecutive in pages.img, so each call takes one local
 /// span and up to 512 remote ranges. Above 64 MiB the work is split in two halves written by two
 /// threads: most of the time goes into faulting fresh pages in, which scales with cores.
-fn write_pages(pid: Pid, state: &MemoryState, pages: &[u8]) -> Result<()> {
+fn write_pages<'a>(pid: Pid, runs: impl Iterator<Item = &'a Run>, pages: &[u8]) -> Result<()> {
     const PIECE: u64 = 16 << 20;
     let mut pieces: Vec<(u64, u64, u64)> = Vec::new(); // (addr, len, offset in pages)
-    for r in state.vmas.iter().flat_map(|v| &v.runs) {
+    for r in runs {
         let mut o = 0;
         while o < r.len {
             let n = (r.len - o).min(PIECE);

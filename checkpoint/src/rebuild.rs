@@ -143,7 +143,7 @@ fn restore_inner(img: &Image, opts: &RestoreOptions, hold: bool) -> Result<(Rest
 
     let above_fds = (m.files.fds.iter().map(|e| e.fd).max().unwrap_or(2) + 1).max(3) as u64;
     let memfds = memfd::install(&r, &m.memfds, &img.memfd_data, above_fds)?;
-    memory::restore(&r, &m.memory, img.pages.bytes(), &memfds)?;
+    memory::restore(&r, &m.memory, img.pages.bytes(), img.precopy.bytes(), &memfds)?;
     task::restore_mm(&r, &m.task)?;
     lap("memory");
 

@@ -281,6 +281,11 @@ impl MappedFile {
         }
         Ok(MappedFile { ptr: p.cast(), len, writable: false })
     }
+    /// No mapping at all (length 0); [`MappedFile::grow`] makes it one.
+    pub fn empty() -> MappedFile {
+        MappedFile { ptr: std::ptr::NonNull::dangling().as_ptr(), len: 0, writable: false }
+    }
+
     /// A private anonymous read-write mapping of `len` bytes (transparent huge pages asked
     /// for: page data received over the network is written here, then read by the restore).
     pub fn anonymous(len: usize) -> io::Result<MappedFile> {
@@ -318,6 +323,30 @@ impl MappedFile {
         // SAFETY: off..off+len is inside the mapping (checked above), which is writable (made by
         // `anonymous`) and exclusively borrowed.
         unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), self.ptr.add(off), data.len()) };
+        Ok(())
+    }
+
+    /// Grows an [`MappedFile::anonymous`] mapping to `len` bytes, keeping its content (the
+    /// kernel may move it: no reference into it can be alive, `&mut self` guarantees that).
+    pub fn grow(&mut self, len: usize) -> io::Result<()> {
+        if len <= self.len {
+            return Ok(());
+        }
+        if self.len == 0 {
+            *self = MappedFile::anonymous(len)?;
+            return Ok(());
+        }
+        if !self.writable {
+            return Err(io::Error::new(io::ErrorKind::PermissionDenied, "a file's mapping cannot grow"));
+        }
+        // SAFETY: remaps exactly the anonymous mapping owned by self; on success the old range
+        // is gone and self takes the new one.
+        let p = unsafe { libc::mremap(self.ptr.cast(), self.len, len, libc::MREMAP_MAYMOVE) };
+        if p == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        self.ptr = p.cast();
+        self.len = len;
         Ok(())
     }
 
@@ -775,4 +804,97 @@ mod tests {
         assert_eq!(dc.name, None);
         assert_eq!(unix_diag(dc.peer).unwrap().name, d.name);
     }
+}
+
+// ---------------------------------------------------------------- dirty tracking (pre-copy)
+
+/// `UFFD_FEATURE_WP_ASYNC`: write faults on write-protected pages are resolved by the kernel
+/// itself (the page is only marked written), so nobody has to read the userfaultfd.
+pub const UFFD_FEATURE_WP_ASYNC: u64 = 1 << 15;
+/// `UFFD_USER_MODE_ONLY` (userfaultfd flags): allowed to unprivileged processes whatever
+/// `vm.unprivileged_userfaultfd` says; the async resolution does not depend on it.
+pub const UFFD_USER_MODE_ONLY: u64 = 1;
+const UFFDIO_API: libc::c_ulong = 0xc018_aa3f;
+const UFFDIO_REGISTER: libc::c_ulong = 0xc020_aa00;
+const UFFD_API: u64 = 0xaa;
+const UFFDIO_REGISTER_MODE_WP: u64 = 1 << 1;
+
+/// `UFFDIO_API` on a fresh userfaultfd: enables `features`, fails (EINVAL) when the kernel
+/// lacks one.
+pub fn uffd_api(uffd: &OwnedFd, features: u64) -> io::Result<()> {
+    let mut api = [UFFD_API, features, 0u64];
+    // SAFETY: `api` is a struct uffdio_api (three u64) the kernel reads and writes in place.
+    let r = unsafe { libc::ioctl(uffd.as_raw_fd(), UFFDIO_API, api.as_mut_ptr()) };
+    cvt(r as libc::c_long).map(|_| ())
+}
+
+/// `UFFDIO_REGISTER` in write-protect mode of `len` bytes at `start` of the userfaultfd's
+/// process (the fd may have been created in another process: its memory is the target).
+pub fn uffd_register_wp(uffd: &OwnedFd, start: u64, len: u64) -> io::Result<()> {
+    let mut reg = [start, len, UFFDIO_REGISTER_MODE_WP, 0u64];
+    // SAFETY: `reg` is a struct uffdio_register (range, mode, ioctls out) read and written in place.
+    let r = unsafe { libc::ioctl(uffd.as_raw_fd(), UFFDIO_REGISTER, reg.as_mut_ptr()) };
+    cvt(r as libc::c_long).map(|_| ())
+}
+
+const PAGEMAP_SCAN: libc::c_ulong = 0xc060_6610;
+/// Write-protect the pages that match (atomically with reporting them).
+pub const PM_SCAN_WP_MATCHING: u64 = 1 << 0;
+/// Fail with EPERM on a mapping not registered for async write-protect.
+pub const PM_SCAN_CHECK_WPASYNC: u64 = 1 << 1;
+pub const PAGE_IS_WRITTEN: u64 = 1 << 1;
+pub const PAGE_IS_PRESENT: u64 = 1 << 3;
+pub const PAGE_IS_SWAPPED: u64 = 1 << 4;
+pub const PAGE_IS_PFNZERO: u64 = 1 << 5;
+
+/// One `PAGEMAP_SCAN` query (Linux ≥ 6.7) over `start..end` of the process whose
+/// `/proc/PID/pagemap` is `pagemap`.
+#[derive(Clone, Copy, Debug)]
+pub struct PagemapScan {
+    pub flags: u64,
+    pub category_mask: u64,
+    pub category_anyof_mask: u64,
+    pub return_mask: u64,
+}
+
+/// Runs `scan` over `start..end`, appending `(start, end, categories)` regions to `out`.
+pub fn pagemap_scan(
+    pagemap: &impl AsRawFd,
+    start: u64,
+    end: u64,
+    scan: PagemapScan,
+    out: &mut Vec<(u64, u64, u64)>,
+) -> io::Result<()> {
+    const VEC: usize = 1024;
+    let mut regions = vec![[0u64; 3]; VEC];
+    let mut at = start;
+    while at < end {
+        // struct pm_scan_arg: size, flags, start, end, walk_end, vec, vec_len, max_pages,
+        // category_inverted, category_mask, category_anyof_mask, return_mask.
+        let mut arg: [u64; 12] = [
+            96,
+            scan.flags,
+            at,
+            end,
+            0,
+            regions.as_mut_ptr() as u64,
+            VEC as u64,
+            0,
+            0,
+            scan.category_mask,
+            scan.category_anyof_mask,
+            scan.return_mask,
+        ];
+        // SAFETY: `arg` is a struct pm_scan_arg whose `vec` points at VEC page_region entries
+        // (three u64 each) owned by `regions`, alive for the call.
+        let r = unsafe { libc::ioctl(pagemap.as_raw_fd(), PAGEMAP_SCAN, arg.as_mut_ptr()) };
+        let n = cvt(r as libc::c_long)? as usize;
+        out.extend(regions[..n.min(VEC)].iter().map(|g| (g[0], g[1], g[2])));
+        let walk_end = arg[4];
+        if walk_end <= at {
+            break;
+        }
+        at = walk_end;
+    }
+    Ok(())
 }

@@ -35,6 +35,12 @@ pub struct DumpArgs {
     /// Leave the process running (a snapshot) instead of killing it.
     #[arg(long)]
     pub leave_running: bool,
+    /// Copy memory while the process runs first, in rounds (each only the pages written since
+    /// the previous one), so that it is frozen only for what changed last; the image then
+    /// has a precopy.img beside pages.img. Needs Linux ≥ 6.7 (userfaultfd async
+    /// write-protect and PAGEMAP_SCAN).
+    #[arg(long)]
+    pub precopy: bool,
     /// Print the report as JSON.
     #[arg(long)]
     pub json: bool,
@@ -83,7 +89,17 @@ pub fn run_dump(
     } else {
         AfterDump::Kill
     };
-    let r = dvk_checkpoint::dump(pid, &args.images, after)?;
+    let r = if args.precopy {
+        let policy = dvk_checkpoint::precopy::Policy::default();
+        dvk_checkpoint::dump_precopy(pid, &args.images, after, &Default::default(), &policy)?
+    } else {
+        dvk_checkpoint::dump(pid, &args.images, after)?
+    };
+    let rounds: Vec<serde_json::Value> = r
+        .precopy
+        .iter()
+        .map(|x| serde_json::json!({"bytes": x.bytes, "registered": x.registered, "ms": ms(x.took)}))
+        .collect();
     if args.json {
         let v = serde_json::json!({
             "pid": r.pid,
@@ -95,6 +111,8 @@ pub fn run_dump(
             "manifest_bytes": r.manifest_bytes,
             "vmas": r.vmas,
             "fds": r.fds,
+            "precopy_rounds": rounds,
+            "precopied_bytes": r.precopied_bytes,
         });
         out!("{v}");
     } else {
@@ -107,6 +125,12 @@ pub fn run_dump(
             r.vmas,
             r.fds
         );
+        for (i, x) in r.precopy.iter().enumerate() {
+            out!("  pre-copy round {}: {:.1} MiB in {:.1} ms", i + 1, x.bytes as f64 / (1 << 20) as f64, ms(x.took));
+        }
+        if !r.precopy.is_empty() {
+            out!("  {:.1} MiB left in precopy.img (not written since)", r.precopied_bytes as f64 / (1 << 20) as f64);
+        }
         print_phases(&r.phases);
         out!("  frozen   {:>9.3} ms\n  total    {:>9.3} ms", ms(r.frozen), ms(r.total));
     }
