@@ -71,10 +71,10 @@ async fn client(agent: Arc<Agent>, mut stream: UnixStream) -> Result<(), FrameEr
             crate::endpoints::open_from_shim(agent, stream, pid, vip, port).await;
             return Ok(());
         }
-        if let LocalRequest::Move { target, dest } = request {
+        if let LocalRequest::Move { target, dest, options } = request {
             // Answered step by step until the move is over.
             let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-            crate::moving::request_move(&agent, target, &dest, uid, tx);
+            crate::moving::request_move(&agent, target, &dest, options, uid, tx);
             while let Some(event) = rx.recv().await {
                 let last = matches!(event, LocalResponse::MoveDone(_) | LocalResponse::Error { .. });
                 stream.write_all(&frame::encode(&event, LOCAL_MAX_FRAME)?).await?;

@@ -364,8 +364,8 @@ fn handle(agent: &Arc<Agent>, peer: NodeId, msg: PeerMessage) -> bool {
         PeerMessage::MoveImageSize { mid, file, len } => {
             crate::moving::participant::image_size(agent, peer, mid, &file, len);
         }
-        PeerMessage::MoveForward { request, vpid, dest, uid } => {
-            crate::moving::serve_forwarded(agent, peer, request, vpid, dest, uid)
+        PeerMessage::MoveForward { request, vpid, dest, uid, options } => {
+            crate::moving::serve_forwarded(agent, peer, request, vpid, dest, uid, options)
         }
         PeerMessage::MoveForwardEvent { request, event } => crate::moving::forwarded_event(agent, peer, request, event),
         PeerMessage::LogRead { request, vpid, offset } => {

@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use dvk_checkpoint::{self as ck, AfterDump, RestoreOptions};
 use dvk_protocol::frame::{self, LOCAL_MAX_FRAME};
-use dvk_protocol::local::{LocalRequest, LocalResponse, MoveReport};
+use dvk_protocol::local::{LocalRequest, LocalResponse, MoveOptions, MoveReport};
 use dvk_tests::moving::no_inherited_fds;
 use dvk_tests::net::{wait_connectable, Proc};
 use dvk_tests::programs::c_program;
@@ -40,10 +40,23 @@ pub struct MoveBenchArgs {
     /// Local dump + restore runs per size (the median is reported).
     #[arg(long, default_value_t = 3)]
     pub baseline_runs: usize,
+    /// Measure every size twice: stop-and-copy, then `move --precopy`.
+    #[arg(long)]
+    pub precopy: bool,
+}
+
+/// "stop" (stop-and-copy) or "pre" (`move --precopy`).
+fn mode(r: &SizeResult) -> &'static str {
+    if r.precopy {
+        "pre"
+    } else {
+        "stop"
+    }
 }
 
 /// The steps of a move, in order (agent/src/moving/source.rs).
-const STEPS: [&str; 8] = ["preflight", "start", "freeze", "detach", "dump", "transfer", "restore", "commit"];
+const STEPS: [&str; 9] =
+    ["preflight", "pre-copy", "start", "freeze", "detach", "dump", "transfer", "restore", "commit"];
 /// Client activity between two moves, and after the last one, before the gaps are read.
 const SETTLE_US: u64 = 300_000;
 /// Targets of the issue (end to end, as the client sees it), printed beside the results.
@@ -125,12 +138,22 @@ struct MoveSample {
 
 /// Asks the agent of node `ask` (the source) to move `vpid` to node `to`; returns the report,
 /// when the request was sent and when the freeze step started (our clock).
-fn move_once(cluster: &Cluster, ask: usize, vpid: i64, to: usize) -> anyhow::Result<(MoveReport, u64, u64)> {
+fn move_once(
+    cluster: &Cluster,
+    ask: usize,
+    vpid: i64,
+    to: usize,
+    precopy: bool,
+) -> anyhow::Result<(MoveReport, u64, u64)> {
     let dest = cluster.nodes[to].name.clone();
     let mut s = UnixStream::connect(cluster.nodes[ask].socket()).context("connect to the agent")?;
     s.set_read_timeout(Some(Duration::from_secs(60)))?;
     let sent = now_us();
-    frame::write_frame(&mut s, &LocalRequest::Move { target: vpid as i32, dest: dest.clone() }, LOCAL_MAX_FRAME)?;
+    frame::write_frame(
+        &mut s,
+        &LocalRequest::Move { target: vpid as i32, dest: dest.clone(), options: MoveOptions { precopy } },
+        LOCAL_MAX_FRAME,
+    )?;
     let mut freeze_at = None;
     loop {
         let ev: LocalResponse = frame::read_frame(&mut s, LOCAL_MAX_FRAME).context("waiting for the move")?;
@@ -158,6 +181,7 @@ fn step_ms(r: &MoveReport, name: &str) -> f64 {
 
 struct SizeResult {
     mb: f64,
+    precopy: bool,
     moves: Vec<MoveSample>,
     quiet_rtt_us: f64,
     quiet_max_gap_ms: f64,
@@ -174,7 +198,7 @@ fn server_pid(cluster: &Cluster, vpid: i64) -> Option<i32> {
     String::from_utf8_lossy(&cmdline).contains("move_server").then_some(pid)
 }
 
-fn measure_moves(cluster: &Cluster, port: u16, mb: f64, moves: usize) -> anyhow::Result<SizeResult> {
+fn measure_moves(cluster: &Cluster, port: u16, mb: f64, moves: usize, precopy: bool) -> anyhow::Result<SizeResult> {
     let mb_arg = format!("{mb}");
     let log = std::fs::File::create(cluster.path(&format!("server-{port}.err")))?;
     let mut cmd = cluster.preloaded(0, c_program("move_server"));
@@ -201,7 +225,7 @@ fn measure_moves(cluster: &Cluster, port: u16, mb: f64, moves: usize) -> anyhow:
         let mut at = 0;
         for i in 0..moves {
             let to = 1 - at;
-            let (report, sent, freeze_at) = move_once(cluster, at, vpid, to)?;
+            let (report, sent, freeze_at) = move_once(cluster, at, vpid, to, precopy)?;
             let done = now_us();
             at = to;
             pump(&mut client, &mut log, done + SETTLE_US, Duration::from_secs(20))
@@ -221,7 +245,7 @@ fn measure_moves(cluster: &Cluster, port: u16, mb: f64, moves: usize) -> anyhow:
                         "{} {:.1}{}",
                         s.name,
                         ms(s.micros),
-                        if s.name == "dump" || s.name == "transfer" {
+                        if s.name == "dump" || s.name == "transfer" || s.name == "pre-copy" {
                             format!(" [{}]", s.detail)
                         } else {
                             String::new()
@@ -248,6 +272,7 @@ fn measure_moves(cluster: &Cluster, port: u16, mb: f64, moves: usize) -> anyhow:
         }
         Ok(SizeResult {
             mb,
+            precopy,
             moves: samples,
             quiet_rtt_us,
             quiet_max_gap_ms,
@@ -405,18 +430,23 @@ pub fn run(args: &MoveBenchArgs) -> anyhow::Result<()> {
             restores.push(r);
             pages = p;
         }
-        eprintln!("dvk-bench move: {mb} MB: {} moves", args.moves);
-        let mut r = match measure_moves(&cluster, 7100 + i as u16, mb, args.moves) {
-            Ok(r) => r,
-            Err(e) => {
-                keep_logs(&cluster);
-                return Err(e);
-            }
-        };
-        r.base_dump_ms = median(dumps);
-        r.base_restore_ms = median(restores);
-        r.base_pages_mb = pages;
-        results.push(r);
+        let modes: &[bool] = if args.precopy { &[false, true] } else { &[false] };
+        for (j, &precopy) in modes.iter().enumerate() {
+            let how = if precopy { "pre-copy" } else { "stop-and-copy" };
+            eprintln!("dvk-bench move: {mb} MB: {} moves, {how}", args.moves);
+            let port = 7100 + (2 * i + j) as u16;
+            let mut r = match measure_moves(&cluster, port, mb, args.moves, precopy) {
+                Ok(r) => r,
+                Err(e) => {
+                    keep_logs(&cluster);
+                    return Err(e);
+                }
+            };
+            r.base_dump_ms = median(dumps.clone());
+            r.base_restore_ms = median(restores.clone());
+            r.base_pages_mb = pages;
+            results.push(r);
+        }
     }
     let criu = criu_line(cluster.dir.path(), args.sizes[0]);
     drop(cluster);
@@ -429,8 +459,9 @@ pub fn run(args: &MoveBenchArgs) -> anyhow::Result<()> {
         machine()
     );
     println!(
-        "{:>7} {:>8} | {:>13} | {:>13} | {:>13} | {:>13} | {:>10} {:>10} {:>9} | {:>7}",
+        "{:>7} {:>5} {:>8} | {:>13} | {:>13} | {:>13} | {:>13} | {:>10} {:>10} {:>9} | {:>7}",
         "size MB",
+        "mode",
         "image MB",
         "frozen ms",
         "downtime ms",
@@ -450,8 +481,9 @@ pub fn run(args: &MoveBenchArgs) -> anyhow::Result<()> {
         let frozen = median(r.moves.iter().map(|m| m.frozen_ms).collect());
         let sum = r.base_dump_ms + r.base_restore_ms;
         println!(
-            "{:>7.1} {:>8.1} | {} | {} | {} | {} | {:>10.1} {:>10.1} {:>9.1} | {:>6.2}x",
+            "{:>7.1} {:>5} {:>8.1} | {} | {} | {} | {} | {:>10.1} {:>10.1} {:>9.1} | {:>6.2}x",
             r.mb,
+            mode(r),
             image,
             col(&|m| m.frozen_ms),
             col(&|m| m.downtime_ms),
@@ -464,13 +496,13 @@ pub fn run(args: &MoveBenchArgs) -> anyhow::Result<()> {
         );
     }
     println!("per step, median ms (frozen from freeze to commit; preflight and start run before the freeze):");
-    print!("{:>7} ", "size MB");
+    print!("{:>7} {:>5} ", "size MB", "mode");
     for s in STEPS {
         print!("{s:>10}");
     }
     println!();
     for r in &results {
-        print!("{:>7.1} ", r.mb);
+        print!("{:>7.1} {:>5} ", r.mb, mode(r));
         for s in STEPS {
             print!("{:>10.1}", median(r.moves.iter().map(|m| step_ms(&m.report, s)).collect()));
         }
@@ -479,22 +511,27 @@ pub fn run(args: &MoveBenchArgs) -> anyhow::Result<()> {
     println!("client without a move (0.5 s before the first move of each size):");
     for r in &results {
         println!(
-            "  {:>6.1} MB: {:.0} us per request (mean), longest gap between replies {:.2} ms",
-            r.mb, r.quiet_rtt_us, r.quiet_max_gap_ms
+            "  {:>6.1} MB {:>5}: {:.0} us per request (mean), longest gap between replies {:.2} ms",
+            r.mb,
+            mode(r),
+            r.quiet_rtt_us,
+            r.quiet_max_gap_ms
         );
     }
     for (mb, target) in TARGETS {
-        let Some(r) = results.iter().find(|r| r.mb == mb) else { continue };
-        let down = median(r.moves.iter().map(|m| m.downtime_ms).collect());
-        let worst = max(&r.moves.iter().map(|m| m.downtime_ms).collect::<Vec<_>>());
-        let total = median(r.moves.iter().map(|m| m.total_ms).collect());
-        let met = |ok: bool| if ok { "met" } else { "NOT met" };
-        println!(
-            "target {mb} MB <= {target} ms end to end: client-seen downtime median {down:.1} ms -> {} (max {worst:.1}); \
-             whole move median {total:.1} ms -> {}",
-            met(down <= target),
-            met(total <= target)
-        );
+        for r in results.iter().filter(|r| r.mb == mb) {
+            let down = median(r.moves.iter().map(|m| m.downtime_ms).collect());
+            let worst = max(&r.moves.iter().map(|m| m.downtime_ms).collect::<Vec<_>>());
+            let total = median(r.moves.iter().map(|m| m.total_ms).collect());
+            let met = |ok: bool| if ok { "met" } else { "NOT met" };
+            println!(
+                "target {mb} MB <= {target} ms end to end ({}): client-seen downtime median {down:.1} ms -> {} (max \
+             {worst:.1}); whole move median {total:.1} ms -> {}",
+                mode(r),
+                met(down <= target),
+                met(total <= target)
+            );
+        }
     }
     println!("{criu}");
     Ok(())

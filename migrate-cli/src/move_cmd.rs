@@ -3,7 +3,7 @@
 use crate::agent_client::Target;
 use anyhow::{anyhow, bail, Context};
 use dvk_protocol::frame::{self, LOCAL_MAX_FRAME};
-use dvk_protocol::local::{LocalRequest, LocalResponse, MoveReport};
+use dvk_protocol::local::{LocalRequest, LocalResponse, MoveOptions, MoveReport};
 use std::io::{IsTerminal, Write};
 use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
@@ -15,6 +15,12 @@ pub struct MoveArgs {
     /// The node to move it to.
     #[arg(value_name = "NODE")]
     pub dest: String,
+    /// Copy memory in rounds while the process still runs and serves (each round only the
+    /// pages written since the previous one), then freeze it only for what changed last: a
+    /// shorter pause for processes with much memory. Needs Linux ≥ 6.7 on the source; where
+    /// it cannot run, the move says why and copies everything while frozen.
+    #[arg(long)]
+    pub precopy: bool,
     /// Print the report as JSON (steps, image size, frozen time, total).
     #[arg(long)]
     pub json: bool,
@@ -43,8 +49,16 @@ fn connect(target: &Target, timeout: Duration) -> anyhow::Result<UnixStream> {
 /// Runs a move; Ok(()) only when the process runs on the destination.
 pub fn run_move(target: &Target, args: &MoveArgs) -> anyhow::Result<()> {
     let mut s = connect(target, Duration::from_secs(args.wait))?;
-    frame::write_frame(&mut s, &LocalRequest::Move { target: args.target, dest: args.dest.clone() }, LOCAL_MAX_FRAME)
-        .with_context(|| format!("sending the move to {}", target.describe))?;
+    frame::write_frame(
+        &mut s,
+        &LocalRequest::Move {
+            target: args.target,
+            dest: args.dest.clone(),
+            options: MoveOptions { precopy: args.precopy },
+        },
+        LOCAL_MAX_FRAME,
+    )
+    .with_context(|| format!("sending the move to {}", target.describe))?;
     let tty = std::io::stderr().is_terminal() && !args.json;
     let started = Instant::now();
     let mut bar: Option<indicatif::ProgressBar> = None;

@@ -43,11 +43,18 @@ pub enum LocalRequest {
     RegisterForked { version: u16, reserved: Vpid },
     /// Move the process `target` (a vPID, or a real pid of this node) to node `dest`. Answered
     /// by `MoveStep`/`MoveProgress` frames, then one `MoveDone` (or `Error`).
-    Move { target: i32, dest: String },
+    Move { target: i32, dest: String, options: MoveOptions },
     /// Could `target` move to `dest` (or anywhere)? Nothing is frozen.
     MoveCheck { target: i32, dest: Option<String> },
     /// The stdout/stderr log that a moved process writes on the node it runs on, from `offset`.
     Logs { vpid: Vpid, offset: u64 },
+}
+
+/// How a move is made (`migrate-cli move` flags).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MoveOptions {
+    /// Copy memory in rounds while the process still runs, before it is frozen.
+    pub precopy: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -118,6 +118,7 @@ pub enum PeerMessage {
         vpid: Vpid,
         dest: NodeId,
         uid: u32,
+        options: crate::local::MoveOptions,
     },
     /// A step (or progress) of a forwarded move, for the requester's CLI.
     MoveForwardEvent {

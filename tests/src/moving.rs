@@ -80,8 +80,16 @@ pub fn start_client_slice(
 
 /// `migrate-cli move VPID NODE --json` asked on node `ask`; returns the report.
 pub fn move_to(cluster: &Cluster, ask: usize, vpid: i64, to: usize) -> serde_json::Value {
+    move_to_with(cluster, ask, vpid, to, &[])
+}
+
+/// [`move_to`] with more `migrate-cli move` flags (e.g. `--precopy`).
+pub fn move_to_with(cluster: &Cluster, ask: usize, vpid: i64, to: usize, flags: &[&str]) -> serde_json::Value {
     let dest = cluster.nodes[to].name.clone();
-    let out = cluster.cli(ask, &["move", &vpid.to_string(), &dest, "--json"]);
+    let vpid_arg = vpid.to_string();
+    let mut args = vec!["move", &vpid_arg, &dest, "--json"];
+    args.extend_from_slice(flags);
+    let out = cluster.cli(ask, &args);
     assert!(
         out.status.success(),
         "move of {vpid} to {dest} failed: {}\n{}\nsource log:\n{}",

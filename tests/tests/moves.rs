@@ -9,7 +9,7 @@
 //!
 //! Scenarios run in loopback mode and, as root, in network mode (each node a network namespace).
 
-use dvk_tests::moving::{client_done, move_to, start_client, start_server, LOOP};
+use dvk_tests::moving::{client_done, move_to, move_to_with, start_client, start_server, LOOP};
 use dvk_tests::{skip_unless, Cluster, Mode};
 use std::time::Duration;
 
@@ -59,6 +59,35 @@ fn remote_server_moves_to_another_remote_node_network() {
         return;
     }
     paper_evaluation(Mode::Network, "remote_server_moves_to_another_remote_node_network", 0, 2, &[1], 0);
+}
+
+/// `move --precopy`: the server's memory is copied while it serves (the client keeps writing
+/// 4 KB blocks into it meanwhile), then only what changed since the last round is dumped;
+/// the client checks every reply and finally reads the server's whole data back.
+#[test]
+fn precopy_moves_a_server_that_keeps_writing_loopback() {
+    let test = "precopy_moves_a_server_that_keeps_writing_loopback";
+    if dvk_tests::moving::skip_without_root(test) || skip_unless(Mode::Loopback, test) {
+        return;
+    }
+    let cluster = Cluster::start(3, Mode::Loopback);
+    let (port, mb) = (7000, 32);
+    let (_server, vpid) = start_server(&cluster, 0, port, mb);
+    let mut client = start_client(&cluster, 2, port, mb, 1600, 1, 200);
+    for to in [1, 0] {
+        client.lines.wait_for("progress", LOOP);
+        let report = move_to_with(&cluster, 2, vpid, to, &["--precopy"]);
+        let steps = report["steps"].as_array().expect("steps");
+        let detail = |name: &str| {
+            steps.iter().find(|s| s["name"] == name).map(|s| s["detail"].as_str().unwrap_or("").to_owned())
+        };
+        let pre = detail("pre-copy").expect("a pre-copy step");
+        assert!(pre.contains("round(s) while the process ran"), "pre-copy did not run: {pre}");
+        let dump = detail("dump").expect("a dump step");
+        assert!(dump.contains("left to the pre-copy"), "the dump did not use the pre-copy: {dump}");
+    }
+    let done = client_done(&cluster, &mut client);
+    eprintln!("{test}: {done}");
 }
 
 /// `migrate-cli move` run as user `uid` through node `ask`'s agent socket.

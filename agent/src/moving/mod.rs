@@ -12,7 +12,7 @@ pub mod streams;
 
 use crate::state::Agent;
 use dvk_move::{MoveMsg, Timeouts};
-use dvk_protocol::local::LocalResponse;
+use dvk_protocol::local::{LocalResponse, MoveOptions};
 use parking_lot::Mutex;
 use pidvirt::{MigrationId, NodeId, Vpid};
 use std::collections::HashMap;
@@ -75,6 +75,9 @@ pub struct Moves {
     pub epochs: Mutex<HashMap<Vpid, u64>>,
     /// Page data of incoming moves, received into memory, by move id.
     pub incoming: Mutex<HashMap<u64, dvk_checkpoint::sys::MappedFile>>,
+    /// Pages pre-copied to this node while a process still ran on its source, by move id
+    /// (they arrive before the move's Start; see participant::image_size).
+    pub precopy: Mutex<HashMap<u64, participant::PrecopyStore>>,
     /// Fixed ends being detached: a reattach of the same stream waits for it.
     pub detaching: Mutex<HashMap<u64, tokio::sync::watch::Receiver<bool>>>,
     next_request: std::sync::atomic::AtomicU64,
@@ -170,6 +173,7 @@ pub fn request_move(
     agent: &Arc<Agent>,
     target: i32,
     dest: &str,
+    options: MoveOptions,
     uid: u32,
     reply: mpsc::UnboundedSender<LocalResponse>,
 ) {
@@ -197,22 +201,32 @@ pub fn request_move(
         });
     };
     if node == me {
-        let req = source::Request { vpid, dest: dest_node, uid, reply };
+        let req = source::Request { vpid, dest: dest_node, options, uid, reply };
         tokio::spawn(source::run(agent.clone(), req));
         return;
     }
     let request = agent.moves.next_request.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     agent.moves.forwarded.lock().insert(request, (node, reply.clone()));
-    if !agent.send_to(node, dvk_protocol::peer::PeerMessage::MoveForward { request, vpid, dest: dest_node, uid }) {
+    if !agent
+        .send_to(node, dvk_protocol::peer::PeerMessage::MoveForward { request, vpid, dest: dest_node, uid, options })
+    {
         agent.moves.forwarded.lock().remove(&request);
         fail(format!("vPID {vpid} runs on {}, which is not linked to this node", agent.node_name(node)));
     }
 }
 
 /// `MoveForward` from `from`: run the move here and send every step back.
-pub fn serve_forwarded(agent: &Arc<Agent>, from: NodeId, request: u64, vpid: Vpid, dest: NodeId, uid: u32) {
+pub fn serve_forwarded(
+    agent: &Arc<Agent>,
+    from: NodeId,
+    request: u64,
+    vpid: Vpid,
+    dest: NodeId,
+    uid: u32,
+    options: MoveOptions,
+) {
     let (tx, mut rx) = mpsc::unbounded_channel();
-    let req = source::Request { vpid, dest, uid, reply: tx };
+    let req = source::Request { vpid, dest, options, uid, reply: tx };
     tokio::spawn(source::run(agent.clone(), req));
     let agent = agent.clone();
     tokio::spawn(async move {
@@ -293,6 +307,8 @@ pub fn on_link(agent: &Agent, node: NodeId, up: bool) {
         let _ = tx.send(source::Input::Link(node, up));
     }
     if !up {
+        // Pre-copied pages of that node's moves: the move rolls back without its link.
+        agent.moves.precopy.lock().retain(|_, p| p.from != node);
         // Fixed ends held for a move of that node: nobody can account for their bytes now.
         agent.moves.held.lock().retain(|stream, f| {
             let keep = (f.tag.mid >> 48) as u16 != node.0;

@@ -88,6 +88,7 @@ pub fn start(agent: &Arc<Agent>, from: NodeId, msg: MoveMsg) {
         }
         agent.moves.participating.lock().remove(&tag.mid);
         agent.moves.incoming.lock().remove(&tag.mid);
+        agent.moves.precopy.lock().remove(&tag.mid);
     });
 }
 
@@ -193,8 +194,51 @@ fn image_file_ok(agent: &Agent, from: NodeId, mid: u64, file: &str) -> bool {
     valid && known
 }
 
+/// Pages pre-copied for a move that has not started yet.
+pub struct PrecopyStore {
+    pub data: dvk_checkpoint::sys::MappedFile,
+    pub from: NodeId,
+    touched: std::time::Instant,
+}
+
+/// A source's pre-copy that no data renewed for this long is dropped (its move never came).
+const PRECOPY_IDLE: Duration = Duration::from_secs(120);
+/// Pre-copies in flight from one source node, at most.
+const PRECOPY_PER_NODE: usize = 4;
+
+/// `MoveImageSize` for precopy.img: the store of move `mid` is created or grown to `len`.
+/// It comes before the move's Start, so it is taken from the node that owns the move id
+/// only, bounded in size and number per node, and dropped when idle, when the link to that
+/// node goes down, or when the move ends.
+fn precopy_size(agent: &Agent, from: NodeId, mid: u64, len: u64) {
+    if (mid >> 48) as u16 != from.0 || len > MAX_PAGES {
+        tracing::warn!(peer = %agent.node_name(from), mid, len, "pre-copy store refused (not that node's move, or too large)");
+        return;
+    }
+    let mut stores = agent.moves.precopy.lock();
+    stores.retain(|_, p| p.touched.elapsed() < PRECOPY_IDLE);
+    let growing = stores.contains_key(&mid);
+    if !growing && stores.values().filter(|p| p.from == from).count() >= PRECOPY_PER_NODE {
+        tracing::warn!(peer = %agent.node_name(from), mid, "too many pre-copies from one node; refused");
+        return;
+    }
+    let store = stores.entry(mid).or_insert_with(|| PrecopyStore {
+        data: dvk_checkpoint::sys::MappedFile::empty(),
+        from,
+        touched: std::time::Instant::now(),
+    });
+    store.touched = std::time::Instant::now();
+    if let Err(e) = store.data.grow(len as usize) {
+        tracing::error!(mid, len, "cannot hold the pre-copied pages in memory: {e}");
+        stores.remove(&mid);
+    }
+}
+
 /// `MoveImageSize`: the page data of move `mid` is received into memory (no file on the way).
 pub fn image_size(agent: &Agent, from: NodeId, mid: u64, file: &str, len: u64) {
+    if file == dvk_checkpoint::precopy::PRECOPY {
+        return precopy_size(agent, from, mid, len);
+    }
     if file != dvk_checkpoint::image::PAGES || !image_file_ok(agent, from, mid, file) {
         return;
     }
@@ -215,6 +259,19 @@ pub fn image_size(agent: &Agent, from: NodeId, mid: u64, file: &str, len: u64) {
 /// directory).
 pub fn receive_image(agent: &Agent, from: NodeId, mid: u64, file: &str, offset: u64, bytes: &[u8]) -> bool {
     use std::io::{Seek, SeekFrom, Write};
+    if file == dvk_checkpoint::precopy::PRECOPY {
+        let mut stores = agent.moves.precopy.lock();
+        return match stores.get_mut(&mid).filter(|p| p.from == from) {
+            Some(p) => {
+                p.touched = std::time::Instant::now();
+                p.data
+                    .write_at(offset as usize, bytes)
+                    .map_err(|e| tracing::warn!(mid, "pre-copied page out of bounds: {e}"))
+                    .is_ok()
+            }
+            None => false,
+        };
+    }
     if !image_file_ok(agent, from, mid, file) {
         return false;
     }
@@ -285,6 +342,7 @@ async fn execute(d: &mut Driver, m: &Participant, action: PartAction) {
         }
         PartAction::DiscardCopy => {
             agent.moves.incoming.lock().remove(&m.tag.mid);
+            agent.moves.precopy.lock().remove(&m.tag.mid);
             if let Some(r) = d.restore.take() {
                 let _ = r.holder.send(HoldCmd::Kill);
                 for (_, path, _) in &r.listeners {
@@ -436,11 +494,15 @@ async fn prepare_restore(agent: &Arc<Agent>, dir: &Path) -> Result<Restoring, St
     let dir2 = dir.to_path_buf();
     let opts = RestoreOptions { external_fds: external, ..Default::default() };
     let pages = agent.moves.incoming.lock().remove(&plan.tag.mid);
+    let precopy = agent.moves.precopy.lock().remove(&plan.tag.mid).map(|p| p.data);
     std::thread::Builder::new()
         .name("restore-held".into())
         .spawn(move || {
             let restored = match pages {
-                Some(pages) => dvk_checkpoint::restore_held_with_pages(&dir2, pages, &opts),
+                Some(pages) => {
+                    let precopy = precopy.unwrap_or_else(dvk_checkpoint::sys::MappedFile::empty);
+                    dvk_checkpoint::restore_held_with_pages(&dir2, pages, precopy, &opts)
+                }
                 None => dvk_checkpoint::restore_held(&dir2, &opts),
             };
             let held = match restored {

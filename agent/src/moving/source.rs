@@ -9,9 +9,9 @@ use super::streams::{self, HeldFixed};
 use crate::relay::{self, Dir, End, HeldEnd, Inbound, Left};
 use crate::state::Agent;
 use dvk_checkpoint::sys as ck;
-use dvk_checkpoint::{DumpOptions, Frozen};
+use dvk_checkpoint::{DumpOptions, Frozen, PrecopyRef};
 use dvk_move::{CoordAction, CoordEvent, Coordinator, MoveMsg, MoveTag, Outcome};
-use dvk_protocol::local::{LocalResponse, MoveReport, MoveStep};
+use dvk_protocol::local::{LocalResponse, MoveOptions, MoveReport, MoveStep};
 use dvk_protocol::peer::PeerMessage;
 use pidvirt::{EndpointEntry, NodeId, ProcessEntry, Vpid};
 use std::collections::{BTreeMap, BTreeSet};
@@ -34,6 +34,7 @@ pub enum Input {
 pub struct Request {
     pub vpid: Vpid,
     pub dest: NodeId,
+    pub options: MoveOptions,
     /// Who asks (root or the owner may move a process).
     pub uid: u32,
     pub reply: mpsc::UnboundedSender<LocalResponse>,
@@ -116,12 +117,17 @@ struct Driver {
     closed: Vec<ClosedPlan>,
     image_dir: PathBuf,
     image_bytes: u64,
+    /// Bytes sent by pre-copy rounds (part of the image size reported).
+    precopy_bytes: u64,
     steps: Vec<MoveStep>,
     started: Instant,
     step_start: Instant,
     frozen_at: Option<Instant>,
     frozen_for: Option<Duration>,
     log_path: Option<String>,
+    /// The pre-copy tracker, from the end of the rounds until the dump (dropping it removes
+    /// every trace of tracking from the process).
+    precopy: Option<PrecopyRef>,
 }
 
 impl Driver {
@@ -221,17 +227,6 @@ async fn prepare(
     let tag = MoveTag { mid, epoch };
     let image_dir = agent.staging.join(format!("move-{mid:x}-out"));
     let keys = endpoints.iter().map(|e| e.key()).collect();
-    let coordinator = Coordinator::new(
-        tag,
-        entry.vpid,
-        me,
-        req.dest,
-        keys,
-        peers,
-        BTreeMap::new(),
-        super::timeouts(),
-        super::now_ms(),
-    );
     let mut d = Driver {
         agent: agent.clone(),
         entry,
@@ -245,12 +240,14 @@ async fn prepare(
         closed: Vec::new(),
         image_dir,
         image_bytes: 0,
+        precopy_bytes: 0,
         steps: Vec::new(),
         started,
         step_start: started,
         frozen_at: None,
         frozen_for: None,
         log_path: None,
+        precopy: None,
     };
     let detail = format!(
         "vPID {} (pid {}) {} → {}; {} fd(s) carried by the agents{}",
@@ -268,6 +265,21 @@ async fn prepare(
     );
     d.step("preflight", detail);
     tracing::info!(vpid = %d.entry.vpid, %tag, dest = %agent.node_name(req.dest), "move started");
+    if req.options.precopy {
+        precopy(&mut d).await;
+    }
+    // The protocol's clock starts here: pre-copy ran while nothing was held.
+    let coordinator = Coordinator::new(
+        tag,
+        d.entry.vpid,
+        me,
+        req.dest,
+        keys,
+        peers,
+        BTreeMap::new(),
+        super::timeouts(),
+        super::now_ms(),
+    );
     Ok((d, coordinator, rx))
 }
 
@@ -641,6 +653,8 @@ struct LinkPages {
     runtime: tokio::runtime::Handle,
     link: crate::state::LinkHandle,
     mid: u64,
+    /// pages.img (the dump) or precopy.img (pre-copy rounds).
+    file: &'static str,
     sent: std::sync::atomic::AtomicU64,
     total: std::sync::atomic::AtomicU64,
     last_report: parking_lot::Mutex<Instant>,
@@ -658,17 +672,32 @@ impl LinkPages {
     }
 }
 
+impl LinkPages {
+    fn new(d: &Driver, link: crate::state::LinkHandle, file: &'static str) -> LinkPages {
+        LinkPages {
+            runtime: tokio::runtime::Handle::current(),
+            link,
+            mid: d.tag.mid,
+            file,
+            sent: Default::default(),
+            total: Default::default(),
+            last_report: parking_lot::Mutex::new(Instant::now()),
+            reply: d.reply.clone(),
+        }
+    }
+}
+
 impl dvk_checkpoint::image::PageOut for LinkPages {
     fn reserve(&self, len: u64) -> std::io::Result<()> {
         use std::sync::atomic::Ordering;
         self.total.store(len, Ordering::Relaxed);
-        let msg = PeerMessage::MoveImageSize { mid: self.mid, file: dvk_checkpoint::image::PAGES.into(), len };
+        let msg = PeerMessage::MoveImageSize { mid: self.mid, file: self.file.into(), len };
         self.run(self.link.write_now(msg))
     }
 
     fn write_at(&self, buf: &[u8], off: u64) -> std::io::Result<()> {
         use std::sync::atomic::Ordering;
-        self.run(self.link.write_image(self.mid, dvk_checkpoint::image::PAGES, off, buf, IMAGE_CHUNK))?;
+        self.run(self.link.write_image(self.mid, self.file, off, buf, IMAGE_CHUNK))?;
         let sent = self.sent.fetch_add(buf.len() as u64, Ordering::Relaxed) + buf.len() as u64;
         let mut last = self.last_report.lock();
         if last.elapsed() > Duration::from_millis(100) {
@@ -686,17 +715,11 @@ async fn dump_and_send(d: &mut Driver) -> CoordEvent {
     let Some(link) = d.agent.link(d.dest) else {
         return CoordEvent::DumpFailed(format!("no link to {}", d.agent.node_name(d.dest)));
     };
-    let pages = Arc::new(LinkPages {
-        runtime: tokio::runtime::Handle::current(),
-        link,
-        mid: d.tag.mid,
-        sent: Default::default(),
-        total: Default::default(),
-        last_report: parking_lot::Mutex::new(Instant::now()),
-        reply: d.reply.clone(),
-    });
+    let pages = Arc::new(LinkPages::new(d, link, dvk_checkpoint::image::PAGES));
     let out = dvk_checkpoint::image::PagesTo(pages.clone());
-    let opts = DumpOptions { external_fds: d.classified.external(), pages_to: Some(out) };
+    // The tracker goes with the dump (and is dropped with it, whatever its outcome).
+    let opts = DumpOptions { external_fds: d.classified.external(), pages_to: Some(out), precopy: d.precopy.take() };
+    let precopied = opts.precopy.is_some();
     d.freezer(FreezeCmd::Image(d.image_dir.clone(), opts, tx));
     let dumped = rx.await;
     let pages_sent = pages.sent.load(std::sync::atomic::Ordering::Relaxed);
@@ -713,13 +736,18 @@ async fn dump_and_send(d: &mut Driver) -> CoordEvent {
     if let Err(e) = write_private(&d.image_dir.join(PLAN_FILE), &plan_bytes) {
         return CoordEvent::DumpFailed(format!("cannot write the move plan: {e}"));
     }
-    d.image_bytes = report.pages_bytes + report.manifest_bytes + plan_bytes.len() as u64;
+    d.image_bytes = d.precopy_bytes + report.pages_bytes + report.manifest_bytes + plan_bytes.len() as u64;
     let phases: Vec<String> =
         report.phases.iter().map(|(n, t)| format!("{n} {:.1}", t.as_secs_f64() * 1000.0)).collect();
+    let kept = if precopied {
+        format!(", {:.1} MB left to the pre-copy", report.precopied_bytes as f64 / 1e6)
+    } else {
+        String::new()
+    };
     d.step(
         "dump",
         format!(
-            "{:.1} MB of pages streamed to the destination, {} mappings, {} fds ({} ms)",
+            "{:.1} MB of pages streamed to the destination{kept}, {} mappings, {} fds ({} ms)",
             report.pages_bytes as f64 / 1e6,
             report.vmas,
             report.fds,
@@ -730,7 +758,7 @@ async fn dump_and_send(d: &mut Driver) -> CoordEvent {
         Ok(sent) => {
             let _ = std::fs::remove_dir_all(&d.image_dir);
             let sent = sent + pages_sent;
-            d.image_bytes = sent;
+            d.image_bytes = sent + d.precopy_bytes;
             d.step(
                 "transfer",
                 format!(
@@ -745,6 +773,46 @@ async fn dump_and_send(d: &mut Driver) -> CoordEvent {
             let _ = std::fs::remove_dir_all(&d.image_dir);
             CoordEvent::DumpFailed(format!("transfer to {}: {e}", d.agent.node_name(d.dest)))
         }
+    }
+}
+
+/// Pre-copy, before Start (the process runs and serves, nothing is held): a brief freeze to
+/// start dirty tracking, then rounds of pages sent to the destination's pre-copy store until
+/// the set written per round is small or stops shrinking. On any failure the move goes on as
+/// stop-and-copy and says why.
+async fn precopy(d: &mut Driver) {
+    let Some(link) = d.agent.link(d.dest) else {
+        return d.step("pre-copy", format!("skipped: no link to {}", d.agent.node_name(d.dest)));
+    };
+    let out = Arc::new(LinkPages::new(d, link, dvk_checkpoint::precopy::PRECOPY));
+    let pid = d.entry.real_pid;
+    let run = {
+        let out = out.clone();
+        move || -> Result<dvk_checkpoint::precopy::Precopy, String> {
+            let mut f = Frozen::freeze(pid).map_err(|e| e.to_string())?;
+            let started = dvk_checkpoint::precopy::Precopy::start(&mut f);
+            f.thaw(false).map_err(|e| e.to_string())?;
+            let mut pc = started.map_err(|e| e.to_string())?;
+            let policy = dvk_checkpoint::precopy::Policy::default();
+            while pc.wants_another(&policy) {
+                pc.round(out.as_ref()).map_err(|e| e.to_string())?;
+            }
+            Ok(pc)
+        }
+    };
+    match tokio::task::spawn_blocking(run).await {
+        Ok(Ok(pc)) => {
+            let rounds: Vec<String> = pc
+                .rounds
+                .iter()
+                .map(|r| format!("{:.1} MB in {} ms", r.bytes as f64 / 1e6, r.took.as_millis()))
+                .collect();
+            d.precopy_bytes = pc.copied();
+            d.step("pre-copy", format!("{} round(s) while the process ran: {}", pc.rounds.len(), rounds.join(", ")));
+            d.precopy = Some(PrecopyRef(Arc::new(std::sync::Mutex::new(pc))));
+        }
+        Ok(Err(e)) => d.step("pre-copy", format!("skipped, the move copies everything while frozen: {e}")),
+        Err(e) => d.step("pre-copy", format!("skipped, the move copies everything while frozen: {e}")),
     }
 }
 
