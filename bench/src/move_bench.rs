@@ -151,7 +151,11 @@ fn move_once(
     let sent = now_us();
     frame::write_frame(
         &mut s,
-        &LocalRequest::Move { target: vpid as i32, dest: dest.clone(), options: MoveOptions { precopy } },
+        &LocalRequest::Move {
+            target: vpid as i32,
+            dest: dest.clone(),
+            options: MoveOptions { precopy: Some(precopy) },
+        },
         LOCAL_MAX_FRAME,
     )?;
     let mut freeze_at = None;

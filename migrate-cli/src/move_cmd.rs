@@ -18,9 +18,13 @@ pub struct MoveArgs {
     /// Copy memory in rounds while the process still runs and serves (each round only the
     /// pages written since the previous one), then freeze it only for what changed last: a
     /// shorter pause for processes with much memory. Needs Linux ≥ 6.7 on the source; where
-    /// it cannot run, the move says why and copies everything while frozen.
-    #[arg(long)]
+    /// it cannot run, the move says why and copies everything while frozen. Default: on when
+    /// the process holds at least 64 MiB of private memory (RssAnon), off below.
+    #[arg(long, overrides_with = "no_precopy")]
     pub precopy: bool,
+    /// Never pre-copy: freeze first, then copy everything (see --precopy).
+    #[arg(long, overrides_with = "precopy")]
+    pub no_precopy: bool,
     /// Print the report as JSON (steps, image size, frozen time, total).
     #[arg(long)]
     pub json: bool,
@@ -54,7 +58,13 @@ pub fn run_move(target: &Target, args: &MoveArgs) -> anyhow::Result<()> {
         &LocalRequest::Move {
             target: args.target,
             dest: args.dest.clone(),
-            options: MoveOptions { precopy: args.precopy },
+            options: MoveOptions {
+                precopy: match (args.precopy, args.no_precopy) {
+                    (true, _) => Some(true),
+                    (_, true) => Some(false),
+                    _ => None,
+                },
+            },
         },
         LOCAL_MAX_FRAME,
     )

@@ -53,8 +53,9 @@ pub enum LocalRequest {
 /// How a move is made (`migrate-cli move` flags).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MoveOptions {
-    /// Copy memory in rounds while the process still runs, before it is frozen.
-    pub precopy: bool,
+    /// Copy memory in rounds while the process still runs, before it is frozen: `Some(true)`
+    /// always, `Some(false)` never, `None` when its private memory is large enough to gain.
+    pub precopy: Option<bool>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -265,8 +265,8 @@ async fn prepare(
     );
     d.step("preflight", detail);
     tracing::info!(vpid = %d.entry.vpid, %tag, dest = %agent.node_name(req.dest), "move started");
-    if req.options.precopy {
-        precopy(&mut d).await;
+    if let Some(why) = wants_precopy(req.options, d.entry.real_pid) {
+        precopy(&mut d, why).await;
     }
     // The protocol's clock starts here: pre-copy ran while nothing was held.
     let coordinator = Coordinator::new(
@@ -776,13 +776,35 @@ async fn dump_and_send(d: &mut Driver) -> CoordEvent {
     }
 }
 
+/// Private memory from which a move pre-copies unless told otherwise: below it the extra round
+/// costs more than the copy it saves (docs/PERFORMANCE.md, "Moving a process").
+const PRECOPY_FROM: u64 = 64 << 20;
+
+/// Whether to pre-copy, and why (for the step line).
+fn wants_precopy(options: MoveOptions, pid: i32) -> Option<String> {
+    match options.precopy {
+        Some(true) => Some("asked for".into()),
+        Some(false) => None,
+        None => {
+            let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+            let anon_kib: u64 = status
+                .lines()
+                .find_map(|l| l.strip_prefix("RssAnon:"))
+                .and_then(|v| v.split_whitespace().next()?.parse().ok())
+                .unwrap_or(0);
+            (anon_kib << 10 >= PRECOPY_FROM)
+                .then(|| format!("{} MiB of private memory ≥ {} MiB", anon_kib >> 10, PRECOPY_FROM >> 20))
+        }
+    }
+}
+
 /// Pre-copy, before Start (the process runs and serves, nothing is held): a brief freeze to
 /// start dirty tracking, then rounds of pages sent to the destination's pre-copy store until
 /// the set written per round is small or stops shrinking. On any failure the move goes on as
 /// stop-and-copy and says why.
-async fn precopy(d: &mut Driver) {
+async fn precopy(d: &mut Driver, why: String) {
     let Some(link) = d.agent.link(d.dest) else {
-        return d.step("pre-copy", format!("skipped: no link to {}", d.agent.node_name(d.dest)));
+        return d.step("pre-copy", format!("skipped ({why}): no link to {}", d.agent.node_name(d.dest)));
     };
     let out = Arc::new(LinkPages::new(d, link, dvk_checkpoint::precopy::PRECOPY));
     let pid = d.entry.real_pid;
@@ -808,11 +830,14 @@ async fn precopy(d: &mut Driver) {
                 .map(|r| format!("{:.1} MB in {} ms", r.bytes as f64 / 1e6, r.took.as_millis()))
                 .collect();
             d.precopy_bytes = pc.copied();
-            d.step("pre-copy", format!("{} round(s) while the process ran: {}", pc.rounds.len(), rounds.join(", ")));
+            d.step(
+                "pre-copy",
+                format!("{} round(s) while the process ran ({why}): {}", pc.rounds.len(), rounds.join(", ")),
+            );
             d.precopy = Some(PrecopyRef(Arc::new(std::sync::Mutex::new(pc))));
         }
-        Ok(Err(e)) => d.step("pre-copy", format!("skipped, the move copies everything while frozen: {e}")),
-        Err(e) => d.step("pre-copy", format!("skipped, the move copies everything while frozen: {e}")),
+        Ok(Err(e)) => d.step("pre-copy", format!("skipped ({why}), the move copies everything while frozen: {e}")),
+        Err(e) => d.step("pre-copy", format!("skipped ({why}), the move copies everything while frozen: {e}")),
     }
 }
 
