@@ -59,7 +59,7 @@ pub fn preflight(pid: Pid, opts: &DumpOptions) -> Result<()> {
 /// seccomp, a tracer, children, POSIX timers. The fds in `opts.external_fds` are not judged.
 /// `Err` only when the process cannot be read at all.
 pub fn blockers(pid: Pid, opts: &DumpOptions) -> Result<Vec<Error>> {
-    let mut v = memory::blockers(&proc::maps(pid)?);
+    let mut v = memory::blockers(&proc::maps(pid)?, &proc::vm_flags(pid)?);
     v.extend(files::blockers(pid, &opts.external_fds)?);
     v.extend(task::blockers(pid)?);
     let status = proc::read_string(pid, "status")?;

@@ -38,7 +38,7 @@ use crate::threads::ThreadState;
 use crate::vdso::VdsoLayout;
 
 pub const MAGIC: [u8; 8] = *b"DVKCKPT\0";
-pub const VERSION: u32 = 4;
+pub const VERSION: u32 = 5;
 pub const ARCH_X86_64: u32 = 62;
 pub const HEADER_LEN: usize = 32;
 pub const MANIFEST: &str = "manifest.img";
@@ -373,6 +373,7 @@ mod tests {
                         prot: 3,
                         shared: false,
                         growsdown: false,
+                        advice: 0,
                         kind: VmaKind::Anon { name: "[heap]".into() },
                         runs,
                     },
@@ -382,6 +383,7 @@ mod tests {
                         prot: 5,
                         shared: false,
                         growsdown: false,
+                        advice: 0,
                         kind: VmaKind::File {
                             path: "/bin/true".into(),
                             offset: 0,

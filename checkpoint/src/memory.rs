@@ -8,6 +8,11 @@
 //!
 //! Rebuild: map every VMA at its address (read+write first), write the pages with
 //! `process_vm_writev`, then `mprotect` to the saved protections.
+//!
+//! What `VmFlags` (/proc/PID/smaps) says beyond the protection is judged flag by flag
+//! ([`VM_FLAGS`]): carried as [`advice`] (mlock, madvise, MAP_NORESERVE, mseal, a shared file
+//! mapping that may be made writable, MAP_GROWSDOWN) or refused by name; a flag this engine does
+//! not know is refused too, so no VMA attribute is lost silently.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -55,8 +60,9 @@ impl FileIdent {
 pub enum VmaKind {
     /// Private anonymous memory; `name` is "", "[heap]", "[stack]" or "[anon:…]".
     Anon { name: String },
-    /// MAP_SHARED|MAP_ANONYMOUS (shows as "/dev/zero (deleted)").
-    SharedAnon,
+    /// MAP_SHARED|MAP_ANONYMOUS (shows as "/dev/zero (deleted)", or "[anon_shmem:NAME]" once
+    /// named: `name` is then that whole string).
+    SharedAnon { name: String },
     /// A mapping of a memfd (saved with its content, see `memfd`).
     Memfd { ino: u64, name: String, offset: u64 },
     /// A file mapping (private or shared), re-mapped from the file at restore.
@@ -78,9 +84,112 @@ pub struct Vma {
     pub end: u64,
     pub prot: u32,
     pub shared: bool,
+    /// `gd` (MAP_GROWSDOWN): the main stack, or any other mapping made so.
     pub growsdown: bool,
+    /// [`advice`] bits from the VMA's VmFlags.
+    pub advice: u32,
     pub kind: VmaKind,
     pub runs: Vec<Run>,
+}
+
+/// VmFlags carried at restore, one bit each.
+pub mod advice {
+    /// `lo`: mlock'ed.
+    pub const LOCKED: u32 = 1 << 0;
+    /// `lf`: mlock2(MLOCK_ONFAULT).
+    pub const LOCK_ONFAULT: u32 = 1 << 1;
+    /// `dc`: MADV_DONTFORK.
+    pub const DONTFORK: u32 = 1 << 2;
+    /// `dd`: MADV_DONTDUMP.
+    pub const DONTDUMP: u32 = 1 << 3;
+    /// `wf`: MADV_WIPEONFORK.
+    pub const WIPEONFORK: u32 = 1 << 4;
+    /// `hg`: MADV_HUGEPAGE.
+    pub const HUGEPAGE: u32 = 1 << 5;
+    /// `nh`: MADV_NOHUGEPAGE.
+    pub const NOHUGEPAGE: u32 = 1 << 6;
+    /// `mg`: MADV_MERGEABLE (KSM).
+    pub const MERGEABLE: u32 = 1 << 7;
+    /// `sr`: MADV_SEQUENTIAL.
+    pub const SEQUENTIAL: u32 = 1 << 8;
+    /// `rr`: MADV_RANDOM.
+    pub const RANDOM: u32 = 1 << 9;
+    /// `nr`: MAP_NORESERVE.
+    pub const NORESERVE: u32 = 1 << 10;
+    /// `mw` on a shared file mapping: the file was open for writing, a later mprotect may add
+    /// PROT_WRITE (the file is re-opened read-write).
+    pub const MAYWRITE: u32 = 1 << 11;
+    /// `sl`: mseal'ed.
+    pub const SEALED: u32 = 1 << 12;
+}
+
+/// How each VmFlags mnemonic (proc(5)) is handled. Anything not listed is refused.
+pub enum FlagUse {
+    /// Follows from the protection, the kind of mapping or the kernel's own bookkeeping.
+    Implied,
+    /// Carried as this [`advice`] bit.
+    Carried(u32),
+    /// Refused, saying why.
+    Refused(&'static str),
+}
+
+pub const VM_FLAGS: &[(&str, FlagUse)] = &[
+    ("rd", FlagUse::Implied),
+    ("wr", FlagUse::Implied),
+    ("ex", FlagUse::Implied),
+    ("sh", FlagUse::Implied),
+    ("mr", FlagUse::Implied),
+    ("mw", FlagUse::Carried(advice::MAYWRITE)),
+    ("me", FlagUse::Implied),
+    ("ms", FlagUse::Implied),
+    ("gd", FlagUse::Implied), // Vma::growsdown
+    ("ac", FlagUse::Implied), // accounting follows MAP_NORESERVE and the protection
+    ("sd", FlagUse::Implied), // soft-dirty tracking
+    ("lo", FlagUse::Carried(advice::LOCKED)),
+    ("lf", FlagUse::Carried(advice::LOCK_ONFAULT)),
+    ("dc", FlagUse::Carried(advice::DONTFORK)),
+    ("dd", FlagUse::Carried(advice::DONTDUMP)),
+    ("wf", FlagUse::Carried(advice::WIPEONFORK)),
+    ("hg", FlagUse::Carried(advice::HUGEPAGE)),
+    ("nh", FlagUse::Carried(advice::NOHUGEPAGE)),
+    ("mg", FlagUse::Carried(advice::MERGEABLE)),
+    ("sr", FlagUse::Carried(advice::SEQUENTIAL)),
+    ("rr", FlagUse::Carried(advice::RANDOM)),
+    ("nr", FlagUse::Carried(advice::NORESERVE)),
+    ("sl", FlagUse::Carried(advice::SEALED)),
+    ("ht", FlagUse::Refused("hugetlb memory (VmFlags ht) is not supported yet")),
+    ("io", FlagUse::Refused("a device mapping (VmFlags io)")),
+    ("pf", FlagUse::Refused("a device mapping (VmFlags pf, PFNMAP)")),
+    ("mm", FlagUse::Refused("a device mapping (VmFlags mm, MIXEDMAP)")),
+    ("ar", FlagUse::Refused("an architecture-specific mapping (VmFlags ar)")),
+    ("de", FlagUse::Refused("a driver mapping that cannot be expanded (VmFlags de)")),
+    ("sf", FlagUse::Refused("synchronous page faults (VmFlags sf, MAP_SYNC on DAX)")),
+    ("um", FlagUse::Refused("registered with userfaultfd (VmFlags um)")),
+    ("uw", FlagUse::Refused("registered with userfaultfd (VmFlags uw)")),
+    ("ui", FlagUse::Refused("registered with userfaultfd (VmFlags ui)")),
+    ("ss", FlagUse::Refused("a shadow stack (VmFlags ss)")),
+];
+
+/// (advice bits, growsdown) of a VMA from its VmFlags, or the refusal naming the flag.
+pub fn judge_flags(m: &MapLine, flags: &[String]) -> Result<(u32, bool)> {
+    let refuse = |why: String| Error::UnsupportedMapping { range: m.range(), what: m.path.clone(), why };
+    let mut bits = 0;
+    for f in flags {
+        if let Some(k) = f.strip_prefix("pkey:") {
+            return Err(refuse(format!("memory protection key {k} (pkey_mprotect) is not carried yet")));
+        }
+        match VM_FLAGS.iter().find(|(n, _)| n == f).map(|(_, u)| u) {
+            Some(FlagUse::Implied) => {}
+            Some(FlagUse::Carried(b)) => bits |= b,
+            Some(FlagUse::Refused(why)) => return Err(refuse((*why).to_string())),
+            None => return Err(refuse(format!("VmFlags `{f}` is not known to this engine"))),
+        }
+    }
+    // `mw` matters only for a shared file mapping (private ones can always be made writable).
+    if !(m.shared() && !m.path.is_empty() && m.path.starts_with('/')) {
+        bits &= !advice::MAYWRITE;
+    }
+    Ok((bits, flags.iter().any(|f| f == "gd")))
 }
 
 impl Vma {
@@ -88,7 +197,8 @@ impl Vma {
         let what = match &self.kind {
             VmaKind::Anon { name } if name.is_empty() => "anonymous".to_string(),
             VmaKind::Anon { name } => name.clone(),
-            VmaKind::SharedAnon => "shared anonymous".into(),
+            VmaKind::SharedAnon { name } if name.is_empty() => "shared anonymous".into(),
+            VmaKind::SharedAnon { name } => name.clone(),
             VmaKind::File { path, .. } => path.clone(),
             VmaKind::Memfd { name, .. } => format!("/memfd:{name}"),
         };
@@ -118,12 +228,15 @@ pub fn classify(m: &MapLine) -> Result<VmaKind> {
     let refuse = |why: &str| Error::UnsupportedMapping { range: m.range(), what: p.to_string(), why: why.into() };
     if p.is_empty() || p == "[heap]" || p == "[stack]" || p.starts_with("[anon:") {
         if m.shared() {
-            return Ok(VmaKind::SharedAnon);
+            return Ok(VmaKind::SharedAnon { name: String::new() });
         }
         return Ok(VmaKind::Anon { name: p.to_string() });
     }
-    if p == "/dev/zero (deleted)" || p.starts_with("[anon_shmem:") {
-        return Ok(VmaKind::SharedAnon);
+    if p == "/dev/zero (deleted)" {
+        return Ok(VmaKind::SharedAnon { name: String::new() });
+    }
+    if p.starts_with("[anon_shmem:") {
+        return Ok(VmaKind::SharedAnon { name: p.to_string() });
     }
     if p.starts_with('[') {
         return Err(refuse("special kernel mapping"));
@@ -163,8 +276,12 @@ pub fn preflight(maps: &[MapLine]) -> Result<()> {
 }
 
 /// Every mapping that cannot be moved (one error each), without touching the process.
-pub fn blockers(maps: &[MapLine]) -> Vec<Error> {
-    maps.iter().filter(|m| !is_special(&m.path)).filter_map(|m| classify(m).err()).collect()
+/// `flags`: VmFlags by start address ([`crate::proc::vm_flags`]).
+pub fn blockers(maps: &[MapLine], flags: &HashMap<u64, Vec<String>>) -> Vec<Error> {
+    maps.iter()
+        .filter(|m| !is_special(&m.path))
+        .filter_map(|m| classify(m).err().or_else(|| judge_flags(m, flags.get(&m.start).map_or(&[][..], |v| v)).err()))
+        .collect()
 }
 
 const PM_PRESENT: u64 = 1 << 63;
@@ -177,11 +294,18 @@ pub fn collect(pid: Pid, maps: &[MapLine], sink: &mut PageSink) -> Result<Memory
     let pagemap = File::open(&pm_path).map_err(io_at(&pm_path))?;
     let mut vmas = Vec::new();
     let mut ents: Vec<u8> = Vec::new();
+    let vm_flags = crate::proc::vm_flags(pid)?;
     for m in maps.iter().filter(|m| !is_special(&m.path)) {
         let kind = classify(m)?;
+        let flags = vm_flags.get(&m.start).ok_or_else(|| Error::UnsupportedMapping {
+            range: m.range(),
+            what: m.path.clone(),
+            why: "not found in /proc/PID/smaps (its VmFlags cannot be read)".into(),
+        })?;
+        let (advice, growsdown) = judge_flags(m, flags)?;
         let npages = ((m.end - m.start) / PAGE) as usize;
         let want: Box<dyn Fn(u64) -> bool> = match (&kind, m.shared()) {
-            (VmaKind::SharedAnon, _) => Box::new(|_| true),
+            (VmaKind::SharedAnon { .. }, _) => Box::new(|_| true),
             (VmaKind::File { .. } | VmaKind::Memfd { .. }, true) => Box::new(|_| false),
             (VmaKind::File { .. } | VmaKind::Memfd { .. }, false) => {
                 Box::new(|e| (e & PM_PRESENT != 0 && e & PM_FILE == 0) || e & PM_SWAP != 0)
@@ -191,7 +315,7 @@ pub fn collect(pid: Pid, maps: &[MapLine], sink: &mut PageSink) -> Result<Memory
         let mut pages: Vec<(u64, u64)> = Vec::new(); // runs of (addr, len)
         let needs_pagemap = !matches!(
             (&kind, m.shared()),
-            (VmaKind::SharedAnon, _) | (VmaKind::File { .. } | VmaKind::Memfd { .. }, true)
+            (VmaKind::SharedAnon { .. }, _) | (VmaKind::File { .. } | VmaKind::Memfd { .. }, true)
         );
         if !(matches!(kind, VmaKind::File { .. } | VmaKind::Memfd { .. }) && m.shared()) {
             // pagemap in chunks of 64 Ki pages (512 KiB of entries): a huge sparse reservation
@@ -225,7 +349,8 @@ pub fn collect(pid: Pid, maps: &[MapLine], sink: &mut PageSink) -> Result<Memory
             end: m.end,
             prot: m.prot(),
             shared: m.shared(),
-            growsdown: m.path == "[stack]",
+            growsdown,
+            advice,
             kind,
             runs,
         });
@@ -253,9 +378,10 @@ pub fn restore(r: &Remote, state: &MemoryState, pages: &[u8], memfds: &HashMap<u
             prot |= (libc::PROT_READ | libc::PROT_WRITE) as u64;
         }
         let what = format!("mmap {}", v.describe());
+        let noreserve = if v.advice & advice::NORESERVE != 0 { libc::MAP_NORESERVE } else { 0 };
         match &v.kind {
-            VmaKind::Anon { .. } | VmaKind::SharedAnon => {
-                let mut fl = libc::MAP_ANONYMOUS | libc::MAP_FIXED;
+            VmaKind::Anon { .. } | VmaKind::SharedAnon { .. } => {
+                let mut fl = libc::MAP_ANONYMOUS | libc::MAP_FIXED | noreserve;
                 fl |= if v.shared { libc::MAP_SHARED } else { libc::MAP_PRIVATE };
                 if v.growsdown {
                     fl |= libc::MAP_GROWSDOWN;
@@ -264,11 +390,13 @@ pub fn restore(r: &Remote, state: &MemoryState, pages: &[u8], memfds: &HashMap<u
             }
             VmaKind::Memfd { ino, name, offset } => {
                 let fd = *memfds.get(ino).ok_or_else(|| Error::Restore(format!("memfd {name} was not saved")))?;
-                let fl = libc::MAP_FIXED | if v.shared { libc::MAP_SHARED } else { libc::MAP_PRIVATE };
+                let fl = noreserve | libc::MAP_FIXED | if v.shared { libc::MAP_SHARED } else { libc::MAP_PRIVATE };
                 r.call(&what, libc::SYS_mmap, &[v.start, len, prot, fl as u64, fd, *offset])?;
             }
             VmaKind::File { path, offset, .. } => {
-                let rw = v.shared && v.prot & libc::PROT_WRITE as u32 != 0;
+                // Open read-write also when the mapping is read-only now but may be made
+                // writable (`mw`: the original fd was open for writing).
+                let rw = v.shared && (v.prot & libc::PROT_WRITE as u32 != 0 || v.advice & advice::MAYWRITE != 0);
                 let fd = match fds.get(&(path.clone(), rw)) {
                     Some(fd) => *fd,
                     None => {
@@ -283,10 +411,11 @@ pub fn restore(r: &Remote, state: &MemoryState, pages: &[u8], memfds: &HashMap<u
                         fd
                     }
                 };
-                let fl = libc::MAP_FIXED | if v.shared { libc::MAP_SHARED } else { libc::MAP_PRIVATE };
+                let fl = noreserve | libc::MAP_FIXED | if v.shared { libc::MAP_SHARED } else { libc::MAP_PRIVATE };
                 r.call(&what, libc::SYS_mmap, &[v.start, len, prot, fl as u64, fd, *offset])?;
             }
         }
+        restore_name_and_advice(r, v)?;
     }
     for fd in fds.values() {
         r.call("close", libc::SYS_close, &[*fd])?;
@@ -299,6 +428,54 @@ pub fn restore(r: &Remote, state: &MemoryState, pages: &[u8], memfds: &HashMap<u
                 libc::SYS_mprotect,
                 &[v.start, v.end - v.start, v.prot as u64],
             )?;
+        }
+    }
+    // Locks and seals last: with the final contents and protections.
+    for v in &state.vmas {
+        if v.advice & advice::LOCKED != 0 {
+            let fl = if v.advice & advice::LOCK_ONFAULT != 0 { 1 } else { 0 }; // MLOCK_ONFAULT
+            r.call(&format!("mlock2 {}", v.describe()), libc::SYS_mlock2, &[v.start, v.end - v.start, fl])?;
+        }
+    }
+    for v in &state.vmas {
+        if v.advice & advice::SEALED != 0 {
+            r.call(&format!("mseal {}", v.describe()), 462 /* SYS_mseal */, &[v.start, v.end - v.start, 0])?;
+        }
+    }
+    Ok(())
+}
+
+/// The VMA's name (`[anon:NAME]`, `[anon_shmem:NAME]`: `PR_SET_VMA_ANON_NAME`) and its madvise
+/// advice, right after it was mapped.
+fn restore_name_and_advice(r: &Remote, v: &Vma) -> Result<()> {
+    let len = v.end - v.start;
+    let name = match &v.kind {
+        VmaKind::Anon { name } => name.strip_prefix("[anon:"),
+        VmaKind::SharedAnon { name } => name.strip_prefix("[anon_shmem:"),
+        _ => None,
+    }
+    .and_then(|n| n.strip_suffix(']'));
+    if let Some(n) = name {
+        let p = r.put_cstr(0, n.as_bytes())?;
+        const PR_SET_VMA: u64 = 0x53564d41;
+        r.call(
+            &format!("prctl(PR_SET_VMA_ANON_NAME) {}", v.describe()),
+            libc::SYS_prctl,
+            &[PR_SET_VMA, 0, v.start, len, p],
+        )?;
+    }
+    for (bit, adv, what) in [
+        (advice::DONTFORK, libc::MADV_DONTFORK, "MADV_DONTFORK"),
+        (advice::DONTDUMP, libc::MADV_DONTDUMP, "MADV_DONTDUMP"),
+        (advice::WIPEONFORK, libc::MADV_WIPEONFORK, "MADV_WIPEONFORK"),
+        (advice::HUGEPAGE, libc::MADV_HUGEPAGE, "MADV_HUGEPAGE"),
+        (advice::NOHUGEPAGE, libc::MADV_NOHUGEPAGE, "MADV_NOHUGEPAGE"),
+        (advice::MERGEABLE, libc::MADV_MERGEABLE, "MADV_MERGEABLE"),
+        (advice::SEQUENTIAL, libc::MADV_SEQUENTIAL, "MADV_SEQUENTIAL"),
+        (advice::RANDOM, libc::MADV_RANDOM, "MADV_RANDOM"),
+    ] {
+        if v.advice & bit != 0 {
+            r.call(&format!("madvise({what}) {}", v.describe()), libc::SYS_madvise, &[v.start, len, adv as u64])?;
         }
     }
     Ok(())

@@ -236,6 +236,7 @@ fidelity! {
     memfd,
     socketpair,
     threads settle 20,
+    vma_flags,
 }
 
 #[test]
