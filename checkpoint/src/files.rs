@@ -822,6 +822,7 @@ pub fn restore(r: &Remote, st: &FilesState, external: &[(i32, i32)], memfds: &Ha
     let top = st.fds.iter().map(|e| e.fd).max().unwrap_or(-1);
     let temp_base = (top + 1).max(3) as u64;
     let mut temps: Vec<Option<u64>> = vec![None; st.files.len()];
+    let mut helper_used: HashSet<u64> = HashSet::new();
     let to_temp = |fd: u64| -> Result<u64> {
         let t = r.call("fcntl(F_DUPFD_CLOEXEC)", libc::SYS_fcntl, &[fd, libc::F_DUPFD_CLOEXEC as u64, temp_base])?;
         r.call("close", libc::SYS_close, &[fd])?;
@@ -964,14 +965,23 @@ pub fn restore(r: &Remote, st: &FilesState, external: &[(i32, i32)], memfds: &Ha
             }
             FileKind::Epoll { .. } => continue,
             FileKind::Memfd { ino, name, flags, pos } => {
-                // A new description of the same memfd, as the original's own open of it.
                 let helper = *memfds.get(ino).ok_or_else(|| Error::Restore(format!("memfd {name} was not saved")))?;
-                let p = r.put_cstr(0, format!("/proc/self/fd/{helper}").as_bytes())?;
-                let fd = r.call(
-                    &format!("open memfd {name}"),
-                    libc::SYS_openat,
-                    &[libc::AT_FDCWD as u64, p, (flags & KEEP_FLAGS) as u64, 0],
-                )?;
+                let rdwr = flags & libc::O_ACCMODE as u32 == libc::O_RDWR as u32;
+                let fd = if rdwr && helper_used.insert(*ino) {
+                    // memfd_create's own description (see `memfd`): not a writer of the inode.
+                    let fd =
+                        r.call("fcntl(F_DUPFD_CLOEXEC)", libc::SYS_fcntl, &[helper, libc::F_DUPFD_CLOEXEC as u64, 0])?;
+                    setfl(fd, *flags)?;
+                    fd
+                } else {
+                    // A new description of the same memfd, as the original's own re-open of it.
+                    let p = r.put_cstr(0, format!("/proc/self/fd/{helper}").as_bytes())?;
+                    r.call(
+                        &format!("open memfd {name}"),
+                        libc::SYS_openat,
+                        &[libc::AT_FDCWD as u64, p, (flags & KEEP_FLAGS) as u64, 0],
+                    )?
+                };
                 if *pos != 0 {
                     r.call("lseek (memfd)", libc::SYS_lseek, &[fd, *pos, libc::SEEK_SET as u64])?;
                 }

@@ -614,7 +614,9 @@ pub fn memfd_seals(f: &impl AsRawFd) -> io::Result<u32> {
 }
 
 /// A memfd named `name` holding `data`, then sealed with `seals`.
-pub fn memfd_with_seals(name: &str, data: &[u8], seals: u32) -> io::Result<OwnedFd> {
+/// A memfd named `name` holding `data`, with mode bits and owner `attrs` = (mode, uid, gid) set
+/// before `seals` are added (F_SEAL_EXEC would forbid changing the exec bits afterwards).
+pub fn memfd_with_seals(name: &str, data: &[u8], seals: u32, attrs: (u32, u32, u32)) -> io::Result<OwnedFd> {
     let n = CString::new(name).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
     // SAFETY: valid C string; the fd is owned below.
     let fd =
@@ -623,6 +625,10 @@ pub fn memfd_with_seals(name: &str, data: &[u8], seals: u32) -> io::Result<Owned
     let fd = unsafe { OwnedFd::from_raw_fd(fd as RawFd) };
     let mut f = std::fs::File::from(fd);
     std::io::Write::write_all(&mut f, data)?;
+    // SAFETY: integer-only calls on an fd owned here.
+    cvt(unsafe { libc::fchown(f.as_raw_fd(), attrs.1, attrs.2) } as libc::c_long)?;
+    // SAFETY: as above.
+    cvt(unsafe { libc::fchmod(f.as_raw_fd(), attrs.0 as libc::mode_t) } as libc::c_long)?;
     if seals != 0 {
         // SAFETY: integer-only fcntl.
         cvt(unsafe { libc::fcntl(f.as_raw_fd(), libc::F_ADD_SEALS, seals as libc::c_int) } as libc::c_long)?;

@@ -237,6 +237,7 @@ fidelity! {
     socketpair,
     threads settle 20,
     vma_flags,
+    memfd_exec,
 }
 
 #[test]
