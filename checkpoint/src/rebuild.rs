@@ -154,11 +154,13 @@ fn restore_inner(img: &Image, opts: &RestoreOptions, hold: bool) -> Result<(Rest
     signals::restore_actions(&r, &m.signals)?;
     task::restore_thread(&r, &m.task)?;
     signals::restore_late(&r, &m.signals)?;
+    task::restore_attrs(&r, &m.task)?;
     threads::restore(&r, &m.threads, !opts.new_pid && same_pid, &m.task, &mut child.threads)?;
     task::restore_rlimits(pid, &m.task)?;
     task::restore_sched(pid, &m.task.affinity, m.task.nice)?;
     task::restore_oom(pid, &m.task)?;
     task::restore_creds(&r, &m.task)?;
+    task::restore_last(&r, &m.task)?;
     lap("signals");
 
     finish(&r, m, &child.threads, opts.stopped, hold)?;

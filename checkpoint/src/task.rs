@@ -1,6 +1,8 @@
 //! Process-wide attributes: the mm fields (`prctl(PR_SET_MM, PR_SET_MM_MAP)`: brk, code, data,
-//! stack, args, env, auxv, exe file), cwd, umask, name, personality, rlimits, and the per-thread
-//! registrations glibc made at start-up: `set_tid_address`, the robust futex list and rseq.
+//! stack, args, env, auxv, exe file), cwd, umask, name, personality, rlimits, the per-thread
+//! registrations glibc made at start-up: `set_tid_address`, the robust futex list and rseq, and
+//! the other prctl and /proc attributes ([`Attrs`]): each carried, or refused by name at dump
+//! (docs/CHECKPOINT.md lists them all).
 
 use serde::{Deserialize, Serialize};
 
@@ -47,6 +49,91 @@ pub struct TaskState {
     pub affinity: Vec<u64>,
     pub nice: i32,
     pub oom_score_adj: i32,
+    pub attrs: Attrs,
+}
+
+/// prctl and /proc attributes carried by the restore (those refused are refused at dump).
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Attrs {
+    /// PR_GET_THP_DISABLE as returned (bit 0: disabled; other bits: its flags).
+    pub thp_disable: u64,
+    pub child_subreaper: bool,
+    /// PR_GET_DUMPABLE (0, 1; 2 = "root only" comes back as 1, prctl cannot set it).
+    pub dumpable: u64,
+    /// Of the main thread (other threads: `ThreadState::timerslack_ns`).
+    pub timerslack_ns: u64,
+    /// PR_GET_TSC (0 when not supported).
+    pub tsc: u32,
+    /// PR_MCE_KILL_GET.
+    pub mce_kill: u64,
+    /// PR_GET_MDWE (memory-deny-write-execute flags).
+    pub mdwe: u64,
+    /// PR_GET_MEMORY_MERGE (KSM for the whole process).
+    pub memory_merge: bool,
+    /// (which, PR_GET_SPECULATION_CTRL) for the controls the process may set itself.
+    pub speculation: Vec<(u64, u64)>,
+    /// membarrier registration commands issued (MEMBARRIER_CMD_GET_REGISTRATIONS).
+    pub membarrier: u64,
+    /// /proc/PID/loginuid (None: no audit support).
+    pub loginuid: Option<u32>,
+    /// /proc/PID/coredump_filter.
+    pub coredump_filter: Option<u64>,
+    /// CapInh, CapPrm, CapEff, CapBnd, CapAmb (checked after the restore, see `check_caps`).
+    pub caps: [u64; 5],
+}
+
+const PR_GET_PDEATHSIG: u64 = 2;
+const PR_GET_DUMPABLE: u64 = 3;
+const PR_GET_TSC: u64 = 25;
+const PR_SET_TSC: u64 = 26;
+const PR_GET_SECUREBITS: u64 = 27;
+const PR_SET_TIMERSLACK: u64 = 29;
+const PR_GET_TIMERSLACK: u64 = 30;
+const PR_MCE_KILL: u64 = 33;
+const PR_MCE_KILL_GET: u64 = 34;
+const PR_SET_CHILD_SUBREAPER: u64 = 36;
+const PR_GET_CHILD_SUBREAPER: u64 = 37;
+const PR_SET_THP_DISABLE: u64 = 41;
+const PR_GET_THP_DISABLE: u64 = 42;
+const PR_GET_SPECULATION_CTRL: u64 = 52;
+const PR_SET_SPECULATION_CTRL: u64 = 53;
+const PR_SCHED_CORE: u64 = 62;
+const PR_SET_MDWE: u64 = 65;
+const PR_GET_MDWE: u64 = 66;
+const PR_SET_MEMORY_MERGE: u64 = 67;
+const PR_GET_MEMORY_MERGE: u64 = 68;
+const MEMBARRIER_CMD_GET_REGISTRATIONS: u64 = 1 << 9;
+/// The membarrier registration commands and, for each, the command that fails with EPERM
+/// without it (the probe on kernels before 6.3, which lack GET_REGISTRATIONS).
+const MEMBARRIER_REGISTER: [(u64, Option<u64>); 4] = [
+    (1 << 2, None),         // REGISTER_GLOBAL_EXPEDITED: cannot be probed
+    (1 << 4, Some(1 << 3)), // REGISTER_PRIVATE_EXPEDITED / PRIVATE_EXPEDITED
+    (1 << 6, Some(1 << 5)), // …_SYNC_CORE
+    (1 << 8, Some(1 << 7)), // …_RSEQ
+];
+
+fn cap_sets(status: &str) -> [u64; 5] {
+    let h = |k: &str| field(status, k).and_then(|v| u64::from_str_radix(v, 16).ok()).unwrap_or(0);
+    [h("CapInh"), h("CapPrm"), h("CapEff"), h("CapBnd"), h("CapAmb")]
+}
+
+/// The capability sets a restore by `restorer` (its own sets) gives a process with these uids:
+/// the restorer's, minus what setresuid drops (no ambient set is handed down).
+fn caps_after_restore(uid: [u32; 3], restorer: [u64; 5]) -> [u64; 5] {
+    let [inh, prm, eff, bnd, _] = restorer;
+    let prm = if uid.contains(&0) { prm } else { 0 };
+    let eff = if uid[1] == 0 { eff } else { 0 };
+    [inh, prm, eff, bnd, 0]
+}
+
+const CAP_NAMES: [&str; 5] = ["CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"];
+
+fn caps_differ(want: [u64; 5], got: [u64; 5]) -> Option<String> {
+    let d: Vec<String> = (0..5)
+        .filter(|&i| want[i] != got[i])
+        .map(|i| format!("{} {:016x} would be {:016x}", CAP_NAMES[i], want[i], got[i]))
+        .collect();
+    (!d.is_empty()).then(|| d.join(", "))
 }
 
 /// Identity: (real, effective, saved) uid and gid, supplementary groups.
@@ -104,6 +191,19 @@ fn refusals(pid: Pid, cwd: &str, status: &str, exe: &str) -> Vec<Error> {
     if exe.ends_with(" (deleted)") {
         v.push(Error::Unsupported { pid, what: format!("executable {exe}") });
     }
+    // Capability sets are not set by the restore: they come from the restorer (this process
+    // stands in for it) and the uids. Refuse a process whose sets would differ.
+    let me = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    if let Some(d) = caps_differ(cap_sets(status), caps_after_restore(ids(status, "Uid"), cap_sets(&me))) {
+        v.push(Error::Unsupported { pid, what: format!("capability sets ({d}; capabilities are not carried yet)") });
+    }
+    // PR_SET_IO_FLUSHER shows as PF_MEMALLOC_NOIO | PF_LOCAL_THROTTLE in the task flags.
+    if let Ok(f) = stat_fields(pid) {
+        let flags: u64 = f.get(9).and_then(|v| v.parse().ok()).unwrap_or(0);
+        if flags & 0x0018_0000 == 0x0018_0000 {
+            v.push(Error::Unsupported { pid, what: "PR_SET_IO_FLUSHER (an I/O flusher process)".into() });
+        }
+    }
     v
 }
 
@@ -158,7 +258,165 @@ pub fn collect_static(pid: Pid) -> Result<TaskState> {
         affinity: sys::get_affinity(pid).map_err(pt("sched_getaffinity", pid))?,
         nice: sys::get_nice(pid).map_err(pt("getpriority", pid))?,
         oom_score_adj: read_string(pid, "oom_score_adj")?.trim().parse().unwrap_or(0),
+        attrs: Attrs {
+            loginuid: read_string(pid, "loginuid").ok().and_then(|v| v.trim().parse().ok()),
+            coredump_filter: read_string(pid, "coredump_filter")
+                .ok()
+                .and_then(|v| u64::from_str_radix(v.trim(), 16).ok()),
+            caps: cap_sets(&status),
+            ..Default::default()
+        },
     })
+}
+
+/// The prctl attributes only the process itself can read (injected), or the refusal naming one
+/// that cannot be carried.
+fn collect_attrs(r: &Remote, a: &mut Attrs) -> Result<()> {
+    let pid = r.pid;
+    let prctl = |op: u64, a2: u64| r.raw(libc::SYS_prctl, &[op, a2, 0, 0, 0]);
+    let int_out = |op: u64, what: &str| -> Result<i64> {
+        r.put(0, &[0u8; 4])?;
+        r.call(what, libc::SYS_prctl, &[op, r.scratch, 0, 0, 0])?;
+        Ok(i32::from_le_bytes(r.get(0, 4)?.try_into().unwrap()) as i64)
+    };
+    let sig = int_out(PR_GET_PDEATHSIG, "prctl(PR_GET_PDEATHSIG)")?;
+    if sig != 0 {
+        return Err(Error::Unsupported {
+            pid,
+            what: format!("a parent-death signal (PR_SET_PDEATHSIG {sig}: the restored process has another parent)"),
+        });
+    }
+    let sb = prctl(PR_GET_SECUREBITS, 0)?;
+    if sb > 0 {
+        return Err(Error::Unsupported {
+            pid,
+            what: format!("securebits {sb:#x} (PR_SET_SECUREBITS, PR_SET_KEEPCAPS)"),
+        });
+    }
+    // PR_SCHED_CORE_GET of this thread group (type 1): a core-scheduling cookie.
+    r.put(0, &[0u8; 8])?;
+    if prctl_cookie(r)? != 0 {
+        return Err(Error::Unsupported { pid, what: "a core-scheduling cookie (PR_SCHED_CORE)".into() });
+    }
+    a.thp_disable = prctl(PR_GET_THP_DISABLE, 0)?.max(0) as u64;
+    a.child_subreaper = int_out(PR_GET_CHILD_SUBREAPER, "prctl(PR_GET_CHILD_SUBREAPER)")? != 0;
+    a.dumpable = prctl(PR_GET_DUMPABLE, 0)?.max(0) as u64;
+    a.timerslack_ns = prctl(PR_GET_TIMERSLACK, 0)?.max(0) as u64;
+    a.tsc = int_out(PR_GET_TSC, "prctl(PR_GET_TSC)").unwrap_or(0) as u32;
+    a.mce_kill = prctl(PR_MCE_KILL_GET, 0)?.max(0) as u64;
+    a.mdwe = prctl(PR_GET_MDWE, 0)?.max(0) as u64;
+    a.memory_merge = prctl(PR_GET_MEMORY_MERGE, 0)? > 0;
+    for which in 0..3u64 {
+        let v = r.raw(libc::SYS_prctl, &[PR_GET_SPECULATION_CTRL, which, 0, 0, 0])?;
+        if v > 0 && v & 1 != 0 {
+            a.speculation.push((which, v as u64));
+        }
+    }
+    let reg = r.raw(libc::SYS_membarrier, &[MEMBARRIER_CMD_GET_REGISTRATIONS, 0, 0])?;
+    a.membarrier = if reg >= 0 {
+        reg as u64
+    } else {
+        // Before Linux 6.3: a private expedited barrier fails with EPERM unless registered (all
+        // threads are stopped: it interrupts no one). The global registration cannot be seen:
+        // it is made again anyway (it only adds this process to others' barriers).
+        let mut bits = 1 << 2;
+        for (reg, probe) in MEMBARRIER_REGISTER.iter().filter_map(|(g, p)| p.map(|p| (*g, p))) {
+            if r.raw(libc::SYS_membarrier, &[probe, 0, 0])? == 0 {
+                bits |= reg;
+            }
+        }
+        bits
+    };
+    Ok(())
+}
+
+fn prctl_cookie(r: &Remote) -> Result<u64> {
+    // prctl(PR_SCHED_CORE, PR_SCHED_CORE_GET, 0 (this task), PIDTYPE_TGID, &cookie)
+    let v = r.raw(libc::SYS_prctl, &[PR_SCHED_CORE, 0, 0, 1, r.scratch])?;
+    if v < 0 {
+        return Ok(0); // no core scheduling in this kernel
+    }
+    Ok(u64_at(&r.get(0, 8)?, 0))
+}
+
+/// The attributes set from inside, before the threads exist (they inherit them) and before
+/// the identity is dropped (loginuid needs CAP_AUDIT_CONTROL).
+pub fn restore_attrs(r: &Remote, st: &TaskState) -> Result<()> {
+    let a = &st.attrs;
+    let pid = r.pid;
+    if a.thp_disable & 1 != 0 {
+        r.call("prctl(PR_SET_THP_DISABLE)", libc::SYS_prctl, &[PR_SET_THP_DISABLE, 1, a.thp_disable & !1, 0, 0])?;
+    }
+    if a.child_subreaper {
+        r.call("prctl(PR_SET_CHILD_SUBREAPER)", libc::SYS_prctl, &[PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0])?;
+    }
+    if a.timerslack_ns != 0 {
+        r.call("prctl(PR_SET_TIMERSLACK)", libc::SYS_prctl, &[PR_SET_TIMERSLACK, a.timerslack_ns, 0, 0, 0])?;
+    }
+    if a.tsc != 0 {
+        r.call("prctl(PR_SET_TSC)", libc::SYS_prctl, &[PR_SET_TSC, a.tsc as u64, 0, 0, 0])?;
+    }
+    if a.mce_kill != 2 {
+        // PR_MCE_KILL_SET with the policy (2 = the system default, what a new process has).
+        r.call("prctl(PR_MCE_KILL)", libc::SYS_prctl, &[PR_MCE_KILL, 1, a.mce_kill, 0, 0])?;
+    }
+    if a.memory_merge {
+        r.call("prctl(PR_SET_MEMORY_MERGE)", libc::SYS_prctl, &[PR_SET_MEMORY_MERGE, 1, 0, 0, 0])?;
+    }
+    for &(which, v) in &a.speculation {
+        let now = r.raw(libc::SYS_prctl, &[PR_GET_SPECULATION_CTRL, which, 0, 0, 0])?;
+        let state = v & 0b11110; // ENABLE, DISABLE, FORCE_DISABLE, DISABLE_NOEXEC
+        if now != v as i64 && state != 0 {
+            r.call(
+                &format!("prctl(PR_SET_SPECULATION_CTRL, {which}, {state:#x})"),
+                libc::SYS_prctl,
+                &[PR_SET_SPECULATION_CTRL, which, state, 0, 0],
+            )?;
+        }
+    }
+    for (reg, _) in MEMBARRIER_REGISTER {
+        if a.membarrier & reg != 0 {
+            r.call(&format!("membarrier(register {reg:#x})"), libc::SYS_membarrier, &[reg, 0, 0])?;
+        }
+    }
+    if let Some(uid) = a.loginuid {
+        let now: Option<u32> = read_string(pid, "loginuid").ok().and_then(|v| v.trim().parse().ok());
+        if now != Some(uid) {
+            // Only the process itself may write its loginuid.
+            let p = r.put_cstr(0, b"/proc/self/loginuid")?;
+            let fd = r.call(
+                "open /proc/self/loginuid",
+                libc::SYS_openat,
+                &[libc::AT_FDCWD as u64, p, (libc::O_WRONLY | libc::O_CLOEXEC) as u64, 0],
+            )?;
+            let text = uid.to_string();
+            let b = r.put(64, text.as_bytes())?;
+            let w = r.call(&format!("write loginuid {uid}"), libc::SYS_write, &[fd, b, text.len() as u64]);
+            r.call("close", libc::SYS_close, &[fd])?;
+            w?;
+        }
+    }
+    if let Some(f) = a.coredump_filter {
+        let p = proc_path(pid, "coredump_filter");
+        std::fs::write(&p, format!("{f:#x}")).map_err(crate::error::io_at(p))?;
+    }
+    Ok(())
+}
+
+/// Last, once the identity is the process's: memory-deny-write-execute (no later mapping may
+/// need it off), and a check that the capability sets came out as they were.
+pub fn restore_last(r: &Remote, st: &TaskState) -> Result<()> {
+    let a = &st.attrs;
+    if a.mdwe != 0 {
+        r.call("prctl(PR_SET_MDWE)", libc::SYS_prctl, &[PR_SET_MDWE, a.mdwe, 0, 0, 0])?;
+    }
+    let got = cap_sets(&read_string(r.pid, "status")?);
+    if let Some(d) = caps_differ(a.caps, got) {
+        return Err(Error::Restore(format!(
+            "the capability sets differ from the dump ({d}): capabilities are not carried yet"
+        )));
+    }
+    Ok(())
 }
 
 pub fn collect(r: &Remote) -> Result<TaskState> {
@@ -175,6 +433,7 @@ pub fn collect(r: &Remote) -> Result<TaskState> {
     st.tid_address = u64_at(&r.get(0, 8)?, 0);
     st.robust_list = sys::get_robust_list(pid).map_err(pt("get_robust_list", pid))?;
     st.rseq = sys::get_rseq(pid).map_err(pt("PTRACE_GET_RSEQ_CONFIGURATION", pid))?;
+    collect_attrs(r, &mut st.attrs)?;
     Ok(st)
 }
 
@@ -268,7 +527,10 @@ pub fn restore_creds(r: &Remote, st: &TaskState) -> Result<()> {
     r.call("setgroups", libc::SYS_setgroups, &[c.groups.len() as u64, p])?;
     r.call("setresgid", libc::SYS_setresgid, &[c.gid[0] as u64, c.gid[1] as u64, c.gid[2] as u64])?;
     r.call("setresuid", libc::SYS_setresuid, &[c.uid[0] as u64, c.uid[1] as u64, c.uid[2] as u64])?;
-    r.call("prctl(PR_SET_DUMPABLE)", libc::SYS_prctl, &[libc::PR_SET_DUMPABLE as u64, 1])?;
+    // A uid change clears it; the recorded value comes back (2, "root only", cannot be set by
+    // prctl: it comes back as 1).
+    let dumpable = st.attrs.dumpable.min(1);
+    r.call("prctl(PR_SET_DUMPABLE)", libc::SYS_prctl, &[libc::PR_SET_DUMPABLE as u64, dumpable])?;
     if st.no_new_privs {
         r.call("prctl(PR_SET_NO_NEW_PRIVS)", libc::SYS_prctl, &[libc::PR_SET_NO_NEW_PRIVS as u64, 1, 0, 0, 0])?;
     }

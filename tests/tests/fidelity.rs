@@ -238,6 +238,8 @@ fidelity! {
     threads settle 20,
     vma_flags,
     memfd_exec,
+    membarrier,
+    process_attrs settle 20,
 }
 
 #[test]
