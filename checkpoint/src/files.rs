@@ -2,7 +2,7 @@
 //! `kcmp(KCMP_FILE)`), then every fd number that refers to it with its close-on-exec flag.
 //!
 //! Supported: regular files and directories (path, flags, offset), /dev/null and friends, FIFOs by
-//! path, pipes with both ends in the process (unread data copied with `tee`, not consumed),
+//! path with their unread data (when no other process holds them), pipes with both ends in the process (unread data copied with `tee`, not consumed),
 //! eventfd (counter), timerfd (clock, remaining time, interval, unread ticks), epoll (every
 //! registered fd with its events and data), AF_UNIX listeners bound to a path, AF_UNIX stream
 //! pairs with both ends inside (peer from sock_diag, unread bytes with MSG_PEEK), memfds, and
@@ -29,7 +29,6 @@ pub enum PathKind {
     Regular,
     Dir,
     CharDev,
-    Fifo,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -39,6 +38,15 @@ pub enum FileKind {
         kind: PathKind,
         flags: u32,
         pos: u64,
+    },
+    /// A FIFO (named pipe) opened by path; `data` (unread bytes, copied with `tee`) and `size`
+    /// are the pipe's (the same in every description of the FIFO `ino`).
+    Fifo {
+        path: String,
+        ino: u64,
+        flags: u32,
+        data: Vec<u8>,
+        size: u64,
     },
     /// One end of a pipe; `data` (unread bytes) and `size` are carried by the read end.
     Pipe {
@@ -164,7 +172,24 @@ fn describe(pid: Pid, fd: i32, pidfd: &std::os::fd::OwnedFd) -> Result<FileKind>
         } else if ft.is_dir() {
             PathKind::Dir
         } else if ft.is_fifo() {
-            PathKind::Fifo
+            // The pipe behind it, to copy its unread data: through the process's own description
+            // when it can read, else a new read-only opener of the FIFO (never waits).
+            let readable = flags & libc::O_ACCMODE as u32 != libc::O_WRONLY as u32;
+            let pipe: std::os::fd::OwnedFd = if readable {
+                sys::pidfd_getfd(pidfd, fd).map_err(|e| refuse(&format!("pidfd_getfd: {e}")))?
+            } else {
+                use std::os::unix::fs::OpenOptionsExt;
+                std::fs::OpenOptions::new()
+                    .read(true)
+                    .custom_flags(libc::O_NONBLOCK)
+                    .open(proc_path(pid, &format!("fd/{fd}")))
+                    .map_err(|e| refuse(&format!("cannot open the FIFO to copy its data: {e}")))?
+                    .into()
+            };
+            let size = sys::pipe_size(&pipe).map_err(|e| refuse(&e.to_string()))? as u64;
+            let data =
+                sys::pipe_peek(&pipe, size as usize).map_err(|e| refuse(&format!("cannot copy unread data: {e}")))?;
+            return Ok(FileKind::Fifo { path: link.clone(), ino: own.ino(), flags, data, size });
         } else if ft.is_char_device() && ALLOWED_DEVS.contains(&link.as_str()) {
             PathKind::CharDev
         } else if ft.is_char_device() && is_tty_path(&link) {
@@ -442,6 +467,33 @@ fn collect_impl(pid: Pid, external: &[i32], all: bool) -> Result<(FilesState, Ve
                 });
                 if !all {
                     break 'pipes;
+                }
+            }
+        }
+    }
+    if all || errs.is_empty() {
+        // A FIFO that another process holds too shares its pipe with it: not carried.
+        let fifos: Vec<String> = st
+            .files
+            .iter()
+            .filter_map(|f| if let FileKind::Fifo { path, .. } = f { Some(path.clone()) } else { None })
+            .collect();
+        if !fifos.is_empty() {
+            let holders = holders_of(&fifos, pid);
+            for e in &st.fds {
+                let FileKind::Fifo { path, .. } = &st.files[e.file] else { continue };
+                if let Some(h) = holders.get(path).filter(|h| !h.is_empty()) {
+                    errs.push(Error::UnsupportedFd {
+                        fd: e.fd,
+                        what: path.clone(),
+                        why: format!(
+                            "the FIFO is also open in {} (FIFOs are carried only when no other process holds them)",
+                            name_holders(h)
+                        ),
+                    });
+                    if !all {
+                        break;
+                    }
                 }
             }
         }
@@ -823,6 +875,7 @@ pub fn restore(r: &Remote, st: &FilesState, external: &[(i32, i32)], memfds: &Ha
     let temp_base = (top + 1).max(3) as u64;
     let mut temps: Vec<Option<u64>> = vec![None; st.files.len()];
     let mut helper_used: HashSet<u64> = HashSet::new();
+    let mut fifo_holders: HashMap<u64, u64> = HashMap::new();
     let to_temp = |fd: u64| -> Result<u64> {
         let t = r.call("fcntl(F_DUPFD_CLOEXEC)", libc::SYS_fcntl, &[fd, libc::F_DUPFD_CLOEXEC as u64, temp_base])?;
         r.call("close", libc::SYS_close, &[fd])?;
@@ -836,17 +889,44 @@ pub fn restore(r: &Remote, st: &FilesState, external: &[(i32, i32)], memfds: &Ha
             continue;
         }
         let fd = match f {
-            FileKind::Path { path, kind, flags, pos } => {
+            FileKind::Fifo { path, ino, flags, data, size } => {
                 let p = r.put_cstr(0, path.as_bytes())?;
-                let mut fl = flags & KEEP_FLAGS;
-                if *kind == PathKind::Fifo {
-                    fl |= libc::O_NONBLOCK as u32; // a FIFO open must not wait for a peer
+                if !fifo_holders.contains_key(ino) {
+                    // A read-write opener held until every fd exists: the pipe lives on, its
+                    // data goes in once, write-only opens find a reader.
+                    let fl = (libc::O_RDWR | libc::O_NONBLOCK | libc::O_CLOEXEC) as u64;
+                    let h =
+                        r.call(&format!("open FIFO {path}"), libc::SYS_openat, &[libc::AT_FDCWD as u64, p, fl, 0])?;
+                    let h = to_temp(h)?;
+                    fifo_holders.insert(*ino, h);
+                    // Unless the pipe is still alive with data (a copy restored beside its original).
+                    let q = r.put(0, &[0u8; 4])?;
+                    r.call("ioctl(FIONREAD)", libc::SYS_ioctl, &[h, libc::FIONREAD, q])?;
+                    if u32::from_le_bytes(r.get(0, 4)?.try_into().unwrap()) == 0 {
+                        if *size != 0 && *size != 65536 {
+                            r.call("fcntl(F_SETPIPE_SZ)", libc::SYS_fcntl, &[h, libc::F_SETPIPE_SZ as u64, *size])?;
+                        }
+                        for chunk in data.chunks(r.scratch_len / 2) {
+                            let a = r.put(0, chunk)?;
+                            let n = r.call("write (FIFO data)", libc::SYS_write, &[h, a, chunk.len() as u64])?;
+                            if n != chunk.len() as u64 {
+                                return Err(Error::Restore(format!("FIFO {path}: short write of unread data")));
+                            }
+                        }
+                    }
                 }
+                let p = r.put_cstr(0, path.as_bytes())?;
+                let fl = (flags & KEEP_FLAGS) | libc::O_NONBLOCK as u32; // never wait for a peer
                 let fd =
                     r.call(&format!("open {path}"), libc::SYS_openat, &[libc::AT_FDCWD as u64, p, fl as u64, 0])?;
-                if *kind == PathKind::Fifo {
-                    setfl(fd, *flags)?;
-                }
+                setfl(fd, *flags)?;
+                fd
+            }
+            FileKind::Path { path, kind, flags, pos } => {
+                let p = r.put_cstr(0, path.as_bytes())?;
+                let fl = flags & KEEP_FLAGS;
+                let fd =
+                    r.call(&format!("open {path}"), libc::SYS_openat, &[libc::AT_FDCWD as u64, p, fl as u64, 0])?;
                 if matches!(kind, PathKind::Regular | PathKind::Dir) && *pos != 0 {
                     r.call(&format!("lseek {path}"), libc::SYS_lseek, &[fd, *pos, libc::SEEK_SET as u64])?;
                 }
@@ -1053,7 +1133,7 @@ pub fn restore(r: &Remote, st: &FilesState, external: &[(i32, i32)], memfds: &Ha
         }
     }
     place(&temps, true)?;
-    for t in temps.into_iter().flatten() {
+    for t in temps.into_iter().flatten().chain(fifo_holders.into_values()) {
         r.call("close", libc::SYS_close, &[t])?;
     }
     Ok(())
@@ -1071,7 +1151,7 @@ pub fn prepare(st: &FilesState, external: &[(i32, i32)]) -> Result<()> {
             FileKind::External { fd, what, .. } if !external.iter().any(|(f, _)| f == fd) => {
                 return Err(missing_external(*fd, what));
             }
-            FileKind::Path { path, .. } => {
+            FileKind::Path { path, .. } | FileKind::Fifo { path, .. } => {
                 std::fs::metadata(path)
                     .map_err(|e| Error::FileChanged { path: path.clone(), detail: format!("cannot open it: {e}") })?;
             }

@@ -240,6 +240,7 @@ fidelity! {
     memfd_exec,
     membarrier,
     process_attrs settle 20,
+    fifo,
 }
 
 #[test]
@@ -647,6 +648,23 @@ fn pidfd_refused() {
 #[test]
 fn child_process_refused() {
     refused("child_process", &["children", "process trees"]);
+}
+
+/// A FIFO that another process (here the test) holds too is refused, naming it and the holder.
+#[test]
+fn fifo_shared_refused() {
+    if !root() {
+        return;
+    }
+    let p = Prog::start("fifo");
+    let held = fs::OpenOptions::new().write(true).custom_flags(libc::O_NONBLOCK).open(p.path("ctl")).unwrap();
+    let e = ck::dump(p.pid, &p.img(1), AfterDump::Kill).expect_err("a shared FIFO must be refused").to_string();
+    let me = format!("pid {}", std::process::id());
+    assert!(e.contains("ctl") && e.contains("also open in") && e.contains(&me), "{e}");
+    assert!(!p.img(1).join("manifest.img").exists());
+    drop(held);
+    p.go();
+    p.expect_pass();
 }
 
 #[test]
