@@ -50,6 +50,8 @@ pub struct TaskState {
     pub nice: i32,
     pub oom_score_adj: i32,
     pub attrs: Attrs,
+    /// The cgroup v2 path ("0::PATH" in /proc/PID/cgroup), if any.
+    pub cgroup: Option<String>,
 }
 
 /// prctl and /proc attributes carried by the restore (those refused are refused at dump).
@@ -258,6 +260,9 @@ pub fn collect_static(pid: Pid) -> Result<TaskState> {
         affinity: sys::get_affinity(pid).map_err(pt("sched_getaffinity", pid))?,
         nice: sys::get_nice(pid).map_err(pt("getpriority", pid))?,
         oom_score_adj: read_string(pid, "oom_score_adj")?.trim().parse().unwrap_or(0),
+        cgroup: read_string(pid, "cgroup")
+            .ok()
+            .and_then(|c| c.lines().find_map(|l| l.strip_prefix("0::").map(str::to_string))),
         attrs: Attrs {
             loginuid: read_string(pid, "loginuid").ok().and_then(|v| v.trim().parse().ok()),
             coredump_filter: read_string(pid, "coredump_filter")
@@ -561,4 +566,35 @@ pub fn restore_rlimits(pid: Pid, st: &TaskState) -> Result<()> {
         sys::prlimit(pid, res as u32, Some((cur, max))).map_err(pt("prlimit", pid))?;
     }
     Ok(())
+}
+
+/// Where the cgroup v2 hierarchy is mounted here (from /proc/self/mountinfo).
+fn cgroup2_mount() -> Option<std::path::PathBuf> {
+    let mi = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    mi.lines().find_map(|l| {
+        let (pre, post) = l.split_once(" - ")?;
+        (post.split_whitespace().next() == Some("cgroup2")).then(|| pre.split_whitespace().nth(4).map(Into::into))?
+    })
+}
+
+/// Puts the new process (one thread yet) into the image's cgroup v2 when that exists here.
+/// `None`: it is there; `Some(why)`: it stays in the restorer's cgroup, and why (for
+/// the restore report).
+pub fn restore_cgroup(pid: Pid, st: &TaskState) -> Option<String> {
+    let path = st.cgroup.as_deref()?;
+    let Some(mount) = cgroup2_mount() else {
+        return Some(format!("cgroup {path} not restored: no cgroup v2 hierarchy is mounted here"));
+    };
+    let dir = mount.join(path.trim_start_matches('/'));
+    let here = read_string(pid, "cgroup").ok();
+    if here.as_deref().is_some_and(|c| c.lines().any(|l| l.strip_prefix("0::") == Some(path))) {
+        return None;
+    }
+    if !dir.is_dir() {
+        return Some(format!("cgroup {path} not restored: {} does not exist here", dir.display()));
+    }
+    match std::fs::write(dir.join("cgroup.procs"), pid.to_string()) {
+        Ok(()) => None,
+        Err(e) => Some(format!("cgroup {path} not restored: writing {}: {e}", dir.join("cgroup.procs").display())),
+    }
 }

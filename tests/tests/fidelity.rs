@@ -827,3 +827,54 @@ fn blockers_listed_at_once() {
     assert!(blockers.iter().all(|b| !matches!(b["fd"].as_i64(), Some(fd) if fd <= 2)), "{v}");
     assert!(blockers.iter().any(|b| b["message"].as_str().unwrap().contains("process trees")), "{v}");
 }
+
+/// The process comes back in its cgroup v2 when that exists on the restoring machine; when it
+/// does not, the restore still succeeds and its report says so.
+#[test]
+fn cgroup_membership() {
+    if !root() {
+        return;
+    }
+    let Some(mount) = fs::read_to_string("/proc/self/mountinfo").ok().and_then(|mi| {
+        mi.lines().find_map(|l| {
+            let (pre, post) = l.split_once(" - ")?;
+            (post.starts_with("cgroup2 ")).then(|| PathBuf::from(pre.split_whitespace().nth(4).unwrap()))
+        })
+    }) else {
+        eprintln!("SKIP: no cgroup v2 hierarchy mounted");
+        return;
+    };
+    let name = format!("dvk-fid-cg-{}", std::process::id());
+    let cg = mount.join(&name);
+    if fs::create_dir(&cg).is_err() {
+        eprintln!("SKIP: cannot create a cgroup under {}", mount.display());
+        return;
+    }
+    struct Rm(PathBuf);
+    impl Drop for Rm {
+        fn drop(&mut self) {
+            let _ = fs::remove_dir(&self.0);
+        }
+    }
+    let _rm = Rm(cg.clone());
+    let in_cg = |pid: i32| read(Path::new(&format!("/proc/{pid}/cgroup"))).lines().any(|l| l == format!("0::/{name}"));
+    let mut p = Prog::start("anon_memory");
+    fs::write(cg.join("cgroup.procs"), p.pid.to_string()).unwrap();
+    assert!(in_cg(p.pid));
+    ck::dump(p.pid, &p.img(1), AfterDump::LeaveRunning).unwrap();
+    // The original is still there: the copy (a new pid) joins it in the cgroup.
+    let r = ck::restore(&p.img(1), &RestoreOptions::default()).unwrap();
+    assert!(r.notes.is_empty(), "{:?}", r.notes);
+    assert!(in_cg(r.pid), "{}", read(Path::new(&format!("/proc/{}/cgroup", r.pid))));
+    // SAFETY: killing the copy, our child, by pid.
+    unsafe { libc::kill(r.pid, libc::SIGKILL) };
+    wait_exit(r.pid, Duration::from_secs(5));
+    ck::dump(p.pid, &p.img(2), AfterDump::Kill).unwrap();
+    wait_exit(p.pid, Duration::from_secs(5));
+    fs::remove_dir(&cg).unwrap();
+    let r = ck::restore(&p.img(2), &RestoreOptions::default()).unwrap();
+    p.pid = r.pid;
+    assert!(r.notes.iter().any(|n| n.contains(&name) && n.contains("does not exist")), "{:?}", r.notes);
+    p.go();
+    p.expect_pass();
+}
