@@ -193,6 +193,12 @@ fn refusals(pid: Pid, cwd: &str, status: &str, exe: &str) -> Vec<Error> {
     if exe.ends_with(" (deleted)") {
         v.push(Error::Unsupported { pid, what: format!("executable {exe}") });
     }
+    // A chroot: the restore would run it in the restorer's root directory.
+    if let Ok(root) = link(pid, "root") {
+        if root != "/" {
+            v.push(Error::Unsupported { pid, what: format!("a changed root directory {root} (chroot)") });
+        }
+    }
     // Capability sets are not set by the restore: they come from the restorer (this process
     // stands in for it) and the uids. Refuse a process whose sets would differ.
     let me = std::fs::read_to_string("/proc/self/status").unwrap_or_default();

@@ -668,6 +668,11 @@ fn fifo_shared_refused() {
 }
 
 #[test]
+fn pdeathsig_refused() {
+    refused("pdeathsig", &["parent-death signal", "PR_SET_PDEATHSIG 10"]);
+}
+
+#[test]
 fn tcp_socket_refused() {
     refused("tcp_socket", &["fd 3", "AF_INET"]);
 }
