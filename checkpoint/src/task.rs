@@ -119,12 +119,14 @@ fn cap_sets(status: &str) -> [u64; 5] {
     [h("CapInh"), h("CapPrm"), h("CapEff"), h("CapBnd"), h("CapAmb")]
 }
 
-/// The capability sets a restore by `restorer` (its own sets) gives a process with these uids:
-/// the restorer's, minus what setresuid drops (no ambient set is handed down).
+/// The capability sets a restore by a root `restorer` (its own sets) gives a process with these
+/// uids: the restore stub is executed as root (permitted and effective = bounding | inheritable),
+/// then setresuid drops permitted and effective (no uid 0 left) or effective (euid not 0); no
+/// ambient set is handed down.
 fn caps_after_restore(uid: [u32; 3], restorer: [u64; 5]) -> [u64; 5] {
-    let [inh, prm, eff, bnd, _] = restorer;
-    let prm = if uid.contains(&0) { prm } else { 0 };
-    let eff = if uid[1] == 0 { eff } else { 0 };
+    let [inh, _, _, bnd, _] = restorer;
+    let prm = if uid.contains(&0) { bnd | inh } else { 0 };
+    let eff = if uid[1] == 0 { prm } else { 0 };
     [inh, prm, eff, bnd, 0]
 }
 
@@ -602,5 +604,25 @@ pub fn restore_cgroup(pid: Pid, st: &TaskState) -> Option<String> {
     match std::fs::write(dir.join("cgroup.procs"), pid.to_string()) {
         Ok(()) => None,
         Err(e) => Some(format!("cgroup {path} not restored: writing {}: {e}", dir.join("cgroup.procs").display())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn capability_sets_a_restore_gives() {
+        let full = 0x1ff_ffff_ffff;
+        let root = [0, full, full, full, 0];
+        // A root process keeps the restorer's sets; nobody has none but the bounding set.
+        assert_eq!(caps_after_restore([0, 0, 0], root), root);
+        assert_eq!(caps_after_restore([65534; 3], root), [0, 0, 0, full, 0]);
+        // A saved uid 0 keeps the permitted set, not the effective one.
+        assert_eq!(caps_after_restore([1000, 1000, 0], root), [0, full, 0, full, 0]);
+        // A root process that dropped a capability is named with the set that differs.
+        let d = caps_differ([0, full & !(1 << 21), full & !(1 << 21), full, 0], root).unwrap();
+        assert!(d.starts_with("CapPrm ") && d.contains("CapEff ") && !d.contains("CapBnd"), "{d}");
+        assert_eq!(caps_differ(root, root), None);
     }
 }
