@@ -69,9 +69,12 @@ pub enum FileKind {
         value_ns: u64,
         interval_ns: u64,
     },
+    /// `targets`: (fd number it was registered under, events, data, index in
+    /// `FilesState::files` of the registered file — which the fd number may no longer name:
+    /// closed or re-used since, the registration stays).
     Epoll {
         flags: u32,
-        targets: Vec<(i32, u32, u64)>,
+        targets: Vec<(i32, u32, u64, usize)>,
     },
     UnixListener {
         path: Vec<u8>,
@@ -233,7 +236,7 @@ fn describe(pid: Pid, fd: i32, pidfd: &std::os::fd::OwnedFd) -> Result<FileKind>
                 let tfd = get("tfd:").and_then(|v| v.parse().ok()).unwrap_or(-1);
                 let ev = get("events:").and_then(|v| u32::from_str_radix(v, 16).ok()).unwrap_or(0);
                 let data = get("data:").and_then(|v| u64::from_str_radix(v, 16).ok()).unwrap_or(0);
-                targets.push((tfd, ev, data));
+                targets.push((tfd, ev, data, usize::MAX)); // file: see `resolve_epoll_targets`
             }
             return Ok(FileKind::Epoll { flags, targets });
         }
@@ -472,6 +475,9 @@ fn collect_impl(pid: Pid, external: &[i32], all: bool) -> Result<(FilesState, Ve
         }
     }
     if all || errs.is_empty() {
+        resolve_epoll_targets(pid, &mut st, &mut errs);
+    }
+    if all || errs.is_empty() {
         // A FIFO that another process holds too shares its pipe with it: not carried.
         let fifos: Vec<String> = st
             .files
@@ -502,6 +508,41 @@ fn collect_impl(pid: Pid, external: &[i32], all: bool) -> Result<(FilesState, Ve
     errs.sort_by_key(|e| if let Error::UnsupportedFd { fd, .. } = e { *fd } else { -1 });
     Ok((st, errs))
 }
+/// Finds the file description behind every epoll registration (`kcmp(KCMP_EPOLL_TFD)` against
+/// the process's fds, the fd of the same number first), or refuses the epoll naming the one
+/// whose file the process holds no fd of.
+fn resolve_epoll_targets(pid: Pid, st: &mut FilesState, errs: &mut Vec<Error>) {
+    for i in 0..st.files.len() {
+        let FileKind::Epoll { targets, .. } = &st.files[i] else { continue };
+        let Some(epfd) = st.fds.iter().find(|e| e.file == i).map(|e| e.fd) else { continue };
+        let mut found = Vec::with_capacity(targets.len());
+        for (k, &(tfd, ..)) in targets.iter().enumerate() {
+            let toff = targets[..k].iter().filter(|t| t.0 == tfd).count() as u32;
+            let mut cands: Vec<&FdEntry> = st.fds.iter().filter(|e| e.fd == tfd).collect();
+            cands.extend(st.fds.iter().filter(|e| e.fd != tfd));
+            match cands.iter().find(|e| sys::kcmp_epoll_tfd(pid, epfd, tfd, toff, e.fd).unwrap_or(false)) {
+                Some(e) => found.push(e.file),
+                None => {
+                    errs.push(Error::UnsupportedFd {
+                        fd: epfd,
+                        what: "anon_inode:[eventpoll]".into(),
+                        why: format!(
+                            "it watches a file registered as fd {tfd} that the process holds no fd of (kept open \
+                             by something else)"
+                        ),
+                    });
+                    found.push(usize::MAX);
+                }
+            }
+        }
+        if let FileKind::Epoll { targets, .. } = &mut st.files[i] {
+            for (t, f) in targets.iter_mut().zip(found) {
+                t.3 = f;
+            }
+        }
+    }
+}
+
 /// The names a user knows fds 0, 1 and 2 by.
 pub fn stdio_name(fd: i32) -> Option<&'static str> {
     match fd {
@@ -1117,16 +1158,48 @@ pub fn restore(r: &Remote, st: &FilesState, external: &[(i32, i32)], memfds: &Ha
     for (i, f) in st.files.iter().enumerate() {
         if let FileKind::Epoll { flags, targets } = f {
             let fd = r.call("epoll_create1", libc::SYS_epoll_create1, &[libc::O_CLOEXEC as u64])?;
-            for &(tfd, ev, data) in targets {
+            for &(tfd, ev, data, file) in targets {
                 let mut b = Vec::with_capacity(12);
                 b.extend_from_slice(&ev.to_le_bytes());
                 b.extend_from_slice(&data.to_le_bytes());
+                // The number names another file now (or none): lend it the registered file
+                // for the epoll_ctl, then put back what was there.
+                let owner = st.fds.iter().find(|e| e.fd == tfd);
+                let lend = owner.map(|e| e.file) != Some(file);
+                let mut saved = None;
+                if lend {
+                    let t = temps
+                        .get(file)
+                        .copied()
+                        .flatten()
+                        .ok_or_else(|| Error::Restore(format!("epoll target fd {tfd} has no file")))?;
+                    if owner.is_some() {
+                        saved = Some(r.call(
+                            "fcntl(F_DUPFD_CLOEXEC)",
+                            libc::SYS_fcntl,
+                            &[tfd as u64, libc::F_DUPFD_CLOEXEC as u64, temp_base],
+                        )?);
+                    }
+                    r.call(&format!("dup3 to fd {tfd} (epoll target)"), libc::SYS_dup3, &[t, tfd as u64, 0])?;
+                }
                 let a = r.put(0, &b)?;
                 r.call(
                     &format!("epoll_ctl(ADD, fd {tfd})"),
                     libc::SYS_epoll_ctl,
                     &[fd, libc::EPOLL_CTL_ADD as u64, tfd as u64, a],
                 )?;
+                if lend {
+                    match (saved, owner) {
+                        (Some(sv), Some(e)) => {
+                            let fl = if e.cloexec { libc::O_CLOEXEC } else { 0 } as u64;
+                            r.call(&format!("dup3 to fd {tfd}"), libc::SYS_dup3, &[sv, tfd as u64, fl])?;
+                            r.call("close", libc::SYS_close, &[sv])?;
+                        }
+                        _ => {
+                            r.call("close", libc::SYS_close, &[tfd as u64])?;
+                        }
+                    }
+                }
             }
             let _ = flags;
             temps[i] = Some(to_temp(fd)?);

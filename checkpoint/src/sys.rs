@@ -345,6 +345,17 @@ pub fn kcmp_file(pid: Pid, fd1: i32, fd2: i32) -> io::Result<bool> {
     cvt(r).map(|v| v == 0)
 }
 
+/// Is the file registered in epoll `epfd` of `pid` under fd number `tfd` (its `toff`-th
+/// registration under that number, counted in the order its fdinfo lists them) the file of `fd`?
+pub fn kcmp_epoll_tfd(pid: Pid, epfd: i32, tfd: i32, toff: u32, fd: i32) -> io::Result<bool> {
+    let slot: [u32; 3] = [epfd as u32, tfd as u32, toff];
+    // SAFETY: KCMP_EPOLL_TFD reads the 12-byte slot, which lives through the call.
+    let r = unsafe {
+        libc::syscall(libc::SYS_kcmp, pid, pid, 7 /* KCMP_EPOLL_TFD */, fd, slot.as_ptr())
+    };
+    cvt(r).map(|v| v == 0)
+}
+
 /// The status flags (F_GETFL) of one of our own fds.
 pub fn fd_status_flags(fd: i32) -> io::Result<u32> {
     // SAFETY: integer-only fcntl on an fd number; an invalid fd gives EBADF.

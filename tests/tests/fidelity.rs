@@ -241,6 +241,7 @@ fidelity! {
     membarrier,
     process_attrs settle 20,
     fifo,
+    epoll_dup,
 }
 
 #[test]
