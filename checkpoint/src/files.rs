@@ -200,7 +200,8 @@ fn describe(pid: Pid, fd: i32, pidfd: &std::os::fd::OwnedFd) -> Result<FileKind>
         } else {
             return Err(refuse("device or special file"));
         };
-        return Ok(FileKind::Path { path: link.clone(), kind, flags, pos });
+        let path = own_proc_path(pid, &link).map_err(|why| refuse(&why))?;
+        return Ok(FileKind::Path { path, kind, flags, pos });
     }
     if let Some(ino) = link.strip_prefix("pipe:[").and_then(|s| s.strip_suffix(']')) {
         let ino: u64 = ino.parse().unwrap_or(0);
@@ -508,6 +509,31 @@ fn collect_impl(pid: Pid, external: &[i32], all: bool) -> Result<(FilesState, Ve
     errs.sort_by_key(|e| if let Error::UnsupportedFd { fd, .. } = e { *fd } else { -1 });
     Ok((st, errs))
 }
+/// A path under the process's own /proc/PID becomes the same under /proc/self (the restore opens
+/// it from inside the new process, whatever its pid), /proc/PID/task/PID under /proc/thread-self;
+/// another process's /proc files, or another thread's, cannot follow.
+fn own_proc_path(pid: Pid, path: &str) -> std::result::Result<String, String> {
+    let Some(rest) = path.strip_prefix("/proc/") else { return Ok(path.to_string()) };
+    let (first, tail) = rest.split_once('/').map_or((rest, ""), |(a, b)| (a, b));
+    if first.parse::<Pid>().is_err() {
+        return Ok(path.to_string()); // /proc/sys/…, /proc/meminfo: the same on every machine
+    }
+    if first != pid.to_string() {
+        return Err(format!("a file of another process (/proc/{first}) cannot follow the process"));
+    }
+    let join = |base: &str, t: &str| if t.is_empty() { base.to_string() } else { format!("{base}/{t}") };
+    if let Some(t) = tail.strip_prefix("task/") {
+        let (tid, tt) = t.split_once('/').map_or((t, ""), |(a, b)| (a, b));
+        if tid == first {
+            return Ok(join("/proc/thread-self", tt));
+        }
+        if !tid.is_empty() {
+            return Err(format!("a /proc file of thread {tid} cannot follow the process yet"));
+        }
+    }
+    Ok(join("/proc/self", tail))
+}
+
 /// Finds the file description behind every epoll registration (`kcmp(KCMP_EPOLL_TFD)` against
 /// the process's fds, the fd of the same number first), or refuses the epoll naming the one
 /// whose file the process holds no fd of.
@@ -1248,6 +1274,17 @@ mod tests {
 
     /// The fd tests look at this very process's fd table: one at a time.
     static FD_TABLE: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+    #[test]
+    fn own_proc_files_are_named_through_self() {
+        assert_eq!(own_proc_path(74, "/proc/74/maps").unwrap(), "/proc/self/maps");
+        assert_eq!(own_proc_path(74, "/proc/74").unwrap(), "/proc/self");
+        assert_eq!(own_proc_path(74, "/proc/74/task/74/stat").unwrap(), "/proc/thread-self/stat");
+        assert_eq!(own_proc_path(74, "/proc/meminfo").unwrap(), "/proc/meminfo");
+        assert_eq!(own_proc_path(74, "/tmp/proc/74").unwrap(), "/tmp/proc/74");
+        assert!(own_proc_path(74, "/proc/75/maps").unwrap_err().contains("/proc/75"));
+        assert!(own_proc_path(74, "/proc/74/task/76/stat").unwrap_err().contains("thread 76"));
+    }
 
     #[test]
     fn parses_fdinfo_fields() {

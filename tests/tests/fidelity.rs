@@ -242,6 +242,7 @@ fidelity! {
     process_attrs settle 20,
     fifo,
     epoll_dup,
+    proc_self_files,
 }
 
 #[test]
