@@ -675,6 +675,11 @@ fn pdeathsig_refused() {
 }
 
 #[test]
+fn main_thread_exit_refused() {
+    refused("main_thread_exit", &["main thread has exited", "pthread_exit", "1 other thread"]);
+}
+
+#[test]
 fn tcp_socket_refused() {
     refused("tcp_socket", &["fd 3", "AF_INET"]);
 }
