@@ -76,6 +76,9 @@ pub struct Attrs {
     pub speculation: Vec<(u64, u64)>,
     /// membarrier registration commands issued (MEMBARRIER_CMD_GET_REGISTRATIONS).
     pub membarrier: u64,
+    /// `mlockall` flags for future mappings (MCL_FUTURE, MCL_ONFAULT): the mm's default
+    /// VM_LOCKED, which no /proc file shows (see `mlock_future`).
+    pub mlock_future: u64,
     /// /proc/PID/loginuid (None: no audit support).
     pub loginuid: Option<u32>,
     /// /proc/PID/coredump_filter.
@@ -325,6 +328,7 @@ fn collect_attrs(r: &Remote, a: &mut Attrs) -> Result<()> {
             a.speculation.push((which, v as u64));
         }
     }
+    a.mlock_future = mlock_future(r)?;
     let reg = r.raw(libc::SYS_membarrier, &[MEMBARRIER_CMD_GET_REGISTRATIONS, 0, 0])?;
     a.membarrier = if reg >= 0 {
         reg as u64
@@ -341,6 +345,40 @@ fn collect_attrs(r: &Remote, a: &mut Attrs) -> Result<()> {
         bits
     };
     Ok(())
+}
+
+/// `mlockall(MCL_FUTURE)` shows nowhere but in what a new mapping gets: a probe page is mapped
+/// (after the memory was collected) and unmapped. Locked, it adds to VmLck; locked on fault
+/// (MCL_ONFAULT), it is not populated at once.
+fn mlock_future(r: &Remote) -> Result<u64> {
+    let locked_kb = || -> Result<u64> {
+        Ok(field(&read_string(r.pid, "status")?, "VmLck")
+            .and_then(|v| v.trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or(0))
+    };
+    let before = locked_kb()?;
+    let prot = (libc::PROT_READ | libc::PROT_WRITE) as u64;
+    let fl = (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS) as u64;
+    let addr = r.raw(libc::SYS_mmap, &[0, 4096, prot, fl, u64::MAX, 0])?;
+    if addr == -(libc::EAGAIN as i64) {
+        return Ok(libc::MCL_FUTURE as u64); // locking it would exceed RLIMIT_MEMLOCK
+    }
+    if (-4095..0).contains(&addr) {
+        return Err(Error::Injected {
+            pid: r.pid,
+            call: "mmap (mlockall probe)".into(),
+            errno: -addr as i32,
+            msg: crate::inject::errno_name(-addr as i32),
+        });
+    }
+    let after = locked_kb();
+    let resident = r.raw(libc::SYS_mincore, &[addr as u64, 4096, r.scratch]).and_then(|_| r.get(0, 1));
+    r.call("munmap (mlockall probe)", libc::SYS_munmap, &[addr as u64, 4096])?;
+    if after? <= before {
+        return Ok(0);
+    }
+    let onfault = resident?[0] & 1 == 0;
+    Ok((libc::MCL_FUTURE | if onfault { libc::MCL_ONFAULT } else { 0 }) as u64)
 }
 
 fn prctl_cookie(r: &Remote) -> Result<u64> {
@@ -386,6 +424,9 @@ pub fn restore_attrs(r: &Remote, st: &TaskState) -> Result<()> {
                 &[PR_SET_SPECULATION_CTRL, which, state, 0, 0],
             )?;
         }
+    }
+    if a.mlock_future != 0 {
+        r.call("mlockall(MCL_FUTURE)", libc::SYS_mlockall, &[a.mlock_future])?;
     }
     for (reg, _) in MEMBARRIER_REGISTER {
         if a.membarrier & reg != 0 {

@@ -21,7 +21,7 @@ static int vmflags(void *addr, char *flags, size_t n, char *name, size_t nn) {
         unsigned long s, e;
         char perms[8];
         int off = 0;
-        if (sscanf(line, "%lx-%lx %7s %*s %*s %*s%n", &s, &e, perms, &off) == 3 && strchr(line, ':') != line + strcspn(line, " ") - 1) {
+        if (sscanf(line, "%lx-%lx %7s %*s %*s %*s%n", &s, &e, perms, &off) == 3) { /* a mapping's first line */
             in = a >= s && a < e;
             if (in && name) {
                 char *p = line + off;

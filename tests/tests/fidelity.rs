@@ -243,6 +243,7 @@ fidelity! {
     fifo,
     epoll_dup,
     proc_self_files,
+    mlockall_future,
 }
 
 #[test]
