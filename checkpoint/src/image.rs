@@ -374,6 +374,7 @@ mod tests {
                         shared: false,
                         growsdown: false,
                         advice: 0,
+                        guards: vec![],
                         kind: VmaKind::Anon { name: "[heap]".into() },
                         runs,
                     },
@@ -384,6 +385,7 @@ mod tests {
                         shared: false,
                         growsdown: false,
                         advice: 0,
+                        guards: vec![],
                         kind: VmaKind::File {
                             path: "/bin/true".into(),
                             offset: 0,

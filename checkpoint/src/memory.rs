@@ -88,6 +88,8 @@ pub struct Vma {
     pub growsdown: bool,
     /// [`advice`] bits from the VMA's VmFlags.
     pub advice: u32,
+    /// Guard regions (MADV_GUARD_INSTALL) as (addr, len), from pagemap (private mappings).
+    pub guards: Vec<(u64, u64)>,
     pub kind: VmaKind,
     pub runs: Vec<Run>,
 }
@@ -121,6 +123,8 @@ pub mod advice {
     pub const MAYWRITE: u32 = 1 << 11;
     /// `sl`: mseal'ed.
     pub const SEALED: u32 = 1 << 12;
+    /// `dp`: MAP_DROPPABLE (e.g. glibc's vDSO getrandom state).
+    pub const DROPPABLE: u32 = 1 << 13;
 }
 
 /// How each VmFlags mnemonic (proc(5)) is handled. Anything not listed is refused.
@@ -157,6 +161,8 @@ pub const VM_FLAGS: &[(&str, FlagUse)] = &[
     ("rr", FlagUse::Carried(advice::RANDOM)),
     ("nr", FlagUse::Carried(advice::NORESERVE)),
     ("sl", FlagUse::Carried(advice::SEALED)),
+    ("dp", FlagUse::Carried(advice::DROPPABLE)),
+    ("gu", FlagUse::Implied), // may hold guard regions: carried page by page (Vma::guards)
     ("ht", FlagUse::Refused("hugetlb memory (VmFlags ht) is not supported yet")),
     ("io", FlagUse::Refused("a device mapping (VmFlags io)")),
     ("pf", FlagUse::Refused("a device mapping (VmFlags pf, PFNMAP)")),
@@ -287,6 +293,8 @@ pub fn blockers(maps: &[MapLine], flags: &HashMap<u64, Vec<String>>) -> Vec<Erro
 const PM_PRESENT: u64 = 1 << 63;
 const PM_SWAP: u64 = 1 << 62;
 const PM_FILE: u64 = 1 << 61;
+/// A guard region page (Linux 6.15+; shows with PM_SWAP set, as the marker it is).
+const PM_GUARD: u64 = 1 << 58;
 
 /// Collects all VMAs and streams their data pages into `sink`.
 pub fn collect(pid: Pid, maps: &[MapLine], sink: &mut PageSink) -> Result<MemoryState> {
@@ -330,6 +338,7 @@ fn collect_pages(pid: Pid, maps: &[MapLine], sink: &mut PageSink) -> Result<Vec<
             (VmaKind::Anon { .. }, _) => Box::new(|e| e & (PM_PRESENT | PM_SWAP) != 0),
         };
         let mut pages: Vec<(u64, u64)> = Vec::new(); // runs of (addr, len)
+        let mut guards: Vec<(u64, u64)> = Vec::new();
         let needs_pagemap = !matches!(
             (&kind, m.shared()),
             (VmaKind::SharedAnon { .. }, _) | (VmaKind::File { .. } | VmaKind::Memfd { .. }, true)
@@ -349,7 +358,14 @@ fn collect_pages(pid: Pid, maps: &[MapLine], sink: &mut PageSink) -> Result<Vec<
                 for i in 0..n {
                     let e =
                         if needs_pagemap { u64::from_le_bytes(ents[i * 8..i * 8 + 8].try_into().unwrap()) } else { 0 };
-                    if want(e) {
+                    if e & PM_GUARD != 0 {
+                        // A guard page (MADV_GUARD_INSTALL): no data, installed again at restore.
+                        let a = m.start + (first + i) as u64 * PAGE;
+                        match guards.last_mut() {
+                            Some((s, l)) if *s + *l == a => *l += PAGE,
+                            _ => guards.push((a, PAGE)),
+                        }
+                    } else if want(e) {
                         let a = m.start + (first + i) as u64 * PAGE;
                         match pages.last_mut() {
                             Some((s, l)) if *s + *l == a => *l += PAGE,
@@ -368,6 +384,7 @@ fn collect_pages(pid: Pid, maps: &[MapLine], sink: &mut PageSink) -> Result<Vec<
             shared: m.shared(),
             growsdown: false,
             advice: 0,
+            guards,
             kind,
             runs,
         });
@@ -399,7 +416,13 @@ pub fn restore(r: &Remote, state: &MemoryState, pages: &[u8], memfds: &HashMap<u
         match &v.kind {
             VmaKind::Anon { .. } | VmaKind::SharedAnon { .. } => {
                 let mut fl = libc::MAP_ANONYMOUS | libc::MAP_FIXED | noreserve;
-                fl |= if v.shared { libc::MAP_SHARED } else { libc::MAP_PRIVATE };
+                fl |= if v.shared {
+                    libc::MAP_SHARED
+                } else if v.advice & advice::DROPPABLE != 0 {
+                    0x08 // MAP_DROPPABLE, a mapping type of its own
+                } else {
+                    libc::MAP_PRIVATE
+                };
                 if v.growsdown {
                     fl |= libc::MAP_GROWSDOWN;
                 }
@@ -494,6 +517,9 @@ fn restore_name_and_advice(r: &Remote, v: &Vma) -> Result<()> {
         if v.advice & bit != 0 {
             r.call(&format!("madvise({what}) {}", v.describe()), libc::SYS_madvise, &[v.start, len, adv as u64])?;
         }
+    }
+    for &(a, l) in &v.guards {
+        r.call(&format!("madvise(MADV_GUARD_INSTALL) {a:#x}+{l:#x}"), libc::SYS_madvise, &[a, l, 102])?;
     }
     Ok(())
 }
