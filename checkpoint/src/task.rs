@@ -66,7 +66,7 @@ pub struct Attrs {
     pub timerslack_ns: u64,
     /// PR_GET_TSC (0 when not supported).
     pub tsc: u32,
-    /// PR_MCE_KILL_GET.
+    /// PR_MCE_KILL_GET, of the main thread (other threads: `ThreadState::prctls`).
     pub mce_kill: u64,
     /// PR_GET_MDWE (memory-deny-write-execute flags).
     pub mdwe: u64,
@@ -319,15 +319,9 @@ fn collect_attrs(r: &Remote, a: &mut Attrs) -> Result<()> {
     a.dumpable = prctl(PR_GET_DUMPABLE, 0)?.max(0) as u64;
     a.timerslack_ns = prctl(PR_GET_TIMERSLACK, 0)?.max(0) as u64;
     a.tsc = int_out(PR_GET_TSC, "prctl(PR_GET_TSC)").unwrap_or(0) as u32;
-    a.mce_kill = prctl(PR_MCE_KILL_GET, 0)?.max(0) as u64;
+    (a.mce_kill, a.speculation) = collect_thread_prctls(r)?;
     a.mdwe = prctl(PR_GET_MDWE, 0)?.max(0) as u64;
     a.memory_merge = prctl(PR_GET_MEMORY_MERGE, 0)? > 0;
-    for which in 0..3u64 {
-        let v = r.raw(libc::SYS_prctl, &[PR_GET_SPECULATION_CTRL, which, 0, 0, 0])?;
-        if v > 0 && v & 1 != 0 {
-            a.speculation.push((which, v as u64));
-        }
-    }
     a.mlock_future = mlock_future(r)?;
     let reg = r.raw(libc::SYS_membarrier, &[MEMBARRIER_CMD_GET_REGISTRATIONS, 0, 0])?;
     a.membarrier = if reg >= 0 {
@@ -381,6 +375,41 @@ fn mlock_future(r: &Remote) -> Result<u64> {
     Ok((libc::MCL_FUTURE | if onfault { libc::MCL_ONFAULT } else { 0 }) as u64)
 }
 
+/// What only the thread itself can tell and no other thread inherits later: its MCE kill policy
+/// and its speculation controls (those it may set itself: PR_SPEC_PRCTL).
+pub fn collect_thread_prctls(r: &Remote) -> Result<(u64, Vec<(u64, u64)>)> {
+    let mce = r.call("prctl(PR_MCE_KILL_GET)", libc::SYS_prctl, &[PR_MCE_KILL_GET, 0, 0, 0, 0])?;
+    let mut spec = Vec::new();
+    for which in 0..3u64 {
+        let v = r.raw(libc::SYS_prctl, &[PR_GET_SPECULATION_CTRL, which, 0, 0, 0])?;
+        if v > 0 && v & 1 != 0 {
+            spec.push((which, v as u64));
+        }
+    }
+    Ok((mce, spec))
+}
+
+/// [`collect_thread_prctls`]' state, set by the thread itself.
+pub fn restore_thread_prctls(r: &Remote, mce: u64, spec: &[(u64, u64)]) -> Result<()> {
+    let now = r.call("prctl(PR_MCE_KILL_GET)", libc::SYS_prctl, &[PR_MCE_KILL_GET, 0, 0, 0, 0])?;
+    if now != mce {
+        let (op, policy) = if mce == 2 { (0, 0) } else { (1, mce) }; // 2: PR_MCE_KILL_CLEAR to the default
+        r.call("prctl(PR_MCE_KILL)", libc::SYS_prctl, &[PR_MCE_KILL, op, policy, 0, 0])?;
+    }
+    for &(which, v) in spec {
+        let now = r.raw(libc::SYS_prctl, &[PR_GET_SPECULATION_CTRL, which, 0, 0, 0])?;
+        let state = v & 0b11110; // ENABLE, DISABLE, FORCE_DISABLE, DISABLE_NOEXEC
+        if now != v as i64 && state != 0 {
+            r.call(
+                &format!("prctl(PR_SET_SPECULATION_CTRL, {which}, {state:#x})"),
+                libc::SYS_prctl,
+                &[PR_SET_SPECULATION_CTRL, which, state, 0, 0],
+            )?;
+        }
+    }
+    Ok(())
+}
+
 fn prctl_cookie(r: &Remote) -> Result<u64> {
     // prctl(PR_SCHED_CORE, PR_SCHED_CORE_GET, 0 (this task), PIDTYPE_TGID, &cookie)
     let v = r.raw(libc::SYS_prctl, &[PR_SCHED_CORE, 0, 0, 1, r.scratch])?;
@@ -407,23 +436,9 @@ pub fn restore_attrs(r: &Remote, st: &TaskState) -> Result<()> {
     if a.tsc != 0 {
         r.call("prctl(PR_SET_TSC)", libc::SYS_prctl, &[PR_SET_TSC, a.tsc as u64, 0, 0, 0])?;
     }
-    if a.mce_kill != 2 {
-        // PR_MCE_KILL_SET with the policy (2 = the system default, what a new process has).
-        r.call("prctl(PR_MCE_KILL)", libc::SYS_prctl, &[PR_MCE_KILL, 1, a.mce_kill, 0, 0])?;
-    }
+    restore_thread_prctls(r, a.mce_kill, &a.speculation)?;
     if a.memory_merge {
         r.call("prctl(PR_SET_MEMORY_MERGE)", libc::SYS_prctl, &[PR_SET_MEMORY_MERGE, 1, 0, 0, 0])?;
-    }
-    for &(which, v) in &a.speculation {
-        let now = r.raw(libc::SYS_prctl, &[PR_GET_SPECULATION_CTRL, which, 0, 0, 0])?;
-        let state = v & 0b11110; // ENABLE, DISABLE, FORCE_DISABLE, DISABLE_NOEXEC
-        if now != v as i64 && state != 0 {
-            r.call(
-                &format!("prctl(PR_SET_SPECULATION_CTRL, {which}, {state:#x})"),
-                libc::SYS_prctl,
-                &[PR_SET_SPECULATION_CTRL, which, state, 0, 0],
-            )?;
-        }
     }
     if a.mlock_future != 0 {
         r.call("mlockall(MCL_FUTURE)", libc::SYS_mlockall, &[a.mlock_future])?;

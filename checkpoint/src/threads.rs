@@ -35,6 +35,8 @@ pub struct ThreadState {
     pub nice: i32,
     /// PR_GET_TIMERSLACK (per thread).
     pub timerslack_ns: u64,
+    /// MCE kill policy and speculation controls (see `task::collect_thread_prctls`).
+    pub prctls: (u64, Vec<(u64, u64)>),
 }
 
 /// Collects every thread but the main one (injection must be prepared on `f`).
@@ -44,7 +46,7 @@ pub fn collect(f: &mut Frozen) -> Result<Vec<ThreadState>> {
     for t in f.threads.clone() {
         let tid = t.tid;
         let (mut cpu, _) = cpu::collect(tid, &t.regs)?;
-        let (altstack, tid_address, timerslack_ns) = f.with_thread(tid, |r| {
+        let (altstack, tid_address, timerslack_ns, prctls) = f.with_thread(tid, |r| {
             r.call("sigaltstack", libc::SYS_sigaltstack, &[0, r.scratch])?;
             let b = r.get(0, 24)?;
             let flags = u64_at(&b, 8) as u32 as i32;
@@ -53,7 +55,7 @@ pub fn collect(f: &mut Frozen) -> Result<Vec<ThreadState>> {
             let tid_address = u64_at(&r.get(0, 8)?, 0);
             let slack =
                 r.call("prctl(PR_GET_TIMERSLACK)", libc::SYS_prctl, &[30 /* PR_GET_TIMERSLACK */, 0, 0, 0, 0])?;
-            Ok((alt, tid_address, slack))
+            Ok((alt, tid_address, slack, crate::task::collect_thread_prctls(r)?))
         })?;
         let rseq = sys::get_rseq(tid).map_err(pt("PTRACE_GET_RSEQ_CONFIGURATION", tid))?;
         if let Some(rs) = rseq {
@@ -79,6 +81,7 @@ pub fn collect(f: &mut Frozen) -> Result<Vec<ThreadState>> {
             affinity: sys::get_affinity(tid).map_err(pt("sched_getaffinity", tid))?,
             nice: sys::get_nice(tid).map_err(pt("getpriority", tid))?,
             timerslack_ns,
+            prctls,
         });
     }
     Ok(out)
@@ -173,6 +176,7 @@ pub fn restore(
                 &[29 /* PR_SET_TIMERSLACK */, t.timerslack_ns, 0, 0, 0],
             )?;
         }
+        crate::task::restore_thread_prctls(&tr, t.prctls.0, &t.prctls.1)?;
         for info in &t.pending {
             let sig = u32::from_le_bytes(info[0..4].try_into().unwrap()) as u64;
             // Queued by the thread itself: only then does the kernel accept any si_code.

@@ -1,6 +1,6 @@
 /* Per-process attributes set with prctl or through /proc come back: PR_SET_THP_DISABLE,
- * PR_SET_CHILD_SUBREAPER, PR_SET_DUMPABLE 0, PR_SET_TIMERSLACK (main thread and another
- * thread), PR_MCE_KILL, /proc/self/loginuid, /proc/self/coredump_filter, PR_SET_MEMORY_MERGE and
+ * PR_SET_CHILD_SUBREAPER, PR_SET_DUMPABLE 0, PR_SET_TIMERSLACK and PR_MCE_KILL (main thread
+ * and another thread), /proc/self/loginuid, /proc/self/coredump_filter, PR_SET_MEMORY_MERGE and
  * the store-bypass speculation control where the kernel lets the process set them. */
 #include "fidelity.h"
 #include <pthread.h>
@@ -8,12 +8,15 @@
 
 static volatile int stop;
 static unsigned long thread_slack;
+static int thread_mce;
 
 static void *worker(void *a) {
     (void)a;
     prctl(PR_SET_TIMERSLACK, 654321, 0, 0, 0);
+    prctl(PR_MCE_KILL, PR_MCE_KILL_SET, PR_MCE_KILL_LATE, 0, 0); /* per thread, unlike main's */
     while (!stop) msleep(1);
     thread_slack = prctl(PR_GET_TIMERSLACK, 0, 0, 0, 0);
+    thread_mce = prctl(PR_MCE_KILL_GET, 0, 0, 0, 0);
     return NULL;
 }
 
@@ -61,6 +64,7 @@ int main(void) {
     CHECK(prctl(PR_GET_TIMERSLACK, 0, 0, 0, 0) == 123456, "timer slack %d", prctl(PR_GET_TIMERSLACK, 0, 0, 0, 0));
     CHECK(thread_slack == 654321, "thread timer slack %lu", thread_slack);
     CHECK(prctl(PR_MCE_KILL_GET, 0, 0, 0, 0) == PR_MCE_KILL_EARLY, "mce kill policy");
+    CHECK(thread_mce == PR_MCE_KILL_LATE, "thread's mce kill policy %d", thread_mce);
     if (loginuid) CHECK(read_num("/proc/self/loginuid", 10) == 4321, "loginuid %ld", read_num("/proc/self/loginuid", 10));
     CHECK(read_num("/proc/self/coredump_filter", 16) == 5, "coredump_filter %lx", read_num("/proc/self/coredump_filter", 16));
     if (merge) CHECK(prctl(68 /* PR_GET_MEMORY_MERGE */, 0, 0, 0, 0) == 1, "memory merge lost");
