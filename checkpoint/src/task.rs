@@ -198,6 +198,21 @@ fn refusals(pid: Pid, cwd: &str, status: &str, exe: &str) -> Vec<Error> {
     if exe.ends_with(" (deleted)") {
         v.push(Error::Unsupported { pid, what: format!("executable {exe}") });
     }
+    // An LSM label (AppArmor profile, SELinux context) other than the restorer's would be lost:
+    // the restored process runs under the restorer's (without an LSM, the file cannot be read).
+    let label =
+        |p: &str| std::fs::read(p).ok().map(|b| String::from_utf8_lossy(&b).trim_end_matches(['\0', '\n']).to_string());
+    if let (Some(theirs), Some(mine)) = (label(&format!("/proc/{pid}/attr/current")), label("/proc/self/attr/current"))
+    {
+        if theirs != mine {
+            v.push(Error::Unsupported {
+                pid,
+                what: format!(
+                    "security label {theirs:?} (the restore would run it as {mine:?}; LSM labels are not carried)"
+                ),
+            });
+        }
+    }
     // A chroot: the restore would run it in the restorer's root directory.
     if let Ok(root) = link(pid, "root") {
         if root != "/" {
