@@ -83,7 +83,7 @@ pub struct Attrs {
     pub loginuid: Option<u32>,
     /// /proc/PID/coredump_filter.
     pub coredump_filter: Option<u64>,
-    /// CapInh, CapPrm, CapEff, CapBnd, CapAmb (checked after the restore, see `check_caps`).
+    /// CapInh, CapPrm, CapEff, CapBnd, CapAmb (checked again after the restore: `restore_last`).
     pub caps: [u64; 5],
 }
 
@@ -324,7 +324,7 @@ fn collect_attrs(r: &Remote, a: &mut Attrs) -> Result<()> {
             what: format!("securebits {sb:#x} (PR_SET_SECUREBITS, PR_SET_KEEPCAPS)"),
         });
     }
-    // PR_SCHED_CORE_GET of this thread group (type 1): a core-scheduling cookie.
+    // A core-scheduling cookie (PR_SCHED_CORE_GET).
     r.put(0, &[0u8; 8])?;
     if prctl_cookie(r)? != 0 {
         return Err(Error::Unsupported { pid, what: "a core-scheduling cookie (PR_SCHED_CORE)".into() });
@@ -426,8 +426,9 @@ pub fn restore_thread_prctls(r: &Remote, mce: u64, spec: &[(u64, u64)]) -> Resul
 }
 
 fn prctl_cookie(r: &Remote) -> Result<u64> {
-    // prctl(PR_SCHED_CORE, PR_SCHED_CORE_GET, 0 (this task), PIDTYPE_TGID, &cookie)
-    let v = r.raw(libc::SYS_prctl, &[PR_SCHED_CORE, 0, 0, 1, r.scratch])?;
+    // prctl(PR_SCHED_CORE, PR_SCHED_CORE_GET, 0 (this task), PIDTYPE_PID (the only type GET
+    // takes), &cookie)
+    let v = r.raw(libc::SYS_prctl, &[PR_SCHED_CORE, 0, 0, 0, r.scratch])?;
     if v < 0 {
         return Ok(0); // no core scheduling in this kernel
     }
