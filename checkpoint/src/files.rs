@@ -1250,9 +1250,16 @@ pub fn prepare(st: &FilesState, external: &[(i32, i32)]) -> Result<()> {
             FileKind::External { fd, what, .. } if !external.iter().any(|(f, _)| f == fd) => {
                 return Err(missing_external(*fd, what));
             }
-            FileKind::Path { path, .. } | FileKind::Fifo { path, .. } => {
+            FileKind::Path { path, .. } => {
                 std::fs::metadata(path)
                     .map_err(|e| Error::FileChanged { path: path.clone(), detail: format!("cannot open it: {e}") })?;
+            }
+            FileKind::Fifo { path, .. } => {
+                let md = std::fs::metadata(path)
+                    .map_err(|e| Error::FileChanged { path: path.clone(), detail: format!("cannot open it: {e}") })?;
+                if !md.file_type().is_fifo() {
+                    return Err(Error::FileChanged { path: path.clone(), detail: "it is not a FIFO any more".into() });
+                }
             }
             FileKind::UnixListener { path, .. } => {
                 let p = std::path::Path::new(std::ffi::OsStr::from_bytes(path));
