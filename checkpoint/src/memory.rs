@@ -316,8 +316,40 @@ pub fn collect(pid: Pid, maps: &[MapLine], sink: &mut PageSink) -> Result<Memory
             why: "not found in /proc/PID/smaps (its VmFlags cannot be read)".into(),
         })?;
         (v.advice, v.growsdown) = judge_flags(m, flags)?;
+        // Shared file mappings were not looked at in pagemap (no page of theirs is data): look
+        // for guard pages where the VMA says it may hold some.
+        if m.shared()
+            && matches!(v.kind, VmaKind::File { .. } | VmaKind::Memfd { .. })
+            && flags.iter().any(|f| f == "gu")
+        {
+            v.guards = guard_runs(pid, m.start, m.end)?;
+        }
     }
     Ok(MemoryState { vmas })
+}
+
+/// The guard pages of `start..end`, as runs of (addr, len), from pagemap.
+fn guard_runs(pid: Pid, start: u64, end: u64) -> Result<Vec<(u64, u64)>> {
+    let pm_path = proc_path(pid, "pagemap");
+    let pagemap = File::open(&pm_path).map_err(io_at(&pm_path))?;
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    let mut ents = vec![0u8; 8 << 16];
+    let mut a = start;
+    while a < end {
+        let n = (((end - a) / PAGE) as usize).min(1 << 16);
+        sys::pread_exact(&pagemap, &mut ents[..n * 8], a / PAGE * 8).map_err(io_at(&pm_path))?;
+        for i in 0..n {
+            if u64::from_le_bytes(ents[i * 8..i * 8 + 8].try_into().unwrap()) & PM_GUARD != 0 {
+                let p = a + i as u64 * PAGE;
+                match out.last_mut() {
+                    Some((s, l)) if *s + *l == p => *l += PAGE,
+                    _ => out.push((p, PAGE)),
+                }
+            }
+        }
+        a += n as u64 * PAGE;
+    }
+    Ok(out)
 }
 
 /// Every VMA (advice and growsdown not yet known) with its data pages streamed into `sink`.
@@ -339,10 +371,8 @@ fn collect_pages(pid: Pid, maps: &[MapLine], sink: &mut PageSink) -> Result<Vec<
         };
         let mut pages: Vec<(u64, u64)> = Vec::new(); // runs of (addr, len)
         let mut guards: Vec<(u64, u64)> = Vec::new();
-        let needs_pagemap = !matches!(
-            (&kind, m.shared()),
-            (VmaKind::SharedAnon { .. }, _) | (VmaKind::File { .. } | VmaKind::Memfd { .. }, true)
-        );
+        // (Shared anonymous memory is stored whole, but its guard pages must be skipped.)
+        let needs_pagemap = !matches!((&kind, m.shared()), (VmaKind::File { .. } | VmaKind::Memfd { .. }, true));
         if !(matches!(kind, VmaKind::File { .. } | VmaKind::Memfd { .. }) && m.shared()) {
             // pagemap in chunks of 64 Ki pages (512 KiB of entries): a huge sparse reservation
             // costs time, not memory.

@@ -2,7 +2,7 @@
  * mlock2(MLOCK_ONFAULT) (lf); madvise DONTFORK (dc), DONTDUMP (dd), WIPEONFORK (wf), HUGEPAGE
  * (hg), NOHUGEPAGE (nh), MERGEABLE (mg), RANDOM (rr), SEQUENTIAL (sr); MAP_NORESERVE (nr); mseal
  * (sl); MAP_DROPPABLE (dp, glibc's getrandom state); guard pages (MADV_GUARD_INSTALL, seen in
- * pagemap); an anonymous mapping's name; a MAP_GROWSDOWN mapping that is not the main stack still
+ * pagemap) in private and shared memory; an anonymous mapping's name; a MAP_GROWSDOWN mapping that is not the main stack still
  * grows; a shared file mapping that was read-only (its O_RDWR fd closed) can still be made
  * writable with mprotect. Each is checked from /proc/self/smaps and by using it. */
 #include "fidelity.h"
@@ -90,6 +90,15 @@ int main(void) {
         if (!has(m[i].p, m[i].flag)) { printf("FAIL setup: no %s before the dump\n", m[i].flag); return 2; }
     char *guarded = anon(3, 0);
     int guard = madvise(guarded + PG, PG, 102 /* MADV_GUARD_INSTALL */) == 0; /* Linux 6.13+ */
+    /* Guard pages in shared memory, anonymous and file-backed (Linux 6.15+). */
+    char *gsa = mmap(NULL, 3 * PG, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+    memset(gsa, 'v', 3 * PG);
+    int gfd = open("guarded.bin", O_RDWR | O_CREAT | O_TRUNC, 0600);
+    ftruncate(gfd, 3 * PG);
+    char *gsf = mmap(NULL, 3 * PG, PROT_READ | PROT_WRITE, MAP_SHARED, gfd, 0);
+    close(gfd);
+    memset(gsf, 'v', 3 * PG);
+    int guard_shared = madvise(gsa + PG, PG, 102) == 0 && madvise(gsf + PG, PG, 102) == 0;
     char *named = anon(2, 0);
     /* (Kernels without CONFIG_ANON_VMA_NAME refuse to name it: then it is not checked.) */
     int naming = prctl(0x53564d41 /* PR_SET_VMA */, 0 /* PR_SET_VMA_ANON_NAME */, named, 2 * PG, "fid-name") == 0;
@@ -129,6 +138,10 @@ int main(void) {
     if (guard) {
         CHECK(!touch(guarded + PG), "guard page lost: it can be touched");
         CHECK(guarded[0] == 'v' && guarded[2 * PG] == 'v', "pages around the guard page");
+    }
+    if (guard_shared) {
+        CHECK(!touch(gsa + PG) && !touch(gsf + PG), "guard page in shared memory lost");
+        CHECK(gsa[0] == 'v' && gsa[2 * PG] == 'v' && gsf[0] == 'v' && gsf[2 * PG] == 'v', "shared pages around the guard pages");
     }
     CHECK(has(gd, "gd"), "growsdown flag lost");
     CHECK(gd[0] == 'G' && gd[-PG] == 'g', "growsdown data");
