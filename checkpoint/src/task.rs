@@ -79,6 +79,11 @@ pub struct Attrs {
     /// `mlockall` flags for future mappings (MCL_FUTURE, MCL_ONFAULT): the mm's default
     /// VM_LOCKED, which no /proc file shows (see `mlock_future`).
     pub mlock_future: u64,
+    /// `arch_prctl(ARCH_SET_CPUID, 0)`: CPUID faults (as under the rr debugger).
+    pub cpuid_faulting: bool,
+    /// `arch_prctl(ARCH_GET_XCOMP_PERM)`: the dynamically enabled xstate features the process was
+    /// granted (ARCH_REQ_XCOMP_PERM, e.g. AMX tile data, 18).
+    pub xcomp_perm: u64,
     /// /proc/PID/loginuid (None: no audit support).
     pub loginuid: Option<u32>,
     /// /proc/PID/coredump_filter.
@@ -107,6 +112,12 @@ const PR_SET_MDWE: u64 = 65;
 const PR_GET_MDWE: u64 = 66;
 const PR_SET_MEMORY_MERGE: u64 = 67;
 const PR_GET_MEMORY_MERGE: u64 = 68;
+const ARCH_GET_CPUID: u64 = 0x1011;
+const ARCH_SET_CPUID: u64 = 0x1012;
+const ARCH_GET_XCOMP_PERM: u64 = 0x1022;
+const ARCH_REQ_XCOMP_PERM: u64 = 0x1023;
+/// The xstate features a process must ask for (XFEATURE_XTILEDATA, AMX); the others are given.
+const XFEATURES_DYNAMIC: [u64; 1] = [18];
 const MEMBARRIER_CMD_GET_REGISTRATIONS: u64 = 1 << 9;
 /// The membarrier registration commands and, for each, the command that fails with EPERM
 /// without it (the probe on kernels before 6.3, which lack GET_REGISTRATIONS).
@@ -338,6 +349,11 @@ fn collect_attrs(r: &Remote, a: &mut Attrs) -> Result<()> {
     a.mdwe = prctl(PR_GET_MDWE, 0)?.max(0) as u64;
     a.memory_merge = prctl(PR_GET_MEMORY_MERGE, 0)? > 0;
     a.mlock_future = mlock_future(r)?;
+    a.cpuid_faulting = r.raw(libc::SYS_arch_prctl, &[ARCH_GET_CPUID, 0])? == 0;
+    r.put(0, &[0u8; 8])?;
+    if r.raw(libc::SYS_arch_prctl, &[ARCH_GET_XCOMP_PERM, r.scratch])? == 0 {
+        a.xcomp_perm = u64_at(&r.get(0, 8)?, 0);
+    }
     let reg = r.raw(libc::SYS_membarrier, &[MEMBARRIER_CMD_GET_REGISTRATIONS, 0, 0])?;
     a.membarrier = if reg >= 0 {
         reg as u64
@@ -455,6 +471,13 @@ pub fn restore_attrs(r: &Remote, st: &TaskState) -> Result<()> {
     restore_thread_prctls(r, a.mce_kill, &a.speculation)?;
     if a.memory_merge {
         r.call("prctl(PR_SET_MEMORY_MERGE)", libc::SYS_prctl, &[PR_SET_MEMORY_MERGE, 1, 0, 0, 0])?;
+    }
+    if a.cpuid_faulting {
+        r.call("arch_prctl(ARCH_SET_CPUID, 0)", libc::SYS_arch_prctl, &[ARCH_SET_CPUID, 0])?;
+    }
+    // Before the registers and xstate are written (finish): AMX state needs the permission.
+    for f in XFEATURES_DYNAMIC.into_iter().filter(|f| a.xcomp_perm & (1 << f) != 0) {
+        r.call(&format!("arch_prctl(ARCH_REQ_XCOMP_PERM, {f})"), libc::SYS_arch_prctl, &[ARCH_REQ_XCOMP_PERM, f])?;
     }
     if a.mlock_future != 0 {
         r.call("mlockall(MCL_FUTURE)", libc::SYS_mlockall, &[a.mlock_future])?;
