@@ -5,11 +5,14 @@
 
 static void *worker(void *a) {
     (void)a;
-    msleep(20); /* main has exited by now (it is checked below) */
     char st[256] = "";
-    int fd = open("/proc/self/status", O_RDONLY);
-    read(fd, st, sizeof st - 1);
-    close(fd);
+    for (int i = 0; i < 5000 && !strstr(st, "State:\tZ"); i++) { /* until main has exited */
+        msleep(1);
+        memset(st, 0, sizeof st);
+        int fd = open("/proc/self/status", O_RDONLY);
+        read(fd, st, sizeof st - 1);
+        close(fd);
+    }
     if (!strstr(st, "State:\tZ")) { printf("FAIL setup: the main thread did not exit\n"); exit(2); }
     ready();
     wait_go();

@@ -6,7 +6,7 @@
 #include <pthread.h>
 #include <sys/prctl.h>
 
-static volatile int stop;
+static volatile int stop, started;
 static unsigned long thread_slack;
 static int thread_mce;
 
@@ -14,6 +14,7 @@ static void *worker(void *a) {
     (void)a;
     prctl(PR_SET_TIMERSLACK, 654321, 0, 0, 0);
     prctl(PR_MCE_KILL, PR_MCE_KILL_SET, PR_MCE_KILL_LATE, 0, 0); /* per thread, unlike main's */
+    started = 1;
     while (!stop) msleep(1);
     thread_slack = prctl(PR_GET_TIMERSLACK, 0, 0, 0, 0);
     thread_mce = prctl(PR_MCE_KILL_GET, 0, 0, 0, 0);
@@ -50,7 +51,8 @@ int main(void) {
     spec = prctl(PR_GET_SPECULATION_CTRL, PR_SPEC_STORE_BYPASS, 0, 0, 0);
     pthread_t t;
     pthread_create(&t, NULL, worker, NULL);
-    msleep(5);
+    for (int i = 0; i < 5000 && !started; i++) msleep(1);
+    if (!started) { printf("FAIL setup: the thread did not start\n"); return 2; }
     prctl(PR_SET_DUMPABLE, 0, 0, 0, 0);
     ready();
     wait_go();
