@@ -103,10 +103,11 @@ int main(void) {
     /* (Kernels without CONFIG_ANON_VMA_NAME refuse to name it: then it is not checked.) */
     int naming = prctl(0x53564d41 /* PR_SET_VMA */, 0 /* PR_SET_VMA_ANON_NAME */, named, 2 * PG, "fid-name") == 0;
 
-    /* A growsdown mapping at the top of 8 MiB of free space (the guard gap is 1 MiB). */
-    char *hole = mmap(NULL, 8 << 20, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-    munmap(hole, 8 << 20);
-    char *gd = mmap(hole + (8 << 20) - 2 * PG, 2 * PG, PROT_READ | PROT_WRITE,
+    /* A growsdown mapping with two free pages below it, then a PROT_NONE reservation (an
+     * inaccessible neighbour needs no guard gap; no other mapping fits in those two pages). */
+    char *res = mmap(NULL, 16 * PG, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    munmap(res + 12 * PG, 4 * PG);
+    char *gd = mmap(res + 14 * PG, 2 * PG, PROT_READ | PROT_WRITE,
                     MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED | MAP_GROWSDOWN, -1, 0);
     gd[0] = 'G';
     CHECK(touch(gd - PG), "growsdown mapping does not grow before the dump");
