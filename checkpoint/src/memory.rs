@@ -632,3 +632,34 @@ pub fn read_mem(pid: Pid, addr: u64, buf: &mut [u8]) -> Result<()> {
     let f = File::open(&p).map_err(io_at(&p))?;
     sys::pread_exact(&f, buf, addr).map_err(io_at(&p))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn line(perms: &[u8; 4], path: &str) -> MapLine {
+        MapLine { start: 0x1000, end: 0x3000, perms: *perms, offset: 0, inode: 0, path: path.into() }
+    }
+    fn flags(f: &str) -> Vec<String> {
+        f.split_whitespace().map(str::to_string).collect()
+    }
+
+    #[test]
+    fn vm_flags_are_carried_or_refused_by_name() {
+        let anon = line(b"rw-p", "");
+        let (bits, gd) = judge_flags(&anon, &flags("rd wr mr mw me ac lo lf dc dd wf hg mg sr nr sd gd")).unwrap();
+        assert!(gd);
+        for b in [advice::LOCKED, advice::LOCK_ONFAULT, advice::DONTFORK, advice::DONTDUMP, advice::WIPEONFORK] {
+            assert_ne!(bits & b, 0);
+        }
+        // `mw` matters only on a shared file mapping.
+        assert_eq!(bits & advice::MAYWRITE, 0);
+        let (bits, _) = judge_flags(&line(b"r--s", "/tmp/data"), &flags("rd mr mw me ms")).unwrap();
+        assert_ne!(bits & advice::MAYWRITE, 0);
+        // Refused, naming the flag: hugetlb, userfaultfd, a flag this engine does not know, a pkey.
+        for (f, want) in [("rd ht", "hugetlb"), ("rd um", "userfaultfd"), ("rd zz", "`zz`"), ("rd pkey:3", "key 3")] {
+            let e = judge_flags(&anon, &flags(f)).unwrap_err().to_string();
+            assert!(e.contains("0x1000-0x3000") && e.contains(want), "{f}: {e}");
+        }
+    }
+}
