@@ -77,10 +77,27 @@ pub fn preflight(pid: Pid, opts: &DumpOptions) -> Result<()> {
 /// seccomp, a tracer, children, POSIX timers. The fds in `opts.external_fds` are not judged.
 /// `Err` only when the process cannot be read at all.
 pub fn blockers(pid: Pid, opts: &DumpOptions) -> Result<Vec<Error>> {
-    let mut v = memory::blockers(&proc::maps(pid)?);
+    // A thread-group leader that exited (pthread_exit in main) while other threads run on: its
+    // /proc entries (maps, fds) are gone, nothing else can be judged through it.
+    let status = proc::read_string(pid, "status")?;
+    let threads: usize = proc::field(&status, "Threads").and_then(|v| v.parse().ok()).unwrap_or(1);
+    if proc::field(&status, "State").is_some_and(|s| s.starts_with('Z')) && threads > 1 {
+        return Ok(vec![Error::Unsupported {
+            pid,
+            what: format!(
+                "a process whose main thread has exited (pthread_exit in main; {} other thread(s) run on)",
+                threads - 1
+            ),
+        }]);
+    }
+    let maps = proc::maps(pid)?;
+    let mut flags = proc::vm_flags(pid)?;
+    if opts.precopy.is_some() {
+        crate::precopy::drop_own_marks(&maps, &mut flags);
+    }
+    let mut v = memory::blockers(&maps, &flags);
     v.extend(files::blockers(pid, &opts.external_fds)?);
     v.extend(task::blockers(pid)?);
-    let status = proc::read_string(pid, "status")?;
     // Another tracer (a debugger, strace): the freeze (PTRACE_SEIZE) would fail.
     if let Some(t) = proc::field(&status, "TracerPid").and_then(|v| v.parse::<Pid>().ok()) {
         if t != 0 && t != std::process::id() as Pid {

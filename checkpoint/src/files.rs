@@ -2,7 +2,7 @@
 //! `kcmp(KCMP_FILE)`), then every fd number that refers to it with its close-on-exec flag.
 //!
 //! Supported: regular files and directories (path, flags, offset), /dev/null and friends, FIFOs by
-//! path, pipes with both ends in the process (unread data copied with `tee`, not consumed),
+//! path with their unread data (when no other process holds them), pipes with both ends in the process (unread data copied with `tee`, not consumed),
 //! eventfd (counter), timerfd (clock, remaining time, interval, unread ticks), epoll (every
 //! registered fd with its events and data), AF_UNIX listeners bound to a path, AF_UNIX stream
 //! pairs with both ends inside (peer from sock_diag, unread bytes with MSG_PEEK), memfds, and
@@ -29,7 +29,6 @@ pub enum PathKind {
     Regular,
     Dir,
     CharDev,
-    Fifo,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -39,6 +38,15 @@ pub enum FileKind {
         kind: PathKind,
         flags: u32,
         pos: u64,
+    },
+    /// A FIFO (named pipe) opened by path; `data` (unread bytes, copied with `tee`) and `size`
+    /// are the pipe's (the same in every description of the FIFO `ino`).
+    Fifo {
+        path: String,
+        ino: u64,
+        flags: u32,
+        data: Vec<u8>,
+        size: u64,
     },
     /// One end of a pipe; `data` (unread bytes) and `size` are carried by the read end.
     Pipe {
@@ -61,9 +69,12 @@ pub enum FileKind {
         value_ns: u64,
         interval_ns: u64,
     },
+    /// `targets`: (fd number it was registered under, events, data, index in
+    /// `FilesState::files` of the registered file — which the fd number may no longer name:
+    /// closed or re-used since, the registration stays).
     Epoll {
         flags: u32,
-        targets: Vec<(i32, u32, u64)>,
+        targets: Vec<(i32, u32, u64, usize)>,
     },
     UnixListener {
         path: Vec<u8>,
@@ -164,7 +175,24 @@ fn describe(pid: Pid, fd: i32, pidfd: &std::os::fd::OwnedFd) -> Result<FileKind>
         } else if ft.is_dir() {
             PathKind::Dir
         } else if ft.is_fifo() {
-            PathKind::Fifo
+            // The pipe behind it, to copy its unread data: through the process's own description
+            // when it can read, else a new read-only opener of the FIFO (never waits).
+            let readable = flags & libc::O_ACCMODE as u32 != libc::O_WRONLY as u32;
+            let pipe: std::os::fd::OwnedFd = if readable {
+                sys::pidfd_getfd(pidfd, fd).map_err(|e| refuse(&format!("pidfd_getfd: {e}")))?
+            } else {
+                use std::os::unix::fs::OpenOptionsExt;
+                std::fs::OpenOptions::new()
+                    .read(true)
+                    .custom_flags(libc::O_NONBLOCK)
+                    .open(proc_path(pid, &format!("fd/{fd}")))
+                    .map_err(|e| refuse(&format!("cannot open the FIFO to copy its data: {e}")))?
+                    .into()
+            };
+            let size = sys::pipe_size(&pipe).map_err(|e| refuse(&e.to_string()))? as u64;
+            let data =
+                sys::pipe_peek(&pipe, size as usize).map_err(|e| refuse(&format!("cannot copy unread data: {e}")))?;
+            return Ok(FileKind::Fifo { path: link.clone(), ino: own.ino(), flags, data, size });
         } else if ft.is_char_device() && ALLOWED_DEVS.contains(&link.as_str()) {
             PathKind::CharDev
         } else if ft.is_char_device() && is_tty_path(&link) {
@@ -172,7 +200,8 @@ fn describe(pid: Pid, fd: i32, pidfd: &std::os::fd::OwnedFd) -> Result<FileKind>
         } else {
             return Err(refuse("device or special file"));
         };
-        return Ok(FileKind::Path { path: link.clone(), kind, flags, pos });
+        let path = own_proc_path(pid, &link).map_err(|why| refuse(&why))?;
+        return Ok(FileKind::Path { path, kind, flags, pos });
     }
     if let Some(ino) = link.strip_prefix("pipe:[").and_then(|s| s.strip_suffix(']')) {
         let ino: u64 = ino.parse().unwrap_or(0);
@@ -208,7 +237,7 @@ fn describe(pid: Pid, fd: i32, pidfd: &std::os::fd::OwnedFd) -> Result<FileKind>
                 let tfd = get("tfd:").and_then(|v| v.parse().ok()).unwrap_or(-1);
                 let ev = get("events:").and_then(|v| u32::from_str_radix(v, 16).ok()).unwrap_or(0);
                 let data = get("data:").and_then(|v| u64::from_str_radix(v, 16).ok()).unwrap_or(0);
-                targets.push((tfd, ev, data));
+                targets.push((tfd, ev, data, usize::MAX)); // file: see `resolve_epoll_targets`
             }
             return Ok(FileKind::Epoll { flags, targets });
         }
@@ -446,10 +475,100 @@ fn collect_impl(pid: Pid, external: &[i32], all: bool) -> Result<(FilesState, Ve
             }
         }
     }
+    if all || errs.is_empty() {
+        resolve_epoll_targets(pid, &mut st, &mut errs);
+    }
+    if all || errs.is_empty() {
+        // A FIFO that another process holds too shares its pipe with it: not carried.
+        let fifos: Vec<String> = st
+            .files
+            .iter()
+            .filter_map(|f| if let FileKind::Fifo { path, .. } = f { Some(path.clone()) } else { None })
+            .collect();
+        if !fifos.is_empty() {
+            let holders = holders_of(&fifos, pid);
+            for e in &st.fds {
+                let FileKind::Fifo { path, .. } = &st.files[e.file] else { continue };
+                if let Some(h) = holders.get(path).filter(|h| !h.is_empty()) {
+                    errs.push(Error::UnsupportedFd {
+                        fd: e.fd,
+                        what: path.clone(),
+                        why: format!(
+                            "the FIFO is also open in {} (FIFOs are carried only when no other process holds them)",
+                            name_holders(h)
+                        ),
+                    });
+                    if !all {
+                        break;
+                    }
+                }
+            }
+        }
+    }
     name_other_ends(pid, &mut errs, ties);
     errs.sort_by_key(|e| if let Error::UnsupportedFd { fd, .. } = e { *fd } else { -1 });
     Ok((st, errs))
 }
+/// A path under the process's own /proc/PID becomes the same under /proc/self (the restore opens
+/// it from inside the new process, whatever its pid), /proc/PID/task/PID under /proc/thread-self;
+/// another process's /proc files, or another thread's, cannot follow.
+fn own_proc_path(pid: Pid, path: &str) -> std::result::Result<String, String> {
+    let Some(rest) = path.strip_prefix("/proc/") else { return Ok(path.to_string()) };
+    let (first, tail) = rest.split_once('/').map_or((rest, ""), |(a, b)| (a, b));
+    if first.parse::<Pid>().is_err() {
+        return Ok(path.to_string()); // /proc/sys/…, /proc/meminfo: the same on every machine
+    }
+    if first != pid.to_string() {
+        return Err(format!("a file of another process (/proc/{first}) cannot follow the process"));
+    }
+    let join = |base: &str, t: &str| if t.is_empty() { base.to_string() } else { format!("{base}/{t}") };
+    if let Some(t) = tail.strip_prefix("task/") {
+        let (tid, tt) = t.split_once('/').map_or((t, ""), |(a, b)| (a, b));
+        if tid == first {
+            return Ok(join("/proc/thread-self", tt));
+        }
+        if !tid.is_empty() {
+            return Err(format!("a /proc file of thread {tid} cannot follow the process yet"));
+        }
+    }
+    Ok(join("/proc/self", tail))
+}
+
+/// Finds the file description behind every epoll registration (`kcmp(KCMP_EPOLL_TFD)` against
+/// the process's fds, the fd of the same number first), or refuses the epoll naming the one
+/// whose file the process holds no fd of.
+fn resolve_epoll_targets(pid: Pid, st: &mut FilesState, errs: &mut Vec<Error>) {
+    for i in 0..st.files.len() {
+        let FileKind::Epoll { targets, .. } = &st.files[i] else { continue };
+        let Some(epfd) = st.fds.iter().find(|e| e.file == i).map(|e| e.fd) else { continue };
+        let mut found = Vec::with_capacity(targets.len());
+        for (k, &(tfd, ..)) in targets.iter().enumerate() {
+            let toff = targets[..k].iter().filter(|t| t.0 == tfd).count() as u32;
+            let mut cands: Vec<&FdEntry> = st.fds.iter().filter(|e| e.fd == tfd).collect();
+            cands.extend(st.fds.iter().filter(|e| e.fd != tfd));
+            match cands.iter().find(|e| sys::kcmp_epoll_tfd(pid, epfd, tfd, toff, e.fd).unwrap_or(false)) {
+                Some(e) => found.push(e.file),
+                None => {
+                    errs.push(Error::UnsupportedFd {
+                        fd: epfd,
+                        what: "anon_inode:[eventpoll]".into(),
+                        why: format!(
+                            "it watches a file registered as fd {tfd} that the process holds no fd of (kept open \
+                             by something else)"
+                        ),
+                    });
+                    found.push(usize::MAX);
+                }
+            }
+        }
+        if let FileKind::Epoll { targets, .. } = &mut st.files[i] {
+            for (t, f) in targets.iter_mut().zip(found) {
+                t.3 = f;
+            }
+        }
+    }
+}
+
 /// The names a user knows fds 0, 1 and 2 by.
 pub fn stdio_name(fd: i32) -> Option<&'static str> {
     match fd {
@@ -822,6 +941,8 @@ pub fn restore(r: &Remote, st: &FilesState, external: &[(i32, i32)], memfds: &Ha
     let top = st.fds.iter().map(|e| e.fd).max().unwrap_or(-1);
     let temp_base = (top + 1).max(3) as u64;
     let mut temps: Vec<Option<u64>> = vec![None; st.files.len()];
+    let mut helper_used: HashSet<u64> = HashSet::new();
+    let mut fifo_holders: HashMap<u64, u64> = HashMap::new();
     let to_temp = |fd: u64| -> Result<u64> {
         let t = r.call("fcntl(F_DUPFD_CLOEXEC)", libc::SYS_fcntl, &[fd, libc::F_DUPFD_CLOEXEC as u64, temp_base])?;
         r.call("close", libc::SYS_close, &[fd])?;
@@ -835,17 +956,44 @@ pub fn restore(r: &Remote, st: &FilesState, external: &[(i32, i32)], memfds: &Ha
             continue;
         }
         let fd = match f {
-            FileKind::Path { path, kind, flags, pos } => {
+            FileKind::Fifo { path, ino, flags, data, size } => {
                 let p = r.put_cstr(0, path.as_bytes())?;
-                let mut fl = flags & KEEP_FLAGS;
-                if *kind == PathKind::Fifo {
-                    fl |= libc::O_NONBLOCK as u32; // a FIFO open must not wait for a peer
+                if !fifo_holders.contains_key(ino) {
+                    // A read-write opener held until every fd exists: the pipe lives on, its
+                    // data goes in once, write-only opens find a reader.
+                    let fl = (libc::O_RDWR | libc::O_NONBLOCK | libc::O_CLOEXEC) as u64;
+                    let h =
+                        r.call(&format!("open FIFO {path}"), libc::SYS_openat, &[libc::AT_FDCWD as u64, p, fl, 0])?;
+                    let h = to_temp(h)?;
+                    fifo_holders.insert(*ino, h);
+                    // Unless the pipe is still alive with data (a copy restored beside its original).
+                    let q = r.put(0, &[0u8; 4])?;
+                    r.call("ioctl(FIONREAD)", libc::SYS_ioctl, &[h, libc::FIONREAD, q])?;
+                    if u32::from_le_bytes(r.get(0, 4)?.try_into().unwrap()) == 0 {
+                        if *size != 0 && *size != 65536 {
+                            r.call("fcntl(F_SETPIPE_SZ)", libc::SYS_fcntl, &[h, libc::F_SETPIPE_SZ as u64, *size])?;
+                        }
+                        for chunk in data.chunks(r.scratch_len / 2) {
+                            let a = r.put(0, chunk)?;
+                            let n = r.call("write (FIFO data)", libc::SYS_write, &[h, a, chunk.len() as u64])?;
+                            if n != chunk.len() as u64 {
+                                return Err(Error::Restore(format!("FIFO {path}: short write of unread data")));
+                            }
+                        }
+                    }
                 }
+                let p = r.put_cstr(0, path.as_bytes())?;
+                let fl = (flags & KEEP_FLAGS) | libc::O_NONBLOCK as u32; // never wait for a peer
                 let fd =
                     r.call(&format!("open {path}"), libc::SYS_openat, &[libc::AT_FDCWD as u64, p, fl as u64, 0])?;
-                if *kind == PathKind::Fifo {
-                    setfl(fd, *flags)?;
-                }
+                setfl(fd, *flags)?;
+                fd
+            }
+            FileKind::Path { path, kind, flags, pos } => {
+                let p = r.put_cstr(0, path.as_bytes())?;
+                let fl = flags & KEEP_FLAGS;
+                let fd =
+                    r.call(&format!("open {path}"), libc::SYS_openat, &[libc::AT_FDCWD as u64, p, fl as u64, 0])?;
                 if matches!(kind, PathKind::Regular | PathKind::Dir) && *pos != 0 {
                     r.call(&format!("lseek {path}"), libc::SYS_lseek, &[fd, *pos, libc::SEEK_SET as u64])?;
                 }
@@ -964,14 +1112,23 @@ pub fn restore(r: &Remote, st: &FilesState, external: &[(i32, i32)], memfds: &Ha
             }
             FileKind::Epoll { .. } => continue,
             FileKind::Memfd { ino, name, flags, pos } => {
-                // A new description of the same memfd, as the original's own open of it.
                 let helper = *memfds.get(ino).ok_or_else(|| Error::Restore(format!("memfd {name} was not saved")))?;
-                let p = r.put_cstr(0, format!("/proc/self/fd/{helper}").as_bytes())?;
-                let fd = r.call(
-                    &format!("open memfd {name}"),
-                    libc::SYS_openat,
-                    &[libc::AT_FDCWD as u64, p, (flags & KEEP_FLAGS) as u64, 0],
-                )?;
+                let rdwr = flags & libc::O_ACCMODE as u32 == libc::O_RDWR as u32;
+                let fd = if rdwr && helper_used.insert(*ino) {
+                    // memfd_create's own description (see `memfd`): not a writer of the inode.
+                    let fd =
+                        r.call("fcntl(F_DUPFD_CLOEXEC)", libc::SYS_fcntl, &[helper, libc::F_DUPFD_CLOEXEC as u64, 0])?;
+                    setfl(fd, *flags)?;
+                    fd
+                } else {
+                    // A new description of the same memfd, as the original's own re-open of it.
+                    let p = r.put_cstr(0, format!("/proc/self/fd/{helper}").as_bytes())?;
+                    r.call(
+                        &format!("open memfd {name}"),
+                        libc::SYS_openat,
+                        &[libc::AT_FDCWD as u64, p, (flags & KEEP_FLAGS) as u64, 0],
+                    )?
+                };
                 if *pos != 0 {
                     r.call("lseek (memfd)", libc::SYS_lseek, &[fd, *pos, libc::SEEK_SET as u64])?;
                 }
@@ -1027,23 +1184,55 @@ pub fn restore(r: &Remote, st: &FilesState, external: &[(i32, i32)], memfds: &Ha
     for (i, f) in st.files.iter().enumerate() {
         if let FileKind::Epoll { flags, targets } = f {
             let fd = r.call("epoll_create1", libc::SYS_epoll_create1, &[libc::O_CLOEXEC as u64])?;
-            for &(tfd, ev, data) in targets {
+            for &(tfd, ev, data, file) in targets {
                 let mut b = Vec::with_capacity(12);
                 b.extend_from_slice(&ev.to_le_bytes());
                 b.extend_from_slice(&data.to_le_bytes());
+                // The number names another file now (or none): lend it the registered file
+                // for the epoll_ctl, then put back what was there.
+                let owner = st.fds.iter().find(|e| e.fd == tfd);
+                let lend = owner.map(|e| e.file) != Some(file);
+                let mut saved = None;
+                if lend {
+                    let t = temps
+                        .get(file)
+                        .copied()
+                        .flatten()
+                        .ok_or_else(|| Error::Restore(format!("epoll target fd {tfd} has no file")))?;
+                    if owner.is_some() {
+                        saved = Some(r.call(
+                            "fcntl(F_DUPFD_CLOEXEC)",
+                            libc::SYS_fcntl,
+                            &[tfd as u64, libc::F_DUPFD_CLOEXEC as u64, temp_base],
+                        )?);
+                    }
+                    r.call(&format!("dup3 to fd {tfd} (epoll target)"), libc::SYS_dup3, &[t, tfd as u64, 0])?;
+                }
                 let a = r.put(0, &b)?;
                 r.call(
                     &format!("epoll_ctl(ADD, fd {tfd})"),
                     libc::SYS_epoll_ctl,
                     &[fd, libc::EPOLL_CTL_ADD as u64, tfd as u64, a],
                 )?;
+                if lend {
+                    match (saved, owner) {
+                        (Some(sv), Some(e)) => {
+                            let fl = if e.cloexec { libc::O_CLOEXEC } else { 0 } as u64;
+                            r.call(&format!("dup3 to fd {tfd}"), libc::SYS_dup3, &[sv, tfd as u64, fl])?;
+                            r.call("close", libc::SYS_close, &[sv])?;
+                        }
+                        _ => {
+                            r.call("close", libc::SYS_close, &[tfd as u64])?;
+                        }
+                    }
+                }
             }
             let _ = flags;
             temps[i] = Some(to_temp(fd)?);
         }
     }
     place(&temps, true)?;
-    for t in temps.into_iter().flatten() {
+    for t in temps.into_iter().flatten().chain(fifo_holders.into_values()) {
         r.call("close", libc::SYS_close, &[t])?;
     }
     Ok(())
@@ -1065,6 +1254,13 @@ pub fn prepare(st: &FilesState, external: &[(i32, i32)]) -> Result<()> {
                 std::fs::metadata(path)
                     .map_err(|e| Error::FileChanged { path: path.clone(), detail: format!("cannot open it: {e}") })?;
             }
+            FileKind::Fifo { path, .. } => {
+                let md = std::fs::metadata(path)
+                    .map_err(|e| Error::FileChanged { path: path.clone(), detail: format!("cannot open it: {e}") })?;
+                if !md.file_type().is_fifo() {
+                    return Err(Error::FileChanged { path: path.clone(), detail: "it is not a FIFO any more".into() });
+                }
+            }
             FileKind::UnixListener { path, .. } => {
                 let p = std::path::Path::new(std::ffi::OsStr::from_bytes(path));
                 if let Ok(md) = std::fs::symlink_metadata(p) {
@@ -1085,6 +1281,17 @@ mod tests {
 
     /// The fd tests look at this very process's fd table: one at a time.
     static FD_TABLE: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+    #[test]
+    fn own_proc_files_are_named_through_self() {
+        assert_eq!(own_proc_path(74, "/proc/74/maps").unwrap(), "/proc/self/maps");
+        assert_eq!(own_proc_path(74, "/proc/74").unwrap(), "/proc/self");
+        assert_eq!(own_proc_path(74, "/proc/74/task/74/stat").unwrap(), "/proc/thread-self/stat");
+        assert_eq!(own_proc_path(74, "/proc/meminfo").unwrap(), "/proc/meminfo");
+        assert_eq!(own_proc_path(74, "/tmp/proc/74").unwrap(), "/tmp/proc/74");
+        assert!(own_proc_path(74, "/proc/75/maps").unwrap_err().contains("/proc/75"));
+        assert!(own_proc_path(74, "/proc/74/task/76/stat").unwrap_err().contains("thread 76"));
+    }
 
     #[test]
     fn parses_fdinfo_fields() {

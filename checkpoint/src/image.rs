@@ -408,6 +408,8 @@ mod tests {
                         prot: 3,
                         shared: false,
                         growsdown: false,
+                        advice: 0,
+                        guards: vec![],
                         kind: VmaKind::Anon { name: "[heap]".into() },
                         runs,
                         precopied: vec![],
@@ -418,6 +420,8 @@ mod tests {
                         prot: 5,
                         shared: false,
                         growsdown: false,
+                        advice: 0,
+                        guards: vec![],
                         kind: VmaKind::File {
                             path: "/bin/true".into(),
                             offset: 0,

@@ -1,14 +1,17 @@
 //! memfd files (`memfd_create`): anonymous files that exist only in memory, reached through
 //! fds ("/memfd:NAME (deleted)") and mappings of the same name.
 //!
-//! Collect: each memfd once (by inode) — its name, size, seals and whole content, read through
+//! Collect: each memfd once (by inode) — its name, size, seals, mode, owner and whole content, read through
 //! one of the process's fds (`pidfd_getfd`) or, if only mapped, `/proc/PID/map_files/…` — into
 //! `memfd-<inode>.img` (CRC in the manifest). Private mappings' copied-on-write pages travel as
 //! page data, like a file's.
 //!
 //! Rebuild: the restorer creates each memfd with its name, content and seals, the new process
-//! pulls it in (`pidfd_getfd`) at a number above the image's fds; mappings use it, fds reopen it
-//! (`/proc/self/fd/N`, a new description like the original's own), then it is closed.
+//! pulls it in (`pidfd_getfd`) at a number above the image's fds; mappings use it. The first
+//! read-write description of each memfd *is* that one (as `memfd_create`'s own, it does not count
+//! as a writer of the inode, so `execveat` of the memfd works; a re-open through /proc would make
+//! it fail with ETXTBSY); other descriptions re-open it (`/proc/self/fd/N`, like the original's
+//! own re-opens); then the helper fd is closed.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -32,6 +35,10 @@ pub struct MemfdState {
     pub name: String,
     pub size: u64,
     pub seals: u32,
+    /// Permission bits (`fchmod`) and owner.
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
     pub crc: u32,
 }
 
@@ -98,7 +105,16 @@ pub fn collect(pid: Pid, files: &FilesState, memory: &MemoryState, dir: &Path) -
             .open(&path)
             .map_err(io_at(&path))?;
         out_f.write_all(&data).map_err(io_at(&path))?;
-        out.push(MemfdState { ino, name, size: data.len() as u64, seals, crc: crc32fast::hash(&data) });
+        out.push(MemfdState {
+            ino,
+            name,
+            size: data.len() as u64,
+            seals,
+            mode: md.mode() & 0o7777,
+            uid: md.uid(),
+            gid: md.gid(),
+            crc: crc32fast::hash(&data),
+        });
     }
     Ok(out)
 }
@@ -130,7 +146,7 @@ pub fn install(r: &Remote, memfds: &[MemfdState], contents: &[Vec<u8>], above: u
     }
     let pidfd = r.call("pidfd_open (restorer)", libc::SYS_pidfd_open, &[std::process::id() as u64, 0])?;
     for (m, data) in memfds.iter().zip(contents) {
-        let local: OwnedFd = sys::memfd_with_seals(&m.name, data, m.seals)
+        let local: OwnedFd = sys::memfd_with_seals(&m.name, data, m.seals, (m.mode, m.uid, m.gid))
             .map_err(|e| Error::Restore(format!("memfd {}: {e}", m.name)))?;
         let got = r.call(
             &format!("pidfd_getfd (memfd {})", m.name),

@@ -8,6 +8,11 @@
 //!
 //! Rebuild: map every VMA at its address (read+write first), write the pages with
 //! `process_vm_writev`, then `mprotect` to the saved protections.
+//!
+//! What `VmFlags` (/proc/PID/smaps) says beyond the protection is judged flag by flag
+//! ([`VM_FLAGS`]): carried as [`advice`] (mlock, madvise, MAP_NORESERVE, mseal, a shared file
+//! mapping that may be made writable, MAP_GROWSDOWN) or refused by name; a flag this engine does
+//! not know is refused too, so no VMA attribute is lost silently.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -56,8 +61,9 @@ impl FileIdent {
 pub enum VmaKind {
     /// Private anonymous memory; `name` is "", "[heap]", "[stack]" or "[anon:…]".
     Anon { name: String },
-    /// MAP_SHARED|MAP_ANONYMOUS (shows as "/dev/zero (deleted)").
-    SharedAnon,
+    /// MAP_SHARED|MAP_ANONYMOUS (shows as "/dev/zero (deleted)", or "[anon_shmem:NAME]" once
+    /// named: `name` is then that whole string).
+    SharedAnon { name: String },
     /// A mapping of a memfd (saved with its content, see `memfd`).
     Memfd { ino: u64, name: String, offset: u64 },
     /// A file mapping (private or shared), re-mapped from the file at restore.
@@ -79,12 +85,121 @@ pub struct Vma {
     pub end: u64,
     pub prot: u32,
     pub shared: bool,
+    /// `gd` (MAP_GROWSDOWN): the main stack, or any other mapping made so.
     pub growsdown: bool,
+    /// [`advice`] bits from the VMA's VmFlags.
+    pub advice: u32,
+    /// Guard regions (MADV_GUARD_INSTALL) as (addr, len), from pagemap (private mappings).
+    pub guards: Vec<(u64, u64)>,
     pub kind: VmaKind,
     pub runs: Vec<Run>,
     /// Runs whose data is in the pre-copy store (offsets there; not checksummed: the store
     /// was filled while the process ran, see `precopy`).
     pub precopied: Vec<Run>,
+}
+
+/// VmFlags carried at restore, one bit each.
+pub mod advice {
+    /// `lo`: mlock'ed.
+    pub const LOCKED: u32 = 1 << 0;
+    /// `lf`: mlock2(MLOCK_ONFAULT).
+    pub const LOCK_ONFAULT: u32 = 1 << 1;
+    /// `dc`: MADV_DONTFORK.
+    pub const DONTFORK: u32 = 1 << 2;
+    /// `dd`: MADV_DONTDUMP.
+    pub const DONTDUMP: u32 = 1 << 3;
+    /// `wf`: MADV_WIPEONFORK.
+    pub const WIPEONFORK: u32 = 1 << 4;
+    /// `hg`: MADV_HUGEPAGE.
+    pub const HUGEPAGE: u32 = 1 << 5;
+    /// `nh`: MADV_NOHUGEPAGE.
+    pub const NOHUGEPAGE: u32 = 1 << 6;
+    /// `mg`: MADV_MERGEABLE (KSM).
+    pub const MERGEABLE: u32 = 1 << 7;
+    /// `sr`: MADV_SEQUENTIAL.
+    pub const SEQUENTIAL: u32 = 1 << 8;
+    /// `rr`: MADV_RANDOM.
+    pub const RANDOM: u32 = 1 << 9;
+    /// `nr`: MAP_NORESERVE.
+    pub const NORESERVE: u32 = 1 << 10;
+    /// `mw` on a shared file mapping: the file was open for writing, a later mprotect may add
+    /// PROT_WRITE (the file is re-opened read-write).
+    pub const MAYWRITE: u32 = 1 << 11;
+    /// `sl`: mseal'ed.
+    pub const SEALED: u32 = 1 << 12;
+    /// `dp`: MAP_DROPPABLE (e.g. glibc's vDSO getrandom state).
+    pub const DROPPABLE: u32 = 1 << 13;
+}
+
+/// How each VmFlags mnemonic (proc(5)) is handled. Anything not listed is refused.
+pub enum FlagUse {
+    /// Follows from the protection, the kind of mapping or the kernel's own bookkeeping.
+    Implied,
+    /// Carried as this [`advice`] bit.
+    Carried(u32),
+    /// Refused, saying why.
+    Refused(&'static str),
+}
+
+pub const VM_FLAGS: &[(&str, FlagUse)] = &[
+    ("rd", FlagUse::Implied),
+    ("wr", FlagUse::Implied),
+    ("ex", FlagUse::Implied),
+    ("sh", FlagUse::Implied),
+    ("mr", FlagUse::Implied),
+    ("mw", FlagUse::Carried(advice::MAYWRITE)),
+    ("me", FlagUse::Implied),
+    ("ms", FlagUse::Implied),
+    ("gd", FlagUse::Implied), // Vma::growsdown
+    ("ac", FlagUse::Implied), // accounting follows MAP_NORESERVE and the protection
+    ("sd", FlagUse::Implied), // soft-dirty tracking
+    ("lo", FlagUse::Carried(advice::LOCKED)),
+    ("lf", FlagUse::Carried(advice::LOCK_ONFAULT)),
+    ("dc", FlagUse::Carried(advice::DONTFORK)),
+    ("dd", FlagUse::Carried(advice::DONTDUMP)),
+    ("wf", FlagUse::Carried(advice::WIPEONFORK)),
+    ("hg", FlagUse::Carried(advice::HUGEPAGE)),
+    ("nh", FlagUse::Carried(advice::NOHUGEPAGE)),
+    ("mg", FlagUse::Carried(advice::MERGEABLE)),
+    ("sr", FlagUse::Carried(advice::SEQUENTIAL)),
+    ("rr", FlagUse::Carried(advice::RANDOM)),
+    ("nr", FlagUse::Carried(advice::NORESERVE)),
+    ("sl", FlagUse::Carried(advice::SEALED)),
+    ("dp", FlagUse::Carried(advice::DROPPABLE)),
+    ("gu", FlagUse::Implied), // may hold guard regions: carried page by page (Vma::guards)
+    ("ht", FlagUse::Refused("hugetlb memory (VmFlags ht) is not supported yet")),
+    ("io", FlagUse::Refused("a device mapping (VmFlags io)")),
+    ("pf", FlagUse::Refused("a device mapping (VmFlags pf, PFNMAP)")),
+    ("mm", FlagUse::Refused("a device mapping (VmFlags mm, MIXEDMAP)")),
+    ("ar", FlagUse::Refused("an architecture-specific mapping (VmFlags ar)")),
+    ("de", FlagUse::Refused("a driver mapping that cannot be expanded (VmFlags de)")),
+    ("sf", FlagUse::Refused("synchronous page faults (VmFlags sf, MAP_SYNC on DAX)")),
+    ("um", FlagUse::Refused("registered with userfaultfd (VmFlags um)")),
+    ("uw", FlagUse::Refused("registered with userfaultfd (VmFlags uw)")),
+    ("ui", FlagUse::Refused("registered with userfaultfd (VmFlags ui)")),
+    ("ss", FlagUse::Refused("a shadow stack (VmFlags ss)")),
+];
+
+/// (advice bits, growsdown) of a VMA from its VmFlags, or the refusal naming the flag.
+pub fn judge_flags(m: &MapLine, flags: &[String]) -> Result<(u32, bool)> {
+    let refuse = |why: String| Error::UnsupportedMapping { range: m.range(), what: m.path.clone(), why };
+    let mut bits = 0;
+    for f in flags {
+        if let Some(k) = f.strip_prefix("pkey:") {
+            return Err(refuse(format!("memory protection key {k} (pkey_mprotect) is not carried yet")));
+        }
+        match VM_FLAGS.iter().find(|(n, _)| n == f).map(|(_, u)| u) {
+            Some(FlagUse::Implied) => {}
+            Some(FlagUse::Carried(b)) => bits |= b,
+            Some(FlagUse::Refused(why)) => return Err(refuse((*why).to_string())),
+            None => return Err(refuse(format!("VmFlags `{f}` is not known to this engine"))),
+        }
+    }
+    // `mw` matters only for a shared file mapping (private ones can always be made writable).
+    if !(m.shared() && !m.path.is_empty() && m.path.starts_with('/')) {
+        bits &= !advice::MAYWRITE;
+    }
+    Ok((bits, flags.iter().any(|f| f == "gd")))
 }
 
 impl Vma {
@@ -97,7 +212,8 @@ impl Vma {
         let what = match &self.kind {
             VmaKind::Anon { name } if name.is_empty() => "anonymous".to_string(),
             VmaKind::Anon { name } => name.clone(),
-            VmaKind::SharedAnon => "shared anonymous".into(),
+            VmaKind::SharedAnon { name } if name.is_empty() => "shared anonymous".into(),
+            VmaKind::SharedAnon { name } => name.clone(),
             VmaKind::File { path, .. } => path.clone(),
             VmaKind::Memfd { name, .. } => format!("/memfd:{name}"),
         };
@@ -130,12 +246,15 @@ pub fn classify(m: &MapLine) -> Result<VmaKind> {
     let refuse = |why: &str| Error::UnsupportedMapping { range: m.range(), what: p.to_string(), why: why.into() };
     if p.is_empty() || p == "[heap]" || p == "[stack]" || p.starts_with("[anon:") {
         if m.shared() {
-            return Ok(VmaKind::SharedAnon);
+            return Ok(VmaKind::SharedAnon { name: String::new() });
         }
         return Ok(VmaKind::Anon { name: p.to_string() });
     }
-    if p == "/dev/zero (deleted)" || p.starts_with("[anon_shmem:") {
-        return Ok(VmaKind::SharedAnon);
+    if p == "/dev/zero (deleted)" {
+        return Ok(VmaKind::SharedAnon { name: String::new() });
+    }
+    if p.starts_with("[anon_shmem:") {
+        return Ok(VmaKind::SharedAnon { name: p.to_string() });
     }
     if p.starts_with('[') {
         return Err(refuse("special kernel mapping"));
@@ -175,17 +294,82 @@ pub fn preflight(maps: &[MapLine]) -> Result<()> {
 }
 
 /// Every mapping that cannot be moved (one error each), without touching the process.
-pub fn blockers(maps: &[MapLine]) -> Vec<Error> {
-    maps.iter().filter(|m| !is_special(&m.path)).filter_map(|m| classify(m).err()).collect()
+/// `flags`: VmFlags by start address ([`crate::proc::vm_flags`]).
+pub fn blockers(maps: &[MapLine], flags: &HashMap<u64, Vec<String>>) -> Vec<Error> {
+    maps.iter()
+        .filter(|m| !is_special(&m.path))
+        .filter_map(|m| classify(m).err().or_else(|| judge_flags(m, flags.get(&m.start).map_or(&[][..], |v| v)).err()))
+        .collect()
 }
 
 const PM_PRESENT: u64 = 1 << 63;
 const PM_SWAP: u64 = 1 << 62;
 const PM_FILE: u64 = 1 << 61;
+/// A guard region page (Linux 6.15+; shows with PM_SWAP set, as the marker it is).
+const PM_GUARD: u64 = 1 << 58;
 
 /// Collects all VMAs and streams their data pages into `sink`; with `precopy`, the pages it
 /// already holds (and that were not written since) are referred to, not streamed.
 pub fn collect(pid: Pid, maps: &[MapLine], sink: &mut PageSink, precopy: Option<&Precopy>) -> Result<MemoryState> {
+    // VmFlags come from smaps, whose read walks every page table (~18 ms per resident GiB, all
+    // of it frozen time): read on another thread while the pages are copied.
+    let (vmas, vm_flags) = std::thread::scope(|s| {
+        let h = s.spawn(|| crate::proc::vm_flags(pid));
+        let vmas = collect_pages(pid, maps, sink, precopy);
+        let flags = h.join().unwrap_or_else(|_| {
+            Err(Error::NoProcess { pid, err: std::io::Error::other("the smaps reader thread panicked") })
+        });
+        (vmas, flags)
+    });
+    let (mut vmas, mut vm_flags) = (vmas?, vm_flags?);
+    if precopy.is_some() {
+        crate::precopy::drop_own_marks(maps, &mut vm_flags);
+    }
+    for (v, m) in vmas.iter_mut().zip(maps.iter().filter(|m| !is_special(&m.path))) {
+        let flags = vm_flags.get(&m.start).ok_or_else(|| Error::UnsupportedMapping {
+            range: m.range(),
+            what: m.path.clone(),
+            why: "not found in /proc/PID/smaps (its VmFlags cannot be read)".into(),
+        })?;
+        (v.advice, v.growsdown) = judge_flags(m, flags)?;
+        // Shared file mappings were not looked at in pagemap (no page of theirs is data): look
+        // for guard pages where the VMA says it may hold some.
+        if m.shared()
+            && matches!(v.kind, VmaKind::File { .. } | VmaKind::Memfd { .. })
+            && flags.iter().any(|f| f == "gu")
+        {
+            v.guards = guard_runs(pid, m.start, m.end)?;
+        }
+    }
+    Ok(MemoryState { vmas })
+}
+
+/// The guard pages of `start..end`, as runs of (addr, len), from pagemap.
+fn guard_runs(pid: Pid, start: u64, end: u64) -> Result<Vec<(u64, u64)>> {
+    let pm_path = proc_path(pid, "pagemap");
+    let pagemap = File::open(&pm_path).map_err(io_at(&pm_path))?;
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    let mut ents = vec![0u8; 8 << 16];
+    let mut a = start;
+    while a < end {
+        let n = (((end - a) / PAGE) as usize).min(1 << 16);
+        sys::pread_exact(&pagemap, &mut ents[..n * 8], a / PAGE * 8).map_err(io_at(&pm_path))?;
+        for i in 0..n {
+            if u64::from_le_bytes(ents[i * 8..i * 8 + 8].try_into().unwrap()) & PM_GUARD != 0 {
+                let p = a + i as u64 * PAGE;
+                match out.last_mut() {
+                    Some((s, l)) if *s + *l == p => *l += PAGE,
+                    _ => out.push((p, PAGE)),
+                }
+            }
+        }
+        a += n as u64 * PAGE;
+    }
+    Ok(out)
+}
+
+/// Every VMA (advice and growsdown not yet known) with its data pages streamed into `sink`.
+fn collect_pages(pid: Pid, maps: &[MapLine], sink: &mut PageSink, precopy: Option<&Precopy>) -> Result<Vec<Vma>> {
     let pm_path = proc_path(pid, "pagemap");
     let pagemap = File::open(&pm_path).map_err(io_at(&pm_path))?;
     let mut vmas = Vec::new();
@@ -194,7 +378,7 @@ pub fn collect(pid: Pid, maps: &[MapLine], sink: &mut PageSink, precopy: Option<
         let kind = classify(m)?;
         let npages = ((m.end - m.start) / PAGE) as usize;
         let want: Box<dyn Fn(u64) -> bool> = match (&kind, m.shared()) {
-            (VmaKind::SharedAnon, _) => Box::new(|_| true),
+            (VmaKind::SharedAnon { .. }, _) => Box::new(|_| true),
             (VmaKind::File { .. } | VmaKind::Memfd { .. }, true) => Box::new(|_| false),
             (VmaKind::File { .. } | VmaKind::Memfd { .. }, false) => {
                 Box::new(|e| (e & PM_PRESENT != 0 && e & PM_FILE == 0) || e & PM_SWAP != 0)
@@ -206,15 +390,10 @@ pub fn collect(pid: Pid, maps: &[MapLine], sink: &mut PageSink, precopy: Option<
             None => None,
         };
         let mut pages: Vec<(u64, u64)> = Vec::new(); // runs of (addr, len)
-        let needs_pagemap = !matches!(
-            (&kind, m.shared()),
-            (VmaKind::SharedAnon, _) | (VmaKind::File { .. } | VmaKind::Memfd { .. }, true)
-        );
-        let mut precopied = Vec::new();
-        if let Some(split) = split {
-            pages = split.fresh;
-            precopied = split.kept;
-        } else if !(matches!(kind, VmaKind::File { .. } | VmaKind::Memfd { .. }) && m.shared()) {
+        let mut guards: Vec<(u64, u64)> = Vec::new();
+        // (Shared anonymous memory is stored whole, but its guard pages must be skipped.)
+        let needs_pagemap = !matches!((&kind, m.shared()), (VmaKind::File { .. } | VmaKind::Memfd { .. }, true));
+        if !(matches!(kind, VmaKind::File { .. } | VmaKind::Memfd { .. }) && m.shared()) {
             // pagemap in chunks of 64 Ki pages (512 KiB of entries): a huge sparse reservation
             // costs time, not memory.
             const CHUNK: usize = 64 << 10;
@@ -229,7 +408,14 @@ pub fn collect(pid: Pid, maps: &[MapLine], sink: &mut PageSink, precopy: Option<
                 for i in 0..n {
                     let e =
                         if needs_pagemap { u64::from_le_bytes(ents[i * 8..i * 8 + 8].try_into().unwrap()) } else { 0 };
-                    if want(e) {
+                    if e & PM_GUARD != 0 {
+                        // A guard page (MADV_GUARD_INSTALL): no data, installed again at restore.
+                        let a = m.start + (first + i) as u64 * PAGE;
+                        match guards.last_mut() {
+                            Some((s, l)) if *s + *l == a => *l += PAGE,
+                            _ => guards.push((a, PAGE)),
+                        }
+                    } else if want(e) {
                         let a = m.start + (first + i) as u64 * PAGE;
                         match pages.last_mut() {
                             Some((s, l)) if *s + *l == a => *l += PAGE,
@@ -240,13 +426,22 @@ pub fn collect(pid: Pid, maps: &[MapLine], sink: &mut PageSink, precopy: Option<
                 first += n;
             }
         }
+        // Pre-copy: the tracker says which pages are new since its last round (guard pages,
+        // found above, are never data).
+        let mut precopied = Vec::new();
+        if let Some(split) = split {
+            pages = split.fresh;
+            precopied = split.kept;
+        }
         let runs = sink.plan(&pages);
         vmas.push(Vma {
             start: m.start,
             end: m.end,
             prot: m.prot(),
             shared: m.shared(),
-            growsdown: m.path == "[stack]",
+            growsdown: false,
+            advice: 0,
+            guards,
             kind,
             runs,
             precopied,
@@ -260,7 +455,7 @@ pub fn collect(pid: Pid, maps: &[MapLine], sink: &mut PageSink, precopy: Option<
         })
         .collect();
     sink.fill(pid, &mut jobs)?;
-    Ok(MemoryState { vmas })
+    Ok(vmas)
 }
 
 /// Rebuild side: maps every VMA into the stub (read+write where data will be written), writes the
@@ -282,10 +477,17 @@ pub fn restore(
             prot |= (libc::PROT_READ | libc::PROT_WRITE) as u64;
         }
         let what = format!("mmap {}", v.describe());
+        let noreserve = if v.advice & advice::NORESERVE != 0 { libc::MAP_NORESERVE } else { 0 };
         match &v.kind {
-            VmaKind::Anon { .. } | VmaKind::SharedAnon => {
-                let mut fl = libc::MAP_ANONYMOUS | libc::MAP_FIXED;
-                fl |= if v.shared { libc::MAP_SHARED } else { libc::MAP_PRIVATE };
+            VmaKind::Anon { .. } | VmaKind::SharedAnon { .. } => {
+                let mut fl = libc::MAP_ANONYMOUS | libc::MAP_FIXED | noreserve;
+                fl |= if v.shared {
+                    libc::MAP_SHARED
+                } else if v.advice & advice::DROPPABLE != 0 {
+                    0x08 // MAP_DROPPABLE, a mapping type of its own
+                } else {
+                    libc::MAP_PRIVATE
+                };
                 if v.growsdown {
                     fl |= libc::MAP_GROWSDOWN;
                 }
@@ -293,11 +495,13 @@ pub fn restore(
             }
             VmaKind::Memfd { ino, name, offset } => {
                 let fd = *memfds.get(ino).ok_or_else(|| Error::Restore(format!("memfd {name} was not saved")))?;
-                let fl = libc::MAP_FIXED | if v.shared { libc::MAP_SHARED } else { libc::MAP_PRIVATE };
+                let fl = noreserve | libc::MAP_FIXED | if v.shared { libc::MAP_SHARED } else { libc::MAP_PRIVATE };
                 r.call(&what, libc::SYS_mmap, &[v.start, len, prot, fl as u64, fd, *offset])?;
             }
             VmaKind::File { path, offset, .. } => {
-                let rw = v.shared && v.prot & libc::PROT_WRITE as u32 != 0;
+                // Open read-write also when the mapping is read-only now but may be made
+                // writable (`mw`: the original fd was open for writing).
+                let rw = v.shared && (v.prot & libc::PROT_WRITE as u32 != 0 || v.advice & advice::MAYWRITE != 0);
                 let fd = match fds.get(&(path.clone(), rw)) {
                     Some(fd) => *fd,
                     None => {
@@ -312,10 +516,11 @@ pub fn restore(
                         fd
                     }
                 };
-                let fl = libc::MAP_FIXED | if v.shared { libc::MAP_SHARED } else { libc::MAP_PRIVATE };
+                let fl = noreserve | libc::MAP_FIXED | if v.shared { libc::MAP_SHARED } else { libc::MAP_PRIVATE };
                 r.call(&what, libc::SYS_mmap, &[v.start, len, prot, fl as u64, fd, *offset])?;
             }
         }
+        restore_name_and_advice(r, v)?;
     }
     for fd in fds.values() {
         r.call("close", libc::SYS_close, &[*fd])?;
@@ -330,6 +535,57 @@ pub fn restore(
                 &[v.start, v.end - v.start, v.prot as u64],
             )?;
         }
+    }
+    // Locks and seals last: with the final contents and protections.
+    for v in &state.vmas {
+        if v.advice & advice::LOCKED != 0 {
+            let fl = if v.advice & advice::LOCK_ONFAULT != 0 { 1 } else { 0 }; // MLOCK_ONFAULT
+            r.call(&format!("mlock2 {}", v.describe()), libc::SYS_mlock2, &[v.start, v.end - v.start, fl])?;
+        }
+    }
+    for v in &state.vmas {
+        if v.advice & advice::SEALED != 0 {
+            r.call(&format!("mseal {}", v.describe()), 462 /* SYS_mseal */, &[v.start, v.end - v.start, 0])?;
+        }
+    }
+    Ok(())
+}
+
+/// The VMA's name (`[anon:NAME]`, `[anon_shmem:NAME]`: `PR_SET_VMA_ANON_NAME`) and its madvise
+/// advice, right after it was mapped.
+fn restore_name_and_advice(r: &Remote, v: &Vma) -> Result<()> {
+    let len = v.end - v.start;
+    let name = match &v.kind {
+        VmaKind::Anon { name } => name.strip_prefix("[anon:"),
+        VmaKind::SharedAnon { name } => name.strip_prefix("[anon_shmem:"),
+        _ => None,
+    }
+    .and_then(|n| n.strip_suffix(']'));
+    if let Some(n) = name {
+        let p = r.put_cstr(0, n.as_bytes())?;
+        const PR_SET_VMA: u64 = 0x53564d41;
+        r.call(
+            &format!("prctl(PR_SET_VMA_ANON_NAME) {}", v.describe()),
+            libc::SYS_prctl,
+            &[PR_SET_VMA, 0, v.start, len, p],
+        )?;
+    }
+    for (bit, adv, what) in [
+        (advice::DONTFORK, libc::MADV_DONTFORK, "MADV_DONTFORK"),
+        (advice::DONTDUMP, libc::MADV_DONTDUMP, "MADV_DONTDUMP"),
+        (advice::WIPEONFORK, libc::MADV_WIPEONFORK, "MADV_WIPEONFORK"),
+        (advice::HUGEPAGE, libc::MADV_HUGEPAGE, "MADV_HUGEPAGE"),
+        (advice::NOHUGEPAGE, libc::MADV_NOHUGEPAGE, "MADV_NOHUGEPAGE"),
+        (advice::MERGEABLE, libc::MADV_MERGEABLE, "MADV_MERGEABLE"),
+        (advice::SEQUENTIAL, libc::MADV_SEQUENTIAL, "MADV_SEQUENTIAL"),
+        (advice::RANDOM, libc::MADV_RANDOM, "MADV_RANDOM"),
+    ] {
+        if v.advice & bit != 0 {
+            r.call(&format!("madvise({what}) {}", v.describe()), libc::SYS_madvise, &[v.start, len, adv as u64])?;
+        }
+    }
+    for &(a, l) in &v.guards {
+        r.call(&format!("madvise(MADV_GUARD_INSTALL) {a:#x}+{l:#x}"), libc::SYS_madvise, &[a, l, 102])?;
     }
     Ok(())
 }
@@ -411,4 +667,35 @@ pub fn read_mem(pid: Pid, addr: u64, buf: &mut [u8]) -> Result<()> {
     let p = proc_path(pid, "mem");
     let f = File::open(&p).map_err(io_at(&p))?;
     sys::pread_exact(&f, buf, addr).map_err(io_at(&p))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn line(perms: &[u8; 4], path: &str) -> MapLine {
+        MapLine { start: 0x1000, end: 0x3000, perms: *perms, offset: 0, inode: 0, path: path.into() }
+    }
+    fn flags(f: &str) -> Vec<String> {
+        f.split_whitespace().map(str::to_string).collect()
+    }
+
+    #[test]
+    fn vm_flags_are_carried_or_refused_by_name() {
+        let anon = line(b"rw-p", "");
+        let (bits, gd) = judge_flags(&anon, &flags("rd wr mr mw me ac lo lf dc dd wf hg mg sr nr sd gd")).unwrap();
+        assert!(gd);
+        for b in [advice::LOCKED, advice::LOCK_ONFAULT, advice::DONTFORK, advice::DONTDUMP, advice::WIPEONFORK] {
+            assert_ne!(bits & b, 0);
+        }
+        // `mw` matters only on a shared file mapping.
+        assert_eq!(bits & advice::MAYWRITE, 0);
+        let (bits, _) = judge_flags(&line(b"r--s", "/tmp/data"), &flags("rd mr mw me ms")).unwrap();
+        assert_ne!(bits & advice::MAYWRITE, 0);
+        // Refused, naming the flag: hugetlb, userfaultfd, a flag this engine does not know, a pkey.
+        for (f, want) in [("rd ht", "hugetlb"), ("rd um", "userfaultfd"), ("rd zz", "`zz`"), ("rd pkey:3", "key 3")] {
+            let e = judge_flags(&anon, &flags(f)).unwrap_err().to_string();
+            assert!(e.contains("0x1000-0x3000") && e.contains(want), "{f}: {e}");
+        }
+    }
 }

@@ -176,7 +176,7 @@ impl Precopy {
             flags: sys::PM_SCAN_WP_MATCHING | sys::PM_SCAN_CHECK_WPASYNC,
             category_mask: sys::PAGE_IS_WRITTEN,
             category_anyof_mask: 0,
-            return_mask: sys::PAGE_IS_WRITTEN | sys::PAGE_IS_PFNZERO,
+            return_mask: sys::PAGE_IS_WRITTEN | sys::PAGE_IS_PFNZERO | sys::PAGE_IS_GUARD,
         };
         for m in maps.iter().filter(|m| tracked(m)) {
             let mut regions = Vec::new();
@@ -198,7 +198,7 @@ impl Precopy {
                 continue;
             }
             for (s, e, cat) in regions {
-                if cat & sys::PAGE_IS_PFNZERO != 0 {
+                if cat & (sys::PAGE_IS_PFNZERO | sys::PAGE_IS_GUARD) != 0 {
                     self.forget(s, e);
                 } else {
                     dirty.push((s, e));
@@ -305,7 +305,7 @@ impl Precopy {
             flags: sys::PM_SCAN_CHECK_WPASYNC,
             category_mask: 0,
             category_anyof_mask: sys::PAGE_IS_PRESENT | sys::PAGE_IS_SWAPPED,
-            return_mask: sys::PAGE_IS_WRITTEN | sys::PAGE_IS_PFNZERO,
+            return_mask: sys::PAGE_IS_WRITTEN | sys::PAGE_IS_PFNZERO | sys::PAGE_IS_GUARD,
         };
         let mut regions = Vec::new();
         match sys::pagemap_scan(&self.pagemap, m.start, m.end, scan, &mut regions) {
@@ -315,7 +315,9 @@ impl Precopy {
         }
         let mut split = FinalSplit { fresh: Vec::new(), kept: Vec::new() };
         for (s, e, cat) in regions {
-            if cat & sys::PAGE_IS_PFNZERO != 0 {
+            // Zero pages read as the never-touched memory they are restored as; guard pages are
+            // found (and installed again) by the memory collector.
+            if cat & (sys::PAGE_IS_PFNZERO | sys::PAGE_IS_GUARD) != 0 {
                 continue;
             }
             let mut a = s;
@@ -335,6 +337,16 @@ impl Precopy {
             }
         }
         Ok(Some(split))
+    }
+}
+
+/// The `uw` VmFlags mark (registered for userfaultfd write-protect) on the mappings pre-copy
+/// tracks is its own, not the process's: removed before the flags are judged.
+pub(crate) fn drop_own_marks(maps: &[MapLine], flags: &mut HashMap<u64, Vec<String>>) {
+    for m in maps.iter().filter(|m| tracked(m)) {
+        if let Some(f) = flags.get_mut(&m.start) {
+            f.retain(|x| x != "uw");
+        }
     }
 }
 

@@ -79,6 +79,44 @@ pub fn maps(pid: Pid) -> Result<Vec<MapLine>> {
     Ok(parse_maps(&read_string(pid, "maps")?))
 }
 
+/// The `VmFlags` of every VMA in /proc/PID/smaps, by start address: two-letter mnemonics
+/// ("rd", "lo", "dc", …; see proc(5)).
+pub fn vm_flags(pid: Pid) -> Result<std::collections::HashMap<u64, Vec<String>>> {
+    Ok(parse_vm_flags(&read_string(pid, "smaps")?))
+}
+
+pub fn parse_vm_flags(text: &str) -> std::collections::HashMap<u64, Vec<String>> {
+    let mut out = std::collections::HashMap::new();
+    let mut at: Option<u64> = None;
+    let mut pkeys: Vec<(u64, String)> = Vec::new();
+    for l in text.lines() {
+        if let Some(f) = l.strip_prefix("VmFlags:") {
+            if let Some(a) = at.take() {
+                out.insert(a, f.split_whitespace().map(str::to_string).collect());
+            }
+            continue;
+        }
+        // A protection key other than the default shows as a pseudo flag "pkey:N".
+        if let Some(k) = l.strip_prefix("ProtectionKey:").map(str::trim).filter(|k| *k != "0") {
+            if let Some(a) = at {
+                pkeys.push((a, format!("pkey:{k}")));
+            }
+            continue;
+        }
+        // A VMA's first line: "start-end perms …" (field lines start with "Name:").
+        let first = l.split(' ').next().unwrap_or("");
+        if !first.ends_with(':') {
+            if let Some((a, _)) = first.split_once('-') {
+                at = u64::from_str_radix(a, 16).ok();
+            }
+        }
+    }
+    for (a, k) in pkeys {
+        out.entry(a).or_insert_with(Vec::new).push(k);
+    }
+    out
+}
+
 /// Fields of /proc/PID/stat, numbered as in proc(5) (1 = pid).
 pub fn stat_fields(pid: Pid) -> Result<Vec<String>> {
     let s = read_string(pid, "stat")?;
@@ -115,5 +153,19 @@ mod tests {
         assert_eq!(m[1].path, "[stack]");
         assert!(m[2].shared());
         assert_eq!(m[0].prot(), (libc::PROT_READ | libc::PROT_EXEC) as u32);
+    }
+
+    #[test]
+    fn parses_vm_flags_of_smaps() {
+        let f = parse_vm_flags(
+            "7f0000000000-7f0000004000 rw-p 00000000 00:00 0 \n\
+             Size:                 16 kB\n\
+             VmFlags: rd wr mr mw me lo lf ac \n\
+             7f0000010000-7f0000011000 r--s 00000000 fd:00 12 /tmp/a-b c\n\
+             Rss:                   0 kB\n\
+             VmFlags: rd mr mw me ms sd\n",
+        );
+        assert_eq!(f[&0x7f0000000000], ["rd", "wr", "mr", "mw", "me", "lo", "lf", "ac"]);
+        assert_eq!(f[&0x7f0000010000], ["rd", "mr", "mw", "me", "ms", "sd"]);
     }
 }

@@ -37,6 +37,9 @@ pub struct RestoreReport {
     pub phases: Vec<(&'static str, Duration)>,
     pub total: Duration,
     pub pages_bytes: u64,
+    /// What the restore could not put back as it was but did not refuse for, one line each
+    /// (e.g. the image's cgroup does not exist here: the process stays in the restorer's).
+    pub notes: Vec<String>,
 }
 
 /// Everything that can be refused before a process exists.
@@ -110,6 +113,8 @@ fn restore_inner(img: &Image, opts: &RestoreOptions, hold: bool) -> Result<(Rest
     sys::set_options(pid, (libc::PTRACE_O_EXITKILL | libc::PTRACE_O_TRACESYSGOOD | libc::PTRACE_O_TRACECLONE) as u64)
         .map_err(pt("PTRACE_SETOPTIONS", pid))?;
     sys::set_sigmask(pid, signals::BLOCK_ALL).map_err(pt("PTRACE_SETSIGMASK", pid))?;
+    // Its cgroup first: memory and threads are then charged and created there.
+    let notes: Vec<String> = task::restore_cgroup(pid, &m.task).into_iter().collect();
     let base = sys::get_regs(pid).map_err(pt("PTRACE_GETREGS", pid))?;
     let mut r = Remote { pid, gadget: STUB_BASE + stub::ENTRY_OFF, base, scratch: 0, scratch_len: 0 };
     let rwx = (libc::PROT_READ | libc::PROT_WRITE | libc::PROT_EXEC) as u64;
@@ -154,18 +159,20 @@ fn restore_inner(img: &Image, opts: &RestoreOptions, hold: bool) -> Result<(Rest
     signals::restore_actions(&r, &m.signals)?;
     task::restore_thread(&r, &m.task)?;
     signals::restore_late(&r, &m.signals)?;
+    task::restore_attrs(&r, &m.task)?;
     threads::restore(&r, &m.threads, !opts.new_pid && same_pid, &m.task, &mut child.threads)?;
     task::restore_rlimits(pid, &m.task)?;
     task::restore_sched(pid, &m.task.affinity, m.task.nice)?;
     task::restore_oom(pid, &m.task)?;
     task::restore_creds(&r, &m.task)?;
+    task::restore_last(&r, &m.task)?;
     lap("signals");
 
     finish(&r, m, &child.threads, opts.stopped, hold)?;
     child.done = true;
     lap("resume");
     let held = hold.then(|| Held { pid, threads: std::mem::take(&mut child.threads), done: false });
-    Ok((RestoreReport { pid, same_pid, phases, total: start.elapsed(), pages_bytes: m.pages_len }, held))
+    Ok((RestoreReport { pid, same_pid, phases, total: start.elapsed(), pages_bytes: m.pages_len, notes }, held))
 }
 
 /// Unmaps the reserved range from inside (the gadget goes with it, so the `munmap` is caught at

@@ -374,6 +374,17 @@ pub fn kcmp_file(pid: Pid, fd1: i32, fd2: i32) -> io::Result<bool> {
     cvt(r).map(|v| v == 0)
 }
 
+/// Is the file registered in epoll `epfd` of `pid` under fd number `tfd` (its `toff`-th
+/// registration under that number, counted in the order its fdinfo lists them) the file of `fd`?
+pub fn kcmp_epoll_tfd(pid: Pid, epfd: i32, tfd: i32, toff: u32, fd: i32) -> io::Result<bool> {
+    let slot: [u32; 3] = [epfd as u32, tfd as u32, toff];
+    // SAFETY: KCMP_EPOLL_TFD reads the 12-byte slot, which lives through the call.
+    let r = unsafe {
+        libc::syscall(libc::SYS_kcmp, pid, pid, 7 /* KCMP_EPOLL_TFD */, fd, slot.as_ptr())
+    };
+    cvt(r).map(|v| v == 0)
+}
+
 /// The status flags (F_GETFL) of one of our own fds.
 pub fn fd_status_flags(fd: i32) -> io::Result<u32> {
     // SAFETY: integer-only fcntl on an fd number; an invalid fd gives EBADF.
@@ -643,7 +654,9 @@ pub fn memfd_seals(f: &impl AsRawFd) -> io::Result<u32> {
 }
 
 /// A memfd named `name` holding `data`, then sealed with `seals`.
-pub fn memfd_with_seals(name: &str, data: &[u8], seals: u32) -> io::Result<OwnedFd> {
+/// A memfd named `name` holding `data`, with mode bits and owner `attrs` = (mode, uid, gid) set
+/// before `seals` are added (F_SEAL_EXEC would forbid changing the exec bits afterwards).
+pub fn memfd_with_seals(name: &str, data: &[u8], seals: u32, attrs: (u32, u32, u32)) -> io::Result<OwnedFd> {
     let n = CString::new(name).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
     // SAFETY: valid C string; the fd is owned below.
     let fd =
@@ -652,6 +665,10 @@ pub fn memfd_with_seals(name: &str, data: &[u8], seals: u32) -> io::Result<Owned
     let fd = unsafe { OwnedFd::from_raw_fd(fd as RawFd) };
     let mut f = std::fs::File::from(fd);
     std::io::Write::write_all(&mut f, data)?;
+    // SAFETY: integer-only calls on an fd owned here.
+    cvt(unsafe { libc::fchown(f.as_raw_fd(), attrs.1, attrs.2) } as libc::c_long)?;
+    // SAFETY: as above.
+    cvt(unsafe { libc::fchmod(f.as_raw_fd(), attrs.0 as libc::mode_t) } as libc::c_long)?;
     if seals != 0 {
         // SAFETY: integer-only fcntl.
         cvt(unsafe { libc::fcntl(f.as_raw_fd(), libc::F_ADD_SEALS, seals as libc::c_int) } as libc::c_long)?;
@@ -846,6 +863,8 @@ pub const PAGE_IS_WRITTEN: u64 = 1 << 1;
 pub const PAGE_IS_PRESENT: u64 = 1 << 3;
 pub const PAGE_IS_SWAPPED: u64 = 1 << 4;
 pub const PAGE_IS_PFNZERO: u64 = 1 << 5;
+/// A guard page (MADV_GUARD_INSTALL): also reported as swapped, never data.
+pub const PAGE_IS_GUARD: u64 = 1 << 8;
 
 /// One `PAGEMAP_SCAN` query (Linux ≥ 6.7) over `start..end` of the process whose
 /// `/proc/PID/pagemap` is `pagemap`.

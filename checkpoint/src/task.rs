@@ -1,6 +1,8 @@
 //! Process-wide attributes: the mm fields (`prctl(PR_SET_MM, PR_SET_MM_MAP)`: brk, code, data,
-//! stack, args, env, auxv, exe file), cwd, umask, name, personality, rlimits, and the per-thread
-//! registrations glibc made at start-up: `set_tid_address`, the robust futex list and rseq.
+//! stack, args, env, auxv, exe file), cwd, umask, name, personality, rlimits, the per-thread
+//! registrations glibc made at start-up: `set_tid_address`, the robust futex list and rseq, and
+//! the other prctl and /proc attributes ([`Attrs`]): each carried, or refused by name at dump
+//! (docs/CHECKPOINT.md lists them all).
 
 use serde::{Deserialize, Serialize};
 
@@ -47,6 +49,109 @@ pub struct TaskState {
     pub affinity: Vec<u64>,
     pub nice: i32,
     pub oom_score_adj: i32,
+    pub attrs: Attrs,
+    /// The cgroup v2 path ("0::PATH" in /proc/PID/cgroup), if any.
+    pub cgroup: Option<String>,
+}
+
+/// prctl and /proc attributes carried by the restore (those refused are refused at dump).
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Attrs {
+    /// PR_GET_THP_DISABLE as returned (bit 0: disabled; other bits: its flags).
+    pub thp_disable: u64,
+    pub child_subreaper: bool,
+    /// PR_GET_DUMPABLE (0, 1; 2 = "root only" comes back as 1, prctl cannot set it).
+    pub dumpable: u64,
+    /// Of the main thread (other threads: `ThreadState::timerslack_ns`).
+    pub timerslack_ns: u64,
+    /// PR_GET_TSC (0 when not supported).
+    pub tsc: u32,
+    /// PR_MCE_KILL_GET, of the main thread (other threads: `ThreadState::prctls`).
+    pub mce_kill: u64,
+    /// PR_GET_MDWE (memory-deny-write-execute flags).
+    pub mdwe: u64,
+    /// PR_GET_MEMORY_MERGE (KSM for the whole process).
+    pub memory_merge: bool,
+    /// (which, PR_GET_SPECULATION_CTRL) for the controls the process may set itself.
+    pub speculation: Vec<(u64, u64)>,
+    /// membarrier registration commands issued (MEMBARRIER_CMD_GET_REGISTRATIONS).
+    pub membarrier: u64,
+    /// `mlockall` flags for future mappings (MCL_FUTURE, MCL_ONFAULT): the mm's default
+    /// VM_LOCKED, which no /proc file shows (see `mlock_future`).
+    pub mlock_future: u64,
+    /// `arch_prctl(ARCH_SET_CPUID, 0)`: CPUID faults (as under the rr debugger).
+    pub cpuid_faulting: bool,
+    /// `arch_prctl(ARCH_GET_XCOMP_PERM)`: the dynamically enabled xstate features the process was
+    /// granted (ARCH_REQ_XCOMP_PERM, e.g. AMX tile data, 18).
+    pub xcomp_perm: u64,
+    /// /proc/PID/loginuid (None: no audit support).
+    pub loginuid: Option<u32>,
+    /// /proc/PID/coredump_filter.
+    pub coredump_filter: Option<u64>,
+    /// CapInh, CapPrm, CapEff, CapBnd, CapAmb (checked again after the restore: `restore_last`).
+    pub caps: [u64; 5],
+}
+
+const PR_GET_PDEATHSIG: u64 = 2;
+const PR_GET_DUMPABLE: u64 = 3;
+const PR_GET_TSC: u64 = 25;
+const PR_SET_TSC: u64 = 26;
+const PR_GET_SECUREBITS: u64 = 27;
+const PR_SET_TIMERSLACK: u64 = 29;
+const PR_GET_TIMERSLACK: u64 = 30;
+const PR_MCE_KILL: u64 = 33;
+const PR_MCE_KILL_GET: u64 = 34;
+const PR_SET_CHILD_SUBREAPER: u64 = 36;
+const PR_GET_CHILD_SUBREAPER: u64 = 37;
+const PR_SET_THP_DISABLE: u64 = 41;
+const PR_GET_THP_DISABLE: u64 = 42;
+const PR_GET_SPECULATION_CTRL: u64 = 52;
+const PR_SET_SPECULATION_CTRL: u64 = 53;
+const PR_SCHED_CORE: u64 = 62;
+const PR_SET_MDWE: u64 = 65;
+const PR_GET_MDWE: u64 = 66;
+const PR_SET_MEMORY_MERGE: u64 = 67;
+const PR_GET_MEMORY_MERGE: u64 = 68;
+const ARCH_GET_CPUID: u64 = 0x1011;
+const ARCH_SET_CPUID: u64 = 0x1012;
+const ARCH_GET_XCOMP_PERM: u64 = 0x1022;
+const ARCH_REQ_XCOMP_PERM: u64 = 0x1023;
+/// The xstate features a process must ask for (XFEATURE_XTILEDATA, AMX); the others are given.
+const XFEATURES_DYNAMIC: [u64; 1] = [18];
+const MEMBARRIER_CMD_GET_REGISTRATIONS: u64 = 1 << 9;
+/// The membarrier registration commands and, for each, the command that fails with EPERM
+/// without it (the probe on kernels before 6.3, which lack GET_REGISTRATIONS).
+const MEMBARRIER_REGISTER: [(u64, Option<u64>); 4] = [
+    (1 << 2, None),         // REGISTER_GLOBAL_EXPEDITED: cannot be probed
+    (1 << 4, Some(1 << 3)), // REGISTER_PRIVATE_EXPEDITED / PRIVATE_EXPEDITED
+    (1 << 6, Some(1 << 5)), // …_SYNC_CORE
+    (1 << 8, Some(1 << 7)), // …_RSEQ
+];
+
+fn cap_sets(status: &str) -> [u64; 5] {
+    let h = |k: &str| field(status, k).and_then(|v| u64::from_str_radix(v, 16).ok()).unwrap_or(0);
+    [h("CapInh"), h("CapPrm"), h("CapEff"), h("CapBnd"), h("CapAmb")]
+}
+
+/// The capability sets a restore by a root `restorer` (its own sets) gives a process with these
+/// uids: the restore stub is executed as root (permitted and effective = bounding | inheritable),
+/// then setresuid drops permitted and effective (no uid 0 left) or effective (euid not 0); no
+/// ambient set is handed down.
+fn caps_after_restore(uid: [u32; 3], restorer: [u64; 5]) -> [u64; 5] {
+    let [inh, _, _, bnd, _] = restorer;
+    let prm = if uid.contains(&0) { bnd | inh } else { 0 };
+    let eff = if uid[1] == 0 { prm } else { 0 };
+    [inh, prm, eff, bnd, 0]
+}
+
+const CAP_NAMES: [&str; 5] = ["CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"];
+
+fn caps_differ(want: [u64; 5], got: [u64; 5]) -> Option<String> {
+    let d: Vec<String> = (0..5)
+        .filter(|&i| want[i] != got[i])
+        .map(|i| format!("{} {:016x} would be {:016x}", CAP_NAMES[i], want[i], got[i]))
+        .collect();
+    (!d.is_empty()).then(|| d.join(", "))
 }
 
 /// Identity: (real, effective, saved) uid and gid, supplementary groups.
@@ -104,6 +209,40 @@ fn refusals(pid: Pid, cwd: &str, status: &str, exe: &str) -> Vec<Error> {
     if exe.ends_with(" (deleted)") {
         v.push(Error::Unsupported { pid, what: format!("executable {exe}") });
     }
+    // An LSM label (AppArmor profile, SELinux context) other than the restorer's would be lost:
+    // the restored process runs under the restorer's (without an LSM, the file cannot be read).
+    let label =
+        |p: &str| std::fs::read(p).ok().map(|b| String::from_utf8_lossy(&b).trim_end_matches(['\0', '\n']).to_string());
+    if let (Some(theirs), Some(mine)) = (label(&format!("/proc/{pid}/attr/current")), label("/proc/self/attr/current"))
+    {
+        if theirs != mine {
+            v.push(Error::Unsupported {
+                pid,
+                what: format!(
+                    "security label {theirs:?} (the restore would run it as {mine:?}; LSM labels are not carried)"
+                ),
+            });
+        }
+    }
+    // A chroot: the restore would run it in the restorer's root directory.
+    if let Ok(root) = link(pid, "root") {
+        if root != "/" {
+            v.push(Error::Unsupported { pid, what: format!("a changed root directory {root} (chroot)") });
+        }
+    }
+    // Capability sets are not set by the restore: they come from the restorer (this process
+    // stands in for it) and the uids. Refuse a process whose sets would differ.
+    let me = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    if let Some(d) = caps_differ(cap_sets(status), caps_after_restore(ids(status, "Uid"), cap_sets(&me))) {
+        v.push(Error::Unsupported { pid, what: format!("capability sets ({d}; capabilities are not carried yet)") });
+    }
+    // PR_SET_IO_FLUSHER shows as PF_MEMALLOC_NOIO | PF_LOCAL_THROTTLE in the task flags.
+    if let Ok(f) = stat_fields(pid) {
+        let flags: u64 = f.get(9).and_then(|v| v.parse().ok()).unwrap_or(0);
+        if flags & 0x0018_0000 == 0x0018_0000 {
+            v.push(Error::Unsupported { pid, what: "PR_SET_IO_FLUSHER (an I/O flusher process)".into() });
+        }
+    }
     v
 }
 
@@ -158,7 +297,234 @@ pub fn collect_static(pid: Pid) -> Result<TaskState> {
         affinity: sys::get_affinity(pid).map_err(pt("sched_getaffinity", pid))?,
         nice: sys::get_nice(pid).map_err(pt("getpriority", pid))?,
         oom_score_adj: read_string(pid, "oom_score_adj")?.trim().parse().unwrap_or(0),
+        cgroup: read_string(pid, "cgroup")
+            .ok()
+            .and_then(|c| c.lines().find_map(|l| l.strip_prefix("0::").map(str::to_string))),
+        attrs: Attrs {
+            loginuid: read_string(pid, "loginuid").ok().and_then(|v| v.trim().parse().ok()),
+            coredump_filter: read_string(pid, "coredump_filter")
+                .ok()
+                .and_then(|v| u64::from_str_radix(v.trim(), 16).ok()),
+            caps: cap_sets(&status),
+            ..Default::default()
+        },
     })
+}
+
+/// The prctl attributes only the process itself can read (injected), or the refusal naming one
+/// that cannot be carried.
+fn collect_attrs(r: &Remote, a: &mut Attrs) -> Result<()> {
+    let pid = r.pid;
+    let prctl = |op: u64, a2: u64| r.raw(libc::SYS_prctl, &[op, a2, 0, 0, 0]);
+    let int_out = |op: u64, what: &str| -> Result<i64> {
+        r.put(0, &[0u8; 4])?;
+        r.call(what, libc::SYS_prctl, &[op, r.scratch, 0, 0, 0])?;
+        Ok(i32::from_le_bytes(r.get(0, 4)?.try_into().unwrap()) as i64)
+    };
+    let sig = int_out(PR_GET_PDEATHSIG, "prctl(PR_GET_PDEATHSIG)")?;
+    if sig != 0 {
+        return Err(Error::Unsupported {
+            pid,
+            what: format!("a parent-death signal (PR_SET_PDEATHSIG {sig}: the restored process has another parent)"),
+        });
+    }
+    let sb = prctl(PR_GET_SECUREBITS, 0)?;
+    if sb > 0 {
+        return Err(Error::Unsupported {
+            pid,
+            what: format!("securebits {sb:#x} (PR_SET_SECUREBITS, PR_SET_KEEPCAPS)"),
+        });
+    }
+    // A core-scheduling cookie (PR_SCHED_CORE_GET).
+    r.put(0, &[0u8; 8])?;
+    if prctl_cookie(r)? != 0 {
+        return Err(Error::Unsupported { pid, what: "a core-scheduling cookie (PR_SCHED_CORE)".into() });
+    }
+    a.thp_disable = prctl(PR_GET_THP_DISABLE, 0)?.max(0) as u64;
+    a.child_subreaper = int_out(PR_GET_CHILD_SUBREAPER, "prctl(PR_GET_CHILD_SUBREAPER)")? != 0;
+    a.dumpable = prctl(PR_GET_DUMPABLE, 0)?.max(0) as u64;
+    a.timerslack_ns = prctl(PR_GET_TIMERSLACK, 0)?.max(0) as u64;
+    a.tsc = int_out(PR_GET_TSC, "prctl(PR_GET_TSC)").unwrap_or(0) as u32;
+    (a.mce_kill, a.speculation) = collect_thread_prctls(r)?;
+    a.mdwe = prctl(PR_GET_MDWE, 0)?.max(0) as u64;
+    a.memory_merge = prctl(PR_GET_MEMORY_MERGE, 0)? > 0;
+    a.mlock_future = mlock_future(r)?;
+    a.cpuid_faulting = r.raw(libc::SYS_arch_prctl, &[ARCH_GET_CPUID, 0])? == 0;
+    r.put(0, &[0u8; 8])?;
+    if r.raw(libc::SYS_arch_prctl, &[ARCH_GET_XCOMP_PERM, r.scratch])? == 0 {
+        a.xcomp_perm = u64_at(&r.get(0, 8)?, 0);
+    }
+    let reg = r.raw(libc::SYS_membarrier, &[MEMBARRIER_CMD_GET_REGISTRATIONS, 0, 0])?;
+    a.membarrier = if reg >= 0 {
+        reg as u64
+    } else {
+        // Before Linux 6.3: a private expedited barrier fails with EPERM unless registered (all
+        // threads are stopped: it interrupts no one). The global registration cannot be seen:
+        // it is made again anyway (it only adds this process to others' barriers).
+        let mut bits = 1 << 2;
+        for (reg, probe) in MEMBARRIER_REGISTER.iter().filter_map(|(g, p)| p.map(|p| (*g, p))) {
+            if r.raw(libc::SYS_membarrier, &[probe, 0, 0])? == 0 {
+                bits |= reg;
+            }
+        }
+        bits
+    };
+    Ok(())
+}
+
+/// `mlockall(MCL_FUTURE)` shows nowhere but in what a new mapping gets: a probe page is mapped
+/// (after the memory was collected) and unmapped. Locked, it adds to VmLck; locked on fault
+/// (MCL_ONFAULT), it is not populated at once.
+fn mlock_future(r: &Remote) -> Result<u64> {
+    let locked_kb = || -> Result<u64> {
+        Ok(field(&read_string(r.pid, "status")?, "VmLck")
+            .and_then(|v| v.trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or(0))
+    };
+    let before = locked_kb()?;
+    let prot = (libc::PROT_READ | libc::PROT_WRITE) as u64;
+    let fl = (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS) as u64;
+    let addr = r.raw(libc::SYS_mmap, &[0, 4096, prot, fl, u64::MAX, 0])?;
+    if addr == -(libc::EAGAIN as i64) {
+        return Ok(libc::MCL_FUTURE as u64); // locking it would exceed RLIMIT_MEMLOCK
+    }
+    if (-4095..0).contains(&addr) {
+        return Err(Error::Injected {
+            pid: r.pid,
+            call: "mmap (mlockall probe)".into(),
+            errno: -addr as i32,
+            msg: crate::inject::errno_name(-addr as i32),
+        });
+    }
+    let after = locked_kb();
+    let resident = r.raw(libc::SYS_mincore, &[addr as u64, 4096, r.scratch]).and_then(|_| r.get(0, 1));
+    r.call("munmap (mlockall probe)", libc::SYS_munmap, &[addr as u64, 4096])?;
+    if after? <= before {
+        return Ok(0);
+    }
+    let onfault = resident?[0] & 1 == 0;
+    Ok((libc::MCL_FUTURE | if onfault { libc::MCL_ONFAULT } else { 0 }) as u64)
+}
+
+/// What only the thread itself can tell and no other thread inherits later: its MCE kill policy
+/// and its speculation controls (those it may set itself: PR_SPEC_PRCTL).
+pub fn collect_thread_prctls(r: &Remote) -> Result<(u64, Vec<(u64, u64)>)> {
+    let mce = r.call("prctl(PR_MCE_KILL_GET)", libc::SYS_prctl, &[PR_MCE_KILL_GET, 0, 0, 0, 0])?;
+    let mut spec = Vec::new();
+    for which in 0..3u64 {
+        let v = r.raw(libc::SYS_prctl, &[PR_GET_SPECULATION_CTRL, which, 0, 0, 0])?;
+        if v > 0 && v & 1 != 0 {
+            spec.push((which, v as u64));
+        }
+    }
+    Ok((mce, spec))
+}
+
+/// [`collect_thread_prctls`]' state, set by the thread itself.
+pub fn restore_thread_prctls(r: &Remote, mce: u64, spec: &[(u64, u64)]) -> Result<()> {
+    let now = r.call("prctl(PR_MCE_KILL_GET)", libc::SYS_prctl, &[PR_MCE_KILL_GET, 0, 0, 0, 0])?;
+    if now != mce {
+        let (op, policy) = if mce == 2 { (0, 0) } else { (1, mce) }; // 2: PR_MCE_KILL_CLEAR to the default
+        r.call("prctl(PR_MCE_KILL)", libc::SYS_prctl, &[PR_MCE_KILL, op, policy, 0, 0])?;
+    }
+    for &(which, v) in spec {
+        let now = r.raw(libc::SYS_prctl, &[PR_GET_SPECULATION_CTRL, which, 0, 0, 0])?;
+        let state = v & 0b11110; // ENABLE, DISABLE, FORCE_DISABLE, DISABLE_NOEXEC
+        if now != v as i64 && state != 0 {
+            r.call(
+                &format!("prctl(PR_SET_SPECULATION_CTRL, {which}, {state:#x})"),
+                libc::SYS_prctl,
+                &[PR_SET_SPECULATION_CTRL, which, state, 0, 0],
+            )?;
+        }
+    }
+    Ok(())
+}
+
+fn prctl_cookie(r: &Remote) -> Result<u64> {
+    // prctl(PR_SCHED_CORE, PR_SCHED_CORE_GET, 0 (this task), PIDTYPE_PID (the only type GET
+    // takes), &cookie)
+    let v = r.raw(libc::SYS_prctl, &[PR_SCHED_CORE, 0, 0, 0, r.scratch])?;
+    if v < 0 {
+        return Ok(0); // no core scheduling in this kernel
+    }
+    Ok(u64_at(&r.get(0, 8)?, 0))
+}
+
+/// The attributes set from inside, before the threads exist (they inherit them) and before
+/// the identity is dropped (loginuid needs CAP_AUDIT_CONTROL).
+pub fn restore_attrs(r: &Remote, st: &TaskState) -> Result<()> {
+    let a = &st.attrs;
+    let pid = r.pid;
+    if a.thp_disable & 1 != 0 {
+        r.call("prctl(PR_SET_THP_DISABLE)", libc::SYS_prctl, &[PR_SET_THP_DISABLE, 1, a.thp_disable & !1, 0, 0])?;
+    }
+    if a.child_subreaper {
+        r.call("prctl(PR_SET_CHILD_SUBREAPER)", libc::SYS_prctl, &[PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0])?;
+    }
+    if a.timerslack_ns != 0 {
+        r.call("prctl(PR_SET_TIMERSLACK)", libc::SYS_prctl, &[PR_SET_TIMERSLACK, a.timerslack_ns, 0, 0, 0])?;
+    }
+    if a.tsc != 0 {
+        r.call("prctl(PR_SET_TSC)", libc::SYS_prctl, &[PR_SET_TSC, a.tsc as u64, 0, 0, 0])?;
+    }
+    restore_thread_prctls(r, a.mce_kill, &a.speculation)?;
+    if a.memory_merge {
+        r.call("prctl(PR_SET_MEMORY_MERGE)", libc::SYS_prctl, &[PR_SET_MEMORY_MERGE, 1, 0, 0, 0])?;
+    }
+    if a.cpuid_faulting {
+        r.call("arch_prctl(ARCH_SET_CPUID, 0)", libc::SYS_arch_prctl, &[ARCH_SET_CPUID, 0])?;
+    }
+    // Before the registers and xstate are written (finish): AMX state needs the permission.
+    for f in XFEATURES_DYNAMIC.into_iter().filter(|f| a.xcomp_perm & (1 << f) != 0) {
+        r.call(&format!("arch_prctl(ARCH_REQ_XCOMP_PERM, {f})"), libc::SYS_arch_prctl, &[ARCH_REQ_XCOMP_PERM, f])?;
+    }
+    if a.mlock_future != 0 {
+        r.call("mlockall(MCL_FUTURE)", libc::SYS_mlockall, &[a.mlock_future])?;
+    }
+    for (reg, _) in MEMBARRIER_REGISTER {
+        if a.membarrier & reg != 0 {
+            r.call(&format!("membarrier(register {reg:#x})"), libc::SYS_membarrier, &[reg, 0, 0])?;
+        }
+    }
+    if let Some(uid) = a.loginuid {
+        let now: Option<u32> = read_string(pid, "loginuid").ok().and_then(|v| v.trim().parse().ok());
+        if now != Some(uid) {
+            // Only the process itself may write its loginuid.
+            let p = r.put_cstr(0, b"/proc/self/loginuid")?;
+            let fd = r.call(
+                "open /proc/self/loginuid",
+                libc::SYS_openat,
+                &[libc::AT_FDCWD as u64, p, (libc::O_WRONLY | libc::O_CLOEXEC) as u64, 0],
+            )?;
+            let text = uid.to_string();
+            let b = r.put(64, text.as_bytes())?;
+            let w = r.call(&format!("write loginuid {uid}"), libc::SYS_write, &[fd, b, text.len() as u64]);
+            r.call("close", libc::SYS_close, &[fd])?;
+            w?;
+        }
+    }
+    if let Some(f) = a.coredump_filter {
+        let p = proc_path(pid, "coredump_filter");
+        std::fs::write(&p, format!("{f:#x}")).map_err(crate::error::io_at(p))?;
+    }
+    Ok(())
+}
+
+/// Last, once the identity is the process's: memory-deny-write-execute (no later mapping may
+/// need it off), and a check that the capability sets came out as they were.
+pub fn restore_last(r: &Remote, st: &TaskState) -> Result<()> {
+    let a = &st.attrs;
+    if a.mdwe != 0 {
+        r.call("prctl(PR_SET_MDWE)", libc::SYS_prctl, &[PR_SET_MDWE, a.mdwe, 0, 0, 0])?;
+    }
+    let got = cap_sets(&read_string(r.pid, "status")?);
+    if let Some(d) = caps_differ(a.caps, got) {
+        return Err(Error::Restore(format!(
+            "the capability sets differ from the dump ({d}): capabilities are not carried yet"
+        )));
+    }
+    Ok(())
 }
 
 pub fn collect(r: &Remote) -> Result<TaskState> {
@@ -175,6 +541,7 @@ pub fn collect(r: &Remote) -> Result<TaskState> {
     st.tid_address = u64_at(&r.get(0, 8)?, 0);
     st.robust_list = sys::get_robust_list(pid).map_err(pt("get_robust_list", pid))?;
     st.rseq = sys::get_rseq(pid).map_err(pt("PTRACE_GET_RSEQ_CONFIGURATION", pid))?;
+    collect_attrs(r, &mut st.attrs)?;
     Ok(st)
 }
 
@@ -268,7 +635,10 @@ pub fn restore_creds(r: &Remote, st: &TaskState) -> Result<()> {
     r.call("setgroups", libc::SYS_setgroups, &[c.groups.len() as u64, p])?;
     r.call("setresgid", libc::SYS_setresgid, &[c.gid[0] as u64, c.gid[1] as u64, c.gid[2] as u64])?;
     r.call("setresuid", libc::SYS_setresuid, &[c.uid[0] as u64, c.uid[1] as u64, c.uid[2] as u64])?;
-    r.call("prctl(PR_SET_DUMPABLE)", libc::SYS_prctl, &[libc::PR_SET_DUMPABLE as u64, 1])?;
+    // A uid change clears it; the recorded value comes back (2, "root only", cannot be set by
+    // prctl: it comes back as 1).
+    let dumpable = st.attrs.dumpable.min(1);
+    r.call("prctl(PR_SET_DUMPABLE)", libc::SYS_prctl, &[libc::PR_SET_DUMPABLE as u64, dumpable])?;
     if st.no_new_privs {
         r.call("prctl(PR_SET_NO_NEW_PRIVS)", libc::SYS_prctl, &[libc::PR_SET_NO_NEW_PRIVS as u64, 1, 0, 0, 0])?;
     }
@@ -299,4 +669,55 @@ pub fn restore_rlimits(pid: Pid, st: &TaskState) -> Result<()> {
         sys::prlimit(pid, res as u32, Some((cur, max))).map_err(pt("prlimit", pid))?;
     }
     Ok(())
+}
+
+/// Where the cgroup v2 hierarchy is mounted here (from /proc/self/mountinfo).
+fn cgroup2_mount() -> Option<std::path::PathBuf> {
+    let mi = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    mi.lines().find_map(|l| {
+        let (pre, post) = l.split_once(" - ")?;
+        (post.split_whitespace().next() == Some("cgroup2")).then(|| pre.split_whitespace().nth(4).map(Into::into))?
+    })
+}
+
+/// Puts the new process (one thread yet) into the image's cgroup v2 when that exists here.
+/// `None`: it is there; `Some(why)`: it stays in the restorer's cgroup, and why (for
+/// the restore report).
+pub fn restore_cgroup(pid: Pid, st: &TaskState) -> Option<String> {
+    let path = st.cgroup.as_deref()?;
+    let Some(mount) = cgroup2_mount() else {
+        return Some(format!("cgroup {path} not restored: no cgroup v2 hierarchy is mounted here"));
+    };
+    let dir = mount.join(path.trim_start_matches('/'));
+    let here = read_string(pid, "cgroup").ok();
+    if here.as_deref().is_some_and(|c| c.lines().any(|l| l.strip_prefix("0::") == Some(path))) {
+        return None;
+    }
+    if !dir.is_dir() {
+        return Some(format!("cgroup {path} not restored: {} does not exist here", dir.display()));
+    }
+    match std::fs::write(dir.join("cgroup.procs"), pid.to_string()) {
+        Ok(()) => None,
+        Err(e) => Some(format!("cgroup {path} not restored: writing {}: {e}", dir.join("cgroup.procs").display())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn capability_sets_a_restore_gives() {
+        let full = 0x1ff_ffff_ffff;
+        let root = [0, full, full, full, 0];
+        // A root process keeps the restorer's sets; nobody has none but the bounding set.
+        assert_eq!(caps_after_restore([0, 0, 0], root), root);
+        assert_eq!(caps_after_restore([65534; 3], root), [0, 0, 0, full, 0]);
+        // A saved uid 0 keeps the permitted set, not the effective one.
+        assert_eq!(caps_after_restore([1000, 1000, 0], root), [0, full, 0, full, 0]);
+        // A root process that dropped a capability is named with the set that differs.
+        let d = caps_differ([0, full & !(1 << 21), full & !(1 << 21), full, 0], root).unwrap();
+        assert!(d.starts_with("CapPrm ") && d.contains("CapEff ") && !d.contains("CapBnd"), "{d}");
+        assert_eq!(caps_differ(root, root), None);
+    }
 }

@@ -33,6 +33,10 @@ pub struct ThreadState {
     pub rseq: Option<RseqConf>,
     pub affinity: Vec<u64>,
     pub nice: i32,
+    /// PR_GET_TIMERSLACK (per thread).
+    pub timerslack_ns: u64,
+    /// MCE kill policy and speculation controls (see `task::collect_thread_prctls`).
+    pub prctls: (u64, Vec<(u64, u64)>),
 }
 
 /// Collects every thread but the main one (injection must be prepared on `f`).
@@ -42,13 +46,16 @@ pub fn collect(f: &mut Frozen) -> Result<Vec<ThreadState>> {
     for t in f.threads.clone() {
         let tid = t.tid;
         let (mut cpu, _) = cpu::collect(tid, &t.regs)?;
-        let (altstack, tid_address) = f.with_thread(tid, |r| {
+        let (altstack, tid_address, timerslack_ns, prctls) = f.with_thread(tid, |r| {
             r.call("sigaltstack", libc::SYS_sigaltstack, &[0, r.scratch])?;
             let b = r.get(0, 24)?;
             let flags = u64_at(&b, 8) as u32 as i32;
             let alt = (flags & libc::SS_DISABLE == 0).then(|| (u64_at(&b, 0), flags, u64_at(&b, 16)));
             r.call("prctl(PR_GET_TID_ADDRESS)", libc::SYS_prctl, &[libc::PR_GET_TID_ADDRESS as u64, r.scratch])?;
-            Ok((alt, u64_at(&r.get(0, 8)?, 0)))
+            let tid_address = u64_at(&r.get(0, 8)?, 0);
+            let slack =
+                r.call("prctl(PR_GET_TIMERSLACK)", libc::SYS_prctl, &[30 /* PR_GET_TIMERSLACK */, 0, 0, 0, 0])?;
+            Ok((alt, tid_address, slack, crate::task::collect_thread_prctls(r)?))
         })?;
         let rseq = sys::get_rseq(tid).map_err(pt("PTRACE_GET_RSEQ_CONFIGURATION", tid))?;
         if let Some(rs) = rseq {
@@ -73,6 +80,8 @@ pub fn collect(f: &mut Frozen) -> Result<Vec<ThreadState>> {
             rseq,
             affinity: sys::get_affinity(tid).map_err(pt("sched_getaffinity", tid))?,
             nice: sys::get_nice(tid).map_err(pt("getpriority", tid))?,
+            timerslack_ns,
+            prctls,
         });
     }
     Ok(out)
@@ -160,6 +169,14 @@ pub fn restore(
         name.truncate(15);
         let p = tr.put_cstr(0, &name)?;
         tr.call("prctl(PR_SET_NAME)", libc::SYS_prctl, &[libc::PR_SET_NAME as u64, p])?;
+        if t.timerslack_ns != 0 {
+            tr.call(
+                "prctl(PR_SET_TIMERSLACK)",
+                libc::SYS_prctl,
+                &[29 /* PR_SET_TIMERSLACK */, t.timerslack_ns, 0, 0, 0],
+            )?;
+        }
+        crate::task::restore_thread_prctls(&tr, t.prctls.0, &t.prctls.1)?;
         for info in &t.pending {
             let sig = u32::from_le_bytes(info[0..4].try_into().unwrap()) as u64;
             // Queued by the thread itself: only then does the kernel accept any si_code.

@@ -147,10 +147,14 @@ pub fn run_restore(args: &RestoreArgs) -> anyhow::Result<()> {
             "phases": phases_json(&r.phases),
             "total_ms": ms(r.total),
             "pages_bytes": r.pages_bytes,
+            "notes": r.notes,
         });
         out!("{v}");
     } else {
         out!("{}", r.pid);
+        for n in &r.notes {
+            err!("note: {n}");
+        }
         err!(
             "restored pid {}{} from {}: {:.1} MiB of pages",
             r.pid,

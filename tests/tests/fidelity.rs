@@ -248,6 +248,14 @@ fidelity! {
     memfd,
     socketpair,
     threads settle 20,
+    vma_flags,
+    memfd_exec,
+    membarrier,
+    process_attrs settle 20,
+    fifo,
+    epoll_dup,
+    proc_self_files,
+    mlockall_future,
 }
 
 /// Pre-copy of a program that keeps writing its pages (and mapping, moving, unmapping and
@@ -272,7 +280,7 @@ fn precopy_keeps_other_state() {
     if !root() {
         return;
     }
-    for name in ["anon_memory", "threads", "sparse_reservation", "shared_anon", "sig_mask_pending"] {
+    for name in ["anon_memory", "threads", "sparse_reservation", "shared_anon", "sig_mask_pending", "vma_flags"] {
         let mut p = Prog::start(name);
         let rep = p.move_once_precopy(1);
         assert!(rep.precopied_bytes > 0 || name == "sparse_reservation", "{name}: nothing left to the store");
@@ -688,6 +696,33 @@ fn child_process_refused() {
     refused("child_process", &["children", "process trees"]);
 }
 
+/// A FIFO that another process (here the test) holds too is refused, naming it and the holder.
+#[test]
+fn fifo_shared_refused() {
+    if !root() {
+        return;
+    }
+    let p = Prog::start("fifo");
+    let held = fs::OpenOptions::new().write(true).custom_flags(libc::O_NONBLOCK).open(p.path("ctl")).unwrap();
+    let e = ck::dump(p.pid, &p.img(1), AfterDump::Kill).expect_err("a shared FIFO must be refused").to_string();
+    let me = format!("pid {}", std::process::id());
+    assert!(e.contains("ctl") && e.contains("also open in") && e.contains(&me), "{e}");
+    assert!(!p.img(1).join("manifest.img").exists());
+    drop(held);
+    p.go();
+    p.expect_pass();
+}
+
+#[test]
+fn pdeathsig_refused() {
+    refused("pdeathsig", &["parent-death signal", "PR_SET_PDEATHSIG 10"]);
+}
+
+#[test]
+fn main_thread_exit_refused() {
+    refused("main_thread_exit", &["main thread has exited", "pthread_exit", "1 other thread"]);
+}
+
 #[test]
 fn tcp_socket_refused() {
     refused("tcp_socket", &["fd 3", "AF_INET"]);
@@ -847,4 +882,55 @@ fn blockers_listed_at_once() {
     let blockers = v["process"]["blockers"].as_array().unwrap();
     assert!(blockers.iter().all(|b| !matches!(b["fd"].as_i64(), Some(fd) if fd <= 2)), "{v}");
     assert!(blockers.iter().any(|b| b["message"].as_str().unwrap().contains("process trees")), "{v}");
+}
+
+/// The process comes back in its cgroup v2 when that exists on the restoring machine; when it
+/// does not, the restore still succeeds and its report says so.
+#[test]
+fn cgroup_membership() {
+    if !root() {
+        return;
+    }
+    let Some(mount) = fs::read_to_string("/proc/self/mountinfo").ok().and_then(|mi| {
+        mi.lines().find_map(|l| {
+            let (pre, post) = l.split_once(" - ")?;
+            (post.starts_with("cgroup2 ")).then(|| PathBuf::from(pre.split_whitespace().nth(4).unwrap()))
+        })
+    }) else {
+        eprintln!("SKIP: no cgroup v2 hierarchy mounted");
+        return;
+    };
+    let name = format!("dvk-fid-cg-{}", std::process::id());
+    let cg = mount.join(&name);
+    if fs::create_dir(&cg).is_err() {
+        eprintln!("SKIP: cannot create a cgroup under {}", mount.display());
+        return;
+    }
+    struct Rm(PathBuf);
+    impl Drop for Rm {
+        fn drop(&mut self) {
+            let _ = fs::remove_dir(&self.0);
+        }
+    }
+    let _rm = Rm(cg.clone());
+    let in_cg = |pid: i32| read(Path::new(&format!("/proc/{pid}/cgroup"))).lines().any(|l| l == format!("0::/{name}"));
+    let mut p = Prog::start("anon_memory");
+    fs::write(cg.join("cgroup.procs"), p.pid.to_string()).unwrap();
+    assert!(in_cg(p.pid));
+    ck::dump(p.pid, &p.img(1), AfterDump::LeaveRunning).unwrap();
+    // The original is still there: the copy (a new pid) joins it in the cgroup.
+    let r = ck::restore(&p.img(1), &RestoreOptions::default()).unwrap();
+    assert!(r.notes.is_empty(), "{:?}", r.notes);
+    assert!(in_cg(r.pid), "{}", read(Path::new(&format!("/proc/{}/cgroup", r.pid))));
+    // SAFETY: killing the copy, our child, by pid.
+    unsafe { libc::kill(r.pid, libc::SIGKILL) };
+    wait_exit(r.pid, Duration::from_secs(5));
+    ck::dump(p.pid, &p.img(2), AfterDump::Kill).unwrap();
+    wait_exit(p.pid, Duration::from_secs(5));
+    fs::remove_dir(&cg).unwrap();
+    let r = ck::restore(&p.img(2), &RestoreOptions::default()).unwrap();
+    p.pid = r.pid;
+    assert!(r.notes.iter().any(|n| n.contains(&name) && n.contains("does not exist")), "{:?}", r.notes);
+    p.go();
+    p.expect_pass();
 }

@@ -510,6 +510,9 @@ async fn prepare_restore(agent: &Arc<Agent>, dir: &Path) -> Result<Restoring, St
                     let phases: Vec<String> =
                         report.phases.iter().map(|(n, t)| format!("{n} {:.1}", t.as_secs_f64() * 1000.0)).collect();
                     tracing::info!(pid = held.pid(), "restored (held): {} ms", phases.join(", "));
+                    for n in &report.notes {
+                        tracing::warn!(pid = held.pid(), "restore: {n}");
+                    }
                     let _ = ready_tx.send(Ok(held.pid()));
                     held
                 }
