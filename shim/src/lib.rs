@@ -89,12 +89,19 @@ fn warn_parts(parts: &[&[u8]]) {
     raw::warn(&line[..len]);
 }
 
-/// The vPID the parent reserved for the child it is forking (0: none). Written by the
-/// fork hook before the fork, read in the child's copy of memory.
-static RESERVED_FOR_CHILD: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
+thread_local! {
+    /// The vPID the forking thread reserved for the child it is forking (0: none). Written
+    /// by the fork hook before the fork, read in the child, whose only thread is the copy of
+    /// the forking one. Per thread: threads that fork at the same time each hand their own
+    /// reservation to their own child. A const-initialised Cell without Drop: a plain TLS
+    /// slot (no allocation, no destructor registration), usable in signal handlers.
+    static RESERVED_FOR_CHILD: std::cell::Cell<i32> = const { std::cell::Cell::new(0) };
+}
 
-pub(crate) fn set_reserved_for_child(vpid: i32) {
-    RESERVED_FOR_CHILD.store(vpid, std::sync::atomic::Ordering::Release);
+/// Sets this thread's reservation for the child it is about to fork; returns the previous
+/// value (a fork in a signal handler that interrupted the fork hook puts it back after).
+pub(crate) fn set_reserved_for_child(vpid: i32) -> i32 {
+    RESERVED_FOR_CHILD.with(|r| r.replace(vpid))
 }
 
 /// In the child of fork(): drop the parent's identity, agent link and children, and
@@ -105,7 +112,7 @@ unsafe extern "C" fn after_fork_in_child() {
         raw::preserving_errno(|| {
             let parent_vpid = identity::vpid();
             let parent_was_registered = parent_vpid != 0;
-            let reserved = RESERVED_FOR_CHILD.swap(0, std::sync::atomic::Ordering::AcqRel);
+            let reserved = set_reserved_for_child(0);
             // Before the inherited link is dropped: a relink the parent had pending.
             relink::after_fork_child();
             if let Some(inherited) = identity::clear() {
