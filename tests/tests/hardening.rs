@@ -7,11 +7,12 @@
 //! * A stalled agent costs a program one short timeout and one warning; a relative
 //!   `DVK_AGENT_SOCK` is refused by name (item 10).
 
-use dvk_protocol::frame::{self, LOCAL_MAX_FRAME};
+use dvk_protocol::frame::{self, HEADER_LEN, LOCAL_MAX_FRAME};
 use dvk_protocol::local::{LocalRequest, LocalResponse, LOCAL_PROTOCOL_VERSION};
-use dvk_tests::programs::c_program;
-use dvk_tests::{is_root, Cluster, Mode};
-use std::io::{BufRead, BufReader};
+use dvk_tests::programs::{c_program, python3};
+use dvk_tests::{is_root, shim_path, Cluster, Mode};
+use pidvirt::{NodeId, Vpid, VPID_BASE};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
 
@@ -134,4 +135,107 @@ fn threads_forking_at_once_each_give_their_child_its_own_vpid() {
     assert_eq!(total, "800");
     assert_eq!(mismatched, "0", "children whose getpid() differs from fork()'s answer:\n{stderr}");
     assert_eq!(virtual_pids, "800", "every child has a vPID\n{stderr}");
+}
+
+// ---------------------------------------------------------------------------
+// Item 10: a stalled agent, a relative agent socket path.
+
+/// A stand-in agent that answers the first connection's Register, then accepts every later
+/// connection and never answers (an agent stuck in a long GC pause, or SIGSTOPped).
+struct StalledAgent {
+    dir: tempfile::TempDir,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<usize>>,
+}
+
+const FAKE_VPID: i32 = VPID_BASE + 4242;
+
+impl StalledAgent {
+    fn start() -> StalledAgent {
+        let dir = tempfile::tempdir().unwrap();
+        let listener = std::os::unix::net::UnixListener::bind(dir.path().join("agent.sock")).unwrap();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let (mut first, _) = listener.accept().unwrap();
+            let mut header = [0u8; HEADER_LEN];
+            first.read_exact(&mut header).unwrap();
+            let mut body = vec![0u8; frame::body_len(header, LOCAL_MAX_FRAME).unwrap()];
+            first.read_exact(&mut body).unwrap();
+            assert!(matches!(frame::decode(&body).unwrap(), LocalRequest::Register { .. }));
+            let answer = LocalResponse::Registered { vpid: Vpid(FAKE_VPID), parent: None, node: NodeId(1) };
+            first.write_all(&frame::encode(&answer, LOCAL_MAX_FRAME).unwrap()).unwrap();
+            listener.set_nonblocking(true).unwrap();
+            let mut held = vec![first];
+            // Bounded: the test stops us; 120 s at most in any case.
+            for _ in 0..12_000 {
+                if flag.load(std::sync::atomic::Ordering::Relaxed) {
+                    break;
+                }
+                match listener.accept() {
+                    Ok((conn, _)) => held.push(conn),
+                    Err(_) => std::thread::sleep(std::time::Duration::from_millis(10)),
+                }
+            }
+            held.len() - 1
+        });
+        StalledAgent { dir, stop, thread: Some(thread) }
+    }
+
+    fn socket(&self) -> std::path::PathBuf {
+        self.dir.path().join("agent.sock")
+    }
+
+    /// Stops accepting; returns how many connections came after the registration.
+    fn finish(mut self) -> usize {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.thread.take().unwrap().join().unwrap()
+    }
+}
+
+/// A program whose agent stalls after it registered forks 5 children: the first fork waits
+/// for the agent once (a short timeout), the others do not wait at all; every child keeps
+/// its real PID, which is what fork() told its parent; one warning in all. Found broken:
+/// each fork waited 3 s for a reservation and each child 3 s more to register, and every
+/// child printed its own warning.
+#[test]
+fn a_stalled_agent_costs_one_timeout_and_one_warning_not_two_per_fork() {
+    let agent = StalledAgent::start();
+    let out = Command::new(c_program("fork_threads"))
+        .args(["1", "5"])
+        .env("LD_PRELOAD", shim_path())
+        .env("DVK_AGENT_SOCK", agent.socket())
+        .stdin(Stdio::null())
+        .output()
+        .expect("run fork_threads");
+    let asked = agent.finish();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "fork_threads failed: {stderr}");
+    assert_eq!(stdout.trim(), "total 5 mismatched 0 virtual 0", "stderr: {stderr}");
+    let warnings: Vec<&str> = stderr.lines().filter(|l| l.starts_with("dvk:")).collect();
+    assert_eq!(warnings.len(), 1, "one warning, not one per fork: {warnings:?}");
+    assert!(warnings[0].contains("did not answer"), "the warning says why: {warnings:?}");
+    assert_eq!(asked, 1, "the stalled agent is asked once, not for every fork and child");
+}
+
+/// A relative `DVK_AGENT_SOCK` is refused at load with an error naming it. Found broken: it
+/// was used relative to the current directory, so a program started where the socket was
+/// registered, and its listeners (in a relative directory the agent refuses) fell back to
+/// real ports picked at random.
+#[test]
+fn a_relative_agent_socket_path_is_refused_by_name() {
+    let cluster = Cluster::start(1, Mode::Loopback);
+    let out = cluster
+        .preloaded(0, python3())
+        .args(["-c", "import os; print(os.getpid())"])
+        .env("DVK_AGENT_SOCK", "agent.sock")
+        .current_dir(&cluster.nodes[0].runtime_dir)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run python3");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let pid: i32 = String::from_utf8_lossy(&out.stdout).trim().parse().expect("python3 printed its pid");
+    assert!(stderr.contains("DVK_AGENT_SOCK must be an absolute path"), "stderr: {stderr}");
+    assert!(pid < VPID_BASE, "the program was registered through a relative socket path (vPID {pid})");
 }
