@@ -29,6 +29,19 @@ pub struct DumpOptions {
     pub external_fds: Vec<i32>,
     /// Send page data there instead of writing pages.img (the other files are still written).
     pub pages_to: Option<image::PagesTo>,
+    /// Asked between the steps of a dump (after the freeze, between collection phases, before
+    /// the final kill): `true` stops it with [`Error::Interrupted`], the process put back as it
+    /// was and running. `migrate-cli dump` answers whether a stop signal (SIGINT, SIGTERM,
+    /// SIGHUP, SIGQUIT), blocked for the duration of the dump, is pending.
+    pub interrupted: Option<fn() -> bool>,
+}
+
+/// Err([`Error::Interrupted`]) if the caller asked the dump to stop.
+fn check_interrupted(pid: Pid, opts: &DumpOptions) -> Result<()> {
+    match opts.interrupted {
+        Some(asked) if asked() => Err(Error::Interrupted { pid }),
+        _ => Ok(()),
+    }
 }
 
 #[derive(Clone, Debug, Default)]
@@ -140,6 +153,11 @@ pub fn dump_with(pid: Pid, dir: &Path, after: AfterDump, opts: &DumpOptions) -> 
     clk.lap("freeze");
 
     let mut rep = write_image_timed(&mut f, dir, opts, &mut clk)?;
+    // The last moment to change our mind: the image is complete but nothing is killed yet.
+    if let Err(e) = check_interrupted(pid, opts) {
+        remove_image(dir);
+        return Err(e); // `f` thaws the process as it is dropped
+    }
 
     // Frozen time: until the image is complete (kill) or the process runs again (thaw).
     let mut frozen = frozen_at.elapsed();
@@ -178,13 +196,7 @@ fn write_image_timed(f: &mut Frozen, dir: &Path, opts: &DumpOptions, clk: &mut C
     let (manifest, pages_len) = match collect_all(f, dir, opts, clk) {
         Ok(v) => v,
         Err(e) => {
-            let _ = std::fs::remove_file(dir.join(image::PAGES));
-            let _ = std::fs::remove_file(dir.join(image::MANIFEST));
-            for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
-                if e.file_name().to_string_lossy().starts_with("memfd-") {
-                    let _ = std::fs::remove_file(e.path());
-                }
-            }
+            remove_image(dir);
             return Err(e);
         }
     };
@@ -200,9 +212,21 @@ fn write_image_timed(f: &mut Frozen, dir: &Path, opts: &DumpOptions, clk: &mut C
     })
 }
 
+/// Removes the image files a dump wrote into `dir` (a dump that failed or was interrupted).
+fn remove_image(dir: &Path) {
+    let _ = std::fs::remove_file(dir.join(image::PAGES));
+    let _ = std::fs::remove_file(dir.join(image::MANIFEST));
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        if e.file_name().to_string_lossy().starts_with("memfd-") {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
+}
+
 /// Everything but the final manifest write, from a frozen process.
 fn collect_all(f: &mut Frozen, dir: &Path, opts: &DumpOptions, clk: &mut Clock) -> Result<(Manifest, u64)> {
     let pid = f.pid;
+    check_interrupted(pid, opts)?;
     let maps = proc::maps(pid)?;
     let vdso = vdso::collect(&maps);
     let (mut cpu, cpu_ident) = cpu::collect(pid, &f.regs)?;
@@ -216,6 +240,7 @@ fn collect_all(f: &mut Frozen, dir: &Path, opts: &DumpOptions, clk: &mut Clock) 
     let memory = memory::collect(pid, &maps, &mut sink)?;
     let memfds = memfd::collect(pid, &files, &memory, dir)?;
     clk.lap("pages");
+    check_interrupted(pid, opts)?;
 
     let gadget_at = maps
         .iter()
@@ -230,6 +255,7 @@ fn collect_all(f: &mut Frozen, dir: &Path, opts: &DumpOptions, clk: &mut Clock) 
     signals::collect_pending(pid, &mut sig)?;
     let threads = threads::collect(f)?;
     f.end_injection()?;
+    check_interrupted(pid, opts)?;
     if let Some(rs) = task.rseq {
         abort_rseq_cs(pid, rs.ptr, &mut cpu.regs);
     }

@@ -6,7 +6,7 @@
 //! restarts an interrupted system call exactly as it would have without us.
 
 use crate::error::{pt, Error, Result};
-use crate::inject::{Remote, GADGET};
+use crate::inject::{Guard, Remote};
 use crate::sys::{self, Pid, Regs};
 
 const PTRACE_EVENT_STOP: i32 = 128;
@@ -135,8 +135,8 @@ impl Frozen {
         })
     }
 
-    /// Runs `f` with an injector on thread `tid` (another thread than the main one), its
-    /// signals blocked meanwhile; its registers and mask are put back afterwards.
+    /// Runs `f` with an injector on thread `tid` (another thread than the main one); each call
+    /// leaves the thread as it found it (see [`Guard`]).
     pub fn with_thread<T>(&mut self, tid: Pid, f: impl FnOnce(&Remote) -> Result<T>) -> Result<T> {
         let t = *self
             .threads
@@ -150,26 +150,26 @@ impl Frozen {
             base: t.regs,
             scratch: main.scratch,
             scratch_len: main.scratch_len,
+            guard: main.guard.map(|g| Guard { sigmask: t.sigmask, ..g }),
         };
-        sys::set_sigmask(tid, crate::signals::BLOCK_ALL).map_err(pt("PTRACE_SETSIGMASK", tid))?;
         let out = f(&r);
         sys::set_regs(tid, &t.regs).map_err(pt("PTRACE_SETREGS", tid))?;
         sys::set_sigmask(tid, t.sigmask).map_err(pt("PTRACE_SETSIGMASK", tid))?;
         out
     }
 
-    /// Prepares syscall injection: all signals blocked, a `syscall; int3` gadget patched over the
-    /// first bytes of `gadget_at` (the vDSO's ELF header, never executed), a scratch mapping.
+    /// Prepares syscall injection: a `syscall; int3` gadget at `gadget_at` (the vDSO's ELF
+    /// header, never executed) and a scratch mapping. The gadget is patched in, and every signal
+    /// blocked, only for the duration of each call ([`Guard`]): if this tracer dies between two
+    /// calls (SIGKILL), the kernel detaches the seized process and it runs on as it was, with a
+    /// scratch mapping more at worst.
     pub fn remote(&mut self, gadget_at: u64) -> Result<&Remote> {
         if self.remote.is_none() {
             let pid = self.pid;
-            sys::set_sigmask(pid, crate::signals::BLOCK_ALL).map_err(pt("PTRACE_SETSIGMASK", pid))?;
             let orig = sys::peek_data(pid, gadget_at).map_err(pt("PTRACE_PEEKDATA", pid))?;
-            let mut b = orig.to_le_bytes();
-            b[..3].copy_from_slice(&GADGET);
-            sys::poke_data(pid, gadget_at, u64::from_le_bytes(b)).map_err(pt("PTRACE_POKEDATA", pid))?;
             self.poked = Some((gadget_at, orig));
-            let mut r = Remote { pid, gadget: gadget_at, base: self.regs, scratch: 0, scratch_len: 0 };
+            let guard = Some(Guard { sigmask: self.sigmask, gadget_word: orig });
+            let mut r = Remote { pid, gadget: gadget_at, base: self.regs, scratch: 0, scratch_len: 0, guard };
             let p = r.call(
                 "mmap (scratch)",
                 libc::SYS_mmap,

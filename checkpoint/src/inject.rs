@@ -17,6 +17,32 @@ pub struct Remote {
     pub base: Regs,
     pub scratch: u64,
     pub scratch_len: usize,
+    /// For a live process (a dump): each call leaves it as it found it.
+    pub guard: Option<Guard>,
+}
+
+/// How a call into a live process puts it back, so that between two calls nothing of the
+/// injection is left in it: if the tracer dies then (the kernel detaches a seized tracee and
+/// lets it run), the process runs on from its own registers, with its own signal mask and its
+/// own code, and never reaches the gadget.
+///
+/// Each call patches the gadget over `gadget_word`'s first bytes, blocks every signal but
+/// SIGTRAP, runs, then writes back `base`, `sigmask` and `gadget_word`. Only while one call is
+/// in flight (microseconds) does the process hold anything of ours.
+#[derive(Clone, Copy, Debug)]
+pub struct Guard {
+    /// The signal mask the thread had when it was stopped.
+    pub sigmask: u64,
+    /// The original 8 bytes at `gadget`.
+    pub gadget_word: u64,
+}
+
+impl Guard {
+    fn patched_word(&self) -> u64 {
+        let mut b = self.gadget_word.to_le_bytes();
+        b[..GADGET.len()].copy_from_slice(&GADGET);
+        u64::from_le_bytes(b)
+    }
 }
 
 pub fn errno_name(e: i32) -> String {
@@ -26,6 +52,27 @@ pub fn errno_name(e: i32) -> String {
 impl Remote {
     /// Runs one system call; returns rax as a signed value (negative errno on failure).
     pub fn raw(&self, nr: i64, a: &[u64]) -> Result<i64> {
+        let Some(g) = self.guard else {
+            return self.run(nr, a);
+        };
+        sys::poke_data(self.pid, self.gadget, g.patched_word()).map_err(pt("PTRACE_POKEDATA", self.pid))?;
+        let out = sys::set_sigmask(self.pid, crate::signals::BLOCK_ALL)
+            .map_err(pt("PTRACE_SETSIGMASK", self.pid))
+            .and_then(|_| self.run(nr, a));
+        // Back as it was, whatever happened (each step on its own: one failing must not keep
+        // the others from being tried).
+        let regs = sys::set_regs(self.pid, &self.base).map_err(pt("PTRACE_SETREGS", self.pid));
+        let mask = sys::set_sigmask(self.pid, g.sigmask).map_err(pt("PTRACE_SETSIGMASK", self.pid));
+        let code = sys::poke_data(self.pid, self.gadget, g.gadget_word).map_err(pt("PTRACE_POKEDATA", self.pid));
+        let v = out?;
+        regs?;
+        mask?;
+        code?;
+        Ok(v)
+    }
+
+    /// The call itself: registers set for the gadget, run to the `int3`, rax read.
+    fn run(&self, nr: i64, a: &[u64]) -> Result<i64> {
         let mut r = self.base;
         r.rax = nr as u64;
         r.orig_rax = u64::MAX;

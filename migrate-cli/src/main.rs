@@ -5,6 +5,7 @@ mod check;
 mod checkpoint_cmd;
 mod move_cmd;
 mod status;
+mod stop_signals;
 
 use agent_client::Target;
 use clap::{Parser, Subcommand};

@@ -696,7 +696,7 @@ async fn dump_and_send(d: &mut Driver) -> CoordEvent {
         reply: d.reply.clone(),
     });
     let out = dvk_checkpoint::image::PagesTo(pages.clone());
-    let opts = DumpOptions { external_fds: d.classified.external(), pages_to: Some(out) };
+    let opts = DumpOptions { external_fds: d.classified.external(), pages_to: Some(out), ..Default::default() };
     d.freezer(FreezeCmd::Image(d.image_dir.clone(), opts, tx));
     let dumped = rx.await;
     let pages_sent = pages.sent.load(std::sync::atomic::Ordering::Relaxed);
