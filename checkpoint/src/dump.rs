@@ -246,7 +246,7 @@ fn collect_all(f: &mut Frozen, dir: &Path, opts: &DumpOptions, clk: &mut Clock) 
         .iter()
         .find(|m| m.path == "[vdso]")
         .or_else(|| maps.iter().find(|m| m.perms[2] == b'x' && m.path != "[vsyscall]"))
-        .map(|m| m.start)
+        .map(|m| gadget_site(pid, m.start, m.end))
         .ok_or_else(|| Error::Unsupported { pid, what: "process without executable mappings".into() })?;
     let sigmask = f.sigmask;
     let r = f.remote(gadget_at)?;
@@ -278,6 +278,25 @@ fn collect_all(f: &mut Frozen, dir: &Path, opts: &DumpOptions, clk: &mut Clock) 
         pages_len: sink.len(),
     };
     Ok((m, sink.len()))
+}
+
+/// Where in the executable ELF image at `start..end` (the vDSO) the injection gadget goes: over
+/// its section header table, which nothing reads at run time (the loader and unwinders use the
+/// ELF and program headers), so that gadget bytes a dumper killed during a call leaves behind
+/// (inject::Guard) harm nobody; else at `start`.
+fn gadget_site(pid: Pid, start: u64, end: u64) -> u64 {
+    let mut h = [0u8; 64];
+    if sys::vm_read(pid, &mut h, &[(start, 64)]).ok() != Some(64) || &h[..4] != b"\x7fELF" {
+        return start;
+    }
+    let shoff = u64::from_le_bytes(h[40..48].try_into().unwrap());
+    let shentsize = u16::from_le_bytes(h[58..60].try_into().unwrap()) as u64;
+    let shnum = u16::from_le_bytes(h[60..62].try_into().unwrap()) as u64;
+    let need = crate::inject::RESTORER_LEN as u64;
+    match start.checked_add(shoff) {
+        Some(at) if shoff >= 64 && shentsize * shnum >= need && at.checked_add(need).is_some_and(|e| e <= end) => at,
+        _ => start,
+    }
 }
 
 /// If the process stopped inside an rseq critical section, resume it at the abort handler (as

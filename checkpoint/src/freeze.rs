@@ -20,7 +20,6 @@ pub struct Frozen {
     /// The other threads, stopped the same way.
     pub threads: Vec<ThreadStop>,
     remote: Option<Remote>,
-    poked: Option<(u64, u64)>,
     finished: bool,
 }
 
@@ -124,15 +123,7 @@ impl Frozen {
             return Err(Error::Unsupported { pid, what: "a process whose main thread has exited".into() });
         };
         let main = stopped.remove(i);
-        Ok(Frozen {
-            pid,
-            regs: main.regs,
-            sigmask: main.sigmask,
-            threads: stopped,
-            remote: None,
-            poked: None,
-            finished: false,
-        })
+        Ok(Frozen { pid, regs: main.regs, sigmask: main.sigmask, threads: stopped, remote: None, finished: false })
     }
 
     /// Runs `f` with an injector on thread `tid` (another thread than the main one); each call
@@ -150,7 +141,7 @@ impl Frozen {
             base: t.regs,
             scratch: main.scratch,
             scratch_len: main.scratch_len,
-            guard: main.guard.map(|g| Guard { sigmask: t.sigmask, ..g }),
+            guard: main.guard.as_ref().map(|g| Guard { sigmask: t.sigmask, saved: g.saved.clone() }),
         };
         let out = f(&r);
         sys::set_regs(tid, &t.regs).map_err(pt("PTRACE_SETREGS", tid))?;
@@ -158,17 +149,17 @@ impl Frozen {
         out
     }
 
-    /// Prepares syscall injection: a `syscall; int3` gadget at `gadget_at` (the vDSO's ELF
-    /// header, never executed) and a scratch mapping. The gadget is patched in, and every signal
-    /// blocked, only for the duration of each call ([`Guard`]): if this tracer dies between two
-    /// calls (SIGKILL), the kernel detaches the seized process and it runs on as it was, with a
-    /// scratch mapping more at worst.
+    /// Prepares syscall injection: a gadget at `gadget_at` (the vDSO's ELF header, never
+    /// executed) and a scratch mapping. The gadget is written, and every signal blocked, only
+    /// for the duration of each call, and the gadget restores the process by itself if this
+    /// tracer dies during one ([`Guard`]): a SIGKILLed dumper leaves the process running as it
+    /// was, with a scratch mapping more at worst (and, dead during a call, the gadget bytes in
+    /// the vDSO's ELF header).
     pub fn remote(&mut self, gadget_at: u64) -> Result<&Remote> {
         if self.remote.is_none() {
             let pid = self.pid;
-            let orig = sys::peek_data(pid, gadget_at).map_err(pt("PTRACE_PEEKDATA", pid))?;
-            self.poked = Some((gadget_at, orig));
-            let guard = Some(Guard { sigmask: self.sigmask, gadget_word: orig });
+            let saved = crate::inject::read_code(pid, gadget_at, crate::inject::RESTORER_LEN)?;
+            let guard = Some(Guard { sigmask: self.sigmask, saved });
             let mut r = Remote { pid, gadget: gadget_at, base: self.regs, scratch: 0, scratch_len: 0, guard };
             let p = r.call(
                 "mmap (scratch)",
@@ -202,9 +193,6 @@ impl Frozen {
             if r.scratch != 0 {
                 r.call("munmap (scratch)", libc::SYS_munmap, &[r.scratch, r.scratch_len as u64])?;
             }
-        }
-        if let Some((addr, orig)) = self.poked.take() {
-            sys::poke_data(self.pid, addr, orig).map_err(pt("PTRACE_POKEDATA", self.pid))?;
         }
         Ok(())
     }

@@ -1,7 +1,7 @@
 /* A process to dump and check on (issue 9, item 7): is it still running as it was?
  *
  * A worker thread ticks in a nanosleep loop (a restart-block system call when interrupted);
- * the main thread waits in pause(). On each SIGUSR1 it appends one line to stdout (a regular
+ * the main thread polls in nanosleep too. On each SIGUSR1 it appends one line to stdout (a regular
  * file: a dump refuses pipes to other processes):
  *   "n=N mask=M vdso=ok|BAD ticks=T"
  * N counts the SIGUSR1 answered, M is the main thread's signal mask (0 as started), vdso=ok if
@@ -54,8 +54,10 @@ int main(void) {
     unsigned long n = 0;
     printf("ready\n");
     fflush(stdout);
+    struct timespec tick = {0, 2000000};
     for (;;) {
-        pause();
+        /* Not pause(): a SIGUSR1 that lands just before it would be lost until the next one. */
+        nanosleep(&tick, NULL);
         if (!asked) continue;
         asked = 0;
         sigset_t cur;

@@ -264,10 +264,99 @@ fn status_field(pid: i32, key: &str) -> String {
     status.lines().find_map(|l| l.strip_prefix(key)).map(|v| v.trim().to_owned()).unwrap_or_default()
 }
 
+/// A dump_target, and how many reports it gave so far.
+struct DumpTarget {
+    child: std::process::Child,
+    pid: i32,
+    out: std::path::PathBuf,
+    reports: usize,
+}
+
+impl DumpTarget {
+    fn start(dir: &std::path::Path) -> DumpTarget {
+        let out = dir.join("target.out");
+        let child = Command::new(c_program("dump_target"))
+            .stdin(Stdio::null())
+            .stdout(std::fs::File::create(&out).unwrap())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("run dump_target");
+        dvk_tests::wait_until(std::time::Duration::from_secs(10), "dump_target to start", || {
+            report_lines(&out).first().map(String::as_str) == Some("ready")
+        });
+        DumpTarget { pid: child.id() as i32, child, out, reports: 0 }
+    }
+
+    /// Runs `migrate-cli dump --leave-running` on it with `env`, sends `signal` after `delay`
+    /// if given; returns how it ended.
+    fn dump(
+        &self,
+        images: &std::path::Path,
+        env: &[(&str, String)],
+        signal: Option<(i32, std::time::Duration)>,
+    ) -> String {
+        let mut dump = Command::new(dvk_tests::bin_dir().join("migrate-cli"))
+            .args(["dump", &self.pid.to_string(), "--leave-running", "--images"])
+            .arg(images)
+            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("run migrate-cli dump");
+        if let Some((signal, delay)) = signal {
+            std::thread::sleep(delay);
+            // SAFETY: kill takes two integers; the pid is our own unreaped child.
+            unsafe { libc::kill(dump.id() as i32, signal) };
+        }
+        let mut stderr = String::new();
+        dump.stderr.take().unwrap().read_to_string(&mut stderr).unwrap();
+        let status = dump.wait().unwrap();
+        let _ = std::fs::remove_dir_all(images);
+        match (status.code(), std::os::unix::process::ExitStatusExt::signal(&status)) {
+            (Some(0), _) => "completed".to_owned(),
+            (_, Some(s)) if stderr.contains("interrupted") => format!("interrupted, then signal {s}"),
+            (_, Some(s)) => format!("signal {s}"),
+            (c, _) => format!("exit {c:?}: {}", stderr.trim()),
+        }
+    }
+
+    /// Asserts it runs as it was: not traced, not stopped, no signal blocked, its vDSO intact,
+    /// answering.
+    fn assert_as_it_was(&mut self, what: &str) {
+        let pid = self.pid;
+        assert!(running(pid), "{what}: the process died");
+        assert_eq!(status_field(pid, "TracerPid:"), "0", "{what}: still traced");
+        let state = status_field(pid, "State:");
+        assert!(state.starts_with('S') || state.starts_with('R'), "{what}: state {state}");
+        // A thread whose dumper died during a call puts its own mask back as it resumes.
+        let unblocked = || status_field(pid, "SigBlk:") == "0000000000000000";
+        dvk_tests::wait_until(std::time::Duration::from_secs(10), &format!("{what}: signals unblocked"), unblocked);
+        self.reports += 1;
+        let report = ask_report(pid, &self.out, self.reports);
+        assert!(
+            report.starts_with(&format!("n={} mask=0 vdso=ok ", self.reports)),
+            "{what}: the process is not as it was: {report}"
+        );
+    }
+
+    /// Asserts its worker thread still ticks, then ends it.
+    fn finish(mut self) {
+        let ticks = |line: &str| line.rsplit('=').next().unwrap().parse::<u64>().unwrap();
+        let before = ticks(&report_lines(&self.out)[self.reports]);
+        dvk_tests::wait_until(std::time::Duration::from_secs(10), "the worker thread to tick", || {
+            self.reports += 1;
+            ticks(&ask_report(self.pid, &self.out, self.reports)) > before
+        });
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// 100 `migrate-cli dump --leave-running` of a small two-threaded process, each sent SIGINT,
-/// SIGTERM or SIGHUP at a moment drawn from a fixed-seed sequence over the length of a dump.
-/// After every one the process must run as it was: not traced, not stopped, its signal mask
-/// and vDSO untouched, answering. Found broken: about 7 % of interrupted dumps killed the
+/// SIGTERM, SIGHUP or SIGKILL at a moment drawn from a fixed-seed sequence over the length of a
+/// dump. After every one the process must run as it was: not traced, not stopped, its signal
+/// mask and vDSO untouched, answering. Found broken: about 7 % of interrupted dumps killed the
 /// process (SIGTRAP from the injected int3 it was left pointing at), and others left it with
 /// every signal blocked.
 #[test]
@@ -277,19 +366,8 @@ fn interrupted_dumps_leave_the_process_running_as_it_was() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join("target.out");
-    let mut target = Command::new(c_program("dump_target"))
-        .stdin(Stdio::null())
-        .stdout(std::fs::File::create(&out).unwrap())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("run dump_target");
-    let pid = target.id() as i32;
-    dvk_tests::wait_until(std::time::Duration::from_secs(10), "dump_target to start", || {
-        report_lines(&out).first().map(String::as_str) == Some("ready")
-    });
-    let cli = dvk_tests::bin_dir().join("migrate-cli");
-    let signals = [libc::SIGINT, libc::SIGTERM, libc::SIGHUP];
+    let mut target = DumpTarget::start(dir.path());
+    let signals = [libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGKILL];
     let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
     let mut outcomes = std::collections::BTreeMap::<String, usize>::new();
     for i in 0..100 {
@@ -299,52 +377,40 @@ fn interrupted_dumps_leave_the_process_running_as_it_was() {
         // A dump of this process takes 5 to 10 ms from exec to exit here.
         let delay = std::time::Duration::from_micros(seed % 9_000);
         let signal = signals[i % signals.len()];
-        let images = dir.path().join(format!("img{i}"));
-        let mut dump = Command::new(&cli)
-            .args(["dump", &pid.to_string(), "--leave-running", "--images"])
-            .arg(&images)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("run migrate-cli dump");
-        std::thread::sleep(delay);
-        // SAFETY: kill takes two integers; the pid is our own unreaped child.
-        unsafe { libc::kill(dump.id() as i32, signal) };
-        let mut stderr = String::new();
-        dump.stderr.take().unwrap().read_to_string(&mut stderr).unwrap();
-        let status = dump.wait().unwrap();
-        let outcome = match (status.code(), std::os::unix::process::ExitStatusExt::signal(&status)) {
-            (Some(0), _) => "completed".to_owned(),
-            (_, Some(s)) if stderr.contains("interrupted") => format!("interrupted, then signal {s}"),
-            (_, Some(s)) => format!("signal {s}"),
-            (c, _) => format!("exit {c:?}: {}", stderr.trim()),
-        };
-        *outcomes.entry(outcome.clone()).or_default() += 1;
-
-        assert!(running(pid), "try {i} ({outcome}, {delay:?}): the process died");
-        assert_eq!(status_field(pid, "TracerPid:"), "0", "try {i} ({outcome}): still traced");
-        let state = status_field(pid, "State:");
-        assert!(state.starts_with('S') || state.starts_with('R'), "try {i} ({outcome}): state {state}");
-        let blocked = status_field(pid, "SigBlk:");
-        assert_eq!(blocked, "0000000000000000", "try {i} ({outcome}, {delay:?}): signals left blocked");
-        let report = ask_report(pid, &out, i + 1);
-        assert!(
-            report.starts_with(&format!("n={} mask=0 vdso=ok ", i + 1)),
-            "try {i} ({outcome}, {delay:?}): the process is not as it was: {report}"
-        );
-        let _ = std::fs::remove_dir_all(&images);
+        let outcome = target.dump(&dir.path().join(format!("img{i}")), &[], Some((signal, delay)));
+        target.assert_as_it_was(&format!("try {i} (signal {signal} after {delay:?}: {outcome})"));
+        *outcomes.entry(outcome).or_default() += 1;
     }
     eprintln!("outcomes: {outcomes:?}");
-    // The worker thread still ticks.
-    let ticks = |line: &str| line.rsplit('=').next().unwrap().parse::<u64>().unwrap();
-    let before = ticks(&report_lines(&out)[100]);
-    let mut n = 101;
-    dvk_tests::wait_until(std::time::Duration::from_secs(10), "the worker thread to tick", || {
-        let t = ticks(&ask_report(pid, &out, n));
-        n += 1;
-        t > before
-    });
-    let _ = target.kill();
-    let _ = target.wait();
+    target.finish();
+}
+
+/// The dumper dies (SIGKILL, through the test hook `DVK_TEST_DUMPER_DIES`) at each step of
+/// injected calls of the main thread and of the worker: before the call, with the gadget's
+/// registers set, in the call, at its end, half put back. Each time the process must run on as
+/// it was: between steps nothing of ours is left in it, and the gadget restores it by itself.
+#[test]
+fn a_dumper_killed_at_any_step_of_an_injected_call_leaves_the_process_as_it_was() {
+    if !is_root() {
+        eprintln!("SKIP: needs root (ptrace)");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut target = DumpTarget::start(dir.path());
+    let mut died = [0usize; 7];
+    // Call 0 makes the scratch mapping; the worker thread's calls and the munmap come last.
+    for call in [0usize, 1, 4, 12, 20, 24, 26, 27, 28, 29, 30, 31, 32, 34] {
+        for step in 0..7u8 {
+            let images = dir.path().join(format!("img{call}-{step}"));
+            let env = [("DVK_TEST_DUMPER_DIES", format!("{call}:{step}"))];
+            let outcome = target.dump(&images, &env, None);
+            if outcome == "signal 9" {
+                died[step as usize] += 1;
+            }
+            target.assert_as_it_was(&format!("dumper killed at call {call} step {step} ({outcome})"));
+        }
+    }
+    assert!(died.iter().all(|n| *n > 0), "the dumper died at every step (times per step: {died:?})");
+    eprintln!("dumper deaths per step: {died:?}");
+    target.finish();
 }
