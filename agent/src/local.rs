@@ -134,7 +134,13 @@ async fn client(agent: Arc<Agent>, mut stream: UnixStream) -> Result<(), FrameEr
         })?;
         // Every request acts as, or on behalf of, the connecting process: refused once it is gone.
         if let Err(message) = caller.verify() {
-            tracing::warn!(pid, uid, "request refused: {message}");
+            // A child that exits right after fork() is often gone before its registration is
+            // read: routine. Anything else from a process that is gone is worth a warning.
+            if matches!(request, LocalRequest::RegisterForked { .. }) {
+                tracing::debug!(pid, uid, "request refused: {message}");
+            } else {
+                tracing::warn!(pid, uid, "request refused: {message}");
+            }
             stream.write_all(&frame::encode(&LocalResponse::Error { message }, LOCAL_MAX_FRAME)?).await?;
             continue;
         }
