@@ -49,9 +49,75 @@ pub async fn serve(agent: Arc<Agent>, listener: UnixListener) {
     }
 }
 
+/// Who is at the other end of a local connection: the process that connected (SO_PEERCRED),
+/// pinned so that its pid can never come to mean another process.
+///
+/// SO_PEERCRED is taken when the socket connects and never changes: a process that connects,
+/// forks a child that inherits the socket and exits leaves the child speaking with a pid that
+/// the kernel may give to any new process, root's included. So every request is checked
+/// against the connecting process itself: through its pidfd (SO_PEERPIDFD, Linux ≥ 6.5), or on
+/// older kernels through its start time read from /proc at accept (a reused pid has another).
+/// A request whose connecting process has exited is refused.
+pub(crate) struct Caller {
+    pub pid: i32,
+    pub uid: u32,
+    anchor: Anchor,
+}
+
+enum Anchor {
+    Pidfd(std::os::fd::OwnedFd),
+    /// No SO_PEERPIDFD: the start time of `pid` when the connection was accepted.
+    StartTime(u64),
+    /// The connecting process was gone before the first request.
+    Gone,
+}
+
+impl Caller {
+    fn of(stream: &UnixStream) -> std::io::Result<Caller> {
+        let cred = stream.peer_cred()?;
+        let (uid, pid) = (cred.uid(), cred.pid().unwrap_or(0));
+        let anchor = match crate::sys::peer_pidfd(stream) {
+            Ok(Some(fd)) => Anchor::Pidfd(fd),
+            Ok(None) => match crate::procinfo::read(pid) {
+                Ok(info) => Anchor::StartTime(info.start_time),
+                Err(_) => Anchor::Gone,
+            },
+            Err(_) => Anchor::Gone,
+        };
+        Ok(Caller { pid, uid, anchor })
+    }
+
+    /// Ok while the process that connected is alive, so `pid` still names it. Anything read
+    /// about `pid` before an Ok was read about that process.
+    pub fn verify(&self) -> Result<(), String> {
+        let alive = match &self.anchor {
+            Anchor::Pidfd(fd) => !crate::sys::pidfd_exited(fd),
+            Anchor::StartTime(t) => crate::procinfo::read(self.pid).is_ok_and(|i| i.start_time == *t),
+            Anchor::Gone => false,
+        };
+        if alive {
+            Ok(())
+        } else {
+            Err(format!(
+                "the process that opened this connection (pid {}) has exited; its pid may belong to \
+                 another process now",
+                self.pid
+            ))
+        }
+    }
+
+    /// A pidfd that follows the connecting process (to watch for its exit), when there is one.
+    fn pidfd(&self) -> Option<std::os::fd::OwnedFd> {
+        match &self.anchor {
+            Anchor::Pidfd(fd) => fd.try_clone().ok(),
+            _ => None,
+        }
+    }
+}
+
 async fn client(agent: Arc<Agent>, mut stream: UnixStream) -> Result<(), FrameError> {
-    let cred = stream.peer_cred()?;
-    let (uid, pid) = (cred.uid(), cred.pid().unwrap_or(0));
+    let caller = Caller::of(&stream)?;
+    let (uid, pid) = (caller.uid, caller.pid);
     loop {
         let mut header = [0u8; HEADER_LEN];
         match stream.read_exact(&mut header).await {
@@ -66,6 +132,18 @@ async fn client(agent: Arc<Agent>, mut stream: UnixStream) -> Result<(), FrameEr
         let request: LocalRequest = frame::decode(&body).inspect_err(|e| {
             tracing::warn!(pid, uid, "malformed request on the local socket, closing that connection: {e}")
         })?;
+        // Every request acts as, or on behalf of, the connecting process: refused once it is gone.
+        if let Err(message) = caller.verify() {
+            // A child that exits right after fork() is often gone before its registration is
+            // read: routine. Anything else from a process that is gone is worth a warning.
+            if matches!(request, LocalRequest::RegisterForked { .. }) {
+                tracing::debug!(pid, uid, "request refused: {message}");
+            } else {
+                tracing::warn!(pid, uid, "request refused: {message}");
+            }
+            stream.write_all(&frame::encode(&LocalResponse::Error { message }, LOCAL_MAX_FRAME)?).await?;
+            continue;
+        }
         if let LocalRequest::OpenStream { vip, port } = request {
             // From here on this connection is the program's virtual socket.
             crate::endpoints::open_from_shim(agent, stream, pid, vip, port).await;
@@ -85,7 +163,7 @@ async fn client(agent: Arc<Agent>, mut stream: UnixStream) -> Result<(), FrameEr
             continue;
         }
         let registering = matches!(request, LocalRequest::Register { .. } | LocalRequest::RegisterForked { .. });
-        let response = handle(&agent, request, pid, uid).await;
+        let response = handle(&agent, request, &caller).await;
         if let (true, LocalResponse::Registered { vpid, .. }) = (registering, &response) {
             // The agent's end of the process's link: how a move finds the link among its fds.
             if let Ok(ino) = crate::sys::inode(&stream) {
@@ -96,7 +174,8 @@ async fn client(agent: Arc<Agent>, mut stream: UnixStream) -> Result<(), FrameEr
     }
 }
 
-async fn handle(agent: &Arc<Agent>, request: LocalRequest, pid: i32, uid: u32) -> LocalResponse {
+async fn handle(agent: &Arc<Agent>, request: LocalRequest, caller: &Caller) -> LocalResponse {
+    let (pid, uid) = (caller.pid, caller.uid);
     match request {
         LocalRequest::Reserved => LocalResponse::Error { message: "reserved request".into() },
         LocalRequest::Register { version, dc, endpoint } => {
@@ -105,7 +184,7 @@ async fn handle(agent: &Arc<Agent>, request: LocalRequest, pid: i32, uid: u32) -
                     message: format!("shim speaks protocol {version}, agent {LOCAL_PROTOCOL_VERSION}"),
                 };
             }
-            register(agent, pid, uid, dc, endpoint, None).unwrap_or_else(|message| {
+            register(agent, caller, dc, endpoint, None).unwrap_or_else(|message| {
                 tracing::warn!(pid, uid, "registration refused: {message}");
                 LocalResponse::Error { message }
             })
@@ -132,7 +211,7 @@ async fn handle(agent: &Arc<Agent>, request: LocalRequest, pid: i32, uid: u32) -
                     message: format!("shim speaks protocol {version}, agent {LOCAL_PROTOCOL_VERSION}"),
                 };
             }
-            register_forked(agent, pid, uid, reserved).unwrap_or_else(|message| {
+            register_forked(agent, caller, reserved).unwrap_or_else(|message| {
                 // A child that exits right after fork() is often gone before its registration
                 // is read: nothing to register then.
                 if std::path::Path::new(&format!("/proc/{pid}")).exists() {
@@ -171,8 +250,10 @@ fn reserve_vpid(agent: &Agent, pid: i32) -> LocalResponse {
 }
 
 /// A forked child claims the vPID its parent reserved; it takes the parent's DC and endpoint.
-fn register_forked(agent: &Arc<Agent>, pid: i32, uid: u32, reserved: Vpid) -> Result<LocalResponse, String> {
+fn register_forked(agent: &Arc<Agent>, caller: &Caller, reserved: Vpid) -> Result<LocalResponse, String> {
+    let pid = caller.pid;
     let info = crate::procinfo::read(pid).map_err(|e| format!("cannot read /proc/{pid}: {e}"))?;
+    caller.verify()?;
     let (dc, endpoint) = {
         let mut t = agent.tables.lock();
         match t.reservations.remove(&reserved) {
@@ -186,18 +267,18 @@ fn register_forked(agent: &Arc<Agent>, pid: i32, uid: u32, reserved: Vpid) -> Re
         let parent = t.routing.find_local_by_pid(info.ppid).ok_or("the parent is not registered")?;
         (parent.dc.clone(), parent.endpoint.clone())
     };
-    register(agent, pid, uid, dc, Some(endpoint), Some(reserved))
+    register(agent, caller, dc, Some(endpoint), Some(reserved))
 }
 
 /// Registers `pid`; `reserved` is the vPID its parent reserved for it, if any.
 fn register(
     agent: &Arc<Agent>,
-    pid: i32,
-    uid: u32,
+    caller: &Caller,
     dc: String,
     endpoint: Option<String>,
     reserved: Option<Vpid>,
 ) -> Result<LocalResponse, String> {
+    let (pid, uid) = (caller.pid, caller.uid);
     if pid <= 0 {
         return Err("the kernel did not report the caller's pid".into());
     }
@@ -210,6 +291,10 @@ fn register(
         }
     }
     let info = crate::procinfo::read(pid).map_err(|e| format!("cannot read /proc/{pid}: {e}"))?;
+    // Alive after the read: what /proc said was about the caller, not about a process that
+    // took over its pid. The exit watcher follows the caller itself (its pidfd) when it can.
+    let watcher = caller.pidfd();
+    caller.verify()?;
     let endpoint = endpoint.unwrap_or_else(|| sanitize(&info.comm));
     let node = agent.node_id();
 
@@ -235,7 +320,11 @@ fn register(
         }
     };
     if fresh {
-        let pidfd = match crate::sys::pidfd_open(pid) {
+        let opened = match watcher {
+            Some(fd) => Ok(fd),
+            None => crate::sys::pidfd_open(pid),
+        };
+        let pidfd = match opened {
             Ok(fd) => fd,
             Err(e) => {
                 agent.tables.lock().routing.remove(entry.vpid);

@@ -141,3 +141,37 @@ pub fn listen_backlog(fd: &impl std::os::fd::AsRawFd, backlog: i32) {
     // SAFETY: listen takes an fd and an integer.
     unsafe { libc::listen(fd.as_raw_fd(), backlog) };
 }
+
+/// `SO_PEERPIDFD` (Linux ≥ 6.5; not in every libc crate yet): a pidfd of the process that
+/// created the peer socket.
+const SO_PEERPIDFD: libc::c_int = 77;
+
+/// A pidfd of the process that connected `sock` (the one SO_PEERCRED names, unlike that
+/// pid, it can never come to mean another process). `Ok(None)`: the kernel is too old for
+/// SO_PEERPIDFD. `Err(ESRCH)`: that process has already exited and been reaped.
+pub fn peer_pidfd(sock: &impl std::os::fd::AsRawFd) -> io::Result<Option<OwnedFd>> {
+    let mut fd: libc::c_int = -1;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: fd and len are valid, writable and sized for the int the option returns.
+    let rc = unsafe {
+        libc::getsockopt(sock.as_raw_fd(), libc::SOL_SOCKET, SO_PEERPIDFD, &mut fd as *mut _ as *mut _, &mut len)
+    };
+    if rc != 0 {
+        let e = io::Error::last_os_error();
+        return match e.raw_os_error() {
+            Some(libc::ENOPROTOOPT) => Ok(None),
+            _ => Err(e),
+        };
+    }
+    // SAFETY: the kernel just installed this fd for us and nothing else owns it.
+    Ok(Some(unsafe { OwnedFd::from_raw_fd(fd) }))
+}
+
+/// Whether the process behind `pidfd` has exited (zombie or reaped): its pidfd polls readable.
+pub fn pidfd_exited(pidfd: &OwnedFd) -> bool {
+    use std::os::fd::AsRawFd;
+    let mut p = libc::pollfd { fd: pidfd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+    // SAFETY: one valid pollfd, timeout 0 (never blocks).
+    let rc = unsafe { libc::poll(&mut p, 1, 0) };
+    rc != 0 && p.revents != 0
+}

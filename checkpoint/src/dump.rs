@@ -33,6 +33,11 @@ pub struct DumpOptions {
     /// Pages pre-copied while the process ran: those not written since stay out of the
     /// dump (the image refers to the pre-copy store for them).
     pub precopy: Option<PrecopyRef>,
+    /// Asked between the steps of a dump (after the freeze, between collection phases, before
+    /// the final kill): `true` stops it with [`Error::Interrupted`], the process put back as it
+    /// was and running. `migrate-cli dump` answers whether a stop signal (SIGINT, SIGTERM,
+    /// SIGHUP, SIGQUIT), blocked for the duration of the dump, is pending.
+    pub interrupted: Option<fn() -> bool>,
 }
 
 /// A shared [`Precopy`] tracker for [`DumpOptions`].
@@ -42,6 +47,14 @@ pub struct PrecopyRef(pub std::sync::Arc<std::sync::Mutex<Precopy>>);
 impl std::fmt::Debug for PrecopyRef {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("PrecopyRef(..)")
+    }
+}
+
+/// Err([`Error::Interrupted`]) if the caller asked the dump to stop.
+fn check_interrupted(pid: Pid, opts: &DumpOptions) -> Result<()> {
+    match opts.interrupted {
+        Some(asked) if asked() => Err(Error::Interrupted { pid }),
+        _ => Ok(()),
     }
 }
 
@@ -175,6 +188,11 @@ pub fn dump_with(pid: Pid, dir: &Path, after: AfterDump, opts: &DumpOptions) -> 
     clk.lap("freeze");
 
     let mut rep = write_image_timed(&mut f, dir, opts, &mut clk)?;
+    // The last moment to change our mind: the image is complete but nothing is killed yet.
+    if let Err(e) = check_interrupted(pid, opts) {
+        remove_image(dir);
+        return Err(e); // `f` thaws the process as it is dropped
+    }
 
     // Frozen time: until the image is complete (kill) or the process runs again (thaw).
     let mut frozen = frozen_at.elapsed();
@@ -221,6 +239,8 @@ pub fn dump_precopy(
     let rounds = (|| {
         let out = image::file_out(&store)?;
         while pc.wants_another(policy) {
+            // The process runs meanwhile: stopping here leaves nothing to put back.
+            check_interrupted(pid, opts)?;
             pc.round(&out)?;
         }
         Ok(())
@@ -264,13 +284,7 @@ fn write_image_timed(f: &mut Frozen, dir: &Path, opts: &DumpOptions, clk: &mut C
     let (manifest, pages_len) = match collect_all(f, dir, opts, clk) {
         Ok(v) => v,
         Err(e) => {
-            let _ = std::fs::remove_file(dir.join(image::PAGES));
-            let _ = std::fs::remove_file(dir.join(image::MANIFEST));
-            for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
-                if e.file_name().to_string_lossy().starts_with("memfd-") {
-                    let _ = std::fs::remove_file(e.path());
-                }
-            }
+            remove_image(dir);
             return Err(e);
         }
     };
@@ -287,9 +301,21 @@ fn write_image_timed(f: &mut Frozen, dir: &Path, opts: &DumpOptions, clk: &mut C
     })
 }
 
+/// Removes the image files a dump wrote into `dir` (a dump that failed or was interrupted).
+fn remove_image(dir: &Path) {
+    let _ = std::fs::remove_file(dir.join(image::PAGES));
+    let _ = std::fs::remove_file(dir.join(image::MANIFEST));
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        if e.file_name().to_string_lossy().starts_with("memfd-") {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
+}
+
 /// Everything but the final manifest write, from a frozen process.
 fn collect_all(f: &mut Frozen, dir: &Path, opts: &DumpOptions, clk: &mut Clock) -> Result<(Manifest, u64)> {
     let pid = f.pid;
+    check_interrupted(pid, opts)?;
     let maps = proc::maps(pid)?;
     let vdso = vdso::collect(&maps);
     let (mut cpu, cpu_ident) = cpu::collect(pid, &f.regs)?;
@@ -306,6 +332,7 @@ fn collect_all(f: &mut Frozen, dir: &Path, opts: &DumpOptions, clk: &mut Clock) 
     drop(precopy);
     let memfds = memfd::collect(pid, &files, &memory, dir)?;
     clk.lap("pages");
+    check_interrupted(pid, opts)?;
 
     let gadget_at = gadget_address(pid, &maps)?;
     let sigmask = f.sigmask;
@@ -315,6 +342,7 @@ fn collect_all(f: &mut Frozen, dir: &Path, opts: &DumpOptions, clk: &mut Clock) 
     signals::collect_pending(pid, &mut sig)?;
     let threads = threads::collect(f)?;
     f.end_injection()?;
+    check_interrupted(pid, opts)?;
     if let Some(rs) = task.rseq {
         abort_rseq_cs(pid, rs.ptr, &mut cpu.regs);
     }
@@ -340,14 +368,33 @@ fn collect_all(f: &mut Frozen, dir: &Path, opts: &DumpOptions, clk: &mut Clock) 
     Ok((m, sink.len()))
 }
 
-/// Where injected syscalls run: the vDSO's first bytes (its ELF header, never executed), or
-/// the start of the first executable mapping.
+/// Where injected syscalls run: see [`gadget_site`] (in the vDSO, or the first executable
+/// mapping).
 pub(crate) fn gadget_address(pid: Pid, maps: &[proc::MapLine]) -> Result<u64> {
     maps.iter()
         .find(|m| m.path == "[vdso]")
         .or_else(|| maps.iter().find(|m| m.perms[2] == b'x' && m.path != "[vsyscall]"))
-        .map(|m| m.start)
+        .map(|m| gadget_site(pid, m.start, m.end))
         .ok_or_else(|| Error::Unsupported { pid, what: "process without executable mappings".into() })
+}
+
+/// Where in the executable ELF image at `start..end` (the vDSO) the injection gadget goes: over
+/// its section header table, which nothing reads at run time (the loader and unwinders use the
+/// ELF and program headers), so that gadget bytes a dumper killed during a call leaves behind
+/// (inject::Guard) harm nobody; else at `start`.
+fn gadget_site(pid: Pid, start: u64, end: u64) -> u64 {
+    let mut h = [0u8; 64];
+    if sys::vm_read(pid, &mut h, &[(start, 64)]).ok() != Some(64) || &h[..4] != b"\x7fELF" {
+        return start;
+    }
+    let shoff = u64::from_le_bytes(h[40..48].try_into().unwrap());
+    let shentsize = u16::from_le_bytes(h[58..60].try_into().unwrap()) as u64;
+    let shnum = u16::from_le_bytes(h[60..62].try_into().unwrap()) as u64;
+    let need = crate::inject::RESTORER_LEN as u64;
+    match start.checked_add(shoff) {
+        Some(at) if shoff >= 64 && shentsize * shnum >= need && at.checked_add(need).is_some_and(|e| e <= end) => at,
+        _ => start,
+    }
 }
 
 /// If the process stopped inside an rseq critical section, resume it at the abort handler (as

@@ -18,6 +18,11 @@ pub enum Error {
     #[error("process {pid}: {what} cannot be moved")]
     Unsupported { pid: i32, what: String },
 
+    /// The caller asked the dump to stop (`DumpOptions::interrupted`); the process was put
+    /// back as it was and runs on.
+    #[error("process {pid}: dump interrupted; the process runs on as it was")]
+    Interrupted { pid: i32 },
+
     // ---- ptrace / injection
     #[error("{op} on process {pid} failed: {err}")]
     Ptrace { op: &'static str, pid: i32, err: io::Error },

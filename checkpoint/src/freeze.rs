@@ -6,7 +6,7 @@
 //! restarts an interrupted system call exactly as it would have without us.
 
 use crate::error::{pt, Error, Result};
-use crate::inject::{Remote, GADGET};
+use crate::inject::{Guard, Remote};
 use crate::sys::{self, Pid, Regs};
 
 const PTRACE_EVENT_STOP: i32 = 128;
@@ -20,7 +20,6 @@ pub struct Frozen {
     /// The other threads, stopped the same way.
     pub threads: Vec<ThreadStop>,
     remote: Option<Remote>,
-    poked: Option<(u64, u64)>,
     finished: bool,
 }
 
@@ -124,19 +123,11 @@ impl Frozen {
             return Err(Error::Unsupported { pid, what: "a process whose main thread has exited".into() });
         };
         let main = stopped.remove(i);
-        Ok(Frozen {
-            pid,
-            regs: main.regs,
-            sigmask: main.sigmask,
-            threads: stopped,
-            remote: None,
-            poked: None,
-            finished: false,
-        })
+        Ok(Frozen { pid, regs: main.regs, sigmask: main.sigmask, threads: stopped, remote: None, finished: false })
     }
 
-    /// Runs `f` with an injector on thread `tid` (another thread than the main one), its
-    /// signals blocked meanwhile; its registers and mask are put back afterwards.
+    /// Runs `f` with an injector on thread `tid` (another thread than the main one); each call
+    /// leaves the thread as it found it (see [`Guard`]).
     pub fn with_thread<T>(&mut self, tid: Pid, f: impl FnOnce(&Remote) -> Result<T>) -> Result<T> {
         let t = *self
             .threads
@@ -150,26 +141,26 @@ impl Frozen {
             base: t.regs,
             scratch: main.scratch,
             scratch_len: main.scratch_len,
+            guard: main.guard.as_ref().map(|g| Guard { sigmask: t.sigmask, saved: g.saved.clone() }),
         };
-        sys::set_sigmask(tid, crate::signals::BLOCK_ALL).map_err(pt("PTRACE_SETSIGMASK", tid))?;
         let out = f(&r);
         sys::set_regs(tid, &t.regs).map_err(pt("PTRACE_SETREGS", tid))?;
         sys::set_sigmask(tid, t.sigmask).map_err(pt("PTRACE_SETSIGMASK", tid))?;
         out
     }
 
-    /// Prepares syscall injection: all signals blocked, a `syscall; int3` gadget patched over the
-    /// first bytes of `gadget_at` (the vDSO's ELF header, never executed), a scratch mapping.
+    /// Prepares syscall injection: a gadget at `gadget_at` (the vDSO's ELF header, never
+    /// executed) and a scratch mapping. The gadget is written, and every signal blocked, only
+    /// for the duration of each call, and the gadget restores the process by itself if this
+    /// tracer dies during one ([`Guard`]): a SIGKILLed dumper leaves the process running as it
+    /// was, with a scratch mapping more at worst (and, dead during a call, the gadget bytes in
+    /// the vDSO's ELF header).
     pub fn remote(&mut self, gadget_at: u64) -> Result<&Remote> {
         if self.remote.is_none() {
             let pid = self.pid;
-            sys::set_sigmask(pid, crate::signals::BLOCK_ALL).map_err(pt("PTRACE_SETSIGMASK", pid))?;
-            let orig = sys::peek_data(pid, gadget_at).map_err(pt("PTRACE_PEEKDATA", pid))?;
-            let mut b = orig.to_le_bytes();
-            b[..3].copy_from_slice(&GADGET);
-            sys::poke_data(pid, gadget_at, u64::from_le_bytes(b)).map_err(pt("PTRACE_POKEDATA", pid))?;
-            self.poked = Some((gadget_at, orig));
-            let mut r = Remote { pid, gadget: gadget_at, base: self.regs, scratch: 0, scratch_len: 0 };
+            let saved = crate::inject::read_code(pid, gadget_at, crate::inject::RESTORER_LEN)?;
+            let guard = Some(Guard { sigmask: self.sigmask, saved });
+            let mut r = Remote { pid, gadget: gadget_at, base: self.regs, scratch: 0, scratch_len: 0, guard };
             let p = r.call(
                 "mmap (scratch)",
                 libc::SYS_mmap,
@@ -202,9 +193,6 @@ impl Frozen {
             if r.scratch != 0 {
                 r.call("munmap (scratch)", libc::SYS_munmap, &[r.scratch, r.scratch_len as u64])?;
             }
-        }
-        if let Some((addr, orig)) = self.poked.take() {
-            sys::poke_data(self.pid, addr, orig).map_err(pt("PTRACE_POKEDATA", self.pid))?;
         }
         Ok(())
     }

@@ -116,7 +116,7 @@ fn restore_inner(img: &Image, opts: &RestoreOptions, hold: bool) -> Result<(Rest
     // Its cgroup first: memory and threads are then charged and created there.
     let notes: Vec<String> = task::restore_cgroup(pid, &m.task).into_iter().collect();
     let base = sys::get_regs(pid).map_err(pt("PTRACE_GETREGS", pid))?;
-    let mut r = Remote { pid, gadget: STUB_BASE + stub::ENTRY_OFF, base, scratch: 0, scratch_len: 0 };
+    let mut r = Remote { pid, gadget: STUB_BASE + stub::ENTRY_OFF, base, scratch: 0, scratch_len: 0, guard: None };
     let rwx = (libc::PROT_READ | libc::PROT_WRITE | libc::PROT_EXEC) as u64;
     let rw = (libc::PROT_READ | libc::PROT_WRITE) as u64;
     let fixed = (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED) as u64;

@@ -147,7 +147,8 @@ pub fn restore(
             return Err(Error::UnexpectedStop { pid: tid, during: "starting a thread".into(), status: st });
         }
         let base = sys::get_regs(tid).map_err(pt("PTRACE_GETREGS", tid))?;
-        let tr = Remote { pid: tid, gadget: r.gadget, base, scratch: r.scratch, scratch_len: r.scratch_len };
+        let tr =
+            Remote { pid: tid, gadget: r.gadget, base, scratch: r.scratch, scratch_len: r.scratch_len, guard: None };
         if t.tid_address != 0 {
             tr.call("set_tid_address", libc::SYS_set_tid_address, &[t.tid_address])?;
         }

@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use dvk_checkpoint::{AfterDump, RestoreOptions};
+use dvk_checkpoint::{AfterDump, DumpOptions, RestoreOptions};
 
 /// `println!`/`eprintln!` that ignore a closed pipe (`migrate-cli dump … | head -1`): the
 /// outcome is already decided when the report is printed.
@@ -89,12 +89,26 @@ pub fn run_dump(
     } else {
         AfterDump::Kill
     };
-    let r = if args.precopy {
+    // Ctrl-C, kill or a hang-up must not kill us half-way with the process frozen or patched:
+    // they are held off, the dump stops at its next step and puts the process back, and
+    // only then does the signal take effect (see stop_signals).
+    let deferred = crate::stop_signals::Deferred::block()?;
+    let opts = DumpOptions { interrupted: Some(crate::stop_signals::pending), ..Default::default() };
+    let dumped = if args.precopy {
         let policy = dvk_checkpoint::precopy::Policy::default();
-        dvk_checkpoint::dump_precopy(pid, &args.images, after, &Default::default(), &policy)?
+        dvk_checkpoint::dump_precopy(pid, &args.images, after, &opts, &policy)
     } else {
-        dvk_checkpoint::dump(pid, &args.images, after)?
+        dvk_checkpoint::dump_with(pid, &args.images, after, &opts)
     };
+    let r = match dumped {
+        Ok(r) => r,
+        Err(e) => {
+            err!("migrate-cli: {e}");
+            drop(deferred); // a pending stop signal ends us here, as it would have at once
+            std::process::exit(1);
+        }
+    };
+    drop(deferred);
     let rounds: Vec<serde_json::Value> = r
         .precopy
         .iter()

@@ -5,6 +5,7 @@ mod check;
 mod checkpoint_cmd;
 mod move_cmd;
 mod status;
+mod stop_signals;
 
 use agent_client::Target;
 use clap::{Parser, Subcommand};
@@ -42,6 +43,10 @@ enum Command {
         json: bool,
     },
     /// Dump a process (any single- or multi-threaded process of this machine) into an image directory.
+    ///
+    /// Ctrl-C, SIGTERM or SIGHUP during a dump stop it at its next step: the process is put back
+    /// and runs on as it was (even a SIGKILLed dump leaves it so), then migrate-cli ends on that
+    /// signal.
     Dump(checkpoint_cmd::DumpArgs),
     /// Move a process under the shim to another node while its clients stay connected:
     /// start → freeze → dump → transfer → restore → commit; on any failure it rolls back and

@@ -424,12 +424,13 @@ pub unsafe extern "C" fn gethostbyname_r(
 #[no_mangle]
 pub extern "C" fn fork() -> pid_t {
     let reserved = if identity::vpid() != 0 { raw::preserving_errno(link::reserve_vpid) } else { None };
-    crate::set_reserved_for_child(reserved.map(|v| v.0).unwrap_or(0));
+    let outer = crate::set_reserved_for_child(reserved.map(|v| v.0).unwrap_or(0));
     // SAFETY: forwarded; the atfork handlers (ours among them) run inside.
     let pid = unsafe { real::fork()() };
-    if pid > 0 {
-        crate::set_reserved_for_child(0);
-        if let Some(v) = reserved {
+    if pid != 0 {
+        // Back to what an interrupted fork hook of this thread (signal handler) had set.
+        crate::set_reserved_for_child(outer);
+        if let (true, Some(v)) = (pid > 0, reserved) {
             if crate::children::record(v.0, pid) {
                 return v.0;
             }

@@ -2,11 +2,12 @@
 //!
 //! At load time it registers the process with its node agent and learns its
 //! vPID; from then on the hooks in [`hooks`] answer in vPIDs. A child made by
-//! fork() registers itself and gets its own vPID. Without a reachable agent the
-//! program runs unchanged after one warning on stderr. A process restored on
+//! fork() registers itself and gets its own vPID. Without a reachable agent (or one
+//! that does not answer within 1 s) the program runs unchanged after one warning on
+//! stderr. A process restored on
 //! another node (moved) follows its new agent through [`relink`].
 //!
-//! Environment: `DVK_AGENT_SOCK` (default `/run/dvk/agent.sock`), `DVK_DC`
+//! Environment: `DVK_AGENT_SOCK` (an absolute path; default `/run/dvk/agent.sock`), `DVK_DC`
 //! (default `dc0`), `DVK_ENDPOINT` (default: the program name).
 //!
 //! Limits of any LD_PRELOAD shim apply (docs/ARCHITECTURE.md): static
@@ -60,6 +61,7 @@ fn register_or_warn() {
             let path = link::current_path();
             let mut reason = [0u8; 128];
             let reason: &[u8] = match e {
+                link::RegisterError::Unreachable(libc::EAGAIN | libc::ETIMEDOUT) => b"it did not answer within 1 s",
                 link::RegisterError::Unreachable(errno) => {
                     let n = raw::strerror_into(errno, &mut reason);
                     &reason[..n]
@@ -78,7 +80,7 @@ fn register_or_warn() {
 }
 
 /// Writes the parts as one line with one write(2), without allocating.
-fn warn_parts(parts: &[&[u8]]) {
+pub(crate) fn warn_parts(parts: &[&[u8]]) {
     let mut line = [0u8; 512];
     let mut len = 0;
     for part in parts {
@@ -89,23 +91,30 @@ fn warn_parts(parts: &[&[u8]]) {
     raw::warn(&line[..len]);
 }
 
-/// The vPID the parent reserved for the child it is forking (0: none). Written by the
-/// fork hook before the fork, read in the child's copy of memory.
-static RESERVED_FOR_CHILD: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
+thread_local! {
+    /// The vPID the forking thread reserved for the child it is forking (0: none). Written
+    /// by the fork hook before the fork, read in the child, whose only thread is the copy of
+    /// the forking one. Per thread: threads that fork at the same time each hand their own
+    /// reservation to their own child. A const-initialised Cell without Drop: a plain TLS
+    /// slot (no allocation, no destructor registration), usable in signal handlers.
+    static RESERVED_FOR_CHILD: std::cell::Cell<i32> = const { std::cell::Cell::new(0) };
+}
 
-pub(crate) fn set_reserved_for_child(vpid: i32) {
-    RESERVED_FOR_CHILD.store(vpid, std::sync::atomic::Ordering::Release);
+/// Sets this thread's reservation for the child it is about to fork; returns the previous
+/// value (a fork in a signal handler that interrupted the fork hook puts it back after).
+pub(crate) fn set_reserved_for_child(vpid: i32) -> i32 {
+    RESERVED_FOR_CHILD.with(|r| r.replace(vpid))
 }
 
 /// In the child of fork(): drop the parent's identity, agent link and children, and
-/// register anew (under the vPID the parent reserved, when it did).
+/// register anew under the vPID the parent reserved (without one: real PIDs).
 /// A parent that runs without an agent has warned once already: its children stay quiet.
 unsafe extern "C" fn after_fork_in_child() {
     let _ = std::panic::catch_unwind(|| {
         raw::preserving_errno(|| {
             let parent_vpid = identity::vpid();
             let parent_was_registered = parent_vpid != 0;
-            let reserved = RESERVED_FOR_CHILD.swap(0, std::sync::atomic::Ordering::AcqRel);
+            let reserved = set_reserved_for_child(0);
             // Before the inherited link is dropped: a relink the parent had pending.
             relink::after_fork_child();
             if let Some(inherited) = identity::clear() {
@@ -115,13 +124,15 @@ unsafe extern "C" fn after_fork_in_child() {
             if !parent_was_registered {
                 return;
             }
+            // No reservation (the agent did not answer the parent in time, or refused): the
+            // parent's fork() returned our real PID, so we stay on it. Registering now would
+            // give us a vPID our parent does not know, and make a stalled agent cost every
+            // fork a second timeout.
             if reserved != 0 {
                 if let Ok(link_fd) = link::register_forked(pidvirt::Vpid(reserved)) {
                     identity::set(reserved, Some(parent_vpid), raw::getppid(), link_fd);
-                    return;
                 }
             }
-            register_or_warn();
         })
     });
 }

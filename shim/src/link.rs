@@ -14,11 +14,17 @@ use dvk_protocol::local::{LocalRequest, LocalResponse, LOCAL_PROTOCOL_VERSION};
 use dvk_protocol::relink::{self as relink_proto, PATH_LEN};
 use libc::c_int;
 use pidvirt::{VirtualAddr, Vpid};
-use std::sync::atomic::{fence, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{fence, AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::OnceLock;
 
-/// How long the shim waits for its agent before giving up on a request.
-const AGENT_TIMEOUT_MS: i64 = 3000;
+/// How long the shim waits for its agent (to accept, then to answer) before giving up on a
+/// request. A healthy agent answers in well under a millisecond; this only bounds how long
+/// a stalled one holds up a starting program or a fork.
+pub const AGENT_TIMEOUT_MS: i64 = 1000;
+/// After a request timed out, further requests of this process (and of the children it
+/// forks meanwhile) fail at once for this long instead of waiting again: a fork loop
+/// against a stalled agent costs one timeout, not one (or two) per fork.
+const STALL_BACKOFF_MS: u64 = 10_000;
 /// The agent link is moved to the first free fd at or above this.
 const LINK_FD_MIN: c_int = 900;
 /// Largest response the shim reads (bigger ones are only possible for errors).
@@ -33,6 +39,12 @@ static CONFIG: OnceLock<LinkConfig> = OnceLock::new();
 pub fn configure(socket_path: &[u8], dc: String, endpoint: Option<String>) -> Result<(), &'static str> {
     if socket_path.is_empty() || socket_path.len() >= PATH_LEN || socket_path.contains(&0) {
         return Err("DVK_AGENT_SOCK is empty or longer than a unix socket path can be");
+    }
+    // A relative path would be resolved against whatever directory the program is in at
+    // each request, and the listener directory next to it would be relative too: the agent
+    // refuses such a listener and the server ends up on a real port. Refused here, loudly.
+    if socket_path[0] != b'/' {
+        return Err("DVK_AGENT_SOCK must be an absolute path");
     }
     let request = LocalRequest::Register { version: LOCAL_PROTOCOL_VERSION, dc, endpoint };
     let register_frame =
@@ -187,6 +199,58 @@ fn listener_dir_of(socket_path: &[u8]) -> String {
     }
 }
 
+// ---------------------------------------------------------------------------
+// A stalled agent (it accepts, or queues, connections but does not answer): after one
+// timeout the process stops asking for STALL_BACKOFF_MS and says so once.
+
+/// CLOCK_MONOTONIC milliseconds until which requests are not made (0: none).
+static STALLED_UNTIL_MS: AtomicU64 = AtomicU64::new(0);
+/// The stall warning was printed (by this process, or by the parent it was forked from).
+static STALL_WARNED: AtomicBool = AtomicBool::new(false);
+
+fn is_timeout(errno: c_int) -> bool {
+    errno == libc::EAGAIN || errno == libc::EWOULDBLOCK || errno == libc::ETIMEDOUT
+}
+
+/// Whether requests are being skipped because the agent stalled a moment ago.
+fn stalled() -> bool {
+    let until = STALLED_UNTIL_MS.load(Ordering::Relaxed);
+    until != 0 && raw::monotonic_ms() < until
+}
+
+/// Records the outcome of a request that failed with `errno`: a timeout starts the
+/// back-off and, the first time, warns (a registered process only: an unregistered one is
+/// at load time, where register_or_warn says why it runs without vPIDs).
+fn note_failure(errno: c_int) {
+    if !is_timeout(errno) {
+        return;
+    }
+    STALLED_UNTIL_MS.store(raw::monotonic_ms() + STALL_BACKOFF_MS, Ordering::Relaxed);
+    if crate::identity::vpid() != 0 && !STALL_WARNED.swap(true, Ordering::Relaxed) {
+        let path = current_path();
+        crate::warn_parts(&[
+            b"dvk: the agent at ",
+            relink_proto::path_bytes(&path),
+            b" did not answer within 1 s; children forked meanwhile keep real PIDs \
+              (the agent is asked again in 10 s)\n",
+        ]);
+    }
+}
+
+/// A connection to the agent for one request, or the errno: ETIMEDOUT at once while the
+/// agent counts as stalled. Allocation-free, async-signal-safe.
+fn connect_agent() -> Result<c_int, c_int> {
+    if stalled() {
+        return Err(libc::ETIMEDOUT);
+    }
+    raw::connect_unix(&agent_addr(), AGENT_TIMEOUT_MS).inspect_err(|e| note_failure(*e))
+}
+
+/// [`round_trip`], noting a timeout.
+fn exchange<'b>(fd: c_int, request: &[u8], buf: &'b mut [u8; RESPONSE_MAX]) -> Result<&'b [u8], c_int> {
+    round_trip(fd, request, buf).inspect_err(|e| note_failure(*e))
+}
+
 pub enum RegisterError {
     /// Could not reach the agent (errno).
     Unreachable(c_int),
@@ -215,9 +279,9 @@ fn round_trip<'b>(fd: c_int, request: &[u8], buf: &'b mut [u8; RESPONSE_MAX]) ->
 /// agent link (returned) on success.
 pub fn register() -> Result<Registration, RegisterError> {
     let cfg = config().ok_or(RegisterError::Unreachable(libc::EINVAL))?;
-    let fd = raw::connect_unix(&agent_addr(), AGENT_TIMEOUT_MS).map_err(RegisterError::Unreachable)?;
+    let fd = connect_agent().map_err(RegisterError::Unreachable)?;
     let mut buf = [0u8; RESPONSE_MAX];
-    let result = match round_trip(fd, &cfg.register_frame, &mut buf) {
+    let result = match exchange(fd, &cfg.register_frame, &mut buf) {
         Err(e) => Err(RegisterError::Unreachable(e)),
         Ok(body) => match frame::decode::<LocalResponse>(body) {
             Ok(LocalResponse::Registered { vpid, parent, .. }) => Ok((vpid, parent)),
@@ -246,7 +310,7 @@ pub fn register_forked(reserved: Vpid) -> Result<c_int, c_int> {
     let request =
         frame::encode_into(&LocalRequest::RegisterForked { version: LOCAL_PROTOCOL_VERSION, reserved }, &mut request)
             .map_err(|_| libc::EINVAL)?;
-    let fd = raw::connect_unix(&agent_addr(), AGENT_TIMEOUT_MS)?;
+    let fd = connect_agent()?;
     if let Err(e) = raw::write_all(fd, request) {
         raw::close(fd);
         return Err(e);
@@ -261,9 +325,9 @@ pub fn reserve_vpid() -> Option<Vpid> {
     config()?;
     let mut request = [0u8; 16];
     let request = frame::encode_into(&LocalRequest::ReserveVpid, &mut request).ok()?;
-    let fd = raw::connect_unix(&agent_addr(), AGENT_TIMEOUT_MS).ok()?;
+    let fd = connect_agent().ok()?;
     let mut buf = [0u8; RESPONSE_MAX];
-    let vpid = match round_trip(fd, request, &mut buf).map(frame::decode::<LocalResponse>) {
+    let vpid = match exchange(fd, request, &mut buf).map(frame::decode::<LocalResponse>) {
         Ok(Ok(LocalResponse::VpidReserved { vpid })) => Some(vpid),
         _ => None,
     };
@@ -281,13 +345,13 @@ pub fn kill(vpid: Vpid, signal: c_int, group: bool) -> c_int {
     let Ok(request) = frame::encode_into(&LocalRequest::Kill { vpid, signal, group }, &mut request) else {
         return libc::EINVAL;
     };
-    let fd = match raw::connect_unix(&agent_addr(), AGENT_TIMEOUT_MS) {
+    let fd = match connect_agent() {
         Ok(fd) => fd,
         // No agent: nobody can route a vPID.
         Err(_) => return libc::ESRCH,
     };
     let mut buf = [0u8; RESPONSE_MAX];
-    let errno = match round_trip(fd, request, &mut buf) {
+    let errno = match exchange(fd, request, &mut buf) {
         Ok(body) => match frame::decode::<LocalResponse>(body) {
             Ok(LocalResponse::KillDone { errno }) => errno,
             _ => libc::EIO,
@@ -303,9 +367,9 @@ pub fn kill(vpid: Vpid, signal: c_int, group: bool) -> c_int {
 fn call(request: &LocalRequest) -> Result<(c_int, LocalResponse), c_int> {
     config().ok_or(libc::ENOENT)?;
     let frame = frame::encode(request, frame::LOCAL_MAX_FRAME).map_err(|_| libc::EINVAL)?;
-    let fd = raw::connect_unix(&agent_addr(), AGENT_TIMEOUT_MS)?;
+    let fd = connect_agent()?;
     let mut buf = [0u8; RESPONSE_MAX];
-    let response = round_trip(fd, &frame, &mut buf).and_then(|body| frame::decode(body).map_err(|_| libc::EPROTO));
+    let response = exchange(fd, &frame, &mut buf).and_then(|body| frame::decode(body).map_err(|_| libc::EPROTO));
     match response {
         Ok(r) => Ok((fd, r)),
         Err(e) => {

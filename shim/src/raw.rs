@@ -411,3 +411,11 @@ pub fn copy_timeouts(from: c_int, to: c_int) {
 pub fn bind_inet(fd: c_int, addr: &libc::sockaddr_storage, len: usize) -> Result<(), c_int> {
     sockcall(libc::SYS_bind, fd as usize, addr as *const _ as usize, len, 0, 0).map(|_| ())
 }
+
+/// CLOCK_MONOTONIC in milliseconds (the vDSO's clock_gettime: async-signal-safe).
+pub fn monotonic_ms() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: ts is a valid, writable timespec.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1000 + ts.tv_nsec as u64 / 1_000_000
+}

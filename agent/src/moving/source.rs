@@ -718,7 +718,12 @@ async fn dump_and_send(d: &mut Driver) -> CoordEvent {
     let pages = Arc::new(LinkPages::new(d, link, dvk_checkpoint::image::PAGES));
     let out = dvk_checkpoint::image::PagesTo(pages.clone());
     // The tracker goes with the dump (and is dropped with it, whatever its outcome).
-    let opts = DumpOptions { external_fds: d.classified.external(), pages_to: Some(out), precopy: d.precopy.take() };
+    let opts = DumpOptions {
+        external_fds: d.classified.external(),
+        pages_to: Some(out),
+        precopy: d.precopy.take(),
+        ..Default::default()
+    };
     let precopied = opts.precopy.is_some();
     d.freezer(FreezeCmd::Image(d.image_dir.clone(), opts, tx));
     let dumped = rx.await;
