@@ -5,6 +5,7 @@ mod checkpoint_bench;
 mod getpid_bench;
 mod move_bench;
 mod net_bench;
+mod plot;
 
 use clap::{Parser, Subcommand};
 

@@ -43,6 +43,10 @@ pub struct MoveBenchArgs {
     /// Measure every size twice: stop-and-copy, then `move --precopy`.
     #[arg(long)]
     pub precopy: bool,
+    /// Also draw the results as SVG charts into this directory (move-downtime.svg,
+    /// move-total.svg, move-transfer.svg).
+    #[arg(long, value_name = "DIR")]
+    pub plots: Option<std::path::PathBuf>,
 }
 
 /// "stop" (stop-and-copy) or "pre" (`move --precopy`).
@@ -538,5 +542,47 @@ pub fn run(args: &MoveBenchArgs) -> anyhow::Result<()> {
         }
     }
     println!("{criu}");
+    if let Some(dir) = &args.plots {
+        plots(dir, &results)?;
+        println!("charts: {}", dir.display());
+    }
+    Ok(())
+}
+
+/// The DVS paper's figures 6 and 7 (total move time and transfer time against size) and the
+/// downtime the client saw, one line per mode, medians; the local dump + restore for scale.
+fn plots(dir: &Path, results: &[SizeResult]) -> anyhow::Result<()> {
+    use crate::plot::{log_x_chart, Series};
+    std::fs::create_dir_all(dir)?;
+    let by_mode = |f: &dyn Fn(&SizeResult) -> f64| -> Vec<Series> {
+        [(false, "stop-and-copy"), (true, "pre-copy")]
+            .iter()
+            .map(|&(pre, name)| Series {
+                name: name.into(),
+                points: results.iter().filter(|r| r.precopy == pre).map(|r| (r.mb, f(r))).collect(),
+            })
+            .filter(|s| !s.points.is_empty())
+            .collect()
+    };
+    let med = |r: &SizeResult, f: &dyn Fn(&MoveSample) -> f64| median(r.moves.iter().map(f).collect());
+    let baseline = Series {
+        name: "local dump + restore".into(),
+        points: results.iter().filter(|r| !r.precopy).map(|r| (r.mb, r.base_dump_ms + r.base_restore_ms)).collect(),
+    };
+    let mut down = by_mode(&|r| med(r, &|m| m.downtime_ms));
+    down.push(baseline);
+    log_x_chart(&dir.join("move-downtime.svg"), "Downtime seen by the client", "server size (MB)", "ms", &down)?;
+    let total = by_mode(&|r| med(r, &|m| m.total_ms));
+    log_x_chart(&dir.join("move-total.svg"), "Total move time (paper fig. 6)", "server size (MB)", "ms", &total)?;
+    let copy =
+        |m: &MoveSample| step_ms(&m.report, "pre-copy") + step_ms(&m.report, "dump") + step_ms(&m.report, "transfer");
+    let transfer = by_mode(&|r| med(r, &copy));
+    log_x_chart(
+        &dir.join("move-transfer.svg"),
+        "Transfer time: pre-copy + dump + transfer steps (paper fig. 7)",
+        "server size (MB)",
+        "ms",
+        &transfer,
+    )?;
     Ok(())
 }
