@@ -655,7 +655,10 @@ struct LinkPages {
     mid: u64,
     /// pages.img (the dump) or precopy.img (pre-copy rounds).
     file: &'static str,
+    /// Page data handed over (progress).
     sent: std::sync::atomic::AtomicU64,
+    /// Bytes of it that went on the link (pages of zeros stay behind).
+    on_wire: std::sync::atomic::AtomicU64,
     total: std::sync::atomic::AtomicU64,
     last_report: parking_lot::Mutex<Instant>,
     reply: mpsc::UnboundedSender<LocalResponse>,
@@ -672,6 +675,23 @@ impl LinkPages {
     }
 }
 
+/// The spans of `buf` (page-aligned, in whole pages) that are not all zeros, as byte ranges.
+fn nonzero_spans(buf: &[u8]) -> Vec<(usize, usize)> {
+    const PAGE: usize = 4096;
+    let mut spans: Vec<(usize, usize)> = Vec::new();
+    for (i, page) in buf.chunks(PAGE).enumerate() {
+        if page.iter().all(|&b| b == 0) {
+            continue;
+        }
+        let (from, to) = (i * PAGE, i * PAGE + page.len());
+        match spans.last_mut() {
+            Some(s) if s.1 == from => s.1 = to,
+            _ => spans.push((from, to)),
+        }
+    }
+    spans
+}
+
 impl LinkPages {
     fn new(d: &Driver, link: crate::state::LinkHandle, file: &'static str) -> LinkPages {
         LinkPages {
@@ -680,6 +700,7 @@ impl LinkPages {
             mid: d.tag.mid,
             file,
             sent: Default::default(),
+            on_wire: Default::default(),
             total: Default::default(),
             last_report: parking_lot::Mutex::new(Instant::now()),
             reply: d.reply.clone(),
@@ -697,7 +718,18 @@ impl dvk_checkpoint::image::PageOut for LinkPages {
 
     fn write_at(&self, buf: &[u8], off: u64) -> std::io::Result<()> {
         use std::sync::atomic::Ordering;
-        self.run(self.link.write_image(self.mid, self.file, off, buf, IMAGE_CHUNK))?;
+        if self.file == dvk_checkpoint::image::PAGES {
+            // Each offset of the page data is written once, into memory the destination
+            // zeroed: pages of zeros need not travel.
+            for (from, to) in nonzero_spans(buf) {
+                self.run(self.link.write_image(self.mid, self.file, off + from as u64, &buf[from..to], IMAGE_CHUNK))?;
+                self.on_wire.fetch_add((to - from) as u64, Ordering::Relaxed);
+            }
+        } else {
+            // The pre-copy store is rewritten in place: every page goes.
+            self.run(self.link.write_image(self.mid, self.file, off, buf, IMAGE_CHUNK))?;
+            self.on_wire.fetch_add(buf.len() as u64, Ordering::Relaxed);
+        }
         let sent = self.sent.fetch_add(buf.len() as u64, Ordering::Relaxed) + buf.len() as u64;
         let mut last = self.last_report.lock();
         if last.elapsed() > Duration::from_millis(100) {
@@ -727,7 +759,8 @@ async fn dump_and_send(d: &mut Driver) -> CoordEvent {
     let precopied = opts.precopy.is_some();
     d.freezer(FreezeCmd::Image(d.image_dir.clone(), opts, tx));
     let dumped = rx.await;
-    let pages_sent = pages.sent.load(std::sync::atomic::Ordering::Relaxed);
+    let pages_sent = pages.on_wire.load(std::sync::atomic::Ordering::Relaxed);
+    let zeros = pages.sent.load(std::sync::atomic::Ordering::Relaxed) - pages_sent;
     let report = match dumped {
         Ok(Ok(r)) => r,
         Ok(Err(e)) => return CoordEvent::DumpFailed(e),
@@ -763,13 +796,14 @@ async fn dump_and_send(d: &mut Driver) -> CoordEvent {
         Ok(sent) => {
             let _ = std::fs::remove_dir_all(&d.image_dir);
             let sent = sent + pages_sent;
-            d.image_bytes = sent + d.precopy_bytes;
             d.step(
                 "transfer",
                 format!(
-                    "{:.1} MB in all over the agent link ({:.1} MB of pages sent during the dump)",
+                    "{:.1} MB in all over the agent link ({:.1} MB of pages sent during the dump, {:.1} MB of \
+                     zero pages not sent)",
                     sent as f64 / 1e6,
-                    pages_sent as f64 / 1e6
+                    pages_sent as f64 / 1e6,
+                    zeros as f64 / 1e6
                 ),
             );
             CoordEvent::ImageSent
@@ -973,4 +1007,20 @@ fn finish(d: &mut Driver, outcome: Outcome) {
     };
     tracing::info!(vpid = %d.entry.vpid, tag = %d.tag, committed, frozen_ms = report.frozen_micros / 1000, total_ms = report.total_micros / 1000, reason = ?report.reason, "move finished");
     let _ = d.reply.send(LocalResponse::MoveDone(Box::new(report)));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::nonzero_spans;
+
+    #[test]
+    fn zero_pages_are_left_out_and_the_rest_merged() {
+        let mut buf = vec![0u8; 6 * 4096];
+        buf[4096] = 1; // page 1
+        buf[2 * 4096 + 4095] = 7; // page 2 (its last byte)
+        buf[5 * 4096] = 3; // page 5
+        assert_eq!(nonzero_spans(&buf), vec![(4096, 3 * 4096), (5 * 4096, 6 * 4096)]);
+        assert!(nonzero_spans(&[0u8; 8192]).is_empty());
+        assert_eq!(nonzero_spans(&[1u8; 4096]), vec![(0, 4096)]);
+    }
 }
