@@ -1,8 +1,9 @@
 //! The local socket: the shim inside each process and `migrate-cli` talk to
 //! the agent here. Identity comes from SO_PEERCRED, never from a message.
 
+use crate::limits::{BODY_TIMEOUT, IDLE_BEFORE_REGISTER};
 use crate::state::Agent;
-use dvk_protocol::frame::{self, FrameError, HEADER_LEN, LOCAL_MAX_FRAME};
+use dvk_protocol::frame::{self, FrameError, HEADER_LEN, LOCAL_MAX_FRAME, LOCAL_MAX_REQUEST};
 use dvk_protocol::local::{LocalRequest, LocalResponse, LOCAL_PROTOCOL_VERSION};
 use dvk_protocol::peer::PeerMessage;
 use pidvirt::{ProcessEntry, Vpid};
@@ -31,41 +32,101 @@ pub fn bind(path: &Path) -> anyhow::Result<UnixListener> {
 }
 
 pub async fn serve(agent: Arc<Agent>, listener: UnixListener) {
+    let limits = crate::limits::get();
     loop {
         match listener.accept().await {
             Ok((stream, _)) => {
+                let Ok(cred) = stream.peer_cred() else { continue };
+                // One user cannot take every fd of the agent (then it could not reach listeners).
+                let Some(slot) = limits.local_connection(cred.uid()) else {
+                    crate::ratelog::warn(
+                        &crate::ratelog::LOCAL_CAP,
+                        format_args!(
+                            "uid {} holds {} local connections, its cap; refusing more",
+                            cred.uid(),
+                            limits.local_per_uid
+                        ),
+                    );
+                    continue;
+                };
                 let agent = agent.clone();
                 tokio::spawn(async move {
                     if let Err(e) = client(agent, stream).await {
                         tracing::debug!("local connection closed: {e}");
                     }
+                    drop(slot);
                 });
             }
             Err(e) => {
-                tracing::warn!("local accept failed: {e}");
+                crate::ratelog::warn(&crate::ratelog::ACCEPT, format_args!("local accept failed: {e}"));
                 tokio::time::sleep(std::time::Duration::from_millis(50)).await;
             }
         }
     }
 }
 
+/// Reads one request. Before the connection registered a process it must come within
+/// [`IDLE_BEFORE_REGISTER`]; every body within [`BODY_TIMEOUT`] of its header, and only while
+/// the agent-wide request budget has room for it. None: the peer closed the connection.
+async fn read_request(stream: &mut UnixStream, registered: bool) -> Result<Option<LocalRequest>, FrameError> {
+    let limits = crate::limits::get();
+    let timed_out = || FrameError::Io(std::io::ErrorKind::TimedOut.into());
+    let mut header = [0u8; HEADER_LEN];
+    let read = stream.read_exact(&mut header);
+    let got = if registered {
+        read.await
+    } else {
+        match tokio::time::timeout(IDLE_BEFORE_REGISTER, read).await {
+            Ok(r) => r,
+            Err(_) => {
+                crate::ratelog::warn(
+                    &crate::ratelog::LOCAL_IDLE,
+                    format_args!("closing a local connection idle for {IDLE_BEFORE_REGISTER:?} before registering"),
+                );
+                return Err(timed_out());
+            }
+        }
+    };
+    match got {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(e) => return Err(e.into()),
+    }
+    let len = frame::body_len(header, LOCAL_MAX_REQUEST)?;
+    let body = async {
+        // The budget is taken before the body is allocated: many half-sent frames wait here
+        // instead of each holding its own buffer.
+        let _budget = limits.request_bytes.acquire_many(len as u32).await.map_err(|_| timed_out())?;
+        let mut body = vec![0u8; len];
+        stream.read_exact(&mut body).await?;
+        frame::decode::<LocalRequest>(&body)
+    };
+    match tokio::time::timeout(BODY_TIMEOUT, body).await {
+        Ok(r) => r.map(Some),
+        Err(_) => Err(timed_out()),
+    }
+}
+
 async fn client(agent: Arc<Agent>, mut stream: UnixStream) -> Result<(), FrameError> {
     let cred = stream.peer_cred()?;
     let (uid, pid) = (cred.uid(), cred.pid().unwrap_or(0));
+    let mut registered = false;
     loop {
-        let mut header = [0u8; HEADER_LEN];
-        match stream.read_exact(&mut header).await {
-            Ok(_) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
-            Err(e) => return Err(e.into()),
-        }
-        let len = frame::body_len(header, LOCAL_MAX_FRAME)
-            .inspect_err(|e| tracing::warn!(pid, uid, "bad frame on the local socket, closing that connection: {e}"))?;
-        let mut body = vec![0u8; len];
-        stream.read_exact(&mut body).await?;
-        let request: LocalRequest = frame::decode(&body).inspect_err(|e| {
-            tracing::warn!(pid, uid, "malformed request on the local socket, closing that connection: {e}")
-        })?;
+        let request = match read_request(&mut stream, registered).await {
+            Ok(Some(r)) => r,
+            Ok(None) => return Ok(()),
+            Err(e) => {
+                if !matches!(e, FrameError::Io(_)) {
+                    crate::ratelog::warn(
+                        &crate::ratelog::BAD_LOCAL,
+                        format_args!(
+                            "bad request on the local socket from pid {pid} uid {uid}, closing that connection: {e}"
+                        ),
+                    );
+                }
+                return Err(e);
+            }
+        };
         if let LocalRequest::OpenStream { vip, port } = request {
             // From here on this connection is the program's virtual socket.
             crate::endpoints::open_from_shim(agent, stream, pid, vip, port).await;
@@ -87,6 +148,7 @@ async fn client(agent: Arc<Agent>, mut stream: UnixStream) -> Result<(), FrameEr
         let registering = matches!(request, LocalRequest::Register { .. } | LocalRequest::RegisterForked { .. });
         let response = handle(&agent, request, pid, uid).await;
         if let (true, LocalResponse::Registered { vpid, .. }) = (registering, &response) {
+            registered = true;
             // The agent's end of the process's link: how a move finds the link among its fds.
             if let Ok(ino) = crate::sys::inode(&stream) {
                 agent.tables.lock().link_inodes.insert(*vpid, ino);

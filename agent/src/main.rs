@@ -3,10 +3,13 @@
 //! socket.
 
 mod endpoints;
+mod limits;
+mod listener;
 mod local;
 mod moving;
 mod peer;
 mod procinfo;
+mod ratelog;
 mod registry;
 mod relay;
 mod state;
@@ -70,6 +73,14 @@ fn run(args: Args) -> anyhow::Result<()> {
     endpoints::prepare_listener_dir(&me.runtime_dir)
         .with_context(|| format!("cannot prepare the listener dir in {}", me.runtime_dir.display()))?;
 
+    let limits = limits::init();
+    tracing::info!(
+        nofile = limits.nofile,
+        local_connections_per_uid = limits.local_per_uid,
+        handshakes_in_flight = limits.handshakes_max,
+        local_request_bytes = limits::LOCAL_REQUEST_BUDGET,
+        "limits"
+    );
     sys::install_interrupt_handler().context("cannot install the relay interrupt handler")?;
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async move {

@@ -141,3 +141,32 @@ pub fn listen_backlog(fd: &impl std::os::fd::AsRawFd, backlog: i32) {
     // SAFETY: listen takes an fd and an integer.
     unsafe { libc::listen(fd.as_raw_fd(), backlog) };
 }
+
+/// Changes the owner of the file an `O_PATH` fd refers to (fchownat with AT_EMPTY_PATH: the
+/// inode itself, not whatever its name refers to by now).
+pub fn fchown_path_fd(fd: &impl std::os::fd::AsRawFd, uid: u32) -> io::Result<()> {
+    // SAFETY: the path is a valid NUL-terminated empty string; the fd is open for the call.
+    let rc = unsafe { libc::fchownat(fd.as_raw_fd(), c"".as_ptr(), uid, u32::MAX, libc::AT_EMPTY_PATH) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Raises the soft fd limit to the hard limit (systemd's default soft limit, 1024, is far
+/// too few for an agent that holds two fds per stream); returns the limit now in force.
+pub fn raise_nofile() -> u64 {
+    let mut r = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit writes one rlimit into the valid struct we pass.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) } != 0 {
+        return 1024;
+    }
+    if r.rlim_cur < r.rlim_max {
+        let raised = libc::rlimit { rlim_cur: r.rlim_max, rlim_max: r.rlim_max };
+        // SAFETY: setrlimit reads one valid rlimit struct.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
+            r.rlim_cur = r.rlim_max;
+        }
+    }
+    r.rlim_cur
+}
