@@ -1,0 +1,261 @@
+//! Attacks from issue 9, each as it was tried: a hostile unprivileged local user (nobody) or a
+//! keyless remote, against a cluster of real agents. Every test here failed before its fix.
+//!
+//! They need root (to act as nobody and as root side by side) and skip visibly without it.
+
+use dvk_tests::net::{probe, run_bounded, vm_rss_kib, wait_connectable, Proc};
+use dvk_tests::programs::python3;
+use dvk_tests::{is_root, wait_until, Cluster, Mode};
+use std::io::ErrorKind;
+use std::os::unix::process::CommandExt;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+const NOBODY: u32 = 65534;
+const REACH: Duration = Duration::from_secs(20);
+
+fn skip_without_root(test: &str) -> bool {
+    if !is_root() {
+        eprintln!("SKIP {test}: needs root (it acts as nobody against a root agent)");
+        return true;
+    }
+    false
+}
+
+/// `cmd` run as nobody (no supplementary groups: std drops them when it changes the uid).
+fn as_nobody(cmd: &mut Command) -> &mut Command {
+    cmd.uid(NOBODY).gid(NOBODY)
+}
+
+/// nobody's server: listens on PORT under the shim (a virtual listener: a socket file of
+/// nobody's in the agent's listener dir), then renames a symlink to TARGET over that file.
+const SWAP_SERVER: &str = r#"
+import os, socket, sys
+ep, target, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
+s = socket.socket()
+s.bind(('0.0.0.0', port))
+s.listen(16)
+mine = [os.path.join(ep, n) for n in os.listdir(ep)
+        if os.lstat(os.path.join(ep, n)).st_uid == os.getuid() and n.endswith('.sock')]
+for p in mine:
+    os.symlink(target, p + '.swap')
+    os.rename(p + '.swap', p)
+print('swapped', len(mine), flush=True)
+sys.stdin.read()
+"#;
+
+/// Issue 9 item 1: the agent registered nobody's listener file, nobody swapped a symlink to a
+/// root-only socket over it; a client connecting to nobody's endpoint must reach nobody's
+/// listener — never, with root's credentials, the socket the symlink names.
+#[test]
+fn a_symlink_swapped_over_a_listener_never_leads_the_agent_to_a_root_only_socket() {
+    if skip_without_root("a_symlink_swapped_over_a_listener_never_leads_the_agent_to_a_root_only_socket") {
+        return;
+    }
+    let cluster = Cluster::start(1, Mode::Loopback);
+    // root's private service: a socket in a 0700 directory nobody cannot even look into.
+    let private = cluster.path("root-only");
+    std::fs::create_dir(&private).unwrap();
+    dvk_tests::set_mode(&private, 0o700);
+    let target = private.join("service.sock");
+    let root_service = std::os::unix::net::UnixListener::bind(&target).unwrap();
+    root_service.set_nonblocking(true).unwrap();
+
+    let ep_dir = cluster.nodes[0].runtime_dir.join("ep");
+    let mut server = Proc::spawn(
+        as_nobody(
+            cluster
+                .preloaded(0, python3())
+                .args(["-c", SWAP_SERVER])
+                .arg(&ep_dir)
+                .arg(&target)
+                .arg("7000")
+                .env("DVK_DC", "dc0")
+                .env("DVK_ENDPOINT", "evil")
+                .stdin(Stdio::piped()),
+        ),
+        "nobody's swapping server",
+    );
+    let line = server.lines.wait_for("swapped", REACH);
+    assert_eq!(line, "swapped 1", "nobody's server should have made exactly one listener file");
+
+    let (connected, said) = probe(&cluster, 0, "dc0", "evil.dc0.dvk", 7000);
+    match root_service.accept() {
+        Err(e) if e.kind() == ErrorKind::WouldBlock => {}
+        Ok(_) => panic!("the agent connected to root's private socket through nobody's symlink"),
+        Err(e) => panic!("accept on root's socket: {e}"),
+    }
+    // The stream went where it was registered: nobody's own listener, which still listens.
+    assert!(connected, "a client of nobody's endpoint was refused: {said}");
+}
+
+/// An echo server under the shim (endpoint web:8000 in dc0).
+const ECHO_SERVER: &str = r#"
+import socket, threading
+s = socket.socket()
+s.bind(('0.0.0.0', 8000))
+s.listen(64)
+print('listening', flush=True)
+def serve(c):
+    with c:
+        while True:
+            d = c.recv(65536)
+            if not d:
+                return
+            c.sendall(d)
+while True:
+    c, _ = s.accept()
+    threading.Thread(target=serve, args=(c,), daemon=True).start()
+"#;
+
+/// Sends `ping` to HOST:PORT and prints the answer.
+const PING: &str = r#"
+import socket, sys
+try:
+    c = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=10)
+    c.sendall(b'ping')
+    d = b''
+    while len(d) < 4:
+        x = c.recv(16)
+        if not x:
+            break
+        d += x
+    print('reply', d.decode() or 'none', flush=True)
+except OSError as e:
+    print('error', e, flush=True)
+"#;
+
+fn ping(cluster: &Cluster, node: usize) -> String {
+    let out = run_bounded(
+        cluster.preloaded(node, python3()).args(["-c", PING, "web.dc0.dvk", "8000"]).env("DVK_DC", "dc0"),
+        b"",
+        Duration::from_secs(30),
+        "ping client",
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+/// Holds N idle connections to the agent's local socket and N keyless ones to its peer port.
+const FLOOD: &str = r#"
+import resource, socket, sys
+hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+path, host, port, n = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+held = []
+local = peer = 0
+for i in range(n):
+    u = socket.socket(socket.AF_UNIX)
+    u.setblocking(False)
+    try:
+        u.connect(path)
+        local += 1
+    except OSError:
+        pass
+    held.append(u)
+    t = socket.socket()
+    t.setblocking(False)
+    if t.connect_ex((host, port)) in (0, 115):
+        peer += 1
+    held.append(t)
+print('holding', local, peer, flush=True)
+sys.stdin.read()
+"#;
+
+fn open_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map(|d| d.count()).unwrap_or(0)
+}
+
+/// Issue 9 item 3: nobody floods node1's agent (fd limit 256, a small systemd default) with
+/// idle local connections and keyless peer connections. A stream opened meanwhile from node2
+/// to the healthy endpoint on node1 must work, and the endpoint must outlive the flood (it was
+/// unlinked and announced gone when connect() to its listener failed with EMFILE).
+#[test]
+fn a_connection_flood_does_not_delete_a_healthy_endpoint() {
+    if skip_without_root("a_connection_flood_does_not_delete_a_healthy_endpoint") {
+        return;
+    }
+    const NOFILE: u64 = 256;
+    let mut cluster = Cluster::start(2, Mode::Loopback);
+    cluster.restart_agent_with_nofile(0, NOFILE);
+    let mut server = Proc::spawn(
+        cluster.preloaded(0, python3()).args(["-c", ECHO_SERVER]).env("DVK_DC", "dc0").env("DVK_ENDPOINT", "web"),
+        "echo server",
+    );
+    server.lines.wait_for("listening", REACH);
+    wait_connectable(&cluster, 1, "dc0", "web.dc0.dvk", 8000, REACH);
+    assert_eq!(ping(&cluster, 1), "reply ping");
+
+    let agent = cluster.nodes[0].agent_pid().unwrap();
+    let (host, port) = cluster.nodes[0].peer_addr.rsplit_once(':').unwrap();
+    let mut flood = Proc::spawn(
+        as_nobody(Command::new(python3()).args(["-c", FLOOD]))
+            .arg(cluster.nodes[0].socket())
+            .args([host, port, "400"])
+            .stdin(Stdio::piped()),
+        "nobody's flood",
+    );
+    flood.lines.wait_for("holding", REACH);
+    // Either the agent is out of fds, or it capped nobody: the flood has done what it can.
+    wait_until(REACH, "the flood to fill the agent's fds or hit nobody's cap", || {
+        open_fds(agent) as u64 >= NOFILE - 4 || cluster.log_of(0).contains("its cap; refusing more")
+    });
+
+    assert_eq!(ping(&cluster, 1), "reply ping", "a stream to the healthy endpoint failed during the flood");
+    drop(flood);
+    assert_eq!(ping(&cluster, 1), "reply ping", "the endpoint did not outlive the flood");
+    assert!(
+        !cluster.log_of(0).contains("endpoint no longer listening"),
+        "the flood made the agent retire a healthy endpoint"
+    );
+    drop(server);
+}
+
+/// Sends N local frames that each announce 1 MiB and carry all of it but the last byte
+/// (so the agent, waiting for that byte, holds what it read), then N at the largest request
+/// size the agent accepts.
+const BIG_FRAMES: &str = r#"
+import resource, socket, struct, sys
+hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+path, n = sys.argv[1], int(sys.argv[2])
+held = []
+for size in (1 << 20, 64 << 10):
+    for i in range(n):
+        u = socket.socket(socket.AF_UNIX)
+        u.settimeout(2)
+        try:
+            u.connect(path)
+            u.sendall(struct.pack('<I', size) + b'\x01' * (size - 1))
+        except OSError:
+            pass
+        held.append(u)
+print('sent', flush=True)
+sys.stdin.read()
+"#;
+
+/// Issue 9 item 4: 600 local connections with 1 MiB frames grew the agent to 625 MB. The
+/// agent now reads requests of 64 KiB at most, within a budget shared by all connections.
+#[test]
+fn oversized_local_frames_do_not_grow_the_agent() {
+    if skip_without_root("oversized_local_frames_do_not_grow_the_agent") {
+        return;
+    }
+    let cluster = Cluster::start(1, Mode::Loopback);
+    let agent = cluster.nodes[0].agent_pid().unwrap();
+    let before = vm_rss_kib(agent).unwrap();
+    let mut attack = Proc::spawn(
+        as_nobody(Command::new(python3()).args(["-c", BIG_FRAMES]))
+            .arg(cluster.nodes[0].socket())
+            .arg("600")
+            .stdin(Stdio::piped()),
+        "nobody's big frames",
+    );
+    attack.lines.wait_for("sent", Duration::from_secs(120));
+    let after = vm_rss_kib(agent).unwrap();
+    let grown_mib = after.saturating_sub(before) / 1024;
+    eprintln!("agent VmRSS {before} KiB before, {after} KiB with the frames pending: +{grown_mib} MiB");
+    assert!(grown_mib < 64, "600 pending oversized frames grew the agent by {grown_mib} MiB");
+    // Still serving.
+    assert!(cluster.cli(0, &["ps", "--json"]).status.success());
+    drop(attack);
+}
