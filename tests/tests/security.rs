@@ -259,3 +259,63 @@ fn oversized_local_frames_do_not_grow_the_agent() {
     assert!(cluster.cli(0, &["ps", "--json"]).status.success());
     drop(attack);
 }
+
+/// Issue 9 item 8: nobody prepares an image directory of hers with `pages.img` a symlink to a
+/// root-only file, and has root dump a process into it. The dump must refuse the directory,
+/// before anything is frozen or written, and the root-only file must be untouched.
+#[test]
+fn a_dump_into_another_users_directory_is_refused() {
+    if skip_without_root("a_dump_into_another_users_directory_is_refused") {
+        return;
+    }
+    let base = tempfile::Builder::new().prefix("dvk-sec-dump-").tempdir().unwrap();
+    dvk_tests::set_mode(base.path(), 0o755);
+    let private = base.path().join("root-only");
+    std::fs::create_dir(&private).unwrap();
+    dvk_tests::set_mode(&private, 0o700);
+    let victim = private.join("secret");
+    std::fs::write(&victim, b"precious").unwrap();
+    dvk_tests::set_mode(&victim, 0o600);
+
+    let trap = base.path().join("nobodys-images");
+    std::fs::create_dir(&trap).unwrap();
+    std::os::unix::fs::chown(&trap, Some(NOBODY), Some(NOBODY)).unwrap();
+    let planted = trap.join("pages.img");
+    std::os::unix::fs::symlink(&victim, &planted).unwrap();
+    std::os::unix::fs::lchown(&planted, Some(NOBODY), Some(NOBODY)).unwrap();
+
+    // stdio on /dev/null: a pipe to the test would be refused by the dump's preflight.
+    let mut sleep = Command::new("sleep");
+    sleep.arg("120").stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
+    // SAFETY: between fork and exec only close_range runs (a raw syscall: no allocation, no
+    // lock). Fds the test runner inherited would be refused by the dump's preflight too.
+    unsafe {
+        sleep.pre_exec(|| {
+            libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32);
+            Ok(())
+        });
+    }
+    let mut target = KillOnDrop(sleep.spawn().unwrap());
+    let out = run_bounded(
+        Command::new(dvk_tests::bin_dir().join("migrate-cli"))
+            .args(["dump", &target.0.id().to_string(), "--leave-running", "--images"])
+            .arg(&trap),
+        b"",
+        Duration::from_secs(60),
+        "migrate-cli dump",
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(std::fs::read(&victim).unwrap(), b"precious", "root wrote through nobody's symlink");
+    assert!(!out.status.success(), "dump into nobody's directory succeeded");
+    assert!(stderr.contains("belongs to uid 65534"), "the refusal does not say why: {stderr}");
+    assert!(target.0.try_wait().unwrap().is_none(), "the process died");
+}
+
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
