@@ -180,7 +180,10 @@ async fn connect_listener(agent: &Agent, key: &EndpointKey, header: AcceptHeader
             continue; // every listener is gone: the next pass retires the endpoint
         }
         if Instant::now() >= deadline {
-            tracing::warn!(endpoint = %key, "listener backlog full for {BACKLOG_PATIENCE:?}; refusing the stream");
+            crate::ratelog::warn(
+                &crate::ratelog::BACKLOG_FULL,
+                format_args!("listener backlog of {key} full for {BACKLOG_PATIENCE:?}; refusing the stream"),
+            );
             return None;
         }
         tokio::time::sleep(pause).await;
@@ -366,7 +369,7 @@ pub async fn serve_ingress(agent: Arc<Agent>, ing: IngressConfig, listener: TcpL
         let (tcp, from) = match listener.accept().await {
             Ok(x) => x,
             Err(e) => {
-                tracing::warn!("ingress accept failed: {e}");
+                crate::ratelog::warn(&crate::ratelog::ACCEPT, format_args!("ingress accept failed: {e}"));
                 tokio::time::sleep(std::time::Duration::from_millis(50)).await;
                 continue;
             }

@@ -18,6 +18,10 @@ pub const IDLE_BEFORE_REGISTER: Duration = Duration::from_secs(10);
 pub const BODY_TIMEOUT: Duration = Duration::from_secs(10);
 /// Request bytes all local connections together may hold while they are being read.
 pub const LOCAL_REQUEST_BUDGET: usize = 16 << 20;
+/// Request bytes the connections of one uid may hold: a user who fills hers waits for her own
+/// requests, not everyone's (root's come from its share only, not from the shared budget, so
+/// `migrate-cli` as root always gets through).
+pub const LOCAL_REQUEST_BUDGET_PER_UID: usize = 4 << 20;
 
 pub struct Limits {
     /// fd limit after raising it.
@@ -30,6 +34,8 @@ pub struct Limits {
     /// Request bytes being read on the local socket, all connections together.
     pub request_bytes: Arc<Semaphore>,
     per_uid: Mutex<HashMap<u32, usize>>,
+    /// Request bytes being read, per uid (an entry per uid that ever connected).
+    per_uid_bytes: Mutex<HashMap<u32, Arc<Semaphore>>>,
 }
 
 static LIMITS: OnceLock<Limits> = OnceLock::new();
@@ -59,6 +65,7 @@ impl Limits {
             handshakes_max,
             request_bytes: Arc::new(Semaphore::new(LOCAL_REQUEST_BUDGET)),
             per_uid: Mutex::new(HashMap::new()),
+            per_uid_bytes: Mutex::new(HashMap::new()),
         }
     }
 
@@ -71,6 +78,39 @@ impl Limits {
         }
         *n += 1;
         Some(UidSlot { limits: self, uid })
+    }
+}
+
+/// Room for one request body being read; given back when dropped.
+pub struct RequestBytes {
+    _uid: tokio::sync::OwnedSemaphorePermit,
+    _all: Option<tokio::sync::OwnedSemaphorePermit>,
+}
+
+impl Limits {
+    /// Waits until `uid`'s share, then (but for root) the shared budget, has room for `len`
+    /// bytes. `len` is at most a request's size, far below either budget.
+    pub async fn request_bytes(&self, uid: u32, len: usize) -> RequestBytes {
+        let own = self
+            .per_uid_bytes
+            .lock()
+            .entry(uid)
+            .or_insert_with(|| Arc::new(Semaphore::new(LOCAL_REQUEST_BUDGET_PER_UID)))
+            .clone();
+        // Never closed, so acquiring cannot fail.
+        let uid_permit = own.acquire_many_owned(len as u32).await.expect("budget semaphores are never closed");
+        let all = if uid == 0 {
+            None
+        } else {
+            Some(
+                self.request_bytes
+                    .clone()
+                    .acquire_many_owned(len as u32)
+                    .await
+                    .expect("budget semaphores are never closed"),
+            )
+        };
+        RequestBytes { _uid: uid_permit, _all: all }
     }
 }
 
@@ -106,6 +146,24 @@ mod tests {
         assert!(l.local_connection(1001).is_some());
         drop(held);
         assert!(l.local_connection(1000).is_some());
+    }
+
+    #[test]
+    fn a_uid_that_filled_its_request_budget_does_not_block_another() {
+        let l: &'static Limits = Box::leak(Box::new(Limits::for_nofile(1024)));
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async {
+            let mut held = Vec::new();
+            for _ in 0..LOCAL_REQUEST_BUDGET_PER_UID / (64 << 10) {
+                held.push(l.request_bytes(1000, 64 << 10).await);
+            }
+            // uid 1000 is at its share: its next request waits...
+            let more = tokio::time::timeout(std::time::Duration::from_millis(50), l.request_bytes(1000, 1)).await;
+            assert!(more.is_err());
+            // ...and neither root nor another user does.
+            l.request_bytes(0, 64 << 10).await;
+            l.request_bytes(1001, 64 << 10).await;
+        });
     }
 
     #[test]

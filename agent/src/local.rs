@@ -67,8 +67,9 @@ pub async fn serve(agent: Arc<Agent>, listener: UnixListener) {
 
 /// Reads one request. Before the connection registered a process it must come within
 /// [`IDLE_BEFORE_REGISTER`]; every body within [`BODY_TIMEOUT`] of its header, and only while
-/// the agent-wide request budget has room for it. None: the peer closed the connection.
-async fn read_request(stream: &mut UnixStream, registered: bool) -> Result<Option<LocalRequest>, FrameError> {
+/// the request budgets (the uid's, and the agent-wide one) have room for it. None: the peer
+/// closed the connection.
+async fn read_request(stream: &mut UnixStream, uid: u32, registered: bool) -> Result<Option<LocalRequest>, FrameError> {
     let limits = crate::limits::get();
     let timed_out = || FrameError::Io(std::io::ErrorKind::TimedOut.into());
     let mut header = [0u8; HEADER_LEN];
@@ -96,7 +97,7 @@ async fn read_request(stream: &mut UnixStream, registered: bool) -> Result<Optio
     let body = async {
         // The budget is taken before the body is allocated: many half-sent frames wait here
         // instead of each holding its own buffer.
-        let _budget = limits.request_bytes.acquire_many(len as u32).await.map_err(|_| timed_out())?;
+        let _budget = limits.request_bytes(uid, len).await;
         let mut body = vec![0u8; len];
         stream.read_exact(&mut body).await?;
         frame::decode::<LocalRequest>(&body)
@@ -112,7 +113,7 @@ async fn client(agent: Arc<Agent>, mut stream: UnixStream) -> Result<(), FrameEr
     let (uid, pid) = (cred.uid(), cred.pid().unwrap_or(0));
     let mut registered = false;
     loop {
-        let request = match read_request(&mut stream, registered).await {
+        let request = match read_request(&mut stream, uid, registered).await {
             Ok(Some(r)) => r,
             Ok(None) => return Ok(()),
             Err(e) => {
@@ -168,7 +169,10 @@ async fn handle(agent: &Arc<Agent>, request: LocalRequest, pid: i32, uid: u32) -
                 };
             }
             register(agent, pid, uid, dc, endpoint, None).unwrap_or_else(|message| {
-                tracing::warn!(pid, uid, "registration refused: {message}");
+                crate::ratelog::warn(
+                    &crate::ratelog::REGISTER_REFUSED,
+                    format_args!("registration of pid {pid} (uid {uid}) refused: {message}"),
+                );
                 LocalResponse::Error { message }
             })
         }
@@ -198,7 +202,10 @@ async fn handle(agent: &Arc<Agent>, request: LocalRequest, pid: i32, uid: u32) -
                 // A child that exits right after fork() is often gone before its registration
                 // is read: nothing to register then.
                 if std::path::Path::new(&format!("/proc/{pid}")).exists() {
-                    tracing::warn!(pid, uid, "registration of a forked child refused: {message}");
+                    crate::ratelog::warn(
+                        &crate::ratelog::REGISTER_REFUSED,
+                        format_args!("registration of forked child pid {pid} (uid {uid}) refused: {message}"),
+                    );
                 }
                 LocalResponse::Error { message }
             })

@@ -33,7 +33,8 @@ Limits (logged at start):
   connections at once: fd limit / 16, between 4 and 64, each at most 5 s.
   A local connection that registered no process is closed after 10 s without a
   request. Local requests are at most 64 KiB, read within a 16 MiB budget shared
-  by all local connections.";
+  by all local connections, 4 MiB of it at most per uid (root's requests come
+  from its own 4 MiB only).";
 
 /// The dvk node agent (runs in the foreground; logs to stderr).
 #[derive(Parser, Debug)]
@@ -148,6 +149,9 @@ mod tests {
         let help = super::LIMITS_HELP;
         assert!(help.contains(&format!("{} MiB budget", crate::limits::LOCAL_REQUEST_BUDGET >> 20)));
         assert!(help.contains(&format!("at most {} KiB", dvk_protocol::frame::LOCAL_MAX_REQUEST >> 10)));
+        assert!(
+            help.contains(&format!("{} MiB of it at most per uid", crate::limits::LOCAL_REQUEST_BUDGET_PER_UID >> 20))
+        );
         assert!(help.contains(&format!("after {} s", crate::limits::IDLE_BEFORE_REGISTER.as_secs())));
     }
 }

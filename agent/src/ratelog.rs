@@ -52,6 +52,8 @@ pub static KEYLESS_PEER: RateLog = RateLog::new();
 pub static PEER_CAP: RateLog = RateLog::new();
 pub static LISTENER_CONNECT: RateLog = RateLog::new();
 pub static ACCEPT: RateLog = RateLog::new();
+pub static REGISTER_REFUSED: RateLog = RateLog::new();
+pub static BACKLOG_FULL: RateLog = RateLog::new();
 
 pub fn warn(log: &RateLog, msg: std::fmt::Arguments) {
     match log.admit(Instant::now()) {

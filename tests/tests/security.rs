@@ -210,6 +210,21 @@ fn a_connection_flood_does_not_delete_a_healthy_endpoint() {
     drop(server);
 }
 
+/// Issue 9 item 3: a local connection that never registers (it held one of the agent's fds
+/// forever) is closed by the agent. Bounded: the agent's limit is 10 s, the test waits 60.
+#[test]
+fn an_idle_local_connection_is_closed_before_it_registers() {
+    let cluster = Cluster::start(1, Mode::Loopback);
+    let mut idle = std::os::unix::net::UnixStream::connect(cluster.nodes[0].socket()).unwrap();
+    idle.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    let mut buf = [0u8; 16];
+    match std::io::Read::read(&mut idle, &mut buf) {
+        Ok(0) => {}
+        Ok(n) => panic!("the agent sent {n} bytes to a connection that asked nothing"),
+        Err(e) => panic!("the agent kept an idle, unregistered connection open: {e}"),
+    }
+}
+
 /// Sends N local frames that each announce 1 MiB and carry all of it but the last byte
 /// (so the agent, waiting for that byte, holds what it read), then N at the largest request
 /// size the agent accepts.
