@@ -3,10 +3,12 @@
 //!
 //! They need root (to act as nobody and as root side by side) and skip visibly without it.
 
+use dvk_tests::moving::{move_to, no_inherited_fds};
 use dvk_tests::net::{probe, run_bounded, vm_rss_kib, wait_connectable, Proc};
-use dvk_tests::programs::python3;
+use dvk_tests::programs::{c_program, python3};
 use dvk_tests::{is_root, wait_until, Cluster, Mode};
 use std::io::ErrorKind;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -87,6 +89,58 @@ fn a_symlink_swapped_over_a_listener_never_leads_the_agent_to_a_root_only_socket
     }
     // The stream went where it was registered: nobody's own listener, which still listens.
     assert!(connected, "a client of nobody's endpoint was refused: {said}");
+}
+
+/// Renames a symlink to TARGET over PATH (run as the owner of PATH).
+const SWAP: &str =
+    "import os, sys; os.symlink(sys.argv[2], sys.argv[1] + '.swap'); os.rename(sys.argv[1] + '.swap', sys.argv[1])";
+
+/// Issue 9 item 1, after a move: the destination's agent makes the moved process's listener
+/// and gives it to the process's user, who can then rename a symlink over it just the same.
+#[test]
+fn a_symlink_swapped_over_a_moved_listener_never_leads_the_agent_to_a_root_only_socket() {
+    if skip_without_root("a_symlink_swapped_over_a_moved_listener_never_leads_the_agent_to_a_root_only_socket") {
+        return;
+    }
+    let cluster = Cluster::start(2, Mode::Loopback);
+    let private = cluster.path("root-only");
+    std::fs::create_dir(&private).unwrap();
+    dvk_tests::set_mode(&private, 0o700);
+    let target = private.join("service.sock");
+    let root_service = std::os::unix::net::UnixListener::bind(&target).unwrap();
+    root_service.set_nonblocking(true).unwrap();
+
+    let log = std::fs::File::create(cluster.path("server.err")).unwrap();
+    let mut cmd = cluster.preloaded(0, c_program("move_server"));
+    cmd.args(["7000", "1"]).env("DVK_ENDPOINT", "kv").stdin(Stdio::null()).stderr(log);
+    let mut server = Proc::spawn(no_inherited_fds(as_nobody(&mut cmd)), "nobody's move_server");
+    server.lines.wait_for("listening", REACH);
+    let vpid = cluster.wait_registered(0, server.pid())["vpid"].as_i64().unwrap();
+    move_to(&cluster, 0, vpid, 1);
+
+    let ep_dir = cluster.nodes[1].runtime_dir.join("ep");
+    let moved: Vec<_> = std::fs::read_dir(&ep_dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| std::fs::symlink_metadata(p).is_ok_and(|m| m.uid() == NOBODY && m.file_type().is_socket()))
+        .collect();
+    assert_eq!(moved.len(), 1, "one listener of nobody's on node2 after the move: {moved:?}");
+    let out = run_bounded(
+        as_nobody(Command::new(python3()).args(["-c", SWAP]).arg(&moved[0]).arg(&target)),
+        b"",
+        REACH,
+        "nobody's swap",
+    );
+    assert!(out.status.success(), "nobody could not swap her listener: {}", String::from_utf8_lossy(&out.stderr));
+
+    let (connected, said) = probe(&cluster, 1, "dc0", "kv.dc0.dvk", 7000);
+    match root_service.accept() {
+        Err(e) if e.kind() == ErrorKind::WouldBlock => {}
+        Ok(_) => panic!("the agent connected to root's private socket through nobody's symlink"),
+        Err(e) => panic!("accept on root's socket: {e}"),
+    }
+    assert!(connected, "a client of the moved endpoint was refused: {said}");
 }
 
 /// An echo server under the shim (endpoint web:8000 in dc0).
