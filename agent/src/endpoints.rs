@@ -53,7 +53,8 @@ pub fn listen(agent: &Agent, pid: i32, uid: u32, port: u16, path: String) -> Loc
     }
     // Opened once, here: from now on the agent reaches this inode, never the path (which the
     // caller owns and may rename anything over).
-    let file = match ListenerFile::open(&path, uid) {
+    // ...and only if the caller itself listens on it (not some other process's socket file).
+    let file = match ListenerFile::open(&path, uid).and_then(|f| f.check_served_by(pid).map(|_| f)) {
         Ok(f) => f,
         Err(e) => return LocalResponse::Error { message: e.to_string() },
     };

@@ -36,6 +36,8 @@ pub enum ListenerError {
     NotSocket { path: String },
     #[error("{path} belongs to uid {owner}, not to uid {caller}")]
     Owner { path: String, owner: u32, caller: u32 },
+    #[error("{path} is not a socket that pid {pid} listens on")]
+    NotServed { path: String, pid: i32 },
 }
 
 impl ListenerFile {
@@ -56,6 +58,26 @@ impl ListenerFile {
             return Err(ListenerError::Owner { path: shown(), owner: m.uid(), caller });
         }
         Ok(ListenerFile { path: path.to_owned(), file: Arc::new(file), dev: m.dev(), ino: m.ino(), owner: m.uid() })
+    }
+
+    /// Checks that process `pid` itself listens on this file: the listening socket bound to the
+    /// inode is among its fds. A socket file of the caller's that another process serves (say
+    /// a root daemon's per-user socket, hard-linked into the listener dir) is refused: the
+    /// agent would reach that daemon with root's credentials. A socket file stays bound to the
+    /// socket that made it, so this holds for as long as the file is held.
+    pub fn check_served_by(&self, pid: i32) -> Result<(), ListenerError> {
+        match crate::sys::unix_listeners_bound_to(self.dev, self.ino) {
+            Ok(socks) if crate::sys::holds_socket(pid, &socks) => Ok(()),
+            Ok(_) => Err(ListenerError::NotServed { path: self.path.display().to_string(), pid }),
+            Err(e) => {
+                // Without sock_diag (a kernel without CONFIG_UNIX_DIAG) the owner check is all.
+                crate::ratelog::warn(
+                    &crate::ratelog::NO_SOCK_DIAG,
+                    format_args!("cannot ask the kernel who serves {}: {e}; owner check only", self.path.display()),
+                );
+                Ok(())
+            }
+        }
     }
 
     /// Gives the file (made by the agent, still root's) to `uid`, through the fd: the inode we
@@ -155,6 +177,29 @@ mod tests {
         for errno in [libc::EMFILE, libc::ENFILE, libc::ENOMEM, libc::ENOBUFS, libc::EAGAIN] {
             assert!(!is_gone(&io::Error::from_raw_os_error(errno)), "errno {errno} taken for a closed listener");
         }
+    }
+
+    #[test]
+    fn only_the_process_that_listens_on_the_file_may_register_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("l.sock");
+        let _ours = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        let me = std::process::id() as i32;
+        ListenerFile::open(&path, my_uid()).unwrap().check_served_by(me).unwrap();
+        // A second name of the same socket file is the same socket.
+        let linked = dir.path().join("linked.sock");
+        std::fs::hard_link(&path, &linked).unwrap();
+        ListenerFile::open(&linked, my_uid()).unwrap().check_served_by(me).unwrap();
+        // Another process (our parent) does not listen on it.
+        let parent = std::os::unix::process::parent_id() as i32;
+        assert!(matches!(
+            ListenerFile::open(&linked, my_uid()).unwrap().check_served_by(parent),
+            Err(ListenerError::NotServed { .. })
+        ));
+        // A socket file nothing listens on any more is served by nobody.
+        let closed = dir.path().join("closed.sock");
+        drop(std::os::unix::net::UnixListener::bind(&closed).unwrap());
+        assert!(ListenerFile::open(&closed, my_uid()).unwrap().check_served_by(me).is_err());
     }
 
     fn my_uid() -> u32 {

@@ -54,6 +54,7 @@ pub static LISTENER_CONNECT: RateLog = RateLog::new();
 pub static ACCEPT: RateLog = RateLog::new();
 pub static REGISTER_REFUSED: RateLog = RateLog::new();
 pub static BACKLOG_FULL: RateLog = RateLog::new();
+pub static NO_SOCK_DIAG: RateLog = RateLog::new();
 
 pub fn warn(log: &RateLog, msg: std::fmt::Arguments) {
     match log.admit(Instant::now()) {

@@ -144,12 +144,15 @@ pub fn recover(agent: &Arc<Agent>) -> usize {
         let key = e.entry.key();
         // Opened anew with the checks of `Listen`: the owner may have renamed anything over
         // the names while no agent was looking.
-        let Some(uid) = t.routing.get(e.entry.vpid).map(|r| r.entry.uid) else { continue };
+        let Some((uid, pid)) = t.routing.get(e.entry.vpid).map(|r| (r.entry.uid, r.entry.real_pid)) else {
+            continue;
+        };
         let files: Vec<_> = e
             .listeners
             .iter()
             .filter_map(|p| {
                 crate::listener::ListenerFile::open(p, uid)
+                    .and_then(|f| f.check_served_by(pid).map(|_| f))
                     .inspect_err(|err| tracing::warn!(endpoint = %key, "listener not recovered: {err}"))
                     .ok()
             })

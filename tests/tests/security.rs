@@ -91,6 +91,77 @@ fn a_symlink_swapped_over_a_listener_never_leads_the_agent_to_a_root_only_socket
     assert!(connected, "a client of nobody's endpoint was refused: {said}");
 }
 
+/// Speaks the local protocol by hand (postcard: varints, length-prefixed strings): registers
+/// as `evil` in dc0, hard-links SOURCE (a socket file of its own that another process serves)
+/// into the listener dir and asks the agent to listen on it as port 7100.
+const LINK_AND_LISTEN: &str = r#"
+import os, socket, struct, sys
+agent, source, ep = sys.argv[1], sys.argv[2], sys.argv[3]
+def varint(n):
+    out = bytearray()
+    while True:
+        b, n = n & 0x7f, n >> 7
+        out.append(b | 0x80 if n else b)
+        if not n:
+            return bytes(out)
+def s(x):
+    b = x.encode()
+    return varint(len(b)) + b
+def call(c, body):
+    c.sendall(struct.pack('<I', len(body)) + body)
+    n = struct.unpack('<I', c.recv(4, socket.MSG_WAITALL))[0]
+    return c.recv(n, socket.MSG_WAITALL)
+linked = os.path.join(ep, 'linked.sock')
+os.link(source, linked)
+c = socket.socket(socket.AF_UNIX)
+c.connect(agent)
+call(c, b'\x01' + varint(1) + s('dc0') + b'\x01' + s('evil'))  # Register
+r = call(c, b'\x07' + varint(7100) + s(linked))  # Listen
+print('listen', r.decode('utf-8', 'replace'), flush=True)
+sys.stdin.read()
+"#;
+
+/// Issue 9 item 1, the other way in: a socket file the user owns but another process serves
+/// (a root daemon's per-user socket, say), hard-linked into the listener dir and registered
+/// with a hand-made `Listen`. The owner check alone let the agent deliver streams to that
+/// daemon as root; the agent now also checks that the caller itself listens on the file.
+#[test]
+fn a_hard_linked_socket_that_the_caller_does_not_serve_is_refused() {
+    if skip_without_root("a_hard_linked_socket_that_the_caller_does_not_serve_is_refused") {
+        return;
+    }
+    let cluster = Cluster::start(1, Mode::Loopback);
+    // root's daemon, with a per-user socket that belongs to nobody.
+    let daemon_dir = cluster.path("daemon");
+    std::fs::create_dir(&daemon_dir).unwrap();
+    dvk_tests::set_mode(&daemon_dir, 0o755);
+    let per_user = daemon_dir.join("nobody.sock");
+    let daemon = std::os::unix::net::UnixListener::bind(&per_user).unwrap();
+    daemon.set_nonblocking(true).unwrap();
+    std::os::unix::fs::chown(&per_user, Some(NOBODY), Some(NOBODY)).unwrap();
+
+    let mut attack = Proc::spawn(
+        as_nobody(
+            Command::new(python3())
+                .args(["-c", LINK_AND_LISTEN])
+                .arg(cluster.nodes[0].socket())
+                .arg(&per_user)
+                .arg(cluster.nodes[0].runtime_dir.join("ep"))
+                .stdin(Stdio::piped()),
+        ),
+        "nobody's hand-made Listen",
+    );
+    let answer = attack.lines.wait_for("listen", REACH);
+    let (connected, said) = probe(&cluster, 0, "dc0", "evil.dc0.dvk", 7100);
+    match daemon.accept() {
+        Err(e) if e.kind() == ErrorKind::WouldBlock => {}
+        Ok(_) => panic!("the agent connected, as root, to the daemon's socket nobody registered ({answer})"),
+        Err(e) => panic!("accept on the daemon's socket: {e}"),
+    }
+    assert!(answer.contains("listens on"), "the Listen was not refused for the right reason: {answer}");
+    assert!(!connected, "a client reached an endpoint that should not exist: {said}");
+}
+
 /// Renames a symlink to TARGET over PATH (run as the owner of PATH).
 const SWAP: &str =
     "import os, sys; os.symlink(sys.argv[2], sys.argv[1] + '.swap'); os.rename(sys.argv[1] + '.swap', sys.argv[1])";
