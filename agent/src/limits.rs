@@ -16,6 +16,8 @@ pub const IDLE_BEFORE_REGISTER: Duration = Duration::from_secs(10);
 /// Once its header arrived, a request's body must arrive within this (also for registered
 /// processes: a half-sent body must not hold its memory budget forever).
 pub const BODY_TIMEOUT: Duration = Duration::from_secs(10);
+/// A local caller must read each answer within this, or its connection is closed.
+pub const ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
 /// Request bytes all local connections together may hold while they are being read.
 pub const LOCAL_REQUEST_BUDGET: usize = 16 << 20;
 /// Request bytes the connections of one uid may hold: a user who fills hers waits for her own

@@ -1,7 +1,7 @@
 //! The local socket: the shim inside each process and `migrate-cli` talk to
 //! the agent here. Identity comes from SO_PEERCRED, never from a message.
 
-use crate::limits::{BODY_TIMEOUT, IDLE_BEFORE_REGISTER};
+use crate::limits::{ANSWER_TIMEOUT, BODY_TIMEOUT, IDLE_BEFORE_REGISTER};
 use crate::state::Agent;
 use dvk_protocol::frame::{self, FrameError, HEADER_LEN, LOCAL_MAX_FRAME, LOCAL_MAX_REQUEST};
 use dvk_protocol::local::{LocalRequest, LocalResponse, LOCAL_PROTOCOL_VERSION};
@@ -108,6 +108,16 @@ async fn read_request(stream: &mut UnixStream, uid: u32, registered: bool) -> Re
     }
 }
 
+/// Writes an answer; a caller that does not read it within [`ANSWER_TIMEOUT`] is dropped, so
+/// an answer the kernel cannot buffer (a long process list) is not held in the agent forever.
+async fn write_answer(stream: &mut UnixStream, answer: &LocalResponse) -> Result<(), FrameError> {
+    let bytes = frame::encode(answer, LOCAL_MAX_FRAME)?;
+    match tokio::time::timeout(ANSWER_TIMEOUT, stream.write_all(&bytes)).await {
+        Ok(r) => Ok(r?),
+        Err(_) => Err(FrameError::Io(std::io::ErrorKind::TimedOut.into())),
+    }
+}
+
 async fn client(agent: Arc<Agent>, mut stream: UnixStream) -> Result<(), FrameError> {
     let cred = stream.peer_cred()?;
     let (uid, pid) = (cred.uid(), cred.pid().unwrap_or(0));
@@ -139,7 +149,7 @@ async fn client(agent: Arc<Agent>, mut stream: UnixStream) -> Result<(), FrameEr
             crate::moving::request_move(&agent, target, &dest, uid, tx);
             while let Some(event) = rx.recv().await {
                 let last = matches!(event, LocalResponse::MoveDone(_) | LocalResponse::Error { .. });
-                stream.write_all(&frame::encode(&event, LOCAL_MAX_FRAME)?).await?;
+                write_answer(&mut stream, &event).await?;
                 if last {
                     break;
                 }
@@ -155,7 +165,7 @@ async fn client(agent: Arc<Agent>, mut stream: UnixStream) -> Result<(), FrameEr
                 agent.tables.lock().link_inodes.insert(*vpid, ino);
             }
         }
-        stream.write_all(&frame::encode(&response, LOCAL_MAX_FRAME)?).await?;
+        write_answer(&mut stream, &response).await?;
     }
 }
 
