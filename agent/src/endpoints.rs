@@ -1,6 +1,7 @@
 //! Endpoints on this node: listeners registered by the shim, name resolution,
 //! opening streams (from the shim, from ingress, from peers), and ingress ports.
 
+use crate::listener::ListenerFile;
 use crate::relay::{self, Dir, End};
 use crate::state::Agent;
 use dvk_config::IngressConfig;
@@ -10,7 +11,7 @@ use dvk_protocol::peer::PeerMessage;
 use dvk_protocol::stream::AcceptHeader;
 use pidvirt::endpoint::client_vip;
 use pidvirt::{EndpointEntry, EndpointKey, NodeId, ProcessEntry, VirtualAddr};
-use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -50,13 +51,13 @@ pub fn listen(agent: &Agent, pid: i32, uid: u32, port: u16, path: String) -> Loc
     if path.parent() != Some(dir.as_path()) {
         return LocalResponse::Error { message: format!("listener {} is not in {}", path.display(), dir.display()) };
     }
-    match std::fs::symlink_metadata(&path) {
-        Ok(m) if m.file_type().is_socket() && (uid == 0 || m.uid() == uid) => {}
-        Ok(_) => {
-            return LocalResponse::Error { message: format!("{} is not a socket owned by uid {uid}", path.display()) }
-        }
-        Err(e) => return LocalResponse::Error { message: format!("{}: {e}", path.display()) },
-    }
+    // Opened once, here: from now on the agent reaches this inode, never the path (which the
+    // caller owns and may rename anything over).
+    // ...and only if the caller itself listens on it (not some other process's socket file).
+    let file = match ListenerFile::open(&path, uid).and_then(|f| f.check_served_by(pid).map(|_| f)) {
+        Ok(f) => f,
+        Err(e) => return LocalResponse::Error { message: e.to_string() },
+    };
     let key = EndpointKey { dc: me.dc.clone(), name: me.endpoint.clone(), port };
     let entry = {
         let mut t = agent.tables.lock();
@@ -76,7 +77,7 @@ pub fn listen(agent: &Agent, pid: i32, uid: u32, port: u16, path: String) -> Loc
             node: agent.node_id(),
         };
         t.routing.upsert_endpoint(entry.clone());
-        t.listeners.entry(key.clone()).or_default().push(path);
+        t.listeners.entry(key.clone()).or_default().push(file);
         entry
     };
     tracing::info!(endpoint = %key, vip = %VirtualAddr { ip: entry.vip, port }, vpid = %me.vpid, "endpoint listening");
@@ -104,8 +105,8 @@ pub fn resolve(agent: &Agent, pid: i32, dc: &str, name: &str) -> LocalResponse {
 fn endpoint_gone(agent: &Agent, key: &EndpointKey) {
     let removed = {
         let mut t = agent.tables.lock();
-        for path in t.listeners.remove(key).unwrap_or_default() {
-            let _ = std::fs::remove_file(path);
+        for l in t.listeners.remove(key).unwrap_or_default() {
+            l.remove();
         }
         t.routing.remove_endpoint(key).is_some()
     };
@@ -121,8 +122,8 @@ fn endpoint_gone(agent: &Agent, key: &EndpointKey) {
 pub fn process_exited(agent: &Agent, gone: &[EndpointKey]) {
     let mut t = agent.tables.lock();
     for key in gone {
-        for path in t.listeners.remove(key).unwrap_or_default() {
-            let _ = std::fs::remove_file(path);
+        for l in t.listeners.remove(key).unwrap_or_default() {
+            l.remove();
         }
     }
 }
@@ -136,31 +137,40 @@ async fn connect_listener(agent: &Agent, key: &EndpointKey, header: AcceptHeader
     let deadline = Instant::now() + BACKLOG_PATIENCE;
     let mut pause = Duration::from_millis(1);
     loop {
-        let paths = agent.tables.lock().listeners.get(key).cloned().unwrap_or_default();
-        if paths.is_empty() {
+        let files = agent.tables.lock().listeners.get(key).cloned().unwrap_or_default();
+        if files.is_empty() {
             endpoint_gone(agent, key);
             return None;
         }
         let mut busy = false;
-        for path in paths {
-            match UnixStream::connect(&path).await {
+        for l in files {
+            match l.connect().await {
                 Ok(mut s) => {
                     if s.write_all(&header.encode()).await.is_ok() {
                         return Some(s);
                     }
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => busy = true,
-                Err(e) => {
+                Err(e) if crate::listener::is_gone(&e) => {
                     // The program closed that listener (or died): drop it, try the next.
-                    tracing::info!(endpoint = %key, path = %path.display(), "listener gone: {e}");
+                    tracing::info!(endpoint = %key, path = %l.path.display(), "listener gone: {e}");
                     let mut t = agent.tables.lock();
                     if let Some(list) = t.listeners.get_mut(key) {
-                        list.retain(|p| p != &path);
+                        list.retain(|p| p.path != l.path);
                         if list.is_empty() {
                             t.listeners.remove(key);
                         }
                     }
-                    let _ = std::fs::remove_file(&path);
+                    l.remove();
+                }
+                Err(e) => {
+                    // Out of fds or memory (a flood, say): this stream is refused, but the
+                    // listener is healthy and stays.
+                    crate::ratelog::warn(
+                        &crate::ratelog::LISTENER_CONNECT,
+                        format_args!("cannot connect to a listener of {key}: {e}; refusing the stream"),
+                    );
+                    return None;
                 }
             }
         }
@@ -171,7 +181,10 @@ async fn connect_listener(agent: &Agent, key: &EndpointKey, header: AcceptHeader
             continue; // every listener is gone: the next pass retires the endpoint
         }
         if Instant::now() >= deadline {
-            tracing::warn!(endpoint = %key, "listener backlog full for {BACKLOG_PATIENCE:?}; refusing the stream");
+            crate::ratelog::warn(
+                &crate::ratelog::BACKLOG_FULL,
+                format_args!("listener backlog of {key} full for {BACKLOG_PATIENCE:?}; refusing the stream"),
+            );
             return None;
         }
         tokio::time::sleep(pause).await;
@@ -357,7 +370,7 @@ pub async fn serve_ingress(agent: Arc<Agent>, ing: IngressConfig, listener: TcpL
         let (tcp, from) = match listener.accept().await {
             Ok(x) => x,
             Err(e) => {
-                tracing::warn!("ingress accept failed: {e}");
+                crate::ratelog::warn(&crate::ratelog::ACCEPT, format_args!("ingress accept failed: {e}"));
                 tokio::time::sleep(std::time::Duration::from_millis(50)).await;
                 continue;
             }

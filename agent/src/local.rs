@@ -1,8 +1,9 @@
 //! The local socket: the shim inside each process and `migrate-cli` talk to
 //! the agent here. Identity comes from SO_PEERCRED, never from a message.
 
+use crate::limits::{ANSWER_TIMEOUT, BODY_TIMEOUT, IDLE_BEFORE_REGISTER};
 use crate::state::Agent;
-use dvk_protocol::frame::{self, FrameError, HEADER_LEN, LOCAL_MAX_FRAME};
+use dvk_protocol::frame::{self, FrameError, HEADER_LEN, LOCAL_MAX_FRAME, LOCAL_MAX_REQUEST};
 use dvk_protocol::local::{LocalRequest, LocalResponse, LOCAL_PROTOCOL_VERSION};
 use dvk_protocol::peer::PeerMessage;
 use pidvirt::{ProcessEntry, Vpid};
@@ -31,18 +32,33 @@ pub fn bind(path: &Path) -> anyhow::Result<UnixListener> {
 }
 
 pub async fn serve(agent: Arc<Agent>, listener: UnixListener) {
+    let limits = crate::limits::get();
     loop {
         match listener.accept().await {
             Ok((stream, _)) => {
+                let Ok(cred) = stream.peer_cred() else { continue };
+                // One user cannot take every fd of the agent (then it could not reach listeners).
+                let Some(slot) = limits.local_connection(cred.uid()) else {
+                    crate::ratelog::warn(
+                        &crate::ratelog::LOCAL_CAP,
+                        format_args!(
+                            "uid {} holds {} local connections, its cap; refusing more",
+                            cred.uid(),
+                            limits.local_per_uid
+                        ),
+                    );
+                    continue;
+                };
                 let agent = agent.clone();
                 tokio::spawn(async move {
                     if let Err(e) = client(agent, stream).await {
                         tracing::debug!("local connection closed: {e}");
                     }
+                    drop(slot);
                 });
             }
             Err(e) => {
-                tracing::warn!("local accept failed: {e}");
+                crate::ratelog::warn(&crate::ratelog::ACCEPT, format_args!("local accept failed: {e}"));
                 tokio::time::sleep(std::time::Duration::from_millis(50)).await;
             }
         }
@@ -115,23 +131,79 @@ impl Caller {
     }
 }
 
+/// Reads one request. Before the connection registered a process it must come within
+/// [`IDLE_BEFORE_REGISTER`]; every body within [`BODY_TIMEOUT`] of its header, and only while
+/// the request budgets (the uid's, and the agent-wide one) have room for it. None: the peer
+/// closed the connection.
+async fn read_request(stream: &mut UnixStream, uid: u32, registered: bool) -> Result<Option<LocalRequest>, FrameError> {
+    let limits = crate::limits::get();
+    let timed_out = || FrameError::Io(std::io::ErrorKind::TimedOut.into());
+    let mut header = [0u8; HEADER_LEN];
+    let read = stream.read_exact(&mut header);
+    let got = if registered {
+        read.await
+    } else {
+        match tokio::time::timeout(IDLE_BEFORE_REGISTER, read).await {
+            Ok(r) => r,
+            Err(_) => {
+                crate::ratelog::warn(
+                    &crate::ratelog::LOCAL_IDLE,
+                    format_args!("closing a local connection idle for {IDLE_BEFORE_REGISTER:?} before registering"),
+                );
+                return Err(timed_out());
+            }
+        }
+    };
+    match got {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(e) => return Err(e.into()),
+    }
+    let len = frame::body_len(header, LOCAL_MAX_REQUEST)?;
+    let body = async {
+        // The budget is taken before the body is allocated: many half-sent frames wait here
+        // instead of each holding its own buffer.
+        let _budget = limits.request_bytes(uid, len).await;
+        let mut body = vec![0u8; len];
+        stream.read_exact(&mut body).await?;
+        frame::decode::<LocalRequest>(&body)
+    };
+    match tokio::time::timeout(BODY_TIMEOUT, body).await {
+        Ok(r) => r.map(Some),
+        Err(_) => Err(timed_out()),
+    }
+}
+
+/// Writes an answer; a caller that does not read it within [`ANSWER_TIMEOUT`] is dropped, so
+/// an answer the kernel cannot buffer (a long process list) is not held in the agent forever.
+async fn write_answer(stream: &mut UnixStream, answer: &LocalResponse) -> Result<(), FrameError> {
+    let bytes = frame::encode(answer, LOCAL_MAX_FRAME)?;
+    match tokio::time::timeout(ANSWER_TIMEOUT, stream.write_all(&bytes)).await {
+        Ok(r) => Ok(r?),
+        Err(_) => Err(FrameError::Io(std::io::ErrorKind::TimedOut.into())),
+    }
+}
+
 async fn client(agent: Arc<Agent>, mut stream: UnixStream) -> Result<(), FrameError> {
     let caller = Caller::of(&stream)?;
     let (uid, pid) = (caller.uid, caller.pid);
+    let mut registered = false;
     loop {
-        let mut header = [0u8; HEADER_LEN];
-        match stream.read_exact(&mut header).await {
-            Ok(_) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
-            Err(e) => return Err(e.into()),
-        }
-        let len = frame::body_len(header, LOCAL_MAX_FRAME)
-            .inspect_err(|e| tracing::warn!(pid, uid, "bad frame on the local socket, closing that connection: {e}"))?;
-        let mut body = vec![0u8; len];
-        stream.read_exact(&mut body).await?;
-        let request: LocalRequest = frame::decode(&body).inspect_err(|e| {
-            tracing::warn!(pid, uid, "malformed request on the local socket, closing that connection: {e}")
-        })?;
+        let request = match read_request(&mut stream, uid, registered).await {
+            Ok(Some(r)) => r,
+            Ok(None) => return Ok(()),
+            Err(e) => {
+                if !matches!(e, FrameError::Io(_)) {
+                    crate::ratelog::warn(
+                        &crate::ratelog::BAD_LOCAL,
+                        format_args!(
+                            "bad request on the local socket from pid {pid} uid {uid}, closing that connection: {e}"
+                        ),
+                    );
+                }
+                return Err(e);
+            }
+        };
         // Every request acts as, or on behalf of, the connecting process: refused once it is gone.
         if let Err(message) = caller.verify() {
             // A child that exits right after fork() is often gone before its registration is
@@ -139,9 +211,12 @@ async fn client(agent: Arc<Agent>, mut stream: UnixStream) -> Result<(), FrameEr
             if matches!(request, LocalRequest::RegisterForked { .. }) {
                 tracing::debug!(pid, uid, "request refused: {message}");
             } else {
-                tracing::warn!(pid, uid, "request refused: {message}");
+                crate::ratelog::warn(
+                    &crate::ratelog::REGISTER_REFUSED,
+                    format_args!("request of pid {pid} (uid {uid}) refused: {message}"),
+                );
             }
-            stream.write_all(&frame::encode(&LocalResponse::Error { message }, LOCAL_MAX_FRAME)?).await?;
+            write_answer(&mut stream, &LocalResponse::Error { message }).await?;
             continue;
         }
         if let LocalRequest::OpenStream { vip, port } = request {
@@ -155,7 +230,7 @@ async fn client(agent: Arc<Agent>, mut stream: UnixStream) -> Result<(), FrameEr
             crate::moving::request_move(&agent, target, &dest, options, uid, tx);
             while let Some(event) = rx.recv().await {
                 let last = matches!(event, LocalResponse::MoveDone(_) | LocalResponse::Error { .. });
-                stream.write_all(&frame::encode(&event, LOCAL_MAX_FRAME)?).await?;
+                write_answer(&mut stream, &event).await?;
                 if last {
                     break;
                 }
@@ -165,12 +240,13 @@ async fn client(agent: Arc<Agent>, mut stream: UnixStream) -> Result<(), FrameEr
         let registering = matches!(request, LocalRequest::Register { .. } | LocalRequest::RegisterForked { .. });
         let response = handle(&agent, request, &caller).await;
         if let (true, LocalResponse::Registered { vpid, .. }) = (registering, &response) {
+            registered = true;
             // The agent's end of the process's link: how a move finds the link among its fds.
             if let Ok(ino) = crate::sys::inode(&stream) {
                 agent.tables.lock().link_inodes.insert(*vpid, ino);
             }
         }
-        stream.write_all(&frame::encode(&response, LOCAL_MAX_FRAME)?).await?;
+        write_answer(&mut stream, &response).await?;
     }
 }
 
@@ -185,7 +261,10 @@ async fn handle(agent: &Arc<Agent>, request: LocalRequest, caller: &Caller) -> L
                 };
             }
             register(agent, caller, dc, endpoint, None).unwrap_or_else(|message| {
-                tracing::warn!(pid, uid, "registration refused: {message}");
+                crate::ratelog::warn(
+                    &crate::ratelog::REGISTER_REFUSED,
+                    format_args!("registration of pid {pid} (uid {uid}) refused: {message}"),
+                );
                 LocalResponse::Error { message }
             })
         }
@@ -215,7 +294,10 @@ async fn handle(agent: &Arc<Agent>, request: LocalRequest, caller: &Caller) -> L
                 // A child that exits right after fork() is often gone before its registration
                 // is read: nothing to register then.
                 if std::path::Path::new(&format!("/proc/{pid}")).exists() {
-                    tracing::warn!(pid, uid, "registration of a forked child refused: {message}");
+                    crate::ratelog::warn(
+                        &crate::ratelog::REGISTER_REFUSED,
+                        format_args!("registration of forked child pid {pid} (uid {uid}) refused: {message}"),
+                    );
                 }
                 LocalResponse::Error { message }
             })

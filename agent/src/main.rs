@@ -3,10 +3,13 @@
 //! socket.
 
 mod endpoints;
+mod limits;
+mod listener;
 mod local;
 mod moving;
 mod peer;
 mod procinfo;
+mod ratelog;
 mod registry;
 mod relay;
 mod state;
@@ -22,9 +25,20 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
 use std::sync::Arc;
 
+/// What the agent lets callers make it hold (docs/ARCHITECTURE.md, "Security model").
+const LIMITS_HELP: &str = "\
+Limits (logged at start):
+  The soft fd limit is raised to the hard one (the systemd unit sets LimitNOFILE).
+  Local connections per uid: a quarter of the fd limit. Unauthenticated peer
+  connections at once: fd limit / 16, between 4 and 64, each at most 5 s.
+  A local connection that registered no process is closed after 10 s without a
+  request. Local requests are at most 64 KiB, read within a 16 MiB budget shared
+  by all local connections, 4 MiB of it at most per uid (root's requests come
+  from its own 4 MiB only).";
+
 /// The dvk node agent (runs in the foreground; logs to stderr).
 #[derive(Parser, Debug)]
-#[command(version, about)]
+#[command(version, about, after_help = LIMITS_HELP)]
 struct Args {
     /// Cluster configuration file.
     #[arg(long, env = "DVK_CONFIG", default_value = DEFAULT_CONFIG_PATH)]
@@ -70,6 +84,14 @@ fn run(args: Args) -> anyhow::Result<()> {
     endpoints::prepare_listener_dir(&me.runtime_dir)
         .with_context(|| format!("cannot prepare the listener dir in {}", me.runtime_dir.display()))?;
 
+    let limits = limits::init();
+    tracing::info!(
+        nofile = limits.nofile,
+        local_connections_per_uid = limits.local_per_uid,
+        handshakes_in_flight = limits.handshakes_max,
+        local_request_bytes = limits::LOCAL_REQUEST_BUDGET,
+        "limits"
+    );
     sys::install_interrupt_handler().context("cannot install the relay interrupt handler")?;
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async move {
@@ -117,5 +139,19 @@ fn warn_if_key_readable(path: &std::path::Path) {
         if meta.permissions().mode() & 0o077 != 0 {
             tracing::warn!(key = %path.display(), "cluster key file is readable by group/others; chmod 600 it");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_limits_in_help_are_the_limits_in_force() {
+        let help = super::LIMITS_HELP;
+        assert!(help.contains(&format!("{} MiB budget", crate::limits::LOCAL_REQUEST_BUDGET >> 20)));
+        assert!(help.contains(&format!("at most {} KiB", dvk_protocol::frame::LOCAL_MAX_REQUEST >> 10)));
+        assert!(
+            help.contains(&format!("{} MiB of it at most per uid", crate::limits::LOCAL_REQUEST_BUDGET_PER_UID >> 20))
+        );
+        assert!(help.contains(&format!("after {} s", crate::limits::IDLE_BEFORE_REGISTER.as_secs())));
     }
 }

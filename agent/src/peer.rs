@@ -143,26 +143,43 @@ async fn with_timeout<T>(f: impl std::future::Future<Output = Result<T, Handshak
 }
 
 pub async fn accept_loop(agent: Arc<Agent>, listener: TcpListener) {
+    let limits = crate::limits::get();
     loop {
         let (mut stream, addr) = match listener.accept().await {
             Ok(x) => x,
             Err(e) => {
-                tracing::warn!("peer accept failed: {e}");
+                crate::ratelog::warn(&crate::ratelog::ACCEPT, format_args!("peer accept failed: {e}"));
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             }
         };
+        // Anyone who reaches the port gets here before proving anything: at most so many such
+        // connections at once (each for at most HANDSHAKE_TIMEOUT), so keyless floods cannot
+        // take the fds the agent needs. A real peer refused now redials with backoff.
+        let Ok(permit) = limits.handshakes.clone().try_acquire_owned() else {
+            crate::ratelog::warn(
+                &crate::ratelog::PEER_CAP,
+                format_args!("{} peer handshakes already in flight; refusing {addr}", limits.handshakes_max),
+            );
+            continue;
+        };
         let agent = agent.clone();
         tokio::spawn(async move {
-            match with_timeout(accept_handshake(&agent, &mut stream)).await {
+            let shaken = with_timeout(accept_handshake(&agent, &mut stream)).await;
+            drop(permit);
+            match shaken {
                 Ok(peer) => {
                     tracing::info!(peer = %agent.node_name(peer), %addr, "peer link up (accepted, authenticated)");
                     run_link(agent, peer, stream).await;
                 }
-                Err(HandshakeError::BadProof) => {
-                    tracing::warn!(%addr, "refused peer: it does not hold the cluster key");
-                }
-                Err(e) => tracing::warn!(%addr, "refused peer connection: {e}"),
+                Err(HandshakeError::BadProof) => crate::ratelog::warn(
+                    &crate::ratelog::KEYLESS_PEER,
+                    format_args!("refused peer: it does not hold the cluster key ({addr})"),
+                ),
+                Err(e) => crate::ratelog::warn(
+                    &crate::ratelog::BAD_PEER,
+                    format_args!("refused peer connection from {addr}: {e}"),
+                ),
             }
         });
     }

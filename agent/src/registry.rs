@@ -77,7 +77,11 @@ pub fn save_now(agent: &Agent) {
                 .local_endpoints()
                 .map(|e| SavedEndpoint {
                     entry: e.clone(),
-                    listeners: t.listeners.get(&e.key()).cloned().unwrap_or_default(),
+                    listeners: t
+                        .listeners
+                        .get(&e.key())
+                        .map(|v| v.iter().map(|l| l.path.clone()).collect())
+                        .unwrap_or_default(),
                 })
                 .collect(),
         }
@@ -138,8 +142,26 @@ pub fn recover(agent: &Arc<Agent>) -> usize {
     let mut t = agent.tables.lock();
     for e in saved.endpoints.into_iter().filter(|e| recovered.contains(&e.entry.vpid)) {
         let key = e.entry.key();
+        // Opened anew with the checks of `Listen`: the owner may have renamed anything over
+        // the names while no agent was looking.
+        let Some((uid, pid)) = t.routing.get(e.entry.vpid).map(|r| (r.entry.uid, r.entry.real_pid)) else {
+            continue;
+        };
+        let files: Vec<_> = e
+            .listeners
+            .iter()
+            .filter_map(|p| {
+                crate::listener::ListenerFile::open(p, uid)
+                    .and_then(|f| f.check_served_by(pid).map(|_| f))
+                    .inspect_err(|err| tracing::warn!(endpoint = %key, "listener not recovered: {err}"))
+                    .ok()
+            })
+            .collect();
+        if files.is_empty() {
+            continue;
+        }
         if t.routing.upsert_endpoint(e.entry) {
-            t.listeners.insert(key, e.listeners);
+            t.listeners.insert(key, files);
         }
     }
     drop(t);

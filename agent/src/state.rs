@@ -52,8 +52,8 @@ pub struct Tables {
     /// Last frame seen from each node, kept after its link drops (for `nodes`).
     pub last_contact: HashMap<NodeId, Instant>,
     pending_signals: HashMap<u64, oneshot::Sender<i32>>,
-    /// AF_UNIX listener paths of the endpoints that listen on this node.
-    pub listeners: HashMap<EndpointKey, Vec<PathBuf>>,
+    /// AF_UNIX listeners of the endpoints that listen on this node (opened, never followed by path).
+    pub listeners: HashMap<EndpointKey, Vec<crate::listener::ListenerFile>>,
     /// vPIDs reserved by a parent for the child it is forking: vPID -> (parent pid, when).
     pub reservations: HashMap<Vpid, (i32, Instant)>,
     /// Start time (clock ticks since boot) of each local process: with the pid, its identity.

@@ -175,3 +175,135 @@ pub fn pidfd_exited(pidfd: &OwnedFd) -> bool {
     let rc = unsafe { libc::poll(&mut p, 1, 0) };
     rc != 0 && p.revents != 0
 }
+
+/// Changes the owner of the file an `O_PATH` fd refers to (fchownat with AT_EMPTY_PATH: the
+/// inode itself, not whatever its name refers to by now).
+pub fn fchown_path_fd(fd: &impl std::os::fd::AsRawFd, uid: u32) -> io::Result<()> {
+    // SAFETY: the path is a valid NUL-terminated empty string; the fd is open for the call.
+    let rc = unsafe { libc::fchownat(fd.as_raw_fd(), c"".as_ptr(), uid, u32::MAX, libc::AT_EMPTY_PATH) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Raises the soft fd limit to the hard limit (systemd's default soft limit, 1024, is far
+/// too few for an agent that holds two fds per stream); returns the limit now in force.
+pub fn raise_nofile() -> u64 {
+    let mut r = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit writes one rlimit into the valid struct we pass.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) } != 0 {
+        return 1024;
+    }
+    if r.rlim_cur < r.rlim_max {
+        let raised = libc::rlimit { rlim_cur: r.rlim_max, rlim_max: r.rlim_max };
+        // SAFETY: setrlimit reads one valid rlimit struct.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
+            r.rlim_cur = r.rlim_max;
+        }
+    }
+    r.rlim_cur
+}
+
+/// The socket inodes of the listening AF_UNIX sockets bound to the file `(dev, ino)` (as
+/// `stat` reports them), from the kernel's sock_diag interface (what `ss -xl` reads).
+/// Err when sock_diag is not available (kernel without CONFIG_UNIX_DIAG).
+pub fn unix_listeners_bound_to(dev: u64, ino: u64) -> io::Result<Vec<u32>> {
+    // linux/sock_diag.h, linux/unix_diag.h, linux/netlink.h
+    const SOCK_DIAG_BY_FAMILY: u16 = 20;
+    const NLM_F_REQUEST: u16 = 1;
+    const NLM_F_DUMP: u16 = 0x300;
+    const NLMSG_ERROR: u16 = 2;
+    const NLMSG_DONE: u16 = 3;
+    const TCP_LISTEN: u32 = 10;
+    const UDIAG_SHOW_VFS: u32 = 0x2;
+    const UNIX_DIAG_VFS: u16 = 1;
+    // The kernel reports the device as its internal dev_t (major << 20 | minor).
+    let major = ((dev >> 8) & 0xfff) | ((dev >> 32) & !0xfff);
+    let minor = (dev & 0xff) | ((dev >> 12) & !0xff);
+    let kdev = ((major << 20) | minor) as u32;
+
+    // SAFETY: socket takes integers and returns a new fd or -1.
+    let fd = unsafe { libc::socket(libc::AF_NETLINK, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, libc::NETLINK_SOCK_DIAG) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the kernel just returned this fd to us and nothing else owns it.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let mut req = Vec::with_capacity(40);
+    req.extend_from_slice(&40u32.to_ne_bytes()); // nlmsg_len
+    req.extend_from_slice(&SOCK_DIAG_BY_FAMILY.to_ne_bytes());
+    req.extend_from_slice(&(NLM_F_REQUEST | NLM_F_DUMP).to_ne_bytes());
+    req.extend_from_slice(&1u32.to_ne_bytes()); // seq
+    req.extend_from_slice(&0u32.to_ne_bytes()); // pid: the kernel
+    req.extend_from_slice(&[libc::AF_UNIX as u8, 0, 0, 0]); // family, protocol, pad
+    req.extend_from_slice(&(1u32 << TCP_LISTEN).to_ne_bytes()); // states
+    req.extend_from_slice(&0u32.to_ne_bytes()); // ino: all
+    req.extend_from_slice(&UDIAG_SHOW_VFS.to_ne_bytes());
+    req.extend_from_slice(&[0xff; 8]); // cookie: none
+                                       // SAFETY: req is a valid buffer of req.len() bytes for the duration of the call.
+    if unsafe { libc::send(std::os::fd::AsRawFd::as_raw_fd(&fd), req.as_ptr().cast(), req.len(), 0) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let mut found = Vec::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    let u16_at = |b: &[u8], o: usize| u16::from_ne_bytes([b[o], b[o + 1]]);
+    let u32_at = |b: &[u8], o: usize| u32::from_ne_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]]);
+    loop {
+        // SAFETY: buf is a valid writable buffer of buf.len() bytes for the duration of the call.
+        let n = unsafe { libc::recv(std::os::fd::AsRawFd::as_raw_fd(&fd), buf.as_mut_ptr().cast(), buf.len(), 0) };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let b = &buf[..n as usize];
+        if b.is_empty() {
+            return Ok(found);
+        }
+        let mut off = 0;
+        while off + 16 <= b.len() {
+            let len = u32_at(b, off) as usize;
+            let kind = u16_at(b, off + 4);
+            if len < 16 || off + len > b.len() {
+                return Err(io::Error::other("malformed sock_diag answer"));
+            }
+            match kind {
+                NLMSG_DONE => return Ok(found),
+                NLMSG_ERROR => {
+                    let errno = if len >= 20 { -(u32_at(b, off + 16) as i32) } else { libc::EIO };
+                    return Err(io::Error::from_raw_os_error(errno));
+                }
+                _ if len >= 32 => {
+                    let sock_ino = u32_at(b, off + 16 + 4);
+                    let mut a = off + 32; // after nlmsghdr (16) and unix_diag_msg (16)
+                    while a + 4 <= off + len {
+                        let alen = u16_at(b, a) as usize;
+                        let akind = u16_at(b, a + 2);
+                        if alen < 4 || a + alen > off + len {
+                            break;
+                        }
+                        if akind == UNIX_DIAG_VFS && alen >= 12 {
+                            let (vino, vdev) = (u32_at(b, a + 4), u32_at(b, a + 8));
+                            if vino == ino as u32 && vdev == kdev {
+                                found.push(sock_ino);
+                            }
+                        }
+                        a += (alen + 3) & !3;
+                    }
+                }
+                _ => {}
+            }
+            off += (len + 3) & !3;
+        }
+    }
+}
+
+/// Whether process `pid` holds one of the sockets `inodes` among its fds.
+pub fn holds_socket(pid: i32, inodes: &[u32]) -> bool {
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/fd")) else { return false };
+    dir.flatten().any(|e| {
+        std::fs::read_link(e.path()).ok().and_then(|t| {
+            let t = t.to_str()?.strip_prefix("socket:[")?.strip_suffix(']')?.parse::<u64>().ok()?;
+            Some(inodes.iter().any(|&i| i as u64 == t))
+        }) == Some(true)
+    })
+}

@@ -181,6 +181,10 @@ pub fn dump_with(pid: Pid, dir: &Path, after: AfterDump, opts: &DumpOptions) -> 
     let mut clk = Clock { last: start, phases: Vec::new() };
     preflight(pid, opts)?;
     image::create_dir(dir)?;
+    if opts.precopy.is_none() {
+        // A pre-copy store of an earlier dump here is not this image's.
+        let _ = std::fs::remove_file(dir.join(crate::precopy::PRECOPY));
+    }
     clk.lap("check");
 
     let frozen_at = Instant::now();
@@ -236,6 +240,9 @@ pub fn dump_precopy(
     let mut pc = started?;
     clk.lap("track");
     let store = dir.join(crate::precopy::PRECOPY);
+    // A store left by an earlier pre-copy dump into this directory (image files are created
+    // O_EXCL).
+    let _ = std::fs::remove_file(&store);
     let rounds = (|| {
         let out = image::file_out(&store)?;
         while pc.wants_another(policy) {

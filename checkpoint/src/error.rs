@@ -34,6 +34,9 @@ pub enum Error {
     // ---- the image
     #[error("{path}: {err}")]
     Io { path: PathBuf, err: io::Error },
+    /// An image directory or file that another user could have prepared: refused, never used.
+    #[error("{path}: {why}")]
+    Unsafe { path: PathBuf, why: String },
     #[error("{path}: not a dvk checkpoint image (bad magic)")]
     BadMagic { path: PathBuf },
     #[error("{path}: image version {found} is not supported (this build reads version {supported})")]

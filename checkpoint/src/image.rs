@@ -21,7 +21,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -65,14 +65,99 @@ pub struct Manifest {
     pub precopy_len: u64,
 }
 
+/// Largest manifest a reader accepts (a process with tens of thousands of mappings, fds and
+/// threads stays far below); a larger file is refused before it is read.
+pub const MAX_MANIFEST: u64 = 64 << 20;
+
+/// Makes `dir` ready for an image, or refuses it. The dumper may be root and the path may come
+/// from anyone: a directory another user owns (or could swap, through a parent of theirs) might
+/// hold planted symlinks or be replaced under us, so only a directory that is the caller's, in
+/// parents that are root's or the caller's, is used. It is made 0700 (through the fd: a symlink
+/// is never followed), and image files left in it by an earlier dump are removed (unlink does not
+/// follow symlinks either) so every file is then created new, with `O_EXCL|O_NOFOLLOW`.
 pub fn create_dir(dir: &Path) -> Result<()> {
     std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(io_at(dir))?;
+    let unsafe_dir = |why: String| Error::Unsafe { path: dir.to_path_buf(), why };
+    let me = sys::euid();
+    let d = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(dir)
+        .map_err(|e| match e.raw_os_error() {
+            Some(libc::ELOOP) | Some(libc::ENOTDIR) => unsafe_dir("is a symlink or not a directory; refused".into()),
+            _ => Error::Io { path: dir.to_path_buf(), err: e },
+        })?;
+    let m = d.metadata().map_err(io_at(dir))?;
+    if m.uid() != me {
+        return Err(unsafe_dir(format!("belongs to uid {}, not to the caller (uid {me}); refused", m.uid())));
+    }
+    let real = std::fs::canonicalize(dir).map_err(io_at(dir))?;
+    for parent in real.ancestors().skip(1) {
+        let pm = std::fs::symlink_metadata(parent).map_err(io_at(parent))?;
+        if pm.uid() != 0 && pm.uid() != me {
+            return Err(unsafe_dir(format!(
+                "its parent {} belongs to uid {}, who could swap the directory; refused",
+                parent.display(),
+                pm.uid()
+            )));
+        }
+    }
     use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(io_at(dir))
+    d.set_permissions(std::fs::Permissions::from_mode(0o700)).map_err(io_at(dir))?;
+    for e in std::fs::read_dir(dir).map_err(io_at(dir))?.flatten() {
+        let name = e.file_name();
+        let name = name.to_string_lossy();
+        if name == MANIFEST || name == PAGES || (name.starts_with("memfd-") && name.ends_with(".img")) {
+            std::fs::remove_file(e.path()).map_err(io_at(e.path()))?;
+        }
+    }
+    Ok(())
 }
 
-fn create_file(path: &Path) -> Result<File> {
-    OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(path).map_err(io_at(path))
+/// Creates an image file: new (`O_EXCL`), never through a symlink, 0600.
+pub(crate) fn create_file(path: &Path) -> Result<File> {
+    OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .mode(0o600)
+        .open(path)
+        .map_err(io_at(path))
+}
+
+/// Opens an image file for reading: not through a symlink, and only a regular file (a FIFO put
+/// in its place would block the reader forever; a device could be endless). Returns its size.
+pub(crate) fn open_image_file(path: &Path) -> Result<(File, u64)> {
+    // O_NONBLOCK: opening a FIFO for reading returns at once instead of waiting for a writer.
+    let f = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(path)
+        .map_err(|e| match e.raw_os_error() {
+            Some(libc::ELOOP) => Error::Unsafe { path: path.to_path_buf(), why: "is a symlink; refused".into() },
+            _ => Error::Io { path: path.to_path_buf(), err: e },
+        })?;
+    let m = f.metadata().map_err(io_at(path))?;
+    if !m.file_type().is_file() {
+        return Err(Error::Unsafe { path: path.to_path_buf(), why: "is not a regular file; refused".into() });
+    }
+    Ok((f, m.len()))
+}
+
+/// Reads a whole image file of at most `max` bytes (checked before reading).
+pub(crate) fn read_image_file(path: &Path, max: u64) -> Result<Vec<u8>> {
+    use std::io::Read;
+    let (f, len) = open_image_file(path)?;
+    if len > max {
+        return Err(Error::Unsafe { path: path.to_path_buf(), why: format!("{len} bytes, more than {max}; refused") });
+    }
+    let mut out = Vec::with_capacity(len as usize);
+    // take(): a file that grows while being read is still cut at the limit.
+    f.take(max + 1).read_to_end(&mut out).map_err(io_at(path))?;
+    if out.len() as u64 > max {
+        return Err(Error::Unsafe { path: path.to_path_buf(), why: format!("grew past {max} bytes; refused") });
+    }
+    Ok(out)
 }
 
 /// Encodes header + payload.
@@ -119,11 +204,19 @@ pub fn decode_manifest(b: &[u8], path: &Path) -> Result<Manifest> {
     if payload.len() < len {
         return Err(Error::Truncated { path: p(), what: format!("manifest: {} of {len} bytes", payload.len()) });
     }
-    let payload = &payload[..len];
+    if payload.len() > len {
+        return Err(Error::Decode { path: p(), msg: format!("{} bytes after the manifest", payload.len() - len) });
+    }
     if crc32fast::hash(payload) != u32_at(24) {
         return Err(Error::Checksum { path: p(), what: "manifest".into() });
     }
-    postcard::from_bytes(payload).map_err(|e| Error::Decode { path: p(), msg: e.to_string() })
+    match postcard::take_from_bytes(payload) {
+        Ok((m, [])) => Ok(m),
+        Ok((_, rest)) => {
+            Err(Error::Decode { path: p(), msg: format!("{} bytes after the manifest's last field", rest.len()) })
+        }
+        Err(e) => Err(Error::Decode { path: p(), msg: e.to_string() }),
+    }
 }
 
 pub fn write_manifest(dir: &Path, m: &Manifest) -> Result<u64> {
@@ -151,19 +244,15 @@ pub struct Image {
 pub fn read(dir: &Path) -> Result<Image> {
     // The manifest is the image: a directory without one is named by it.
     let mpath = dir.join(MANIFEST);
-    std::fs::metadata(&mpath).map_err(io_at(&mpath))?;
+    open_image_file(&mpath)?;
     let ppath = dir.join(PAGES);
-    let f = File::open(&ppath).map_err(io_at(&ppath))?;
-    let len = f.metadata().map_err(io_at(&ppath))?.len();
+    let (f, len) = open_image_file(&ppath)?;
     let pages = MappedFile::map(&f, len as usize).map_err(io_at(&ppath))?;
     let cpath = dir.join(crate::precopy::PRECOPY);
-    let precopy = match File::open(&cpath) {
-        Ok(f) => {
-            let len = f.metadata().map_err(io_at(&cpath))?.len();
-            MappedFile::map(&f, len as usize).map_err(io_at(&cpath))?
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => MappedFile::empty(),
-        Err(e) => return Err(io_at(&cpath)(e)),
+    let precopy = match open_image_file(&cpath) {
+        Ok((f, len)) => MappedFile::map(&f, len as usize).map_err(io_at(&cpath))?,
+        Err(Error::Io { err, .. }) if err.kind() == std::io::ErrorKind::NotFound => MappedFile::empty(),
+        Err(e) => return Err(e),
     };
     read_with_pages(dir, pages, precopy)
 }
@@ -174,7 +263,7 @@ pub fn read(dir: &Path) -> Result<Image> {
 /// only (it was filled while the process ran, so there is no checksum of it).
 pub fn read_with_pages(dir: &Path, pages: MappedFile, precopy: MappedFile) -> Result<Image> {
     let mpath = dir.join(MANIFEST);
-    let bytes = std::fs::read(&mpath).map_err(io_at(&mpath))?;
+    let bytes = read_image_file(&mpath, MAX_MANIFEST)?;
     let manifest = decode_manifest(&bytes, &mpath)?;
     let ppath = dir.join(PAGES);
     let len = pages.bytes().len() as u64;
@@ -561,5 +650,113 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let e = read(d.path()).err().unwrap();
         assert!(e.to_string().contains(MANIFEST), "{e}");
+    }
+
+    // ---- image directories another user could have prepared (issue 9 item 8)
+
+    #[test]
+    fn refuses_trailing_bytes_after_the_manifest() {
+        let (d, _) = write_sample();
+        patch(&d, MANIFEST, |b| b.extend_from_slice(b"extra"));
+        match read(&dir(&d)) {
+            Err(Error::Decode { msg, .. }) => assert!(msg.contains("5 bytes after the manifest"), "{msg}"),
+            other => panic!("{:?}", other.err()),
+        }
+    }
+
+    #[test]
+    fn refuses_an_oversized_manifest_without_reading_it() {
+        let (d, _) = write_sample();
+        let f = OpenOptions::new().write(true).open(dir(&d).join(MANIFEST)).unwrap();
+        f.set_len(MAX_MANIFEST + 1).unwrap(); // sparse: nothing is written
+        match read(&dir(&d)) {
+            Err(Error::Unsafe { why, .. }) => assert!(why.contains("more than"), "{why}"),
+            other => panic!("{:?}", other.err()),
+        }
+    }
+
+    /// A FIFO in place of an image file is refused at once; the reader used to wait forever
+    /// for a writer. Read on a thread so that a regression fails instead of hanging.
+    fn refused_not_waited_on(d: &tempfile::TempDir, file: &str) {
+        let p = dir(d).join(file);
+        std::fs::remove_file(&p).unwrap();
+        let c = std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: mkfifo reads a valid NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        let dir = dir(d);
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(read(&dir).map(|_| ()));
+        });
+        match rx.recv_timeout(std::time::Duration::from_secs(20)) {
+            Ok(Err(Error::Unsafe { why, .. })) => assert!(why.contains("not a regular file"), "{why}"),
+            Ok(other) => panic!("a FIFO as {file}: {:?}", other.err()),
+            Err(_) => panic!("reading an image with a FIFO as {file} blocked"),
+        }
+    }
+
+    #[test]
+    fn refuses_a_fifo_as_pages_or_manifest() {
+        let (d, _) = write_sample();
+        refused_not_waited_on(&d, PAGES);
+        let (d, _) = write_sample();
+        refused_not_waited_on(&d, MANIFEST);
+    }
+
+    #[test]
+    fn refuses_a_symlinked_image_file_on_read() {
+        let (d, _) = write_sample();
+        let p = dir(&d).join(PAGES);
+        let elsewhere = d.path().join("pages-elsewhere");
+        std::fs::rename(&p, &elsewhere).unwrap();
+        std::os::unix::fs::symlink(&elsewhere, &p).unwrap();
+        assert!(matches!(read(&dir(&d)), Err(Error::Unsafe { .. })));
+    }
+
+    #[test]
+    fn image_files_are_created_new_and_never_through_a_symlink() {
+        let d = tempfile::tempdir().unwrap();
+        let victim = d.path().join("victim");
+        std::fs::write(&victim, b"precious").unwrap();
+        let dir = d.path().join("img");
+        std::fs::create_dir(&dir).unwrap();
+        std::os::unix::fs::symlink(&victim, dir.join(PAGES)).unwrap();
+        assert!(create_file(&dir.join(PAGES)).is_err(), "created a file through a symlink");
+        // A new dump into the directory drops what an earlier one (or anyone) left there.
+        create_dir(&dir).unwrap();
+        PageSink::create(&dir).unwrap();
+        assert_eq!(std::fs::read(&victim).unwrap(), b"precious");
+        assert!(std::fs::symlink_metadata(dir.join(PAGES)).unwrap().file_type().is_file());
+    }
+
+    #[test]
+    fn refuses_a_symlink_as_the_image_directory() {
+        let d = tempfile::tempdir().unwrap();
+        let real = d.path().join("real");
+        std::fs::create_dir(&real).unwrap();
+        let link = d.path().join("link");
+        std::os::unix::fs::symlink(&real, &link).unwrap();
+        assert!(matches!(create_dir(&link), Err(Error::Unsafe { .. })));
+    }
+
+    #[test]
+    fn refuses_a_directory_of_another_user_or_under_one() {
+        if sys::euid() != 0 {
+            eprintln!("SKIP refuses_a_directory_of_another_user_or_under_one: needs root to chown");
+            return;
+        }
+        let d = tempfile::tempdir().unwrap();
+        let theirs = d.path().join("theirs");
+        std::fs::create_dir(&theirs).unwrap();
+        std::os::unix::fs::chown(&theirs, Some(65534), Some(65534)).unwrap();
+        match create_dir(&theirs) {
+            Err(Error::Unsafe { why, .. }) => assert!(why.contains("belongs to uid 65534"), "{why}"),
+            other => panic!("{:?}", other.err()),
+        }
+        // Ours, but inside theirs: they could rename it away and put anything in its place.
+        match create_dir(&theirs.join("ours")) {
+            Err(Error::Unsafe { why, .. }) => assert!(why.contains("parent"), "{why}"),
+            other => panic!("{:?}", other.err()),
+        }
     }
 }

@@ -15,9 +15,9 @@
 
 use std::collections::HashMap;
 use std::fs::File;
-use std::io::{Read, Write};
+use std::io::Write;
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
@@ -97,13 +97,7 @@ pub fn collect(pid: Pid, files: &FilesState, memory: &MemoryState, dir: &Path) -
             data.extend_from_slice(&buf[..n]);
         }
         let path = dir.join(file_name(ino));
-        let mut out_f = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&path)
-            .map_err(io_at(&path))?;
+        let mut out_f = crate::image::create_file(&path)?;
         out_f.write_all(&data).map_err(io_at(&path))?;
         out.push(MemfdState {
             ino,
@@ -124,8 +118,8 @@ pub fn read_all(dir: &Path, memfds: &[MemfdState]) -> Result<Vec<Vec<u8>>> {
     let mut out = Vec::new();
     for m in memfds {
         let path = dir.join(file_name(m.ino));
-        let mut d = Vec::new();
-        File::open(&path).and_then(|mut f| f.read_to_end(&mut d)).map_err(io_at(&path))?;
+        // Never more than the manifest says (a bigger file is refused, not read into memory).
+        let d = crate::image::read_image_file(&path, m.size)?;
         if d.len() as u64 != m.size {
             return Err(Error::Truncated { path, what: format!("memfd {}: {} of {} bytes", m.name, d.len(), m.size) });
         }

@@ -205,6 +205,12 @@ pub fn wait_nohang(pid: Pid) -> io::Result<Option<i32>> {
     Ok(if r == 0 { None } else { Some(st) })
 }
 
+/// The effective uid: who an image directory must belong to.
+pub fn euid() -> u32 {
+    // SAFETY: geteuid has no preconditions and touches no memory.
+    unsafe { libc::geteuid() }
+}
+
 pub fn kill(pid: Pid, sig: i32) -> io::Result<()> {
     // SAFETY: plain syscall with integer arguments.
     cvt(unsafe { libc::kill(pid, sig) } as libc::c_long).map(drop)

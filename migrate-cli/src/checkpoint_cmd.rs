@@ -26,7 +26,8 @@ pub struct DumpArgs {
     /// Process to dump: a real pid, or a vPID of a process on this node (asks the agent).
     #[arg(value_name = "PID|VPID")]
     pub pid: String,
-    /// Image directory (created 0700).
+    /// Image directory (created 0700). It must be yours (and so must its parents, or root's):
+    /// a directory another user could have prepared is refused.
     #[arg(long)]
     pub images: PathBuf,
     /// Leave the process stopped (SIGSTOP; SIGCONT resumes it) instead of killing it.

@@ -10,6 +10,10 @@ use std::io::{Read, Write};
 pub const HEADER_LEN: usize = 4;
 /// Largest frame on the local (shim/CLI) socket.
 pub const LOCAL_MAX_FRAME: usize = 1 << 20;
+/// Largest request the agent reads on the local socket. Requests carry a few names and a
+/// path; answers (process lists, logs) may be larger, up to [`LOCAL_MAX_FRAME`]. Reading
+/// requests into 64 KiB at most bounds what each local connection can make the agent hold.
+pub const LOCAL_MAX_REQUEST: usize = 64 << 10;
 /// Largest frame on a peer link.
 pub const PEER_MAX_FRAME: usize = 8 << 20;
 

@@ -228,21 +228,43 @@ impl Cluster {
     }
 
     pub fn start_agent(&mut self, i: usize) {
-        self.start_agent_env(i, &[]);
+        self.start_agent_env(i, &[], None);
+    }
+
+    /// Restarts node `i`'s agent with an fd limit (soft and hard) of `nofile`, as a small
+    /// systemd default would give it, and waits for the mesh to form again.
+    pub fn restart_agent_with_nofile(&mut self, i: usize, nofile: u64) {
+        self.stop_agent(i);
+        self.start_agent_env(i, &[], Some(nofile));
+        self.wait_mesh();
     }
 
     /// Restarts node `i`'s agent with extra environment (e.g. `DVK_TEST_FAULT`), and waits
     /// for the mesh to form again.
     pub fn restart_agent_with(&mut self, i: usize, env: &[(&str, &str)]) {
         self.stop_agent(i);
-        self.start_agent_env(i, env);
+        self.start_agent_env(i, env, None);
         self.wait_mesh();
     }
 
-    fn start_agent_env(&mut self, i: usize, env: &[(&str, &str)]) {
+    fn start_agent_env(&mut self, i: usize, env: &[(&str, &str)], nofile: Option<u64>) {
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.nodes[i].log).unwrap();
-        let child = self
-            .command(i, bin_dir().join("dvk-agent"))
+        let mut cmd = self.command(i, bin_dir().join("dvk-agent"));
+        if let Some(n) = nofile {
+            use std::os::unix::process::CommandExt;
+            // SAFETY: between fork and exec the closure only calls setrlimit (async-signal-safe)
+            // on a struct on its own stack; it allocates nothing and takes no lock.
+            unsafe {
+                cmd.pre_exec(move || {
+                    let r = libc::rlimit { rlim_cur: n, rlim_max: n };
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &r) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
+        let child = cmd
             .args(["--config"])
             .arg(&self.config)
             .args(["--node", &self.nodes[i].name, "--log-level", "debug"])

@@ -103,7 +103,7 @@ pub fn classify(agent: &Agent, vpid: Vpid, pid: i32) -> std::io::Result<Classifi
                 let paths = t
                     .listeners
                     .get(&e.key())
-                    .map(|v| v.iter().map(|p| p.as_os_str().as_encoded_bytes().to_vec()).collect())
+                    .map(|v| v.iter().map(|l| l.path.as_os_str().as_encoded_bytes().to_vec()).collect())
                     .unwrap_or_default();
                 (e, paths)
             })

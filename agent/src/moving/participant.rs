@@ -127,7 +127,7 @@ struct Restoring {
     /// Our ends of the process's new sockets, by stream id.
     stream_ends: Vec<(u64, UnixStream)>,
     /// New listeners, by port.
-    listeners: Vec<(EndpointEntry, PathBuf, UnixListener)>,
+    listeners: Vec<(EndpointEntry, crate::listener::ListenerFile, UnixListener)>,
     link_end: UnixStream,
     /// Kept open until the process runs (it has its own copies).
     _replacements: Vec<OwnedFd>,
@@ -345,8 +345,8 @@ async fn execute(d: &mut Driver, m: &Participant, action: PartAction) {
             agent.moves.precopy.lock().remove(&m.tag.mid);
             if let Some(r) = d.restore.take() {
                 let _ = r.holder.send(HoldCmd::Kill);
-                for (_, path, _) in &r.listeners {
-                    let _ = std::fs::remove_file(path);
+                for (_, l, _) in &r.listeners {
+                    l.remove();
                 }
             }
             let _ = std::fs::remove_dir_all(image_dir(&agent, m.tag.mid));
@@ -412,14 +412,16 @@ async fn prepare_restore(agent: &Arc<Agent>, dir: &Path) -> Result<Restoring, St
         let _ = std::fs::remove_file(&path);
         let sock = UnixListener::bind(&path).map_err(|e| format!("cannot listen at {}: {e}", path.display()))?;
         made.0.push(path.clone());
-        std::os::unix::fs::chown(&path, Some(uid), None).map_err(|e| format!("chown {}: {e}", path.display()))?;
+        // Opened before it is given away: once it is the user's she may rename things over it.
+        let mut file = crate::listener::ListenerFile::open(&path, 0).map_err(|e| e.to_string())?;
         let _ = std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600));
+        file.chown(uid).map_err(|e| format!("chown {}: {e}", path.display()))?;
         crate::sys::listen_backlog(&sock, 4096);
         for f in &l.fds {
             records.push(RelinkRecord { fd: f.fd, old_ino: f.old_ino, new_ino: ino(&sock) });
             external.push((f.fd, sock.as_raw_fd()));
         }
-        listeners.push((l.endpoint.clone(), path, sock));
+        listeners.push((l.endpoint.clone(), file, sock));
     }
     let mut stream_ends = Vec::new();
     for s in plan.streams.iter().filter(|s| !s.fds.is_empty()) {
@@ -553,11 +555,11 @@ async fn resume(agent: &Arc<Agent>, m: &Participant, r: Restoring) {
         t.routing.upsert(entry.clone());
         t.start_times.insert(vpid, start_time);
         t.link_inodes.insert(vpid, link_ino);
-        for (ep, path, _) in &r.listeners {
+        for (ep, file, _) in &r.listeners {
             let mut e = ep.clone();
             e.node = me;
             t.routing.upsert_endpoint(e.clone());
-            t.listeners.insert(e.key(), vec![path.clone()]);
+            t.listeners.insert(e.key(), vec![file.clone()]);
         }
     }
     agent.moves.epochs.lock().insert(vpid, m.tag.epoch + 1);
@@ -565,15 +567,15 @@ async fn resume(agent: &Arc<Agent>, m: &Participant, r: Restoring) {
 
     // Streams: our new ends, with the bytes owed first.
     let mut ends: std::collections::HashMap<u64, UnixStream> = r.stream_ends.into_iter().collect();
-    let listener_paths: std::collections::HashMap<u16, PathBuf> =
-        r.listeners.iter().map(|(e, p, _)| (e.port, p.clone())).collect();
+    let listener_files: std::collections::HashMap<u16, crate::listener::ListenerFile> =
+        r.listeners.iter().map(|(e, l, _)| (e.port, l.clone())).collect();
     for s in &plan.streams {
         let mut owed = Dir { pending: s.unread.clone(), ended: false };
         owed.append(s.to_program.clone());
         let end = if s.fds.is_empty() {
             // Queued in a listen backlog at the freeze: queue it into the new listener, in order.
-            let Some(path) = s.backlog_of.and_then(|p| listener_paths.get(&p)) else { continue };
-            match tokio::net::UnixStream::connect(path).await {
+            let Some(listener) = s.backlog_of.and_then(|p| listener_files.get(&p)) else { continue };
+            match listener.connect().await {
                 Ok(c) => End::Unix(c),
                 Err(e) => {
                     tracing::warn!(stream = s.id, "cannot requeue a backlog connection: {e}");

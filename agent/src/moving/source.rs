@@ -914,7 +914,7 @@ async fn send_image(d: &mut Driver) -> std::io::Result<u64> {
 /// out of its listen backlogs are queued into its listeners again.
 async fn reattach_here(d: &mut Driver) {
     drain_remote_queues(d);
-    let listeners: BTreeMap<u16, PathBuf> = {
+    let listeners: BTreeMap<u16, crate::listener::ListenerFile> = {
         let t = d.agent.tables.lock();
         d.endpoints
             .iter()
@@ -926,8 +926,8 @@ async fn reattach_here(d: &mut Driver) {
         let p = w.plan;
         let (end, to_program) = match (p.backlog_of, &w.moving_end) {
             (Some(port), _) => {
-                let Some(path) = listeners.get(&port) else { continue };
-                match tokio::net::UnixStream::connect(path).await {
+                let Some(listener) = listeners.get(&port) else { continue };
+                match listener.connect().await {
                     Ok(s) => {
                         let mut owed = Dir { pending: p.unread.clone(), ended: false };
                         owed.append(p.to_program.clone());
@@ -960,8 +960,8 @@ fn forget_here(d: &mut Driver) {
     {
         let mut t = agent.tables.lock();
         for e in &d.endpoints {
-            for path in t.listeners.remove(&e.key()).unwrap_or_default() {
-                let _ = std::fs::remove_file(path);
+            for l in t.listeners.remove(&e.key()).unwrap_or_default() {
+                l.remove();
             }
         }
         t.start_times.remove(&d.entry.vpid);
