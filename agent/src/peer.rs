@@ -378,6 +378,19 @@ fn handle(agent: &Arc<Agent>, peer: NodeId, msg: PeerMessage) -> bool {
         PeerMessage::MoveImage { mid, file, offset, bytes } => {
             crate::moving::participant::receive_image(agent, peer, mid, &file, offset, &bytes);
         }
+        PeerMessage::MoveImageLz4 { mid, file, offset, raw_len, bytes } => {
+            let raw_len = raw_len as usize;
+            let raw = (raw_len <= dvk_protocol::peer::MAX_IMAGE_CHUNK)
+                .then(|| lz4_flex::block::decompress(&bytes, raw_len).ok())
+                .flatten()
+                .filter(|raw| raw.len() == raw_len);
+            match raw {
+                Some(raw) => {
+                    crate::moving::participant::receive_image(agent, peer, mid, &file, offset, &raw);
+                }
+                None => crate::moving::participant::image_lost(agent, peer, mid, "a corrupt compressed image chunk"),
+            }
+        }
         PeerMessage::MoveImageSize { mid, file, len } => {
             crate::moving::participant::image_size(agent, peer, mid, &file, len);
         }

@@ -43,6 +43,9 @@ pub struct MoveBenchArgs {
     /// Measure every size twice: stop-and-copy, then `move --precopy`.
     #[arg(long)]
     pub precopy: bool,
+    /// Moves compress their page data (`move --compress`).
+    #[arg(long)]
+    pub compress: bool,
     /// Also draw the results as SVG charts into this directory (move-downtime.svg,
     /// move-total.svg, move-transfer.svg).
     #[arg(long, value_name = "DIR")]
@@ -148,6 +151,7 @@ fn move_once(
     vpid: i64,
     to: usize,
     precopy: bool,
+    compress: bool,
 ) -> anyhow::Result<(MoveReport, u64, u64)> {
     let dest = cluster.nodes[to].name.clone();
     let mut s = UnixStream::connect(cluster.nodes[ask].socket()).context("connect to the agent")?;
@@ -158,7 +162,7 @@ fn move_once(
         &LocalRequest::Move {
             target: vpid as i32,
             dest: dest.clone(),
-            options: MoveOptions { precopy: Some(precopy) },
+            options: MoveOptions { precopy: Some(precopy), compress },
         },
         LOCAL_MAX_FRAME,
     )?;
@@ -206,7 +210,14 @@ fn server_pid(cluster: &Cluster, vpid: i64) -> Option<i32> {
     String::from_utf8_lossy(&cmdline).contains("move_server").then_some(pid)
 }
 
-fn measure_moves(cluster: &Cluster, port: u16, mb: f64, moves: usize, precopy: bool) -> anyhow::Result<SizeResult> {
+fn measure_moves(
+    cluster: &Cluster,
+    port: u16,
+    mb: f64,
+    moves: usize,
+    precopy: bool,
+    compress: bool,
+) -> anyhow::Result<SizeResult> {
     let mb_arg = format!("{mb}");
     let log = std::fs::File::create(cluster.path(&format!("server-{port}.err")))?;
     let mut cmd = cluster.preloaded(0, c_program("move_server"));
@@ -233,7 +244,7 @@ fn measure_moves(cluster: &Cluster, port: u16, mb: f64, moves: usize, precopy: b
         let mut at = 0;
         for i in 0..moves {
             let to = 1 - at;
-            let (report, sent, freeze_at) = move_once(cluster, at, vpid, to, precopy)?;
+            let (report, sent, freeze_at) = move_once(cluster, at, vpid, to, precopy, compress)?;
             let done = now_us();
             at = to;
             pump(&mut client, &mut log, done + SETTLE_US, Duration::from_secs(20))
@@ -443,7 +454,7 @@ pub fn run(args: &MoveBenchArgs) -> anyhow::Result<()> {
             let how = if precopy { "pre-copy" } else { "stop-and-copy" };
             eprintln!("dvk-bench move: {mb} MB: {} moves, {how}", args.moves);
             let port = 7100 + (2 * i + j) as u16;
-            let mut r = match measure_moves(&cluster, port, mb, args.moves, precopy) {
+            let mut r = match measure_moves(&cluster, port, mb, args.moves, precopy, args.compress) {
                 Ok(r) => r,
                 Err(e) => {
                     keep_logs(&cluster);

@@ -25,6 +25,11 @@ pub struct MoveArgs {
     /// Never pre-copy: freeze first, then copy everything (see --precopy).
     #[arg(long, overrides_with = "precopy")]
     pub no_precopy: bool,
+    /// Compress page data on the link (LZ4). Pays on a slow link with compressible memory;
+    /// on a fast one (and on random data) it costs more CPU time than it saves: see
+    /// docs/PERFORMANCE.md. Off by default.
+    #[arg(long)]
+    pub compress: bool,
     /// Print the report as JSON (steps, image size, frozen time, total).
     #[arg(long)]
     pub json: bool,
@@ -64,6 +69,7 @@ pub fn run_move(target: &Target, args: &MoveArgs) -> anyhow::Result<()> {
                     (_, true) => Some(false),
                     _ => None,
                 },
+                compress: args.compress,
             },
         },
         LOCAL_MAX_FRAME,

@@ -56,6 +56,8 @@ pub struct MoveOptions {
     /// Copy memory in rounds while the process still runs, before it is frozen: `Some(true)`
     /// always, `Some(false)` never, `None` when its private memory is large enough to gain.
     pub precopy: Option<bool>,
+    /// Compress page data on the link (LZ4 blocks; a block that does not shrink goes as is).
+    pub compress: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -142,7 +142,21 @@ pub enum PeerMessage {
         file: String,
         len: u64,
     },
+    /// [`PeerMessage::MoveImage`] compressed (`move --compress`): an LZ4 block that
+    /// decompresses to exactly `raw_len` bytes (at most [`MAX_IMAGE_CHUNK`]).
+    MoveImageLz4 {
+        mid: u64,
+        file: String,
+        offset: u64,
+        raw_len: u32,
+        #[serde(with = "serde_bytes")]
+        bytes: Vec<u8>,
+    },
 }
+
+/// Largest image chunk a sender puts in one message (the receiver refuses a compressed
+/// block that claims more).
+pub const MAX_IMAGE_CHUNK: usize = 1 << 20;
 
 /// Bytes a stream direction may have in flight (sent, not yet written to the program).
 /// Bounds the agent memory per stream and lets one slow reader stall only its own stream.

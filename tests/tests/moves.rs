@@ -90,6 +90,32 @@ fn precopy_moves_a_server_that_keeps_writing_loopback() {
     eprintln!("{test}: {done}");
 }
 
+/// `move --compress`: page data goes as LZ4 blocks (those that shrink), with and without
+/// pre-copy; the client checks every byte.
+#[test]
+fn compressed_moves_keep_every_byte_loopback() {
+    let test = "compressed_moves_keep_every_byte_loopback";
+    if dvk_tests::moving::skip_without_root(test) || skip_unless(Mode::Loopback, test) {
+        return;
+    }
+    let cluster = Cluster::start(3, Mode::Loopback);
+    let (port, mb) = (7000, 8);
+    let (_server, vpid) = start_server(&cluster, 0, port, mb);
+    let mut client = start_client(&cluster, 2, port, mb, 1600, 1, 200);
+    client.lines.wait_for("progress", LOOP);
+    move_to_with(&cluster, 2, vpid, 1, &["--compress", "--no-precopy"]);
+    client.lines.wait_for("progress", LOOP);
+    let report = move_to_with(&cluster, 2, vpid, 0, &["--compress", "--precopy"]);
+    let pre = report["steps"]
+        .as_array()
+        .and_then(|s| s.iter().find(|s| s["name"] == "pre-copy"))
+        .map(|s| s["detail"].as_str().unwrap_or("").to_owned())
+        .expect("a pre-copy step");
+    assert!(pre.contains("on the link, compressed"), "pre-copy did not compress: {pre}");
+    let done = client_done(&cluster, &mut client);
+    eprintln!("{test}: {done}; {pre}");
+}
+
 /// `migrate-cli move` run as user `uid` through node `ask`'s agent socket.
 fn move_as(cluster: &Cluster, ask: usize, uid: u32, vpid: i64, to: usize) -> std::process::Output {
     std::process::Command::new("setpriv")

@@ -234,6 +234,17 @@ fn precopy_size(agent: &Agent, from: NodeId, mid: u64, len: u64) {
     }
 }
 
+/// Part of move `mid`'s page data could not be taken: everything received for it is dropped,
+/// so its restore fails (and the move rolls back) instead of running with a hole.
+pub fn image_lost(agent: &Agent, from: NodeId, mid: u64, what: &str) {
+    if (mid >> 48) as u16 != from.0 {
+        return;
+    }
+    tracing::warn!(peer = %agent.node_name(from), mid, "{what}: the move's page data is dropped");
+    agent.moves.incoming.lock().remove(&mid);
+    agent.moves.precopy.lock().remove(&mid);
+}
+
 /// `MoveImageSize`: the page data of move `mid` is received into memory (no file on the way).
 pub fn image_size(agent: &Agent, from: NodeId, mid: u64, file: &str, len: u64) {
     if file == dvk_checkpoint::precopy::PRECOPY {

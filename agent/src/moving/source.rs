@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
 
 /// Image bytes per MoveImage message.
-const IMAGE_CHUNK: usize = 1 << 20;
+const IMAGE_CHUNK: usize = dvk_protocol::peer::MAX_IMAGE_CHUNK;
 /// At most this many unread bytes are carried per socket.
 const MAX_UNREAD: usize = 64 << 20;
 
@@ -119,6 +119,8 @@ struct Driver {
     image_bytes: u64,
     /// Bytes sent by pre-copy rounds (part of the image size reported).
     precopy_bytes: u64,
+    /// Page data goes as LZ4 blocks (`move --compress`).
+    compress: bool,
     steps: Vec<MoveStep>,
     started: Instant,
     step_start: Instant,
@@ -241,6 +243,7 @@ async fn prepare(
         image_dir,
         image_bytes: 0,
         precopy_bytes: 0,
+        compress: req.options.compress,
         steps: Vec::new(),
         started,
         step_start: started,
@@ -657,8 +660,11 @@ struct LinkPages {
     file: &'static str,
     /// Page data handed over (progress).
     sent: std::sync::atomic::AtomicU64,
-    /// Bytes of it that went on the link (pages of zeros stay behind).
+    /// Bytes of it that went on the link (pages of zeros stay behind; compressed blocks count
+    /// their compressed size).
     on_wire: std::sync::atomic::AtomicU64,
+    /// `move --compress`.
+    compress: bool,
     total: std::sync::atomic::AtomicU64,
     last_report: parking_lot::Mutex<Instant>,
     reply: mpsc::UnboundedSender<LocalResponse>,
@@ -701,10 +707,43 @@ impl LinkPages {
             file,
             sent: Default::default(),
             on_wire: Default::default(),
+            compress: d.compress,
             total: Default::default(),
             last_report: parking_lot::Mutex::new(Instant::now()),
             reply: d.reply.clone(),
         }
+    }
+}
+
+impl LinkPages {
+    /// Sends `data` for offset `off`: as it is, or (`--compress`) as LZ4 blocks of at most
+    /// [`IMAGE_CHUNK`] bytes each, every block that does not shrink going as it is.
+    fn send(&self, data: &[u8], off: u64) -> std::io::Result<()> {
+        use std::sync::atomic::Ordering;
+        if !self.compress {
+            self.run(self.link.write_image(self.mid, self.file, off, data, IMAGE_CHUNK))?;
+            self.on_wire.fetch_add(data.len() as u64, Ordering::Relaxed);
+            return Ok(());
+        }
+        for (i, chunk) in data.chunks(IMAGE_CHUNK).enumerate() {
+            let at = off + (i * IMAGE_CHUNK) as u64;
+            let packed = lz4_flex::block::compress(chunk);
+            if packed.len() < chunk.len() {
+                self.on_wire.fetch_add(packed.len() as u64, Ordering::Relaxed);
+                let msg = PeerMessage::MoveImageLz4 {
+                    mid: self.mid,
+                    file: self.file.into(),
+                    offset: at,
+                    raw_len: chunk.len() as u32,
+                    bytes: packed,
+                };
+                self.run(self.link.write_now(msg))?;
+            } else {
+                self.run(self.link.write_image(self.mid, self.file, at, chunk, IMAGE_CHUNK))?;
+                self.on_wire.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+            }
+        }
+        Ok(())
     }
 }
 
@@ -722,13 +761,11 @@ impl dvk_checkpoint::image::PageOut for LinkPages {
             // Each offset of the page data is written once, into memory the destination
             // zeroed: pages of zeros need not travel.
             for (from, to) in nonzero_spans(buf) {
-                self.run(self.link.write_image(self.mid, self.file, off + from as u64, &buf[from..to], IMAGE_CHUNK))?;
-                self.on_wire.fetch_add((to - from) as u64, Ordering::Relaxed);
+                self.send(&buf[from..to], off + from as u64)?;
             }
         } else {
             // The pre-copy store is rewritten in place: every page goes.
-            self.run(self.link.write_image(self.mid, self.file, off, buf, IMAGE_CHUNK))?;
-            self.on_wire.fetch_add(buf.len() as u64, Ordering::Relaxed);
+            self.send(buf, off)?;
         }
         let sent = self.sent.fetch_add(buf.len() as u64, Ordering::Relaxed) + buf.len() as u64;
         let mut last = self.last_report.lock();
@@ -869,6 +906,9 @@ async fn precopy(d: &mut Driver, why: String) {
                 .map(|r| format!("{:.1} MB in {} ms", r.bytes as f64 / 1e6, r.took.as_millis()))
                 .collect();
             d.precopy_bytes = pc.copied();
+            let wire = out.on_wire.load(std::sync::atomic::Ordering::Relaxed);
+            let why =
+                if d.compress { format!("{why}; {:.1} MB on the link, compressed", wire as f64 / 1e6) } else { why };
             d.step(
                 "pre-copy",
                 format!("{} round(s) while the process ran ({why}): {}", pc.rounds.len(), rounds.join(", ")),
