@@ -2,6 +2,7 @@
 //! run and prints a table with the ratio. Results go to docs/PERFORMANCE.md.
 
 mod checkpoint_bench;
+mod compress_bench;
 mod getpid_bench;
 mod move_bench;
 mod net_bench;
@@ -51,6 +52,13 @@ enum Bench {
     /// A live move (`migrate-cli move`) as its client sees it, at 2.5, 64 and 256 MB, vs a local
     /// dump + restore of the same process (root).
     Move(move_bench::MoveBenchArgs),
+    /// LZ4 (what `move --compress` uses) on the page data of a random-data server and of a
+    /// python heap: ratio, MB/s, and the link speed below which compression pays (root).
+    Compress {
+        /// Megabytes of random data in the server.
+        #[arg(long, default_value_t = 256.0)]
+        mb: f64,
+    },
 }
 
 fn main() {
@@ -61,6 +69,7 @@ fn main() {
         Bench::Net { rounds, bulk_mb } => net_bench::run(rounds, bulk_mb),
         Bench::Checkpoint(args) => checkpoint_bench::run(&args),
         Bench::Move(args) => move_bench::run(&args),
+        Bench::Compress { mb } => compress_bench::run(mb),
     };
     if let Err(e) = result {
         eprintln!("dvk-bench: {e:#}");
