@@ -290,6 +290,25 @@ fn precopy_keeps_other_state() {
     }
 }
 
+/// A process with a userfaultfd of its own: pre-copy does not touch it, the dump is refused
+/// naming the userfaultfd, and the process runs on as it was.
+#[test]
+fn precopy_refuses_a_process_with_its_own_userfaultfd() {
+    if !root() {
+        return;
+    }
+    let p = Prog::start("own_userfaultfd");
+    let policy = ck::precopy::Policy::default();
+    let e = ck::dump_precopy(p.pid, &p.img(1), AfterDump::Kill, &Default::default(), &policy)
+        .expect_err("a pre-copy dump of a process using userfaultfd should be refused")
+        .to_string();
+    assert!(e.contains("userfaultfd"), "the refusal should name the userfaultfd: {e}");
+    assert!(!p.img(1).join("manifest.img").exists());
+    assert!(!p.img(1).join("precopy.img").exists());
+    p.go();
+    p.expect_pass();
+}
+
 #[test]
 fn blocked_sigsuspend() {
     if !root() {
