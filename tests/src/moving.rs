@@ -105,6 +105,12 @@ pub fn move_to_with(cluster: &Cluster, ask: usize, vpid: i64, to: usize, flags: 
     report
 }
 
+/// The detail line of step `name` in a `move --json` report.
+pub fn step_detail(report: &serde_json::Value, name: &str) -> Option<String> {
+    let steps = report["steps"].as_array()?;
+    steps.iter().find(|s| s["name"] == name).map(|s| s["detail"].as_str().unwrap_or("").to_owned())
+}
+
 /// Waits for the client to finish and checks it saw every byte right.
 pub fn agent_logs(cluster: &Cluster) -> String {
     (0..cluster.nodes.len())

@@ -9,7 +9,7 @@
 //!
 //! Scenarios run in loopback mode and, as root, in network mode (each node a network namespace).
 
-use dvk_tests::moving::{client_done, move_to, move_to_with, start_client, start_server, LOOP};
+use dvk_tests::moving::{client_done, move_to, move_to_with, start_client, start_server, step_detail, LOOP};
 use dvk_tests::{skip_unless, Cluster, Mode};
 use std::time::Duration;
 
@@ -77,13 +77,9 @@ fn precopy_moves_a_server_that_keeps_writing_loopback() {
     for to in [1, 0] {
         client.lines.wait_for("progress", LOOP);
         let report = move_to_with(&cluster, 2, vpid, to, &["--precopy"]);
-        let steps = report["steps"].as_array().expect("steps");
-        let detail = |name: &str| {
-            steps.iter().find(|s| s["name"] == name).map(|s| s["detail"].as_str().unwrap_or("").to_owned())
-        };
-        let pre = detail("pre-copy").expect("a pre-copy step");
+        let pre = step_detail(&report, "pre-copy").expect("a pre-copy step");
         assert!(pre.contains("round(s) while the process ran"), "pre-copy did not run: {pre}");
-        let dump = detail("dump").expect("a dump step");
+        let dump = step_detail(&report, "dump").expect("a dump step");
         assert!(dump.contains("left to the pre-copy"), "the dump did not use the pre-copy: {dump}");
     }
     let done = client_done(&cluster, &mut client);
@@ -106,11 +102,7 @@ fn compressed_moves_keep_every_byte_loopback() {
     move_to_with(&cluster, 2, vpid, 1, &["--compress", "--no-precopy"]);
     client.lines.wait_for("progress", LOOP);
     let report = move_to_with(&cluster, 2, vpid, 0, &["--compress", "--precopy"]);
-    let pre = report["steps"]
-        .as_array()
-        .and_then(|s| s.iter().find(|s| s["name"] == "pre-copy"))
-        .map(|s| s["detail"].as_str().unwrap_or("").to_owned())
-        .expect("a pre-copy step");
+    let pre = step_detail(&report, "pre-copy").expect("a pre-copy step");
     assert!(pre.contains("on the link, compressed"), "pre-copy did not compress: {pre}");
     let done = client_done(&cluster, &mut client);
     eprintln!("{test}: {done}; {pre}");
