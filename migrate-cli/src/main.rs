@@ -49,8 +49,8 @@ enum Command {
     /// signal.
     Dump(checkpoint_cmd::DumpArgs),
     /// Move a process under the shim to another node while its clients stay connected:
-    /// start → freeze → dump → transfer → restore → commit; on any failure it rolls back and
-    /// keeps running where it was. Exit 0 only when it runs on the destination.
+    /// [pre-copy →] start → freeze → dump → transfer → restore → commit; on any failure it rolls
+    /// back and keeps running where it was. Exit 0 only when it runs on the destination.
     Move(move_cmd::MoveArgs),
     /// Show the stdout/stderr log a moved process writes when they could not follow it.
     Logs(move_cmd::LogsArgs),
