@@ -10,7 +10,7 @@ use crate::freeze::Frozen;
 use crate::image::{self, Manifest, PageSink};
 use crate::precopy::Precopy;
 use crate::sys::{self, Pid};
-use crate::{cpu, files, memfd, memory, proc, signals, task, threads, vdso};
+use crate::{cpu, files, locks, memfd, memory, proc, signals, task, threads, vdso};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum AfterDump {
@@ -135,7 +135,7 @@ pub fn blockers(pid: Pid, opts: &DumpOptions) -> Result<Vec<Error>> {
             what: format!("a process with children ({}): process trees", named(&children)),
         });
     }
-    // POSIX timers are not carried yet: refuse rather than lose them (file locks: files.rs).
+    // POSIX timers are not carried yet: refuse rather than lose them.
     if let Ok(t) = std::fs::read_to_string(proc::proc_path(pid, "timers")) {
         let ids: Vec<&str> = t.lines().filter_map(|l| l.strip_prefix("ID: ")).collect();
         if !ids.is_empty() {
@@ -320,6 +320,7 @@ fn collect_all(f: &mut Frozen, dir: &Path, opts: &DumpOptions, clk: &mut Clock) 
     let vdso = vdso::collect(&maps);
     let (mut cpu, cpu_ident) = cpu::collect(pid, &f.regs)?;
     let files = files::collect(pid, &opts.external_fds)?;
+    let locks = locks::collect(pid, &files)?;
     clk.lap("collect");
 
     let mut sink = match &opts.pages_to {
@@ -358,6 +359,7 @@ fn collect_all(f: &mut Frozen, dir: &Path, opts: &DumpOptions, clk: &mut Clock) 
         cpu,
         memory,
         files,
+        locks,
         signals: sig,
         task,
         threads,

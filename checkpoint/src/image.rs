@@ -29,6 +29,7 @@ use serde::{Deserialize, Serialize};
 use crate::cpu::{CpuIdent, CpuState};
 use crate::error::{io_at, pt, Error, Result};
 use crate::files::FilesState;
+use crate::locks::FileLock;
 use crate::memfd::MemfdState;
 use crate::memory::{self, MemoryState, Run};
 use crate::signals::SignalState;
@@ -38,7 +39,7 @@ use crate::threads::ThreadState;
 use crate::vdso::VdsoLayout;
 
 pub const MAGIC: [u8; 8] = *b"DVKCKPT\0";
-pub const VERSION: u32 = 5;
+pub const VERSION: u32 = 6;
 pub const ARCH_X86_64: u32 = 62;
 pub const HEADER_LEN: usize = 32;
 pub const MANIFEST: &str = "manifest.img";
@@ -54,6 +55,8 @@ pub struct Manifest {
     pub cpu: CpuState,
     pub memory: MemoryState,
     pub files: FilesState,
+    /// File locks (POSIX, OFD, flock), taken again once the fds are in place.
+    pub locks: Vec<FileLock>,
     pub signals: SignalState,
     pub task: TaskState,
     /// Threads other than the main one.
@@ -433,6 +436,7 @@ mod tests {
                 ],
             },
             files: Default::default(),
+            locks: vec![],
             signals: Default::default(),
             task: Default::default(),
             threads: vec![],

@@ -4,7 +4,7 @@
 //! Phases, each usable on its own:
 //! - [`freeze::Frozen`]: `PTRACE_SEIZE` + `PTRACE_INTERRUPT`, thaw, kill;
 //! - [`dump::write_image`] (collect + write, process stays frozen): registers and xstate ([`cpu`]), memory ([`memory`], [`vdso`]), fds
-//!   ([`files`]), signals ([`signals`]), process attributes ([`task`]);
+//!   ([`files`]) and their locks ([`locks`]), signals ([`signals`]), process attributes ([`task`]);
 //! - [`image`]: write and read (checked) images;
 //! - [`rebuild`]: a new process from an image.
 //!
@@ -20,6 +20,7 @@ pub mod freeze;
 pub mod host;
 pub mod image;
 pub mod inject;
+pub mod locks;
 pub mod memfd;
 pub mod memory;
 pub mod precopy;

@@ -4,7 +4,7 @@
 //! (see `stub`), then, by syscalls injected into it: a gadget page and a scratch area in the
 //! reserved range; the stub's vDSO block parked there; every other stub mapping unmapped; every fd
 //! closed; umask/cwd/personality/name; the vDSO block moved onto the image's addresses; every VMA
-//! mapped and filled; `PR_SET_MM_MAP`; fds; signal handlers and altstack; set_tid_address,
+//! mapped and filled; `PR_SET_MM_MAP`; fds; file locks; signal handlers and altstack; set_tid_address,
 //! robust list, rseq; pending signals and itimers; rlimits (from outside); finally the whole
 //! reserved range is unmapped by a `munmap` caught at syscall exit, where the saved xstate,
 //! registers and signal mask are written, and the process is detached.
@@ -17,7 +17,7 @@ use crate::inject::{Remote, GADGET};
 use crate::memory::VmaKind;
 use crate::stub::{self, GADGET_PAGE, RESERVED_END, SCRATCH, SCRATCH_LEN, STUB_BASE, VDSO_TEMP};
 use crate::sys::{self, Pid};
-use crate::{cpu, files, memfd, memory, proc, signals, task, threads};
+use crate::{cpu, files, locks, memfd, memory, proc, signals, task, threads};
 
 #[derive(Clone, Debug, Default)]
 pub struct RestoreOptions {
@@ -154,6 +154,8 @@ fn restore_inner(img: &Image, opts: &RestoreOptions, hold: bool) -> Result<(Rest
 
     files::restore(&r, &m.files, &opts.external_fds, &memfds)?;
     memfd::close(&r, &memfds)?;
+    // Last of the files: closing any fd of a file would drop the POSIX locks on it.
+    locks::restore(&r, &m.locks)?;
     lap("files");
 
     signals::restore_actions(&r, &m.signals)?;

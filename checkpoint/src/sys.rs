@@ -374,6 +374,15 @@ pub fn kcmp_file(pid: Pid, fd1: i32, fd2: i32) -> io::Result<bool> {
     cvt(r).map(|v| v == 0)
 }
 
+/// Do fd `fd1` of `pid1` and fd `fd2` of `pid2` refer to one open file description?
+pub fn kcmp_file_of(pid1: Pid, fd1: i32, pid2: Pid, fd2: i32) -> io::Result<bool> {
+    // SAFETY: integer-only syscall.
+    let r = unsafe {
+        libc::syscall(libc::SYS_kcmp, pid1, pid2, 0 /* KCMP_FILE */, fd1, fd2)
+    };
+    cvt(r).map(|v| v == 0)
+}
+
 /// Is the file registered in epoll `epfd` of `pid` under fd number `tfd` (its `toff`-th
 /// registration under that number, counted in the order its fdinfo lists them) the file of `fd`?
 pub fn kcmp_epoll_tfd(pid: Pid, epfd: i32, tfd: i32, toff: u32, fd: i32) -> io::Result<bool> {

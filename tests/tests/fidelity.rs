@@ -672,9 +672,121 @@ fn deleted_file_refused() {
     refused("deleted_file", &["fd 3", "gone.txt", "deleted"]);
 }
 
+/// Runs tests/fidelity/lock_contender in `dir` (another process looking at a lock); its line.
+fn contender(dir: &Path, args: &[&str]) -> String {
+    let bin = dir.join("lock_contender");
+    if !bin.exists() {
+        compile("lock_contender", dir);
+    }
+    let out = Command::new(&bin).args(args).current_dir(dir).stdin(Stdio::null()).output().unwrap();
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// POSIX (a write and a read range), OFD (write and read ranges) and flock (LOCK_EX on a
+/// description with a dup, LOCK_SH) locks are held by the restored process, restored twice:
+/// another process sees each of them as before, with the new owner's pid; the program sees
+/// its OFD and flock locks conflict with its other descriptions and its POSIX locks as its own.
 #[test]
-fn file_lock_refused() {
-    refused("file_lock", &["fd 3", "locked", "file lock", "FLOCK"]);
+fn file_lock() {
+    if !root() {
+        return;
+    }
+    let mut p = Prog::start("file_lock");
+    p.move_once(1);
+    p.move_once(2);
+    let (d, pid) = (p.dir.path(), p.pid);
+    assert_eq!(contender(d, &["posix.lock", "posix", "w", "0", "0"]), format!("HELD w {pid} 0 10"));
+    assert_eq!(contender(d, &["posix.lock", "posix", "w", "10", "10"]), "FREE");
+    assert_eq!(contender(d, &["posix.lock", "posix", "w", "20", "5"]), format!("HELD r {pid} 20 0"));
+    assert_eq!(contender(d, &["posix.lock", "posix", "r", "20", "5"]), "FREE");
+    assert_eq!(contender(d, &["ofd.lock", "ofd", "r", "0", "0"]), "HELD w -1 5 10");
+    assert_eq!(contender(d, &["ofd.lock", "ofd", "w", "15", "0"]), "HELD r -1 100 10");
+    assert_eq!(contender(d, &["flock_ex.lock", "flock", "sh"]), "HELD");
+    assert_eq!(contender(d, &["flock_sh.lock", "flock", "sh"]), "FREE");
+    assert_eq!(contender(d, &["flock_sh.lock", "flock", "ex"]), "HELD");
+    p.go();
+    p.expect_pass();
+}
+
+/// A lock another process took between the dump and the restore fails the restore, naming the
+/// file, the lock and the holder; nothing runs without its lock (the pid stays free). Once the
+/// lock is free, the same image restores.
+#[test]
+fn file_lock_taken_meanwhile_fails_restore() {
+    use std::os::fd::AsRawFd;
+    if !root() {
+        return;
+    }
+    let mut p = Prog::start("file_lock");
+    ck::dump(p.pid, &p.img(1), AfterDump::Kill).unwrap();
+    wait_exit(p.pid, Duration::from_secs(5));
+    let me = std::process::id();
+    let open = |f: &str| fs::OpenOptions::new().read(true).write(true).open(p.path(f)).unwrap();
+    let gone = |pid: i32| {
+        // SAFETY: a signal-0 probe of a pid.
+        unsafe { libc::kill(pid, 0) != 0 }
+    };
+
+    // A POSIX write lock on byte 25, inside the program's read lock 20-EOF.
+    let posix = open("posix.lock");
+    let l =
+        libc::flock { l_type: libc::F_WRLCK as i16, l_whence: libc::SEEK_SET as i16, l_start: 25, l_len: 1, l_pid: 0 };
+    // SAFETY: fcntl(F_SETLK) on an fd we own with a valid struct flock.
+    assert_eq!(unsafe { libc::fcntl(posix.as_raw_fd(), libc::F_SETLK, &l) }, 0);
+    let e = ck::restore(&p.img(1), &RestoreOptions::default()).expect_err("restore should fail").to_string();
+    for w in ["fd 3", "posix.lock", "POSIX read lock on bytes 20-EOF", &format!("pid {me} ("), "not run"] {
+        assert!(e.contains(w), "error {e:?} should mention {w:?}");
+    }
+    assert!(gone(p.pid), "a process runs without its lock");
+    drop(posix); // closing releases our POSIX lock
+
+    // flock LOCK_SH on another description of the file the program holds LOCK_EX on.
+    let ex = open("flock_ex.lock");
+    // SAFETY: flock on an fd we own.
+    assert_eq!(unsafe { libc::flock(ex.as_raw_fd(), libc::LOCK_SH) }, 0);
+    let e = ck::restore(&p.img(1), &RestoreOptions::default()).expect_err("restore should fail").to_string();
+    for w in ["fd 5", "flock_ex.lock", "flock LOCK_EX lock", &format!("pid {me} (")] {
+        assert!(e.contains(w), "error {e:?} should mention {w:?}");
+    }
+    assert!(gone(p.pid), "a process runs without its lock");
+    drop(ex);
+
+    let r = ck::restore(&p.img(1), &RestoreOptions::default()).unwrap();
+    assert!(r.same_pid);
+    p.pid = r.pid;
+    assert_eq!(contender(p.dir.path(), &["flock_ex.lock", "flock", "sh"]), "HELD");
+    p.go();
+    p.expect_pass();
+}
+
+/// A flock lock on an open file description another process shares (here this one, through
+/// pidfd_getfd) belongs to the description, which cannot follow: refused by fd and file,
+/// naming the sharer; the program runs on with its locks.
+#[test]
+fn file_lock_shared_description_refused() {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    if !root() {
+        return;
+    }
+    let p = Prog::start("file_lock");
+    // SAFETY: integer-only syscalls; the fd returned is ours and owned by the OwnedFd.
+    let copy = unsafe {
+        let pidfd = libc::syscall(libc::SYS_pidfd_open, p.pid, 0) as i32;
+        assert!(pidfd >= 0);
+        let fd = libc::syscall(libc::SYS_pidfd_getfd, pidfd, 5, 0) as i32;
+        libc::close(pidfd);
+        assert!(fd >= 0);
+        OwnedFd::from_raw_fd(fd)
+    };
+    let me = std::process::id();
+    let e = ck::dump(p.pid, &p.img(1), AfterDump::Kill).expect_err("dump should be refused").to_string();
+    for w in ["fd 5", "flock_ex.lock", "file lock", "FLOCK", &format!("pid {me} ("), "description"] {
+        assert!(e.contains(w), "error {e:?} should mention {w:?}");
+    }
+    assert!(!p.img(1).join("manifest.img").exists());
+    drop(copy);
+    p.go();
+    p.expect_pass();
 }
 
 #[test]
