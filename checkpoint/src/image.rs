@@ -34,6 +34,7 @@ use crate::memfd::MemfdState;
 use crate::memory::{self, MemoryState, Run};
 use crate::signals::SignalState;
 use crate::sys::{self, MappedFile, Pid};
+use crate::sysv::ShmSegment;
 use crate::task::TaskState;
 use crate::threads::ThreadState;
 use crate::vdso::VdsoLayout;
@@ -61,6 +62,8 @@ pub struct Manifest {
     pub task: TaskState,
     /// Threads other than the main one.
     pub threads: Vec<ThreadState>,
+    /// SysV shared memory segments attached (their pages are in the attachments' runs).
+    pub shm: Vec<ShmSegment>,
     /// memfds, their content in memfd-<inode>.img.
     pub memfds: Vec<MemfdState>,
     pub pages_len: u64,
@@ -437,6 +440,7 @@ mod tests {
             },
             files: Default::default(),
             locks: vec![],
+            shm: vec![],
             signals: Default::default(),
             task: Default::default(),
             threads: vec![],

@@ -3,7 +3,8 @@
 //!
 //! Phases, each usable on its own:
 //! - [`freeze::Frozen`]: `PTRACE_SEIZE` + `PTRACE_INTERRUPT`, thaw, kill;
-//! - [`dump::write_image`] (collect + write, process stays frozen): registers and xstate ([`cpu`]), memory ([`memory`], [`vdso`]), fds
+//! - [`dump::write_image`] (collect + write, process stays frozen): registers and xstate ([`cpu`]), memory ([`memory`], [`vdso`],
+//!   SysV segments [`sysv`]), fds
 //!   ([`files`]) and their locks ([`locks`]), signals ([`signals`]), process attributes ([`task`]);
 //! - [`image`]: write and read (checked) images;
 //! - [`rebuild`]: a new process from an image.
@@ -29,6 +30,7 @@ pub mod rebuild;
 pub mod signals;
 pub mod stub;
 pub mod sys;
+pub mod sysv;
 pub mod task;
 pub mod threads;
 pub mod vdso;

@@ -256,6 +256,7 @@ fidelity! {
     epoll_dup,
     proc_self_files,
     mlockall_future,
+    posix_shm,
 }
 
 /// Pre-copy of a program that keeps writing its pages (and mapping, moving, unmapping and
@@ -281,7 +282,9 @@ fn precopy_keeps_other_state() {
     if !root() {
         return;
     }
-    for name in ["anon_memory", "threads", "sparse_reservation", "shared_anon", "sig_mask_pending", "vma_flags"] {
+    for name in
+        ["anon_memory", "threads", "sparse_reservation", "shared_anon", "sig_mask_pending", "vma_flags", "sysv_shm"]
+    {
         let mut p = Prog::start(name);
         let rep = p.move_once_precopy(1);
         assert!(rep.precopied_bytes > 0 || name == "sparse_reservation", "{name}: nothing left to the store");
@@ -787,6 +790,135 @@ fn file_lock_shared_description_refused() {
     drop(copy);
     p.go();
     p.expect_pass();
+}
+
+/// The "shm <keyed id> <key> <removed id>" line sysv_shm prints before READY.
+fn shm_ids(p: &Prog) -> (i32, i32, i32) {
+    let out = read(&p.out());
+    let l = out.lines().find_map(|l| l.strip_prefix("shm ")).expect("shm line");
+    let v: Vec<i32> = l.split_whitespace().map(|x| x.parse().unwrap()).collect();
+    (v[0], v[1], v[2])
+}
+
+/// Removes a SysV segment when a test ends, however it ends.
+struct RmShm(i32);
+impl Drop for RmShm {
+    fn drop(&mut self) {
+        // SAFETY: IPC_RMID takes no buffer; removing a segment a test made (or took) by id.
+        unsafe { libc::shmctl(self.0, libc::IPC_RMID, std::ptr::null_mut()) };
+    }
+}
+
+fn shm_exists(id: i32) -> bool {
+    read(Path::new("/proc/sysvipc/shm")).lines().skip(1).any(|l| l.split_whitespace().nth(1) == Some(&id.to_string()))
+}
+
+/// SysV shared memory, restored twice on the same machine: the keyed segment outlives the
+/// process and is attached again as it is (twice, one attachment split by mprotect, one
+/// SHM_RDONLY); the IPC_RMID-ed one, gone with the process, is created again under its id with
+/// its contents and removed again once attached.
+#[test]
+fn sysv_shm() {
+    if !root() {
+        return;
+    }
+    let mut p = Prog::start("sysv_shm");
+    let (id, _, rid) = shm_ids(&p);
+    let _rm = RmShm(id);
+    p.move_once(1);
+    p.move_once(2);
+    assert!(shm_exists(rid), "the removed segment is not attached");
+    p.go();
+    p.expect_pass();
+    assert!(!shm_exists(rid), "the removed segment outlived its last attachment");
+}
+
+/// The keyed segment is gone when the image is restored (as on another machine): it is created
+/// again under the same id and key, with its contents, mode and owner.
+#[test]
+fn sysv_shm_recreated() {
+    if !root() {
+        return;
+    }
+    let mut p = Prog::start("sysv_shm");
+    let (id, key, _) = shm_ids(&p);
+    let _rm = RmShm(id);
+    ck::dump(p.pid, &p.img(1), AfterDump::Kill).unwrap();
+    wait_exit(p.pid, Duration::from_secs(5));
+    drop(RmShm(id));
+    assert!(!shm_exists(id));
+    let r = ck::restore(&p.img(1), &RestoreOptions::default()).unwrap();
+    p.pid = r.pid;
+    let line = read(Path::new("/proc/sysvipc/shm"))
+        .lines()
+        .find(|l| l.split_whitespace().nth(1) == Some(&id.to_string()))
+        .map(|l| l.split_whitespace().map(String::from).collect::<Vec<_>>())
+        .expect("segment created again");
+    assert_eq!(line[0], key.to_string());
+    p.go();
+    p.expect_pass();
+}
+
+/// A segment whose id is taken on the restoring machine by another segment cannot be restored
+/// (the program holds the id): the restore fails naming it, removes what it created, and no
+/// process runs; with the id free again, the image restores.
+#[test]
+fn sysv_shm_id_taken_refused() {
+    if !root() {
+        return;
+    }
+    let mut p = Prog::start("sysv_shm");
+    let (id, _, rid) = shm_ids(&p);
+    let _rm = RmShm(id);
+    ck::dump(p.pid, &p.img(1), AfterDump::Kill).unwrap();
+    wait_exit(p.pid, Duration::from_secs(5));
+    drop(RmShm(id));
+    let squatter = ck::sysv::create_at(id, 0, 4096, 0o600).unwrap();
+    let sq = RmShm(squatter);
+    assert_eq!(squatter, id, "could not take the segment's id");
+    let e = ck::restore(&p.img(1), &RestoreOptions::default()).expect_err("restore should fail").to_string();
+    for w in [format!("SysV shared memory segment {id}"), "taken".into(), "4096 bytes".into()] {
+        assert!(e.contains(&w), "error {e:?} should mention {w:?}");
+    }
+    // SAFETY: a signal-0 probe of a pid.
+    assert!(unsafe { libc::kill(p.pid, 0) } != 0, "a process runs without its segment");
+    assert!(!shm_exists(rid), "the failed restore left segment {rid} behind");
+    drop(sq);
+    let r = ck::restore(&p.img(1), &RestoreOptions::default()).unwrap();
+    p.pid = r.pid;
+    p.go();
+    p.expect_pass();
+}
+
+/// SysV semaphores and message queues are refused by name, every one at once; the process runs
+/// on with them.
+#[test]
+fn sysv_sem_msg_refused() {
+    if !root() {
+        return;
+    }
+    let p = Prog::start("sysv_sem_msg");
+    let out = read(&p.out());
+    let ids: Vec<&str> = out.lines().find_map(|l| l.strip_prefix("sem ")).unwrap().split(" msg ").collect();
+    let errs: Vec<String> = ck::blockers(p.pid, &Default::default()).unwrap().iter().map(|e| e.to_string()).collect();
+    let sem = format!("SysV semaphore set {} (key 0x00000000), on which it did the last semop", ids[0]);
+    let msg = format!("SysV message queue {} (key 0x00000000), which it last sent to", ids[1]);
+    assert!(errs.iter().any(|e| e.contains(&sem)), "{errs:#?}");
+    assert!(errs.iter().any(|e| e.contains(&msg)), "{errs:#?}");
+    let e = ck::dump(p.pid, &p.img(1), AfterDump::Kill).expect_err("dump should be refused").to_string();
+    assert!(e.contains("SysV"), "{e}");
+    p.go();
+    p.expect_pass();
+}
+
+#[test]
+fn sysv_shm_partial_refused() {
+    refused("sysv_shm_partial", &["SysV shared memory segment", "attached only in part"]);
+}
+
+#[test]
+fn file_lease_refused() {
+    refused("file_lease", &["fd 3", "leased", "LEASE", "F_SETLEASE"]);
 }
 
 #[test]
