@@ -76,7 +76,11 @@ pub fn is_shm(path: &str) -> bool {
 
 /// Every segment in this IPC namespace, by id (from /proc/sysvipc/shm).
 fn segments() -> HashMap<i32, ShmSegment> {
-    let text = std::fs::read_to_string("/proc/sysvipc/shm").unwrap_or_default();
+    parse_shm(&std::fs::read_to_string("/proc/sysvipc/shm").unwrap_or_default())
+}
+
+/// The text of /proc/sysvipc/shm, by id.
+fn parse_shm(text: &str) -> HashMap<i32, ShmSegment> {
     let mut out = HashMap::new();
     for l in text.lines().skip(1) {
         // key shmid perms size cpid lpid nattch uid gid cuid cgid …
@@ -328,6 +332,18 @@ fn fill(s: &ShmSegment, mem: &MemoryState, pages: &[u8], precopy: &[u8]) -> Resu
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn parses_sysvipc_shm() {
+        let text = "       key      shmid perms                  size  cpid  lpid nattch   uid   gid  cuid  cgid      atime      dtime      ctime                   rss                  swap\n\
+                    1146507595          2   640                 12288 12707 12707      4 65534 65534     0     0 1796184713          0 1796184713                  4096                     0\n\
+                    0          3  1600                  5000 12707 12707      1     0     0     0     0 1796184713          0 1796184713                  4096                     0\n";
+        let m = parse_shm(text);
+        assert_eq!(m[&2], ShmSegment { id: 2, key: 1146507595, size: 12288, mode: 0o640, uid: 65534, gid: 65534 });
+        assert!(!m[&2].removed());
+        assert_eq!(m[&3].mode, 0o1600);
+        assert!(m[&3].removed() && m[&3].key == 0);
+    }
 
     #[test]
     fn removed_and_named() {
