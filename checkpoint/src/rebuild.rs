@@ -59,6 +59,7 @@ pub fn check(img: &Image, opts: &RestoreOptions) -> Result<()> {
         }
     }
     files::prepare(&m.files, &opts.external_fds)?;
+    crate::sysv::check(&m.shm)?;
     std::fs::metadata(&m.task.exe)
         .map_err(|e| Error::FileChanged { path: m.task.exe.clone(), detail: format!("executable missing: {e}") })?;
     Ok(())

@@ -252,28 +252,8 @@ pub fn prepare(segs: &[ShmSegment], mem: &MemoryState, pages: &[u8], precopy: &[
         if s.removed() {
             out.removed.push(s.id);
         }
-        match here.get(&s.id) {
-            Some(h) if h.key == s.key && h.size == s.size && !s.removed() => continue,
-            Some(h) => {
-                return Err(Error::Restore(format!(
-                    "{}: its id is taken here by another segment (key {:#010x}, {} bytes); the program holds the \
-                     id, which cannot be changed",
-                    s.name(),
-                    h.key as u32,
-                    h.size
-                )))
-            }
-            None => {}
-        }
-        if s.key != 0 {
-            if let Some(h) = here.values().find(|h| h.key == s.key) {
-                return Err(Error::Restore(format!(
-                    "{}: its key is taken here by segment {} ({} bytes)",
-                    s.name(),
-                    h.id,
-                    h.size
-                )));
-            }
+        if !to_create(s, &here)? {
+            continue;
         }
         let got = create_at(s.id, s.key, s.size, s.mode).map_err(|e| Error::Restore(format!("{}: {e}", s.name())))?;
         out.created.push(got);
@@ -292,6 +272,44 @@ pub fn prepare(segs: &[ShmSegment], mem: &MemoryState, pages: &[u8], precopy: &[
         fill(s, mem, pages, precopy)?;
     }
     Ok(out)
+}
+
+/// Refuses, before anything is created, the segments whose id or key another segment holds here.
+pub fn check(segs: &[ShmSegment]) -> Result<()> {
+    if segs.is_empty() {
+        return Ok(());
+    }
+    let here = segments();
+    segs.iter().try_for_each(|s| to_create(s, &here).map(drop))
+}
+
+/// Whether `s` must be created (`false`: it is alive here and attached as it is), or why it
+/// cannot be restored.
+fn to_create(s: &ShmSegment, here: &HashMap<i32, ShmSegment>) -> Result<bool> {
+    match here.get(&s.id) {
+        Some(h) if h.key == s.key && h.size == s.size && !s.removed() => return Ok(false),
+        Some(h) => {
+            return Err(Error::Restore(format!(
+                "{}: its id is taken here by another segment (key {:#010x}, {} bytes); the program holds the id, \
+                 which cannot be changed",
+                s.name(),
+                h.key as u32,
+                h.size
+            )))
+        }
+        None => {}
+    }
+    if s.key != 0 {
+        if let Some(h) = here.values().find(|h| h.key == s.key) {
+            return Err(Error::Restore(format!(
+                "{}: its key is taken here by segment {} ({} bytes)",
+                s.name(),
+                h.id,
+                h.size
+            )));
+        }
+    }
+    Ok(true)
 }
 
 /// Creates a segment (`shmget(key, size, IPC_CREAT | IPC_EXCL | mode)`) asking for id `id`

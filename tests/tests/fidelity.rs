@@ -860,8 +860,8 @@ fn sysv_shm_recreated() {
 }
 
 /// A segment whose id is taken on the restoring machine by another segment cannot be restored
-/// (the program holds the id): the restore fails naming it, removes what it created, and no
-/// process runs; with the id free again, the image restores.
+/// (the program holds the id): the restore fails naming both, before it creates anything (no
+/// segment, no process); with the id free again, the image restores.
 #[test]
 fn sysv_shm_id_taken_refused() {
     if !root() {
