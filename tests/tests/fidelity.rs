@@ -762,6 +762,53 @@ fn file_lock_taken_meanwhile_fails_restore() {
     p.expect_pass();
 }
 
+/// Frozen while waiting for a flock and a POSIX lock (F_SETLKW, on another thread) that another
+/// process holds: the waits go on after the restore, and when that process lets go the restored
+/// one gets both locks (another process then sees them held by it).
+#[test]
+fn blocked_lock() {
+    use std::os::fd::AsRawFd;
+    if !root() {
+        return;
+    }
+    let dir = tempfile::Builder::new().prefix("dvk-fid-blocked_lock-").tempdir().unwrap();
+    let open = |f: &str| {
+        fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).open(dir.path().join(f)).unwrap()
+    };
+    let (posix, fl) = (open("posix.lock"), open("flock.lock"));
+    let l =
+        libc::flock { l_type: libc::F_WRLCK as i16, l_whence: libc::SEEK_SET as i16, l_start: 0, l_len: 0, l_pid: 0 };
+    // SAFETY: fcntl(F_SETLK) and flock on fds we own, with a valid struct flock.
+    unsafe {
+        assert_eq!(libc::fcntl(posix.as_raw_fd(), libc::F_SETLK, &l), 0);
+        assert_eq!(libc::flock(fl.as_raw_fd(), libc::LOCK_EX), 0);
+    }
+    let mut p = Prog::start_in("blocked_lock", dir, None);
+    let t = Instant::now();
+    while !read(&p.out()).contains("waiting") {
+        assert!(t.elapsed() < Duration::from_secs(10), "no waiting line");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    std::thread::sleep(Duration::from_millis(100)); // into the waits
+    p.move_once(1);
+    drop(posix); // closing our fd releases our POSIX lock
+    drop(fl);
+    let pid = p.pid;
+    let t = Instant::now();
+    while contender(p.dir.path(), &["posix.lock", "posix", "r", "0", "1"]) != format!("HELD w {pid} 0 10") {
+        assert!(t.elapsed() < Duration::from_secs(10), "the restored process did not get the POSIX lock");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // The flock: taken by the restored process once ours was dropped (a description of its own).
+    let t = Instant::now();
+    while contender(p.dir.path(), &["flock.lock", "flock", "sh"]) != "HELD" {
+        assert!(t.elapsed() < Duration::from_secs(10), "the restored process did not get the flock");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    p.go();
+    p.expect_pass();
+}
+
 /// A flock lock on an open file description another process shares (here this one, through
 /// pidfd_getfd) belongs to the description, which cannot follow: refused by fd and file,
 /// naming the sharer; the program runs on with its locks.
