@@ -10,7 +10,7 @@ use crate::freeze::Frozen;
 use crate::image::{self, Manifest, PageSink};
 use crate::precopy::Precopy;
 use crate::sys::{self, Pid};
-use crate::{cpu, files, memfd, memory, proc, signals, task, threads, vdso};
+use crate::{cpu, files, locks, memfd, memory, proc, signals, sysv, task, threads, vdso};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum AfterDump {
@@ -87,7 +87,7 @@ pub fn preflight(pid: Pid, opts: &DumpOptions) -> Result<()> {
 /// Every reason `pid` cannot be dumped, each printable as one line, without touching the
 /// process (from /proc, sock_diag and `pidfd_getfd` copies): mappings, fds (with the
 /// processes at the other end of pipes and sockets named), working directory, executable,
-/// seccomp, a tracer, children, POSIX timers. The fds in `opts.external_fds` are not judged.
+/// seccomp, a tracer, children, POSIX timers, SysV semaphores and message queues. The fds in `opts.external_fds` are not judged.
 /// `Err` only when the process cannot be read at all.
 pub fn blockers(pid: Pid, opts: &DumpOptions) -> Result<Vec<Error>> {
     // A thread-group leader that exited (pthread_exit in main) while other threads run on: its
@@ -109,6 +109,7 @@ pub fn blockers(pid: Pid, opts: &DumpOptions) -> Result<Vec<Error>> {
         crate::precopy::drop_own_marks(&maps, &mut flags);
     }
     let mut v = memory::blockers(&maps, &flags);
+    v.extend(sysv::blockers(pid, &maps));
     v.extend(files::blockers(pid, &opts.external_fds)?);
     v.extend(task::blockers(pid)?);
     // Another tracer (a debugger, strace): the freeze (PTRACE_SEIZE) would fail.
@@ -135,7 +136,7 @@ pub fn blockers(pid: Pid, opts: &DumpOptions) -> Result<Vec<Error>> {
             what: format!("a process with children ({}): process trees", named(&children)),
         });
     }
-    // POSIX timers are not carried yet: refuse rather than lose them (file locks: files.rs).
+    // POSIX timers are not carried yet: refuse rather than lose them.
     if let Ok(t) = std::fs::read_to_string(proc::proc_path(pid, "timers")) {
         let ids: Vec<&str> = t.lines().filter_map(|l| l.strip_prefix("ID: ")).collect();
         if !ids.is_empty() {
@@ -327,6 +328,7 @@ fn collect_all(f: &mut Frozen, dir: &Path, opts: &DumpOptions, clk: &mut Clock) 
     let vdso = vdso::collect(&maps);
     let (mut cpu, cpu_ident) = cpu::collect(pid, &f.regs)?;
     let files = files::collect(pid, &opts.external_fds)?;
+    let locks = locks::collect(pid, &files)?;
     clk.lap("collect");
 
     let mut sink = match &opts.pages_to {
@@ -338,6 +340,7 @@ fn collect_all(f: &mut Frozen, dir: &Path, opts: &DumpOptions, clk: &mut Clock) 
     let precopy_len = precopy.as_ref().map_or(0, |p| p.store_len());
     drop(precopy);
     let memfds = memfd::collect(pid, &files, &memory, dir)?;
+    let shm = sysv::collect(&maps)?;
     clk.lap("pages");
     check_interrupted(pid, opts)?;
 
@@ -365,9 +368,11 @@ fn collect_all(f: &mut Frozen, dir: &Path, opts: &DumpOptions, clk: &mut Clock) 
         cpu,
         memory,
         files,
+        locks,
         signals: sig,
         task,
         threads,
+        shm,
         memfds,
         pages_len: sink.len(),
         precopy_len,

@@ -313,8 +313,8 @@ pub fn collect(pid: Pid, external: &[i32]) -> Result<FilesState> {
     }
 }
 
-/// Every fd that [`collect`] would refuse (one error per fd; a lock on an fd that is refused
-/// for another reason too gives two), naming the processes at the other end of pipes and
+/// Every fd that [`collect`] would refuse (one error per fd; an fd refused for its lock and for
+/// another reason too gives two), naming the processes at the other end of pipes and
 /// sockets. `Err` only when the process cannot be read at all.
 pub fn blockers(pid: Pid, external: &[i32]) -> Result<Vec<Error>> {
     collect_impl(pid, external, true).map(|(_, errs)| errs)
@@ -352,14 +352,11 @@ fn collect_impl(pid: Pid, external: &[i32], all: bool) -> Result<(FilesState, Ve
         let link = link.to_string_lossy().into_owned();
         let info = std::fs::read_to_string(proc_path(pid, &format!("fdinfo/{fd}"))).unwrap_or_default();
         let cloexec = octal(field(&info, "flags")) & libc::O_CLOEXEC as u32 != 0;
-        // fdinfo lists this process's locks on the file (cheaper than /proc/locks, whose read
-        // waits for an RCU grace period).
-        if let Some(l) = info.lines().find(|l| l.starts_with("lock:")).filter(|_| !external.contains(&fd)) {
-            errs.push(Error::UnsupportedFd {
-                fd,
-                what: link.clone(),
-                why: format!("holds a file lock ({}), locks are not carried yet", l[5..].trim()),
-            });
+        // File locks are carried (see `locks`), but for leases and locks that belong to a
+        // description another process shares.
+        let lock = if external.contains(&fd) { None } else { crate::locks::blocker(pid, fd, &link, &info) };
+        if let Some(why) = lock {
+            errs.push(Error::UnsupportedFd { fd, what: link.clone(), why });
             refused.insert(link.clone());
             if !all {
                 break;

@@ -29,16 +29,18 @@ use serde::{Deserialize, Serialize};
 use crate::cpu::{CpuIdent, CpuState};
 use crate::error::{io_at, pt, Error, Result};
 use crate::files::FilesState;
+use crate::locks::FileLock;
 use crate::memfd::MemfdState;
 use crate::memory::{self, MemoryState, Run};
 use crate::signals::SignalState;
 use crate::sys::{self, MappedFile, Pid};
+use crate::sysv::ShmSegment;
 use crate::task::TaskState;
 use crate::threads::ThreadState;
 use crate::vdso::VdsoLayout;
 
 pub const MAGIC: [u8; 8] = *b"DVKCKPT\0";
-pub const VERSION: u32 = 5;
+pub const VERSION: u32 = 6;
 pub const ARCH_X86_64: u32 = 62;
 pub const HEADER_LEN: usize = 32;
 pub const MANIFEST: &str = "manifest.img";
@@ -54,10 +56,14 @@ pub struct Manifest {
     pub cpu: CpuState,
     pub memory: MemoryState,
     pub files: FilesState,
+    /// File locks (POSIX, OFD, flock), taken again once the fds are in place.
+    pub locks: Vec<FileLock>,
     pub signals: SignalState,
     pub task: TaskState,
     /// Threads other than the main one.
     pub threads: Vec<ThreadState>,
+    /// SysV shared memory segments attached (their pages are in the attachments' runs).
+    pub shm: Vec<ShmSegment>,
     /// memfds, their content in memfd-<inode>.img.
     pub memfds: Vec<MemfdState>,
     pub pages_len: u64,
@@ -522,6 +528,8 @@ mod tests {
                 ],
             },
             files: Default::default(),
+            locks: vec![],
+            shm: vec![],
             signals: Default::default(),
             task: Default::default(),
             threads: vec![],

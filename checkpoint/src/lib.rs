@@ -3,8 +3,9 @@
 //!
 //! Phases, each usable on its own:
 //! - [`freeze::Frozen`]: `PTRACE_SEIZE` + `PTRACE_INTERRUPT`, thaw, kill;
-//! - [`dump::write_image`] (collect + write, process stays frozen): registers and xstate ([`cpu`]), memory ([`memory`], [`vdso`]), fds
-//!   ([`files`]), signals ([`signals`]), process attributes ([`task`]);
+//! - [`dump::write_image`] (collect + write, process stays frozen): registers and xstate ([`cpu`]), memory ([`memory`], [`vdso`],
+//!   SysV segments [`sysv`]), fds
+//!   ([`files`]) and their locks ([`locks`]), signals ([`signals`]), process attributes ([`task`]);
 //! - [`image`]: write and read (checked) images;
 //! - [`rebuild`]: a new process from an image.
 //!
@@ -20,6 +21,7 @@ pub mod freeze;
 pub mod host;
 pub mod image;
 pub mod inject;
+pub mod locks;
 pub mod memfd;
 pub mod memory;
 pub mod precopy;
@@ -28,6 +30,7 @@ pub mod rebuild;
 pub mod signals;
 pub mod stub;
 pub mod sys;
+pub mod sysv;
 pub mod task;
 pub mod threads;
 pub mod vdso;

@@ -68,6 +68,9 @@ pub enum VmaKind {
     Memfd { ino: u64, name: String, offset: u64 },
     /// A file mapping (private or shared), re-mapped from the file at restore.
     File { path: String, offset: u64, ident: FileIdent },
+    /// An attachment of SysV shared memory segment `id` (see `sysv`); `offset` into the
+    /// segment (non-zero for the later parts of an attachment split by mprotect).
+    SysvShm { id: i32, offset: u64 },
 }
 
 /// A run of consecutive stored pages: `len` bytes at `addr`, stored at `off` in pages.img.
@@ -216,6 +219,7 @@ impl Vma {
             VmaKind::SharedAnon { name } => name.clone(),
             VmaKind::File { path, .. } => path.clone(),
             VmaKind::Memfd { name, .. } => format!("/memfd:{name}"),
+            VmaKind::SysvShm { id, .. } => format!("SysV shm {id}"),
         };
         format!("{:#x}-{:#x} {}", self.start, self.end, what)
     }
@@ -262,8 +266,8 @@ pub fn classify(m: &MapLine) -> Result<VmaKind> {
     if let Some(name) = crate::memfd::name_of(p) {
         return Ok(VmaKind::Memfd { ino: m.inode, name: name.to_string(), offset: m.offset });
     }
-    if p.starts_with("/SYSV") {
-        return Err(refuse("SysV shared memory is not supported yet"));
+    if crate::sysv::is_shm(p) {
+        return Ok(VmaKind::SysvShm { id: m.inode as i32, offset: m.offset });
     }
     if p.ends_with(" (deleted)") {
         return Err(refuse("the mapped file was deleted"));
@@ -378,7 +382,7 @@ fn collect_pages(pid: Pid, maps: &[MapLine], sink: &mut PageSink, precopy: Optio
         let kind = classify(m)?;
         let npages = ((m.end - m.start) / PAGE) as usize;
         let want: Box<dyn Fn(u64) -> bool> = match (&kind, m.shared()) {
-            (VmaKind::SharedAnon { .. }, _) => Box::new(|_| true),
+            (VmaKind::SharedAnon { .. } | VmaKind::SysvShm { .. }, _) => Box::new(|_| true),
             (VmaKind::File { .. } | VmaKind::Memfd { .. }, true) => Box::new(|_| false),
             (VmaKind::File { .. } | VmaKind::Memfd { .. }, false) => {
                 Box::new(|e| (e & PM_PRESENT != 0 && e & PM_FILE == 0) || e & PM_SWAP != 0)
@@ -460,7 +464,8 @@ fn collect_pages(pid: Pid, maps: &[MapLine], sink: &mut PageSink, precopy: Optio
 
 /// Rebuild side: maps every VMA into the stub (read+write where data will be written), writes the
 /// pages from the image and sets the final protections.
-/// `precopy` holds the data of the `precopied` runs (empty without pre-copy).
+/// `precopy` holds the data of the `precopied` runs (empty without pre-copy). SysV
+/// attachments get no data here: `sysv::prepare` filled the segments it created.
 pub fn restore(
     r: &Remote,
     state: &MemoryState,
@@ -519,16 +524,33 @@ pub fn restore(
                 let fl = noreserve | libc::MAP_FIXED | if v.shared { libc::MAP_SHARED } else { libc::MAP_PRIVATE };
                 r.call(&what, libc::SYS_mmap, &[v.start, len, prot, fl as u64, fd, *offset])?;
             }
+            // One shmat per attachment, of the whole segment (read-write until the final
+            // protections); its later parts (offset > 0) are mapped with it.
+            VmaKind::SysvShm { id, offset: 0 } => {
+                const SHM_RDONLY: u64 = 0o10000;
+                const SHM_EXEC: u64 = 0o100000;
+                let mut fl = if v.prot & libc::PROT_EXEC as u32 != 0 { SHM_EXEC } else { 0 };
+                if v.advice & advice::MAYWRITE == 0 {
+                    fl |= SHM_RDONLY;
+                }
+                let at = r.call(&format!("shmat {}", v.describe()), libc::SYS_shmat, &[*id as u64, v.start, fl])?;
+                if at != v.start {
+                    return Err(Error::Restore(format!("shmat {} attached at {at:#x}", v.describe())));
+                }
+            }
+            VmaKind::SysvShm { .. } => {}
         }
         restore_name_and_advice(r, v)?;
     }
     for fd in fds.values() {
         r.call("close", libc::SYS_close, &[*fd])?;
     }
-    write_pages(pid, state.vmas.iter().flat_map(|v| &v.runs), pages)?;
-    write_pages(pid, state.vmas.iter().flat_map(|v| &v.precopied), precopy)?;
+    let written = |v: &&Vma| !matches!(v.kind, VmaKind::SysvShm { .. });
+    write_pages(pid, state.vmas.iter().filter(written).flat_map(|v| &v.runs), pages)?;
+    write_pages(pid, state.vmas.iter().filter(written).flat_map(|v| &v.precopied), precopy)?;
     for v in &state.vmas {
-        if v.has_data() && v.prot != (libc::PROT_READ | libc::PROT_WRITE) as u32 {
+        let attached_rw = matches!(v.kind, VmaKind::SysvShm { .. });
+        if (v.has_data() || attached_rw) && v.prot != (libc::PROT_READ | libc::PROT_WRITE) as u32 {
             r.call(
                 &format!("mprotect {}", v.describe()),
                 libc::SYS_mprotect,

@@ -3,8 +3,8 @@
 //! fork (clone3 with `set_tid` = the old pid when free) → `PTRACE_TRACEME` → execve of the stub
 //! (see `stub`), then, by syscalls injected into it: a gadget page and a scratch area in the
 //! reserved range; the stub's vDSO block parked there; every other stub mapping unmapped; every fd
-//! closed; umask/cwd/personality/name; the vDSO block moved onto the image's addresses; every VMA
-//! mapped and filled; `PR_SET_MM_MAP`; fds; signal handlers and altstack; set_tid_address,
+//! closed; umask/cwd/personality/name; the vDSO block moved onto the image's addresses; SysV
+//! segments found or created; every VMA mapped (SysV ones attached) and filled; `PR_SET_MM_MAP`; fds; file locks; signal handlers and altstack; set_tid_address,
 //! robust list, rseq; pending signals and itimers; rlimits (from outside); finally the whole
 //! reserved range is unmapped by a `munmap` caught at syscall exit, where the saved xstate,
 //! registers and signal mask are written, and the process is detached.
@@ -17,7 +17,7 @@ use crate::inject::{Remote, GADGET};
 use crate::memory::VmaKind;
 use crate::stub::{self, GADGET_PAGE, RESERVED_END, SCRATCH, SCRATCH_LEN, STUB_BASE, VDSO_TEMP};
 use crate::sys::{self, Pid};
-use crate::{cpu, files, memfd, memory, proc, signals, task, threads};
+use crate::{cpu, files, locks, memfd, memory, proc, signals, sysv, task, threads};
 
 #[derive(Clone, Debug, Default)]
 pub struct RestoreOptions {
@@ -59,6 +59,7 @@ pub fn check(img: &Image, opts: &RestoreOptions) -> Result<()> {
         }
     }
     files::prepare(&m.files, &opts.external_fds)?;
+    crate::sysv::check(&m.shm)?;
     std::fs::metadata(&m.task.exe)
         .map_err(|e| Error::FileChanged { path: m.task.exe.clone(), detail: format!("executable missing: {e}") })?;
     Ok(())
@@ -148,12 +149,15 @@ fn restore_inner(img: &Image, opts: &RestoreOptions, hold: bool) -> Result<(Rest
 
     let above_fds = (m.files.fds.iter().map(|e| e.fd).max().unwrap_or(2) + 1).max(3) as u64;
     let memfds = memfd::install(&r, &m.memfds, &img.memfd_data, above_fds)?;
+    let shm = sysv::prepare(&m.shm, &m.memory, img.pages.bytes(), img.precopy.bytes())?;
     memory::restore(&r, &m.memory, img.pages.bytes(), img.precopy.bytes(), &memfds)?;
     task::restore_mm(&r, &m.task)?;
     lap("memory");
 
     files::restore(&r, &m.files, &opts.external_fds, &memfds)?;
     memfd::close(&r, &memfds)?;
+    // Last of the files: closing any fd of a file would drop the POSIX locks on it.
+    locks::restore(&r, &m.locks)?;
     lap("files");
 
     signals::restore_actions(&r, &m.signals)?;
@@ -169,6 +173,7 @@ fn restore_inner(img: &Image, opts: &RestoreOptions, hold: bool) -> Result<(Rest
     lap("signals");
 
     finish(&r, m, &child.threads, opts.stopped, hold)?;
+    shm.commit()?;
     child.done = true;
     lap("resume");
     let held = hold.then(|| Held { pid, threads: std::mem::take(&mut child.threads), done: false });

@@ -380,6 +380,69 @@ pub fn kcmp_file(pid: Pid, fd1: i32, fd2: i32) -> io::Result<bool> {
     cvt(r).map(|v| v == 0)
 }
 
+/// Do fd `fd1` of `pid1` and fd `fd2` of `pid2` refer to one open file description?
+pub fn kcmp_file_of(pid1: Pid, fd1: i32, pid2: Pid, fd2: i32) -> io::Result<bool> {
+    // SAFETY: integer-only syscall.
+    let r = unsafe {
+        libc::syscall(libc::SYS_kcmp, pid1, pid2, 0 /* KCMP_FILE */, fd1, fd2)
+    };
+    cvt(r).map(|v| v == 0)
+}
+
+/// `shmget(key, size, IPC_CREAT | IPC_EXCL | mode)`: a new SysV shared memory segment's id.
+pub fn shm_create(key: i32, size: u64, mode: u32) -> io::Result<i32> {
+    let fl = libc::IPC_CREAT | libc::IPC_EXCL | (mode & 0o777) as i32;
+    // SAFETY: integer-only call.
+    let r = unsafe { libc::shmget(key, size as usize, fl) };
+    cvt(r as libc::c_long).map(|v| v as i32)
+}
+
+/// `shmctl(IPC_SET)`: owner and permission bits of segment `id`.
+pub fn shm_set_owner(id: i32, uid: u32, gid: u32, mode: u32) -> io::Result<()> {
+    // SAFETY: shmid_ds is plain data; IPC_STAT fills it, IPC_SET reads it, both within the call.
+    unsafe {
+        let mut ds: libc::shmid_ds = std::mem::zeroed();
+        cvt(libc::shmctl(id, libc::IPC_STAT, &mut ds) as libc::c_long)?;
+        ds.shm_perm.uid = uid;
+        ds.shm_perm.gid = gid;
+        ds.shm_perm.mode = (mode & 0o777) as _;
+        cvt(libc::shmctl(id, libc::IPC_SET, &mut ds) as libc::c_long).map(drop)
+    }
+}
+
+/// `shmctl(cmd)` without a buffer (IPC_RMID, SHM_LOCK).
+pub fn shm_ctl(id: i32, cmd: i32) -> io::Result<()> {
+    // SAFETY: these commands take no buffer.
+    let r = unsafe { libc::shmctl(id, cmd, std::ptr::null_mut()) };
+    cvt(r as libc::c_long).map(drop)
+}
+
+/// Copies `data` into SysV segment `id` at `offset` (attached read-write in this process for
+/// the copy, detached after). Fails if the range is outside the segment.
+pub fn shm_write(id: i32, size: u64, offset: u64, data: &[u8]) -> io::Result<()> {
+    if offset.checked_add(data.len() as u64).is_none_or(|e| e > size.div_ceil(4096) * 4096) {
+        return Err(io::Error::from_raw_os_error(libc::EINVAL));
+    }
+    // SAFETY: the segment is attached where the kernel chooses, at least `size` rounded up to
+    // pages long (checked above against `offset + len`); nothing else in this process uses
+    // that address; it is detached right after the copy.
+    unsafe {
+        let p = libc::shmat(id, std::ptr::null(), 0);
+        if p as isize == -1 {
+            return Err(io::Error::last_os_error());
+        }
+        std::ptr::copy_nonoverlapping(data.as_ptr(), p.cast::<u8>().add(offset as usize), data.len());
+        cvt(libc::shmdt(p) as libc::c_long).map(drop)
+    }
+}
+
+/// `semctl(GETPID)`: the pid of the last `semop` on semaphore `num` of set `id`.
+pub fn sem_last_pid(id: i32, num: i32) -> io::Result<i32> {
+    // SAFETY: GETPID takes no argument.
+    let r = unsafe { libc::semctl(id, num, libc::GETPID) };
+    cvt(r as libc::c_long).map(|v| v as i32)
+}
+
 /// Is the file registered in epoll `epfd` of `pid` under fd number `tfd` (its `toff`-th
 /// registration under that number, counted in the order its fdinfo lists them) the file of `fd`?
 pub fn kcmp_epoll_tfd(pid: Pid, epfd: i32, tfd: i32, toff: u32, fd: i32) -> io::Result<bool> {

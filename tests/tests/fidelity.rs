@@ -256,6 +256,7 @@ fidelity! {
     epoll_dup,
     proc_self_files,
     mlockall_future,
+    posix_shm,
 }
 
 /// Pre-copy of a program that keeps writing its pages (and mapping, moving, unmapping and
@@ -281,7 +282,9 @@ fn precopy_keeps_other_state() {
     if !root() {
         return;
     }
-    for name in ["anon_memory", "threads", "sparse_reservation", "shared_anon", "sig_mask_pending", "vma_flags"] {
+    for name in
+        ["anon_memory", "threads", "sparse_reservation", "shared_anon", "sig_mask_pending", "vma_flags", "sysv_shm"]
+    {
         let mut p = Prog::start(name);
         let rep = p.move_once_precopy(1);
         assert!(rep.precopied_bytes > 0 || name == "sparse_reservation", "{name}: nothing left to the store");
@@ -691,9 +694,297 @@ fn deleted_file_refused() {
     refused("deleted_file", &["fd 3", "gone.txt", "deleted"]);
 }
 
+/// Runs tests/fidelity/lock_contender in `dir` (another process looking at a lock); its line.
+fn contender(dir: &Path, args: &[&str]) -> String {
+    let bin = dir.join("lock_contender");
+    if !bin.exists() {
+        compile("lock_contender", dir);
+    }
+    let out = Command::new(&bin).args(args).current_dir(dir).stdin(Stdio::null()).output().unwrap();
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// POSIX (a write and a read range), OFD (write and read ranges) and flock (LOCK_EX on a
+/// description with a dup, LOCK_SH) locks are held by the restored process, restored twice:
+/// another process sees each of them as before, with the new owner's pid; the program sees
+/// its OFD and flock locks conflict with its other descriptions and its POSIX locks as its own.
 #[test]
-fn file_lock_refused() {
-    refused("file_lock", &["fd 3", "locked", "file lock", "FLOCK"]);
+fn file_lock() {
+    if !root() {
+        return;
+    }
+    let mut p = Prog::start("file_lock");
+    p.move_once(1);
+    p.move_once(2);
+    let (d, pid) = (p.dir.path(), p.pid);
+    assert_eq!(contender(d, &["posix.lock", "posix", "w", "0", "0"]), format!("HELD w {pid} 0 10"));
+    assert_eq!(contender(d, &["posix.lock", "posix", "w", "10", "10"]), "FREE");
+    assert_eq!(contender(d, &["posix.lock", "posix", "w", "20", "5"]), format!("HELD r {pid} 20 0"));
+    assert_eq!(contender(d, &["posix.lock", "posix", "r", "20", "5"]), "FREE");
+    assert_eq!(contender(d, &["ofd.lock", "ofd", "r", "0", "0"]), "HELD w -1 5 10");
+    assert_eq!(contender(d, &["ofd.lock", "ofd", "w", "15", "0"]), "HELD r -1 100 10");
+    assert_eq!(contender(d, &["flock_ex.lock", "flock", "sh"]), "HELD");
+    assert_eq!(contender(d, &["flock_sh.lock", "flock", "sh"]), "FREE");
+    assert_eq!(contender(d, &["flock_sh.lock", "flock", "ex"]), "HELD");
+    p.go();
+    p.expect_pass();
+}
+
+/// A lock another process took between the dump and the restore fails the restore, naming the
+/// file, the lock and the holder; nothing runs without its lock (the pid stays free). Once the
+/// lock is free, the same image restores.
+#[test]
+fn file_lock_taken_meanwhile_fails_restore() {
+    use std::os::fd::AsRawFd;
+    if !root() {
+        return;
+    }
+    let mut p = Prog::start("file_lock");
+    ck::dump(p.pid, &p.img(1), AfterDump::Kill).unwrap();
+    wait_exit(p.pid, Duration::from_secs(5));
+    let me = std::process::id();
+    let open = |f: &str| fs::OpenOptions::new().read(true).write(true).open(p.path(f)).unwrap();
+    let gone = |pid: i32| {
+        // SAFETY: a signal-0 probe of a pid.
+        unsafe { libc::kill(pid, 0) != 0 }
+    };
+
+    // A POSIX write lock on byte 25, inside the program's read lock 20-EOF.
+    let posix = open("posix.lock");
+    let l =
+        libc::flock { l_type: libc::F_WRLCK as i16, l_whence: libc::SEEK_SET as i16, l_start: 25, l_len: 1, l_pid: 0 };
+    // SAFETY: fcntl(F_SETLK) on an fd we own with a valid struct flock.
+    assert_eq!(unsafe { libc::fcntl(posix.as_raw_fd(), libc::F_SETLK, &l) }, 0);
+    let e = ck::restore(&p.img(1), &RestoreOptions::default()).expect_err("restore should fail").to_string();
+    for w in ["fd 3", "posix.lock", "POSIX read lock on bytes 20-EOF", &format!("pid {me} ("), "not run"] {
+        assert!(e.contains(w), "error {e:?} should mention {w:?}");
+    }
+    assert!(gone(p.pid), "a process runs without its lock");
+    drop(posix); // closing releases our POSIX lock
+
+    // flock LOCK_SH on another description of the file the program holds LOCK_EX on.
+    let ex = open("flock_ex.lock");
+    // SAFETY: flock on an fd we own.
+    assert_eq!(unsafe { libc::flock(ex.as_raw_fd(), libc::LOCK_SH) }, 0);
+    let e = ck::restore(&p.img(1), &RestoreOptions::default()).expect_err("restore should fail").to_string();
+    for w in ["fd 5", "flock_ex.lock", "flock LOCK_EX lock", &format!("pid {me} (")] {
+        assert!(e.contains(w), "error {e:?} should mention {w:?}");
+    }
+    assert!(gone(p.pid), "a process runs without its lock");
+    drop(ex);
+
+    let r = ck::restore(&p.img(1), &RestoreOptions::default()).unwrap();
+    assert!(r.same_pid);
+    p.pid = r.pid;
+    assert_eq!(contender(p.dir.path(), &["flock_ex.lock", "flock", "sh"]), "HELD");
+    p.go();
+    p.expect_pass();
+}
+
+/// Frozen while waiting for a flock and a POSIX lock (F_SETLKW, on another thread) that another
+/// process holds: the waits go on after the restore, and when that process lets go the restored
+/// one gets both locks (another process then sees them held by it).
+#[test]
+fn blocked_lock() {
+    use std::os::fd::AsRawFd;
+    if !root() {
+        return;
+    }
+    let dir = tempfile::Builder::new().prefix("dvk-fid-blocked_lock-").tempdir().unwrap();
+    let open = |f: &str| {
+        fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).open(dir.path().join(f)).unwrap()
+    };
+    let (posix, fl) = (open("posix.lock"), open("flock.lock"));
+    let l =
+        libc::flock { l_type: libc::F_WRLCK as i16, l_whence: libc::SEEK_SET as i16, l_start: 0, l_len: 0, l_pid: 0 };
+    // SAFETY: fcntl(F_SETLK) and flock on fds we own, with a valid struct flock.
+    unsafe {
+        assert_eq!(libc::fcntl(posix.as_raw_fd(), libc::F_SETLK, &l), 0);
+        assert_eq!(libc::flock(fl.as_raw_fd(), libc::LOCK_EX), 0);
+    }
+    let mut p = Prog::start_in("blocked_lock", dir, None);
+    let t = Instant::now();
+    while !read(&p.out()).contains("waiting") {
+        assert!(t.elapsed() < Duration::from_secs(10), "no waiting line");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    std::thread::sleep(Duration::from_millis(100)); // into the waits
+    p.move_once(1);
+    drop(posix); // closing our fd releases our POSIX lock
+    drop(fl);
+    let pid = p.pid;
+    let t = Instant::now();
+    while contender(p.dir.path(), &["posix.lock", "posix", "r", "0", "1"]) != format!("HELD w {pid} 0 10") {
+        assert!(t.elapsed() < Duration::from_secs(10), "the restored process did not get the POSIX lock");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // The flock: taken by the restored process once ours was dropped (a description of its own).
+    let t = Instant::now();
+    while contender(p.dir.path(), &["flock.lock", "flock", "sh"]) != "HELD" {
+        assert!(t.elapsed() < Duration::from_secs(10), "the restored process did not get the flock");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    p.go();
+    p.expect_pass();
+}
+
+/// A flock lock on an open file description another process shares (here this one, through
+/// pidfd_getfd) belongs to the description, which cannot follow: refused by fd and file,
+/// naming the sharer; the program runs on with its locks.
+#[test]
+fn file_lock_shared_description_refused() {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    if !root() {
+        return;
+    }
+    let p = Prog::start("file_lock");
+    // SAFETY: integer-only syscalls; the fd returned is ours and owned by the OwnedFd.
+    let copy = unsafe {
+        let pidfd = libc::syscall(libc::SYS_pidfd_open, p.pid, 0) as i32;
+        assert!(pidfd >= 0);
+        let fd = libc::syscall(libc::SYS_pidfd_getfd, pidfd, 5, 0) as i32;
+        libc::close(pidfd);
+        assert!(fd >= 0);
+        OwnedFd::from_raw_fd(fd)
+    };
+    let me = std::process::id();
+    let e = ck::dump(p.pid, &p.img(1), AfterDump::Kill).expect_err("dump should be refused").to_string();
+    for w in ["fd 5", "flock_ex.lock", "file lock", "FLOCK", &format!("pid {me} ("), "description"] {
+        assert!(e.contains(w), "error {e:?} should mention {w:?}");
+    }
+    assert!(!p.img(1).join("manifest.img").exists());
+    drop(copy);
+    p.go();
+    p.expect_pass();
+}
+
+/// The "shm <keyed id> <key> <removed id>" line sysv_shm prints before READY.
+fn shm_ids(p: &Prog) -> (i32, i32, i32) {
+    let out = read(&p.out());
+    let l = out.lines().find_map(|l| l.strip_prefix("shm ")).expect("shm line");
+    let v: Vec<i32> = l.split_whitespace().map(|x| x.parse().unwrap()).collect();
+    (v[0], v[1], v[2])
+}
+
+/// Removes a SysV segment when a test ends, however it ends.
+struct RmShm(i32);
+impl Drop for RmShm {
+    fn drop(&mut self) {
+        // SAFETY: IPC_RMID takes no buffer; removing a segment a test made (or took) by id.
+        unsafe { libc::shmctl(self.0, libc::IPC_RMID, std::ptr::null_mut()) };
+    }
+}
+
+fn shm_exists(id: i32) -> bool {
+    read(Path::new("/proc/sysvipc/shm")).lines().skip(1).any(|l| l.split_whitespace().nth(1) == Some(&id.to_string()))
+}
+
+/// SysV shared memory, restored twice on the same machine: the keyed segment outlives the
+/// process and is attached again as it is (twice, one attachment split by mprotect, one
+/// SHM_RDONLY); the IPC_RMID-ed one, gone with the process, is created again under its id with
+/// its contents and removed again once attached.
+#[test]
+fn sysv_shm() {
+    if !root() {
+        return;
+    }
+    let mut p = Prog::start("sysv_shm");
+    let (id, _, rid) = shm_ids(&p);
+    let _rm = RmShm(id);
+    p.move_once(1);
+    p.move_once(2);
+    assert!(shm_exists(rid), "the removed segment is not attached");
+    p.go();
+    p.expect_pass();
+    assert!(!shm_exists(rid), "the removed segment outlived its last attachment");
+}
+
+/// The keyed segment is gone when the image is restored (as on another machine): it is created
+/// again under the same id and key, with its contents, mode and owner.
+#[test]
+fn sysv_shm_recreated() {
+    if !root() {
+        return;
+    }
+    let mut p = Prog::start("sysv_shm");
+    let (id, key, _) = shm_ids(&p);
+    let _rm = RmShm(id);
+    ck::dump(p.pid, &p.img(1), AfterDump::Kill).unwrap();
+    wait_exit(p.pid, Duration::from_secs(5));
+    drop(RmShm(id));
+    assert!(!shm_exists(id));
+    let r = ck::restore(&p.img(1), &RestoreOptions::default()).unwrap();
+    p.pid = r.pid;
+    let line = read(Path::new("/proc/sysvipc/shm"))
+        .lines()
+        .find(|l| l.split_whitespace().nth(1) == Some(&id.to_string()))
+        .map(|l| l.split_whitespace().map(String::from).collect::<Vec<_>>())
+        .expect("segment created again");
+    assert_eq!(line[0], key.to_string());
+    p.go();
+    p.expect_pass();
+}
+
+/// A segment whose id is taken on the restoring machine by another segment cannot be restored
+/// (the program holds the id): the restore fails naming both, before it creates anything (no
+/// segment, no process); with the id free again, the image restores.
+#[test]
+fn sysv_shm_id_taken_refused() {
+    if !root() {
+        return;
+    }
+    let mut p = Prog::start("sysv_shm");
+    let (id, _, rid) = shm_ids(&p);
+    let _rm = RmShm(id);
+    ck::dump(p.pid, &p.img(1), AfterDump::Kill).unwrap();
+    wait_exit(p.pid, Duration::from_secs(5));
+    drop(RmShm(id));
+    let squatter = ck::sysv::create_at(id, 0, 4096, 0o600).unwrap();
+    let sq = RmShm(squatter);
+    assert_eq!(squatter, id, "could not take the segment's id");
+    let e = ck::restore(&p.img(1), &RestoreOptions::default()).expect_err("restore should fail").to_string();
+    for w in [format!("SysV shared memory segment {id}"), "taken".into(), "4096 bytes".into()] {
+        assert!(e.contains(&w), "error {e:?} should mention {w:?}");
+    }
+    // SAFETY: a signal-0 probe of a pid.
+    assert!(unsafe { libc::kill(p.pid, 0) } != 0, "a process runs without its segment");
+    assert!(!shm_exists(rid), "the failed restore left segment {rid} behind");
+    drop(sq);
+    let r = ck::restore(&p.img(1), &RestoreOptions::default()).unwrap();
+    p.pid = r.pid;
+    p.go();
+    p.expect_pass();
+}
+
+/// SysV semaphores and message queues are refused by name, every one at once; the process runs
+/// on with them.
+#[test]
+fn sysv_sem_msg_refused() {
+    if !root() {
+        return;
+    }
+    let p = Prog::start("sysv_sem_msg");
+    let out = read(&p.out());
+    let ids: Vec<&str> = out.lines().find_map(|l| l.strip_prefix("sem ")).unwrap().split(" msg ").collect();
+    let errs: Vec<String> = ck::blockers(p.pid, &Default::default()).unwrap().iter().map(|e| e.to_string()).collect();
+    let sem = format!("SysV semaphore set {} (key 0x00000000), on which it did the last semop", ids[0]);
+    let msg = format!("SysV message queue {} (key 0x00000000), which it last sent to", ids[1]);
+    assert!(errs.iter().any(|e| e.contains(&sem)), "{errs:#?}");
+    assert!(errs.iter().any(|e| e.contains(&msg)), "{errs:#?}");
+    let e = ck::dump(p.pid, &p.img(1), AfterDump::Kill).expect_err("dump should be refused").to_string();
+    assert!(e.contains("SysV"), "{e}");
+    p.go();
+    p.expect_pass();
+}
+
+#[test]
+fn sysv_shm_partial_refused() {
+    refused("sysv_shm_partial", &["SysV shared memory segment", "attached only in part"]);
+}
+
+#[test]
+fn file_lease_refused() {
+    refused("file_lease", &["fd 3", "leased", "LEASE", "F_SETLEASE"]);
 }
 
 #[test]
