@@ -5,8 +5,8 @@
 //! path with their unread data (when no other process holds them), pipes with both ends in the process (unread data copied with `tee`, not consumed),
 //! eventfd (counter), timerfd (clock, remaining time, interval, unread ticks), epoll (every
 //! registered fd with its events and data), AF_UNIX listeners bound to a path, AF_UNIX stream
-//! pairs with both ends inside (peer from sock_diag, unread bytes with MSG_PEEK), memfds, and
-//! fds left to the caller. Anything else is refused with the fd named, before the process is
+//! pairs with both ends inside (peer from sock_diag, unread bytes with MSG_PEEK), memfds,
+//! signalfd, inotify and pidfds (see `anonfds`), and fds left to the caller. Anything else is refused with the fd named, before the process is
 //! frozen.
 //!
 //! Rebuild: every description is created inside the process (injected open/pipe2/eventfd2/…) at a
@@ -104,6 +104,21 @@ pub enum FileKind {
         fd: i32,
         what: String,
         flags: u32,
+    },
+    /// A signalfd: the signals it reads (see `anonfds`).
+    SignalFd {
+        mask: u64,
+        flags: u32,
+    },
+    /// An inotify instance: its watches, by descriptor (see `anonfds`).
+    Inotify {
+        flags: u32,
+        watches: Vec<crate::anonfds::InotifyWatch>,
+    },
+    /// A pidfd of the process itself, or (`dead`) of a process that has exited (see `anonfds`).
+    Pidfd {
+        flags: u32,
+        dead: bool,
     },
 }
 
@@ -229,6 +244,9 @@ fn describe(pid: Pid, fd: i32, pidfd: &std::os::fd::OwnedFd) -> Result<FileKind>
                 interval_ns: pair_ns(field(&info, "it_interval")),
             });
         }
+        "anon_inode:[signalfd]" => return Ok(crate::anonfds::signalfd(&info, flags)),
+        "anon_inode:inotify" => return crate::anonfds::inotify(pidfd, fd, &info, flags).map_err(|why| refuse(&why)),
+        "anon_inode:[pidfd]" => return crate::anonfds::pidfd(pid, &info, flags).map_err(|why| refuse(&why)),
         "anon_inode:[eventpoll]" => {
             let mut targets = Vec::new();
             for l in info.lines().filter(|l| l.starts_with("tfd:")) {
@@ -1111,6 +1129,9 @@ pub fn restore(r: &Remote, st: &FilesState, external: &[(i32, i32)], memfds: &Ha
                 continue;
             }
             FileKind::Epoll { .. } => continue,
+            FileKind::SignalFd { mask, flags } => crate::anonfds::restore_signalfd(r, *mask, *flags)?,
+            FileKind::Inotify { flags, watches } => crate::anonfds::restore_inotify(r, *flags, watches)?,
+            FileKind::Pidfd { flags, dead } => crate::anonfds::restore_pidfd(r, *flags, *dead)?,
             FileKind::Memfd { ino, name, flags, pos } => {
                 let helper = *memfds.get(ino).ok_or_else(|| Error::Restore(format!("memfd {name} was not saved")))?;
                 let rdwr = flags & libc::O_ACCMODE as u32 == libc::O_RDWR as u32;

@@ -12,6 +12,7 @@
 //! `unsafe` lives in [`sys`]. The library never prints or exits; errors name what they are about.
 //! See docs/CHECKPOINT.md for the image format, the phases and the limits.
 
+pub mod anonfds;
 pub mod cpu;
 pub mod dump;
 pub mod error;

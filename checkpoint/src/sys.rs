@@ -917,3 +917,63 @@ pub fn pagemap_scan(
     }
     Ok(())
 }
+
+// ---------------------------------------------------------------- inotify, pidfd, POSIX timers
+
+/// Bytes waiting to be read on `fd` (FIONREAD).
+pub fn fionread(fd: &impl AsRawFd) -> io::Result<usize> {
+    let mut n: libc::c_int = 0;
+    // SAFETY: FIONREAD writes one int to the given pointer.
+    let r = unsafe { libc::ioctl(fd.as_raw_fd(), libc::FIONREAD, &mut n as *mut libc::c_int) };
+    cvt(r as libc::c_long).map(|_| n.max(0) as usize)
+}
+
+/// `open_by_handle_at(mount, handle, O_PATH)`: the file an inotify watch's handle names, on the
+/// filesystem of `mount` (needs CAP_DAC_READ_SEARCH).
+pub fn open_by_handle(mount: &impl AsRawFd, handle_type: i32, handle: &[u8]) -> io::Result<OwnedFd> {
+    // struct file_handle: u32 handle_bytes, i32 handle_type, then the bytes (u32-aligned).
+    let mut raw = vec![0u32; 2 + handle.len().div_ceil(4)];
+    raw[0] = handle.len() as u32;
+    raw[1] = handle_type as u32;
+    for (i, chunk) in handle.chunks(4).enumerate() {
+        let mut w = [0u8; 4];
+        w[..chunk.len()].copy_from_slice(chunk);
+        raw[2 + i] = u32::from_ne_bytes(w);
+    }
+    // SAFETY: `raw` holds a complete struct file_handle (header + handle_bytes bytes) that lives
+    // through the call; the returned fd is owned below.
+    let r = unsafe {
+        libc::syscall(libc::SYS_open_by_handle_at, mount.as_raw_fd(), raw.as_ptr(), libc::O_PATH | libc::O_CLOEXEC)
+    };
+    // SAFETY: a new fd from the kernel, owned by the OwnedFd.
+    cvt(r).map(|fd| unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+}
+
+/// A pidfd of a process that has exited and been reaped (a child forked here that exits at
+/// once): what a pidfd of a dead process answers (POLLIN, ESRCH, fdinfo `Pid: -1`).
+pub fn dead_pidfd() -> io::Result<OwnedFd> {
+    // SAFETY: the child only calls _exit (async-signal-safe).
+    let child = unsafe { libc::fork() };
+    if child == 0 {
+        // SAFETY: ends the forked child at once.
+        unsafe { libc::_exit(0) };
+    }
+    let child = cvt(child as libc::c_long)? as Pid;
+    let fd = pidfd_open(child);
+    wait(child)?;
+    fd
+}
+
+/// A new inotify instance watching `p` for IN_CREATE (tests).
+#[cfg(test)]
+pub fn inotify_watching(p: &std::path::Path) -> io::Result<OwnedFd> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = CString::new(p.as_os_str().as_bytes()).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    // SAFETY: plain syscall; the fd is owned below.
+    let fd = cvt(unsafe { libc::inotify_init1(libc::IN_CLOEXEC) } as libc::c_long)?;
+    // SAFETY: fd was just created.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd as RawFd) };
+    // SAFETY: valid C string and fd.
+    cvt(unsafe { libc::inotify_add_watch(fd.as_raw_fd(), c.as_ptr(), libc::IN_CREATE) } as libc::c_long)?;
+    Ok(fd)
+}

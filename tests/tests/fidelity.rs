@@ -256,6 +256,9 @@ fidelity! {
     epoll_dup,
     proc_self_files,
     mlockall_future,
+    signalfd,
+    inotify,
+    pidfd,
 }
 
 /// Pre-copy of a program that keeps writing its pages (and mapping, moving, unmapping and
@@ -688,8 +691,8 @@ fn io_uring_refused() {
 }
 
 #[test]
-fn pidfd_refused() {
-    refused("pidfd", &["fd 3", "pidfd"]);
+fn pidfd_other_refused() {
+    refused("pidfd_other", &["fd 3", "pidfd of pid", "another live process"]);
 }
 
 #[test]
