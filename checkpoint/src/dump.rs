@@ -10,7 +10,7 @@ use crate::freeze::Frozen;
 use crate::image::{self, Manifest, PageSink};
 use crate::precopy::Precopy;
 use crate::sys::{self, Pid};
-use crate::{cpu, files, memfd, memory, proc, signals, task, threads, vdso};
+use crate::{cpu, files, memfd, memory, proc, signals, task, threads, timers, vdso};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum AfterDump {
@@ -87,7 +87,7 @@ pub fn preflight(pid: Pid, opts: &DumpOptions) -> Result<()> {
 /// Every reason `pid` cannot be dumped, each printable as one line, without touching the
 /// process (from /proc, sock_diag and `pidfd_getfd` copies): mappings, fds (with the
 /// processes at the other end of pipes and sockets named), working directory, executable,
-/// seccomp, a tracer, children, POSIX timers. The fds in `opts.external_fds` are not judged.
+/// seccomp, a tracer, children, POSIX timers on clocks that cannot follow. The fds in `opts.external_fds` are not judged.
 /// `Err` only when the process cannot be read at all.
 pub fn blockers(pid: Pid, opts: &DumpOptions) -> Result<Vec<Error>> {
     // A thread-group leader that exited (pthread_exit in main) while other threads run on: its
@@ -135,14 +135,8 @@ pub fn blockers(pid: Pid, opts: &DumpOptions) -> Result<Vec<Error>> {
             what: format!("a process with children ({}): process trees", named(&children)),
         });
     }
-    // POSIX timers are not carried yet: refuse rather than lose them (file locks: files.rs).
-    if let Ok(t) = std::fs::read_to_string(proc::proc_path(pid, "timers")) {
-        let ids: Vec<&str> = t.lines().filter_map(|l| l.strip_prefix("ID: ")).collect();
-        if !ids.is_empty() {
-            let s = if ids.len() == 1 { "" } else { "s" };
-            v.push(Error::Unsupported { pid, what: format!("POSIX timer{s} {} (timer_create)", ids.join(", ")) });
-        }
-    }
+    // POSIX timers on clocks that cannot follow (the overrun count is judged at collection).
+    v.extend(timers::blockers(pid)?);
     Ok(v)
 }
 
@@ -339,6 +333,7 @@ fn collect_all(f: &mut Frozen, dir: &Path, opts: &DumpOptions, clk: &mut Clock) 
     let r = f.remote(gadget_at)?;
     let mut sig = signals::collect(r, sigmask)?;
     let task = task::collect(r)?;
+    let posix_timers = timers::collect(r)?;
     signals::collect_pending(pid, &mut sig)?;
     let threads = threads::collect(f)?;
     f.end_injection()?;
@@ -364,6 +359,7 @@ fn collect_all(f: &mut Frozen, dir: &Path, opts: &DumpOptions, clk: &mut Clock) 
         memfds,
         pages_len: sink.len(),
         precopy_len,
+        posix_timers,
     };
     Ok((m, sink.len()))
 }

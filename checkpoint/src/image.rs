@@ -63,6 +63,8 @@ pub struct Manifest {
     pub pages_len: u64,
     /// Bytes of the pre-copy store the `precopied` runs refer to (0 without pre-copy).
     pub precopy_len: u64,
+    /// POSIX timers (`timer_create`).
+    pub posix_timers: Vec<crate::timers::PosixTimer>,
 }
 
 pub fn create_dir(dir: &Path) -> Result<()> {
@@ -439,6 +441,7 @@ mod tests {
             memfds: vec![],
             pages_len,
             precopy_len: 0,
+            posix_timers: vec![],
         }
     }
 

@@ -31,6 +31,7 @@ pub mod stub;
 pub mod sys;
 pub mod task;
 pub mod threads;
+pub mod timers;
 pub mod vdso;
 
 pub use dump::{

@@ -5,7 +5,7 @@
 //! reserved range; the stub's vDSO block parked there; every other stub mapping unmapped; every fd
 //! closed; umask/cwd/personality/name; the vDSO block moved onto the image's addresses; every VMA
 //! mapped and filled; `PR_SET_MM_MAP`; fds; signal handlers and altstack; set_tid_address,
-//! robust list, rseq; pending signals and itimers; rlimits (from outside); finally the whole
+//! robust list, rseq; pending signals and itimers; threads; POSIX timers; rlimits (from outside); finally the whole
 //! reserved range is unmapped by a `munmap` caught at syscall exit, where the saved xstate,
 //! registers and signal mask are written, and the process is detached.
 
@@ -17,7 +17,7 @@ use crate::inject::{Remote, GADGET};
 use crate::memory::VmaKind;
 use crate::stub::{self, GADGET_PAGE, RESERVED_END, SCRATCH, SCRATCH_LEN, STUB_BASE, VDSO_TEMP};
 use crate::sys::{self, Pid};
-use crate::{cpu, files, memfd, memory, proc, signals, task, threads};
+use crate::{cpu, files, memfd, memory, proc, signals, task, threads, timers};
 
 #[derive(Clone, Debug, Default)]
 pub struct RestoreOptions {
@@ -161,6 +161,13 @@ fn restore_inner(img: &Image, opts: &RestoreOptions, hold: bool) -> Result<(Rest
     signals::restore_late(&r, &m.signals)?;
     task::restore_attrs(&r, &m.task)?;
     threads::restore(&r, &m.threads, !opts.new_pid && same_pid, &m.task, &mut child.threads)?;
+    let tid_of = |old: Pid| {
+        if old == m.pid {
+            return pid;
+        }
+        m.threads.iter().position(|t| t.tid == old).and_then(|i| child.threads.get(i).copied()).unwrap_or(old)
+    };
+    timers::restore(&r, &m.posix_timers, &tid_of)?;
     task::restore_rlimits(pid, &m.task)?;
     task::restore_sched(pid, &m.task.affinity, m.task.nice)?;
     task::restore_oom(pid, &m.task)?;
