@@ -10,7 +10,7 @@ use crate::freeze::Frozen;
 use crate::image::{self, Manifest, PageSink};
 use crate::precopy::Precopy;
 use crate::sys::{self, Pid};
-use crate::{cpu, files, memfd, memory, proc, signals, task, threads, timers, vdso};
+use crate::{cpu, files, ghosts, memfd, memory, proc, signals, task, threads, timers, vdso};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum AfterDump {
@@ -109,6 +109,15 @@ pub fn blockers(pid: Pid, opts: &DumpOptions) -> Result<Vec<Error>> {
         crate::precopy::drop_own_marks(&maps, &mut flags);
     }
     let mut v = memory::blockers(&maps, &flags);
+    // Mappings of deleted files: carried when small enough (their fds are judged in files).
+    for m in &maps {
+        if let Some(path) = ghosts::deleted_path(&m.path) {
+            let src = proc::proc_path(pid, &format!("map_files/{:x}-{:x}", m.start, m.end));
+            if let Err(why) = ghosts::judge(&src, path) {
+                v.push(Error::UnsupportedMapping { range: m.range(), what: m.path.clone(), why });
+            }
+        }
+    }
     v.extend(files::blockers(pid, &opts.external_fds)?);
     v.extend(task::blockers(pid)?);
     // Another tracer (a debugger, strace): the freeze (PTRACE_SEIZE) would fail.
@@ -300,7 +309,8 @@ fn remove_image(dir: &Path) {
     let _ = std::fs::remove_file(dir.join(image::PAGES));
     let _ = std::fs::remove_file(dir.join(image::MANIFEST));
     for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
-        if e.file_name().to_string_lossy().starts_with("memfd-") {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name.starts_with("memfd-") || name.starts_with("ghost-") {
             let _ = std::fs::remove_file(e.path());
         }
     }
@@ -325,6 +335,7 @@ fn collect_all(f: &mut Frozen, dir: &Path, opts: &DumpOptions, clk: &mut Clock) 
     let precopy_len = precopy.as_ref().map_or(0, |p| p.store_len());
     drop(precopy);
     let memfds = memfd::collect(pid, &files, &memory, dir)?;
+    let ghosts = ghosts::collect(pid, &files, &memory, dir)?;
     clk.lap("pages");
     check_interrupted(pid, opts)?;
 
@@ -360,6 +371,7 @@ fn collect_all(f: &mut Frozen, dir: &Path, opts: &DumpOptions, clk: &mut Clock) 
         pages_len: sink.len(),
         precopy_len,
         posix_timers,
+        ghosts,
     };
     Ok((m, sink.len()))
 }

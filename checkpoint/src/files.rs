@@ -6,7 +6,8 @@
 //! eventfd (counter), timerfd (clock, remaining time, interval, unread ticks), epoll (every
 //! registered fd with its events and data), AF_UNIX listeners bound to a path, AF_UNIX stream
 //! pairs with both ends inside (peer from sock_diag, unread bytes with MSG_PEEK), memfds,
-//! signalfd, inotify and pidfds (see `anonfds`), and fds left to the caller. Anything else is refused with the fd named, before the process is
+//! signalfd, inotify and pidfds (see `anonfds`), files deleted while open (see `ghosts`), and
+//! fds left to the caller. Anything else is refused with the fd named, before the process is
 //! frozen.
 //!
 //! Rebuild: every description is created inside the process (injected open/pipe2/eventfd2/…) at a
@@ -120,6 +121,13 @@ pub enum FileKind {
         flags: u32,
         dead: bool,
     },
+    /// A regular file deleted while open (content saved once per inode, see `ghosts`).
+    Ghost {
+        ino: u64,
+        path: String,
+        flags: u32,
+        pos: u64,
+    },
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -175,8 +183,13 @@ fn describe(pid: Pid, fd: i32, pidfd: &std::os::fd::OwnedFd) -> Result<FileKind>
         return Ok(FileKind::Memfd { ino: md.ino(), name: name.to_string(), flags, pos });
     }
     if link.starts_with('/') {
-        if link.ends_with(" (deleted)") {
-            return Err(refuse("the file was deleted while open (deleted-but-open files are not carried)"));
+        if let Some(path) = crate::ghosts::deleted_path(&link) {
+            let fdp = proc_path(pid, &format!("fd/{fd}"));
+            if std::fs::metadata(&fdp).map(|m| m.is_dir()).unwrap_or(false) {
+                return Err(refuse("a directory deleted while open (not carried)"));
+            }
+            let (_, ino) = crate::ghosts::judge(&fdp, path).map_err(|why| refuse(&why))?;
+            return Ok(FileKind::Ghost { ino, path: path.to_string(), flags, pos });
         }
         let md = std::fs::metadata(&link).map_err(|e| refuse(&format!("cannot stat the path: {e}")))?;
         let own = std::fs::metadata(proc_path(pid, &format!("fd/{fd}"))).map_err(|e| refuse(&e.to_string()))?;
@@ -1132,6 +1145,22 @@ pub fn restore(r: &Remote, st: &FilesState, external: &[(i32, i32)], memfds: &Ha
             FileKind::SignalFd { mask, flags } => crate::anonfds::restore_signalfd(r, *mask, *flags)?,
             FileKind::Inotify { flags, watches } => crate::anonfds::restore_inotify(r, *flags, watches)?,
             FileKind::Pidfd { flags, dead } => crate::anonfds::restore_pidfd(r, *flags, *dead)?,
+            FileKind::Ghost { ino, path, flags, pos } => {
+                // A new description of the file created again (see `ghosts`).
+                let helper = *memfds
+                    .get(&crate::ghosts::key(*ino))
+                    .ok_or_else(|| Error::Restore(format!("deleted file {path} was not saved")))?;
+                let p = r.put_cstr(0, format!("/proc/self/fd/{helper}").as_bytes())?;
+                let fd = r.call(
+                    &format!("open deleted file {path}"),
+                    libc::SYS_openat,
+                    &[libc::AT_FDCWD as u64, p, (flags & KEEP_FLAGS) as u64, 0],
+                )?;
+                if *pos != 0 {
+                    r.call("lseek (deleted file)", libc::SYS_lseek, &[fd, *pos, libc::SEEK_SET as u64])?;
+                }
+                fd
+            }
             FileKind::Memfd { ino, name, flags, pos } => {
                 let helper = *memfds.get(ino).ok_or_else(|| Error::Restore(format!("memfd {name} was not saved")))?;
                 let rdwr = flags & libc::O_ACCMODE as u32 == libc::O_RDWR as u32;

@@ -18,6 +18,7 @@ pub mod dump;
 pub mod error;
 pub mod files;
 pub mod freeze;
+pub mod ghosts;
 pub mod host;
 pub mod image;
 pub mod inject;

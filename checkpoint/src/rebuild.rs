@@ -17,7 +17,7 @@ use crate::inject::{Remote, GADGET};
 use crate::memory::VmaKind;
 use crate::stub::{self, GADGET_PAGE, RESERVED_END, SCRATCH, SCRATCH_LEN, STUB_BASE, VDSO_TEMP};
 use crate::sys::{self, Pid};
-use crate::{cpu, files, memfd, memory, proc, signals, task, threads, timers};
+use crate::{cpu, files, ghosts, memfd, memory, proc, signals, task, threads, timers};
 
 #[derive(Clone, Debug, Default)]
 pub struct RestoreOptions {
@@ -147,7 +147,8 @@ fn restore_inner(img: &Image, opts: &RestoreOptions, hold: bool) -> Result<(Rest
     lap("layout");
 
     let above_fds = (m.files.fds.iter().map(|e| e.fd).max().unwrap_or(2) + 1).max(3) as u64;
-    let memfds = memfd::install(&r, &m.memfds, &img.memfd_data, above_fds)?;
+    let mut memfds = memfd::install(&r, &m.memfds, &img.memfd_data, above_fds)?;
+    ghosts::install(&r, &m.ghosts, &img.ghost_data, above_fds, &mut memfds)?;
     memory::restore(&r, &m.memory, img.pages.bytes(), img.precopy.bytes(), &memfds)?;
     task::restore_mm(&r, &m.task)?;
     lap("memory");

@@ -977,3 +977,25 @@ pub fn inotify_watching(p: &std::path::Path) -> io::Result<OwnedFd> {
     cvt(unsafe { libc::inotify_add_watch(fd.as_raw_fd(), c.as_ptr(), libc::IN_CREATE) } as libc::c_long)?;
     Ok(fd)
 }
+
+// ---------------------------------------------------------------- sparse files
+
+fn seek(f: &impl AsRawFd, off: u64, whence: libc::c_int) -> io::Result<Option<u64>> {
+    // SAFETY: integer-only lseek on an fd the caller owns.
+    let r = unsafe { libc::lseek(f.as_raw_fd(), off as libc::off_t, whence) };
+    if r < 0 {
+        let e = io::Error::last_os_error();
+        return if e.raw_os_error() == Some(libc::ENXIO) { Ok(None) } else { Err(e) };
+    }
+    Ok(Some(r as u64))
+}
+
+/// The first byte of data at or after `off` (`SEEK_DATA`); None past the last data.
+pub fn seek_data(f: &impl AsRawFd, off: u64) -> io::Result<Option<u64>> {
+    seek(f, off, libc::SEEK_DATA)
+}
+
+/// The first hole at or after `off` (`SEEK_HOLE`; the end of the file counts as one).
+pub fn seek_hole(f: &impl AsRawFd, off: u64) -> io::Result<u64> {
+    seek(f, off, libc::SEEK_HOLE).map(|o| o.unwrap_or(off))
+}

@@ -193,7 +193,10 @@ pub fn blockers(pid: Pid) -> Result<Vec<Error>> {
 fn refusals(pid: Pid, cwd: &str, status: &str, exe: &str) -> Vec<Error> {
     let mut v = Vec::new();
     if cwd.ends_with(" (deleted)") {
-        v.push(Error::Unsupported { pid, what: format!("working directory {cwd}") });
+        v.push(Error::Unsupported {
+            pid,
+            what: format!("working directory {cwd} (a deleted directory is not carried)"),
+        });
     }
     match field(status, "Seccomp") {
         Some("0") | None => {}
