@@ -13,7 +13,9 @@
 //!   them).
 //! - pidfd: of the process itself (`pidfd_open` of the new process, which has its pid when it
 //!   was free) or of a process that has exited and been reaped (`Pid: -1`: the restorer makes a
-//!   pidfd of a child of its own that exits at once and hands it over). A pidfd of another
+//!   pidfd of a child of its own that exits at once and hands it over; where the kernel tells
+//!   how the process ended — `PIDFD_GET_INFO`, Linux 6.15 — the child takes its ids and ends
+//!   with its wait status, so that question gets the same answer too). A pidfd of another
 //!   live process is refused, naming it.
 
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -116,11 +118,17 @@ pub fn inotify(pidfd: &OwnedFd, fd: i32, info: &str, flags: u32) -> std::result:
 
 /// A pidfd: of the process itself, or of a process that is gone; another live process's is
 /// refused naming it.
-pub fn pidfd(pid: Pid, info: &str, flags: u32) -> std::result::Result<FileKind, String> {
+/// `exit` asks the kernel how a dead one ended ([`sys::pidfd_exit_info`]).
+pub fn pidfd(
+    pid: Pid,
+    info: &str,
+    flags: u32,
+    exit: &dyn Fn() -> Option<(i32, [u32; 8])>,
+) -> std::result::Result<FileKind, String> {
     let target: i64 = field(info, "Pid").and_then(|v| v.parse().ok()).unwrap_or(0);
     match target {
-        -1 => Ok(FileKind::Pidfd { flags, dead: true }),
-        t if t == pid as i64 => Ok(FileKind::Pidfd { flags, dead: false }),
+        -1 => Ok(FileKind::Pidfd { flags, dead: true, exit: exit() }),
+        t if t == pid as i64 => Ok(FileKind::Pidfd { flags, dead: false, exit: None }),
         0 => Err("a pidfd of a process in another pid namespace".into()),
         t => {
             let comm = std::fs::read_to_string(proc_path(t as Pid, "comm")).unwrap_or_default();
@@ -176,13 +184,13 @@ pub fn restore_inotify(r: &Remote, flags: u32, watches: &[InotifyWatch]) -> Resu
 }
 
 /// Rebuilds a pidfd: of the new process itself, or of a reaped child of the restorer.
-pub fn restore_pidfd(r: &Remote, flags: u32, dead: bool) -> Result<u64> {
+pub fn restore_pidfd(r: &Remote, flags: u32, dead: bool, exit: Option<(i32, [u32; 8])>) -> Result<u64> {
     // PIDFD_NONBLOCK = O_NONBLOCK, PIDFD_THREAD = O_EXCL.
     let fl = (flags & (libc::O_NONBLOCK | libc::O_EXCL) as u32) as u64;
     if !dead {
         return r.call("pidfd_open (itself)", libc::SYS_pidfd_open, &[r.pid as u64, fl]);
     }
-    let local = sys::dead_pidfd().map_err(|e| Error::Restore(format!("a pidfd of an exited process: {e}")))?;
+    let local = sys::dead_pidfd(exit).map_err(|e| Error::Restore(format!("a pidfd of an exited process: {e}")))?;
     let me = r.call("pidfd_open (restorer)", libc::SYS_pidfd_open, &[std::process::id() as u64, 0])?;
     let got =
         r.call("pidfd_getfd (pidfd of an exited process)", libc::SYS_pidfd_getfd, &[me, local.as_raw_fd() as u64, 0]);
@@ -213,9 +221,18 @@ mod tests {
             signalfd("pos:\t0\nsigmask:\t0000000800000200\n", 0o4002),
             FileKind::SignalFd { mask: 0x8_0000_0200, flags: 0o4002 }
         );
-        assert_eq!(pidfd(me, &format!("Pid:\t{me}\n"), 2).unwrap(), FileKind::Pidfd { flags: 2, dead: false });
-        assert_eq!(pidfd(me, "Pid:\t-1\n", 2).unwrap(), FileKind::Pidfd { flags: 2, dead: true });
-        assert!(pidfd(me, "Pid:\t1\n", 2).unwrap_err().contains("pid 1 ("));
+        let gone = || Some((7 << 8, [0; 8]));
+        assert_eq!(
+            pidfd(me, &format!("Pid:\t{me}\n"), 2, &gone).unwrap(),
+            FileKind::Pidfd { flags: 2, dead: false, exit: None }
+        );
+        assert_eq!(pidfd(me, "Pid:\t-1\n", 2, &gone).unwrap(), FileKind::Pidfd { flags: 2, dead: true, exit: gone() });
+        assert!(pidfd(me, "Pid:\t1\n", 2, &gone).unwrap_err().contains("pid 1 ("));
+        // A dead process's pidfd made here tells the exit it was given.
+        let fd = sys::dead_pidfd(Some((9 << 8, [0; 8]))).unwrap();
+        assert_eq!(sys::pidfd_exit_info(&fd).map(|e| e.0), Some(9 << 8));
+        let fd = sys::dead_pidfd(Some((libc::SIGTERM, [0; 8]))).unwrap();
+        assert_eq!(sys::pidfd_exit_info(&fd).map(|e| e.0), Some(libc::SIGTERM));
         // A watch of a real directory resolves to its path (root: CAP_DAC_READ_SEARCH).
         if is_root() {
             let d = tempfile::tempdir().unwrap();

@@ -116,10 +116,12 @@ pub enum FileKind {
         flags: u32,
         watches: Vec<crate::anonfds::InotifyWatch>,
     },
-    /// A pidfd of the process itself, or (`dead`) of a process that has exited (see `anonfds`).
+    /// A pidfd of the process itself, or (`dead`) of a process that has exited, with its wait
+    /// status and ids where the kernel tells them (see `anonfds`).
     Pidfd {
         flags: u32,
         dead: bool,
+        exit: Option<(i32, [u32; 8])>,
     },
     /// A regular file deleted while open (content saved once per inode, see `ghosts`).
     Ghost {
@@ -259,7 +261,10 @@ fn describe(pid: Pid, fd: i32, pidfd: &std::os::fd::OwnedFd) -> Result<FileKind>
         }
         "anon_inode:[signalfd]" => return Ok(crate::anonfds::signalfd(&info, flags)),
         "anon_inode:inotify" => return crate::anonfds::inotify(pidfd, fd, &info, flags).map_err(|why| refuse(&why)),
-        "anon_inode:[pidfd]" => return crate::anonfds::pidfd(pid, &info, flags).map_err(|why| refuse(&why)),
+        "anon_inode:[pidfd]" => {
+            let exit = || sys::pidfd_getfd(pidfd, fd).ok().and_then(|d| sys::pidfd_exit_info(&d));
+            return crate::anonfds::pidfd(pid, &info, flags, &exit).map_err(|why| refuse(&why));
+        }
         "anon_inode:[eventpoll]" => {
             let mut targets = Vec::new();
             for l in info.lines().filter(|l| l.starts_with("tfd:")) {
@@ -1144,7 +1149,7 @@ pub fn restore(r: &Remote, st: &FilesState, external: &[(i32, i32)], memfds: &Ha
             FileKind::Epoll { .. } => continue,
             FileKind::SignalFd { mask, flags } => crate::anonfds::restore_signalfd(r, *mask, *flags)?,
             FileKind::Inotify { flags, watches } => crate::anonfds::restore_inotify(r, *flags, watches)?,
-            FileKind::Pidfd { flags, dead } => crate::anonfds::restore_pidfd(r, *flags, *dead)?,
+            FileKind::Pidfd { flags, dead, exit } => crate::anonfds::restore_pidfd(r, *flags, *dead, *exit)?,
             FileKind::Ghost { ino, path, flags, pos } => {
                 // A new description of the file created again (see `ghosts`).
                 let helper = *memfds

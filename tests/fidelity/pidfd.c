@@ -1,9 +1,19 @@
-/* pidfds: one of the process itself (PIDFD_NONBLOCK) and one of a child that has exited and
- * been reaped. After restore each gives the same answers: fdinfo Pid (own pid / -1), poll
- * (not readable / readable), pidfd_send_signal (0 / ESRCH), waitid (ECHILD). */
+/* pidfds: one of the process itself (PIDFD_NONBLOCK) and one of a child that has exited with
+ * status 7 and been reaped. After restore each gives the same answers: fdinfo
+ * Pid (own pid / -1), poll (not readable / readable), pidfd_send_signal (0 / ESRCH), waitid
+ * (ECHILD), and for the dead one PIDFD_GET_INFO: its exit status. */
 #include "fidelity.h"
 #include <poll.h>
+#include <stdint.h>
+#include <sys/ioctl.h>
 #include <sys/wait.h>
+
+struct pidfd_info64 {
+    uint64_t mask, cgroupid;
+    uint32_t pid, tgid, ppid, ruid, rgid, euid, egid, suid, sgid, fsuid, fsgid;
+    int32_t exit_code;
+};
+#define PIDFD_GET_INFO_ 0xc040ff0bUL
 
 static long fdinfo_pid(int fd) {
     char p[64], line[256];
@@ -31,6 +41,9 @@ static void check_all(int self, int dead, const char *when) {
     CHECK(waitid(P_PIDFD, dead, &si, WEXITED | WNOHANG) == -1 && errno == ECHILD, "%s: waitid", when);
     CHECK(fcntl(self, F_GETFL) & O_NONBLOCK, "%s: PIDFD_NONBLOCK", when);
     CHECK(fcntl(dead, F_GETFD) & FD_CLOEXEC, "%s: close-on-exec", when);
+    struct pidfd_info64 pi = {.mask = 8 /* PIDFD_INFO_EXIT */};
+    CHECK(ioctl(dead, PIDFD_GET_INFO_, &pi) == 0 && (pi.mask & 8) && pi.exit_code == 7 << 8,
+          "%s: PIDFD_GET_INFO mask %llx exit %x", when, (unsigned long long)pi.mask, pi.exit_code);
 }
 
 int main(void) {
