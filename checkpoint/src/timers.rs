@@ -9,8 +9,9 @@
 //! Restore (once every thread exists, so that a SIGEV_THREAD_ID timer finds its thread): each
 //! timer is created again with its id — with `prctl(PR_TIMER_CREATE_RESTORE_IDS)` (Linux ≥
 //! 6.17) `timer_create` takes the id it is given; without it, ids are handed out one after the
-//! other from 0, so stand-in timers are created up to the id and deleted after — then armed
-//! with the time that was left (relative) and its interval.
+//! other from 0, so stand-in timers are created up to the id and deleted after (test hook:
+//! `DVK_TEST_TIMER_STANDINS` forces this path) — then armed with the time that was left
+//! (relative) and its interval.
 //!
 //! Not carried, refused at dump naming the timer: a non-zero overrun count of the last expiry
 //! (the kernel has no way to set it), clocks of a thread's or another process's CPU time.
@@ -153,7 +154,10 @@ pub fn restore(r: &Remote, timers: &[PosixTimer], tid_of: &dyn Fn(Pid) -> Pid) -
     if timers.is_empty() {
         return Ok(());
     }
-    let by_id = r.raw(libc::SYS_prctl, &[PR_TIMER_CREATE_RESTORE_IDS, 1, 0, 0, 0])? == 0;
+    // (Test hook: `DVK_TEST_TIMER_STANDINS` in the restorer's environment takes the stand-in
+    // path, which kernels before 6.17 need, on this one too.)
+    let by_id = std::env::var_os("DVK_TEST_TIMER_STANDINS").is_none()
+        && r.raw(libc::SYS_prctl, &[PR_TIMER_CREATE_RESTORE_IDS, 1, 0, 0, 0])? == 0;
     let mut standins = Vec::new();
     let mut last = -1;
     for t in timers {

@@ -295,6 +295,26 @@ fn precopy_keeps_other_state() {
     }
 }
 
+/// POSIX timers restored the way kernels before 6.17 need (no PR_TIMER_CREATE_RESTORE_IDS):
+/// stand-in timers take the ids below each timer's, deleted after. (The test hook is read at
+/// restore; `posix_timers` running at the same time takes either path, both keep the ids.)
+#[test]
+fn posix_timers_by_standins() {
+    if !root() {
+        return;
+    }
+    let mut p = Prog::start("posix_timers");
+    std::thread::sleep(Duration::from_millis(50));
+    std::env::set_var("DVK_TEST_TIMER_STANDINS", "1");
+    let dumped = ck::dump(p.pid, &p.img(1), AfterDump::Kill);
+    wait_exit(p.pid, Duration::from_secs(5));
+    let restored = dumped.and_then(|_| ck::restore(&p.img(1), &RestoreOptions::default()));
+    std::env::remove_var("DVK_TEST_TIMER_STANDINS");
+    p.pid = restored.unwrap().pid;
+    p.go();
+    p.expect_pass();
+}
+
 #[test]
 fn blocked_sigsuspend() {
     if !root() {
