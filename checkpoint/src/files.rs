@@ -123,6 +123,14 @@ pub enum FileKind {
         dead: bool,
         exit: Option<(i32, [u32; 8])>,
     },
+    /// A directory deleted while open (`is_cwd`: it is also the working directory); see `ghosts`.
+    GhostDir {
+        path: String,
+        dir: crate::ghosts::DeletedDir,
+        is_cwd: bool,
+        flags: u32,
+        pos: u64,
+    },
     /// A regular file deleted while open (content saved once per inode, see `ghosts`).
     Ghost {
         ino: u64,
@@ -188,7 +196,11 @@ fn describe(pid: Pid, fd: i32, pidfd: &std::os::fd::OwnedFd) -> Result<FileKind>
         if let Some(path) = crate::ghosts::deleted_path(&link) {
             let fdp = proc_path(pid, &format!("fd/{fd}"));
             if std::fs::metadata(&fdp).map(|m| m.is_dir()).unwrap_or(false) {
-                return Err(refuse("a directory deleted while open (not carried)"));
+                use std::os::unix::fs::MetadataExt;
+                let dir = crate::ghosts::DeletedDir::of(&fdp).map_err(|e| refuse(&e.to_string()))?;
+                let cwd = std::fs::metadata(proc_path(pid, "cwd")).ok();
+                let is_cwd = cwd.is_some_and(|c| c.ino() == dir.ino && c.nlink() == 0);
+                return Ok(FileKind::GhostDir { path: path.to_string(), dir, is_cwd, flags, pos });
             }
             let (_, ino) = crate::ghosts::judge(&fdp, path).map_err(|why| refuse(&why))?;
             return Ok(FileKind::Ghost { ino, path: path.to_string(), flags, pos });
@@ -979,6 +991,8 @@ pub fn restore(r: &Remote, st: &FilesState, external: &[(i32, i32)], memfds: &Ha
     let mut temps: Vec<Option<u64>> = vec![None; st.files.len()];
     let mut helper_used: HashSet<u64> = HashSet::new();
     let mut fifo_holders: HashMap<u64, u64> = HashMap::new();
+    // Deleted directories made again: inode → index of the first description of each.
+    let mut ghost_dirs: HashMap<u64, usize> = HashMap::new();
     let to_temp = |fd: u64| -> Result<u64> {
         let t = r.call("fcntl(F_DUPFD_CLOEXEC)", libc::SYS_fcntl, &[fd, libc::F_DUPFD_CLOEXEC as u64, temp_base])?;
         r.call("close", libc::SYS_close, &[fd])?;
@@ -1150,6 +1164,32 @@ pub fn restore(r: &Remote, st: &FilesState, external: &[(i32, i32)], memfds: &Ha
             FileKind::SignalFd { mask, flags } => crate::anonfds::restore_signalfd(r, *mask, *flags)?,
             FileKind::Inotify { flags, watches } => crate::anonfds::restore_inotify(r, *flags, watches)?,
             FileKind::Pidfd { flags, dead, exit } => crate::anonfds::restore_pidfd(r, *flags, *dead, *exit)?,
+            FileKind::GhostDir { path, dir, is_cwd, flags, pos } => {
+                let fl = (flags & KEEP_FLAGS) as u64;
+                let open = |p: &str| -> Result<u64> {
+                    let a = r.put_cstr(0, p.as_bytes())?;
+                    r.call(
+                        &format!("open deleted directory {path} ({p})"),
+                        libc::SYS_openat,
+                        &[libc::AT_FDCWD as u64, a, fl, 0],
+                    )
+                };
+                let fd = match ghost_dirs.get(&dir.ino).and_then(|&j| temps[j]) {
+                    Some(t) => open(&format!("/proc/self/fd/{t}"))?,
+                    None if *is_cwd => open("/proc/self/cwd")?,
+                    None => {
+                        let used = dir.make(r, path)?;
+                        let fd = open(&used)?;
+                        crate::ghosts::remove_dir(r, &used)?;
+                        fd
+                    }
+                };
+                ghost_dirs.entry(dir.ino).or_insert(i);
+                if *pos != 0 {
+                    r.call("lseek (deleted directory)", libc::SYS_lseek, &[fd, *pos, libc::SEEK_SET as u64])?;
+                }
+                fd
+            }
             FileKind::Ghost { ino, path, flags, pos } => {
                 // A new description of the file created again (see `ghosts`).
                 let helper = *memfds

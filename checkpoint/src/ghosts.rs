@@ -240,6 +240,56 @@ pub fn install(
     Ok(())
 }
 
+/// A directory deleted while the process was in it or held it open (it was empty: only an
+/// empty directory can be removed).
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct DeletedDir {
+    pub ino: u64,
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+}
+
+impl DeletedDir {
+    /// The directory `proc_link` (/proc/PID/cwd or /proc/PID/fd/N) leads to.
+    pub fn of(proc_link: &Path) -> std::io::Result<DeletedDir> {
+        let md = std::fs::metadata(proc_link)?;
+        Ok(DeletedDir { ino: md.ino(), mode: md.mode() & 0o7777, uid: md.uid(), gid: md.gid() })
+    }
+
+    /// Creates the directory again at `path` in the new process (a `.dvk-ghost.<inode>` name
+    /// beside it if the path is taken), with its owner and mode; returns the path used. The
+    /// caller goes into it or opens it, then removes it with [`remove_dir`].
+    pub fn make(&self, r: &Remote, path: &str) -> Result<String> {
+        let parent = path.rsplit_once('/').map_or("", |(d, _)| d);
+        for p in [path.to_string(), format!("{parent}/.dvk-ghost.{}", self.ino)] {
+            let a = r.put_cstr(0, p.as_bytes())?;
+            let ret = r.raw(libc::SYS_mkdir, &[a, 0o700])?;
+            if ret == -(libc::EEXIST as i64) {
+                continue;
+            }
+            if ret < 0 {
+                return Err(Error::Injected {
+                    pid: r.pid,
+                    call: format!("mkdir {p} (deleted directory, created again)"),
+                    errno: -ret as i32,
+                    msg: crate::inject::errno_name(-ret as i32),
+                });
+            }
+            r.call("chown (deleted directory)", libc::SYS_chown, &[a, self.uid as u64, self.gid as u64])?;
+            r.call("chmod (deleted directory)", libc::SYS_chmod, &[a, self.mode as u64])?;
+            return Ok(p);
+        }
+        Err(Error::Restore(format!("deleted directory {path}: its path and a stand-in name are both taken")))
+    }
+}
+
+/// Removes a directory made by [`DeletedDir::make`] once it is in use.
+pub fn remove_dir(r: &Remote, path: &str) -> Result<()> {
+    let a = r.put_cstr(0, path.as_bytes())?;
+    r.call(&format!("rmdir {path} (deleted directory)"), libc::SYS_rmdir, &[a]).map(drop)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

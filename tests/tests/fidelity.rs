@@ -261,6 +261,7 @@ fidelity! {
     pidfd,
     posix_timers settle 50,
     deleted_file,
+    deleted_dirs,
 }
 
 /// Pre-copy of a program that keeps writing its pages (and mapping, moving, unmapping and
@@ -695,24 +696,6 @@ fn refused(name: &'static str, want: &[&str]) {
 #[test]
 fn deleted_big_file_refused() {
     refused("deleted_big_file", &["fd 3", "big.bin", "17825792 bytes of data"]);
-}
-
-/// A deleted working directory and a deleted directory held open: both named.
-#[test]
-fn deleted_cwd_refused() {
-    if !root() {
-        return;
-    }
-    let p = Prog::start("deleted_cwd");
-    let all: Vec<String> = ck::blockers(p.pid, &Default::default()).unwrap().iter().map(|e| e.to_string()).collect();
-    let all = all.join("\n");
-    assert!(all.contains("working directory") && all.contains("/sub (deleted)"), "{all}");
-    assert!(all.contains("fd 4") && all.contains("held (deleted)") && all.contains("directory deleted"), "{all}");
-    let e = ck::dump(p.pid, &p.img(1), AfterDump::Kill).expect_err("dump should be refused").to_string();
-    assert!(e.contains("(deleted)"), "{e}");
-    assert!(!p.img(1).join("manifest.img").exists());
-    p.go();
-    p.expect_pass();
 }
 
 #[test]
