@@ -130,6 +130,9 @@ pub fn pidfd(
         -1 => Ok(FileKind::Pidfd { flags, dead: true, exit: exit() }),
         t if t == pid as i64 => Ok(FileKind::Pidfd { flags, dead: false, exit: None }),
         0 => Err("a pidfd of a process in another pid namespace".into()),
+        t if proc_path(pid, &format!("task/{t}")).exists() => {
+            Err(format!("a pidfd of thread {t} of the process itself (PIDFD_THREAD; not carried yet)"))
+        }
         t => {
             let comm = std::fs::read_to_string(proc_path(t as Pid, "comm")).unwrap_or_default();
             Err(format!(
@@ -228,6 +231,20 @@ mod tests {
         );
         assert_eq!(pidfd(me, "Pid:\t-1\n", 2, &gone).unwrap(), FileKind::Pidfd { flags: 2, dead: true, exit: gone() });
         assert!(pidfd(me, "Pid:\t1\n", 2, &gone).unwrap_err().contains("pid 1 ("));
+        // A pidfd of one of its own threads (PIDFD_THREAD) is named as such.
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (hold, release) = std::sync::mpsc::channel::<()>();
+        let t = std::thread::spawn(move || {
+            // Its tid, from /proc/thread-self ("PID/task/TID").
+            let tid = std::fs::read_link("/proc/thread-self").unwrap();
+            tx.send(tid.file_name().unwrap().to_string_lossy().into_owned()).unwrap();
+            let _ = release.recv();
+        });
+        let tid = rx.recv().unwrap();
+        let why = pidfd(me, &format!("Pid:\t{tid}\n"), 2, &gone).unwrap_err();
+        assert!(why.contains(&format!("thread {tid} of the process itself")), "{why}");
+        drop(hold);
+        t.join().unwrap();
         // A dead process's pidfd made here tells the exit it was given.
         let fd = sys::dead_pidfd(Some((9 << 8, [0; 8]))).unwrap();
         assert_eq!(sys::pidfd_exit_info(&fd).map(|e| e.0), Some(9 << 8));
