@@ -197,6 +197,7 @@ fn describe(pid: Pid, fd: i32, pidfd: &std::os::fd::OwnedFd) -> Result<FileKind>
             let fdp = proc_path(pid, &format!("fd/{fd}"));
             if std::fs::metadata(&fdp).map(|m| m.is_dir()).unwrap_or(false) {
                 use std::os::unix::fs::MetadataExt;
+                crate::ghosts::parent_exists(path).map_err(|why| refuse(&why))?;
                 let dir = crate::ghosts::DeletedDir::of(&fdp).map_err(|e| refuse(&e.to_string()))?;
                 let cwd = std::fs::metadata(proc_path(pid, "cwd")).ok();
                 let is_cwd = cwd.is_some_and(|c| c.ino() == dir.ino && c.nlink() == 0);

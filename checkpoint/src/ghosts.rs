@@ -74,6 +74,7 @@ pub fn judge(proc_file: &Path, path: &str) -> std::result::Result<(File, u64), S
     if md.nlink() != 0 {
         return Err(format!("{path} was removed but the file has {} other name(s) (not carried)", md.nlink()));
     }
+    parent_exists(path)?;
     let data = extents(&f, md.size()).map_err(|e| e.to_string())?.iter().map(|e| e.1).sum::<u64>();
     if data > GHOST_LIMIT {
         return Err(format!(
@@ -83,6 +84,15 @@ pub fn judge(proc_file: &Path, path: &str) -> std::result::Result<(File, u64), S
         ));
     }
     Ok((f, md.ino()))
+}
+
+/// A deleted file or directory is made again in its directory: it must still exist.
+pub fn parent_exists(path: &str) -> std::result::Result<(), String> {
+    let parent = path.rsplit_once('/').map_or("/", |(d, _)| if d.is_empty() { "/" } else { d });
+    if std::fs::metadata(parent).is_ok_and(|m| m.is_dir()) {
+        return Ok(());
+    }
+    Err(format!("{path} was deleted and its directory {parent} is gone too (it is made again in its directory)"))
 }
 
 /// The data extents of `f` (holes skipped), within `size`.

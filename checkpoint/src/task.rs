@@ -255,6 +255,8 @@ pub fn collect_static(pid: Pid) -> Result<TaskState> {
     }
     let mut cwd_deleted = None;
     if let Some(p) = cwd.strip_suffix(" (deleted)").filter(|p| p.starts_with('/')) {
+        crate::ghosts::parent_exists(p)
+            .map_err(|why| Error::Unsupported { pid, what: format!("working directory: {why}") })?;
         let d = crate::ghosts::DeletedDir::of(&proc_path(pid, "cwd")).map_err(|err| Error::NoProcess { pid, err })?;
         cwd_deleted = Some(d);
         cwd = p.to_string();

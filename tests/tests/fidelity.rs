@@ -699,6 +699,11 @@ fn deleted_big_file_refused() {
 }
 
 #[test]
+fn deleted_parent_refused() {
+    refused("deleted_parent", &["fd 4", "d/f", "directory", "is gone too"]);
+}
+
+#[test]
 fn file_lock_refused() {
     refused("file_lock", &["fd 3", "locked", "file lock", "FLOCK"]);
 }
