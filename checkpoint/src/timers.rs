@@ -96,11 +96,20 @@ fn parse(text: &str) -> std::result::Result<Vec<PosixTimer>, String> {
 }
 
 /// What cannot be carried, from /proc only: timers on a thread's or another process's CPU
-/// clock.
+/// clock, SIGEV_THREAD_ID timers aimed at a thread that has exited.
 pub fn blockers(pid: Pid) -> Result<Vec<Error>> {
     Ok(read(pid)?
         .into_iter()
         .filter_map(|t| {
+            if t.notify & SIGEV_THREAD_ID != 0 && (t.tid <= 0 || !proc_path(pid, &format!("task/{}", t.tid)).exists()) {
+                return Some(Error::Unsupported {
+                    pid,
+                    what: format!(
+                        "POSIX timer {} (timer_create) aimed at a thread that has exited (SIGEV_THREAD_ID)",
+                        t.id
+                    ),
+                });
+            }
             let why = match t.clock {
                 0 | 1 | 2 | 7 | 8 | 9 | 11 => return None,
                 3 => "the CPU-time clock of one thread (CLOCK_THREAD_CPUTIME_ID)".to_string(),

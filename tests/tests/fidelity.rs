@@ -714,6 +714,11 @@ fn posix_timer_refused() {
 }
 
 #[test]
+fn posix_timer_dead_thread_refused() {
+    refused("posix_timer_dead_thread", &["POSIX timer 0", "thread that has exited", "SIGEV_THREAD_ID"]);
+}
+
+#[test]
 fn io_uring_refused() {
     refused("io_uring", &["fd 3", "io_uring"]);
 }
