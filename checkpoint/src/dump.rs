@@ -10,7 +10,7 @@ use crate::freeze::Frozen;
 use crate::image::{self, Manifest, PageSink};
 use crate::precopy::Precopy;
 use crate::sys::{self, Pid};
-use crate::{cpu, files, locks, memfd, memory, proc, signals, sysv, task, threads, vdso};
+use crate::{cpu, files, ghosts, locks, memfd, memory, proc, signals, sysv, task, threads, timers, vdso};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum AfterDump {
@@ -87,7 +87,8 @@ pub fn preflight(pid: Pid, opts: &DumpOptions) -> Result<()> {
 /// Every reason `pid` cannot be dumped, each printable as one line, without touching the
 /// process (from /proc, sock_diag and `pidfd_getfd` copies): mappings, fds (with the
 /// processes at the other end of pipes and sockets named), working directory, executable,
-/// seccomp, a tracer, children, POSIX timers, SysV semaphores and message queues. The fds in `opts.external_fds` are not judged.
+/// seccomp, a tracer, children, POSIX timers on clocks that cannot follow, SysV semaphores and
+/// message queues. The fds in `opts.external_fds` are not judged.
 /// `Err` only when the process cannot be read at all.
 pub fn blockers(pid: Pid, opts: &DumpOptions) -> Result<Vec<Error>> {
     // A thread-group leader that exited (pthread_exit in main) while other threads run on: its
@@ -110,6 +111,15 @@ pub fn blockers(pid: Pid, opts: &DumpOptions) -> Result<Vec<Error>> {
     }
     let mut v = memory::blockers(&maps, &flags);
     v.extend(sysv::blockers(pid, &maps));
+    // Mappings of deleted files: carried when small enough (their fds are judged in files).
+    for m in &maps {
+        if let Some(path) = ghosts::deleted_path(&m.path) {
+            let src = proc::proc_path(pid, &format!("map_files/{:x}-{:x}", m.start, m.end));
+            if let Err(why) = ghosts::judge(&src, path) {
+                v.push(Error::UnsupportedMapping { range: m.range(), what: m.path.clone(), why });
+            }
+        }
+    }
     v.extend(files::blockers(pid, &opts.external_fds)?);
     v.extend(task::blockers(pid)?);
     // Another tracer (a debugger, strace): the freeze (PTRACE_SEIZE) would fail.
@@ -136,14 +146,8 @@ pub fn blockers(pid: Pid, opts: &DumpOptions) -> Result<Vec<Error>> {
             what: format!("a process with children ({}): process trees", named(&children)),
         });
     }
-    // POSIX timers are not carried yet: refuse rather than lose them.
-    if let Ok(t) = std::fs::read_to_string(proc::proc_path(pid, "timers")) {
-        let ids: Vec<&str> = t.lines().filter_map(|l| l.strip_prefix("ID: ")).collect();
-        if !ids.is_empty() {
-            let s = if ids.len() == 1 { "" } else { "s" };
-            v.push(Error::Unsupported { pid, what: format!("POSIX timer{s} {} (timer_create)", ids.join(", ")) });
-        }
-    }
+    // POSIX timers on clocks that cannot follow (the overrun count is judged at collection).
+    v.extend(timers::blockers(pid)?);
     Ok(v)
 }
 
@@ -314,7 +318,8 @@ fn remove_image(dir: &Path) {
     let _ = std::fs::remove_file(dir.join(image::PAGES));
     let _ = std::fs::remove_file(dir.join(image::MANIFEST));
     for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
-        if e.file_name().to_string_lossy().starts_with("memfd-") {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name.starts_with("memfd-") || name.starts_with("ghost-") {
             let _ = std::fs::remove_file(e.path());
         }
     }
@@ -341,6 +346,7 @@ fn collect_all(f: &mut Frozen, dir: &Path, opts: &DumpOptions, clk: &mut Clock) 
     drop(precopy);
     let memfds = memfd::collect(pid, &files, &memory, dir)?;
     let shm = sysv::collect(&maps)?;
+    let ghosts = ghosts::collect(pid, &files, &memory, dir)?;
     clk.lap("pages");
     check_interrupted(pid, opts)?;
 
@@ -349,6 +355,7 @@ fn collect_all(f: &mut Frozen, dir: &Path, opts: &DumpOptions, clk: &mut Clock) 
     let r = f.remote(gadget_at)?;
     let mut sig = signals::collect(r, sigmask)?;
     let task = task::collect(r)?;
+    let posix_timers = timers::collect(r)?;
     signals::collect_pending(pid, &mut sig)?;
     let threads = threads::collect(f)?;
     f.end_injection()?;
@@ -376,6 +383,8 @@ fn collect_all(f: &mut Frozen, dir: &Path, opts: &DumpOptions, clk: &mut Clock) 
         memfds,
         pages_len: sink.len(),
         precopy_len,
+        posix_timers,
+        ghosts,
     };
     Ok((m, sink.len()))
 }

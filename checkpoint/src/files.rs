@@ -5,7 +5,8 @@
 //! path with their unread data (when no other process holds them), pipes with both ends in the process (unread data copied with `tee`, not consumed),
 //! eventfd (counter), timerfd (clock, remaining time, interval, unread ticks), epoll (every
 //! registered fd with its events and data), AF_UNIX listeners bound to a path, AF_UNIX stream
-//! pairs with both ends inside (peer from sock_diag, unread bytes with MSG_PEEK), memfds, and
+//! pairs with both ends inside (peer from sock_diag, unread bytes with MSG_PEEK), memfds,
+//! signalfd, inotify and pidfds (see `anonfds`), files deleted while open (see `ghosts`), and
 //! fds left to the caller. Anything else is refused with the fd named, before the process is
 //! frozen.
 //!
@@ -105,6 +106,38 @@ pub enum FileKind {
         what: String,
         flags: u32,
     },
+    /// A signalfd: the signals it reads (see `anonfds`).
+    SignalFd {
+        mask: u64,
+        flags: u32,
+    },
+    /// An inotify instance: its watches, by descriptor (see `anonfds`).
+    Inotify {
+        flags: u32,
+        watches: Vec<crate::anonfds::InotifyWatch>,
+    },
+    /// A pidfd of the process itself, or (`dead`) of a process that has exited, with its wait
+    /// status and ids where the kernel tells them (see `anonfds`).
+    Pidfd {
+        flags: u32,
+        dead: bool,
+        exit: Option<(i32, [u32; 8])>,
+    },
+    /// A directory deleted while open (`is_cwd`: it is also the working directory); see `ghosts`.
+    GhostDir {
+        path: String,
+        dir: crate::ghosts::DeletedDir,
+        is_cwd: bool,
+        flags: u32,
+        pos: u64,
+    },
+    /// A regular file deleted while open (content saved once per inode, see `ghosts`).
+    Ghost {
+        ino: u64,
+        path: String,
+        flags: u32,
+        pos: u64,
+    },
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -160,8 +193,18 @@ fn describe(pid: Pid, fd: i32, pidfd: &std::os::fd::OwnedFd) -> Result<FileKind>
         return Ok(FileKind::Memfd { ino: md.ino(), name: name.to_string(), flags, pos });
     }
     if link.starts_with('/') {
-        if link.ends_with(" (deleted)") {
-            return Err(refuse("the file was deleted while open (deleted-but-open files are not carried)"));
+        if let Some(path) = crate::ghosts::deleted_path(&link) {
+            let fdp = proc_path(pid, &format!("fd/{fd}"));
+            if std::fs::metadata(&fdp).map(|m| m.is_dir()).unwrap_or(false) {
+                use std::os::unix::fs::MetadataExt;
+                crate::ghosts::parent_exists(path).map_err(|why| refuse(&why))?;
+                let dir = crate::ghosts::DeletedDir::of(&fdp).map_err(|e| refuse(&e.to_string()))?;
+                let cwd = std::fs::metadata(proc_path(pid, "cwd")).ok();
+                let is_cwd = cwd.is_some_and(|c| c.ino() == dir.ino && c.nlink() == 0);
+                return Ok(FileKind::GhostDir { path: path.to_string(), dir, is_cwd, flags, pos });
+            }
+            let (_, ino) = crate::ghosts::judge(&fdp, path).map_err(|why| refuse(&why))?;
+            return Ok(FileKind::Ghost { ino, path: path.to_string(), flags, pos });
         }
         let md = std::fs::metadata(&link).map_err(|e| refuse(&format!("cannot stat the path: {e}")))?;
         let own = std::fs::metadata(proc_path(pid, &format!("fd/{fd}"))).map_err(|e| refuse(&e.to_string()))?;
@@ -228,6 +271,12 @@ fn describe(pid: Pid, fd: i32, pidfd: &std::os::fd::OwnedFd) -> Result<FileKind>
                 value_ns: pair_ns(field(&info, "it_value")),
                 interval_ns: pair_ns(field(&info, "it_interval")),
             });
+        }
+        "anon_inode:[signalfd]" => return Ok(crate::anonfds::signalfd(&info, flags)),
+        "anon_inode:inotify" => return crate::anonfds::inotify(pidfd, fd, &info, flags).map_err(|why| refuse(&why)),
+        "anon_inode:[pidfd]" => {
+            let exit = || sys::pidfd_getfd(pidfd, fd).ok().and_then(|d| sys::pidfd_exit_info(&d));
+            return crate::anonfds::pidfd(pid, &info, flags, &exit).map_err(|why| refuse(&why));
         }
         "anon_inode:[eventpoll]" => {
             let mut targets = Vec::new();
@@ -940,6 +989,8 @@ pub fn restore(r: &Remote, st: &FilesState, external: &[(i32, i32)], memfds: &Ha
     let mut temps: Vec<Option<u64>> = vec![None; st.files.len()];
     let mut helper_used: HashSet<u64> = HashSet::new();
     let mut fifo_holders: HashMap<u64, u64> = HashMap::new();
+    // Deleted directories made again: inode → index of the first description of each.
+    let mut ghost_dirs: HashMap<u64, usize> = HashMap::new();
     let to_temp = |fd: u64| -> Result<u64> {
         let t = r.call("fcntl(F_DUPFD_CLOEXEC)", libc::SYS_fcntl, &[fd, libc::F_DUPFD_CLOEXEC as u64, temp_base])?;
         r.call("close", libc::SYS_close, &[fd])?;
@@ -1108,6 +1159,51 @@ pub fn restore(r: &Remote, st: &FilesState, external: &[(i32, i32)], memfds: &Ha
                 continue;
             }
             FileKind::Epoll { .. } => continue,
+            FileKind::SignalFd { mask, flags } => crate::anonfds::restore_signalfd(r, *mask, *flags)?,
+            FileKind::Inotify { flags, watches } => crate::anonfds::restore_inotify(r, *flags, watches)?,
+            FileKind::Pidfd { flags, dead, exit } => crate::anonfds::restore_pidfd(r, *flags, *dead, *exit)?,
+            FileKind::GhostDir { path, dir, is_cwd, flags, pos } => {
+                let fl = (flags & KEEP_FLAGS) as u64;
+                let open = |p: &str| -> Result<u64> {
+                    let a = r.put_cstr(0, p.as_bytes())?;
+                    r.call(
+                        &format!("open deleted directory {path} ({p})"),
+                        libc::SYS_openat,
+                        &[libc::AT_FDCWD as u64, a, fl, 0],
+                    )
+                };
+                let fd = match ghost_dirs.get(&dir.ino).and_then(|&j| temps[j]) {
+                    Some(t) => open(&format!("/proc/self/fd/{t}"))?,
+                    None if *is_cwd => open("/proc/self/cwd")?,
+                    None => {
+                        let used = dir.make(r, path)?;
+                        let fd = open(&used)?;
+                        crate::ghosts::remove_dir(r, &used)?;
+                        fd
+                    }
+                };
+                ghost_dirs.entry(dir.ino).or_insert(i);
+                if *pos != 0 {
+                    r.call("lseek (deleted directory)", libc::SYS_lseek, &[fd, *pos, libc::SEEK_SET as u64])?;
+                }
+                fd
+            }
+            FileKind::Ghost { ino, path, flags, pos } => {
+                // A new description of the file created again (see `ghosts`).
+                let helper = *memfds
+                    .get(&crate::ghosts::key(*ino))
+                    .ok_or_else(|| Error::Restore(format!("deleted file {path} was not saved")))?;
+                let p = r.put_cstr(0, format!("/proc/self/fd/{helper}").as_bytes())?;
+                let fd = r.call(
+                    &format!("open deleted file {path}"),
+                    libc::SYS_openat,
+                    &[libc::AT_FDCWD as u64, p, (flags & KEEP_FLAGS) as u64, 0],
+                )?;
+                if *pos != 0 {
+                    r.call("lseek (deleted file)", libc::SYS_lseek, &[fd, *pos, libc::SEEK_SET as u64])?;
+                }
+                fd
+            }
             FileKind::Memfd { ino, name, flags, pos } => {
                 let helper = *memfds.get(ino).ok_or_else(|| Error::Restore(format!("memfd {name} was not saved")))?;
                 let rdwr = flags & libc::O_ACCMODE as u32 == libc::O_RDWR as u32;

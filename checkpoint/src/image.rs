@@ -69,6 +69,10 @@ pub struct Manifest {
     pub pages_len: u64,
     /// Bytes of the pre-copy store the `precopied` runs refer to (0 without pre-copy).
     pub precopy_len: u64,
+    /// POSIX timers (`timer_create`).
+    pub posix_timers: Vec<crate::timers::PosixTimer>,
+    /// Files deleted while open, their data in ghost-<inode>.img.
+    pub ghosts: Vec<crate::ghosts::GhostState>,
 }
 
 /// Largest manifest a reader accepts (a process with tens of thousands of mappings, fds and
@@ -243,6 +247,8 @@ pub struct Image {
     pub precopy: MappedFile,
     /// Content of each memfd, in manifest order (checked).
     pub memfd_data: Vec<Vec<u8>>,
+    /// The data of each deleted file, in manifest order.
+    pub ghost_data: Vec<Vec<u8>>,
 }
 
 /// Reads and verifies an image (manifest header and checksum, page file length and every run's
@@ -310,7 +316,8 @@ pub fn read_with_pages(dir: &Path, pages: MappedFile, precopy: MappedFile) -> Re
         }
     }
     let memfd_data = crate::memfd::read_all(dir, &manifest.memfds)?;
-    Ok(Image { dir: dir.to_path_buf(), manifest, pages, precopy, memfd_data })
+    let ghost_data = crate::ghosts::read_all(dir, &manifest.ghosts)?;
+    Ok(Image { dir: dir.to_path_buf(), manifest, pages, precopy, memfd_data, ghost_data })
 }
 
 /// Writes page data into pages.img. Runs are planned first (at most [`MAX_RUN`] bytes each,
@@ -536,6 +543,8 @@ mod tests {
             memfds: vec![],
             pages_len,
             precopy_len: 0,
+            posix_timers: vec![],
+            ghosts: vec![],
         }
     }
 

@@ -13,11 +13,13 @@
 //! `unsafe` lives in [`sys`]. The library never prints or exits; errors name what they are about.
 //! See docs/CHECKPOINT.md for the image format, the phases and the limits.
 
+pub mod anonfds;
 pub mod cpu;
 pub mod dump;
 pub mod error;
 pub mod files;
 pub mod freeze;
+pub mod ghosts;
 pub mod host;
 pub mod image;
 pub mod inject;
@@ -33,6 +35,7 @@ pub mod sys;
 pub mod sysv;
 pub mod task;
 pub mod threads;
+pub mod timers;
 pub mod vdso;
 
 pub use dump::{

@@ -71,6 +71,8 @@ pub enum VmaKind {
     /// An attachment of SysV shared memory segment `id` (see `sysv`); `offset` into the
     /// segment (non-zero for the later parts of an attachment split by mprotect).
     SysvShm { id: i32, offset: u64 },
+    /// A mapping of a regular file deleted since (saved with its content, see `ghosts`).
+    Ghost { ino: u64, path: String, offset: u64 },
 }
 
 /// A run of consecutive stored pages: `len` bytes at `addr`, stored at `off` in pages.img.
@@ -220,6 +222,7 @@ impl Vma {
             VmaKind::File { path, .. } => path.clone(),
             VmaKind::Memfd { name, .. } => format!("/memfd:{name}"),
             VmaKind::SysvShm { id, .. } => format!("SysV shm {id}"),
+            VmaKind::Ghost { path, .. } => format!("{path} (deleted)"),
         };
         format!("{:#x}-{:#x} {}", self.start, self.end, what)
     }
@@ -269,8 +272,8 @@ pub fn classify(m: &MapLine) -> Result<VmaKind> {
     if crate::sysv::is_shm(p) {
         return Ok(VmaKind::SysvShm { id: m.inode as i32, offset: m.offset });
     }
-    if p.ends_with(" (deleted)") {
-        return Err(refuse("the mapped file was deleted"));
+    if let Some(path) = crate::ghosts::deleted_path(p) {
+        return Ok(VmaKind::Ghost { ino: m.inode, path: path.to_string(), offset: m.offset });
     }
     if !p.starts_with('/') {
         return Err(refuse("not a regular file mapping"));
@@ -339,7 +342,7 @@ pub fn collect(pid: Pid, maps: &[MapLine], sink: &mut PageSink, precopy: Option<
         // Shared file mappings were not looked at in pagemap (no page of theirs is data): look
         // for guard pages where the VMA says it may hold some.
         if m.shared()
-            && matches!(v.kind, VmaKind::File { .. } | VmaKind::Memfd { .. })
+            && matches!(v.kind, VmaKind::File { .. } | VmaKind::Memfd { .. } | VmaKind::Ghost { .. })
             && flags.iter().any(|f| f == "gu")
         {
             v.guards = guard_runs(pid, m.start, m.end)?;
@@ -383,8 +386,8 @@ fn collect_pages(pid: Pid, maps: &[MapLine], sink: &mut PageSink, precopy: Optio
         let npages = ((m.end - m.start) / PAGE) as usize;
         let want: Box<dyn Fn(u64) -> bool> = match (&kind, m.shared()) {
             (VmaKind::SharedAnon { .. } | VmaKind::SysvShm { .. }, _) => Box::new(|_| true),
-            (VmaKind::File { .. } | VmaKind::Memfd { .. }, true) => Box::new(|_| false),
-            (VmaKind::File { .. } | VmaKind::Memfd { .. }, false) => {
+            (VmaKind::File { .. } | VmaKind::Memfd { .. } | VmaKind::Ghost { .. }, true) => Box::new(|_| false),
+            (VmaKind::File { .. } | VmaKind::Memfd { .. } | VmaKind::Ghost { .. }, false) => {
                 Box::new(|e| (e & PM_PRESENT != 0 && e & PM_FILE == 0) || e & PM_SWAP != 0)
             }
             (VmaKind::Anon { .. }, _) => Box::new(|e| e & (PM_PRESENT | PM_SWAP) != 0),
@@ -396,8 +399,11 @@ fn collect_pages(pid: Pid, maps: &[MapLine], sink: &mut PageSink, precopy: Optio
         let mut pages: Vec<(u64, u64)> = Vec::new(); // runs of (addr, len)
         let mut guards: Vec<(u64, u64)> = Vec::new();
         // (Shared anonymous memory is stored whole, but its guard pages must be skipped.)
-        let needs_pagemap = !matches!((&kind, m.shared()), (VmaKind::File { .. } | VmaKind::Memfd { .. }, true));
-        if !(matches!(kind, VmaKind::File { .. } | VmaKind::Memfd { .. }) && m.shared()) {
+        let needs_pagemap = !matches!(
+            (&kind, m.shared()),
+            (VmaKind::File { .. } | VmaKind::Memfd { .. } | VmaKind::Ghost { .. }, true)
+        );
+        if !(matches!(kind, VmaKind::File { .. } | VmaKind::Memfd { .. } | VmaKind::Ghost { .. }) && m.shared()) {
             // pagemap in chunks of 64 Ki pages (512 KiB of entries): a huge sparse reservation
             // costs time, not memory.
             const CHUNK: usize = 64 << 10;
@@ -500,6 +506,13 @@ pub fn restore(
             }
             VmaKind::Memfd { ino, name, offset } => {
                 let fd = *memfds.get(ino).ok_or_else(|| Error::Restore(format!("memfd {name} was not saved")))?;
+                let fl = noreserve | libc::MAP_FIXED | if v.shared { libc::MAP_SHARED } else { libc::MAP_PRIVATE };
+                r.call(&what, libc::SYS_mmap, &[v.start, len, prot, fl as u64, fd, *offset])?;
+            }
+            VmaKind::Ghost { ino, path, offset } => {
+                let fd = *memfds
+                    .get(&crate::ghosts::key(*ino))
+                    .ok_or_else(|| Error::Restore(format!("deleted file {path} was not saved")))?;
                 let fl = noreserve | libc::MAP_FIXED | if v.shared { libc::MAP_SHARED } else { libc::MAP_PRIVATE };
                 r.call(&what, libc::SYS_mmap, &[v.start, len, prot, fl as u64, fd, *offset])?;
             }

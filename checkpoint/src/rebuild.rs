@@ -4,8 +4,9 @@
 //! (see `stub`), then, by syscalls injected into it: a gadget page and a scratch area in the
 //! reserved range; the stub's vDSO block parked there; every other stub mapping unmapped; every fd
 //! closed; umask/cwd/personality/name; the vDSO block moved onto the image's addresses; SysV
-//! segments found or created; every VMA mapped (SysV ones attached) and filled; `PR_SET_MM_MAP`; fds; file locks; signal handlers and altstack; set_tid_address,
-//! robust list, rseq; pending signals and itimers; rlimits (from outside); finally the whole
+//! segments found or created; every VMA mapped (SysV ones attached) and filled; `PR_SET_MM_MAP`;
+//! fds; file locks; signal handlers and altstack; set_tid_address, robust list, rseq; pending
+//! signals and itimers; threads; POSIX timers; rlimits (from outside); finally the whole
 //! reserved range is unmapped by a `munmap` caught at syscall exit, where the saved xstate,
 //! registers and signal mask are written, and the process is detached.
 
@@ -17,7 +18,7 @@ use crate::inject::{Remote, GADGET};
 use crate::memory::VmaKind;
 use crate::stub::{self, GADGET_PAGE, RESERVED_END, SCRATCH, SCRATCH_LEN, STUB_BASE, VDSO_TEMP};
 use crate::sys::{self, Pid};
-use crate::{cpu, files, locks, memfd, memory, proc, signals, sysv, task, threads};
+use crate::{cpu, files, ghosts, locks, memfd, memory, proc, signals, sysv, task, threads, timers};
 
 #[derive(Clone, Debug, Default)]
 pub struct RestoreOptions {
@@ -148,7 +149,8 @@ fn restore_inner(img: &Image, opts: &RestoreOptions, hold: bool) -> Result<(Rest
     lap("layout");
 
     let above_fds = (m.files.fds.iter().map(|e| e.fd).max().unwrap_or(2) + 1).max(3) as u64;
-    let memfds = memfd::install(&r, &m.memfds, &img.memfd_data, above_fds)?;
+    let mut memfds = memfd::install(&r, &m.memfds, &img.memfd_data, above_fds)?;
+    ghosts::install(&r, &m.ghosts, &img.ghost_data, above_fds, &mut memfds)?;
     let shm = sysv::prepare(&m.shm, &m.memory, img.pages.bytes(), img.precopy.bytes())?;
     memory::restore(&r, &m.memory, img.pages.bytes(), img.precopy.bytes(), &memfds)?;
     task::restore_mm(&r, &m.task)?;
@@ -165,6 +167,13 @@ fn restore_inner(img: &Image, opts: &RestoreOptions, hold: bool) -> Result<(Rest
     signals::restore_late(&r, &m.signals)?;
     task::restore_attrs(&r, &m.task)?;
     threads::restore(&r, &m.threads, !opts.new_pid && same_pid, &m.task, &mut child.threads)?;
+    let tid_of = |old: Pid| {
+        if old == m.pid {
+            return pid;
+        }
+        m.threads.iter().position(|t| t.tid == old).and_then(|i| child.threads.get(i).copied()).unwrap_or(old)
+    };
+    timers::restore(&r, &m.posix_timers, &tid_of)?;
     task::restore_rlimits(pid, &m.task)?;
     task::restore_sched(pid, &m.task.affinity, m.task.nice)?;
     task::restore_oom(pid, &m.task)?;

@@ -986,3 +986,121 @@ pub fn pagemap_scan(
     }
     Ok(())
 }
+
+// ---------------------------------------------------------------- inotify, pidfd, POSIX timers
+
+/// Bytes waiting to be read on `fd` (FIONREAD).
+pub fn fionread(fd: &impl AsRawFd) -> io::Result<usize> {
+    let mut n: libc::c_int = 0;
+    // SAFETY: FIONREAD writes one int to the given pointer.
+    let r = unsafe { libc::ioctl(fd.as_raw_fd(), libc::FIONREAD, &mut n as *mut libc::c_int) };
+    cvt(r as libc::c_long).map(|_| n.max(0) as usize)
+}
+
+/// `open_by_handle_at(mount, handle, O_PATH)`: the file an inotify watch's handle names, on the
+/// filesystem of `mount` (needs CAP_DAC_READ_SEARCH).
+pub fn open_by_handle(mount: &impl AsRawFd, handle_type: i32, handle: &[u8]) -> io::Result<OwnedFd> {
+    // struct file_handle: u32 handle_bytes, i32 handle_type, then the bytes (u32-aligned).
+    let mut raw = vec![0u32; 2 + handle.len().div_ceil(4)];
+    raw[0] = handle.len() as u32;
+    raw[1] = handle_type as u32;
+    for (i, chunk) in handle.chunks(4).enumerate() {
+        let mut w = [0u8; 4];
+        w[..chunk.len()].copy_from_slice(chunk);
+        raw[2 + i] = u32::from_ne_bytes(w);
+    }
+    // SAFETY: `raw` holds a complete struct file_handle (header + handle_bytes bytes) that lives
+    // through the call; the returned fd is owned below.
+    let r = unsafe {
+        libc::syscall(libc::SYS_open_by_handle_at, mount.as_raw_fd(), raw.as_ptr(), libc::O_PATH | libc::O_CLOEXEC)
+    };
+    // SAFETY: a new fd from the kernel, owned by the OwnedFd.
+    cvt(r).map(|fd| unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+}
+
+/// `PIDFD_GET_INFO` (Linux 6.15) of a pidfd whose process has exited: its wait status and ids
+/// (ruid, rgid, euid, egid, suid, sgid, fsuid, fsgid); None when the kernel does not tell.
+pub fn pidfd_exit_info(fd: &impl AsRawFd) -> Option<(i32, [u32; 8])> {
+    const PIDFD_GET_INFO: libc::c_ulong = 0xc040_ff0b; // _IOWR(0xFF, 11, 64 bytes)
+    const PIDFD_INFO_EXIT: u64 = 1 << 3;
+    let mut b = [0u64; 8];
+    b[0] = PIDFD_INFO_EXIT;
+    // SAFETY: `b` is a 64-byte struct pidfd_info the kernel reads and writes in place.
+    let r = unsafe { libc::ioctl(fd.as_raw_fd(), PIDFD_GET_INFO, b.as_mut_ptr()) };
+    if r != 0 || b[0] & PIDFD_INFO_EXIT == 0 {
+        return None;
+    }
+    let bytes: Vec<u8> = b.iter().flat_map(|w| w.to_ne_bytes()).collect();
+    let u32_at = |o: usize| u32::from_ne_bytes(bytes[o..o + 4].try_into().unwrap());
+    let ids = std::array::from_fn(|i| u32_at(28 + 4 * i));
+    Some((u32_at(60) as i32, ids))
+}
+
+/// A pidfd of a process that has exited and been reaped (a child forked here that exits at
+/// once): what a pidfd of a dead process answers (POLLIN, ESRCH, fdinfo `Pid: -1`). With `exit`
+/// (a wait status and ids as [`pidfd_exit_info`] gives them), the child takes those ids and
+/// ends that way, so `PIDFD_GET_INFO` answers the same (a core dump is not made again).
+pub fn dead_pidfd(exit: Option<(i32, [u32; 8])>) -> io::Result<OwnedFd> {
+    // SAFETY: the child only makes raw system calls (async-signal-safe) and exits.
+    let child = unsafe { libc::fork() };
+    if child == 0 {
+        // SAFETY: raw syscalls in the forked child with pointers to its own locals.
+        unsafe {
+            if let Some((status, ids)) = exit {
+                libc::syscall(libc::SYS_setresgid, ids[1], ids[3], ids[5]);
+                libc::syscall(libc::SYS_setresuid, ids[0], ids[2], ids[4]);
+                if libc::WIFSIGNALED(status) {
+                    let sig = libc::WTERMSIG(status);
+                    libc::syscall(libc::SYS_prctl, libc::PR_SET_DUMPABLE, 0, 0, 0, 0);
+                    let dfl = [0u64; 4];
+                    libc::syscall(libc::SYS_rt_sigaction, sig, dfl.as_ptr(), 0usize, 8usize);
+                    let m: u64 = 1 << (sig - 1);
+                    libc::syscall(libc::SYS_rt_sigprocmask, libc::SIG_UNBLOCK, &m as *const u64, 0usize, 8usize);
+                    libc::syscall(libc::SYS_kill, libc::syscall(libc::SYS_getpid), sig);
+                }
+                libc::_exit(libc::WEXITSTATUS(status));
+            }
+            libc::_exit(0);
+        }
+    }
+    let child = cvt(child as libc::c_long)? as Pid;
+    let fd = pidfd_open(child);
+    wait(child)?;
+    fd
+}
+
+/// A new inotify instance watching `p` for IN_CREATE (tests).
+#[cfg(test)]
+pub fn inotify_watching(p: &std::path::Path) -> io::Result<OwnedFd> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = CString::new(p.as_os_str().as_bytes()).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    // SAFETY: plain syscall; the fd is owned below.
+    let fd = cvt(unsafe { libc::inotify_init1(libc::IN_CLOEXEC) } as libc::c_long)?;
+    // SAFETY: fd was just created.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd as RawFd) };
+    // SAFETY: valid C string and fd.
+    cvt(unsafe { libc::inotify_add_watch(fd.as_raw_fd(), c.as_ptr(), libc::IN_CREATE) } as libc::c_long)?;
+    Ok(fd)
+}
+
+// ---------------------------------------------------------------- sparse files
+
+fn seek(f: &impl AsRawFd, off: u64, whence: libc::c_int) -> io::Result<Option<u64>> {
+    // SAFETY: integer-only lseek on an fd the caller owns.
+    let r = unsafe { libc::lseek(f.as_raw_fd(), off as libc::off_t, whence) };
+    if r < 0 {
+        let e = io::Error::last_os_error();
+        return if e.raw_os_error() == Some(libc::ENXIO) { Ok(None) } else { Err(e) };
+    }
+    Ok(Some(r as u64))
+}
+
+/// The first byte of data at or after `off` (`SEEK_DATA`); None past the last data.
+pub fn seek_data(f: &impl AsRawFd, off: u64) -> io::Result<Option<u64>> {
+    seek(f, off, libc::SEEK_DATA)
+}
+
+/// The first hole at or after `off` (`SEEK_HOLE`; the end of the file counts as one).
+pub fn seek_hole(f: &impl AsRawFd, off: u64) -> io::Result<u64> {
+    seek(f, off, libc::SEEK_HOLE).map(|o| o.unwrap_or(off))
+}

@@ -52,6 +52,9 @@ pub struct TaskState {
     pub attrs: Attrs,
     /// The cgroup v2 path ("0::PATH" in /proc/PID/cgroup), if any.
     pub cgroup: Option<String>,
+    /// The working directory was deleted (`cwd` is its path without " (deleted)"): it is
+    /// created again, entered and removed.
+    pub cwd_deleted: Option<crate::ghosts::DeletedDir>,
 }
 
 /// prctl and /proc attributes carried by the restore (those refused are refused at dump).
@@ -174,13 +177,12 @@ fn link(pid: Pid, what: &str) -> Result<String> {
         .map_err(|source| Error::NoProcess { pid, err: source })
 }
 
-/// What the process-wide attributes forbid (deleted working directory or executable, a seccomp
+/// What the process-wide attributes forbid (deleted executable, a seccomp
 /// filter), all of them, without touching the process.
 pub fn blockers(pid: Pid) -> Result<Vec<Error>> {
-    let cwd = link(pid, "cwd")?;
     let status = read_string(pid, "status")?;
     let exe = link(pid, "exe")?;
-    let mut v = refusals(pid, &cwd, &status, &exe);
+    let mut v = refusals(pid, &status, &exe);
     if v.is_empty() {
         // Anything else the collection would trip on.
         if let Err(e) = collect_static(pid) {
@@ -190,11 +192,8 @@ pub fn blockers(pid: Pid) -> Result<Vec<Error>> {
     Ok(v)
 }
 
-fn refusals(pid: Pid, cwd: &str, status: &str, exe: &str) -> Vec<Error> {
+fn refusals(pid: Pid, status: &str, exe: &str) -> Vec<Error> {
     let mut v = Vec::new();
-    if cwd.ends_with(" (deleted)") {
-        v.push(Error::Unsupported { pid, what: format!("working directory {cwd}") });
-    }
     match field(status, "Seccomp") {
         Some("0") | None => {}
         Some("1") => v.push(Error::Unsupported { pid, what: "strict seccomp mode".into() }),
@@ -248,11 +247,19 @@ fn refusals(pid: Pid, cwd: &str, status: &str, exe: &str) -> Vec<Error> {
 
 /// What needs no injection (also used by the preflight).
 pub fn collect_static(pid: Pid) -> Result<TaskState> {
-    let cwd = link(pid, "cwd")?;
+    let mut cwd = link(pid, "cwd")?;
     let status = read_string(pid, "status")?;
     let exe = link(pid, "exe")?;
-    if let Some(e) = refusals(pid, &cwd, &status, &exe).into_iter().next() {
+    if let Some(e) = refusals(pid, &status, &exe).into_iter().next() {
         return Err(e);
+    }
+    let mut cwd_deleted = None;
+    if let Some(p) = cwd.strip_suffix(" (deleted)").filter(|p| p.starts_with('/')) {
+        crate::ghosts::parent_exists(p)
+            .map_err(|why| Error::Unsupported { pid, what: format!("working directory: {why}") })?;
+        let d = crate::ghosts::DeletedDir::of(&proc_path(pid, "cwd")).map_err(|err| Error::NoProcess { pid, err })?;
+        cwd_deleted = Some(d);
+        cwd = p.to_string();
     }
     let umask = field(&status, "Umask").and_then(|v| u32::from_str_radix(v, 8).ok()).unwrap_or(0o022);
     let f = stat_fields(pid)?;
@@ -280,6 +287,7 @@ pub fn collect_static(pid: Pid) -> Result<TaskState> {
     let group_leader = f.get(5).and_then(|v| v.parse::<i32>().ok()) == Some(pid);
     Ok(TaskState {
         cwd,
+        cwd_deleted,
         umask,
         comm: read_string(pid, "comm")?.trim_end().to_string(),
         personality: u64::from_str_radix(read_string(pid, "personality")?.trim(), 16).unwrap_or(0),
@@ -548,8 +556,15 @@ pub fn collect(r: &Remote) -> Result<TaskState> {
 /// cwd, umask, personality, name (early, before files are opened by relative path).
 pub fn restore_early(r: &Remote, st: &TaskState) -> Result<()> {
     r.call("umask", libc::SYS_umask, &[st.umask as u64])?;
-    let p = r.put_cstr(0, st.cwd.as_bytes())?;
-    r.call(&format!("chdir {}", st.cwd), libc::SYS_chdir, &[p])?;
+    let dir = match &st.cwd_deleted {
+        Some(d) => d.make(r, &st.cwd)?,
+        None => st.cwd.clone(),
+    };
+    let p = r.put_cstr(0, dir.as_bytes())?;
+    r.call(&format!("chdir {dir}"), libc::SYS_chdir, &[p])?;
+    if st.cwd_deleted.is_some() {
+        crate::ghosts::remove_dir(r, &dir)?;
+    }
     r.call("personality", libc::SYS_personality, &[st.personality])?;
     let mut name = st.comm.as_bytes().to_vec();
     name.truncate(15);

@@ -127,6 +127,19 @@ pub fn restore(
             }
             let a = r.put(0, &args)?;
             new_tid = r.raw(libc::SYS_clone3, &[a, args.len() as u64])?;
+            // EEXIST right after the original exited: a thread that exits frees its tid only
+            // after it has left its thread group (Linux frees pids once tasklist_lock is
+            // dropped), so its parent may already have reaped the process while the number is
+            // still taken for a moment. Wait a little (bounded) before settling for a new tid —
+            // only while no task has that tid (a live one, e.g. the original of a
+            // --leave-running dump, keeps it: no use waiting).
+            let mut waited = 0;
+            let releasing = || !std::path::Path::new(&format!("/proc/{}", t.tid)).exists();
+            while with_tid && new_tid == -(libc::EEXIST as i64) && waited < 100 && releasing() {
+                std::thread::sleep(std::time::Duration::from_millis(2));
+                waited += 2;
+                new_tid = r.raw(libc::SYS_clone3, &[a, args.len() as u64])?;
+            }
             if new_tid > 0 || !with_tid {
                 break;
             }
