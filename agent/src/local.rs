@@ -282,7 +282,7 @@ async fn handle(agent: &Arc<Agent>, request: LocalRequest, caller: &Caller) -> L
             LocalResponse::Error { message: "handled by the connection loop".into() }
         }
         LocalRequest::MoveCheck { target, dest } => crate::moving::check(agent, target, dest.as_deref()).await,
-        LocalRequest::Logs { vpid, offset } => crate::moving::logs(agent, vpid, offset).await,
+        LocalRequest::Logs { vpid, offset } => crate::moving::logs(agent, vpid, offset, uid).await,
         LocalRequest::ReserveVpid => reserve_vpid(agent, pid),
         LocalRequest::RegisterForked { version, reserved } => {
             if version != LOCAL_PROTOCOL_VERSION {

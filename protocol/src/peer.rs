@@ -125,11 +125,14 @@ pub enum PeerMessage {
         request: u64,
         event: crate::local::LocalResponse,
     },
-    /// Bytes of the stdout/stderr log of `vpid` kept on the receiver, from `offset`.
+    /// Bytes of the stdout/stderr log of `vpid` kept on the receiver, from `offset`, for
+    /// `uid` (the requester's uid from its local connection; checked at the receiver, where the
+    /// log's owner is known: only root or the owner may read it).
     LogRead {
         request: u64,
         vpid: Vpid,
         offset: u64,
+        uid: u32,
     },
     LogChunk {
         request: u64,

@@ -463,3 +463,69 @@ impl Drop for KillOnDrop {
         let _ = self.0.wait();
     }
 }
+
+/// A process under the shim that prints `up` and waits for its stdin to close.
+const IDLE: &str = "import sys; print('up', flush=True); sys.stdin.read()";
+
+/// What a move leaves when a process's stdout/stderr cannot follow it: `<runtime>/logs/<vpid>.log`,
+/// 0600, given to the process's user.
+fn plant_log(cluster: &Cluster, node: usize, vpid: i64, uid: u32, text: &str) {
+    let dir = cluster.nodes[node].runtime_dir.join("logs");
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join(format!("{vpid}.log"));
+    std::fs::write(&path, text).unwrap();
+    dvk_tests::set_mode(&path, 0o600);
+    std::os::unix::fs::chown(&path, Some(uid), Some(uid)).unwrap();
+}
+
+/// `migrate-cli logs VPID` asked of node `node`'s agent, as `uid`.
+fn logs_as(cluster: &Cluster, node: usize, vpid: i64, uid: u32) -> std::process::Output {
+    run_bounded(
+        Command::new(dvk_tests::bin_dir().join("migrate-cli"))
+            .arg("--socket")
+            .arg(cluster.nodes[node].socket())
+            .args(["logs", &vpid.to_string()])
+            .env_remove("LD_PRELOAD")
+            .uid(uid)
+            .gid(uid),
+        b"",
+        REACH,
+        "migrate-cli logs",
+    )
+}
+
+/// Issue 9 (logs): `migrate-cli logs VPID` read any process's redirected log for any local
+/// user. nobody asks for root's log, on the node that holds it and through another node (the
+/// forwarded read); she gets an error and none of its bytes. Root and the owner still read.
+#[test]
+fn another_users_log_cannot_be_read() {
+    if skip_without_root("another_users_log_cannot_be_read") {
+        return;
+    }
+    let cluster = Cluster::start(2, Mode::Loopback);
+    let mut roots = Proc::spawn(cluster.preloaded(0, python3()).args(["-c", IDLE]).stdin(Stdio::piped()), "root's");
+    roots.lines.wait_for("up", REACH);
+    let root_vpid = cluster.wait_registered(0, roots.pid())["vpid"].as_i64().unwrap();
+    plant_log(&cluster, 0, root_vpid, 0, "root's password is hunter2\n");
+    let mut hers =
+        Proc::spawn(as_nobody(cluster.preloaded(0, python3()).args(["-c", IDLE]).stdin(Stdio::piped())), "nobody's");
+    hers.lines.wait_for("up", REACH);
+    let her_vpid = cluster.wait_registered(0, hers.pid())["vpid"].as_i64().unwrap();
+    plant_log(&cluster, 0, her_vpid, NOBODY, "nobody's own line\n");
+    // node2 must know where root's process runs to forward the read.
+    wait_until(REACH, "node2 to see root's process", || cluster.ps(1).iter().any(|p| p["vpid"] == root_vpid));
+
+    for node in [0, 1] {
+        let out = logs_as(&cluster, node, root_vpid, NOBODY);
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(!stdout.contains("hunter2"), "nobody read root's log through node{}: {stdout}", node + 1);
+        assert!(!out.status.success(), "migrate-cli logs of root's process succeeded for nobody on node{}", node + 1);
+        let said = String::from_utf8_lossy(&out.stderr);
+        assert!(said.contains("another user"), "refusal should say why on node{}: {said}", node + 1);
+
+        let out = logs_as(&cluster, node, root_vpid, 0);
+        assert!(String::from_utf8_lossy(&out.stdout).contains("hunter2"), "root could not read the log");
+        let out = logs_as(&cluster, node, her_vpid, NOBODY);
+        assert!(String::from_utf8_lossy(&out.stdout).contains("nobody's own line"), "nobody could not read her log");
+    }
+}
