@@ -373,7 +373,10 @@ fn register(
         }
     }
     let info = crate::procinfo::read(pid).map_err(|e| format!("cannot read /proc/{pid}: {e}"))?;
-    // Alive after the read: what /proc said was about the caller, not about a process that
+    // The config says who may run in the DC (a forked child or an execve stays in its DC:
+    // checked again all the same, the uid is the caller's now).
+    crate::policy::may_join(&agent.config, &dc, uid, pid)?;
+    // Alive after the reads: what /proc said was about the caller, not about a process that
     // took over its pid. The exit watcher follows the caller itself (its pidfd) when it can.
     let watcher = caller.pidfd();
     caller.verify()?;

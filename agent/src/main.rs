@@ -8,6 +8,7 @@ mod listener;
 mod local;
 mod moving;
 mod peer;
+mod policy;
 mod procinfo;
 mod ratelog;
 mod registry;

@@ -6,7 +6,7 @@
 use dvk_tests::moving::{move_to, no_inherited_fds};
 use dvk_tests::net::{probe, run_bounded, vm_rss_kib, wait_connectable, Proc};
 use dvk_tests::programs::{c_program, python3};
-use dvk_tests::{is_root, wait_until, Cluster, Mode};
+use dvk_tests::{is_root, wait_until, Cluster, ClusterSpec, Mode};
 use std::io::ErrorKind;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::os::unix::process::CommandExt;
@@ -528,4 +528,173 @@ fn another_users_log_cannot_be_read() {
         let out = logs_as(&cluster, node, her_vpid, NOBODY);
         assert!(String::from_utf8_lossy(&out.stdout).contains("nobody's own line"), "nobody could not read her log");
     }
+}
+
+/// A cluster of two whose config ends with `dc_tables` (`[[dc]]` tables).
+fn cluster_with_dcs(dc_tables: &str) -> Cluster {
+    let mut cluster = Cluster::start_with(ClusterSpec { nodes: 2, mode: Mode::Loopback, not_started: vec![0, 1] });
+    let mut config = std::fs::read_to_string(&cluster.config).unwrap();
+    config.push_str(dc_tables);
+    std::fs::write(&cluster.config, config).unwrap();
+    cluster.start_agent(0);
+    cluster.start_agent(1);
+    cluster.wait_mesh();
+    cluster
+}
+
+/// Prints the pid getpid() gives (a vPID once registered, else the real pid).
+const WHOAMI: &str = "import os; print('pid', os.getpid(), flush=True)";
+
+/// Issue 9 item 5: DCs are an isolation boundary (DESIGN §1), yet any user could join `prod`
+/// by setting DVK_DC. With `[[dc]] name = "prod" users = ["root"]`, nobody's process is
+/// refused registration (under any spelling of the DC) and keeps its real pid; nobody may
+/// still run in a DC the config says nothing about; root may run in prod.
+#[test]
+fn a_user_not_allowed_in_a_dc_cannot_register_there() {
+    if skip_without_root("a_user_not_allowed_in_a_dc_cannot_register_there") {
+        return;
+    }
+    let cluster = cluster_with_dcs("\n[[dc]]\nname = \"prod\"\nusers = [\"root\"]\n");
+    let run = |dc: &str, nobody: bool| {
+        let mut cmd = cluster.preloaded(0, python3());
+        cmd.args(["-c", WHOAMI]).env("DVK_DC", dc);
+        if nobody {
+            as_nobody(&mut cmd);
+        }
+        let out = run_bounded(&mut cmd, b"", REACH, "whoami");
+        let said = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        let pid: i32 = said.strip_prefix("pid ").and_then(|p| p.parse().ok()).unwrap_or_else(|| panic!("{said}"));
+        (pid, String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    for dc in ["prod", "PROD"] {
+        let (pid, stderr) = run(dc, true);
+        assert!(!pidvirt::Vpid::is_virtual(pid), "nobody registered in DC {dc} (got vPID {pid})");
+        assert!(stderr.contains("refused the registration"), "the shim should say why: {stderr}");
+    }
+    assert!(cluster.log_of(0).contains("may not run in DC `prod`"), "the agent should log the refusal");
+    let (pid, stderr) = run("dc0", true);
+    assert!(pidvirt::Vpid::is_virtual(pid), "nobody could not register in the open DC dc0: {stderr}");
+    let (pid, stderr) = run("prod", false);
+    assert!(pidvirt::Vpid::is_virtual(pid), "root could not register in prod: {stderr}");
+}
+
+/// A server under the shim: binds 0.0.0.0:PORT, listens, says `listening` (or `refused ERRNO`
+/// and whether the socket ended up listening for real anywhere), then echoes one line per client.
+const LISTENER: &str = r#"
+import errno, socket, sys, threading
+s = socket.socket()
+s.bind(('0.0.0.0', int(sys.argv[1])))
+try:
+    s.listen(16)
+except OSError as e:
+    real = s.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+    print('refused', errno.errorcode[e.errno], 'accepting', real, flush=True)
+    sys.exit(0)
+print('listening', flush=True)
+def serve(c):
+    with c:
+        c.sendall(sys.argv[2].encode() + b'\n')
+while True:
+    c, _ = s.accept()
+    threading.Thread(target=serve, args=(c,), daemon=True).start()
+"#;
+
+/// `python3 LISTENER port greeting` under the shim on node `node` as `endpoint` in dc0.
+fn listener(cluster: &Cluster, node: usize, endpoint: &str, port: u16, greeting: &str, nobody: bool) -> Proc {
+    let mut cmd = cluster.preloaded(node, python3());
+    cmd.args(["-c", LISTENER, &port.to_string(), greeting]).env("DVK_DC", "dc0").env("DVK_ENDPOINT", endpoint);
+    if nobody {
+        as_nobody(&mut cmd);
+    }
+    Proc::spawn(&mut cmd, endpoint)
+}
+
+/// Reads the greeting of `host:port` in dc0 from node `node`.
+fn greeting(cluster: &Cluster, node: usize, host: &str, port: u16) -> String {
+    const READ: &str =
+        "import socket, sys\nc = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=10)\n\
+                        print(c.makefile().readline().strip(), flush=True)";
+    let out = run_bounded(
+        cluster.preloaded(node, python3()).args(["-c", READ, host, &port.to_string()]).env("DVK_DC", "dc0"),
+        b"",
+        REACH,
+        "greeting client",
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+/// Issue 9 item 5: any user could squat `db:5432` before the real service started, and its
+/// clients' passwords went to her. Now a name the config reserves for a user (`reserve = { db =
+/// "root" }`), or one that another user's process already listens on (`web`, on any port),
+/// is refused: nobody's listen() fails with EACCES / EADDRINUSE — and her socket does not
+/// listen for real either (it used to, on a random port of 0.0.0.0). The real services work.
+#[test]
+fn a_squatter_is_refused_a_reserved_or_held_endpoint_name() {
+    if skip_without_root("a_squatter_is_refused_a_reserved_or_held_endpoint_name") {
+        return;
+    }
+    let cluster = cluster_with_dcs("\n[[dc]]\nname = \"dc0\"\nreserve = { db = \"root\" }\n");
+
+    // nobody comes first, for the reserved name, on either node.
+    for node in [0, 1] {
+        let mut squatter = listener(&cluster, node, "db", 5432, "squatter", true);
+        let said = squatter.lines.next(REACH, "the squatter's listen").unwrap_or_default();
+        assert_eq!(said, "refused EACCES accepting 0", "nobody's listen on the reserved db:5432 on node{}", node + 1);
+        // The spelling of a name does not matter: `DB` is the same host name.
+        let mut squatter = listener(&cluster, node, "DB", 5433, "squatter", true);
+        let said = squatter.lines.next(REACH, "the squatter's listen").unwrap_or_default();
+        assert_eq!(said, "refused EACCES accepting 0", "nobody's listen on DB:5433 on node{}", node + 1);
+    }
+    let mut db = listener(&cluster, 0, "db", 5432, "the real db", false);
+    db.lines.wait_for("listening", REACH);
+    wait_until(REACH, "node2's clients to reach the real db", || {
+        greeting(&cluster, 1, "db.dc0.dvk", 5432) == "the real db"
+    });
+
+    // root's web listens first; nobody then tries another port of the same name, on both nodes.
+    let mut web = listener(&cluster, 0, "web", 8000, "root's web", false);
+    web.lines.wait_for("listening", REACH);
+    wait_until(REACH, "node2 to know web", || greeting(&cluster, 1, "web.dc0.dvk", 8000) == "root's web");
+    for node in [0, 1] {
+        let mut squatter = listener(&cluster, node, "web", 8001, "squatter", true);
+        let said = squatter.lines.next(REACH, "the squatter's listen").unwrap_or_default();
+        assert_eq!(said, "refused EADDRINUSE accepting 0", "nobody's listen on web:8001 on node{}", node + 1);
+    }
+    assert_eq!(greeting(&cluster, 1, "web.dc0.dvk", 8000), "root's web");
+    // A name nobody holds alone is hers to use.
+    let mut hers = listener(&cluster, 1, "blog", 8080, "nobody's blog", true);
+    hers.lines.wait_for("listening", REACH);
+    wait_until(REACH, "node1's clients to reach nobody's blog", || {
+        greeting(&cluster, 0, "blog.dc0.dvk", 8080) == "nobody's blog"
+    });
+}
+
+/// Issue 9 item 5: when the shim could not make a virtual listener (here: another user's file
+/// already sits at the listener path it picks, in the sticky listener directory), listen()
+/// fell back to the real one — on a socket whose bind was only recorded, so the kernel bound
+/// a random port of 0.0.0.0 and the server listened there, silently. It must fail instead.
+#[test]
+fn a_listener_that_cannot_be_made_fails_instead_of_listening_on_a_random_port() {
+    if skip_without_root("a_listener_that_cannot_be_made_fails_instead_of_listening_on_a_random_port") {
+        return;
+    }
+    let cluster = Cluster::start(1, Mode::Loopback);
+    // Waits for a line on stdin between creating the socket (its fd is known) and bind/listen.
+    const GATED: &str = "import sys\nsys.stdin.readline()\nexec(sys.argv[3])";
+    let mut cmd = cluster.preloaded(0, python3());
+    cmd.args(["-c", GATED, "5432", "x", LISTENER]).env("DVK_DC", "dc0").env("DVK_ENDPOINT", "db");
+    let mut server = Proc::spawn(as_nobody(cmd.stdin(Stdio::piped())), "nobody's db");
+    cluster.wait_registered(0, server.pid());
+    // The first listener of a process is `<pid>-<fd>-0.sock`: another user's files take those
+    // names for every fd the server's socket may get.
+    let ep = cluster.nodes[0].runtime_dir.join("ep");
+    for fd in 3..64 {
+        let planted = ep.join(format!("{}-{fd}-0.sock", server.pid()));
+        std::fs::write(&planted, b"").unwrap();
+        std::os::unix::fs::chown(&planted, Some(NOBODY - 1), Some(NOBODY - 1)).unwrap();
+    }
+    use std::io::Write;
+    server.child.stdin.as_mut().unwrap().write_all(b"go\n").unwrap();
+    let said = server.lines.next(REACH, "the server's listen").unwrap_or_default();
+    assert!(said.starts_with("refused ") && said.ends_with("accepting 0"), "listen() should fail, not listen: {said}");
 }
