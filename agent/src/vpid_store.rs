@@ -5,6 +5,7 @@
 
 use pidvirt::{NodeId, Vpid, VpidAllocator, VpidSpaceExhausted};
 use std::path::PathBuf;
+use std::time::Instant;
 
 const BLOCK: u32 = 1024;
 
@@ -35,11 +36,24 @@ impl VpidStore {
         Ok(())
     }
 
-    pub fn allocate(&mut self) -> Result<Vpid, AllocError> {
+    /// A vPID (see [`VpidAllocator::allocate_reusing`]): a freed one after its quarantine, else
+    /// the counter's next (its high-water mark recorded first), else, with `may_wrap`, one
+    /// below the counter that nobody holds.
+    pub fn allocate(
+        &mut self,
+        now: Instant,
+        in_use: impl Fn(Vpid) -> bool,
+        may_wrap: bool,
+    ) -> Result<Vpid, AllocError> {
         if self.allocator.next_seq() >= self.reserved_until {
             self.reserve().map_err(AllocError::Persist)?;
         }
-        self.allocator.allocate().map_err(|VpidSpaceExhausted| AllocError::Exhausted)
+        self.allocator.allocate_reusing(now, in_use, may_wrap).map_err(|VpidSpaceExhausted| AllocError::Exhausted)
+    }
+
+    /// Nobody in the cluster holds `vpid` any more (ignored unless this node handed it out).
+    pub fn free(&mut self, vpid: Vpid, now: Instant) {
+        self.allocator.free(vpid, now);
     }
 }
 
@@ -52,7 +66,9 @@ pub enum AllocError {
 impl std::fmt::Display for AllocError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            AllocError::Exhausted => f.write_str("this node has used up its vPID space"),
+            AllocError::Exhausted => {
+                f.write_str("this node has no vPID free now (every number is held, or freed less than a minute ago)")
+            }
             AllocError::Persist(e) => write!(f, "cannot record the vPID high-water mark: {e}"),
         }
     }
@@ -68,10 +84,11 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("vpid-next");
         let mut first = VpidStore::open(NodeId(4), path.clone()).unwrap();
-        let a: Vec<Vpid> = (0..1500).map(|_| first.allocate().unwrap()).collect();
+        let now = Instant::now();
+        let a: Vec<Vpid> = (0..1500).map(|_| first.allocate(now, |_| false, false).unwrap()).collect();
         drop(first);
         let mut second = VpidStore::open(NodeId(4), path).unwrap();
-        let b = second.allocate().unwrap();
+        let b = second.allocate(now, |_| false, false).unwrap();
         assert!(!a.contains(&b));
         assert!(b > *a.last().unwrap());
         std::fs::remove_dir_all(dir).unwrap();

@@ -698,3 +698,77 @@ fn a_listener_that_cannot_be_made_fails_instead_of_listening_on_a_random_port() 
     let said = server.lines.next(REACH, "the server's listen").unwrap_or_default();
     assert!(said.starts_with("refused ") && said.ends_with("accepting 0"), "listen() should fail, not listen: {said}");
 }
+
+/// Sends N copies of FRAME (one local request) to the agent at SOCK on one connection, one at
+/// a time, and counts the answers whose first body byte is TAG.
+const RESERVE_FLOOD: &str = r#"
+import socket, struct, sys
+sock, frame, tag, n = sys.argv[1], bytes.fromhex(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+c = socket.socket(socket.AF_UNIX)
+c.connect(sock)
+def read(k):
+    b = b''
+    while len(b) < k:
+        x = c.recv(k - len(b))
+        if not x:
+            print('closed after', ok, flush=True)
+            sys.exit(1)
+        b += x
+    return b
+ok = 0
+for _ in range(n):
+    c.sendall(frame)
+    body = read(struct.unpack('<I', read(4))[0])
+    ok += body[0] == tag
+print('reserved', ok, flush=True)
+"#;
+
+/// Forks once and prints what fork() returned (a vPID when the agent reserved one).
+const FORK_ONCE: &str =
+    "import os\npid = os.fork()\nif pid == 0:\n    os._exit(0)\nos.waitpid(pid, 0)\nprint('child', pid, flush=True)";
+
+/// Issue 9 item 9: any local user could burn the node's vPIDs with `ReserveVpid` (830–2700/s,
+/// never given back). nobody floods her agent with 3000 reservations: only what her uid's
+/// budget allows is granted (at most 1024 unclaimed at once), and root's
+/// fork right after still gets a vPID.
+#[test]
+fn a_reservation_flood_is_limited_to_its_uid() {
+    if skip_without_root("a_reservation_flood_is_limited_to_its_uid") {
+        return;
+    }
+    use dvk_protocol::frame;
+    use dvk_protocol::local::{LocalRequest, LocalResponse};
+    let cluster = Cluster::start(1, Mode::Loopback);
+    let request = frame::encode(&LocalRequest::ReserveVpid, frame::LOCAL_MAX_FRAME).unwrap();
+    let answer = frame::encode(&LocalResponse::VpidReserved { vpid: pidvirt::Vpid(0) }, 1024).unwrap();
+    let hex: String = request.iter().map(|b| format!("{b:02x}")).collect();
+    let sock = cluster.nodes[0].socket();
+    let started = std::time::Instant::now();
+    let out = run_bounded(
+        as_nobody(cluster.preloaded(0, python3()).args(["-c", RESERVE_FLOOD]).arg(&sock).args([
+            hex.as_str(),
+            &answer[frame::HEADER_LEN].to_string(),
+            "3000",
+        ])),
+        b"",
+        Duration::from_secs(120),
+        "nobody's reservation flood",
+    );
+    let minutes = started.elapsed().as_secs() / 60 + 1;
+    let said = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    let granted: u64 = said
+        .strip_prefix("reserved ")
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("flood said `{said}`: {}", String::from_utf8_lossy(&out.stderr)));
+    assert!(granted > 0, "nobody got no reservation at all");
+    assert!(granted <= 1024 * minutes, "nobody was granted {granted} of 3000 reservations");
+
+    let fork = || {
+        let mut cmd = cluster.preloaded(0, python3());
+        cmd.args(["-c", FORK_ONCE]);
+        let out = run_bounded(&mut cmd, b"", REACH, "fork once");
+        let said = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        said.strip_prefix("child ").and_then(|p| p.parse::<i32>().ok()).unwrap_or_else(|| panic!("{said}"))
+    };
+    assert!(pidvirt::Vpid::is_virtual(fork()), "root's child got no vPID after nobody's flood");
+}
