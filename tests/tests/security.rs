@@ -772,3 +772,30 @@ fn a_reservation_flood_is_limited_to_its_uid() {
     };
     assert!(pidvirt::Vpid::is_virtual(fork()), "root's child got no vPID after nobody's flood");
 }
+
+/// vPIDs are reused (issue 9 item 9), and a moved process's stdout that cannot follow goes to
+/// `<runtime>/logs/<vpid>.log` on the destination. A log an earlier holder of the same vPID
+/// left there, another user's, must not become the new holder's (appended to and given to
+/// her, she could read it with `migrate-cli logs`).
+#[test]
+fn a_log_left_by_an_earlier_holder_of_a_vpid_is_not_given_to_the_next() {
+    if skip_without_root("a_log_left_by_an_earlier_holder_of_a_vpid_is_not_given_to_the_next") {
+        return;
+    }
+    let cluster = Cluster::start(2, Mode::Loopback);
+    let log = std::fs::File::create(cluster.path("server.err")).unwrap();
+    let mut cmd = cluster.preloaded(0, c_program("move_server"));
+    cmd.args(["7000", "1"]).env("DVK_ENDPOINT", "kv").stdin(Stdio::null()).stderr(log);
+    // Its stdout is a pipe to this test: it cannot follow, it goes to the log on node2.
+    let mut server = Proc::spawn(no_inherited_fds(as_nobody(&mut cmd)), "nobody's move_server");
+    server.lines.wait_for("listening", REACH);
+    let vpid = cluster.wait_registered(0, server.pid())["vpid"].as_i64().unwrap();
+    plant_log(&cluster, 1, vpid, 0, "an earlier root process with this vPID said hunter2\n");
+    move_to(&cluster, 0, vpid, 1);
+    let out = logs_as(&cluster, 1, vpid, NOBODY);
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(!said.contains("hunter2"), "nobody read the earlier holder's log: {said}");
+    let path = cluster.nodes[1].runtime_dir.join("logs").join(format!("{vpid}.log"));
+    let on_disk = std::fs::read_to_string(&path).unwrap_or_default();
+    assert!(!on_disk.contains("hunter2"), "the earlier holder's log was handed to nobody: {on_disk}");
+}
