@@ -51,6 +51,17 @@ impl VpidStore {
         self.allocator.allocate_reusing(now, in_use, may_wrap).map_err(|VpidSpaceExhausted| AllocError::Exhausted)
     }
 
+    /// `DVK_TEST_VPID_RANGE` (last sequence number) and `DVK_TEST_VPID_QUARANTINE_MS`: a tiny
+    /// range and a short quarantine, so an end-to-end test can go round the range many times.
+    pub fn apply_test_limits(&mut self) {
+        let var = |name: &str| std::env::var(name).ok().and_then(|v| v.parse::<u32>().ok());
+        if let Some(last) = var("DVK_TEST_VPID_RANGE") {
+            let quarantine = std::time::Duration::from_millis(var("DVK_TEST_VPID_QUARANTINE_MS").unwrap_or(0).into());
+            tracing::warn!(last, ?quarantine, "test limits on the vPID range (DVK_TEST_VPID_RANGE)");
+            self.allocator.limit_for_tests(last, quarantine);
+        }
+    }
+
     /// Nobody in the cluster holds `vpid` any more (ignored unless this node handed it out).
     pub fn free(&mut self, vpid: Vpid, now: Instant) {
         self.allocator.free(vpid, now);

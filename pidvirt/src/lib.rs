@@ -102,6 +102,8 @@ pub struct VpidAllocator {
     quarantined: HashSet<u32>,
     /// Where the next wrap-around search starts.
     wrap_at: u32,
+    /// [`VpidAllocator::QUARANTINE`] but in tests.
+    quarantine: Duration,
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -127,7 +129,14 @@ impl VpidAllocator {
             freed: VecDeque::new(),
             quarantined: HashSet::new(),
             wrap_at: 1,
+            quarantine: Self::QUARANTINE,
         }
+    }
+
+    /// A shorter range and quarantine, for tests that must go round the range quickly.
+    pub fn limit_for_tests(&mut self, last_seq: u32, quarantine: Duration) {
+        self.last_seq = last_seq.min(SEQ_MASK);
+        self.quarantine = quarantine;
     }
 
     /// The sequence number the next allocation from the counter will use.
@@ -154,7 +163,7 @@ impl VpidAllocator {
         may_wrap: bool,
     ) -> Result<Vpid, VpidSpaceExhausted> {
         while let Some(&(seq, at)) = self.freed.front() {
-            if now.saturating_duration_since(at) < Self::QUARANTINE {
+            if now.saturating_duration_since(at) < self.quarantine {
                 break;
             }
             self.freed.pop_front();

@@ -799,3 +799,33 @@ fn a_log_left_by_an_earlier_holder_of_a_vpid_is_not_given_to_the_next() {
     let on_disk = std::fs::read_to_string(&path).unwrap_or_default();
     assert!(!on_disk.contains("hunter2"), "the earlier holder's log was handed to nobody: {on_disk}");
 }
+
+/// Issue 9 item 9: vPIDs were never reused, so a node that handed out its whole range could
+/// register nothing more. With the range cut to 16 numbers (and no quarantine, a test knob of
+/// the agent), 100 processes that register and exit one after another each get a vPID: the
+/// numbers of those that exited come back.
+#[test]
+fn vpids_of_exited_processes_come_back_far_beyond_the_range() {
+    let mut cluster = Cluster::start_with(ClusterSpec { nodes: 1, mode: Mode::Loopback, not_started: vec![0] });
+    cluster.restart_agent_with(0, &[("DVK_TEST_VPID_RANGE", "16"), ("DVK_TEST_VPID_QUARANTINE_MS", "0")]);
+    let mut seen = std::collections::BTreeSet::new();
+    for round in 0..100 {
+        let mut got = None;
+        // The agent sees the previous process's exit through its pidfd, a moment after it: a
+        // process that came first gets its real pid (a few tries at most).
+        for _try in 0..50 {
+            let out = run_bounded(cluster.preloaded(0, python3()).args(["-c", WHOAMI]), b"", REACH, "whoami");
+            let said = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+            let pid: i32 = said.strip_prefix("pid ").and_then(|p| p.parse().ok()).unwrap_or_else(|| panic!("{said}"));
+            if pidvirt::Vpid::is_virtual(pid) {
+                got = Some(pid);
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let vpid =
+            got.unwrap_or_else(|| panic!("process {round} got no vPID: the range is used up\n{}", cluster.log_of(0)));
+        seen.insert(vpid);
+    }
+    assert!(seen.len() <= 16, "vPIDs outside the 16-number range: {seen:?}");
+}
