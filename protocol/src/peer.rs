@@ -18,8 +18,9 @@
 use pidvirt::{EndpointEntry, EndpointKey, NodeId, ProcessEntry, VirtualAddr, Vpid};
 use serde::{Deserialize, Serialize};
 
-/// Bumped on breaking changes; agents of different versions refuse to link.
-pub const PEER_PROTOCOL_VERSION: u16 = 1;
+/// Bumped on breaking changes; agents of different versions refuse to link. 2: `LogRead`
+/// carries the requester's uid (an agent of version 1 would serve any user's log).
+pub const PEER_PROTOCOL_VERSION: u16 = 2;
 
 pub type Nonce = [u8; 32];
 pub type Mac = [u8; 32];
