@@ -59,8 +59,32 @@ pub fn listen(agent: &Agent, pid: i32, uid: u32, port: u16, path: String) -> Loc
         Err(e) => return LocalResponse::Error { message: e.to_string() },
     };
     let key = EndpointKey { dc: me.dc.clone(), name: me.endpoint.clone(), port };
+    // A name the config reserves for another user is refused (EACCES, as a privileged port).
+    if let Err(errno) = crate::policy::may_listen(&agent.config, &key.dc, &key.name, uid) {
+        crate::ratelog::warn(
+            &crate::ratelog::REGISTER_REFUSED,
+            format_args!("listen on {key} by pid {pid} (uid {uid}) refused: the name is reserved for another user"),
+        );
+        return LocalResponse::Refused { errno };
+    }
     let entry = {
         let mut t = agent.tables.lock();
+        // A name that a process of another user already listens on (on any port, on any node
+        // this agent knows of) is that user's: a second user cannot add ports to it, so
+        // clients of the name only ever reach processes of one user.
+        let held = t.routing.endpoints().any(|e| {
+            e.dc.eq_ignore_ascii_case(&key.dc)
+                && e.name.eq_ignore_ascii_case(&key.name)
+                && t.routing.get(e.vpid).is_none_or(|r| r.entry.uid != uid)
+        });
+        if held {
+            drop(t);
+            crate::ratelog::warn(
+                &crate::ratelog::REGISTER_REFUSED,
+                format_args!("listen on {key} by pid {pid} (uid {uid}) refused: another user's process holds the name"),
+            );
+            return LocalResponse::Refused { errno: libc::EADDRINUSE };
+        }
         // Names differing only in case are one host name, so one VIP: the port must be free on it.
         let vip = t.routing.choose_vip(&key.dc, &key.name);
         if let Some(existing) = t.routing.endpoint_by_vip(&key.dc, vip, port) {

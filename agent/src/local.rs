@@ -282,8 +282,8 @@ async fn handle(agent: &Arc<Agent>, request: LocalRequest, caller: &Caller) -> L
             LocalResponse::Error { message: "handled by the connection loop".into() }
         }
         LocalRequest::MoveCheck { target, dest } => crate::moving::check(agent, target, dest.as_deref()).await,
-        LocalRequest::Logs { vpid, offset } => crate::moving::logs(agent, vpid, offset).await,
-        LocalRequest::ReserveVpid => reserve_vpid(agent, pid),
+        LocalRequest::Logs { vpid, offset } => crate::moving::logs(agent, vpid, offset, uid).await,
+        LocalRequest::ReserveVpid => reserve_vpid(agent, pid, uid),
         LocalRequest::RegisterForked { version, reserved } => {
             if version != LOCAL_PROTOCOL_VERSION {
                 return LocalResponse::Error {
@@ -315,19 +315,101 @@ fn valid_name(s: &str, dots: bool) -> bool {
 
 /// How long a vPID reserved for a child waits to be claimed.
 const RESERVATION_LIFETIME: std::time::Duration = std::time::Duration::from_secs(60);
+/// Reservations a uid may hold unclaimed at once (children forked and not yet registered).
+pub const RESERVE_OUTSTANDING: u32 = 1024;
+/// Reservations a uid may make in a burst, and per second after it.
+const RESERVE_BURST: f64 = 2048.0;
+const RESERVE_PER_SEC: f64 = 1024.0;
 
-fn reserve_vpid(agent: &Agent, pid: i32) -> LocalResponse {
+/// One uid's reservations: a token bucket (the rate) and a count of unclaimed ones (what
+/// its reservations hold of the node's vPIDs).
+pub struct ReserveBudget {
+    tokens: f64,
+    at: std::time::Instant,
+    outstanding: u32,
+}
+
+/// A vPID for a new process: see `VpidStore::allocate`. A wrap-around (looking below the
+/// counter for numbers nobody holds) needs the whole cluster's view: every configured peer
+/// linked, and the agent up for a quarantine (numbers freed just before a restart).
+pub(crate) fn allocate_vpid(
+    agent: &Agent,
+    t: &mut crate::state::Tables,
+    now: std::time::Instant,
+) -> Result<Vpid, String> {
+    let may_wrap = now.saturating_duration_since(agent.started) >= pidvirt::VpidAllocator::QUARANTINE
+        && agent.config.nodes.iter().all(|n| n.id == agent.me.id || t.links.contains_key(&pidvirt::NodeId(n.id)));
+    let crate::state::Tables { routing, vpids, reservations, .. } = t;
+    vpids
+        .allocate(now, |v| routing.get(v).is_some() || reservations.contains_key(&v), may_wrap)
+        .map_err(|e| e.to_string())
+}
+
+/// Expires reservations older than their lifetime (oldest first: O(1) per reservation); their
+/// vPIDs go back to the allocator.
+fn expire_reservations(t: &mut crate::state::Tables, now: std::time::Instant) {
+    while let Some(&(vpid, at)) = t.reservation_order.front() {
+        if now.saturating_duration_since(at) < RESERVATION_LIFETIME {
+            break;
+        }
+        t.reservation_order.pop_front();
+        if t.reservations.get(&vpid).is_some_and(|(_, made)| *made == at) {
+            t.reservations.remove(&vpid);
+            release_reservation(t, vpid);
+            t.vpids.free(vpid, now);
+        }
+    }
+}
+
+/// The reservation of `vpid` is gone (claimed or expired): its uid holds one less.
+fn release_reservation(t: &mut crate::state::Tables, vpid: Vpid) {
+    if let Some(uid) = t.reserved_by.remove(&vpid) {
+        if let Some(b) = t.reserve_budgets.get_mut(&uid) {
+            b.outstanding = b.outstanding.saturating_sub(1);
+        }
+    }
+}
+
+/// `ReserveVpid`: O(1) but for finding the caller among this node's processes. A uid may
+/// reserve [`RESERVE_BURST`] at once, then [`RESERVE_PER_SEC`] per second, and hold at most
+/// [`RESERVE_OUTSTANDING`] unclaimed: one user's flood cannot take the node's vPIDs, and
+/// every other uid keeps its own budget. A refused reservation costs a child its vPID (it
+/// keeps its real PID), nothing else.
+fn reserve_vpid(agent: &Agent, pid: i32, uid: u32) -> LocalResponse {
+    let now = std::time::Instant::now();
     let mut t = agent.tables.lock();
     if t.routing.find_local_by_pid(pid).is_none() {
         return LocalResponse::Error { message: format!("pid {pid} is not registered with this agent") };
     }
-    t.reservations.retain(|_, (_, at)| at.elapsed() < RESERVATION_LIFETIME);
-    match t.vpids.allocate() {
+    expire_reservations(&mut t, now);
+    let budget =
+        t.reserve_budgets.entry(uid).or_insert(ReserveBudget { tokens: RESERVE_BURST, at: now, outstanding: 0 });
+    budget.tokens =
+        (budget.tokens + now.saturating_duration_since(budget.at).as_secs_f64() * RESERVE_PER_SEC).min(RESERVE_BURST);
+    budget.at = now;
+    if budget.tokens < 1.0 || budget.outstanding >= RESERVE_OUTSTANDING {
+        let outstanding = budget.outstanding;
+        drop(t);
+        crate::ratelog::warn(
+            &crate::ratelog::RESERVE_LIMIT,
+            format_args!(
+                "uid {uid} reserves vPIDs faster than {RESERVE_PER_SEC}/s or holds {outstanding} unclaimed                  (at most {RESERVE_OUTSTANDING}); refusing (its children keep real PIDs)"
+            ),
+        );
+        return LocalResponse::Error { message: format!("uid {uid} reserves vPIDs too fast; try again later") };
+    }
+    match allocate_vpid(agent, &mut t, now) {
         Ok(vpid) => {
-            t.reservations.insert(vpid, (pid, std::time::Instant::now()));
+            if let Some(b) = t.reserve_budgets.get_mut(&uid) {
+                b.tokens -= 1.0;
+                b.outstanding += 1;
+            }
+            t.reservations.insert(vpid, (pid, now));
+            t.reservation_order.push_back((vpid, now));
+            t.reserved_by.insert(vpid, uid);
             LocalResponse::VpidReserved { vpid }
         }
-        Err(e) => LocalResponse::Error { message: e.to_string() },
+        Err(message) => LocalResponse::Error { message },
     }
 }
 
@@ -339,7 +421,7 @@ fn register_forked(agent: &Arc<Agent>, caller: &Caller, reserved: Vpid) -> Resul
     let (dc, endpoint) = {
         let mut t = agent.tables.lock();
         match t.reservations.remove(&reserved) {
-            Some((parent, _)) if parent == info.ppid => {}
+            Some((parent, _)) if parent == info.ppid => release_reservation(&mut t, reserved),
             Some(other) => {
                 t.reservations.insert(reserved, other);
                 return Err(format!("vPID {reserved} was not reserved by pid {pid}'s parent"));
@@ -373,7 +455,10 @@ fn register(
         }
     }
     let info = crate::procinfo::read(pid).map_err(|e| format!("cannot read /proc/{pid}: {e}"))?;
-    // Alive after the read: what /proc said was about the caller, not about a process that
+    // The config says who may run in the DC (a forked child or an execve stays in its DC:
+    // checked again all the same, the uid is the caller's now).
+    crate::policy::may_join(&agent.config, &dc, uid, pid)?;
+    // Alive after the reads: what /proc said was about the caller, not about a process that
     // took over its pid. The exit watcher follows the caller itself (its pidfd) when it can.
     let watcher = caller.pidfd();
     caller.verify()?;
@@ -393,7 +478,7 @@ fn register(
         } else {
             let vpid = match reserved {
                 Some(v) => v,
-                None => t.vpids.allocate().map_err(|e| e.to_string())?,
+                None => allocate_vpid(agent, &mut t, std::time::Instant::now())?,
             };
             let entry = ProcessEntry { vpid, node, real_pid: pid, uid, dc, endpoint, command: info.command, parent };
             t.routing.upsert(entry.clone());
@@ -409,7 +494,9 @@ fn register(
         let pidfd = match opened {
             Ok(fd) => fd,
             Err(e) => {
-                agent.tables.lock().routing.remove(entry.vpid);
+                let mut t = agent.tables.lock();
+                t.routing.remove(entry.vpid);
+                t.vpids.free(entry.vpid, std::time::Instant::now());
                 return Err(format!("pidfd_open({pid}): {e}"));
             }
         };
@@ -453,6 +540,9 @@ pub(crate) async fn watch_exit(agent: Arc<Agent>, vpid: Vpid, pid: i32, pidfd: s
                 let endpoints: Vec<_> = t.routing.endpoints().filter(|e| e.vpid == vpid).map(|e| e.key()).collect();
                 t.routing.remove(vpid);
                 t.start_times.remove(&vpid);
+                // It ran here, so this is where its end is known: its vPID is free (if this
+                // node handed it out; else its node frees it on our ProcessDown).
+                t.vpids.free(vpid, std::time::Instant::now());
                 Some(endpoints)
             }
             _ => None,

@@ -8,6 +8,7 @@ mod listener;
 mod local;
 mod moving;
 mod peer;
+mod policy;
 mod procinfo;
 mod ratelog;
 mod registry;
@@ -79,8 +80,9 @@ fn run(args: Args) -> anyhow::Result<()> {
         .with_context(|| format!("cannot create image dir {}", me.image_dir.display()))?;
     std::fs::set_permissions(&me.image_dir, std::fs::Permissions::from_mode(0o700))
         .with_context(|| format!("cannot set mode 0700 on {}", me.image_dir.display()))?;
-    let vpids = vpid_store::VpidStore::open(NodeId(me.id), me.runtime_dir.join("vpid-next"))
+    let mut vpids = vpid_store::VpidStore::open(NodeId(me.id), me.runtime_dir.join("vpid-next"))
         .with_context(|| format!("cannot open the vPID store in {}", me.runtime_dir.display()))?;
+    vpids.apply_test_limits();
     endpoints::prepare_listener_dir(&me.runtime_dir)
         .with_context(|| format!("cannot prepare the listener dir in {}", me.runtime_dir.display()))?;
 

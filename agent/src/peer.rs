@@ -398,8 +398,8 @@ fn handle(agent: &Arc<Agent>, peer: NodeId, msg: PeerMessage) -> bool {
             crate::moving::serve_forwarded(agent, peer, request, vpid, dest, uid, options)
         }
         PeerMessage::MoveForwardEvent { request, event } => crate::moving::forwarded_event(agent, peer, request, event),
-        PeerMessage::LogRead { request, vpid, offset } => {
-            let response = crate::moving::read_log(agent, vpid, offset);
+        PeerMessage::LogRead { request, vpid, offset, uid } => {
+            let response = crate::moving::read_log(agent, vpid, offset, uid);
             agent.send_to(peer, PeerMessage::LogChunk { request, response });
         }
         PeerMessage::LogChunk { request, response } => {

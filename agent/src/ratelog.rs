@@ -55,6 +55,7 @@ pub static ACCEPT: RateLog = RateLog::new();
 pub static REGISTER_REFUSED: RateLog = RateLog::new();
 pub static BACKLOG_FULL: RateLog = RateLog::new();
 pub static NO_SOCK_DIAG: RateLog = RateLog::new();
+pub static RESERVE_LIMIT: RateLog = RateLog::new();
 
 pub fn warn(log: &RateLog, msg: std::fmt::Arguments) {
     match log.admit(Instant::now()) {

@@ -39,6 +39,8 @@ pub struct Agent {
     pub staging: PathBuf,
     /// A failure the tests ask for (`DVK_TEST_FAULT`), to prove each step rolls back.
     pub fault: Option<crate::moving::Fault>,
+    /// When this agent started (a vPID wrap-around waits a quarantine after it).
+    pub started: Instant,
     next_request: AtomicU64,
     next_link: AtomicU64,
     next_stream: AtomicU64,
@@ -56,6 +58,13 @@ pub struct Tables {
     pub listeners: HashMap<EndpointKey, Vec<crate::listener::ListenerFile>>,
     /// vPIDs reserved by a parent for the child it is forking: vPID -> (parent pid, when).
     pub reservations: HashMap<Vpid, (i32, Instant)>,
+    /// The reservations in the order they were made (to expire them in O(1)); an entry whose
+    /// reservation was claimed meanwhile is skipped.
+    pub reservation_order: std::collections::VecDeque<(Vpid, Instant)>,
+    /// Per uid: outstanding reservations and the rate budget (see local::reserve_vpid).
+    pub reserve_budgets: HashMap<u32, crate::local::ReserveBudget>,
+    /// Which uid made each outstanding reservation.
+    pub reserved_by: HashMap<Vpid, u32>,
     /// Start time (clock ticks since boot) of each local process: with the pid, its identity.
     pub start_times: HashMap<Vpid, u64>,
     /// Inode of the agent's end of each local process's registration link (its fd ≥ 900).
@@ -171,6 +180,9 @@ impl Agent {
                 pending_signals: HashMap::new(),
                 listeners: HashMap::new(),
                 reservations: HashMap::new(),
+                reservation_order: Default::default(),
+                reserve_budgets: HashMap::new(),
+                reserved_by: HashMap::new(),
                 start_times: HashMap::new(),
                 link_inodes: HashMap::new(),
             }),
@@ -179,6 +191,7 @@ impl Agent {
             opens: Arc::new(OpenGate::default()),
             moves: Default::default(),
             fault: crate::moving::Fault::from_env(),
+            started: Instant::now(),
             staging,
             streams: Mutex::new(HashMap::new()),
             next_request: AtomicU64::new(1),
@@ -330,6 +343,9 @@ impl Agent {
         let mut t = self.tables.lock();
         if t.routing.get(vpid).map(|r| r.entry.node) == Some(from) {
             t.routing.remove(vpid);
+            // Only the node it ran on says it ended: if this node handed the vPID out, nobody
+            // holds it now (after the quarantine it is handed out again).
+            t.vpids.free(vpid, Instant::now());
         }
     }
 

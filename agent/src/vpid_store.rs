@@ -5,6 +5,7 @@
 
 use pidvirt::{NodeId, Vpid, VpidAllocator, VpidSpaceExhausted};
 use std::path::PathBuf;
+use std::time::Instant;
 
 const BLOCK: u32 = 1024;
 
@@ -35,11 +36,35 @@ impl VpidStore {
         Ok(())
     }
 
-    pub fn allocate(&mut self) -> Result<Vpid, AllocError> {
+    /// A vPID (see [`VpidAllocator::allocate_reusing`]): a freed one after its quarantine, else
+    /// the counter's next (its high-water mark recorded first), else, with `may_wrap`, one
+    /// below the counter that nobody holds.
+    pub fn allocate(
+        &mut self,
+        now: Instant,
+        in_use: impl Fn(Vpid) -> bool,
+        may_wrap: bool,
+    ) -> Result<Vpid, AllocError> {
         if self.allocator.next_seq() >= self.reserved_until {
             self.reserve().map_err(AllocError::Persist)?;
         }
-        self.allocator.allocate().map_err(|VpidSpaceExhausted| AllocError::Exhausted)
+        self.allocator.allocate_reusing(now, in_use, may_wrap).map_err(|VpidSpaceExhausted| AllocError::Exhausted)
+    }
+
+    /// `DVK_TEST_VPID_RANGE` (last sequence number) and `DVK_TEST_VPID_QUARANTINE_MS`: a tiny
+    /// range and a short quarantine, so an end-to-end test can go round the range many times.
+    pub fn apply_test_limits(&mut self) {
+        let var = |name: &str| std::env::var(name).ok().and_then(|v| v.parse::<u32>().ok());
+        if let Some(last) = var("DVK_TEST_VPID_RANGE") {
+            let quarantine = std::time::Duration::from_millis(var("DVK_TEST_VPID_QUARANTINE_MS").unwrap_or(0).into());
+            tracing::warn!(last, ?quarantine, "test limits on the vPID range (DVK_TEST_VPID_RANGE)");
+            self.allocator.limit_for_tests(last, quarantine);
+        }
+    }
+
+    /// Nobody in the cluster holds `vpid` any more (ignored unless this node handed it out).
+    pub fn free(&mut self, vpid: Vpid, now: Instant) {
+        self.allocator.free(vpid, now);
     }
 }
 
@@ -52,7 +77,9 @@ pub enum AllocError {
 impl std::fmt::Display for AllocError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            AllocError::Exhausted => f.write_str("this node has used up its vPID space"),
+            AllocError::Exhausted => {
+                f.write_str("this node has no vPID free now (every number is held, or freed less than a minute ago)")
+            }
             AllocError::Persist(e) => write!(f, "cannot record the vPID high-water mark: {e}"),
         }
     }
@@ -68,10 +95,11 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("vpid-next");
         let mut first = VpidStore::open(NodeId(4), path.clone()).unwrap();
-        let a: Vec<Vpid> = (0..1500).map(|_| first.allocate().unwrap()).collect();
+        let now = Instant::now();
+        let a: Vec<Vpid> = (0..1500).map(|_| first.allocate(now, |_| false, false).unwrap()).collect();
         drop(first);
         let mut second = VpidStore::open(NodeId(4), path).unwrap();
-        let b = second.allocate().unwrap();
+        let b = second.allocate(now, |_| false, false).unwrap();
         assert!(!a.contains(&b));
         assert!(b > *a.last().unwrap());
         std::fs::remove_dir_all(dir).unwrap();

@@ -14,7 +14,18 @@
 //! endpoint = "web:8000"                 # <name>:<port> of the endpoint
 //! dc = "dc0"                            # optional, default dc0
 //! listen = "192.0.2.11:8080"            # where this node's agent accepts plain TCP clients
+//!
+//! [[dc]]                                # optional: who may run in a DC (see below)
+//! name = "prod"                         # matched without regard to case, like DC names are
+//! users = ["postgres", "1001"]          # user names or uids that may register processes in it
+//! groups = ["prod-ops"]                 # members of these groups (primary or supplementary) may too
+//! reserve = { db = "postgres" }         # endpoint name → the only user that may listen on it
 //! ```
+//!
+//! A DC without a `[[dc]]` table, or whose table has neither `users` nor `groups`, is open to
+//! every local user (the behaviour before DCs had owners). Listing either closes it to
+//! everyone not listed (`users = []` alone: root only). Root may always register anywhere.
+//! `reserve` works in open DCs too.
 //! Every error names the file, the line and the field.
 
 use serde::Deserialize;
@@ -48,6 +59,17 @@ struct RawConfig {
     cluster_key_file: Spanned<String>,
     #[serde(default)]
     node: Vec<RawNode>,
+    #[serde(default)]
+    dc: Vec<RawDc>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDc {
+    name: Spanned<String>,
+    users: Option<Vec<String>>,
+    groups: Option<Vec<String>>,
+    reserve: Option<Spanned<std::collections::BTreeMap<String, String>>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -89,6 +111,30 @@ pub struct NodeConfig {
     pub ingress: Vec<IngressConfig>,
 }
 
+/// Who may run in a DC (`[[dc]]`). Users and groups are names or numeric ids, resolved by the
+/// agent when it checks (so accounts made after it started count).
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub struct DcPolicy {
+    pub name: String,
+    /// None (and `groups` None): open to every user.
+    pub users: Option<Vec<String>>,
+    pub groups: Option<Vec<String>>,
+    /// Endpoint name (lowercase) → the only user that may listen on it.
+    pub reserve: Vec<(String, String)>,
+}
+
+impl DcPolicy {
+    /// Every user may register here.
+    pub fn is_open(&self) -> bool {
+        self.users.is_none() && self.groups.is_none()
+    }
+
+    /// The user `name` is reserved for, if it is (case-insensitively).
+    pub fn reserved_for(&self, endpoint: &str) -> Option<&str> {
+        self.reserve.iter().find(|(n, _)| n.eq_ignore_ascii_case(endpoint)).map(|(_, u)| u.as_str())
+    }
+}
+
 impl NodeConfig {
     /// The agent's local socket (shim and CLI connect here).
     pub fn socket_path(&self) -> PathBuf {
@@ -101,9 +147,16 @@ pub struct Config {
     pub path: PathBuf,
     pub cluster_key_file: PathBuf,
     pub nodes: Vec<NodeConfig>,
+    /// `[[dc]]` tables; a DC without one is open to everyone.
+    pub dcs: Vec<DcPolicy>,
 }
 
 impl Config {
+    /// The `[[dc]]` of `dc` (DC names match case-insensitively, as resolution does).
+    pub fn dc_policy(&self, dc: &str) -> Option<&DcPolicy> {
+        self.dcs.iter().find(|d| d.name.eq_ignore_ascii_case(dc))
+    }
+
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read { path: path.to_owned(), error })?;
         Config::parse(path, &text)
@@ -208,7 +261,40 @@ impl Config {
                 "field `cluster_key_file`: must not be empty".into(),
             ));
         }
-        Ok(Config { path: path.to_owned(), cluster_key_file: resolve(raw.cluster_key_file.get_ref()), nodes })
+        let mut dcs: Vec<DcPolicy> = Vec::new();
+        let valid = |s: &str, dots: bool| {
+            !s.is_empty()
+                && s.len() <= 128
+                && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || (dots && c == '.'))
+        };
+        for d in &raw.dc {
+            let name = d.name.get_ref();
+            if !valid(name, false) {
+                return Err(invalid(
+                    d.name.span().start,
+                    format!("field `name`: DC `{name}` must be 1..=128 letters, digits, `-` or `_`"),
+                ));
+            }
+            if dcs.iter().any(|p| p.name.eq_ignore_ascii_case(name)) {
+                return Err(invalid(d.name.span().start, format!("field `name`: DC `{name}` is defined twice")));
+            }
+            let mut reserve = Vec::new();
+            let reserved = d.reserve.iter().flat_map(|r| r.get_ref().iter().map(move |e| (r.span().start, e)));
+            for (at, (endpoint, user)) in reserved {
+                if !valid(endpoint, true) || user.is_empty() {
+                    return Err(invalid(
+                        at,
+                        format!("field `reserve`: `{endpoint} = \"{user}\"` is not <endpoint name> = \"<user>\""),
+                    ));
+                }
+                if reserve.iter().any(|(e, _): &(String, String)| e.eq_ignore_ascii_case(endpoint)) {
+                    return Err(invalid(at, format!("field `reserve`: endpoint `{endpoint}` is reserved twice")));
+                }
+                reserve.push((endpoint.to_ascii_lowercase(), user.clone()));
+            }
+            dcs.push(DcPolicy { name: name.clone(), users: d.users.clone(), groups: d.groups.clone(), reserve });
+        }
+        Ok(Config { path: path.to_owned(), cluster_key_file: resolve(raw.cluster_key_file.get_ref()), nodes, dcs })
     }
 
     pub fn node(&self, name: &str) -> Result<&NodeConfig, ConfigError> {
@@ -324,6 +410,29 @@ image_dir = "/var/lib/dvk/node2/images"
         let bad = text.replace("web:8000", "web");
         let e = err(&bad);
         assert!(e.starts_with("/etc/dvk/c.toml:18:") && e.contains("`endpoint`"), "{e}");
+    }
+
+    #[test]
+    fn dc_tables_say_who_may_run_there() {
+        let text = format!(
+            "{GOOD}\n[[dc]]\nname = \"prod\"\nusers = [\"postgres\", \"1001\"]\ngroups = [\"ops\"]\nreserve = {{ db = \"postgres\" }}\n\n[[dc]]\nname = \"lab\"\nreserve = {{ \"Web.v2\" = \"1002\" }}\n"
+        );
+        let c = Config::parse(Path::new("/c.toml"), &text).unwrap();
+        let prod = c.dc_policy("PROD").unwrap();
+        assert!(!prod.is_open());
+        assert_eq!(prod.users.as_deref(), Some(&["postgres".to_owned(), "1001".to_owned()][..]));
+        assert_eq!(prod.reserved_for("DB"), Some("postgres"));
+        assert_eq!(prod.reserved_for("web"), None);
+        let lab = c.dc_policy("lab").unwrap();
+        assert!(lab.is_open(), "a DC without users or groups stays open");
+        assert_eq!(lab.reserved_for("web.V2"), Some("1002"));
+        assert!(c.dc_policy("dc0").is_none(), "a DC without a table is open");
+        let e = err(&format!("{GOOD}\n[[dc]]\nname = \"prod\"\n\n[[dc]]\nname = \"Prod\"\n"));
+        assert!(e.contains("defined twice"), "{e}");
+        let e = err(&format!("{GOOD}\n[[dc]]\nname = \"a.b\"\n"));
+        assert!(e.contains("`name`"), "{e}");
+        let e = err(&format!("{GOOD}\n[[dc]]\nname = \"p\"\nreserve = {{ \"a b\" = \"x\" }}\n"));
+        assert!(e.contains("`reserve`"), "{e}");
     }
 
     #[test]

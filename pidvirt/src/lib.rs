@@ -14,7 +14,9 @@ pub use endpoint::{EndpointEntry, EndpointKey, VirtualAddr};
 pub use routing::{EndpointState, MigrationId, ProcessEntry, RoutingTable};
 
 use serde::{Deserialize, Serialize};
+use std::collections::{HashSet, VecDeque};
 use std::fmt;
+use std::time::{Duration, Instant};
 
 /// Bits of a vPID that hold the per-node sequence number.
 pub const VPID_SEQ_BITS: u32 = 22;
@@ -77,33 +79,132 @@ impl fmt::Display for Vpid {
 /// Hands out vPIDs for one node. Allocation is local: no other node is asked,
 /// since the node id in the high bits already makes the number unique.
 ///
-/// `reserved_until` supports persistence: an agent records a high-water mark on
-/// disk before using numbers below it, so a restarted agent never reuses a vPID
-/// that a still-running process may hold.
+/// A vPID comes back when the process that held it is gone from the whole cluster: the
+/// agent calls [`VpidAllocator::free`] when a process of this node's range exits (here, or on
+/// the node it moved to, which announces it), or when a reservation for a child expires
+/// unclaimed. A freed vPID waits [`VpidAllocator::QUARANTINE`] before it is handed out again,
+/// so a `kill` or a message that still names the dead process cannot reach a new one. Every
+/// step is O(1): the counter, or the oldest freed number once its quarantine is over.
+///
+/// When the counter has reached the end of the range and nothing freed is ready, the
+/// allocator may *wrap*: it looks (a bounded number of steps per call) for a number below the
+/// counter that `in_use` says nobody holds. That recovers numbers whose end it never saw
+/// (an agent restart forgets the freed list; a process that exited on a node unreachable at
+/// the time); the caller allows it only when its view of the cluster is complete.
 #[derive(Debug)]
 pub struct VpidAllocator {
     node: NodeId,
     next_seq: u32,
+    /// The last sequence number of the range (SEQ_MASK but in tests).
+    last_seq: u32,
+    /// Freed numbers, oldest first, with when they were freed.
+    freed: VecDeque<(u32, Instant)>,
+    quarantined: HashSet<u32>,
+    /// Where the next wrap-around search starts.
+    wrap_at: u32,
+    /// [`VpidAllocator::QUARANTINE`] but in tests.
+    quarantine: Duration,
 }
 
 #[derive(Debug, PartialEq, Eq)]
 pub struct VpidSpaceExhausted;
 
 impl VpidAllocator {
+    /// How long a freed vPID is not handed out again.
+    pub const QUARANTINE: Duration = Duration::from_secs(60);
+    /// Numbers a wrap-around search looks at per allocation.
+    pub const WRAP_STEPS: u32 = 4096;
+
     /// Starts allocating at `first_seq` (1 for a fresh node).
     pub fn new(node: NodeId, first_seq: u32) -> Self {
-        VpidAllocator { node, next_seq: first_seq.max(1) }
+        Self::with_range(node, first_seq, SEQ_MASK)
     }
 
-    /// The sequence number the next allocation will use.
+    /// Like [`VpidAllocator::new`], with a range of sequence numbers `1..=last_seq` (tests).
+    pub fn with_range(node: NodeId, first_seq: u32, last_seq: u32) -> Self {
+        VpidAllocator {
+            node,
+            next_seq: first_seq.max(1),
+            last_seq: last_seq.min(SEQ_MASK),
+            freed: VecDeque::new(),
+            quarantined: HashSet::new(),
+            wrap_at: 1,
+            quarantine: Self::QUARANTINE,
+        }
+    }
+
+    /// A shorter range and quarantine, for tests that must go round the range quickly.
+    pub fn limit_for_tests(&mut self, last_seq: u32, quarantine: Duration) {
+        self.last_seq = last_seq.min(SEQ_MASK);
+        self.quarantine = quarantine;
+    }
+
+    /// The sequence number the next allocation from the counter will use.
     pub fn next_seq(&self) -> u32 {
         self.next_seq
     }
 
+    /// A vPID from the counter only (no reuse).
     pub fn allocate(&mut self) -> Result<Vpid, VpidSpaceExhausted> {
+        if self.next_seq > self.last_seq {
+            return Err(VpidSpaceExhausted);
+        }
         let vpid = Vpid::compose(self.node, self.next_seq).ok_or(VpidSpaceExhausted)?;
         self.next_seq += 1;
         Ok(vpid)
+    }
+
+    /// A vPID: the oldest freed one whose quarantine is over, else the counter's next, else
+    /// (with `may_wrap`) one below the counter that is neither `in_use` nor quarantined.
+    pub fn allocate_reusing(
+        &mut self,
+        now: Instant,
+        in_use: impl Fn(Vpid) -> bool,
+        may_wrap: bool,
+    ) -> Result<Vpid, VpidSpaceExhausted> {
+        while let Some(&(seq, at)) = self.freed.front() {
+            if now.saturating_duration_since(at) < self.quarantine {
+                break;
+            }
+            self.freed.pop_front();
+            self.quarantined.remove(&seq);
+            let vpid = Vpid::compose(self.node, seq).ok_or(VpidSpaceExhausted)?;
+            // Held again (a wrap handed it out meanwhile): it is freed again when it ends.
+            if !in_use(vpid) {
+                return Ok(vpid);
+            }
+        }
+        if let Ok(vpid) = self.allocate() {
+            return Ok(vpid);
+        }
+        if !may_wrap {
+            return Err(VpidSpaceExhausted);
+        }
+        let below = self.next_seq.min(self.last_seq + 1);
+        for _ in 0..Self::WRAP_STEPS.min(below.saturating_sub(1)) {
+            let seq = if self.wrap_at >= below { 1 } else { self.wrap_at };
+            self.wrap_at = seq + 1;
+            let vpid = Vpid::compose(self.node, seq).ok_or(VpidSpaceExhausted)?;
+            if !self.quarantined.contains(&seq) && !in_use(vpid) {
+                return Ok(vpid);
+            }
+        }
+        Err(VpidSpaceExhausted)
+    }
+
+    /// `vpid` is held by nobody in the cluster any more; it is handed out again after the
+    /// quarantine. Numbers of other nodes' ranges, or never handed out, are ignored.
+    pub fn free(&mut self, vpid: Vpid, now: Instant) {
+        let seq = vpid.seq();
+        if vpid.allocated_by() != self.node || seq == 0 || seq >= self.next_seq || !self.quarantined.insert(seq) {
+            return;
+        }
+        self.freed.push_back((seq, now));
+    }
+
+    /// Freed numbers still in quarantine or waiting to be handed out.
+    pub fn freed_len(&self) -> usize {
+        self.freed.len()
     }
 }
 
@@ -145,6 +246,54 @@ mod tests {
         let mut full = VpidAllocator::new(NodeId(3), SEQ_MASK);
         assert!(full.allocate().is_ok());
         assert_eq!(full.allocate(), Err(VpidSpaceExhausted));
+    }
+
+    /// Issue 9 item 9: reserve/free cycles far beyond the size of the range keep working, a
+    /// freed number waits out its quarantine, and a number still held is never handed out.
+    #[test]
+    fn freed_vpids_come_back_after_quarantine_far_beyond_the_range() {
+        let node = NodeId(7);
+        let mut a = VpidAllocator::with_range(node, 1, 16);
+        let t0 = Instant::now();
+        let nobody_holds = |_: Vpid| false;
+        let first: Vec<Vpid> = (0..16).map(|_| a.allocate_reusing(t0, nobody_holds, false).unwrap()).collect();
+        assert_eq!(a.allocate_reusing(t0, nobody_holds, false), Err(VpidSpaceExhausted), "range used up");
+        let mut held: std::collections::BTreeSet<Vpid> = first.into_iter().collect();
+        let mut now = t0;
+        for cycle in 0..1000 {
+            // Free one, wait out the quarantine, take one: 1000 cycles of a 16-number range.
+            let gone = *held.iter().nth(cycle % held.len()).unwrap();
+            held.remove(&gone);
+            a.free(gone, now);
+            let soon = a.allocate_reusing(now + Duration::from_secs(1), |v| held.contains(&v), false);
+            assert_eq!(soon, Err(VpidSpaceExhausted), "a freed vPID came back before its quarantine");
+            now += VpidAllocator::QUARANTINE;
+            let v = a.allocate_reusing(now, |v| held.contains(&v), false).unwrap();
+            assert_eq!(v, gone);
+            assert!(held.insert(v), "{v} handed out twice");
+        }
+        assert_eq!(a.freed_len(), 0);
+        // Other nodes' numbers and numbers never handed out are not taken back.
+        a.free(Vpid::compose(NodeId(8), 3).unwrap(), now);
+        let mut fresh = VpidAllocator::with_range(node, 1, 16);
+        fresh.free(Vpid::compose(node, 5).unwrap(), now);
+        assert_eq!(a.freed_len() + fresh.freed_len(), 0);
+    }
+
+    /// After a restart the freed list is gone; with the cluster's view complete the allocator
+    /// wraps around to numbers nobody holds (never to held or quarantined ones).
+    #[test]
+    fn a_full_range_wraps_to_numbers_nobody_holds() {
+        let node = NodeId(2);
+        let mut a = VpidAllocator::with_range(node, 17, 16); // restarted past the end
+        let now = Instant::now();
+        let held = |v: Vpid| !v.seq().is_multiple_of(4); // only 4, 8, 12, 16 are free
+        assert_eq!(a.allocate_reusing(now, held, false), Err(VpidSpaceExhausted));
+        a.free(Vpid::compose(node, 8).unwrap(), now);
+        let got: Vec<u32> = (0..3).map(|_| a.allocate_reusing(now, held, true).unwrap().seq()).collect();
+        assert_eq!(got, vec![4, 12, 16], "8 is in quarantine");
+        let everything_held = |_: Vpid| true;
+        assert_eq!(a.allocate_reusing(now, everything_held, true), Err(VpidSpaceExhausted));
     }
 
     #[test]

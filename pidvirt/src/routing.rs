@@ -17,7 +17,7 @@
 use crate::endpoint::{vip_candidates, EndpointEntry, EndpointKey};
 use crate::{DcName, NodeId, Vpid};
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 /// Identifies one migration attempt; also the routing epoch it produces.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -102,13 +102,30 @@ impl std::error::Error for TransitionError {}
 pub struct RoutingTable {
     this_node: NodeId,
     routes: BTreeMap<Vpid, Route>,
+    /// The vPIDs of the processes of this node by real pid: `find_local_by_pid` in O(1) (it is
+    /// on the path of every fork). Kept by every method that adds, removes or moves a route.
+    local_pids: HashMap<i32, BTreeSet<Vpid>>,
     /// Endpoints follow their process: its route's state is theirs.
     endpoints: BTreeMap<EndpointKey, EndpointEntry>,
 }
 
 impl RoutingTable {
     pub fn new(this_node: NodeId) -> Self {
-        RoutingTable { this_node, routes: BTreeMap::new(), endpoints: BTreeMap::new() }
+        RoutingTable { this_node, routes: BTreeMap::new(), local_pids: HashMap::new(), endpoints: BTreeMap::new() }
+    }
+
+    fn index(&mut self, entry: &ProcessEntry, add: bool) {
+        if entry.node != self.this_node {
+            return;
+        }
+        if add {
+            self.local_pids.entry(entry.real_pid).or_default().insert(entry.vpid);
+        } else if let Some(set) = self.local_pids.get_mut(&entry.real_pid) {
+            set.remove(&entry.vpid);
+            if set.is_empty() {
+                self.local_pids.remove(&entry.real_pid);
+            }
+        }
     }
 
     pub fn this_node(&self) -> NodeId {
@@ -126,20 +143,32 @@ impl RoutingTable {
     /// Adds or replaces the entry for `entry.vpid`; the state follows from where it runs.
     pub fn upsert(&mut self, entry: ProcessEntry) {
         let state = self.state_for(entry.node);
-        self.routes.insert(entry.vpid, Route { entry, state });
+        self.index(&entry, true);
+        if let Some(old) = self.routes.insert(entry.vpid, Route { entry, state }) {
+            let new = &self.routes[&old.entry.vpid].entry;
+            if (old.entry.node, old.entry.real_pid) != (new.node, new.real_pid) {
+                self.index(&old.entry, false);
+            }
+        }
     }
 
     /// Removes a process and every endpoint it listened on.
     pub fn remove(&mut self, vpid: Vpid) -> Option<Route> {
         self.endpoints.retain(|_, e| e.vpid != vpid);
-        self.routes.remove(&vpid)
+        let route = self.routes.remove(&vpid);
+        if let Some(r) = &route {
+            self.index(&r.entry, false);
+        }
+        route
     }
 
     /// Drops every entry that runs on `node` (its link went down; it re-announces on reconnect).
     pub fn remove_node(&mut self, node: NodeId) -> Vec<Vpid> {
         let gone: Vec<Vpid> = self.routes.values().filter(|r| r.entry.node == node).map(|r| r.entry.vpid).collect();
         for v in &gone {
-            self.routes.remove(v);
+            if let Some(r) = self.routes.remove(v) {
+                self.index(&r.entry, false);
+            }
         }
         self.endpoints.retain(|_, e| e.node != node);
         gone
@@ -215,7 +244,8 @@ impl RoutingTable {
     }
 
     pub fn find_local_by_pid(&self, real_pid: i32) -> Option<&ProcessEntry> {
-        self.local_entries().find(|e| e.real_pid == real_pid)
+        let vpids = self.local_pids.get(&real_pid)?;
+        vpids.iter().filter_map(|v| self.routes.get(v)).map(|r| &r.entry).find(|e| e.node == self.this_node)
     }
 
     /// start: stop delivering to/from `vpid` and queue.
@@ -250,9 +280,13 @@ impl RoutingTable {
     ) -> Result<(), TransitionError> {
         let state = self.state_for(destination);
         let route = self.finish(vpid, migration)?;
+        let before = route.entry.clone();
         route.state = state;
         route.entry.node = destination;
         route.entry.real_pid = real_pid;
+        let after = route.entry.clone();
+        self.index(&before, false);
+        self.index(&after, true);
         for e in self.endpoints.values_mut().filter(|e| e.vpid == vpid) {
             e.node = destination;
         }
@@ -284,6 +318,36 @@ mod tests {
             command: "srv".into(),
             parent: None,
         }
+    }
+
+    const VPID_A: i32 = 1 << 22 | 1;
+
+    /// The pid index follows every change of a route (ReserveVpid finds its caller through it).
+    #[test]
+    fn local_processes_are_found_by_pid_through_every_change() {
+        let mut t = RoutingTable::new(NodeId(1));
+        let mut a = entry(VPID_A, 1);
+        a.real_pid = 500;
+        t.upsert(a.clone());
+        t.upsert(ProcessEntry { real_pid: 500, ..entry(VPID_A + 1, 2) }); // remote: not indexed
+        assert_eq!(t.find_local_by_pid(500).map(|e| e.vpid), Some(Vpid(VPID_A)));
+        t.upsert(ProcessEntry { real_pid: 501, ..a.clone() }); // re-registered under another pid
+        assert!(t.find_local_by_pid(500).is_none());
+        assert_eq!(t.find_local_by_pid(501).map(|e| e.vpid), Some(Vpid(VPID_A)));
+        t.start_migration(Vpid(VPID_A), MigrationId(1)).unwrap();
+        t.commit_migration(Vpid(VPID_A), MigrationId(1), NodeId(2), 700).unwrap();
+        assert!(t.find_local_by_pid(501).is_none(), "moved away");
+        let mut b = entry(VPID_A + 2, 2);
+        b.real_pid = 900;
+        t.upsert(b);
+        t.start_migration(Vpid(VPID_A + 2), MigrationId(2)).unwrap();
+        t.commit_migration(Vpid(VPID_A + 2), MigrationId(2), NodeId(1), 901).unwrap();
+        assert_eq!(t.find_local_by_pid(901).map(|e| e.vpid), Some(Vpid(VPID_A + 2)), "moved here");
+        t.remove(Vpid(VPID_A + 2));
+        assert!(t.find_local_by_pid(901).is_none());
+        t.upsert(ProcessEntry { real_pid: 42, ..entry(VPID_A + 3, 1) });
+        t.remove_node(NodeId(1));
+        assert!(t.find_local_by_pid(42).is_none());
     }
 
     #[test]

@@ -18,8 +18,9 @@
 use pidvirt::{EndpointEntry, EndpointKey, NodeId, ProcessEntry, VirtualAddr, Vpid};
 use serde::{Deserialize, Serialize};
 
-/// Bumped on breaking changes; agents of different versions refuse to link.
-pub const PEER_PROTOCOL_VERSION: u16 = 1;
+/// Bumped on breaking changes; agents of different versions refuse to link. 2: `LogRead`
+/// carries the requester's uid (an agent of version 1 would serve any user's log).
+pub const PEER_PROTOCOL_VERSION: u16 = 2;
 
 pub type Nonce = [u8; 32];
 pub type Mac = [u8; 32];
@@ -125,11 +126,14 @@ pub enum PeerMessage {
         request: u64,
         event: crate::local::LocalResponse,
     },
-    /// Bytes of the stdout/stderr log of `vpid` kept on the receiver, from `offset`.
+    /// Bytes of the stdout/stderr log of `vpid` kept on the receiver, from `offset`, for
+    /// `uid` (the requester's uid from its local connection; checked at the receiver, where the
+    /// log's owner is known: only root or the owner may read it).
     LogRead {
         request: u64,
         vpid: Vpid,
         offset: u64,
+        uid: u32,
     },
     LogChunk {
         request: u64,

@@ -396,22 +396,20 @@ pub fn open_stream(target: VirtualAddr) -> Result<(c_int, VirtualAddr, VirtualAd
     }
 }
 
-pub enum ListenError {
-    /// The agent refused as listen(2) would (EADDRINUSE).
-    Errno(c_int),
-    /// Not possible here (no agent, not registered): the socket stays a plain TCP socket.
-    NotVirtual,
-}
-
-/// Registers our AF_UNIX listener at `path` as endpoint `<our name>:port`; returns its VIP.
-pub fn listen(port: u16, path: &str) -> Result<[u8; 4], ListenError> {
+/// Registers our AF_UNIX listener at `path` as endpoint `<our name>:port`; returns its VIP,
+/// or the errno listen(2) fails with: the agent's own (EADDRINUSE: the name and port are taken,
+/// EACCES: the name is another user's), EACCES for any other refusal, EADDRNOTAVAIL when the
+/// agent cannot be asked. A registered process never falls back to a real listener: its
+/// socket was never really bound (bind was only recorded), so the kernel would listen on a
+/// random port of every address.
+pub fn listen(port: u16, path: &str) -> Result<[u8; 4], c_int> {
     let (fd, response) =
-        call(&LocalRequest::Listen { port, path: path.to_owned() }).map_err(|_| ListenError::NotVirtual)?;
+        call(&LocalRequest::Listen { port, path: path.to_owned() }).map_err(|_| libc::EADDRNOTAVAIL)?;
     raw::close(fd);
     match response {
         LocalResponse::Listening { vip } => Ok(vip),
-        LocalResponse::Refused { errno } => Err(ListenError::Errno(errno)),
-        _ => Err(ListenError::NotVirtual),
+        LocalResponse::Refused { errno } => Err(errno),
+        _ => Err(libc::EACCES),
     }
 }
 

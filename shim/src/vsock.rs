@@ -198,6 +198,8 @@ static LISTENER_SEQ: AtomicU32 = AtomicU32::new(0);
 
 /// listen() on a TCP socket bound to port P: it becomes endpoint `<name>:P`.
 /// None: not for us (unregistered, unbound, not TCP…): the real listen() runs.
+/// Once it is for us, every failure is an errno (see [`link::listen`]): never the real
+/// listen(), which would listen on a random port of 0.0.0.0 (the bind was only recorded).
 pub fn listen(fd: c_int, backlog: c_int) -> Option<Result<(), c_int>> {
     if identity::vpid() == 0 {
         return None;
@@ -207,50 +209,51 @@ pub fn listen(fd: c_int, backlog: c_int) -> Option<Result<(), c_int>> {
         Some(_) => return None, // already a virtual listener: the real listen() adjusts the backlog
         None => (tcp_family(fd)?, bound_port(fd)?),
     };
+    Some(make_listener(fd, backlog, family, port))
+}
+
+fn make_listener(fd: c_int, backlog: c_int, family: Family, port: u16) -> Result<(), c_int> {
     // The directory follows a restore on another node (link::listener_dir checks).
-    let dir = link::listener_dir()?;
+    let dir = link::listener_dir().ok_or(libc::EADDRNOTAVAIL)?;
     let path = format!("{dir}/{}-{}-{}.sock", raw::getpid(), fd, LISTENER_SEQ.fetch_add(1, Ordering::Relaxed));
-    let cpath = std::ffi::CString::new(path.clone()).ok()?;
+    let cpath = std::ffi::CString::new(path.clone()).map_err(|_| libc::EADDRNOTAVAIL)?;
     let mut addr = libc::sockaddr_un { sun_family: libc::AF_UNIX as libc::sa_family_t, sun_path: [0; 108] };
     if path.len() >= addr.sun_path.len() {
-        return None;
+        return Err(libc::EADDRNOTAVAIL);
     }
     for (d, s) in addr.sun_path.iter_mut().zip(path.as_bytes()) {
         *d = *s as libc::c_char;
     }
-    let sock = raw::unix_socket().ok()?;
+    let sock = raw::unix_socket()?;
     raw::unlink(&cpath);
     let made = raw::bind_unix(sock, &addr).and_then(|_| {
         // Only our owner (and the agent, root) may connect to the listener.
         raw::chmod(&cpath, 0o600);
         raw::listen(sock, backlog)
     });
-    if made.is_err() {
+    if let Err(e) = made {
         raw::close(sock);
         raw::unlink(&cpath);
-        return None;
+        return Err(e);
     }
     let vip = match link::listen(port, &path) {
         Ok(vip) => vip,
-        Err(e) => {
+        Err(errno) => {
             raw::close(sock);
             raw::unlink(&cpath);
-            return match e {
-                link::ListenError::Errno(errno) => Some(Err(errno)),
-                link::ListenError::NotVirtual => None,
-            };
+            return Err(errno);
         }
     };
     let nodelay = match install(sock, fd) {
         Ok(n) => n,
         Err(e) => {
             raw::unlink(&cpath);
-            return Some(Err(e));
+            return Err(e);
         }
     };
     let local = VirtualAddr { ip: vip, port };
     fdtable::record(fd, Entry { nodelay, ..Entry::new(Kind::Listener, family, local, VirtualAddr::default()) });
-    Some(Ok(()))
+    Ok(())
 }
 
 fn bound_port(fd: c_int) -> Option<u16> {

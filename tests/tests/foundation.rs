@@ -439,9 +439,11 @@ fn garbage_on_the_peer_and_local_sockets_closes_only_that_connection() {
     assert_serving(&cluster, marker);
 }
 
-/// PeerMessage::Hello { version: 1, node: NodeId(1), nonce } in postcard, framed.
+/// PeerMessage::Hello { version: PEER_PROTOCOL_VERSION, node, nonce } in postcard, framed.
 fn hello_frame(node: u8) -> Vec<u8> {
-    let mut body = vec![1u8, 1, node]; // variant 1, version 1 (varint), node id (varint)
+    // variant 1, the version (a varint: one byte while below 128), node id (varint)
+    let version = dvk_protocol::peer::PEER_PROTOCOL_VERSION as u8;
+    let mut body = vec![1u8, version, node];
     body.extend_from_slice(&[0x42; 32]);
     let mut f = (body.len() as u32).to_le_bytes().to_vec();
     f.extend(body);

@@ -6,7 +6,7 @@
 use dvk_tests::moving::{move_to, no_inherited_fds};
 use dvk_tests::net::{probe, run_bounded, vm_rss_kib, wait_connectable, Proc};
 use dvk_tests::programs::{c_program, python3};
-use dvk_tests::{is_root, wait_until, Cluster, Mode};
+use dvk_tests::{is_root, wait_until, Cluster, ClusterSpec, Mode};
 use std::io::ErrorKind;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::os::unix::process::CommandExt;
@@ -462,4 +462,370 @@ impl Drop for KillOnDrop {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
+}
+
+/// A process under the shim that prints `up` and waits for its stdin to close.
+const IDLE: &str = "import sys; print('up', flush=True); sys.stdin.read()";
+
+/// What a move leaves when a process's stdout/stderr cannot follow it: `<runtime>/logs/<vpid>.log`,
+/// 0600, given to the process's user.
+fn plant_log(cluster: &Cluster, node: usize, vpid: i64, uid: u32, text: &str) {
+    let dir = cluster.nodes[node].runtime_dir.join("logs");
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join(format!("{vpid}.log"));
+    std::fs::write(&path, text).unwrap();
+    dvk_tests::set_mode(&path, 0o600);
+    std::os::unix::fs::chown(&path, Some(uid), Some(uid)).unwrap();
+}
+
+/// `migrate-cli logs VPID` asked of node `node`'s agent, as `uid`.
+fn logs_as(cluster: &Cluster, node: usize, vpid: i64, uid: u32) -> std::process::Output {
+    run_bounded(
+        Command::new(dvk_tests::bin_dir().join("migrate-cli"))
+            .arg("--socket")
+            .arg(cluster.nodes[node].socket())
+            .args(["logs", &vpid.to_string()])
+            .env_remove("LD_PRELOAD")
+            .uid(uid)
+            .gid(uid),
+        b"",
+        REACH,
+        "migrate-cli logs",
+    )
+}
+
+/// Issue 9 (logs): `migrate-cli logs VPID` read any process's redirected log for any local
+/// user. nobody asks for root's log, on the node that holds it and through another node (the
+/// forwarded read); she gets an error and none of its bytes. Root and the owner still read.
+#[test]
+fn another_users_log_cannot_be_read() {
+    if skip_without_root("another_users_log_cannot_be_read") {
+        return;
+    }
+    let cluster = Cluster::start(2, Mode::Loopback);
+    let mut roots = Proc::spawn(cluster.preloaded(0, python3()).args(["-c", IDLE]).stdin(Stdio::piped()), "root's");
+    roots.lines.wait_for("up", REACH);
+    let root_vpid = cluster.wait_registered(0, roots.pid())["vpid"].as_i64().unwrap();
+    plant_log(&cluster, 0, root_vpid, 0, "root's password is hunter2\n");
+    let mut hers =
+        Proc::spawn(as_nobody(cluster.preloaded(0, python3()).args(["-c", IDLE]).stdin(Stdio::piped())), "nobody's");
+    hers.lines.wait_for("up", REACH);
+    let her_vpid = cluster.wait_registered(0, hers.pid())["vpid"].as_i64().unwrap();
+    plant_log(&cluster, 0, her_vpid, NOBODY, "nobody's own line\n");
+    // node2 must know where root's process runs to forward the read.
+    wait_until(REACH, "node2 to see root's process", || cluster.ps(1).iter().any(|p| p["vpid"] == root_vpid));
+
+    for node in [0, 1] {
+        let out = logs_as(&cluster, node, root_vpid, NOBODY);
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(!stdout.contains("hunter2"), "nobody read root's log through node{}: {stdout}", node + 1);
+        assert!(!out.status.success(), "migrate-cli logs of root's process succeeded for nobody on node{}", node + 1);
+        let said = String::from_utf8_lossy(&out.stderr);
+        assert!(said.contains("another user"), "refusal should say why on node{}: {said}", node + 1);
+
+        let out = logs_as(&cluster, node, root_vpid, 0);
+        assert!(String::from_utf8_lossy(&out.stdout).contains("hunter2"), "root could not read the log");
+        let out = logs_as(&cluster, node, her_vpid, NOBODY);
+        assert!(String::from_utf8_lossy(&out.stdout).contains("nobody's own line"), "nobody could not read her log");
+    }
+}
+
+/// A cluster of two whose config ends with `dc_tables` (`[[dc]]` tables).
+fn cluster_with_dcs(dc_tables: &str) -> Cluster {
+    let mut cluster = Cluster::start_with(ClusterSpec { nodes: 2, mode: Mode::Loopback, not_started: vec![0, 1] });
+    let mut config = std::fs::read_to_string(&cluster.config).unwrap();
+    config.push_str(dc_tables);
+    std::fs::write(&cluster.config, config).unwrap();
+    cluster.start_agent(0);
+    cluster.start_agent(1);
+    cluster.wait_mesh();
+    cluster
+}
+
+/// Prints the pid getpid() gives (a vPID once registered, else the real pid).
+const WHOAMI: &str = "import os; print('pid', os.getpid(), flush=True)";
+
+/// Issue 9 item 5: DCs are an isolation boundary (DESIGN §1), yet any user could join `prod`
+/// by setting DVK_DC. With `[[dc]] name = "prod" users = ["root"]`, nobody's process is
+/// refused registration (under any spelling of the DC) and keeps its real pid; nobody may
+/// still run in a DC the config says nothing about; root may run in prod.
+#[test]
+fn a_user_not_allowed_in_a_dc_cannot_register_there() {
+    if skip_without_root("a_user_not_allowed_in_a_dc_cannot_register_there") {
+        return;
+    }
+    let cluster = cluster_with_dcs("\n[[dc]]\nname = \"prod\"\nusers = [\"root\"]\n");
+    let run = |dc: &str, nobody: bool| {
+        let mut cmd = cluster.preloaded(0, python3());
+        cmd.args(["-c", WHOAMI]).env("DVK_DC", dc);
+        if nobody {
+            as_nobody(&mut cmd);
+        }
+        let out = run_bounded(&mut cmd, b"", REACH, "whoami");
+        let said = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        let pid: i32 = said.strip_prefix("pid ").and_then(|p| p.parse().ok()).unwrap_or_else(|| panic!("{said}"));
+        (pid, String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    for dc in ["prod", "PROD"] {
+        let (pid, stderr) = run(dc, true);
+        assert!(!pidvirt::Vpid::is_virtual(pid), "nobody registered in DC {dc} (got vPID {pid})");
+        assert!(stderr.contains("refused the registration"), "the shim should say why: {stderr}");
+    }
+    assert!(cluster.log_of(0).contains("may not run in DC `prod`"), "the agent should log the refusal");
+    let (pid, stderr) = run("dc0", true);
+    assert!(pidvirt::Vpid::is_virtual(pid), "nobody could not register in the open DC dc0: {stderr}");
+    let (pid, stderr) = run("prod", false);
+    assert!(pidvirt::Vpid::is_virtual(pid), "root could not register in prod: {stderr}");
+}
+
+/// A server under the shim: binds 0.0.0.0:PORT, listens, says `listening` (or `refused ERRNO`
+/// and whether the socket ended up listening for real anywhere), then echoes one line per client.
+const LISTENER: &str = r#"
+import errno, socket, sys, threading
+s = socket.socket()
+s.bind(('0.0.0.0', int(sys.argv[1])))
+try:
+    s.listen(16)
+except OSError as e:
+    real = s.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+    print('refused', errno.errorcode[e.errno], 'accepting', real, flush=True)
+    sys.exit(0)
+print('listening', flush=True)
+def serve(c):
+    with c:
+        c.sendall(sys.argv[2].encode() + b'\n')
+while True:
+    c, _ = s.accept()
+    threading.Thread(target=serve, args=(c,), daemon=True).start()
+"#;
+
+/// `python3 LISTENER port greeting` under the shim on node `node` as `endpoint` in dc0.
+fn listener(cluster: &Cluster, node: usize, endpoint: &str, port: u16, greeting: &str, nobody: bool) -> Proc {
+    let mut cmd = cluster.preloaded(node, python3());
+    cmd.args(["-c", LISTENER, &port.to_string(), greeting]).env("DVK_DC", "dc0").env("DVK_ENDPOINT", endpoint);
+    if nobody {
+        as_nobody(&mut cmd);
+    }
+    Proc::spawn(&mut cmd, endpoint)
+}
+
+/// Reads the greeting of `host:port` in dc0 from node `node`.
+fn greeting(cluster: &Cluster, node: usize, host: &str, port: u16) -> String {
+    const READ: &str =
+        "import socket, sys\nc = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=10)\n\
+                        print(c.makefile().readline().strip(), flush=True)";
+    let out = run_bounded(
+        cluster.preloaded(node, python3()).args(["-c", READ, host, &port.to_string()]).env("DVK_DC", "dc0"),
+        b"",
+        REACH,
+        "greeting client",
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+/// Issue 9 item 5: any user could squat `db:5432` before the real service started, and its
+/// clients' passwords went to her. Now a name the config reserves for a user (`reserve = { db =
+/// "root" }`), or one that another user's process already listens on (`web`, on any port),
+/// is refused: nobody's listen() fails with EACCES / EADDRINUSE — and her socket does not
+/// listen for real either (it used to, on a random port of 0.0.0.0). The real services work.
+#[test]
+fn a_squatter_is_refused_a_reserved_or_held_endpoint_name() {
+    if skip_without_root("a_squatter_is_refused_a_reserved_or_held_endpoint_name") {
+        return;
+    }
+    let cluster = cluster_with_dcs("\n[[dc]]\nname = \"dc0\"\nreserve = { db = \"root\" }\n");
+
+    // nobody comes first, for the reserved name, on either node.
+    for node in [0, 1] {
+        let mut squatter = listener(&cluster, node, "db", 5432, "squatter", true);
+        let said = squatter.lines.next(REACH, "the squatter's listen").unwrap_or_default();
+        assert_eq!(said, "refused EACCES accepting 0", "nobody's listen on the reserved db:5432 on node{}", node + 1);
+        // The spelling of a name does not matter: `DB` is the same host name.
+        let mut squatter = listener(&cluster, node, "DB", 5433, "squatter", true);
+        let said = squatter.lines.next(REACH, "the squatter's listen").unwrap_or_default();
+        assert_eq!(said, "refused EACCES accepting 0", "nobody's listen on DB:5433 on node{}", node + 1);
+    }
+    let mut db = listener(&cluster, 0, "db", 5432, "the real db", false);
+    db.lines.wait_for("listening", REACH);
+    wait_until(REACH, "node2's clients to reach the real db", || {
+        greeting(&cluster, 1, "db.dc0.dvk", 5432) == "the real db"
+    });
+
+    // root's web listens first; nobody then tries another port of the same name, on both nodes.
+    let mut web = listener(&cluster, 0, "web", 8000, "root's web", false);
+    web.lines.wait_for("listening", REACH);
+    wait_until(REACH, "node2 to know web", || greeting(&cluster, 1, "web.dc0.dvk", 8000) == "root's web");
+    for node in [0, 1] {
+        let mut squatter = listener(&cluster, node, "web", 8001, "squatter", true);
+        let said = squatter.lines.next(REACH, "the squatter's listen").unwrap_or_default();
+        assert_eq!(said, "refused EADDRINUSE accepting 0", "nobody's listen on web:8001 on node{}", node + 1);
+    }
+    assert_eq!(greeting(&cluster, 1, "web.dc0.dvk", 8000), "root's web");
+    // A name nobody holds alone is hers to use.
+    let mut hers = listener(&cluster, 1, "blog", 8080, "nobody's blog", true);
+    hers.lines.wait_for("listening", REACH);
+    wait_until(REACH, "node1's clients to reach nobody's blog", || {
+        greeting(&cluster, 0, "blog.dc0.dvk", 8080) == "nobody's blog"
+    });
+}
+
+/// Issue 9 item 5: when the shim could not make a virtual listener (here: another user's file
+/// already sits at the listener path it picks, in the sticky listener directory), listen()
+/// fell back to the real one — on a socket whose bind was only recorded, so the kernel bound
+/// a random port of 0.0.0.0 and the server listened there, silently. It must fail instead.
+#[test]
+fn a_listener_that_cannot_be_made_fails_instead_of_listening_on_a_random_port() {
+    if skip_without_root("a_listener_that_cannot_be_made_fails_instead_of_listening_on_a_random_port") {
+        return;
+    }
+    let cluster = Cluster::start(1, Mode::Loopback);
+    // Waits for a line on stdin between creating the socket (its fd is known) and bind/listen.
+    const GATED: &str = "import sys\nsys.stdin.readline()\nexec(sys.argv[3])";
+    let mut cmd = cluster.preloaded(0, python3());
+    cmd.args(["-c", GATED, "5432", "x", LISTENER]).env("DVK_DC", "dc0").env("DVK_ENDPOINT", "db");
+    let mut server = Proc::spawn(as_nobody(cmd.stdin(Stdio::piped())), "nobody's db");
+    cluster.wait_registered(0, server.pid());
+    // The first listener of a process is `<pid>-<fd>-0.sock`: another user's files take those
+    // names for every fd the server's socket may get.
+    let ep = cluster.nodes[0].runtime_dir.join("ep");
+    for fd in 3..64 {
+        let planted = ep.join(format!("{}-{fd}-0.sock", server.pid()));
+        std::fs::write(&planted, b"").unwrap();
+        std::os::unix::fs::chown(&planted, Some(NOBODY - 1), Some(NOBODY - 1)).unwrap();
+    }
+    use std::io::Write;
+    server.child.stdin.as_mut().unwrap().write_all(b"go\n").unwrap();
+    let said = server.lines.next(REACH, "the server's listen").unwrap_or_default();
+    assert!(said.starts_with("refused ") && said.ends_with("accepting 0"), "listen() should fail, not listen: {said}");
+}
+
+/// Sends N copies of FRAME (one local request) to the agent at SOCK on one connection, one at
+/// a time, and counts the answers whose first body byte is TAG.
+const RESERVE_FLOOD: &str = r#"
+import socket, struct, sys
+sock, frame, tag, n = sys.argv[1], bytes.fromhex(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+c = socket.socket(socket.AF_UNIX)
+c.connect(sock)
+def read(k):
+    b = b''
+    while len(b) < k:
+        x = c.recv(k - len(b))
+        if not x:
+            print('closed after', ok, flush=True)
+            sys.exit(1)
+        b += x
+    return b
+ok = 0
+for _ in range(n):
+    c.sendall(frame)
+    body = read(struct.unpack('<I', read(4))[0])
+    ok += body[0] == tag
+print('reserved', ok, flush=True)
+"#;
+
+/// Forks once and prints what fork() returned (a vPID when the agent reserved one).
+const FORK_ONCE: &str =
+    "import os\npid = os.fork()\nif pid == 0:\n    os._exit(0)\nos.waitpid(pid, 0)\nprint('child', pid, flush=True)";
+
+/// Issue 9 item 9: any local user could burn the node's vPIDs with `ReserveVpid` (830–2700/s,
+/// never given back). nobody floods her agent with 3000 reservations: only what her uid's
+/// budget allows is granted (at most 1024 unclaimed at once), and root's
+/// fork right after still gets a vPID.
+#[test]
+fn a_reservation_flood_is_limited_to_its_uid() {
+    if skip_without_root("a_reservation_flood_is_limited_to_its_uid") {
+        return;
+    }
+    use dvk_protocol::frame;
+    use dvk_protocol::local::{LocalRequest, LocalResponse};
+    let cluster = Cluster::start(1, Mode::Loopback);
+    let request = frame::encode(&LocalRequest::ReserveVpid, frame::LOCAL_MAX_FRAME).unwrap();
+    let answer = frame::encode(&LocalResponse::VpidReserved { vpid: pidvirt::Vpid(0) }, 1024).unwrap();
+    let hex: String = request.iter().map(|b| format!("{b:02x}")).collect();
+    let sock = cluster.nodes[0].socket();
+    let started = std::time::Instant::now();
+    let out = run_bounded(
+        as_nobody(cluster.preloaded(0, python3()).args(["-c", RESERVE_FLOOD]).arg(&sock).args([
+            hex.as_str(),
+            &answer[frame::HEADER_LEN].to_string(),
+            "3000",
+        ])),
+        b"",
+        Duration::from_secs(120),
+        "nobody's reservation flood",
+    );
+    let minutes = started.elapsed().as_secs() / 60 + 1;
+    let said = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    let granted: u64 = said
+        .strip_prefix("reserved ")
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("flood said `{said}`: {}", String::from_utf8_lossy(&out.stderr)));
+    assert!(granted > 0, "nobody got no reservation at all");
+    assert!(granted <= 1024 * minutes, "nobody was granted {granted} of 3000 reservations");
+
+    let fork = || {
+        let mut cmd = cluster.preloaded(0, python3());
+        cmd.args(["-c", FORK_ONCE]);
+        let out = run_bounded(&mut cmd, b"", REACH, "fork once");
+        let said = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        said.strip_prefix("child ").and_then(|p| p.parse::<i32>().ok()).unwrap_or_else(|| panic!("{said}"))
+    };
+    assert!(pidvirt::Vpid::is_virtual(fork()), "root's child got no vPID after nobody's flood");
+}
+
+/// vPIDs are reused (issue 9 item 9), and a moved process's stdout that cannot follow goes to
+/// `<runtime>/logs/<vpid>.log` on the destination. A log an earlier holder of the same vPID
+/// left there, another user's, must not become the new holder's (appended to and given to
+/// her, she could read it with `migrate-cli logs`).
+#[test]
+fn a_log_left_by_an_earlier_holder_of_a_vpid_is_not_given_to_the_next() {
+    if skip_without_root("a_log_left_by_an_earlier_holder_of_a_vpid_is_not_given_to_the_next") {
+        return;
+    }
+    let cluster = Cluster::start(2, Mode::Loopback);
+    let log = std::fs::File::create(cluster.path("server.err")).unwrap();
+    let mut cmd = cluster.preloaded(0, c_program("move_server"));
+    cmd.args(["7000", "1"]).env("DVK_ENDPOINT", "kv").stdin(Stdio::null()).stderr(log);
+    // Its stdout is a pipe to this test: it cannot follow, it goes to the log on node2.
+    let mut server = Proc::spawn(no_inherited_fds(as_nobody(&mut cmd)), "nobody's move_server");
+    server.lines.wait_for("listening", REACH);
+    let vpid = cluster.wait_registered(0, server.pid())["vpid"].as_i64().unwrap();
+    plant_log(&cluster, 1, vpid, 0, "an earlier root process with this vPID said hunter2\n");
+    move_to(&cluster, 0, vpid, 1);
+    let out = logs_as(&cluster, 1, vpid, NOBODY);
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(!said.contains("hunter2"), "nobody read the earlier holder's log: {said}");
+    let path = cluster.nodes[1].runtime_dir.join("logs").join(format!("{vpid}.log"));
+    let on_disk = std::fs::read_to_string(&path).unwrap_or_default();
+    assert!(!on_disk.contains("hunter2"), "the earlier holder's log was handed to nobody: {on_disk}");
+}
+
+/// Issue 9 item 9: vPIDs were never reused, so a node that handed out its whole range could
+/// register nothing more. With the range cut to 16 numbers (and no quarantine, a test knob of
+/// the agent), 100 processes that register and exit one after another each get a vPID: the
+/// numbers of those that exited come back.
+#[test]
+fn vpids_of_exited_processes_come_back_far_beyond_the_range() {
+    let mut cluster = Cluster::start_with(ClusterSpec { nodes: 1, mode: Mode::Loopback, not_started: vec![0] });
+    cluster.restart_agent_with(0, &[("DVK_TEST_VPID_RANGE", "16"), ("DVK_TEST_VPID_QUARANTINE_MS", "0")]);
+    let mut seen = std::collections::BTreeSet::new();
+    for round in 0..100 {
+        let mut got = None;
+        // The agent sees the previous process's exit through its pidfd, a moment after it: a
+        // process that came first gets its real pid (a few tries at most).
+        for _try in 0..50 {
+            let out = run_bounded(cluster.preloaded(0, python3()).args(["-c", WHOAMI]), b"", REACH, "whoami");
+            let said = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+            let pid: i32 = said.strip_prefix("pid ").and_then(|p| p.parse().ok()).unwrap_or_else(|| panic!("{said}"));
+            if pidvirt::Vpid::is_virtual(pid) {
+                got = Some(pid);
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let vpid =
+            got.unwrap_or_else(|| panic!("process {round} got no vPID: the range is used up\n{}", cluster.log_of(0)));
+        seen.insert(vpid);
+    }
+    assert!(seen.len() <= 16, "vPIDs outside the 16-number range: {seen:?}");
 }

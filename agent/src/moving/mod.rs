@@ -253,12 +253,25 @@ pub fn forwarded_event(agent: &Agent, from: NodeId, request: u64, event: LocalRe
     }
 }
 
-/// Log bytes of `vpid` on this node from `offset` (64 KiB at most).
-pub fn read_log(agent: &Agent, vpid: Vpid, offset: u64) -> LocalResponse {
+/// Log bytes of `vpid` on this node from `offset` (64 KiB at most), for `uid`: only root or
+/// the process's owner may read them. The agent makes the log file 0600 and gives it to the
+/// process's user, so the file's owner is the owner even after the process exited or moved on;
+/// a process still registered under that vPID must be `uid`'s as well. The file is opened
+/// without following a symlink and checked by what was opened.
+pub fn read_log(agent: &Agent, vpid: Vpid, offset: u64, uid: u32) -> LocalResponse {
     use std::io::{Read, Seek, SeekFrom};
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
     let path = participant::log_path_for(agent, vpid);
     let node = agent.node_name(agent.node_id());
-    let mut f = match std::fs::File::open(&path) {
+    let denied = || LocalResponse::Error {
+        message: format!("vPID {vpid}'s log on {node} belongs to another user (only its owner or root may read it)"),
+    };
+    let owner = agent.tables.lock().routing.get(vpid).map(|r| r.entry.uid);
+    if uid != 0 && owner.is_some_and(|o| o != uid) {
+        return denied();
+    }
+    let opened = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK).open(&path);
+    let mut f = match opened {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             return LocalResponse::Error {
@@ -267,6 +280,14 @@ pub fn read_log(agent: &Agent, vpid: Vpid, offset: u64) -> LocalResponse {
         }
         Err(e) => return LocalResponse::Error { message: format!("{}: {e}", path.display()) },
     };
+    match f.metadata() {
+        Ok(m) if !m.is_file() => {
+            return LocalResponse::Error { message: format!("{} is not a regular file", path.display()) }
+        }
+        Ok(m) if uid != 0 && m.uid() != uid => return denied(),
+        Ok(_) => {}
+        Err(e) => return LocalResponse::Error { message: format!("{}: {e}", path.display()) },
+    }
     let mut bytes = Vec::new();
     let read = f.seek(SeekFrom::Start(offset)).and_then(|_| f.take(64 * 1024).read_to_end(&mut bytes));
     match read {
@@ -275,9 +296,9 @@ pub fn read_log(agent: &Agent, vpid: Vpid, offset: u64) -> LocalResponse {
     }
 }
 
-/// `migrate-cli logs`: read here if the process runs here (or its log is here), else ask
-/// the node it runs on.
-pub async fn logs(agent: &Arc<Agent>, vpid: Vpid, offset: u64) -> LocalResponse {
+/// `migrate-cli logs` of user `uid`: read here if the process runs here (or its log is here),
+/// else ask the node it runs on, which checks `uid` against the owner it knows.
+pub async fn logs(agent: &Arc<Agent>, vpid: Vpid, offset: u64, uid: u32) -> LocalResponse {
     let node = agent.tables.lock().routing.get(vpid).map(|r| r.entry.node);
     let here = participant::log_path_for(agent, vpid).exists();
     match node {
@@ -285,7 +306,7 @@ pub async fn logs(agent: &Arc<Agent>, vpid: Vpid, offset: u64) -> LocalResponse 
             let request = agent.moves.next_request.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             let (tx, rx) = tokio::sync::oneshot::channel();
             agent.moves.log_reads.lock().insert(request, tx);
-            if !agent.send_to(n, dvk_protocol::peer::PeerMessage::LogRead { request, vpid, offset }) {
+            if !agent.send_to(n, dvk_protocol::peer::PeerMessage::LogRead { request, vpid, offset, uid }) {
                 agent.moves.log_reads.lock().remove(&request);
                 return LocalResponse::Error { message: format!("{} is not linked to this node", agent.node_name(n)) };
             }
@@ -297,7 +318,7 @@ pub async fn logs(agent: &Arc<Agent>, vpid: Vpid, offset: u64) -> LocalResponse 
                 }
             }
         }
-        _ => read_log(agent, vpid, offset),
+        _ => read_log(agent, vpid, offset, uid),
     }
 }
 

@@ -483,6 +483,11 @@ async fn prepare_restore(agent: &Arc<Agent>, dir: &Path) -> Result<Restoring, St
             Redirect::Log => {
                 let path = log_path_for(agent, plan.entry.vpid);
                 let _ = std::fs::create_dir_all(path.parent().unwrap_or(Path::new("/")));
+                // vPIDs are reused: a log left by an earlier holder of this vPID of another
+                // user is not this process's to append to (its owner could then read it).
+                if std::fs::symlink_metadata(&path).is_ok_and(|m| std::os::unix::fs::MetadataExt::uid(&m) != uid) {
+                    let _ = std::fs::remove_file(&path);
+                }
                 let f = std::fs::OpenOptions::new().create(true).append(true).mode(0o600).open(&path);
                 if f.is_ok() {
                     let _ = std::os::unix::fs::chown(&path, Some(uid), None);
