@@ -535,7 +535,9 @@ fn http_server_moves_twice_under_a_curl_loop() {
                 steps.gate(g + 1);
             }
             let mut curl = cluster.preloaded(2, "curl");
-            curl.args(["-sS", "--fail", "--noproxy", "*", "--max-time", "60"]);
+            // --fail-early: with several URLs curl exits with the status of the last one only;
+            // a failed transfer in the middle must fail the run (and show why).
+            curl.args(["-sS", "--fail", "--fail-early", "--noproxy", "*", "--max-time", "60"]);
             let batch: Vec<usize> = (k..k + PER_CURL).collect();
             for &j in &batch {
                 let (name, _) = &files[j % files.len()];
