@@ -245,7 +245,8 @@ mod tests {
         assert!(why.contains(&format!("thread {tid} of the process itself")), "{why}");
         drop(hold);
         t.join().unwrap();
-        // A dead process's pidfd made here tells the exit it was given.
+        // A dead process's pidfd made here tells the exit it was given (it forks: see FORK_LOCK).
+        let _fork = crate::FORK_LOCK.lock().unwrap_or_else(|e| e.into_inner());
         let fd = sys::dead_pidfd(Some((9 << 8, [0; 8]))).unwrap();
         assert_eq!(sys::pidfd_exit_info(&fd).map(|e| e.0), Some(9 << 8));
         let fd = sys::dead_pidfd(Some((libc::SIGTERM, [0; 8]))).unwrap();

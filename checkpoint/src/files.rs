@@ -138,6 +138,12 @@ pub enum FileKind {
         flags: u32,
         pos: u64,
     },
+    /// A connected AF_UNIX stream socket whose peer has closed (every JVM with NIO holds one):
+    /// `data` is what is still queued for it to read; after that it reads end of file.
+    UnixPeerGone {
+        flags: u32,
+        data: Vec<u8>,
+    },
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -328,9 +334,14 @@ fn describe(pid: Pid, fd: i32, pidfd: &std::os::fd::OwnedFd) -> Result<FileKind>
                     sys::sock_peek(&dup, 4 << 20).map_err(|e| refuse(&format!("cannot copy unread data: {e}")))?;
                 return Ok(FileKind::UnixPair { ino: ino as u64, peer: peer as u64, flags, data, shutdown });
             }
-            return Err(refuse(
-                "an AF_UNIX stream socket that is not connected (or whose peer closed) is not supported yet",
-            ));
+            // The peer closed: sock_diag names no peer and the kernel shut both directions down
+            // (a socket never connected has no shutdown bits).
+            if shutdown == 3 {
+                let data =
+                    sys::sock_peek(&dup, 4 << 20).map_err(|e| refuse(&format!("cannot copy unread data: {e}")))?;
+                return Ok(FileKind::UnixPeerGone { flags, data });
+            }
+            return Err(refuse("an AF_UNIX stream socket that is not connected is not supported yet"));
         }
         if domain == libc::AF_UNIX {
             let kind = if ty == libc::SOCK_DGRAM { "datagram" } else { "seqpacket" };
@@ -1137,6 +1148,7 @@ pub fn restore(r: &Remote, st: &FilesState, external: &[(i32, i32)], memfds: &Ha
                 // What each end had queued to read is written by the other end.
                 for (idx, other) in [(i, there), (j, here)] {
                     if let FileKind::UnixPair { data, .. } = &st.files[idx] {
+                        room_for(r, other, data.len())?;
                         for chunk in data.chunks(r.scratch_len / 2) {
                             let a = r.put(0, chunk)?;
                             let n = r.call("write (socket data)", libc::SYS_write, &[other, a, chunk.len() as u64])?;
@@ -1244,6 +1256,30 @@ pub fn restore(r: &Remote, st: &FilesState, external: &[(i32, i32)], memfds: &Ha
                 let appending = sys::fd_status_flags(local).map(|f| f & libc::O_APPEND as u32).unwrap_or(0);
                 setfl(got, *flags | appending)?;
                 got
+            }
+            FileKind::UnixPeerGone { flags, data } => {
+                // The same shape: one end of a pair, its unread bytes written by the other end,
+                // which is then closed (the kernel shuts both directions down, as it had).
+                let p = r.put(0, &[0u8; 8])?;
+                r.call(
+                    "socketpair(AF_UNIX)",
+                    libc::SYS_socketpair,
+                    &[libc::AF_UNIX as u64, (libc::SOCK_STREAM | libc::SOCK_CLOEXEC) as u64, 0, p],
+                )?;
+                let b = r.get(0, 8)?;
+                let here = u32::from_le_bytes(b[0..4].try_into().unwrap()) as u64;
+                let there = u32::from_le_bytes(b[4..8].try_into().unwrap()) as u64;
+                room_for(r, there, data.len())?;
+                for chunk in data.chunks(r.scratch_len / 2) {
+                    let a = r.put(0, chunk)?;
+                    let n = r.call("write (socket data)", libc::SYS_write, &[there, a, chunk.len() as u64])?;
+                    if n != chunk.len() as u64 {
+                        return Err(Error::Restore("a socket whose peer closed: short write of unread data".into()));
+                    }
+                }
+                r.call("close", libc::SYS_close, &[there])?;
+                setfl(here, *flags)?;
+                here
             }
             FileKind::UnixListener { path, sock_type, flags } => {
                 let fl = (flags & libc::O_NONBLOCK as u32) as u64 | libc::SOCK_CLOEXEC as u64;
@@ -1368,12 +1404,28 @@ pub fn prepare(st: &FilesState, external: &[(i32, i32)]) -> Result<()> {
     Ok(())
 }
 
+/// Makes the send buffer of AF_UNIX socket `fd` (in the stub, still root) big enough for `len`
+/// unread bytes to be queued without a reader: a write beyond it would block the restore.
+fn room_for(r: &Remote, fd: u64, len: usize) -> Result<()> {
+    if len == 0 {
+        return Ok(());
+    }
+    // The kernel doubles the value (bookkeeping overhead); ask for twice the data plus slack.
+    let size = (2 * len + (256 << 10)).min(i32::MAX as usize) as i32;
+    let a = r.put(0, &size.to_le_bytes())?;
+    r.call(
+        "setsockopt(SO_SNDBUFFORCE)",
+        libc::SYS_setsockopt,
+        &[fd, libc::SOL_SOCKET as u64, libc::SO_SNDBUFFORCE as u64, a, 4],
+    )?;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     /// The fd tests look at this very process's fd table: one at a time.
-    static FD_TABLE: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
     #[test]
     fn own_proc_files_are_named_through_self() {
@@ -1397,7 +1449,7 @@ mod tests {
 
     #[test]
     fn own_fds_are_described() {
-        let _g = FD_TABLE.lock().unwrap_or_else(|e| e.into_inner());
+        let _g = crate::FORK_LOCK.lock().unwrap_or_else(|e| e.into_inner());
         use std::os::fd::AsRawFd;
         let me = std::process::id() as i32;
         let f = std::fs::File::open("/dev/null").unwrap();
@@ -1426,7 +1478,7 @@ mod tests {
 
     #[test]
     fn external_fds_are_not_inspected() {
-        let _g = FD_TABLE.lock().unwrap_or_else(|e| e.into_inner());
+        let _g = crate::FORK_LOCK.lock().unwrap_or_else(|e| e.into_inner());
         use std::os::fd::AsRawFd;
         let (a, _b) = std::os::unix::net::UnixDatagram::pair().unwrap();
         let fd = a.as_raw_fd();
@@ -1533,7 +1585,7 @@ mod tests {
     /// A child holding the other end of our pipe and of our socket pair is found and named.
     #[test]
     fn describe_fds_finds_the_other_ends() {
-        let _g = FD_TABLE.lock().unwrap_or_else(|e| e.into_inner());
+        let _g = crate::FORK_LOCK.lock().unwrap_or_else(|e| e.into_inner());
         use std::os::fd::AsRawFd;
         use std::process::{Command, Stdio};
         let me = std::process::id() as i32;

@@ -46,6 +46,11 @@ pub use files::{describe_fds, FdClass, FdDescription};
 pub use freeze::Frozen;
 pub use rebuild::{Held, RestoreOptions, RestoreReport};
 
+/// Unit tests that fork, or that look at which processes hold an fd, take this lock: a child
+/// forked by one test holds copies of every fd the others have open until it execs or exits.
+#[cfg(test)]
+pub(crate) static FORK_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 /// Reads and checks the image in `dir`, then rebuilds the process from it.
 pub fn restore(dir: &std::path::Path, opts: &RestoreOptions) -> Result<RestoreReport> {
     let t = std::time::Instant::now();

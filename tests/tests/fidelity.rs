@@ -247,6 +247,7 @@ fidelity! {
     sparse_reservation,
     memfd,
     socketpair,
+    unix_peer_gone,
     threads settle 20,
     vma_flags,
     memfd_exec,
