@@ -415,20 +415,55 @@ fn python_asyncio() {
     );
 }
 
-#[allow(clippy::zombie_processes)] // waited for by pid (the dump kills and reaps it)
 fn python(script: &str) {
+    // Every wait in the scripts is bounded: a test that dies never leaves one spinning.
+    let script = format!("import time\nDEADLINE = time.time() + 60\n{script}");
+    interpreted(&["python3", "-c", &script], &[]);
+}
+
+/// A JVM (`java Main.java`, the single-file launcher): ~20 threads, 200+ mappings, a heap of
+/// 200 000 map entries, and the NIO selector's AF_UNIX socket pair whose other end the JVM has
+/// closed (a socket whose peer is gone).
+#[test]
+fn java_nio_program() {
+    const MAIN: &str = r#"import java.nio.file.*;
+public class Main {
+    public static void main(String[] a) throws Exception {
+        java.nio.channels.Selector s = java.nio.channels.Selector.open();
+        java.util.HashMap<Integer, String> m = new java.util.HashMap<>();
+        for (int i = 0; i < 200000; i++) m.put(i, "v" + i);
+        System.out.println("READY");
+        long deadline = System.currentTimeMillis() + 60000;
+        while (!Files.exists(Paths.get("go")) && System.currentTimeMillis() < deadline) Thread.sleep(5);
+        boolean ok = m.size() == 200000 && m.get(123456).equals("v123456");
+        s.wakeup();
+        s.selectNow();
+        System.out.println(ok ? "PASS" : "FAIL");
+    }
+}
+"#;
+    interpreted(&["java", "Main.java"], &[("Main.java", MAIN)]);
+}
+
+/// Runs `argv` (an interpreter, skipped if not installed) in a new directory holding `files`;
+/// it prints READY, waits for a file `go`, then checks its state and prints PASS. Dumped
+/// (killed), restored, told to go.
+#[allow(clippy::zombie_processes)] // waited for by pid (the dump kills and reaps it)
+fn interpreted(argv: &[&str], files: &[(&str, &str)]) {
+    let name = argv[0];
     if !root() {
         return;
     }
-    if Command::new("python3").arg("-c").arg("1").status().map(|s| !s.success()).unwrap_or(true) {
-        eprintln!("SKIP: python3 not installed");
+    if Command::new(name).arg("--version").output().map(|o| !o.status.success()).unwrap_or(true) {
+        eprintln!("SKIP: {name} not installed");
         return;
     }
-    let dir = tempfile::Builder::new().prefix("dvk-fid-python-").tempdir().unwrap();
-    // Every wait in the scripts is bounded: a test that dies never leaves one spinning.
-    let script = format!("import time\nDEADLINE = time.time() + 60\n{script}");
-    let child = close_stray_fds(&mut Command::new("python3"))
-        .args(["-c", &script])
+    let dir = tempfile::Builder::new().prefix(&format!("dvk-fid-{name}-")).tempdir().unwrap();
+    for (file, text) in files {
+        fs::write(dir.path().join(file), text).unwrap();
+    }
+    let child = close_stray_fds(&mut Command::new(name))
+        .args(&argv[1..])
         .current_dir(dir.path())
         .stdin(Stdio::null())
         .stdout(File::create(dir.path().join("out")).unwrap())
@@ -438,18 +473,19 @@ fn python(script: &str) {
     let pid = child.id() as i32;
     let t = Instant::now();
     while !read(&dir.path().join("out")).contains("READY") {
-        assert!(t.elapsed() < Duration::from_secs(20), "python: no READY");
+        assert!(t.elapsed() < Duration::from_secs(60), "{name}: no READY\n{}", read(&dir.path().join("err")));
         std::thread::sleep(Duration::from_millis(5));
     }
-    ck::dump(pid, &dir.path().join("img"), AfterDump::Kill).unwrap();
+    ck::dump(pid, &dir.path().join("img"), AfterDump::Kill).unwrap_or_else(|e| panic!("{name}: dump: {e}"));
     wait_exit(pid, Duration::from_secs(5));
-    let r = ck::restore(&dir.path().join("img"), &RestoreOptions::default()).unwrap();
+    let r = ck::restore(&dir.path().join("img"), &RestoreOptions::default())
+        .unwrap_or_else(|e| panic!("{name}: restore: {e}"));
     File::create(dir.path().join("go")).unwrap();
     let st = wait_exit(r.pid, Duration::from_secs(20));
     let out = read(&dir.path().join("out"));
     assert!(
         matches!(st, Some(s) if libc::WIFEXITED(s) && libc::WEXITSTATUS(s) == 0) && out.contains("PASS"),
-        "python: {st:?}\n{out}\n{}",
+        "{name}: {st:?}\n{out}\n{}",
         read(&dir.path().join("err"))
     );
 }
