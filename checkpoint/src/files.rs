@@ -1131,15 +1131,7 @@ pub fn restore(r: &Remote, st: &FilesState, external: &[(i32, i32)], memfds: &Ha
             }
             FileKind::UnixPair { ino, peer, .. } => {
                 // Create the pair once, for both ends.
-                let p = r.put(0, &[0u8; 8])?;
-                r.call(
-                    "socketpair(AF_UNIX)",
-                    libc::SYS_socketpair,
-                    &[libc::AF_UNIX as u64, (libc::SOCK_STREAM | libc::SOCK_CLOEXEC) as u64, 0, p],
-                )?;
-                let b = r.get(0, 8)?;
-                let here = u32::from_le_bytes(b[0..4].try_into().unwrap()) as u64;
-                let there = u32::from_le_bytes(b[4..8].try_into().unwrap()) as u64;
+                let (here, there) = stream_pair(r)?;
                 let j = st
                     .files
                     .iter()
@@ -1260,15 +1252,7 @@ pub fn restore(r: &Remote, st: &FilesState, external: &[(i32, i32)], memfds: &Ha
             FileKind::UnixPeerGone { flags, data } => {
                 // The same shape: one end of a pair, its unread bytes written by the other end,
                 // which is then closed (the kernel shuts both directions down, as it had).
-                let p = r.put(0, &[0u8; 8])?;
-                r.call(
-                    "socketpair(AF_UNIX)",
-                    libc::SYS_socketpair,
-                    &[libc::AF_UNIX as u64, (libc::SOCK_STREAM | libc::SOCK_CLOEXEC) as u64, 0, p],
-                )?;
-                let b = r.get(0, 8)?;
-                let here = u32::from_le_bytes(b[0..4].try_into().unwrap()) as u64;
-                let there = u32::from_le_bytes(b[4..8].try_into().unwrap()) as u64;
+                let (here, there) = stream_pair(r)?;
                 room_for(r, there, data.len())?;
                 for chunk in data.chunks(r.scratch_len / 2) {
                     let a = r.put(0, chunk)?;
@@ -1402,6 +1386,18 @@ pub fn prepare(st: &FilesState, external: &[(i32, i32)]) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// A connected AF_UNIX stream socket pair in the stub (close-on-exec until placed).
+fn stream_pair(r: &Remote) -> Result<(u64, u64)> {
+    let p = r.put(0, &[0u8; 8])?;
+    r.call(
+        "socketpair(AF_UNIX)",
+        libc::SYS_socketpair,
+        &[libc::AF_UNIX as u64, (libc::SOCK_STREAM | libc::SOCK_CLOEXEC) as u64, 0, p],
+    )?;
+    let b = r.get(0, 8)?;
+    Ok((u32::from_le_bytes(b[0..4].try_into().unwrap()) as u64, u32::from_le_bytes(b[4..8].try_into().unwrap()) as u64))
 }
 
 /// Makes the send buffer of AF_UNIX socket `fd` (in the stub, still root) big enough for `len`
