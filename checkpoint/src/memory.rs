@@ -403,7 +403,13 @@ fn collect_pages(pid: Pid, maps: &[MapLine], sink: &mut PageSink, precopy: Optio
             (&kind, m.shared()),
             (VmaKind::File { .. } | VmaKind::Memfd { .. } | VmaKind::Ghost { .. }, true)
         );
-        if !(matches!(kind, VmaKind::File { .. } | VmaKind::Memfd { .. } | VmaKind::Ghost { .. }) && m.shared()) {
+        let mut precopied = Vec::new();
+        if let Some(split) = split {
+            // Pre-copy: one PAGEMAP_SCAN already said which pages are new since the last
+            // round, which the store holds, and where the guard pages are.
+            (pages, precopied, guards) = (split.fresh, split.kept, split.guards);
+        } else if !(matches!(kind, VmaKind::File { .. } | VmaKind::Memfd { .. } | VmaKind::Ghost { .. }) && m.shared())
+        {
             // pagemap in chunks of 64 Ki pages (512 KiB of entries): a huge sparse reservation
             // costs time, not memory.
             const CHUNK: usize = 64 << 10;
@@ -435,13 +441,6 @@ fn collect_pages(pid: Pid, maps: &[MapLine], sink: &mut PageSink, precopy: Optio
                 }
                 first += n;
             }
-        }
-        // Pre-copy: the tracker says which pages are new since its last round (guard pages,
-        // found above, are never data).
-        let mut precopied = Vec::new();
-        if let Some(split) = split {
-            pages = split.fresh;
-            precopied = split.kept;
         }
         let runs = sink.plan(&pages);
         vmas.push(Vma {

@@ -99,6 +99,8 @@ pub(crate) struct FinalSplit {
     pub fresh: Vec<(u64, u64)>,
     /// Runs whose data is in the store (`off` = offset there; crc unused).
     pub kept: Vec<Run>,
+    /// Guard pages (MADV_GUARD_INSTALL): no data, installed again at restore.
+    pub guards: Vec<(u64, u64)>,
 }
 
 impl Precopy {
@@ -304,7 +306,7 @@ impl Precopy {
         let scan = PagemapScan {
             flags: sys::PM_SCAN_CHECK_WPASYNC,
             category_mask: 0,
-            category_anyof_mask: sys::PAGE_IS_PRESENT | sys::PAGE_IS_SWAPPED,
+            category_anyof_mask: sys::PAGE_IS_PRESENT | sys::PAGE_IS_SWAPPED | sys::PAGE_IS_GUARD,
             return_mask: sys::PAGE_IS_WRITTEN | sys::PAGE_IS_PFNZERO | sys::PAGE_IS_GUARD,
         };
         let mut regions = Vec::new();
@@ -313,11 +315,17 @@ impl Precopy {
             Err(e) if e.raw_os_error() == Some(libc::EPERM) => return Ok(None),
             Err(e) => return Err(io_at(&proc_path(self.pid, "pagemap"))(e)),
         }
-        let mut split = FinalSplit { fresh: Vec::new(), kept: Vec::new() };
+        let mut split = FinalSplit { fresh: Vec::new(), kept: Vec::new(), guards: Vec::new() };
         for (s, e, cat) in regions {
-            // Zero pages read as the never-touched memory they are restored as; guard pages are
-            // found (and installed again) by the memory collector.
-            if cat & (sys::PAGE_IS_PFNZERO | sys::PAGE_IS_GUARD) != 0 {
+            if cat & sys::PAGE_IS_GUARD != 0 {
+                match split.guards.last_mut() {
+                    Some(g) if g.0 + g.1 == s => g.1 += e - s,
+                    _ => split.guards.push((s, e - s)),
+                }
+                continue;
+            }
+            // Zero pages read as the never-touched memory they are restored as.
+            if cat & sys::PAGE_IS_PFNZERO != 0 {
                 continue;
             }
             let mut a = s;
