@@ -234,11 +234,21 @@ struct Opening {
 /// How long a new stream waits for an endpoint that is moving (instead of being refused).
 pub const MOVE_PATIENCE: Duration = Duration::from_secs(10);
 
-/// Waits while the process serving `key` is moving; then its current entry (it may now be on
-/// another node). The returned guard counts this open as under way until the stream reached
-/// the listener or its StreamOpen is on the link, so a move's start can wait for it.
-pub async fn settled_endpoint(agent: &Agent, key: &EndpointKey) -> (Option<EndpointEntry>, crate::state::OpenGuard) {
+/// Where an endpoint is once no move of its process is under way.
+pub struct Settled {
+    /// Its current entry (it may now be on another node); None if it is gone.
+    pub entry: Option<EndpointEntry>,
+    /// Counts this open as under way until the stream reached the listener or its StreamOpen is
+    /// on the link, so a move's start can wait for it.
+    pub guard: crate::state::OpenGuard,
+    /// The endpoint was moving when the open arrived (it waited for the move's end).
+    pub waited: bool,
+}
+
+/// Waits while the process serving `key` is moving; then where the endpoint is.
+pub async fn settled_endpoint(agent: &Agent, key: &EndpointKey) -> Settled {
     let deadline = Instant::now() + MOVE_PATIENCE;
+    let mut waited = false;
     loop {
         let guard = agent.opens.enter();
         let (entry, moving) = {
@@ -252,10 +262,11 @@ pub async fn settled_endpoint(agent: &Agent, key: &EndpointKey) -> (Option<Endpo
         if !moving || Instant::now() >= deadline {
             if moving {
                 tracing::warn!(endpoint = %key, "endpoint still moving after {MOVE_PATIENCE:?}; refusing the stream");
-                return (None, guard);
+                return Settled { entry: None, guard, waited };
             }
-            return (entry, guard);
+            return Settled { entry, guard, waited };
         }
+        waited = true;
         drop(guard);
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
@@ -264,7 +275,7 @@ pub async fn settled_endpoint(agent: &Agent, key: &EndpointKey) -> (Option<Endpo
 /// Finds the endpoint and, if it is local, connects to it. Err(errno) as connect(2) would fail.
 async fn prepare(agent: &Agent, entry: Option<EndpointEntry>, client: VirtualAddr) -> Result<Opening, i32> {
     let entry = entry.ok_or(libc::ECONNREFUSED)?;
-    let (entry, guard) = settled_endpoint(agent, &entry.key()).await;
+    let Settled { entry, guard, .. } = settled_endpoint(agent, &entry.key()).await;
     let entry = entry.ok_or(libc::ECONNREFUSED)?;
     let key = entry.key();
     let server = VirtualAddr { ip: entry.vip, port: entry.port };
@@ -339,6 +350,11 @@ async fn write_response(conn: &mut UnixStream, response: &LocalResponse) -> std:
 
 /// `StreamOpen` from a peer: register the stream at once (its data may follow
 /// right behind), then connect to the local listener.
+///
+/// An open that reached this node while the endpoint was moving away from it (its sender chose
+/// the route before it heard of the move) is carried on to where the endpoint settled: this node
+/// then relays the stream as if a local program had opened it there, so the client is served,
+/// never refused, by the move.
 pub fn accept_remote_stream(
     agent: &Arc<Agent>,
     peer: NodeId,
@@ -353,25 +369,104 @@ pub fn accept_remote_stream(
     let early = agent.opens.enter();
     let agent = agent.clone();
     tokio::spawn(async move {
-        let (entry, guard) = settled_endpoint(&agent, &key).await;
-        drop(early);
-        let header = AcceptHeader { peer: client, local: server, stream: id };
-        let here = entry.is_some_and(|e| e.node == agent.node_id());
-        let conn = if here { connect_listener(&agent, &key, header).await } else { None };
-        drop(guard);
-        match conn {
-            Some(conn) => {
-                relay::spawn_remote(&agent, id, peer, End::Unix(conn), pumps, false, Dir::default(), Dir::default())
-            }
-            None => {
-                tracing::info!(stream = id, endpoint = %key, "stream refused: no listener here");
-                if let Some(s) = agent.streams.lock().remove(&id) {
-                    s.reset();
+        if agent.fault == Some(crate::moving::Fault::OpenLate) && client.ip == client_vip(&key.dc, "move_client") {
+            drop(early);
+            return late_open(agent, peer, id, key, client, server, pumps).await;
+        }
+        accept_settled(agent, peer, id, key, client, server, pumps, early).await
+    });
+}
+
+/// Test fault `open-late`: the first open from a `move_client` program is not counted as under
+/// way and waits until its endpoint is moving here: it reaches the listener's node as if its
+/// StreamOpen had arrived after that node marked the endpoint moving (as an open does from a
+/// node that learned the route while the move was under way).
+async fn late_open(
+    agent: Arc<Agent>,
+    peer: NodeId,
+    id: u64,
+    key: EndpointKey,
+    client: VirtualAddr,
+    server: VirtualAddr,
+    pumps: relay::RemotePumps,
+) {
+    static HELD: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    if !HELD.swap(true, std::sync::atomic::Ordering::AcqRel) {
+        tracing::warn!(stream = id, endpoint = %key, "test fault: holding a stream open until its endpoint moves");
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while Instant::now() < deadline && !moving(&agent, &key) {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        tracing::warn!(stream = id, endpoint = %key, "test fault: the endpoint is moving; the held open goes on");
+    }
+    let early = agent.opens.enter();
+    accept_settled(agent, peer, id, key, client, server, pumps, early).await
+}
+
+fn moving(agent: &Agent, key: &EndpointKey) -> bool {
+    let t = agent.tables.lock();
+    t.routing
+        .endpoint(key)
+        .and_then(|e| t.routing.get(e.vpid))
+        .is_some_and(|r| matches!(r.state, pidvirt::EndpointState::Migrating { .. }))
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn accept_settled(
+    agent: Arc<Agent>,
+    peer: NodeId,
+    id: u64,
+    key: EndpointKey,
+    client: VirtualAddr,
+    server: VirtualAddr,
+    pumps: relay::RemotePumps,
+    early: crate::state::OpenGuard,
+) {
+    let settled = settled_endpoint(&agent, &key).await;
+    drop(early);
+    let here = agent.node_id();
+    match settled.entry {
+        Some(e) if e.node == here => {
+            let header = AcceptHeader { peer: client, local: server, stream: id };
+            let conn = connect_listener(&agent, &key, header).await;
+            drop(settled.guard);
+            match conn {
+                Some(conn) => {
+                    relay::spawn_remote(&agent, id, peer, End::Unix(conn), pumps, false, Dir::default(), Dir::default())
                 }
-                agent.send_to(peer, PeerMessage::StreamReset { stream: id });
+                None => refuse_remote_stream(&agent, peer, id, &key),
             }
         }
-    });
+        Some(e) if settled.waited => {
+            tracing::info!(stream = id, endpoint = %key, node = %e.node, "stream opened during a move: relayed to where the endpoint went");
+            let (near, far) = match UnixStream::pair() {
+                Ok(pair) => pair,
+                Err(err) => {
+                    tracing::warn!(stream = id, "cannot relay a stream on: {err}");
+                    return refuse_remote_stream(&agent, peer, id, &key);
+                }
+            };
+            relay::spawn_remote(&agent, id, peer, End::Unix(near), pumps, false, Dir::default(), Dir::default());
+            let opening = Opening {
+                id: agent.new_stream_id(),
+                key,
+                client,
+                server,
+                route: Route::Remote(e.node),
+                _guard: settled.guard,
+            };
+            run(agent, opening, End::Unix(far)).await;
+        }
+        _ => refuse_remote_stream(&agent, peer, id, &key),
+    }
+}
+
+fn refuse_remote_stream(agent: &Agent, peer: NodeId, id: u64, key: &EndpointKey) {
+    tracing::info!(stream = id, endpoint = %key, "stream refused: no listener here");
+    if let Some(s) = agent.streams.lock().remove(&id) {
+        s.reset();
+    }
+    agent.send_to(peer, PeerMessage::StreamReset { stream: id });
 }
 
 /// Binds the ingress ports of this node (before the agent reports itself started).

@@ -141,13 +141,22 @@ impl RoutingTable {
     }
 
     /// Adds or replaces the entry for `entry.vpid`; the state follows from where it runs.
+    /// A process announced on another node takes its endpoints along in the same step: a
+    /// moved process is announced before its endpoints, and an open decided in between must not
+    /// see the process settled but its endpoints still on the node it left.
     pub fn upsert(&mut self, entry: ProcessEntry) {
         let state = self.state_for(entry.node);
+        let (vpid, node) = (entry.vpid, entry.node);
         self.index(&entry, true);
-        if let Some(old) = self.routes.insert(entry.vpid, Route { entry, state }) {
-            let new = &self.routes[&old.entry.vpid].entry;
+        if let Some(old) = self.routes.insert(vpid, Route { entry, state }) {
+            let new = &self.routes[&vpid].entry;
             if (old.entry.node, old.entry.real_pid) != (new.node, new.real_pid) {
                 self.index(&old.entry, false);
+            }
+            if old.entry.node != node {
+                for e in self.endpoints.values_mut().filter(|e| e.vpid == vpid) {
+                    e.node = node;
+                }
             }
         }
     }
@@ -321,6 +330,31 @@ mod tests {
     }
 
     const VPID_A: i32 = 1 << 22 | 1;
+
+    /// The destination announces a moved process before its endpoints; from the first
+    /// announcement on, its endpoints are routed to the destination (an open decided between the
+    /// two went to the node the process had left, which refused it).
+    #[test]
+    fn a_process_announced_elsewhere_takes_its_endpoints_along() {
+        let mut t = RoutingTable::new(NodeId(3));
+        t.upsert(entry(VPID_A, 1));
+        let ep = EndpointEntry {
+            vpid: Vpid(VPID_A),
+            node: NodeId(1),
+            dc: "dc0".into(),
+            name: "srv".into(),
+            port: 80,
+            vip: [127, 77, 0, 1],
+        };
+        assert!(t.upsert_endpoint(ep.clone()));
+        t.start_migration(Vpid(VPID_A), MigrationId(7)).unwrap();
+        t.upsert(entry(VPID_A, 2)); // ProcessUp from the destination, before its EndpointUp
+        assert_eq!(t.endpoint(&ep.key()).unwrap().node, NodeId(2));
+        assert!(matches!(t.get(Vpid(VPID_A)).unwrap().state, EndpointState::Remote(NodeId(2))));
+        // The same node re-announcing leaves the endpoints alone.
+        t.upsert(ProcessEntry { real_pid: 5, ..entry(VPID_A, 2) });
+        assert_eq!(t.endpoint(&ep.key()).unwrap().node, NodeId(2));
+    }
 
     /// The pid index follows every change of a route (ReserveVpid finds its caller through it).
     #[test]

@@ -188,6 +188,35 @@ fn a_client_connecting_during_the_move_is_served_by_the_destination_loopback() {
     assert_eq!(row["node"], "node2");
 }
 
+/// A StreamOpen that reaches the source after it marked the endpoint moving (sent by a node
+/// that learned the route while the move was under way) is carried on to the destination when
+/// the move commits — the client is served, not refused. The source's `open-late` fault makes
+/// the order certain: it handles that open only once the endpoint is moving.
+#[test]
+fn an_open_that_reaches_the_source_during_the_move_is_carried_to_the_destination_loopback() {
+    let test = "an_open_that_reaches_the_source_during_the_move_is_carried_to_the_destination_loopback";
+    if dvk_tests::moving::skip_without_root(test) {
+        return;
+    }
+    let mut cluster = Cluster::start(3, Mode::Loopback);
+    cluster.restart_agent_with(0, &[("DVK_TEST_FAULT", "open-late")]);
+    let (port, mb) = (7000, 4);
+    let (_server, vpid) = start_server(&cluster, 0, port, mb);
+    let mut client = start_client(&cluster, 2, port, mb, 300, 1, 0);
+    dvk_tests::wait_until(Duration::from_secs(20), "the client's open to be held", || {
+        cluster.log_of(0).contains("test fault: holding a stream open")
+    });
+    move_to(&cluster, 0, vpid, 1);
+    client_done(&cluster, &mut client);
+    assert!(
+        cluster.log_of(0).contains("stream opened during a move: relayed to where the endpoint went"),
+        "the open did not reach the source during the move:\n{}",
+        cluster.log_of(0)
+    );
+    let row = cluster.ps(2).into_iter().find(|r| r["vpid"] == vpid).unwrap();
+    assert_eq!(row["node"], "node2");
+}
+
 /// `migrate-cli check VPID NODE` says, without freezing anything, what a move would carry and
 /// whether anything blocks it — the agent's own classification, the one `move` uses.
 #[test]

@@ -34,6 +34,9 @@ pub enum Fault {
     CutBeforeCommit,
     /// Destination: wait 2 s before restoring (a window in which a test opens new connections).
     HoldRestore,
+    /// Source: the first StreamOpen from a `move_client` program is handled only once the
+    /// endpoint is moving here (as one from a node that learned the route mid-move would be).
+    OpenLate,
 }
 
 impl Fault {
@@ -45,6 +48,7 @@ impl Fault {
             "stall-image" => Fault::StallImage,
             "cut-before-commit" => Fault::CutBeforeCommit,
             "hold-restore" => Fault::HoldRestore,
+            "open-late" => Fault::OpenLate,
             other => {
                 tracing::warn!("unknown DVK_TEST_FAULT `{other}` ignored");
                 return None;
