@@ -19,8 +19,8 @@ pub struct Classified {
     /// Connected to a socket of this agent that no relay holds yet (a stream being set up, or a
     /// request to the agent under way): settles within moments.
     pub pending: Vec<FdRef>,
-    /// Every fd the process had when it was classified.
-    pub seen: Vec<i32>,
+    /// Every fd the process had when it was classified, with what it was (`/proc/PID/fd` link).
+    pub seen: Vec<(i32, String)>,
     /// The log an earlier move gave the process on this node (it follows the process).
     pub own_log: Option<std::path::PathBuf>,
     pub stdio: Vec<(i32, Redirect, String)>,
@@ -61,13 +61,17 @@ fn std_name(fd: i32) -> String {
 }
 
 /// The blockers of a running process, with its fds classified: retried when the process opened
-/// an fd between the classification and the engine's look (a server accepting a connection).
+/// an fd between the classification and the engine's look (a server accepting a connection), or
+/// closed one and got its number again for another file (a server that accepts, answers, closes
+/// and accepts the next connection at the same fd).
 pub fn preflight(agent: &Agent, vpid: Vpid, pid: i32) -> Result<(Classified, Vec<dvk_checkpoint::Error>), String> {
     for attempt in 0.. {
         let c = classify(agent, vpid, pid).map_err(|e| format!("cannot read the fds of pid {pid}: {e}"))?;
         let opts = dvk_checkpoint::DumpOptions { external_fds: c.external(), ..Default::default() };
         let blockers = dvk_checkpoint::dump::blockers(pid, &opts).map_err(|e| e.to_string())?;
-        let unseen = blockers.iter().any(|b| b.fd().is_some_and(|fd| !c.seen.contains(&fd)));
+        let now = fds_of(pid).unwrap_or_default();
+        let changed = |fd: i32| now.iter().find(|(f, _)| *f == fd) != c.seen.iter().find(|(f, _)| *f == fd);
+        let unseen = blockers.iter().any(|b| b.fd().is_some_and(changed));
         if !unseen || attempt >= 20 {
             return Ok((c, blockers));
         }
@@ -110,7 +114,7 @@ pub fn classify(agent: &Agent, vpid: Vpid, pid: i32) -> std::io::Result<Classifi
             .collect();
         (t.link_inodes.get(&vpid).copied(), listeners)
     };
-    let mut c = Classified { seen: fds.iter().map(|(fd, _)| *fd).collect(), ..Default::default() };
+    let mut c = Classified { seen: fds.clone(), ..Default::default() };
     let mut closed: BTreeMap<u64, Vec<FdRef>> = BTreeMap::new();
     let mut listener_fds: BTreeMap<usize, Vec<FdRef>> = BTreeMap::new();
     for (fd, link) in &fds {
