@@ -72,7 +72,9 @@ pub fn preflight(agent: &Agent, vpid: Vpid, pid: i32) -> Result<(Classified, Vec
         let now = fds_of(pid).unwrap_or_default();
         let changed = |fd: i32| now.iter().find(|(f, _)| *f == fd) != c.seen.iter().find(|(f, _)| *f == fd);
         let unseen = blockers.iter().any(|b| b.fd().is_some_and(changed));
-        if !unseen || attempt >= 20 {
+        // A request to the agent or a stream being set up settles within moments: wait for it
+        // rather than start a move whose freeze would find it still pending.
+        if (!unseen && c.pending.is_empty()) || attempt >= 50 {
             return Ok((c, blockers));
         }
         std::thread::sleep(std::time::Duration::from_millis(2));
@@ -97,6 +99,7 @@ pub fn classify(agent: &Agent, vpid: Vpid, pid: i32) -> std::io::Result<Classifi
     let fds = fds_of(pid)?;
     let by_inode = agent.relays.by_inode();
     let ours = agent_socket_inodes();
+    let agent_sock = agent.me.socket_path().into_os_string().into_encoded_bytes();
     let log_dir = agent.me.runtime_dir.join("logs");
     let (link_ino, listeners) = {
         let t = agent.tables.lock();
@@ -152,6 +155,13 @@ pub fn classify(agent: &Agent, vpid: Vpid, pid: i32) -> std::io::Result<Classifi
             }
             if ours.contains(&peer) {
                 c.carried.push(format!("fd {fd}: a virtual stream being set up"));
+                c.pending.push(r);
+                continue;
+            }
+            // A request the shim just opened to this agent, not accepted yet: its other end
+            // waits in the queue of the agent's socket (and bears its name), in no fd table.
+            if ck::unix_diag(peer as u32).is_ok_and(|p| p.name.as_deref() == Some(agent_sock.as_slice())) {
+                c.carried.push(format!("fd {fd}: a request to the dvk agent under way"));
                 c.pending.push(r);
                 continue;
             }
