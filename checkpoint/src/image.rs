@@ -243,8 +243,8 @@ pub struct Image {
     pub dir: PathBuf,
     pub manifest: Manifest,
     pub pages: MappedFile,
-    /// The pre-copy store (empty without pre-copy).
-    pub precopy: MappedFile,
+    /// The pre-copy store (empty without pre-copy); shared with a lazy restore's copy thread.
+    pub precopy: std::sync::Arc<MappedFile>,
     /// Content of each memfd, in manifest order (checked).
     pub memfd_data: Vec<Vec<u8>>,
     /// The data of each deleted file, in manifest order.
@@ -317,6 +317,7 @@ pub fn read_with_pages(dir: &Path, pages: MappedFile, precopy: MappedFile) -> Re
     }
     let memfd_data = crate::memfd::read_all(dir, &manifest.memfds)?;
     let ghost_data = crate::ghosts::read_all(dir, &manifest.ghosts)?;
+    let precopy = std::sync::Arc::new(precopy);
     Ok(Image { dir: dir.to_path_buf(), manifest, pages, precopy, memfd_data, ghost_data })
 }
 

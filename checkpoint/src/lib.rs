@@ -23,6 +23,7 @@ pub mod ghosts;
 pub mod host;
 pub mod image;
 pub mod inject;
+pub mod lazy;
 pub mod locks;
 pub mod memfd;
 pub mod memory;

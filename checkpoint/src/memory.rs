@@ -477,6 +477,7 @@ pub fn restore(
     pages: &[u8],
     precopy: &[u8],
     memfds: &HashMap<u64, u64>,
+    lazy: bool,
 ) -> Result<()> {
     let pid = r.pid;
     let mut fds: HashMap<(String, bool), u64> = HashMap::new();
@@ -559,7 +560,8 @@ pub fn restore(
     }
     let written = |v: &&Vma| !matches!(v.kind, VmaKind::SysvShm { .. });
     write_pages(pid, state.vmas.iter().filter(written).flat_map(|v| &v.runs), pages)?;
-    write_pages(pid, state.vmas.iter().filter(written).flat_map(|v| &v.precopied), precopy)?;
+    let now = |v: &&Vma| written(v) && !(lazy && crate::lazy::eligible(v));
+    write_pages(pid, state.vmas.iter().filter(now).flat_map(|v| &v.precopied), precopy)?;
     for v in &state.vmas {
         let attached_rw = matches!(v.kind, VmaKind::SysvShm { .. });
         if (v.has_data() || attached_rw) && v.prot != (libc::PROT_READ | libc::PROT_WRITE) as u32 {

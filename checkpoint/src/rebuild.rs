@@ -29,6 +29,12 @@ pub struct RestoreOptions {
     /// Replacements for the fds dumped as external: (fd in the image, fd of this process). The
     /// new process gets its own copy (pidfd_getfd) of the same open file description.
     pub external_fds: Vec<(i32, i32)>,
+    /// Let the process run before its pre-copied pages are in: a thread of the caller copies
+    /// them in behind it and serves those it touches first (see `lazy`). The caller must
+    /// outlive that copy (an agent, not a command that exits after the restore).
+    pub lazy_precopy: bool,
+    /// With `lazy_precopy`: serve only the process's faults until `LazyCopy::release` (tests).
+    pub lazy_paused: bool,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -41,6 +47,8 @@ pub struct RestoreReport {
     /// What the restore could not put back as it was but did not refuse for, one line each
     /// (e.g. the image's cgroup does not exist here: the process stays in the restorer's).
     pub notes: Vec<String>,
+    /// Pre-copied bytes left to the lazy copy (0: every page was in before the process ran).
+    pub lazy_bytes: u64,
 }
 
 /// Everything that can be refused before a process exists.
@@ -152,7 +160,12 @@ fn restore_inner(img: &Image, opts: &RestoreOptions, hold: bool) -> Result<(Rest
     let mut memfds = memfd::install(&r, &m.memfds, &img.memfd_data, above_fds)?;
     ghosts::install(&r, &m.ghosts, &img.ghost_data, above_fds, &mut memfds)?;
     let shm = sysv::prepare(&m.shm, &m.memory, img.pages.bytes(), img.precopy.bytes())?;
-    memory::restore(&r, &m.memory, img.pages.bytes(), img.precopy.bytes(), &memfds)?;
+    memory::restore(&r, &m.memory, img.pages.bytes(), img.precopy.bytes(), &memfds, opts.lazy_precopy)?;
+    let lazy = if opts.lazy_precopy {
+        crate::lazy::start(&r, &m.memory, img.precopy.clone(), opts.lazy_paused)?
+    } else {
+        None
+    };
     task::restore_mm(&r, &m.task)?;
     lap("memory");
 
@@ -185,8 +198,20 @@ fn restore_inner(img: &Image, opts: &RestoreOptions, hold: bool) -> Result<(Rest
     shm.commit()?;
     child.done = true;
     lap("resume");
-    let held = hold.then(|| Held { pid, threads: std::mem::take(&mut child.threads), done: false });
-    Ok((RestoreReport { pid, same_pid, phases, total: start.elapsed(), pages_bytes: m.pages_len, notes }, held))
+    let lazy_bytes = lazy.as_ref().map_or(0, |l| l.bytes);
+    let report =
+        RestoreReport { pid, same_pid, phases, total: start.elapsed(), pages_bytes: m.pages_len, notes, lazy_bytes };
+    if hold {
+        let held = Held { pid, threads: std::mem::take(&mut child.threads), done: false, lazy };
+        return Ok((report, Some(held)));
+    }
+    // Only a held restore hands the copy to its caller; this caller gets a process that has
+    // every page by the time it returns.
+    if let Some(l) = lazy {
+        l.release();
+        l.wait();
+    }
+    Ok((report, None))
 }
 
 /// Unmaps the reserved range from inside (the gadget goes with it, so the `munmap` is caught at
@@ -239,11 +264,18 @@ pub struct Held {
     pid: Pid,
     threads: Vec<Pid>,
     done: bool,
+    lazy: Option<crate::lazy::LazyCopy>,
 }
 
 impl Held {
     pub fn pid(&self) -> Pid {
         self.pid
+    }
+
+    /// The thread still copying pre-copied pages in (a lazy restore), for the caller to keep
+    /// an eye on; it ends by itself once the process has them all, or is gone.
+    pub fn take_lazy(&mut self) -> Option<crate::lazy::LazyCopy> {
+        self.lazy.take()
     }
 
     /// Lets the process run (detaches every thread).

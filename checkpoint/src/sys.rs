@@ -274,6 +274,9 @@ pub struct MappedFile {
 }
 // SAFETY: the mapping is read-only and owned by this value.
 unsafe impl Send for MappedFile {}
+// SAFETY: through a shared reference the mapping is only read (`bytes`); writing into it
+// (`write_at`, `grow`) takes `&mut self`.
+unsafe impl Sync for MappedFile {}
 impl MappedFile {
     pub fn map(file: &std::fs::File, len: usize) -> io::Result<MappedFile> {
         if len == 0 {
@@ -921,6 +924,142 @@ pub fn uffd_register_wp(uffd: &OwnedFd, start: u64, len: u64) -> io::Result<()> 
     // SAFETY: `reg` is a struct uffdio_register (range, mode, ioctls out) read and written in place.
     let r = unsafe { libc::ioctl(uffd.as_raw_fd(), UFFDIO_REGISTER, reg.as_mut_ptr()) };
     cvt(r as libc::c_long).map(|_| ())
+}
+
+// ---------------------------------------------------------------- lazy restore (missing faults)
+
+/// Events a lazy restore must see to keep its list of pages still to copy true: the process
+/// forked (the child needs the same pages), moved (mremap), discarded (MADV_DONTNEED) or
+/// unmapped memory.
+pub const UFFD_FEATURE_EVENTS: u64 = (1 << 1) | (1 << 2) | (1 << 3) | (1 << 6);
+const UFFDIO_REGISTER_MODE_MISSING: u64 = 1;
+const UFFDIO_COPY: libc::c_ulong = 0xc028_aa03;
+const UFFDIO_ZEROPAGE: libc::c_ulong = 0xc020_aa04;
+const UFFDIO_WAKE: libc::c_ulong = 0x8010_aa02;
+/// `ioctl(open("/dev/userfaultfd"), USERFAULTFD_IOC_NEW, flags)`: a userfaultfd of the caller.
+pub const USERFAULTFD_IOC_NEW: u64 = 0xaa00;
+
+/// `UFFDIO_REGISTER` in missing mode: faults on absent pages of `start..start+len` wait for
+/// the reader of the userfaultfd.
+pub fn uffd_register_missing(uffd: &impl AsRawFd, start: u64, len: u64) -> io::Result<()> {
+    let mut reg = [start, len, UFFDIO_REGISTER_MODE_MISSING, 0u64];
+    // SAFETY: `reg` is a struct uffdio_register (range, mode, ioctls out) read and written in place.
+    let r = unsafe { libc::ioctl(uffd.as_raw_fd(), UFFDIO_REGISTER, reg.as_mut_ptr()) };
+    cvt(r as libc::c_long).map(|_| ())
+}
+
+/// `UFFDIO_COPY` of `src` to `dst` in the userfaultfd's process (waking what waits there).
+/// Ok(len) when all was copied; Err((errno, bytes copied before it)) otherwise (EEXIST: a page
+/// is there already; EAGAIN: the layout is changing, read the events first).
+pub fn uffd_copy(uffd: &impl AsRawFd, dst: u64, src: &[u8]) -> std::result::Result<u64, (i32, u64)> {
+    let mut c = [dst, src.as_ptr() as u64, src.len() as u64, 0u64, 0u64];
+    // SAFETY: `c` is a struct uffdio_copy; the kernel reads `src.len()` bytes at `src`, which
+    // is valid for them, and writes the count into c[4].
+    let r = unsafe { libc::ioctl(uffd.as_raw_fd(), UFFDIO_COPY, c.as_mut_ptr()) };
+    if r == 0 {
+        return Ok(src.len() as u64);
+    }
+    let errno = io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO);
+    let done = c[4] as i64;
+    Err((errno, if done > 0 { done as u64 } else { 0 }))
+}
+
+/// `UFFDIO_ZEROPAGE` of `len` bytes at `start` (Err: the errno).
+pub fn uffd_zeropage(uffd: &impl AsRawFd, start: u64, len: u64) -> std::result::Result<(), i32> {
+    let mut z = [start, len, 0u64, 0u64];
+    // SAFETY: `z` is a struct uffdio_zeropage read and written in place.
+    let r = unsafe { libc::ioctl(uffd.as_raw_fd(), UFFDIO_ZEROPAGE, z.as_mut_ptr()) };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO))
+    }
+}
+
+/// `UFFDIO_WAKE`: wakes what waits on `start..start+len` (the page got there another way).
+pub fn uffd_wake(uffd: &impl AsRawFd, start: u64, len: u64) {
+    let mut w = [start, len];
+    // SAFETY: `w` is a struct uffdio_range the kernel reads.
+    unsafe { libc::ioctl(uffd.as_raw_fd(), UFFDIO_WAKE, w.as_mut_ptr()) };
+}
+
+/// One message read from a userfaultfd (struct uffd_msg).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum UffdEvent {
+    PageFault {
+        address: u64,
+    },
+    /// The process forked: the child's userfaultfd, now an fd of this process.
+    Fork {
+        ufd: i32,
+    },
+    Remap {
+        from: u64,
+        to: u64,
+        len: u64,
+    },
+    /// MADV_DONTNEED/MADV_REMOVE: the range reads as zeros now.
+    Remove {
+        start: u64,
+        end: u64,
+    },
+    Unmap {
+        start: u64,
+        end: u64,
+    },
+    Other(u8),
+}
+
+/// Reads the pending messages of a non-blocking userfaultfd (empty: none).
+pub fn uffd_read(uffd: &impl AsRawFd, out: &mut Vec<UffdEvent>) -> io::Result<()> {
+    let mut buf = [0u8; 32 * 16];
+    loop {
+        // SAFETY: reads into `buf`, valid for its length.
+        let n = unsafe { libc::read(uffd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::EAGAIN) {
+                return Ok(());
+            }
+            return Err(e);
+        }
+        let n = n as usize;
+        if n == 0 {
+            return Ok(());
+        }
+        for m in buf[..n].chunks_exact(32) {
+            out.push(parse_uffd_msg(m));
+        }
+        if n < buf.len() {
+            return Ok(());
+        }
+    }
+}
+
+fn parse_uffd_msg(m: &[u8]) -> UffdEvent {
+    let u64_at = |o: usize| u64::from_le_bytes(m[o..o + 8].try_into().unwrap_or_default());
+    let u32_at = |o: usize| u32::from_le_bytes(m[o..o + 4].try_into().unwrap_or_default());
+    match m[0] {
+        0x12 => UffdEvent::PageFault { address: u64_at(16) },
+        0x13 => UffdEvent::Fork { ufd: u32_at(8) as i32 },
+        0x14 => UffdEvent::Remap { from: u64_at(8), to: u64_at(16), len: u64_at(24) },
+        0x15 => UffdEvent::Remove { start: u64_at(8), end: u64_at(16) },
+        0x16 => UffdEvent::Unmap { start: u64_at(8), end: u64_at(16) },
+        other => UffdEvent::Other(other),
+    }
+}
+
+/// Waits up to `timeout_ms` (-1: forever) until one of `fds` is readable; their indexes.
+pub fn poll_readable(fds: &[RawFd], timeout_ms: i32) -> io::Result<Vec<usize>> {
+    let mut p: Vec<libc::pollfd> =
+        fds.iter().map(|&fd| libc::pollfd { fd, events: libc::POLLIN, revents: 0 }).collect();
+    // SAFETY: `p` is a valid array of pollfd of the given length.
+    let r = unsafe { libc::poll(p.as_mut_ptr(), p.len() as libc::nfds_t, timeout_ms) };
+    if r < 0 {
+        let e = io::Error::last_os_error();
+        return if e.raw_os_error() == Some(libc::EINTR) { Ok(Vec::new()) } else { Err(e) };
+    }
+    Ok(p.iter().enumerate().filter(|(_, p)| p.revents != 0).map(|(i, _)| i).collect())
 }
 
 const PAGEMAP_SCAN: libc::c_ulong = 0xc060_6610;

@@ -283,6 +283,36 @@ fn precopy_writer() {
     p.expect_pass();
 }
 
+/// A lazy restore (a move's, when pre-copied pages are already on the destination): the
+/// process runs before its pre-copied pages are in. With the background copy held, each first
+/// touch is a fault the restorer serves — a `read` into such a page (a fault in the kernel), a
+/// child forked meanwhile, pages moved with mremap, discarded (they must read as zeros) and
+/// unmapped — and every page is right.
+#[test]
+fn lazy_restore_serves_faults_forks_and_remaps() {
+    if !root() {
+        return;
+    }
+    let mut p = Prog::start("lazy_events");
+    let policy = ck::precopy::Policy::default();
+    let rep = ck::dump_precopy(p.pid, &p.img(1), AfterDump::Kill, &Default::default(), &policy)
+        .unwrap_or_else(|e| panic!("pre-copy dump failed: {e}"));
+    assert!(rep.precopied_bytes >= 16 << 20, "only {} bytes left to the store", rep.precopied_bytes);
+    wait_exit(p.pid, Duration::from_secs(5));
+    let opts = RestoreOptions { lazy_precopy: true, lazy_paused: true, ..Default::default() };
+    let (r, mut held) = ck::restore_held(&p.img(1), &opts).unwrap_or_else(|e| panic!("restore failed: {e}"));
+    assert!(r.lazy_bytes >= 16 << 20, "only {} bytes left to the lazy copy", r.lazy_bytes);
+    let lazy = held.take_lazy().expect("a lazy copy");
+    p.pid = held.pid();
+    held.resume().unwrap();
+    p.go();
+    p.expect_pass();
+    lazy.release();
+    let st = lazy.wait();
+    assert!(st.faults > 100, "the process met only {} missing pages", st.faults);
+    assert_eq!(st.processes, 2, "the forked child was not served: {st:?}");
+}
+
 /// Programs whose state is not about memory, through the pre-copy path too.
 #[test]
 fn precopy_keeps_other_state() {

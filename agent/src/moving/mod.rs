@@ -85,6 +85,10 @@ pub struct Moves {
     /// Fixed ends being detached: a reattach of the same stream waits for it.
     pub detaching: Mutex<HashMap<u64, tokio::sync::watch::Receiver<bool>>>,
     next_request: std::sync::atomic::AtomicU64,
+    /// Processes (real pids) that run while their pre-copied pages are still being copied in
+    /// (a lazy restore): their mappings are registered with a userfaultfd until it ends, so a
+    /// move of them waits for it.
+    pub filling: Mutex<std::collections::HashSet<i32>>,
 }
 
 impl Moves {

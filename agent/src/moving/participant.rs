@@ -510,9 +510,11 @@ async fn prepare_restore(agent: &Arc<Agent>, dir: &Path) -> Result<Restoring, St
     let (holder, cmds) = std::sync::mpsc::channel::<HoldCmd>();
     let (ready_tx, ready_rx) = oneshot::channel();
     let dir2 = dir.to_path_buf();
-    let opts = RestoreOptions { external_fds: external, ..Default::default() };
     let pages = agent.moves.incoming.lock().remove(&plan.tag.mid);
     let precopy = agent.moves.precopy.lock().remove(&plan.tag.mid).map(|p| p.data);
+    // Pre-copied pages are already here: the process may run before they are all in it.
+    let opts = RestoreOptions { external_fds: external, lazy_precopy: precopy.is_some(), ..Default::default() };
+    let agent2 = agent.clone();
     std::thread::Builder::new()
         .name("restore-held".into())
         .spawn(move || {
@@ -523,11 +525,16 @@ async fn prepare_restore(agent: &Arc<Agent>, dir: &Path) -> Result<Restoring, St
                 }
                 None => dvk_checkpoint::restore_held(&dir2, &opts),
             };
-            let held = match restored {
+            let mut held = match restored {
                 Ok((report, held)) => {
                     let phases: Vec<String> =
                         report.phases.iter().map(|(n, t)| format!("{n} {:.1}", t.as_secs_f64() * 1000.0)).collect();
-                    tracing::info!(pid = held.pid(), "restored (held): {} ms", phases.join(", "));
+                    tracing::info!(
+                        pid = held.pid(),
+                        lazy_mb = report.lazy_bytes as f64 / 1048576.0,
+                        "restored (held): {} ms",
+                        phases.join(", ")
+                    );
                     for n in &report.notes {
                         tracing::warn!(pid = held.pid(), "restore: {n}");
                     }
@@ -541,7 +548,26 @@ async fn prepare_restore(agent: &Arc<Agent>, dir: &Path) -> Result<Restoring, St
             };
             match cmds.recv() {
                 Ok(HoldCmd::Resume(done)) => {
+                    let pid = held.pid();
+                    let lazy = held.take_lazy();
+                    if lazy.is_some() {
+                        agent2.moves.filling.lock().insert(pid);
+                    }
                     let _ = done.send(held.resume().map_err(|e| e.to_string()));
+                    if let Some(lazy) = lazy {
+                        let st = lazy.wait();
+                        agent2.moves.filling.lock().remove(&pid);
+                        tracing::info!(
+                            pid,
+                            copied_mb = st.copied as f64 / 1048576.0,
+                            faulted_mb = st.faulted as f64 / 1048576.0,
+                            faults = st.faults,
+                            processes = st.processes,
+                            dropped_mb = st.dropped as f64 / 1048576.0,
+                            "pre-copied memory copied in behind the running process in {:.1} ms",
+                            st.took.as_secs_f64() * 1000.0
+                        );
+                    }
                 }
                 // Kill, or the driver went away: the copy must not run.
                 _ => {

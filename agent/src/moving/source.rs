@@ -200,6 +200,17 @@ async fn prepare(
             agent.node_name(me)
         ));
     }
+    // Moved here with pre-copy, it may still be getting its memory copied in: wait for that.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while agent.moves.filling.lock().contains(&entry.real_pid) {
+        if Instant::now() >= deadline {
+            return Err(format!(
+                "vPID {} still has pre-copied memory being copied in from its last move; try again",
+                entry.vpid
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
     let (a, vpid, pid) = (agent.clone(), entry.vpid, entry.real_pid);
     let classified = tokio::task::spawn_blocking(move || -> Result<Classified, String> {
         let (c, blockers) = classify::preflight(&a, vpid, pid)?;
