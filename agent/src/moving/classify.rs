@@ -70,7 +70,12 @@ pub fn preflight(agent: &Agent, vpid: Vpid, pid: i32) -> Result<(Classified, Vec
         let opts = dvk_checkpoint::DumpOptions { external_fds: c.external(), ..Default::default() };
         let blockers = dvk_checkpoint::dump::blockers(pid, &opts).map_err(|e| e.to_string())?;
         let now = fds_of(pid).unwrap_or_default();
-        let changed = |fd: i32| now.iter().find(|(f, _)| *f == fd) != c.seen.iter().find(|(f, _)| *f == fd);
+        // Not classified, or another file now: the engine looked at an fd the classification
+        // did not see.
+        let changed = |fd: i32| {
+            let seen = c.seen.iter().find(|(f, _)| *f == fd);
+            seen.is_none() || now.iter().find(|(f, _)| *f == fd) != seen
+        };
         let unseen = blockers.iter().any(|b| b.fd().is_some_and(changed));
         // A request to the agent or a stream being set up settles within moments: wait for it
         // rather than start a move whose freeze would find it still pending.
