@@ -365,42 +365,50 @@ pub fn accept_remote_stream(
 ) {
     let (stream, pumps) = relay::remote_stream(peer);
     agent.streams.lock().insert(id, stream);
-    // Counted as under way from now: a move starting here waits until it reached the listener.
+    // Counted as under way from now. If the endpoint is not moving yet, a move that starts
+    // here waits (its quiesce) until this open reached the listener, so it must go there at
+    // once — waiting for that move would deadlock with it. If it is moving already, the move
+    // did not count it: it waits for the move's outcome like any new open.
     let early = agent.opens.enter();
+    let counted = !moving(agent, &key);
     let agent = agent.clone();
     tokio::spawn(async move {
-        if agent.fault == Some(crate::moving::Fault::OpenLate) && client.ip == client_vip(&key.dc, "move_client") {
+        let fault = agent.fault.filter(|_| client.ip == client_vip(&key.dc, "move_client"));
+        if fault == Some(crate::moving::Fault::OpenLate) {
             drop(early);
-            return late_open(agent, peer, id, key, client, server, pumps).await;
+            hold_first_open_until_moving(&agent, id, &key).await;
+            return accept_settled(agent, peer, id, key, client, server, pumps, None).await;
         }
+        if fault == Some(crate::moving::Fault::OpenCountedLate) && counted {
+            hold_first_open_until_moving(&agent, id, &key).await;
+        }
+        let early = if counted {
+            Some(early)
+        } else {
+            drop(early);
+            None
+        };
         accept_settled(agent, peer, id, key, client, server, pumps, early).await
     });
 }
 
-/// Test fault `open-late`: the first open from a `move_client` program is not counted as under
-/// way and waits until its endpoint is moving here: it reaches the listener's node as if its
-/// StreamOpen had arrived after that node marked the endpoint moving (as an open does from a
-/// node that learned the route while the move was under way).
-async fn late_open(
-    agent: Arc<Agent>,
-    peer: NodeId,
-    id: u64,
-    key: EndpointKey,
-    client: VirtualAddr,
-    server: VirtualAddr,
-    pumps: relay::RemotePumps,
-) {
+/// Test faults `open-late` and `open-counted-late`: the first open from a `move_client`
+/// program waits until its endpoint is moving here. With `open-late` it is not counted as under
+/// way: it reaches the node as if its StreamOpen had arrived after the node marked the endpoint
+/// moving (as an open does from a node that learned the route while the move was under way).
+/// With `open-counted-late` it stays counted: it arrived before the mark, and the move's start
+/// waits for it while it looks.
+async fn hold_first_open_until_moving(agent: &Agent, id: u64, key: &EndpointKey) {
     static HELD: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-    if !HELD.swap(true, std::sync::atomic::Ordering::AcqRel) {
-        tracing::warn!(stream = id, endpoint = %key, "test fault: holding a stream open until its endpoint moves");
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while Instant::now() < deadline && !moving(&agent, &key) {
-            tokio::time::sleep(Duration::from_millis(2)).await;
-        }
-        tracing::warn!(stream = id, endpoint = %key, "test fault: the endpoint is moving; the held open goes on");
+    if HELD.swap(true, std::sync::atomic::Ordering::AcqRel) {
+        return;
     }
-    let early = agent.opens.enter();
-    accept_settled(agent, peer, id, key, client, server, pumps, early).await
+    tracing::warn!(stream = id, endpoint = %key, "test fault: holding a stream open until its endpoint moves");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while Instant::now() < deadline && !moving(agent, key) {
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    tracing::warn!(stream = id, endpoint = %key, "test fault: the endpoint is moving; the held open goes on");
 }
 
 fn moving(agent: &Agent, key: &EndpointKey) -> bool {
@@ -420,10 +428,16 @@ async fn accept_settled(
     client: VirtualAddr,
     server: VirtualAddr,
     pumps: relay::RemotePumps,
-    early: crate::state::OpenGuard,
+    counted: Option<crate::state::OpenGuard>,
 ) {
-    let settled = settled_endpoint(&agent, &key).await;
-    drop(early);
+    let settled = match counted {
+        // A move's start waits for this open: where the endpoint is now is where it goes.
+        Some(guard) => {
+            let entry = agent.tables.lock().routing.endpoint(&key).cloned();
+            Settled { entry, guard, waited: false }
+        }
+        None => settled_endpoint(&agent, &key).await,
+    };
     let here = agent.node_id();
     match settled.entry {
         Some(e) if e.node == here => {

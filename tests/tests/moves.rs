@@ -194,12 +194,32 @@ fn a_client_connecting_during_the_move_is_served_by_the_destination_loopback() {
 /// the order certain: it handles that open only once the endpoint is moving.
 #[test]
 fn an_open_that_reaches_the_source_during_the_move_is_carried_to_the_destination_loopback() {
-    let test = "an_open_that_reaches_the_source_during_the_move_is_carried_to_the_destination_loopback";
+    open_at_the_source_during_a_move(
+        "an_open_that_reaches_the_source_during_the_move_is_carried_to_the_destination_loopback",
+        "open-late",
+        "stream opened during a move: relayed to where the endpoint went",
+    );
+}
+
+/// A StreamOpen that reached the source just before the move marked the endpoint moving is
+/// counted as under way: the move's start waits for it to reach the process's listener, and
+/// the move carries it as a queued connection. (It used to wait for the move that waited for
+/// it: 10 s, then refused.) `open-counted-late` makes it look only once the endpoint is moving.
+#[test]
+fn an_open_counted_before_the_move_reaches_the_listener_and_moves_with_it_loopback() {
+    open_at_the_source_during_a_move(
+        "an_open_counted_before_the_move_reaches_the_listener_and_moves_with_it_loopback",
+        "open-counted-late",
+        "test fault: the endpoint is moving; the held open goes on",
+    );
+}
+
+fn open_at_the_source_during_a_move(test: &str, fault: &str, source_says: &str) {
     if dvk_tests::moving::skip_without_root(test) {
         return;
     }
     let mut cluster = Cluster::start(3, Mode::Loopback);
-    cluster.restart_agent_with(0, &[("DVK_TEST_FAULT", "open-late")]);
+    cluster.restart_agent_with(0, &[("DVK_TEST_FAULT", fault)]);
     let (port, mb) = (7000, 4);
     let (_server, vpid) = start_server(&cluster, 0, port, mb);
     let mut client = start_client(&cluster, 2, port, mb, 300, 1, 0);
@@ -208,11 +228,9 @@ fn an_open_that_reaches_the_source_during_the_move_is_carried_to_the_destination
     });
     move_to(&cluster, 0, vpid, 1);
     client_done(&cluster, &mut client);
-    assert!(
-        cluster.log_of(0).contains("stream opened during a move: relayed to where the endpoint went"),
-        "the open did not reach the source during the move:\n{}",
-        cluster.log_of(0)
-    );
+    let log = cluster.log_of(0);
+    assert!(log.contains(source_says), "the source never said `{source_says}`:\n{log}");
+    assert!(!log.contains("refusing the stream") && !log.contains("stream refused"), "{log}");
     let row = cluster.ps(2).into_iter().find(|r| r["vpid"] == vpid).unwrap();
     assert_eq!(row["node"], "node2");
 }

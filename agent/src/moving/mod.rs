@@ -37,6 +37,9 @@ pub enum Fault {
     /// Source: the first StreamOpen from a `move_client` program is handled only once the
     /// endpoint is moving here (as one from a node that learned the route mid-move would be).
     OpenLate,
+    /// Source: the first StreamOpen from a `move_client` program, counted as under way before
+    /// the endpoint was marked moving, looks at the endpoint only once it is moving.
+    OpenCountedLate,
 }
 
 impl Fault {
@@ -49,6 +52,7 @@ impl Fault {
             "cut-before-commit" => Fault::CutBeforeCommit,
             "hold-restore" => Fault::HoldRestore,
             "open-late" => Fault::OpenLate,
+            "open-counted-late" => Fault::OpenCountedLate,
             other => {
                 tracing::warn!("unknown DVK_TEST_FAULT `{other}` ignored");
                 return None;
