@@ -58,6 +58,8 @@ pub struct LazyStats {
     /// Bytes given up: the process discarded or unmapped them, or exited first.
     pub dropped: u64,
     pub took: Duration,
+    /// The process exited while guarded.
+    pub exited_guarded: bool,
 }
 
 /// The thread copying pages in; [`LazyCopy::wait`] returns when every process has its pages.
@@ -71,6 +73,12 @@ impl LazyCopy {
     /// Lets a copy started paused (`RestoreOptions::lazy_paused`) copy in the background.
     pub fn release(&self) {
         self.background.store(true, Ordering::Release);
+    }
+
+    /// [`LazyCopy::release`] for another thread.
+    pub fn releaser(&self) -> impl Fn() + Send + 'static {
+        let b = self.background.clone();
+        move || b.store(true, Ordering::Release)
     }
 
     pub fn wait(self) -> LazyStats {
@@ -339,6 +347,104 @@ fn serve(mut targets: Vec<Target>, store: &MappedFile, background: &AtomicBool) 
     }
     st.took = t0.elapsed();
     st
+}
+
+/// A lazily restored process that runs while its pages are copied in, kept under `ptrace`
+/// (`PTRACE_SEIZE` of its main thread with `PTRACE_O_EXITKILL`) for that long: if the copying
+/// process dies first, the kernel kills it — pages never copied would otherwise read as zeros
+/// once the userfaultfd is gone, and a process must never run on with its memory lost. Seize
+/// does not stop the thread; the tracer passes on every signal it intercepts and keeps job
+/// control stops (`PTRACE_LISTEN`). Only the thread that made it may call [`Guarded::finish`].
+pub struct Guarded {
+    pid: crate::sys::Pid,
+    lazy: LazyCopy,
+    /// The seize failed (the copy still runs, unguarded).
+    unguarded: Option<String>,
+}
+
+const PTRACE_EVENT_STOP: i32 = 128;
+const PTRACE_LISTEN: libc::c_uint = 0x4208;
+
+impl Guarded {
+    /// Called with every thread of `pid` just detached (running).
+    pub(crate) fn new(pid: crate::sys::Pid, lazy: LazyCopy) -> Guarded {
+        let unguarded = sys::seize(pid, libc::PTRACE_O_EXITKILL as u64).err().map(|e| format!("PTRACE_SEIZE: {e}"));
+        Guarded { pid, lazy, unguarded }
+    }
+
+    /// Why the process runs unguarded, if it does.
+    pub fn unguarded(&self) -> Option<&str> {
+        self.unguarded.as_deref()
+    }
+
+    /// Lets the copy copy in the background (see `RestoreOptions::lazy_paused`).
+    pub fn release(&self) {
+        self.lazy.release();
+    }
+
+    pub fn releaser(&self) -> impl Fn() + Send + 'static {
+        self.lazy.releaser()
+    }
+
+    /// Serves the process's ptrace stops until its pages are all in, then lets it go.
+    pub fn finish(self) -> LazyStats {
+        if self.unguarded.is_some() {
+            return self.lazy.wait();
+        }
+        let pid = self.pid;
+        let mut exited = false;
+        let mut interrupted = false;
+        loop {
+            if !interrupted && self.lazy.is_finished() {
+                interrupted = sys::interrupt(pid).is_ok();
+                if !interrupted {
+                    break;
+                }
+            }
+            let st = match sys::wait_nohang(pid) {
+                Ok(Some(st)) => st,
+                Ok(None) => {
+                    std::thread::sleep(Duration::from_micros(500));
+                    continue;
+                }
+                Err(_) => {
+                    exited = true;
+                    break;
+                }
+            };
+            if libc::WIFEXITED(st) || libc::WIFSIGNALED(st) {
+                exited = true;
+                break;
+            }
+            if !libc::WIFSTOPPED(st) {
+                continue;
+            }
+            let sig = libc::WSTOPSIG(st);
+            if st >> 16 == PTRACE_EVENT_STOP {
+                if interrupted && sig == libc::SIGTRAP {
+                    // Our interrupt: the copy is done, let go.
+                    let _ = sys::detach(pid, 0);
+                    break;
+                }
+                // A job-control stop (or our interrupt of a stopped process): it stays stopped
+                // until SIGCONT, as without us.
+                if interrupted {
+                    let _ = sys::detach(pid, 0);
+                    break;
+                }
+                // SAFETY: plain ptrace request without pointers.
+                unsafe { libc::ptrace(PTRACE_LISTEN, pid, 0, 0) };
+            } else {
+                // A signal on its way to the process: deliver it.
+                let _ = sys::cont(pid, sig);
+            }
+        }
+        // A paused copy only learns that its process is gone when it copies.
+        self.lazy.release();
+        let mut st = self.lazy.wait();
+        st.exited_guarded = exited;
+        st
+    }
 }
 
 #[cfg(test)]

@@ -278,6 +278,15 @@ impl Held {
         self.lazy.take()
     }
 
+    /// Lets the process run; with a lazy copy still running, under its guard (see
+    /// [`crate::lazy::Guarded`]), which the caller must `finish`.
+    pub fn resume_guarded(mut self) -> Result<Option<crate::lazy::Guarded>> {
+        let lazy = self.lazy.take();
+        let pid = self.pid;
+        self.resume()?;
+        Ok(lazy.map(|l| crate::lazy::Guarded::new(pid, l)))
+    }
+
     /// Lets the process run (detaches every thread).
     pub fn resume(mut self) -> Result<()> {
         self.done = true;

@@ -287,30 +287,80 @@ fn precopy_writer() {
 /// process runs before its pre-copied pages are in. With the background copy held, each first
 /// touch is a fault the restorer serves — a `read` into such a page (a fault in the kernel), a
 /// child forked meanwhile, pages moved with mremap, discarded (they must read as zeros) and
-/// unmapped — and every page is right.
+/// unmapped — and every page is right. The restoring thread guards the process meanwhile
+/// (ptrace) and passes its signals on (the forked child's SIGCHLD among them).
 #[test]
 fn lazy_restore_serves_faults_forks_and_remaps() {
     if !root() {
         return;
     }
     let mut p = Prog::start("lazy_events");
+    let img = lazy_image(&mut p);
+    let (tx, rx) = std::sync::mpsc::channel();
+    // The restoring thread stays the process's tracer until the copy is done.
+    let restorer = std::thread::spawn(move || {
+        let opts = RestoreOptions { lazy_precopy: true, lazy_paused: true, ..Default::default() };
+        let (r, held) = ck::restore_held(&img, &opts).unwrap_or_else(|e| panic!("restore failed: {e}"));
+        assert!(r.lazy_bytes >= 16 << 20, "only {} bytes left to the lazy copy", r.lazy_bytes);
+        let pid = held.pid();
+        let guarded = held.resume_guarded().unwrap().expect("a lazy copy");
+        assert_eq!(guarded.unguarded(), None);
+        tx.send((pid, guarded.releaser())).unwrap();
+        guarded.finish()
+    });
+    let (pid, release) = rx.recv().unwrap();
+    p.pid = pid;
+    assert_ne!(tracer_of(pid), 0, "the process runs unguarded during the copy");
+    p.go();
+    let t = Instant::now();
+    while !read(&p.out()).contains("PASS") && !read(&p.out()).contains("FAIL") {
+        assert!(t.elapsed() < Duration::from_secs(20), "no result: {}", read(&p.out()));
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    release();
+    let st = restorer.join().unwrap();
+    let out = read(&p.out());
+    assert!(out.contains("PASS") && !out.contains("FAIL"), "{out}");
+    assert!(st.faults > 100, "the process met only {} missing pages", st.faults);
+    assert_eq!(st.processes, 2, "the forked child was not served: {st:?}");
+}
+
+/// If the process that copies the pages in dies before it is done (an agent killed mid-copy),
+/// the process dies too: pages never copied would read as zeros once the userfaultfd is gone.
+#[test]
+fn lazy_restore_kills_the_process_if_the_copier_dies() {
+    if !root() {
+        return;
+    }
+    let mut p = Prog::start("lazy_events");
+    let img = lazy_image(&mut p);
+    let restorer = std::thread::spawn(move || {
+        let opts = RestoreOptions { lazy_precopy: true, lazy_paused: true, ..Default::default() };
+        let (_, held) = ck::restore_held(&img, &opts).unwrap_or_else(|e| panic!("restore failed: {e}"));
+        let pid = held.pid();
+        let guarded = held.resume_guarded().unwrap().expect("a lazy copy");
+        std::mem::forget(guarded); // the copier "dies": its thread ends without finishing
+        pid
+    });
+    let pid = restorer.join().unwrap();
+    p.pid = pid;
+    let st = wait_exit(pid, Duration::from_secs(10)).expect("the process outlived its copier");
+    assert!(libc::WIFSIGNALED(st) && libc::WTERMSIG(st) == libc::SIGKILL, "status {st:#x}");
+}
+
+/// Pre-copy dump of `p` (killing it) into img1, with most of its memory left to the store.
+fn lazy_image(p: &mut Prog) -> PathBuf {
     let policy = ck::precopy::Policy::default();
     let rep = ck::dump_precopy(p.pid, &p.img(1), AfterDump::Kill, &Default::default(), &policy)
         .unwrap_or_else(|e| panic!("pre-copy dump failed: {e}"));
     assert!(rep.precopied_bytes >= 16 << 20, "only {} bytes left to the store", rep.precopied_bytes);
     wait_exit(p.pid, Duration::from_secs(5));
-    let opts = RestoreOptions { lazy_precopy: true, lazy_paused: true, ..Default::default() };
-    let (r, mut held) = ck::restore_held(&p.img(1), &opts).unwrap_or_else(|e| panic!("restore failed: {e}"));
-    assert!(r.lazy_bytes >= 16 << 20, "only {} bytes left to the lazy copy", r.lazy_bytes);
-    let lazy = held.take_lazy().expect("a lazy copy");
-    p.pid = held.pid();
-    held.resume().unwrap();
-    p.go();
-    p.expect_pass();
-    lazy.release();
-    let st = lazy.wait();
-    assert!(st.faults > 100, "the process met only {} missing pages", st.faults);
-    assert_eq!(st.processes, 2, "the forked child was not served: {st:?}");
+    p.img(1)
+}
+
+fn tracer_of(pid: i32) -> i32 {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status.lines().find_map(|l| l.strip_prefix("TracerPid:")).and_then(|v| v.trim().parse().ok()).unwrap_or(0)
 }
 
 /// Programs whose state is not about memory, through the pre-copy path too.

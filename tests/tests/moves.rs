@@ -82,6 +82,13 @@ fn precopy_moves_a_server_that_keeps_writing_loopback() {
         let dump = step_detail(&report, "dump").expect("a dump step");
         assert!(dump.contains("left to the pre-copy"), "the dump did not use the pre-copy: {dump}");
     }
+    // Each destination let the process run before its pre-copied pages were in (lazy restore)
+    // and copied them in behind it; the second move waited for the first one's copy if needed.
+    for node in [1, 0] {
+        dvk_tests::wait_until(Duration::from_secs(30), "the copy-in of pre-copied memory", || {
+            cluster.log_of(node).contains("pre-copied memory copied in behind the running process")
+        });
+    }
     let done = client_done(&cluster, &mut client);
     eprintln!("{test}: {done}");
 }

@@ -525,7 +525,7 @@ async fn prepare_restore(agent: &Arc<Agent>, dir: &Path) -> Result<Restoring, St
                 }
                 None => dvk_checkpoint::restore_held(&dir2, &opts),
             };
-            let mut held = match restored {
+            let held = match restored {
                 Ok((report, held)) => {
                     let phases: Vec<String> =
                         report.phases.iter().map(|(n, t)| format!("{n} {:.1}", t.as_secs_f64() * 1000.0)).collect();
@@ -549,14 +549,28 @@ async fn prepare_restore(agent: &Arc<Agent>, dir: &Path) -> Result<Restoring, St
             match cmds.recv() {
                 Ok(HoldCmd::Resume(done)) => {
                     let pid = held.pid();
-                    let lazy = held.take_lazy();
-                    if lazy.is_some() {
-                        agent2.moves.filling.lock().insert(pid);
-                    }
-                    let _ = done.send(held.resume().map_err(|e| e.to_string()));
-                    if let Some(lazy) = lazy {
-                        let st = lazy.wait();
+                    agent2.moves.filling.lock().insert(pid);
+                    let resumed = held.resume_guarded();
+                    let guarded = match resumed {
+                        Ok(g) => {
+                            let _ = done.send(Ok(()));
+                            g
+                        }
+                        Err(e) => {
+                            let _ = done.send(Err(e.to_string()));
+                            None
+                        }
+                    };
+                    if guarded.is_none() {
                         agent2.moves.filling.lock().remove(&pid);
+                    }
+                    if let Some(guarded) = guarded {
+                        if let Some(why) = guarded.unguarded() {
+                            tracing::warn!(pid, "the copy-in of pre-copied memory runs unguarded: {why}");
+                        }
+                        // This thread is the tracer: it passes the process's signals on until
+                        // its memory is in (if the agent died meanwhile, the kernel kills it).
+                        let st = guarded.finish();
                         tracing::info!(
                             pid,
                             copied_mb = st.copied as f64 / 1048576.0,
@@ -564,9 +578,11 @@ async fn prepare_restore(agent: &Arc<Agent>, dir: &Path) -> Result<Restoring, St
                             faults = st.faults,
                             processes = st.processes,
                             dropped_mb = st.dropped as f64 / 1048576.0,
+                            exited = st.exited_guarded,
                             "pre-copied memory copied in behind the running process in {:.1} ms",
                             st.took.as_secs_f64() * 1000.0
                         );
+                        agent2.moves.filling.lock().remove(&pid);
                     }
                 }
                 // Kill, or the driver went away: the copy must not run.
