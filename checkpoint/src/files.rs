@@ -764,7 +764,35 @@ fn scan_holders(links: &[String], skip: Pid) -> HashMap<String, Vec<Holder>> {
             }
         }
     }
+    confirm_holders(&mut out);
     out
+}
+
+/// Keeps the holders that still hold their file a little later. A process between fork and
+/// exec (or the close of inherited fds after fork) holds copies of its parent's fds for a
+/// moment: a program spawning helpers — or a test harness starting programs — must not make
+/// another process's file look shared.
+fn confirm_holders(out: &mut HashMap<String, Vec<Holder>>) {
+    for _ in 0..3 {
+        if out.is_empty() {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+        let mut gone = false;
+        for (link, holders) in out.iter_mut() {
+            holders.retain(|(p, _, _)| {
+                let still = std::fs::read_dir(proc_path(*p, "fd")).is_ok_and(|fds| {
+                    fds.flatten().any(|e| std::fs::read_link(e.path()).is_ok_and(|l| l.to_str() == Some(link.as_str())))
+                });
+                gone |= !still;
+                still
+            });
+        }
+        out.retain(|_, v| !v.is_empty());
+        if !gone {
+            return;
+        }
+    }
 }
 
 /// The processes other than `skip` that hold any of `links` (as /proc/PID/fd shows them:
