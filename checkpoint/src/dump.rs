@@ -332,7 +332,8 @@ fn collect_all(f: &mut Frozen, dir: &Path, opts: &DumpOptions, clk: &mut Clock) 
     let maps = proc::maps(pid)?;
     let vdso = vdso::collect(&maps);
     let (mut cpu, cpu_ident) = cpu::collect(pid, &f.regs)?;
-    let files = files::collect(pid, &opts.external_fds)?;
+    let mut files = files::collect(pid, &opts.external_fds)?;
+    crate::ttys::capture(pid, &mut files)?;
     let locks = locks::collect(pid, &files)?;
     clk.lap("collect");
 

@@ -144,6 +144,18 @@ pub enum FileKind {
         flags: u32,
         data: Vec<u8>,
     },
+    /// The master of a pty pair whose slave the process holds too: the pair's settings and
+    /// unread data (see `ttys`).
+    PtyMaster {
+        index: u32,
+        flags: u32,
+        pty: Box<crate::ttys::Pty>,
+    },
+    /// A slave of a pty whose master is in the process (`index`: the master's).
+    PtySlave {
+        index: u32,
+        flags: u32,
+    },
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -199,6 +211,9 @@ fn describe(pid: Pid, fd: i32, pidfd: &std::os::fd::OwnedFd) -> Result<FileKind>
         return Ok(FileKind::Memfd { ino: md.ino(), name: name.to_string(), flags, pos });
     }
     if link.starts_with('/') {
+        if let Some(why) = crate::ttys::closed_master(&link) {
+            return Err(refuse(&why));
+        }
         if let Some(path) = crate::ghosts::deleted_path(&link) {
             let fdp = proc_path(pid, &format!("fd/{fd}"));
             if std::fs::metadata(&fdp).map(|m| m.is_dir()).unwrap_or(false) {
@@ -244,6 +259,10 @@ fn describe(pid: Pid, fd: i32, pidfd: &std::os::fd::OwnedFd) -> Result<FileKind>
             return Ok(FileKind::Fifo { path: link.clone(), ino: own.ino(), flags, data, size });
         } else if ft.is_char_device() && ALLOWED_DEVS.contains(&link.as_str()) {
             PathKind::CharDev
+        } else if let Some(k) =
+            ft.is_char_device().then(|| crate::ttys::describe(&link, &info, md.rdev(), flags)).flatten()
+        {
+            return Ok(k);
         } else if ft.is_char_device() && is_tty_path(&link) {
             return Err(refuse(&format!("it is the terminal {link} (a tty cannot follow the process)")));
         } else {
@@ -534,6 +553,9 @@ fn collect_impl(pid: Pid, external: &[i32], all: bool) -> Result<(FilesState, Ve
     }
     if all || errs.is_empty() {
         resolve_epoll_targets(pid, &mut st, &mut errs);
+    }
+    if all || errs.is_empty() {
+        crate::ttys::check_pairs(pid, &st, &mut errs, all);
     }
     if all || errs.is_empty() {
         // A FIFO that another process holds too shares its pipe with it: not carried.
@@ -1163,6 +1185,34 @@ pub fn restore(r: &Remote, st: &FilesState, external: &[(i32, i32)], memfds: &Ha
                 continue;
             }
             FileKind::Epoll { .. } => continue,
+            FileKind::PtyMaster { .. } | FileKind::PtySlave { .. } => {
+                // The pair at once: its master and every slave description.
+                let index = match f {
+                    FileKind::PtyMaster { index, .. } | FileKind::PtySlave { index, .. } => *index,
+                    _ => unreachable!(),
+                };
+                let Some((mi, mflags, pty)) = st.files.iter().enumerate().find_map(|(j, g)| match g {
+                    FileKind::PtyMaster { index: x, flags, pty } if *x == index => Some((j, *flags, pty)),
+                    _ => None,
+                }) else {
+                    return Err(Error::Restore(format!("pty {index}: its master is not in the image")));
+                };
+                let slaves: Vec<(usize, u32)> = st
+                    .files
+                    .iter()
+                    .enumerate()
+                    .filter_map(|(j, g)| match g {
+                        FileKind::PtySlave { index: x, flags } if *x == index => Some((j, *flags)),
+                        _ => None,
+                    })
+                    .collect();
+                let (m, made) = crate::ttys::restore_pair(r, pty, mflags, &slaves)?;
+                for (j, fd) in made {
+                    temps[j] = Some(to_temp(fd)?);
+                }
+                temps[mi] = Some(to_temp(m)?);
+                continue;
+            }
             FileKind::SignalFd { mask, flags } => crate::anonfds::restore_signalfd(r, *mask, *flags)?,
             FileKind::Inotify { flags, watches } => crate::anonfds::restore_inotify(r, *flags, watches)?,
             FileKind::Pidfd { flags, dead, exit } => crate::anonfds::restore_pidfd(r, *flags, *dead, *exit)?,

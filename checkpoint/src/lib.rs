@@ -36,6 +36,7 @@ pub mod sysv;
 pub mod task;
 pub mod threads;
 pub mod timers;
+pub mod ttys;
 pub mod vdso;
 
 pub use dump::{

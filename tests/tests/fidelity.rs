@@ -264,6 +264,7 @@ fidelity! {
     posix_timers settle 50,
     deleted_file,
     deleted_dirs,
+    pty_pair,
 }
 
 /// Pre-copy of a program that keeps writing its pages (and mapping, moving, unmapping and
@@ -1068,6 +1069,24 @@ fn posix_timer_dead_thread_refused() {
 #[test]
 fn io_uring_refused() {
     refused("io_uring", &["fd 3", "io_uring"]);
+}
+
+/// The unread bytes of a pty cannot be peeked: the dump reads them and writes them back at once.
+/// A process left running after its dump (a snapshot) finds every byte and every line as before.
+#[test]
+fn pty_pair_left_running() {
+    if !root() {
+        return;
+    }
+    let p = Prog::start("pty_pair");
+    ck::dump(p.pid, &p.img(1), AfterDump::LeaveRunning).unwrap();
+    p.go();
+    p.expect_pass();
+}
+
+#[test]
+fn pty_half_refused() {
+    refused("pty_half", &["fd 3", "/dev/pts/", "slave of pty", "master was closed"]);
 }
 
 #[test]
