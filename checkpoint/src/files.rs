@@ -156,6 +156,13 @@ pub enum FileKind {
         index: u32,
         flags: u32,
     },
+    /// The controlling terminal of a shell job (`path` as it was), dumped with
+    /// `DumpOptions::shell_job`: the restorer's terminal takes its place (see `ttys`).
+    ShellTerminal {
+        path: String,
+        flags: u32,
+        termios: crate::ttys::Termios,
+    },
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -264,7 +271,10 @@ fn describe(pid: Pid, fd: i32, pidfd: &std::os::fd::OwnedFd) -> Result<FileKind>
         {
             return Ok(k);
         } else if ft.is_char_device() && is_tty_path(&link) {
-            return Err(refuse(&format!("it is the terminal {link} (a tty cannot follow the process)")));
+            return Err(refuse(&format!(
+                "it is the terminal {link} (a tty cannot follow the process; a shell job's terminal can be \
+                 replaced by the restorer's: dump and restore with --shell-job)"
+            )));
         } else {
             return Err(refuse("device or special file"));
         };
@@ -1298,6 +1308,15 @@ pub fn restore(r: &Remote, st: &FilesState, external: &[(i32, i32)], memfds: &Ha
                 let appending = sys::fd_status_flags(local).map(|f| f & libc::O_APPEND as u32).unwrap_or(0);
                 setfl(got, *flags | appending)?;
                 got
+            }
+            FileKind::ShellTerminal { path, flags, .. } => {
+                let fd0 = st.fds.iter().find(|e| e.file == i).map_or(-1, |e| e.fd);
+                let Some(&(_, local)) = external.iter().find(|(f, _)| *f == fd0) else {
+                    return Err(Error::Restore(format!(
+                        "fd {fd0} was the terminal {path} of a shell job: restore it with --shell-job"
+                    )));
+                };
+                crate::ttys::pull_terminal(r, local, *flags)?
             }
             FileKind::UnixPeerGone { flags, data } => {
                 // The same shape: one end of a pair, its unread bytes written by the other end,

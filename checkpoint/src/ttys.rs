@@ -188,7 +188,15 @@ pub fn check_pairs(pid: Pid, st: &FilesState, errs: &mut Vec<Error>, all: bool) 
         });
         let refuse = |why: String| Error::UnsupportedFd { fd: e.fd, what: what.clone(), why };
         let name = format!("pty {index} (/dev/pts/{index})");
-        let err = if !other_inside {
+        // Unix98 pty slaves: major 136 + N / 256, minor N % 256.
+        let dev = libc::makedev(136 + index / 256, index % 256);
+        let err = if !master && ctty != 0 && ctty == dev {
+            Some(refuse(format!(
+                "it is the terminal /dev/pts/{index}, the process's controlling terminal (a tty cannot follow the \
+                 process; a shell job's terminal can be replaced by the restorer's: dump and restore with \
+                 --shell-job)"
+            )))
+        } else if !other_inside {
             let holders = other_holders(pid, index);
             let (mine, other) = if master { ("master", "slave") } else { ("slave", "master") };
             let where_ = if holders.is_empty() {
@@ -205,14 +213,12 @@ pub fn check_pairs(pid: Pid, st: &FilesState, errs: &mut Vec<Error>, all: bool) 
         } else {
             judged.push(index);
             let holders = other_holders(pid, index);
-            // Unix98 pty slaves: major 136 + N / 256, minor N % 256.
-            let dev = libc::makedev(136 + index / 256, index % 256);
             if !holders.is_empty() {
                 Some(refuse(format!(
                     "{name} is also open in {} (a pty is carried only when no other process holds it)",
                     crate::files::name_holders(&holders)
                 )))
-            } else if ctty != 0 && ctty as u64 == dev {
+            } else if ctty != 0 && ctty == libc::makedev(136 + index / 256, index % 256) {
                 Some(refuse(format!(
                     "{name} is the process's controlling terminal (only a pty pair the process merely holds is \
                      carried)"
@@ -540,6 +546,93 @@ fn write_pair(m: &OwnedFd, s: &OwnedFd, pty: &Pty, mfl: u32, sfl: u32) -> std::r
         sys::ioctl_set_int(m, libc::TIOCSPTLCK, 1).map_err(e("TIOCSPTLCK"))?;
     }
     Ok(())
+}
+
+// ---------------------------------------------------------------- shell jobs (`--shell-job`)
+//
+// A job of an interactive shell has the shell's terminal as its stdio and controlling
+// terminal. With `DumpOptions::shell_job` the fds open on the controlling terminal are recorded
+// as [`FileKind::ShellTerminal`] (with the terminal's settings: an interactive program may have
+// made it raw); `RestoreOptions::shell_job` gives the restorer's terminal, which the new
+// process gets (the same open file description, as a job shares its shell's) with those
+// settings. The process then stays in the restorer's session and process group — the
+// foreground job of that terminal — instead of becoming a group leader again.
+
+/// The fds of `pid` open on its controlling terminal.
+pub fn ctty_fds(pid: Pid) -> Vec<i32> {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    let ctty: u64 = crate::proc::stat_fields(pid).ok().and_then(|f| f.get(7)?.parse().ok()).unwrap_or(0);
+    if ctty == 0 {
+        return Vec::new();
+    }
+    let Ok(dir) = std::fs::read_dir(proc_path(pid, "fd")) else { return Vec::new() };
+    let mut out: Vec<i32> = dir
+        .flatten()
+        .filter(|e| std::fs::metadata(e.path()).is_ok_and(|m| m.file_type().is_char_device() && m.rdev() == ctty))
+        .filter_map(|e| e.file_name().to_str()?.parse().ok())
+        .collect();
+    out.sort_unstable();
+    out
+}
+
+/// Why `pid` cannot be dumped as a shell job: it leads its terminal's session (it is the
+/// shell, or a program started in its own session).
+pub fn shell_job_blockers(pid: Pid) -> Vec<Error> {
+    let f = crate::proc::stat_fields(pid).unwrap_or_default();
+    let sid: Pid = f.get(6).and_then(|v| v.parse().ok()).unwrap_or(0);
+    if sid == pid && !ctty_fds(pid).is_empty() {
+        return vec![Error::Unsupported {
+            pid,
+            what: "the leader of its terminal's session (a shell job is a process a shell started; the session \
+                   leader owns the terminal)"
+                .into(),
+        }];
+    }
+    Vec::new()
+}
+
+/// Turns the [`FileKind::External`] records of the controlling terminal's fds (`fds`) into
+/// [`FileKind::ShellTerminal`] with the terminal's settings.
+pub fn shell_terminals(pid: Pid, st: &mut FilesState, fds: &[i32]) -> Result<()> {
+    let pidfd = sys::pidfd_open(pid).map_err(|err| Error::NoProcess { pid, err })?;
+    for e in st.fds.iter().filter(|e| fds.contains(&e.fd)) {
+        let FileKind::External { what, flags, .. } = &st.files[e.file] else { continue };
+        let refuse = |why: String| Error::UnsupportedFd { fd: e.fd, what: what.clone(), why };
+        let dup = sys::pidfd_getfd(&pidfd, e.fd).map_err(|e| refuse(format!("pidfd_getfd: {e}")))?;
+        let termios = Termios::of(&sys::tcgets2(&dup).map_err(|e| refuse(format!("TCGETS2: {e}")))?);
+        st.files[e.file] = FileKind::ShellTerminal { path: what.clone(), flags: *flags, termios };
+    }
+    Ok(())
+}
+
+/// The fds of the image that were its shell job's terminal.
+pub fn shell_terminal_fds(st: &FilesState) -> Vec<i32> {
+    st.fds.iter().filter(|e| matches!(st.files[e.file], FileKind::ShellTerminal { .. })).map(|e| e.fd).collect()
+}
+
+/// Gives the restorer's terminal `local` the image's terminal settings, before the process
+/// gets it.
+pub fn prepare_shell_terminal(st: &FilesState, local: i32) -> Result<()> {
+    let Some(termios) = st.files.iter().find_map(|f| match f {
+        FileKind::ShellTerminal { termios, .. } => Some(termios),
+        _ => None,
+    }) else {
+        return Ok(());
+    };
+    sys::tcsets2(&local, &termios.raw())
+        .map_err(|e| Error::Restore(format!("--shell-job: fd {local} is not a terminal (TCSETS2: {e})")))
+}
+
+/// Installs the restorer's terminal `local` in the new process (its own copy of the same open
+/// file description) with the image's status flags; returns its fd there.
+pub fn pull_terminal(r: &Remote, local: i32, flags: u32) -> Result<u64> {
+    let pidfd = r.call("pidfd_open (restorer)", libc::SYS_pidfd_open, &[std::process::id() as u64, 0])?;
+    let got = r.call("pidfd_getfd (the restorer's terminal)", libc::SYS_pidfd_getfd, &[pidfd, local as u64, 0]);
+    r.call("close", libc::SYS_close, &[pidfd])?;
+    let got = got?;
+    let keep = (libc::O_APPEND | libc::O_NONBLOCK | libc::O_ASYNC) as u32;
+    r.call("fcntl(F_SETFL) (terminal)", libc::SYS_fcntl, &[got, libc::F_SETFL as u64, (flags & keep) as u64])?;
+    Ok(got)
 }
 
 #[cfg(test)]
