@@ -156,6 +156,11 @@ pub enum FileKind {
         index: u32,
         flags: u32,
     },
+    /// An fd of one of the restorer's own namespaces, by kind (see `nsfds`).
+    Namespace {
+        kind: String,
+        flags: u32,
+    },
     /// The controlling terminal of a shell job (`path` as it was), dumped with
     /// `DumpOptions::shell_job`: the restorer's terminal takes its place (see `ttys`).
     ShellTerminal {
@@ -291,6 +296,9 @@ fn describe(pid: Pid, fd: i32, pidfd: &std::os::fd::OwnedFd) -> Result<FileKind>
             data = sys::pipe_peek(&dup, size as usize).map_err(|e| refuse(&format!("cannot copy unread data: {e}")))?;
         }
         return Ok(FileKind::Pipe { ino, write_end, flags, data, size });
+    }
+    if let Some(k) = crate::nsfds::describe(&link, flags) {
+        return k.map_err(|why| refuse(&why));
     }
     match link.as_str() {
         "anon_inode:[eventfd]" => {
@@ -1309,6 +1317,7 @@ pub fn restore(r: &Remote, st: &FilesState, external: &[(i32, i32)], memfds: &Ha
                 setfl(got, *flags | appending)?;
                 got
             }
+            FileKind::Namespace { kind, flags } => crate::nsfds::restore(r, kind, *flags)?,
             FileKind::ShellTerminal { path, flags, .. } => {
                 let fd0 = st.fds.iter().find(|e| e.file == i).map_or(-1, |e| e.fd);
                 let Some(&(_, local)) = external.iter().find(|(f, _)| *f == fd0) else {

@@ -26,6 +26,7 @@ pub mod inject;
 pub mod locks;
 pub mod memfd;
 pub mod memory;
+pub mod nsfds;
 pub mod precopy;
 pub mod proc;
 pub mod rebuild;

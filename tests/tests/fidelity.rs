@@ -265,6 +265,7 @@ fidelity! {
     deleted_file,
     deleted_dirs,
     pty_pair,
+    ns_fds,
 }
 
 /// Pre-copy of a program that keeps writing its pages (and mapping, moving, unmapping and
@@ -1195,6 +1196,11 @@ fn shell_job() {
     assert!(matches!(st, Some(s) if libc::WIFEXITED(s) && libc::WEXITSTATUS(s) == 0), "restorer: {st:?}\n{said}");
     assert!(said.contains("shell job") && said.contains("hello\r\n"), "{said}");
     drop(p); // kills the shell stand-in
+}
+
+#[test]
+fn ns_other_refused() {
+    refused("ns_other", &["fd 3 (uts:[", "uts namespace other than the restorer's"]);
 }
 
 #[test]
