@@ -1199,6 +1199,11 @@ fn shell_job() {
 }
 
 #[test]
+fn aio_ring_refused() {
+    refused("aio_ring", &["/[aio]", "AIO context (io_setup)"]);
+}
+
+#[test]
 fn ns_other_refused() {
     refused("ns_other", &["fd 3 (uts:[", "uts namespace other than the restorer's"]);
 }
