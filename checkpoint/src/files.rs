@@ -30,6 +30,8 @@ pub enum PathKind {
     Regular,
     Dir,
     CharDev,
+    /// A symbolic link itself, held with `O_PATH|O_NOFOLLOW`.
+    Symlink,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -239,8 +241,10 @@ fn describe(pid: Pid, fd: i32, pidfd: &std::os::fd::OwnedFd) -> Result<FileKind>
             let (_, ino) = crate::ghosts::judge(&fdp, path).map_err(|why| refuse(&why))?;
             return Ok(FileKind::Ghost { ino, path: path.to_string(), flags, pos });
         }
-        let md = std::fs::metadata(&link).map_err(|e| refuse(&format!("cannot stat the path: {e}")))?;
         let own = std::fs::metadata(proc_path(pid, &format!("fd/{fd}"))).map_err(|e| refuse(&e.to_string()))?;
+        // An O_PATH|O_NOFOLLOW fd of a symbolic link is the link itself, not what it names.
+        let md = if own.file_type().is_symlink() { std::fs::symlink_metadata(&link) } else { std::fs::metadata(&link) }
+            .map_err(|e| refuse(&format!("cannot stat the path: {e}")))?;
         use std::os::unix::fs::MetadataExt;
         if (md.ino(), md.dev()) != (own.ino(), own.dev()) {
             return Err(refuse("the path now names another file"));
@@ -250,6 +254,8 @@ fn describe(pid: Pid, fd: i32, pidfd: &std::os::fd::OwnedFd) -> Result<FileKind>
             PathKind::Regular
         } else if ft.is_dir() {
             PathKind::Dir
+        } else if ft.is_symlink() {
+            PathKind::Symlink
         } else if ft.is_fifo() {
             // The pipe behind it, to copy its unread data: through the process's own description
             // when it can read, else a new read-only opener of the FIFO (never waits).
@@ -1441,9 +1447,17 @@ pub fn prepare(st: &FilesState, external: &[(i32, i32)]) -> Result<()> {
             FileKind::External { fd, what, .. } if !external.iter().any(|(f, _)| f == fd) => {
                 return Err(missing_external(*fd, what));
             }
-            FileKind::Path { path, .. } => {
-                std::fs::metadata(path)
-                    .map_err(|e| Error::FileChanged { path: path.clone(), detail: format!("cannot open it: {e}") })?;
+            FileKind::Path { path, kind, .. } => {
+                let md =
+                    if *kind == PathKind::Symlink { std::fs::symlink_metadata(path) } else { std::fs::metadata(path) };
+                let md =
+                    md.map_err(|e| Error::FileChanged { path: path.clone(), detail: format!("cannot open it: {e}") })?;
+                if *kind == PathKind::Symlink && !md.file_type().is_symlink() {
+                    return Err(Error::FileChanged {
+                        path: path.clone(),
+                        detail: "it is not a symbolic link any more".into(),
+                    });
+                }
             }
             FileKind::Fifo { path, .. } => {
                 let md = std::fs::metadata(path)

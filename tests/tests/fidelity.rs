@@ -266,6 +266,7 @@ fidelity! {
     deleted_dirs,
     pty_pair,
     ns_fds,
+    opath_symlink,
 }
 
 /// Pre-copy of a program that keeps writing its pages (and mapping, moving, unmapping and
