@@ -158,6 +158,13 @@ pub enum FileKind {
         index: u32,
         flags: u32,
     },
+    /// A fanotify group: init flags, event file flags, marks (see `fanotify`).
+    Fanotify {
+        init: u32,
+        event_flags: u32,
+        flags: u32,
+        marks: Vec<crate::fanotify::Mark>,
+    },
     /// An fd of one of the restorer's own namespaces, by kind (see `nsfds`).
     Namespace {
         kind: String,
@@ -322,6 +329,9 @@ fn describe(pid: Pid, fd: i32, pidfd: &std::os::fd::OwnedFd) -> Result<FileKind>
             });
         }
         "anon_inode:[signalfd]" => return Ok(crate::anonfds::signalfd(&info, flags)),
+        "anon_inode:[fanotify]" => {
+            return crate::fanotify::describe(pid, pidfd, fd, &info, flags).map_err(|why| refuse(&why))
+        }
         "anon_inode:inotify" => return crate::anonfds::inotify(pidfd, fd, &info, flags).map_err(|why| refuse(&why)),
         "anon_inode:[pidfd]" => {
             let exit = || sys::pidfd_getfd(pidfd, fd).ok().and_then(|d| sys::pidfd_exit_info(&d));
@@ -1322,6 +1332,9 @@ pub fn restore(r: &Remote, st: &FilesState, external: &[(i32, i32)], memfds: &Ha
                 let appending = sys::fd_status_flags(local).map(|f| f & libc::O_APPEND as u32).unwrap_or(0);
                 setfl(got, *flags | appending)?;
                 got
+            }
+            FileKind::Fanotify { init, event_flags, flags, marks } => {
+                crate::fanotify::restore(r, *init, *event_flags, *flags, marks)?
             }
             FileKind::Namespace { kind, flags } => crate::nsfds::restore(r, kind, *flags)?,
             FileKind::ShellTerminal { path, flags, .. } => {

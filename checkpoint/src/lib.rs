@@ -17,6 +17,7 @@ pub mod anonfds;
 pub mod cpu;
 pub mod dump;
 pub mod error;
+pub mod fanotify;
 pub mod files;
 pub mod freeze;
 pub mod ghosts;

@@ -267,6 +267,7 @@ fidelity! {
     pty_pair,
     ns_fds,
     opath_symlink,
+    fanotify,
 }
 
 /// Pre-copy of a program that keeps writing its pages (and mapping, moving, unmapping and
@@ -1202,6 +1203,11 @@ fn shell_job() {
 #[test]
 fn aio_ring_refused() {
     refused("aio_ring", &["/[aio]", "AIO context (io_setup)"]);
+}
+
+#[test]
+fn fanotify_pending_refused() {
+    refused("fanotify_pending", &["fd 3 (anon_inode:[fanotify])", "unread fanotify events"]);
 }
 
 #[test]
