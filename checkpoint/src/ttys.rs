@@ -11,7 +11,8 @@
 //! line by line when it is canonical, so each line keeps its end; then the unfinished line
 //! with canonical mode off for that one read) and at once written back through the other
 //! end, with input and output processing switched off around the write so they go in as they
-//! came out. The frozen process finds its queues as they were.
+//! came out (a byte a canonical reader would act on, typed after VLNEXT, after VLNEXT again;
+//! see [`plan`]). The frozen process finds its queues as they were.
 //!
 //! Restore: a new pair (`/dev/ptmx`, `TIOCSPTLCK 0`, `TIOCGPTN`, `/dev/pts/M` — the slave's
 //! number may differ), settings and window size set, the unread bytes written back the same
@@ -291,10 +292,11 @@ fn read_pair(m: &OwnedFd, s: &OwnedFd) -> std::result::Result<Pty, String> {
         }
         pty.output = drain(m, &master_termios())?;
         pty.input = drain(s, &pty.slave)?;
-        judge(&pty.input, &pty.slave, "input")?;
         // Input first: its write-back may read echoes from the master's queue, still empty.
-        refill(s, m, &pty.input, &pty.slave, None)?;
-        refill(m, s, &pty.output, &master_termios(), Some(&pty.slave))?;
+        // Both are attempted whatever the other did: the frozen process must get back all it can.
+        let input = refill(s, m, &pty.input, &pty.slave, None);
+        let output = refill(m, s, &pty.output, &master_termios(), Some(&pty.slave));
+        input.and(output)?;
         if pty.packet {
             sys::ioctl_set_int(m, libc::TIOCPKT, 1).map_err(e("TIOCPKT"))?;
         }
@@ -347,54 +349,81 @@ fn drain(fd: &OwnedFd, t: &Termios) -> std::result::Result<Queue, String> {
     r.map(|()| q)
 }
 
-/// Refuses unread data that the write-back could not put in as it was: a character the
-/// reader's line discipline would act on again (erase, kill, end of file, start/stop), which
-/// only gets into the queue escaped with VLNEXT.
-fn judge(q: &Queue, t: &Termios, which: &str) -> std::result::Result<(), String> {
-    if q.is_empty() {
-        return Ok(());
-    }
-    let mut special: Vec<(u8, &str)> = Vec::new();
-    if t.canonical() {
-        for (i, n) in [(libc::VERASE, "erase"), (libc::VKILL, "kill"), (libc::VEOF, "end-of-file")] {
-            special.extend(t.cc(i).map(|c| (c, n)));
-        }
-    }
-    if t.iflag & libc::IXON != 0 {
-        for (i, n) in [(libc::VSTART, "start"), (libc::VSTOP, "stop")] {
-            special.extend(t.cc(i).map(|c| (c, n)));
-        }
-    }
-    let bytes = q.lines.iter().flatten().chain(q.rest.iter());
-    for b in bytes {
-        if let Some((_, n)) = special.iter().find(|(c, _)| c == b) {
-            return Err(format!(
-                "its unread {which} holds a literal {n} character ({b:#04x}, typed after VLNEXT), which writing it \
-                 back would act on"
-            ));
-        }
-    }
-    let len = q.lines.iter().map(|l| l.len() + 1).sum::<usize>() + q.rest.len();
-    if t.canonical() && len > LDISC_MAX {
-        return Err(format!("{len} bytes of unread canonical {which} (at most {LDISC_MAX} are carried)"));
-    }
-    Ok(())
+/// How a queue is written back: the bytes, how many of them the reader stores (the witness
+/// count), and whether the reader needs IEXTEN for it.
+#[derive(Debug)]
+struct Plan {
+    bytes: Vec<u8>,
+    stored: usize,
+    iexten: bool,
 }
 
-/// The bytes to write for `q`: each line ended by VEOF gets its VEOF back.
-fn bytes_of(q: &Queue, t: &Termios) -> (Vec<u8>, usize) {
-    let ends = [Some(b'\n'), t.cc(libc::VEOL), t.cc(libc::VEOL2)];
-    let mut out = Vec::new();
-    let mut eofs = 0;
-    for l in &q.lines {
-        out.extend_from_slice(l);
-        if !ends.contains(&l.last().copied()) || l.is_empty() {
-            out.push(t.cc[libc::VEOF]);
-            eofs += 1;
+/// The write-back of `q` for a reader with settings `t` (see [`refill`] for the settings used
+/// meanwhile). A non-canonical reader then acts on no byte. A canonical one acts on its line
+/// terminators, erase, kill and end-of-file characters (and, with IEXTEN, word erase, reprint,
+/// VEOL2 and VLNEXT): such a byte inside a line got there typed after VLNEXT, and is written
+/// after VLNEXT again; each line that was ended by VEOF gets its VEOF back. Err when that
+/// cannot be done (no VLNEXT character, a line too long).
+fn plan(q: &Queue, t: &Termios) -> std::result::Result<Plan, String> {
+    if !t.canonical() {
+        return Ok(Plan { bytes: q.rest.clone(), stored: q.rest.len(), iexten: false });
+    }
+    let lnext = t.cc(libc::VLNEXT);
+    // IEXTEN for the write-back when the reader had it (VEOL2 ends lines) or VLNEXT is needed.
+    let iexten = t.lflag & libc::IEXTEN != 0 || lnext.is_some();
+    let had_iexten = t.lflag & libc::IEXTEN != 0;
+    let mut ends: Vec<u8> = vec![b'\n'];
+    ends.extend(t.cc(libc::VEOL));
+    if had_iexten {
+        ends.extend(t.cc(libc::VEOL2));
+    }
+    let mut special: Vec<u8> = vec![b'\n'];
+    for i in [libc::VERASE, libc::VKILL, libc::VEOF, libc::VEOL] {
+        special.extend(t.cc(i));
+    }
+    if iexten {
+        for i in [libc::VWERASE, libc::VREPRINT, libc::VEOL2, libc::VLNEXT] {
+            special.extend(t.cc(i));
         }
     }
-    out.extend_from_slice(&q.rest);
-    (out, eofs)
+    let mut p = Plan { bytes: Vec::new(), stored: 0, iexten };
+    let literal = |p: &mut Plan, b: u8| -> std::result::Result<(), String> {
+        if special.contains(&b) {
+            let Some(l) = lnext else {
+                return Err(format!(
+                    "its unread input holds the character {b:#04x} as data (typed after VLNEXT), and VLNEXT is now \
+                     disabled: writing it back would act on it"
+                ));
+            };
+            p.bytes.push(l);
+        }
+        p.bytes.push(b);
+        p.stored += 1;
+        Ok(())
+    };
+    for l in &q.lines {
+        let (body, end) = match l.split_last() {
+            Some((&c, body)) if ends.contains(&c) => (body, Some(c)),
+            _ => (&l[..], None),
+        };
+        for &b in body {
+            literal(&mut p, b)?;
+        }
+        match end {
+            Some(c) => {
+                p.bytes.push(c);
+                p.stored += 1;
+            }
+            None => p.bytes.push(t.cc(libc::VEOF).ok_or("a line ended by VEOF, and VEOF is now disabled")?),
+        }
+    }
+    for &b in &q.rest {
+        literal(&mut p, b)?;
+    }
+    if p.stored > LDISC_MAX {
+        return Err(format!("{} bytes of unread canonical input (at most {LDISC_MAX} are carried)", p.stored));
+    }
+    Ok(p)
 }
 
 /// The master's own settings: the kernel's, fixed (termios calls on a master act on its slave):
@@ -417,11 +446,25 @@ fn refill(
         return Ok(());
     }
     let e = |what: &'static str| move |err: std::io::Error| format!("{what}: {err}");
-    let (bytes, eofs) = bytes_of(q, tr);
-    // The reader: nothing acted on, transformed or echoed.
+    let plan = match plan(q, tr) {
+        Ok(p) => p,
+        Err(why) => {
+            // Refused; the frozen process still gets its bytes back as well as they can go in.
+            let mut all: Vec<u8> = q.lines.concat();
+            all.extend_from_slice(&q.rest);
+            let _ = std::fs::File::from(writer.try_clone().map_err(|e| e.to_string())?).write_all(&all);
+            return Err(why);
+        }
+    };
+    let bytes = &plan.bytes;
+    // The reader: nothing transformed, echoed or taken as a signal or flow control (packet
+    // mode is off meanwhile: changing IXON queues no status for the master).
     let mut r = tr.raw();
-    r.c_iflag &= !(libc::ICRNL | libc::INLCR | libc::IGNCR | libc::IUCLC | libc::ISTRIP | libc::PARMRK);
+    r.c_iflag &= !(libc::ICRNL | libc::INLCR | libc::IGNCR | libc::IUCLC | libc::ISTRIP | libc::PARMRK | libc::IXON);
     r.c_lflag &= !(libc::ECHO | libc::ECHONL | libc::ISIG | libc::IEXTEN | libc::XCASE);
+    if plan.iexten {
+        r.c_lflag |= libc::IEXTEN;
+    }
     let as_is = Termios::of(&r) == *tr;
     let mut wf = std::fs::File::from(writer.try_clone().map_err(|e| e.to_string())?);
     // A slave writer: no output processing for the write.
@@ -432,7 +475,7 @@ fn refill(
     }
     let res = (|| {
         if as_is {
-            return wf.write_all(&bytes).map_err(|e| format!("writing unread data back: {e}"));
+            return wf.write_all(bytes).map_err(|e| format!("writing unread data back: {e}"));
         }
         if bytes.len() > LDISC_MAX {
             return Err(format!("{} bytes of unread data with input processing on (at most {LDISC_MAX})", bytes.len()));
@@ -444,15 +487,15 @@ fn refill(
                 return Err("a canonical reader written to by a slave".into());
             }
             // The witness: each byte stored is echoed once, unchanged, into the master's
-            // queue (empty now, and raw).
+            // queue (empty now, and raw); VEOF and VLNEXT are not echoed.
             r.c_lflag |= libc::ECHO;
             r.c_lflag &= !libc::ECHOCTL;
             r.c_oflag &= !libc::OPOST;
         }
         sys::tcsets2(reader, &r).map_err(e("TCSETS2 (reader)"))?;
         let res = (|| {
-            wf.write_all(&bytes).map_err(|e| format!("writing unread data back: {e}"))?;
-            let want = bytes.len() - eofs;
+            wf.write_all(bytes).map_err(|e| format!("writing unread data back: {e}"))?;
+            let want = plan.stored;
             let t = std::time::Instant::now();
             let mut got = 0usize;
             let mut buf = vec![0u8; LDISC_MAX + 1];
@@ -654,13 +697,23 @@ mod tests {
     }
 
     #[test]
-    fn lines_ended_by_eof_get_it_back() {
+    fn write_back_plans() {
         let mut t = Termios { lflag: libc::ICANON, ..Termios::default() };
         t.cc[libc::VEOF] = 4;
-        let q = Queue { lines: vec![b"a\n".to_vec(), b"bc".to_vec(), vec![]], rest: b"d".to_vec() };
-        assert_eq!(bytes_of(&q, &t), (b"a\nbc\x04\x04d".to_vec(), 2));
         t.cc[libc::VERASE] = 0x7f;
-        assert!(judge(&Queue { lines: vec![], rest: vec![b'x', 0x7f] }, &t, "input").unwrap_err().contains("erase"));
-        assert!(judge(&q, &t, "input").is_ok());
+        // Lines ended by VEOF get it back; it is not stored.
+        let q = Queue { lines: vec![b"a\n".to_vec(), b"bc".to_vec(), vec![]], rest: b"d".to_vec() };
+        let p = plan(&q, &t).unwrap();
+        assert_eq!((p.bytes, p.stored, p.iexten), (b"a\nbc\x04\x04d".to_vec(), 5, false));
+        // A literal erase (or newline) needs VLNEXT: refused without it, escaped with it.
+        let lit = Queue { lines: vec![b"x\x7fy\n".to_vec()], rest: b"z\n".to_vec() };
+        assert!(plan(&lit, &t).unwrap_err().contains("0x7f"));
+        t.cc[libc::VLNEXT] = 0x16;
+        let p = plan(&lit, &t).unwrap();
+        assert_eq!((p.bytes, p.stored, p.iexten), (b"x\x16\x7fy\nz\x16\n".to_vec(), 6, true));
+        // A non-canonical reader acts on nothing.
+        let raw = Termios::default();
+        let p = plan(&Queue { lines: vec![], rest: vec![0x7f, 4, b'\n'] }, &raw).unwrap();
+        assert_eq!((p.bytes, p.stored), (vec![0x7f, 4, b'\n'], 3));
     }
 }

@@ -1,10 +1,11 @@
 /* pty pairs held inside the process: a canonical pair (its slave held through two
  * descriptions, one non-blocking; settings changed: erase, intr, speed, IUTF8, no echo; window
  * size; exclusive mode) with unread input — two complete lines, one ended by VEOF, and an
- * unfinished line — and unread output (written with ONLCR: "\r\n"); and a raw pair in packet
- * mode, locked, whose slave keeps ISIG and ICRNL on, with unread data both ways. After restore:
- * each master and its slave are one pair, settings, size and modes as before, and every unread
- * byte reads back exactly, line by line; the unfinished line is finished by more input. */
+ * unfinished line, with an erase and a kill character typed after VLNEXT — and unread output
+ * (written with ONLCR: "\r\n"); and a raw pair in packet mode, locked, whose slave keeps ISIG
+ * and ICRNL on, with unread data both ways. After restore: each master and its slave are one
+ * pair, settings, size and modes as before, and every unread byte reads back exactly, line by
+ * line; the unfinished line is finished by more input. */
 #include "fidelity.h"
 #include <poll.h>
 #include <sys/ioctl.h>
@@ -73,7 +74,8 @@ int main(void) {
     int fl[5] = {fcntl(ma, F_GETFL), fcntl(sa, F_GETFL), fcntl(sa2, F_GETFL), fcntl(mb, F_GETFL), fcntl(sb, F_GETFL)};
 
     /* Unread data: input typed on the masters, output written by the slaves. */
-    const char in_a[] = "line one\nline two\neofline\x04part";
+    /* (an erase and a kill character typed after VLNEXT, ^V, are data) */
+    const char in_a[] = "li\x16\x08ne one\nline two\neofline\x04pa\x16\x15rt";
     write(ma, in_a, sizeof in_a - 1);
     write(sa, "from slave\n", 11);
     write(mb, "in\rB", 4);
@@ -105,7 +107,7 @@ int main(void) {
     /* Pair A's input, line by line; the unfinished line waits for its end. */
     char b[256];
     ssize_t r = read(sa2, b, sizeof b);
-    CHECK(r == 9 && !memcmp(b, "line one\n", 9), "line 1: %zd", r);
+    CHECK(r == 10 && !memcmp(b, "li\x08ne one\n", 10), "line 1: %zd", r);
     r = read(sa2, b, sizeof b);
     CHECK(r == 9 && !memcmp(b, "line two\n", 9), "line 2: %zd", r);
     r = read(sa2, b, sizeof b);
@@ -114,7 +116,7 @@ int main(void) {
     CHECK(r == -1 && errno == EAGAIN, "the unfinished line reads early: %zd", r);
     write(ma, "ial\n", 4);
     r = read_ready(sa2, b, sizeof b);
-    CHECK(r == 8 && !memcmp(b, "partial\n", 8), "finished line: %zd '%.*s'", r, (int)(r > 0 ? r : 0), b);
+    CHECK(r == 9 && !memcmp(b, "pa\x15rtial\n", 9), "finished line: %zd '%.*s'", r, (int)(r > 0 ? r : 0), b);
     /* Pair A's output as the slave's output processing made it. */
     r = read_ready(ma, b, sizeof b);
     CHECK(r == 12 && !memcmp(b, "from slave\r\n", 12), "A output: %zd '%.*s'", r, (int)(r > 0 ? r : 0), b);
