@@ -4,8 +4,9 @@
 //! Dump: the pair is found by the master's `tty-index` (fdinfo) and the slave's number; both
 //! ends must be in the process and nowhere else (else refused, naming who holds the other
 //! end), and the slave must not be the process's controlling terminal. While the process is
-//! frozen ([`capture`]), through `pidfd_getfd` copies of both ends: the settings of each end
-//! (`TCGETS2`: flags, line discipline, control characters, speeds), the window size, packet
+//! frozen ([`capture`]), through `pidfd_getfd` copies of both ends: the slave's settings
+//! (`TCGETS2`: flags, line discipline, control characters, speeds; a master has none of its
+//! own — termios calls on it act on its slave), the window size, packet
 //! mode (`TIOCGPKT`), the slave lock (`TIOCGPTLCK`), exclusive mode (`TIOCGEXCL`), and the
 //! unread bytes in both directions. A tty has no peek: the bytes are read (the slave's input
 //! line by line when it is canonical, so each line keeps its end; then the unfinished line
@@ -171,8 +172,8 @@ fn other_holders(pid: Pid, index: u32) -> Vec<(Pid, String)> {
     out
 }
 
-/// Refuses every pty end whose other end is not in the process, or that another process holds
-/// too, or whose slave is the process's controlling terminal.
+/// Refuses every pty slave that is the process's controlling terminal, and every pty end whose
+/// other end is not in the process or that another process holds too.
 pub fn check_pairs(pid: Pid, st: &FilesState, errs: &mut Vec<Error>, all: bool) {
     let ctty: u64 = crate::proc::stat_fields(pid).ok().and_then(|f| f.get(7)?.parse().ok()).unwrap_or(0);
     let mut judged: Vec<u32> = Vec::new();
@@ -218,11 +219,6 @@ pub fn check_pairs(pid: Pid, st: &FilesState, errs: &mut Vec<Error>, all: bool) 
                 Some(refuse(format!(
                     "{name} is also open in {} (a pty is carried only when no other process holds it)",
                     crate::files::name_holders(&holders)
-                )))
-            } else if ctty != 0 && ctty == libc::makedev(136 + index / 256, index % 256) {
-                Some(refuse(format!(
-                    "{name} is the process's controlling terminal (only a pty pair the process merely holds is \
-                     carried)"
                 )))
             } else {
                 None

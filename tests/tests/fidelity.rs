@@ -1101,6 +1101,19 @@ fn open_pty() -> (File, String) {
     }
 }
 
+/// Reads what appears on the terminal whose master is `m` into `said` until it holds `until`
+/// (at most 10 s).
+fn hear(m: &mut File, said: &mut Vec<u8>, until: &str) {
+    let t = Instant::now();
+    while !String::from_utf8_lossy(said).contains(until) && t.elapsed() < Duration::from_secs(10) {
+        let mut b = [0u8; 4096];
+        match std::io::Read::read(m, &mut b) {
+            Ok(n) => said.extend_from_slice(&b[..n]),
+            Err(_) => std::thread::sleep(Duration::from_millis(2)),
+        }
+    }
+}
+
 /// An interactive program survives a dump and a restore in a shell (CRIU's `--shell-job`): a
 /// job of a stand-in shell, stdin and stderr on the shell's terminal, is dumped with
 /// `shell_job` (without it the terminal is refused, naming the option) and restored by
@@ -1178,19 +1191,15 @@ fn shell_job() {
     drop(restorer);
     // Go once the restorer says the job runs (on the terminal, its stderr).
     let mut said = Vec::new();
-    let mut hear = |until: &str| {
-        let t = Instant::now();
-        while !String::from_utf8_lossy(&said).contains(until) && t.elapsed() < Duration::from_secs(10) {
-            let mut b = [0u8; 4096];
-            match std::io::Read::read(&mut m2, &mut b) {
-                Ok(n) => said.extend_from_slice(&b[..n]),
-                Err(_) => std::thread::sleep(Duration::from_millis(2)),
-            }
-        }
-    };
-    hear("waiting for it to end");
+    hear(&mut m2, &mut said, "waiting for it to end");
+    assert!(
+        String::from_utf8_lossy(&said).contains("waiting for it to end"),
+        "the restorer did not restore the job: {}\n--- job\n{}",
+        String::from_utf8_lossy(&said),
+        read(&p.out())
+    );
     p.go();
-    hear("hello\r\n");
+    hear(&mut m2, &mut said, "hello\r\n");
     let st = wait_exit(rpid, Duration::from_secs(20));
     let out = read(&p.out());
     let said = String::from_utf8_lossy(&said).into_owned();
