@@ -1344,7 +1344,7 @@ pub fn restore(r: &Remote, st: &FilesState, external: &[(i32, i32)], memfds: &Ha
                         "fd {fd0} was the terminal {path} of a shell job: restore it with --shell-job"
                     )));
                 };
-                crate::ttys::pull_terminal(r, local, *flags)?
+                crate::ttys::pull_terminal(r, path, local, *flags)?
             }
             FileKind::UnixPeerGone { flags, data } => {
                 // The same shape: one end of a pair, its unread bytes written by the other end,

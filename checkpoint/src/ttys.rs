@@ -597,7 +597,7 @@ fn write_pair(m: &OwnedFd, s: &OwnedFd, pty: &Pty, mfl: u32, sfl: u32) -> std::r
 // settings. The process then stays in the restorer's session and process group — the
 // foreground job of that terminal — instead of becoming a group leader again.
 
-/// The fds of `pid` open on its controlling terminal.
+/// The fds of `pid` open on its controlling terminal (or on `/dev/tty`).
 pub fn ctty_fds(pid: Pid) -> Vec<i32> {
     use std::os::unix::fs::{FileTypeExt, MetadataExt};
     let ctty: u64 = crate::proc::stat_fields(pid).ok().and_then(|f| f.get(7)?.parse().ok()).unwrap_or(0);
@@ -607,7 +607,11 @@ pub fn ctty_fds(pid: Pid) -> Vec<i32> {
     let Ok(dir) = std::fs::read_dir(proc_path(pid, "fd")) else { return Vec::new() };
     let mut out: Vec<i32> = dir
         .flatten()
-        .filter(|e| std::fs::metadata(e.path()).is_ok_and(|m| m.file_type().is_char_device() && m.rdev() == ctty))
+        // The terminal itself, or /dev/tty (5:0), which opens the controlling terminal.
+        .filter(|e| {
+            std::fs::metadata(e.path())
+                .is_ok_and(|m| m.file_type().is_char_device() && (m.rdev() == ctty || m.rdev() == libc::makedev(5, 0)))
+        })
         .filter_map(|e| e.file_name().to_str()?.parse().ok())
         .collect();
     out.sort_unstable();
@@ -663,13 +667,20 @@ pub fn prepare_shell_terminal(st: &FilesState, local: i32) -> Result<()> {
 }
 
 /// Installs the restorer's terminal `local` in the new process (its own copy of the same open
-/// file description) with the image's status flags; returns its fd there.
-pub fn pull_terminal(r: &Remote, local: i32, flags: u32) -> Result<u64> {
+/// file description) with the image's status flags — or, for an fd that was an open of
+/// `/dev/tty`, opens `/dev/tty` there (the process is in the restorer's session by then: it is
+/// that terminal); returns its fd there.
+pub fn pull_terminal(r: &Remote, path: &str, local: i32, flags: u32) -> Result<u64> {
+    let keep = (libc::O_APPEND | libc::O_NONBLOCK | libc::O_ASYNC) as u32;
+    if path == "/dev/tty" {
+        let p = r.put_cstr(0, b"/dev/tty")?;
+        let fl = (flags & (keep | libc::O_ACCMODE as u32)) as u64 | libc::O_CLOEXEC as u64;
+        return r.call("open /dev/tty", libc::SYS_openat, &[libc::AT_FDCWD as u64, p, fl, 0]);
+    }
     let pidfd = r.call("pidfd_open (restorer)", libc::SYS_pidfd_open, &[std::process::id() as u64, 0])?;
     let got = r.call("pidfd_getfd (the restorer's terminal)", libc::SYS_pidfd_getfd, &[pidfd, local as u64, 0]);
     r.call("close", libc::SYS_close, &[pidfd])?;
     let got = got?;
-    let keep = (libc::O_APPEND | libc::O_NONBLOCK | libc::O_ASYNC) as u32;
     r.call("fcntl(F_SETFL) (terminal)", libc::SYS_fcntl, &[got, libc::F_SETFL as u64, (flags & keep) as u64])?;
     Ok(got)
 }

@@ -6,7 +6,8 @@
  * raw-ish, as an interactive program does, and waits. After a restore by `migrate-cli restore
  * --shell-job` on another terminal (its path in the file "newtty"), the job checks that its
  * stdin and stderr are that terminal, that it is its controlling terminal and it is in the
- * foreground, that its settings came along, reads a key typed there and writes to it. */
+ * foreground, that its settings came along, reads a key typed there and writes to it, also
+ * through an fd it opened as /dev/tty. */
 #include "fidelity.h"
 #include <sys/ioctl.h>
 #include <sys/wait.h>
@@ -47,6 +48,8 @@ int main(int argc, char **argv) {
     struct termios before;
     tcgetattr(0, &before);
     for (int i = 0; i < 1000 && tcgetpgrp(0) != getpgrp(); i++) msleep(1); /* the shell's tcsetpgrp */
+    int tty = open("/dev/tty", O_WRONLY); /* the controlling terminal, by its generic name */
+    if (tty != 3) { dup2(tty, 3); close(tty); }
     CHECK(tcgetpgrp(0) == getpgrp(), "not in the foreground before the dump");
     ready();
     wait_go();
@@ -66,6 +69,10 @@ int main(int argc, char **argv) {
           "terminal settings: lflag %o, was %o", now.c_lflag, before.c_lflag);
     char c = 0;
     CHECK(read(0, &c, 1) == 1 && c == 'x', "read '%c' from the terminal (%s)", c, strerror(errno));
+    char link[64] = {0};
+    CHECK(readlink("/proc/self/fd/3", link, sizeof link - 1) > 0 && !strcmp(link, "/dev/tty"), "fd 3 is %s", link);
+    CHECK((fcntl(3, F_GETFL) & O_ACCMODE) == O_WRONLY, "fd 3 flags %o", fcntl(3, F_GETFL));
+    CHECK(write(3, "via tty\n", 8) == 8, "write to /dev/tty: %s", strerror(errno));
     CHECK(write(2, "hello\n", 6) == 6, "write to the terminal: %s", strerror(errno));
     return finish();
 }

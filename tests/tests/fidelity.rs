@@ -1205,7 +1205,7 @@ fn shell_job() {
     let said = String::from_utf8_lossy(&said).into_owned();
     assert!(out.contains("PASS") && !out.contains("FAIL"), "job: {out}\n--- its terminal\n{said}");
     assert!(matches!(st, Some(s) if libc::WIFEXITED(s) && libc::WEXITSTATUS(s) == 0), "restorer: {st:?}\n{said}");
-    assert!(said.contains("shell job") && said.contains("hello\r\n"), "{said}");
+    assert!(said.contains("shell job") && said.contains("via tty\r\nhello\r\n"), "{said}");
     drop(p); // kills the shell stand-in
 }
 
