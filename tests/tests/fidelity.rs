@@ -1092,7 +1092,7 @@ fn open_pty() -> (File, String) {
     // SAFETY: posix_openpt/grantpt/unlockpt on the fd just opened; ptsname's static buffer is
     // copied at once (one test thread uses it).
     unsafe {
-        let m = libc::posix_openpt(libc::O_RDWR | libc::O_NOCTTY | libc::O_NONBLOCK);
+        let m = libc::posix_openpt(libc::O_RDWR | libc::O_NOCTTY | libc::O_NONBLOCK | libc::O_CLOEXEC);
         assert!(m >= 0);
         assert_eq!(libc::grantpt(m), 0);
         assert_eq!(libc::unlockpt(m), 0);
@@ -1222,6 +1222,48 @@ fn fanotify_pending_refused() {
 #[test]
 fn ns_other_refused() {
     refused("ns_other", &["fd 3 (uts:[", "uts namespace other than the restorer's"]);
+}
+
+/// A pty whose master is outside the process (here the driver holds it) is refused, naming
+/// the fd, the pty and who holds the other end.
+#[test]
+fn pty_outside_refused() {
+    if !root() {
+        return;
+    }
+    let (mut m, pts) = open_pty();
+    let dir = tempfile::Builder::new().prefix("dvk-fid-pty_outside-").tempdir().unwrap();
+    let bin = compile("pty_outside", dir.path());
+    let ctl = std::ffi::CString::new(dir.path().join("ctl").to_str().unwrap()).unwrap();
+    // SAFETY: valid C string.
+    assert_eq!(unsafe { libc::mkfifo(ctl.as_ptr(), 0o600) }, 0);
+    let child = close_stray_fds(&mut Command::new(&bin))
+        .env("PTS", &pts)
+        .current_dir(dir.path())
+        .stdin(Stdio::null())
+        .stdout(File::create(dir.path().join("out")).unwrap())
+        .stderr(File::create(dir.path().join("err")).unwrap())
+        .spawn()
+        .unwrap();
+    let p = Prog { name: "pty_outside", dir, pid: child.id() as i32 };
+    drop(child);
+    let t = Instant::now();
+    while !read(&p.out()).contains("READY") {
+        assert!(t.elapsed() < Duration::from_secs(10), "no READY: {}", read(&p.out()));
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let e = ck::dump(p.pid, &p.img(1), AfterDump::Kill).expect_err("must be refused").to_string();
+    let me = format!("pid {} (", std::process::id());
+    assert!(
+        e.contains(&format!("fd 3 ({pts})")) && e.contains("whose master is not in the process") && e.contains(&me),
+        "{e}"
+    );
+    assert!(!p.img(1).join("manifest.img").exists());
+    p.go();
+    p.expect_pass();
+    let mut said = Vec::new();
+    hear(&mut m, &mut said, "still");
+    assert!(String::from_utf8_lossy(&said).contains("still\r\n"));
 }
 
 #[test]
