@@ -58,7 +58,7 @@ fn parse_watch(line: &str) -> Option<(i32, u64, u64, u32, i32, Vec<u8>)> {
 
 /// A mount point (from our own mountinfo, root of the filesystem preferred) of the device
 /// `sdev` (the kernel's encoding: major << 20 | minor).
-fn mount_of(sdev: u64) -> Option<String> {
+pub(crate) fn mount_of(sdev: u64) -> Option<String> {
     let want = format!("{}:{}", sdev >> 20, sdev & 0xfffff);
     let mi = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
     let mut best: Option<String> = None;
@@ -75,7 +75,7 @@ fn mount_of(sdev: u64) -> Option<String> {
 }
 
 /// The path of the file an inotify watch names, checked to name that inode still.
-fn watch_path(ino: u64, sdev: u64, htype: i32, handle: &[u8]) -> std::result::Result<String, String> {
+pub(crate) fn watch_path(ino: u64, sdev: u64, htype: i32, handle: &[u8]) -> std::result::Result<String, String> {
     let mnt = mount_of(sdev).ok_or_else(|| format!("no mount of device {}:{}", sdev >> 20, sdev & 0xfffff))?;
     let m = std::fs::File::open(&mnt).map_err(|e| format!("cannot open mount {mnt}: {e}"))?;
     let f = sys::open_by_handle(&m, htype, handle).map_err(|e| format!("open_by_handle_at (inode {ino}): {e}"))?;

@@ -38,6 +38,18 @@ pub struct DumpOptions {
     /// was and running. `migrate-cli dump` answers whether a stop signal (SIGINT, SIGTERM,
     /// SIGHUP, SIGQUIT), blocked for the duration of the dump, is pending.
     pub interrupted: Option<fn() -> bool>,
+    /// A job of an interactive shell: its fds on its controlling terminal are recorded as the
+    /// shell job's terminal, which the restorer's replaces (`RestoreOptions::shell_job`).
+    pub shell_job: bool,
+}
+
+/// The fds not judged as files: the caller's, and a shell job's terminal.
+fn unjudged_fds(pid: Pid, opts: &DumpOptions) -> Vec<i32> {
+    let mut v = opts.external_fds.clone();
+    if opts.shell_job {
+        v.extend(crate::ttys::ctty_fds(pid));
+    }
+    v
 }
 
 /// A shared [`Precopy`] tracker for [`DumpOptions`].
@@ -120,7 +132,10 @@ pub fn blockers(pid: Pid, opts: &DumpOptions) -> Result<Vec<Error>> {
             }
         }
     }
-    v.extend(files::blockers(pid, &opts.external_fds)?);
+    v.extend(files::blockers(pid, &unjudged_fds(pid, opts))?);
+    if opts.shell_job {
+        v.extend(crate::ttys::shell_job_blockers(pid));
+    }
     v.extend(task::blockers(pid)?);
     // Another tracer (a debugger, strace): the freeze (PTRACE_SEIZE) would fail.
     if let Some(t) = proc::field(&status, "TracerPid").and_then(|v| v.parse::<Pid>().ok()) {
@@ -332,7 +347,11 @@ fn collect_all(f: &mut Frozen, dir: &Path, opts: &DumpOptions, clk: &mut Clock) 
     let maps = proc::maps(pid)?;
     let vdso = vdso::collect(&maps);
     let (mut cpu, cpu_ident) = cpu::collect(pid, &f.regs)?;
-    let files = files::collect(pid, &opts.external_fds)?;
+    let mut files = files::collect(pid, &unjudged_fds(pid, opts))?;
+    crate::ttys::capture(pid, &mut files)?;
+    if opts.shell_job {
+        crate::ttys::shell_terminals(pid, &mut files, &crate::ttys::ctty_fds(pid))?;
+    }
     let locks = locks::collect(pid, &files)?;
     clk.lap("collect");
 

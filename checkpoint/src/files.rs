@@ -30,6 +30,8 @@ pub enum PathKind {
     Regular,
     Dir,
     CharDev,
+    /// A symbolic link itself, held with `O_PATH|O_NOFOLLOW`.
+    Symlink,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -144,6 +146,37 @@ pub enum FileKind {
         flags: u32,
         data: Vec<u8>,
     },
+    /// The master of a pty pair whose slave the process holds too: the pair's settings and
+    /// unread data (see `ttys`).
+    PtyMaster {
+        index: u32,
+        flags: u32,
+        pty: Box<crate::ttys::Pty>,
+    },
+    /// A slave of a pty whose master is in the process (`index`: the master's).
+    PtySlave {
+        index: u32,
+        flags: u32,
+    },
+    /// A fanotify group: init flags, event file flags, marks (see `fanotify`).
+    Fanotify {
+        init: u32,
+        event_flags: u32,
+        flags: u32,
+        marks: Vec<crate::fanotify::Mark>,
+    },
+    /// An fd of one of the restorer's own namespaces, by kind (see `nsfds`).
+    Namespace {
+        kind: String,
+        flags: u32,
+    },
+    /// The controlling terminal of a shell job (`path` as it was), dumped with
+    /// `DumpOptions::shell_job`: the restorer's terminal takes its place (see `ttys`).
+    ShellTerminal {
+        path: String,
+        flags: u32,
+        termios: crate::ttys::Termios,
+    },
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -199,6 +232,9 @@ fn describe(pid: Pid, fd: i32, pidfd: &std::os::fd::OwnedFd) -> Result<FileKind>
         return Ok(FileKind::Memfd { ino: md.ino(), name: name.to_string(), flags, pos });
     }
     if link.starts_with('/') {
+        if let Some(why) = crate::ttys::closed_master(&link) {
+            return Err(refuse(&why));
+        }
         if let Some(path) = crate::ghosts::deleted_path(&link) {
             let fdp = proc_path(pid, &format!("fd/{fd}"));
             if std::fs::metadata(&fdp).map(|m| m.is_dir()).unwrap_or(false) {
@@ -212,8 +248,10 @@ fn describe(pid: Pid, fd: i32, pidfd: &std::os::fd::OwnedFd) -> Result<FileKind>
             let (_, ino) = crate::ghosts::judge(&fdp, path).map_err(|why| refuse(&why))?;
             return Ok(FileKind::Ghost { ino, path: path.to_string(), flags, pos });
         }
-        let md = std::fs::metadata(&link).map_err(|e| refuse(&format!("cannot stat the path: {e}")))?;
         let own = std::fs::metadata(proc_path(pid, &format!("fd/{fd}"))).map_err(|e| refuse(&e.to_string()))?;
+        // An O_PATH|O_NOFOLLOW fd of a symbolic link is the link itself, not what it names.
+        let md = if own.file_type().is_symlink() { std::fs::symlink_metadata(&link) } else { std::fs::metadata(&link) }
+            .map_err(|e| refuse(&format!("cannot stat the path: {e}")))?;
         use std::os::unix::fs::MetadataExt;
         if (md.ino(), md.dev()) != (own.ino(), own.dev()) {
             return Err(refuse("the path now names another file"));
@@ -223,6 +261,8 @@ fn describe(pid: Pid, fd: i32, pidfd: &std::os::fd::OwnedFd) -> Result<FileKind>
             PathKind::Regular
         } else if ft.is_dir() {
             PathKind::Dir
+        } else if ft.is_symlink() {
+            PathKind::Symlink
         } else if ft.is_fifo() {
             // The pipe behind it, to copy its unread data: through the process's own description
             // when it can read, else a new read-only opener of the FIFO (never waits).
@@ -244,8 +284,15 @@ fn describe(pid: Pid, fd: i32, pidfd: &std::os::fd::OwnedFd) -> Result<FileKind>
             return Ok(FileKind::Fifo { path: link.clone(), ino: own.ino(), flags, data, size });
         } else if ft.is_char_device() && ALLOWED_DEVS.contains(&link.as_str()) {
             PathKind::CharDev
+        } else if let Some(k) =
+            ft.is_char_device().then(|| crate::ttys::describe(&link, &info, md.rdev(), flags)).flatten()
+        {
+            return Ok(k);
         } else if ft.is_char_device() && is_tty_path(&link) {
-            return Err(refuse(&format!("it is the terminal {link} (a tty cannot follow the process)")));
+            return Err(refuse(&format!(
+                "it is the terminal {link} (a tty cannot follow the process; a shell job's terminal can be \
+                 replaced by the restorer's: dump and restore with --shell-job)"
+            )));
         } else {
             return Err(refuse("device or special file"));
         };
@@ -263,6 +310,9 @@ fn describe(pid: Pid, fd: i32, pidfd: &std::os::fd::OwnedFd) -> Result<FileKind>
         }
         return Ok(FileKind::Pipe { ino, write_end, flags, data, size });
     }
+    if let Some(k) = crate::nsfds::describe(&link, flags) {
+        return k.map_err(|why| refuse(&why));
+    }
     match link.as_str() {
         "anon_inode:[eventfd]" => {
             let count = field(&info, "eventfd-count").and_then(|v| u64::from_str_radix(v, 16).ok()).unwrap_or(0);
@@ -279,6 +329,9 @@ fn describe(pid: Pid, fd: i32, pidfd: &std::os::fd::OwnedFd) -> Result<FileKind>
             });
         }
         "anon_inode:[signalfd]" => return Ok(crate::anonfds::signalfd(&info, flags)),
+        "anon_inode:[fanotify]" => {
+            return crate::fanotify::describe(pid, pidfd, fd, &info, flags).map_err(|why| refuse(&why))
+        }
         "anon_inode:inotify" => return crate::anonfds::inotify(pidfd, fd, &info, flags).map_err(|why| refuse(&why)),
         "anon_inode:[pidfd]" => {
             let exit = || sys::pidfd_getfd(pidfd, fd).ok().and_then(|d| sys::pidfd_exit_info(&d));
@@ -534,6 +587,9 @@ fn collect_impl(pid: Pid, external: &[i32], all: bool) -> Result<(FilesState, Ve
     }
     if all || errs.is_empty() {
         resolve_epoll_targets(pid, &mut st, &mut errs);
+    }
+    if all || errs.is_empty() {
+        crate::ttys::check_pairs(pid, &st, &mut errs, all);
     }
     if all || errs.is_empty() {
         // A FIFO that another process holds too shares its pipe with it: not carried.
@@ -1191,6 +1247,34 @@ pub fn restore(r: &Remote, st: &FilesState, external: &[(i32, i32)], memfds: &Ha
                 continue;
             }
             FileKind::Epoll { .. } => continue,
+            FileKind::PtyMaster { .. } | FileKind::PtySlave { .. } => {
+                // The pair at once: its master and every slave description.
+                let index = match f {
+                    FileKind::PtyMaster { index, .. } | FileKind::PtySlave { index, .. } => *index,
+                    _ => unreachable!(),
+                };
+                let Some((mi, mflags, pty)) = st.files.iter().enumerate().find_map(|(j, g)| match g {
+                    FileKind::PtyMaster { index: x, flags, pty } if *x == index => Some((j, *flags, pty)),
+                    _ => None,
+                }) else {
+                    return Err(Error::Restore(format!("pty {index}: its master is not in the image")));
+                };
+                let slaves: Vec<(usize, u32)> = st
+                    .files
+                    .iter()
+                    .enumerate()
+                    .filter_map(|(j, g)| match g {
+                        FileKind::PtySlave { index: x, flags } if *x == index => Some((j, *flags)),
+                        _ => None,
+                    })
+                    .collect();
+                let (m, made) = crate::ttys::restore_pair(r, pty, mflags, &slaves)?;
+                for (j, fd) in made {
+                    temps[j] = Some(to_temp(fd)?);
+                }
+                temps[mi] = Some(to_temp(m)?);
+                continue;
+            }
             FileKind::SignalFd { mask, flags } => crate::anonfds::restore_signalfd(r, *mask, *flags)?,
             FileKind::Inotify { flags, watches } => crate::anonfds::restore_inotify(r, *flags, watches)?,
             FileKind::Pidfd { flags, dead, exit } => crate::anonfds::restore_pidfd(r, *flags, *dead, *exit)?,
@@ -1276,6 +1360,19 @@ pub fn restore(r: &Remote, st: &FilesState, external: &[(i32, i32)], memfds: &Ha
                 let appending = sys::fd_status_flags(local).map(|f| f & libc::O_APPEND as u32).unwrap_or(0);
                 setfl(got, *flags | appending)?;
                 got
+            }
+            FileKind::Fanotify { init, event_flags, flags, marks } => {
+                crate::fanotify::restore(r, *init, *event_flags, *flags, marks)?
+            }
+            FileKind::Namespace { kind, flags } => crate::nsfds::restore(r, kind, *flags)?,
+            FileKind::ShellTerminal { path, flags, .. } => {
+                let fd0 = st.fds.iter().find(|e| e.file == i).map_or(-1, |e| e.fd);
+                let Some(&(_, local)) = external.iter().find(|(f, _)| *f == fd0) else {
+                    return Err(Error::Restore(format!(
+                        "fd {fd0} was the terminal {path} of a shell job: restore it with --shell-job"
+                    )));
+                };
+                crate::ttys::pull_terminal(r, path, local, *flags)?
             }
             FileKind::UnixPeerGone { flags, data } => {
                 // The same shape: one end of a pair, its unread bytes written by the other end,
@@ -1391,9 +1488,17 @@ pub fn prepare(st: &FilesState, external: &[(i32, i32)]) -> Result<()> {
             FileKind::External { fd, what, .. } if !external.iter().any(|(f, _)| f == fd) => {
                 return Err(missing_external(*fd, what));
             }
-            FileKind::Path { path, .. } => {
-                std::fs::metadata(path)
-                    .map_err(|e| Error::FileChanged { path: path.clone(), detail: format!("cannot open it: {e}") })?;
+            FileKind::Path { path, kind, .. } => {
+                let md =
+                    if *kind == PathKind::Symlink { std::fs::symlink_metadata(path) } else { std::fs::metadata(path) };
+                let md =
+                    md.map_err(|e| Error::FileChanged { path: path.clone(), detail: format!("cannot open it: {e}") })?;
+                if *kind == PathKind::Symlink && !md.file_type().is_symlink() {
+                    return Err(Error::FileChanged {
+                        path: path.clone(),
+                        detail: "it is not a symbolic link any more".into(),
+                    });
+                }
             }
             FileKind::Fifo { path, .. } => {
                 let md = std::fs::metadata(path)

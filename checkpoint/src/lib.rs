@@ -17,6 +17,7 @@ pub mod anonfds;
 pub mod cpu;
 pub mod dump;
 pub mod error;
+pub mod fanotify;
 pub mod files;
 pub mod freeze;
 pub mod ghosts;
@@ -27,6 +28,7 @@ pub mod lazy;
 pub mod locks;
 pub mod memfd;
 pub mod memory;
+pub mod nsfds;
 pub mod precopy;
 pub mod proc;
 pub mod rebuild;
@@ -37,6 +39,7 @@ pub mod sysv;
 pub mod task;
 pub mod threads;
 pub mod timers;
+pub mod ttys;
 pub mod vdso;
 
 pub use dump::{

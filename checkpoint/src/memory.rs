@@ -260,6 +260,15 @@ pub fn classify(m: &MapLine) -> Result<VmaKind> {
     if p == "/dev/zero (deleted)" {
         return Ok(VmaKind::SharedAnon { name: String::new() });
     }
+    if p == "/[aio] (deleted)" {
+        // A ring could be made again at its address (io_setup, then mremap, which the kernel
+        // follows), but requests still in flight show nowhere outside the kernel (the ring
+        // holds only completed events): carrying it could drop one unseen.
+        return Err(refuse(
+            "an AIO context (io_setup): its requests in flight cannot be seen from outside the kernel, so the ring \
+             is not carried (io_destroy it before the dump)",
+        ));
+    }
     if p.starts_with("[anon_shmem:") {
         return Ok(VmaKind::SharedAnon { name: p.to_string() });
     }

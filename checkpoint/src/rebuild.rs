@@ -35,6 +35,19 @@ pub struct RestoreOptions {
     pub lazy_precopy: bool,
     /// With `lazy_precopy`: serve only the process's faults until `LazyCopy::release` (tests).
     pub lazy_paused: bool,
+    /// The restorer's terminal (an fd of this process) for an image dumped as a shell job: it
+    /// replaces the job's terminal, and the process joins this process's session and process
+    /// group (see `ttys`).
+    pub shell_job: Option<i32>,
+}
+
+/// The caller's replacement fds, and the terminal for every fd of a shell job's terminal.
+fn replacements(m: &crate::image::Manifest, opts: &RestoreOptions) -> Vec<(i32, i32)> {
+    let mut v = opts.external_fds.clone();
+    if let Some(t) = opts.shell_job {
+        v.extend(crate::ttys::shell_terminal_fds(&m.files).into_iter().map(|fd| (fd, t)));
+    }
+    v
 }
 
 #[derive(Clone, Debug, Default)]
@@ -68,6 +81,14 @@ pub fn check(img: &Image, opts: &RestoreOptions) -> Result<()> {
         }
     }
     files::prepare(&m.files, &opts.external_fds)?;
+    if let Some(&fd) = crate::ttys::shell_terminal_fds(&m.files).first() {
+        let Some(t) = opts.shell_job else {
+            return Err(Error::Restore(format!(
+                "fd {fd} was the terminal of a shell job (dumped with --shell-job): restore it with --shell-job"
+            )));
+        };
+        crate::ttys::prepare_shell_terminal(&m.files, t)?;
+    }
     crate::sysv::check(&m.shm)?;
     std::fs::metadata(&m.task.exe)
         .map_err(|e| Error::FileChanged { path: m.task.exe.clone(), detail: format!("executable missing: {e}") })?;
@@ -124,7 +145,7 @@ fn restore_inner(img: &Image, opts: &RestoreOptions, hold: bool) -> Result<(Rest
         .map_err(pt("PTRACE_SETOPTIONS", pid))?;
     sys::set_sigmask(pid, signals::BLOCK_ALL).map_err(pt("PTRACE_SETSIGMASK", pid))?;
     // Its cgroup first: memory and threads are then charged and created there.
-    let notes: Vec<String> = task::restore_cgroup(pid, &m.task).into_iter().collect();
+    let mut notes: Vec<String> = task::restore_cgroup(pid, &m.task).into_iter().collect();
     let base = sys::get_regs(pid).map_err(pt("PTRACE_GETREGS", pid))?;
     let mut r = Remote { pid, gadget: STUB_BASE + stub::ENTRY_OFF, base, scratch: 0, scratch_len: 0, guard: None };
     let rwx = (libc::PROT_READ | libc::PROT_WRITE | libc::PROT_EXEC) as u64;
@@ -152,7 +173,15 @@ fn restore_inner(img: &Image, opts: &RestoreOptions, hold: bool) -> Result<(Rest
     }
     r.call("close_range", libc::SYS_close_range, &[0, u32::MAX as u64, 0])?;
     task::restore_early(&r, &m.task)?;
-    task::restore_session(&r, &m.task)?;
+    // A shell job stays in the restorer's session and group: the foreground of its terminal.
+    let shell_job = opts.shell_job.is_some() && !crate::ttys::shell_terminal_fds(&m.files).is_empty();
+    if shell_job {
+        notes.push(
+            "shell job: the process has the restorer's terminal and runs in its session and process group".into(),
+        );
+    } else {
+        task::restore_session(&r, &m.task)?;
+    }
     m.vdso.place(&r, VDSO_TEMP)?;
     lap("layout");
 
@@ -169,7 +198,7 @@ fn restore_inner(img: &Image, opts: &RestoreOptions, hold: bool) -> Result<(Rest
     task::restore_mm(&r, &m.task)?;
     lap("memory");
 
-    files::restore(&r, &m.files, &opts.external_fds, &memfds)?;
+    files::restore(&r, &m.files, &replacements(m, opts), &memfds)?;
     memfd::close(&r, &memfds)?;
     // Last of the files: closing any fd of a file would drop the POSIX locks on it.
     locks::restore(&r, &m.locks)?;

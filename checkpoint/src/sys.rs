@@ -1243,3 +1243,65 @@ pub fn seek_data(f: &impl AsRawFd, off: u64) -> io::Result<Option<u64>> {
 pub fn seek_hole(f: &impl AsRawFd, off: u64) -> io::Result<u64> {
     seek(f, off, libc::SEEK_HOLE).map(|o| o.unwrap_or(off))
 }
+
+// ---------------------------------------------------------------- terminals (see `ttys`)
+
+/// A terminal's settings (`TCGETS2`: flags, line discipline, control characters, any speed).
+pub fn tcgets2(fd: &impl AsRawFd) -> io::Result<libc::termios2> {
+    // SAFETY: termios2 is plain data; TCGETS2 fills exactly one termios2.
+    let mut t: libc::termios2 = unsafe { std::mem::zeroed() };
+    // SAFETY: TCGETS2 writes one termios2 to the given pointer.
+    let r = unsafe { libc::ioctl(fd.as_raw_fd(), libc::TCGETS2, &mut t as *mut libc::termios2) };
+    cvt(r as libc::c_long).map(|_| t)
+}
+
+/// Sets a terminal's settings at once (`TCSETS2`: no drain, no flush).
+pub fn tcsets2(fd: &impl AsRawFd, t: &libc::termios2) -> io::Result<()> {
+    // SAFETY: TCSETS2 reads one termios2 from the given pointer.
+    let r = unsafe { libc::ioctl(fd.as_raw_fd(), libc::TCSETS2, t as *const libc::termios2) };
+    cvt(r as libc::c_long).map(drop)
+}
+
+/// An ioctl that writes one int (TIOCGPKT, TIOCGPTLCK, TIOCGEXCL, TIOCGPTN, TIOCINQ).
+pub fn ioctl_get_int(fd: &impl AsRawFd, req: libc::Ioctl) -> io::Result<i32> {
+    let mut v: libc::c_int = 0;
+    // SAFETY: the request writes one int to the given pointer.
+    let r = unsafe { libc::ioctl(fd.as_raw_fd(), req, &mut v as *mut libc::c_int) };
+    cvt(r as libc::c_long).map(|_| v)
+}
+
+/// An ioctl that reads one int through a pointer (TIOCPKT, TIOCSPTLCK).
+pub fn ioctl_set_int(fd: &impl AsRawFd, req: libc::Ioctl, v: i32) -> io::Result<()> {
+    // SAFETY: the request reads one int from the given pointer.
+    let r = unsafe { libc::ioctl(fd.as_raw_fd(), req, &v as *const libc::c_int) };
+    cvt(r as libc::c_long).map(drop)
+}
+
+/// An ioctl without argument (TIOCEXCL).
+pub fn ioctl_none(fd: &impl AsRawFd, req: libc::Ioctl) -> io::Result<()> {
+    // SAFETY: the request takes no argument.
+    let r = unsafe { libc::ioctl(fd.as_raw_fd(), req, 0) };
+    cvt(r as libc::c_long).map(drop)
+}
+
+/// A terminal's window size: rows, columns, x pixels, y pixels.
+pub fn get_winsize(fd: &impl AsRawFd) -> io::Result<[u16; 4]> {
+    let mut w = libc::winsize { ws_row: 0, ws_col: 0, ws_xpixel: 0, ws_ypixel: 0 };
+    // SAFETY: TIOCGWINSZ writes one winsize to the given pointer.
+    let r = unsafe { libc::ioctl(fd.as_raw_fd(), libc::TIOCGWINSZ, &mut w as *mut libc::winsize) };
+    cvt(r as libc::c_long).map(|_| [w.ws_row, w.ws_col, w.ws_xpixel, w.ws_ypixel])
+}
+
+pub fn set_winsize(fd: &impl AsRawFd, s: [u16; 4]) -> io::Result<()> {
+    let w = libc::winsize { ws_row: s[0], ws_col: s[1], ws_xpixel: s[2], ws_ypixel: s[3] };
+    // SAFETY: TIOCSWINSZ reads one winsize from the given pointer.
+    let r = unsafe { libc::ioctl(fd.as_raw_fd(), libc::TIOCSWINSZ, &w as *const libc::winsize) };
+    cvt(r as libc::c_long).map(drop)
+}
+
+/// Sets the status flags (F_SETFL) of an open file description.
+pub fn set_status_flags(fd: &impl AsRawFd, flags: u32) -> io::Result<()> {
+    // SAFETY: integer-only fcntl.
+    let r = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, flags as libc::c_int) };
+    cvt(r as libc::c_long).map(drop)
+}

@@ -42,6 +42,11 @@ pub struct DumpArgs {
     /// write-protect and PAGEMAP_SCAN).
     #[arg(long)]
     pub precopy: bool,
+    /// The process is a job of an interactive shell: its stdio on its controlling terminal is
+    /// recorded as the job's terminal, to be replaced by the restorer's (`restore
+    /// --shell-job`). Without it a terminal is refused.
+    #[arg(long)]
+    pub shell_job: bool,
     /// Print the report as JSON.
     #[arg(long)]
     pub json: bool,
@@ -58,6 +63,12 @@ pub struct RestoreArgs {
     /// Do not try to keep the image's pid.
     #[arg(long)]
     pub new_pid: bool,
+    /// For an image dumped with `--shell-job`: the restored process gets this terminal (our
+    /// stdin) in place of its old one, runs as our job (our session and process group, in the
+    /// foreground), and we wait for it and exit with its status — so an interactive program
+    /// survives a dump and a restore in a shell.
+    #[arg(long, conflicts_with = "stopped")]
+    pub shell_job: bool,
     /// Print the report as JSON.
     #[arg(long)]
     pub json: bool,
@@ -94,7 +105,11 @@ pub fn run_dump(
     // they are held off, the dump stops at its next step and puts the process back, and
     // only then does the signal take effect (see stop_signals).
     let deferred = crate::stop_signals::Deferred::block()?;
-    let opts = DumpOptions { interrupted: Some(crate::stop_signals::pending), ..Default::default() };
+    let opts = DumpOptions {
+        interrupted: Some(crate::stop_signals::pending),
+        shell_job: args.shell_job,
+        ..Default::default()
+    };
     let dumped = if args.precopy {
         let policy = dvk_checkpoint::precopy::Policy::default();
         dvk_checkpoint::dump_precopy(pid, &args.images, after, &opts, &policy)
@@ -153,8 +168,23 @@ pub fn run_dump(
 }
 
 pub fn run_restore(args: &RestoreArgs) -> anyhow::Result<()> {
-    let opts = RestoreOptions { stopped: args.stopped, new_pid: args.new_pid, ..Default::default() };
+    if args.shell_job && !crate::stop_signals::stdin_is_terminal() {
+        anyhow::bail!("--shell-job: stdin is not a terminal (the restored job gets this terminal)");
+    }
+    let opts = RestoreOptions {
+        stopped: args.stopped,
+        new_pid: args.new_pid,
+        shell_job: args.shell_job.then_some(0),
+        ..Default::default()
+    };
     let r = dvk_checkpoint::restore(&args.images, &opts)?;
+    if args.shell_job {
+        for n in &r.notes {
+            err!("note: {n}");
+        }
+        err!("restored pid {} as a shell job; waiting for it to end", r.pid);
+        std::process::exit(crate::stop_signals::wait_job(r.pid));
+    }
     if args.json {
         let v = serde_json::json!({
             "pid": r.pid,

@@ -3,6 +3,9 @@
 //! half-way through (frozen, or with an injected call in flight). The dump asks [`pending`]
 //! between its steps and, when one arrived, puts the process back and stops; dropping the
 //! [`Deferred`] guard then lets the signal take its usual effect on migrate-cli.
+//!
+//! And the other side of job control, for `restore --shell-job`: [`wait_job`] waits for the
+//! restored job with Ctrl-C and Ctrl-\\ left to it.
 
 use std::io;
 
@@ -58,4 +61,36 @@ pub fn pending() -> bool {
         }
         STOP_SIGNALS.iter().any(|s| libc::sigismember(&set, *s) == 1)
     }
+}
+
+/// Waits for the restored job (our child) to end, as a shell's job: Ctrl-C and Ctrl-\\ go to
+/// it (the whole foreground group gets them; we ignore them meanwhile), Ctrl-Z stops us both.
+/// Its exit status, or 128 + the signal that ended it.
+pub fn wait_job(pid: i32) -> i32 {
+    // SAFETY: setting two signals to SIG_IGN, and waitpid on our own child with a valid pointer.
+    unsafe {
+        libc::signal(libc::SIGINT, libc::SIG_IGN);
+        libc::signal(libc::SIGQUIT, libc::SIG_IGN);
+        let mut st = 0;
+        loop {
+            let r = libc::waitpid(pid, &mut st, 0);
+            if r == pid {
+                break;
+            }
+            if r < 0 && std::io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
+                return 1;
+            }
+        }
+        if libc::WIFEXITED(st) {
+            libc::WEXITSTATUS(st)
+        } else {
+            128 + libc::WTERMSIG(st)
+        }
+    }
+}
+
+/// Is our stdin a terminal (`restore --shell-job` hands it to the job)?
+pub fn stdin_is_terminal() -> bool {
+    // SAFETY: isatty only looks at fd 0.
+    unsafe { libc::isatty(0) == 1 }
 }

@@ -264,6 +264,10 @@ fidelity! {
     posix_timers settle 50,
     deleted_file,
     deleted_dirs,
+    pty_pair,
+    ns_fds,
+    opath_symlink,
+    fanotify,
 }
 
 /// Pre-copy of a program that keeps writing its pages (and mapping, moving, unmapping and
@@ -1148,6 +1152,203 @@ fn posix_timer_dead_thread_refused() {
 #[test]
 fn io_uring_refused() {
     refused("io_uring", &["fd 3", "io_uring"]);
+}
+
+/// The unread bytes of a pty cannot be peeked: the dump reads them and writes them back at once.
+/// A process left running after its dump (a snapshot) finds every byte and every line as before.
+#[test]
+fn pty_pair_left_running() {
+    if !root() {
+        return;
+    }
+    let p = Prog::start("pty_pair");
+    ck::dump(p.pid, &p.img(1), AfterDump::LeaveRunning).unwrap();
+    p.go();
+    p.expect_pass();
+}
+
+/// A new pty pair for the driver: the master (non-blocking) and the slave's path.
+fn open_pty() -> (File, String) {
+    // SAFETY: posix_openpt/grantpt/unlockpt on the fd just opened; ptsname's static buffer is
+    // copied at once (one test thread uses it).
+    unsafe {
+        let m = libc::posix_openpt(libc::O_RDWR | libc::O_NOCTTY | libc::O_NONBLOCK | libc::O_CLOEXEC);
+        assert!(m >= 0);
+        assert_eq!(libc::grantpt(m), 0);
+        assert_eq!(libc::unlockpt(m), 0);
+        let name = std::ffi::CStr::from_ptr(libc::ptsname(m)).to_string_lossy().into_owned();
+        (std::os::fd::FromRawFd::from_raw_fd(m), name)
+    }
+}
+
+/// Reads what appears on the terminal whose master is `m` into `said` until it holds `until`
+/// (at most 10 s).
+fn hear(m: &mut File, said: &mut Vec<u8>, until: &str) {
+    let t = Instant::now();
+    while !String::from_utf8_lossy(said).contains(until) && t.elapsed() < Duration::from_secs(10) {
+        let mut b = [0u8; 4096];
+        match std::io::Read::read(m, &mut b) {
+            Ok(n) => said.extend_from_slice(&b[..n]),
+            Err(_) => std::thread::sleep(Duration::from_millis(2)),
+        }
+    }
+}
+
+/// An interactive program survives a dump and a restore in a shell (CRIU's `--shell-job`): a
+/// job of a stand-in shell, stdin and stderr on the shell's terminal, is dumped with
+/// `shell_job` (without it the terminal is refused, naming the option) and restored by
+/// `migrate-cli restore --shell-job` running as the only process of another terminal's session:
+/// the job gets that terminal with its raw settings, in the foreground, reads a key typed there
+/// and writes to it; the CLI waits for it and exits with its status.
+#[test]
+fn shell_job() {
+    if !root() {
+        return;
+    }
+    let cli = std::env::current_exe().unwrap().parent().unwrap().parent().unwrap().join("migrate-cli");
+    if !cli.exists() {
+        eprintln!("SKIP: {} not built (cargo build -p migrate-cli)", cli.display());
+        return;
+    }
+    let dir = tempfile::Builder::new().prefix("dvk-fid-shell_job-").tempdir().unwrap();
+    let bin = compile("shell_job", dir.path());
+    let ctl = std::ffi::CString::new(dir.path().join("ctl").to_str().unwrap()).unwrap();
+    // SAFETY: valid C string.
+    assert_eq!(unsafe { libc::mkfifo(ctl.as_ptr(), 0o600) }, 0);
+    let (_m1, pts1) = open_pty();
+    let shell = close_stray_fds(&mut Command::new(&bin))
+        .env("PTS", &pts1)
+        .current_dir(dir.path())
+        .stdin(Stdio::null())
+        .stdout(File::create(dir.path().join("out")).unwrap())
+        .stderr(File::create(dir.path().join("err")).unwrap())
+        .spawn()
+        .unwrap();
+    // The shell stand-in is ours; the job is its child, reaped by it.
+    let p = Prog { name: "shell_job", dir, pid: shell.id() as i32 };
+    drop(shell);
+    let t = Instant::now();
+    while !read(&p.out()).contains("READY") {
+        assert!(t.elapsed() < Duration::from_secs(10), "no READY: {}", read(&p.out()));
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let job: i32 = read(&PathBuf::from(format!("/proc/{}/task/{}/children", p.pid, p.pid))).trim().parse().unwrap();
+
+    let e = ck::dump(job, &p.img(1), AfterDump::LeaveRunning).expect_err("a terminal is refused").to_string();
+    assert!(e.contains("fd 0 (stdin, ") && e.contains(&pts1) && e.contains("--shell-job"), "{e}");
+    let opts = ck::DumpOptions { shell_job: true, ..Default::default() };
+    ck::dump_with(job, &p.img(1), AfterDump::Kill, &opts).unwrap();
+    // Without --shell-job the image is refused before anything is made.
+    let e = ck::restore(&p.img(1), &RestoreOptions::default()).expect_err("needs --shell-job").to_string();
+    assert!(e.contains("shell job") && e.contains("--shell-job"), "{e}");
+
+    let (mut m2, pts2) = open_pty();
+    fs::write(p.path("newtty"), &pts2).unwrap();
+    m2.write_all(b"x").unwrap(); // typed ahead on the new terminal
+    let mut cmd = Command::new(&cli);
+    cmd.args(["restore", "--shell-job", "--images"]).arg(p.img(1)).stdout(Stdio::null());
+    let pts2c = std::ffi::CString::new(pts2.clone()).unwrap();
+    {
+        use std::os::unix::process::CommandExt;
+        // SAFETY: async-signal-safe calls between fork and exec: a new session whose controlling
+        // terminal is pts2 (its first terminal), as stdin and stderr.
+        unsafe {
+            cmd.pre_exec(move || {
+                libc::setsid();
+                let t = libc::open(pts2c.as_ptr(), libc::O_RDWR);
+                if t < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                libc::dup2(t, 0);
+                libc::dup2(t, 2);
+                libc::close(t);
+                Ok(())
+            });
+        }
+    }
+    let restorer = close_stray_fds(&mut cmd).spawn().unwrap();
+    let rpid = restorer.id() as i32;
+    drop(restorer);
+    // Go once the restorer says the job runs (on the terminal, its stderr).
+    let mut said = Vec::new();
+    hear(&mut m2, &mut said, "waiting for it to end");
+    assert!(
+        String::from_utf8_lossy(&said).contains("waiting for it to end"),
+        "the restorer did not restore the job: {}\n--- job\n{}",
+        String::from_utf8_lossy(&said),
+        read(&p.out())
+    );
+    p.go();
+    hear(&mut m2, &mut said, "hello\r\n");
+    let st = wait_exit(rpid, Duration::from_secs(20));
+    let out = read(&p.out());
+    let said = String::from_utf8_lossy(&said).into_owned();
+    assert!(out.contains("PASS") && !out.contains("FAIL"), "job: {out}\n--- its terminal\n{said}");
+    assert!(matches!(st, Some(s) if libc::WIFEXITED(s) && libc::WEXITSTATUS(s) == 0), "restorer: {st:?}\n{said}");
+    assert!(said.contains("shell job") && said.contains("via tty\r\nhello\r\n"), "{said}");
+    drop(p); // kills the shell stand-in
+}
+
+#[test]
+fn aio_ring_refused() {
+    refused("aio_ring", &["/[aio]", "AIO context (io_setup)"]);
+}
+
+#[test]
+fn fanotify_pending_refused() {
+    refused("fanotify_pending", &["fd 3 (anon_inode:[fanotify])", "unread fanotify events"]);
+}
+
+#[test]
+fn ns_other_refused() {
+    refused("ns_other", &["fd 3 (uts:[", "uts namespace other than the restorer's"]);
+}
+
+/// A pty whose master is outside the process (here the driver holds it) is refused, naming
+/// the fd, the pty and who holds the other end.
+#[test]
+fn pty_outside_refused() {
+    if !root() {
+        return;
+    }
+    let (mut m, pts) = open_pty();
+    let dir = tempfile::Builder::new().prefix("dvk-fid-pty_outside-").tempdir().unwrap();
+    let bin = compile("pty_outside", dir.path());
+    let ctl = std::ffi::CString::new(dir.path().join("ctl").to_str().unwrap()).unwrap();
+    // SAFETY: valid C string.
+    assert_eq!(unsafe { libc::mkfifo(ctl.as_ptr(), 0o600) }, 0);
+    let child = close_stray_fds(&mut Command::new(&bin))
+        .env("PTS", &pts)
+        .current_dir(dir.path())
+        .stdin(Stdio::null())
+        .stdout(File::create(dir.path().join("out")).unwrap())
+        .stderr(File::create(dir.path().join("err")).unwrap())
+        .spawn()
+        .unwrap();
+    let p = Prog { name: "pty_outside", dir, pid: child.id() as i32 };
+    drop(child);
+    let t = Instant::now();
+    while !read(&p.out()).contains("READY") {
+        assert!(t.elapsed() < Duration::from_secs(10), "no READY: {}", read(&p.out()));
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let e = ck::dump(p.pid, &p.img(1), AfterDump::Kill).expect_err("must be refused").to_string();
+    let me = format!("pid {} (", std::process::id());
+    assert!(
+        e.contains(&format!("fd 3 ({pts})")) && e.contains("whose master is not in the process") && e.contains(&me),
+        "{e}"
+    );
+    assert!(!p.img(1).join("manifest.img").exists());
+    p.go();
+    p.expect_pass();
+    let mut said = Vec::new();
+    hear(&mut m, &mut said, "still");
+    assert!(String::from_utf8_lossy(&said).contains("still\r\n"));
+}
+
+#[test]
+fn pty_half_refused() {
+    refused("pty_half", &["fd 3", "/dev/pts/", "slave of pty", "master was closed"]);
 }
 
 #[test]
