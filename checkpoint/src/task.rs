@@ -235,6 +235,27 @@ fn refusals(pid: Pid, status: &str, exe: &str) -> Vec<Error> {
     if let Some(d) = caps_differ(cap_sets(status), caps_after_restore(ids(status, "Uid"), cap_sets(&me))) {
         v.push(Error::Unsupported { pid, what: format!("capability sets ({d}; capabilities are not carried yet)") });
     }
+    // Namespaces are not carried: the restore runs the process in the restorer's (the dumper
+    // stands in for it). One of its own would be lost without a word — refuse it. The mount
+    // namespace is the exception, written down as a limit: `ip netns exec` gives every
+    // command its own (to remount /sys), so a node's agent and programs never share one.
+    for kind in ["net", "uts", "ipc", "pid", "user", "cgroup", "time"] {
+        let ns = |p: String| std::fs::read_link(p).ok();
+        if let (Some(theirs), Some(mine)) = (ns(format!("/proc/{pid}/ns/{kind}")), ns(format!("/proc/self/ns/{kind}")))
+        {
+            if theirs != mine {
+                v.push(Error::Unsupported {
+                    pid,
+                    what: format!(
+                        "its own {kind} namespace ({}; the restore would run it in the restorer's {}: namespaces \
+                         are not carried)",
+                        theirs.display(),
+                        mine.display()
+                    ),
+                });
+            }
+        }
+    }
     // PR_SET_IO_FLUSHER shows as PF_MEMALLOC_NOIO | PF_LOCAL_THROTTLE in the task flags.
     if let Ok(f) = stat_fields(pid) {
         let flags: u64 = f.get(9).and_then(|v| v.parse().ok()).unwrap_or(0);

@@ -1384,6 +1384,11 @@ fn pdeathsig_refused() {
 }
 
 #[test]
+fn own_namespace_refused() {
+    refused("own_uts_namespace", &["its own uts namespace", "namespaces are not carried"]);
+}
+
+#[test]
 fn main_thread_exit_refused() {
     refused("main_thread_exit", &["main thread has exited", "pthread_exit", "1 other thread"]);
 }
