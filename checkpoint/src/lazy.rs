@@ -352,9 +352,11 @@ fn serve(mut targets: Vec<Target>, store: &MappedFile, background: &AtomicBool) 
 /// A lazily restored process that runs while its pages are copied in, kept under `ptrace`
 /// (`PTRACE_SEIZE` of its main thread with `PTRACE_O_EXITKILL`) for that long: if the copying
 /// process dies first, the kernel kills it — pages never copied would otherwise read as zeros
-/// once the userfaultfd is gone, and a process must never run on with its memory lost. Seize
-/// does not stop the thread; the tracer passes on every signal it intercepts and keeps job
-/// control stops (`PTRACE_LISTEN`). Only the thread that made it may call [`Guarded::finish`].
+/// once the userfaultfd is gone, and a process must never run on with its memory lost. The
+/// children its main thread forks meanwhile are traced the same way (they are served from the
+/// same pages). Seize does not stop a thread; the tracer passes on every signal it intercepts
+/// and keeps job-control stops (`PTRACE_LISTEN`). Only the thread that made it may call
+/// [`Guarded::finish`].
 pub struct Guarded {
     pid: crate::sys::Pid,
     lazy: LazyCopy,
@@ -362,13 +364,15 @@ pub struct Guarded {
     unguarded: Option<String>,
 }
 
+const PTRACE_EVENT_FORK: i32 = 1;
+const PTRACE_EVENT_VFORK: i32 = 2;
 const PTRACE_EVENT_STOP: i32 = 128;
-const PTRACE_LISTEN: libc::c_uint = 0x4208;
 
 impl Guarded {
     /// Called with every thread of `pid` just detached (running).
     pub(crate) fn new(pid: crate::sys::Pid, lazy: LazyCopy) -> Guarded {
-        let unguarded = sys::seize(pid, libc::PTRACE_O_EXITKILL as u64).err().map(|e| format!("PTRACE_SEIZE: {e}"));
+        let opts = libc::PTRACE_O_EXITKILL | libc::PTRACE_O_TRACEFORK | libc::PTRACE_O_TRACEVFORK;
+        let unguarded = sys::seize(pid, opts as u64).err().map(|e| format!("PTRACE_SEIZE: {e}"));
         Guarded { pid, lazy, unguarded }
     }
 
@@ -386,57 +390,78 @@ impl Guarded {
         self.lazy.releaser()
     }
 
-    /// Serves the process's ptrace stops until its pages are all in, then lets it go.
+    /// Serves the ptrace stops of the process (and of the children it forked meanwhile) until
+    /// its pages are all in, then lets them go.
     pub fn finish(self) -> LazyStats {
         if self.unguarded.is_some() {
             return self.lazy.wait();
         }
-        let pid = self.pid;
+        let mut tracees = vec![self.pid];
         let mut exited = false;
-        let mut interrupted = false;
-        loop {
-            if !interrupted && self.lazy.is_finished() {
-                interrupted = sys::interrupt(pid).is_ok();
-                if !interrupted {
-                    break;
+        let mut letting_go = false;
+        while !tracees.is_empty() {
+            if !letting_go && self.lazy.is_finished() {
+                letting_go = true;
+                for &t in &tracees {
+                    let _ = sys::interrupt(t);
                 }
             }
-            let st = match sys::wait_nohang(pid) {
-                Ok(Some(st)) => st,
-                Ok(None) => {
-                    std::thread::sleep(Duration::from_micros(500));
+            let mut busy = false;
+            for t in tracees.clone() {
+                let st = match sys::wait_nohang(t) {
+                    Ok(Some(st)) => st,
+                    Ok(None) => continue,
+                    Err(_) => {
+                        tracees.retain(|&x| x != t);
+                        continue;
+                    }
+                };
+                busy = true;
+                if libc::WIFEXITED(st) || libc::WIFSIGNALED(st) {
+                    exited |= t == self.pid;
+                    tracees.retain(|&x| x != t);
                     continue;
                 }
-                Err(_) => {
-                    exited = true;
-                    break;
+                if !libc::WIFSTOPPED(st) {
+                    continue;
                 }
-            };
-            if libc::WIFEXITED(st) || libc::WIFSIGNALED(st) {
-                exited = true;
-                break;
+                let sig = libc::WSTOPSIG(st);
+                match st >> 16 {
+                    PTRACE_EVENT_FORK | PTRACE_EVENT_VFORK => {
+                        // The child is traced from its first instruction; its first stop
+                        // comes on its own.
+                        if let Ok(child) = sys::event_msg(t) {
+                            tracees.push(child as crate::sys::Pid);
+                        }
+                        let _ = sys::cont(t, 0);
+                    }
+                    PTRACE_EVENT_STOP if letting_go => {
+                        // Our interrupt (or a job-control stop, which it keeps): let go.
+                        let _ = sys::detach(t, 0);
+                        tracees.retain(|&x| x != t);
+                    }
+                    PTRACE_EVENT_STOP if sig == libc::SIGTRAP => {
+                        // A new child's first stop (or an interrupt that raced the copy's end).
+                        let _ = sys::cont(t, 0);
+                    }
+                    PTRACE_EVENT_STOP => {
+                        // A job-control stop: it stays stopped until SIGCONT, as without us.
+                        let _ = sys::listen(t);
+                    }
+                    _ => {
+                        // A signal on its way to the process: deliver it.
+                        let _ = sys::cont(t, sig);
+                    }
+                }
             }
-            if !libc::WIFSTOPPED(st) {
-                continue;
+            // A child forked while letting go: interrupt it too.
+            if letting_go {
+                for &t in &tracees {
+                    let _ = sys::interrupt(t);
+                }
             }
-            let sig = libc::WSTOPSIG(st);
-            if st >> 16 == PTRACE_EVENT_STOP {
-                if interrupted && sig == libc::SIGTRAP {
-                    // Our interrupt: the copy is done, let go.
-                    let _ = sys::detach(pid, 0);
-                    break;
-                }
-                // A job-control stop (or our interrupt of a stopped process): it stays stopped
-                // until SIGCONT, as without us.
-                if interrupted {
-                    let _ = sys::detach(pid, 0);
-                    break;
-                }
-                // SAFETY: plain ptrace request without pointers.
-                unsafe { libc::ptrace(PTRACE_LISTEN, pid, 0, 0) };
-            } else {
-                // A signal on its way to the process: deliver it.
-                let _ = sys::cont(pid, sig);
+            if !busy {
+                std::thread::sleep(Duration::from_micros(500));
             }
         }
         // A paused copy only learns that its process is gone when it copies.

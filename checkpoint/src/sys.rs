@@ -95,6 +95,16 @@ pub fn cont(pid: Pid, sig: i32) -> io::Result<()> {
 pub fn cont_syscall(pid: Pid) -> io::Result<()> {
     ptrace(libc::PTRACE_SYSCALL, pid, 0, 0).map(drop)
 }
+/// `PTRACE_GETEVENTMSG`: e.g. the new child's pid at a fork event stop.
+pub fn event_msg(pid: Pid) -> io::Result<u64> {
+    let mut m: libc::c_ulong = 0;
+    ptrace(libc::PTRACE_GETEVENTMSG, pid, 0, &mut m as *mut libc::c_ulong as u64)?;
+    Ok(m as u64)
+}
+/// `PTRACE_LISTEN`: a tracee in group-stop stays stopped, but reports its next change.
+pub fn listen(pid: Pid) -> io::Result<()> {
+    ptrace(libc::PTRACE_LISTEN, pid, 0, 0).map(drop)
+}
 pub fn detach(pid: Pid, sig: i32) -> io::Result<()> {
     ptrace(libc::PTRACE_DETACH, pid, 0, sig as u64).map(drop)
 }

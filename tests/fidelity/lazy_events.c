@@ -49,15 +49,27 @@ int main(void) {
     CHECK(memcmp(into, "lazy-restore-ok!", 16) == 0, "read data");
     CHECK(page_ok(buf + 100 * PG, 100), "the rest of the page read into");
 
-    /* 2. A child forked before most pages are in checks the first half. */
+    /* 2. A child forked before most pages are in checks the first half (once its parent saw
+     * that it is guarded too: traced by the restorer, like the parent). */
+    int gate[2];
+    CHECK(pipe(gate) == 0, "pipe");
     pid_t child = fork();
     if (child == 0) {
+        char c;
+        if (read(gate[0], &c, 1) != 1) _exit(3);
         int bad = 0;
         for (uint64_t i = 0; i < PAGES / 2; i++)
             if (!page_ok(buf + i * PG, i)) bad++;
         _exit(bad ? 1 : 0);
     }
     CHECK(child > 0, "fork");
+    char path[64], status[4096] = {0};
+    snprintf(path, sizeof path, "/proc/%d/status", (int)child);
+    FILE *f = fopen(path, "r");
+    if (f) { size_t n = fread(status, 1, sizeof status - 1, f); status[n] = 0; fclose(f); }
+    char *tp = strstr(status, "TracerPid:");
+    printf("child tracer %d\n", tp ? atoi(tp + 10) : -1);
+    CHECK(write(gate[1], "g", 1) == 1, "gate");
 
     /* 3. Pages 1024..2047 moved elsewhere. */
     void *hole = mmap(NULL, 1024 * PG, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);

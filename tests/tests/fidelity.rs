@@ -327,6 +327,8 @@ fn lazy_restore_serves_faults_forks_and_remaps() {
     assert!(out.contains("PASS") && !out.contains("FAIL"), "{out}");
     assert!(st.faults > 100, "the process met only {} missing pages", st.faults);
     assert_eq!(st.processes, 2, "the forked child was not served: {st:?}");
+    let tracer = out.lines().find_map(|l| l.strip_prefix("child tracer ")).and_then(|v| v.trim().parse::<i32>().ok());
+    assert!(tracer.is_some_and(|t| t > 0), "the forked child ran unguarded: {out}");
 }
 
 /// If the process that copies the pages in dies before it is done (an agent killed mid-copy),
