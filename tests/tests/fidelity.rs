@@ -115,6 +115,11 @@ impl Prog {
 
     /// Starts `name` in `dir`, as user/group `uid` when given.
     fn start_in(name: &'static str, dir: tempfile::TempDir, uid: Option<u32>) -> Prog {
+        Prog::start_env(name, dir, uid, &[])
+    }
+
+    /// [`Prog::start_in`] with extra environment.
+    fn start_env(name: &'static str, dir: tempfile::TempDir, uid: Option<u32>, env: &[(&str, &str)]) -> Prog {
         let bin = compile(name, dir.path());
         let ctl = std::ffi::CString::new(dir.path().join("ctl").to_str().unwrap()).unwrap();
         // SAFETY: valid C string.
@@ -128,6 +133,7 @@ impl Prog {
             cmd.uid(id).gid(id);
         }
         let child = close_stray_fds(&mut cmd)
+            .envs(env.iter().copied())
             .current_dir(dir.path())
             .stdin(Stdio::null())
             .stdout(File::create(dir.path().join("out")).unwrap())
@@ -1213,27 +1219,9 @@ fn shell_job() {
         return;
     }
     let dir = tempfile::Builder::new().prefix("dvk-fid-shell_job-").tempdir().unwrap();
-    let bin = compile("shell_job", dir.path());
-    let ctl = std::ffi::CString::new(dir.path().join("ctl").to_str().unwrap()).unwrap();
-    // SAFETY: valid C string.
-    assert_eq!(unsafe { libc::mkfifo(ctl.as_ptr(), 0o600) }, 0);
     let (_m1, pts1) = open_pty();
-    let shell = close_stray_fds(&mut Command::new(&bin))
-        .env("PTS", &pts1)
-        .current_dir(dir.path())
-        .stdin(Stdio::null())
-        .stdout(File::create(dir.path().join("out")).unwrap())
-        .stderr(File::create(dir.path().join("err")).unwrap())
-        .spawn()
-        .unwrap();
     // The shell stand-in is ours; the job is its child, reaped by it.
-    let p = Prog { name: "shell_job", dir, pid: shell.id() as i32 };
-    drop(shell);
-    let t = Instant::now();
-    while !read(&p.out()).contains("READY") {
-        assert!(t.elapsed() < Duration::from_secs(10), "no READY: {}", read(&p.out()));
-        std::thread::sleep(Duration::from_millis(2));
-    }
+    let p = Prog::start_env("shell_job", dir, None, &[("PTS", &pts1)]);
     let job: i32 = read(&PathBuf::from(format!("/proc/{}/task/{}/children", p.pid, p.pid))).trim().parse().unwrap();
 
     let e = ck::dump(job, &p.img(1), AfterDump::LeaveRunning).expect_err("a terminal is refused").to_string();
@@ -1315,25 +1303,7 @@ fn pty_outside_refused() {
     }
     let (mut m, pts) = open_pty();
     let dir = tempfile::Builder::new().prefix("dvk-fid-pty_outside-").tempdir().unwrap();
-    let bin = compile("pty_outside", dir.path());
-    let ctl = std::ffi::CString::new(dir.path().join("ctl").to_str().unwrap()).unwrap();
-    // SAFETY: valid C string.
-    assert_eq!(unsafe { libc::mkfifo(ctl.as_ptr(), 0o600) }, 0);
-    let child = close_stray_fds(&mut Command::new(&bin))
-        .env("PTS", &pts)
-        .current_dir(dir.path())
-        .stdin(Stdio::null())
-        .stdout(File::create(dir.path().join("out")).unwrap())
-        .stderr(File::create(dir.path().join("err")).unwrap())
-        .spawn()
-        .unwrap();
-    let p = Prog { name: "pty_outside", dir, pid: child.id() as i32 };
-    drop(child);
-    let t = Instant::now();
-    while !read(&p.out()).contains("READY") {
-        assert!(t.elapsed() < Duration::from_secs(10), "no READY: {}", read(&p.out()));
-        std::thread::sleep(Duration::from_millis(2));
-    }
+    let p = Prog::start_env("pty_outside", dir, None, &[("PTS", &pts)]);
     let e = ck::dump(p.pid, &p.img(1), AfterDump::Kill).expect_err("must be refused").to_string();
     let me = format!("pid {} (", std::process::id());
     assert!(
