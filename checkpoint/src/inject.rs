@@ -309,6 +309,12 @@ impl Remote {
         self.put(off, &v)
     }
 
+    /// `openat(AT_FDCWD, path, flags)` in the process (the path goes to the scratch area).
+    pub fn open(&self, path: &str, flags: i32) -> Result<u64> {
+        let p = self.put_cstr(0, path.as_bytes())?;
+        self.call(&format!("open {path}"), libc::SYS_openat, &[libc::AT_FDCWD as u64, p, flags as u64, 0])
+    }
+
     pub fn get(&self, off: usize, len: usize) -> Result<Vec<u8>> {
         let mut buf = vec![0u8; len];
         let n = sys::vm_read(self.pid, &mut buf, &[(self.scratch + off as u64, len)])

@@ -103,12 +103,7 @@ pub fn start(r: &Remote, memory: &MemoryState, store: Arc<MappedFile>, paused: b
     let pid = r.pid;
     let fail = |what: String| Error::Restore(format!("lazy restore of pre-copied memory: {what}"));
     let uffd = {
-        let path = r.put_cstr(0, b"/dev/userfaultfd")?;
-        let dev = r.call(
-            "open /dev/userfaultfd",
-            libc::SYS_openat,
-            &[libc::AT_FDCWD as u64, path, (libc::O_RDWR | libc::O_CLOEXEC) as u64, 0],
-        )?;
+        let dev = r.open("/dev/userfaultfd", libc::O_RDWR | libc::O_CLOEXEC)?;
         let made = r.call(
             "ioctl(USERFAULTFD_IOC_NEW)",
             libc::SYS_ioctl,

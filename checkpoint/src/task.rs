@@ -520,12 +520,7 @@ pub fn restore_attrs(r: &Remote, st: &TaskState) -> Result<()> {
         let now: Option<u32> = read_string(pid, "loginuid").ok().and_then(|v| v.trim().parse().ok());
         if now != Some(uid) {
             // Only the process itself may write its loginuid.
-            let p = r.put_cstr(0, b"/proc/self/loginuid")?;
-            let fd = r.call(
-                "open /proc/self/loginuid",
-                libc::SYS_openat,
-                &[libc::AT_FDCWD as u64, p, (libc::O_WRONLY | libc::O_CLOEXEC) as u64, 0],
-            )?;
+            let fd = r.open("/proc/self/loginuid", libc::O_WRONLY | libc::O_CLOEXEC)?;
             let text = uid.to_string();
             let b = r.put(64, text.as_bytes())?;
             let w = r.call(&format!("write loginuid {uid}"), libc::SYS_write, &[fd, b, text.len() as u64]);
