@@ -999,7 +999,7 @@ pub fn describe_fds(pid: Pid) -> Result<Vec<FdDescription>> {
         let link = link.to_string_lossy().into_owned();
         let class = if link.starts_with('/') {
             let path = link.strip_suffix(" (deleted)").unwrap_or(&link).to_string();
-            if is_tty_path(&path) {
+            if is_tty_path(&path) && !crate::ttys::slave_of_own_pair(pid, &link) {
                 FdClass::Tty { path }
             } else {
                 let own = std::fs::metadata(proc_path(pid, &format!("fd/{fd}"))).ok();

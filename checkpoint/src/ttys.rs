@@ -136,6 +136,31 @@ pub fn describe(link: &str, info: &str, rdev: u64, flags: u32) -> Option<FileKin
     ((136..=143).contains(&major)).then_some(FileKind::PtySlave { index, flags })
 }
 
+/// Whether `link` (an fd's /proc link) is the slave of a pty whose master the process holds
+/// too and that is not its controlling terminal: such a pair is carried by the engine, so a
+/// mover must not treat the slave as a terminal left behind.
+pub fn slave_of_own_pair(pid: Pid, link: &str) -> bool {
+    let Some(index) = pts_number(link) else { return false };
+    let ctty: u64 = crate::proc::stat_fields(pid).ok().and_then(|f| f.get(7)?.parse().ok()).unwrap_or(0);
+    let is_ctty = std::fs::metadata(link).is_ok_and(|m| {
+        use std::os::unix::fs::MetadataExt;
+        m.rdev() == ctty
+    });
+    if is_ctty {
+        return false;
+    }
+    let Ok(fds) = std::fs::read_dir(proc_path(pid, "fd")) else { return false };
+    fds.flatten().take(1 << 16).any(|e| {
+        let master = std::fs::read_link(e.path())
+            .is_ok_and(|l| l == std::path::Path::new("/dev/ptmx") || l == std::path::Path::new("/dev/pts/ptmx"));
+        master && {
+            let info = std::fs::read_to_string(proc_path(pid, &format!("fdinfo/{}", e.file_name().to_string_lossy())))
+                .unwrap_or_default();
+            field(&info, "tty-index").and_then(|v| v.parse::<u32>().ok()) == Some(index)
+        }
+    })
+}
+
 /// Why a pty slave whose master was closed (its /dev/pts node is gone: "/dev/pts/N (deleted)")
 /// cannot be carried; None for any other file.
 pub fn closed_master(link: &str) -> Option<String> {
@@ -688,6 +713,27 @@ pub fn pull_terminal(r: &Remote, path: &str, local: i32, flags: u32) -> Result<u
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A slave whose master this process holds is "its own pair" (carried, not a terminal left
+    /// behind); once the master is closed it is not.
+    #[test]
+    fn a_slave_is_of_an_own_pair_while_the_master_is_held() {
+        use std::os::fd::AsRawFd;
+        let master = std::fs::OpenOptions::new().read(true).write(true).open("/dev/ptmx").unwrap();
+        let mut n: libc::c_uint = 0;
+        let unlock: libc::c_int = 0;
+        // SAFETY: TIOCGPTN writes an unsigned int; TIOCSPTLCK reads an int; both valid.
+        unsafe {
+            assert_eq!(libc::ioctl(master.as_raw_fd(), libc::TIOCGPTN, &mut n), 0);
+            assert_eq!(libc::ioctl(master.as_raw_fd(), libc::TIOCSPTLCK, &unlock), 0);
+        }
+        let slave = format!("/dev/pts/{n}");
+        let me = std::process::id() as Pid;
+        assert!(slave_of_own_pair(me, &slave));
+        drop(master);
+        assert!(!slave_of_own_pair(me, &slave));
+        assert!(!slave_of_own_pair(me, "/dev/tty1"));
+    }
 
     #[test]
     fn pty_ends_are_told_apart() {

@@ -211,7 +211,8 @@ fn stdio_check(c: &mut Classified, pid: i32, fd: i32, link: &str, all: &[(i32, S
         return;
     }
     let cannot_follow = if dvk_checkpoint::files::is_tty_path(link) {
-        Some(format!("terminal {link}"))
+        // A pty pair inside the process is carried by the engine; any other terminal stays.
+        (!dvk_checkpoint::ttys::slave_of_own_pair(pid, link)).then(|| format!("terminal {link}"))
     } else if link.starts_with("pipe:[") {
         // Both ends inside the process are carried by the engine; otherwise the other end stays.
         let mode = |f: i32| {
