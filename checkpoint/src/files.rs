@@ -159,7 +159,7 @@ pub struct FilesState {
     pub fds: Vec<FdEntry>,
 }
 
-fn list_fds(pid: Pid) -> Result<Vec<i32>> {
+pub(crate) fn list_fds(pid: Pid) -> Result<Vec<i32>> {
     let d = proc_path(pid, "fd");
     let mut v: Vec<i32> = std::fs::read_dir(&d)
         .map_err(|source| Error::NoProcess { pid, err: source })?

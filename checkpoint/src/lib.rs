@@ -36,6 +36,7 @@ pub mod sysv;
 pub mod task;
 pub mod threads;
 pub mod timers;
+pub mod tree;
 pub mod vdso;
 
 pub use dump::{
@@ -51,8 +52,12 @@ pub use rebuild::{Held, RestoreOptions, RestoreReport};
 #[cfg(test)]
 pub(crate) static FORK_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
-/// Reads and checks the image in `dir`, then rebuilds the process from it.
+/// Reads and checks the image in `dir`, then rebuilds the process from it (a whole process
+/// tree when `dir` holds one, see [`tree`]).
 pub fn restore(dir: &std::path::Path, opts: &RestoreOptions) -> Result<RestoreReport> {
+    if tree::is_tree(dir) {
+        return tree::restore(dir, opts);
+    }
     let t = std::time::Instant::now();
     let img = image::read(dir)?;
     let read = t.elapsed();

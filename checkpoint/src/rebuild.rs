@@ -41,6 +41,9 @@ pub struct RestoreReport {
     /// What the restore could not put back as it was but did not refuse for, one line each
     /// (e.g. the image's cgroup does not exist here: the process stays in the restorer's).
     pub notes: Vec<String>,
+    /// A process tree: every member restored (the root first), zombies included; empty for a
+    /// single process.
+    pub tree: Vec<Pid>,
 }
 
 /// Everything that can be refused before a process exists.
@@ -91,23 +94,56 @@ pub fn restore_held(img: &Image, opts: &RestoreOptions) -> Result<(RestoreReport
 }
 
 fn restore_inner(img: &Image, opts: &RestoreOptions, hold: bool) -> Result<(RestoreReport, Option<Held>)> {
-    let start = Instant::now();
-    let mut last = start;
-    let mut phases = Vec::new();
-    let mut lap = |n: &'static str| {
-        let now = Instant::now();
-        phases.push((n, now - last));
-        last = now;
-    };
-    let m = &img.manifest;
+    let mut laps = Laps::new();
     check(img, opts)?;
-    lap("check");
+    laps.lap("check");
+    let stub = spawn(img, opts)?;
+    laps.lap("spawn");
+    task::restore_early(&stub.r, &img.manifest.task)?;
+    task::restore_session(&stub.r, &img.manifest.task)?;
+    complete(stub, img, opts, &Aliases::new(), hold, laps)
+}
 
+/// (start, end) → path of the shared anonymous object (`/proc/PID/map_files/…` of a process
+/// restored before) that a tree member's mapping must map instead of a new one, and the offset
+/// into it.
+pub(crate) type Aliases = std::collections::HashMap<(u64, u64), (std::path::PathBuf, u64)>;
+
+/// Phases timed as they end.
+pub(crate) struct Laps {
+    pub(crate) start: Instant,
+    last: Instant,
+    pub(crate) phases: Vec<(&'static str, Duration)>,
+}
+impl Laps {
+    pub(crate) fn new() -> Laps {
+        let now = Instant::now();
+        Laps { start: now, last: now, phases: Vec::new() }
+    }
+    pub(crate) fn lap(&mut self, n: &'static str) {
+        let now = Instant::now();
+        self.phases.push((n, now - self.last));
+        self.last = now;
+    }
+}
+
+/// A new process in the restore stub: its own address space emptied but for the gadget page,
+/// the scratch area and the parked vDSO block, no fds, every signal blocked, traced by us.
+pub(crate) struct Stub {
+    child: Child,
+    pub(crate) r: Remote,
+    same_pid: bool,
+    notes: Vec<String>,
+}
+
+/// Forks and executes the stub (with the image's pid when free) and empties it.
+pub(crate) fn spawn(img: &Image, opts: &RestoreOptions) -> Result<Stub> {
+    let m = &img.manifest;
     let elf = sys::memfd_with("dvk-restore", &stub::elf()).map_err(|e| Error::Restore(format!("memfd: {e}")))?;
     let want = if opts.new_pid { None } else { Some(m.pid) };
     let (pid, same_pid) = sys::spawn_traced_stub(&elf, want).map_err(|e| Error::Restore(format!("fork: {e}")))?;
     drop(elf);
-    let mut child = Child { pid, threads: Vec::new(), done: false };
+    let child = Child { pid, threads: Vec::new(), done: false };
     let st = sys::wait(pid).map_err(pt("waitpid", pid))?;
     if !(libc::WIFSTOPPED(st) && libc::WSTOPSIG(st) == libc::SIGTRAP) {
         return Err(Error::UnexpectedStop { pid, during: "starting the restore stub".into(), status: st });
@@ -128,7 +164,6 @@ fn restore_inner(img: &Image, opts: &RestoreOptions, hold: bool) -> Result<(Rest
     r.call("mmap (scratch)", libc::SYS_mmap, &[SCRATCH, SCRATCH_LEN as u64, rw, fixed, u64::MAX, 0])?;
     r.scratch = SCRATCH;
     r.scratch_len = SCRATCH_LEN;
-    lap("spawn");
 
     // The stub's own address space: park its vDSO block, drop everything else.
     let maps = proc::maps(pid)?;
@@ -143,24 +178,137 @@ fn restore_inner(img: &Image, opts: &RestoreOptions, hold: bool) -> Result<(Rest
         }
     }
     r.call("close_range", libc::SYS_close_range, &[0, u32::MAX as u64, 0])?;
-    task::restore_early(&r, &m.task)?;
-    task::restore_session(&r, &m.task)?;
+    Ok(Stub { child, r, same_pid, notes })
+}
+
+/// A child of the stub `parent` (a fork injected there, `clone3` with `set_tid` = `pid` and
+/// `exit_signal`): a stub in the same state, traced by us. `pid` must be free.
+pub(crate) fn fork_stub(parent: &Remote, pid: Pid, exit_signal: i32) -> Result<Stub> {
+    // The new child is attached at once and starts in a stop (PTRACE_O_TRACEFORK).
+    sys::set_options(
+        parent.pid,
+        (libc::PTRACE_O_EXITKILL | libc::PTRACE_O_TRACESYSGOOD | libc::PTRACE_O_TRACECLONE | libc::PTRACE_O_TRACEFORK)
+            as u64,
+    )
+    .map_err(pt("PTRACE_SETOPTIONS", parent.pid))?;
+    let set_tid = parent.put(0x100, &(pid as u64).to_le_bytes())?;
+    let mut args = Vec::with_capacity(88);
+    for v in [0, 0, 0, 0, exit_signal as u64, 0, 0, 0, set_tid, 1, 0] {
+        args.extend_from_slice(&v.to_le_bytes());
+    }
+    let a = parent.put(0, &args)?;
+    let got = parent.raw(libc::SYS_clone3, &[a, args.len() as u64])?;
+    if got <= 0 {
+        return Err(Error::Restore(format!(
+            "pid {pid} cannot be given again to a process of the tree (fork in pid {}: {}){}",
+            parent.pid,
+            crate::inject::errno_name(-got as i32),
+            if got == -(libc::EEXIST as i64) { "; it is taken here" } else { "" }
+        )));
+    }
+    let child = Child { pid, threads: Vec::new(), done: false };
+    let st = sys::wait(pid).map_err(pt("waitpid (new process)", pid))?;
+    if !libc::WIFSTOPPED(st) {
+        return Err(Error::UnexpectedStop { pid, during: "starting a process of the tree".into(), status: st });
+    }
+    let base = sys::get_regs(pid).map_err(pt("PTRACE_GETREGS", pid))?;
+    let r = Remote {
+        pid,
+        gadget: parent.gadget,
+        base,
+        scratch: parent.scratch,
+        scratch_len: parent.scratch_len,
+        guard: None,
+    };
+    Ok(Stub { child, r, same_pid: true, notes: Vec::new() })
+}
+
+impl Stub {
+    /// Ends a stub that stands for a zombie: it exits with the wait status `status` (an exit
+    /// code, or death by a signal), and is then collected by us as its tracer only, so it stays
+    /// a zombie for its parent to wait for.
+    pub(crate) fn die_as(mut self, status: i32) -> Result<()> {
+        let pid = self.r.pid;
+        let got = if libc::WIFSIGNALED(status) {
+            let sig = libc::WTERMSIG(status);
+            // No core file (its flag would be set): the core limit is 0 for it.
+            sys::prlimit(pid, libc::RLIMIT_CORE, Some((0, 0))).map_err(pt("prlimit(RLIMIT_CORE)", pid))?;
+            sys::set_sigmask(pid, 0).map_err(pt("PTRACE_SETSIGMASK", pid))?;
+            sys::kill(pid, sig).map_err(pt("kill", pid))?;
+            let mut st = 0;
+            for _ in 0..16 {
+                // The signal is reported to us first (signal-delivery-stop), then delivered.
+                sys::cont(pid, if st != 0 && libc::WIFSTOPPED(st) { libc::WSTOPSIG(st) } else { 0 })
+                    .map_err(pt("PTRACE_CONT", pid))?;
+                st = sys::wait(pid).map_err(pt("waitpid", pid))?;
+                if !libc::WIFSTOPPED(st) {
+                    break;
+                }
+            }
+            st
+        } else {
+            let mut regs = self.r.base;
+            regs.rax = libc::SYS_exit_group as u64;
+            regs.orig_rax = u64::MAX;
+            regs.rip = self.r.gadget;
+            regs.rdi = libc::WEXITSTATUS(status) as u64;
+            sys::set_regs(pid, &regs).map_err(pt("PTRACE_SETREGS", pid))?;
+            sys::cont(pid, 0).map_err(pt("PTRACE_CONT", pid))?;
+            sys::wait(pid).map_err(pt("waitpid", pid))?
+        };
+        self.child.done = true;
+        if got & 0xffff != status & 0xffff {
+            return Err(Error::Restore(format!(
+                "pid {pid} should have ended with wait status {status:#x} (a zombie), it ended with {got:#x}"
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// The rest of a restore, from a stub whose early task state (cwd, umask, session) is set.
+pub(crate) fn complete(
+    stub: Stub,
+    img: &Image,
+    opts: &RestoreOptions,
+    aliases: &Aliases,
+    hold: bool,
+    mut laps: Laps,
+) -> Result<(RestoreReport, Option<Held>)> {
+    let m = &img.manifest;
+    let Stub { mut child, r, same_pid, notes } = stub;
+    let pid = r.pid;
     m.vdso.place(&r, VDSO_TEMP)?;
-    lap("layout");
+    laps.lap("layout");
 
     let above_fds = (m.files.fds.iter().map(|e| e.fd).max().unwrap_or(2) + 1).max(3) as u64;
     let mut memfds = memfd::install(&r, &m.memfds, &img.memfd_data, above_fds)?;
     ghosts::install(&r, &m.ghosts, &img.ghost_data, above_fds, &mut memfds)?;
     let shm = sysv::prepare(&m.shm, &m.memory, img.pages.bytes(), img.precopy.bytes())?;
-    memory::restore(&r, &m.memory, img.pages.bytes(), img.precopy.bytes(), &memfds)?;
+    // Shared anonymous memory of a process of the same tree restored before: opened here.
+    let mut alias_fds = std::collections::HashMap::new();
+    for (range, (path, off)) in aliases {
+        let a = r.put_cstr(0, path.as_os_str().as_encoded_bytes())?;
+        let fl = (libc::O_RDWR | libc::O_CLOEXEC) as u64;
+        let fd = r.call(
+            &format!("open {} (shared memory of the tree)", path.display()),
+            libc::SYS_openat,
+            &[libc::AT_FDCWD as u64, a, fl, 0],
+        )?;
+        alias_fds.insert(*range, (fd, *off));
+    }
+    memory::restore(&r, &m.memory, img.pages.bytes(), img.precopy.bytes(), &memfds, &alias_fds)?;
+    for (fd, _) in alias_fds.values() {
+        r.call("close", libc::SYS_close, &[*fd])?;
+    }
     task::restore_mm(&r, &m.task)?;
-    lap("memory");
+    laps.lap("memory");
 
     files::restore(&r, &m.files, &opts.external_fds, &memfds)?;
     memfd::close(&r, &memfds)?;
     // Last of the files: closing any fd of a file would drop the POSIX locks on it.
     locks::restore(&r, &m.locks)?;
-    lap("files");
+    laps.lap("files");
 
     signals::restore_actions(&r, &m.signals)?;
     task::restore_thread(&r, &m.task)?;
@@ -179,14 +327,18 @@ fn restore_inner(img: &Image, opts: &RestoreOptions, hold: bool) -> Result<(Rest
     task::restore_oom(pid, &m.task)?;
     task::restore_creds(&r, &m.task)?;
     task::restore_last(&r, &m.task)?;
-    lap("signals");
+    laps.lap("signals");
 
     finish(&r, m, &child.threads, opts.stopped, hold)?;
     shm.commit()?;
     child.done = true;
-    lap("resume");
+    laps.lap("resume");
     let held = hold.then(|| Held { pid, threads: std::mem::take(&mut child.threads), done: false });
-    Ok((RestoreReport { pid, same_pid, phases, total: start.elapsed(), pages_bytes: m.pages_len, notes }, held))
+    let total = laps.start.elapsed();
+    Ok((
+        RestoreReport { pid, same_pid, phases: laps.phases, total, pages_bytes: m.pages_len, notes, tree: Vec::new() },
+        held,
+    ))
 }
 
 /// Unmaps the reserved range from inside (the gadget goes with it, so the `munmap` is caught at
@@ -250,6 +402,12 @@ impl Held {
     pub fn resume(mut self) -> Result<()> {
         self.done = true;
         detach_all(self.pid, &self.threads, false)
+    }
+
+    /// Lets the process run, or (`stopped`) detaches it into a job-control stop.
+    pub(crate) fn release(mut self, stopped: bool) -> Result<()> {
+        self.done = true;
+        detach_all(self.pid, &self.threads, stopped)
     }
 
     /// Kills the held process and collects its threads.

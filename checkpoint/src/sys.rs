@@ -526,6 +526,27 @@ pub fn pipe_peek(fd: &OwnedFd, len: usize) -> io::Result<Vec<u8>> {
     out.truncate(done);
     Ok(out)
 }
+/// `F_SETPIPE_SZ`: makes pipe `fd` hold at least `size` bytes.
+pub fn set_pipe_size(fd: &impl AsRawFd, size: usize) -> io::Result<()> {
+    // SAFETY: integer-only fcntl.
+    cvt(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETPIPE_SZ, size as libc::c_int) } as libc::c_long).map(drop)
+}
+
+/// `SO_SNDBUFFORCE` (root): a send buffer of `size` bytes (the kernel doubles it) on socket `fd`.
+pub fn set_sndbuf_force(fd: &impl AsRawFd, size: i32) -> io::Result<()> {
+    // SAFETY: passes a pointer to a local int with its size.
+    cvt(unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_SNDBUFFORCE,
+            (&size as *const i32).cast(),
+            std::mem::size_of::<i32>() as libc::socklen_t,
+        )
+    } as libc::c_long)
+    .map(drop)
+}
+
 pub fn pipe_size(fd: &OwnedFd) -> io::Result<usize> {
     // SAFETY: integer-only fcntl.
     cvt(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETPIPE_SZ) } as libc::c_long).map(|v| v as usize)

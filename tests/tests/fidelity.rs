@@ -266,6 +266,52 @@ fidelity! {
     deleted_dirs,
 }
 
+/// A process tree (`DumpOptions::tree`): every member dumped, all restored with their pids;
+/// the root then checks the tree and prints PASS; `want` must be in its output too.
+fn tree(name: &'static str, members: usize, want: &[&str]) {
+    if !root() {
+        return;
+    }
+    let mut p = Prog::start(name);
+    let opts = ck::DumpOptions { tree: true, ..Default::default() };
+    let rep =
+        ck::dump_with(p.pid, &p.img(1), AfterDump::Kill, &opts).unwrap_or_else(|e| panic!("{name}: dump failed: {e}"));
+    assert_eq!(rep.tree.len(), members, "{name}: members dumped: {:?}", rep.tree);
+    assert_eq!(rep.tree[0], p.pid);
+    wait_exit(p.pid, Duration::from_secs(5));
+    let r =
+        ck::restore(&p.img(1), &RestoreOptions::default()).unwrap_or_else(|e| panic!("{name}: restore failed: {e}"));
+    assert_eq!(r.tree, rep.tree, "{name}: every member keeps its pid");
+    p.pid = r.pid;
+    p.go();
+    p.expect_pass();
+    let out = read(&p.out());
+    for w in want {
+        assert!(out.contains(w), "{name}: {w:?} missing from\n{out}");
+    }
+}
+
+#[test]
+fn tree_zombie() {
+    tree("tree_zombie", 4, &[]);
+}
+
+#[test]
+fn tree_pipes() {
+    // The child's line survives the parent's: one offset for their shared stdout.
+    tree("tree_pipes", 2, &["child-ok\n"]);
+}
+
+#[test]
+fn tree_shared_anon() {
+    tree("tree_shared_anon", 2, &[]);
+}
+
+#[test]
+fn tree_groups() {
+    tree("tree_groups", 6, &[]);
+}
+
 /// Pre-copy of a program that keeps writing its pages (and mapping, moving, unmapping and
 /// discarding memory) while it is copied: every page comes back with the last value written.
 #[test]
