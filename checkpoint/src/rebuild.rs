@@ -101,13 +101,19 @@ fn restore_inner(img: &Image, opts: &RestoreOptions, hold: bool) -> Result<(Rest
     laps.lap("spawn");
     task::restore_early(&stub.r, &img.manifest.task)?;
     task::restore_session(&stub.r, &img.manifest.task)?;
-    complete(stub, img, opts, &Aliases::new(), hold, laps)
+    complete(stub, img, opts, &FromTree::default(), hold, laps)
 }
 
-/// (start, end) → path of the shared anonymous object (`/proc/PID/map_files/…` of a process
-/// restored before) that a tree member's mapping must map instead of a new one, and the offset
-/// into it.
-pub(crate) type Aliases = std::collections::HashMap<(u64, u64), (std::path::PathBuf, u64)>;
+/// What a member of a process tree takes from the members restored before it instead of making
+/// its own.
+#[derive(Default)]
+pub(crate) struct FromTree {
+    /// Shared anonymous mappings, by (start, end): the object's path (`/proc/PID/map_files/…`
+    /// of a member restored before) and the offset into it.
+    pub(crate) maps: std::collections::HashMap<(u64, u64), (std::path::PathBuf, u64)>,
+    /// memfds, by inode: the object, opened here from a member restored before.
+    pub(crate) memfds: std::collections::HashMap<u64, std::os::fd::OwnedFd>,
+}
 
 /// Phases timed as they end.
 pub(crate) struct Laps {
@@ -271,7 +277,7 @@ pub(crate) fn complete(
     stub: Stub,
     img: &Image,
     opts: &RestoreOptions,
-    aliases: &Aliases,
+    from_tree: &FromTree,
     hold: bool,
     mut laps: Laps,
 ) -> Result<(RestoreReport, Option<Held>)> {
@@ -282,12 +288,12 @@ pub(crate) fn complete(
     laps.lap("layout");
 
     let above_fds = (m.files.fds.iter().map(|e| e.fd).max().unwrap_or(2) + 1).max(3) as u64;
-    let mut memfds = memfd::install(&r, &m.memfds, &img.memfd_data, above_fds)?;
+    let mut memfds = memfd::install(&r, &m.memfds, &img.memfd_data, above_fds, &from_tree.memfds)?;
     ghosts::install(&r, &m.ghosts, &img.ghost_data, above_fds, &mut memfds)?;
     let shm = sysv::prepare(&m.shm, &m.memory, img.pages.bytes(), img.precopy.bytes())?;
     // Shared anonymous memory of a process of the same tree restored before: opened here.
     let mut alias_fds = std::collections::HashMap::new();
-    for (range, (path, off)) in aliases {
+    for (range, (path, off)) in &from_tree.maps {
         let a = r.put_cstr(0, path.as_os_str().as_encoded_bytes())?;
         let fl = (libc::O_RDWR | libc::O_CLOEXEC) as u64;
         let fd = r.call(

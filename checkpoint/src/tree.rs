@@ -31,7 +31,7 @@ use crate::freeze::Frozen;
 use crate::image;
 use crate::inject::Remote;
 use crate::proc::{self, proc_path, stat_fields};
-use crate::rebuild::{self, Aliases, Laps, RestoreOptions, RestoreReport};
+use crate::rebuild::{self, FromTree, Laps, RestoreOptions, RestoreReport};
 use crate::sys::{self, Pid};
 
 /// The tree's own file in an image directory (each member's image is in `DIR/<pid>/`).
@@ -99,6 +99,17 @@ pub struct SharedMap {
     pub owner_offset: u64,
 }
 
+/// A memfd that `pid` holds (mapped, or through a description of its own) and that `owner`,
+/// restored before, holds too: `pid` opens `/proc/<owner>/<handle>` ("fd/N", "map_files/A-B")
+/// instead of making a memfd of its own.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SharedMemfd {
+    pub pid: Pid,
+    pub ino: u64,
+    pub owner: Pid,
+    pub handle: String,
+}
+
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct TreeManifest {
     pub root: Pid,
@@ -108,6 +119,7 @@ pub struct TreeManifest {
     pub pairs: Vec<[PairEnd; 2]>,
     pub shared_fds: Vec<SharedFd>,
     pub shared_maps: Vec<SharedMap>,
+    pub shared_memfds: Vec<SharedMemfd>,
 }
 
 /// Children of `pid` (of any of its threads), in pid order.
@@ -378,13 +390,40 @@ fn plan(members: &[Member], root_external: &[i32], data: bool) -> Result<Plan> {
 
     // Shared anonymous memory: the first member (parents first) with the object restores it.
     let mut first: HashMap<u64, (Pid, Vec<proc::MapLine>)> = HashMap::new();
-    // memfds, deleted files and SysV segments are saved per image: shared, they would split.
+    // Deleted files and SysV segments are saved per image: shared, they would split.
     let mut per_image: HashMap<String, Vec<Pid>> = HashMap::new();
+    // memfds: the first member (parents first) whose image has one makes it, the others open it
+    // from there. ino → (owner, handle); (pid, ino) seen.
+    let mut memfd_first: HashMap<u64, (Pid, String)> = HashMap::new();
+    let mut memfd_seen: HashSet<(Pid, u64)> = HashSet::new();
+    let mut memfd_use = |p: &mut Plan, pid: Pid, ino: u64, handle: String| {
+        if !memfd_seen.insert((pid, ino)) {
+            return;
+        }
+        match memfd_first.get(&ino) {
+            None => {
+                memfd_first.insert(ino, (pid, handle));
+            }
+            Some((owner, h)) => p.tree.shared_memfds.push(SharedMemfd { pid, ino, owner: *owner, handle: h.clone() }),
+        }
+    };
     for m in &live {
+        // Its memfd fds first (not those taken from another member: one description).
+        for (pid, fd, link, _) in fds.iter().filter(|f| f.0 == m.pid) {
+            if crate::memfd::name_of(link).is_none() || p.external.get(pid).is_some_and(|v| v.contains(fd)) {
+                continue;
+            }
+            use std::os::unix::fs::MetadataExt;
+            if let Ok(md) = std::fs::metadata(proc_path(*pid, &format!("fd/{fd}"))) {
+                memfd_use(&mut p, *pid, md.ino(), format!("fd/{fd}"));
+            }
+        }
         let maps = proc::maps(m.pid)?;
         for l in maps {
-            if crate::memfd::name_of(&l.path).is_some()
-                || l.path.starts_with("/SYSV")
+            if crate::memfd::name_of(&l.path).is_some() {
+                memfd_use(&mut p, m.pid, l.inode, format!("map_files/{:x}-{:x}", l.start, l.end));
+            }
+            if l.path.starts_with("/SYSV")
                 || (l.path.starts_with('/') && crate::ghosts::deleted_path(&l.path).is_some() && !is_shared_anon(&l))
             {
                 let key = format!("{} (inode {})", l.path, l.inode);
@@ -440,6 +479,9 @@ fn plan(members: &[Member], root_external: &[i32], data: bool) -> Result<Plan> {
         if crate::memfd::name_of(link).is_some() || crate::ghosts::deleted_path(link).is_some() {
             use std::os::unix::fs::MetadataExt;
             let Ok(md) = std::fs::metadata(proc_path(*pid, &format!("fd/{fd}"))) else { continue };
+            if crate::memfd::name_of(link).is_some() {
+                continue; // above
+            }
             let key = format!("{link} (inode {})", md.ino());
             let v = per_image.entry(key).or_default();
             if !v.contains(pid) {
@@ -455,8 +497,8 @@ fn plan(members: &[Member], root_external: &[i32], data: bool) -> Result<Plan> {
             Error::Unsupported {
                 pid: v[1],
                 what: format!(
-                    "{what} shared with {} (memfds, deleted files and SysV segments shared between processes of \
-                     a tree are not carried yet)",
+                    "{what} shared with {} (deleted files and SysV segments shared between processes of a tree \
+                     are not carried yet)",
                     crate::dump::named(&v[..1])
                 ),
             },
@@ -884,18 +926,28 @@ pub fn restore(dir: &Path, opts: &RestoreOptions) -> Result<RestoreReport> {
             keep.push(fd);
         }
         let with = |pid: Pid, fd: i32| made.get(&(pid, fd)).or(taken.get(&(pid, fd))).copied();
-        let mut aliases = Aliases::new();
+        let mut from = FromTree::default();
         for s in t.shared_maps.iter().filter(|s| s.pid == m.pid) {
             let path =
                 PathBuf::from(format!("/proc/{}/map_files/{:x}-{:x}", new_pid[&s.owner], s.owner_start, s.owner_end));
-            aliases.insert((s.start, s.end), (path, s.offset - s.owner_offset));
+            from.maps.insert((s.start, s.end), (path, s.offset - s.owner_offset));
+        }
+        for s in t.shared_memfds.iter().filter(|s| s.pid == m.pid) {
+            let path = PathBuf::from(format!("/proc/{}/{}", new_pid[&s.owner], s.handle));
+            let f = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(&path)
+                .or_else(|_| std::fs::File::open(&path))
+                .map_err(|e| in_member(m, Error::Io { path: path.clone(), err: e }))?;
+            from.memfds.insert(s.ino, OwnedFd::from(f));
         }
         let o = RestoreOptions {
             external_fds: external_of(m, &with),
             new_pid: opts.new_pid && m.ppid == 0,
             stopped: opts.stopped,
         };
-        let (rep, h) = rebuild::complete(stub, img, &o, &aliases, true, Laps::new()).map_err(|e| in_member(m, e))?;
+        let (rep, h) = rebuild::complete(stub, img, &o, &from, true, Laps::new()).map_err(|e| in_member(m, e))?;
         held.push(h.expect("held"));
         if m.ppid == 0 {
             root_rep = Some(rep);

@@ -308,8 +308,41 @@ fn tree_shared_anon() {
 }
 
 #[test]
+fn tree_memfd() {
+    tree("tree_memfd", 2, &[]);
+}
+
+#[test]
 fn tree_groups() {
     tree("tree_groups", 6, &[]);
+}
+
+/// The preflight of a tree lists the blockers of every member at once, each naming its member;
+/// the dump is refused and the whole tree runs on.
+#[test]
+fn tree_refused() {
+    if !root() {
+        return;
+    }
+    let p = Prog::start("tree_refused");
+    let out = read(&p.out());
+    let pid_of = |k: &str| -> i32 {
+        out.split_whitespace().find_map(|w| w.strip_prefix(k)).and_then(|v| v.parse().ok()).expect("child pid")
+    };
+    let (a, b) = (pid_of("A="), pid_of("B="));
+    let opts = ck::DumpOptions { tree: true, ..Default::default() };
+    let all: Vec<String> = ck::blockers(p.pid, &opts).unwrap().iter().map(|e| e.to_string()).collect();
+    let has = |who: i32, what: &[&str]| {
+        let named = format!("pid {who} (tree_refused), child of {}", p.pid);
+        all.iter().any(|e| e.starts_with(&named) && what.iter().all(|w| e.contains(w)))
+    };
+    assert!(has(a, &["AF_INET", "real network sockets"]), "child A's socket not named: {all:#?}");
+    assert!(has(b, &["tree-shared (deleted)", &format!("shared with pid {}", p.pid)]), "child B's mapping: {all:#?}");
+    let e = ck::dump_with(p.pid, &p.img(1), AfterDump::Kill, &opts).expect_err("dump should be refused").to_string();
+    assert!(e.contains("child of"), "{e}");
+    assert!(!p.img(1).join("tree.img").exists());
+    p.go();
+    p.expect_pass();
 }
 
 /// Pre-copy of a program that keeps writing its pages (and mapping, moving, unmapping and
