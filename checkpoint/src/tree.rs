@@ -968,3 +968,105 @@ pub fn restore(dir: &Path, opts: &RestoreOptions) -> Result<RestoreReport> {
     rep.tree = t.members.iter().map(|m| new_pid[&m.pid]).collect();
     Ok(rep)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn m(pid: Pid, ppid: Pid, zombie: Option<i32>) -> Member {
+        Member { pid, ppid, pgid: pid, sid: pid, comm: "x".into(), exit_signal: libc::SIGCHLD, zombie }
+    }
+
+    fn write(dir: &Path, t: &TreeManifest) -> PathBuf {
+        let b = image::encode_payload(&TREE_MAGIC, TREE_VERSION, t, TREE).unwrap();
+        let path = dir.join(TREE);
+        let _ = std::fs::remove_file(&path);
+        std::fs::write(&path, b).unwrap();
+        path
+    }
+
+    #[test]
+    fn tree_image_round_trip_and_checks() {
+        let d = tempfile::tempdir().unwrap();
+        let mut t = TreeManifest {
+            root: 10,
+            members: vec![m(10, 0, None), m(11, 10, None), m(12, 11, Some(42 << 8))],
+            pipes: vec![TreePipe {
+                ino: 5,
+                size: 65536,
+                data: b"abc".to_vec(),
+                read: vec![(11, 3)],
+                write: vec![(10, 4)],
+            }],
+            ..Default::default()
+        };
+        let path = write(d.path(), &t);
+        assert!(is_tree(d.path()));
+        assert_eq!(read_tree(d.path()).unwrap(), t);
+
+        // A flipped payload byte: the checksum says so.
+        let mut b = std::fs::read(&path).unwrap();
+        let last = b.len() - 1;
+        b[last] ^= 1;
+        std::fs::write(&path, &b).unwrap();
+        assert!(matches!(read_tree(d.path()), Err(Error::Checksum { .. })));
+
+        // A single-process manifest is not a tree image.
+        let mut b = std::fs::read(&path).unwrap();
+        b[..8].copy_from_slice(&image::MAGIC);
+        std::fs::write(&path, &b).unwrap();
+        assert!(matches!(read_tree(d.path()), Err(Error::BadMagic { .. })));
+
+        // A member before its parent, or under a zombie, would break the restore order.
+        t.members.swap(1, 2);
+        write(d.path(), &t);
+        assert!(matches!(read_tree(d.path()), Err(Error::Decode { msg, .. }) if msg.contains("before its parent")));
+        t.members = vec![m(10, 0, None), m(11, 10, Some(0)), m(12, 11, None)];
+        write(d.path(), &t);
+        assert!(matches!(read_tree(d.path()), Err(Error::Decode { .. })));
+        t.members = vec![m(11, 10, None), m(10, 0, None)];
+        write(d.path(), &t);
+        assert!(matches!(read_tree(d.path()), Err(Error::Decode { msg, .. }) if msg.contains("root")));
+    }
+
+    #[test]
+    fn members_are_named() {
+        assert_eq!(who(&m(10, 0, None)), "the root of the tree, pid 10 (x)");
+        let e = in_member(&m(11, 10, None), Error::Unsupported { pid: 11, what: "y".into() });
+        assert_eq!(e.to_string(), "pid 11 (x), child of 10: process 11: y cannot be moved");
+    }
+
+    /// A live tree of three levels (sh → sleep, sh → sleep), found parents first.
+    #[test]
+    fn members_are_found_parents_first() {
+        let _g = crate::FORK_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+        let mut c = std::process::Command::new("sh")
+            .args(["-c", "sleep 30 & sh -c 'sleep 30; :' & wait"])
+            .stdin(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let sh = c.id() as Pid;
+        let mut found = Vec::new();
+        let leaves = |f: &[Member]| f.iter().filter(|m| m.comm == "sleep").count();
+        for _ in 0..5000 {
+            found = members(sh).unwrap();
+            if found.len() == 4 && leaves(&found) == 2 {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        // Leaves first: each shell reaps its own and ends, the root is ours.
+        for m in found.iter().filter(|m| m.comm == "sleep") {
+            let _ = sys::kill(m.pid, libc::SIGKILL);
+        }
+        let _ = c.wait();
+        assert_eq!(found.len(), 4, "{found:?}");
+        assert_eq!((found[0].pid, found[0].ppid), (sh, 0));
+        for (i, m) in found.iter().enumerate().skip(1) {
+            let parent = found.iter().position(|p| p.pid == m.ppid).expect("parent is a member");
+            assert!(parent < i, "{found:?}");
+            assert!(m.zombie.is_none());
+        }
+        assert!(found.iter().any(|m| m.ppid != sh && m.comm == "sleep"), "a grandchild: {found:?}");
+    }
+}
