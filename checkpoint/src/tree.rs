@@ -609,11 +609,14 @@ pub fn dump(root: Pid, dir: &Path, after: AfterDump, opts: &DumpOptions) -> Resu
         i += 1;
     }
     clk.lap("freeze");
-    let written = (|| -> Result<(TreeManifest, u64, u64, usize, usize)> {
+    type Written = (Vec<(&'static str, std::time::Duration)>, u64, u64, usize, usize);
+    let written = (|| -> Result<Written> {
+        let t0 = Instant::now();
         let p = plan(&members, &opts.external_fds, true)?;
         if let Some(e) = p.blockers.into_iter().next() {
             return Err(e);
         }
+        let mut phases = vec![("share", t0.elapsed())];
         let (mut pages, mut manifest, mut vmas, mut fds) = (0, 0, 0, 0);
         for (m, f) in members.iter().filter(|m| m.zombie.is_none()).zip(frozen.iter_mut()) {
             let mut external = p.external.get(&m.pid).cloned().unwrap_or_default();
@@ -622,6 +625,7 @@ pub fn dump(root: Pid, dir: &Path, after: AfterDump, opts: &DumpOptions) -> Resu
             }
             let o = DumpOptions { external_fds: external, tree: false, ..opts.clone() };
             let r = crate::dump::write_image(f, &dir.join(m.pid.to_string()), &o).map_err(|e| in_member(m, e))?;
+            add_phases(&mut phases, &r.phases);
             pages += r.pages_bytes;
             manifest += r.manifest_bytes;
             vmas += r.vmas;
@@ -635,16 +639,22 @@ pub fn dump(root: Pid, dir: &Path, after: AfterDump, opts: &DumpOptions) -> Resu
         let mut out = image::create_file(&path)?;
         std::io::Write::write_all(&mut out, &bytes).map_err(io_at(&path))?;
         crate::dump::check_interrupted(root, opts)?;
-        Ok((t, pages, manifest + bytes.len() as u64, vmas, fds))
+        Ok((phases, pages, manifest + bytes.len() as u64, vmas, fds))
     })();
-    let (_, pages_bytes, manifest_bytes, vmas, fds) = match written {
+    let (phases, pages_bytes, manifest_bytes, vmas, fds) = match written {
         Ok(v) => v,
         Err(e) => {
             remove_tree_image(dir);
             return Err(e); // every `Frozen` thaws its process as it is dropped
         }
     };
-    clk.lap("dump");
+    // The members' phases, summed (one member after the other), then the tree file.
+    let members_time: std::time::Duration = phases.iter().map(|p| p.1).sum();
+    clk.phases.extend(phases);
+    clk.lap("tree");
+    if let Some(t) = clk.phases.last_mut() {
+        t.1 = t.1.saturating_sub(members_time);
+    }
     let mut frozen_time = frozen_at.elapsed();
     match after {
         AfterDump::Kill => kill_tree(&members, frozen)?,
@@ -712,6 +722,16 @@ fn kill_tree(members: &[Member], frozen: Vec<Frozen>) -> Result<()> {
         f.kill()?;
     }
     Ok(())
+}
+
+/// Adds the durations of `p` to those of the same phase in `sum` (new phases at the end).
+fn add_phases(sum: &mut Vec<(&'static str, std::time::Duration)>, p: &[(&'static str, std::time::Duration)]) {
+    for (n, d) in p {
+        match sum.iter_mut().find(|(m, _)| m == n) {
+            Some(x) => x.1 += *d,
+            None => sum.push((n, *d)),
+        }
+    }
 }
 
 /// Removes a tree image (tree.img and the members' directories' image files) from `dir`.
@@ -913,6 +933,7 @@ pub fn restore(dir: &Path, opts: &RestoreOptions) -> Result<RestoreReport> {
     let made = make_pipes_and_pairs(&t, &mut keep)?;
     let mut held = Vec::new();
     let mut root_rep = None;
+    let mut member_phases = Vec::new();
     for (i, m) in t.members.iter().enumerate() {
         let Some(stub) = stubs[i].take() else { continue };
         let img = &imgs[&m.pid];
@@ -949,17 +970,24 @@ pub fn restore(dir: &Path, opts: &RestoreOptions) -> Result<RestoreReport> {
         };
         let (rep, h) = rebuild::complete(stub, img, &o, &from, true, Laps::new()).map_err(|e| in_member(m, e))?;
         held.push(h.expect("held"));
+        add_phases(&mut member_phases, &rep.phases);
         if m.ppid == 0 {
             root_rep = Some(rep);
         }
     }
     drop(keep);
-    laps.lap("restore");
+    // The members' phases, summed (one member after the other), and the rest of that time:
+    // the shared objects (pipes, pairs, descriptions, memfds) made or taken here.
+    laps.lap("members");
+    let loop_time = laps.phases.pop().map(|p| p.1).unwrap_or_default();
+    let members_time: std::time::Duration = member_phases.iter().map(|p| p.1).sum();
+    laps.phases.push(("share", loop_time.saturating_sub(members_time)));
+    laps.phases.extend(member_phases);
     // All complete: let them run, children first.
     for h in held.into_iter().rev() {
         h.release(opts.stopped)?;
     }
-    laps.lap("resume");
+    laps.lap("release");
     let mut rep = root_rep.expect("the root is live");
     rep.notes.extend(notes);
     rep.phases = laps.phases;
