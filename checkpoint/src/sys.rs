@@ -380,6 +380,14 @@ pub fn kcmp_file(pid: Pid, fd1: i32, fd2: i32) -> io::Result<bool> {
     cvt(r).map(|v| v == 0)
 }
 
+/// `kcmp(pid1, pid2, kind)` for the kinds without arguments (KCMP_VM 1, KCMP_FILES 2, KCMP_FS 3,
+/// KCMP_SIGHAND 4, KCMP_IO 5, KCMP_SYSVSEM 6): 0 the same object, 1 or 2 an order between two.
+pub fn kcmp(pid1: Pid, pid2: Pid, kind: i32) -> io::Result<i64> {
+    // SAFETY: integer-only syscall.
+    let r = unsafe { libc::syscall(libc::SYS_kcmp, pid1, pid2, kind, 0, 0) };
+    cvt(r).map(|v| v as i64)
+}
+
 /// Do fd `fd1` of `pid1` and fd `fd2` of `pid2` refer to one open file description?
 pub fn kcmp_file_of(pid1: Pid, fd1: i32, pid2: Pid, fd2: i32) -> io::Result<bool> {
     // SAFETY: integer-only syscall.

@@ -505,6 +505,59 @@ fn plan(members: &[Member], root_external: &[i32], data: bool) -> Result<Plan> {
         ));
     }
 
+    // Processes that share what each member's image holds for itself (clone without
+    // CLONE_THREAD: vfork, posix_spawn before its exec, CLONE_FILES…) would come back as two.
+    // (KCMP_SYSVSEM is not asked: processes without an undo list compare equal.)
+    const SHARED_KINDS: [(i32, &str); 3] = [
+        (1, "its address space (CLONE_VM: vfork, or posix_spawn before its exec)"),
+        (2, "its fd table (CLONE_FILES)"),
+        (3, "its working directory, root and umask (CLONE_FS)"),
+    ];
+    for (kind, what) in SHARED_KINDS {
+        // kcmp orders the kernel objects: each member looked up among those before it, kept in
+        // that order (a binary search never fails on a comparison that errs: it is checked).
+        let mut sorted: Vec<&Member> = Vec::new();
+        for m in &live {
+            let at = sorted.binary_search_by(|x| match sys::kcmp(x.pid, m.pid, kind) {
+                Ok(1) => std::cmp::Ordering::Less,
+                Ok(2) => std::cmp::Ordering::Greater,
+                _ => std::cmp::Ordering::Equal,
+            });
+            match at {
+                Ok(i) if sys::kcmp(sorted[i].pid, m.pid, kind).ok() == Some(0) => p.blockers.push(in_member(
+                    m,
+                    Error::Unsupported {
+                        pid: m.pid,
+                        what: format!("a process sharing {what} with {}", crate::dump::named(&[sorted[i].pid])),
+                    },
+                )),
+                Ok(i) | Err(i) => sorted.insert(i, m),
+            }
+        }
+    }
+
+    // Namespaces: every member is restored into the restorer's (as the root is); one of a member
+    // that differ from the root's would be lost.
+    let ns_of = |pid: Pid, ns: &str| std::fs::read_link(proc_path(pid, &format!("ns/{ns}"))).ok();
+    for m in live.iter().skip(1) {
+        for ns in ["pid", "pid_for_children", "mnt", "net", "ipc", "uts", "user", "cgroup", "time"] {
+            let (theirs, root) = (ns_of(m.pid, ns), ns_of(members[0].pid, ns));
+            if theirs != root {
+                p.blockers.push(in_member(
+                    m,
+                    Error::Unsupported {
+                        pid: m.pid,
+                        what: format!(
+                            "a {ns} namespace of its own ({}; the root's is {}: namespaces are not carried)",
+                            theirs.map_or("?".into(), |t| t.display().to_string()),
+                            root.map_or("?".into(), |t| t.display().to_string())
+                        ),
+                    },
+                ));
+            }
+        }
+    }
+
     // Sessions and process groups: each member's own, or its parent's (inherited at fork), or
     // (a group) another member's made before it in the restore order.
     for (i, m) in members.iter().enumerate().skip(1) {

@@ -1,8 +1,10 @@
 /* A pipe each way and an AF_UNIX socket pair between parent and child, each holding unread
- * bytes at the dump; after the restore the bytes are there, new ones go both ways, and a closed
- * write end gives the reader EOF (no stray writer). stdout is one description shared by both:
+ * bytes at the dump; after the restore the bytes are there (an epoll set of the parent's on its
+ * two ends says so), new ones go both ways, and a closed write end gives the reader EOF (no
+ * stray writer). stdout is one description shared by both:
  * the child's line and the parent's stay whole (one offset). */
 #include "fidelity.h"
+#include <sys/epoll.h>
 #include <sys/ioctl.h>
 #include <sys/socket.h>
 #include <sys/wait.h>
@@ -50,8 +52,16 @@ int main(void) {
     write(p2c[1], "pipe-p1", 7);
     write(sv[0], "sock-p1", 7);
     for (int i = 0; i < 10000 && (queued(c2p[0]) < 7 || queued(sv[0]) < 7); i++) msleep(1);
+    int ep = epoll_create1(0);
+    struct epoll_event ev = {.events = EPOLLIN, .data.u64 = 1};
+    epoll_ctl(ep, EPOLL_CTL_ADD, c2p[0], &ev);
+    ev.data.u64 = 2;
+    epoll_ctl(ep, EPOLL_CTL_ADD, sv[0], &ev);
     ready();
     wait_go();
+    struct epoll_event got[4];
+    int n = epoll_wait(ep, got, 4, 0);
+    CHECK(n == 2 && got[0].data.u64 + got[1].data.u64 == 3, "epoll on the pipe and the socket: %d ready", n);
     CHECK(kill(c, SIGUSR1) == 0, "child gone");
     CHECK(rd(c2p[0], "pipe-c1"), "pipe data from the child lost");
     CHECK(rd(sv[0], "sock-c1"), "socket data from the child lost");

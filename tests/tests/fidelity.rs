@@ -345,6 +345,23 @@ fn tree_refused() {
     p.expect_pass();
 }
 
+/// A vfork child shares its parent's memory: a tree with it is refused, naming the child.
+#[test]
+fn tree_vfork_refused() {
+    if !root() {
+        return;
+    }
+    let p = Prog::start("tree_vfork");
+    let opts = ck::DumpOptions { tree: true, ..Default::default() };
+    let e = ck::dump_with(p.pid, &p.img(1), AfterDump::Kill, &opts).expect_err("dump should be refused").to_string();
+    for w in ["child of", &format!("sharing its address space (CLONE_VM: vfork"), &format!("with pid {} (", p.pid)] {
+        assert!(e.contains(w), "error {e:?} should mention {w:?}");
+    }
+    assert!(!p.img(1).join("tree.img").exists());
+    p.go();
+    p.expect_pass();
+}
+
 /// Pre-copy of a program that keeps writing its pages (and mapping, moving, unmapping and
 /// discarding memory) while it is copied: every page comes back with the last value written.
 #[test]
