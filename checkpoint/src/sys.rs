@@ -385,7 +385,7 @@ pub fn kcmp_file(pid: Pid, fd1: i32, fd2: i32) -> io::Result<bool> {
 pub fn kcmp(pid1: Pid, pid2: Pid, kind: i32) -> io::Result<i64> {
     // SAFETY: integer-only syscall.
     let r = unsafe { libc::syscall(libc::SYS_kcmp, pid1, pid2, kind, 0, 0) };
-    cvt(r).map(|v| v as i64)
+    cvt(r)
 }
 
 /// Do fd `fd1` of `pid1` and fd `fd2` of `pid2` refer to one open file description?

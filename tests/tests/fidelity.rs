@@ -354,7 +354,7 @@ fn tree_vfork_refused() {
     let p = Prog::start("tree_vfork");
     let opts = ck::DumpOptions { tree: true, ..Default::default() };
     let e = ck::dump_with(p.pid, &p.img(1), AfterDump::Kill, &opts).expect_err("dump should be refused").to_string();
-    for w in ["child of", &format!("sharing its address space (CLONE_VM: vfork"), &format!("with pid {} (", p.pid)] {
+    for w in ["child of", "sharing its address space (CLONE_VM: vfork", &format!("with pid {} (", p.pid)] {
         assert!(e.contains(w), "error {e:?} should mention {w:?}");
     }
     assert!(!p.img(1).join("tree.img").exists());
