@@ -41,6 +41,9 @@ pub struct DumpOptions {
     /// Take the whole process tree under the pid (see `tree`): every descendant is dumped with
     /// it. Without it, a process with children is refused (a move carries one process).
     pub tree: bool,
+    /// Processes dumped together with this one (set by the tree dump for each member: the
+    /// others): a FIFO or a locked open file description shared with them is not refused.
+    pub allies: Vec<Pid>,
 }
 
 /// A shared [`Precopy`] tracker for [`DumpOptions`].
@@ -134,7 +137,7 @@ pub(crate) fn process_blockers(pid: Pid, opts: &DumpOptions, in_tree: bool) -> R
             }
         }
     }
-    v.extend(files::blockers(pid, &opts.external_fds)?);
+    v.extend(files::blockers_with(pid, &opts.external_fds, &opts.allies)?);
     v.extend(task::blockers(pid)?);
     // Another tracer (a debugger, strace): the freeze (PTRACE_SEIZE) would fail.
     if let Some(t) = proc::field(&status, "TracerPid").and_then(|v| v.parse::<Pid>().ok()) {
@@ -355,7 +358,7 @@ fn collect_all(f: &mut Frozen, dir: &Path, opts: &DumpOptions, clk: &mut Clock) 
     let maps = proc::maps(pid)?;
     let vdso = vdso::collect(&maps);
     let (mut cpu, cpu_ident) = cpu::collect(pid, &f.regs)?;
-    let files = files::collect(pid, &opts.external_fds)?;
+    let files = files::collect_with(pid, &opts.external_fds, &opts.allies)?;
     let locks = locks::collect(pid, &files)?;
     clk.lap("collect");
 

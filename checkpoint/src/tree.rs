@@ -618,7 +618,8 @@ pub fn blockers(root: Pid, opts: &DumpOptions) -> Result<Vec<Error>> {
         if m.ppid == 0 {
             external.extend(&opts.external_fds);
         }
-        let o = DumpOptions { external_fds: external, tree: false, ..opts.clone() };
+        let allies = members.iter().map(|x| x.pid).filter(|&x| x != m.pid).collect();
+        let o = DumpOptions { external_fds: external, tree: false, allies, ..opts.clone() };
         match crate::dump::process_blockers(m.pid, &o, true) {
             Ok(b) => v.extend(b.into_iter().map(|e| in_member(m, e))),
             // Gone since the listing: the dump finds out.
@@ -676,7 +677,8 @@ pub fn dump(root: Pid, dir: &Path, after: AfterDump, opts: &DumpOptions) -> Resu
             if m.ppid == 0 {
                 external.extend(&opts.external_fds);
             }
-            let o = DumpOptions { external_fds: external, tree: false, ..opts.clone() };
+            let allies = members.iter().map(|x| x.pid).filter(|&x| x != m.pid).collect();
+            let o = DumpOptions { external_fds: external, tree: false, allies, ..opts.clone() };
             let r = crate::dump::write_image(f, &dir.join(m.pid.to_string()), &o).map_err(|e| in_member(m, e))?;
             add_phases(&mut phases, &r.phases);
             pages += r.pages_bytes;

@@ -313,6 +313,11 @@ fn tree_memfd() {
 }
 
 #[test]
+fn tree_lock_fifo() {
+    tree("tree_lock_fifo", 2, &[]);
+}
+
+#[test]
 fn tree_groups() {
     tree("tree_groups", 6, &[]);
 }
