@@ -110,6 +110,14 @@ pub struct SharedMemfd {
     pub handle: String,
 }
 
+/// A pidfd of member `target` held by other members (one description): made by the restorer
+/// once the target exists again, and handed to every holder.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct TreePidfd {
+    pub target: Pid,
+    pub holders: Vec<(Pid, i32)>,
+}
+
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct TreeManifest {
     pub root: Pid,
@@ -120,6 +128,7 @@ pub struct TreeManifest {
     pub shared_fds: Vec<SharedFd>,
     pub shared_maps: Vec<SharedMap>,
     pub shared_memfds: Vec<SharedMemfd>,
+    pub pidfds: Vec<TreePidfd>,
 }
 
 /// Children of `pid` (of any of its threads), in pid order.
@@ -334,10 +343,34 @@ fn plan(members: &[Member], root_external: &[i32], data: bool) -> Result<Plan> {
         p.tree.pairs.push([a, b]);
     }
 
+    // pidfds of other members (the process's own and dead ones: its own image carries them).
+    let mut pidfd_groups: Vec<TreePidfd> = Vec::new();
+    let mut pidfd_fds: HashSet<(Pid, i32)> = HashSet::new();
+    for (pid, fd, link, _) in &fds {
+        if link != "anon_inode:[pidfd]" {
+            continue;
+        }
+        let info = std::fs::read_to_string(proc_path(*pid, &format!("fdinfo/{fd}"))).unwrap_or_default();
+        let Some(target) = proc::field(&info, "Pid").and_then(|v| v.parse::<Pid>().ok()) else { continue };
+        if target == *pid || !by_pid.contains_key(&target) {
+            continue;
+        }
+        let same = pidfd_groups.iter_mut().find(|g| {
+            g.target == target && sys::kcmp_file_of(g.holders[0].0, g.holders[0].1, *pid, *fd).unwrap_or(false)
+        });
+        match same {
+            Some(g) => g.holders.push((*pid, *fd)),
+            None => pidfd_groups.push(TreePidfd { target, holders: vec![(*pid, *fd)] }),
+        }
+        pidfd_fds.insert((*pid, *fd));
+        ext(&mut p, *pid, *fd);
+    }
+    p.tree.pidfds = pidfd_groups;
+
     // Descriptions several members hold (inherited across fork, passed over a socket).
     let mut by_link: BTreeMap<&str, Vec<(Pid, i32)>> = BTreeMap::new();
     for (pid, fd, link, _) in &fds {
-        if !carried.contains(link) {
+        if !carried.contains(link) && !pidfd_fds.contains(&(*pid, *fd)) {
             by_link.entry(link).or_default().push((*pid, *fd));
         }
     }
@@ -844,9 +877,22 @@ fn take_back_sigchld(r: &Remote) -> Result<()> {
     Ok(())
 }
 
-/// The restorer's copies of the pipes and pairs the tree carries: (pid, fd) → its fd.
-fn make_pipes_and_pairs(t: &TreeManifest, keep: &mut Vec<OwnedFd>) -> Result<HashMap<(Pid, i32), i32>> {
+/// The restorer's copies of the pipes, pairs and pidfds the tree carries: (pid, fd) → its fd.
+fn make_pipes_and_pairs(
+    t: &TreeManifest,
+    new_pid: &HashMap<Pid, Pid>,
+    keep: &mut Vec<OwnedFd>,
+) -> Result<HashMap<(Pid, i32), i32>> {
     let mut out = HashMap::new();
+    // Every member exists again (in the stub, or a zombie): a pidfd of it is its pidfd.
+    for p in &t.pidfds {
+        let pid = new_pid[&p.target];
+        let fd = sys::pidfd_open(pid).map_err(|err| Error::NoProcess { pid, err })?;
+        for &h in &p.holders {
+            out.insert(h, fd.as_raw_fd());
+        }
+        keep.push(fd);
+    }
     for p in &t.pipes {
         let what = || format!("pipe:[{}]", p.ino);
         let (r, w) = std::io::pipe().map_err(io_at(what()))?;
@@ -928,6 +974,9 @@ pub fn restore(dir: &Path, opts: &RestoreOptions) -> Result<RestoreReport> {
         for s in &t.shared_fds {
             s.users.iter().filter(|h| h.0 == m.pid).for_each(|h| add(h.1));
         }
+        for p in &t.pidfds {
+            p.holders.iter().filter(|h| h.0 == m.pid).for_each(|h| add(h.1));
+        }
         if m.ppid == 0 {
             v.extend(&opts.external_fds);
         }
@@ -985,7 +1034,7 @@ pub fn restore(dir: &Path, opts: &RestoreOptions) -> Result<RestoreReport> {
     // Then each one complete, parents first (the first holder of a shared object makes it),
     // held until all are.
     let mut keep: Vec<OwnedFd> = Vec::new();
-    let made = make_pipes_and_pairs(&t, &mut keep)?;
+    let made = make_pipes_and_pairs(&t, &new_pid, &mut keep)?;
     let mut held = Vec::new();
     let mut root_rep = None;
     let mut member_phases = Vec::new();

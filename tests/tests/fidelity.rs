@@ -318,6 +318,11 @@ fn tree_lock_fifo() {
 }
 
 #[test]
+fn tree_pidfd() {
+    tree("tree_pidfd", 3, &[]);
+}
+
+#[test]
 fn tree_groups() {
     tree("tree_groups", 6, &[]);
 }
