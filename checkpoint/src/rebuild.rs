@@ -113,6 +113,8 @@ pub(crate) struct FromTree {
     pub(crate) maps: std::collections::HashMap<(u64, u64), (std::path::PathBuf, u64)>,
     /// memfds, by inode: the object, opened here from a member restored before.
     pub(crate) memfds: std::collections::HashMap<u64, std::os::fd::OwnedFd>,
+    /// Files deleted while open, by inode: the path of the file a member restored before holds.
+    pub(crate) ghosts: std::collections::HashMap<u64, std::path::PathBuf>,
 }
 
 /// Phases timed as they end.
@@ -289,7 +291,7 @@ pub(crate) fn complete(
 
     let above_fds = (m.files.fds.iter().map(|e| e.fd).max().unwrap_or(2) + 1).max(3) as u64;
     let mut memfds = memfd::install(&r, &m.memfds, &img.memfd_data, above_fds, &from_tree.memfds)?;
-    ghosts::install(&r, &m.ghosts, &img.ghost_data, above_fds, &mut memfds)?;
+    ghosts::install(&r, &m.ghosts, &img.ghost_data, above_fds, &mut memfds, &from_tree.ghosts)?;
     let shm = sysv::prepare(&m.shm, &m.memory, img.pages.bytes(), img.precopy.bytes())?;
     // Shared anonymous memory of a process of the same tree restored before: opened here.
     let mut alias_fds = std::collections::HashMap::new();

@@ -99,13 +99,14 @@ pub struct SharedMap {
     pub owner_offset: u64,
 }
 
-/// A memfd that `pid` holds (mapped, or through a description of its own) and that `owner`,
-/// restored before, holds too: `pid` opens `/proc/<owner>/<handle>` ("fd/N", "map_files/A-B")
-/// instead of making a memfd of its own.
+/// A memfd or a file deleted while open (`deleted`) that `pid` holds (mapped, or through a
+/// description of its own) and that `owner`, restored before, holds too: `pid` opens
+/// `/proc/<owner>/<handle>` ("fd/N", "map_files/A-B") instead of making one of its own.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
-pub struct SharedMemfd {
+pub struct SharedFile {
     pub pid: Pid,
     pub ino: u64,
+    pub deleted: bool,
     pub owner: Pid,
     pub handle: String,
 }
@@ -127,7 +128,7 @@ pub struct TreeManifest {
     pub pairs: Vec<[PairEnd; 2]>,
     pub shared_fds: Vec<SharedFd>,
     pub shared_maps: Vec<SharedMap>,
-    pub shared_memfds: Vec<SharedMemfd>,
+    pub shared_files: Vec<SharedFile>,
     pub pidfds: Vec<TreePidfd>,
 }
 
@@ -423,42 +424,55 @@ fn plan(members: &[Member], root_external: &[i32], data: bool) -> Result<Plan> {
 
     // Shared anonymous memory: the first member (parents first) with the object restores it.
     let mut first: HashMap<u64, (Pid, Vec<proc::MapLine>)> = HashMap::new();
-    // Deleted files and SysV segments are saved per image: shared, they would split.
+    // Deleted directories and SysV segments are saved per image: shared, they would split.
     let mut per_image: HashMap<String, Vec<Pid>> = HashMap::new();
-    // memfds: the first member (parents first) whose image has one makes it, the others open it
-    // from there. ino → (owner, handle); (pid, ino) seen.
-    let mut memfd_first: HashMap<u64, (Pid, String)> = HashMap::new();
-    let mut memfd_seen: HashSet<(Pid, u64)> = HashSet::new();
-    let mut memfd_use = |p: &mut Plan, pid: Pid, ino: u64, handle: String| {
-        if !memfd_seen.insert((pid, ino)) {
+    // memfds and deleted files: the first member (parents first) whose image has one makes it,
+    // the others open it from there. ino → (owner, handle); (pid, ino) seen.
+    let mut file_first: HashMap<u64, (Pid, String)> = HashMap::new();
+    let mut file_seen: HashSet<(Pid, u64)> = HashSet::new();
+    let mut file_use = |p: &mut Plan, pid: Pid, ino: u64, deleted: bool, handle: String| {
+        if !file_seen.insert((pid, ino)) {
             return;
         }
-        match memfd_first.get(&ino) {
+        match file_first.get(&ino) {
             None => {
-                memfd_first.insert(ino, (pid, handle));
+                file_first.insert(ino, (pid, handle));
             }
-            Some((owner, h)) => p.tree.shared_memfds.push(SharedMemfd { pid, ino, owner: *owner, handle: h.clone() }),
+            Some((owner, h)) => {
+                p.tree.shared_files.push(SharedFile { pid, ino, deleted, owner: *owner, handle: h.clone() })
+            }
         }
     };
     for m in &live {
-        // Its memfd fds first (not those taken from another member: one description).
+        // Its fds first (not those taken from another member: one description).
         for (pid, fd, link, _) in fds.iter().filter(|f| f.0 == m.pid) {
-            if crate::memfd::name_of(link).is_none() || p.external.get(pid).is_some_and(|v| v.contains(fd)) {
+            let memfd = crate::memfd::name_of(link).is_some();
+            if !(memfd || crate::ghosts::deleted_path(link).is_some())
+                || p.external.get(pid).is_some_and(|v| v.contains(fd))
+            {
                 continue;
             }
             use std::os::unix::fs::MetadataExt;
-            if let Ok(md) = std::fs::metadata(proc_path(*pid, &format!("fd/{fd}"))) {
-                memfd_use(&mut p, *pid, md.ino(), format!("fd/{fd}"));
+            match std::fs::metadata(proc_path(*pid, &format!("fd/{fd}"))) {
+                Ok(md) if md.is_file() => file_use(&mut p, *pid, md.ino(), !memfd, format!("fd/{fd}")),
+                Ok(md) => {
+                    let v = per_image.entry(format!("{link} (inode {})", md.ino())).or_default();
+                    if !v.contains(pid) {
+                        v.push(*pid);
+                    }
+                }
+                Err(_) => {}
             }
         }
         let maps = proc::maps(m.pid)?;
         for l in maps {
-            if crate::memfd::name_of(&l.path).is_some() {
-                memfd_use(&mut p, m.pid, l.inode, format!("map_files/{:x}-{:x}", l.start, l.end));
+            let memfd = crate::memfd::name_of(&l.path).is_some();
+            let ghost =
+                l.path.starts_with('/') && crate::ghosts::deleted_path(&l.path).is_some() && !is_shared_anon(&l);
+            if memfd || ghost {
+                file_use(&mut p, m.pid, l.inode, ghost, format!("map_files/{:x}-{:x}", l.start, l.end));
             }
-            if l.path.starts_with("/SYSV")
-                || (l.path.starts_with('/') && crate::ghosts::deleted_path(&l.path).is_some() && !is_shared_anon(&l))
-            {
+            if l.path.starts_with("/SYSV") {
                 let key = format!("{} (inode {})", l.path, l.inode);
                 let v = per_image.entry(key).or_default();
                 if !v.contains(&m.pid) {
@@ -505,23 +519,6 @@ fn plan(members: &[Member], root_external: &[i32], data: bool) -> Result<Plan> {
             }
         }
     }
-    for (pid, fd, link, _) in &fds {
-        if p.external.get(pid).is_some_and(|v| v.contains(fd)) {
-            continue;
-        }
-        if crate::memfd::name_of(link).is_some() || crate::ghosts::deleted_path(link).is_some() {
-            use std::os::unix::fs::MetadataExt;
-            let Ok(md) = std::fs::metadata(proc_path(*pid, &format!("fd/{fd}"))) else { continue };
-            if crate::memfd::name_of(link).is_some() {
-                continue; // above
-            }
-            let key = format!("{link} (inode {})", md.ino());
-            let v = per_image.entry(key).or_default();
-            if !v.contains(pid) {
-                v.push(*pid);
-            }
-        }
-    }
     let mut split: Vec<(String, Vec<Pid>)> = per_image.into_iter().filter(|(_, v)| v.len() > 1).collect();
     split.sort();
     for (what, v) in split {
@@ -530,8 +527,8 @@ fn plan(members: &[Member], root_external: &[i32], data: bool) -> Result<Plan> {
             Error::Unsupported {
                 pid: v[1],
                 what: format!(
-                    "{what} shared with {} (deleted files and SysV segments shared between processes of a tree \
-                     are not carried yet)",
+                    "{what} shared with {} (deleted directories and SysV segments shared between processes of a \
+                     tree are not carried yet)",
                     crate::dump::named(&v[..1])
                 ),
             },
@@ -1057,8 +1054,12 @@ pub fn restore(dir: &Path, opts: &RestoreOptions) -> Result<RestoreReport> {
                 PathBuf::from(format!("/proc/{}/map_files/{:x}-{:x}", new_pid[&s.owner], s.owner_start, s.owner_end));
             from.maps.insert((s.start, s.end), (path, s.offset - s.owner_offset));
         }
-        for s in t.shared_memfds.iter().filter(|s| s.pid == m.pid) {
+        for s in t.shared_files.iter().filter(|s| s.pid == m.pid) {
             let path = PathBuf::from(format!("/proc/{}/{}", new_pid[&s.owner], s.handle));
+            if s.deleted {
+                from.ghosts.insert(s.ino, path); // opened inside the new process, as its own are made
+                continue;
+            }
             let f = std::fs::OpenOptions::new()
                 .read(true)
                 .write(true)

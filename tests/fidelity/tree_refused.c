@@ -1,9 +1,11 @@
 /* A process tree the engine cannot carry: child A holds a TCP listener (loopback, never
- * connected), child B maps a deleted file its parent maps too (saved per image, it would split). The preflight names both children and
+ * connected), child B has a SysV segment attached that its parent has attached too (saved per
+ * image, it would split). The preflight names both children and
  * why, at once; the dump is refused and every process runs on. */
 #include "fidelity.h"
 #include <netinet/in.h>
 #include <sys/mman.h>
+#include <sys/shm.h>
 #include <sys/socket.h>
 #include <sys/wait.h>
 
@@ -27,10 +29,9 @@ int main(void) {
         wait_usr1();
         _exit(usr1 ? 0 : 1);
     }
-    int mfd = open("tree-shared", O_RDWR | O_CREAT, 0600);
-    ftruncate(mfd, 4096);
-    unlink("tree-shared");
-    volatile char *m = mmap(NULL, 4096, PROT_READ | PROT_WRITE, MAP_SHARED, mfd, 0);
+    int id = shmget(IPC_PRIVATE, 4096, IPC_CREAT | 0600);
+    volatile char *m = shmat(id, NULL, 0);
+    shmctl(id, IPC_RMID, NULL); /* gone with the last detach */
     m[0] = 'p';
     pid_t b = fork();
     if (b == 0) {
