@@ -115,6 +115,8 @@ pub(crate) struct FromTree {
     pub(crate) memfds: std::collections::HashMap<u64, std::os::fd::OwnedFd>,
     /// Files deleted while open, by inode: the path of the file a member restored before holds.
     pub(crate) ghosts: std::collections::HashMap<u64, std::path::PathBuf>,
+    /// SysV segments (ids) a member restored before found or made: attached as they are.
+    pub(crate) shm: std::collections::HashSet<i32>,
 }
 
 /// Phases timed as they end.
@@ -292,7 +294,8 @@ pub(crate) fn complete(
     let above_fds = (m.files.fds.iter().map(|e| e.fd).max().unwrap_or(2) + 1).max(3) as u64;
     let mut memfds = memfd::install(&r, &m.memfds, &img.memfd_data, above_fds, &from_tree.memfds)?;
     ghosts::install(&r, &m.ghosts, &img.ghost_data, above_fds, &mut memfds, &from_tree.ghosts)?;
-    let shm = sysv::prepare(&m.shm, &m.memory, img.pages.bytes(), img.precopy.bytes())?;
+    let segs: Vec<sysv::ShmSegment> = m.shm.iter().filter(|s| !from_tree.shm.contains(&s.id)).cloned().collect();
+    let shm = sysv::prepare(&segs, &m.memory, img.pages.bytes(), img.precopy.bytes())?;
     // Shared anonymous memory of a process of the same tree restored before: opened here.
     let mut alias_fds = std::collections::HashMap::new();
     for (range, (path, off)) in &from_tree.maps {

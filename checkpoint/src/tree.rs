@@ -424,7 +424,7 @@ fn plan(members: &[Member], root_external: &[i32], data: bool) -> Result<Plan> {
 
     // Shared anonymous memory: the first member (parents first) with the object restores it.
     let mut first: HashMap<u64, (Pid, Vec<proc::MapLine>)> = HashMap::new();
-    // Deleted directories and SysV segments are saved per image: shared, they would split.
+    // Deleted directories are saved per image: shared, they would split.
     let mut per_image: HashMap<String, Vec<Pid>> = HashMap::new();
     // memfds and deleted files: the first member (parents first) whose image has one makes it,
     // the others open it from there. ino → (owner, handle); (pid, ino) seen.
@@ -471,13 +471,6 @@ fn plan(members: &[Member], root_external: &[i32], data: bool) -> Result<Plan> {
                 l.path.starts_with('/') && crate::ghosts::deleted_path(&l.path).is_some() && !is_shared_anon(&l);
             if memfd || ghost {
                 file_use(&mut p, m.pid, l.inode, ghost, format!("map_files/{:x}-{:x}", l.start, l.end));
-            }
-            if l.path.starts_with("/SYSV") {
-                let key = format!("{} (inode {})", l.path, l.inode);
-                let v = per_image.entry(key).or_default();
-                if !v.contains(&m.pid) {
-                    v.push(m.pid);
-                }
             }
             if !is_shared_anon(&l) {
                 continue;
@@ -527,8 +520,8 @@ fn plan(members: &[Member], root_external: &[i32], data: bool) -> Result<Plan> {
             Error::Unsupported {
                 pid: v[1],
                 what: format!(
-                    "{what} shared with {} (deleted directories and SysV segments shared between processes of a \
-                     tree are not carried yet)",
+                    "{what} shared with {} (deleted directories shared between processes of a tree are not \
+                     carried yet)",
                     crate::dump::named(&v[..1])
                 ),
             },
@@ -1035,6 +1028,8 @@ pub fn restore(dir: &Path, opts: &RestoreOptions) -> Result<RestoreReport> {
     let mut held = Vec::new();
     let mut root_rep = None;
     let mut member_phases = Vec::new();
+    // SysV segments: found or made by the first member that has one attached.
+    let mut shm_made: HashSet<i32> = HashSet::new();
     for (i, m) in t.members.iter().enumerate() {
         let Some(stub) = stubs[i].take() else { continue };
         let img = &imgs[&m.pid];
@@ -1068,6 +1063,8 @@ pub fn restore(dir: &Path, opts: &RestoreOptions) -> Result<RestoreReport> {
                 .map_err(|e| in_member(m, Error::Io { path: path.clone(), err: e }))?;
             from.memfds.insert(s.ino, OwnedFd::from(f));
         }
+        from.shm = img.manifest.shm.iter().map(|s| s.id).filter(|id| shm_made.contains(id)).collect();
+        shm_made.extend(img.manifest.shm.iter().map(|s| s.id));
         let o = RestoreOptions {
             external_fds: external_of(m, &with),
             new_pid: opts.new_pid && m.ppid == 0,

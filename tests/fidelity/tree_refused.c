@@ -1,11 +1,9 @@
 /* A process tree the engine cannot carry: child A holds a TCP listener (loopback, never
- * connected), child B has a SysV segment attached that its parent has attached too (saved per
- * image, it would split). The preflight names both children and
- * why, at once; the dump is refused and every process runs on. */
+ * connected); child B made grandchild G, then left for a session of its own (setsid), so G's
+ * session is neither its own nor its parent's. The preflight names A and G and why, at once;
+ * the dump is refused and every process runs on. */
 #include "fidelity.h"
 #include <netinet/in.h>
-#include <sys/mman.h>
-#include <sys/shm.h>
 #include <sys/socket.h>
 #include <sys/wait.h>
 
@@ -29,33 +27,41 @@ int main(void) {
         wait_usr1();
         _exit(usr1 ? 0 : 1);
     }
-    int id = shmget(IPC_PRIVATE, 4096, IPC_CREAT | 0600);
-    volatile char *m = shmat(id, NULL, 0);
-    shmctl(id, IPC_RMID, NULL); /* gone with the last detach */
-    m[0] = 'p';
     pid_t b = fork();
     if (b == 0) {
+        pid_t g = fork();
+        if (g == 0) {
+            close(rdy[0]);
+            close(rdy[1]);
+            wait_usr1();
+            _exit(usr1 ? 0 : 1);
+        }
+        setsid();
         close(rdy[0]);
-        m[1] = 'c';
-        write(rdy[1], "r", 1);
+        char line[32];
+        int n = snprintf(line, sizeof line, "%d", g);
+        write(rdy[1], line, n); /* G's pid, then B is ready */
         close(rdy[1]);
         wait_usr1();
-        _exit(usr1 && m[0] == 'p' ? 0 : 1);
+        kill(g, SIGUSR1);
+        int st = 0;
+        _exit(usr1 && waitpid(g, &st, 0) == g && WIFEXITED(st) && WEXITSTATUS(st) == 0 ? 0 : 1);
     }
     close(rdy[1]);
-    char buf[2];
+    char buf[64] = {0};
     int got = 0;
-    while (got < 2) {
-        ssize_t k = read(rdy[0], buf + got, 2 - got);
+    for (;;) {
+        ssize_t k = read(rdy[0], buf + got, sizeof buf - 1 - got);
         if (k <= 0) break;
         got += k;
     }
     close(rdy[0]);
-    CHECK(got == 2 && buf[0] == 'r' && buf[1] == 'r', "children not ready");
-    printf("A=%d B=%d\n", a, b);
+    char *r = strchr(buf, 'r'); /* A's byte, before or after G's pid */
+    CHECK(r != NULL && got > 1, "children not ready: %s", buf);
+    if (r) memmove(r, r + 1, strlen(r));
+    printf("A=%d G=%s\n", a, buf);
     ready();
     wait_go();
-    CHECK(m[1] == 'c', "child's write lost");
     int st;
     kill(a, SIGUSR1);
     CHECK(waitpid(a, &st, 0) == a && WIFEXITED(st) && WEXITSTATUS(st) == 0, "child A: %#x", st);

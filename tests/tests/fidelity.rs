@@ -323,12 +323,17 @@ fn tree_pidfd() {
 }
 
 #[test]
+fn tree_sysv() {
+    tree("tree_sysv", 2, &[]);
+}
+
+#[test]
 fn tree_groups() {
     tree("tree_groups", 6, &[]);
 }
 
-/// The preflight of a tree lists the blockers of every member at once, each naming its member;
-/// the dump is refused and the whole tree runs on.
+/// The preflight of a tree lists the blockers of every member at once, each naming its member
+/// (a child's socket, a grandchild's session); the dump is refused and the whole tree runs on.
 #[test]
 fn tree_refused() {
     if !root() {
@@ -339,15 +344,15 @@ fn tree_refused() {
     let pid_of = |k: &str| -> i32 {
         out.split_whitespace().find_map(|w| w.strip_prefix(k)).and_then(|v| v.parse().ok()).expect("child pid")
     };
-    let (a, b) = (pid_of("A="), pid_of("B="));
+    let (a, g) = (pid_of("A="), pid_of("G="));
     let opts = ck::DumpOptions { tree: true, ..Default::default() };
     let all: Vec<String> = ck::blockers(p.pid, &opts).unwrap().iter().map(|e| e.to_string()).collect();
-    let has = |who: i32, what: &[&str]| {
-        let named = format!("pid {who} (tree_refused), child of {}", p.pid);
-        all.iter().any(|e| e.starts_with(&named) && what.iter().all(|w| e.contains(w)))
-    };
-    assert!(has(a, &["AF_INET", "real network sockets"]), "child A's socket not named: {all:#?}");
-    assert!(has(b, &["/SYSV", &format!("shared with pid {}", p.pid)]), "child B's mapping: {all:#?}");
+    let has =
+        |named: String, what: &[&str]| all.iter().any(|e| e.starts_with(&named) && what.iter().all(|w| e.contains(w)));
+    let child = format!("pid {a} (tree_refused), child of {}", p.pid);
+    assert!(has(child, &["AF_INET", "real network sockets"]), "child A's socket not named: {all:#?}");
+    let grandchild = format!("pid {g} (tree_refused), child of ");
+    assert!(has(grandchild, &["session", "neither its own nor its parent's"]), "grandchild G's session: {all:#?}");
     let e = ck::dump_with(p.pid, &p.img(1), AfterDump::Kill, &opts).expect_err("dump should be refused").to_string();
     assert!(e.contains("child of"), "{e}");
     assert!(!p.img(1).join("tree.img").exists());
