@@ -328,6 +328,11 @@ fn tree_sysv() {
 }
 
 #[test]
+fn tree_listener() {
+    tree("tree_listener", 3, &[]);
+}
+
+#[test]
 fn tree_groups() {
     tree("tree_groups", 6, &[]);
 }
