@@ -159,7 +159,10 @@ pub fn is_tree(dir: &Path) -> bool {
 fn member(pid: Pid, ppid: Pid) -> Result<Member> {
     let f = stat_fields(pid)?;
     let n = |i: usize| f.get(i).and_then(|v| v.parse::<i64>().ok()).unwrap_or(0);
-    let zombie = f.get(3).is_some_and(|s| s == "Z");
+    // A leader whose main thread exited while others run shows Z too: not a zombie (its own
+    // dump refuses it, naming why).
+    let threads = proc::threads(pid).unwrap_or(1);
+    let zombie = f.get(3).is_some_and(|s| s == "Z") && threads <= 1;
     Ok(Member {
         pid,
         ppid,
@@ -564,7 +567,8 @@ fn plan(members: &[Member], root_external: &[i32], data: bool) -> Result<Plan> {
     let ns_of = |pid: Pid, ns: &str| std::fs::read_link(proc_path(pid, &format!("ns/{ns}"))).ok();
     for m in live.iter().skip(1) {
         for ns in ["pid", "pid_for_children", "mnt", "net", "ipc", "uts", "user", "cgroup", "time"] {
-            let (theirs, root) = (ns_of(m.pid, ns), ns_of(members[0].pid, ns));
+            // (Unreadable: a process whose main thread exited; its own blockers say so.)
+            let (Some(theirs), Some(root)) = (ns_of(m.pid, ns), ns_of(members[0].pid, ns)) else { continue };
             if theirs != root {
                 p.blockers.push(in_member(
                     m,
@@ -572,8 +576,8 @@ fn plan(members: &[Member], root_external: &[i32], data: bool) -> Result<Plan> {
                         pid: m.pid,
                         what: format!(
                             "a {ns} namespace of its own ({}; the root's is {}: namespaces are not carried)",
-                            theirs.map_or("?".into(), |t| t.display().to_string()),
-                            root.map_or("?".into(), |t| t.display().to_string())
+                            theirs.display(),
+                            root.display()
                         ),
                     },
                 ));

@@ -365,6 +365,24 @@ fn tree_refused() {
     p.expect_pass();
 }
 
+/// A child whose main thread exited (its threads run on) looks like a zombie but is not: refused,
+/// named, never restored dead.
+#[test]
+fn tree_main_exit_refused() {
+    if !root() {
+        return;
+    }
+    let p = Prog::start("tree_main_exit");
+    let opts = ck::DumpOptions { tree: true, ..Default::default() };
+    let e = ck::dump_with(p.pid, &p.img(1), AfterDump::Kill, &opts).expect_err("dump should be refused").to_string();
+    for w in ["child of", "main thread has exited"] {
+        assert!(e.contains(w), "error {e:?} should mention {w:?}");
+    }
+    assert!(!p.img(1).join("tree.img").exists());
+    p.go();
+    p.expect_pass();
+}
+
 /// A vfork child shares its parent's memory: a tree with it is refused, naming the child.
 #[test]
 fn tree_vfork_refused() {
