@@ -236,7 +236,9 @@ fn plan(members: &[Member], root_external: &[i32], data: bool) -> Result<Plan> {
     // Every fd of every member: (pid, fd, link, fdinfo flags).
     let mut fds: Vec<(Pid, i32, String, u32)> = Vec::new();
     for m in &live {
-        for fd in crate::files::list_fds(m.pid)? {
+        // Unreadable (a process whose main thread exited): its own blockers say why.
+        let Ok(list) = crate::files::list_fds(m.pid) else { continue };
+        for fd in list {
             if m.ppid == 0 && root_external.contains(&fd) {
                 continue;
             }
@@ -467,7 +469,7 @@ fn plan(members: &[Member], root_external: &[i32], data: bool) -> Result<Plan> {
                 Err(_) => {}
             }
         }
-        let maps = proc::maps(m.pid)?;
+        let Ok(maps) = proc::maps(m.pid) else { continue };
         for l in maps {
             let memfd = crate::memfd::name_of(&l.path).is_some();
             let ghost =
