@@ -365,6 +365,26 @@ fn tree_refused() {
     p.expect_pass();
 }
 
+/// A tree restored beside its running original: the child's pid is taken, so the restore fails
+/// naming it; the original runs on undisturbed.
+#[test]
+fn tree_pid_taken_fails_restore() {
+    if !root() {
+        return;
+    }
+    let p = Prog::start("tree_pipes");
+    let opts = ck::DumpOptions { tree: true, ..Default::default() };
+    let rep = ck::dump_with(p.pid, &p.img(1), AfterDump::LeaveRunning, &opts).expect("dump");
+    let child = rep.tree[1];
+    let e = ck::restore(&p.img(1), &RestoreOptions::default()).expect_err("restore should fail").to_string();
+    for w in [format!("pid {child} (tree_pipes), child of {}", p.pid), format!("pid {child} cannot be given again")] {
+        assert!(e.contains(&w), "error {e:?} should mention {w:?}");
+    }
+    p.go();
+    p.expect_pass();
+    assert!(read(&p.out()).contains("child-ok"));
+}
+
 /// A child whose main thread exited (its threads run on) looks like a zombie but is not: refused,
 /// named, never restored dead.
 #[test]
