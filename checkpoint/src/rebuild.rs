@@ -245,15 +245,16 @@ impl Stub {
             sys::prlimit(pid, libc::RLIMIT_CORE, Some((0, 0))).map_err(pt("prlimit(RLIMIT_CORE)", pid))?;
             sys::set_sigmask(pid, 0).map_err(pt("PTRACE_SETSIGMASK", pid))?;
             sys::kill(pid, sig).map_err(pt("kill", pid))?;
-            let mut st = 0;
+            let (mut st, mut pass) = (0, 0);
             for _ in 0..16 {
-                // The signal is reported to us first (signal-delivery-stop), then delivered.
-                sys::cont(pid, if st != 0 && libc::WIFSTOPPED(st) { libc::WSTOPSIG(st) } else { 0 })
-                    .map_err(pt("PTRACE_CONT", pid))?;
+                // The signal is reported to us first (signal-delivery-stop), then passed on and
+                // delivered; SIGKILL ends it at once (the resume may then find it gone).
+                let _ = sys::cont(pid, pass);
                 st = sys::wait(pid).map_err(pt("waitpid", pid))?;
                 if !libc::WIFSTOPPED(st) {
                     break;
                 }
+                pass = if libc::WSTOPSIG(st) == sig { sig } else { 0 };
             }
             st
         } else {

@@ -1,5 +1,5 @@
-/* A process tree with zombies: one child exited with 42, one was killed by SIGTERM, neither
- * reaped at the dump; a live child waits for SIGUSR1. After the restore the parent collects the
+/* A process tree with zombies: one child exited with 42, one was killed by SIGTERM, one by
+ * SIGKILL, none reaped at the dump; a live child waits for SIGUSR1. After the restore the parent collects the
  * zombies' statuses, no SIGCHLD arrives that had not arrived before, and the live child (still
  * its child, same pid) exits when told. */
 #include "fidelity.h"
@@ -18,6 +18,9 @@ int main(void) {
     if (z1 == 0) _exit(42);
     pid_t z2 = fork();
     if (z2 == 0) { signal(SIGTERM, SIG_DFL); raise(SIGTERM); _exit(1); }
+    pid_t z3 = fork();
+    if (z3 == 0) { for (;;) pause(); }
+    kill(z3, SIGKILL);
     pid_t live = fork();
     if (live == 0) {
         pid_t pp = getppid();
@@ -27,6 +30,7 @@ int main(void) {
     siginfo_t si;
     CHECK(waitid(P_PID, z1, &si, WEXITED | WNOWAIT) == 0, "waitid z1");
     CHECK(waitid(P_PID, z2, &si, WEXITED | WNOWAIT) == 0, "waitid z2");
+    CHECK(waitid(P_PID, z3, &si, WEXITED | WNOWAIT) == 0, "waitid z3");
     msleep(10); /* let both SIGCHLDs be handled */
     int seen = chld;
     ready();
@@ -38,6 +42,9 @@ int main(void) {
     st = 0;
     CHECK(waitpid(z2, &st, WNOHANG) == z2, "zombie %d lost", z2);
     CHECK(WIFSIGNALED(st) && WTERMSIG(st) == SIGTERM, "zombie 2 status %#x", st);
+    st = 0;
+    CHECK(waitpid(z3, &st, WNOHANG) == z3, "zombie %d lost", z3);
+    CHECK(WIFSIGNALED(st) && WTERMSIG(st) == SIGKILL, "zombie 3 status %#x", st);
     CHECK(kill(live, SIGUSR1) == 0, "live child %d gone", live);
     st = 0;
     CHECK(waitpid(live, &st, 0) == live, "live child not ours");

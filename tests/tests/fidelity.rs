@@ -293,7 +293,7 @@ fn tree(name: &'static str, members: usize, want: &[&str]) {
 
 #[test]
 fn tree_zombie() {
-    tree("tree_zombie", 4, &[]);
+    tree("tree_zombie", 5, &[]);
 }
 
 #[test]
