@@ -661,6 +661,13 @@ pub fn blockers(root: Pid, opts: &DumpOptions) -> Result<Vec<Error>> {
 
 /// Dumps the tree under `root` into `dir` (see the module doc).
 pub fn dump(root: Pid, dir: &Path, after: AfterDump, opts: &DumpOptions) -> Result<DumpReport> {
+    // Each member writes its own pages.img: one page stream or pre-copy store cannot serve them.
+    if opts.pages_to.is_some() || opts.precopy.is_some() {
+        return Err(Error::Unsupported {
+            pid: root,
+            what: "a process tree whose pages go elsewhere than the image directory (a move: not yet)".into(),
+        });
+    }
     let start = Instant::now();
     let mut clk = crate::dump::Clock { last: start, phases: Vec::new() };
     if let Some(e) = blockers(root, opts)?.into_iter().next() {
