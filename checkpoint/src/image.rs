@@ -117,7 +117,12 @@ pub fn create_dir(dir: &Path) -> Result<()> {
     for e in std::fs::read_dir(dir).map_err(io_at(dir))?.flatten() {
         let name = e.file_name();
         let name = name.to_string_lossy();
-        if name == MANIFEST || name == PAGES || (name.starts_with("memfd-") && name.ends_with(".img")) {
+        // (tree.img too: a process tree's image here before would otherwise be restored instead.)
+        if name == MANIFEST
+            || name == PAGES
+            || name == crate::tree::TREE
+            || (name.starts_with("memfd-") && name.ends_with(".img"))
+        {
             std::fs::remove_file(e.path()).map_err(io_at(e.path()))?;
         }
     }
