@@ -7,7 +7,9 @@
 //!   SysV segments [`sysv`]), fds
 //!   ([`files`]) and their locks ([`locks`]), signals ([`signals`]), process attributes ([`task`]);
 //! - [`image`]: write and read (checked) images;
-//! - [`rebuild`]: a new process from an image.
+//! - [`rebuild`]: a new process from an image;
+//! - [`tree`]: a process and all its descendants, dumped and restored together (what they share
+//!   stays shared).
 //!
 //! One module per kind of process state, with its collect and its rebuild side by side. All
 //! `unsafe` lives in [`sys`]. The library never prints or exits; errors name what they are about.
