@@ -54,6 +54,8 @@ pub struct Member {
     pub exit_signal: i32,
     /// A zombie not yet reaped: its wait status.
     pub zombie: Option<i32>,
+    /// In a job-control stop (SIGSTOP, SIGTSTP…): restored into one.
+    pub stopped: bool,
 }
 
 /// A pipe with ends in several members: made by the restorer, filled with `data`.
@@ -171,6 +173,7 @@ fn member(pid: Pid, ppid: Pid) -> Result<Member> {
         comm: proc::read_string(pid, "comm").unwrap_or_default().trim_end().to_string(),
         exit_signal: n(38) as i32,
         zombie: zombie.then(|| n(52) as i32),
+        stopped: f.get(3).is_some_and(|s| s == "T"),
     })
 }
 
@@ -1098,9 +1101,11 @@ pub fn restore(dir: &Path, opts: &RestoreOptions) -> Result<RestoreReport> {
     let members_time: std::time::Duration = member_phases.iter().map(|p| p.1).sum();
     laps.phases.push(("share", loop_time.saturating_sub(members_time)));
     laps.phases.extend(member_phases);
-    // All complete: let them run, children first.
-    for h in held.into_iter().rev() {
-        h.release(opts.stopped)?;
+    // All complete: let them run, children first; those that were in a job-control stop go back
+    // into one (their parent is told again, as after a new SIGSTOP).
+    let live: Vec<&Member> = t.members.iter().filter(|m| m.zombie.is_none()).collect();
+    for (h, m) in held.into_iter().zip(live).rev() {
+        h.release(opts.stopped || m.stopped)?;
     }
     laps.lap("release");
     let mut rep = root_rep.expect("the root is live");
@@ -1117,7 +1122,7 @@ mod tests {
     use super::*;
 
     fn m(pid: Pid, ppid: Pid, zombie: Option<i32>) -> Member {
-        Member { pid, ppid, pgid: pid, sid: pid, comm: "x".into(), exit_signal: libc::SIGCHLD, zombie }
+        Member { pid, ppid, pgid: pid, sid: pid, comm: "x".into(), exit_signal: libc::SIGCHLD, zombie, stopped: false }
     }
 
     fn write(dir: &Path, t: &TreeManifest) -> PathBuf {

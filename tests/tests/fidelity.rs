@@ -333,6 +333,11 @@ fn tree_listener() {
 }
 
 #[test]
+fn tree_stopped() {
+    tree("tree_stopped", 2, &[]);
+}
+
+#[test]
 fn tree_groups() {
     tree("tree_groups", 6, &[]);
 }
