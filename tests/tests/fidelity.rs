@@ -1323,8 +1323,9 @@ fn changed_file_and_corrupt_image_refused() {
     assert!(e.contains("checksum mismatch") && e.contains("pages.img"), "{e}");
 }
 
-/// The CLI around the same engine: `migrate-cli dump --json` then `migrate-cli restore`; a refused
-/// dump is one line on stderr and a non-zero exit. Needs the binary built next to this test
+/// The CLI around the same engine: `migrate-cli dump --json` then `migrate-cli restore` (of one
+/// process, then of a process tree); a refused dump is one line on stderr and a non-zero exit.
+/// Needs the binary built next to this test
 /// (`cargo build -p migrate-cli` or `cargo test --workspace`); otherwise SKIP.
 #[test]
 fn cli_dump_restore() {
@@ -1355,6 +1356,23 @@ fn cli_dump_restore() {
     assert_eq!(pid, p.pid, "the old pid was free");
     p.go();
     p.expect_pass();
+
+    // A process with children: `dump` takes its whole tree, `restore` brings it back.
+    let mut p = Prog::start("tree_pipes");
+    let out =
+        Command::new(&cli).args(["dump", &p.pid.to_string(), "--images"]).arg(p.img(1)).arg("--json").output().unwrap();
+    assert!(out.status.success(), "tree dump: {}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let tree: Vec<i64> = v["tree"].as_array().unwrap().iter().map(|x| x.as_i64().unwrap()).collect();
+    assert_eq!((tree.len(), tree[0]), (2, p.pid as i64), "{v}");
+    wait_exit(p.pid, Duration::from_secs(5));
+    let out = Command::new(&cli).args(["restore", "--images"]).arg(p.img(1)).output().unwrap();
+    assert!(out.status.success(), "tree restore: {}", String::from_utf8_lossy(&out.stderr));
+    p.pid = String::from_utf8_lossy(&out.stdout).trim().parse().expect("restore prints the root's pid");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("process tree of 2"));
+    p.go();
+    p.expect_pass();
+    assert!(read(&p.out()).contains("child-ok"));
 
     let t = Prog::start("tcp_socket");
     let out = Command::new(&cli).args(["dump", &t.pid.to_string(), "--images"]).arg(t.img(1)).output().unwrap();
