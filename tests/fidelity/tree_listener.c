@@ -7,6 +7,7 @@
 #include <sys/wait.h>
 
 static void worker(int l) {
+    alarm(60); /* a lost worker does not wait forever */
     for (int n = 0; n < 1000; n++) {
         int c = accept(l, NULL, NULL);
         if (c < 0) continue;

@@ -266,6 +266,28 @@ fidelity! {
     deleted_dirs,
 }
 
+/// The members of a restored tree: a failing test kills those still there (`Prog` kills only
+/// the root), each checked to be ours (its working directory is the program's).
+struct Members {
+    pids: Vec<i32>,
+    dir: PathBuf,
+}
+
+impl Drop for Members {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            return;
+        }
+        for &pid in self.pids.iter().skip(1) {
+            let cwd = fs::read_link(format!("/proc/{pid}/cwd")).unwrap_or_default();
+            if cwd.starts_with(&self.dir) {
+                // SAFETY: killing a process this test restored, by pid.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+        }
+    }
+}
+
 /// A process tree (`DumpOptions::tree`): every member dumped, all restored with their pids;
 /// the root then checks the tree and prints PASS; `want` must be in its output too.
 fn tree(name: &'static str, members: usize, want: &[&str]) {
@@ -281,6 +303,7 @@ fn tree(name: &'static str, members: usize, want: &[&str]) {
     wait_exit(p.pid, Duration::from_secs(5));
     let r =
         ck::restore(&p.img(1), &RestoreOptions::default()).unwrap_or_else(|e| panic!("{name}: restore failed: {e}"));
+    let _members = Members { pids: r.tree.clone(), dir: p.dir.path().to_path_buf() };
     assert_eq!(r.tree, rep.tree, "{name}: every member keeps its pid");
     p.pid = r.pid;
     p.go();
