@@ -22,6 +22,10 @@ pub struct CheckpointBenchArgs {
     /// Where images are written (one at a time, removed afterwards).
     #[arg(long, default_value = "/tmp/dvk-ckpt-bench")]
     pub dir: PathBuf,
+    /// A process tree of this many processes instead (the workload and its children, each
+    /// touching its own share of the size), dumped and restored whole.
+    #[arg(long, default_value_t = 1)]
+    pub tree: usize,
 }
 
 struct Workload {
@@ -30,7 +34,7 @@ struct Workload {
     len: usize,
 }
 
-fn spawn_workload(len: usize) -> anyhow::Result<Workload> {
+fn spawn_workload(len: usize, members: usize) -> anyhow::Result<Workload> {
     // SAFETY: anonymous mapping owned by this process until the fork; the parent unmaps it.
     let p = unsafe {
         libc::mmap(
@@ -49,11 +53,26 @@ fn spawn_workload(len: usize) -> anyhow::Result<Workload> {
     // plain syscalls, and never returns.
     let pid = unsafe { libc::fork() };
     if pid == 0 {
-        // SAFETY: child side: fill the mapping, detach stdio, sleep forever.
+        // SAFETY: child side: (a tree: fork the other members first, each fills its own share
+        // of the mapping and tells the root through a pipe) fill the mapping, detach stdio,
+        // sleep forever.
         unsafe {
-            let words = p as *mut u64;
-            let mut x = 0x9E37_79B9_7F4A_7C15u64;
-            for i in 0..len / 8 {
+            let share = (len / members) & !4095;
+            let mut me = 0;
+            let mut rdy = [-1i32; 2];
+            if members > 1 {
+                libc::pipe(rdy.as_mut_ptr());
+                for i in 1..members {
+                    if libc::fork() == 0 {
+                        me = i;
+                        break;
+                    }
+                }
+            }
+            let words = (p as *mut u8).add(me * share) as *mut u64;
+            let mut x = 0x9E37_79B9_7F4A_7C15u64 ^ me as u64;
+            let mine = if members > 1 { share } else { len };
+            for i in 0..mine / 8 {
                 x ^= x << 13;
                 x ^= x >> 7;
                 x ^= x << 17;
@@ -63,9 +82,20 @@ fn spawn_workload(len: usize) -> anyhow::Result<Workload> {
             for fd in 0..3 {
                 libc::dup2(null, fd);
             }
+            if me > 0 {
+                libc::write(rdy[1], c"r".as_ptr().cast(), 1);
+            } else if members > 1 {
+                libc::close(rdy[1]);
+                let mut b = [0u8; 1];
+                for _ in 1..members {
+                    libc::read(rdy[0], b.as_mut_ptr().cast(), 1);
+                }
+            }
             libc::syscall(libc::SYS_close_range, 3, u32::MAX, 0);
             libc::kill(libc::getpid(), 0);
-            std::ptr::write_volatile(words, 1); // ready marker: first word
+            if me == 0 {
+                std::ptr::write_volatile(words, 1); // ready marker: first word (all members filled)
+            }
             loop {
                 libc::pause();
             }
@@ -76,7 +106,9 @@ fn spawn_workload(len: usize) -> anyhow::Result<Workload> {
     if pid < 0 {
         bail!("fork failed");
     }
-    let w = Workload { pid, addr: p as u64, len };
+    // A tree: the root's own share (what the baselines read; the others have theirs).
+    let own = if members > 1 { (len / members) & !4095 } else { len };
+    let w = Workload { pid, addr: p as u64, len: own };
     // Ready once the child's first word is 1 (written after the fill).
     let t = Instant::now();
     loop {
@@ -133,7 +165,15 @@ fn write_baseline(dir: &std::path::Path, len: usize, buf: &[u8]) -> anyhow::Resu
 }
 
 pub fn run(args: &CheckpointBenchArgs) -> anyhow::Result<()> {
-    println!("checkpoint engine: dump (kill) + restore of a process with N MB of touched memory");
+    let members = args.tree.max(1);
+    if members > 1 {
+        println!("checkpoint engine: dump (kill) + restore of a tree of {members} processes with N MB of touched memory in all");
+        // Members orphaned by the clean-up (their parent killed first) are ours to reap.
+        // SAFETY: integer-only prctl on this process.
+        unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
+    } else {
+        println!("checkpoint engine: dump (kill) + restore of a process with N MB of touched memory");
+    }
     println!(
         "{:>8} {:>9} | {:>9} {:>9} {:>9} {:>9} | {:>9} {:>9} {:>9} {:>9} | {:>9} {:>9}",
         "size MB",
@@ -151,7 +191,7 @@ pub fn run(args: &CheckpointBenchArgs) -> anyhow::Result<()> {
     );
     for &mb in &args.sizes {
         let len = ((mb * 1024.0 * 1024.0) as usize).div_ceil(4096) * 4096;
-        let w = spawn_workload(len)?;
+        let w = spawn_workload(len, members)?;
         // Baseline: one process_vm_readv pass over the same memory, 8 MiB at a time.
         let mut buf = vec![0u8; 8 << 20];
         let t = Instant::now();
@@ -169,7 +209,8 @@ pub fn run(args: &CheckpointBenchArgs) -> anyhow::Result<()> {
 
         let dir = args.dir.join(format!("img-{}", w.pid));
         let _ = std::fs::remove_dir_all(&dir);
-        let d = match ck::dump(w.pid, &dir, AfterDump::Kill) {
+        let opts = ck::DumpOptions { tree: members > 1, ..Default::default() };
+        let d = match ck::dump_with(w.pid, &dir, AfterDump::Kill, &opts) {
             Ok(d) => d,
             Err(e) => {
                 kill(w.pid);
@@ -181,7 +222,19 @@ pub fn run(args: &CheckpointBenchArgs) -> anyhow::Result<()> {
         // The copy must be alive and hold the data.
         let mut b = [0u8; 8];
         let n = ck::sys::vm_read(r.pid, &mut b, &[(w.addr + 8, 8)]).unwrap_or(0);
+        let _ = len;
+        if members > 1 && r.tree.len() != members {
+            bail!("restored a tree of {} processes, not {members}", r.tree.len());
+        }
+        for &m in r.tree.iter().skip(1) {
+            // SAFETY: killing a member of the tree this benchmark made, by pid.
+            unsafe { libc::kill(m, libc::SIGKILL) };
+        }
         kill(r.pid);
+        for _ in 1..members {
+            // SAFETY: valid out pointer; reaps the orphaned members (we are their subreaper).
+            unsafe { libc::waitpid(-1, std::ptr::null_mut(), 0) };
+        }
         let _ = std::fs::remove_dir_all(&dir);
         if n != 8 {
             bail!("restored workload {} does not hold its memory", r.pid);

@@ -41,6 +41,12 @@ pub struct DumpOptions {
     /// A job of an interactive shell: its fds on its controlling terminal are recorded as the
     /// shell job's terminal, which the restorer's replaces (`RestoreOptions::shell_job`).
     pub shell_job: bool,
+    /// Take the whole process tree under the pid (see `tree`): every descendant is dumped with
+    /// it. Without it, a process with children is refused (a move carries one process).
+    pub tree: bool,
+    /// Processes dumped together with this one (set by the tree dump for each member: the
+    /// others): a FIFO or a locked open file description shared with them is not refused.
+    pub allies: Vec<Pid>,
 }
 
 /// The fds not judged as files: the caller's, and a shell job's terminal.
@@ -63,7 +69,7 @@ impl std::fmt::Debug for PrecopyRef {
 }
 
 /// Err([`Error::Interrupted`]) if the caller asked the dump to stop.
-fn check_interrupted(pid: Pid, opts: &DumpOptions) -> Result<()> {
+pub(crate) fn check_interrupted(pid: Pid, opts: &DumpOptions) -> Result<()> {
     match opts.interrupted {
         Some(asked) if asked() => Err(Error::Interrupted { pid }),
         _ => Ok(()),
@@ -86,6 +92,9 @@ pub struct DumpReport {
     pub precopy: Vec<crate::precopy::Round>,
     /// Bytes the image refers to in the pre-copy store instead of holding them.
     pub precopied_bytes: u64,
+    /// A process tree: every member dumped (the root first, parents before children), zombies
+    /// included; empty for a single process.
+    pub tree: Vec<Pid>,
 }
 
 /// Refuses what cannot be moved, without touching the process: the first of [`blockers`].
@@ -103,6 +112,14 @@ pub fn preflight(pid: Pid, opts: &DumpOptions) -> Result<()> {
 /// message queues. The fds in `opts.external_fds` are not judged.
 /// `Err` only when the process cannot be read at all.
 pub fn blockers(pid: Pid, opts: &DumpOptions) -> Result<Vec<Error>> {
+    if opts.tree && crate::tree::has_children(pid) {
+        return crate::tree::blockers(pid, opts);
+    }
+    process_blockers(pid, opts, false)
+}
+
+/// [`blockers`] of one process; `in_tree`: its children are dumped with it (not a blocker).
+pub(crate) fn process_blockers(pid: Pid, opts: &DumpOptions, in_tree: bool) -> Result<Vec<Error>> {
     // A thread-group leader that exited (pthread_exit in main) while other threads run on: its
     // /proc entries (maps, fds) are gone, nothing else can be judged through it.
     let status = proc::read_string(pid, "status")?;
@@ -132,7 +149,7 @@ pub fn blockers(pid: Pid, opts: &DumpOptions) -> Result<Vec<Error>> {
             }
         }
     }
-    v.extend(files::blockers(pid, &unjudged_fds(pid, opts))?);
+    v.extend(files::blockers_with(pid, &unjudged_fds(pid, opts), &opts.allies)?);
     if opts.shell_job {
         v.extend(crate::ttys::shell_job_blockers(pid));
     }
@@ -155,10 +172,13 @@ pub fn blockers(pid: Pid, opts: &DumpOptions) -> Result<Vec<Error>> {
             }
         }
     }
-    if !children.is_empty() {
+    if !children.is_empty() && !in_tree {
         v.push(Error::Unsupported {
             pid,
-            what: format!("a process with children ({}): process trees", named(&children)),
+            what: format!(
+                "a process with children ({}): process trees are dumped only whole (`migrate-cli dump`), not moved",
+                named(&children)
+            ),
         });
     }
     // POSIX timers on clocks that cannot follow (the overrun count is judged at collection).
@@ -167,7 +187,7 @@ pub fn blockers(pid: Pid, opts: &DumpOptions) -> Result<Vec<Error>> {
 }
 
 /// "pid 4242 (python3)", "pids 4242 (python3), 4243 (sh)".
-fn named(pids: &[Pid]) -> String {
+pub(crate) fn named(pids: &[Pid]) -> String {
     let h: Vec<(Pid, String)> = pids
         .iter()
         .map(|&p| {
@@ -178,12 +198,12 @@ fn named(pids: &[Pid]) -> String {
     files::name_holders(&h)
 }
 
-struct Clock {
-    last: Instant,
-    phases: Vec<(&'static str, Duration)>,
+pub(crate) struct Clock {
+    pub(crate) last: Instant,
+    pub(crate) phases: Vec<(&'static str, Duration)>,
 }
 impl Clock {
-    fn lap(&mut self, name: &'static str) {
+    pub(crate) fn lap(&mut self, name: &'static str) {
         let now = Instant::now();
         self.phases.push((name, now - self.last));
         self.last = now;
@@ -197,6 +217,9 @@ pub fn dump(pid: Pid, dir: &Path, after: AfterDump) -> Result<DumpReport> {
 
 /// [`dump`] with options.
 pub fn dump_with(pid: Pid, dir: &Path, after: AfterDump, opts: &DumpOptions) -> Result<DumpReport> {
+    if opts.tree && crate::tree::has_children(pid) {
+        return crate::tree::dump(pid, dir, after, opts);
+    }
     let start = Instant::now();
     let mut clk = Clock { last: start, phases: Vec::new() };
     preflight(pid, opts)?;
@@ -250,6 +273,9 @@ pub fn dump_precopy(
     opts: &DumpOptions,
     policy: &crate::precopy::Policy,
 ) -> Result<DumpReport> {
+    if opts.tree && crate::tree::has_children(pid) {
+        return Err(Error::Unsupported { pid, what: "pre-copy of a process tree (not yet)".into() });
+    }
     let start = Instant::now();
     let mut clk = Clock { last: start, phases: Vec::new() };
     preflight(pid, opts)?;
@@ -329,7 +355,7 @@ fn write_image_timed(f: &mut Frozen, dir: &Path, opts: &DumpOptions, clk: &mut C
 }
 
 /// Removes the image files a dump wrote into `dir` (a dump that failed or was interrupted).
-fn remove_image(dir: &Path) {
+pub(crate) fn remove_image(dir: &Path) {
     let _ = std::fs::remove_file(dir.join(image::PAGES));
     let _ = std::fs::remove_file(dir.join(image::MANIFEST));
     for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
@@ -347,7 +373,7 @@ fn collect_all(f: &mut Frozen, dir: &Path, opts: &DumpOptions, clk: &mut Clock) 
     let maps = proc::maps(pid)?;
     let vdso = vdso::collect(&maps);
     let (mut cpu, cpu_ident) = cpu::collect(pid, &f.regs)?;
-    let mut files = files::collect(pid, &unjudged_fds(pid, opts))?;
+    let mut files = files::collect_with(pid, &unjudged_fds(pid, opts), &opts.allies)?;
     crate::ttys::capture(pid, &mut files)?;
     if opts.shell_job {
         crate::ttys::shell_terminals(pid, &mut files, &crate::ttys::ctty_fds(pid))?;

@@ -18,6 +18,10 @@ pub enum Error {
     #[error("process {pid}: {what} cannot be moved")]
     Unsupported { pid: i32, what: String },
 
+    /// About one process of a process tree (`who`: "child 4243 (worker) of 4242").
+    #[error("{who}: {err}")]
+    InTree { who: String, err: Box<Error> },
+
     /// The caller asked the dump to stop (`DumpOptions::interrupted`); the process was put
     /// back as it was and runs on.
     #[error("process {pid}: dump interrupted; the process runs on as it was")]

@@ -192,7 +192,7 @@ pub struct FilesState {
     pub fds: Vec<FdEntry>,
 }
 
-fn list_fds(pid: Pid) -> Result<Vec<i32>> {
+pub(crate) fn list_fds(pid: Pid) -> Result<Vec<i32>> {
     let d = proc_path(pid, "fd");
     let mut v: Vec<i32> = std::fs::read_dir(&d)
         .map_err(|source| Error::NoProcess { pid, err: source })?
@@ -419,7 +419,13 @@ fn describe(pid: Pid, fd: i32, pidfd: &std::os::fd::OwnedFd) -> Result<FileKind>
 /// `external` are recorded as [`FileKind::External`], not inspected. Refuses with the first fd
 /// that cannot be moved ([`blockers`] lists them all).
 pub fn collect(pid: Pid, external: &[i32]) -> Result<FilesState> {
-    let (st, errs) = collect_impl(pid, external, false)?;
+    collect_with(pid, external, &[])
+}
+
+/// [`collect`], `allies` being processes dumped with this one (the other members of its tree):
+/// a FIFO or a locked description it shares with them is not refused for that.
+pub fn collect_with(pid: Pid, external: &[i32], allies: &[Pid]) -> Result<FilesState> {
+    let (st, errs) = collect_impl(pid, external, allies, false)?;
     match errs.into_iter().next() {
         Some(e) => Err(e),
         None => Ok(st),
@@ -430,7 +436,12 @@ pub fn collect(pid: Pid, external: &[i32]) -> Result<FilesState> {
 /// another reason too gives two), naming the processes at the other end of pipes and
 /// sockets. `Err` only when the process cannot be read at all.
 pub fn blockers(pid: Pid, external: &[i32]) -> Result<Vec<Error>> {
-    collect_impl(pid, external, true).map(|(_, errs)| errs)
+    blockers_with(pid, external, &[])
+}
+
+/// [`blockers`] with `allies` (see [`collect_with`]).
+pub fn blockers_with(pid: Pid, external: &[i32], allies: &[Pid]) -> Result<Vec<Error>> {
+    collect_impl(pid, external, allies, true).map(|(_, errs)| errs)
 }
 
 /// A refusal whose message names the processes holding the other end (found in one /proc
@@ -444,7 +455,7 @@ enum Tie {
     Peer,
 }
 
-fn collect_impl(pid: Pid, external: &[i32], all: bool) -> Result<(FilesState, Vec<Error>)> {
+fn collect_impl(pid: Pid, external: &[i32], allies: &[Pid], all: bool) -> Result<(FilesState, Vec<Error>)> {
     let pidfd = sys::pidfd_open(pid).map_err(|source| Error::NoProcess { pid, err: source })?;
     let mut st = FilesState::default();
     let mut errs: Vec<Error> = Vec::new();
@@ -467,7 +478,7 @@ fn collect_impl(pid: Pid, external: &[i32], all: bool) -> Result<(FilesState, Ve
         let cloexec = octal(field(&info, "flags")) & libc::O_CLOEXEC as u32 != 0;
         // File locks are carried (see `locks`), but for leases and locks that belong to a
         // description another process shares.
-        let lock = if external.contains(&fd) { None } else { crate::locks::blocker(pid, fd, &link, &info) };
+        let lock = if external.contains(&fd) { None } else { crate::locks::blocker(pid, fd, &link, &info, allies) };
         if let Some(why) = lock {
             errs.push(Error::UnsupportedFd { fd, what: link.clone(), why });
             refused.insert(link.clone());
@@ -599,7 +610,10 @@ fn collect_impl(pid: Pid, external: &[i32], all: bool) -> Result<(FilesState, Ve
             .filter_map(|f| if let FileKind::Fifo { path, .. } = f { Some(path.clone()) } else { None })
             .collect();
         if !fifos.is_empty() {
-            let holders = holders_of(&fifos, pid);
+            let mut holders = holders_of(&fifos, pid);
+            for h in holders.values_mut() {
+                h.retain(|(p, _)| !allies.contains(p));
+            }
             for e in &st.fds {
                 let FileKind::Fifo { path, .. } = &st.files[e.file] else { continue };
                 if let Some(h) = holders.get(path).filter(|h| !h.is_empty()) {

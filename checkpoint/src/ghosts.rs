@@ -194,14 +194,31 @@ pub fn read_all(dir: &Path, ghosts: &[GhostState]) -> Result<Vec<Vec<u8>>> {
 
 /// Creates each deleted file again inside the new process, unlinked at once; its fd (above
 /// `above`) goes into `map` under [`key`].
+/// `existing`: files, by inode, that another process of the same tree made again (their path
+/// under /proc): opened instead of made.
 pub fn install(
     r: &Remote,
     ghosts: &[GhostState],
     contents: &[Vec<u8>],
     above: u64,
     map: &mut HashMap<u64, u64>,
+    existing: &HashMap<u64, std::path::PathBuf>,
 ) -> Result<()> {
     for (g, data) in ghosts.iter().zip(contents) {
+        // The file another process of the same tree made again: opened as it is.
+        if let Some(p) = existing.get(&g.ino) {
+            let a = r.put_cstr(0, p.as_os_str().as_encoded_bytes())?;
+            let fl = (libc::O_RDWR | libc::O_CLOEXEC) as u64;
+            let fd = r.call(
+                &format!("open {} (deleted file {} of the tree)", p.display(), g.path),
+                libc::SYS_openat,
+                &[libc::AT_FDCWD as u64, a, fl, 0],
+            )?;
+            let high = r.call("fcntl(F_DUPFD_CLOEXEC)", libc::SYS_fcntl, &[fd, libc::F_DUPFD_CLOEXEC as u64, above])?;
+            r.call("close", libc::SYS_close, &[fd])?;
+            map.insert(key(g.ino), high);
+            continue;
+        }
         let fl = (libc::O_CREAT | libc::O_EXCL | libc::O_RDWR | libc::O_CLOEXEC) as u64;
         let dir = g.path.rsplit_once('/').map_or("", |(d, _)| d);
         let mut created = None;

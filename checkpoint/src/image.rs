@@ -117,7 +117,12 @@ pub fn create_dir(dir: &Path) -> Result<()> {
     for e in std::fs::read_dir(dir).map_err(io_at(dir))?.flatten() {
         let name = e.file_name();
         let name = name.to_string_lossy();
-        if name == MANIFEST || name == PAGES || (name.starts_with("memfd-") && name.ends_with(".img")) {
+        // (tree.img too: a process tree's image here before would otherwise be restored instead.)
+        if name == MANIFEST
+            || name == PAGES
+            || name == crate::tree::TREE
+            || (name.starts_with("memfd-") && name.ends_with(".img"))
+        {
             std::fs::remove_file(e.path()).map_err(io_at(e.path()))?;
         }
     }
@@ -172,10 +177,16 @@ pub(crate) fn read_image_file(path: &Path, max: u64) -> Result<Vec<u8>> {
 
 /// Encodes header + payload.
 pub fn encode_manifest(m: &Manifest) -> Result<Vec<u8>> {
-    let payload = postcard::to_allocvec(m).map_err(|e| Error::Decode { path: MANIFEST.into(), msg: e.to_string() })?;
+    encode_payload(&MAGIC, VERSION, m, MANIFEST)
+}
+
+/// Header (`magic`, `version`, architecture, length, CRCs) + postcard payload: the manifest's
+/// format, also used by the process tree's `tree.img`.
+pub(crate) fn encode_payload<T: Serialize>(magic: &[u8; 8], version: u32, m: &T, name: &str) -> Result<Vec<u8>> {
+    let payload = postcard::to_allocvec(m).map_err(|e| Error::Decode { path: name.into(), msg: e.to_string() })?;
     let mut out = Vec::with_capacity(HEADER_LEN + payload.len());
-    out.extend_from_slice(&MAGIC);
-    out.extend_from_slice(&VERSION.to_le_bytes());
+    out.extend_from_slice(magic);
+    out.extend_from_slice(&version.to_le_bytes());
     out.extend_from_slice(&ARCH_X86_64.to_le_bytes());
     out.extend_from_slice(&(payload.len() as u64).to_le_bytes());
     out.extend_from_slice(&crc32fast::hash(&payload).to_le_bytes());
@@ -187,20 +198,30 @@ pub fn encode_manifest(m: &Manifest) -> Result<Vec<u8>> {
 
 /// Decodes and checks header + payload, in the documented order.
 pub fn decode_manifest(b: &[u8], path: &Path) -> Result<Manifest> {
+    decode_payload(&MAGIC, VERSION, b, path)
+}
+
+/// Checks and decodes what [`encode_payload`] wrote, in the documented order.
+pub(crate) fn decode_payload<T: serde::de::DeserializeOwned>(
+    magic: &[u8; 8],
+    want: u32,
+    b: &[u8],
+    path: &Path,
+) -> Result<T> {
     let p = || path.to_path_buf();
     if b.len() < HEADER_LEN {
-        if b.len() >= 8 && b[..8] != MAGIC {
+        if b.len() >= 8 && b[..8] != magic[..] {
             return Err(Error::BadMagic { path: p() });
         }
         return Err(Error::Truncated { path: p(), what: format!("header: {} of {HEADER_LEN} bytes", b.len()) });
     }
-    if b[..8] != MAGIC {
+    if b[..8] != magic[..] {
         return Err(Error::BadMagic { path: p() });
     }
     let u32_at = |o: usize| u32::from_le_bytes(b[o..o + 4].try_into().unwrap());
     let version = u32_at(8);
-    if version != VERSION {
-        return Err(Error::BadVersion { path: p(), found: version, supported: VERSION });
+    if version != want {
+        return Err(Error::BadVersion { path: p(), found: version, supported: want });
     }
     let arch = u32_at(12);
     if arch != ARCH_X86_64 {

@@ -7,7 +7,9 @@
 //!   SysV segments [`sysv`]), fds
 //!   ([`files`]) and their locks ([`locks`]), signals ([`signals`]), process attributes ([`task`]);
 //! - [`image`]: write and read (checked) images;
-//! - [`rebuild`]: a new process from an image.
+//! - [`rebuild`]: a new process from an image;
+//! - [`tree`]: a process and all its descendants, dumped and restored together (what they share
+//!   stays shared).
 //!
 //! One module per kind of process state, with its collect and its rebuild side by side. All
 //! `unsafe` lives in [`sys`]. The library never prints or exits; errors name what they are about.
@@ -39,6 +41,7 @@ pub mod sysv;
 pub mod task;
 pub mod threads;
 pub mod timers;
+pub mod tree;
 pub mod ttys;
 pub mod vdso;
 
@@ -55,8 +58,12 @@ pub use rebuild::{Held, RestoreOptions, RestoreReport};
 #[cfg(test)]
 pub(crate) static FORK_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
-/// Reads and checks the image in `dir`, then rebuilds the process from it.
+/// Reads and checks the image in `dir`, then rebuilds the process from it (a whole process
+/// tree when `dir` holds one, see [`tree`]).
 pub fn restore(dir: &std::path::Path, opts: &RestoreOptions) -> Result<RestoreReport> {
+    if tree::is_tree(dir) {
+        return tree::restore(dir, opts);
+    }
     let t = std::time::Instant::now();
     let img = image::read(dir)?;
     let read = t.elapsed();

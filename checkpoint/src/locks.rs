@@ -109,7 +109,7 @@ pub fn parse(line: &str) -> std::result::Result<(LockKind, bool, u64, Option<u64
 /// Why the locks in fd `fd`'s fdinfo text `info` (link `link`) cannot be carried, if they
 /// cannot: one line per fd, or `None`. Scans /proc for other holders of the description only
 /// when the fd holds a flock or OFD lock.
-pub fn blocker(pid: Pid, fd: i32, link: &str, info: &str) -> Option<String> {
+pub fn blocker(pid: Pid, fd: i32, link: &str, info: &str, allies: &[Pid]) -> Option<String> {
     let mut shared_kind = None;
     for l in info.lines().filter_map(|l| l.strip_prefix("lock:")) {
         match parse(l) {
@@ -119,7 +119,8 @@ pub fn blocker(pid: Pid, fd: i32, link: &str, info: &str) -> Option<String> {
         }
     }
     let (_, raw) = shared_kind?;
-    let others = sharers(pid, fd, link);
+    // Processes dumped with this one (its tree) share the description again after the restore.
+    let others: Vec<(Pid, String)> = sharers(pid, fd, link).into_iter().filter(|(p, _)| !allies.contains(p)).collect();
     if others.is_empty() {
         return None;
     }

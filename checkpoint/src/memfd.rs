@@ -132,16 +132,30 @@ pub fn read_all(dir: &Path, memfds: &[MemfdState]) -> Result<Vec<Vec<u8>>> {
 }
 
 /// Creates the memfds here and pulls them into the new process above fd `above`; returns
-/// inode → fd in the new process.
-pub fn install(r: &Remote, memfds: &[MemfdState], contents: &[Vec<u8>], above: u64) -> Result<HashMap<u64, u64>> {
+/// inode → fd in the new process. A memfd in `existing` (by inode: the object another process of
+/// the same tree restored, opened here) is pulled in as it is instead.
+pub fn install(
+    r: &Remote,
+    memfds: &[MemfdState],
+    contents: &[Vec<u8>],
+    above: u64,
+    existing: &HashMap<u64, OwnedFd>,
+) -> Result<HashMap<u64, u64>> {
     let mut map = HashMap::new();
     if memfds.is_empty() {
         return Ok(map);
     }
     let pidfd = r.call("pidfd_open (restorer)", libc::SYS_pidfd_open, &[std::process::id() as u64, 0])?;
     for (m, data) in memfds.iter().zip(contents) {
-        let local: OwnedFd = sys::memfd_with_seals(&m.name, data, m.seals, (m.mode, m.uid, m.gid))
-            .map_err(|e| Error::Restore(format!("memfd {}: {e}", m.name)))?;
+        let made: OwnedFd;
+        let local = match existing.get(&m.ino) {
+            Some(fd) => fd,
+            None => {
+                made = sys::memfd_with_seals(&m.name, data, m.seals, (m.mode, m.uid, m.gid))
+                    .map_err(|e| Error::Restore(format!("memfd {}: {e}", m.name)))?;
+                &made
+            }
+        };
         let got = r.call(
             &format!("pidfd_getfd (memfd {})", m.name),
             libc::SYS_pidfd_getfd,

@@ -480,6 +480,8 @@ fn collect_pages(pid: Pid, maps: &[MapLine], sink: &mut PageSink, precopy: Optio
 /// pages from the image and sets the final protections.
 /// `precopy` holds the data of the `precopied` runs (empty without pre-copy). SysV
 /// attachments get no data here: `sysv::prepare` filled the segments it created.
+/// `aliases`: shared anonymous mappings, by (start, end), that map an object another process of
+/// the same tree restored already (fd in the process, offset): they get no data here either.
 pub fn restore(
     r: &Remote,
     state: &MemoryState,
@@ -487,6 +489,7 @@ pub fn restore(
     precopy: &[u8],
     memfds: &HashMap<u64, u64>,
     lazy: bool,
+    aliases: &HashMap<(u64, u64), (u64, u64)>,
 ) -> Result<()> {
     let pid = r.pid;
     let mut fds: HashMap<(String, bool), u64> = HashMap::new();
@@ -499,6 +502,11 @@ pub fn restore(
         let what = format!("mmap {}", v.describe());
         let noreserve = if v.advice & advice::NORESERVE != 0 { libc::MAP_NORESERVE } else { 0 };
         match &v.kind {
+            VmaKind::SharedAnon { .. } if aliases.contains_key(&(v.start, v.end)) => {
+                let (fd, off) = aliases[&(v.start, v.end)];
+                let fl = noreserve | libc::MAP_FIXED | libc::MAP_SHARED;
+                r.call(&what, libc::SYS_mmap, &[v.start, len, prot, fl as u64, fd, off])?;
+            }
             VmaKind::Anon { .. } | VmaKind::SharedAnon { .. } => {
                 let mut fl = libc::MAP_ANONYMOUS | libc::MAP_FIXED | noreserve;
                 fl |= if v.shared {
@@ -567,7 +575,7 @@ pub fn restore(
     for fd in fds.values() {
         r.call("close", libc::SYS_close, &[*fd])?;
     }
-    let written = |v: &&Vma| !matches!(v.kind, VmaKind::SysvShm { .. });
+    let written = |v: &&Vma| !matches!(v.kind, VmaKind::SysvShm { .. }) && !aliases.contains_key(&(v.start, v.end));
     write_pages(pid, state.vmas.iter().filter(written).flat_map(|v| &v.runs), pages)?;
     let now = |v: &&Vma| written(v) && !(lazy && crate::lazy::eligible(v));
     write_pages(pid, state.vmas.iter().filter(now).flat_map(|v| &v.precopied), precopy)?;

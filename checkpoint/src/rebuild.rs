@@ -62,6 +62,9 @@ pub struct RestoreReport {
     pub notes: Vec<String>,
     /// Pre-copied bytes left to the lazy copy (0: every page was in before the process ran).
     pub lazy_bytes: u64,
+    /// A process tree: every member restored (the root first), zombies included; empty for a
+    /// single process.
+    pub tree: Vec<Pid>,
 }
 
 /// Everything that can be refused before a process exists.
@@ -120,23 +123,74 @@ pub fn restore_held(img: &Image, opts: &RestoreOptions) -> Result<(RestoreReport
 }
 
 fn restore_inner(img: &Image, opts: &RestoreOptions, hold: bool) -> Result<(RestoreReport, Option<Held>)> {
-    let start = Instant::now();
-    let mut last = start;
-    let mut phases = Vec::new();
-    let mut lap = |n: &'static str| {
-        let now = Instant::now();
-        phases.push((n, now - last));
-        last = now;
-    };
-    let m = &img.manifest;
+    let mut laps = Laps::new();
     check(img, opts)?;
-    lap("check");
+    laps.lap("check");
+    let mut stub = spawn(img, opts)?;
+    laps.lap("spawn");
+    let m = &img.manifest;
+    task::restore_early(&stub.r, &m.task)?;
+    // A shell job stays in the restorer's session and group: the foreground of its terminal.
+    if opts.shell_job.is_some() && !crate::ttys::shell_terminal_fds(&m.files).is_empty() {
+        stub.notes.push(
+            "shell job: the process has the restorer's terminal and runs in its session and process group".into(),
+        );
+    } else {
+        task::restore_session(&stub.r, &m.task)?;
+    }
+    complete(stub, img, opts, &FromTree::default(), hold, laps)
+}
 
+/// What a member of a process tree takes from the members restored before it instead of making
+/// its own.
+#[derive(Default)]
+pub(crate) struct FromTree {
+    /// Shared anonymous mappings, by (start, end): the object's path (`/proc/PID/map_files/…`
+    /// of a member restored before) and the offset into it.
+    pub(crate) maps: std::collections::HashMap<(u64, u64), (std::path::PathBuf, u64)>,
+    /// memfds, by inode: the object, opened here from a member restored before.
+    pub(crate) memfds: std::collections::HashMap<u64, std::os::fd::OwnedFd>,
+    /// Files deleted while open, by inode: the path of the file a member restored before holds.
+    pub(crate) ghosts: std::collections::HashMap<u64, std::path::PathBuf>,
+    /// SysV segments (ids) a member restored before found or made: attached as they are.
+    pub(crate) shm: std::collections::HashSet<i32>,
+}
+
+/// Phases timed as they end.
+pub(crate) struct Laps {
+    pub(crate) start: Instant,
+    last: Instant,
+    pub(crate) phases: Vec<(&'static str, Duration)>,
+}
+impl Laps {
+    pub(crate) fn new() -> Laps {
+        let now = Instant::now();
+        Laps { start: now, last: now, phases: Vec::new() }
+    }
+    pub(crate) fn lap(&mut self, n: &'static str) {
+        let now = Instant::now();
+        self.phases.push((n, now - self.last));
+        self.last = now;
+    }
+}
+
+/// A new process in the restore stub: its own address space emptied but for the gadget page,
+/// the scratch area and the parked vDSO block, no fds, every signal blocked, traced by us.
+pub(crate) struct Stub {
+    child: Child,
+    pub(crate) r: Remote,
+    same_pid: bool,
+    notes: Vec<String>,
+}
+
+/// Forks and executes the stub (with the image's pid when free) and empties it.
+pub(crate) fn spawn(img: &Image, opts: &RestoreOptions) -> Result<Stub> {
+    let m = &img.manifest;
     let elf = sys::memfd_with("dvk-restore", &stub::elf()).map_err(|e| Error::Restore(format!("memfd: {e}")))?;
     let want = if opts.new_pid { None } else { Some(m.pid) };
     let (pid, same_pid) = sys::spawn_traced_stub(&elf, want).map_err(|e| Error::Restore(format!("fork: {e}")))?;
     drop(elf);
-    let mut child = Child { pid, threads: Vec::new(), done: false };
+    let child = Child { pid, threads: Vec::new(), done: false };
     let st = sys::wait(pid).map_err(pt("waitpid", pid))?;
     if !(libc::WIFSTOPPED(st) && libc::WSTOPSIG(st) == libc::SIGTRAP) {
         return Err(Error::UnexpectedStop { pid, during: "starting the restore stub".into(), status: st });
@@ -145,7 +199,7 @@ fn restore_inner(img: &Image, opts: &RestoreOptions, hold: bool) -> Result<(Rest
         .map_err(pt("PTRACE_SETOPTIONS", pid))?;
     sys::set_sigmask(pid, signals::BLOCK_ALL).map_err(pt("PTRACE_SETSIGMASK", pid))?;
     // Its cgroup first: memory and threads are then charged and created there.
-    let mut notes: Vec<String> = task::restore_cgroup(pid, &m.task).into_iter().collect();
+    let notes: Vec<String> = task::restore_cgroup(pid, &m.task).into_iter().collect();
     let base = sys::get_regs(pid).map_err(pt("PTRACE_GETREGS", pid))?;
     let mut r = Remote { pid, gadget: STUB_BASE + stub::ENTRY_OFF, base, scratch: 0, scratch_len: 0, guard: None };
     let rwx = (libc::PROT_READ | libc::PROT_WRITE | libc::PROT_EXEC) as u64;
@@ -157,7 +211,6 @@ fn restore_inner(img: &Image, opts: &RestoreOptions, hold: bool) -> Result<(Rest
     r.call("mmap (scratch)", libc::SYS_mmap, &[SCRATCH, SCRATCH_LEN as u64, rw, fixed, u64::MAX, 0])?;
     r.scratch = SCRATCH;
     r.scratch_len = SCRATCH_LEN;
-    lap("spawn");
 
     // The stub's own address space: park its vDSO block, drop everything else.
     let maps = proc::maps(pid)?;
@@ -172,37 +225,144 @@ fn restore_inner(img: &Image, opts: &RestoreOptions, hold: bool) -> Result<(Rest
         }
     }
     r.call("close_range", libc::SYS_close_range, &[0, u32::MAX as u64, 0])?;
-    task::restore_early(&r, &m.task)?;
-    // A shell job stays in the restorer's session and group: the foreground of its terminal.
-    let shell_job = opts.shell_job.is_some() && !crate::ttys::shell_terminal_fds(&m.files).is_empty();
-    if shell_job {
-        notes.push(
-            "shell job: the process has the restorer's terminal and runs in its session and process group".into(),
-        );
-    } else {
-        task::restore_session(&r, &m.task)?;
+    Ok(Stub { child, r, same_pid, notes })
+}
+
+/// A child of the stub `parent` (a fork injected there, `clone3` with `set_tid` = `pid` and
+/// `exit_signal`): a stub in the same state, traced by us. `pid` must be free.
+pub(crate) fn fork_stub(parent: &Remote, pid: Pid, exit_signal: i32) -> Result<Stub> {
+    // The new child is attached at once and starts in a stop (PTRACE_O_TRACEFORK).
+    sys::set_options(
+        parent.pid,
+        (libc::PTRACE_O_EXITKILL | libc::PTRACE_O_TRACESYSGOOD | libc::PTRACE_O_TRACECLONE | libc::PTRACE_O_TRACEFORK)
+            as u64,
+    )
+    .map_err(pt("PTRACE_SETOPTIONS", parent.pid))?;
+    let set_tid = parent.put(0x100, &(pid as u64).to_le_bytes())?;
+    let mut args = Vec::with_capacity(88);
+    for v in [0, 0, 0, 0, exit_signal as u64, 0, 0, 0, set_tid, 1, 0] {
+        args.extend_from_slice(&v.to_le_bytes());
     }
+    let a = parent.put(0, &args)?;
+    let got = parent.raw(libc::SYS_clone3, &[a, args.len() as u64])?;
+    if got <= 0 {
+        return Err(Error::Restore(format!(
+            "pid {pid} cannot be given again to a process of the tree (fork in pid {}: {}){}",
+            parent.pid,
+            crate::inject::errno_name(-got as i32),
+            if got == -(libc::EEXIST as i64) { "; it is taken here" } else { "" }
+        )));
+    }
+    let child = Child { pid, threads: Vec::new(), done: false };
+    let st = sys::wait(pid).map_err(pt("waitpid (new process)", pid))?;
+    if !libc::WIFSTOPPED(st) {
+        return Err(Error::UnexpectedStop { pid, during: "starting a process of the tree".into(), status: st });
+    }
+    let base = sys::get_regs(pid).map_err(pt("PTRACE_GETREGS", pid))?;
+    let r = Remote {
+        pid,
+        gadget: parent.gadget,
+        base,
+        scratch: parent.scratch,
+        scratch_len: parent.scratch_len,
+        guard: None,
+    };
+    Ok(Stub { child, r, same_pid: true, notes: Vec::new() })
+}
+
+impl Stub {
+    /// Ends a stub that stands for a zombie: it exits with the wait status `status` (an exit
+    /// code, or death by a signal), and is then collected by us as its tracer only, so it stays
+    /// a zombie for its parent to wait for.
+    pub(crate) fn die_as(mut self, status: i32) -> Result<()> {
+        let pid = self.r.pid;
+        let got = if libc::WIFSIGNALED(status) {
+            let sig = libc::WTERMSIG(status);
+            // No core file (its flag would be set): the core limit is 0 for it.
+            sys::prlimit(pid, libc::RLIMIT_CORE, Some((0, 0))).map_err(pt("prlimit(RLIMIT_CORE)", pid))?;
+            sys::set_sigmask(pid, 0).map_err(pt("PTRACE_SETSIGMASK", pid))?;
+            sys::kill(pid, sig).map_err(pt("kill", pid))?;
+            let (mut st, mut pass) = (0, 0);
+            for _ in 0..16 {
+                // The signal is reported to us first (signal-delivery-stop), then passed on and
+                // delivered; SIGKILL ends it at once (the resume may then find it gone).
+                let _ = sys::cont(pid, pass);
+                st = sys::wait(pid).map_err(pt("waitpid", pid))?;
+                if !libc::WIFSTOPPED(st) {
+                    break;
+                }
+                pass = if libc::WSTOPSIG(st) == sig { sig } else { 0 };
+            }
+            st
+        } else {
+            let mut regs = self.r.base;
+            regs.rax = libc::SYS_exit_group as u64;
+            regs.orig_rax = u64::MAX;
+            regs.rip = self.r.gadget;
+            regs.rdi = libc::WEXITSTATUS(status) as u64;
+            sys::set_regs(pid, &regs).map_err(pt("PTRACE_SETREGS", pid))?;
+            sys::cont(pid, 0).map_err(pt("PTRACE_CONT", pid))?;
+            sys::wait(pid).map_err(pt("waitpid", pid))?
+        };
+        self.child.done = true;
+        if got & 0xffff != status & 0xffff {
+            return Err(Error::Restore(format!(
+                "pid {pid} should have ended with wait status {status:#x} (a zombie), it ended with {got:#x}"
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// The rest of a restore, from a stub whose early task state (cwd, umask, session) is set.
+pub(crate) fn complete(
+    stub: Stub,
+    img: &Image,
+    opts: &RestoreOptions,
+    from_tree: &FromTree,
+    hold: bool,
+    mut laps: Laps,
+) -> Result<(RestoreReport, Option<Held>)> {
+    let m = &img.manifest;
+    let Stub { mut child, r, same_pid, notes } = stub;
+    let pid = r.pid;
     m.vdso.place(&r, VDSO_TEMP)?;
-    lap("layout");
+    laps.lap("layout");
 
     let above_fds = (m.files.fds.iter().map(|e| e.fd).max().unwrap_or(2) + 1).max(3) as u64;
-    let mut memfds = memfd::install(&r, &m.memfds, &img.memfd_data, above_fds)?;
-    ghosts::install(&r, &m.ghosts, &img.ghost_data, above_fds, &mut memfds)?;
-    let shm = sysv::prepare(&m.shm, &m.memory, img.pages.bytes(), img.precopy.bytes())?;
-    memory::restore(&r, &m.memory, img.pages.bytes(), img.precopy.bytes(), &memfds, opts.lazy_precopy)?;
+    let mut memfds = memfd::install(&r, &m.memfds, &img.memfd_data, above_fds, &from_tree.memfds)?;
+    ghosts::install(&r, &m.ghosts, &img.ghost_data, above_fds, &mut memfds, &from_tree.ghosts)?;
+    let segs: Vec<sysv::ShmSegment> = m.shm.iter().filter(|s| !from_tree.shm.contains(&s.id)).cloned().collect();
+    let shm = sysv::prepare(&segs, &m.memory, img.pages.bytes(), img.precopy.bytes())?;
+    // Shared anonymous memory of a process of the same tree restored before: opened here.
+    let mut alias_fds = std::collections::HashMap::new();
+    for (range, (path, off)) in &from_tree.maps {
+        let a = r.put_cstr(0, path.as_os_str().as_encoded_bytes())?;
+        let fl = (libc::O_RDWR | libc::O_CLOEXEC) as u64;
+        let fd = r.call(
+            &format!("open {} (shared memory of the tree)", path.display()),
+            libc::SYS_openat,
+            &[libc::AT_FDCWD as u64, a, fl, 0],
+        )?;
+        alias_fds.insert(*range, (fd, *off));
+    }
+    memory::restore(&r, &m.memory, img.pages.bytes(), img.precopy.bytes(), &memfds, opts.lazy_precopy, &alias_fds)?;
+    for (fd, _) in alias_fds.values() {
+        r.call("close", libc::SYS_close, &[*fd])?;
+    }
     let lazy = if opts.lazy_precopy {
         crate::lazy::start(&r, &m.memory, img.precopy.clone(), opts.lazy_paused)?
     } else {
         None
     };
     task::restore_mm(&r, &m.task)?;
-    lap("memory");
+    laps.lap("memory");
 
     files::restore(&r, &m.files, &replacements(m, opts), &memfds)?;
     memfd::close(&r, &memfds)?;
     // Last of the files: closing any fd of a file would drop the POSIX locks on it.
     locks::restore(&r, &m.locks)?;
-    lap("files");
+    laps.lap("files");
 
     signals::restore_actions(&r, &m.signals)?;
     task::restore_thread(&r, &m.task)?;
@@ -221,15 +381,24 @@ fn restore_inner(img: &Image, opts: &RestoreOptions, hold: bool) -> Result<(Rest
     task::restore_oom(pid, &m.task)?;
     task::restore_creds(&r, &m.task)?;
     task::restore_last(&r, &m.task)?;
-    lap("signals");
+    laps.lap("signals");
 
     finish(&r, m, &child.threads, opts.stopped, hold)?;
     shm.commit()?;
     child.done = true;
-    lap("resume");
+    laps.lap("resume");
     let lazy_bytes = lazy.as_ref().map_or(0, |l| l.bytes);
-    let report =
-        RestoreReport { pid, same_pid, phases, total: start.elapsed(), pages_bytes: m.pages_len, notes, lazy_bytes };
+    let total = laps.start.elapsed();
+    let report = RestoreReport {
+        pid,
+        same_pid,
+        phases: laps.phases,
+        total,
+        pages_bytes: m.pages_len,
+        notes,
+        lazy_bytes,
+        tree: Vec::new(),
+    };
     if hold {
         let held = Held { pid, threads: std::mem::take(&mut child.threads), done: false, lazy };
         return Ok((report, Some(held)));
@@ -320,6 +489,12 @@ impl Held {
     pub fn resume(mut self) -> Result<()> {
         self.done = true;
         detach_all(self.pid, &self.threads, false)
+    }
+
+    /// Lets the process run, or (`stopped`) detaches it into a job-control stop.
+    pub(crate) fn release(mut self, stopped: bool) -> Result<()> {
+        self.done = true;
+        detach_all(self.pid, &self.threads, stopped)
     }
 
     /// Kills the held process and collects its threads.

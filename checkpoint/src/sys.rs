@@ -393,6 +393,14 @@ pub fn kcmp_file(pid: Pid, fd1: i32, fd2: i32) -> io::Result<bool> {
     cvt(r).map(|v| v == 0)
 }
 
+/// `kcmp(pid1, pid2, kind)` for the kinds without arguments (KCMP_VM 1, KCMP_FILES 2, KCMP_FS 3,
+/// KCMP_SIGHAND 4, KCMP_IO 5, KCMP_SYSVSEM 6): 0 the same object, 1 or 2 an order between two.
+pub fn kcmp(pid1: Pid, pid2: Pid, kind: i32) -> io::Result<i64> {
+    // SAFETY: integer-only syscall.
+    let r = unsafe { libc::syscall(libc::SYS_kcmp, pid1, pid2, kind, 0, 0) };
+    cvt(r)
+}
+
 /// Do fd `fd1` of `pid1` and fd `fd2` of `pid2` refer to one open file description?
 pub fn kcmp_file_of(pid1: Pid, fd1: i32, pid2: Pid, fd2: i32) -> io::Result<bool> {
     // SAFETY: integer-only syscall.
@@ -539,6 +547,27 @@ pub fn pipe_peek(fd: &OwnedFd, len: usize) -> io::Result<Vec<u8>> {
     out.truncate(done);
     Ok(out)
 }
+/// `F_SETPIPE_SZ`: makes pipe `fd` hold at least `size` bytes.
+pub fn set_pipe_size(fd: &impl AsRawFd, size: usize) -> io::Result<()> {
+    // SAFETY: integer-only fcntl.
+    cvt(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETPIPE_SZ, size as libc::c_int) } as libc::c_long).map(drop)
+}
+
+/// `SO_SNDBUFFORCE` (root): a send buffer of `size` bytes (the kernel doubles it) on socket `fd`.
+pub fn set_sndbuf_force(fd: &impl AsRawFd, size: i32) -> io::Result<()> {
+    // SAFETY: passes a pointer to a local int with its size.
+    cvt(unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_SNDBUFFORCE,
+            (&size as *const i32).cast(),
+            std::mem::size_of::<i32>() as libc::socklen_t,
+        )
+    } as libc::c_long)
+    .map(drop)
+}
+
 pub fn pipe_size(fd: &OwnedFd) -> io::Result<usize> {
     // SAFETY: integer-only fcntl.
     cvt(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETPIPE_SZ) } as libc::c_long).map(|v| v as usize)

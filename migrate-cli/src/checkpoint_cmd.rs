@@ -23,7 +23,8 @@ macro_rules! err {
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct DumpArgs {
-    /// Process to dump: a real pid, or a vPID of a process on this node (asks the agent).
+    /// Process to dump: a real pid, or a vPID of a process on this node (asks the agent). A
+    /// process with children is dumped with its whole tree (every descendant, zombies too).
     #[arg(value_name = "PID|VPID")]
     pub pid: String,
     /// Image directory (created 0700). It must be yours (and so must its parents, or root's):
@@ -74,6 +75,11 @@ pub struct RestoreArgs {
     pub json: bool,
 }
 
+/// "4242 4243 4250".
+fn pids(v: &[i32]) -> String {
+    v.iter().map(|p| p.to_string()).collect::<Vec<_>>().join(" ")
+}
+
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
@@ -108,6 +114,7 @@ pub fn run_dump(
     let opts = DumpOptions {
         interrupted: Some(crate::stop_signals::pending),
         shell_job: args.shell_job,
+        tree: true,
         ..Default::default()
     };
     let dumped = if args.precopy {
@@ -143,6 +150,7 @@ pub fn run_dump(
             "fds": r.fds,
             "precopy_rounds": rounds,
             "precopied_bytes": r.precopied_bytes,
+            "tree": r.tree,
         });
         out!("{v}");
     } else {
@@ -155,6 +163,9 @@ pub fn run_dump(
             r.vmas,
             r.fds
         );
+        if !r.tree.is_empty() {
+            out!("  process tree of {}: {}", r.tree.len(), pids(&r.tree));
+        }
         for (i, x) in r.precopy.iter().enumerate() {
             out!("  pre-copy round {}: {:.1} MiB in {:.1} ms", i + 1, x.bytes as f64 / (1 << 20) as f64, ms(x.took));
         }
@@ -193,6 +204,7 @@ pub fn run_restore(args: &RestoreArgs) -> anyhow::Result<()> {
             "total_ms": ms(r.total),
             "pages_bytes": r.pages_bytes,
             "notes": r.notes,
+            "tree": r.tree,
         });
         out!("{v}");
     } else {
@@ -207,6 +219,9 @@ pub fn run_restore(args: &RestoreArgs) -> anyhow::Result<()> {
             args.images.display(),
             r.pages_bytes as f64 / (1 << 20) as f64
         );
+        if !r.tree.is_empty() {
+            err!("  process tree of {}: {}", r.tree.len(), pids(&r.tree));
+        }
         for (n, d) in &r.phases {
             err!("  {n:<8} {:>9.3} ms", ms(*d));
         }

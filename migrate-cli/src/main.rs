@@ -42,7 +42,8 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Dump a process (any single- or multi-threaded process of this machine) into an image directory.
+    /// Dump a process (any single- or multi-threaded process of this machine, with its whole process
+    /// tree when it has children) into an image directory.
     ///
     /// Ctrl-C, SIGTERM or SIGHUP during a dump stop it at its next step: the process is put back
     /// and runs on as it was (even a SIGKILLed dump leaves it so), then migrate-cli ends on that
@@ -54,7 +55,7 @@ enum Command {
     Move(move_cmd::MoveArgs),
     /// Show the stdout/stderr log a moved process writes when they could not follow it.
     Logs(move_cmd::LogsArgs),
-    /// Restore a process from an image directory; prints its pid.
+    /// Restore a process (or a process tree) from an image directory; prints its pid (the root's).
     Restore(checkpoint_cmd::RestoreArgs),
     /// Check this machine (ptrace, pidfd, clone3, …) and, given a pid or vPID, list everything
     /// that keeps that process from moving (to NODE); nothing is frozen. Exit 1 if anything fails.

@@ -276,6 +276,188 @@ fidelity! {
     fanotify,
 }
 
+/// The members of a restored tree: a failing test kills those still there (`Prog` kills only
+/// the root), each checked to be ours (its working directory is the program's).
+struct Members {
+    pids: Vec<i32>,
+    dir: PathBuf,
+}
+
+impl Drop for Members {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            return;
+        }
+        for &pid in self.pids.iter().skip(1) {
+            let cwd = fs::read_link(format!("/proc/{pid}/cwd")).unwrap_or_default();
+            if cwd.starts_with(&self.dir) {
+                // SAFETY: killing a process this test restored, by pid.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+        }
+    }
+}
+
+/// A process tree (`DumpOptions::tree`): every member dumped, all restored with their pids;
+/// the root then checks the tree and prints PASS; `want` must be in its output too.
+fn tree(name: &'static str, members: usize, want: &[&str]) {
+    if !root() {
+        return;
+    }
+    let mut p = Prog::start(name);
+    let opts = ck::DumpOptions { tree: true, ..Default::default() };
+    let rep =
+        ck::dump_with(p.pid, &p.img(1), AfterDump::Kill, &opts).unwrap_or_else(|e| panic!("{name}: dump failed: {e}"));
+    assert_eq!(rep.tree.len(), members, "{name}: members dumped: {:?}", rep.tree);
+    assert_eq!(rep.tree[0], p.pid);
+    wait_exit(p.pid, Duration::from_secs(5));
+    let r =
+        ck::restore(&p.img(1), &RestoreOptions::default()).unwrap_or_else(|e| panic!("{name}: restore failed: {e}"));
+    let _members = Members { pids: r.tree.clone(), dir: p.dir.path().to_path_buf() };
+    assert_eq!(r.tree, rep.tree, "{name}: every member keeps its pid");
+    p.pid = r.pid;
+    p.go();
+    p.expect_pass();
+    let out = read(&p.out());
+    for w in want {
+        assert!(out.contains(w), "{name}: {w:?} missing from\n{out}");
+    }
+}
+
+#[test]
+fn tree_zombie() {
+    tree("tree_zombie", 5, &[]);
+}
+
+#[test]
+fn tree_pipes() {
+    // The child's line survives the parent's: one offset for their shared stdout.
+    tree("tree_pipes", 2, &["child-ok\n"]);
+}
+
+#[test]
+fn tree_shared_anon() {
+    tree("tree_shared_anon", 2, &[]);
+}
+
+#[test]
+fn tree_memfd() {
+    tree("tree_memfd", 2, &[]);
+}
+
+#[test]
+fn tree_lock_fifo() {
+    tree("tree_lock_fifo", 2, &[]);
+}
+
+#[test]
+fn tree_pidfd() {
+    tree("tree_pidfd", 3, &[]);
+}
+
+#[test]
+fn tree_sysv() {
+    tree("tree_sysv", 2, &[]);
+}
+
+#[test]
+fn tree_listener() {
+    tree("tree_listener", 3, &[]);
+}
+
+#[test]
+fn tree_stopped() {
+    tree("tree_stopped", 2, &[]);
+}
+
+#[test]
+fn tree_groups() {
+    tree("tree_groups", 6, &[]);
+}
+
+/// The preflight of a tree lists the blockers of every member at once, each naming its member
+/// (a child's socket, a grandchild's session); the dump is refused and the whole tree runs on.
+#[test]
+fn tree_refused() {
+    if !root() {
+        return;
+    }
+    let p = Prog::start("tree_refused");
+    let out = read(&p.out());
+    let pid_of = |k: &str| -> i32 {
+        out.split_whitespace().find_map(|w| w.strip_prefix(k)).and_then(|v| v.parse().ok()).expect("child pid")
+    };
+    let (a, g) = (pid_of("A="), pid_of("G="));
+    let opts = ck::DumpOptions { tree: true, ..Default::default() };
+    let all: Vec<String> = ck::blockers(p.pid, &opts).unwrap().iter().map(|e| e.to_string()).collect();
+    let has =
+        |named: String, what: &[&str]| all.iter().any(|e| e.starts_with(&named) && what.iter().all(|w| e.contains(w)));
+    let child = format!("pid {a} (tree_refused), child of {}", p.pid);
+    assert!(has(child, &["AF_INET", "real network sockets"]), "child A's socket not named: {all:#?}");
+    let grandchild = format!("pid {g} (tree_refused), child of ");
+    assert!(has(grandchild, &["session", "neither its own nor its parent's"]), "grandchild G's session: {all:#?}");
+    let e = ck::dump_with(p.pid, &p.img(1), AfterDump::Kill, &opts).expect_err("dump should be refused").to_string();
+    assert!(e.contains("child of"), "{e}");
+    assert!(!p.img(1).join("tree.img").exists());
+    p.go();
+    p.expect_pass();
+}
+
+/// A tree restored beside its running original: the child's pid is taken, so the restore fails
+/// naming it; the original runs on undisturbed.
+#[test]
+fn tree_pid_taken_fails_restore() {
+    if !root() {
+        return;
+    }
+    let p = Prog::start("tree_pipes");
+    let opts = ck::DumpOptions { tree: true, ..Default::default() };
+    let rep = ck::dump_with(p.pid, &p.img(1), AfterDump::LeaveRunning, &opts).expect("dump");
+    let child = rep.tree[1];
+    let e = ck::restore(&p.img(1), &RestoreOptions::default()).expect_err("restore should fail").to_string();
+    for w in [format!("pid {child} (tree_pipes), child of {}", p.pid), format!("pid {child} cannot be given again")] {
+        assert!(e.contains(&w), "error {e:?} should mention {w:?}");
+    }
+    p.go();
+    p.expect_pass();
+    assert!(read(&p.out()).contains("child-ok"));
+}
+
+/// A child whose main thread exited (its threads run on) looks like a zombie but is not: refused,
+/// named, never restored dead.
+#[test]
+fn tree_main_exit_refused() {
+    if !root() {
+        return;
+    }
+    let p = Prog::start("tree_main_exit");
+    let opts = ck::DumpOptions { tree: true, ..Default::default() };
+    let e = ck::dump_with(p.pid, &p.img(1), AfterDump::Kill, &opts).expect_err("dump should be refused").to_string();
+    for w in ["child of", "main thread has exited"] {
+        assert!(e.contains(w), "error {e:?} should mention {w:?}");
+    }
+    assert!(!p.img(1).join("tree.img").exists());
+    p.go();
+    p.expect_pass();
+}
+
+/// A vfork child shares its parent's memory: a tree with it is refused, naming the child.
+#[test]
+fn tree_vfork_refused() {
+    if !root() {
+        return;
+    }
+    let p = Prog::start("tree_vfork");
+    let opts = ck::DumpOptions { tree: true, ..Default::default() };
+    let e = ck::dump_with(p.pid, &p.img(1), AfterDump::Kill, &opts).expect_err("dump should be refused").to_string();
+    for w in ["child of", "sharing its address space (CLONE_VM: vfork", &format!("with pid {} (", p.pid)] {
+        assert!(e.contains(w), "error {e:?} should mention {w:?}");
+    }
+    assert!(!p.img(1).join("tree.img").exists());
+    p.go();
+    p.expect_pass();
+}
+
 /// Pre-copy of a program that keeps writing its pages (and mapping, moving, unmapping and
 /// discarding memory) while it is copied: every page comes back with the last value written.
 #[test]
@@ -1422,8 +1604,9 @@ fn changed_file_and_corrupt_image_refused() {
     assert!(e.contains("checksum mismatch") && e.contains("pages.img"), "{e}");
 }
 
-/// The CLI around the same engine: `migrate-cli dump --json` then `migrate-cli restore`; a refused
-/// dump is one line on stderr and a non-zero exit. Needs the binary built next to this test
+/// The CLI around the same engine: `migrate-cli dump --json` then `migrate-cli restore` (of one
+/// process, then of a process tree); a refused dump is one line on stderr and a non-zero exit.
+/// Needs the binary built next to this test
 /// (`cargo build -p migrate-cli` or `cargo test --workspace`); otherwise SKIP.
 #[test]
 fn cli_dump_restore() {
@@ -1454,6 +1637,23 @@ fn cli_dump_restore() {
     assert_eq!(pid, p.pid, "the old pid was free");
     p.go();
     p.expect_pass();
+
+    // A process with children: `dump` takes its whole tree, `restore` brings it back.
+    let mut p = Prog::start("tree_pipes");
+    let out =
+        Command::new(&cli).args(["dump", &p.pid.to_string(), "--images"]).arg(p.img(1)).arg("--json").output().unwrap();
+    assert!(out.status.success(), "tree dump: {}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let tree: Vec<i64> = v["tree"].as_array().unwrap().iter().map(|x| x.as_i64().unwrap()).collect();
+    assert_eq!((tree.len(), tree[0]), (2, p.pid as i64), "{v}");
+    wait_exit(p.pid, Duration::from_secs(5));
+    let out = Command::new(&cli).args(["restore", "--images"]).arg(p.img(1)).output().unwrap();
+    assert!(out.status.success(), "tree restore: {}", String::from_utf8_lossy(&out.stderr));
+    p.pid = String::from_utf8_lossy(&out.stdout).trim().parse().expect("restore prints the root's pid");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("process tree of 2"));
+    p.go();
+    p.expect_pass();
+    assert!(read(&p.out()).contains("child-ok"));
 
     let t = Prog::start("tcp_socket");
     let out = Command::new(&cli).args(["dump", &t.pid.to_string(), "--images"]).arg(t.img(1)).output().unwrap();

@@ -1,0 +1,43 @@
+/* A child whose main thread called pthread_exit while another thread runs on: it shows as a
+ * zombie ("Z") but is alive. A tree dump must not take it for a zombie (it would come back dead):
+ * refused, naming it. The child's thread ends the process when told. */
+#include "fidelity.h"
+#include <pthread.h>
+#include <sys/wait.h>
+
+static volatile sig_atomic_t usr1;
+static void on_usr1(int s) { (void)s; usr1 = 1; }
+
+static void *worker(void *a) {
+    (void)a;
+    for (int i = 0; i < 30000 && !usr1; i++) msleep(1);
+    exit(usr1 ? 0 : 1);
+}
+
+int main(void) {
+    fid_init();
+    signal(SIGUSR1, on_usr1);
+    pid_t c = fork();
+    if (c == 0) {
+        pthread_t t;
+        pthread_create(&t, NULL, worker, NULL);
+        pthread_exit(NULL);
+    }
+    char path[64], st[512];
+    snprintf(path, sizeof path, "/proc/%d/status", c);
+    for (int i = 0; i < 5000; i++) {
+        memset(st, 0, sizeof st);
+        int fd = open(path, O_RDONLY);
+        read(fd, st, sizeof st - 1);
+        close(fd);
+        if (strstr(st, "State:\tZ")) break;
+        msleep(1);
+    }
+    CHECK(strstr(st, "State:\tZ") != NULL, "the child's main thread did not exit");
+    ready();
+    wait_go();
+    kill(c, SIGUSR1);
+    int s = 0;
+    CHECK(waitpid(c, &s, 0) == c && WIFEXITED(s) && WEXITSTATUS(s) == 0, "child: %#x", s);
+    return finish();
+}
