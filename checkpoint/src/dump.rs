@@ -400,6 +400,9 @@ fn collect_all(f: &mut Frozen, dir: &Path, opts: &DumpOptions, clk: &mut Clock) 
     let r = f.remote(gadget_at)?;
     let mut sig = signals::collect(r, sigmask)?;
     let task = task::collect(r)?;
+    if let Some(e) = task::pdeathsig_refusal(pid, &task, &opts.allies) {
+        return Err(e);
+    }
     let posix_timers = timers::collect(r)?;
     signals::collect_pending(pid, &mut sig)?;
     let threads = threads::collect(f)?;

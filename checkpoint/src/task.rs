@@ -87,6 +87,9 @@ pub struct Attrs {
     /// `arch_prctl(ARCH_GET_XCOMP_PERM)`: the dynamically enabled xstate features the process was
     /// granted (ARCH_REQ_XCOMP_PERM, e.g. AMX tile data, 18).
     pub xcomp_perm: u64,
+    /// PR_GET_PDEATHSIG: carried for a member of a tree whose parent is restored with it (the
+    /// signal follows the restored parent), refused otherwise.
+    pub pdeathsig: i32,
     /// /proc/PID/loginuid (None: no audit support).
     pub loginuid: Option<u32>,
     /// /proc/PID/coredump_filter.
@@ -350,13 +353,8 @@ fn collect_attrs(r: &Remote, a: &mut Attrs) -> Result<()> {
         r.call(what, libc::SYS_prctl, &[op, r.scratch, 0, 0, 0])?;
         Ok(i32::from_le_bytes(r.get(0, 4)?.try_into().unwrap()) as i64)
     };
-    let sig = int_out(PR_GET_PDEATHSIG, "prctl(PR_GET_PDEATHSIG)")?;
-    if sig != 0 {
-        return Err(Error::Unsupported {
-            pid,
-            what: format!("a parent-death signal (PR_SET_PDEATHSIG {sig}: the restored process has another parent)"),
-        });
-    }
+    // Judged by the dump (`pdeathsig_refusal`): carried only when the parent is restored too.
+    a.pdeathsig = int_out(PR_GET_PDEATHSIG, "prctl(PR_GET_PDEATHSIG)")? as i32;
     let sb = prctl(PR_GET_SECUREBITS, 0)?;
     if sb > 0 {
         return Err(Error::Unsupported {
@@ -482,9 +480,27 @@ fn prctl_cookie(r: &Remote) -> Result<u64> {
 
 /// The attributes set from inside, before the threads exist (they inherit them) and before
 /// the identity is dropped (loginuid needs CAP_AUDIT_CONTROL).
+/// A parent-death signal cannot follow a process whose parent is not restored with it (the
+/// restored process has another parent); `restored_with` are the processes dumped with it.
+pub fn pdeathsig_refusal(pid: Pid, st: &TaskState, restored_with: &[Pid]) -> Option<Error> {
+    let sig = st.attrs.pdeathsig;
+    if sig == 0 {
+        return None;
+    }
+    let ppid: Pid = stat_fields(pid).ok().and_then(|f| f.get(4)?.parse().ok()).unwrap_or(0);
+    (!restored_with.contains(&ppid)).then(|| Error::Unsupported {
+        pid,
+        what: format!("a parent-death signal (PR_SET_PDEATHSIG {sig}: the restored process has another parent)"),
+    })
+}
+
 pub fn restore_attrs(r: &Remote, st: &TaskState) -> Result<()> {
     let a = &st.attrs;
     let pid = r.pid;
+    if a.pdeathsig != 0 {
+        // Forked by its restored parent just before: the signal follows that parent.
+        r.call("prctl(PR_SET_PDEATHSIG)", libc::SYS_prctl, &[1 /* PR_SET_PDEATHSIG */, a.pdeathsig as u64, 0, 0, 0])?;
+    }
     if a.thp_disable & 1 != 0 {
         r.call("prctl(PR_SET_THP_DISABLE)", libc::SYS_prctl, &[PR_SET_THP_DISABLE, 1, a.thp_disable & !1, 0, 0])?;
     }

@@ -1,10 +1,12 @@
 /* Shared anonymous memory inherited across fork (one object, two processes), written by both
  * before the dump and after the restore: each sees the other's writes (also those of a second
- * thread of the child, which keeps counting). A private page stays private (copy-on-write). */
+ * thread of the child, which keeps counting). A private page stays private (copy-on-write).
+ * The child's parent-death signal (as every postgres child has) follows its restored parent. */
 #include "fidelity.h"
 #include <sys/mman.h>
 #include <pthread.h>
 #include <sys/wait.h>
+#include <sys/prctl.h>
 
 static volatile int *shm;
 
@@ -27,12 +29,15 @@ int main(void) {
     priv[0] = 1;
     pid_t c = fork();
     if (c == 0) {
+        prctl(PR_SET_PDEATHSIG, SIGUSR2, 0, 0, 0);
         pthread_t t;
         pthread_create(&t, NULL, count, NULL);
         priv[0] = 2;
         shm[1] = 22;
         for (int i = 0; i < 30000 && shm[2] != 33; i++) msleep(1);
-        int ok = shm[2] == 33 && shm[0] == 11 && shm[1024 * 3] == 12 && priv[0] == 2;
+        int sig = 0;
+        prctl(PR_GET_PDEATHSIG, &sig, 0, 0, 0);
+        int ok = shm[2] == 33 && shm[0] == 11 && shm[1024 * 3] == 12 && priv[0] == 2 && sig == SIGUSR2;
         shm[3] = ok ? 44 : 45;
         for (int i = 0; i < 30000 && shm[5] == 0; i++) msleep(1);
         pthread_join(t, NULL);

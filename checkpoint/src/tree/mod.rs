@@ -232,7 +232,9 @@ pub fn blockers(root: Pid, opts: &DumpOptions) -> Result<Vec<Error>> {
         let o = DumpOptions { external_fds: external, tree: false, allies, ..opts.clone() };
         match crate::dump::process_blockers(m.pid, &o, true) {
             Ok(b) => v.extend(b.into_iter().map(|e| in_member(m, e))),
-            // Gone since the listing: the dump finds out.
+            // Gone since the listing (a server's worker that ended): no longer a member. The
+            // dump lists the members again once their parents are frozen.
+            Err(Error::NoProcess { .. }) if m.ppid != 0 => {}
             Err(e) if m.ppid != 0 => v.push(in_member(m, e)),
             Err(e) => return Err(e),
         }

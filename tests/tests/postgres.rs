@@ -1,0 +1,185 @@
+//! PostgreSQL as it is deployed — a postmaster and its children (checkpointer, background
+//! writer, WAL writer, autovacuum and replication launchers) sharing anonymous shared memory,
+//! SysV and POSIX shared memory, a postmaster-death pipe, and a parent-death signal in every
+//! child — dumped as a process tree and restored on this machine; the data written before is
+//! there after, and the restored server takes new sessions and writes.
+//!
+//! Needs root (the engine ptraces a process of another user) and a PostgreSQL server binary
+//! (`/usr/local/bin/postgres`, or Debian's `postgresql-15`, which ci/install-test-deps.sh
+//! installs); prints `SKIP …` and passes otherwise.
+
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use dvk_checkpoint as ck;
+
+const NOBODY: u32 = 65534;
+
+fn pg_bin(name: &str) -> Option<PathBuf> {
+    let local = PathBuf::from("/usr/local/bin").join(name);
+    if local.exists() {
+        return Some(local);
+    }
+    let mut found: Vec<PathBuf> = fs::read_dir("/usr/lib/postgresql")
+        .ok()?
+        .flatten()
+        .map(|v| v.path().join("bin").join(name))
+        .filter(|p| p.exists())
+        .collect();
+    found.sort();
+    found.pop()
+}
+
+/// Runs psql against the server in `dir` (its unix socket directory); the output, trimmed.
+fn psql(dir: &Path, sql: &str) -> Result<String, String> {
+    let out = Command::new("psql")
+        .args(["-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-h"])
+        .arg(dir)
+        .args(["-U", "postgres", "-d", "postgres", "-c", sql])
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("psql: {e}"))?;
+    if !out.status.success() {
+        return Err(String::from_utf8_lossy(&out.stderr).into_owned());
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+fn wait_exit(pid: i32, timeout: Duration) -> Option<i32> {
+    let t = Instant::now();
+    loop {
+        let mut st = 0;
+        // SAFETY: valid out pointer; pid is our own child.
+        let r = unsafe { libc::waitpid(pid, &mut st, libc::WNOHANG) };
+        if r == pid {
+            return Some(st);
+        }
+        if r < 0 || t.elapsed() > timeout {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Kills the tree under `pid` (our child) if the test fails half-way.
+struct Server(i32);
+impl Drop for Server {
+    fn drop(&mut self) {
+        // SAFETY: signals our own child (a postmaster) by pid; SIGQUIT is its immediate shutdown.
+        unsafe { libc::kill(self.0, libc::SIGQUIT) };
+        if wait_exit(self.0, Duration::from_secs(10)).is_none() {
+            // SAFETY: as above.
+            unsafe { libc::kill(self.0, libc::SIGKILL) };
+            wait_exit(self.0, Duration::from_secs(5));
+        }
+    }
+}
+
+#[test]
+fn postgres_is_dumped_and_restored_as_a_process_tree() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        println!("SKIP postgres_is_dumped_and_restored_as_a_process_tree: needs root");
+        return;
+    }
+    let (Some(postgres), Some(initdb)) = (pg_bin("postgres"), pg_bin("initdb")) else {
+        println!("SKIP postgres_is_dumped_and_restored_as_a_process_tree: no PostgreSQL server installed");
+        return;
+    };
+    // The server's directory is nobody's; the image directory root's (the dumper's).
+    let dir = tempfile::Builder::new().prefix("dvk-pg-").tempdir().unwrap();
+    fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
+    let run = dir.path().join("run");
+    fs::create_dir(&run).unwrap();
+    // SAFETY: chown of a directory we just made.
+    let c = std::ffi::CString::new(run.to_str().unwrap()).unwrap();
+    assert_eq!(unsafe { libc::chown(c.as_ptr(), NOBODY, NOBODY) }, 0);
+    let data = run.join("data");
+    let init = Command::new(&initdb)
+        .arg("-D")
+        .arg(&data)
+        .args(["-A", "trust", "-U", "postgres", "--no-sync"])
+        .current_dir(&run)
+        .uid(NOBODY)
+        .gid(NOBODY)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(init.status.success(), "initdb failed: {}", String::from_utf8_lossy(&init.stderr));
+
+    let log = fs::File::create(run.join("server.log")).unwrap();
+    let mut cmd = Command::new(&postgres);
+    // SAFETY: close_range is async-signal-safe; runs in the child between fork and exec, so the
+    // server holds no fd of ours (or of whatever started the tests).
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::syscall(libc::SYS_close_range, 3, u32::MAX, 0);
+            Ok(())
+        });
+    }
+    let child = cmd
+        .arg("-D")
+        .arg(&data)
+        .args(["-c", "listen_addresses=", "-c", "fsync=off", "-c"])
+        .arg(format!("unix_socket_directories={}", run.display()))
+        .current_dir(&run)
+        .uid(NOBODY)
+        .gid(NOBODY)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let server = Server(child.id() as i32);
+    drop(child); // waited for by pid
+    let t = Instant::now();
+    while psql(&run, "select 1").is_err() {
+        assert!(t.elapsed() < Duration::from_secs(30), "postgres did not start: {}", read_log(&run));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    psql(
+        &run,
+        "create table t (k int primary key, v text); \
+                insert into t select g, md5(g::text) from generate_series(1, 1000) g",
+    )
+    .unwrap();
+    let before = psql(&run, "select count(*), md5(string_agg(v, ',' order by k)) from t").unwrap();
+
+    // Dump the whole tree (the original is killed), then restore it here.
+    let img = tempfile::Builder::new().prefix("dvk-pg-img-").tempdir().unwrap();
+    let imgdir = img.path().join("img");
+    let opts = ck::DumpOptions { tree: true, ..Default::default() };
+    let rep = ck::dump_with(server.0, &imgdir, ck::AfterDump::Kill, &opts)
+        .unwrap_or_else(|e| panic!("dump of the postgres tree failed: {e}\n{}", read_log(&run)));
+    // The dump killed the original tree and collected it (the root is our child).
+    std::mem::forget(server);
+    let restored = ck::restore(&imgdir, &ck::RestoreOptions::default())
+        .unwrap_or_else(|e| panic!("restore of the postgres tree failed: {e}"));
+    let server = Server(restored.pid);
+    assert!(
+        restored.tree.len() >= 5,
+        "a postmaster and its children: {:?} (dumped {:?})",
+        restored.tree,
+        rep.pages_bytes
+    );
+    assert!(restored.same_pid, "the postmaster's pid was free but not reused");
+
+    // The data is there, and the restored server takes new sessions and writes.
+    assert_eq!(psql(&run, "select count(*), md5(string_agg(v, ',' order by k)) from t").unwrap(), before);
+    psql(&run, "insert into t select g, md5(g::text) from generate_series(1001, 1500) g").unwrap();
+    assert_eq!(psql(&run, "select count(*) from t").unwrap(), "1500");
+    assert_eq!(psql(&run, "select sum(k) from t").unwrap(), (1500 * 1501 / 2).to_string());
+    // A checkpoint exercises the restored checkpointer child (and its shared memory).
+    psql(&run, "checkpoint").unwrap_or_else(|e| panic!("checkpoint failed: {e}\n{}", read_log(&run)));
+    let log = read_log(&run);
+    assert!(!log.contains("PANIC") && !log.contains("terminated by signal"), "{log}");
+    drop(server);
+}
+
+fn read_log(run: &Path) -> String {
+    fs::read_to_string(run.join("server.log")).unwrap_or_default()
+}
