@@ -47,6 +47,9 @@ pub struct DumpOptions {
     /// Processes dumped together with this one (set by the tree dump for each member: the
     /// others): a FIFO or a locked open file description shared with them is not refused.
     pub allies: Vec<Pid>,
+    /// Shared anonymous mappings, by (start, end), whose memory another member of the tree
+    /// stores (its owner's image): recorded without page data.
+    pub borrowed_maps: Vec<(u64, u64)>,
 }
 
 /// The fds not judged as files: the caller's, and a shell job's terminal.
@@ -386,7 +389,7 @@ fn collect_all(f: &mut Frozen, dir: &Path, opts: &DumpOptions, clk: &mut Clock) 
         None => PageSink::create(dir)?,
     };
     let precopy = opts.precopy.as_ref().map(|p| p.0.lock().unwrap_or_else(|e| e.into_inner()));
-    let memory = memory::collect(pid, &maps, &mut sink, precopy.as_deref())?;
+    let memory = memory::collect(pid, &maps, &mut sink, precopy.as_deref(), &opts.borrowed_maps)?;
     let precopy_len = precopy.as_ref().map_or(0, |p| p.store_len());
     drop(precopy);
     let memfds = memfd::collect(pid, &files, &memory, dir)?;

@@ -326,12 +326,19 @@ const PM_GUARD: u64 = 1 << 58;
 
 /// Collects all VMAs and streams their data pages into `sink`; with `precopy`, the pages it
 /// already holds (and that were not written since) are referred to, not streamed.
-pub fn collect(pid: Pid, maps: &[MapLine], sink: &mut PageSink, precopy: Option<&Precopy>) -> Result<MemoryState> {
+/// `borrowed`: shared anonymous mappings whose memory another process's image stores.
+pub fn collect(
+    pid: Pid,
+    maps: &[MapLine],
+    sink: &mut PageSink,
+    precopy: Option<&Precopy>,
+    borrowed: &[(u64, u64)],
+) -> Result<MemoryState> {
     // VmFlags come from smaps, whose read walks every page table (~18 ms per resident GiB, all
     // of it frozen time): read on another thread while the pages are copied.
     let (vmas, vm_flags) = std::thread::scope(|s| {
         let h = s.spawn(|| crate::proc::vm_flags(pid));
-        let vmas = collect_pages(pid, maps, sink, precopy);
+        let vmas = collect_pages(pid, maps, sink, precopy, borrowed);
         let flags = h.join().unwrap_or_else(|_| {
             Err(Error::NoProcess { pid, err: std::io::Error::other("the smaps reader thread panicked") })
         });
@@ -385,7 +392,13 @@ fn guard_runs(pid: Pid, start: u64, end: u64) -> Result<Vec<(u64, u64)>> {
 }
 
 /// Every VMA (advice and growsdown not yet known) with its data pages streamed into `sink`.
-fn collect_pages(pid: Pid, maps: &[MapLine], sink: &mut PageSink, precopy: Option<&Precopy>) -> Result<Vec<Vma>> {
+fn collect_pages(
+    pid: Pid,
+    maps: &[MapLine],
+    sink: &mut PageSink,
+    precopy: Option<&Precopy>,
+    borrowed: &[(u64, u64)],
+) -> Result<Vec<Vma>> {
     let pm_path = proc_path(pid, "pagemap");
     let pagemap = File::open(&pm_path).map_err(io_at(&pm_path))?;
     let mut vmas = Vec::new();
@@ -393,7 +406,10 @@ fn collect_pages(pid: Pid, maps: &[MapLine], sink: &mut PageSink, precopy: Optio
     for m in maps.iter().filter(|m| !is_special(&m.path)) {
         let kind = classify(m)?;
         let npages = ((m.end - m.start) / PAGE) as usize;
+        let lent = matches!(kind, VmaKind::SharedAnon { .. }) && borrowed.contains(&(m.start, m.end));
         let want: Box<dyn Fn(u64) -> bool> = match (&kind, m.shared()) {
+            // Another member of the tree stores this memory.
+            (VmaKind::SharedAnon { .. }, _) if lent => Box::new(|_| false),
             (VmaKind::SharedAnon { .. } | VmaKind::SysvShm { .. }, _) => Box::new(|_| true),
             (VmaKind::File { .. } | VmaKind::Memfd { .. } | VmaKind::Ghost { .. }, true) => Box::new(|_| false),
             (VmaKind::File { .. } | VmaKind::Memfd { .. } | VmaKind::Ghost { .. }, false) => {

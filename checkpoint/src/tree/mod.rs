@@ -297,7 +297,10 @@ pub fn dump(root: Pid, dir: &Path, after: AfterDump, opts: &DumpOptions) -> Resu
                 external.extend(&opts.external_fds);
             }
             let allies = members.iter().map(|x| x.pid).filter(|&x| x != m.pid).collect();
-            let o = DumpOptions { external_fds: external, tree: false, allies, ..opts.clone() };
+            // Shared anonymous memory is stored once, in its owner's image.
+            let borrowed_maps =
+                p.tree.shared_maps.iter().filter(|s| s.pid == m.pid).map(|s| (s.start, s.end)).collect();
+            let o = DumpOptions { external_fds: external, tree: false, allies, borrowed_maps, ..opts.clone() };
             let r = crate::dump::write_image(f, &dir.join(m.pid.to_string()), &o).map_err(|e| in_member(m, e))?;
             add_phases(&mut phases, &r.phases);
             pages += r.pages_bytes;
