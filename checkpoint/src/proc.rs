@@ -37,8 +37,77 @@ impl MapLine {
     }
 }
 
+/// `/proc/PID/what` — or, while a [`ReadThrough`] for `pid` lives (its main thread has exited),
+/// `/proc/PID/task/TID/what` of a live thread: a thread-group leader that called `pthread_exit`
+/// is a zombie whose per-process entries (maps, fd, fdinfo, mem, cwd, exe, ns, …) are gone or
+/// empty, while its live threads show the same address space, fd table and namespaces. Its
+/// name (`comm`) and the `task` directory stay the leader's own.
 pub fn proc_path(pid: Pid, what: &str) -> PathBuf {
-    PathBuf::from(format!("/proc/{pid}/{what}"))
+    match live_thread(pid) {
+        Some(tid) if what != "comm" && what != "task" && !what.starts_with("task/") => {
+            PathBuf::from(format!("/proc/{pid}/task/{tid}/{what}"))
+        }
+        _ => PathBuf::from(format!("/proc/{pid}/{what}")),
+    }
+}
+
+/// (leader pid, live thread) of the processes being read through a live thread.
+static READ_THROUGH: std::sync::Mutex<Vec<(Pid, Pid)>> = std::sync::Mutex::new(Vec::new());
+
+/// The live thread `pid` is read through while its main thread has exited (see [`proc_path`]);
+/// `None` for any other process. The syscall wrappers that need a live task (process_vm_readv,
+/// pidfd_open) ask it too.
+pub fn live_thread(pid: Pid) -> Option<Pid> {
+    let v = READ_THROUGH.lock().unwrap_or_else(|e| e.into_inner());
+    v.iter().find(|(p, _)| *p == pid).map(|&(_, t)| t)
+}
+
+/// While it lives, `pid` (whose main thread has exited) is read through its thread `tid`.
+#[derive(Debug)]
+pub struct ReadThrough {
+    pid: Pid,
+    tid: Pid,
+}
+
+impl ReadThrough {
+    pub fn new(pid: Pid, tid: Pid) -> ReadThrough {
+        READ_THROUGH.lock().unwrap_or_else(|e| e.into_inner()).push((pid, tid));
+        ReadThrough { pid, tid }
+    }
+
+    /// For a process whose main thread has exited ([`exited_leader`]): read through its live
+    /// thread with the lowest tid while the result lives. `None` for any other process.
+    pub fn if_leader_exited(pid: Pid) -> Result<Option<ReadThrough>> {
+        Ok(exited_leader(pid)?.map(|live| ReadThrough::new(pid, live[0])))
+    }
+}
+
+impl Drop for ReadThrough {
+    fn drop(&mut self) {
+        let mut v = READ_THROUGH.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(i) = v.iter().rposition(|&e| e == (self.pid, self.tid)) {
+            v.remove(i);
+        }
+    }
+}
+
+/// Whether the main thread of `pid` has exited while other threads run on (`pthread_exit` in
+/// main: the leader is a zombie, `Threads` counts the live ones); then the live threads, lowest
+/// tid first. Read from the leader's own status and task directory, never through a thread.
+pub fn exited_leader(pid: Pid) -> Result<Option<Vec<Pid>>> {
+    let p = PathBuf::from(format!("/proc/{pid}/status"));
+    let status = std::fs::read_to_string(&p).map_err(|source| Error::NoProcess { pid, err: source })?;
+    if !field(&status, "State").is_some_and(|s| s.starts_with('Z')) {
+        return Ok(None);
+    }
+    let d = PathBuf::from(format!("/proc/{pid}/task"));
+    let mut live: Vec<Pid> = std::fs::read_dir(&d)
+        .map_err(|source| Error::NoProcess { pid, err: source })?
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .filter(|&t: &Pid| t != pid)
+        .collect();
+    live.sort_unstable();
+    Ok((!live.is_empty()).then_some(live))
 }
 
 pub fn read_string(pid: Pid, what: &str) -> Result<String> {

@@ -188,10 +188,14 @@ impl Prog {
         f.write_all(b"g").unwrap();
     }
     fn expect_pass(&self) {
+        self.expect_exit(0);
+    }
+    /// PASS, and the exit status `code` (what the program chose) reported to this parent.
+    fn expect_exit(&self, code: i32) {
         let st = wait_exit(self.pid, Duration::from_secs(20));
         let out = read(&self.out());
         let err = read(&self.path("err"));
-        let ok = matches!(st, Some(s) if libc::WIFEXITED(s) && libc::WEXITSTATUS(s) == 0);
+        let ok = matches!(st, Some(s) if libc::WIFEXITED(s) && libc::WEXITSTATUS(s) == code);
         assert!(
             ok && out.contains("PASS") && !out.contains("FAIL"),
             "{}: status {st:?}\n--- stdout\n{out}--- stderr\n{err}",
@@ -1388,9 +1392,95 @@ fn own_namespace_refused() {
     refused("own_uts_namespace", &["its own uts namespace", "namespaces are not carried"]);
 }
 
+/// The tids in /proc/PID/task, sorted.
+fn task_ids(pid: i32) -> Vec<i32> {
+    let mut v: Vec<i32> = fs::read_dir(format!("/proc/{pid}/task"))
+        .map(|d| d.flatten().filter_map(|e| e.file_name().to_str()?.parse().ok()).collect())
+        .unwrap_or_default();
+    v.sort_unstable();
+    v
+}
+
+/// The State letter of /proc/PID/status ('?' if unreadable).
+fn state_of(pid: i32) -> char {
+    read(Path::new(&format!("/proc/{pid}/status")))
+        .lines()
+        .find_map(|l| l.strip_prefix("State:"))
+        .and_then(|v| v.trim().chars().next())
+        .unwrap_or('?')
+}
+
+/// Bounded wait until the leader of `pid` is a zombie again (it exits as the restore detaches it).
+fn leader_becomes_zombie(pid: i32) -> bool {
+    for _ in 0..2000 {
+        if state_of(pid) == 'Z' {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    false
+}
+
+/// The main thread called pthread_exit while two threads run on (the leader is a zombie): the
+/// copy has the same pid and tids, its leader is a zombie again, its threads carry on with their
+/// pipe, file and memory (main_thread_exit.c checks), one ends with pthread_exit, and the
+/// parent sees the status the last thread chose.
 #[test]
-fn main_thread_exit_refused() {
-    refused("main_thread_exit", &["main thread has exited", "pthread_exit", "1 other thread"]);
+fn main_thread_exit() {
+    if !root() {
+        return;
+    }
+    let mut p = Prog::start("main_thread_exit");
+    let tids = task_ids(p.pid);
+    assert_eq!(tids.len(), 3, "the leader and two threads: {tids:?}");
+    assert_eq!(state_of(p.pid), 'Z');
+    p.move_once(1);
+    assert!(leader_becomes_zombie(p.pid), "restored leader: state {}", state_of(p.pid));
+    assert_eq!(task_ids(p.pid), tids, "tids kept");
+    let comm = |t: i32| read(Path::new(&format!("/proc/{}/task/{t}/comm", p.pid)));
+    assert_eq!(comm(p.pid), "main_thread_exi\n");
+    p.go();
+    p.expect_exit(42);
+}
+
+/// The same, moved with pre-copy rounds while it runs (read through a live thread meanwhile).
+#[test]
+fn main_thread_exit_precopy() {
+    if !root() {
+        return;
+    }
+    let mut p = Prog::start("main_thread_exit");
+    let tids = task_ids(p.pid);
+    let rep = p.move_once_precopy(1);
+    assert!(rep.precopied_bytes > 0, "nothing pre-copied: {rep:?}");
+    assert!(leader_becomes_zombie(p.pid), "restored leader: state {}", state_of(p.pid));
+    assert_eq!(task_ids(p.pid), tids, "tids kept");
+    p.go();
+    p.expect_exit(42);
+}
+
+/// Dumped with --leave-running, the process runs on (its live threads thawed, the zombie leader
+/// untouched); once it has exited, the image restores it again.
+#[test]
+fn main_thread_exit_leave_running_then_restore() {
+    if !root() {
+        return;
+    }
+    let mut p = Prog::start("main_thread_exit");
+    ck::dump(p.pid, &p.img(1), AfterDump::LeaveRunning).unwrap();
+    let at_dump = fs::metadata(p.out()).unwrap().len();
+    assert_eq!(state_of(p.pid), 'Z');
+    p.go();
+    p.expect_exit(42);
+    fs::OpenOptions::new().write(true).open(p.out()).unwrap().set_len(at_dump).unwrap();
+    // The file as it was at the dump (the program appended to it since).
+    fs::write(p.path("data"), "hello").unwrap();
+    let r = ck::restore(&p.img(1), &RestoreOptions::default()).unwrap();
+    assert!(r.same_pid);
+    p.pid = r.pid;
+    assert!(leader_becomes_zombie(p.pid), "restored leader: state {}", state_of(p.pid));
+    p.go();
+    p.expect_exit(42);
 }
 
 #[test]
