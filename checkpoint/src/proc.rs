@@ -225,6 +225,33 @@ mod tests {
     }
 
     #[test]
+    fn a_process_whose_main_thread_exited_is_read_through_a_live_thread() {
+        // (Pids no process here has: the registry is global, other tests read real ones.)
+        let (pid, tid) = (i32::MAX - 7, i32::MAX - 6);
+        assert_eq!(proc_path(pid, "maps"), PathBuf::from(format!("/proc/{pid}/maps")));
+        {
+            let _t = ReadThrough::new(pid, tid);
+            assert_eq!(live_thread(pid), Some(tid));
+            assert_eq!(proc_path(pid, "maps"), PathBuf::from(format!("/proc/{pid}/task/{tid}/maps")));
+            assert_eq!(proc_path(pid, "fd/3"), PathBuf::from(format!("/proc/{pid}/task/{tid}/fd/3")));
+            // The leader's own name and its task directory stay its own.
+            assert_eq!(proc_path(pid, "comm"), PathBuf::from(format!("/proc/{pid}/comm")));
+            assert_eq!(proc_path(pid, "task"), PathBuf::from(format!("/proc/{pid}/task")));
+            assert_eq!(proc_path(pid, &format!("task/{tid}")), PathBuf::from(format!("/proc/{pid}/task/{tid}")));
+            assert_eq!(proc_path(pid - 1, "maps"), PathBuf::from(format!("/proc/{}/maps", pid - 1)));
+        }
+        assert_eq!(live_thread(pid), None);
+        assert_eq!(proc_path(pid, "maps"), PathBuf::from(format!("/proc/{pid}/maps")));
+    }
+
+    #[test]
+    fn a_live_leader_is_not_an_exited_one() {
+        let me = std::process::id() as Pid;
+        assert_eq!(exited_leader(me).unwrap(), None);
+        assert!(ReadThrough::if_leader_exited(me).unwrap().is_none());
+    }
+
+    #[test]
     fn parses_vm_flags_of_smaps() {
         let f = parse_vm_flags(
             "7f0000000000-7f0000004000 rw-p 00000000 00:00 0 \n\

@@ -10,6 +10,10 @@
 //! (`PTRACE_O_TRACECLONE` attaches the new thread); inside the new thread: `set_tid_address`,
 //! `set_robust_list`, rseq, sigaltstack, name; then its xstate, registers and mask. The threads
 //! stay stopped until the main thread's final step, then all are detached.
+//!
+//! A main thread that had exited (`pthread_exit` in main; `TaskState::main_exited`): every live
+//! thread was collected as a thread, and the rebuilt leader, once they exist, is parked at the
+//! entry of its own `exit` ([`park_exiting_leader`]) to leave again as it is detached.
 
 use serde::{Deserialize, Serialize};
 

@@ -1459,6 +1459,45 @@ fn main_thread_exit_precopy() {
     p.expect_exit(42);
 }
 
+/// Restored into a job-control stop (`--stopped`): the threads stay stopped, the leader exits
+/// all the same; SIGCONT lets the threads go on.
+#[test]
+fn main_thread_exit_restored_stopped() {
+    if !root() {
+        return;
+    }
+    let mut p = Prog::start("main_thread_exit");
+    let tids = task_ids(p.pid);
+    ck::dump(p.pid, &p.img(1), AfterDump::Kill).unwrap();
+    wait_exit(p.pid, Duration::from_secs(5));
+    let r = ck::restore(&p.img(1), &RestoreOptions { stopped: true, ..Default::default() }).unwrap();
+    assert!(r.same_pid);
+    p.pid = r.pid;
+    assert!(leader_becomes_zombie(p.pid), "restored leader: state {}", state_of(p.pid));
+    assert_eq!(task_ids(p.pid), tids, "tids kept");
+    let thread_state = |t: i32| {
+        read(Path::new(&format!("/proc/{}/task/{t}/status", p.pid)))
+            .lines()
+            .find_map(|l| l.strip_prefix("State:").map(|v| v.trim().to_string()))
+            .unwrap_or_default()
+    };
+    for &t in &tids[1..] {
+        let mut st = thread_state(t);
+        for _ in 0..2000 {
+            if st.starts_with('T') {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+            st = thread_state(t);
+        }
+        assert!(st.starts_with('T'), "thread {t}: {st}");
+    }
+    // SAFETY: a signal to our own child, by pid.
+    assert_eq!(unsafe { libc::kill(p.pid, libc::SIGCONT) }, 0);
+    p.go();
+    p.expect_exit(42);
+}
+
 /// Dumped with --leave-running, the process runs on (its live threads thawed, the zombie leader
 /// untouched); once it has exited, the image restores it again.
 #[test]
