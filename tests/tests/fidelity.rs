@@ -1475,23 +1475,46 @@ fn main_thread_exit_restored_stopped() {
     p.pid = r.pid;
     assert!(leader_becomes_zombie(p.pid), "restored leader: state {}", state_of(p.pid));
     assert_eq!(task_ids(p.pid), tids, "tids kept");
-    let thread_state = |t: i32| {
-        read(Path::new(&format!("/proc/{}/task/{t}/status", p.pid)))
+    threads_stop(p.pid, &tids[1..]);
+    // SAFETY: a signal to our own child, by pid.
+    assert_eq!(unsafe { libc::kill(p.pid, libc::SIGCONT) }, 0);
+    p.go();
+    p.expect_exit(42);
+}
+
+/// Bounded wait until each of `tids` of `pid` is in a job-control stop (State T).
+fn threads_stop(pid: i32, tids: &[i32]) {
+    let state = |t: i32| {
+        read(Path::new(&format!("/proc/{pid}/task/{t}/status")))
             .lines()
             .find_map(|l| l.strip_prefix("State:").map(|v| v.trim().to_string()))
             .unwrap_or_default()
     };
-    for &t in &tids[1..] {
-        let mut st = thread_state(t);
+    for &t in tids {
+        let mut st = state(t);
         for _ in 0..2000 {
             if st.starts_with('T') {
                 break;
             }
             std::thread::sleep(Duration::from_millis(1));
-            st = thread_state(t);
+            st = state(t);
         }
         assert!(st.starts_with('T'), "thread {t}: {st}");
     }
+}
+
+/// Dumped with --leave-stopped: the live threads are detached into a job-control stop, the
+/// zombie leader stays one; SIGCONT lets the threads go on.
+#[test]
+fn main_thread_exit_left_stopped() {
+    if !root() {
+        return;
+    }
+    let p = Prog::start("main_thread_exit");
+    let tids = task_ids(p.pid);
+    ck::dump(p.pid, &p.img(1), AfterDump::LeaveStopped).unwrap();
+    threads_stop(p.pid, &tids[1..]);
+    assert_eq!(state_of(p.pid), 'Z');
     // SAFETY: a signal to our own child, by pid.
     assert_eq!(unsafe { libc::kill(p.pid, libc::SIGCONT) }, 0);
     p.go();
