@@ -1459,6 +1459,13 @@ fn main_thread_exit_precopy() {
     p.expect_exit(42);
 }
 
+/// A process whose main thread has exited is judged like any other, through a live thread: its
+/// TCP listener (which an empty /proc/PID/fd of the leader would hide) is refused by name.
+#[test]
+fn main_thread_exit_tcp_refused() {
+    refused("main_thread_exit_tcp", &["fd 3", "AF_INET"]);
+}
+
 /// Restored into a job-control stop (`--stopped`): the threads stay stopped, the leader exits
 /// all the same; SIGCONT lets the threads go on.
 #[test]
