@@ -124,18 +124,9 @@ pub fn blockers(pid: Pid, opts: &DumpOptions) -> Result<Vec<Error>> {
 /// [`blockers`] of one process; `in_tree`: its children are dumped with it (not a blocker).
 pub(crate) fn process_blockers(pid: Pid, opts: &DumpOptions, in_tree: bool) -> Result<Vec<Error>> {
     // A thread-group leader that exited (pthread_exit in main) while other threads run on: its
-    // /proc entries (maps, fds) are gone, nothing else can be judged through it.
+    // /proc entries (maps, fds) are gone, the process is judged through a live thread.
+    let _through = proc::ReadThrough::if_leader_exited(pid)?;
     let status = proc::read_string(pid, "status")?;
-    let threads: usize = proc::field(&status, "Threads").and_then(|v| v.parse().ok()).unwrap_or(1);
-    if proc::field(&status, "State").is_some_and(|s| s.starts_with('Z')) && threads > 1 {
-        return Ok(vec![Error::Unsupported {
-            pid,
-            what: format!(
-                "a process whose main thread has exited (pthread_exit in main; {} other thread(s) run on)",
-                threads - 1
-            ),
-        }]);
-    }
     let maps = proc::maps(pid)?;
     let mut flags = proc::vm_flags(pid)?;
     if opts.precopy.is_some() {
@@ -375,7 +366,7 @@ fn collect_all(f: &mut Frozen, dir: &Path, opts: &DumpOptions, clk: &mut Clock) 
     check_interrupted(pid, opts)?;
     let maps = proc::maps(pid)?;
     let vdso = vdso::collect(&maps);
-    let (mut cpu, cpu_ident) = cpu::collect(pid, &f.regs)?;
+    let (mut cpu, cpu_ident) = cpu::collect(f.main, &f.regs)?;
     let mut files = files::collect_with(pid, &unjudged_fds(pid, opts), &opts.allies)?;
     crate::ttys::capture(pid, &mut files)?;
     if opts.shell_job {
@@ -407,7 +398,12 @@ fn collect_all(f: &mut Frozen, dir: &Path, opts: &DumpOptions, clk: &mut Clock) 
         return Err(e);
     }
     let posix_timers = timers::collect(r)?;
-    signals::collect_pending(pid, &mut sig)?;
+    signals::collect_pending(f.main, &mut sig)?;
+    if f.leader_exited {
+        // The main thread's own state is gone with it; `main`'s is carried as its thread's.
+        sig.pending_private.clear();
+        sig.altstack = None;
+    }
     let threads = threads::collect(f)?;
     f.end_injection()?;
     check_interrupted(pid, opts)?;

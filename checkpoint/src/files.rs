@@ -1004,6 +1004,7 @@ fn bound_path(name: Option<Vec<u8>>) -> Option<Vec<u8>> {
 /// process's fds (one bounded /proc scan).
 pub fn describe_fds(pid: Pid) -> Result<Vec<FdDescription>> {
     use std::os::unix::fs::MetadataExt;
+    let _through = crate::proc::ReadThrough::if_leader_exited(pid)?; // pthread_exit in main
     let pidfd = sys::pidfd_open(pid).map_err(|source| Error::NoProcess { pid, err: source })?;
     let mut out = Vec::new();
     for fd in list_fds(pid)? {

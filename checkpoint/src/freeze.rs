@@ -14,13 +14,21 @@ const DUMP_SCRATCH: usize = 64 * 1024;
 
 pub struct Frozen {
     pub pid: Pid,
-    /// Registers of the main thread exactly as stopped (before any restart fixup).
+    /// The thread the dump calls into: the main thread, or — when the main thread has exited
+    /// (`leader_exited`) — the live thread with the lowest tid.
+    pub main: Pid,
+    /// Registers of `main` exactly as stopped (before any restart fixup).
     pub regs: Regs,
     pub sigmask: u64,
-    /// The other threads, stopped the same way.
+    /// The other threads, stopped the same way; with `leader_exited`, every live thread
+    /// (`main` too: each is carried as a thread, the leader is made again only to exit).
     pub threads: Vec<ThreadStop>,
+    /// The main thread called `pthread_exit` while other threads run on: the leader is a zombie
+    /// (it cannot be seized), /proc is read through `main` meanwhile (see `proc::proc_path`).
+    pub leader_exited: bool,
     remote: Option<Remote>,
     finished: bool,
+    _through: Option<crate::proc::ReadThrough>,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -90,6 +98,8 @@ impl Frozen {
     /// again until no new thread appeared). Signals that arrive meanwhile are delivered
     /// normally (passed through), never lost.
     pub fn freeze(pid: Pid) -> Result<Frozen> {
+        // A zombie leader (pthread_exit in main) cannot be seized: only its live threads are.
+        let leader_exited = crate::proc::exited_leader(pid)?.is_some();
         let mut stopped: Vec<ThreadStop> = Vec::new();
         let undo = |stopped: &[ThreadStop]| {
             for t in stopped {
@@ -98,7 +108,10 @@ impl Frozen {
         };
         for _round in 0..100 {
             let all = tasks(pid)?;
-            let new: Vec<Pid> = all.into_iter().filter(|t| !stopped.iter().any(|s| s.tid == *t)).collect();
+            let new: Vec<Pid> = all
+                .into_iter()
+                .filter(|&t| (t != pid || !leader_exited) && stopped.iter().all(|s| s.tid != t))
+                .collect();
             if new.is_empty() {
                 break;
             }
@@ -118,12 +131,48 @@ impl Frozen {
                 }
             }
         }
+        if leader_exited {
+            let Some(main) = stopped.first().copied() else {
+                return Err(Error::Unsupported { pid, what: "a process whose threads have all exited".into() });
+            };
+            return Ok(Frozen {
+                pid,
+                main: main.tid,
+                regs: main.regs,
+                sigmask: main.sigmask,
+                threads: stopped,
+                leader_exited,
+                remote: None,
+                finished: false,
+                _through: Some(crate::proc::ReadThrough::new(pid, main.tid)),
+            });
+        }
         let Some(i) = stopped.iter().position(|t| t.tid == pid) else {
             undo(&stopped);
             return Err(Error::Unsupported { pid, what: "a process whose main thread has exited".into() });
         };
         let main = stopped.remove(i);
-        Ok(Frozen { pid, regs: main.regs, sigmask: main.sigmask, threads: stopped, remote: None, finished: false })
+        Ok(Frozen {
+            pid,
+            main: pid,
+            regs: main.regs,
+            sigmask: main.sigmask,
+            threads: stopped,
+            leader_exited,
+            remote: None,
+            finished: false,
+            _through: None,
+        })
+    }
+
+    /// The stopped threads to put back and detach: the other threads, then the main one (its
+    /// registers in `regs`) unless it has exited (then it is one of `threads`).
+    fn all_stops(&self) -> Vec<ThreadStop> {
+        let mut v = self.threads.clone();
+        if !self.leader_exited {
+            v.push(ThreadStop { tid: self.pid, regs: self.regs, sigmask: self.sigmask });
+        }
+        v
     }
 
     /// Runs `f` with an injector on thread `tid` (another thread than the main one); each call
@@ -157,7 +206,7 @@ impl Frozen {
     /// the vDSO's ELF header).
     pub fn remote(&mut self, gadget_at: u64) -> Result<&Remote> {
         if self.remote.is_none() {
-            let pid = self.pid;
+            let pid = self.main;
             let saved = crate::inject::read_code(pid, gadget_at, crate::inject::RESTORER_LEN)?;
             let guard = Some(Guard { sigmask: self.sigmask, saved });
             let mut r = Remote { pid, gadget: gadget_at, base: self.regs, scratch: 0, scratch_len: 0, guard };
@@ -184,8 +233,8 @@ impl Frozen {
     /// process is frozen exactly as it was stopped, and can be collected again.
     pub fn end_injection(&mut self) -> Result<()> {
         self.undo_injection()?;
-        sys::set_sigmask(self.pid, self.sigmask).map_err(pt("PTRACE_SETSIGMASK", self.pid))?;
-        sys::set_regs(self.pid, &self.regs).map_err(pt("PTRACE_SETREGS", self.pid))
+        sys::set_sigmask(self.main, self.sigmask).map_err(pt("PTRACE_SETSIGMASK", self.main))?;
+        sys::set_regs(self.main, &self.regs).map_err(pt("PTRACE_SETREGS", self.main))
     }
 
     fn undo_injection(&mut self) -> Result<()> {
@@ -205,7 +254,7 @@ impl Frozen {
         if on {
             opts |= libc::PTRACE_O_EXITKILL as u64;
         }
-        for tid in self.threads.iter().map(|t| t.tid).chain([self.pid]) {
+        for tid in self.all_stops().iter().map(|t| t.tid) {
             sys::set_options(tid, opts).map_err(pt("PTRACE_SETOPTIONS", tid))?;
         }
         Ok(())
@@ -214,16 +263,16 @@ impl Frozen {
     /// Puts everything back and lets the process run on (`stop`: detach into a job-control stop).
     pub fn thaw(mut self, stop: bool) -> Result<()> {
         self.finished = true;
-        let pid = self.pid;
         self.undo_injection()?;
-        for t in &self.threads {
+        let all = self.all_stops();
+        for (i, t) in all.iter().enumerate() {
             sys::set_regs(t.tid, &t.regs).map_err(pt("PTRACE_SETREGS", t.tid))?;
             sys::set_sigmask(t.tid, t.sigmask).map_err(pt("PTRACE_SETSIGMASK", t.tid))?;
-            sys::detach(t.tid, 0).map_err(pt("PTRACE_DETACH", t.tid))?;
+            // The job-control stop with the last one (a signal to the process, not the thread).
+            let sig = if stop && i + 1 == all.len() { libc::SIGSTOP } else { 0 };
+            sys::detach(t.tid, sig).map_err(pt("PTRACE_DETACH", t.tid))?;
         }
-        sys::set_regs(pid, &self.regs).map_err(pt("PTRACE_SETREGS", pid))?;
-        sys::set_sigmask(pid, self.sigmask).map_err(pt("PTRACE_SETSIGMASK", pid))?;
-        sys::detach(pid, if stop { libc::SIGSTOP } else { 0 }).map_err(pt("PTRACE_DETACH", pid))
+        Ok(())
     }
 
     /// Kills the frozen process (after a successful dump) and collects its ptrace exit report.
@@ -251,14 +300,11 @@ impl Drop for Frozen {
         if !self.finished {
             // Best effort: an error path must leave the process running as it was.
             let _ = self.undo_injection();
-            for t in &self.threads {
+            for t in self.all_stops() {
                 let _ = sys::set_regs(t.tid, &t.regs);
                 let _ = sys::set_sigmask(t.tid, t.sigmask);
                 let _ = sys::detach(t.tid, 0);
             }
-            let _ = sys::set_regs(self.pid, &self.regs);
-            let _ = sys::set_sigmask(self.pid, self.sigmask);
-            let _ = sys::detach(self.pid, 0);
         }
     }
 }

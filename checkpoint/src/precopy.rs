@@ -101,6 +101,8 @@ pub struct Precopy {
     slots: Slots,
     store_len: u64,
     pub rounds: Vec<Round>,
+    /// A process whose main thread has exited is read through a live thread (`proc_path`).
+    _through: Option<proc::ReadThrough>,
 }
 
 impl std::fmt::Debug for Precopy {
@@ -155,7 +157,9 @@ impl Precopy {
         })?;
         let pm = proc_path(pid, "pagemap");
         let pagemap = File::open(&pm).map_err(io_at(&pm))?;
-        Ok(Precopy { pid, uffd, pagemap, slots: Slots::default(), store_len: 0, rounds: Vec::new() })
+        // The main thread has exited: the rounds read the process through the same live thread.
+        let through = f.leader_exited.then(|| proc::ReadThrough::new(pid, f.main));
+        Ok(Precopy { pid, uffd, pagemap, slots: Slots::default(), store_len: 0, rounds: Vec::new(), _through: through })
     }
 
     pub fn pid(&self) -> Pid {

@@ -37,8 +37,77 @@ impl MapLine {
     }
 }
 
+/// `/proc/PID/what` — or, while a [`ReadThrough`] for `pid` lives (its main thread has exited),
+/// `/proc/PID/task/TID/what` of a live thread: a thread-group leader that called `pthread_exit`
+/// is a zombie whose per-process entries (maps, fd, fdinfo, mem, cwd, exe, ns, …) are gone or
+/// empty, while its live threads show the same address space, fd table and namespaces. Its
+/// name (`comm`) and the `task` directory stay the leader's own.
 pub fn proc_path(pid: Pid, what: &str) -> PathBuf {
-    PathBuf::from(format!("/proc/{pid}/{what}"))
+    match live_thread(pid) {
+        Some(tid) if what != "comm" && what != "task" && !what.starts_with("task/") => {
+            PathBuf::from(format!("/proc/{pid}/task/{tid}/{what}"))
+        }
+        _ => PathBuf::from(format!("/proc/{pid}/{what}")),
+    }
+}
+
+/// (leader pid, live thread) of the processes being read through a live thread.
+static READ_THROUGH: std::sync::Mutex<Vec<(Pid, Pid)>> = std::sync::Mutex::new(Vec::new());
+
+/// The live thread `pid` is read through while its main thread has exited (see [`proc_path`]);
+/// `None` for any other process. The syscall wrappers that need a live task (process_vm_readv,
+/// pidfd_open) ask it too.
+pub fn live_thread(pid: Pid) -> Option<Pid> {
+    let v = READ_THROUGH.lock().unwrap_or_else(|e| e.into_inner());
+    v.iter().find(|(p, _)| *p == pid).map(|&(_, t)| t)
+}
+
+/// While it lives, `pid` (whose main thread has exited) is read through its thread `tid`.
+#[derive(Debug)]
+pub struct ReadThrough {
+    pid: Pid,
+    tid: Pid,
+}
+
+impl ReadThrough {
+    pub fn new(pid: Pid, tid: Pid) -> ReadThrough {
+        READ_THROUGH.lock().unwrap_or_else(|e| e.into_inner()).push((pid, tid));
+        ReadThrough { pid, tid }
+    }
+
+    /// For a process whose main thread has exited ([`exited_leader`]): read through its live
+    /// thread with the lowest tid while the result lives. `None` for any other process.
+    pub fn if_leader_exited(pid: Pid) -> Result<Option<ReadThrough>> {
+        Ok(exited_leader(pid)?.map(|live| ReadThrough::new(pid, live[0])))
+    }
+}
+
+impl Drop for ReadThrough {
+    fn drop(&mut self) {
+        let mut v = READ_THROUGH.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(i) = v.iter().rposition(|&e| e == (self.pid, self.tid)) {
+            v.remove(i);
+        }
+    }
+}
+
+/// Whether the main thread of `pid` has exited while other threads run on (`pthread_exit` in
+/// main: the leader is a zombie, `Threads` counts the live ones); then the live threads, lowest
+/// tid first. Read from the leader's own status and task directory, never through a thread.
+pub fn exited_leader(pid: Pid) -> Result<Option<Vec<Pid>>> {
+    let p = PathBuf::from(format!("/proc/{pid}/status"));
+    let status = std::fs::read_to_string(&p).map_err(|source| Error::NoProcess { pid, err: source })?;
+    if !field(&status, "State").is_some_and(|s| s.starts_with('Z')) {
+        return Ok(None);
+    }
+    let d = PathBuf::from(format!("/proc/{pid}/task"));
+    let mut live: Vec<Pid> = std::fs::read_dir(&d)
+        .map_err(|source| Error::NoProcess { pid, err: source })?
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .filter(|&t: &Pid| t != pid)
+        .collect();
+    live.sort_unstable();
+    Ok((!live.is_empty()).then_some(live))
 }
 
 pub fn read_string(pid: Pid, what: &str) -> Result<String> {
@@ -153,6 +222,33 @@ mod tests {
         assert_eq!(m[1].path, "[stack]");
         assert!(m[2].shared());
         assert_eq!(m[0].prot(), (libc::PROT_READ | libc::PROT_EXEC) as u32);
+    }
+
+    #[test]
+    fn a_process_whose_main_thread_exited_is_read_through_a_live_thread() {
+        // (Pids no process here has: the registry is global, other tests read real ones.)
+        let (pid, tid) = (i32::MAX - 7, i32::MAX - 6);
+        assert_eq!(proc_path(pid, "maps"), PathBuf::from(format!("/proc/{pid}/maps")));
+        {
+            let _t = ReadThrough::new(pid, tid);
+            assert_eq!(live_thread(pid), Some(tid));
+            assert_eq!(proc_path(pid, "maps"), PathBuf::from(format!("/proc/{pid}/task/{tid}/maps")));
+            assert_eq!(proc_path(pid, "fd/3"), PathBuf::from(format!("/proc/{pid}/task/{tid}/fd/3")));
+            // The leader's own name and its task directory stay its own.
+            assert_eq!(proc_path(pid, "comm"), PathBuf::from(format!("/proc/{pid}/comm")));
+            assert_eq!(proc_path(pid, "task"), PathBuf::from(format!("/proc/{pid}/task")));
+            assert_eq!(proc_path(pid, &format!("task/{tid}")), PathBuf::from(format!("/proc/{pid}/task/{tid}")));
+            assert_eq!(proc_path(pid - 1, "maps"), PathBuf::from(format!("/proc/{}/maps", pid - 1)));
+        }
+        assert_eq!(live_thread(pid), None);
+        assert_eq!(proc_path(pid, "maps"), PathBuf::from(format!("/proc/{pid}/maps")));
+    }
+
+    #[test]
+    fn a_live_leader_is_not_an_exited_one() {
+        let me = std::process::id() as Pid;
+        assert_eq!(exited_leader(me).unwrap(), None);
+        assert!(ReadThrough::if_leader_exited(me).unwrap().is_none());
     }
 
     #[test]

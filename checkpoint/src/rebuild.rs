@@ -440,8 +440,13 @@ fn finish(r: &Remote, m: &crate::image::Manifest, threads: &[Pid], stopped: bool
             msg: crate::inject::errno_name(-ret as i32),
         });
     }
-    cpu::restore(pid, &m.cpu)?;
-    sys::set_sigmask(pid, m.signals.blocked).map_err(pt("PTRACE_SETSIGMASK", pid))?;
+    if m.task.main_exited {
+        // The main thread had exited: it exits again, as it is detached (the threads carry on).
+        threads::park_exiting_leader(pid)?;
+    } else {
+        cpu::restore(pid, &m.cpu)?;
+        sys::set_sigmask(pid, m.signals.blocked).map_err(pt("PTRACE_SETSIGMASK", pid))?;
+    }
     if hold {
         return Ok(());
     }

@@ -235,6 +235,8 @@ fn remote_iovecs(remote: &[(u64, usize)]) -> Vec<libc::iovec> {
 
 /// Reads `remote.len()` ranges of `pid` into consecutive parts of `local`; returns bytes read.
 pub fn vm_read(pid: Pid, local: &mut [u8], remote: &[(u64, usize)]) -> io::Result<usize> {
+    // A process whose main thread has exited: its memory through a live thread.
+    let pid = crate::proc::live_thread(pid).unwrap_or(pid);
     let liov = libc::iovec { iov_base: local.as_mut_ptr().cast(), iov_len: local.len() };
     let riov = remote_iovecs(remote);
     // SAFETY: local iovec covers `local` (exclusively borrowed); remote addresses are only
@@ -483,8 +485,14 @@ pub fn fd_status_flags(fd: i32) -> io::Result<u32> {
 }
 
 pub fn pidfd_open(pid: Pid) -> io::Result<OwnedFd> {
+    // A process whose main thread has exited: the leader's task has no fd table any more, a
+    // live thread's pidfd (PIDFD_THREAD = O_EXCL) reaches the process's fds.
+    let (pid, flags) = match crate::proc::live_thread(pid) {
+        Some(tid) => (tid, libc::O_EXCL),
+        None => (pid, 0),
+    };
     // SAFETY: integer-only syscall; the returned fd is owned by the OwnedFd.
-    let r = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    let r = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, flags) };
     cvt(r).map(|fd| unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
 }
 pub fn pidfd_getfd(pidfd: &OwnedFd, fd: i32) -> io::Result<OwnedFd> {

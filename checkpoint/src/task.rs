@@ -55,6 +55,12 @@ pub struct TaskState {
     /// The working directory was deleted (`cwd` is its path without " (deleted)"): it is
     /// created again, entered and removed.
     pub cwd_deleted: Option<crate::ghosts::DeletedDir>,
+    /// The main thread had exited (`pthread_exit` in main; the leader was a zombie while the
+    /// other threads ran on): every live thread is in `Manifest::threads`, the main thread's
+    /// own fields here (tid address, robust list, rseq) are empty, and the restore makes the
+    /// leader again only to have it exit the same way (`exit`, not `exit_group`) once the
+    /// threads exist — see `threads::park_exiting_leader`.
+    pub main_exited: bool,
 }
 
 /// prctl and /proc attributes carried by the restore (those refused are refused at dump).
@@ -215,7 +221,8 @@ fn refusals(pid: Pid, status: &str, exe: &str) -> Vec<Error> {
     // the restored process runs under the restorer's (without an LSM, the file cannot be read).
     let label =
         |p: &str| std::fs::read(p).ok().map(|b| String::from_utf8_lossy(&b).trim_end_matches(['\0', '\n']).to_string());
-    if let (Some(theirs), Some(mine)) = (label(&format!("/proc/{pid}/attr/current")), label("/proc/self/attr/current"))
+    if let (Some(theirs), Some(mine)) =
+        (label(&proc_path(pid, "attr/current").to_string_lossy()), label("/proc/self/attr/current"))
     {
         if theirs != mine {
             v.push(Error::Unsupported {
@@ -243,8 +250,10 @@ fn refusals(pid: Pid, status: &str, exe: &str) -> Vec<Error> {
     // namespace is the exception, written down as a limit: `ip netns exec` gives every
     // command its own (to remount /sys), so a node's agent and programs never share one.
     for kind in ["net", "uts", "ipc", "pid", "user", "cgroup", "time"] {
-        let ns = |p: String| std::fs::read_link(p).ok();
-        if let (Some(theirs), Some(mine)) = (ns(format!("/proc/{pid}/ns/{kind}")), ns(format!("/proc/self/ns/{kind}")))
+        let ns = |p: std::path::PathBuf| std::fs::read_link(p).ok();
+        // (Through proc_path: a zombie leader's own ns links are gone, a live thread's are not.)
+        if let (Some(theirs), Some(mine)) =
+            (ns(proc_path(pid, &format!("ns/{kind}"))), ns(format!("/proc/self/ns/{kind}").into()))
         {
             if theirs != mine {
                 v.push(Error::Unsupported {
@@ -312,6 +321,7 @@ pub fn collect_static(pid: Pid) -> Result<TaskState> {
     Ok(TaskState {
         cwd,
         cwd_deleted,
+        main_exited: false,
         umask,
         comm: read_string(pid, "comm")?.trim_end().to_string(),
         personality: u64::from_str_radix(read_string(pid, "personality")?.trim(), 16).unwrap_or(0),
@@ -568,7 +578,11 @@ pub fn restore_last(r: &Remote, st: &TaskState) -> Result<()> {
 }
 
 pub fn collect(r: &Remote) -> Result<TaskState> {
-    let pid = r.pid;
+    // `r` runs in the main thread — or, when that has exited, in a live thread of the process.
+    let pid = match field(&read_string(r.pid, "status")?, "Tgid").and_then(|v| v.parse::<Pid>().ok()) {
+        Some(tgid) => tgid,
+        None => r.pid,
+    };
     let mut st = collect_static(pid)?;
     st.mm.brk = r.call("brk(0)", libc::SYS_brk, &[0])?;
     // From inside: prlimit on another user's process needs CAP_SYS_RESOURCE, which root lacks here.
@@ -577,11 +591,18 @@ pub fn collect(r: &Remote) -> Result<TaskState> {
         let b = r.get(0, 16)?;
         st.rlimits.push((u64_at(&b, 0), u64_at(&b, 8)));
     }
+    collect_attrs(r, &mut st.attrs)?;
+    if pid != r.pid {
+        // The main thread has exited: its tid address was cleared and its robust list walked
+        // as it exited (memory shows both), its rseq area is no one's. The leader made again
+        // registers none, so that its exit at the restore changes nothing in memory.
+        st.main_exited = true;
+        return Ok(st);
+    }
     r.call("prctl(PR_GET_TID_ADDRESS)", libc::SYS_prctl, &[libc::PR_GET_TID_ADDRESS as u64, r.scratch])?;
     st.tid_address = u64_at(&r.get(0, 8)?, 0);
     st.robust_list = sys::get_robust_list(pid).map_err(pt("get_robust_list", pid))?;
     st.rseq = sys::get_rseq(pid).map_err(pt("PTRACE_GET_RSEQ_CONFIGURATION", pid))?;
-    collect_attrs(r, &mut st.attrs)?;
     Ok(st)
 }
 

@@ -10,6 +10,10 @@
 //! (`PTRACE_O_TRACECLONE` attaches the new thread); inside the new thread: `set_tid_address`,
 //! `set_robust_list`, rseq, sigaltstack, name; then its xstate, registers and mask. The threads
 //! stay stopped until the main thread's final step, then all are detached.
+//!
+//! A main thread that had exited (`pthread_exit` in main; `TaskState::main_exited`): every live
+//! thread was collected as a thread, and the rebuilt leader, once they exist, is parked at the
+//! entry of its own `exit` ([`park_exiting_leader`]) to leave again as it is detached.
 
 use serde::{Deserialize, Serialize};
 
@@ -210,4 +214,57 @@ pub fn restore(
         sys::set_sigmask(tid, t.sigmask).map_err(pt("PTRACE_SETSIGMASK", tid))?;
     }
     Ok(())
+}
+
+/// The last step for the main thread of a process whose main thread had exited
+/// (`TaskState::main_exited`): stopped at the exit of the restorer's final `munmap` (the
+/// gadget is gone with the reserved range), the leader is sent into `exit(0)` — the thread's
+/// exit, as `pthread_exit` ends the main thread, never `exit_group` — through a `syscall`
+/// instruction of the process's own code, and left stopped at the entry of that call. When it
+/// is detached with the others, it exits: a zombie while the other threads run on, and the
+/// process's exit status is what its last thread chooses, reported to its parent as before.
+/// It registered no tid address, robust list or rseq area, so its exit changes no memory.
+pub fn park_exiting_leader(pid: Pid) -> Result<()> {
+    let site = syscall_site(pid)?;
+    let mut regs = sys::get_regs(pid).map_err(pt("PTRACE_GETREGS", pid))?;
+    regs.rax = libc::SYS_exit as u64;
+    regs.orig_rax = u64::MAX;
+    regs.rdi = 0;
+    regs.rip = site;
+    regs.eflags &= !(0x100 | 0x400);
+    sys::set_regs(pid, &regs).map_err(pt("PTRACE_SETREGS", pid))?;
+    sys::cont_syscall(pid).map_err(pt("PTRACE_SYSCALL", pid))?;
+    let st = sys::wait(pid).map_err(pt("waitpid", pid))?;
+    let at = sys::get_regs(pid).map_err(pt("PTRACE_GETREGS", pid))?;
+    if !(libc::WIFSTOPPED(st) && libc::WSTOPSIG(st) == (libc::SIGTRAP | 0x80)) || at.orig_rax != libc::SYS_exit as u64 {
+        return Err(Error::UnexpectedStop { pid, during: "sending the main thread into exit".into(), status: st });
+    }
+    Ok(())
+}
+
+/// The address of a `syscall` instruction (0f 05) in an executable mapping of `pid`, the vDSO
+/// first (its contents were checked equal to the image's): the CPU decodes from wherever rip
+/// points, so any such pair of bytes serves.
+fn syscall_site(pid: Pid) -> Result<u64> {
+    let maps = crate::proc::maps(pid)?;
+    let code = maps.iter().filter(|m| m.perms[0] == b'r' && m.perms[2] == b'x' && m.path != "[vsyscall]");
+    for m in code.clone().filter(|m| m.path == "[vdso]").chain(code.filter(|m| m.path != "[vdso]")) {
+        let mut at = m.start;
+        while at < m.end {
+            let len = (m.end - at).min(1 << 20) as usize;
+            let mut b = vec![0u8; len];
+            let n = sys::vm_read(pid, &mut b, &[(at, len)]).unwrap_or(0);
+            if let Some(i) = b[..n].windows(2).position(|w| w == [0x0f, 0x05]) {
+                return Ok(at + i as u64);
+            }
+            if n < 2 {
+                break;
+            }
+            // The next window starts one byte back: a pair may straddle the two.
+            at += n as u64 - 1;
+        }
+    }
+    Err(Error::Restore(format!(
+        "pid {pid}: no syscall instruction in any executable mapping to end the main thread with"
+    )))
 }

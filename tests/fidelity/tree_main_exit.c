@@ -1,6 +1,7 @@
 /* A child whose main thread called pthread_exit while another thread runs on: it shows as a
  * zombie ("Z") but is alive. A tree dump must not take it for a zombie (it would come back dead):
- * refused, naming it. The child's thread ends the process when told. */
+ * it is carried like any process whose main thread exited. The child's thread ends the process
+ * when told, with the status the parent checks. */
 #include "fidelity.h"
 #include <pthread.h>
 #include <sys/wait.h>
@@ -36,6 +37,11 @@ int main(void) {
     CHECK(strstr(st, "State:\tZ") != NULL, "the child's main thread did not exit");
     ready();
     wait_go();
+    memset(st, 0, sizeof st);
+    int fd = open(path, O_RDONLY);
+    read(fd, st, sizeof st - 1);
+    close(fd);
+    CHECK(strstr(st, "State:\tZ") != NULL && strstr(st, "Threads:\t2") != NULL, "the child after the restore: %s", st);
     kill(c, SIGUSR1);
     int s = 0;
     CHECK(waitpid(c, &s, 0) == c && WIFEXITED(s) && WEXITSTATUS(s) == 0, "child: %#x", s);

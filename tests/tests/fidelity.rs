@@ -194,10 +194,14 @@ impl Prog {
         f.write_all(b"g").unwrap();
     }
     fn expect_pass(&self) {
+        self.expect_exit(0);
+    }
+    /// PASS, and the exit status `code` (what the program chose) reported to this parent.
+    fn expect_exit(&self, code: i32) {
         let st = wait_exit(self.pid, Duration::from_secs(20));
         let out = read(&self.out());
         let err = read(&self.path("err"));
-        let ok = matches!(st, Some(s) if libc::WIFEXITED(s) && libc::WEXITSTATUS(s) == 0);
+        let ok = matches!(st, Some(s) if libc::WIFEXITED(s) && libc::WEXITSTATUS(s) == code);
         assert!(
             ok && out.contains("PASS") && !out.contains("FAIL"),
             "{}: status {st:?}\n--- stdout\n{out}--- stderr\n{err}",
@@ -423,39 +427,11 @@ fn tree_pid_taken_fails_restore() {
     assert!(read(&p.out()).contains("child-ok"));
 }
 
-/// A child whose main thread exited (its threads run on) looks like a zombie but is not: refused,
-/// named, never restored dead.
+/// A child whose main thread exited (its threads run on) looks like a zombie but is not: it is
+/// carried as a live member (its leader a zombie again, its thread running), never restored dead.
 #[test]
-fn tree_main_exit_refused() {
-    if !root() {
-        return;
-    }
-    let p = Prog::start("tree_main_exit");
-    let opts = ck::DumpOptions { tree: true, ..Default::default() };
-    let e = ck::dump_with(p.pid, &p.img(1), AfterDump::Kill, &opts).expect_err("dump should be refused").to_string();
-    for w in ["child of", "main thread has exited"] {
-        assert!(e.contains(w), "error {e:?} should mention {w:?}");
-    }
-    assert!(!p.img(1).join("tree.img").exists());
-    p.go();
-    p.expect_pass();
-}
-
-/// A vfork child shares its parent's memory: a tree with it is refused, naming the child.
-#[test]
-fn tree_vfork_refused() {
-    if !root() {
-        return;
-    }
-    let p = Prog::start("tree_vfork");
-    let opts = ck::DumpOptions { tree: true, ..Default::default() };
-    let e = ck::dump_with(p.pid, &p.img(1), AfterDump::Kill, &opts).expect_err("dump should be refused").to_string();
-    for w in ["child of", "sharing its address space (CLONE_VM: vfork", &format!("with pid {} (", p.pid)] {
-        assert!(e.contains(w), "error {e:?} should mention {w:?}");
-    }
-    assert!(!p.img(1).join("tree.img").exists());
-    p.go();
-    p.expect_pass();
+fn tree_main_exit() {
+    tree("tree_main_exit", 2, &[]);
 }
 
 /// Pre-copy of a program that keeps writing its pages (and mapping, moving, unmapping and
@@ -1542,9 +1518,164 @@ fn own_namespace_refused() {
     refused("own_uts_namespace", &["its own uts namespace", "namespaces are not carried"]);
 }
 
+/// The tids in /proc/PID/task, sorted.
+fn task_ids(pid: i32) -> Vec<i32> {
+    let mut v: Vec<i32> = fs::read_dir(format!("/proc/{pid}/task"))
+        .map(|d| d.flatten().filter_map(|e| e.file_name().to_str()?.parse().ok()).collect())
+        .unwrap_or_default();
+    v.sort_unstable();
+    v
+}
+
+/// The State letter of /proc/PID/status ('?' if unreadable).
+fn state_of(pid: i32) -> char {
+    read(Path::new(&format!("/proc/{pid}/status")))
+        .lines()
+        .find_map(|l| l.strip_prefix("State:"))
+        .and_then(|v| v.trim().chars().next())
+        .unwrap_or('?')
+}
+
+/// Bounded wait until the leader of `pid` is a zombie again (it exits as the restore detaches it).
+fn leader_becomes_zombie(pid: i32) -> bool {
+    for _ in 0..2000 {
+        if state_of(pid) == 'Z' {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    false
+}
+
+/// The main thread called pthread_exit while two threads run on (the leader is a zombie): the
+/// copy has the same pid and tids, its leader is a zombie again, its threads carry on with their
+/// pipe, file and memory (main_thread_exit.c checks), one ends with pthread_exit, and the
+/// parent sees the status the last thread chose.
 #[test]
-fn main_thread_exit_refused() {
-    refused("main_thread_exit", &["main thread has exited", "pthread_exit", "1 other thread"]);
+fn main_thread_exit() {
+    if !root() {
+        return;
+    }
+    let mut p = Prog::start("main_thread_exit");
+    let tids = task_ids(p.pid);
+    assert_eq!(tids.len(), 3, "the leader and two threads: {tids:?}");
+    assert_eq!(state_of(p.pid), 'Z');
+    p.move_once(1);
+    assert!(leader_becomes_zombie(p.pid), "restored leader: state {}", state_of(p.pid));
+    assert_eq!(task_ids(p.pid), tids, "tids kept");
+    let comm = |t: i32| read(Path::new(&format!("/proc/{}/task/{t}/comm", p.pid)));
+    assert_eq!(comm(p.pid), "main_thread_exi\n");
+    p.go();
+    p.expect_exit(42);
+}
+
+/// The same, moved with pre-copy rounds while it runs (read through a live thread meanwhile).
+#[test]
+fn main_thread_exit_precopy() {
+    if !root() {
+        return;
+    }
+    let mut p = Prog::start("main_thread_exit");
+    let tids = task_ids(p.pid);
+    let rep = p.move_once_precopy(1);
+    assert!(rep.precopied_bytes > 0, "nothing pre-copied: {rep:?}");
+    assert!(leader_becomes_zombie(p.pid), "restored leader: state {}", state_of(p.pid));
+    assert_eq!(task_ids(p.pid), tids, "tids kept");
+    p.go();
+    p.expect_exit(42);
+}
+
+/// A process whose main thread has exited is judged like any other, through a live thread: its
+/// TCP listener (which an empty /proc/PID/fd of the leader would hide) is refused by name.
+#[test]
+fn main_thread_exit_tcp_refused() {
+    refused("main_thread_exit_tcp", &["fd 3", "AF_INET"]);
+}
+
+/// Restored into a job-control stop (`--stopped`): the threads stay stopped, the leader exits
+/// all the same; SIGCONT lets the threads go on.
+#[test]
+fn main_thread_exit_restored_stopped() {
+    if !root() {
+        return;
+    }
+    let mut p = Prog::start("main_thread_exit");
+    let tids = task_ids(p.pid);
+    ck::dump(p.pid, &p.img(1), AfterDump::Kill).unwrap();
+    wait_exit(p.pid, Duration::from_secs(5));
+    let r = ck::restore(&p.img(1), &RestoreOptions { stopped: true, ..Default::default() }).unwrap();
+    assert!(r.same_pid);
+    p.pid = r.pid;
+    assert!(leader_becomes_zombie(p.pid), "restored leader: state {}", state_of(p.pid));
+    assert_eq!(task_ids(p.pid), tids, "tids kept");
+    threads_stop(p.pid, &tids[1..]);
+    // SAFETY: a signal to our own child, by pid.
+    assert_eq!(unsafe { libc::kill(p.pid, libc::SIGCONT) }, 0);
+    p.go();
+    p.expect_exit(42);
+}
+
+/// Bounded wait until each of `tids` of `pid` is in a job-control stop (State T).
+fn threads_stop(pid: i32, tids: &[i32]) {
+    let state = |t: i32| {
+        read(Path::new(&format!("/proc/{pid}/task/{t}/status")))
+            .lines()
+            .find_map(|l| l.strip_prefix("State:").map(|v| v.trim().to_string()))
+            .unwrap_or_default()
+    };
+    for &t in tids {
+        let mut st = state(t);
+        for _ in 0..2000 {
+            if st.starts_with('T') {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+            st = state(t);
+        }
+        assert!(st.starts_with('T'), "thread {t}: {st}");
+    }
+}
+
+/// Dumped with --leave-stopped: the live threads are detached into a job-control stop, the
+/// zombie leader stays one; SIGCONT lets the threads go on.
+#[test]
+fn main_thread_exit_left_stopped() {
+    if !root() {
+        return;
+    }
+    let p = Prog::start("main_thread_exit");
+    let tids = task_ids(p.pid);
+    ck::dump(p.pid, &p.img(1), AfterDump::LeaveStopped).unwrap();
+    threads_stop(p.pid, &tids[1..]);
+    assert_eq!(state_of(p.pid), 'Z');
+    // SAFETY: a signal to our own child, by pid.
+    assert_eq!(unsafe { libc::kill(p.pid, libc::SIGCONT) }, 0);
+    p.go();
+    p.expect_exit(42);
+}
+
+/// Dumped with --leave-running, the process runs on (its live threads thawed, the zombie leader
+/// untouched); once it has exited, the image restores it again.
+#[test]
+fn main_thread_exit_leave_running_then_restore() {
+    if !root() {
+        return;
+    }
+    let mut p = Prog::start("main_thread_exit");
+    ck::dump(p.pid, &p.img(1), AfterDump::LeaveRunning).unwrap();
+    let at_dump = fs::metadata(p.out()).unwrap().len();
+    assert_eq!(state_of(p.pid), 'Z');
+    p.go();
+    p.expect_exit(42);
+    fs::OpenOptions::new().write(true).open(p.out()).unwrap().set_len(at_dump).unwrap();
+    // The file as it was at the dump (the program appended to it since).
+    fs::write(p.path("data"), "hello").unwrap();
+    let r = ck::restore(&p.img(1), &RestoreOptions::default()).unwrap();
+    assert!(r.same_pid);
+    p.pid = r.pid;
+    assert!(leader_becomes_zombie(p.pid), "restored leader: state {}", state_of(p.pid));
+    p.go();
+    p.expect_exit(42);
 }
 
 #[test]
