@@ -799,7 +799,7 @@ fn scan_holders(links: &[String], skip: Pid) -> HashMap<String, Vec<Holder>> {
         if budget == 0 || std::time::Instant::now() > deadline {
             break;
         }
-        let Ok(fds) = std::fs::read_dir(proc_path(p, "fd")) else { continue };
+        let Some(fds) = fd_dir(p) else { continue };
         let mut hit: HashMap<String, u8> = HashMap::new();
         for e in fds.flatten() {
             budget = budget.saturating_sub(1);
@@ -838,6 +838,25 @@ fn scan_holders(links: &[String], skip: Pid) -> HashMap<String, Vec<Holder>> {
     out
 }
 
+/// The fd directory of another process: `/proc/P/fd`, or a live thread's when P's main thread
+/// has exited (the leader's per-process entries are gone, its threads' are not).
+pub(crate) fn fd_dir(p: Pid) -> Option<std::fs::ReadDir> {
+    let own = proc_path(p, "fd");
+    if std::fs::read_dir(&own).ok()?.next().is_some() {
+        return std::fs::read_dir(own).ok();
+    }
+    let tasks = std::fs::read_dir(proc_path(p, "task")).ok()?;
+    for t in tasks.flatten() {
+        let dir = t.path().join("fd");
+        if let Ok(mut fds) = std::fs::read_dir(&dir) {
+            if fds.next().is_some() {
+                return std::fs::read_dir(dir).ok();
+            }
+        }
+    }
+    std::fs::read_dir(own).ok()
+}
+
 /// Keeps the holders that still hold their file a little later. A process between fork and
 /// exec (or the close of inherited fds after fork) holds copies of its parent's fds for a
 /// moment: a program spawning helpers — or a test harness starting programs — must not make
@@ -851,7 +870,7 @@ fn confirm_holders(out: &mut HashMap<String, Vec<Holder>>) {
         let mut gone = false;
         for (link, holders) in out.iter_mut() {
             holders.retain(|(p, _, _)| {
-                let still = std::fs::read_dir(proc_path(*p, "fd")).is_ok_and(|fds| {
+                let still = fd_dir(*p).is_some_and(|fds| {
                     fds.flatten().any(|e| std::fs::read_link(e.path()).is_ok_and(|l| l.to_str() == Some(link.as_str())))
                 });
                 gone |= !still;
