@@ -53,6 +53,10 @@ struct Args {
 }
 
 fn main() {
+    // rsync's remote shell during a move (moving::rsync): not an agent.
+    if std::env::args_os().nth(1).is_some_and(|a| a == "--rsync-tunnel") {
+        moving::rsync::tunnel_main();
+    }
     let args = Args::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&args.log_level));

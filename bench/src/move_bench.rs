@@ -162,7 +162,7 @@ fn move_once(
         &LocalRequest::Move {
             target: vpid as i32,
             dest: dest.clone(),
-            options: MoveOptions { precopy: Some(precopy), compress },
+            options: MoveOptions { precopy: Some(precopy), compress, ..Default::default() },
         },
         LOCAL_MAX_FRAME,
     )?;
