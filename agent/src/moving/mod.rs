@@ -99,7 +99,7 @@ pub struct Moves {
     /// Moves this node is the destination of → their vPID (an rsync may write its kept image).
     pub rsync_dest: Mutex<HashMap<u64, Vpid>>,
     /// Destination: how each move's receiving rsync ended (the image dir, or why it failed).
-    pub rsync_results: Mutex<HashMap<u64, tokio::sync::watch::Receiver<Option<Result<std::path::PathBuf, String>>>>>,
+    pub rsync_results: Mutex<HashMap<u64, tokio::sync::watch::Receiver<rsync::Received>>>,
 }
 
 impl Moves {

@@ -59,6 +59,10 @@ enum Incoming {
     End(Option<String>),
 }
 
+/// How a destination's receiving rsync ended: the image directory it wrote, or why it failed
+/// (None while it runs).
+pub type Received = Option<Result<PathBuf, String>>;
+
 /// What rsync's `--stats` said of a transfer.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Stats {
@@ -78,7 +82,7 @@ impl Stats {
     fn parse(out: &str) -> Option<Stats> {
         let field = |name: &str| -> Option<u64> {
             let line = out.lines().find_map(|l| l.trim().strip_prefix(name))?;
-            let digits: String = line.trim().split_whitespace().next()?.chars().filter(|c| *c != ',').collect();
+            let digits: String = line.split_whitespace().next()?.chars().filter(|c| *c != ',').collect();
             digits.parse().ok()
         };
         Some(Stats {
