@@ -102,8 +102,8 @@ fn mode(r: &SizeResult) -> &'static str {
 }
 
 /// The steps of a move, in order (agent/src/moving/source.rs).
-const STEPS: [&str; 9] =
-    ["preflight", "pre-copy", "start", "freeze", "detach", "dump", "transfer", "restore", "commit"];
+const STEPS: [&str; 10] =
+    ["preflight", "pre-copy", "start", "freeze", "detach", "dump", "transfer", "restore", "commit", "keep"];
 /// Client activity between two moves, and after the last one, before the gaps are read.
 const SETTLE_US: u64 = 300_000;
 /// Targets of the issue (end to end, as the client sees it), printed beside the results.

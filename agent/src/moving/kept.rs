@@ -3,9 +3,12 @@
 //!
 //! ```text
 //! <image_dir>/kept/vpid-<N>/            the latest image of N this node dumped or received
-//! <image_dir>/kept/vpid-<N>.out-<mid>/  the dump of move <mid> leaving this node (kept as
-//!                                       vpid-<N> if it commits, removed if it rolls back)
+//! <image_dir>/kept/vpid-<N>.in-<mid>/   the dump of move <mid> that left this node, being
+//!                                       copied here from the agent's tmpfs after the commit
+//!                                       (then renamed to vpid-<N>)
 //! ```
+//! A source dumps to tmpfs (no disk writeback while the process is frozen) and copies its dump
+//! here once the move committed (the process runs on the destination by then).
 //! A kept image goes when its process exits (any node's ProcessDown), or when the images here
 //! hold more than the node's `kept_images_mb`: the least recently used first. The directories
 //! are root's, 0700, inside the node's 0700 `image_dir`.
@@ -34,9 +37,9 @@ impl KeptImages {
         self.root.join(format!("vpid-{}", vpid.0))
     }
 
-    /// Where move `mid` of `vpid` dumps before it sends.
-    pub fn out_dir(&self, vpid: Vpid, mid: u64) -> PathBuf {
-        self.root.join(format!("vpid-{}.out-{mid:x}", vpid.0))
+    /// Where the dump of move `mid` of `vpid` is copied before it becomes the kept image.
+    fn incoming_dir(&self, vpid: Vpid, mid: u64) -> PathBuf {
+        self.root.join(format!("vpid-{}.in-{mid:x}", vpid.0))
     }
 
     /// The kept image directory of `vpid`, made (0700) if there is none, marked as just used.
@@ -52,11 +55,26 @@ impl KeptImages {
         Ok(dir)
     }
 
-    /// `from` (a dump that left with a committed move) becomes the kept image of `vpid`.
-    pub fn adopt(&self, vpid: Vpid, from: &Path) -> std::io::Result<()> {
+    /// Copies the image files of `from` into a new directory for move `mid` of `vpid`.
+    fn copy_in(&self, vpid: Vpid, mid: u64, from: &Path) -> std::io::Result<PathBuf> {
+        let to = self.incoming_dir(vpid, mid);
+        let _ = std::fs::remove_dir_all(&to);
+        std::fs::DirBuilder::new().recursive(true).mode(0o700).create(&to)?;
+        for e in std::fs::read_dir(from)? {
+            let e = e?;
+            // An image directory holds regular files only (written by this agent).
+            if e.file_type()?.is_file() {
+                std::fs::copy(e.path(), to.join(e.file_name()))?;
+            }
+        }
+        Ok(to)
+    }
+
+    /// `new` becomes the kept image of `vpid` (the one it replaces is removed).
+    fn install(&self, vpid: Vpid, new: &Path) -> std::io::Result<()> {
         let dir = self.dir(vpid);
         let _ = std::fs::remove_dir_all(&dir);
-        std::fs::rename(from, &dir)?;
+        std::fs::rename(new, &dir)?;
         touch(&dir);
         Ok(())
     }
@@ -67,7 +85,7 @@ impl KeptImages {
         let Ok(entries) = std::fs::read_dir(&self.root) else { return };
         for e in entries.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
-            if name == prefix || name.strip_prefix(&prefix).is_some_and(|rest| rest.starts_with(".out-")) {
+            if name == prefix || name.strip_prefix(&prefix).is_some_and(|rest| rest.starts_with(".in-")) {
                 if let Err(err) = std::fs::remove_dir_all(e.path()) {
                     tracing::warn!(dir = %e.path().display(), "cannot remove the kept image: {err}");
                 }
@@ -86,7 +104,7 @@ impl KeptImages {
             total += size;
             let name = e.file_name().to_string_lossy().into_owned();
             let Some(vpid) = name.strip_prefix("vpid-").and_then(|n| n.parse::<i32>().ok()).map(Vpid) else {
-                continue; // an out dir: its move is under way
+                continue; // a dump being copied in
             };
             let used = e.metadata().and_then(|m| m.modified()).unwrap_or(std::time::UNIX_EPOCH);
             images.push((used, size, vpid, e.path()));
@@ -133,6 +151,35 @@ pub fn forget(agent: &crate::state::Agent, vpid: Vpid) {
     }
 }
 
+/// Source, after a committed `--transfer rsync` move: its dump `from` (on the agent's tmpfs)
+/// becomes this node's kept image of `vpid`; returns its size. Not if a move of it to this node
+/// started meanwhile (its rsync writes the kept image: that one is newer, and its restore
+/// reads it).
+pub fn keep_dump(agent: &crate::state::Agent, vpid: Vpid, mid: u64, from: &Path) -> std::io::Result<u64> {
+    let kept = KeptImages::of(agent);
+    let new = kept.copy_in(vpid, mid, from);
+    let new = match new {
+        Ok(d) => d,
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(kept.incoming_dir(vpid, mid));
+            return Err(e);
+        }
+    };
+    let installed = {
+        // Under this lock no move of vpid to here starts (participant::start inserts it).
+        let incoming = agent.moves.rsync_dest.lock();
+        if incoming.values().any(|v| *v == vpid) {
+            Err(std::io::Error::other("a move of the process back here has started"))
+        } else {
+            kept.install(vpid, &new)
+        }
+    };
+    let _ = std::fs::remove_dir_all(&new);
+    installed?;
+    enforce_cap(agent);
+    Ok(dir_size(&kept.dir(vpid)))
+}
+
 /// Enforces the cap, sparing the processes moving now.
 pub fn enforce_cap(agent: &crate::state::Agent) {
     let mut busy: HashSet<Vpid> = agent.moves.coordinating.lock().keys().copied().collect();
@@ -172,9 +219,9 @@ mod tests {
         let k = KeptImages::new(t.path(), 1 << 30);
         image(&k, 7, 10, 0);
         image(&k, 70, 10, 0);
-        std::fs::create_dir_all(k.out_dir(Vpid(7), 0xabc)).unwrap();
+        std::fs::create_dir_all(k.incoming_dir(Vpid(7), 0xabc)).unwrap();
         k.forget(Vpid(7));
-        assert!(!k.dir(Vpid(7)).exists() && !k.out_dir(Vpid(7), 0xabc).exists());
+        assert!(!k.dir(Vpid(7)).exists() && !k.incoming_dir(Vpid(7), 0xabc).exists());
         assert!(k.dir(Vpid(70)).exists(), "vPID 70 is another process");
     }
 
@@ -183,11 +230,12 @@ mod tests {
         let t = tempfile::tempdir().unwrap();
         let k = KeptImages::new(t.path(), 1 << 30);
         image(&k, 5, 10, 0);
-        let out = k.out_dir(Vpid(5), 1);
-        std::fs::create_dir_all(&out).unwrap();
-        std::fs::write(out.join("manifest.img"), b"new").unwrap();
-        k.adopt(Vpid(5), &out).unwrap();
-        assert!(!out.exists());
+        let dump = t.path().join("staging-out");
+        std::fs::create_dir_all(&dump).unwrap();
+        std::fs::write(dump.join("manifest.img"), b"new").unwrap();
+        let new = k.copy_in(Vpid(5), 1, &dump).unwrap();
+        k.install(Vpid(5), &new).unwrap();
+        assert!(!new.exists());
         assert!(!k.dir(Vpid(5)).join("pages.img").exists());
         assert_eq!(std::fs::read(k.dir(Vpid(5)).join("manifest.img")).unwrap(), b"new");
     }

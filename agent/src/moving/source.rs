@@ -236,12 +236,9 @@ async fn prepare(
     }
     let epoch = agent.moves.epochs.lock().get(&entry.vpid).copied().unwrap_or(0);
     let tag = MoveTag { mid, epoch };
-    let image_dir = match req.options.transfer {
-        Transfer::Stream => agent.staging.join(format!("move-{mid:x}-out")),
-        // rsync sends a directory: the dump goes beside the kept images, and becomes this
-        // node's kept image of the process if the move commits.
-        Transfer::Rsync => super::kept::KeptImages::of(agent).out_dir(entry.vpid, mid),
-    };
+    // On tmpfs: nothing waits for disk writeback while the process is frozen. (With rsync the
+    // whole dump goes there, and becomes this node's kept image once the move commits.)
+    let image_dir = agent.staging.join(format!("move-{mid:x}-out"));
     let keys = endpoints.iter().map(|e| e.key()).collect();
     let mut d = Driver {
         agent: agent.clone(),
@@ -410,6 +407,9 @@ async fn execute(d: &mut Driver, m: &mut Coordinator, action: CoordAction) -> Op
             None
         }
         CoordAction::Finish(outcome) => {
+            if d.transfer == Transfer::Rsync && matches!(outcome, Outcome::Committed { .. }) {
+                keep_dump(d).await;
+            }
             finish(d, outcome);
             None
         }
@@ -933,6 +933,26 @@ async fn dump_and_rsync(d: &mut Driver) -> CoordEvent {
     }
 }
 
+/// After a committed `--transfer rsync` move (the process runs on the destination): the dump
+/// becomes this node's kept image of the process, so a move of it back here sends only what
+/// changed since. Done before the report, so that a move back asked after it finds the image.
+async fn keep_dump(d: &mut Driver) {
+    let started = Instant::now();
+    let (agent, vpid, mid, dir) = (d.agent.clone(), d.entry.vpid, d.tag.mid, d.image_dir.clone());
+    let kept = tokio::task::spawn_blocking(move || super::kept::keep_dump(&agent, vpid, mid, &dir)).await;
+    let detail = match kept {
+        Ok(Ok(bytes)) => format!(
+            "{:.1} MB kept in {} for a move back ({} ms)",
+            bytes as f64 / 1e6,
+            super::kept::KeptImages::of(&d.agent).dir(vpid).display(),
+            started.elapsed().as_millis()
+        ),
+        Ok(Err(e)) => format!("the image is not kept: {e}"),
+        Err(e) => format!("the image is not kept: {e}"),
+    };
+    d.step("keep", detail);
+}
+
 /// Private memory from which a move pre-copies unless told otherwise: below it the extra round
 /// costs more than the copy it saves (docs/PERFORMANCE.md, "Moving a process").
 const PRECOPY_FROM: u64 = 64 << 20;
@@ -1099,14 +1119,6 @@ fn forget_here(d: &mut Driver) {
 }
 
 fn finish(d: &mut Driver, outcome: Outcome) {
-    let kept = super::kept::KeptImages::of(&d.agent);
-    if d.transfer == Transfer::Rsync && matches!(outcome, Outcome::Committed { .. }) && d.image_dir.exists() {
-        // What it was when it left: a move of it back here sends only what changed since.
-        match kept.adopt(d.entry.vpid, &d.image_dir) {
-            Ok(()) => super::kept::enforce_cap(&d.agent),
-            Err(e) => tracing::warn!(dir = %d.image_dir.display(), "cannot keep the image: {e}"),
-        }
-    }
     let _ = std::fs::remove_dir_all(&d.image_dir);
     let (committed, new_pid, reason) = match &outcome {
         Outcome::Committed { pid } => (true, *pid, None),
