@@ -119,7 +119,7 @@ impl KeptImages {
                 continue;
             }
             if std::fs::remove_dir_all(&path).is_ok() {
-                tracing::info!(%vpid, bytes = size, cap = self.max, "kept image removed (over the cap)");
+                tracing::info!(%vpid, bytes = size, cap = self.max, total, "kept image removed (over the cap)");
                 total -= size;
                 removed.push(vpid);
             }
@@ -176,6 +176,7 @@ pub fn keep_dump(agent: &crate::state::Agent, vpid: Vpid, mid: u64, from: &Path)
     };
     let _ = std::fs::remove_dir_all(&new);
     installed?;
+    tracing::info!(%vpid, dir = %kept.dir(vpid).display(), "the image that left is kept for a move back");
     enforce_cap(agent);
     Ok(dir_size(&kept.dir(vpid)))
 }

@@ -406,11 +406,12 @@ pub async fn send(agent: &Arc<Agent>, dest: NodeId, mid: u64, dir: &Path, compre
     // -I: never skip a file by its size and time; --no-whole-file: the delta algorithm runs
     // even though the link is fast; blocks of one page: page data is page-aligned, so a page
     // written since is all that differs (rsync's default, √size, makes 16 KB blocks at 256 MB:
-    // four times the literal data for scattered writes); --inplace: the destination writes only
-    // the blocks that differ instead of rebuilding the whole file beside it (the kept image is
-    // a basis, never read while it is written: a transfer that fails leaves a mixed basis,
-    // which the restore never uses); --delete: files the older image had and this one has not.
-    cmd.args(["-r", "-I", "--no-whole-file", "--block-size=4096", "--inplace", "--delete", "--stats"]);
+    // four times the literal data for scattered writes); --delete: files the older image had
+    // and this one has not. Not --inplace: it would write fewer pages, but it matches a block
+    // only at or after the offset being written, and a restored process's image is often
+    // shifted by a page or two (nothing matched then); the new file is built beside the old
+    // one instead, which also leaves the old one whole if the transfer fails.
+    cmd.args(["-r", "-I", "--no-whole-file", "--block-size=4096", "--delete", "--stats"]);
     if compress {
         cmd.arg("--compress");
     }
@@ -517,6 +518,10 @@ async fn serve(agent: &Arc<Agent>, from: NodeId, mid: u64, vpid: Vpid, wiring: W
     use std::os::unix::fs::OpenOptionsExt;
     let link = agent.link(from).ok_or("no link to the source")?;
     let dir = KeptImages::of(agent).prepare(vpid).map_err(|e| format!("cannot make the image directory: {e}"))?;
+    let basis: u64 = std::fs::read_dir(&dir)
+        .map(|d| d.flatten().filter_map(|e| e.metadata().ok()).filter(|m| m.is_file()).map(|m| m.len()).sum())
+        .unwrap_or(0);
+    tracing::info!(mid, %vpid, dir = %dir.display(), basis, "receiving an image by rsync (older image: {basis} bytes)");
     let conf = agent.staging.join(format!("rsyncd-{mid:x}.conf"));
     let _ = std::fs::remove_file(&conf);
     std::fs::OpenOptions::new()
