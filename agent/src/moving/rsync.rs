@@ -408,9 +408,9 @@ pub async fn send(agent: &Arc<Agent>, dest: NodeId, mid: u64, dir: &Path, compre
     // written since is all that differs (rsync's default, √size, makes 16 KB blocks at 256 MB:
     // four times the literal data for scattered writes); --delete: files the older image had
     // and this one has not. Not --inplace: it would write fewer pages, but it matches a block
-    // only at or after the offset being written, and a restored process's image is often
-    // shifted by a page or two (nothing matched then); the new file is built beside the old
-    // one instead, which also leaves the old one whole if the transfer fails.
+    // only at or after the offset being written (with it, a move back in the benchmark matched
+    // nothing); the new file is built beside the old one instead, which also leaves the old
+    // one whole if the transfer fails.
     cmd.args(["-r", "-I", "--no-whole-file", "--block-size=4096", "--delete", "--stats"]);
     if compress {
         cmd.arg("--compress");
