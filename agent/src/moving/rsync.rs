@@ -46,11 +46,39 @@ const CHUNK: usize = 64 * 1024;
 pub struct Session {
     peer: NodeId,
     incoming: mpsc::UnboundedSender<Incoming>,
-    /// Received, not yet written to our rsync (at most the window).
-    inflight: Arc<AtomicU64>,
-    /// Sent, not yet credited by the peer.
-    outstanding: Arc<AtomicU64>,
+    flow: Arc<Flow>,
     credit: Arc<Semaphore>,
+}
+
+/// A session's byte accounting, each direction bounded by [`RSYNC_WINDOW`].
+#[derive(Default)]
+struct Flow {
+    /// Received, not yet written to our rsync.
+    inflight: AtomicU64,
+    /// Sent, not yet credited by the peer.
+    outstanding: AtomicU64,
+}
+
+impl Flow {
+    /// `n` bytes arrived; false if that is more than the peer's credit allowed.
+    fn received(&self, n: u64) -> bool {
+        self.inflight.fetch_add(n, Ordering::AcqRel) + n <= RSYNC_WINDOW as u64
+    }
+
+    /// `n` received bytes went to our rsync (and are credited back).
+    fn delivered(&self, n: u64) {
+        self.inflight.fetch_sub(n, Ordering::AcqRel);
+    }
+
+    /// `n` bytes went to the peer.
+    fn sent(&self, n: u64) {
+        self.outstanding.fetch_add(n, Ordering::AcqRel);
+    }
+
+    /// The peer credits `n` bytes; false if more than it was sent and did not credit yet.
+    fn credited(&self, n: u64) -> bool {
+        self.outstanding.fetch_update(Ordering::AcqRel, Ordering::Acquire, |o| o.checked_sub(n)).is_ok()
+    }
 }
 
 enum Incoming {
@@ -150,34 +178,19 @@ fn rsync_binary() -> &'static str {
 /// The session's shared counters, and its half for the link reader.
 struct Wiring {
     rx: mpsc::UnboundedReceiver<Incoming>,
-    inflight: Arc<AtomicU64>,
-    outstanding: Arc<AtomicU64>,
+    flow: Arc<Flow>,
     credit: Arc<Semaphore>,
 }
 
 /// Registers session `mid` with `peer`; false if there is one already.
 fn register(agent: &Agent, mid: u64, peer: NodeId) -> Option<Wiring> {
     let (tx, rx) = mpsc::unbounded_channel();
-    let w = Wiring {
-        rx,
-        inflight: Arc::default(),
-        outstanding: Arc::default(),
-        credit: Arc::new(Semaphore::new(RSYNC_WINDOW as usize)),
-    };
+    let w = Wiring { rx, flow: Arc::default(), credit: Arc::new(Semaphore::new(RSYNC_WINDOW as usize)) };
     let mut sessions = agent.moves.rsync.lock();
     if sessions.contains_key(&mid) {
         return None;
     }
-    sessions.insert(
-        mid,
-        Session {
-            peer,
-            incoming: tx,
-            inflight: w.inflight.clone(),
-            outstanding: w.outstanding.clone(),
-            credit: w.credit.clone(),
-        },
-    );
+    sessions.insert(mid, Session { peer, incoming: tx, flow: w.flow.clone(), credit: w.credit.clone() });
     Some(w)
 }
 
@@ -194,8 +207,7 @@ pub fn on_data(agent: &Agent, from: NodeId, mid: u64, bytes: Vec<u8>) {
         let sessions = agent.moves.rsync.lock();
         // Late data of a session that ended is dropped.
         let Some(s) = sessions.get(&mid).filter(|s| s.peer == from) else { return };
-        let n = bytes.len() as u64;
-        if s.inflight.fetch_add(n, Ordering::AcqRel) + n > RSYNC_WINDOW as u64 {
+        if !s.flow.received(bytes.len() as u64) {
             true
         } else {
             let _ = s.incoming.send(Incoming::Data(bytes));
@@ -213,13 +225,11 @@ pub fn on_credit(agent: &Agent, from: NodeId, mid: u64, bytes: u32) {
     let bad = {
         let sessions = agent.moves.rsync.lock();
         let Some(s) = sessions.get(&mid).filter(|s| s.peer == from) else { return };
-        let n = bytes as u64;
-        match s.outstanding.fetch_update(Ordering::AcqRel, Ordering::Acquire, |o| o.checked_sub(n)) {
-            Ok(_) => {
-                s.credit.add_permits(bytes as usize);
-                false
-            }
-            Err(_) => true,
+        if s.flow.credited(bytes as u64) {
+            s.credit.add_permits(bytes as usize);
+            false
+        } else {
+            true
         }
     };
     if bad {
@@ -261,10 +271,10 @@ where
     R: AsyncRead + Unpin + Send + 'static,
     W: AsyncWrite + Unpin + Send + 'static,
 {
-    let Wiring { mut rx, inflight, outstanding, credit } = wiring;
+    let Wiring { mut rx, flow, credit } = wiring;
     let progress = Arc::new(AtomicU64::new(super::now_ms()));
     let outgoing = {
-        let (link, progress) = (link.clone(), progress.clone());
+        let (link, progress, flow) = (link.clone(), progress.clone(), flow.clone());
         tokio::spawn(async move {
             let mut buf = vec![0u8; CHUNK];
             loop {
@@ -274,7 +284,7 @@ where
                     return link.write_now(end).await.map_err(|e| format!("the agent link failed: {e}"));
                 }
                 credit.acquire_many(n as u32).await.map_err(|e| e.to_string())?.forget();
-                outstanding.fetch_add(n as u64, Ordering::AcqRel);
+                flow.sent(n as u64);
                 let msg = PeerMessage::MoveRsyncData { mid, bytes: buf[..n].to_vec() };
                 link.write_now(msg).await.map_err(|e| format!("the agent link failed: {e}"))?;
                 progress.store(super::now_ms(), Ordering::Relaxed);
@@ -289,7 +299,7 @@ where
                 match i {
                     Incoming::Data(b) => {
                         w.write_all(&b).await.map_err(|e| format!("writing to rsync: {e}"))?;
-                        inflight.fetch_sub(b.len() as u64, Ordering::AcqRel);
+                        flow.delivered(b.len() as u64);
                         let credit = PeerMessage::MoveRsyncCredit { mid, bytes: b.len() as u32 };
                         link.write_now(credit).await.map_err(|e| format!("the agent link failed: {e}"))?;
                         progress.store(super::now_ms(), Ordering::Relaxed);
@@ -604,6 +614,24 @@ mod tests {
             Stats { total_size: 20_000_003, literal: 44_720, matched: 19_955_283, sent: 62_757, received: 26_905 }
         );
         assert_eq!(Stats::parse("rsync error: some files could not be transferred"), None);
+    }
+
+    #[test]
+    fn a_peer_gets_no_more_than_its_window_in_and_credits_no_more_than_it_was_sent() {
+        let f = Flow::default();
+        let w = RSYNC_WINDOW as u64;
+        assert!(f.received(w - 10) && f.received(10), "a full window is allowed");
+        assert!(!f.received(1), "one byte past the credit is an overrun");
+        let f = Flow::default();
+        assert!(f.received(w));
+        f.delivered(w / 2);
+        assert!(f.received(w / 2), "what went to rsync is credit again");
+
+        let f = Flow::default();
+        assert!(!f.credited(1), "nothing was sent");
+        f.sent(100);
+        assert!(f.credited(60) && f.credited(40));
+        assert!(!f.credited(1), "credit for bytes never sent");
     }
 
     #[test]
