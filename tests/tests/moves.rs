@@ -295,4 +295,17 @@ fn rsync_moves_there_back_and_there_again_sending_only_the_delta_loopback() {
     }
     let done = client_done(&cluster, &mut client);
     eprintln!("{test}: {done}");
+
+    // Both nodes keep an image of the server; when it exits, both go.
+    let kept = |node: usize| cluster.path(&format!("{}/images/kept/vpid-{vpid}", cluster.nodes[node].name));
+    assert!(kept(0).join("pages.img").exists() && kept(1).join("pages.img").exists(), "no kept images");
+    let row = cluster.ps(1).into_iter().find(|r| r["vpid"] == vpid).expect("the server runs on node2");
+    let pid = row["pid"].as_i64().unwrap() as i32;
+    // SAFETY: kill takes two integers; the pid is our server, restored on node2.
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while kept(0).exists() || kept(1).exists() {
+        assert!(std::time::Instant::now() < deadline, "the kept images outlived the process");
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
