@@ -113,6 +113,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         let agent = Arc::new(state::Agent::new(config.clone(), me.clone(), key, vpids, staging_path));
         tracing::info!(node = %me.name, id = me.id, peers = %me.peer_addr, socket = %socket_path.display(), staging = %agent.staging.display(), "agent started");
 
+        moving::kept::KeptImages::of(&agent).clean_incomplete();
         let recovered = registry::recover(&agent);
         if recovered > 0 {
             tracing::info!(recovered, "took back the processes of this node that outlived the previous agent");

@@ -93,6 +93,16 @@ impl KeptImages {
         }
     }
 
+    /// At agent start: dumps whose copy in was cut short (the agent stopped) are removed.
+    pub fn clean_incomplete(&self) {
+        let Ok(entries) = std::fs::read_dir(&self.root) else { return };
+        for e in entries.flatten() {
+            if e.file_name().to_string_lossy().contains(".in-") {
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
+    }
+
     /// Removes kept images, least recently used first, until they hold at most the cap; the
     /// images of processes in `busy` (moving now) stay. Returns the vPIDs whose image went.
     pub fn enforce_cap(&self, busy: &HashSet<Vpid>) -> Vec<Vpid> {
@@ -224,6 +234,9 @@ mod tests {
         k.forget(Vpid(7));
         assert!(!k.dir(Vpid(7)).exists() && !k.incoming_dir(Vpid(7), 0xabc).exists());
         assert!(k.dir(Vpid(70)).exists(), "vPID 70 is another process");
+        std::fs::create_dir_all(k.incoming_dir(Vpid(70), 0xdef)).unwrap();
+        k.clean_incomplete();
+        assert!(!k.incoming_dir(Vpid(70), 0xdef).exists() && k.dir(Vpid(70)).exists());
     }
 
     #[test]
