@@ -17,7 +17,7 @@
 //! Confinement: the peer's rsync can only name the daemon's one module, whose path the
 //! destination derives from the move's vPID (`kept::KeptImages::dir`); the daemon chroots into
 //! it, makes regular files and directories only (devices and specials refused, symlinks
-//! munged), 0600/0700. The delta runs against what that directory held: the older image of the
+//! munged), 0600/0700, no file above 64 GiB. The delta runs against what that directory held: the older image of the
 //! same process. Each direction has [`RSYNC_WINDOW`] bytes of credit, so a session holds at
 //! most that much in the agent; a peer that overruns it, or credits more than was sent, loses
 //! the session.
@@ -41,6 +41,8 @@ const TUNNEL_FD: i32 = 3;
 const MODULE: &str = "img";
 /// Bytes per MoveRsyncData.
 const CHUNK: usize = 64 * 1024;
+/// Largest file the destination's daemon may write (as the stream transfer's page data).
+const MAX_IMAGE_FILE: u64 = 64 << 30;
 
 /// One rsync session (a move's transfer) as the link reader sees it.
 pub struct Session {
@@ -541,8 +543,8 @@ async fn serve(agent: &Arc<Agent>, from: NodeId, mid: u64, vpid: Vpid, wiring: W
         .open(&conf)
         .and_then(|mut f| std::io::Write::write_all(&mut f, daemon_config(mid, &dir).as_bytes()))
         .map_err(|e| format!("cannot write {}: {e}", conf.display()))?;
-    let spawned = tokio::process::Command::new(rsync_binary())
-        .args(["--server", "--daemon"])
+    let mut cmd = tokio::process::Command::new(rsync_binary());
+    cmd.args(["--server", "--daemon"])
         .arg(format!("--config={}", conf.display()))
         .arg(".")
         .env_clear()
@@ -550,8 +552,19 @@ async fn serve(agent: &Arc<Agent>, from: NodeId, mid: u64, vpid: Vpid, wiring: W
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn();
+        .kill_on_drop(true);
+    // SAFETY: setrlimit is async-signal-safe. No file the peer's rsync writes may grow past
+    // what the stream transfer accepts either (the kernel stops the daemon with SIGXFSZ).
+    unsafe {
+        cmd.pre_exec(|| {
+            let lim = libc::rlimit { rlim_cur: MAX_IMAGE_FILE, rlim_max: MAX_IMAGE_FILE };
+            if libc::setrlimit(libc::RLIMIT_FSIZE, &lim) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let spawned = cmd.spawn();
     let mut child = match spawned {
         Ok(c) => c,
         Err(e) => {
