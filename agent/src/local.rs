@@ -552,6 +552,7 @@ pub(crate) async fn watch_exit(agent: Arc<Agent>, vpid: Vpid, pid: i32, pidfd: s
         crate::endpoints::process_exited(&agent, &endpoints);
         crate::registry::save(&agent);
         tracing::info!(%vpid, pid, "process exited");
+        crate::moving::kept::forget(&agent, vpid);
         agent.broadcast(PeerMessage::ProcessDown { vpid });
     }
 }

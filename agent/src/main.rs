@@ -53,6 +53,10 @@ struct Args {
 }
 
 fn main() {
+    // rsync's remote shell during a move (moving::rsync): not an agent.
+    if std::env::args_os().nth(1).is_some_and(|a| a == "--rsync-tunnel") {
+        moving::rsync::tunnel_main();
+    }
     let args = Args::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&args.log_level));
@@ -109,6 +113,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         let agent = Arc::new(state::Agent::new(config.clone(), me.clone(), key, vpids, staging_path));
         tracing::info!(node = %me.name, id = me.id, peers = %me.peer_addr, socket = %socket_path.display(), staging = %agent.staging.display(), "agent started");
 
+        moving::kept::KeptImages::of(&agent).clean_incomplete();
         let recovered = registry::recover(&agent);
         if recovered > 0 {
             tracing::info!(recovered, "took back the processes of this node that outlived the previous agent");

@@ -394,6 +394,10 @@ fn handle(agent: &Arc<Agent>, peer: NodeId, msg: PeerMessage) -> bool {
         PeerMessage::MoveImageSize { mid, file, len } => {
             crate::moving::participant::image_size(agent, peer, mid, &file, len);
         }
+        PeerMessage::MoveRsyncOpen { mid } => crate::moving::rsync::open(agent, peer, mid),
+        PeerMessage::MoveRsyncData { mid, bytes } => crate::moving::rsync::on_data(agent, peer, mid, bytes),
+        PeerMessage::MoveRsyncCredit { mid, bytes } => crate::moving::rsync::on_credit(agent, peer, mid, bytes),
+        PeerMessage::MoveRsyncEnd { mid, why } => crate::moving::rsync::on_end(agent, peer, mid, why),
         PeerMessage::MoveForward { request, vpid, dest, uid, options } => {
             crate::moving::serve_forwarded(agent, peer, request, vpid, dest, uid, options)
         }

@@ -346,6 +346,8 @@ impl Agent {
             // Only the node it ran on says it ended: if this node handed the vPID out, nobody
             // holds it now (after the quarantine it is handed out again).
             t.vpids.free(vpid, Instant::now());
+            // Images of it kept here for a move back are of no use any more.
+            crate::moving::kept::forget(self, vpid);
         }
     }
 

@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use dvk_checkpoint::{self as ck, AfterDump, RestoreOptions};
 use dvk_protocol::frame::{self, LOCAL_MAX_FRAME};
-use dvk_protocol::local::{LocalRequest, LocalResponse, MoveOptions, MoveReport};
+use dvk_protocol::local::{LocalRequest, LocalResponse, MoveOptions, MoveReport, Transfer};
 use dvk_tests::moving::no_inherited_fds;
 use dvk_tests::net::{wait_connectable, Proc};
 use dvk_tests::programs::c_program;
@@ -40,9 +40,14 @@ pub struct MoveBenchArgs {
     /// Local dump + restore runs per size (the median is reported).
     #[arg(long, default_value_t = 3)]
     pub baseline_runs: usize,
-    /// Measure every size twice: stop-and-copy, then `move --precopy`.
+    /// Also measure every size with `move --precopy`.
     #[arg(long)]
     pub precopy: bool,
+    /// Also measure every size with `move --transfer rsync`, twice: with no older image on
+    /// either node (removed before each move: a full copy), and moving back and forth with a
+    /// writer changing 4 MB of the server's data before each move (rsync sends the delta).
+    #[arg(long)]
+    pub rsync: bool,
     /// Moves compress their page data (`move --compress`).
     #[arg(long)]
     pub compress: bool,
@@ -52,18 +57,53 @@ pub struct MoveBenchArgs {
     pub plots: Option<std::path::PathBuf>,
 }
 
-/// "stop" (stop-and-copy) or "pre" (`move --precopy`).
-fn mode(r: &SizeResult) -> &'static str {
-    if r.precopy {
-        "pre"
-    } else {
-        "stop"
+/// How the moves of a row are made.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum How {
+    /// Stop-and-copy, the image streamed over the agent link.
+    Stop,
+    /// `move --precopy`.
+    Pre,
+    /// `move --transfer rsync`, no older image on the destination.
+    RsyncFull,
+    /// `move --transfer rsync` back to a node that holds the image the server left it with,
+    /// [`DELTA_WRITES`] blocks of 4 KB written since.
+    RsyncDelta,
+}
+
+impl How {
+    const ALL: [How; 4] = [How::Stop, How::Pre, How::RsyncFull, How::RsyncDelta];
+
+    fn short(self) -> &'static str {
+        match self {
+            How::Stop => "stop",
+            How::Pre => "pre",
+            How::RsyncFull => "rsync",
+            How::RsyncDelta => "delta",
+        }
+    }
+
+    fn long(self) -> &'static str {
+        match self {
+            How::Stop => "stop-and-copy",
+            How::Pre => "pre-copy",
+            How::RsyncFull => "rsync, full",
+            How::RsyncDelta => "rsync, delta",
+        }
     }
 }
 
+/// Blocks of 4 KB a writer changes before each move of the rsync delta row (4 MB).
+const DELTA_WRITES: usize = 1024;
+
+/// The row's mode, short.
+fn mode(r: &SizeResult) -> &'static str {
+    r.how.short()
+}
+
 /// The steps of a move, in order (agent/src/moving/source.rs).
-const STEPS: [&str; 9] =
-    ["preflight", "pre-copy", "start", "freeze", "detach", "dump", "transfer", "restore", "commit"];
+const STEPS: [&str; 10] =
+    ["preflight", "pre-copy", "start", "freeze", "detach", "dump", "transfer", "restore", "commit", "keep"];
 /// Client activity between two moves, and after the last one, before the gaps are read.
 const SETTLE_US: u64 = 300_000;
 /// Targets of the issue (end to end, as the client sees it), printed beside the results.
@@ -150,7 +190,7 @@ fn move_once(
     ask: usize,
     vpid: i64,
     to: usize,
-    precopy: bool,
+    how: How,
     compress: bool,
 ) -> anyhow::Result<(MoveReport, u64, u64)> {
     let dest = cluster.nodes[to].name.clone();
@@ -162,7 +202,14 @@ fn move_once(
         &LocalRequest::Move {
             target: vpid as i32,
             dest: dest.clone(),
-            options: MoveOptions { precopy: Some(precopy), compress },
+            options: MoveOptions {
+                precopy: Some(how == How::Pre),
+                compress,
+                transfer: match how {
+                    How::Stop | How::Pre => Transfer::Stream,
+                    How::RsyncFull | How::RsyncDelta => Transfer::Rsync,
+                },
+            },
         },
         LOCAL_MAX_FRAME,
     )?;
@@ -193,7 +240,7 @@ fn step_ms(r: &MoveReport, name: &str) -> f64 {
 
 struct SizeResult {
     mb: f64,
-    precopy: bool,
+    how: How,
     moves: Vec<MoveSample>,
     quiet_rtt_us: f64,
     quiet_max_gap_ms: f64,
@@ -215,7 +262,7 @@ fn measure_moves(
     port: u16,
     mb: f64,
     moves: usize,
-    precopy: bool,
+    how: How,
     compress: bool,
 ) -> anyhow::Result<SizeResult> {
     let mb_arg = format!("{mb}");
@@ -229,6 +276,10 @@ fn measure_moves(
         wait_connectable(cluster, 2, "dc0", "kv.dc0.dvk", port, Duration::from_secs(20));
         let mut cmd = cluster.preloaded(2, c_program("move_bench_client"));
         cmd.args(["kv.dc0.dvk".to_string(), port.to_string(), mb_arg.clone()]).stdin(Stdio::null());
+        if how == How::RsyncDelta {
+            // Even blocks only: the writer changes odd ones.
+            cmd.args(["42", "2"]);
+        }
         let mut client = Proc::spawn(no_inherited_fds(&mut cmd), "move_bench_client");
         client.lines.wait_for("connected", Duration::from_secs(20));
         let mut log = ClientLog::default();
@@ -242,9 +293,19 @@ fn measure_moves(
 
         let mut samples = Vec::new();
         let mut at = 0;
+        if how == How::RsyncDelta {
+            // Not measured: after it, both nodes hold an image of the server.
+            move_once(cluster, 0, vpid, 1, how, compress)?;
+            at = 1;
+        }
         for i in 0..moves {
             let to = 1 - at;
-            let (report, sent, freeze_at) = move_once(cluster, at, vpid, to, precopy, compress)?;
+            match how {
+                How::RsyncFull => forget_kept_images(cluster),
+                How::RsyncDelta => write_blocks(cluster, port, mb, DELTA_WRITES, (i, moves))?,
+                How::Stop | How::Pre => {}
+            }
+            let (report, sent, freeze_at) = move_once(cluster, at, vpid, to, how, compress)?;
             let done = now_us();
             at = to;
             pump(&mut client, &mut log, done + SETTLE_US, Duration::from_secs(20))
@@ -291,7 +352,7 @@ fn measure_moves(
         }
         Ok(SizeResult {
             mb,
-            precopy,
+            how,
             moves: samples,
             quiet_rtt_us,
             quiet_max_gap_ms,
@@ -308,6 +369,36 @@ fn measure_moves(
         }
     }
     result
+}
+
+/// The rsync full row: no node holds an older image of the server (`<image_dir>/kept`).
+fn forget_kept_images(cluster: &Cluster) {
+    for n in &cluster.nodes {
+        let _ = std::fs::remove_dir_all(cluster.path(&format!("{}/images/kept", n.name)));
+    }
+}
+
+/// The rsync delta row: before move `i` of `n`, a writer on node3 makes `count` writes of 4 KB
+/// into the server's data (`move_client`, which checks each and reads its blocks back), then
+/// quits. Each writer has a slice of odd blocks of its own (b % 2n == 2i + 1; move_client's
+/// model knows only its own writes); the reader reads even blocks.
+fn write_blocks(cluster: &Cluster, port: u16, mb: f64, count: usize, (i, n): (usize, usize)) -> anyhow::Result<()> {
+    let mut cmd = cluster.preloaded(2, c_program("move_client"));
+    // move_client takes whole MB: it writes within the first floor(mb) MB.
+    let whole_mb = (mb.floor() as u64).max(1);
+    let slice = format!("{}/{}", 2 * i + 1, 2 * n);
+    cmd.args(["kv.dc0.dvk", &port.to_string(), &whole_mb.to_string(), &count.to_string(), "1", "0", "42", &slice])
+        .stdin(Stdio::null());
+    let mut w = Proc::spawn(no_inherited_fds(&mut cmd), "move_client (writer)");
+    let status = w.wait(Duration::from_secs(120), "move_client (writer)");
+    // Its last lines may still be in the reader.
+    while !w.lines.seen.iter().any(|l| l.starts_with("DONE")) && w.lines.try_next(Duration::from_secs(2)).is_some() {}
+    anyhow::ensure!(
+        status.success() && w.lines.seen.iter().any(|l| l.starts_with("DONE")),
+        "the writer failed ({status}): {:?}",
+        last_lines(&w)
+    );
+    Ok(())
 }
 
 /// Local dump + restore of the same program holding the same data (no socket, stdio on
@@ -449,12 +540,18 @@ pub fn run(args: &MoveBenchArgs) -> anyhow::Result<()> {
             restores.push(r);
             pages = p;
         }
-        let modes: &[bool] = if args.precopy { &[false, true] } else { &[false] };
-        for (j, &precopy) in modes.iter().enumerate() {
-            let how = if precopy { "pre-copy" } else { "stop-and-copy" };
-            eprintln!("dvk-bench move: {mb} MB: {} moves, {how}", args.moves);
-            let port = 7100 + (2 * i + j) as u16;
-            let mut r = match measure_moves(&cluster, port, mb, args.moves, precopy, args.compress) {
+        let modes: Vec<How> = How::ALL
+            .into_iter()
+            .filter(|h| match h {
+                How::Stop => true,
+                How::Pre => args.precopy,
+                How::RsyncFull | How::RsyncDelta => args.rsync,
+            })
+            .collect();
+        for (j, &how) in modes.iter().enumerate() {
+            eprintln!("dvk-bench move: {mb} MB: {} moves, {}", args.moves, how.long());
+            let port = 7100 + (4 * i + j) as u16;
+            let mut r = match measure_moves(&cluster, port, mb, args.moves, how, args.compress) {
                 Ok(r) => r,
                 Err(e) => {
                     keep_logs(&cluster);
@@ -478,10 +575,11 @@ pub fn run(args: &MoveBenchArgs) -> anyhow::Result<()> {
         machine()
     );
     println!(
-        "{:>7} {:>5} {:>8} | {:>13} | {:>13} | {:>13} | {:>13} | {:>10} {:>10} {:>9} | {:>7}",
+        "{:>7} {:>5} {:>8} {:>8} | {:>13} | {:>13} | {:>13} | {:>13} | {:>10} {:>10} {:>9} | {:>7}",
         "size MB",
         "mode",
         "image MB",
+        "sent MB",
         "frozen ms",
         "downtime ms",
         "frz->reply ms",
@@ -497,13 +595,15 @@ pub fn run(args: &MoveBenchArgs) -> anyhow::Result<()> {
             format!("{:>6.1} {:>6.1}", median(v.clone()), max(&v))
         };
         let image = median(r.moves.iter().map(|m| m.report.image_bytes as f64 / 1e6).collect());
+        let sent = median(r.moves.iter().map(|m| m.report.sent_bytes as f64 / 1e6).collect());
         let frozen = median(r.moves.iter().map(|m| m.frozen_ms).collect());
         let sum = r.base_dump_ms + r.base_restore_ms;
         println!(
-            "{:>7.1} {:>5} {:>8.1} | {} | {} | {} | {} | {:>10.1} {:>10.1} {:>9.1} | {:>6.2}x",
+            "{:>7.1} {:>5} {:>8.1} {:>8.1} | {} | {} | {} | {} | {:>10.1} {:>10.1} {:>9.1} | {:>6.2}x",
             r.mb,
             mode(r),
             image,
+            sent,
             col(&|m| m.frozen_ms),
             col(&|m| m.downtime_ms),
             col(&|m| m.freeze_to_reply_ms),
@@ -552,6 +652,17 @@ pub fn run(args: &MoveBenchArgs) -> anyhow::Result<()> {
             );
         }
     }
+    for r in results.iter().filter(|r| r.how == How::RsyncDelta) {
+        let ratio = median(r.moves.iter().map(|m| m.report.sent_bytes as f64 / m.report.image_bytes as f64).collect());
+        println!(
+            "rsync delta, {:.1} MB ({} KB written since the server left the node): sent {:.1} % of the image (median) \
+             -> target <= 10 % {}",
+            r.mb,
+            DELTA_WRITES * 4,
+            ratio * 100.0,
+            if ratio <= 0.10 { "met" } else { "NOT met" }
+        );
+    }
     println!("{criu}");
     if let Some(dir) = &args.plots {
         plots(dir, &results)?;
@@ -566,11 +677,11 @@ fn plots(dir: &Path, results: &[SizeResult]) -> anyhow::Result<()> {
     use crate::plot::{log_x_chart, Series};
     std::fs::create_dir_all(dir)?;
     let by_mode = |f: &dyn Fn(&SizeResult) -> f64| -> Vec<Series> {
-        [(false, "stop-and-copy"), (true, "pre-copy")]
+        How::ALL
             .iter()
-            .map(|&(pre, name)| Series {
-                name: name.into(),
-                points: results.iter().filter(|r| r.precopy == pre).map(|r| (r.mb, f(r))).collect(),
+            .map(|&how| Series {
+                name: how.long().into(),
+                points: results.iter().filter(|r| r.how == how).map(|r| (r.mb, f(r))).collect(),
             })
             .filter(|s| !s.points.is_empty())
             .collect()
@@ -578,7 +689,11 @@ fn plots(dir: &Path, results: &[SizeResult]) -> anyhow::Result<()> {
     let med = |r: &SizeResult, f: &dyn Fn(&MoveSample) -> f64| median(r.moves.iter().map(f).collect());
     let baseline = Series {
         name: "local dump + restore".into(),
-        points: results.iter().filter(|r| !r.precopy).map(|r| (r.mb, r.base_dump_ms + r.base_restore_ms)).collect(),
+        points: results
+            .iter()
+            .filter(|r| r.how == How::Stop)
+            .map(|r| (r.mb, r.base_dump_ms + r.base_restore_ms))
+            .collect(),
     };
     let mut down = by_mode(&|r| med(r, &|m| m.downtime_ms));
     down.push(baseline);

@@ -9,6 +9,7 @@
 //! peer_addr = "192.0.2.11:7700"         # where the other agents reach it
 //! runtime_dir = "/run/dvk/node1"        # holds agent.sock
 //! image_dir = "/var/lib/dvk/node1/images"
+//! kept_images_mb = 2048                 # optional: older images kept for rsync deltas, at most
 //!
 //! [[node.ingress]]                      # optional: expose an endpoint on a real TCP port
 //! endpoint = "web:8000"                 # <name>:<port> of the endpoint
@@ -80,6 +81,7 @@ struct RawNode {
     peer_addr: Spanned<String>,
     runtime_dir: Spanned<String>,
     image_dir: Spanned<String>,
+    kept_images_mb: Option<Spanned<i64>>,
     #[serde(default)]
     ingress: Vec<RawIngress>,
 }
@@ -108,8 +110,14 @@ pub struct NodeConfig {
     pub peer_addr: SocketAddr,
     pub runtime_dir: PathBuf,
     pub image_dir: PathBuf,
+    /// At most this many bytes of older images (`move --transfer rsync` sends the delta
+    /// against them) stay in `image_dir`; the least recently used go first.
+    pub kept_images_max: u64,
     pub ingress: Vec<IngressConfig>,
 }
+
+/// [`NodeConfig::kept_images_max`] unless the node says otherwise.
+pub const DEFAULT_KEPT_IMAGES_MAX: u64 = 2 << 30;
 
 /// Who may run in a DC (`[[dc]]`). Users and groups are names or numeric ids, resolved by the
 /// agent when it checks (so accounts made after it started count).
@@ -246,7 +254,18 @@ impl Config {
                 let dc = ing.dc.as_ref().map(|d| d.get_ref().clone()).unwrap_or_else(|| "dc0".into());
                 ingress.push(IngressConfig { dc, name: ep_name, port, listen });
             }
+            let kept_images_max = match &n.kept_images_mb {
+                None => DEFAULT_KEPT_IMAGES_MAX,
+                Some(v) if (0..=1 << 40).contains(v.get_ref()) => (*v.get_ref() as u64) << 20,
+                Some(v) => {
+                    return Err(invalid(
+                        v.span().start,
+                        format!("field `kept_images_mb`: {} is not between 0 and 2^40", v.get_ref()),
+                    ))
+                }
+            };
             nodes.push(NodeConfig {
+                kept_images_max,
                 ingress,
                 name: name.clone(),
                 id: id as u16,
@@ -374,6 +393,17 @@ image_dir = "/var/lib/dvk/node2/images"
         assert_eq!(c.node_by_id(2).unwrap().name, "node2");
         let unknown = c.node("node9").unwrap_err().to_string();
         assert!(unknown.contains("node9") && unknown.contains("node1, node2"), "{unknown}");
+    }
+
+    #[test]
+    fn kept_images_cap_has_a_default_and_is_checked() {
+        let c = Config::parse(Path::new("/etc/dvk/c.toml"), GOOD).unwrap();
+        assert_eq!(c.node("node1").unwrap().kept_images_max, DEFAULT_KEPT_IMAGES_MAX);
+        let text = GOOD.replace("id = 2\n", "id = 2\nkept_images_mb = 300\n");
+        let c = Config::parse(Path::new("/etc/dvk/c.toml"), &text).unwrap();
+        assert_eq!(c.node("node2").unwrap().kept_images_max, 300 << 20);
+        let e = err(&GOOD.replace("id = 2\n", "id = 2\nkept_images_mb = -1\n"));
+        assert!(e.starts_with("/etc/dvk/c.toml:13:") && e.contains("kept_images_mb"), "{e}");
     }
 
     #[test]

@@ -3,7 +3,7 @@
 use crate::agent_client::Target;
 use anyhow::{anyhow, bail, Context};
 use dvk_protocol::frame::{self, LOCAL_MAX_FRAME};
-use dvk_protocol::local::{LocalRequest, LocalResponse, MoveOptions, MoveReport};
+use dvk_protocol::local::{LocalRequest, LocalResponse, MoveOptions, MoveReport, Transfer};
 use std::io::{IsTerminal, Write};
 use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
@@ -30,12 +30,24 @@ pub struct MoveArgs {
     /// docs/PERFORMANCE.md. Off by default.
     #[arg(long)]
     pub compress: bool,
+    /// How the image travels: `stream` (image frames on the agent link, into the
+    /// destination's memory) or `rsync` (the dump is written to an image directory and rsync,
+    /// tunnelled through the authenticated agent link, sends only what differs from an older
+    /// image of this process the destination still holds; no pre-copy).
+    #[arg(long, value_enum, default_value_t = TransferArg::Stream)]
+    pub transfer: TransferArg,
     /// Print the report as JSON (steps, image size, frozen time, total).
     #[arg(long)]
     pub json: bool,
     /// Stop waiting for the report after this many seconds (the move goes on; see `ps`).
     #[arg(long, default_value_t = 600)]
     pub wait: u64,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TransferArg {
+    Stream,
+    Rsync,
 }
 
 #[derive(clap::Args, Debug)]
@@ -70,6 +82,10 @@ pub fn run_move(target: &Target, args: &MoveArgs) -> anyhow::Result<()> {
                     _ => None,
                 },
                 compress: args.compress,
+                transfer: match args.transfer {
+                    TransferArg::Stream => Transfer::Stream,
+                    TransferArg::Rsync => Transfer::Rsync,
+                },
             },
         },
         LOCAL_MAX_FRAME,
@@ -123,13 +139,15 @@ fn finish(report: &MoveReport, json: bool) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(report)?);
     } else if report.committed {
         println!(
-            "moved vPID {} from {} (pid {}) to {} (pid {}): image {:.1} MB, frozen {:.1} ms, total {:.1} ms",
+            "moved vPID {} from {} (pid {}) to {} (pid {}): image {:.1} MB ({:.1} MB sent), frozen {:.1} ms, \
+             total {:.1} ms",
             report.vpid,
             report.from,
             report.old_pid,
             report.to,
             report.new_pid,
             report.image_bytes as f64 / 1e6,
+            report.sent_bytes as f64 / 1e6,
             report.frozen_micros as f64 / 1000.0,
             report.total_micros as f64 / 1000.0
         );

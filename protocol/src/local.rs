@@ -58,6 +58,20 @@ pub struct MoveOptions {
     pub precopy: Option<bool>,
     /// Compress page data on the link (LZ4 blocks; a block that does not shrink goes as is).
     pub compress: bool,
+    /// How the image travels to the destination.
+    pub transfer: Transfer,
+}
+
+/// How a move's image travels (`migrate-cli move --transfer`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Transfer {
+    /// Image frames on the agent link, page data from the dump straight into the destination's
+    /// memory (zero pages skipped).
+    #[default]
+    Stream,
+    /// The dump goes to an image directory and rsync, tunnelled through the agent link, sends
+    /// it: only the delta against an older image of the process the destination still holds.
+    Rsync,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -137,6 +151,9 @@ pub struct MoveReport {
     pub reason: Option<String>,
     pub steps: Vec<MoveStep>,
     pub image_bytes: u64,
+    /// Bytes the image transfer put on the agent link (for rsync: its whole protocol traffic
+    /// from the source, literal data and checksums; for the stream: image frames' payload).
+    pub sent_bytes: u64,
     /// From the freeze until the process ran again (on either node).
     pub frozen_micros: u64,
     pub total_micros: u64,

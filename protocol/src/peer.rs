@@ -156,7 +156,34 @@ pub enum PeerMessage {
         #[serde(with = "serde_bytes")]
         bytes: Vec<u8>,
     },
+    /// `move --transfer rsync` (source → destination): start the receiving rsync for move
+    /// `mid`. The destination builds its command itself (confined to that move's image
+    /// directory); the bytes of the two rsyncs follow as [`PeerMessage::MoveRsyncData`].
+    MoveRsyncOpen {
+        mid: u64,
+    },
+    /// Bytes of move `mid`'s rsync session, either way: at most the credit the receiver
+    /// granted ([`RSYNC_WINDOW`] at the start).
+    MoveRsyncData {
+        mid: u64,
+        #[serde(with = "serde_bytes")]
+        bytes: Vec<u8>,
+    },
+    /// The receiver of rsync data passed `bytes` more on to its rsync.
+    MoveRsyncCredit {
+        mid: u64,
+        bytes: u32,
+    },
+    /// The sender's direction of the session ended (`why` None: its rsync closed its output),
+    /// or the session failed (`why`: the reason; the receiver stops its rsync).
+    MoveRsyncEnd {
+        mid: u64,
+        why: Option<String>,
+    },
 }
+
+/// Bytes one direction of a move's rsync session may have in flight.
+pub const RSYNC_WINDOW: u32 = 1024 * 1024;
 
 /// Largest image chunk a sender puts in one message (the receiver refuses a compressed
 /// block that claims more).

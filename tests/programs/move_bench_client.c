@@ -8,7 +8,8 @@
  *   "alive NOW N MAXGAP"  every 100 ms: the time of the last reply, replies so far, and the
  *                         longest gap between consecutive replies since the last "alive"
  * and runs until killed; a wrong reply or a lost connection prints "FAIL ..." and exits 1.
- * usage: move_bench_client HOST PORT MEGABYTES [SEED] */
+ * usage: move_bench_client HOST PORT MEGABYTES [SEED] [EVERY]
+ * EVERY n > 1: only blocks b with b % n == 0 are read (another client may write the others). */
 #include <errno.h>
 #include <netdb.h>
 #include <stdint.h>
@@ -40,11 +41,13 @@ static void fail(const char *what, long a) {
 }
 
 int main(int argc, char **argv) {
-    if (argc < 4) { fprintf(stderr, "usage: %s HOST PORT MEGABYTES [SEED]\n", argv[0]); return 2; }
+    if (argc < 4) { fprintf(stderr, "usage: %s HOST PORT MEGABYTES [SEED] [EVERY]\n", argv[0]); return 2; }
     double mb = strtod(argv[3], 0);
     uint64_t seed = argc > 4 ? strtoull(argv[4], 0, 10) : 42;
+    uint32_t every = argc > 5 ? (uint32_t)strtoul(argv[5], 0, 10) : 1;
     uint32_t nblocks = (uint32_t)(mb * 1024 * 1024 / BLOCK);
     if (nblocks == 0) nblocks = 1;
+    if (every == 0 || every > nblocks) every = 1;
     struct addrinfo hints = {.ai_family = AF_INET, .ai_socktype = SOCK_STREAM}, *res;
     int rc = getaddrinfo(argv[1], argv[2], &hints, &res);
     if (rc) { printf("FAIL getaddrinfo %s: %s\n", argv[1], gai_strerror(rc)); return 1; }
@@ -58,7 +61,7 @@ int main(int argc, char **argv) {
     uint64_t reply[BLOCK / 8];
     for (;;) {
         x ^= x << 13, x ^= x >> 7, x ^= x << 17;
-        uint32_t b = (uint32_t)(x % nblocks);
+        uint32_t b = (uint32_t)(x % (nblocks / every)) * every;
         memcpy(req + 1, &b, 4);
         for (size_t off = 0; off < sizeof req;) {
             ssize_t w = write(fd, req + off, sizeof req - off);

@@ -76,10 +76,16 @@ fn text(out: &Output) -> String {
 /// `migrate-cli --node ASK move VPID TO --json`, as a user types it (BUG 2: the agent asked is
 /// TO's, not ASK's, until the CLI is fixed).
 fn move_cmd(cluster: &Cluster, ask: usize, vpid: i64, to: usize) -> Command {
+    move_cmd_with(cluster, ask, vpid, to, &[])
+}
+
+/// [`move_cmd`] with more `migrate-cli move` flags.
+fn move_cmd_with(cluster: &Cluster, ask: usize, vpid: i64, to: usize, flags: &[&str]) -> Command {
     let mut cmd = Command::new(bin_dir().join("migrate-cli"));
     cmd.arg("--config")
         .arg(&cluster.config)
         .args(["--node", &cluster.nodes[ask].name, "move", &vpid.to_string(), &cluster.nodes[to].name, "--json"])
+        .args(flags)
         .env_remove("LD_PRELOAD")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -109,7 +115,12 @@ fn wait_cli(cluster: &Cluster, pid: u32, timeout: Duration) -> Output {
 
 /// Runs a move that must fail; returns what migrate-cli printed (stderr, then stdout).
 fn move_fails(cluster: &Cluster, ask: usize, vpid: i64, to: usize) -> String {
-    let pid = move_in_background(cluster, ask, vpid, to);
+    move_fails_with(cluster, ask, vpid, to, &[])
+}
+
+/// [`move_fails`] with more `migrate-cli move` flags.
+fn move_fails_with(cluster: &Cluster, ask: usize, vpid: i64, to: usize, flags: &[&str]) -> String {
+    let pid = cluster.spawn(&mut move_cmd_with(cluster, ask, vpid, to, flags));
     expect_failed(cluster, wait_cli(cluster, pid, FAIL_WITHIN))
 }
 
@@ -554,4 +565,84 @@ fn second_move_while_moving_is_refused_loopback() {
     let _copy = second_move_succeeds(&cluster, &mut s, true);
     let done = client_finishes(&cluster, &mut s.client);
     eprintln!("{test}: {done}");
+}
+
+// ---- 7. `--transfer rsync`: a hostile source, an rsync that fails -----------------------------
+
+/// Files under `dir` (recursively) whose name is `name`.
+fn find_named(dir: &std::path::Path, name: &str) -> Vec<std::path::PathBuf> {
+    let mut found = Vec::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let Ok(t) = e.file_type() else { continue };
+            if e.file_name() == name {
+                found.push(e.path());
+            }
+            if t.is_dir() {
+                todo.push(e.path());
+            }
+        }
+    }
+    found
+}
+
+/// The source's rsync sends a request the destination must not follow (`fault`, see
+/// agent/src/moving/rsync.rs): the move rolls back naming why, nothing is written outside the
+/// move's image directory on the destination, and the process moves fine afterwards.
+fn hostile_rsync(test: &str, fault: &str, needles: &[&str]) {
+    if skip_unless(Mode::Loopback, test) {
+        return;
+    }
+    let mut cluster = Cluster::start(3, Mode::Loopback);
+    cluster.restart_agent_with(SOURCE, &[("DVK_TEST_FAULT", fault)]);
+    let mut s = setup(&cluster);
+
+    let out = move_fails_with(&cluster, SOURCE, s.vpid, DEST, &["--transfer", "rsync"]);
+    assert_mentions(test, &out, &["rolled back", "runs on node1 as before"]);
+    assert_mentions(test, &out, needles);
+    assert!(cluster.log_of(SOURCE).contains("test fault: the rsync request"), "{}", agent_logs(&cluster));
+    assert_rolled_back(&cluster, &mut s);
+    // Whatever the request named, the destination wrote only inside its image directory of
+    // this process (<image_dir>/kept/vpid-N): `img/../../escaped` is <image_dir>/escaped
+    // outside it, and no file of that name is anywhere else in the cluster's directories.
+    let images = cluster.path(&format!("{}/images", cluster.nodes[DEST].name));
+    assert!(!images.join("escaped").exists(), "{test}: the peer's rsync wrote outside the image directory");
+    let kept = images.join("kept");
+    let outside: Vec<_> =
+        find_named(&cluster.path(""), "escaped").into_iter().filter(|p| !p.starts_with(&kept)).collect();
+    assert!(outside.is_empty(), "{test}: written outside the image directory: {outside:?}");
+    assert!(!find_named(&cluster.path(""), "pages.img")
+        .iter()
+        .any(|p| p.starts_with(&images) && !p.starts_with(&kept)));
+
+    client_continues(&cluster, &mut s.client);
+    let _copy = second_move_succeeds(&cluster, &mut s, true);
+    let done = client_finishes(&cluster, &mut s.client);
+    eprintln!("{test}: {done}");
+}
+
+#[test]
+fn hostile_rsync_request_writes_nothing_outside_the_image_dir_loopback() {
+    let test = "hostile_rsync_request_writes_nothing_outside_the_image_dir_loopback";
+    if dvk_tests::moving::skip_without_root(test) {
+        return;
+    }
+    // The daemon is chrooted into the move's directory: the files land in a subdirectory
+    // there, the plan is not where the restore looks, and the restore refuses.
+    hostile_rsync(test, "rsync-escape", &["restore on the destination failed", "the move plan is missing"]);
+}
+
+#[test]
+fn failed_rsync_rolls_the_move_back_loopback() {
+    let test = "failed_rsync_rolls_the_move_back_loopback";
+    if dvk_tests::moving::skip_without_root(test) {
+        return;
+    }
+    // The daemon has one module: rsync fails, and the move says so.
+    hostile_rsync(
+        test,
+        "rsync-bad-module",
+        &["dump or transfer failed: rsync to node2: rsync failed", "Unknown module"],
+    );
 }

@@ -288,3 +288,49 @@ fn a_process_older_than_its_agent_moves_loopback() {
     let mut after = dvk_tests::moving::start_client_slice(&cluster, 2, port, mb, 200, 1, 0, "1/2");
     client_done(&cluster, &mut after);
 }
+
+/// The user's design: the image goes with rsync (`move --transfer rsync`), tunnelled through the
+/// agent link. The server moves node1 → node2 → node1 → node2 while the client writes 4 KB
+/// blocks into it and checks every reply; from the second move on, the destination still holds
+/// the image the process left it with, so rsync sends only the delta: far less than the image.
+#[test]
+fn rsync_moves_there_back_and_there_again_sending_only_the_delta_loopback() {
+    let test = "rsync_moves_there_back_and_there_again_sending_only_the_delta_loopback";
+    if dvk_tests::moving::skip_without_root(test) || skip_unless(Mode::Loopback, test) {
+        return;
+    }
+    let cluster = Cluster::start(3, Mode::Loopback);
+    let (port, mb) = (7000, 32);
+    let (_server, vpid) = start_server(&cluster, 0, port, mb);
+    let mut client = start_client(&cluster, 2, port, mb, 2000, 1, 200);
+    let mut sent = Vec::new();
+    for to in [1, 0, 1] {
+        client.lines.wait_for("progress", LOOP);
+        let report = move_to_with(&cluster, 2, vpid, to, &["--transfer", "rsync"]);
+        let transfer = step_detail(&report, "transfer").expect("a transfer step");
+        assert!(transfer.starts_with("rsync over the agent link"), "not sent by rsync: {transfer}");
+        let (image, bytes) = (report["image_bytes"].as_u64().unwrap(), report["sent_bytes"].as_u64().unwrap());
+        eprintln!("{test}: move to node{}: image {image} bytes, {bytes} sent: {transfer}", to + 1);
+        sent.push((image, bytes));
+    }
+    let (image, first) = sent[0];
+    assert!(first >= image / 2, "the first move has no older image to go by, yet sent {first} of {image} bytes");
+    for &(image, delta) in &sent[1..] {
+        assert!(delta * 4 < image, "a move back sent {delta} bytes of a {image}-byte image: no delta");
+    }
+    let done = client_done(&cluster, &mut client);
+    eprintln!("{test}: {done}");
+
+    // Both nodes keep an image of the server; when it exits, both go.
+    let kept = |node: usize| cluster.path(&format!("{}/images/kept/vpid-{vpid}", cluster.nodes[node].name));
+    assert!(kept(0).join("pages.img").exists() && kept(1).join("pages.img").exists(), "no kept images");
+    let row = cluster.ps(1).into_iter().find(|r| r["vpid"] == vpid).expect("the server runs on node2");
+    let pid = row["pid"].as_i64().unwrap() as i32;
+    // SAFETY: kill takes two integers; the pid is our server, restored on node2.
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while kept(0).exists() || kept(1).exists() {
+        assert!(std::time::Instant::now() < deadline, "the kept images outlived the process");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

@@ -5,8 +5,10 @@
 //! `plan` is what travels beside the image.
 
 pub mod classify;
+pub mod kept;
 pub mod participant;
 pub mod plan;
+pub mod rsync;
 pub mod source;
 pub mod streams;
 
@@ -30,6 +32,11 @@ pub enum Fault {
     FailRestore,
     /// Destination: stop reading the link once the image starts arriving (a hung node).
     StallImage,
+    /// Source (`--transfer rsync`): its rsync asks the destination's daemon for a path outside
+    /// the image directory (a hostile peer).
+    RsyncEscape,
+    /// Source (`--transfer rsync`): its rsync names a module the daemon does not have.
+    RsyncBadModule,
     /// Source: cut the link to the destination just before sending Commit (Commit lost).
     CutBeforeCommit,
     /// Destination: wait 2 s before restoring (a window in which a test opens new connections).
@@ -53,6 +60,8 @@ impl Fault {
             "hold-restore" => Fault::HoldRestore,
             "open-late" => Fault::OpenLate,
             "open-counted-late" => Fault::OpenCountedLate,
+            "rsync-escape" => Fault::RsyncEscape,
+            "rsync-bad-module" => Fault::RsyncBadModule,
             other => {
                 tracing::warn!("unknown DVK_TEST_FAULT `{other}` ignored");
                 return None;
@@ -93,6 +102,12 @@ pub struct Moves {
     /// (a lazy restore): their mappings are registered with a userfaultfd until it ends, so a
     /// move of them waits for it.
     pub filling: Mutex<std::collections::HashSet<i32>>,
+    /// rsync sessions of moves (`--transfer rsync`), by move id.
+    pub rsync: Mutex<HashMap<u64, rsync::Session>>,
+    /// Moves this node is the destination of → their vPID (an rsync may write its kept image).
+    pub rsync_dest: Mutex<HashMap<u64, Vpid>>,
+    /// Destination: how each move's receiving rsync ended (the image dir, or why it failed).
+    pub rsync_results: Mutex<HashMap<u64, tokio::sync::watch::Receiver<rsync::Received>>>,
 }
 
 impl Moves {
@@ -340,6 +355,7 @@ pub fn on_link(agent: &Agent, node: NodeId, up: bool) {
         let _ = tx.send(source::Input::Link(node, up));
     }
     if !up {
+        rsync::on_link_down(agent, node);
         // Pre-copied pages of that node's moves: the move rolls back without its link.
         agent.moves.precopy.lock().retain(|_, p| p.from != node);
         // Fixed ends held for a move of that node: nobody can account for their bytes now.

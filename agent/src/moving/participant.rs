@@ -42,6 +42,10 @@ pub fn start(agent: &Arc<Agent>, from: NodeId, msg: MoveMsg) {
         p.insert(tag.mid, tx.clone());
     }
     let first = machine.start(&msg);
+    if machine.is_destination() {
+        // Its image may come by rsync, into the kept image of this vPID (moving::rsync::open).
+        agent.moves.rsync_dest.lock().insert(tag.mid, machine.vpid);
+    }
     let agent = agent.clone();
     tokio::spawn(async move {
         let mut d = Driver { agent: agent.clone(), from, restore: None, tx };
@@ -65,6 +69,7 @@ pub fn start(agent: &Arc<Agent>, from: NodeId, msg: MoveMsg) {
             };
             queue.extend(machine.handle(super::now_ms(), ev));
         }
+        super::rsync::forget(&agent, tag.mid);
         // Answer late questions about this move for a while (a Query after a lost Committed).
         let lingering = tokio::time::sleep(Duration::from_secs(30));
         tokio::pin!(lingering);
@@ -331,8 +336,16 @@ async fn execute(d: &mut Driver, m: &Participant, action: PartAction) {
             let _ = stream;
         }
         PartAction::StartRestore => {
-            let dir = image_dir(&agent, m.tag.mid);
             let tx = d.tx.clone();
+            // An image that came by rsync is in the kept image dir of the process.
+            let dir = match super::rsync::received(&agent, m.tag.mid).await {
+                None => image_dir(&agent, m.tag.mid),
+                Some(Ok(dir)) => dir,
+                Some(Err(e)) => {
+                    let _ = tx.send(Input::Restored(Err(format!("the image did not arrive: {e}"))));
+                    return;
+                }
+            };
             match prepare_restore(&agent, &dir).await {
                 Ok(r) => {
                     let pid = r.pid;
@@ -666,7 +679,13 @@ async fn resume(agent: &Arc<Agent>, m: &Participant, r: Restoring) {
         Ok(Err(e)) => tracing::error!(%vpid, pid = r.pid, "resume failed: {e}"),
         Err(_) => tracing::error!(%vpid, "the restore thread died before resuming"),
     }
-    let _ = std::fs::remove_dir_all(&r.dir);
+    let kept = super::kept::KeptImages::of(agent);
+    if r.dir == kept.dir(vpid) {
+        // The image it came with stays: a move of it back here sends only the delta.
+        super::kept::enforce_cap(agent);
+    } else {
+        let _ = std::fs::remove_dir_all(&r.dir);
+    }
     if let Ok(pidfd) = crate::sys::pidfd_open(r.pid) {
         tokio::spawn(crate::local::watch_exit(agent.clone(), vpid, r.pid, pidfd));
     }

@@ -11,7 +11,7 @@ use crate::state::Agent;
 use dvk_checkpoint::sys as ck;
 use dvk_checkpoint::{DumpOptions, Frozen, PrecopyRef};
 use dvk_move::{CoordAction, CoordEvent, Coordinator, MoveMsg, MoveTag, Outcome};
-use dvk_protocol::local::{LocalResponse, MoveOptions, MoveReport, MoveStep};
+use dvk_protocol::local::{LocalResponse, MoveOptions, MoveReport, MoveStep, Transfer};
 use dvk_protocol::peer::PeerMessage;
 use pidvirt::{EndpointEntry, NodeId, ProcessEntry, Vpid};
 use std::collections::{BTreeMap, BTreeSet};
@@ -121,6 +121,10 @@ struct Driver {
     precopy_bytes: u64,
     /// Page data goes as LZ4 blocks (`move --compress`).
     compress: bool,
+    /// How the image travels (`move --transfer`).
+    transfer: Transfer,
+    /// Bytes the transfer put on the agent link (pre-copy included).
+    sent_bytes: u64,
     steps: Vec<MoveStep>,
     started: Instant,
     step_start: Instant,
@@ -193,6 +197,11 @@ async fn prepare(
     if req.dest == me {
         return Err(format!("vPID {} already runs on {}", entry.vpid, agent.node_name(me)));
     }
+    if req.options.transfer == Transfer::Rsync && req.options.precopy == Some(true) {
+        return Err("--precopy and --transfer rsync do not go together: rsync sends the image once the process \
+                    is frozen"
+            .into());
+    }
     if !peers.contains(&req.dest) {
         return Err(format!(
             "node {} is not linked to {} (see `migrate-cli nodes`)",
@@ -238,6 +247,8 @@ async fn prepare(
     }
     let epoch = agent.moves.epochs.lock().get(&entry.vpid).copied().unwrap_or(0);
     let tag = MoveTag { mid, epoch };
+    // On tmpfs: nothing waits for disk writeback while the process is frozen. (With rsync the
+    // whole dump goes there, and becomes this node's kept image once the move commits.)
     let image_dir = agent.staging.join(format!("move-{mid:x}-out"));
     let keys = endpoints.iter().map(|e| e.key()).collect();
     let mut d = Driver {
@@ -255,6 +266,8 @@ async fn prepare(
         image_bytes: 0,
         precopy_bytes: 0,
         compress: req.options.compress,
+        transfer: req.options.transfer,
+        sent_bytes: 0,
         steps: Vec::new(),
         started,
         step_start: started,
@@ -279,7 +292,10 @@ async fn prepare(
     );
     d.step("preflight", detail);
     tracing::info!(vpid = %d.entry.vpid, %tag, dest = %agent.node_name(req.dest), "move started");
-    if let Some(why) = wants_precopy(req.options, d.entry.real_pid) {
+    if d.transfer == Transfer::Rsync {
+        // rsync sends a complete image directory after the freeze; pre-copy sends pages before.
+        d.step("pre-copy", "not with --transfer rsync: the whole image is sent while frozen".into());
+    } else if let Some(why) = wants_precopy(req.options, d.entry.real_pid) {
         precopy(&mut d, why).await;
     }
     // The protocol's clock starts here: pre-copy ran while nothing was held.
@@ -402,6 +418,9 @@ async fn execute(d: &mut Driver, m: &mut Coordinator, action: CoordAction) -> Op
             None
         }
         CoordAction::Finish(outcome) => {
+            if d.transfer == Transfer::Rsync && matches!(outcome, Outcome::Committed { .. }) {
+                keep_dump(d).await;
+            }
             finish(d, outcome);
             None
         }
@@ -789,6 +808,9 @@ impl dvk_checkpoint::image::PageOut for LinkPages {
 }
 
 async fn dump_and_send(d: &mut Driver) -> CoordEvent {
+    if d.transfer == Transfer::Rsync {
+        return dump_and_rsync(d).await;
+    }
     drain_remote_queues(d);
     let _ = std::fs::remove_dir_all(&d.image_dir);
     let (tx, rx) = oneshot::channel();
@@ -844,6 +866,7 @@ async fn dump_and_send(d: &mut Driver) -> CoordEvent {
         Ok(sent) => {
             let _ = std::fs::remove_dir_all(&d.image_dir);
             let sent = sent + pages_sent;
+            d.sent_bytes += sent;
             d.step(
                 "transfer",
                 format!(
@@ -861,6 +884,84 @@ async fn dump_and_send(d: &mut Driver) -> CoordEvent {
             CoordEvent::DumpFailed(format!("transfer to {}: {e}", d.agent.node_name(d.dest)))
         }
     }
+}
+
+/// `--transfer rsync`: the dump (a complete image: page data in pages.img, zero pages too) and
+/// the plan go into the move's out dir, and rsync sends the directory; the destination keeps
+/// it as its image of the process, which a later move back there sends only the delta against.
+async fn dump_and_rsync(d: &mut Driver) -> CoordEvent {
+    drain_remote_queues(d);
+    let _ = std::fs::remove_dir_all(&d.image_dir);
+    let (tx, rx) = oneshot::channel();
+    let opts = DumpOptions { external_fds: d.classified.external(), ..Default::default() };
+    d.freezer(FreezeCmd::Image(d.image_dir.clone(), opts, tx));
+    let report = match rx.await {
+        Ok(Ok(r)) => r,
+        Ok(Err(e)) => return CoordEvent::DumpFailed(e),
+        Err(_) => return CoordEvent::DumpFailed("the freezer thread died".into()),
+    };
+    let plan = build_plan(d);
+    let plan_bytes = match postcard::to_allocvec(&plan) {
+        Ok(b) => b,
+        Err(e) => return CoordEvent::DumpFailed(format!("cannot encode the move plan: {e}")),
+    };
+    if let Err(e) = write_private(&d.image_dir.join(PLAN_FILE), &plan_bytes) {
+        return CoordEvent::DumpFailed(format!("cannot write the move plan: {e}"));
+    }
+    d.image_bytes = report.pages_bytes + report.manifest_bytes + plan_bytes.len() as u64;
+    let phases: Vec<String> =
+        report.phases.iter().map(|(n, t)| format!("{n} {:.1}", t.as_secs_f64() * 1000.0)).collect();
+    d.step(
+        "dump",
+        format!(
+            "{:.1} MB of pages written to {}, {} mappings, {} fds ({} ms)",
+            report.pages_bytes as f64 / 1e6,
+            d.image_dir.display(),
+            report.vmas,
+            report.fds,
+            phases.join(", ")
+        ),
+    );
+    let dest = d.agent.node_name(d.dest);
+    match super::rsync::send(&d.agent, d.dest, d.tag.mid, &d.image_dir, d.compress).await {
+        Ok(st) => {
+            d.sent_bytes += st.sent;
+            d.step(
+                "transfer",
+                format!(
+                    "rsync over the agent link: {:.1} MB image, {:.1} MB literal data, {:.1} MB matched in {dest}'s \
+                     older image; {} bytes sent, {} bytes received",
+                    st.total_size as f64 / 1e6,
+                    st.literal as f64 / 1e6,
+                    st.matched as f64 / 1e6,
+                    st.sent,
+                    st.received
+                ),
+            );
+            CoordEvent::ImageSent
+        }
+        Err(e) => CoordEvent::DumpFailed(format!("rsync to {dest}: {e}")),
+    }
+}
+
+/// After a committed `--transfer rsync` move (the process runs on the destination): the dump
+/// becomes this node's kept image of the process, so a move of it back here sends only what
+/// changed since. Done before the report, so that a move back asked after it finds the image.
+async fn keep_dump(d: &mut Driver) {
+    let started = Instant::now();
+    let (agent, vpid, mid, dir) = (d.agent.clone(), d.entry.vpid, d.tag.mid, d.image_dir.clone());
+    let kept = tokio::task::spawn_blocking(move || super::kept::keep_dump(&agent, vpid, mid, &dir)).await;
+    let detail = match kept {
+        Ok(Ok(bytes)) => format!(
+            "{:.1} MB kept in {} for a move back ({} ms)",
+            bytes as f64 / 1e6,
+            super::kept::KeptImages::of(&d.agent).dir(vpid).display(),
+            started.elapsed().as_millis()
+        ),
+        Ok(Err(e)) => format!("the image is not kept: {e}"),
+        Err(e) => format!("the image is not kept: {e}"),
+    };
+    d.step("keep", detail);
 }
 
 /// Private memory from which a move pre-copies unless told otherwise: below it the extra round
@@ -918,6 +1019,7 @@ async fn precopy(d: &mut Driver, why: String) {
                 .collect();
             d.precopy_bytes = pc.copied();
             let wire = out.on_wire.load(std::sync::atomic::Ordering::Relaxed);
+            d.sent_bytes += wire;
             let why =
                 if d.compress { format!("{why}; {:.1} MB on the link, compressed", wire as f64 / 1e6) } else { why };
             d.step(
@@ -1052,6 +1154,7 @@ fn finish(d: &mut Driver, outcome: Outcome) {
         reason,
         steps: d.steps.clone(),
         image_bytes: d.image_bytes,
+        sent_bytes: d.sent_bytes,
         frozen_micros: d.frozen_for.map(|f| f.as_micros() as u64).unwrap_or(0),
         total_micros: d.started.elapsed().as_micros() as u64,
         log: d.log_path.clone(),
