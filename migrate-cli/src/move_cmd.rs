@@ -17,9 +17,11 @@ pub struct MoveArgs {
     pub dest: String,
     /// Copy memory in rounds while the process still runs and serves (each round only the
     /// pages written since the previous one), then freeze it only for what changed last: a
-    /// shorter pause for processes with much memory. Needs Linux ≥ 6.7 on the source; where
-    /// it cannot run, the move says why and copies everything while frozen. Default: on when
-    /// the process holds at least 64 MiB of private memory (RssAnon), off below.
+    /// shorter pause for processes with much memory. The destination then lets it run before
+    /// the pre-copied pages are in it and copies them in behind it (they are already on that
+    /// node). Needs Linux ≥ 6.7 on the source; where it cannot run, the move says why and
+    /// copies everything while frozen. Default: on when the process holds at least 64 MiB of
+    /// private memory (RssAnon), off below.
     #[arg(long, overrides_with = "no_precopy")]
     pub precopy: bool,
     /// Never pre-copy: freeze first, then copy everything (see --precopy).
