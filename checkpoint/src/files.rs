@@ -552,22 +552,35 @@ fn collect_impl(pid: Pid, external: &[i32], allies: &[Pid], all: bool) -> Result
         }
     }
     if all || errs.is_empty() {
-        // Pipes need both ends inside the process, one description per end.
-        let mut ends: HashMap<u64, (usize, usize)> = HashMap::new();
+        // Pipes need both ends inside the process: a description that can read and one that
+        // can write. Several descriptions of one end (reopened through /proc/PID/fd) are
+        // carried when no other process holds the pipe.
+        // Per pipe: (descriptions that can read, that can write, descriptions).
+        let mut ends: HashMap<u64, (usize, usize, usize)> = HashMap::new();
         for f in &st.files {
-            if let FileKind::Pipe { ino, write_end, .. } = f {
+            if let FileKind::Pipe { ino, flags, .. } = f {
                 let e = ends.entry(*ino).or_default();
-                if *write_end {
-                    e.1 += 1
-                } else {
-                    e.0 += 1
-                }
+                let acc = flags & libc::O_ACCMODE as u32;
+                e.0 += usize::from(acc != libc::O_WRONLY as u32);
+                e.1 += usize::from(acc != libc::O_RDONLY as u32);
+                e.2 += 1;
             }
         }
-        let mut ends: Vec<(u64, (usize, usize))> = ends.into_iter().collect();
+        let mut ends: Vec<(u64, (usize, usize, usize))> = ends.into_iter().collect();
         ends.sort_unstable();
-        'pipes: for (ino, (r, w)) in ends {
-            if (r == 1 && w == 1) || refused.contains(&format!("pipe:[{ino}]")) {
+        // Pipes reopened through /proc: held by another process too?
+        let reopened: Vec<String> = ends
+            .iter()
+            .filter(|(_, (r, w, n))| *r > 0 && *w > 0 && !(*r == 1 && *w == 1 && *n == 2))
+            .map(|(ino, _)| format!("pipe:[{ino}]"))
+            .filter(|l| !refused.contains(l))
+            .collect();
+        let shared = holders_of(&reopened, pid);
+        'pipes: for (ino, (r, w, _)) in ends {
+            let link = format!("pipe:[{ino}]");
+            let outside = r == 0 || w == 0;
+            let held = shared.get(&link).filter(|h| !h.is_empty());
+            if (!outside && held.is_none()) || refused.contains(&link) {
                 continue;
             }
             for e in &st.fds {
@@ -575,19 +588,21 @@ fn collect_impl(pid: Pid, external: &[i32], allies: &[Pid], all: bool) -> Result
                 if i != ino {
                     continue;
                 }
-                let outside = r == 0 || w == 0;
                 if outside {
-                    ties.push((errs.len(), format!("pipe:[{ino}]"), Tie::Pipe { write_end }));
+                    ties.push((errs.len(), link.clone(), Tie::Pipe { write_end }));
                 }
                 errs.push(Error::UnsupportedFd {
                     fd: e.fd,
-                    what: format!("pipe:[{ino}]"),
-                    why: if outside {
-                        "the other end of the pipe is outside the process (pipes are carried only with both ends \
-                         inside)"
-                            .into()
-                    } else {
-                        "the pipe was reopened through /proc (several descriptions of one end)".into()
+                    what: link.clone(),
+                    why: match held {
+                        Some(h) if !outside => format!(
+                            "the pipe was reopened through /proc (several descriptions) and is also open in {} \
+                             (carried only when every description is in the process)",
+                            name_holders(h)
+                        ),
+                        _ => "the other end of the pipe is outside the process (pipes are carried only with both \
+                              ends inside)"
+                            .into(),
                     },
                 });
                 if !all {
@@ -1177,7 +1192,9 @@ pub fn restore(r: &Remote, st: &FilesState, external: &[(i32, i32)], memfds: &Ha
                 fd
             }
             FileKind::Pipe { ino, .. } => {
-                // Create the pipe once, for both ends.
+                // Create the pipe once, for every description: the first read-only and the
+                // first write-only description are its two ends, any other (the process had
+                // reopened the pipe through /proc) a new description of it, opened the same way.
                 let p = r.put(0, &[0u8; 8])?;
                 r.call("pipe2", libc::SYS_pipe2, &[p, libc::O_CLOEXEC as u64])?;
                 let b = r.get(0, 8)?;
@@ -1185,30 +1202,59 @@ pub fn restore(r: &Remote, st: &FilesState, external: &[(i32, i32)], memfds: &Ha
                     u32::from_le_bytes(b[0..4].try_into().unwrap()) as u64,
                     u32::from_le_bytes(b[4..8].try_into().unwrap()) as u64,
                 );
+                // The unread bytes once (every readable description carries the same copy).
+                let first = st.files.iter().find_map(|g| match g {
+                    FileKind::Pipe { ino: i2, write_end: false, data, size, .. } if i2 == ino => Some((data, *size)),
+                    _ => None,
+                });
+                if let Some((data, size)) = first {
+                    if size != 0 && size != 65536 {
+                        r.call("fcntl(F_SETPIPE_SZ)", libc::SYS_fcntl, &[wfd, libc::F_SETPIPE_SZ as u64, size])?;
+                    }
+                    for chunk in data.chunks(r.scratch_len / 2) {
+                        let a = r.put(0, chunk)?;
+                        let n = r.call("write (pipe data)", libc::SYS_write, &[wfd, a, chunk.len() as u64])?;
+                        if n != chunk.len() as u64 {
+                            return Err(Error::Restore(format!("pipe:[{ino}]: short write of unread data")));
+                        }
+                    }
+                }
+                let (mut r_used, mut w_used) = (false, false);
+                // Moved above the image's fds once every description exists (`rfd` is reopened
+                // at its number until then).
+                let mut made: Vec<(usize, u64)> = Vec::new();
                 for (j, g) in st.files.iter().enumerate() {
-                    if let FileKind::Pipe { ino: i2, write_end, flags, data, size } = g {
-                        if i2 != ino {
-                            continue;
-                        }
-                        if !*write_end {
-                            if *size != 0 && *size != 65536 {
-                                r.call(
-                                    "fcntl(F_SETPIPE_SZ)",
-                                    libc::SYS_fcntl,
-                                    &[wfd, libc::F_SETPIPE_SZ as u64, *size],
-                                )?;
-                            }
-                            for chunk in data.chunks(r.scratch_len / 2) {
-                                let a = r.put(0, chunk)?;
-                                let n = r.call("write (pipe data)", libc::SYS_write, &[wfd, a, chunk.len() as u64])?;
-                                if n != chunk.len() as u64 {
-                                    return Err(Error::Restore(format!("pipe:[{ino}]: short write of unread data")));
-                                }
-                            }
-                        }
-                        let end = if *write_end { wfd } else { rfd };
-                        setfl(end, *flags)?;
-                        temps[j] = Some(to_temp(end)?);
+                    let FileKind::Pipe { ino: i2, flags, .. } = g else { continue };
+                    if i2 != ino {
+                        continue;
+                    }
+                    let acc = flags & libc::O_ACCMODE as u32;
+                    let end = if acc == libc::O_RDONLY as u32 && !r_used {
+                        r_used = true;
+                        rfd
+                    } else if acc == libc::O_WRONLY as u32 && !w_used {
+                        w_used = true;
+                        wfd
+                    } else {
+                        // Both ends are open: never waits, never ENXIO.
+                        let a = r.put_cstr(0, format!("/proc/self/fd/{rfd}").as_bytes())?;
+                        let fl = (flags & KEEP_FLAGS) | (libc::O_NONBLOCK | libc::O_CLOEXEC) as u32;
+                        r.call(
+                            &format!("open pipe:[{ino}] again through /proc"),
+                            libc::SYS_openat,
+                            &[libc::AT_FDCWD as u64, a, fl as u64, 0],
+                        )?
+                    };
+                    setfl(end, *flags)?;
+                    made.push((j, end));
+                }
+                for (j, end) in made {
+                    temps[j] = Some(to_temp(end)?);
+                }
+                // An end no description kept (the process had only reopened descriptions of it).
+                for (used, fd) in [(r_used, rfd), (w_used, wfd)] {
+                    if !used {
+                        r.call("close", libc::SYS_close, &[fd])?;
                     }
                 }
                 continue;

@@ -278,6 +278,7 @@ fidelity! {
     ns_fds,
     opath_symlink,
     fanotify,
+    pipe_reopen,
 }
 
 /// The members of a restored tree: a failing test kills those still there (`Prog` kills only
@@ -1502,6 +1503,25 @@ fn fifo_shared_refused() {
     let e = ck::dump(p.pid, &p.img(1), AfterDump::Kill).expect_err("a shared FIFO must be refused").to_string();
     let me = format!("pid {}", std::process::id());
     assert!(e.contains("ctl") && e.contains("also open in") && e.contains(&me), "{e}");
+    assert!(!p.img(1).join("manifest.img").exists());
+    drop(held);
+    p.go();
+    p.expect_pass();
+}
+
+/// A pipe the program reopened through /proc, one of whose descriptions another process (this
+/// one) holds too: refused naming it; the program runs on.
+#[test]
+fn pipe_reopen_shared_refused() {
+    if !root() {
+        return;
+    }
+    let p = Prog::start("pipe_reopen");
+    let held =
+        fs::OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK).open(format!("/proc/{}/fd/3", p.pid)).unwrap();
+    let e = ck::dump(p.pid, &p.img(1), AfterDump::Kill).expect_err("a shared pipe must be refused").to_string();
+    let me = format!("pid {}", std::process::id());
+    assert!(e.contains("reopened through /proc") && e.contains("also open in") && e.contains(&me), "{e}");
     assert!(!p.img(1).join("manifest.img").exists());
     drop(held);
     p.go();
