@@ -170,6 +170,19 @@ pub enum FileKind {
         kind: String,
         flags: u32,
     },
+    /// A FIFO deleted while open (see `ghosts`): made again in its directory at restore and
+    /// unlinked at once; `data` and `size` as for [`FileKind::Fifo`]; `mode`, `uid`, `gid` the
+    /// inode's.
+    GhostFifo {
+        path: String,
+        ino: u64,
+        flags: u32,
+        data: Vec<u8>,
+        size: u64,
+        mode: u32,
+        uid: u32,
+        gid: u32,
+    },
     /// The controlling terminal of a shell job (`path` as it was), dumped with
     /// `DumpOptions::shell_job`: the restorer's terminal takes its place (see `ttys`).
     ShellTerminal {
@@ -215,6 +228,32 @@ fn pair_ns(s: Option<&str>) -> u64 {
 
 const ALLOWED_DEVS: [&str; 5] = ["/dev/null", "/dev/zero", "/dev/full", "/dev/random", "/dev/urandom"];
 
+/// The unread bytes and the size of the pipe behind the FIFO at `fd`: through the process's own
+/// description when it can read, else a new read-only opener of the FIFO (never waits). Copied
+/// with `tee`, not consumed.
+fn fifo_contents(
+    pid: Pid,
+    fd: i32,
+    flags: u32,
+    pidfd: &std::os::fd::OwnedFd,
+) -> std::result::Result<(Vec<u8>, u64), String> {
+    let readable = flags & libc::O_ACCMODE as u32 != libc::O_WRONLY as u32;
+    let pipe: std::os::fd::OwnedFd = if readable {
+        sys::pidfd_getfd(pidfd, fd).map_err(|e| format!("pidfd_getfd: {e}"))?
+    } else {
+        use std::os::unix::fs::OpenOptionsExt;
+        std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(proc_path(pid, &format!("fd/{fd}")))
+            .map_err(|e| format!("cannot open the FIFO to copy its data: {e}"))?
+            .into()
+    };
+    let size = sys::pipe_size(&pipe).map_err(|e| e.to_string())? as u64;
+    let data = sys::pipe_peek(&pipe, size as usize).map_err(|e| format!("cannot copy unread data: {e}"))?;
+    Ok((data, size))
+}
+
 /// Describes one fd, or refuses it naming it.
 fn describe(pid: Pid, fd: i32, pidfd: &std::os::fd::OwnedFd) -> Result<FileKind> {
     let link = std::fs::read_link(proc_path(pid, &format!("fd/{fd}")))
@@ -245,6 +284,27 @@ fn describe(pid: Pid, fd: i32, pidfd: &std::os::fd::OwnedFd) -> Result<FileKind>
                 let is_cwd = cwd.is_some_and(|c| c.ino() == dir.ino && c.nlink() == 0);
                 return Ok(FileKind::GhostDir { path: path.to_string(), dir, is_cwd, flags, pos });
             }
+            if let Some(md) = std::fs::metadata(&fdp).ok().filter(|m| m.file_type().is_fifo()) {
+                use std::os::unix::fs::MetadataExt;
+                if md.nlink() != 0 {
+                    return Err(refuse(&format!(
+                        "the FIFO {path} was removed but has {} other name(s) (not carried)",
+                        md.nlink()
+                    )));
+                }
+                crate::ghosts::parent_exists(path).map_err(|why| refuse(&why))?;
+                let (data, size) = fifo_contents(pid, fd, flags, pidfd).map_err(|why| refuse(&why))?;
+                return Ok(FileKind::GhostFifo {
+                    path: path.to_string(),
+                    ino: md.ino(),
+                    flags,
+                    data,
+                    size,
+                    mode: md.mode() & 0o7777,
+                    uid: md.uid(),
+                    gid: md.gid(),
+                });
+            }
             let (_, ino) = crate::ghosts::judge(&fdp, path).map_err(|why| refuse(&why))?;
             return Ok(FileKind::Ghost { ino, path: path.to_string(), flags, pos });
         }
@@ -264,23 +324,7 @@ fn describe(pid: Pid, fd: i32, pidfd: &std::os::fd::OwnedFd) -> Result<FileKind>
         } else if ft.is_symlink() {
             PathKind::Symlink
         } else if ft.is_fifo() {
-            // The pipe behind it, to copy its unread data: through the process's own description
-            // when it can read, else a new read-only opener of the FIFO (never waits).
-            let readable = flags & libc::O_ACCMODE as u32 != libc::O_WRONLY as u32;
-            let pipe: std::os::fd::OwnedFd = if readable {
-                sys::pidfd_getfd(pidfd, fd).map_err(|e| refuse(&format!("pidfd_getfd: {e}")))?
-            } else {
-                use std::os::unix::fs::OpenOptionsExt;
-                std::fs::OpenOptions::new()
-                    .read(true)
-                    .custom_flags(libc::O_NONBLOCK)
-                    .open(proc_path(pid, &format!("fd/{fd}")))
-                    .map_err(|e| refuse(&format!("cannot open the FIFO to copy its data: {e}")))?
-                    .into()
-            };
-            let size = sys::pipe_size(&pipe).map_err(|e| refuse(&e.to_string()))? as u64;
-            let data =
-                sys::pipe_peek(&pipe, size as usize).map_err(|e| refuse(&format!("cannot copy unread data: {e}")))?;
+            let (data, size) = fifo_contents(pid, fd, flags, pidfd).map_err(|why| refuse(&why))?;
             return Ok(FileKind::Fifo { path: link.clone(), ino: own.ino(), flags, data, size });
         } else if ft.is_char_device() && ALLOWED_DEVS.contains(&link.as_str()) {
             PathKind::CharDev
@@ -643,6 +687,34 @@ fn collect_impl(pid: Pid, external: &[i32], allies: &[Pid], all: bool) -> Result
                     if !all {
                         break;
                     }
+                }
+            }
+        }
+    }
+    if all || errs.is_empty() {
+        // A deleted FIFO is made again per image: one another process holds too (a member of
+        // the same tree as well) would become two.
+        let links: Vec<String> = st
+            .files
+            .iter()
+            .filter_map(
+                |f| if let FileKind::GhostFifo { path, .. } = f { Some(format!("{path} (deleted)")) } else { None },
+            )
+            .collect();
+        let holders = if links.is_empty() { HashMap::new() } else { holders_of(&links, pid) };
+        for e in &st.fds {
+            let FileKind::GhostFifo { path, .. } = &st.files[e.file] else { continue };
+            if let Some(h) = holders.get(&format!("{path} (deleted)")).filter(|h| !h.is_empty()) {
+                errs.push(Error::UnsupportedFd {
+                    fd: e.fd,
+                    what: format!("{path} (deleted)"),
+                    why: format!(
+                        "the deleted FIFO is also open in {} (carried only when no other process holds it)",
+                        name_holders(h)
+                    ),
+                });
+                if !all {
+                    break;
                 }
             }
         }
@@ -1181,6 +1253,37 @@ pub fn restore(r: &Remote, st: &FilesState, external: &[(i32, i32)], memfds: &Ha
                 setfl(fd, *flags)?;
                 fd
             }
+            FileKind::GhostFifo { path, ino, flags, data, size, mode, uid, gid } => {
+                // Made again once, held read-write (the pipe lives on, its data goes in once)
+                // and unlinked (see `ghosts`); each description opened through the holder.
+                let h = match fifo_holders.get(&crate::ghosts::key(*ino)) {
+                    Some(&h) => h,
+                    None => {
+                        let h = to_temp(crate::ghosts::make_fifo(r, path, *ino, *mode, *uid, *gid)?)?;
+                        fifo_holders.insert(crate::ghosts::key(*ino), h);
+                        if *size != 0 && *size != 65536 {
+                            r.call("fcntl(F_SETPIPE_SZ)", libc::SYS_fcntl, &[h, libc::F_SETPIPE_SZ as u64, *size])?;
+                        }
+                        for chunk in data.chunks(r.scratch_len / 2) {
+                            let a = r.put(0, chunk)?;
+                            let n = r.call("write (FIFO data)", libc::SYS_write, &[h, a, chunk.len() as u64])?;
+                            if n != chunk.len() as u64 {
+                                return Err(Error::Restore(format!("deleted FIFO {path}: short write of unread data")));
+                            }
+                        }
+                        h
+                    }
+                };
+                let p = r.put_cstr(0, format!("/proc/self/fd/{h}").as_bytes())?;
+                let fl = (flags & KEEP_FLAGS) | (libc::O_NONBLOCK | libc::O_CLOEXEC) as u32; // never wait for a peer
+                let fd = r.call(
+                    &format!("open deleted FIFO {path}"),
+                    libc::SYS_openat,
+                    &[libc::AT_FDCWD as u64, p, fl as u64, 0],
+                )?;
+                setfl(fd, *flags)?;
+                fd
+            }
             FileKind::Path { path, kind, flags, pos } => {
                 let p = r.put_cstr(0, path.as_bytes())?;
                 let fl = flags & KEEP_FLAGS;
@@ -1586,6 +1689,10 @@ pub fn prepare(st: &FilesState, external: &[(i32, i32)]) -> Result<()> {
                 if !md.file_type().is_fifo() {
                     return Err(Error::FileChanged { path: path.clone(), detail: "it is not a FIFO any more".into() });
                 }
+            }
+            FileKind::GhostFifo { path, .. } => {
+                crate::ghosts::parent_exists(path)
+                    .map_err(|detail| Error::FileChanged { path: path.clone(), detail })?;
             }
             FileKind::UnixListener { path, .. } => {
                 let p = std::path::Path::new(std::ffi::OsStr::from_bytes(path));
