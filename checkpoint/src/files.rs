@@ -2,11 +2,12 @@
 //! `kcmp(KCMP_FILE)`), then every fd number that refers to it with its close-on-exec flag.
 //!
 //! Supported: regular files and directories (path, flags, offset), /dev/null and friends, FIFOs by
-//! path with their unread data (when no other process holds them), pipes with both ends in the process (unread data copied with `tee`, not consumed),
+//! path with their unread data (when no other process holds them), pipes with both ends in the process (unread data copied with `tee`, not consumed;
+//! further descriptions of one, reopened through /proc/PID/fd, when no other process holds it),
 //! eventfd (counter), timerfd (clock, remaining time, interval, unread ticks), epoll (every
 //! registered fd with its events and data), AF_UNIX listeners bound to a path, AF_UNIX stream
 //! pairs with both ends inside (peer from sock_diag, unread bytes with MSG_PEEK), memfds,
-//! signalfd, inotify and pidfds (see `anonfds`), files deleted while open (see `ghosts`), and
+//! signalfd, inotify and pidfds (see `anonfds`), files and FIFOs deleted while open (see `ghosts`), and
 //! fds left to the caller. Anything else is refused with the fd named, before the process is
 //! frozen.
 //!

@@ -13,6 +13,9 @@
 //! writes the extents, sets size, owner and mode, and unlinks it at once — so /proc shows it
 //! as "/path (deleted)" again. Its helper fd (in the same inode → fd map as the memfds, under
 //! [`key`]) backs the mappings and is re-opened through `/proc/self/fd/N` for each description.
+//!
+//! A FIFO deleted while open ([`FileKind::GhostFifo`], its unread bytes in the manifest) is made
+//! again the same way by [`make_fifo`] (`mknod`, held read-write, unlinked at once).
 
 use std::collections::HashMap;
 use std::fs::File;
