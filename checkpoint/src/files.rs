@@ -2,11 +2,12 @@
 //! `kcmp(KCMP_FILE)`), then every fd number that refers to it with its close-on-exec flag.
 //!
 //! Supported: regular files and directories (path, flags, offset), /dev/null and friends, FIFOs by
-//! path with their unread data (when no other process holds them), pipes with both ends in the process (unread data copied with `tee`, not consumed),
+//! path with their unread data (when no other process holds them), pipes with both ends in the process (unread data copied with `tee`, not consumed;
+//! further descriptions of one, reopened through /proc/PID/fd, when no other process holds it),
 //! eventfd (counter), timerfd (clock, remaining time, interval, unread ticks), epoll (every
 //! registered fd with its events and data), AF_UNIX listeners bound to a path, AF_UNIX stream
 //! pairs with both ends inside (peer from sock_diag, unread bytes with MSG_PEEK), memfds,
-//! signalfd, inotify and pidfds (see `anonfds`), files deleted while open (see `ghosts`), and
+//! signalfd, inotify and pidfds (see `anonfds`), files and FIFOs deleted while open (see `ghosts`), and
 //! fds left to the caller. Anything else is refused with the fd named, before the process is
 //! frozen.
 //!
@@ -170,6 +171,19 @@ pub enum FileKind {
         kind: String,
         flags: u32,
     },
+    /// A FIFO deleted while open (see `ghosts`): made again in its directory at restore and
+    /// unlinked at once; `data` and `size` as for [`FileKind::Fifo`]; `mode`, `uid`, `gid` the
+    /// inode's.
+    GhostFifo {
+        path: String,
+        ino: u64,
+        flags: u32,
+        data: Vec<u8>,
+        size: u64,
+        mode: u32,
+        uid: u32,
+        gid: u32,
+    },
     /// The controlling terminal of a shell job (`path` as it was), dumped with
     /// `DumpOptions::shell_job`: the restorer's terminal takes its place (see `ttys`).
     ShellTerminal {
@@ -215,6 +229,32 @@ fn pair_ns(s: Option<&str>) -> u64 {
 
 const ALLOWED_DEVS: [&str; 5] = ["/dev/null", "/dev/zero", "/dev/full", "/dev/random", "/dev/urandom"];
 
+/// The unread bytes and the size of the pipe behind the FIFO at `fd`: through the process's own
+/// description when it can read, else a new read-only opener of the FIFO (never waits). Copied
+/// with `tee`, not consumed.
+fn fifo_contents(
+    pid: Pid,
+    fd: i32,
+    flags: u32,
+    pidfd: &std::os::fd::OwnedFd,
+) -> std::result::Result<(Vec<u8>, u64), String> {
+    let readable = flags & libc::O_ACCMODE as u32 != libc::O_WRONLY as u32;
+    let pipe: std::os::fd::OwnedFd = if readable {
+        sys::pidfd_getfd(pidfd, fd).map_err(|e| format!("pidfd_getfd: {e}"))?
+    } else {
+        use std::os::unix::fs::OpenOptionsExt;
+        std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(proc_path(pid, &format!("fd/{fd}")))
+            .map_err(|e| format!("cannot open the FIFO to copy its data: {e}"))?
+            .into()
+    };
+    let size = sys::pipe_size(&pipe).map_err(|e| e.to_string())? as u64;
+    let data = sys::pipe_peek(&pipe, size as usize).map_err(|e| format!("cannot copy unread data: {e}"))?;
+    Ok((data, size))
+}
+
 /// Describes one fd, or refuses it naming it.
 fn describe(pid: Pid, fd: i32, pidfd: &std::os::fd::OwnedFd) -> Result<FileKind> {
     let link = std::fs::read_link(proc_path(pid, &format!("fd/{fd}")))
@@ -245,6 +285,27 @@ fn describe(pid: Pid, fd: i32, pidfd: &std::os::fd::OwnedFd) -> Result<FileKind>
                 let is_cwd = cwd.is_some_and(|c| c.ino() == dir.ino && c.nlink() == 0);
                 return Ok(FileKind::GhostDir { path: path.to_string(), dir, is_cwd, flags, pos });
             }
+            if let Some(md) = std::fs::metadata(&fdp).ok().filter(|m| m.file_type().is_fifo()) {
+                use std::os::unix::fs::MetadataExt;
+                if md.nlink() != 0 {
+                    return Err(refuse(&format!(
+                        "the FIFO {path} was removed but has {} other name(s) (not carried)",
+                        md.nlink()
+                    )));
+                }
+                crate::ghosts::parent_exists(path).map_err(|why| refuse(&why))?;
+                let (data, size) = fifo_contents(pid, fd, flags, pidfd).map_err(|why| refuse(&why))?;
+                return Ok(FileKind::GhostFifo {
+                    path: path.to_string(),
+                    ino: md.ino(),
+                    flags,
+                    data,
+                    size,
+                    mode: md.mode() & 0o7777,
+                    uid: md.uid(),
+                    gid: md.gid(),
+                });
+            }
             let (_, ino) = crate::ghosts::judge(&fdp, path).map_err(|why| refuse(&why))?;
             return Ok(FileKind::Ghost { ino, path: path.to_string(), flags, pos });
         }
@@ -264,23 +325,7 @@ fn describe(pid: Pid, fd: i32, pidfd: &std::os::fd::OwnedFd) -> Result<FileKind>
         } else if ft.is_symlink() {
             PathKind::Symlink
         } else if ft.is_fifo() {
-            // The pipe behind it, to copy its unread data: through the process's own description
-            // when it can read, else a new read-only opener of the FIFO (never waits).
-            let readable = flags & libc::O_ACCMODE as u32 != libc::O_WRONLY as u32;
-            let pipe: std::os::fd::OwnedFd = if readable {
-                sys::pidfd_getfd(pidfd, fd).map_err(|e| refuse(&format!("pidfd_getfd: {e}")))?
-            } else {
-                use std::os::unix::fs::OpenOptionsExt;
-                std::fs::OpenOptions::new()
-                    .read(true)
-                    .custom_flags(libc::O_NONBLOCK)
-                    .open(proc_path(pid, &format!("fd/{fd}")))
-                    .map_err(|e| refuse(&format!("cannot open the FIFO to copy its data: {e}")))?
-                    .into()
-            };
-            let size = sys::pipe_size(&pipe).map_err(|e| refuse(&e.to_string()))? as u64;
-            let data =
-                sys::pipe_peek(&pipe, size as usize).map_err(|e| refuse(&format!("cannot copy unread data: {e}")))?;
+            let (data, size) = fifo_contents(pid, fd, flags, pidfd).map_err(|why| refuse(&why))?;
             return Ok(FileKind::Fifo { path: link.clone(), ino: own.ino(), flags, data, size });
         } else if ft.is_char_device() && ALLOWED_DEVS.contains(&link.as_str()) {
             PathKind::CharDev
@@ -552,22 +597,35 @@ fn collect_impl(pid: Pid, external: &[i32], allies: &[Pid], all: bool) -> Result
         }
     }
     if all || errs.is_empty() {
-        // Pipes need both ends inside the process, one description per end.
-        let mut ends: HashMap<u64, (usize, usize)> = HashMap::new();
+        // Pipes need both ends inside the process: a description that can read and one that
+        // can write. Several descriptions of one end (reopened through /proc/PID/fd) are
+        // carried when no other process holds the pipe.
+        // Per pipe: (descriptions that can read, that can write, descriptions).
+        let mut ends: HashMap<u64, (usize, usize, usize)> = HashMap::new();
         for f in &st.files {
-            if let FileKind::Pipe { ino, write_end, .. } = f {
+            if let FileKind::Pipe { ino, flags, .. } = f {
                 let e = ends.entry(*ino).or_default();
-                if *write_end {
-                    e.1 += 1
-                } else {
-                    e.0 += 1
-                }
+                let acc = flags & libc::O_ACCMODE as u32;
+                e.0 += usize::from(acc != libc::O_WRONLY as u32);
+                e.1 += usize::from(acc != libc::O_RDONLY as u32);
+                e.2 += 1;
             }
         }
-        let mut ends: Vec<(u64, (usize, usize))> = ends.into_iter().collect();
+        let mut ends: Vec<(u64, (usize, usize, usize))> = ends.into_iter().collect();
         ends.sort_unstable();
-        'pipes: for (ino, (r, w)) in ends {
-            if (r == 1 && w == 1) || refused.contains(&format!("pipe:[{ino}]")) {
+        // Pipes reopened through /proc: held by another process too?
+        let reopened: Vec<String> = ends
+            .iter()
+            .filter(|(_, (r, w, n))| *r > 0 && *w > 0 && !(*r == 1 && *w == 1 && *n == 2))
+            .map(|(ino, _)| format!("pipe:[{ino}]"))
+            .filter(|l| !refused.contains(l))
+            .collect();
+        let shared = holders_of(&reopened, pid);
+        'pipes: for (ino, (r, w, _)) in ends {
+            let link = format!("pipe:[{ino}]");
+            let outside = r == 0 || w == 0;
+            let held = shared.get(&link).filter(|h| !h.is_empty());
+            if (!outside && held.is_none()) || refused.contains(&link) {
                 continue;
             }
             for e in &st.fds {
@@ -575,19 +633,21 @@ fn collect_impl(pid: Pid, external: &[i32], allies: &[Pid], all: bool) -> Result
                 if i != ino {
                     continue;
                 }
-                let outside = r == 0 || w == 0;
                 if outside {
-                    ties.push((errs.len(), format!("pipe:[{ino}]"), Tie::Pipe { write_end }));
+                    ties.push((errs.len(), link.clone(), Tie::Pipe { write_end }));
                 }
                 errs.push(Error::UnsupportedFd {
                     fd: e.fd,
-                    what: format!("pipe:[{ino}]"),
-                    why: if outside {
-                        "the other end of the pipe is outside the process (pipes are carried only with both ends \
-                         inside)"
-                            .into()
-                    } else {
-                        "the pipe was reopened through /proc (several descriptions of one end)".into()
+                    what: link.clone(),
+                    why: match held {
+                        Some(h) if !outside => format!(
+                            "the pipe was reopened through /proc (several descriptions) and is also open in {} \
+                             (carried only when every description is in the process)",
+                            name_holders(h)
+                        ),
+                        _ => "the other end of the pipe is outside the process (pipes are carried only with both \
+                              ends inside)"
+                            .into(),
                     },
                 });
                 if !all {
@@ -628,6 +688,34 @@ fn collect_impl(pid: Pid, external: &[i32], allies: &[Pid], all: bool) -> Result
                     if !all {
                         break;
                     }
+                }
+            }
+        }
+    }
+    if all || errs.is_empty() {
+        // A deleted FIFO is made again per image: one another process holds too (a member of
+        // the same tree as well) would become two.
+        let links: Vec<String> = st
+            .files
+            .iter()
+            .filter_map(
+                |f| if let FileKind::GhostFifo { path, .. } = f { Some(format!("{path} (deleted)")) } else { None },
+            )
+            .collect();
+        let holders = if links.is_empty() { HashMap::new() } else { holders_of(&links, pid) };
+        for e in &st.fds {
+            let FileKind::GhostFifo { path, .. } = &st.files[e.file] else { continue };
+            if let Some(h) = holders.get(&format!("{path} (deleted)")).filter(|h| !h.is_empty()) {
+                errs.push(Error::UnsupportedFd {
+                    fd: e.fd,
+                    what: format!("{path} (deleted)"),
+                    why: format!(
+                        "the deleted FIFO is also open in {} (carried only when no other process holds it)",
+                        name_holders(h)
+                    ),
+                });
+                if !all {
+                    break;
                 }
             }
         }
@@ -1166,6 +1254,37 @@ pub fn restore(r: &Remote, st: &FilesState, external: &[(i32, i32)], memfds: &Ha
                 setfl(fd, *flags)?;
                 fd
             }
+            FileKind::GhostFifo { path, ino, flags, data, size, mode, uid, gid } => {
+                // Made again once, held read-write (the pipe lives on, its data goes in once)
+                // and unlinked (see `ghosts`); each description opened through the holder.
+                let h = match fifo_holders.get(&crate::ghosts::key(*ino)) {
+                    Some(&h) => h,
+                    None => {
+                        let h = to_temp(crate::ghosts::make_fifo(r, path, *ino, *mode, *uid, *gid)?)?;
+                        fifo_holders.insert(crate::ghosts::key(*ino), h);
+                        if *size != 0 && *size != 65536 {
+                            r.call("fcntl(F_SETPIPE_SZ)", libc::SYS_fcntl, &[h, libc::F_SETPIPE_SZ as u64, *size])?;
+                        }
+                        for chunk in data.chunks(r.scratch_len / 2) {
+                            let a = r.put(0, chunk)?;
+                            let n = r.call("write (FIFO data)", libc::SYS_write, &[h, a, chunk.len() as u64])?;
+                            if n != chunk.len() as u64 {
+                                return Err(Error::Restore(format!("deleted FIFO {path}: short write of unread data")));
+                            }
+                        }
+                        h
+                    }
+                };
+                let p = r.put_cstr(0, format!("/proc/self/fd/{h}").as_bytes())?;
+                let fl = (flags & KEEP_FLAGS) | (libc::O_NONBLOCK | libc::O_CLOEXEC) as u32; // never wait for a peer
+                let fd = r.call(
+                    &format!("open deleted FIFO {path}"),
+                    libc::SYS_openat,
+                    &[libc::AT_FDCWD as u64, p, fl as u64, 0],
+                )?;
+                setfl(fd, *flags)?;
+                fd
+            }
             FileKind::Path { path, kind, flags, pos } => {
                 let p = r.put_cstr(0, path.as_bytes())?;
                 let fl = flags & KEEP_FLAGS;
@@ -1177,7 +1296,9 @@ pub fn restore(r: &Remote, st: &FilesState, external: &[(i32, i32)], memfds: &Ha
                 fd
             }
             FileKind::Pipe { ino, .. } => {
-                // Create the pipe once, for both ends.
+                // Create the pipe once, for every description: the first read-only and the
+                // first write-only description are its two ends, any other (the process had
+                // reopened the pipe through /proc) a new description of it, opened the same way.
                 let p = r.put(0, &[0u8; 8])?;
                 r.call("pipe2", libc::SYS_pipe2, &[p, libc::O_CLOEXEC as u64])?;
                 let b = r.get(0, 8)?;
@@ -1185,30 +1306,59 @@ pub fn restore(r: &Remote, st: &FilesState, external: &[(i32, i32)], memfds: &Ha
                     u32::from_le_bytes(b[0..4].try_into().unwrap()) as u64,
                     u32::from_le_bytes(b[4..8].try_into().unwrap()) as u64,
                 );
+                // The unread bytes once (every readable description carries the same copy).
+                let first = st.files.iter().find_map(|g| match g {
+                    FileKind::Pipe { ino: i2, write_end: false, data, size, .. } if i2 == ino => Some((data, *size)),
+                    _ => None,
+                });
+                if let Some((data, size)) = first {
+                    if size != 0 && size != 65536 {
+                        r.call("fcntl(F_SETPIPE_SZ)", libc::SYS_fcntl, &[wfd, libc::F_SETPIPE_SZ as u64, size])?;
+                    }
+                    for chunk in data.chunks(r.scratch_len / 2) {
+                        let a = r.put(0, chunk)?;
+                        let n = r.call("write (pipe data)", libc::SYS_write, &[wfd, a, chunk.len() as u64])?;
+                        if n != chunk.len() as u64 {
+                            return Err(Error::Restore(format!("pipe:[{ino}]: short write of unread data")));
+                        }
+                    }
+                }
+                let (mut r_used, mut w_used) = (false, false);
+                // Moved above the image's fds once every description exists (`rfd` is reopened
+                // at its number until then).
+                let mut made: Vec<(usize, u64)> = Vec::new();
                 for (j, g) in st.files.iter().enumerate() {
-                    if let FileKind::Pipe { ino: i2, write_end, flags, data, size } = g {
-                        if i2 != ino {
-                            continue;
-                        }
-                        if !*write_end {
-                            if *size != 0 && *size != 65536 {
-                                r.call(
-                                    "fcntl(F_SETPIPE_SZ)",
-                                    libc::SYS_fcntl,
-                                    &[wfd, libc::F_SETPIPE_SZ as u64, *size],
-                                )?;
-                            }
-                            for chunk in data.chunks(r.scratch_len / 2) {
-                                let a = r.put(0, chunk)?;
-                                let n = r.call("write (pipe data)", libc::SYS_write, &[wfd, a, chunk.len() as u64])?;
-                                if n != chunk.len() as u64 {
-                                    return Err(Error::Restore(format!("pipe:[{ino}]: short write of unread data")));
-                                }
-                            }
-                        }
-                        let end = if *write_end { wfd } else { rfd };
-                        setfl(end, *flags)?;
-                        temps[j] = Some(to_temp(end)?);
+                    let FileKind::Pipe { ino: i2, flags, .. } = g else { continue };
+                    if i2 != ino {
+                        continue;
+                    }
+                    let acc = flags & libc::O_ACCMODE as u32;
+                    let end = if acc == libc::O_RDONLY as u32 && !r_used {
+                        r_used = true;
+                        rfd
+                    } else if acc == libc::O_WRONLY as u32 && !w_used {
+                        w_used = true;
+                        wfd
+                    } else {
+                        // Both ends are open: never waits, never ENXIO.
+                        let a = r.put_cstr(0, format!("/proc/self/fd/{rfd}").as_bytes())?;
+                        let fl = (flags & KEEP_FLAGS) | (libc::O_NONBLOCK | libc::O_CLOEXEC) as u32;
+                        r.call(
+                            &format!("open pipe:[{ino}] again through /proc"),
+                            libc::SYS_openat,
+                            &[libc::AT_FDCWD as u64, a, fl as u64, 0],
+                        )?
+                    };
+                    setfl(end, *flags)?;
+                    made.push((j, end));
+                }
+                for (j, end) in made {
+                    temps[j] = Some(to_temp(end)?);
+                }
+                // An end no description kept (the process had only reopened descriptions of it).
+                for (used, fd) in [(r_used, rfd), (w_used, wfd)] {
+                    if !used {
+                        r.call("close", libc::SYS_close, &[fd])?;
                     }
                 }
                 continue;
@@ -1540,6 +1690,10 @@ pub fn prepare(st: &FilesState, external: &[(i32, i32)]) -> Result<()> {
                 if !md.file_type().is_fifo() {
                     return Err(Error::FileChanged { path: path.clone(), detail: "it is not a FIFO any more".into() });
                 }
+            }
+            FileKind::GhostFifo { path, .. } => {
+                crate::ghosts::parent_exists(path)
+                    .map_err(|detail| Error::FileChanged { path: path.clone(), detail })?;
             }
             FileKind::UnixListener { path, .. } => {
                 let p = std::path::Path::new(std::ffi::OsStr::from_bytes(path));

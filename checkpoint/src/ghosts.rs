@@ -13,6 +13,9 @@
 //! writes the extents, sets size, owner and mode, and unlinks it at once — so /proc shows it
 //! as "/path (deleted)" again. Its helper fd (in the same inode → fd map as the memfds, under
 //! [`key`]) backs the mappings and is re-opened through `/proc/self/fd/N` for each description.
+//!
+//! A FIFO deleted while open ([`FileKind::GhostFifo`], its unread bytes in the manifest) is made
+//! again the same way by [`make_fifo`] (`mknod`, held read-write, unlinked at once).
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -265,6 +268,36 @@ pub fn install(
         map.insert(key(g.ino), high);
     }
     Ok(())
+}
+
+/// Makes a deleted FIFO again in the new process: `mknod` at `path` (a `.dvk-ghost.<inode>` name
+/// beside it if the path is taken), owner and mode set, opened read-write and non-blocking (the
+/// returned fd holds the pipe open), unlinked at once.
+pub fn make_fifo(r: &Remote, path: &str, ino: u64, mode: u32, uid: u32, gid: u32) -> Result<u64> {
+    let dir = path.rsplit_once('/').map_or("", |(d, _)| d);
+    for p in [path.to_string(), format!("{dir}/.dvk-ghost.{ino}")] {
+        let a = r.put_cstr(0, p.as_bytes())?;
+        let ret = r.raw(libc::SYS_mknodat, &[libc::AT_FDCWD as u64, a, (libc::S_IFIFO | 0o600) as u64, 0])?;
+        if ret == -(libc::EEXIST as i64) {
+            continue;
+        }
+        if ret < 0 {
+            return Err(Error::Injected {
+                pid: r.pid,
+                call: format!("mknod {p} (deleted FIFO, created again)"),
+                errno: -ret as i32,
+                msg: crate::inject::errno_name(-ret as i32),
+            });
+        }
+        let fl = (libc::O_RDWR | libc::O_NONBLOCK | libc::O_CLOEXEC) as u64;
+        let fd = r.call(&format!("open {p} (deleted FIFO)"), libc::SYS_openat, &[libc::AT_FDCWD as u64, a, fl, 0]);
+        r.call(&format!("unlink {p} (deleted FIFO)"), libc::SYS_unlink, &[a])?;
+        let fd = fd?;
+        r.call("fchown (deleted FIFO)", libc::SYS_fchown, &[fd, uid as u64, gid as u64])?;
+        r.call("fchmod (deleted FIFO)", libc::SYS_fchmod, &[fd, mode as u64])?;
+        return Ok(fd);
+    }
+    Err(Error::Restore(format!("deleted FIFO {path}: its path and a stand-in name are both taken")))
 }
 
 /// A directory deleted while the process was in it or held it open (it was empty: only an

@@ -278,6 +278,8 @@ fidelity! {
     ns_fds,
     opath_symlink,
     fanotify,
+    pipe_reopen,
+    deleted_fifo,
 }
 
 /// The members of a restored tree: a failing test kills those still there (`Prog` kills only
@@ -1012,6 +1014,48 @@ fn deleted_parent_refused() {
     refused("deleted_parent", &["fd 4", "d/f", "directory", "is gone too"]);
 }
 
+/// A deleted FIFO whose name was taken before the restore: a `.dvk-ghost.<inode>` name stands
+/// in (the program checks its fd's link), the file at the name is left alone.
+#[test]
+fn deleted_fifo_name_taken() {
+    if !root() {
+        return;
+    }
+    let dir = tempfile::Builder::new().prefix("dvk-fid-deleted_fifo-").tempdir().unwrap();
+    let mut p = Prog::start_env("deleted_fifo", dir, None, &[("TAKEN", "1")]);
+    ck::dump(p.pid, &p.img(1), AfterDump::Kill).unwrap_or_else(|e| panic!("dump failed: {e}"));
+    wait_exit(p.pid, Duration::from_secs(5));
+    fs::write(p.path("gone.fifo"), b"taken").unwrap();
+    let r = ck::restore(&p.img(1), &RestoreOptions::default()).unwrap_or_else(|e| panic!("restore failed: {e}"));
+    p.pid = r.pid;
+    p.go();
+    p.expect_pass();
+    assert_eq!(fs::read(p.path("gone.fifo")).unwrap(), b"taken");
+}
+
+#[test]
+fn deleted_fifo_parent_refused() {
+    refused("deleted_fifo_parent", &["fd 4", "d/p", "directory", "is gone too"]);
+}
+
+/// A deleted FIFO another process (this one) holds too: refused naming it; the program runs on.
+#[test]
+fn deleted_fifo_shared_refused() {
+    if !root() {
+        return;
+    }
+    let p = Prog::start("deleted_fifo");
+    let held =
+        fs::OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK).open(format!("/proc/{}/fd/3", p.pid)).unwrap();
+    let e = ck::dump(p.pid, &p.img(1), AfterDump::Kill).expect_err("a shared deleted FIFO must be refused").to_string();
+    let me = format!("pid {}", std::process::id());
+    assert!(e.contains("gone.fifo (deleted)") && e.contains("also open in") && e.contains(&me), "{e}");
+    assert!(!p.img(1).join("manifest.img").exists());
+    drop(held);
+    p.go();
+    p.expect_pass();
+}
+
 /// Runs tests/fidelity/lock_contender in `dir` (another process looking at a lock); its line.
 fn contender(dir: &Path, args: &[&str]) -> String {
     let bin = dir.join("lock_contender");
@@ -1502,6 +1546,25 @@ fn fifo_shared_refused() {
     let e = ck::dump(p.pid, &p.img(1), AfterDump::Kill).expect_err("a shared FIFO must be refused").to_string();
     let me = format!("pid {}", std::process::id());
     assert!(e.contains("ctl") && e.contains("also open in") && e.contains(&me), "{e}");
+    assert!(!p.img(1).join("manifest.img").exists());
+    drop(held);
+    p.go();
+    p.expect_pass();
+}
+
+/// A pipe the program reopened through /proc, one of whose descriptions another process (this
+/// one) holds too: refused naming it; the program runs on.
+#[test]
+fn pipe_reopen_shared_refused() {
+    if !root() {
+        return;
+    }
+    let p = Prog::start("pipe_reopen");
+    let held =
+        fs::OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK).open(format!("/proc/{}/fd/3", p.pid)).unwrap();
+    let e = ck::dump(p.pid, &p.img(1), AfterDump::Kill).expect_err("a shared pipe must be refused").to_string();
+    let me = format!("pid {}", std::process::id());
+    assert!(e.contains("reopened through /proc") && e.contains("also open in") && e.contains(&me), "{e}");
     assert!(!p.img(1).join("manifest.img").exists());
     drop(held);
     p.go();
