@@ -345,30 +345,44 @@ fn serve(mut targets: Vec<Target>, store: &MappedFile, background: &AtomicBool) 
 }
 
 /// A lazily restored process that runs while its pages are copied in, kept under `ptrace`
-/// (`PTRACE_SEIZE` of its main thread with `PTRACE_O_EXITKILL`) for that long: if the copying
+/// (`PTRACE_SEIZE` of every thread with `PTRACE_O_EXITKILL`) for that long: if the copying
 /// process dies first, the kernel kills it — pages never copied would otherwise read as zeros
 /// once the userfaultfd is gone, and a process must never run on with its memory lost. The
-/// children its main thread forks meanwhile are traced the same way (they are served from the
-/// same pages). Seize does not stop a thread; the tracer passes on every signal it intercepts
+/// threads and children it makes meanwhile are traced the same way (children are served from
+/// the same pages). Seize does not stop a thread; the tracer passes on every signal it intercepts
 /// and keeps job-control stops (`PTRACE_LISTEN`). Only the thread that made it may call
 /// [`Guarded::finish`].
 pub struct Guarded {
     pid: crate::sys::Pid,
     lazy: LazyCopy,
-    /// The seize failed (the copy still runs, unguarded).
+    /// The threads seized (every thread of the process: ptrace options are per thread, and a
+    /// fork by any of them must be traced too).
+    seized: Vec<crate::sys::Pid>,
+    /// No thread could be seized (the copy still runs, unguarded).
     unguarded: Option<String>,
 }
 
 const PTRACE_EVENT_FORK: i32 = 1;
 const PTRACE_EVENT_VFORK: i32 = 2;
+const PTRACE_EVENT_CLONE: i32 = 3;
 const PTRACE_EVENT_STOP: i32 = 128;
 
 impl Guarded {
-    /// Called with every thread of `pid` just detached (running).
-    pub(crate) fn new(pid: crate::sys::Pid, lazy: LazyCopy) -> Guarded {
-        let opts = libc::PTRACE_O_EXITKILL | libc::PTRACE_O_TRACEFORK | libc::PTRACE_O_TRACEVFORK;
-        let unguarded = sys::seize(pid, opts as u64).err().map(|e| format!("PTRACE_SEIZE: {e}"));
-        Guarded { pid, lazy, unguarded }
+    /// Called with every thread of `pid` (`threads`: the others than the main one) just
+    /// detached (running). A main thread that has exited cannot be seized; its live threads are.
+    pub(crate) fn new(pid: crate::sys::Pid, threads: &[crate::sys::Pid], lazy: LazyCopy) -> Guarded {
+        let opts =
+            libc::PTRACE_O_EXITKILL | libc::PTRACE_O_TRACEFORK | libc::PTRACE_O_TRACEVFORK | libc::PTRACE_O_TRACECLONE;
+        let mut seized = Vec::new();
+        let mut why = None;
+        for &t in std::iter::once(&pid).chain(threads) {
+            match sys::seize(t, opts as u64) {
+                Ok(()) => seized.push(t),
+                Err(e) => why = Some(format!("PTRACE_SEIZE of {t}: {e}")),
+            }
+        }
+        let unguarded = if seized.is_empty() { why } else { None };
+        Guarded { pid, lazy, seized, unguarded }
     }
 
     /// Why the process runs unguarded, if it does.
@@ -391,7 +405,7 @@ impl Guarded {
         if self.unguarded.is_some() {
             return self.lazy.wait();
         }
-        let mut tracees = vec![self.pid];
+        let mut tracees = self.seized.clone();
         let mut exited = false;
         let mut letting_go = false;
         while !tracees.is_empty() {
@@ -422,9 +436,9 @@ impl Guarded {
                 }
                 let sig = libc::WSTOPSIG(st);
                 match st >> 16 {
-                    PTRACE_EVENT_FORK | PTRACE_EVENT_VFORK => {
-                        // The child is traced from its first instruction; its first stop
-                        // comes on its own.
+                    PTRACE_EVENT_FORK | PTRACE_EVENT_VFORK | PTRACE_EVENT_CLONE => {
+                        // The child (or new thread) is traced from its first instruction; its
+                        // first stop comes on its own.
                         if let Ok(child) = sys::event_msg(t) {
                             tracees.push(child as crate::sys::Pid);
                         }

@@ -485,9 +485,9 @@ impl Held {
     /// [`crate::lazy::Guarded`]), which the caller must `finish`.
     pub fn resume_guarded(mut self) -> Result<Option<crate::lazy::Guarded>> {
         let lazy = self.lazy.take();
-        let pid = self.pid;
+        let (pid, threads) = (self.pid, self.threads.clone());
         self.resume()?;
-        Ok(lazy.map(|l| crate::lazy::Guarded::new(pid, l)))
+        Ok(lazy.map(|l| crate::lazy::Guarded::new(pid, &threads, l)))
     }
 
     /// Lets the process run (detaches every thread).

@@ -1,12 +1,13 @@
 /* Lazy restore: a process that runs while its pre-copied pages are still being copied in
  * (the test holds the background copy, so every first touch below is a fault served by the
  * restorer). After go it reads into an untouched page from a pipe (a fault taken inside the
- * kernel), forks a child that checks pages it never touched, moves a range with mremap,
- * discards one with MADV_DONTNEED (it must read as zeros, not as the old data) and unmaps one;
- * then it checks every page. */
+ * kernel), forks (from a thread made after the restore) a child that checks pages it never
+ * touched, moves a range with mremap, discards one with MADV_DONTNEED (it must read as zeros,
+ * not as the old data) and unmaps one; then it checks every page. */
 #include "fidelity.h"
 #include <sys/mman.h>
 #include <sys/wait.h>
+#include <pthread.h>
 
 #define PAGES 8192 /* 32 MiB */
 #define PG 4096UL
@@ -32,6 +33,23 @@ static int zeros(const unsigned char *pg) {
     return 1;
 }
 
+static int gate[2];
+
+/* The child: waits at the gate, then checks the first half of the pages. */
+static void *fork_child(void *out) {
+    pid_t c = fork();
+    if (c == 0) {
+        char ch;
+        if (read(gate[0], &ch, 1) != 1) _exit(3);
+        int bad = 0;
+        for (uint64_t i = 0; i < PAGES / 2; i++)
+            if (!page_ok(buf + i * PG, i)) bad++;
+        _exit(bad ? 1 : 0);
+    }
+    *(pid_t *)out = c;
+    return NULL;
+}
+
 int main(void) {
     fid_init();
     buf = mmap(NULL, PAGES * PG, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
@@ -49,19 +67,14 @@ int main(void) {
     CHECK(memcmp(into, "lazy-restore-ok!", 16) == 0, "read data");
     CHECK(page_ok(buf + 100 * PG, 100), "the rest of the page read into");
 
-    /* 2. A child forked before most pages are in checks the first half (once its parent saw
-     * that it is guarded too: traced by the restorer, like the parent). */
-    int gate[2];
+    /* 2. A child forked before most pages are in — by a thread made after the restore — checks
+     * the first half (once its parent saw that it is guarded too: traced by the restorer, like
+     * the parent). */
     CHECK(pipe(gate) == 0, "pipe");
-    pid_t child = fork();
-    if (child == 0) {
-        char c;
-        if (read(gate[0], &c, 1) != 1) _exit(3);
-        int bad = 0;
-        for (uint64_t i = 0; i < PAGES / 2; i++)
-            if (!page_ok(buf + i * PG, i)) bad++;
-        _exit(bad ? 1 : 0);
-    }
+    pthread_t forker;
+    pid_t child = -1;
+    CHECK(pthread_create(&forker, NULL, fork_child, &child) == 0, "pthread_create");
+    pthread_join(forker, NULL);
     CHECK(child > 0, "fork");
     char path[64], status[4096] = {0};
     snprintf(path, sizeof path, "/proc/%d/status", (int)child);
