@@ -1200,6 +1200,23 @@ const KEEP_FLAGS: u32 = !((libc::O_CREAT | libc::O_EXCL | libc::O_TRUNC | libc::
 
 /// Rebuild side (every fd of the stub was closed before). `external` maps the image's external
 /// fds to fds of this (the restoring) process, pulled into the new one with `pidfd_getfd`.
+
+/// Gives a FIFO just made (held read-write at `h` in the new process) its pipe size and its
+/// unread bytes, once.
+fn fill_fifo(r: &Remote, h: u64, size: u64, data: &[u8], what: &str) -> Result<()> {
+    if size != 0 && size != 65536 {
+        r.call("fcntl(F_SETPIPE_SZ)", libc::SYS_fcntl, &[h, libc::F_SETPIPE_SZ as u64, size])?;
+    }
+    for chunk in data.chunks(r.scratch_len / 2) {
+        let a = r.put(0, chunk)?;
+        let n = r.call("write (FIFO data)", libc::SYS_write, &[h, a, chunk.len() as u64])?;
+        if n != chunk.len() as u64 {
+            return Err(Error::Restore(format!("{what}: short write of unread data")));
+        }
+    }
+    Ok(())
+}
+
 pub fn restore(r: &Remote, st: &FilesState, external: &[(i32, i32)], memfds: &HashMap<u64, u64>) -> Result<()> {
     let top = st.fds.iter().map(|e| e.fd).max().unwrap_or(-1);
     let temp_base = (top + 1).max(3) as u64;
@@ -1235,16 +1252,7 @@ pub fn restore(r: &Remote, st: &FilesState, external: &[(i32, i32)], memfds: &Ha
                     let q = r.put(0, &[0u8; 4])?;
                     r.call("ioctl(FIONREAD)", libc::SYS_ioctl, &[h, libc::FIONREAD, q])?;
                     if u32::from_le_bytes(r.get(0, 4)?.try_into().unwrap()) == 0 {
-                        if *size != 0 && *size != 65536 {
-                            r.call("fcntl(F_SETPIPE_SZ)", libc::SYS_fcntl, &[h, libc::F_SETPIPE_SZ as u64, *size])?;
-                        }
-                        for chunk in data.chunks(r.scratch_len / 2) {
-                            let a = r.put(0, chunk)?;
-                            let n = r.call("write (FIFO data)", libc::SYS_write, &[h, a, chunk.len() as u64])?;
-                            if n != chunk.len() as u64 {
-                                return Err(Error::Restore(format!("FIFO {path}: short write of unread data")));
-                            }
-                        }
+                        fill_fifo(r, h, *size, data, &format!("FIFO {path}"))?;
                     }
                 }
                 let p = r.put_cstr(0, path.as_bytes())?;
@@ -1262,16 +1270,7 @@ pub fn restore(r: &Remote, st: &FilesState, external: &[(i32, i32)], memfds: &Ha
                     None => {
                         let h = to_temp(crate::ghosts::make_fifo(r, path, *ino, *mode, *uid, *gid)?)?;
                         fifo_holders.insert(crate::ghosts::key(*ino), h);
-                        if *size != 0 && *size != 65536 {
-                            r.call("fcntl(F_SETPIPE_SZ)", libc::SYS_fcntl, &[h, libc::F_SETPIPE_SZ as u64, *size])?;
-                        }
-                        for chunk in data.chunks(r.scratch_len / 2) {
-                            let a = r.put(0, chunk)?;
-                            let n = r.call("write (FIFO data)", libc::SYS_write, &[h, a, chunk.len() as u64])?;
-                            if n != chunk.len() as u64 {
-                                return Err(Error::Restore(format!("deleted FIFO {path}: short write of unread data")));
-                            }
-                        }
+                        fill_fifo(r, h, *size, data, &format!("deleted FIFO {path}"))?;
                         h
                     }
                 };

@@ -663,6 +663,13 @@ fn drain_remote_queues(d: &mut Driver) {
     }
 }
 
+/// Writes the move plan beside the image; its length.
+fn write_plan(d: &Driver) -> Result<u64, String> {
+    let plan = postcard::to_allocvec(&build_plan(d)).map_err(|e| format!("cannot encode the move plan: {e}"))?;
+    write_private(&d.image_dir.join(PLAN_FILE), &plan).map_err(|e| format!("cannot write the move plan: {e}"))?;
+    Ok(plan.len() as u64)
+}
+
 fn build_plan(d: &Driver) -> MovePlan {
     let c = &d.classified;
     MovePlan {
@@ -836,15 +843,11 @@ async fn dump_and_send(d: &mut Driver) -> CoordEvent {
         Ok(Err(e)) => return CoordEvent::DumpFailed(e),
         Err(_) => return CoordEvent::DumpFailed("the freezer thread died".into()),
     };
-    let plan = build_plan(d);
-    let plan_bytes = match postcard::to_allocvec(&plan) {
-        Ok(b) => b,
-        Err(e) => return CoordEvent::DumpFailed(format!("cannot encode the move plan: {e}")),
+    let plan_len = match write_plan(d) {
+        Ok(n) => n,
+        Err(e) => return CoordEvent::DumpFailed(e),
     };
-    if let Err(e) = write_private(&d.image_dir.join(PLAN_FILE), &plan_bytes) {
-        return CoordEvent::DumpFailed(format!("cannot write the move plan: {e}"));
-    }
-    d.image_bytes = d.precopy_bytes + report.pages_bytes + report.manifest_bytes + plan_bytes.len() as u64;
+    d.image_bytes = d.precopy_bytes + report.pages_bytes + report.manifest_bytes + plan_len;
     let phases: Vec<String> =
         report.phases.iter().map(|(n, t)| format!("{n} {:.1}", t.as_secs_f64() * 1000.0)).collect();
     let kept = if precopied {
@@ -900,15 +903,11 @@ async fn dump_and_rsync(d: &mut Driver) -> CoordEvent {
         Ok(Err(e)) => return CoordEvent::DumpFailed(e),
         Err(_) => return CoordEvent::DumpFailed("the freezer thread died".into()),
     };
-    let plan = build_plan(d);
-    let plan_bytes = match postcard::to_allocvec(&plan) {
-        Ok(b) => b,
-        Err(e) => return CoordEvent::DumpFailed(format!("cannot encode the move plan: {e}")),
+    let plan_len = match write_plan(d) {
+        Ok(n) => n,
+        Err(e) => return CoordEvent::DumpFailed(e),
     };
-    if let Err(e) = write_private(&d.image_dir.join(PLAN_FILE), &plan_bytes) {
-        return CoordEvent::DumpFailed(format!("cannot write the move plan: {e}"));
-    }
-    d.image_bytes = report.pages_bytes + report.manifest_bytes + plan_bytes.len() as u64;
+    d.image_bytes = report.pages_bytes + report.manifest_bytes + plan_len;
     let phases: Vec<String> =
         report.phases.iter().map(|(n, t)| format!("{n} {:.1}", t.as_secs_f64() * 1000.0)).collect();
     d.step(
