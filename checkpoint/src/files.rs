@@ -1198,9 +1198,6 @@ fn describe_socket(pidfd: &std::os::fd::OwnedFd, fd: i32, ino: u64) -> FdClass {
 
 const KEEP_FLAGS: u32 = !((libc::O_CREAT | libc::O_EXCL | libc::O_TRUNC | libc::O_NOCTTY | libc::O_CLOEXEC) as u32);
 
-/// Rebuild side (every fd of the stub was closed before). `external` maps the image's external
-/// fds to fds of this (the restoring) process, pulled into the new one with `pidfd_getfd`.
-
 /// Gives a FIFO just made (held read-write at `h` in the new process) its pipe size and its
 /// unread bytes, once.
 fn fill_fifo(r: &Remote, h: u64, size: u64, data: &[u8], what: &str) -> Result<()> {
@@ -1217,6 +1214,8 @@ fn fill_fifo(r: &Remote, h: u64, size: u64, data: &[u8], what: &str) -> Result<(
     Ok(())
 }
 
+/// Rebuild side (every fd of the stub was closed before). `external` maps the image's external
+/// fds to fds of this (the restoring) process, pulled into the new one with `pidfd_getfd`.
 pub fn restore(r: &Remote, st: &FilesState, external: &[(i32, i32)], memfds: &HashMap<u64, u64>) -> Result<()> {
     let top = st.fds.iter().map(|e| e.fd).max().unwrap_or(-1);
     let temp_base = (top + 1).max(3) as u64;
