@@ -663,6 +663,15 @@ fn drain_remote_queues(d: &mut Driver) {
     }
 }
 
+/// Dumps the frozen process (by the freezer thread, into `d.image_dir` or where `opts` send the
+/// pages) and writes the move plan beside the image: the dump's report and the plan's length.
+async fn dump_with_plan(d: &Driver, opts: DumpOptions) -> Result<(dvk_checkpoint::DumpReport, u64), String> {
+    let (tx, rx) = oneshot::channel();
+    d.freezer(FreezeCmd::Image(d.image_dir.clone(), opts, tx));
+    let report = rx.await.map_err(|_| "the freezer thread died".to_string())??;
+    Ok((report, write_plan(d)?))
+}
+
 /// Writes the move plan beside the image; its length.
 fn write_plan(d: &Driver) -> Result<u64, String> {
     let plan = postcard::to_allocvec(&build_plan(d)).map_err(|e| format!("cannot encode the move plan: {e}"))?;
@@ -820,7 +829,6 @@ async fn dump_and_send(d: &mut Driver) -> CoordEvent {
     }
     drain_remote_queues(d);
     let _ = std::fs::remove_dir_all(&d.image_dir);
-    let (tx, rx) = oneshot::channel();
     let Some(link) = d.agent.link(d.dest) else {
         return CoordEvent::DumpFailed(format!("no link to {}", d.agent.node_name(d.dest)));
     };
@@ -834,17 +842,11 @@ async fn dump_and_send(d: &mut Driver) -> CoordEvent {
         ..Default::default()
     };
     let precopied = opts.precopy.is_some();
-    d.freezer(FreezeCmd::Image(d.image_dir.clone(), opts, tx));
-    let dumped = rx.await;
+    let dumped = dump_with_plan(d, opts).await;
     let pages_sent = pages.on_wire.load(std::sync::atomic::Ordering::Relaxed);
     let zeros = pages.sent.load(std::sync::atomic::Ordering::Relaxed) - pages_sent;
-    let report = match dumped {
-        Ok(Ok(r)) => r,
-        Ok(Err(e)) => return CoordEvent::DumpFailed(e),
-        Err(_) => return CoordEvent::DumpFailed("the freezer thread died".into()),
-    };
-    let plan_len = match write_plan(d) {
-        Ok(n) => n,
+    let (report, plan_len) = match dumped {
+        Ok(r) => r,
         Err(e) => return CoordEvent::DumpFailed(e),
     };
     d.image_bytes = d.precopy_bytes + report.pages_bytes + report.manifest_bytes + plan_len;
@@ -895,16 +897,9 @@ async fn dump_and_send(d: &mut Driver) -> CoordEvent {
 async fn dump_and_rsync(d: &mut Driver) -> CoordEvent {
     drain_remote_queues(d);
     let _ = std::fs::remove_dir_all(&d.image_dir);
-    let (tx, rx) = oneshot::channel();
     let opts = DumpOptions { external_fds: d.classified.external(), ..Default::default() };
-    d.freezer(FreezeCmd::Image(d.image_dir.clone(), opts, tx));
-    let report = match rx.await {
-        Ok(Ok(r)) => r,
-        Ok(Err(e)) => return CoordEvent::DumpFailed(e),
-        Err(_) => return CoordEvent::DumpFailed("the freezer thread died".into()),
-    };
-    let plan_len = match write_plan(d) {
-        Ok(n) => n,
+    let (report, plan_len) = match dump_with_plan(d, opts).await {
+        Ok(r) => r,
         Err(e) => return CoordEvent::DumpFailed(e),
     };
     d.image_bytes = report.pages_bytes + report.manifest_bytes + plan_len;
