@@ -223,29 +223,10 @@ pub fn install(
             continue;
         }
         let fl = (libc::O_CREAT | libc::O_EXCL | libc::O_RDWR | libc::O_CLOEXEC) as u64;
-        let dir = g.path.rsplit_once('/').map_or("", |(d, _)| d);
-        let mut created = None;
-        for p in [g.path.clone(), format!("{dir}/.dvk-ghost.{}", g.ino)] {
-            let a = r.put_cstr(0, p.as_bytes())?;
-            let fd = r.raw(libc::SYS_openat, &[libc::AT_FDCWD as u64, a, fl, 0o600])?;
-            if fd == -(libc::EEXIST as i64) {
-                continue;
-            }
-            if fd < 0 {
-                return Err(Error::Injected {
-                    pid: r.pid,
-                    call: format!("open {p} (deleted file, created again)"),
-                    errno: -fd as i32,
-                    msg: crate::inject::errno_name(-fd as i32),
-                });
-            }
-            r.call(&format!("unlink {p} (deleted file)"), libc::SYS_unlink, &[a])?;
-            created = Some(fd as u64);
-            break;
-        }
-        let fd = created.ok_or_else(|| {
-            Error::Restore(format!("deleted file {}: its path and a stand-in name are both taken", g.path))
+        let (p, a, fd) = make_at_free_name(r, &g.path, g.ino, "open", "deleted file", |a| {
+            r.raw(libc::SYS_openat, &[libc::AT_FDCWD as u64, a, fl, 0o600])
         })?;
+        r.call(&format!("unlink {p} (deleted file)"), libc::SYS_unlink, &[a])?;
         let mut at = 0usize;
         for &(off, len) in &g.extents {
             let mut done = 0u64;
@@ -274,30 +255,49 @@ pub fn install(
 /// beside it if the path is taken), owner and mode set, opened read-write and non-blocking (the
 /// returned fd holds the pipe open), unlinked at once.
 pub fn make_fifo(r: &Remote, path: &str, ino: u64, mode: u32, uid: u32, gid: u32) -> Result<u64> {
+    let (p, a, _) = make_at_free_name(r, path, ino, "mknod", "deleted FIFO", |a| {
+        r.raw(libc::SYS_mknodat, &[libc::AT_FDCWD as u64, a, (libc::S_IFIFO | 0o600) as u64, 0])
+    })?;
+    let fl = (libc::O_RDWR | libc::O_NONBLOCK | libc::O_CLOEXEC) as u64;
+    let fd = r.call(&format!("open {p} (deleted FIFO)"), libc::SYS_openat, &[libc::AT_FDCWD as u64, a, fl, 0]);
+    r.call(&format!("unlink {p} (deleted FIFO)"), libc::SYS_unlink, &[a])?;
+    let fd = fd?;
+    r.call("fchown (deleted FIFO)", libc::SYS_fchown, &[fd, uid as u64, gid as u64])?;
+    r.call("fchmod (deleted FIFO)", libc::SYS_fchmod, &[fd, mode as u64])?;
+    Ok(fd)
+}
+
+/// Makes something deleted again in the new process: `make` (an injected call given the address
+/// of the name in the scratch area, returning the raw result) at `path`, or at a
+/// `.dvk-ghost.<ino>` name beside it when `path` is taken. `call` and `what` name it in errors
+/// ("open", "deleted file"). Returns the name used, its address (valid until the next `put`)
+/// and what `make` returned.
+fn make_at_free_name(
+    r: &Remote,
+    path: &str,
+    ino: u64,
+    call: &str,
+    what: &str,
+    make: impl Fn(u64) -> Result<i64>,
+) -> Result<(String, u64, u64)> {
     let dir = path.rsplit_once('/').map_or("", |(d, _)| d);
     for p in [path.to_string(), format!("{dir}/.dvk-ghost.{ino}")] {
         let a = r.put_cstr(0, p.as_bytes())?;
-        let ret = r.raw(libc::SYS_mknodat, &[libc::AT_FDCWD as u64, a, (libc::S_IFIFO | 0o600) as u64, 0])?;
+        let ret = make(a)?;
         if ret == -(libc::EEXIST as i64) {
             continue;
         }
         if ret < 0 {
             return Err(Error::Injected {
                 pid: r.pid,
-                call: format!("mknod {p} (deleted FIFO, created again)"),
+                call: format!("{call} {p} ({what}, created again)"),
                 errno: -ret as i32,
                 msg: crate::inject::errno_name(-ret as i32),
             });
         }
-        let fl = (libc::O_RDWR | libc::O_NONBLOCK | libc::O_CLOEXEC) as u64;
-        let fd = r.call(&format!("open {p} (deleted FIFO)"), libc::SYS_openat, &[libc::AT_FDCWD as u64, a, fl, 0]);
-        r.call(&format!("unlink {p} (deleted FIFO)"), libc::SYS_unlink, &[a])?;
-        let fd = fd?;
-        r.call("fchown (deleted FIFO)", libc::SYS_fchown, &[fd, uid as u64, gid as u64])?;
-        r.call("fchmod (deleted FIFO)", libc::SYS_fchmod, &[fd, mode as u64])?;
-        return Ok(fd);
+        return Ok((p, a, ret as u64));
     }
-    Err(Error::Restore(format!("deleted FIFO {path}: its path and a stand-in name are both taken")))
+    Err(Error::Restore(format!("{what} {path}: its path and a stand-in name are both taken")))
 }
 
 /// A directory deleted while the process was in it or held it open (it was empty: only an
@@ -321,26 +321,12 @@ impl DeletedDir {
     /// beside it if the path is taken), with its owner and mode; returns the path used. The
     /// caller goes into it or opens it, then removes it with [`remove_dir`].
     pub fn make(&self, r: &Remote, path: &str) -> Result<String> {
-        let parent = path.rsplit_once('/').map_or("", |(d, _)| d);
-        for p in [path.to_string(), format!("{parent}/.dvk-ghost.{}", self.ino)] {
-            let a = r.put_cstr(0, p.as_bytes())?;
-            let ret = r.raw(libc::SYS_mkdir, &[a, 0o700])?;
-            if ret == -(libc::EEXIST as i64) {
-                continue;
-            }
-            if ret < 0 {
-                return Err(Error::Injected {
-                    pid: r.pid,
-                    call: format!("mkdir {p} (deleted directory, created again)"),
-                    errno: -ret as i32,
-                    msg: crate::inject::errno_name(-ret as i32),
-                });
-            }
-            r.call("chown (deleted directory)", libc::SYS_chown, &[a, self.uid as u64, self.gid as u64])?;
-            r.call("chmod (deleted directory)", libc::SYS_chmod, &[a, self.mode as u64])?;
-            return Ok(p);
-        }
-        Err(Error::Restore(format!("deleted directory {path}: its path and a stand-in name are both taken")))
+        let (p, a, _) = make_at_free_name(r, path, self.ino, "mkdir", "deleted directory", |a| {
+            r.raw(libc::SYS_mkdir, &[a, 0o700])
+        })?;
+        r.call("chown (deleted directory)", libc::SYS_chown, &[a, self.uid as u64, self.gid as u64])?;
+        r.call("chmod (deleted directory)", libc::SYS_chmod, &[a, self.mode as u64])?;
+        Ok(p)
     }
 }
 
