@@ -131,37 +131,30 @@ impl Frozen {
                 }
             }
         }
-        if leader_exited {
+        // The thread calls are injected into: the main one, or when it has exited the first live
+        // one (which stays among `threads`, and through which /proc is read).
+        let (main, through) = if leader_exited {
             let Some(main) = stopped.first().copied() else {
                 return Err(Error::Unsupported { pid, what: "a process whose threads have all exited".into() });
             };
-            return Ok(Frozen {
-                pid,
-                main: main.tid,
-                regs: main.regs,
-                sigmask: main.sigmask,
-                threads: stopped,
-                leader_exited,
-                remote: None,
-                finished: false,
-                _through: Some(crate::proc::ReadThrough::new(pid, main.tid)),
-            });
-        }
-        let Some(i) = stopped.iter().position(|t| t.tid == pid) else {
-            undo(&stopped);
-            return Err(Error::Unsupported { pid, what: "a process whose main thread has exited".into() });
+            (main, Some(crate::proc::ReadThrough::new(pid, main.tid)))
+        } else {
+            let Some(i) = stopped.iter().position(|t| t.tid == pid) else {
+                undo(&stopped);
+                return Err(Error::Unsupported { pid, what: "a process whose main thread has exited".into() });
+            };
+            (stopped.remove(i), None)
         };
-        let main = stopped.remove(i);
         Ok(Frozen {
             pid,
-            main: pid,
+            main: main.tid,
             regs: main.regs,
             sigmask: main.sigmask,
             threads: stopped,
             leader_exited,
             remote: None,
             finished: false,
-            _through: None,
+            _through: through,
         })
     }
 
