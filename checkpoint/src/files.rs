@@ -889,7 +889,7 @@ fn scan_holders(links: &[String], skip: Pid) -> HashMap<String, Vec<Holder>> {
         }
         let Some(fds) = fd_dir(p) else { continue };
         let mut hit: HashMap<String, u8> = HashMap::new();
-        for e in fds.flatten() {
+        for e in fds {
             budget = budget.saturating_sub(1);
             if budget == 0 {
                 break 'procs;
@@ -926,23 +926,24 @@ fn scan_holders(links: &[String], skip: Pid) -> HashMap<String, Vec<Holder>> {
     out
 }
 
-/// The fd directory of another process: `/proc/P/fd`, or a live thread's when P's main thread
-/// has exited (the leader's per-process entries are gone, its threads' are not).
-pub(crate) fn fd_dir(p: Pid) -> Option<std::fs::ReadDir> {
-    let own = proc_path(p, "fd");
-    if std::fs::read_dir(&own).ok()?.next().is_some() {
-        return std::fs::read_dir(own).ok();
+/// The fd entries of another process: `/proc/P/fd`, or a live thread's when P's main thread
+/// has exited (the leader's per-process entries are gone, its threads' are not). Each
+/// directory is read once.
+pub(crate) fn fd_dir(p: Pid) -> Option<Box<dyn Iterator<Item = std::fs::DirEntry>>> {
+    let mut own = std::fs::read_dir(proc_path(p, "fd")).ok()?.flatten().peekable();
+    if own.peek().is_some() {
+        return Some(Box::new(own));
     }
     let tasks = std::fs::read_dir(proc_path(p, "task")).ok()?;
     for t in tasks.flatten() {
-        let dir = t.path().join("fd");
-        if let Ok(mut fds) = std::fs::read_dir(&dir) {
-            if fds.next().is_some() {
-                return std::fs::read_dir(dir).ok();
+        if let Ok(fds) = std::fs::read_dir(t.path().join("fd")) {
+            let mut fds = fds.flatten().peekable();
+            if fds.peek().is_some() {
+                return Some(Box::new(fds));
             }
         }
     }
-    std::fs::read_dir(own).ok()
+    Some(Box::new(own))
 }
 
 /// Keeps the holders that still hold their file a little later. A process between fork and
@@ -958,8 +959,8 @@ fn confirm_holders(out: &mut HashMap<String, Vec<Holder>>) {
         let mut gone = false;
         for (link, holders) in out.iter_mut() {
             holders.retain(|(p, _, _)| {
-                let still = fd_dir(*p).is_some_and(|fds| {
-                    fds.flatten().any(|e| std::fs::read_link(e.path()).is_ok_and(|l| l.to_str() == Some(link.as_str())))
+                let still = fd_dir(*p).is_some_and(|mut fds| {
+                    fds.any(|e| std::fs::read_link(e.path()).is_ok_and(|l| l.to_str() == Some(link.as_str())))
                 });
                 gone |= !still;
                 still

@@ -138,8 +138,8 @@ fn sharers(pid: Pid, fd: i32, link: &str) -> Vec<(Pid, String)> {
     let found = crate::files::holders_of(&[link.to_string()], pid);
     let mut out = Vec::new();
     for (p, comm) in found.get(link).into_iter().flatten() {
-        let Some(fds) = crate::files::fd_dir(*p) else { continue };
-        let same = fds.flatten().any(|e| {
+        let Some(mut fds) = crate::files::fd_dir(*p) else { continue };
+        let same = fds.any(|e| {
             let Some(ofd) = e.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else { return false };
             std::fs::read_link(e.path()).is_ok_and(|l| l.as_os_str() == link)
                 && sys::kcmp_file_of(pid, fd, *p, ofd).unwrap_or(false)

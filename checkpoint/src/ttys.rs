@@ -182,7 +182,7 @@ fn other_holders(pid: Pid, index: u32) -> Vec<(Pid, String)> {
     for m in &masters {
         for (p, comm) in found.get(m).into_iter().flatten() {
             let Some(fds) = crate::files::fd_dir(*p) else { continue };
-            let holds = fds.flatten().take(1 << 16).any(|e| {
+            let holds = fds.take(1 << 16).any(|e| {
                 let info =
                     std::fs::read_to_string(proc_path(*p, &format!("fdinfo/{}", e.file_name().to_string_lossy())))
                         .unwrap_or_default();
