@@ -182,16 +182,18 @@ impl Target {
 
     /// Moves the runs inside `from..from+len` to `to` (the process mremap'ed them).
     fn remap(&mut self, from: u64, to: u64, len: u64) {
-        let mut moved = Vec::new();
         let end = from + len;
-        let before = self.todo.clone();
+        // The runs that overlap the range: the one starting before it, and those inside.
+        let first = self.todo.range(..from).next_back().map(|(&a, &v)| (a, v));
+        let moved: Vec<(u64, u64, u64)> = first
+            .into_iter()
+            .chain(self.todo.range(from..end).map(|(&a, &v)| (a, v)))
+            .filter_map(|(a, (l, off))| {
+                let (s, e) = (a.max(from), (a + l).min(end));
+                (s < e).then(|| (to + (s - from), e - s, off + (s - a)))
+            })
+            .collect();
         self.take(from, end);
-        for (&a, &(l, off)) in &before {
-            let (s, e) = (a.max(from), (a + l).min(end));
-            if s < e {
-                moved.push((to + (s - from), e - s, off + (s - a)));
-            }
-        }
         for (a, l, off) in moved {
             self.todo.insert(a, (l, off));
         }
