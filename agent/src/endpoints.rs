@@ -251,14 +251,7 @@ pub async fn settled_endpoint(agent: &Agent, key: &EndpointKey) -> Settled {
     let mut waited = false;
     loop {
         let guard = agent.opens.enter();
-        let (entry, moving) = {
-            let t = agent.tables.lock();
-            let entry = t.routing.endpoint(key).cloned();
-            let moving = entry.as_ref().is_some_and(|e| {
-                t.routing.get(e.vpid).is_some_and(|r| matches!(r.state, pidvirt::EndpointState::Migrating { .. }))
-            });
-            (entry, moving)
-        };
+        let (entry, moving) = endpoint_now(agent, key);
         if !moving || Instant::now() >= deadline {
             if moving {
                 tracing::warn!(endpoint = %key, "endpoint still moving after {MOVE_PATIENCE:?}; refusing the stream");
@@ -411,12 +404,18 @@ async fn hold_first_open_until_moving(agent: &Agent, id: u64, key: &EndpointKey)
     tracing::warn!(stream = id, endpoint = %key, "test fault: the endpoint is moving; the held open goes on");
 }
 
-fn moving(agent: &Agent, key: &EndpointKey) -> bool {
+/// The endpoint's entry, and whether its process is moving (one look at the table).
+fn endpoint_now(agent: &Agent, key: &EndpointKey) -> (Option<EndpointEntry>, bool) {
     let t = agent.tables.lock();
-    t.routing
-        .endpoint(key)
-        .and_then(|e| t.routing.get(e.vpid))
-        .is_some_and(|r| matches!(r.state, pidvirt::EndpointState::Migrating { .. }))
+    let entry = t.routing.endpoint(key).cloned();
+    let moving = entry.as_ref().is_some_and(|e| {
+        t.routing.get(e.vpid).is_some_and(|r| matches!(r.state, pidvirt::EndpointState::Migrating { .. }))
+    });
+    (entry, moving)
+}
+
+fn moving(agent: &Agent, key: &EndpointKey) -> bool {
+    endpoint_now(agent, key).1
 }
 
 #[allow(clippy::too_many_arguments)]
