@@ -15,6 +15,20 @@ static void *worker(void *a) {
     exit(usr1 ? 0 : 1);
 }
 
+/* Reads /proc/<c>/status into st until its main thread shows as exited ("Z"), 5 s at most. */
+static void wait_leader_zombie(pid_t c, char *st, size_t len) {
+    char path[64];
+    snprintf(path, sizeof path, "/proc/%d/status", c);
+    for (int i = 0; i < 5000; i++) {
+        memset(st, 0, len);
+        int fd = open(path, O_RDONLY);
+        read(fd, st, len - 1);
+        close(fd);
+        if (strstr(st, "State:\tZ")) return;
+        msleep(1);
+    }
+}
+
 int main(void) {
     fid_init();
     signal(SIGUSR1, on_usr1);
@@ -24,28 +38,13 @@ int main(void) {
         pthread_create(&t, NULL, worker, NULL);
         pthread_exit(NULL);
     }
-    char path[64], st[512];
-    snprintf(path, sizeof path, "/proc/%d/status", c);
-    for (int i = 0; i < 5000; i++) {
-        memset(st, 0, sizeof st);
-        int fd = open(path, O_RDONLY);
-        read(fd, st, sizeof st - 1);
-        close(fd);
-        if (strstr(st, "State:\tZ")) break;
-        msleep(1);
-    }
+    char st[512];
+    wait_leader_zombie(c, st, sizeof st);
     CHECK(strstr(st, "State:\tZ") != NULL, "the child's main thread did not exit");
     ready();
     wait_go();
-    /* The restored leader exits again once the restore lets it go: wait for it (bounded). */
-    for (int i = 0; i < 5000; i++) {
-        memset(st, 0, sizeof st);
-        int fd = open(path, O_RDONLY);
-        read(fd, st, sizeof st - 1);
-        close(fd);
-        if (strstr(st, "State:\tZ")) break;
-        msleep(1);
-    }
+    /* The restored leader exits again once the restore lets it go. */
+    wait_leader_zombie(c, st, sizeof st);
     CHECK(strstr(st, "State:\tZ") != NULL && strstr(st, "Threads:\t2") != NULL, "the child after the restore: %s", st);
     kill(c, SIGUSR1);
     int s = 0;

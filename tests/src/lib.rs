@@ -421,6 +421,32 @@ fn terminate(child: &mut Child) {
     let _ = child.wait();
 }
 
+/// Bounded wait for `pid` (a child of this process) to exit: its wait status, or None if it is
+/// not (or no longer) our child, or did not exit in time — then it is killed and collected.
+pub fn wait_child_exit(pid: i32, timeout: Duration) -> Option<i32> {
+    let t = Instant::now();
+    loop {
+        let mut st = 0;
+        // SAFETY: valid out pointer; pid is our own child.
+        let r = unsafe { libc::waitpid(pid, &mut st, libc::WNOHANG) };
+        if r == pid {
+            return Some(st);
+        }
+        if r < 0 {
+            return None;
+        }
+        if t.elapsed() > timeout {
+            // SAFETY: killing our own child by pid.
+            unsafe {
+                libc::kill(pid, libc::SIGKILL);
+                libc::waitpid(pid, &mut st, 0);
+            }
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
 /// Polls `cond` every 20 ms; panics with `what` after `timeout`.
 pub fn wait_until(timeout: Duration, what: &str, mut cond: impl FnMut() -> bool) {
     let deadline = Instant::now() + timeout;

@@ -77,30 +77,7 @@ fn read(p: &Path) -> String {
     fs::read_to_string(p).unwrap_or_default()
 }
 
-/// Bounded wait for `pid` (a child of this process) to exit; kills it on timeout.
-fn wait_exit(pid: i32, timeout: Duration) -> Option<i32> {
-    let t = Instant::now();
-    loop {
-        let mut st = 0;
-        // SAFETY: valid out pointer; pid is our own child.
-        let r = unsafe { libc::waitpid(pid, &mut st, libc::WNOHANG) };
-        if r == pid {
-            return Some(st);
-        }
-        if r < 0 {
-            return None;
-        }
-        if t.elapsed() > timeout {
-            // SAFETY: killing our own child by pid.
-            unsafe {
-                libc::kill(pid, libc::SIGKILL);
-                libc::waitpid(pid, &mut st, 0);
-            }
-            return None;
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
-}
+use dvk_tests::wait_child_exit as wait_exit;
 
 impl Prog {
     fn start(name: &'static str) -> Prog {

@@ -49,33 +49,14 @@ fn psql(dir: &Path, sql: &str) -> Result<String, String> {
     Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
 }
 
-fn wait_exit(pid: i32, timeout: Duration) -> Option<i32> {
-    let t = Instant::now();
-    loop {
-        let mut st = 0;
-        // SAFETY: valid out pointer; pid is our own child.
-        let r = unsafe { libc::waitpid(pid, &mut st, libc::WNOHANG) };
-        if r == pid {
-            return Some(st);
-        }
-        if r < 0 || t.elapsed() > timeout {
-            return None;
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
-
 /// Kills the tree under `pid` (our child) if the test fails half-way.
 struct Server(i32);
 impl Drop for Server {
     fn drop(&mut self) {
         // SAFETY: signals our own child (a postmaster) by pid; SIGQUIT is its immediate shutdown.
         unsafe { libc::kill(self.0, libc::SIGQUIT) };
-        if wait_exit(self.0, Duration::from_secs(10)).is_none() {
-            // SAFETY: as above.
-            unsafe { libc::kill(self.0, libc::SIGKILL) };
-            wait_exit(self.0, Duration::from_secs(5));
-        }
+        // Killed and collected if it does not end in time.
+        dvk_tests::wait_child_exit(self.0, Duration::from_secs(10));
     }
 }
 
