@@ -224,10 +224,10 @@ async fn client(agent: Arc<Agent>, mut stream: UnixStream) -> Result<(), FrameEr
             crate::endpoints::open_from_shim(agent, stream, pid, vip, port).await;
             return Ok(());
         }
-        if let LocalRequest::Move { target, dest, options } = request {
+        if let LocalRequest::Move { target, dest, options, group } = request {
             // Answered step by step until the move is over.
             let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-            crate::moving::request_move(&agent, target, &dest, options, uid, tx);
+            crate::moving::request_move(&agent, target, &group, &dest, options, uid, tx);
             while let Some(event) = rx.recv().await {
                 let last = matches!(event, LocalResponse::MoveDone(_) | LocalResponse::Error { .. });
                 write_answer(&mut stream, &event).await?;

@@ -398,8 +398,8 @@ fn handle(agent: &Arc<Agent>, peer: NodeId, msg: PeerMessage) -> bool {
         PeerMessage::MoveRsyncData { mid, bytes } => crate::moving::rsync::on_data(agent, peer, mid, bytes),
         PeerMessage::MoveRsyncCredit { mid, bytes } => crate::moving::rsync::on_credit(agent, peer, mid, bytes),
         PeerMessage::MoveRsyncEnd { mid, why } => crate::moving::rsync::on_end(agent, peer, mid, why),
-        PeerMessage::MoveForward { request, vpid, dest, uid, options } => {
-            crate::moving::serve_forwarded(agent, peer, request, vpid, dest, uid, options)
+        PeerMessage::MoveForward { request, vpid, dest, uid, options, group } => {
+            crate::moving::serve_forwarded(agent, peer, request, vpid, group, dest, uid, options)
         }
         PeerMessage::MoveForwardEvent { request, event } => crate::moving::forwarded_event(agent, peer, request, event),
         PeerMessage::LogRead { request, vpid, offset, uid } => {

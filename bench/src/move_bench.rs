@@ -210,6 +210,7 @@ fn move_once(
                     How::RsyncFull | How::RsyncDelta => Transfer::Rsync,
                 },
             },
+            group: Vec::new(),
         },
         LOCAL_MAX_FRAME,
     )?;

@@ -52,6 +52,11 @@ enum Command {
     /// Move a process under the shim to another node while its clients stay connected:
     /// [pre-copy →] start → freeze → dump → transfer → restore → commit; on any failure it rolls
     /// back and keeps running where it was. Exit 0 only when it runs on the destination.
+    ///
+    /// With --group, several processes of one node move as one: all are frozen, all are
+    /// restored on NODE before any of them runs there, and a failure of any rolls all back.
+    #[command(override_usage = "migrate-cli move [OPTIONS] <PROCESS> <NODE>\n       \
+                                migrate-cli move [OPTIONS] --group <PROCESS>,<PROCESS>... <NODE>")]
     Move(move_cmd::MoveArgs),
     /// Show the stdout/stderr log a moved process writes when they could not follow it.
     Logs(move_cmd::LogsArgs),
@@ -90,7 +95,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Restore(args) => checkpoint_cmd::run_restore(args),
-        Command::Move(args) => move_cmd::run_move(&target()?, args),
+        Command::Move(args) => {
+            // Arguments first: a wrong command line is named before any config is read.
+            move_cmd::what_moves(args)?;
+            move_cmd::run_move(&target()?, args)
+        }
         Command::Logs(args) => move_cmd::run_logs(&target()?, args),
     }
 }

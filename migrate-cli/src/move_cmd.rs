@@ -10,11 +10,17 @@ use std::time::{Duration, Instant};
 
 #[derive(clap::Args, Debug)]
 pub struct MoveArgs {
-    /// The process: its vPID (see `migrate-cli ps`) or its real pid on the node asked.
-    pub target: i32,
-    /// The node to move it to.
-    #[arg(value_name = "NODE")]
-    pub dest: String,
+    /// PROCESS NODE: the process (its vPID, see `migrate-cli ps`, or its real pid on the node
+    /// asked) and the node to move it to. With --group: NODE only.
+    #[arg(value_name = "ARGS", num_args = 1..=2, required = true)]
+    pub args: Vec<String>,
+    /// Move these processes (vPIDs or real pids, comma-separated; all on one node) together:
+    /// every one is frozen, all are restored on NODE before any runs there, and a failure of
+    /// any rolls all of them back. Streams between them stay streams between them, on NODE.
+    /// Images are sent whole while frozen (no --precopy, --compress or --transfer rsync yet).
+    /// A process with children is not moved yet, alone or in a group.
+    #[arg(long, value_delimiter = ',', value_name = "PROCESS,PROCESS...")]
+    pub group: Vec<i32>,
     /// Copy memory in rounds while the process still runs and serves (each round only the
     /// pages written since the previous one), then freeze it only for what changed last: a
     /// shorter pause for processes with much memory. The destination then lets it run before
@@ -69,14 +75,35 @@ fn connect(target: &Target, timeout: Duration) -> anyhow::Result<UnixStream> {
     Ok(s)
 }
 
-/// Runs a move; Ok(()) only when the process runs on the destination.
+/// The process asked for, the others of a group, and the node: from `move PROCESS NODE` or
+/// `move --group P1,P2... NODE`.
+pub fn what_moves(args: &MoveArgs) -> anyhow::Result<(i32, Vec<i32>, String)> {
+    let process = |s: &str| -> anyhow::Result<i32> {
+        s.parse().map_err(|_| anyhow!("`{s}` is not a process (a vPID or a pid: see `migrate-cli ps`)"))
+    };
+    match (&args.args[..], &args.group[..]) {
+        ([p, node], []) => Ok((process(p)?, Vec::new(), node.clone())),
+        ([node], [first, rest @ ..]) => {
+            if rest.is_empty() {
+                bail!("--group names one process; name two or more, or use `migrate-cli move {first} {node}`");
+            }
+            Ok((*first, rest.to_vec(), node.clone()))
+        }
+        ([_], []) => bail!("name the process and the node: `migrate-cli move PROCESS NODE`"),
+        (_, _) => bail!("with --group, name only the node: `migrate-cli move --group P1,P2 NODE`"),
+    }
+}
+
+/// Runs a move; Ok(()) only when the process (every one of a group) runs on the destination.
 pub fn run_move(target: &Target, args: &MoveArgs) -> anyhow::Result<()> {
+    let (process, group, dest) = what_moves(args)?;
     let mut s = connect(target, Duration::from_secs(args.wait))?;
     frame::write_frame(
         &mut s,
         &LocalRequest::Move {
-            target: args.target,
-            dest: args.dest.clone(),
+            target: process,
+            group,
+            dest,
             options: MoveOptions {
                 precopy: match (args.precopy, args.no_precopy) {
                     (true, _) => Some(true),
@@ -153,14 +180,22 @@ fn finish(report: &MoveReport, json: bool) -> anyhow::Result<()> {
             report.frozen_micros as f64 / 1000.0,
             report.total_micros as f64 / 1000.0
         );
+        for m in &report.group {
+            println!("moved vPID {} with it (pid {} on {}, pid {} on {})", m.vpid, m.old_pid, report.from, m.new_pid, report.to);
+        }
         if let Some(log) = &report.log {
-            println!("stdout/stderr could not follow; they go to {log} (`migrate-cli logs {}`)", report.vpid);
+            println!("stdout/stderr could not follow; they go to {log} (`migrate-cli logs <vPID>`)");
         }
     }
     if !report.committed {
+        let others: Vec<String> = report.group.iter().map(|m| m.vpid.to_string()).collect();
+        let (what, runs) = if others.is_empty() {
+            (format!("vPID {}", report.vpid), "it runs")
+        } else {
+            (format!("the group of vPIDs {}, {}", report.vpid, others.join(", ")), "they run")
+        };
         bail!(
-            "move of vPID {} to {} rolled back: {}; it runs on {} as before",
-            report.vpid,
+            "move of {what} to {} rolled back: {}; {runs} on {} as before",
             report.to,
             report.reason.as_deref().unwrap_or("unknown reason"),
             report.from

@@ -75,8 +75,8 @@ pub enum CoordAction {
     KillOriginalOnExit,
     /// Kill the frozen original and forget the process here (it runs on the destination).
     KillOriginal,
-    /// Routes here → the destination.
-    RouteCommitted { dest: NodeId, pid: i32 },
+    /// Routes here → the destination (the pids there of the process and of a group's others).
+    RouteCommitted { dest: NodeId, pid: i32, group: Vec<(Vpid, i32)> },
     /// Reattach this node's halves of the streams (StreamReattach sends follow) and requeue
     /// accepted backlog connections into the process's own listeners.
     ReattachLocal,
@@ -93,6 +93,8 @@ pub struct Coordinator {
     pub vpid: Vpid,
     pub source: NodeId,
     pub dest: NodeId,
+    /// The other processes of a group move (they freeze, move and commit with `vpid`).
+    pub group: Vec<Vpid>,
     endpoints: Vec<EndpointKey>,
     timeouts: Timeouts,
     phase: Phase,
@@ -105,6 +107,7 @@ pub struct Coordinator {
     frozen: bool,
     detached: bool,
     restored_pid: Option<i32>,
+    restored_group: Vec<(Vpid, i32)>,
     now: Millis,
     deadline: Millis,
     /// In doubt: when to ask again.
@@ -132,6 +135,7 @@ impl Coordinator {
             vpid,
             source,
             dest,
+            group: Vec::new(),
             endpoints,
             timeouts,
             phase: Phase::Starting,
@@ -142,10 +146,17 @@ impl Coordinator {
             frozen: false,
             detached: false,
             restored_pid: None,
+            restored_group: Vec::new(),
             now,
             deadline: now,
             next_query: now,
         }
+    }
+
+    /// A group move: `group` (the other processes) move and commit with the process.
+    pub fn with_group(mut self, group: Vec<Vpid>) -> Coordinator {
+        self.group = group;
+        self
     }
 
     pub fn phase(&self) -> &Phase {
@@ -180,6 +191,7 @@ impl Coordinator {
                     source: self.source,
                     dest: self.dest,
                     endpoints: self.endpoints.clone(),
+                    group: self.group.clone(),
                 },
             ));
         }
@@ -243,12 +255,13 @@ impl Coordinator {
             (Phase::Transferring, CoordEvent::DumpFailed(why)) => {
                 return self.rollback(format!("dump or transfer failed: {why}"), out);
             }
-            (Phase::Restoring, CoordEvent::Msg(from, MoveMsg::Restored { pid, .. })) if from == self.dest => {
+            (Phase::Restoring, CoordEvent::Msg(from, MoveMsg::Restored { pid, group, .. })) if from == self.dest => {
                 self.restored_pid = Some(pid);
+                self.restored_group = group.clone();
                 out.push(CoordAction::KillOriginalOnExit);
                 out.push(CoordAction::Send(
                     self.dest,
-                    MoveMsg::Commit { tag: self.tag, vpid: self.vpid, dest: self.dest, pid },
+                    MoveMsg::Commit { tag: self.tag, vpid: self.vpid, dest: self.dest, pid, group },
                 ));
                 self.phase = Phase::InDoubt;
                 self.next_query = self.now + self.timeouts.query_every;
@@ -335,13 +348,14 @@ impl Coordinator {
     fn commit(&mut self, mut out: Vec<CoordAction>) -> Vec<CoordAction> {
         let pid = self.restored_pid.unwrap_or(0);
         // Routes first: the original's death must find it already routed to the destination.
-        out.push(CoordAction::RouteCommitted { dest: self.dest, pid });
+        let group = self.restored_group.clone();
+        out.push(CoordAction::RouteCommitted { dest: self.dest, pid, group: group.clone() });
         out.push(CoordAction::KillOriginal);
         for &n in &self.started {
             if n != self.dest {
                 out.push(CoordAction::Send(
                     n,
-                    MoveMsg::Commit { tag: self.tag, vpid: self.vpid, dest: self.dest, pid },
+                    MoveMsg::Commit { tag: self.tag, vpid: self.vpid, dest: self.dest, pid, group: group.clone() },
                 ));
             }
         }

@@ -70,8 +70,9 @@ impl std::fmt::Display for MoveTag {
 pub enum MoveMsg {
     /// Wire value 0: never sent.
     Reserved,
-    /// S → every peer: the process and its endpoints start moving to `dest`.
-    Start { tag: MoveTag, vpid: Vpid, source: NodeId, dest: NodeId, endpoints: Vec<EndpointKey> },
+    /// S → every peer: the process and its endpoints start moving to `dest`. `group`: the
+    /// other processes of a group move (`vpid` leads it; `endpoints` are all of theirs).
+    Start { tag: MoveTag, vpid: Vpid, source: NodeId, dest: NodeId, endpoints: Vec<EndpointKey>, group: Vec<Vpid> },
     /// Peer → S: its routes are Migrating; no stream open to the endpoints is in flight.
     StartAck { tag: MoveTag },
     /// S → F: stop relaying `stream` (S sent its last data before this) and keep the end.
@@ -81,12 +82,12 @@ pub enum MoveMsg {
     StreamDetached { tag: MoveTag, stream: u64, held: bool },
     /// S → D: the image and the plan are complete: restore, and hold the copy.
     Restore { tag: MoveTag },
-    /// D → S: the copy is complete and held (real pid on D).
-    Restored { tag: MoveTag, pid: i32 },
+    /// D → S: the copy is complete and held (real pid on D; a group's other members' too).
+    Restored { tag: MoveTag, pid: i32, group: Vec<(Vpid, i32)> },
     /// D → S: the restore failed (nothing is left on D).
     Failed { tag: MoveTag, why: String },
     /// S → D: resume the copy (the commit point); later S → every other peer: route to `dest`.
-    Commit { tag: MoveTag, vpid: Vpid, dest: NodeId, pid: i32 },
+    Commit { tag: MoveTag, vpid: Vpid, dest: NodeId, pid: i32, group: Vec<(Vpid, i32)> },
     /// D → S: the copy runs.
     Committed { tag: MoveTag },
     /// S → every peer: roll back (D kills its held copy and deletes the image).

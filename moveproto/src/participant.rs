@@ -47,8 +47,8 @@ pub enum PartAction {
     ResumeHeld,
     /// Kill the held copy (if any) and delete the received image.
     DiscardCopy,
-    /// Routes → the destination (pid there).
-    RouteCommitted { dest: NodeId, pid: i32 },
+    /// Routes → the destination (pid there; a group's other members' too).
+    RouteCommitted { dest: NodeId, pid: i32, group: Vec<(Vpid, i32)> },
     /// Routes back to what they were. (Fixed ends detached for this move stay held: the
     /// source reattaches them right after its Abort; ends nobody reattaches expire.)
     RouteRolledBack,
@@ -57,6 +57,10 @@ pub enum PartAction {
 pub struct Participant {
     pub tag: MoveTag,
     pub vpid: Vpid,
+    /// The other processes of a group move.
+    pub group: Vec<Vpid>,
+    /// Destination: their pids in the held copy (set by the driver before RestoreDone).
+    group_pids: Vec<(Vpid, i32)>,
     pub coordinator: NodeId,
     pub dest: NodeId,
     me: NodeId,
@@ -69,10 +73,12 @@ pub struct Participant {
 impl Participant {
     /// Made on `Start` (the message is handled by [`Participant::start`]).
     pub fn new(me: NodeId, start: &MoveMsg, timeouts: Timeouts, now: Millis) -> Option<Participant> {
-        let MoveMsg::Start { tag, vpid, source, dest, .. } = start else { return None };
+        let MoveMsg::Start { tag, vpid, source, dest, group, .. } = start else { return None };
         Some(Participant {
             tag: *tag,
             vpid: *vpid,
+            group: group.clone(),
+            group_pids: Vec::new(),
             coordinator: *source,
             dest: *dest,
             me,
@@ -80,6 +86,11 @@ impl Participant {
             timeouts,
             deadline: now + timeouts.hold,
         })
+    }
+
+    /// Destination, before reporting RestoreDone(Ok): the held pids of the group's others.
+    pub fn set_group_pids(&mut self, pids: Vec<(Vpid, i32)>) {
+        self.group_pids = pids;
     }
 
     pub fn phase(&self) -> &PartPhase {
@@ -149,13 +160,15 @@ impl Participant {
                     self.phase = PartPhase::Restoring;
                     out.push(PartAction::StartRestore);
                 }
-                PartPhase::Held { pid } => out.push(PartAction::Reply(MoveMsg::Restored { tag, pid })),
+                PartPhase::Held { pid } => {
+                    out.push(PartAction::Reply(MoveMsg::Restored { tag, pid, group: self.group_pids.clone() }))
+                }
                 _ => out.push(PartAction::Reply(MoveMsg::Failed { tag, why: "not ready to restore".into() })),
             },
             PartEvent::RestoreDone(result) => match (&self.phase, result) {
                 (PartPhase::Restoring, Ok(pid)) => {
                     self.phase = PartPhase::Held { pid };
-                    out.push(PartAction::Reply(MoveMsg::Restored { tag, pid }));
+                    out.push(PartAction::Reply(MoveMsg::Restored { tag, pid, group: self.group_pids.clone() }));
                 }
                 (PartPhase::Restoring, Err(why)) => {
                     self.phase = PartPhase::RestoreFailed;
@@ -166,11 +179,11 @@ impl Participant {
                 (_, Ok(_)) => out.push(PartAction::DiscardCopy),
                 (_, Err(_)) => {}
             },
-            PartEvent::Msg(MoveMsg::Commit { dest, pid, .. }) => match self.phase {
+            PartEvent::Msg(MoveMsg::Commit { dest, pid, group, .. }) => match self.phase {
                 PartPhase::Held { .. } if self.is_destination() => {
                     self.phase = PartPhase::Committed;
                     out.push(PartAction::ResumeHeld);
-                    out.push(PartAction::RouteCommitted { dest, pid });
+                    out.push(PartAction::RouteCommitted { dest, pid, group });
                     out.push(PartAction::Reply(MoveMsg::Committed { tag }));
                 }
                 PartPhase::Committed if self.is_destination() => {
@@ -183,7 +196,7 @@ impl Participant {
                 }
                 PartPhase::Started => {
                     self.phase = PartPhase::Committed;
-                    out.push(PartAction::RouteCommitted { dest, pid });
+                    out.push(PartAction::RouteCommitted { dest, pid, group });
                 }
                 _ => {}
             },

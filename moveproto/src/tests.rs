@@ -109,11 +109,11 @@ fn happy_path_commits() {
     let commit = m.reach_in_doubt();
     let acts = m.d.handle(m.now, PartEvent::Msg(commit));
     assert_eq!(acts[0], PartAction::ResumeHeld);
-    assert!(acts.contains(&PartAction::RouteCommitted { dest: D, pid: 4242 }));
+    assert!(acts.contains(&PartAction::RouteCommitted { dest: D, pid: 4242, group: vec![] }));
     assert_eq!(m.d.phase(), &PartPhase::Committed);
     let acts = m.coord(CoordEvent::Msg(D, replies(&acts).pop().unwrap()));
     // Routed to D before the original dies (its exit must not look like the process's end).
-    assert_eq!(acts[0], CoordAction::RouteCommitted { dest: D, pid: 4242 });
+    assert_eq!(acts[0], CoordAction::RouteCommitted { dest: D, pid: 4242, group: vec![] });
     assert_eq!(acts[1], CoordAction::KillOriginal);
     assert!(!acts.contains(&CoordAction::Thaw));
     assert_eq!(acts.last(), Some(&CoordAction::Finish(Outcome::Committed { pid: 4242 })));
@@ -121,7 +121,7 @@ fn happy_path_commits() {
     assert_eq!(to_f.len(), 1);
     assert_eq!(
         m.f.handle(m.now, PartEvent::Msg(to_f[0].clone())),
-        vec![PartAction::RouteCommitted { dest: D, pid: 4242 }]
+        vec![PartAction::RouteCommitted { dest: D, pid: 4242, group: vec![] }]
     );
     assert!(m.c.is_done() && m.d.is_done() && m.f.is_done());
     // A late answer to an earlier Query changes nothing.
@@ -144,7 +144,7 @@ fn destination_link_cut_while_restoring_rolls_back() {
     // D never hears of it (the link is down): its copy, restored after all, is held until the
     // hold timeout kills it.
     let acts = m.d.handle(m.now, PartEvent::RestoreDone(Ok(4242)));
-    assert_eq!(replies(&acts), vec![MoveMsg::Restored { tag: TAG, pid: 4242 }]);
+    assert_eq!(replies(&acts), vec![MoveMsg::Restored { tag: TAG, pid: 4242, group: vec![] }]);
     assert!(m.d.handle(m.now + 10, PartEvent::Tick).is_empty());
     let acts = m.d.handle(m.d.deadline(), PartEvent::Tick);
     assert_eq!(acts, vec![PartAction::DiscardCopy, PartAction::RouteRolledBack]);
@@ -174,7 +174,7 @@ fn commit_lost_then_query_answered_aborted_thaws() {
     assert!(!acts.contains(&CoordAction::KillOriginal));
     assert!(matches!(m.c.phase(), Phase::Done(Outcome::RolledBack { .. })));
     // The lost Commit, had it come late after all, is refused (and S is done anyway).
-    let acts = m.d.handle(m.now, PartEvent::Msg(MoveMsg::Commit { tag: TAG, vpid: vpid(), dest: D, pid: 4242 }));
+    let acts = m.d.handle(m.now, PartEvent::Msg(MoveMsg::Commit { tag: TAG, vpid: vpid(), dest: D, pid: 4242, group: vec![] }));
     assert!(!acts.contains(&PartAction::ResumeHeld));
 }
 
@@ -202,7 +202,7 @@ fn late_stream_detached_of_an_old_tag_is_ignored() {
     assert!(m.coord(CoordEvent::Msg(F, MoveMsg::StreamDetached { tag: old, stream: 1, held: true })).is_empty());
     assert_eq!(m.c.phase(), &Phase::Detaching);
     // So are any other messages of it.
-    assert!(m.coord(CoordEvent::Msg(D, MoveMsg::Restored { tag: old, pid: 1 })).is_empty());
+    assert!(m.coord(CoordEvent::Msg(D, MoveMsg::Restored { tag: old, pid: 1, group: vec![] })).is_empty());
     let acts = m.coord(CoordEvent::Msg(F, MoveMsg::StreamDetached { tag: TAG, stream: 1, held: true }));
     assert_eq!(acts, vec![CoordAction::DumpAndSend]);
     // A participant ignores other moves' messages too.
@@ -233,7 +233,7 @@ fn abort_before_restore_deletes_the_partial_image() {
 #[test]
 fn without_a_machine_the_registry_answers() {
     let query = MoveMsg::Query { tag: TAG, vpid: vpid() };
-    let commit = MoveMsg::Commit { tag: TAG, vpid: vpid(), dest: D, pid: 4242 };
+    let commit = MoveMsg::Commit { tag: TAG, vpid: vpid(), dest: D, pid: 4242, group: vec![] };
     let reply = |me, msg: &MoveMsg, resumed| replies(&Participant::without_machine(me, msg, resumed));
     assert_eq!(reply(D, &query, true), vec![MoveMsg::Outcome { tag: TAG, committed: true }]);
     assert_eq!(reply(D, &query, false), vec![MoveMsg::Outcome { tag: TAG, committed: false }]);

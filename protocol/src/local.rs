@@ -42,8 +42,10 @@ pub enum LocalRequest {
     /// A forked child registers with the vPID its parent reserved (DC and endpoint are the parent's).
     RegisterForked { version: u16, reserved: Vpid },
     /// Move the process `target` (a vPID, or a real pid of this node) to node `dest`. Answered
-    /// by `MoveStep`/`MoveProgress` frames, then one `MoveDone` (or `Error`).
-    Move { target: i32, dest: String, options: MoveOptions },
+    /// by `MoveStep`/`MoveProgress` frames, then one `MoveDone` (or `Error`). `group`: other
+    /// processes (vPIDs or real pids) that move with it as one (`move --group`): all are
+    /// restored before any runs on `dest`, and a failure of any rolls all back.
+    Move { target: i32, dest: String, options: MoveOptions, group: Vec<i32> },
     /// Could `target` move to `dest` (or anywhere)? Nothing is frozen.
     MoveCheck { target: i32, dest: Option<String> },
     /// The stdout/stderr log that a moved process writes on the node it runs on, from `offset`.
@@ -138,6 +140,15 @@ pub struct MoveStep {
     pub detail: String,
 }
 
+/// A process of a group move other than the first.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MovedMember {
+    pub vpid: Vpid,
+    pub old_pid: i32,
+    /// The real pid on the destination (0 if rolled back).
+    pub new_pid: i32,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MoveReport {
     pub vpid: Vpid,
@@ -157,6 +168,8 @@ pub struct MoveReport {
     /// From the freeze until the process ran again (on either node).
     pub frozen_micros: u64,
     pub total_micros: u64,
+    /// The other processes of a group move (`move --group`), in the order asked.
+    pub group: Vec<MovedMember>,
     /// Where stdout/stderr that could not follow now go (on the destination).
     pub log: Option<String>,
 }

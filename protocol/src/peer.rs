@@ -120,6 +120,8 @@ pub enum PeerMessage {
         dest: NodeId,
         uid: u32,
         options: crate::local::MoveOptions,
+        /// The other processes of a group move.
+        group: Vec<Vpid>,
     },
     /// A step (or progress) of a forwarded move, for the requester's CLI.
     MoveForwardEvent {

@@ -39,6 +39,9 @@ pub enum Fault {
     RsyncBadModule,
     /// Source: cut the link to the destination just before sending Commit (Commit lost).
     CutBeforeCommit,
+    /// Destination: the restore of a group move's last process fails, after the others were
+    /// restored and held.
+    FailLastMember,
     /// Destination: wait 2 s before restoring (a window in which a test opens new connections).
     HoldRestore,
     /// Source: the first StreamOpen from a `move_client` program is handled only once the
@@ -55,6 +58,7 @@ impl Fault {
         let f = match v.as_str() {
             "corrupt-image" => Fault::CorruptImage,
             "fail-restore" => Fault::FailRestore,
+            "fail-last-member" => Fault::FailLastMember,
             "stall-image" => Fault::StallImage,
             "cut-before-commit" => Fault::CutBeforeCommit,
             "hold-restore" => Fault::HoldRestore,
@@ -195,10 +199,12 @@ pub async fn before_message(agent: &Agent, msg: &dvk_protocol::peer::PeerMessage
 }
 
 /// Starts a move asked for on this node: run here if the process is local, else forwarded to
-/// the node it runs on. Every step and the end go to `reply`.
+/// the node it runs on. `group`: processes that move with `target` as one (all on its node).
+/// Every step and the end go to `reply`.
 pub fn request_move(
     agent: &Arc<Agent>,
     target: i32,
+    group: &[i32],
     dest: &str,
     options: MoveOptions,
     uid: u32,
@@ -212,48 +218,67 @@ pub fn request_move(
         return fail(format!("unknown node `{dest}` (the cluster has: {})", known.join(", ")));
     };
     let me = agent.node_id();
-    let route = {
-        let t = agent.tables.lock();
-        if Vpid::is_virtual(target) {
-            t.routing.get(Vpid(target)).map(|r| (r.entry.vpid, r.entry.node))
-        } else {
-            t.routing.find_local_by_pid(target).map(|e| (e.vpid, e.node))
+    let mut members: Vec<(Vpid, NodeId)> = Vec::new();
+    for &t in std::iter::once(&target).chain(group) {
+        let route = {
+            let tables = agent.tables.lock();
+            if Vpid::is_virtual(t) {
+                tables.routing.get(Vpid(t)).map(|r| (r.entry.vpid, r.entry.node))
+            } else {
+                tables.routing.find_local_by_pid(t).map(|e| (e.vpid, e.node))
+            }
+        };
+        let Some(found) = route else {
+            return fail(if Vpid::is_virtual(t) {
+                format!("no process with vPID {t} in the cluster (see `migrate-cli ps`)")
+            } else {
+                format!("pid {t} is not a process under the dvk shim on this node (see `migrate-cli ps`)")
+            });
+        };
+        if members.iter().any(|(v, _)| *v == found.0) {
+            return fail(format!("vPID {} is named twice in the group", found.0));
         }
-    };
-    let Some((vpid, node)) = route else {
-        return fail(if Vpid::is_virtual(target) {
-            format!("no process with vPID {target} in the cluster (see `migrate-cli ps`)")
-        } else {
-            format!("pid {target} is not a process under the dvk shim on this node (see `migrate-cli ps`)")
-        });
-    };
+        members.push(found);
+    }
+    let (vpid, node) = members[0];
+    if let Some((other, on)) = members.iter().find(|(_, n)| *n != node) {
+        return fail(format!(
+            "a group moves from one node: vPID {vpid} runs on {}, vPID {other} on {} (move them there first)",
+            agent.node_name(node),
+            agent.node_name(*on)
+        ));
+    }
+    let group: Vec<Vpid> = members[1..].iter().map(|(v, _)| *v).collect();
     if node == me {
-        let req = source::Request { vpid, dest: dest_node, options, uid, reply };
+        let req = source::Request { vpid, group, dest: dest_node, options, uid, reply };
         tokio::spawn(source::run(agent.clone(), req));
         return;
     }
     let request = agent.moves.next_request.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     agent.moves.forwarded.lock().insert(request, (node, reply.clone()));
-    if !agent
-        .send_to(node, dvk_protocol::peer::PeerMessage::MoveForward { request, vpid, dest: dest_node, uid, options })
-    {
+    if !agent.send_to(
+        node,
+        dvk_protocol::peer::PeerMessage::MoveForward { request, vpid, dest: dest_node, uid, options, group },
+    ) {
         agent.moves.forwarded.lock().remove(&request);
         fail(format!("vPID {vpid} runs on {}, which is not linked to this node", agent.node_name(node)));
     }
 }
 
 /// `MoveForward` from `from`: run the move here and send every step back.
+#[allow(clippy::too_many_arguments)]
 pub fn serve_forwarded(
     agent: &Arc<Agent>,
     from: NodeId,
     request: u64,
     vpid: Vpid,
+    group: Vec<Vpid>,
     dest: NodeId,
     uid: u32,
     options: MoveOptions,
 ) {
     let (tx, mut rx) = mpsc::unbounded_channel();
-    let req = source::Request { vpid, dest, options, uid, reply: tx };
+    let req = source::Request { vpid, group, dest, options, uid, reply: tx };
     tokio::spawn(source::run(agent.clone(), req));
     let agent = agent.clone();
     tokio::spawn(async move {
@@ -391,9 +416,14 @@ pub async fn housekeeping(agent: Arc<Agent>) {
     }
 }
 
-/// Routes of `vpid` (and its endpoints) → Migrating, once no stream open is under way here.
-pub async fn mark_migrating(agent: &Agent, vpid: Vpid, mid: u64) {
-    let _ = agent.tables.lock().routing.start_migration(vpid, MigrationId(mid));
+/// Routes of `vpids` (and their endpoints) → Migrating, once no stream open is under way here.
+pub async fn mark_migrating(agent: &Agent, vpids: &[Vpid], mid: u64) {
+    {
+        let mut t = agent.tables.lock();
+        for v in vpids {
+            let _ = t.routing.start_migration(*v, MigrationId(mid));
+        }
+    }
     agent.opens.quiesce().await;
 }
 
@@ -415,8 +445,19 @@ pub fn route_committed(agent: &Agent, vpid: Vpid, mid: u64, dest: NodeId, pid: i
     }
 }
 
-pub fn route_rolled_back(agent: &Agent, vpid: Vpid, mid: u64) {
-    let _ = agent.tables.lock().routing.rollback_migration(vpid, MigrationId(mid));
+pub fn route_rolled_back(agent: &Agent, vpids: &[Vpid], mid: u64) {
+    let mut t = agent.tables.lock();
+    for v in vpids {
+        let _ = t.routing.rollback_migration(*v, MigrationId(mid));
+    }
+}
+
+/// [`route_committed`] for a group move: the first process and the others, each with its pid.
+pub fn route_committed_all(agent: &Agent, vpid: Vpid, pid: i32, group: &[(Vpid, i32)], mid: u64, dest: NodeId) {
+    route_committed(agent, vpid, mid, dest, pid);
+    for (v, p) in group {
+        route_committed(agent, *v, mid, dest, *p);
+    }
 }
 
 /// `migrate-cli check <pid|vpid> [node]`: what a move would carry, redirect, or be stopped by.

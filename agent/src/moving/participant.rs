@@ -2,9 +2,9 @@
 //! holds new opens while the process moves; the destination also receives the image, restores
 //! the process held, and on commit resumes it with new sockets at its old fd numbers.
 
-use super::plan::{MovePlan, Redirect, PLAN_FILE};
+use super::plan::{GroupPlan, InternalPlan, InternalSide, MovePlan, Redirect, GROUP_FILE, PLAN_FILE};
 use super::streams;
-use crate::relay::{Dir, End};
+use crate::relay::{self, Dir, End};
 use crate::state::Agent;
 use dvk_checkpoint::RestoreOptions;
 use dvk_move::{MoveMsg, PartAction, PartEvent, Participant};
@@ -21,7 +21,8 @@ use tokio::sync::{mpsc, oneshot};
 
 pub enum Input {
     Msg(MoveMsg),
-    Restored(Result<i32, String>),
+    /// The held copy's pid, and (a group move) the others' by vPID.
+    Restored(Result<(i32, Vec<(Vpid, i32)>), String>),
 }
 
 /// `Start` from `from`: a participant machine for the move, run by a task of its own.
@@ -62,7 +63,7 @@ pub fn start(agent: &Arc<Agent>, from: NodeId, msg: MoveMsg) {
             let ev = tokio::select! {
                 i = rx.recv() => match i {
                     Some(Input::Msg(m)) => PartEvent::Msg(m),
-                    Some(Input::Restored(r)) => PartEvent::RestoreDone(r),
+                    Some(Input::Restored(r)) => restore_done(&mut machine, r),
                     None => PartEvent::Tick,
                 },
                 _ = tokio::time::sleep(wait) => PartEvent::Tick,
@@ -82,7 +83,8 @@ pub fn start(agent: &Arc<Agent>, from: NodeId, msg: MoveMsg) {
                         }
                     }
                     Some(Input::Restored(r)) => {
-                        for a in machine.handle(super::now_ms(), PartEvent::RestoreDone(r)) {
+                        let ev = restore_done(&mut machine, r);
+                        for a in machine.handle(super::now_ms(), ev) {
                             execute(&mut d, &machine, a).await;
                         }
                     }
@@ -97,6 +99,13 @@ pub fn start(agent: &Arc<Agent>, from: NodeId, msg: MoveMsg) {
     });
 }
 
+fn restore_done(machine: &mut Participant, r: Result<(i32, Vec<(Vpid, i32)>), String>) -> PartEvent {
+    PartEvent::RestoreDone(r.map(|(pid, group)| {
+        machine.set_group_pids(group);
+        pid
+    }))
+}
+
 /// A move message for which this node runs no machine (it missed the start, or the move is
 /// long over): answer what can be answered from the routing table.
 pub fn without_machine(agent: &Arc<Agent>, from: NodeId, msg: MoveMsg) {
@@ -109,10 +118,10 @@ pub fn without_machine(agent: &Arc<Agent>, from: NodeId, msg: MoveMsg) {
         _ => false,
     };
     match &msg {
-        MoveMsg::Commit { tag, vpid, dest, pid } if *dest != agent.node_id() => {
-            super::route_committed(agent, *vpid, tag.mid, *dest, *pid);
+        MoveMsg::Commit { tag, vpid, dest, pid, group } if *dest != agent.node_id() => {
+            super::route_committed_all(agent, *vpid, *pid, group, tag.mid, *dest);
         }
-        MoveMsg::Abort { tag, vpid } => super::route_rolled_back(agent, *vpid, tag.mid),
+        MoveMsg::Abort { tag, vpid } => super::route_rolled_back(agent, &[*vpid], tag.mid),
         _ => {}
     }
     for action in Participant::without_machine(agent.node_id(), &msg, resumed_here) {
@@ -153,10 +162,18 @@ enum HoldCmd {
     Kill,
 }
 
+/// The held copy: one process, or every member of a group move with the streams between them.
+struct HeldCopy {
+    members: Vec<Restoring>,
+    /// Streams between members: the plan and our ends of the new sockets (client, server),
+    /// None for a side queued in a listen backlog (queued into the new listener at resume).
+    internal: Vec<(InternalPlan, Option<UnixStream>, Option<UnixStream>)>,
+}
+
 struct Driver {
     agent: Arc<Agent>,
     from: NodeId,
-    restore: Option<Restoring>,
+    restore: Option<HeldCopy>,
     tx: mpsc::UnboundedSender<Input>,
 }
 
@@ -187,11 +204,22 @@ pub fn log_path_for(agent: &Agent, vpid: Vpid) -> PathBuf {
 /// Page data larger than this is refused (the agent would have to hold it in memory).
 const MAX_PAGES: u64 = 64 << 30;
 
+/// An image file name a source may send: `name`, or `m<vPID>/name` (a group move's member).
+fn image_name_ok(file: &str) -> bool {
+    let plain = |f: &str| {
+        !f.is_empty() && f.len() <= 64 && f.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) && !f.starts_with('.')
+    };
+    match file.split_once('/') {
+        None => plain(file),
+        Some((dir, name)) => {
+            dir.strip_prefix('m').is_some_and(|v| !v.is_empty() && v.len() <= 10 && v.bytes().all(|b| b.is_ascii_digit()))
+                && plain(name)
+        }
+    }
+}
+
 fn image_file_ok(agent: &Agent, from: NodeId, mid: u64, file: &str) -> bool {
-    let valid = !file.is_empty()
-        && file.len() <= 64
-        && file.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
-        && !file.starts_with('.');
+    let valid = image_name_ok(file);
     let known = agent.moves.participating.lock().contains_key(&mid) && (mid >> 48) as u16 == from.0;
     if !valid || !known {
         tracing::warn!(peer = %agent.node_name(from), file, "image data for no move of that node (or a bad name); dropped");
@@ -305,9 +333,19 @@ pub fn receive_image(agent: &Agent, from: NodeId, mid: u64, file: &str, offset: 
         tracing::warn!(mid, "test fault: stalling the image transfer (this node stops reading its link)");
         tokio::task::block_in_place(|| std::thread::sleep(Duration::from_secs(60)));
     }
+    if offset.saturating_add(bytes.len() as u64) > MAX_PAGES {
+        tracing::warn!(mid, file, "image file beyond {MAX_PAGES} bytes refused");
+        return false;
+    }
     let write = || -> std::io::Result<()> {
         std::fs::create_dir_all(&dir)?;
         std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))?;
+        if let Some((member, _)) = file.split_once('/') {
+            let sub = dir.join(member);
+            if std::fs::create_dir(&sub).is_ok() {
+                std::fs::set_permissions(&sub, std::fs::Permissions::from_mode(0o700))?;
+            }
+        }
         let mut f =
             std::fs::OpenOptions::new().create(true).truncate(false).write(true).mode(0o600).open(dir.join(file))?;
         f.seek(SeekFrom::Start(offset))?;
@@ -330,7 +368,7 @@ async fn execute(d: &mut Driver, m: &Participant, action: PartAction) {
                 let _ = link.write_now(PeerMessage::Move(msg)).await;
             }
         }
-        PartAction::MarkMigrating { .. } => super::mark_migrating(&agent, m.vpid, m.tag.mid).await,
+        PartAction::MarkMigrating { .. } => super::mark_migrating(&agent, &all_vpids(m), m.tag.mid).await,
         PartAction::DetachStream(stream) => {
             // Answered by on_message directly (it concerns ends, not the machine).
             let _ = stream;
@@ -346,11 +384,12 @@ async fn execute(d: &mut Driver, m: &Participant, action: PartAction) {
                     return;
                 }
             };
-            match prepare_restore(&agent, &dir).await {
+            match prepare_copy(&agent, &dir).await {
                 Ok(r) => {
-                    let pid = r.pid;
+                    let pid = r.members[0].pid;
+                    let group = r.members[1..].iter().map(|m| (m.plan.entry.vpid, m.pid)).collect();
                     d.restore = Some(r);
-                    let _ = tx.send(Input::Restored(Ok(pid)));
+                    let _ = tx.send(Input::Restored(Ok((pid, group))));
                 }
                 Err(e) => {
                     tracing::warn!(tag = %m.tag, "restore failed: {e}");
@@ -360,28 +399,150 @@ async fn execute(d: &mut Driver, m: &Participant, action: PartAction) {
             }
         }
         PartAction::ResumeHeld => {
-            if let Some(r) = d.restore.take() {
-                resume(&agent, m, r).await;
+            if let Some(copy) = d.restore.take() {
+                resume_copy(&agent, m, copy).await;
             }
         }
         PartAction::DiscardCopy => {
             agent.moves.incoming.lock().remove(&m.tag.mid);
             agent.moves.precopy.lock().remove(&m.tag.mid);
-            if let Some(r) = d.restore.take() {
-                let _ = r.holder.send(HoldCmd::Kill);
-                for (_, l, _) in &r.listeners {
-                    l.remove();
-                }
+            if let Some(copy) = d.restore.take() {
+                copy.members.iter().for_each(discard);
             }
             let _ = std::fs::remove_dir_all(image_dir(&agent, m.tag.mid));
         }
-        PartAction::RouteCommitted { dest, pid } => super::route_committed(&agent, m.vpid, m.tag.mid, dest, pid),
-        PartAction::RouteRolledBack => super::route_rolled_back(&agent, m.vpid, m.tag.mid),
+        PartAction::RouteCommitted { dest, pid, group } => {
+            super::route_committed_all(&agent, m.vpid, pid, &group, m.tag.mid, dest)
+        }
+        PartAction::RouteRolledBack => super::route_rolled_back(&agent, &all_vpids(m), m.tag.mid),
     }
 }
 
+/// Kills a held copy and removes the listener files made for it.
+fn discard(r: &Restoring) {
+    let _ = r.holder.send(HoldCmd::Kill);
+    for (_, l, _) in &r.listeners {
+        l.remove();
+    }
+}
+
+/// Restores the received image held: one process, or (`group.bin` beside `m<vPID>/`
+/// directories) every member of a group move; a member that fails kills the ones before it.
+async fn prepare_copy(agent: &Arc<Agent>, dir: &Path) -> Result<HeldCopy, String> {
+    let group_bytes = match std::fs::read(dir.join(GROUP_FILE)) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let (r, _) = prepare_restore(agent, dir, &[]).await?;
+            return Ok(HeldCopy { members: vec![r], internal: Vec::new() });
+        }
+        Err(e) => return Err(format!("the group plan cannot be read: {e}")),
+    };
+    let group: GroupPlan =
+        postcard::from_bytes(&group_bytes).map_err(|e| format!("the group plan is corrupt: {e}"))?;
+    if group.members.is_empty() {
+        return Err("the group plan names no process".into());
+    }
+    let mut members: Vec<Restoring> = Vec::new();
+    let mut ours: std::collections::HashMap<(u64, bool), UnixStream> = std::collections::HashMap::new();
+    let last = group.members.len() - 1;
+    for (i, vpid) in group.members.iter().enumerate() {
+        let sides: Vec<(u64, bool, &InternalSide)> = group
+            .internal
+            .iter()
+            .flat_map(|p| [(p.id, true, &p.client), (p.id, false, &p.server)])
+            .filter(|(_, _, s)| s.vpid == *vpid && !s.fds.is_empty())
+            .collect();
+        let member_dir = dir.join(super::source::member_dir_name(*vpid));
+        let restored = if i == last && i > 0 && agent.fault == Some(super::Fault::FailLastMember) {
+            Err("test fault: the restore of the group's last process fails on this node".to_string())
+        } else {
+            prepare_restore(agent, &member_dir, &sides).await
+        };
+        let restored = restored.and_then(|(r, ends)| {
+            if r.plan.entry.vpid == *vpid {
+                Ok((r, ends))
+            } else {
+                discard(&r);
+                Err(format!("its image is of vPID {}", r.plan.entry.vpid))
+            }
+        });
+        match restored {
+            Ok((r, ends)) => {
+                ours.extend(ends);
+                members.push(r);
+            }
+            Err(e) => {
+                members.iter().for_each(discard);
+                return Err(format!("vPID {vpid} of the group: {e}"));
+            }
+        }
+    }
+    let internal = group
+        .internal
+        .into_iter()
+        .map(|p| {
+            let (c, s) = (ours.remove(&(p.id, true)), ours.remove(&(p.id, false)));
+            (p, c, s)
+        })
+        .collect();
+    Ok(HeldCopy { members, internal })
+}
+
+/// Commit on the destination: every member is registered and resumed; the streams between
+/// members get their relay here, each side owed its unread bytes first.
+async fn resume_copy(agent: &Arc<Agent>, m: &Participant, copy: HeldCopy) {
+    let listeners: std::collections::HashMap<(Vpid, u16), crate::listener::ListenerFile> = copy
+        .members
+        .iter()
+        .flat_map(|r| r.listeners.iter().map(|(e, l, _)| ((r.plan.entry.vpid, e.port), l.clone())))
+        .collect();
+    for (p, client, server) in copy.internal {
+        let mut ends = Vec::new();
+        for (side, ours, mut owed) in [(&p.client, client, p.to_client.clone()), (&p.server, server, p.to_server.clone())] {
+            let end = match (ours, side.backlog_of) {
+                (Some(s), _) => {
+                    let _ = s.set_nonblocking(true);
+                    tokio::net::UnixStream::from_std(s).ok().map(End::Unix)
+                }
+                // Queued in the backlog at the freeze: queued into the new listener.
+                (None, Some(port)) => match listeners.get(&(side.vpid, port)) {
+                    Some(l) => l.connect().await.ok().map(End::Unix),
+                    None => None,
+                },
+                (None, None) => None,
+            };
+            let mut first = Dir { pending: side.unread.clone(), ended: false };
+            first.append(std::mem::take(&mut owed));
+            ends.push((end, first));
+        }
+        let mut sides = ends.into_iter();
+        let (Some((Some(c), to_client)), Some((Some(s), to_server))) = (sides.next(), sides.next()) else {
+            tracing::warn!(stream = p.id, "a stream between members of the group cannot be rebuilt here; it ends");
+            continue;
+        };
+        relay::spawn_local(agent, p.id, c, s, to_server, to_client);
+    }
+    for r in copy.members {
+        resume(agent, m, r).await;
+    }
+    // A group move's own directory (each member's was removed with it).
+    let _ = std::fs::remove_dir_all(image_dir(agent, m.tag.mid));
+}
+
+/// The process of the move and the others of a group move.
+fn all_vpids(m: &Participant) -> Vec<Vpid> {
+    std::iter::once(m.vpid).chain(m.group.iter().copied()).collect()
+}
+
 /// Builds the process's new sockets, queues the Relink frame, and restores the image held.
-async fn prepare_restore(agent: &Arc<Agent>, dir: &Path) -> Result<Restoring, String> {
+/// `internal`: the process's sides of streams between members of a group move (stream id, the
+/// connecting side?): a new socket each, whose other end is returned.
+#[allow(clippy::type_complexity)]
+async fn prepare_restore(
+    agent: &Arc<Agent>,
+    dir: &Path,
+    internal: &[(u64, bool, &InternalSide)],
+) -> Result<(Restoring, Vec<((u64, bool), UnixStream)>), String> {
     if agent.fault == Some(super::Fault::HoldRestore) {
         tracing::warn!("test fault: holding the restore for 2 s");
         tokio::time::sleep(Duration::from_secs(2)).await;
@@ -456,6 +617,16 @@ async fn prepare_restore(agent: &Arc<Agent>, dir: &Path) -> Result<Restoring, St
         }
         keep.push(OwnedFd::from(theirs));
         stream_ends.push((s.id, ours));
+    }
+    let mut internal_ends = Vec::new();
+    for (id, client, side) in internal {
+        let (ours, theirs) = UnixStream::pair().map_err(|e| format!("socketpair: {e}"))?;
+        for f in &side.fds {
+            records.push(RelinkRecord { fd: f.fd, old_ino: f.old_ino, new_ino: ino(&theirs) });
+            external.push((f.fd, theirs.as_raw_fd()));
+        }
+        keep.push(OwnedFd::from(theirs));
+        internal_ends.push(((*id, *client), ours));
     }
     for c in &plan.closed {
         let (ours, theirs) = UnixStream::pair().map_err(|e| format!("socketpair: {e}"))?;
@@ -607,7 +778,10 @@ async fn prepare_restore(agent: &Arc<Agent>, dir: &Path) -> Result<Restoring, St
         .map_err(|e| format!("cannot start the restore thread: {e}"))?;
     let pid = ready_rx.await.map_err(|_| "the restore thread died".to_string())??;
     made.0.clear();
-    Ok(Restoring { plan, dir: dir.to_path_buf(), holder, pid, stream_ends, listeners, link_end, _replacements: keep })
+    Ok((
+        Restoring { plan, dir: dir.to_path_buf(), holder, pid, stream_ends, listeners, link_end, _replacements: keep },
+        internal_ends,
+    ))
 }
 
 /// Commit on the destination: register the process, reattach its streams, requeue its backlog,

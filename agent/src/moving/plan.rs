@@ -8,6 +8,44 @@ use pidvirt::{EndpointEntry, NodeId, ProcessEntry};
 use serde::{Deserialize, Serialize};
 
 pub const PLAN_FILE: &str = "plan.bin";
+/// A group move's own file beside its members' image directories (`m<vPID>/`, each with the
+/// member's image and `plan.bin`).
+pub const GROUP_FILE: &str = "group.bin";
+
+/// What a group move sends beside its members' images.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct GroupPlan {
+    /// Every member, the process asked for first.
+    pub members: Vec<pidvirt::Vpid>,
+    /// Streams between members: both ends move, the relay is made again where they run.
+    pub internal: Vec<InternalPlan>,
+}
+
+/// A stream between two members of a group move.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct InternalPlan {
+    pub id: u64,
+    pub client: InternalSide,
+    pub server: InternalSide,
+    /// Owed to each side once it runs again, after its `unread` (which the destination writes
+    /// first): what the relay held for it, then what the other side wrote that the agent had
+    /// not read (+ EOF).
+    pub to_client: Dir,
+    pub to_server: Dir,
+}
+
+/// One end of a stream between members.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct InternalSide {
+    pub vpid: pidvirt::Vpid,
+    /// The member's fds on it. Empty: a connection queued in the backlog of its listener on
+    /// `backlog_of` (port), queued again into the new listener.
+    pub fds: Vec<FdRef>,
+    pub backlog_of: Option<u16>,
+    /// Bytes in the member's socket, unread, at the freeze (peeked: they stay there if the move
+    /// rolls back; for a backlog connection, read out of it).
+    pub unread: Vec<u8>,
+}
 
 /// An fd number of the process and the inode its socket had (for the shim's Relink frame).
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]

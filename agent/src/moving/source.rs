@@ -4,7 +4,10 @@
 //! (`freezer`): only the thread that froze a process may thaw or kill it.
 
 use super::classify::{self, Classified};
-use super::plan::{ClosedPlan, FdRef, ListenerPlan, MovePlan, Redirect, StreamPlan, PLAN_FILE};
+use super::plan::{
+    ClosedPlan, FdRef, GroupPlan, InternalPlan, InternalSide, ListenerPlan, MovePlan, Redirect, StreamPlan, GROUP_FILE,
+    PLAN_FILE,
+};
 use super::streams::{self, HeldFixed};
 use crate::relay::{self, Dir, End, HeldEnd, Inbound, Left};
 use crate::state::Agent;
@@ -33,6 +36,8 @@ pub enum Input {
 
 pub struct Request {
     pub vpid: Vpid,
+    /// The other processes of a group move (`move --group`).
+    pub group: Vec<Vpid>,
     pub dest: NodeId,
     pub options: MoveOptions,
     /// Who asks (root or the owner may move a process).
@@ -104,17 +109,44 @@ struct StreamWork {
     rx: Option<mpsc::UnboundedReceiver<Inbound>>,
 }
 
-struct Driver {
-    agent: Arc<Agent>,
+/// A stream between two processes of a group move: both ends move, and the relay between
+/// them is made again on whichever node they run on next.
+struct InternalWork {
+    plan: InternalPlan,
+    /// The agent's ends of the original sockets (client, server) — reattached on rollback.
+    ends: Option<(HeldEnd, HeldEnd)>,
+    /// A side still queued in a listen backlog: the connection taken out of it.
+    backlog_conn: [Option<OwnedFd>; 2],
+}
+
+/// One process of the move: the one asked for, or another of a group move.
+struct Member {
     entry: ProcessEntry,
-    tag: MoveTag,
-    dest: NodeId,
-    reply: mpsc::UnboundedSender<LocalResponse>,
     freezer: Option<std::sync::mpsc::Sender<FreezeCmd>>,
     classified: Classified,
     endpoints: Vec<EndpointEntry>,
     streams: BTreeMap<u64, StreamWork>,
     closed: Vec<ClosedPlan>,
+}
+
+impl Member {
+    fn freezer(&self, cmd: FreezeCmd) {
+        if let Some(f) = &self.freezer {
+            let _ = f.send(cmd);
+        }
+    }
+}
+
+struct Driver {
+    agent: Arc<Agent>,
+    /// The process asked for; for a group move, the others follow it (`members[1..]`).
+    entry: ProcessEntry,
+    members: Vec<Member>,
+    /// Streams between members of a group move, by stream id.
+    internal: BTreeMap<u64, InternalWork>,
+    tag: MoveTag,
+    dest: NodeId,
+    reply: mpsc::UnboundedSender<LocalResponse>,
     image_dir: PathBuf,
     image_bytes: u64,
     /// Bytes sent by pre-copy rounds (part of the image size reported).
@@ -134,6 +166,8 @@ struct Driver {
     /// The pre-copy tracker, from the end of the rounds until the dump (dropping it removes
     /// every trace of tracking from the process).
     precopy: Option<PrecopyRef>,
+    /// A group move: the others' pids on the destination, as it restored them.
+    restored_group: Vec<(Vpid, i32)>,
 }
 
 impl Driver {
@@ -145,11 +179,27 @@ impl Driver {
         self.steps.push(s);
     }
 
-    fn freezer(&self, cmd: FreezeCmd) {
-        if let Some(f) = &self.freezer {
-            let _ = f.send(cmd);
+    fn is_group(&self) -> bool {
+        self.members.len() > 1
+    }
+
+    fn vpids(&self) -> Vec<Vpid> {
+        self.members.iter().map(|m| m.entry.vpid).collect()
+    }
+
+    /// A member's image directory in a group move's (each is a process image of its own).
+    fn member_dir(&self, i: usize) -> PathBuf {
+        if self.is_group() {
+            self.image_dir.join(member_dir_name(self.members[i].entry.vpid))
+        } else {
+            self.image_dir.clone()
         }
     }
+}
+
+/// `m<vPID>`: the directory of a group member's image in the move's image directory.
+pub fn member_dir_name(vpid: Vpid) -> String {
+    format!("m{}", vpid.0)
 }
 
 /// Runs a move requested on this node (or forwarded here) to its end; the last message on
@@ -161,9 +211,12 @@ pub async fn run(agent: Arc<Agent>, req: Request) {
             let _ = reply.send(LocalResponse::Error { message });
         }
         Ok((driver, coordinator, rx)) => {
-            let vpid = req.vpid;
+            let vpids = driver.vpids();
             drive(driver, coordinator, rx).await;
-            agent.moves.coordinating.lock().remove(&vpid);
+            let mut c = agent.moves.coordinating.lock();
+            for v in vpids {
+                c.remove(&v);
+            }
         }
     }
 }
@@ -175,31 +228,45 @@ async fn prepare(
 ) -> Result<(Driver, Coordinator, mpsc::UnboundedReceiver<Input>), String> {
     let started = Instant::now();
     let me = agent.node_id();
-    let (entry, endpoints, peers) = {
+    let all: Vec<Vpid> = std::iter::once(req.vpid).chain(req.group.iter().copied()).collect();
+    let group = all.len() > 1;
+    let (found, peers) = {
         let t = agent.tables.lock();
-        let r = t.routing.get(req.vpid).ok_or_else(|| format!("no process with vPID {} in the cluster", req.vpid))?;
-        if r.entry.node != me {
-            return Err(format!("vPID {} runs on {}, not here", req.vpid, agent.node_name(r.entry.node)));
+        let mut found = Vec::new();
+        for vpid in &all {
+            let r = t.routing.get(*vpid).ok_or_else(|| format!("no process with vPID {vpid} in the cluster"))?;
+            if r.entry.node != me {
+                return Err(format!("vPID {vpid} runs on {}, not here", agent.node_name(r.entry.node)));
+            }
+            if let pidvirt::EndpointState::Migrating { migration, .. } = &r.state {
+                return Err(format!("vPID {vpid} is already moving (move {:x})", migration.0));
+            }
+            let eps: Vec<EndpointEntry> = t.routing.endpoints().filter(|e| e.vpid == *vpid).cloned().collect();
+            found.push((r.entry.clone(), eps));
         }
-        if let pidvirt::EndpointState::Migrating { migration, .. } = &r.state {
-            return Err(format!("vPID {} is already moving (move {:x})", req.vpid, migration.0));
-        }
-        let eps: Vec<EndpointEntry> = t.routing.endpoints().filter(|e| e.vpid == req.vpid).cloned().collect();
         let peers: BTreeSet<NodeId> = t.links.keys().copied().collect();
-        (r.entry.clone(), eps, peers)
+        (found, peers)
     };
-    if req.uid != 0 && req.uid != entry.uid {
-        return Err(format!(
-            "permission denied: vPID {} (pid {}) belongs to uid {}; only root or its owner may move it",
-            entry.vpid, entry.real_pid, entry.uid
-        ));
+    for (entry, _) in &found {
+        if req.uid != 0 && req.uid != entry.uid {
+            return Err(format!(
+                "permission denied: vPID {} (pid {}) belongs to uid {}; only root or its owner may move it",
+                entry.vpid, entry.real_pid, entry.uid
+            ));
+        }
     }
     if req.dest == me {
-        return Err(format!("vPID {} already runs on {}", entry.vpid, agent.node_name(me)));
+        return Err(format!("vPID {} already runs on {}", req.vpid, agent.node_name(me)));
     }
     if req.options.transfer == Transfer::Rsync && req.options.precopy == Some(true) {
         return Err("--precopy and --transfer rsync do not go together: rsync sends the image once the process \
                     is frozen"
+            .into());
+    }
+    if group && (req.options.transfer == Transfer::Rsync || req.options.precopy == Some(true) || req.options.compress)
+    {
+        return Err("a group move sends its images as files over the agent link: --precopy, --compress and \
+                    --transfer rsync are not available with --group yet"
             .into());
     }
     if !peers.contains(&req.dest) {
@@ -211,27 +278,36 @@ async fn prepare(
     }
     // Moved here with pre-copy, it may still be getting its memory copied in: wait for that.
     let deadline = Instant::now() + Duration::from_secs(30);
-    while agent.moves.filling.lock().contains(&entry.real_pid) {
+    while found.iter().any(|(e, _)| agent.moves.filling.lock().contains(&e.real_pid)) {
         if Instant::now() >= deadline {
             return Err(format!(
                 "vPID {} still has pre-copied memory being copied in from its last move; try again",
-                entry.vpid
+                req.vpid
             ));
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    let (a, vpid, pid) = (agent.clone(), entry.vpid, entry.real_pid);
-    let classified = tokio::task::spawn_blocking(move || -> Result<Classified, String> {
-        let (c, blockers) = classify::preflight(&a, vpid, pid)?;
-        if !blockers.is_empty() {
-            let list: Vec<String> = blockers.iter().map(|b| format!("  - {b}")).collect();
-            return Err(format!(
-                "vPID {vpid} (pid {pid}) cannot move; {} blocker(s), nothing was frozen:\n{}",
-                list.len(),
-                list.join("\n")
-            ));
+    // Every member's blockers, all listed at once (nothing is frozen before all are clear).
+    let ids: Vec<(Vpid, i32)> = found.iter().map(|(e, _)| (e.vpid, e.real_pid)).collect();
+    let a = agent.clone();
+    let classified = tokio::task::spawn_blocking(move || -> Result<Vec<Classified>, String> {
+        let mut out = Vec::new();
+        let mut list: Vec<String> = Vec::new();
+        for (vpid, pid) in ids.iter().copied() {
+            let (c, blockers) = classify::preflight(&a, vpid, pid)?;
+            let prefix = if ids.len() > 1 { format!("vPID {vpid} (pid {pid}): ") } else { String::new() };
+            list.extend(blockers.iter().map(|b| format!("  - {prefix}{b}")));
+            out.push(c);
         }
-        Ok(c)
+        if !list.is_empty() {
+            let what = if ids.len() > 1 {
+                format!("the group of {} processes cannot move", ids.len())
+            } else {
+                format!("vPID {} (pid {}) cannot move", ids[0].0, ids[0].1)
+            };
+            return Err(format!("{what}; {} blocker(s), nothing was frozen:\n{}", list.len(), list.join("\n")));
+        }
+        Ok(out)
     })
     .await
     .map_err(|e| format!("preflight failed: {e}"))??;
@@ -240,28 +316,39 @@ async fn prepare(
     let mid = agent.moves.new_move_id(me);
     {
         let mut c = agent.moves.coordinating.lock();
-        if c.contains_key(&entry.vpid) {
-            return Err(format!("vPID {} is already moving", entry.vpid));
+        if let Some(v) = all.iter().find(|v| c.contains_key(v)) {
+            return Err(format!("vPID {v} is already moving"));
         }
-        c.insert(entry.vpid, (mid, tx));
+        for v in &all {
+            c.insert(*v, (mid, tx.clone()));
+        }
     }
-    let epoch = agent.moves.epochs.lock().get(&entry.vpid).copied().unwrap_or(0);
+    let epoch = agent.moves.epochs.lock().get(&req.vpid).copied().unwrap_or(0);
     let tag = MoveTag { mid, epoch };
     // On tmpfs: nothing waits for disk writeback while the process is frozen. (With rsync the
     // whole dump goes there, and becomes this node's kept image once the move commits.)
     let image_dir = agent.staging.join(format!("move-{mid:x}-out"));
-    let keys = endpoints.iter().map(|e| e.key()).collect();
+    let keys = found.iter().flat_map(|(_, eps)| eps.iter().map(|e| e.key())).collect();
+    let members: Vec<Member> = found
+        .into_iter()
+        .zip(classified)
+        .map(|((entry, endpoints), classified)| Member {
+            entry,
+            freezer: None,
+            classified,
+            endpoints,
+            streams: BTreeMap::new(),
+            closed: Vec::new(),
+        })
+        .collect();
     let mut d = Driver {
         agent: agent.clone(),
-        entry,
+        entry: members[0].entry.clone(),
+        members,
+        internal: BTreeMap::new(),
         tag,
         dest: req.dest,
         reply: req.reply.clone(),
-        freezer: None,
-        classified,
-        endpoints,
-        streams: BTreeMap::new(),
-        closed: Vec::new(),
         image_dir,
         image_bytes: 0,
         precopy_bytes: 0,
@@ -275,26 +362,41 @@ async fn prepare(
         frozen_for: None,
         log_path: None,
         precopy: None,
+        restored_group: Vec::new(),
     };
+    let described: Vec<String> = d
+        .members
+        .iter()
+        .map(|m| {
+            let c = &m.classified;
+            format!(
+                "vPID {} (pid {}): {} fd(s) carried by the agents{}",
+                m.entry.vpid,
+                m.entry.real_pid,
+                c.carried.len(),
+                if c.stdio.is_empty() {
+                    String::new()
+                } else {
+                    let s: Vec<String> = c.stdio.iter().map(|(fd, _, what)| format!("fd {fd}: {what}")).collect();
+                    format!("; redirected: {}", s.join(", "))
+                }
+            )
+        })
+        .collect();
     let detail = format!(
-        "vPID {} (pid {}) {} → {}; {} fd(s) carried by the agents{}",
-        d.entry.vpid,
-        d.entry.real_pid,
+        "{}{} → {}; {}",
+        if group { format!("group of {}: ", d.members.len()) } else { String::new() },
         agent.node_name(me),
         agent.node_name(req.dest),
-        d.classified.carried.len(),
-        if d.classified.stdio.is_empty() {
-            String::new()
-        } else {
-            let s: Vec<String> = d.classified.stdio.iter().map(|(fd, _, what)| format!("fd {fd}: {what}")).collect();
-            format!("; redirected: {}", s.join(", "))
-        }
+        described.join("; ")
     );
     d.step("preflight", detail);
-    tracing::info!(vpid = %d.entry.vpid, %tag, dest = %agent.node_name(req.dest), "move started");
+    tracing::info!(vpid = %d.entry.vpid, group = ?req.group, %tag, dest = %agent.node_name(req.dest), "move started");
     if d.transfer == Transfer::Rsync {
         // rsync sends a complete image directory after the freeze; pre-copy sends pages before.
         d.step("pre-copy", "not with --transfer rsync: the whole image is sent while frozen".into());
+    } else if group {
+        d.step("pre-copy", "not in a group move yet: every member's image is sent while frozen".into());
     } else if let Some(why) = wants_precopy(req.options, d.entry.real_pid) {
         precopy(&mut d, why).await;
     }
@@ -309,7 +411,8 @@ async fn prepare(
         BTreeMap::new(),
         super::timeouts(),
         super::now_ms(),
-    );
+    )
+    .with_group(req.group.clone());
     Ok((d, coordinator, rx))
 }
 
@@ -337,7 +440,10 @@ async fn drive(mut d: Driver, mut m: Coordinator, mut rx: mpsc::UnboundedReceive
             _ = tokio::time::sleep(wait) => CoordEvent::Tick,
         };
         if let CoordEvent::Msg(_, MoveMsg::StartAck { .. }) = &ev {
-        } else if let CoordEvent::Msg(_, MoveMsg::Restored { .. }) = &ev {
+        } else if let CoordEvent::Msg(from, MoveMsg::Restored { group, .. }) = &ev {
+            if *from == d.dest {
+                d.restored_group = group.clone();
+            }
             d.step("restore", format!("held on {}", d.agent.node_name(d.dest)));
         }
         queue.extend(m.handle(super::now_ms(), ev));
@@ -370,7 +476,7 @@ async fn execute(d: &mut Driver, m: &mut Coordinator, action: CoordAction) -> Op
             None
         }
         CoordAction::MarkMigrating => {
-            super::mark_migrating(&agent, d.entry.vpid, d.tag.mid).await;
+            super::mark_migrating(&agent, &d.vpids(), d.tag.mid).await;
             d.step("start", "every agent holds new connections to the process".into());
             None
         }
@@ -381,21 +487,25 @@ async fn execute(d: &mut Driver, m: &mut Coordinator, action: CoordAction) -> Op
         }
         CoordAction::DumpAndSend => Some(dump_and_send(d).await),
         CoordAction::KillOriginalOnExit => {
-            d.freezer(FreezeCmd::ExitKill(true));
+            for m in &d.members {
+                m.freezer(FreezeCmd::ExitKill(true));
+            }
             None
         }
         CoordAction::KillOriginal => {
             d.frozen_for = d.frozen_at.map(|t| t.elapsed());
             d.step("commit", format!("runs on {}", agent.node_name(d.dest)));
-            let (tx, rx) = oneshot::channel();
-            d.freezer(FreezeCmd::Kill(tx));
-            let _ = rx.await;
-            d.freezer = None;
+            for m in d.members.iter_mut() {
+                let (tx, rx) = oneshot::channel();
+                m.freezer(FreezeCmd::Kill(tx));
+                let _ = rx.await;
+                m.freezer = None;
+            }
             forget_here(d);
             None
         }
-        CoordAction::RouteCommitted { dest, pid } => {
-            super::route_committed(&agent, d.entry.vpid, d.tag.mid, dest, pid);
+        CoordAction::RouteCommitted { dest, pid, group } => {
+            super::route_committed_all(&agent, d.entry.vpid, pid, &group, d.tag.mid, dest);
             crate::registry::save(&agent);
             None
         }
@@ -404,110 +514,175 @@ async fn execute(d: &mut Driver, m: &mut Coordinator, action: CoordAction) -> Op
             None
         }
         CoordAction::Thaw => {
-            let (tx, rx) = oneshot::channel();
-            d.freezer(FreezeCmd::Thaw(tx));
-            d.freezer = None;
-            if let Ok(Err(e)) = rx.await {
-                tracing::error!(vpid = %d.entry.vpid, "thaw failed: {e}");
+            for m in d.members.iter_mut() {
+                let (tx, rx) = oneshot::channel();
+                m.freezer(FreezeCmd::Thaw(tx));
+                m.freezer = None;
+                if let Ok(Err(e)) = rx.await {
+                    tracing::error!(vpid = %m.entry.vpid, "thaw failed: {e}");
+                }
             }
             d.frozen_for = d.frozen_at.map(|t| t.elapsed());
             None
         }
         CoordAction::RouteRolledBack => {
-            super::route_rolled_back(&agent, d.entry.vpid, d.tag.mid);
+            super::route_rolled_back(&agent, &d.vpids(), d.tag.mid);
             None
         }
         CoordAction::Finish(outcome) => {
             if d.transfer == Transfer::Rsync && matches!(outcome, Outcome::Committed { .. }) {
                 keep_dump(d).await;
             }
-            finish(d, outcome);
+            let group = match &outcome {
+                Outcome::Committed { .. } => d.restored_group.clone(),
+                Outcome::RolledBack { .. } => Vec::new(),
+            };
+            finish(d, outcome, &group);
             None
         }
     }
 }
 
 /// Freeze, then find every stream of the frozen process (its fds may have changed since the
-/// preflight) and take the connections waiting in its listen backlogs.
+/// preflight) and take the connections waiting in its listen backlogs. A group move freezes
+/// every member first, then looks at them.
 async fn freeze(d: &mut Driver, m: &mut Coordinator) -> CoordEvent {
     d.step_start = Instant::now();
-    let (tx, ready) = spawn_freezer(d.entry.real_pid);
     d.frozen_at = Some(Instant::now());
-    // A freeze that hangs (a thread stuck in the kernel) is given up: dropping `tx` makes the
-    // freezer thread thaw whatever it froze, whenever it gets there.
-    match tokio::time::timeout(Duration::from_millis(super::timeouts().detach), ready).await {
-        Ok(Ok(Ok(()))) => d.freezer = Some(tx),
-        Ok(Ok(Err(e))) => return CoordEvent::FreezeFailed(e),
-        Ok(Err(_)) => return CoordEvent::FreezeFailed("the freezer thread died".into()),
-        Err(_) => return CoordEvent::FreezeFailed("the process did not stop in time".into()),
+    let mut freezers = Vec::new();
+    for member in &d.members {
+        let (tx, ready) = spawn_freezer(member.entry.real_pid);
+        // A freeze that hangs (a thread stuck in the kernel) is given up: dropping `tx` makes
+        // the freezer thread thaw whatever it froze, whenever it gets there (the members frozen
+        // before it too: their senders are dropped with `freezers`).
+        let who = if d.members.len() > 1 { format!("vPID {}: ", member.entry.vpid) } else { String::new() };
+        match tokio::time::timeout(Duration::from_millis(super::timeouts().detach), ready).await {
+            Ok(Ok(Ok(()))) => freezers.push(tx),
+            Ok(Ok(Err(e))) => return CoordEvent::FreezeFailed(format!("{who}{e}")),
+            Ok(Err(_)) => return CoordEvent::FreezeFailed(format!("{who}the freezer thread died")),
+            Err(_) => return CoordEvent::FreezeFailed(format!("{who}the process did not stop in time")),
+        }
     }
-    let (agent, vpid, pid) = (d.agent.clone(), d.entry.vpid, d.entry.real_pid);
-    let found = tokio::task::spawn_blocking(move || -> Result<(Classified, Vec<(u16, OwnedFd)>), String> {
-        // A stream the agent is setting up (connected, its relay not registered yet) settles
-        // within moments; the process is frozen, so no new one starts.
-        let mut c = classify::classify(&agent, vpid, pid).map_err(|e| e.to_string())?;
-        for _ in 0..100 {
-            if c.pending.is_empty() {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(2));
-            c = classify::classify(&agent, vpid, pid).map_err(|e| e.to_string())?;
-        }
-        if let Some(r) = c.pending.first() {
-            return Err(format!("fd {} is a connection to the agent still being set up; try again", r.fd));
-        }
-        let pidfd = ck::pidfd_open(pid).map_err(|e| format!("pidfd_open: {e}"))?;
-        unread_relink(&pidfd, &mut c);
-        let mut backlog = Vec::new();
-        for (ep, fds) in &c.listeners {
-            let Some(first) = fds.first() else { continue };
-            let l = ck::pidfd_getfd(&pidfd, first.fd).map_err(|e| format!("pidfd_getfd(fd {}): {e}", first.fd))?;
-            while let Ok(conn) = crate::sys::accept_now(&l) {
-                backlog.push((ep.port, conn));
-            }
-        }
-        Ok((c, backlog))
-    })
-    .await;
-    let (c, backlog) = match found {
-        Ok(Ok(x)) => x,
-        Ok(Err(e)) => return CoordEvent::FreezeFailed(e),
-        Err(e) => return CoordEvent::FreezeFailed(e.to_string()),
-    };
-    let by_inode = d.agent.relays.by_inode();
+    for (member, tx) in d.members.iter_mut().zip(freezers) {
+        member.freezer = Some(tx);
+    }
     let mut remote = BTreeMap::new();
-    let pidfd = ck::pidfd_open(d.entry.real_pid).ok();
-    // Unread bytes are taken in detach_local, once the relays stopped writing into the sockets.
-    for (id, (fds, moving_is_client)) in &c.streams {
-        d.streams.insert(*id, StreamWork::new(*id, fds.clone(), None, *moving_is_client));
-    }
-    for (port, conn) in backlog {
-        let Ok(ino) = crate::sys::inode(&conn) else { continue };
-        let peer = ck::unix_diag(ino as u32).map(|x| x.peer as u64).unwrap_or(0);
-        let Some((id, _)) = by_inode.get(&peer) else { continue };
-        let mut w = StreamWork::new(*id, Vec::new(), Some(port), false);
-        w.backlog_conn = Some(conn);
-        d.streams.insert(*id, w);
-    }
-    for fds in &c.closed {
-        let unread = match (&pidfd, fds.first()) {
-            (Some(p), Some(f)) => {
-                ck::pidfd_getfd(p, f.fd).and_then(|s| ck::sock_peek(&s, MAX_UNREAD)).unwrap_or_default()
-            }
-            _ => Vec::new(),
+    for i in 0..d.members.len() {
+        let (agent, vpid, pid) = (d.agent.clone(), d.members[i].entry.vpid, d.members[i].entry.real_pid);
+        let found = tokio::task::spawn_blocking(move || frozen_fds(&agent, vpid, pid)).await;
+        let (c, backlog) = match found {
+            Ok(Ok(x)) => x,
+            Ok(Err(e)) => return CoordEvent::FreezeFailed(e),
+            Err(e) => return CoordEvent::FreezeFailed(e.to_string()),
         };
-        d.closed.push(ClosedPlan { fds: fds.clone(), unread });
+        let by_inode = d.agent.relays.by_inode();
+        let pidfd = ck::pidfd_open(pid).ok();
+        let member = &mut d.members[i];
+        // Unread bytes are taken in detach_local, once the relays stopped writing into the sockets.
+        for (id, (fds, moving_is_client)) in &c.streams {
+            member.streams.insert(*id, StreamWork::new(*id, fds.clone(), None, *moving_is_client));
+        }
+        for (port, conn) in backlog {
+            let Ok(ino) = crate::sys::inode(&conn) else { continue };
+            let peer = ck::unix_diag(ino as u32).map(|x| x.peer as u64).unwrap_or(0);
+            let Some((id, _)) = by_inode.get(&peer) else { continue };
+            let mut w = StreamWork::new(*id, Vec::new(), Some(port), false);
+            w.backlog_conn = Some(conn);
+            member.streams.insert(*id, w);
+        }
+        for fds in &c.closed {
+            let unread = match (&pidfd, fds.first()) {
+                (Some(p), Some(f)) => {
+                    ck::pidfd_getfd(p, f.fd).and_then(|s| ck::sock_peek(&s, MAX_UNREAD)).unwrap_or_default()
+                }
+                _ => Vec::new(),
+            };
+            member.closed.push(ClosedPlan { fds: fds.clone(), unread });
+        }
+        member.classified = c;
     }
-    for id in d.streams.keys() {
-        if let Some(Some(peer)) = d.agent.relays.peer_of(*id) {
-            remote.insert(*id, peer);
+    find_internal(d);
+    for member in &d.members {
+        for id in member.streams.keys() {
+            if let Some(Some(peer)) = d.agent.relays.peer_of(*id) {
+                remote.insert(*id, peer);
+            }
         }
     }
-    d.classified = c;
     m.streams_found(remote);
-    let n_backlog = d.streams.values().filter(|w| w.plan.backlog_of.is_some()).count();
-    d.step("freeze", format!("{} stream(s), {} queued connection(s)", d.streams.len(), n_backlog));
+    let n_streams: usize = d.members.iter().map(|m| m.streams.len()).sum();
+    let n_backlog: usize =
+        d.members.iter().flat_map(|m| m.streams.values()).filter(|w| w.plan.backlog_of.is_some()).count();
+    let internal = if d.is_group() { format!(", {} between members of the group", d.internal.len()) } else { String::new() };
+    d.step("freeze", format!("{n_streams} stream(s){internal}, {n_backlog} queued connection(s)"));
     CoordEvent::Frozen
+}
+
+/// The fds of a frozen process, classified, with the connections taken out of its listen
+/// backlogs (port, connection).
+fn frozen_fds(agent: &Agent, vpid: Vpid, pid: i32) -> Result<(Classified, Vec<(u16, OwnedFd)>), String> {
+    // A stream the agent is setting up (connected, its relay not registered yet) settles
+    // within moments; the process is frozen, so no new one starts.
+    let mut c = classify::classify(agent, vpid, pid).map_err(|e| e.to_string())?;
+    for _ in 0..100 {
+        if c.pending.is_empty() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(2));
+        c = classify::classify(agent, vpid, pid).map_err(|e| e.to_string())?;
+    }
+    if let Some(r) = c.pending.first() {
+        return Err(format!("fd {} of pid {pid} is a connection to the agent still being set up; try again", r.fd));
+    }
+    let pidfd = ck::pidfd_open(pid).map_err(|e| format!("pidfd_open: {e}"))?;
+    unread_relink(&pidfd, &mut c);
+    let mut backlog = Vec::new();
+    for (ep, fds) in &c.listeners {
+        let Some(first) = fds.first() else { continue };
+        let l = ck::pidfd_getfd(&pidfd, first.fd).map_err(|e| format!("pidfd_getfd(fd {}): {e}", first.fd))?;
+        while let Ok(conn) = crate::sys::accept_now(&l) {
+            backlog.push((ep.port, conn));
+        }
+    }
+    Ok((c, backlog))
+}
+
+/// Streams whose two ends are both in the group (found in two members) become internal: both
+/// ends move.
+fn find_internal(d: &mut Driver) {
+    if !d.is_group() {
+        return;
+    }
+    let mut sides: BTreeMap<u64, Vec<usize>> = BTreeMap::new();
+    for (i, m) in d.members.iter().enumerate() {
+        for id in m.streams.keys() {
+            sides.entry(*id).or_default().push(i);
+        }
+    }
+    for (id, holders) in sides {
+        let [a, b] = holders[..] else { continue };
+        let (wa, wb) = match (d.members[a].streams.remove(&id), d.members[b].streams.remove(&id)) {
+            (Some(x), Some(y)) => (x, y),
+            _ => continue,
+        };
+        // The backlog side is the server's; otherwise the classification says who connected.
+        let a_is_client = wb.plan.backlog_of.is_some() || (wa.plan.backlog_of.is_none() && wa.plan.moving_is_client);
+        let ((ci, c), (si, s)) = if a_is_client { ((a, wa), (b, wb)) } else { ((b, wb), (a, wa)) };
+        let side = |i: usize, w: &StreamWork| InternalSide {
+            vpid: d.members[i].entry.vpid,
+            fds: w.plan.fds.clone(),
+            backlog_of: w.plan.backlog_of,
+            unread: Vec::new(),
+        };
+        let plan = InternalPlan {
+            id,
+            client: side(ci, &c),
+            server: side(si, &s),
+            to_client: Dir::default(),
+            to_server: Dir::default(),
+        };
+        d.internal.insert(id, InternalWork { plan, ends: None, backlog_conn: [c.backlog_conn, s.backlog_conn] });
+    }
 }
 
 /// The carried part of a log: its last 64 MiB.
@@ -584,32 +759,45 @@ impl StreamWork {
     }
 }
 
-/// Stops this node's relay of every stream of the frozen process and reads its tails.
+/// Stops this node's relay of every stream of the frozen processes and reads their tails.
 async fn detach_local(d: &mut Driver) {
+    for i in 0..d.members.len() {
+        detach_member(d, i).await;
+    }
+    detach_internal(d).await;
+    let n: usize = d.members.iter().map(|m| m.streams.len()).sum::<usize>() + d.internal.len();
+    d.step("detach", format!("{n} stream(s) held, bytes in flight accounted for"));
+}
+
+/// What is unread in a frozen process's socket (peeked: it stays there), or in a connection
+/// taken out of a listen backlog (read out of it).
+fn unread_of(backlog_conn: Option<&OwnedFd>, pidfd: Option<&OwnedFd>, fd: Option<&FdRef>) -> Vec<u8> {
+    match (backlog_conn, pidfd, fd) {
+        (Some(conn), _, _) => {
+            let mut unread = Vec::new();
+            let mut buf = vec![0u8; 64 * 1024];
+            while let Ok(n) = crate::sys::recv_now(conn, &mut buf) {
+                if n == 0 {
+                    break;
+                }
+                unread.extend_from_slice(&buf[..n]);
+            }
+            unread
+        }
+        (None, Some(p), Some(f)) => ck::pidfd_getfd(p, f.fd).and_then(|s| ck::sock_peek(&s, MAX_UNREAD)).unwrap_or_default(),
+        _ => Vec::new(),
+    }
+}
+
+async fn detach_member(d: &mut Driver, i: usize) {
     let me = d.agent.node_id();
-    let pidfd = ck::pidfd_open(d.entry.real_pid).ok();
-    let ids: Vec<u64> = d.streams.keys().copied().collect();
+    let pidfd = ck::pidfd_open(d.members[i].entry.real_pid).ok();
+    let ids: Vec<u64> = d.members[i].streams.keys().copied().collect();
     for id in ids {
         let detached = d.agent.relays.detach(id).await;
-        let w = d.streams.get_mut(&id).expect("listed");
+        let w = d.members[i].streams.get_mut(&id).expect("listed");
         // Now nothing writes into the process's socket any more: what is unread there is final.
-        w.plan.unread = match (&w.backlog_conn, &pidfd, w.plan.fds.first()) {
-            (Some(conn), _, _) => {
-                let mut unread = Vec::new();
-                let mut buf = vec![0u8; 64 * 1024];
-                while let Ok(n) = crate::sys::recv_now(conn, &mut buf) {
-                    if n == 0 {
-                        break;
-                    }
-                    unread.extend_from_slice(&buf[..n]);
-                }
-                unread
-            }
-            (None, Some(p), Some(f)) => {
-                ck::pidfd_getfd(p, f.fd).and_then(|s| ck::sock_peek(&s, MAX_UNREAD)).unwrap_or_default()
-            }
-            _ => Vec::new(),
-        };
+        w.plan.unread = unread_of(w.backlog_conn.as_ref(), pidfd.as_ref(), w.plan.fds.first());
         let Some(det) = detached else {
             // The relay had ended: both directions closed. The process keeps its bytes, then EOF.
             w.plan.reset = true;
@@ -647,51 +835,144 @@ async fn detach_local(d: &mut Driver) {
         }
         w.moving_end = Some(moving);
     }
-    let n = d.streams.len();
-    d.step("detach", format!("{n} stream(s) held, bytes in flight accounted for"));
+}
+
+/// Streams between members: both processes are frozen; stop the relay, read both tails, and
+/// peek what each side has unread. Each side is owed what the relay held for it, then the
+/// other side's tail.
+async fn detach_internal(d: &mut Driver) {
+    let pidfds: BTreeMap<Vpid, OwnedFd> = d
+        .members
+        .iter()
+        .filter_map(|m| ck::pidfd_open(m.entry.real_pid).ok().map(|p| (m.entry.vpid, p)))
+        .collect();
+    let ids: Vec<u64> = d.internal.keys().copied().collect();
+    for id in ids {
+        let detached = d.agent.relays.detach(id).await;
+        let w = d.internal.get_mut(&id).expect("listed");
+        for (k, side) in [&mut w.plan.client, &mut w.plan.server].into_iter().enumerate() {
+            side.unread = unread_of(w.backlog_conn[k].as_ref(), pidfds.get(&side.vpid), side.fds.first());
+        }
+        let Some(det) = detached else {
+            // The relay had ended: each side gets its unread bytes, then EOF.
+            w.plan.to_client.ended = true;
+            w.plan.to_server.ended = true;
+            continue;
+        };
+        let client = det.ends.iter().find(|e| e.client).cloned();
+        let server = det.ends.iter().find(|e| !e.client).cloned();
+        let (Some(client), Some(server), Left::Local { to_server, to_client }) = (client, server, det.left) else {
+            w.plan.to_client.ended = true;
+            w.plan.to_server.ended = true;
+            continue;
+        };
+        let (client_tail, server_tail) = (streams::read_tail(&client), streams::read_tail(&server));
+        w.plan.to_client = to_client;
+        w.plan.to_client.append(server_tail);
+        w.plan.to_server = to_server;
+        w.plan.to_server.append(client_tail);
+        w.ends = Some((client, server));
+    }
 }
 
 /// The fixed ends all confirmed: what they sent before is in our queues now.
 fn drain_remote_queues(d: &mut Driver) {
-    for (id, w) in d.streams.iter_mut() {
-        if let Some(mut rx) = w.rx.take() {
-            if relay::drain_inbound(&mut rx, &mut w.plan.to_program) {
-                w.plan.reset = true;
+    for m in d.members.iter_mut() {
+        for (id, w) in m.streams.iter_mut() {
+            if let Some(mut rx) = w.rx.take() {
+                if relay::drain_inbound(&mut rx, &mut w.plan.to_program) {
+                    w.plan.reset = true;
+                }
+                d.agent.remove_stream(*id);
             }
-            d.agent.remove_stream(*id);
         }
     }
 }
 
-/// Dumps the frozen process (by the freezer thread, into `d.image_dir` or where `opts` send the
-/// pages) and writes the move plan beside the image: the dump's report and the plan's length.
-async fn dump_with_plan(d: &Driver, opts: DumpOptions) -> Result<(dvk_checkpoint::DumpReport, u64), String> {
+/// Dumps frozen member `i` (by its freezer thread, into its image directory or where `opts`
+/// send the pages) and writes its move plan beside the image: the dump's report and the
+/// plan's length.
+async fn dump_with_plan(d: &Driver, i: usize, opts: DumpOptions) -> Result<(dvk_checkpoint::DumpReport, u64), String> {
     let (tx, rx) = oneshot::channel();
-    d.freezer(FreezeCmd::Image(d.image_dir.clone(), opts, tx));
+    d.members[i].freezer(FreezeCmd::Image(d.member_dir(i), opts, tx));
     let report = rx.await.map_err(|_| "the freezer thread died".to_string())??;
-    Ok((report, write_plan(d)?))
+    Ok((report, write_plan(d, i)?))
 }
 
-/// Writes the move plan beside the image; its length.
-fn write_plan(d: &Driver) -> Result<u64, String> {
-    let plan = postcard::to_allocvec(&build_plan(d)).map_err(|e| format!("cannot encode the move plan: {e}"))?;
-    write_private(&d.image_dir.join(PLAN_FILE), &plan).map_err(|e| format!("cannot write the move plan: {e}"))?;
+/// Writes member `i`'s move plan beside its image; its length.
+fn write_plan(d: &Driver, i: usize) -> Result<u64, String> {
+    let plan = postcard::to_allocvec(&build_plan(d, i)).map_err(|e| format!("cannot encode the move plan: {e}"))?;
+    write_private(&d.member_dir(i).join(PLAN_FILE), &plan)
+        .map_err(|e| format!("cannot write the move plan: {e}"))?;
     Ok(plan.len() as u64)
 }
 
-fn build_plan(d: &Driver) -> MovePlan {
-    let c = &d.classified;
+fn build_plan(d: &Driver, i: usize) -> MovePlan {
+    let m = &d.members[i];
+    let c = &m.classified;
     MovePlan {
         tag: d.tag,
-        entry: d.entry.clone(),
+        entry: m.entry.clone(),
         source: d.agent.node_id(),
         link: c.link.clone(),
         listeners: c.listeners.iter().map(|(e, fds)| ListenerPlan { fds: fds.clone(), endpoint: e.clone() }).collect(),
-        streams: d.streams.values().map(|w| w.plan.clone()).collect(),
-        closed: d.closed.clone(),
+        streams: m.streams.values().map(|w| w.plan.clone()).collect(),
+        closed: m.closed.clone(),
         stdio: c.stdio.iter().map(|(fd, r, _)| (*fd, *r)).collect(),
         log: c.own_log.as_ref().map(|p| read_log_tail(p)),
-        endpoints: d.endpoints.clone(),
+        endpoints: m.endpoints.clone(),
+    }
+}
+
+/// A group move: every member is dumped into `m<vPID>/` of the move's image directory (tmpfs)
+/// with its plan, `group.bin` says who they are and what streams run between them, and the
+/// whole directory goes to the destination as image files.
+async fn dump_group_and_send(d: &mut Driver) -> CoordEvent {
+    drain_remote_queues(d);
+    let _ = std::fs::remove_dir_all(&d.image_dir);
+    let mut details = Vec::new();
+    let mut total = 0u64;
+    for i in 0..d.members.len() {
+        let opts = DumpOptions { external_fds: d.members[i].classified.external(), ..Default::default() };
+        let vpid = d.members[i].entry.vpid;
+        match dump_with_plan(d, i, opts).await {
+            Ok((r, plan_len)) => {
+                total += r.pages_bytes + r.manifest_bytes + plan_len;
+                details.push(format!(
+                    "vPID {vpid}: {:.1} MB of pages, {} mappings, {} fds",
+                    r.pages_bytes as f64 / 1e6,
+                    r.vmas,
+                    r.fds
+                ));
+            }
+            Err(e) => return CoordEvent::DumpFailed(format!("vPID {vpid}: {e}")),
+        }
+    }
+    let group = GroupPlan { members: d.vpids(), internal: d.internal.values().map(|w| w.plan.clone()).collect() };
+    let written = postcard::to_allocvec(&group)
+        .map_err(|e| format!("cannot encode the group plan: {e}"))
+        .and_then(|b| {
+            write_private(&d.image_dir.join(GROUP_FILE), &b)
+                .map(|_| b.len() as u64)
+                .map_err(|e| format!("cannot write the group plan: {e}"))
+        });
+    match written {
+        Ok(n) => total += n,
+        Err(e) => return CoordEvent::DumpFailed(e),
+    }
+    d.image_bytes = total;
+    d.step("dump", format!("{} written to {}", details.join("; "), d.image_dir.display()));
+    match send_image(d).await {
+        Ok(sent) => {
+            let _ = std::fs::remove_dir_all(&d.image_dir);
+            d.sent_bytes += sent;
+            d.step("transfer", format!("{:.1} MB in all over the agent link", sent as f64 / 1e6));
+            CoordEvent::ImageSent
+        }
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(&d.image_dir);
+            CoordEvent::DumpFailed(format!("transfer to {}: {e}", d.agent.node_name(d.dest)))
+        }
     }
 }
 
@@ -824,6 +1105,9 @@ impl dvk_checkpoint::image::PageOut for LinkPages {
 }
 
 async fn dump_and_send(d: &mut Driver) -> CoordEvent {
+    if d.is_group() {
+        return dump_group_and_send(d).await;
+    }
     if d.transfer == Transfer::Rsync {
         return dump_and_rsync(d).await;
     }
@@ -836,13 +1120,13 @@ async fn dump_and_send(d: &mut Driver) -> CoordEvent {
     let out = dvk_checkpoint::image::PagesTo(pages.clone());
     // The tracker goes with the dump (and is dropped with it, whatever its outcome).
     let opts = DumpOptions {
-        external_fds: d.classified.external(),
+        external_fds: d.members[0].classified.external(),
         pages_to: Some(out),
         precopy: d.precopy.take(),
         ..Default::default()
     };
     let precopied = opts.precopy.is_some();
-    let dumped = dump_with_plan(d, opts).await;
+    let dumped = dump_with_plan(d, 0, opts).await;
     let pages_sent = pages.on_wire.load(std::sync::atomic::Ordering::Relaxed);
     let zeros = pages.sent.load(std::sync::atomic::Ordering::Relaxed) - pages_sent;
     let (report, plan_len) = match dumped {
@@ -897,8 +1181,8 @@ async fn dump_and_send(d: &mut Driver) -> CoordEvent {
 async fn dump_and_rsync(d: &mut Driver) -> CoordEvent {
     drain_remote_queues(d);
     let _ = std::fs::remove_dir_all(&d.image_dir);
-    let opts = DumpOptions { external_fds: d.classified.external(), ..Default::default() };
-    let (report, plan_len) = match dump_with_plan(d, opts).await {
+    let opts = DumpOptions { external_fds: d.members[0].classified.external(), ..Default::default() };
+    let (report, plan_len) = match dump_with_plan(d, 0, opts).await {
         Ok(r) => r,
         Err(e) => return CoordEvent::DumpFailed(e),
     };
@@ -1037,93 +1321,162 @@ fn write_private(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
 /// Sends the image files written here (manifest, memfds, the plan; page data went during the
 /// dump) to the destination over the agent link.
 async fn send_image(d: &mut Driver) -> std::io::Result<u64> {
+    use std::io::Read;
     let link = d.agent.link(d.dest).ok_or_else(|| std::io::Error::other("no link"))?;
+    // Files of the image directory, and (a group move) of its members' directories one below.
     let mut names: Vec<String> = Vec::new();
     for e in std::fs::read_dir(&d.image_dir)? {
-        names.push(e?.file_name().to_string_lossy().into_owned());
+        let e = e?;
+        let name = e.file_name().to_string_lossy().into_owned();
+        if e.file_type()?.is_dir() {
+            for f in std::fs::read_dir(e.path())? {
+                names.push(format!("{name}/{}", f?.file_name().to_string_lossy()));
+            }
+        } else {
+            names.push(name);
+        }
     }
     // The plan goes last: the destination restores once it has it and Restore.
     names.sort_by_key(|n| n == PLAN_FILE);
     let idle = Duration::from_millis(super::timeouts().transfer_idle);
     let mut sent = 0u64;
+    let mut buf = vec![0u8; 8 << 20];
     for name in names {
-        let bytes = tokio::fs::read(d.image_dir.join(&name)).await?;
-        match tokio::time::timeout(idle, link.write_image(d.tag.mid, &name, 0, &bytes, IMAGE_CHUNK)).await {
-            Ok(r) => r.map_err(|e| std::io::Error::other(e.to_string()))?,
-            Err(_) => return Err(std::io::Error::other(format!("no progress for {idle:?}"))),
+        let mut f = std::fs::File::open(d.image_dir.join(&name))?;
+        let mut offset = 0u64;
+        loop {
+            let n = tokio::task::block_in_place(|| f.read(&mut buf))?;
+            // An empty file is still made on the other side.
+            if n == 0 && offset > 0 {
+                break;
+            }
+            let write = link.write_image(d.tag.mid, &name, offset, &buf[..n], IMAGE_CHUNK);
+            match tokio::time::timeout(idle, write).await {
+                Ok(r) => r.map_err(|e| std::io::Error::other(e.to_string()))?,
+                Err(_) => return Err(std::io::Error::other(format!("no progress for {idle:?}"))),
+            }
+            offset += n as u64;
+            sent += n as u64;
+            if n == 0 {
+                break;
+            }
         }
-        sent += bytes.len() as u64;
     }
     Ok(sent)
 }
 
-/// Rollback: the process stays here. Its streams go back to where they were; connections taken
-/// out of its listen backlogs are queued into its listeners again.
+/// Rollback: the processes stay here. Their streams go back to where they were; connections
+/// taken out of their listen backlogs are queued into their listeners again.
 async fn reattach_here(d: &mut Driver) {
     drain_remote_queues(d);
-    let listeners: BTreeMap<u16, crate::listener::ListenerFile> = {
+    let listeners: BTreeMap<(Vpid, u16), crate::listener::ListenerFile> = {
         let t = d.agent.tables.lock();
-        d.endpoints
+        d.members
             .iter()
-            .filter_map(|e| t.listeners.get(&e.key()).and_then(|p| p.first()).map(|p| (e.port, p.clone())))
+            .flat_map(|m| m.endpoints.iter())
+            .filter_map(|e| t.listeners.get(&e.key()).and_then(|p| p.first()).map(|p| ((e.vpid, e.port), p.clone())))
             .collect()
     };
-    let streams = std::mem::take(&mut d.streams);
-    for (id, w) in streams {
-        let p = w.plan;
-        let (end, to_program) = match (p.backlog_of, &w.moving_end) {
-            (Some(port), _) => {
-                let Some(listener) = listeners.get(&port) else { continue };
-                match listener.connect().await {
-                    Ok(s) => {
-                        let mut owed = Dir { pending: p.unread.clone(), ended: false };
-                        owed.append(p.to_program.clone());
-                        (End::Unix(s), owed)
-                    }
-                    Err(e) => {
-                        tracing::warn!(stream = id, "cannot requeue a backlog connection: {e}");
-                        continue;
+    for i in 0..d.members.len() {
+        let vpid = d.members[i].entry.vpid;
+        let streams = std::mem::take(&mut d.members[i].streams);
+        for (id, w) in streams {
+            let p = w.plan;
+            let (end, to_program) = match (p.backlog_of, &w.moving_end) {
+                (Some(port), _) => {
+                    let Some(listener) = listeners.get(&(vpid, port)) else { continue };
+                    match listener.connect().await {
+                        Ok(s) => {
+                            let mut owed = Dir { pending: p.unread.clone(), ended: false };
+                            owed.append(p.to_program.clone());
+                            (End::Unix(s), owed)
+                        }
+                        Err(e) => {
+                            tracing::warn!(stream = id, "cannot requeue a backlog connection: {e}");
+                            continue;
+                        }
                     }
                 }
+                (None, Some(h)) => match End::from_held(h) {
+                    Ok(e) => (e, p.to_program.clone()),
+                    Err(_) => continue,
+                },
+                (None, None) => continue,
+            };
+            if p.reset {
+                streams::finish_alone(end, to_program);
+                continue;
             }
-            (None, Some(h)) => match End::from_held(h) {
-                Ok(e) => (e, p.to_program.clone()),
-                Err(_) => continue,
-            },
-            (None, None) => continue,
-        };
-        if p.reset {
-            streams::finish_alone(end, to_program);
-            continue;
+            streams::reattach_moving(&d.agent, d.tag, id, end, p.moving_is_client, p.fixed_node, to_program, p.to_fixed)
+                .await;
         }
-        streams::reattach_moving(&d.agent, d.tag, id, end, p.moving_is_client, p.fixed_node, to_program, p.to_fixed)
-            .await;
+    }
+    // Streams between members: the relay between their original sockets, made again.
+    for (id, w) in std::mem::take(&mut d.internal) {
+        let p = w.plan;
+        let [client_conn, server_conn] = w.backlog_conn;
+        let side_end = |k: usize| -> Option<End> {
+            let held = w.ends.as_ref().map(|(c, s)| if k == 0 { c } else { s })?;
+            End::from_held(held).ok()
+        };
+        let mut ends = Vec::new();
+        for (k, side, conn) in [(0, &p.client, client_conn), (1, &p.server, server_conn)] {
+            // A side that was queued in a backlog: the connection was taken out of it, with its
+            // bytes; a new one is queued into the same listener and owed them first.
+            let (end, mut owed) = match (side.backlog_of, conn) {
+                (Some(port), Some(_)) => {
+                    let Some(listener) = listeners.get(&(side.vpid, port)) else { break };
+                    match listener.connect().await {
+                        Ok(s) => (Some(End::Unix(s)), Dir { pending: side.unread.clone(), ended: false }),
+                        Err(_) => (None, Dir::default()),
+                    }
+                }
+                _ => (side_end(k), Dir::default()),
+            };
+            let Some(end) = end else { break };
+            owed.append(if k == 0 { p.to_client.clone() } else { p.to_server.clone() });
+            ends.push((end, owed));
+        }
+        let [(client, to_client), (server, to_server)]: [(End, Dir); 2] = match ends.try_into() {
+            Ok(e) => e,
+            Err(left) => {
+                tracing::warn!(stream = id, "a stream between members cannot be rebuilt; it ends");
+                for (end, owed) in left {
+                    streams::finish_alone(end, owed);
+                }
+                continue;
+            }
+        };
+        relay::spawn_local(&d.agent, id, client, server, to_server, to_client);
     }
 }
 
-/// Commit: the process lives on the destination now; this node forgets it.
+/// Commit: the processes live on the destination now; this node forgets them.
 fn forget_here(d: &mut Driver) {
     let agent = &d.agent;
-    {
-        let mut t = agent.tables.lock();
-        for e in &d.endpoints {
-            for l in t.listeners.remove(&e.key()).unwrap_or_default() {
-                l.remove();
+    for m in d.members.iter_mut() {
+        {
+            let mut t = agent.tables.lock();
+            for e in &m.endpoints {
+                for l in t.listeners.remove(&e.key()).unwrap_or_default() {
+                    l.remove();
+                }
             }
+            t.start_times.remove(&m.entry.vpid);
+            t.link_inodes.remove(&m.entry.vpid);
         }
-        t.start_times.remove(&d.entry.vpid);
-        t.link_inodes.remove(&d.entry.vpid);
+        agent.moves.epochs.lock().remove(&m.entry.vpid);
+        // Its log went with it.
+        if let Some(log) = &m.classified.own_log {
+            let _ = std::fs::remove_file(log);
+        }
+        m.streams.clear();
     }
-    agent.moves.epochs.lock().remove(&d.entry.vpid);
-    // Its log went with it.
-    if let Some(log) = &d.classified.own_log {
-        let _ = std::fs::remove_file(log);
-    }
-    d.streams.clear();
+    d.internal.clear();
     crate::registry::save(agent);
 }
 
-fn finish(d: &mut Driver, outcome: Outcome) {
+fn finish(d: &mut Driver, outcome: Outcome, restored_group: &[(Vpid, i32)]) {
     let _ = std::fs::remove_dir_all(&d.image_dir);
     let (committed, new_pid, reason) = match &outcome {
         Outcome::Committed { pid } => (true, *pid, None),
@@ -1132,12 +1485,27 @@ fn finish(d: &mut Driver, outcome: Outcome) {
     if !committed {
         d.step("rollback", reason.clone().unwrap_or_default());
     }
-    if d.classified.stdio.iter().any(|(_, r, _)| *r == Redirect::Log) && committed {
+    if committed {
         if let Some(node) = d.agent.config.node_by_id(d.dest.0) {
-            let path = super::participant::log_path(&node.runtime_dir, d.entry.vpid);
-            d.log_path = Some(format!("{} on {}", path.display(), node.name));
+            let logs: Vec<String> = d
+                .members
+                .iter()
+                .filter(|m| m.classified.stdio.iter().any(|(_, r, _)| *r == Redirect::Log))
+                .map(|m| super::participant::log_path(&node.runtime_dir, m.entry.vpid).display().to_string())
+                .collect();
+            if !logs.is_empty() {
+                d.log_path = Some(format!("{} on {}", logs.join(", "), node.name));
+            }
         }
     }
+    let group = d.members[1..]
+        .iter()
+        .map(|m| dvk_protocol::local::MovedMember {
+            vpid: m.entry.vpid,
+            old_pid: m.entry.real_pid,
+            new_pid: restored_group.iter().find(|(v, _)| *v == m.entry.vpid).map(|(_, p)| *p).unwrap_or(0),
+        })
+        .collect();
     let report = MoveReport {
         vpid: d.entry.vpid,
         from: d.agent.node_name(d.agent.node_id()),
@@ -1151,6 +1519,7 @@ fn finish(d: &mut Driver, outcome: Outcome) {
         sent_bytes: d.sent_bytes,
         frozen_micros: d.frozen_for.map(|f| f.as_micros() as u64).unwrap_or(0),
         total_micros: d.started.elapsed().as_micros() as u64,
+        group,
         log: d.log_path.clone(),
     };
     tracing::info!(vpid = %d.entry.vpid, tag = %d.tag, committed, frozen_ms = report.frozen_micros / 1000, total_ms = report.total_micros / 1000, reason = ?report.reason, "move finished");

@@ -1,0 +1,199 @@
+//! Group moves (issue 10): `migrate-cli move --group A,B NODE` moves several processes of one
+//! node as one — all frozen, all restored on NODE before any runs there, a failure of any rolls
+//! all back — and a stream between two members stays a stream between them, relayed on NODE.
+//!
+//! The group: a cache (the DVS paper's server, `tests/programs/move_server.c`, endpoint `kv`)
+//! and a front server (a python proxy, endpoint `front`) that forwards each client connection
+//! to the cache over a virtual stream of its own. The paper's client (`move_client.c`) on
+//! another node talks to the front only, and checks every reply byte against its model of the
+//! cache's data, then reads the whole data back: a byte lost or reordered on either stream,
+//! or a request answered by a cache that lost its state, fails it.
+
+use dvk_tests::moving::{agent_logs, client_done, no_inherited_fds, step_detail, start_server, REACH, LOOP};
+use dvk_tests::net::{wait_connectable, Proc};
+use dvk_tests::programs::{c_program, python3};
+use dvk_tests::{bin_dir, Cluster, Mode};
+use std::process::{Command, Output, Stdio};
+
+const CACHE_PORT: u16 = 7000;
+const FRONT_PORT: u16 = 7100;
+const MB: usize = 4;
+const SOURCE: usize = 0;
+const DEST: usize = 1;
+const CLIENT: usize = 2;
+
+/// The front: every accepted connection gets a connection of its own to the cache, and bytes
+/// are copied both ways (a half-close is passed on).
+const FRONT_PY: &str = r#"
+import socket, sys, threading
+port, up_host, up_port = int(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+ls = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+ls.bind(('0.0.0.0', port))
+ls.listen(64)
+print('listening', flush=True)
+
+def pipe(src, dst):
+    try:
+        while True:
+            data = src.recv(65536)
+            if not data:
+                break
+            dst.sendall(data)
+    except OSError:
+        pass
+    try:
+        dst.shutdown(socket.SHUT_WR)
+    except OSError:
+        pass
+
+while True:
+    conn, _ = ls.accept()
+    up = socket.create_connection((up_host, up_port))
+    threading.Thread(target=pipe, args=(conn, up), daemon=True).start()
+    threading.Thread(target=pipe, args=(up, conn), daemon=True).start()
+"#;
+
+struct Group {
+    _cache: Proc,
+    cache: i64,
+    _front: Proc,
+    front: i64,
+    client: Proc,
+}
+
+/// Cache and front on node1, the client on node3 looping `count` requests through the front.
+fn start_group(cluster: &Cluster, count: usize) -> Group {
+    let (cache_proc, cache) = start_server(cluster, SOURCE, CACHE_PORT, MB);
+    let mut cmd = cluster.preloaded(SOURCE, python3());
+    cmd.args(["-c", FRONT_PY, &FRONT_PORT.to_string(), "kv.dc0.dvk", &CACHE_PORT.to_string()])
+        .env("DVK_ENDPOINT", "front")
+        .stdin(Stdio::null())
+        .stderr(std::fs::File::create(cluster.path("front.err")).unwrap());
+    let mut front_proc = Proc::spawn(no_inherited_fds(&mut cmd), "front");
+    front_proc.lines.wait_for("listening", REACH);
+    let front = cluster.wait_registered(SOURCE, front_proc.pid())["vpid"].as_i64().unwrap();
+    wait_connectable(cluster, CLIENT, "dc0", "front.dc0.dvk", FRONT_PORT, REACH);
+    let mut cmd = cluster.preloaded(CLIENT, c_program("move_client"));
+    cmd.args([
+        "front.dc0.dvk".to_string(),
+        FRONT_PORT.to_string(),
+        MB.to_string(),
+        count.to_string(),
+        "1".into(),
+        "200".into(),
+        "42".into(),
+        "0/1".into(),
+    ])
+    .stdin(Stdio::null());
+    let mut client = Proc::spawn(no_inherited_fds(&mut cmd), "move_client");
+    client.lines.wait_for("connected", REACH);
+    client.lines.wait_for("progress", LOOP);
+    Group { _cache: cache_proc, cache, _front: front_proc, front, client }
+}
+
+/// `migrate-cli --node node3 move --group FRONT,CACHE NODE --json`.
+fn move_group(cluster: &Cluster, g: &Group, to: usize) -> Output {
+    let group = format!("{},{}", g.front, g.cache);
+    Command::new(bin_dir().join("migrate-cli"))
+        .arg("--config")
+        .arg(&cluster.config)
+        .args(["--node", &cluster.nodes[CLIENT].name, "move", "--group", &group, &cluster.nodes[to].name, "--json"])
+        .env_remove("LD_PRELOAD")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap()
+}
+
+fn report_of(cluster: &Cluster, out: &Output) -> serde_json::Value {
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "move --json printed no report ({e}): {}\n{}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            String::from_utf8_lossy(&out.stdout),
+            agent_logs(cluster)
+        )
+    })
+}
+
+/// Both members on node `at` in every node's `ps`, each with a live pid there.
+fn assert_both_on(cluster: &Cluster, g: &Group, at: usize) {
+    let name = cluster.nodes[at].name.as_str();
+    for ask in 0..cluster.nodes.len() {
+        dvk_tests::wait_until(REACH, &format!("both members on {name} in node{}'s ps", ask + 1), || {
+            let ps = cluster.ps(ask);
+            [g.front, g.cache].iter().all(|v| ps.iter().any(|r| r["vpid"] == *v && r["node"] == name))
+        });
+    }
+}
+
+fn moved(cluster: &Cluster, g: &Group, to: usize) -> serde_json::Value {
+    let out = move_group(cluster, g, to);
+    let report = report_of(cluster, &out);
+    assert!(
+        out.status.success() && report["committed"] == true,
+        "group move to {} failed: {}\n{report:#}\n{}",
+        cluster.nodes[to].name,
+        String::from_utf8_lossy(&out.stderr),
+        agent_logs(cluster)
+    );
+    let others = report["group"].as_array().expect("the report lists the other members");
+    assert_eq!(others.len(), 1);
+    assert_eq!(others[0]["vpid"], g.cache);
+    assert_ne!(others[0]["new_pid"], 0, "the cache's pid on the destination is reported");
+    // The front's connection to the cache is one stream between the two, moved with both ends.
+    let freeze = step_detail(&report, "freeze").unwrap_or_default();
+    assert!(freeze.contains("1 between members of the group"), "freeze step: {freeze}");
+    assert_both_on(cluster, g, to);
+    report
+}
+
+#[test]
+fn a_server_and_its_cache_move_together_under_load_loopback() {
+    let test = "a_server_and_its_cache_move_together_under_load_loopback";
+    if dvk_tests::moving::skip_without_root(test) {
+        return;
+    }
+    let cluster = Cluster::start(3, Mode::Loopback);
+    let mut g = start_group(&cluster, 4000);
+    let there = moved(&cluster, &g, DEST);
+    g.client.lines.wait_for("progress", LOOP);
+    let back = moved(&cluster, &g, SOURCE);
+    let done = client_done(&cluster, &mut g.client);
+    eprintln!(
+        "{test}: {done}; frozen {} ms and {} ms",
+        there["frozen_micros"].as_u64().unwrap_or(0) / 1000,
+        back["frozen_micros"].as_u64().unwrap_or(0) / 1000
+    );
+}
+
+#[test]
+fn a_group_move_whose_last_member_fails_to_restore_rolls_all_back_loopback() {
+    let test = "a_group_move_whose_last_member_fails_to_restore_rolls_all_back_loopback";
+    if dvk_tests::moving::skip_without_root(test) {
+        return;
+    }
+    let mut cluster = Cluster::start(3, Mode::Loopback);
+    cluster.restart_agent_with(DEST, &[("DVK_TEST_FAULT", "fail-last-member")]);
+    let mut g = start_group(&cluster, 4000);
+    let out = move_group(&cluster, &g, DEST);
+    let report = report_of(&cluster, &out);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && report["committed"] == false, "the move should have rolled back: {report:#}");
+    let reason = report["reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains(&format!("vPID {} of the group", g.cache)) && reason.contains("test fault"),
+        "the reason names the member that failed: {reason}"
+    );
+    assert!(stderr.contains("they run on node1 as before"), "migrate-cli says where the group runs: {stderr}");
+    // The front was restored (held) before the cache failed: it never ran on node2, and it is
+    // gone there; both still run on node1 and the client goes on through them.
+    assert_both_on(&cluster, &g, SOURCE);
+    assert!(!cluster.log_of(DEST).contains("moved process resumed here"), "{}", agent_logs(&cluster));
+    g.client.lines.wait_for("progress", LOOP);
+    // The rollback left both movable.
+    cluster.restart_agent_with(DEST, &[]);
+    moved(&cluster, &g, DEST);
+    let done = client_done(&cluster, &mut g.client);
+    eprintln!("{test}: {done}");
+}
