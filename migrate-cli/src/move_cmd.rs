@@ -181,7 +181,10 @@ fn finish(report: &MoveReport, json: bool) -> anyhow::Result<()> {
             report.total_micros as f64 / 1000.0
         );
         for m in &report.group {
-            println!("moved vPID {} with it (pid {} on {}, pid {} on {})", m.vpid, m.old_pid, report.from, m.new_pid, report.to);
+            println!(
+                "moved vPID {} with it (pid {} on {}, pid {} on {})",
+                m.vpid, m.old_pid, report.from, m.new_pid, report.to
+            );
         }
         if let Some(log) = &report.log {
             println!("stdout/stderr could not follow; they go to {log} (`migrate-cli logs <vPID>`)");

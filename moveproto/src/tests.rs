@@ -174,7 +174,9 @@ fn commit_lost_then_query_answered_aborted_thaws() {
     assert!(!acts.contains(&CoordAction::KillOriginal));
     assert!(matches!(m.c.phase(), Phase::Done(Outcome::RolledBack { .. })));
     // The lost Commit, had it come late after all, is refused (and S is done anyway).
-    let acts = m.d.handle(m.now, PartEvent::Msg(MoveMsg::Commit { tag: TAG, vpid: vpid(), dest: D, pid: 4242, group: vec![] }));
+    let acts = m
+        .d
+        .handle(m.now, PartEvent::Msg(MoveMsg::Commit { tag: TAG, vpid: vpid(), dest: D, pid: 4242, group: vec![] }));
     assert!(!acts.contains(&PartAction::ResumeHeld));
 }
 

@@ -9,7 +9,7 @@
 //! cache's data, then reads the whole data back: a byte lost or reordered on either stream,
 //! or a request answered by a cache that lost its state, fails it.
 
-use dvk_tests::moving::{agent_logs, client_done, no_inherited_fds, step_detail, start_server, REACH, LOOP};
+use dvk_tests::moving::{agent_logs, client_done, no_inherited_fds, start_server, step_detail, LOOP, REACH};
 use dvk_tests::net::{wait_connectable, Proc};
 use dvk_tests::programs::{c_program, python3};
 use dvk_tests::{bin_dir, Cluster, Mode};
@@ -54,6 +54,52 @@ while True:
     threading.Thread(target=pipe, args=(up, conn), daemon=True).start()
 "#;
 
+/// One end of a stream between two members (`server PORT` or `client HOST PORT`), then
+/// `BYTES SEED TRIGGER RESULT`: a thread sends BYTES pseudo-random bytes (their sha256 printed
+/// first) and half-closes; nothing is read until the file TRIGGER exists, then everything up to
+/// EOF is, and "length sha256" goes to the file RESULT. With nobody reading, every stage of the
+/// stream fills: the sender's socket, the relay, the receiver's socket.
+const PAIR_PY: &str = r#"
+import hashlib, os, random, socket, sys, threading, time
+if sys.argv[1] == 'server':
+    ls = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    ls.bind(('0.0.0.0', int(sys.argv[2])))
+    ls.listen(4)
+    print('listening', flush=True)
+    s, _ = ls.accept()
+    rest = sys.argv[3:]
+else:
+    s = socket.create_connection((sys.argv[2], int(sys.argv[3])))
+    rest = sys.argv[4:]
+n, seed, trigger, result = int(rest[0]), int(rest[1]), rest[2], rest[3]
+blob = random.Random(seed).randbytes(n)
+print('blob', hashlib.sha256(blob).hexdigest(), flush=True)
+
+def send():
+    for i in range(0, n, 65536):
+        s.sendall(blob[i:i + 65536])
+        print('sent', i + len(blob[i:i + 65536]), flush=True)
+    s.shutdown(socket.SHUT_WR)
+
+threading.Thread(target=send, daemon=True).start()
+for _ in range(24000):
+    if os.path.exists(trigger):
+        break
+    time.sleep(0.01)
+h, got = hashlib.sha256(), 0
+while True:
+    data = s.recv(65536)
+    if not data:
+        break
+    h.update(data)
+    got += len(data)
+with open(result + '.tmp', 'w') as f:
+    f.write('%d %s' % (got, h.hexdigest()))
+os.rename(result + '.tmp', result)
+time.sleep(600)
+"#;
+
 struct Group {
     _cache: Proc,
     cache: i64,
@@ -94,7 +140,12 @@ fn start_group(cluster: &Cluster, count: usize) -> Group {
 
 /// `migrate-cli --node node3 move --group FRONT,CACHE NODE --json`.
 fn move_group(cluster: &Cluster, g: &Group, to: usize) -> Output {
-    let group = format!("{},{}", g.front, g.cache);
+    move_vpids(cluster, &[g.front, g.cache], to)
+}
+
+fn move_vpids(cluster: &Cluster, vpids: &[i64], to: usize) -> Output {
+    let group: Vec<String> = vpids.iter().map(|v| v.to_string()).collect();
+    let group = group.join(",");
     Command::new(bin_dir().join("migrate-cli"))
         .arg("--config")
         .arg(&cluster.config)
@@ -196,4 +247,91 @@ fn a_group_move_whose_last_member_fails_to_restore_rolls_all_back_loopback() {
     moved(&cluster, &g, DEST);
     let done = client_done(&cluster, &mut g.client);
     eprintln!("{test}: {done}");
+}
+
+/// Both directions of a stream between two members full at every stage when the group moves
+/// (the sender's socket, the relay, the receiver's unread bytes): after the move each side
+/// reads everything the other sent, checked by length and sha256.
+#[test]
+fn a_full_stream_between_two_members_keeps_every_byte_both_ways_loopback() {
+    full_stream_between_members("a_full_stream_between_two_members_keeps_every_byte_both_ways_loopback", false);
+}
+
+/// The same when the group move rolls back (the second member fails to restore): the relay
+/// between the original sockets is made again and owes each side what it held.
+#[test]
+fn a_full_stream_between_two_members_keeps_every_byte_when_the_move_rolls_back_loopback() {
+    full_stream_between_members(
+        "a_full_stream_between_two_members_keeps_every_byte_when_the_move_rolls_back_loopback",
+        true,
+    );
+}
+
+fn full_stream_between_members(test: &str, fail: bool) {
+    if dvk_tests::moving::skip_without_root(test) {
+        return;
+    }
+    const PAIR_PORT: u16 = 7200;
+    const BYTES: usize = 4 << 20;
+    let mut cluster = Cluster::start(3, Mode::Loopback);
+    if fail {
+        cluster.restart_agent_with(DEST, &[("DVK_TEST_FAULT", "fail-last-member")]);
+    }
+    let trigger = cluster.path("pair-go");
+    let result = |who: &str| cluster.path(&format!("pair-{who}.result"));
+    let pair = |role: &str, seed: u32, endpoint: &str| {
+        let mut cmd = cluster.preloaded(SOURCE, python3());
+        cmd.args(["-c", PAIR_PY, role]);
+        if role == "client" {
+            cmd.arg("pair.dc0.dvk");
+        }
+        cmd.args([PAIR_PORT.to_string(), BYTES.to_string(), seed.to_string()])
+            .arg(&trigger)
+            .arg(result(role))
+            .env("DVK_ENDPOINT", endpoint)
+            .stdin(Stdio::null())
+            .stderr(std::fs::File::create(cluster.path(&format!("pair-{role}.err"))).unwrap());
+        let p = Proc::spawn(no_inherited_fds(&mut cmd), role);
+        let vpid = cluster.wait_registered(SOURCE, p.pid())["vpid"].as_i64().unwrap();
+        (p, vpid)
+    };
+    let (mut server, server_vpid) = pair("server", 1, "pair");
+    server.lines.wait_for("listening", REACH);
+    let (mut client, client_vpid) = pair("client", 2, "pair-client");
+    let server_blob = server.lines.wait_for("blob", REACH);
+    let client_blob = client.lines.wait_for("blob", REACH);
+    // Nobody reads: each sender stops once the stream is full (≈ 450 KB here). 384 KB sent each
+    // way is more than one socket holds, so the relay and both sockets hold bytes.
+    for p in [&mut server, &mut client] {
+        loop {
+            let line = p.lines.wait_for("sent", REACH);
+            if line.split_whitespace().nth(1).and_then(|n| n.parse::<usize>().ok()).unwrap_or(0) >= 384 << 10 {
+                break;
+            }
+        }
+    }
+    let out = move_vpids(&cluster, &[server_vpid, client_vpid], DEST);
+    let report = report_of(&cluster, &out);
+    assert_eq!(out.status.success(), !fail, "{report:#}\n{}", agent_logs(&cluster));
+    assert_eq!(report["committed"], !fail, "{report:#}\n{}", agent_logs(&cluster));
+    let freeze = step_detail(&report, "freeze").unwrap_or_default();
+    assert!(freeze.contains("1 between members of the group"), "freeze step: {freeze}");
+    std::fs::write(&trigger, b"go").unwrap();
+    for (who, sender_blob) in [("server", &client_blob), ("client", &server_blob)] {
+        let path = result(who);
+        dvk_tests::wait_until(LOOP, &format!("{who} read everything"), || path.exists());
+        let got = std::fs::read_to_string(&path).unwrap();
+        let want = format!("{BYTES} {}", sender_blob.trim_start_matches("blob "));
+        assert_eq!(
+            got,
+            want,
+            "what the {who} read after the move is what the other side sent\n{}",
+            agent_logs(&cluster)
+        );
+    }
+    eprintln!(
+        "{test}: {} MB each way, frozen {} ms",
+        BYTES >> 20,
+        report["frozen_micros"].as_u64().unwrap_or(0) / 1000
+    );
 }

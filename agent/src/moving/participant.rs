@@ -207,12 +207,16 @@ const MAX_PAGES: u64 = 64 << 30;
 /// An image file name a source may send: `name`, or `m<vPID>/name` (a group move's member).
 fn image_name_ok(file: &str) -> bool {
     let plain = |f: &str| {
-        !f.is_empty() && f.len() <= 64 && f.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) && !f.starts_with('.')
+        !f.is_empty()
+            && f.len() <= 64
+            && f.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+            && !f.starts_with('.')
     };
     match file.split_once('/') {
         None => plain(file),
         Some((dir, name)) => {
-            dir.strip_prefix('m').is_some_and(|v| !v.is_empty() && v.len() <= 10 && v.bytes().all(|b| b.is_ascii_digit()))
+            dir.strip_prefix('m')
+                .is_some_and(|v| !v.is_empty() && v.len() <= 10 && v.bytes().all(|b| b.is_ascii_digit()))
                 && plain(name)
         }
     }
@@ -437,8 +441,7 @@ async fn prepare_copy(agent: &Arc<Agent>, dir: &Path) -> Result<HeldCopy, String
         }
         Err(e) => return Err(format!("the group plan cannot be read: {e}")),
     };
-    let group: GroupPlan =
-        postcard::from_bytes(&group_bytes).map_err(|e| format!("the group plan is corrupt: {e}"))?;
+    let group: GroupPlan = postcard::from_bytes(&group_bytes).map_err(|e| format!("the group plan is corrupt: {e}"))?;
     if group.members.is_empty() {
         return Err("the group plan names no process".into());
     }
@@ -498,7 +501,9 @@ async fn resume_copy(agent: &Arc<Agent>, m: &Participant, copy: HeldCopy) {
         .collect();
     for (p, client, server) in copy.internal {
         let mut ends = Vec::new();
-        for (side, ours, mut owed) in [(&p.client, client, p.to_client.clone()), (&p.server, server, p.to_server.clone())] {
+        for (side, ours, mut owed) in
+            [(&p.client, client, p.to_client.clone()), (&p.server, server, p.to_server.clone())]
+        {
             let end = match (ours, side.backlog_of) {
                 (Some(s), _) => {
                     let _ = s.set_nonblocking(true);

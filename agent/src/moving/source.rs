@@ -263,8 +263,7 @@ async fn prepare(
                     is frozen"
             .into());
     }
-    if group && (req.options.transfer == Transfer::Rsync || req.options.precopy == Some(true) || req.options.compress)
-    {
+    if group && (req.options.transfer == Transfer::Rsync || req.options.precopy == Some(true) || req.options.compress) {
         return Err("a group move sends its images as files over the agent link: --precopy, --compress and \
                     --transfer rsync are not available with --group yet"
             .into());
@@ -613,7 +612,8 @@ async fn freeze(d: &mut Driver, m: &mut Coordinator) -> CoordEvent {
     let n_streams: usize = d.members.iter().map(|m| m.streams.len()).sum();
     let n_backlog: usize =
         d.members.iter().flat_map(|m| m.streams.values()).filter(|w| w.plan.backlog_of.is_some()).count();
-    let internal = if d.is_group() { format!(", {} between members of the group", d.internal.len()) } else { String::new() };
+    let internal =
+        if d.is_group() { format!(", {} between members of the group", d.internal.len()) } else { String::new() };
     d.step("freeze", format!("{n_streams} stream(s){internal}, {n_backlog} queued connection(s)"));
     CoordEvent::Frozen
 }
@@ -784,7 +784,9 @@ fn unread_of(backlog_conn: Option<&OwnedFd>, pidfd: Option<&OwnedFd>, fd: Option
             }
             unread
         }
-        (None, Some(p), Some(f)) => ck::pidfd_getfd(p, f.fd).and_then(|s| ck::sock_peek(&s, MAX_UNREAD)).unwrap_or_default(),
+        (None, Some(p), Some(f)) => {
+            ck::pidfd_getfd(p, f.fd).and_then(|s| ck::sock_peek(&s, MAX_UNREAD)).unwrap_or_default()
+        }
         _ => Vec::new(),
     }
 }
@@ -841,11 +843,8 @@ async fn detach_member(d: &mut Driver, i: usize) {
 /// peek what each side has unread. Each side is owed what the relay held for it, then the
 /// other side's tail.
 async fn detach_internal(d: &mut Driver) {
-    let pidfds: BTreeMap<Vpid, OwnedFd> = d
-        .members
-        .iter()
-        .filter_map(|m| ck::pidfd_open(m.entry.real_pid).ok().map(|p| (m.entry.vpid, p)))
-        .collect();
+    let pidfds: BTreeMap<Vpid, OwnedFd> =
+        d.members.iter().filter_map(|m| ck::pidfd_open(m.entry.real_pid).ok().map(|p| (m.entry.vpid, p))).collect();
     let ids: Vec<u64> = d.internal.keys().copied().collect();
     for id in ids {
         let detached = d.agent.relays.detach(id).await;
@@ -902,8 +901,7 @@ async fn dump_with_plan(d: &Driver, i: usize, opts: DumpOptions) -> Result<(dvk_
 /// Writes member `i`'s move plan beside its image; its length.
 fn write_plan(d: &Driver, i: usize) -> Result<u64, String> {
     let plan = postcard::to_allocvec(&build_plan(d, i)).map_err(|e| format!("cannot encode the move plan: {e}"))?;
-    write_private(&d.member_dir(i).join(PLAN_FILE), &plan)
-        .map_err(|e| format!("cannot write the move plan: {e}"))?;
+    write_private(&d.member_dir(i).join(PLAN_FILE), &plan).map_err(|e| format!("cannot write the move plan: {e}"))?;
     Ok(plan.len() as u64)
 }
 
@@ -949,9 +947,8 @@ async fn dump_group_and_send(d: &mut Driver) -> CoordEvent {
         }
     }
     let group = GroupPlan { members: d.vpids(), internal: d.internal.values().map(|w| w.plan.clone()).collect() };
-    let written = postcard::to_allocvec(&group)
-        .map_err(|e| format!("cannot encode the group plan: {e}"))
-        .and_then(|b| {
+    let written =
+        postcard::to_allocvec(&group).map_err(|e| format!("cannot encode the group plan: {e}")).and_then(|b| {
             write_private(&d.image_dir.join(GROUP_FILE), &b)
                 .map(|_| b.len() as u64)
                 .map_err(|e| format!("cannot write the group plan: {e}"))
@@ -1407,8 +1404,17 @@ async fn reattach_here(d: &mut Driver) {
                 streams::finish_alone(end, to_program);
                 continue;
             }
-            streams::reattach_moving(&d.agent, d.tag, id, end, p.moving_is_client, p.fixed_node, to_program, p.to_fixed)
-                .await;
+            streams::reattach_moving(
+                &d.agent,
+                d.tag,
+                id,
+                end,
+                p.moving_is_client,
+                p.fixed_node,
+                to_program,
+                p.to_fixed,
+            )
+            .await;
         }
     }
     // Streams between members: the relay between their original sockets, made again.
