@@ -248,3 +248,39 @@ fn without_a_machine_the_registry_answers() {
         vec![PartAction::DetachStream(3)]
     );
 }
+
+#[test]
+fn a_group_move_names_every_member_and_commits_them_with_their_pids() {
+    let others = vec![Vpid::compose(S, 2).unwrap(), Vpid::compose(S, 3).unwrap()];
+    let mut c = Coordinator::new(TAG, vpid(), S, D, Vec::new(), BTreeSet::from([D, F]), BTreeMap::new(), T, 0)
+        .with_group(others.clone());
+    let acts = c.start();
+    let start = sent_to(&acts, D).pop().expect("Start to D");
+    assert!(matches!(&start, MoveMsg::Start { group, .. } if *group == others), "Start names the others");
+    let mut d = Participant::new(D, &start, T, 1).unwrap();
+    let mut f = Participant::new(F, &start, T, 1).unwrap();
+    assert_eq!(d.group, others);
+    assert_eq!(f.group, others);
+    for (n, p) in [(D, &mut d), (F, &mut f)] {
+        for r in replies(&p.start(&start)) {
+            c.handle(2, CoordEvent::Msg(n, r));
+        }
+    }
+    c.handle(3, CoordEvent::Frozen);
+    c.handle(4, CoordEvent::ImageSent);
+    assert_eq!(d.handle(5, PartEvent::Msg(MoveMsg::Restore { tag: TAG })), vec![PartAction::StartRestore]);
+    let pids = vec![(others[0], 501), (others[1], 502)];
+    d.set_group_pids(pids.clone());
+    let restored = replies(&d.handle(6, PartEvent::RestoreDone(Ok(500)))).pop().unwrap();
+    assert_eq!(restored, MoveMsg::Restored { tag: TAG, pid: 500, group: pids.clone() });
+    // A Restore repeated while held is answered with the same pids.
+    assert_eq!(replies(&d.handle(7, PartEvent::Msg(MoveMsg::Restore { tag: TAG }))), vec![restored.clone()]);
+    let commit = sent_to(&c.handle(8, CoordEvent::Msg(D, restored)), D).pop().unwrap();
+    assert_eq!(commit, MoveMsg::Commit { tag: TAG, vpid: vpid(), dest: D, pid: 500, group: pids.clone() });
+    let acts = d.handle(9, PartEvent::Msg(commit));
+    assert!(acts.contains(&PartAction::RouteCommitted { dest: D, pid: 500, group: pids.clone() }));
+    let acts = c.handle(10, CoordEvent::Msg(D, replies(&acts).pop().unwrap()));
+    assert_eq!(acts[0], CoordAction::RouteCommitted { dest: D, pid: 500, group: pids.clone() });
+    let to_f = sent_to(&acts, F).pop().unwrap();
+    assert_eq!(f.handle(11, PartEvent::Msg(to_f)), vec![PartAction::RouteCommitted { dest: D, pid: 500, group: pids }]);
+}

@@ -201,11 +201,19 @@ fn moved(cluster: &Cluster, g: &Group, to: usize) -> serde_json::Value {
 
 #[test]
 fn a_server_and_its_cache_move_together_under_load_loopback() {
-    let test = "a_server_and_its_cache_move_together_under_load_loopback";
-    if dvk_tests::moving::skip_without_root(test) {
+    server_and_cache("a_server_and_its_cache_move_together_under_load_loopback", Mode::Loopback);
+}
+
+#[test]
+fn a_server_and_its_cache_move_together_under_load_network() {
+    server_and_cache("a_server_and_its_cache_move_together_under_load_network", Mode::Network);
+}
+
+fn server_and_cache(test: &str, mode: Mode) {
+    if dvk_tests::moving::skip_without_root(test) || dvk_tests::skip_unless(mode, test) {
         return;
     }
-    let cluster = Cluster::start(3, Mode::Loopback);
+    let cluster = Cluster::start(3, mode);
     let mut g = start_group(&cluster, 4000);
     let there = moved(&cluster, &g, DEST);
     g.client.lines.wait_for("progress", LOOP);
@@ -334,4 +342,62 @@ fn full_stream_between_members(test: &str, fail: bool) {
         BYTES >> 20,
         report["frozen_micros"].as_u64().unwrap_or(0) / 1000
     );
+}
+
+/// A group is checked whole before anything is frozen: every member's blockers are listed,
+/// each under its vPID, and the members keep running where they are.
+#[test]
+fn a_group_with_a_blocked_member_lists_every_blocker_and_freezes_nothing_loopback() {
+    let test = "a_group_with_a_blocked_member_lists_every_blocker_and_freezes_nothing_loopback";
+    if dvk_tests::moving::skip_without_root(test) {
+        return;
+    }
+    let cluster = Cluster::start(3, Mode::Loopback);
+    let (_cache, cache) = start_server(&cluster, SOURCE, CACHE_PORT, MB);
+    // A process with a child: trees are not moved (yet), alone or in a group.
+    let mut cmd = cluster.preloaded(SOURCE, python3());
+    cmd.args([
+        "-c",
+        "import subprocess, time\n\
+         p = subprocess.Popen(['sleep', '300'], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, \
+         stderr=subprocess.DEVNULL)\n\
+         print('started', p.pid, flush=True)\n\
+         time.sleep(300)",
+    ])
+    .stdin(Stdio::null());
+    let mut parent = Proc::spawn(no_inherited_fds(&mut cmd), "parent");
+    let started = parent.lines.wait_for("started", REACH);
+    let _child = KillOnDrop(started.split_whitespace().nth(1).and_then(|p| p.parse().ok()).expect("the child's pid"));
+    let parent_vpid = cluster.wait_registered(SOURCE, parent.pid())["vpid"].as_i64().unwrap();
+    let out = move_vpids(&cluster, &[cache, parent_vpid], DEST);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && out.stdout.is_empty(), "refused before it started: {stderr}");
+    assert!(
+        stderr.contains("the group of 2 processes cannot move")
+            && stderr.contains("nothing was frozen")
+            && stderr.contains(&format!("vPID {parent_vpid} (pid {}): ", parent.pid()))
+            && stderr.contains("a process with children"),
+        "every blocker named under its member: {stderr}"
+    );
+    let ps = cluster.ps(SOURCE);
+    for v in [cache, parent_vpid] {
+        let row = ps.iter().find(|r| r["vpid"] == v).expect("still registered");
+        assert_eq!(row["node"], cluster.nodes[SOURCE].name.as_str());
+    }
+    let state = std::fs::read_to_string(format!("/proc/{}/stat", parent.pid())).unwrap();
+    let state = state.rsplit(')').next().unwrap().split_whitespace().next().unwrap().to_owned();
+    assert!(state == "S" || state == "R", "the parent was not left stopped: {state}");
+}
+
+/// A process this test started (a grandchild the harness does not know), killed when the test
+/// ends, however it ends.
+struct KillOnDrop(i32);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        // SAFETY: kill(2) on a pid this test started; no memory is involved.
+        unsafe {
+            libc::kill(self.0, libc::SIGKILL);
+        }
+    }
 }

@@ -893,3 +893,32 @@ async fn hold_link(end: UnixStream) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::image_name_ok;
+
+    #[test]
+    fn a_source_names_files_of_the_move_directory_or_of_a_member_directory_only() {
+        for ok in ["pages.img", "plan.bin", "group.bin", "m4194305/pages.img", "m1/manifest.img"] {
+            assert!(image_name_ok(ok), "{ok}");
+        }
+        for bad in [
+            "",
+            ".hidden",
+            "../x",
+            "m4194305/../x",
+            "m/x",
+            "mx1/x",
+            "m1/",
+            "m1/.x",
+            "m1/a/b",
+            "4194305/pages.img",
+            "/etc/passwd",
+            "m12345678901/x",
+            "a b",
+        ] {
+            assert!(!image_name_ok(bad), "{bad}");
+        }
+    }
+}
