@@ -4,6 +4,7 @@
 mod checkpoint_bench;
 mod compress_bench;
 mod getpid_bench;
+mod group_bench;
 mod move_bench;
 mod net_bench;
 mod plot;
@@ -52,6 +53,9 @@ enum Bench {
     /// A live move (`migrate-cli move`) as its client sees it, at 2.5, 64 and 256 MB, vs a local
     /// dump + restore of the same process (root).
     Move(move_bench::MoveBenchArgs),
+    /// N servers moved as one group (`move --group`) vs one after the other: frozen time, the
+    /// clients' longest gap, the whole round (root).
+    Group(group_bench::GroupBenchArgs),
     /// LZ4 (what `move --compress` uses) on the page data of a random-data server and of a
     /// python heap: ratio, MB/s, and the link speed below which compression pays (root).
     Compress {
@@ -69,6 +73,7 @@ fn main() {
         Bench::Net { rounds, bulk_mb } => net_bench::run(rounds, bulk_mb),
         Bench::Checkpoint(args) => checkpoint_bench::run(&args),
         Bench::Move(args) => move_bench::run(&args),
+        Bench::Group(args) => group_bench::run(&args),
         Bench::Compress { mb } => compress_bench::run(mb),
     };
     if let Err(e) = result {

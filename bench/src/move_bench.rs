@@ -105,22 +105,22 @@ fn mode(r: &SizeResult) -> &'static str {
 const STEPS: [&str; 10] =
     ["preflight", "pre-copy", "start", "freeze", "detach", "dump", "transfer", "restore", "commit", "keep"];
 /// Client activity between two moves, and after the last one, before the gaps are read.
-const SETTLE_US: u64 = 300_000;
+pub(crate) const SETTLE_US: u64 = 300_000;
 /// Targets of the issue (end to end, as the client sees it), printed beside the results.
 const TARGETS: [(f64, f64); 2] = [(2.5, 20.0), (256.0, 150.0)];
 
-fn now_us() -> u64 {
+pub(crate) fn now_us() -> u64 {
     let mut t = libc::timespec { tv_sec: 0, tv_nsec: 0 };
     // SAFETY: clock_gettime writes the timespec it is given.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut t) };
     t.tv_sec as u64 * 1_000_000 + t.tv_nsec as u64 / 1000
 }
 
-fn ms(us: u64) -> f64 {
+pub(crate) fn ms(us: u64) -> f64 {
     us as f64 / 1000.0
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
+pub(crate) fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.partial_cmp(b).unwrap());
     if v.is_empty() {
         return f64::NAN;
@@ -128,21 +128,21 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-fn max(v: &[f64]) -> f64 {
+pub(crate) fn max(v: &[f64]) -> f64 {
     v.iter().copied().fold(f64::NAN, f64::max)
 }
 
 /// What the client printed so far.
 #[derive(Default)]
-struct ClientLog {
+pub(crate) struct ClientLog {
     /// (previous reply, reply) more than 1 ms apart.
-    gaps: Vec<(u64, u64)>,
+    pub(crate) gaps: Vec<(u64, u64)>,
     /// (time of the last reply, replies so far, longest gap since the previous line).
-    alive: Vec<(u64, u64, u64)>,
+    pub(crate) alive: Vec<(u64, u64, u64)>,
 }
 
 /// Reads the client's lines until it reports a reply at or after `until_us`.
-fn pump(client: &mut Proc, log: &mut ClientLog, until_us: u64, timeout: Duration) -> anyhow::Result<()> {
+pub(crate) fn pump(client: &mut Proc, log: &mut ClientLog, until_us: u64, timeout: Duration) -> anyhow::Result<()> {
     let deadline = Instant::now() + timeout;
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
@@ -499,7 +499,7 @@ fn criu_run(dir: &Path, mb: f64) -> anyhow::Result<(f64, f64)> {
 
 /// After a failure: the agents' logs are copied out of the cluster's directory (deleted when
 /// the cluster stops) and their last lines printed.
-fn keep_logs(cluster: &Cluster) {
+pub(crate) fn keep_logs(cluster: &Cluster) {
     let dir = std::env::temp_dir().join(format!("dvk-bench-move-{}", std::process::id()));
     let _ = std::fs::create_dir_all(&dir);
     for (i, node) in cluster.nodes.iter().enumerate() {
@@ -514,7 +514,7 @@ fn keep_logs(cluster: &Cluster) {
     eprintln!("dvk-bench move: the agents' logs are in {}", dir.display());
 }
 
-fn machine() -> String {
+pub(crate) fn machine() -> String {
     let nproc = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
     let uname = Command::new("uname").arg("-r").output().map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned());
     let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
