@@ -64,6 +64,8 @@ fn move_request(cluster: &Cluster, ask: usize, vpids: &[i64], to: usize) -> anyh
 struct Round {
     /// Frozen per move (one for a group).
     frozen_ms: Vec<f64>,
+    /// The steps of the moves, "name ms" (summed over the moves of an "alone" round).
+    steps: Vec<(String, f64)>,
     /// The longest gap any client saw.
     gap_ms: f64,
     total_ms: f64,
@@ -120,7 +122,14 @@ fn round(cluster: &Cluster, pairs: &mut [Pair], at: usize, to: usize, group: boo
             .fold(0.0, f64::max);
         gap = gap.max(worst);
     }
-    Ok(Round { frozen_ms: reports.iter().map(|r| ms(r.frozen_micros)).collect(), gap_ms: gap, total_ms })
+    let mut steps: Vec<(String, f64)> = Vec::new();
+    for s in reports.iter().flat_map(|r| r.steps.iter()) {
+        match steps.iter_mut().find(|(n, _)| *n == s.name) {
+            Some((_, t)) => *t += ms(s.micros),
+            None => steps.push((s.name.clone(), ms(s.micros))),
+        }
+    }
+    Ok(Round { frozen_ms: reports.iter().map(|r| ms(r.frozen_micros)).collect(), steps, gap_ms: gap, total_ms })
 }
 
 pub fn run(args: &GroupBenchArgs) -> anyhow::Result<()> {
@@ -140,12 +149,14 @@ pub fn run(args: &GroupBenchArgs) -> anyhow::Result<()> {
                 let mut rounds = Vec::new();
                 for _ in 0..args.rounds {
                     let r = round(&cluster, &mut pairs, at, 1 - at, group)?;
+                    let steps: Vec<String> = r.steps.iter().map(|(n, t)| format!("{n} {t:.1}")).collect();
                     eprintln!(
-                        "  {}: frozen {:?} ms, longest client gap {:.1} ms, round {:.1} ms",
+                        "  {}: frozen {:?} ms, longest client gap {:.1} ms, round {:.1} ms; {}",
                         if group { "group" } else { "alone" },
                         r.frozen_ms.iter().map(|f| (f * 10.0).round() / 10.0).collect::<Vec<_>>(),
                         r.gap_ms,
-                        r.total_ms
+                        r.total_ms,
+                        steps.join(", ")
                     );
                     at = 1 - at;
                     rounds.push(r);

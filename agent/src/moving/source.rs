@@ -930,11 +930,23 @@ async fn dump_group_and_send(d: &mut Driver) -> CoordEvent {
     let _ = std::fs::remove_dir_all(&d.image_dir);
     let mut details = Vec::new();
     let mut total = 0u64;
+    // Every member's freezer thread dumps its own process: all at once.
+    let mut pending = Vec::new();
     for i in 0..d.members.len() {
         let opts = DumpOptions { external_fds: d.members[i].classified.external(), ..Default::default() };
+        let (tx, rx) = oneshot::channel();
+        d.members[i].freezer(FreezeCmd::Image(d.member_dir(i), opts, tx));
+        pending.push(rx);
+    }
+    let mut failed = None;
+    for (i, rx) in pending.into_iter().enumerate() {
         let vpid = d.members[i].entry.vpid;
-        match dump_with_plan(d, i, opts).await {
-            Ok((r, plan_len)) => {
+        let dumped = match rx.await {
+            Ok(r) => r,
+            Err(_) => Err("the freezer thread died".to_string()),
+        };
+        match dumped.and_then(|r| Ok((write_plan(d, i)?, r))) {
+            Ok((plan_len, r)) => {
                 total += r.pages_bytes + r.manifest_bytes + plan_len;
                 details.push(format!(
                     "vPID {vpid}: {:.1} MB of pages, {} mappings, {} fds",
@@ -943,8 +955,13 @@ async fn dump_group_and_send(d: &mut Driver) -> CoordEvent {
                     r.fds
                 ));
             }
-            Err(e) => return CoordEvent::DumpFailed(format!("vPID {vpid}: {e}")),
+            Err(e) => {
+                failed.get_or_insert(format!("vPID {vpid}: {e}"));
+            }
         }
+    }
+    if let Some(e) = failed {
+        return CoordEvent::DumpFailed(e);
     }
     let group = GroupPlan { members: d.vpids(), internal: d.internal.values().map(|w| w.plan.clone()).collect() };
     let written =
