@@ -182,7 +182,10 @@ pub fn run(args: &GroupBenchArgs) -> anyhow::Result<()> {
         }
     }
     println!("\nGroup moves: {} servers moved as one group vs one after the other ({})", args.servers, machine());
-    println!("(median of {} rounds, max in brackets; frozen: alone = the N moves' sum, group = the one move)\n", args.rounds);
+    println!(
+        "(median of {} rounds, max in brackets; frozen: alone = the N moves' sum, group = the one move)\n",
+        args.rounds
+    );
     println!("| each server | how | frozen ms | longest client gap ms | round ms |");
     println!("|---|---|---|---|---|");
     for (mb, group, rounds) in &rows {

@@ -39,8 +39,8 @@ pub enum Fault {
     RsyncBadModule,
     /// Source: cut the link to the destination just before sending Commit (Commit lost).
     CutBeforeCommit,
-    /// Destination: the restore of a group move's last process fails, after the others were
-    /// restored and held.
+    /// Destination: the restore of a group move's last process fails (the others are restored,
+    /// held, then killed).
     FailLastMember,
     /// Destination: wait 2 s before restoring (a window in which a test opens new connections).
     HoldRestore,
@@ -94,8 +94,9 @@ pub struct Moves {
     next_move: std::sync::atomic::AtomicU64,
     /// Moves completed per vPID that left this node (the next epoch).
     pub epochs: Mutex<HashMap<Vpid, u64>>,
-    /// Page data of incoming moves, received into memory, by move id.
-    pub incoming: Mutex<HashMap<u64, dvk_checkpoint::sys::MappedFile>>,
+    /// Page data of incoming moves, received into memory, by move id and file (`pages.img`, or
+    /// `m<vPID>/pages.img` for each member of a group move).
+    pub incoming: Mutex<HashMap<(u64, String), dvk_checkpoint::sys::MappedFile>>,
     /// Pages pre-copied to this node while a process still ran on its source, by move id
     /// (they arrive before the move's Start; see participant::image_size).
     pub precopy: Mutex<HashMap<u64, participant::PrecopyStore>>,

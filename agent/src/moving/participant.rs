@@ -94,7 +94,7 @@ pub fn start(agent: &Arc<Agent>, from: NodeId, msg: MoveMsg) {
             }
         }
         agent.moves.participating.lock().remove(&tag.mid);
-        agent.moves.incoming.lock().remove(&tag.mid);
+        drop_incoming(&agent, tag.mid);
         agent.moves.precopy.lock().remove(&tag.mid);
     });
 }
@@ -177,13 +177,17 @@ struct Driver {
     tx: mpsc::UnboundedSender<Input>,
 }
 
-/// The move id of a staging directory (`move-<mid>-in`).
+/// The move id of a staging directory (`move-<mid>-in`, or a group member's directory in it).
 fn mid_of(dir: &Path) -> u64 {
-    dir.file_name()
-        .and_then(|n| n.to_str())
-        .and_then(|n| n.strip_prefix("move-"))
-        .and_then(|n| n.strip_suffix("-in"))
-        .and_then(|h| u64::from_str_radix(h, 16).ok())
+    dir.ancestors()
+        .take(2)
+        .find_map(|d| {
+            d.file_name()
+                .and_then(|n| n.to_str())
+                .and_then(|n| n.strip_prefix("move-"))
+                .and_then(|n| n.strip_suffix("-in"))
+                .and_then(|h| u64::from_str_radix(h, 16).ok())
+        })
         .unwrap_or(0)
 }
 
@@ -278,7 +282,7 @@ pub fn image_lost(agent: &Agent, from: NodeId, mid: u64, what: &str) {
         return;
     }
     tracing::warn!(peer = %agent.node_name(from), mid, "{what}: the move's page data is dropped");
-    agent.moves.incoming.lock().remove(&mid);
+    drop_incoming(agent, mid);
     agent.moves.precopy.lock().remove(&mid);
 }
 
@@ -287,19 +291,40 @@ pub fn image_size(agent: &Agent, from: NodeId, mid: u64, file: &str, len: u64) {
     if file == dvk_checkpoint::precopy::PRECOPY {
         return precopy_size(agent, from, mid, len);
     }
-    if file != dvk_checkpoint::image::PAGES || !image_file_ok(agent, from, mid, file) {
+    if !is_pages(file) || !image_file_ok(agent, from, mid, file) {
         return;
     }
-    if len > MAX_PAGES {
-        tracing::warn!(mid, len, "page data larger than {MAX_PAGES} bytes refused");
+    let mut incoming = agent.moves.incoming.lock();
+    // Every member's page data of one move together: at most MAX_PAGES, in at most
+    // MAX_MEMBERS files.
+    let (held, files) = incoming
+        .iter()
+        .filter(|((m, f), _)| *m == mid && f != file)
+        .fold((0u64, 0usize), |(b, n), (_, data)| (b + data.bytes().len() as u64, n + 1));
+    if len.saturating_add(held) > MAX_PAGES || files >= MAX_MEMBERS {
+        tracing::warn!(mid, len, "page data beyond {MAX_PAGES} bytes or {MAX_MEMBERS} processes in one move refused");
         return;
     }
     match dvk_checkpoint::sys::MappedFile::anonymous(len as usize) {
         Ok(m) => {
-            agent.moves.incoming.lock().insert(mid, m);
+            incoming.insert((mid, file.to_owned()), m);
         }
         Err(e) => tracing::error!(mid, len, "cannot hold the page data in memory: {e}"),
     }
+}
+
+/// A group move's members at most (each one's page data is held in memory until the restore).
+const MAX_MEMBERS: usize = 256;
+
+/// The page data of a process (`pages.img`) or of a group move's member (`m<vPID>/pages.img`).
+fn is_pages(file: &str) -> bool {
+    let pages = dvk_checkpoint::image::PAGES;
+    file == pages || file.split_once('/').is_some_and(|(_, name)| name == pages)
+}
+
+/// Drops every page data of move `mid` received here.
+fn drop_incoming(agent: &Agent, mid: u64) {
+    agent.moves.incoming.lock().retain(|(m, _), _| *m != mid);
 }
 
 /// `MoveImage` bytes from the move's source: page data into memory, other files into the
@@ -323,8 +348,8 @@ pub fn receive_image(agent: &Agent, from: NodeId, mid: u64, file: &str, offset: 
     if !image_file_ok(agent, from, mid, file) {
         return false;
     }
-    if file == dvk_checkpoint::image::PAGES {
-        if let Some(m) = agent.moves.incoming.lock().get_mut(&mid) {
+    if is_pages(file) {
+        if let Some(m) = agent.moves.incoming.lock().get_mut(&(mid, file.to_owned())) {
             if let Err(e) = m.write_at(offset as usize, bytes) {
                 tracing::warn!(mid, "page data out of bounds: {e}");
                 return false;
@@ -408,7 +433,7 @@ async fn execute(d: &mut Driver, m: &Participant, action: PartAction) {
             }
         }
         PartAction::DiscardCopy => {
-            agent.moves.incoming.lock().remove(&m.tag.mid);
+            drop_incoming(&agent, m.tag.mid);
             agent.moves.precopy.lock().remove(&m.tag.mid);
             if let Some(copy) = d.restore.take() {
                 copy.members.iter().for_each(discard);
@@ -436,7 +461,7 @@ async fn prepare_copy(agent: &Arc<Agent>, dir: &Path) -> Result<HeldCopy, String
     let group_bytes = match std::fs::read(dir.join(GROUP_FILE)) {
         Ok(b) => b,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            let (r, _) = prepare_restore(agent, dir, &[]).await?;
+            let (r, _) = prepare_restore(agent, dir, dvk_checkpoint::image::PAGES.into(), &[]).await?;
             return Ok(HeldCopy { members: vec![r], internal: Vec::new() });
         }
         Err(e) => return Err(format!("the group plan cannot be read: {e}")),
@@ -445,40 +470,51 @@ async fn prepare_copy(agent: &Arc<Agent>, dir: &Path) -> Result<HeldCopy, String
     if group.members.is_empty() {
         return Err("the group plan names no process".into());
     }
-    let mut members: Vec<Restoring> = Vec::new();
-    let mut ours: std::collections::HashMap<(u64, bool), UnixStream> = std::collections::HashMap::new();
+    // Every member restored at once (each by a thread of its own), held; if any fails, the
+    // others are killed once they are complete.
     let last = group.members.len() - 1;
-    for (i, vpid) in group.members.iter().enumerate() {
-        let sides: Vec<(u64, bool, &InternalSide)> = group
+    let mut tasks = Vec::new();
+    for (i, vpid) in group.members.iter().copied().enumerate() {
+        let sides: Vec<(u64, bool, InternalSide)> = group
             .internal
             .iter()
             .flat_map(|p| [(p.id, true, &p.client), (p.id, false, &p.server)])
-            .filter(|(_, _, s)| s.vpid == *vpid && !s.fds.is_empty())
+            .filter(|(_, _, s)| s.vpid == vpid && !s.fds.is_empty())
+            .map(|(id, client, s)| (id, client, s.clone()))
             .collect();
-        let member_dir = dir.join(super::source::member_dir_name(*vpid));
-        let restored = if i == last && i > 0 && agent.fault == Some(super::Fault::FailLastMember) {
-            Err("test fault: the restore of the group's last process fails on this node".to_string())
-        } else {
-            prepare_restore(agent, &member_dir, &sides).await
-        };
-        let restored = restored.and_then(|(r, ends)| {
-            if r.plan.entry.vpid == *vpid {
-                Ok((r, ends))
-            } else {
-                discard(&r);
-                Err(format!("its image is of vPID {}", r.plan.entry.vpid))
+        let member = super::source::member_dir_name(vpid);
+        let (agent, member_dir) = (agent.clone(), dir.join(&member));
+        let fail = i == last && i > 0 && agent.fault == Some(super::Fault::FailLastMember);
+        tasks.push(tokio::spawn(async move {
+            if fail {
+                return Err("test fault: the restore of the group's last process fails on this node".to_string());
             }
-        });
-        match restored {
+            let pages_key = format!("{member}/{}", dvk_checkpoint::image::PAGES);
+            let (r, ends) = prepare_restore(&agent, &member_dir, pages_key, &sides).await?;
+            if r.plan.entry.vpid != vpid {
+                discard(&r);
+                return Err(format!("its image is of vPID {}", r.plan.entry.vpid));
+            }
+            Ok((r, ends))
+        }));
+    }
+    let mut members: Vec<Restoring> = Vec::new();
+    let mut ours: std::collections::HashMap<(u64, bool), UnixStream> = std::collections::HashMap::new();
+    let mut failed = None;
+    for (vpid, task) in group.members.iter().zip(tasks) {
+        match task.await.map_err(|e| e.to_string()).and_then(|r| r) {
             Ok((r, ends)) => {
                 ours.extend(ends);
                 members.push(r);
             }
             Err(e) => {
-                members.iter().for_each(discard);
-                return Err(format!("vPID {vpid} of the group: {e}"));
+                failed.get_or_insert(format!("vPID {vpid} of the group: {e}"));
             }
         }
+    }
+    if let Some(e) = failed {
+        members.iter().for_each(discard);
+        return Err(e);
     }
     let internal = group
         .internal
@@ -546,7 +582,8 @@ fn all_vpids(m: &Participant) -> Vec<Vpid> {
 async fn prepare_restore(
     agent: &Arc<Agent>,
     dir: &Path,
-    internal: &[(u64, bool, &InternalSide)],
+    pages_key: String,
+    internal: &[(u64, bool, InternalSide)],
 ) -> Result<(Restoring, Vec<((u64, bool), UnixStream)>), String> {
     if agent.fault == Some(super::Fault::HoldRestore) {
         tracing::warn!("test fault: holding the restore for 2 s");
@@ -554,9 +591,11 @@ async fn prepare_restore(
     }
     match agent.fault {
         Some(super::Fault::FailRestore) => return Err("test fault: the restore fails on this node".into()),
-        Some(super::Fault::CorruptImage) if agent.moves.incoming.lock().contains_key(&mid_of(dir)) => {
+        Some(super::Fault::CorruptImage)
+            if agent.moves.incoming.lock().contains_key(&(mid_of(dir), pages_key.clone())) =>
+        {
             tracing::warn!("test fault: corrupting the received page data");
-            if let Some(m) = agent.moves.incoming.lock().get_mut(&mid_of(dir)) {
+            if let Some(m) = agent.moves.incoming.lock().get_mut(&(mid_of(dir), pages_key.clone())) {
                 let at = m.bytes().len() / 2;
                 let b = m.bytes().get(at).copied().unwrap_or(0);
                 let _ = m.write_at(at, &[b ^ 0x5a]);
@@ -699,7 +738,7 @@ async fn prepare_restore(
     let (holder, cmds) = std::sync::mpsc::channel::<HoldCmd>();
     let (ready_tx, ready_rx) = oneshot::channel();
     let dir2 = dir.to_path_buf();
-    let pages = agent.moves.incoming.lock().remove(&plan.tag.mid);
+    let pages = agent.moves.incoming.lock().remove(&(plan.tag.mid, pages_key));
     let precopy = agent.moves.precopy.lock().remove(&plan.tag.mid).map(|p| p.data);
     // Pre-copied pages are already here: the process may run before they are all in it.
     let opts = RestoreOptions { external_fds: external, lazy_precopy: precopy.is_some(), ..Default::default() };

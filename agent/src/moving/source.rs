@@ -263,9 +263,9 @@ async fn prepare(
                     is frozen"
             .into());
     }
-    if group && (req.options.transfer == Transfer::Rsync || req.options.precopy == Some(true) || req.options.compress) {
-        return Err("a group move sends its images as files over the agent link: --precopy, --compress and \
-                    --transfer rsync are not available with --group yet"
+    if group && (req.options.transfer == Transfer::Rsync || req.options.precopy == Some(true)) {
+        return Err("--precopy and --transfer rsync are not available with --group yet: a group's images are \
+                    sent while its members are frozen, over the agent link"
             .into());
     }
     if !peers.contains(&req.dest) {
@@ -930,13 +930,25 @@ async fn dump_group_and_send(d: &mut Driver) -> CoordEvent {
     let _ = std::fs::remove_dir_all(&d.image_dir);
     let mut details = Vec::new();
     let mut total = 0u64;
-    // Every member's freezer thread dumps its own process: all at once.
+    let Some(link) = d.agent.link(d.dest) else {
+        return CoordEvent::DumpFailed(format!("no link to {}", d.agent.node_name(d.dest)));
+    };
+    // Every member's freezer thread dumps its own process, all at once, each one's page data
+    // going onto the link as it is read (`m<vPID>/pages.img`); the rest is written here.
     let mut pending = Vec::new();
+    let mut outs = Vec::new();
     for i in 0..d.members.len() {
-        let opts = DumpOptions { external_fds: d.members[i].classified.external(), ..Default::default() };
+        let file = format!("{}/{}", member_dir_name(d.members[i].entry.vpid), dvk_checkpoint::image::PAGES);
+        let pages = Arc::new(LinkPages::new(d, link.clone(), &file));
+        let opts = DumpOptions {
+            external_fds: d.members[i].classified.external(),
+            pages_to: Some(dvk_checkpoint::image::PagesTo(pages.clone())),
+            ..Default::default()
+        };
         let (tx, rx) = oneshot::channel();
         d.members[i].freezer(FreezeCmd::Image(d.member_dir(i), opts, tx));
         pending.push(rx);
+        outs.push(pages);
     }
     let mut failed = None;
     for (i, rx) in pending.into_iter().enumerate() {
@@ -975,12 +987,21 @@ async fn dump_group_and_send(d: &mut Driver) -> CoordEvent {
         Err(e) => return CoordEvent::DumpFailed(e),
     }
     d.image_bytes = total;
-    d.step("dump", format!("{} written to {}", details.join("; "), d.image_dir.display()));
+    let pages_sent: u64 = outs.iter().map(|o| o.on_wire.load(std::sync::atomic::Ordering::Relaxed)).sum();
+    d.step("dump", format!("{} streamed to the destination", details.join("; ")));
     match send_image(d).await {
         Ok(sent) => {
             let _ = std::fs::remove_dir_all(&d.image_dir);
+            let sent = sent + pages_sent;
             d.sent_bytes += sent;
-            d.step("transfer", format!("{:.1} MB in all over the agent link", sent as f64 / 1e6));
+            d.step(
+                "transfer",
+                format!(
+                    "{:.1} MB in all over the agent link ({:.1} MB of pages sent during the dump)",
+                    sent as f64 / 1e6,
+                    pages_sent as f64 / 1e6
+                ),
+            );
             CoordEvent::ImageSent
         }
         Err(e) => {
@@ -997,8 +1018,11 @@ struct LinkPages {
     runtime: tokio::runtime::Handle,
     link: crate::state::LinkHandle,
     mid: u64,
-    /// pages.img (the dump) or precopy.img (pre-copy rounds).
-    file: &'static str,
+    /// pages.img (the dump; `m<vPID>/pages.img` for a group's member) or precopy.img (pre-copy
+    /// rounds).
+    file: String,
+    /// Progress goes to the CLI (not for the members of a group move, dumped all at once).
+    progress: bool,
     /// Page data handed over (progress).
     sent: std::sync::atomic::AtomicU64,
     /// Bytes of it that went on the link (pages of zeros stay behind; compressed blocks count
@@ -1040,12 +1064,13 @@ fn nonzero_spans(buf: &[u8]) -> Vec<(usize, usize)> {
 }
 
 impl LinkPages {
-    fn new(d: &Driver, link: crate::state::LinkHandle, file: &'static str) -> LinkPages {
+    fn new(d: &Driver, link: crate::state::LinkHandle, file: &str) -> LinkPages {
         LinkPages {
             runtime: tokio::runtime::Handle::current(),
             link,
             mid: d.tag.mid,
-            file,
+            file: file.to_owned(),
+            progress: !d.is_group(),
             sent: Default::default(),
             on_wire: Default::default(),
             compress: d.compress,
@@ -1062,7 +1087,7 @@ impl LinkPages {
     fn send(&self, data: &[u8], off: u64) -> std::io::Result<()> {
         use std::sync::atomic::Ordering;
         if !self.compress {
-            self.run(self.link.write_image(self.mid, self.file, off, data, IMAGE_CHUNK))?;
+            self.run(self.link.write_image(self.mid, &self.file, off, data, IMAGE_CHUNK))?;
             self.on_wire.fetch_add(data.len() as u64, Ordering::Relaxed);
             return Ok(());
         }
@@ -1073,14 +1098,14 @@ impl LinkPages {
                 self.on_wire.fetch_add(packed.len() as u64, Ordering::Relaxed);
                 let msg = PeerMessage::MoveImageLz4 {
                     mid: self.mid,
-                    file: self.file.into(),
+                    file: self.file.clone(),
                     offset: at,
                     raw_len: chunk.len() as u32,
                     bytes: packed,
                 };
                 self.run(self.link.write_now(msg))?;
             } else {
-                self.run(self.link.write_image(self.mid, self.file, at, chunk, IMAGE_CHUNK))?;
+                self.run(self.link.write_image(self.mid, &self.file, at, chunk, IMAGE_CHUNK))?;
                 self.on_wire.fetch_add(chunk.len() as u64, Ordering::Relaxed);
             }
         }
@@ -1092,13 +1117,13 @@ impl dvk_checkpoint::image::PageOut for LinkPages {
     fn reserve(&self, len: u64) -> std::io::Result<()> {
         use std::sync::atomic::Ordering;
         self.total.store(len, Ordering::Relaxed);
-        let msg = PeerMessage::MoveImageSize { mid: self.mid, file: self.file.into(), len };
+        let msg = PeerMessage::MoveImageSize { mid: self.mid, file: self.file.clone(), len };
         self.run(self.link.write_now(msg))
     }
 
     fn write_at(&self, buf: &[u8], off: u64) -> std::io::Result<()> {
         use std::sync::atomic::Ordering;
-        if self.file == dvk_checkpoint::image::PAGES {
+        if self.file != dvk_checkpoint::precopy::PRECOPY {
             // Each offset of the page data is written once, into memory the destination
             // zeroed: pages of zeros need not travel.
             for (from, to) in nonzero_spans(buf) {
@@ -1110,7 +1135,7 @@ impl dvk_checkpoint::image::PageOut for LinkPages {
         }
         let sent = self.sent.fetch_add(buf.len() as u64, Ordering::Relaxed) + buf.len() as u64;
         let mut last = self.last_report.lock();
-        if last.elapsed() > Duration::from_millis(100) {
+        if self.progress && last.elapsed() > Duration::from_millis(100) {
             *last = Instant::now();
             let _ = self.reply.send(LocalResponse::MoveProgress { sent, total: self.total.load(Ordering::Relaxed) });
         }
