@@ -139,17 +139,22 @@ fn start_group(cluster: &Cluster, count: usize) -> Group {
 }
 
 /// `migrate-cli --node node3 move --group FRONT,CACHE NODE --json`.
-fn move_group(cluster: &Cluster, g: &Group, to: usize) -> Output {
-    move_vpids(cluster, &[g.front, g.cache], to)
+fn move_group(cluster: &Cluster, g: &Group, to: usize, flags: &[&str]) -> Output {
+    move_vpids_with(cluster, &[g.front, g.cache], to, flags)
 }
 
 fn move_vpids(cluster: &Cluster, vpids: &[i64], to: usize) -> Output {
+    move_vpids_with(cluster, vpids, to, &[])
+}
+
+fn move_vpids_with(cluster: &Cluster, vpids: &[i64], to: usize, flags: &[&str]) -> Output {
     let group: Vec<String> = vpids.iter().map(|v| v.to_string()).collect();
     let group = group.join(",");
     Command::new(bin_dir().join("migrate-cli"))
         .arg("--config")
         .arg(&cluster.config)
         .args(["--node", &cluster.nodes[CLIENT].name, "move", "--group", &group, &cluster.nodes[to].name, "--json"])
+        .args(flags)
         .env_remove("LD_PRELOAD")
         .stdin(Stdio::null())
         .output()
@@ -178,8 +183,8 @@ fn assert_both_on(cluster: &Cluster, g: &Group, at: usize) {
     }
 }
 
-fn moved(cluster: &Cluster, g: &Group, to: usize) -> serde_json::Value {
-    let out = move_group(cluster, g, to);
+fn moved(cluster: &Cluster, g: &Group, to: usize, flags: &[&str]) -> serde_json::Value {
+    let out = move_group(cluster, g, to, flags);
     let report = report_of(cluster, &out);
     assert!(
         out.status.success() && report["committed"] == true,
@@ -215,9 +220,10 @@ fn server_and_cache(test: &str, mode: Mode) {
     }
     let cluster = Cluster::start(3, mode);
     let mut g = start_group(&cluster, 4000);
-    let there = moved(&cluster, &g, DEST);
+    let there = moved(&cluster, &g, DEST, &[]);
     g.client.lines.wait_for("progress", LOOP);
-    let back = moved(&cluster, &g, SOURCE);
+    // Back with the page data compressed on the link.
+    let back = moved(&cluster, &g, SOURCE, &["--compress"]);
     let done = client_done(&cluster, &mut g.client);
     eprintln!(
         "{test}: {done}; frozen {} ms and {} ms",
@@ -235,7 +241,7 @@ fn a_group_move_whose_last_member_fails_to_restore_rolls_all_back_loopback() {
     let mut cluster = Cluster::start(3, Mode::Loopback);
     cluster.restart_agent_with(DEST, &[("DVK_TEST_FAULT", "fail-last-member")]);
     let mut g = start_group(&cluster, 4000);
-    let out = move_group(&cluster, &g, DEST);
+    let out = move_group(&cluster, &g, DEST, &[]);
     let report = report_of(&cluster, &out);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && report["committed"] == false, "the move should have rolled back: {report:#}");
@@ -252,7 +258,7 @@ fn a_group_move_whose_last_member_fails_to_restore_rolls_all_back_loopback() {
     g.client.lines.wait_for("progress", LOOP);
     // The rollback left both movable.
     cluster.restart_agent_with(DEST, &[]);
-    moved(&cluster, &g, DEST);
+    moved(&cluster, &g, DEST, &[]);
     let done = client_done(&cluster, &mut g.client);
     eprintln!("{test}: {done}");
 }
