@@ -172,13 +172,17 @@ fn report_of(cluster: &Cluster, out: &Output) -> serde_json::Value {
     })
 }
 
-/// Both members on node `at` in every node's `ps`, each with a live pid there.
+/// Both members on node `at` in every node's `ps`.
 fn assert_both_on(cluster: &Cluster, g: &Group, at: usize) {
+    assert_both_on_vpids(cluster, &[g.front, g.cache], at)
+}
+
+fn assert_both_on_vpids(cluster: &Cluster, vpids: &[i64], at: usize) {
     let name = cluster.nodes[at].name.as_str();
     for ask in 0..cluster.nodes.len() {
-        dvk_tests::wait_until(REACH, &format!("both members on {name} in node{}'s ps", ask + 1), || {
+        dvk_tests::wait_until(REACH, &format!("{vpids:?} on {name} in node{}'s ps", ask + 1), || {
             let ps = cluster.ps(ask);
-            [g.front, g.cache].iter().all(|v| ps.iter().any(|r| r["vpid"] == *v && r["node"] == name))
+            vpids.iter().all(|v| ps.iter().any(|r| r["vpid"] == *v && r["node"] == name))
         });
     }
 }
@@ -406,4 +410,56 @@ impl Drop for KillOnDrop {
             libc::kill(self.0, libc::SIGKILL);
         }
     }
+}
+
+/// Moving a group takes owning every member: a user who owns one process of the group cannot
+/// move another user's process along with it (the owners are checked at the source, the
+/// caller's uid taken from SO_PEERCRED where it asked); root may.
+#[test]
+fn a_user_cannot_move_another_users_process_in_a_group_with_her_own_loopback() {
+    let test = "a_user_cannot_move_another_users_process_in_a_group_with_her_own_loopback";
+    if dvk_tests::moving::skip_without_root(test) {
+        return;
+    }
+    const NOBODY: u32 = 65534;
+    let cluster = Cluster::start(3, Mode::Loopback);
+    let (_cache, roots) = start_server(&cluster, SOURCE, CACHE_PORT, MB);
+    // Her process: the paper's server run as nobody, the shim preloaded after the uid change.
+    let mut cmd = cluster.command(SOURCE, "setpriv");
+    cmd.args([format!("--reuid={NOBODY}"), format!("--regid={NOBODY}"), "--clear-groups".into(), "env".into()])
+        .arg(format!("LD_PRELOAD={}", dvk_tests::shim_path().display()))
+        .arg(c_program("move_server"))
+        .args([(CACHE_PORT + 1).to_string(), "1".into()])
+        .env("DVK_ENDPOINT", "hers")
+        .stdin(Stdio::null())
+        .stderr(std::fs::File::create(cluster.path("hers.err")).unwrap());
+    let mut hers = Proc::spawn(no_inherited_fds(&mut cmd), "her server");
+    hers.lines.wait_for("listening", REACH);
+    let row = cluster.wait_registered(SOURCE, hers.pid());
+    assert_eq!(row["uid"], NOBODY, "{row}");
+    let her_vpid = row["vpid"].as_i64().unwrap();
+    for ask in [SOURCE, CLIENT] {
+        let out = Command::new("setpriv")
+            .args([format!("--reuid={NOBODY}"), format!("--regid={NOBODY}"), "--clear-groups".into()])
+            .arg(bin_dir().join("migrate-cli"))
+            .arg("--socket")
+            .arg(cluster.nodes[ask].socket())
+            .args(["move", "--group", &format!("{her_vpid},{roots}"), &cluster.nodes[DEST].name])
+            .env_remove("LD_PRELOAD")
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "nobody moved root's process in her group (asked on node{})", ask + 1);
+        assert!(
+            err.contains("permission denied") && err.contains(&format!("vPID {roots}")) && err.contains("uid 0"),
+            "asked on node{}: {err}",
+            ask + 1
+        );
+    }
+    assert_both_on_vpids(&cluster, &[her_vpid, roots], SOURCE);
+    // Root may.
+    let out = move_vpids(&cluster, &[her_vpid, roots], DEST);
+    assert!(out.status.success(), "{}\n{}", String::from_utf8_lossy(&out.stderr), agent_logs(&cluster));
+    assert_both_on_vpids(&cluster, &[her_vpid, roots], DEST);
 }
