@@ -318,12 +318,12 @@ fn full_stream_between_members(test: &str, fail: bool) {
     let (mut client, client_vpid) = pair("client", 2, "pair-client");
     let server_blob = server.lines.wait_for("blob", REACH);
     let client_blob = client.lines.wait_for("blob", REACH);
-    // Nobody reads: each sender stops once the stream is full (≈ 450 KB here). 384 KB sent each
-    // way is more than one socket holds, so the relay and both sockets hold bytes.
+    // Nobody reads: each sender stops once the stream is full (≈ 450–500 KB here). 320 KB sent
+    // each way is more than one socket holds, so the relay and both sockets hold bytes.
     for p in [&mut server, &mut client] {
         loop {
             let line = p.lines.wait_for("sent", REACH);
-            if line.split_whitespace().nth(1).and_then(|n| n.parse::<usize>().ok()).unwrap_or(0) >= 384 << 10 {
+            if line.split_whitespace().nth(1).and_then(|n| n.parse::<usize>().ok()).unwrap_or(0) >= 320 << 10 {
                 break;
             }
         }
