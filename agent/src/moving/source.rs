@@ -987,28 +987,11 @@ async fn dump_group_and_send(d: &mut Driver) -> CoordEvent {
         Err(e) => return CoordEvent::DumpFailed(e),
     }
     d.image_bytes = total;
-    let pages_sent: u64 = outs.iter().map(|o| o.on_wire.load(std::sync::atomic::Ordering::Relaxed)).sum();
+    use std::sync::atomic::Ordering;
+    let pages_sent: u64 = outs.iter().map(|o| o.on_wire.load(Ordering::Relaxed)).sum();
+    let zeros = outs.iter().map(|o| o.sent.load(Ordering::Relaxed)).sum::<u64>() - pages_sent;
     d.step("dump", format!("{} streamed to the destination", details.join("; ")));
-    match send_image(d).await {
-        Ok(sent) => {
-            let _ = std::fs::remove_dir_all(&d.image_dir);
-            let sent = sent + pages_sent;
-            d.sent_bytes += sent;
-            d.step(
-                "transfer",
-                format!(
-                    "{:.1} MB in all over the agent link ({:.1} MB of pages sent during the dump)",
-                    sent as f64 / 1e6,
-                    pages_sent as f64 / 1e6
-                ),
-            );
-            CoordEvent::ImageSent
-        }
-        Err(e) => {
-            let _ = std::fs::remove_dir_all(&d.image_dir);
-            CoordEvent::DumpFailed(format!("transfer to {}: {e}", d.agent.node_name(d.dest)))
-        }
-    }
+    send_the_rest(d, pages_sent, zeros).await
 }
 
 /// The engine's page output during a move: every buffer it filled with process_vm_readv is
@@ -1190,9 +1173,16 @@ async fn dump_and_send(d: &mut Driver) -> CoordEvent {
             phases.join(", ")
         ),
     );
-    match send_image(d).await {
+    send_the_rest(d, pages_sent, zeros).await
+}
+
+/// After a dump that streamed its page data (`pages_sent` bytes on the link, `zeros` bytes of
+/// zero pages left behind): the image files and plans go, then the move's image dir here.
+async fn send_the_rest(d: &mut Driver, pages_sent: u64, zeros: u64) -> CoordEvent {
+    let sent = send_image(d).await;
+    let _ = std::fs::remove_dir_all(&d.image_dir);
+    match sent {
         Ok(sent) => {
-            let _ = std::fs::remove_dir_all(&d.image_dir);
             let sent = sent + pages_sent;
             d.sent_bytes += sent;
             d.step(
@@ -1207,10 +1197,7 @@ async fn dump_and_send(d: &mut Driver) -> CoordEvent {
             );
             CoordEvent::ImageSent
         }
-        Err(e) => {
-            let _ = std::fs::remove_dir_all(&d.image_dir);
-            CoordEvent::DumpFailed(format!("transfer to {}: {e}", d.agent.node_name(d.dest)))
-        }
+        Err(e) => CoordEvent::DumpFailed(format!("transfer to {}: {e}", d.agent.node_name(d.dest))),
     }
 }
 
