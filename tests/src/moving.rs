@@ -60,10 +60,27 @@ pub fn start_client_slice(
     pause_us: u64,
     slice: &str,
 ) -> Proc {
-    wait_connectable(cluster, node, "dc0", "kv.dc0.dvk", port, REACH);
+    start_client_of(cluster, node, "kv.dc0.dvk", port, mb, count, conns, pause_us, slice)
+}
+
+/// [`start_client_slice`] talking to `host` (an endpoint that serves the paper's protocol: the
+/// server itself, or a proxy in front of it).
+#[allow(clippy::too_many_arguments)]
+pub fn start_client_of(
+    cluster: &Cluster,
+    node: usize,
+    host: &str,
+    port: u16,
+    mb: usize,
+    count: usize,
+    conns: usize,
+    pause_us: u64,
+    slice: &str,
+) -> Proc {
+    wait_connectable(cluster, node, "dc0", host, port, REACH);
     let mut cmd = cluster.preloaded(node, c_program("move_client"));
     cmd.args([
-        "kv.dc0.dvk".to_string(),
+        host.to_string(),
         port.to_string(),
         mb.to_string(),
         count.to_string(),

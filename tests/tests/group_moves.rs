@@ -9,8 +9,10 @@
 //! cache's data, then reads the whole data back: a byte lost or reordered on either stream,
 //! or a request answered by a cache that lost its state, fails it.
 
-use dvk_tests::moving::{agent_logs, client_done, no_inherited_fds, start_server, step_detail, LOOP, REACH};
-use dvk_tests::net::{wait_connectable, Proc};
+use dvk_tests::moving::{
+    agent_logs, client_done, no_inherited_fds, start_client_of, start_server, step_detail, LOOP, REACH,
+};
+use dvk_tests::net::Proc;
 use dvk_tests::programs::{c_program, python3};
 use dvk_tests::{bin_dir, Cluster, Mode};
 use std::process::{Command, Output, Stdio};
@@ -119,21 +121,7 @@ fn start_group(cluster: &Cluster, count: usize) -> Group {
     let mut front_proc = Proc::spawn(no_inherited_fds(&mut cmd), "front");
     front_proc.lines.wait_for("listening", REACH);
     let front = cluster.wait_registered(SOURCE, front_proc.pid())["vpid"].as_i64().unwrap();
-    wait_connectable(cluster, CLIENT, "dc0", "front.dc0.dvk", FRONT_PORT, REACH);
-    let mut cmd = cluster.preloaded(CLIENT, c_program("move_client"));
-    cmd.args([
-        "front.dc0.dvk".to_string(),
-        FRONT_PORT.to_string(),
-        MB.to_string(),
-        count.to_string(),
-        "1".into(),
-        "200".into(),
-        "42".into(),
-        "0/1".into(),
-    ])
-    .stdin(Stdio::null());
-    let mut client = Proc::spawn(no_inherited_fds(&mut cmd), "move_client");
-    client.lines.wait_for("connected", REACH);
+    let mut client = start_client_of(cluster, CLIENT, "front.dc0.dvk", FRONT_PORT, MB, count, 1, 200, "0/1");
     client.lines.wait_for("progress", LOOP);
     Group { _cache: cache_proc, cache, _front: front_proc, front, client }
 }
