@@ -563,8 +563,11 @@ async fn resume_copy(agent: &Arc<Agent>, m: &Participant, copy: HeldCopy) {
         };
         relay::spawn_local(agent, p.id, c, s, to_server, to_client);
     }
-    for r in copy.members {
-        resume(agent, m, r).await;
+    // Every member registered (and saved) before any runs: the group is committed here as one.
+    let entries: Vec<pidvirt::ProcessEntry> = copy.members.iter().map(|r| register_here(agent, m, r)).collect();
+    crate::registry::save_now(agent);
+    for (r, entry) in copy.members.into_iter().zip(entries) {
+        resume_registered(agent, m, r, entry).await;
     }
     // A group move's own directory (each member's was removed with it).
     let _ = std::fs::remove_dir_all(image_dir(agent, m.tag.mid));
@@ -828,9 +831,9 @@ async fn prepare_restore(
     ))
 }
 
-/// Commit on the destination: register the process, reattach its streams, requeue its backlog,
-/// then let it run.
-async fn resume(agent: &Arc<Agent>, m: &Participant, r: Restoring) {
+/// The held copy's process in this node's tables (as running here, under its vPID): before
+/// it is resumed, so that a Query after a crash of this agent finds it committed.
+fn register_here(agent: &Arc<Agent>, m: &Participant, r: &Restoring) -> pidvirt::ProcessEntry {
     let plan = &r.plan;
     let vpid = plan.entry.vpid;
     let me = agent.node_id();
@@ -852,7 +855,15 @@ async fn resume(agent: &Arc<Agent>, m: &Participant, r: Restoring) {
         }
     }
     agent.moves.epochs.lock().insert(vpid, m.tag.epoch + 1);
-    crate::registry::save_now(agent);
+    entry
+}
+
+/// Commit on the destination, once registered: reattach the process's streams, requeue its
+/// backlog, then let it run.
+async fn resume_registered(agent: &Arc<Agent>, m: &Participant, r: Restoring, entry: pidvirt::ProcessEntry) {
+    let plan = &r.plan;
+    let vpid = plan.entry.vpid;
+    let me = agent.node_id();
 
     // Streams: our new ends, with the bytes owed first.
     let mut ends: std::collections::HashMap<u64, UnixStream> = r.stream_ends.into_iter().collect();
