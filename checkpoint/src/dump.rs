@@ -385,6 +385,7 @@ fn collect_all(f: &mut Frozen, dir: &Path, opts: &DumpOptions, clk: &mut Clock) 
     drop(precopy);
     let memfds = memfd::collect(pid, &files, &memory, dir)?;
     let shm = sysv::collect(&maps)?;
+    let (sem, msg) = sysv::collect_sem_msg(pid)?;
     let ghosts = ghosts::collect(pid, &files, &memory, dir)?;
     clk.lap("pages");
     check_interrupted(pid, opts)?;
@@ -427,6 +428,8 @@ fn collect_all(f: &mut Frozen, dir: &Path, opts: &DumpOptions, clk: &mut Clock) 
         task,
         threads,
         shm,
+        sem,
+        msg,
         memfds,
         pages_len: sink.len(),
         precopy_len,
