@@ -111,8 +111,8 @@ pub fn preflight(pid: Pid, opts: &DumpOptions) -> Result<()> {
 /// Every reason `pid` cannot be dumped, each printable as one line, without touching the
 /// process (from /proc, sock_diag and `pidfd_getfd` copies): mappings, fds (with the
 /// processes at the other end of pipes and sockets named), working directory, executable,
-/// seccomp, a tracer, children, POSIX timers on clocks that cannot follow, SysV semaphores and
-/// message queues. The fds in `opts.external_fds` are not judged.
+/// seccomp, a tracer, children, POSIX timers on clocks that cannot follow, SysV semaphore undo
+/// state and message queues that cannot be read. The fds in `opts.external_fds` are not judged.
 /// `Err` only when the process cannot be read at all.
 pub fn blockers(pid: Pid, opts: &DumpOptions) -> Result<Vec<Error>> {
     if opts.tree && crate::tree::has_children(pid) {

@@ -4,7 +4,8 @@
 //! (see `stub`), then, by syscalls injected into it: a gadget page and a scratch area in the
 //! reserved range; the stub's vDSO block parked there; every other stub mapping unmapped; every fd
 //! closed; umask/cwd/personality/name; the vDSO block moved onto the image's addresses; SysV
-//! segments found or created; every VMA mapped (SysV ones attached) and filled; `PR_SET_MM_MAP`;
+//! segments, semaphore sets and message queues found or created (the sets and queues filled by
+//! the process); every VMA mapped (SysV ones attached) and filled; `PR_SET_MM_MAP`;
 //! fds; file locks; signal handlers and altstack; set_tid_address, robust list, rseq; pending
 //! signals and itimers; threads; POSIX timers; rlimits (from outside); finally the whole
 //! reserved range is unmapped by a `munmap` caught at syscall exit, where the saved xstate,
