@@ -2139,3 +2139,26 @@ fn cgroup_membership() {
     p.go();
     p.expect_pass();
 }
+
+/// Frozen waiting in semop, the set removed before the restore (made again from the image): the
+/// restored process waits on, and takes the semaphore the driver posts after the restore.
+#[test]
+fn sysv_sem_blocked() {
+    if !root() {
+        return;
+    }
+    let mut p = Prog::start("sysv_sem_blocked");
+    let (sem, _, _) = sem_msg_ids(&p);
+    let _rm = RmSem(sem);
+    ck::dump(p.pid, &p.img(1), AfterDump::Kill).unwrap();
+    wait_exit(p.pid, Duration::from_secs(5));
+    drop(RmSem(sem));
+    let r = ck::restore(&p.img(1), &RestoreOptions::default()).unwrap();
+    p.pid = r.pid;
+    assert!(!read(&p.out()).contains("semop done"), "the semop ended before the post");
+    let mut post = libc::sembuf { sem_num: 0, sem_op: 1, sem_flg: 0 };
+    // SAFETY: one sembuf, living through the call.
+    assert_eq!(unsafe { libc::semop(sem, &mut post, 1) }, 0);
+    p.go();
+    p.expect_pass();
+}
