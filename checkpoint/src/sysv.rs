@@ -292,15 +292,23 @@ fn seen(pid: Pid) -> (Vec<SemInfo>, Vec<MsgInfo>) {
 /// first `semop` with SEM_UNDO — and at its first thread made with CLONE_SYSVSEM, as glibc's
 /// `pthread_create` does —, kept until it ends; `kcmp(KCMP_SYSVSEM)` tells whether two tasks
 /// have the same one: a task that compares unequal to one without any has one.
-fn has_undo_list(pid: Pid) -> bool {
+fn has_undo_list(pid: Pid) -> std::io::Result<bool> {
     const KCMP_SYSVSEM: i32 = 6;
     let tids: Vec<Pid> = std::fs::read_dir(proc_path(pid, "task"))
         .map(|d| d.flatten().filter_map(|e| e.file_name().to_str()?.parse().ok()).collect())
         .unwrap_or_default();
     sys::with_task_without_undo_list(|none| {
-        tids.into_iter().chain([pid]).any(|t| matches!(sys::kcmp(t, none, KCMP_SYSVSEM), Ok(v) if v != 0))
-    })
-    .unwrap_or(true)
+        for t in tids.into_iter().chain([pid]) {
+            match sys::kcmp(t, none, KCMP_SYSVSEM) {
+                Ok(0) => {}
+                Ok(_) => return Ok(true),
+                // A thread that ended meanwhile.
+                Err(e) if e.raw_os_error() == Some(libc::ESRCH) && t != pid => {}
+                Err(e) => return Err(std::io::Error::new(e.kind(), format!("kcmp(KCMP_SYSVSEM) of {t}: {e}"))),
+            }
+        }
+        Ok(false)
+    })?
 }
 
 /// SEM_UNDO, and the semaphore sets and message queues the process is seen to use that
@@ -308,9 +316,18 @@ fn has_undo_list(pid: Pid) -> bool {
 fn sem_msg_blockers(pid: Pid) -> Vec<Error> {
     let mut v = Vec::new();
     let (sems, msgs) = seen(pid);
-    if !sems.is_empty() && has_undo_list(pid) {
-        let names: Vec<String> = sems.iter().map(|s| sem_name(s.id, s.key, s.nsems)).collect();
-        v.push(Error::Unsupported {
+    let names: Vec<String> = sems.iter().map(|s| sem_name(s.id, s.key, s.nsems)).collect();
+    match if sems.is_empty() { Ok(false) } else { has_undo_list(pid) } {
+        Ok(false) => {}
+        Err(e) => v.push(Error::Unsupported {
+            pid,
+            what: format!(
+                "SysV semaphore undo state: it uses {}, and whether it may hold SEM_UNDO adjustments cannot be \
+                 told ({e})",
+                names.join(", ")
+            ),
+        }),
+        Ok(true) => v.push(Error::Unsupported {
             pid,
             what: format!(
                 "SysV semaphore undo state: it uses {} and has an undo list (a semop with SEM_UNDO, or a thread \
@@ -318,7 +335,7 @@ fn sem_msg_blockers(pid: Pid) -> Vec<Error> {
                  cannot be read or set from outside",
                 names.join(", ")
             ),
-        });
+        }),
     }
     for s in &sems {
         if s.nsems > MAX_SEMS {
