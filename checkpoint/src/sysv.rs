@@ -459,7 +459,11 @@ pub fn collect_sem_msg(pid: Pid) -> Result<(Vec<SemSet>, Vec<MsgQueue>)> {
                     Err(e) if e.raw_os_error() == Some(libc::E2BIG) => {
                         return Err(Error::Unsupported {
                             pid,
-                            what: format!("{name}: message {i} is longer than {MAX_MESSAGE} bytes"),
+                            what: format!(
+                                "{name}: message {i} cannot be copied whole (longer than {} bytes, or than this \
+                                 kernel's msgmax, which bounds MSG_COPY)",
+                                buf.len() - 8
+                            ),
                         })
                     }
                     Err(e) => return Err(fail(name.clone(), &format!("msgrcv(MSG_COPY) of message {i}"), e)),
@@ -766,8 +770,14 @@ pub fn prepare_sem_msg(r: &Remote, sems: &[SemSet], msgs: &[MsgQueue], out: &mut
         if got != q.id {
             return Err(not_its_id(q.name(), got));
         }
-        sys::msg_set(got, q.uid, q.gid, q.mode, q.qbytes)
-            .map_err(|e| Error::Restore(format!("{}: IPC_SET (owner, mode, msg_qbytes): {e}", q.name())))?;
+        // The messages must fit while they are sent (msg_qbytes may have been lowered below what
+        // was queued, and bounds the number of messages too): the limit is set after them then.
+        let need = q.messages.iter().map(|m| m.text.len() as u64).sum::<u64>().max(q.messages.len() as u64);
+        let set = |qbytes: u64| {
+            sys::msg_set(got, q.uid, q.gid, q.mode, qbytes)
+                .map_err(|e| Error::Restore(format!("{}: IPC_SET (owner, mode, msg_qbytes {qbytes}): {e}", q.name())))
+        };
+        set(q.qbytes.max(need))?;
         let nowait = libc::IPC_NOWAIT as u64;
         for (i, m) in q.messages.iter().enumerate() {
             let mut b = m.mtype.to_ne_bytes().to_vec();
@@ -781,6 +791,9 @@ pub fn prepare_sem_msg(r: &Remote, sems: &[SemSet], msgs: &[MsgQueue], out: &mut
             let a = r.put(0, &1i64.to_ne_bytes())?;
             r.call(&format!("msgsnd to {}", q.name()), libc::SYS_msgsnd, &[got as u64, a, 0, nowait])?;
             r.call(&format!("msgrcv from {}", q.name()), libc::SYS_msgrcv, &[got as u64, a, 0, 0, nowait])?;
+        }
+        if need > q.qbytes {
+            set(q.qbytes)?;
         }
     }
     Ok(())

@@ -1,10 +1,11 @@
 /* SysV semaphores and message queues are carried: a private semaphore set (values set, a semop
  * done) and a keyed message queue (raised msg_qbytes, messages of several types, one of them
- * empty, one with NUL bytes, one received back). After the restore the values, the mode and
+ * empty, one with NUL bytes, one received back; then msg_qbytes lowered below what is queued).
+ * After the restore the values, the mode and
  * owner, the size limit and every message are checked byte for byte and in order, and both still
  * work (semop, msgsnd, msgrcv). With the file "late" in its directory the driver has sent one
- * more message (type 9, "late") to the queue while it was dumped: the live queue must have been
- * used as it was, not written from the image. The program removes both at the end. */
+ * more message (type 9, "late") to the queue while it was dumped, msg_qbytes raised to 12000
+ * first: the live queue must have been used as it was, not written from the image. The program removes both at the end. */
 #include "fidelity.h"
 #include <sys/ipc.h>
 #include <sys/msg.h>
@@ -46,6 +47,9 @@ int main(void) {
         if (texts[i]) memcpy(m.text, texts[i], lens[i]); else fill_big(m.text);
         if (msgsnd(msq, &m, lens[i], 0)) { printf("FAIL msgsnd %d: %s\n", i, strerror(errno)); return 2; }
     }
+    /* Lowered below what is queued (1539 bytes): allowed, nothing is dropped. */
+    qd.msg_qbytes = 1500;
+    if (msgctl(msq, IPC_SET, &qd)) { printf("FAIL IPC_SET: %s\n", strerror(errno)); return 2; }
     printf("sem %d msg %d key %d\n", sem, msq, (int)qkey);
     ready();
     wait_go();
@@ -58,7 +62,7 @@ int main(void) {
     CHECK(semctl(sem, 0, IPC_STAT, &sd) == 0 && sd.sem_nsems == 3 && (sd.sem_perm.mode & 0777) == 0640 &&
               sd.sem_perm.uid == getuid(),
           "semaphore set: nsems %lu mode %o", (unsigned long)sd.sem_nsems, sd.sem_perm.mode & 0777);
-    CHECK(msgctl(msq, IPC_STAT, &qd) == 0 && qd.msg_qnum == 5 + late && qd.msg_qbytes == 12000 &&
+    CHECK(msgctl(msq, IPC_STAT, &qd) == 0 && qd.msg_qnum == 5 + late && qd.msg_qbytes == (late ? 12000 : 1500) &&
               (qd.msg_perm.mode & 0777) == 0620 && qd.msg_perm.__key == qkey,
           "queue: qnum %lu qbytes %lu mode %o key %#x", (unsigned long)qd.msg_qnum, (unsigned long)qd.msg_qbytes,
           qd.msg_perm.mode & 0777, qd.msg_perm.__key);

@@ -1365,8 +1365,8 @@ fn sysv_sem_msg_recreated() {
 }
 
 /// Restored on the same machine, the set and queue still there: used as they are, not written
-/// from the image — a message sent to the queue after the dump is still there (the program
-/// checks it, told by the file "late"), and nothing is duplicated.
+/// from the image — a message sent to the queue after the dump is still there and its raised
+/// `msg_qbytes` kept (the program checks both, told by the file "late"), nothing is duplicated.
 #[test]
 fn sysv_sem_msg_live() {
     if !root() {
@@ -1377,6 +1377,13 @@ fn sysv_sem_msg_live() {
     let _rm = (RmSem(sem), RmMsg(msg));
     ck::dump(p.pid, &p.img(1), AfterDump::Kill).unwrap();
     wait_exit(p.pid, Duration::from_secs(5));
+    // SAFETY: msqid_ds is plain data; IPC_STAT fills it, IPC_SET reads it, within the calls.
+    unsafe {
+        let mut ds: libc::msqid_ds = std::mem::zeroed();
+        assert_eq!(libc::msgctl(msg, libc::IPC_STAT, &mut ds), 0);
+        ds.msg_qbytes = 12000;
+        assert_eq!(libc::msgctl(msg, libc::IPC_SET, &mut ds), 0);
+    }
     let mut m = 9i64.to_ne_bytes().to_vec();
     m.extend_from_slice(b"late");
     // SAFETY: msgsnd reads the type and the 4 bytes of text from `m`, which lives through it.
