@@ -50,6 +50,10 @@ pub struct DumpOptions {
     /// Shared anonymous mappings, by (start, end), whose memory another member of the tree
     /// stores (its owner's image): recorded without page data.
     pub borrowed_maps: Vec<(u64, u64)>,
+    /// SysV semaphore sets and message queues (ids) another member of the tree stores: not
+    /// stored again (it makes them at restore).
+    pub borrowed_sems: Vec<i32>,
+    pub borrowed_msgs: Vec<i32>,
 }
 
 /// The fds not judged as files: the caller's, and a shell job's terminal.
@@ -385,7 +389,7 @@ fn collect_all(f: &mut Frozen, dir: &Path, opts: &DumpOptions, clk: &mut Clock) 
     drop(precopy);
     let memfds = memfd::collect(pid, &files, &memory, dir)?;
     let shm = sysv::collect(&maps)?;
-    let (sem, msg) = sysv::collect_sem_msg(pid)?;
+    let (sem, msg) = sysv::collect_sem_msg(pid, &opts.borrowed_sems, &opts.borrowed_msgs)?;
     let ghosts = ghosts::collect(pid, &files, &memory, dir)?;
     clk.lap("pages");
     check_interrupted(pid, opts)?;

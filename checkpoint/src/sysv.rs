@@ -64,7 +64,8 @@
 //!
 //! Objects created by a restore that fails are removed; a held restore (`restore_held`, every
 //! member of a tree) keeps them until the process is let run, and removes them if it is killed.
-//! In a tree, an object used by several members is made (or found) once, by the first.
+//! In a tree, an object several members are seen to use is stored once, in the first one's image
+//! (parents first), and made (or found) once, by it.
 //!
 //! Not carried: the creator uid/gid of segments, times and last pids; segments the process does
 //! not have attached (it may hold their ids only); a segment partly unmapped (refused); objects
@@ -423,11 +424,19 @@ pub struct Message {
     pub text: Vec<u8>,
 }
 
-/// The semaphore sets and message queues `pid` (frozen) is seen to use, read (checked by
-/// [`blockers`]). The messages are copied, not taken; a queue that changes while it is read
+/// The ids of the semaphore sets and message queues `pid` is seen to use.
+pub(crate) fn seen_ids(pid: Pid) -> (Vec<i32>, Vec<i32>) {
+    let (s, m) = seen(pid);
+    (s.iter().map(|s| s.id).collect(), m.iter().map(|q| q.id).collect())
+}
+
+/// The semaphore sets and message queues `pid` (frozen) is seen to use but those in `skip_sems`
+/// and `skip_msgs` (another member of its tree stores them), read (checked by [`blockers`]). The messages are copied, not taken; a queue that changes while it is read
 /// (another process sending or receiving) is read again, a few times at most.
-pub fn collect_sem_msg(pid: Pid) -> Result<(Vec<SemSet>, Vec<MsgQueue>)> {
-    let (sems, msgs) = seen(pid);
+pub fn collect_sem_msg(pid: Pid, skip_sems: &[i32], skip_msgs: &[i32]) -> Result<(Vec<SemSet>, Vec<MsgQueue>)> {
+    let (mut sems, mut msgs) = seen(pid);
+    sems.retain(|s| !skip_sems.contains(&s.id));
+    msgs.retain(|q| !skip_msgs.contains(&q.id));
     let fail =
         |name: String, what: &str, e: std::io::Error| Error::Unsupported { pid, what: format!("{name}: {what}: {e}") };
     let mut out_sems = Vec::new();

@@ -1499,12 +1499,17 @@ fn tree_sysv_sem() {
     let rep = ck::dump_with(p.pid, &p.img(1), AfterDump::Kill, &opts).unwrap();
     assert_eq!(rep.tree.len(), 2, "members dumped: {:?}", rep.tree);
     wait_exit(p.pid, Duration::from_secs(5));
-    // Both members' images hold the set and the queue (each did a last operation on them).
-    for m in &rep.tree {
+    // Both members are seen using them (each did a last operation on them): stored once, in the
+    // parent's image.
+    let ids = |m: i32| {
         let man = ck::image::read(&p.img(1).join(m.to_string())).unwrap().manifest;
-        let ids = (man.sem.iter().map(|s| s.id).collect::<Vec<_>>(), man.msg.iter().map(|q| q.id).collect::<Vec<_>>());
-        assert_eq!(ids, (vec![sem], vec![msg]), "member {m}");
-    }
+        (man.sem.iter().map(|s| s.id).collect::<Vec<_>>(), man.msg.iter().map(|q| q.id).collect::<Vec<_>>())
+    };
+    assert_eq!(ids(rep.tree[0]), (vec![sem], vec![msg]), "the parent's image");
+    assert_eq!(ids(rep.tree[1]), (vec![], vec![]), "the child's image");
+    // SAFETY: GETPID takes no argument.
+    assert_eq!(unsafe { libc::semctl(sem, 1, libc::GETPID) }, rep.tree[1], "the child's semop was not the last");
+    assert_eq!(sysvipc_line("msg", msg).unwrap()[6], rep.tree[1].to_string(), "the child's msgrcv was not the last");
     remove_sem_msg(sem, msg);
     let r = ck::restore(&p.img(1), &RestoreOptions::default()).unwrap_or_else(|e| panic!("restore failed: {e}"));
     let _members = Members { pids: r.tree.clone(), dir: p.dir.path().to_path_buf() };
