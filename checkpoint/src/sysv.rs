@@ -270,7 +270,11 @@ fn msg_queues() -> HashMap<i32, MsgInfo> {
 }
 
 fn sem_name(id: i32, key: i32, nsems: usize) -> String {
-    format!("SysV semaphore set {id} (key {:#010x}, {nsems} semaphores)", key as u32)
+    format!("SysV semaphore set {id} (key {:#010x}, {})", key as u32, semaphores(nsems))
+}
+
+fn semaphores(n: usize) -> String {
+    format!("{n} semaphore{}", if n == 1 { "" } else { "s" })
 }
 
 fn msg_name(id: i32, key: i32) -> String {
@@ -703,10 +707,10 @@ fn sem_to_create(s: &SemSet, here: &HashMap<i32, SemInfo>) -> Result<bool> {
         Some(h) if h.key == s.key && h.nsems == s.values.len() => return Ok(false),
         Some(h) => {
             return Err(Error::Restore(format!(
-                "{}: its id is taken here by another set (key {:#010x}, {} semaphores); {taken}",
+                "{}: its id is taken here by another set (key {:#010x}, {}); {taken}",
                 s.name(),
                 h.key as u32,
-                h.nsems
+                semaphores(h.nsems)
             )))
         }
         None => {}
@@ -896,7 +900,7 @@ mod tests {
         assert!(e.contains("key 0x12345678"), "{e}");
         // Its key is another set's.
         let e = sem_to_create(&set(40000, 0x12345678, 1), &here).unwrap_err().to_string();
-        assert!(e.contains("its key is taken here by SysV semaphore set 32770 (key 0x12345678, 1 semaphores)"), "{e}");
+        assert!(e.contains("its key is taken here by SysV semaphore set 32770 (key 0x12345678, 1 semaphore)"), "{e}");
         // Private sets (key 0) never clash by key.
         assert!(sem_to_create(&set(40000, 0, 4), &here).unwrap());
     }

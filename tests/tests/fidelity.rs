@@ -1415,7 +1415,7 @@ fn sysv_sem_id_taken_refused() {
     let e = ck::restore(&p.img(1), &RestoreOptions::default()).expect_err("restore should fail").to_string();
     for w in [
         format!("SysV semaphore set {sem} (key 0x00000000, 3 semaphores)"),
-        "taken here by another set (key 0x00000000, 1 semaphores)".into(),
+        "taken here by another set (key 0x00000000, 1 semaphore)".into(),
     ] {
         assert!(e.contains(&w), "error {e:?} should mention {w:?}");
     }
@@ -1468,16 +1468,29 @@ fn sysv_sem_msg_removed_with_failed_restore() {
 /// it runs on.
 #[test]
 fn sysv_sem_undo_refused() {
+    sem_refused("sysv_sem_undo");
+}
+
+/// A multi-threaded process using a semaphore set is refused the same way, SEM_UNDO or not:
+/// its threads gave it an undo list (the price of the rule, see docs/CHECKPOINT.md).
+#[test]
+fn sysv_sem_threads_refused() {
+    sem_refused("sysv_sem_threads");
+}
+
+/// `name` (printing "sem <id>") is refused for its SysV undo list, naming its set; it runs on.
+fn sem_refused(name: &'static str) {
     if !root() {
         return;
     }
-    let p = Prog::start("sysv_sem_undo");
+    let p = Prog::start(name);
     let out = read(&p.out());
     let sem: i32 = out.lines().find_map(|l| l.strip_prefix("sem ")).and_then(|x| x.trim().parse().ok()).unwrap();
     let _rm = RmSem(sem);
     let e = ck::dump(p.pid, &p.img(1), AfterDump::Kill).expect_err("dump should be refused").to_string();
-    for w in ["SysV semaphore undo state", "SEM_UNDO"] {
-        assert!(e.contains(w), "error {e:?} should mention {w:?}");
+    let set = format!("SysV semaphore set {sem} (key 0x00000000, 1 semaphore)");
+    for w in ["SysV semaphore undo state", "SEM_UNDO", "undo list", &set] {
+        assert!(e.contains(w), "{name}: error {e:?} should mention {w:?}");
     }
     assert!(!p.img(1).join("manifest.img").exists());
     p.go();
