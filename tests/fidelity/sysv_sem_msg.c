@@ -1,11 +1,11 @@
 /* SysV semaphores and message queues are carried: a private semaphore set (values set, a semop
- * done) and a keyed message queue (raised msg_qbytes, messages of several types, one of them
- * empty, one with NUL bytes, one received back; then msg_qbytes lowered below what is queued).
- * After the restore the values, the mode and
- * owner, the size limit and every message are checked byte for byte and in order, and both still
- * work (semop, msgsnd, msgrcv). With the file "late" in its directory the driver has sent one
- * more message (type 9, "late") to the queue while it was dumped, msg_qbytes raised to 12000
- * first: the live queue must have been used as it was, not written from the image. The program removes both at the end. */
+ * done) and a keyed message queue (messages of several types, one of them empty, one with NUL
+ * bytes, after one sent and received back), then msg_qbytes lowered below what is queued and
+ * both given to other owners. After the restore the values, the mode and owner, the size limit
+ * and every message are checked byte for byte and in order, and both still work (semop, msgsnd,
+ * msgrcv). With the file "late" in its directory the driver has sent one more message (type 9,
+ * "late") to the queue while it was dumped, msg_qbytes raised to 12000 first: the live queue must
+ * have been used as it was, not written from the image. The program removes both at the end. */
 #include "fidelity.h"
 #include <sys/ipc.h>
 #include <sys/msg.h>
@@ -47,9 +47,16 @@ int main(void) {
         if (texts[i]) memcpy(m.text, texts[i], lens[i]); else fill_big(m.text);
         if (msgsnd(msq, &m, lens[i], 0)) { printf("FAIL msgsnd %d: %s\n", i, strerror(errno)); return 2; }
     }
-    /* Lowered below what is queued (1539 bytes): allowed, nothing is dropped. */
+    /* Lowered below what is queued (1539 bytes): allowed, nothing is dropped. Both objects are
+     * given to another owner (root still uses them: CAP_IPC_OWNER). */
     qd.msg_qbytes = 1500;
-    if (msgctl(msq, IPC_SET, &qd)) { printf("FAIL IPC_SET: %s\n", strerror(errno)); return 2; }
+    qd.msg_perm.uid = 65534;
+    qd.msg_perm.gid = 65533;
+    struct semid_ds sd;
+    int set = msgctl(msq, IPC_SET, &qd) || semctl(sem, 0, IPC_STAT, &sd);
+    sd.sem_perm.uid = 65533;
+    sd.sem_perm.gid = 65534;
+    if (set || semctl(sem, 0, IPC_SET, &sd)) { printf("FAIL IPC_SET: %s\n", strerror(errno)); return 2; }
     printf("sem %d msg %d key %d\n", sem, msq, (int)qkey);
     ready();
     wait_go();
@@ -58,12 +65,12 @@ int main(void) {
     unsigned short got[3] = {0};
     CHECK(semctl(sem, 0, GETALL, got) == 0 && got[0] == 7 && got[1] == 5 && got[2] == 32767,
           "semaphore values %u %u %u", got[0], got[1], got[2]);
-    struct semid_ds sd;
     CHECK(semctl(sem, 0, IPC_STAT, &sd) == 0 && sd.sem_nsems == 3 && (sd.sem_perm.mode & 0777) == 0640 &&
-              sd.sem_perm.uid == getuid(),
+              sd.sem_perm.uid == 65533 && sd.sem_perm.gid == 65534,
           "semaphore set: nsems %lu mode %o", (unsigned long)sd.sem_nsems, sd.sem_perm.mode & 0777);
     CHECK(msgctl(msq, IPC_STAT, &qd) == 0 && qd.msg_qnum == 5 + late && qd.msg_qbytes == (late ? 12000 : 1500) &&
-              (qd.msg_perm.mode & 0777) == 0620 && qd.msg_perm.__key == qkey,
+              (qd.msg_perm.mode & 0777) == 0620 && qd.msg_perm.__key == qkey && qd.msg_perm.uid == 65534 &&
+              qd.msg_perm.gid == 65533,
           "queue: qnum %lu qbytes %lu mode %o key %#x", (unsigned long)qd.msg_qnum, (unsigned long)qd.msg_qbytes,
           qd.msg_perm.mode & 0777, qd.msg_perm.__key);
     char big[1500];
