@@ -1328,6 +1328,19 @@ fn sysvipc_line(kind: &str, id: i32) -> Option<Vec<String>> {
         .find(|t| t.get(1) == Some(&id.to_string()))
 }
 
+/// Waits (bounded) until `pid` is waiting in one of the system calls `nrs` (/proc/PID/syscall).
+fn wait_in_syscall(pid: i32, nrs: &[i64]) {
+    let t = Instant::now();
+    loop {
+        let s = read(Path::new(&format!("/proc/{pid}/syscall")));
+        if s.split_whitespace().next().and_then(|n| n.parse::<i64>().ok()).is_some_and(|n| nrs.contains(&n)) {
+            return;
+        }
+        assert!(t.elapsed() < Duration::from_secs(10), "pid {pid} not waiting in {nrs:?}: {s}");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
 /// The program's set and queue removed (as when the image is restored on another machine).
 fn remove_sem_msg(sem: i32, msg: i32) {
     drop(RmSem(sem));
@@ -2166,7 +2179,8 @@ fn cgroup_membership() {
 }
 
 /// Frozen waiting in semop, the set removed before the restore (made again from the image): the
-/// restored process waits on, and takes the semaphore the driver posts after the restore.
+/// restored process waits on (after the EINTR Linux gives semop after any stop), and takes the
+/// semaphore the driver posts after the restore.
 #[test]
 fn sysv_sem_blocked() {
     if !root() {
@@ -2175,6 +2189,7 @@ fn sysv_sem_blocked() {
     let mut p = Prog::start("sysv_sem_blocked");
     let (sem, _, _) = sem_msg_ids(&p);
     let _rm = RmSem(sem);
+    wait_in_syscall(p.pid, &[libc::SYS_semop, libc::SYS_semtimedop]);
     ck::dump(p.pid, &p.img(1), AfterDump::Kill).unwrap();
     wait_exit(p.pid, Duration::from_secs(5));
     drop(RmSem(sem));
@@ -2186,4 +2201,31 @@ fn sysv_sem_blocked() {
     assert_eq!(unsafe { libc::semop(sem, &mut post, 1) }, 0);
     p.go();
     p.expect_pass();
+}
+
+/// Frozen waiting in msgrcv on an empty queue, the queue removed before the restore (made again
+/// from the image): the restored process waits on (the call restarted, no EINTR: Linux restarts
+/// msgrcv after a stop), and gets the message the driver sends after the restore.
+#[test]
+fn sysv_msg_blocked() {
+    if !root() {
+        return;
+    }
+    let mut p = Prog::start("sysv_msg_blocked");
+    let (_, msg, _) = sem_msg_ids(&p);
+    let _rm = RmMsg(msg);
+    wait_in_syscall(p.pid, &[libc::SYS_msgrcv]);
+    ck::dump(p.pid, &p.img(1), AfterDump::Kill).unwrap();
+    wait_exit(p.pid, Duration::from_secs(5));
+    drop(RmMsg(msg));
+    let r = ck::restore(&p.img(1), &RestoreOptions::default()).unwrap();
+    p.pid = r.pid;
+    assert!(!read(&p.out()).contains("msgrcv done"), "the msgrcv ended before the message");
+    let mut m = 6i64.to_ne_bytes().to_vec();
+    m.extend_from_slice(b"after");
+    // SAFETY: msgsnd reads the type and the 5 bytes of text from `m`, which lives through it.
+    assert_eq!(unsafe { libc::msgsnd(msg, m.as_ptr().cast(), 5, libc::IPC_NOWAIT) }, 0);
+    p.go();
+    p.expect_pass();
+    assert!(read(&p.out()).contains("msgrcv done after 0 EINTR"), "the wait in msgrcv was not restarted");
 }
