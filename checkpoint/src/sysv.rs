@@ -11,8 +11,8 @@
 //!
 //! Semaphores and message queues carry no per-process trace in /proc (no mapping, no fd; the
 //! program holds bare ids in its memory, where they cannot be told from other numbers). What is
-//! seen: a semaphore set where the process did the last `semop` on any semaphore
-//! (`semctl(GETPID)`), a message queue it last sent to or received from (`lspid`/`lrpid` in
+//! seen: a semaphore set where the process did the last `semop` (or SETVAL, SETALL) on any
+//! semaphore (`semctl(GETPID)`), a message queue it last sent to or received from (`lspid`/`lrpid` in
 //! /proc/sysvipc/msg). A set or queue the process uses but on which another process did the last
 //! operation is not seen, and not carried (on the same machine it is still there; elsewhere the
 //! program finds its id unknown, or another object under it). Those seen are read at dump, the
@@ -686,8 +686,13 @@ pub fn check_sem_msg(sems: &[SemSet], msgs: &[MsgQueue]) -> Result<()> {
             }
         }
     }
+    const CAP_SYS_RESOURCE: u32 = 24;
+    let cap_sys_resource = crate::host::cap_eff() & (1u64 << CAP_SYS_RESOURCE) != 0;
     for q in msgs {
         if msg_to_create(q, &here_msg)? {
+            if let Some(why) = qbytes_refusal(q, limit("msgmnb", 0), cap_sys_resource) {
+                return Err(Error::Restore(why));
+            }
             let longest = q.messages.iter().map(|m| m.text.len()).max().unwrap_or(0) as u64;
             if let Some(max) = limit("msgmax", 0).filter(|&m| longest > m) {
                 return Err(Error::Restore(format!(
@@ -698,6 +703,26 @@ pub fn check_sem_msg(sems: &[SemSet], msgs: &[MsgQueue]) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// The most bytes queue `q` must be let hold while its messages are sent again (its
+/// `msg_qbytes`, or more if that was lowered below what it holds), and why this restorer cannot
+/// set that here: above `msgmnb` takes CAP_SYS_RESOURCE.
+fn qbytes_refusal(q: &MsgQueue, msgmnb: Option<u64>, cap_sys_resource: bool) -> Option<String> {
+    let need = q.qbytes.max(queue_need(q));
+    let mnb = msgmnb?;
+    (need > mnb && !cap_sys_resource).then(|| {
+        format!(
+            "{}: its msg_qbytes ({need} bytes) is above this machine's msgmnb ({mnb}), which takes \
+             CAP_SYS_RESOURCE the restorer lacks",
+            q.name()
+        )
+    })
+}
+
+/// What queue `q`'s messages need of `msg_qbytes` (which bounds their number too).
+fn queue_need(q: &MsgQueue) -> u64 {
+    q.messages.iter().map(|m| m.text.len() as u64).sum::<u64>().max(q.messages.len() as u64)
 }
 
 /// Whether `s` must be created (`false`: it is alive here, used as it is), or why it cannot be.
@@ -785,7 +810,7 @@ pub fn prepare_sem_msg(r: &Remote, sems: &[SemSet], msgs: &[MsgQueue], out: &mut
         }
         // The messages must fit while they are sent (msg_qbytes may have been lowered below what
         // was queued, and bounds the number of messages too): the limit is set after them then.
-        let need = q.messages.iter().map(|m| m.text.len() as u64).sum::<u64>().max(q.messages.len() as u64);
+        let need = queue_need(q);
         let set = |qbytes: u64| {
             sys::msg_set(got, q.uid, q.gid, q.mode, qbytes)
                 .map_err(|e| Error::Restore(format!("{}: IPC_SET (owner, mode, msg_qbytes {qbytes}): {e}", q.name())))
@@ -918,6 +943,21 @@ mod tests {
         );
         let e = msg_to_create(&q(7, 16), &here).unwrap_err().to_string();
         assert!(e.contains("its key is taken here by SysV message queue 4 (key 0x00000010)"), "{e}");
+    }
+
+    #[test]
+    fn qbytes_above_msgmnb_needs_cap_sys_resource() {
+        let m = |n: usize| Message { mtype: 1, text: vec![7; n] };
+        let q = |qbytes, messages| MsgQueue { id: 5, key: 0, mode: 0o600, uid: 0, gid: 0, qbytes, messages };
+        assert_eq!(qbytes_refusal(&q(16384, vec![m(100)]), Some(16384), false), None);
+        let e = qbytes_refusal(&q(20000, vec![]), Some(16384), false).unwrap();
+        assert!(e.contains("SysV message queue 5 (key 0x00000000): its msg_qbytes (20000 bytes)"), "{e}");
+        assert!(e.contains("msgmnb (16384)") && e.contains("CAP_SYS_RESOURCE"), "{e}");
+        assert_eq!(qbytes_refusal(&q(20000, vec![]), Some(16384), true), None);
+        // Lowered below what it holds: what it holds counts.
+        assert!(qbytes_refusal(&q(100, vec![m(10000), m(10000)]), Some(16384), false).is_some());
+        assert_eq!(queue_need(&q(100, vec![m(0), m(0), m(0)])), 3);
+        assert_eq!(qbytes_refusal(&q(20000, vec![]), None, false), None);
     }
 
     #[test]
