@@ -513,15 +513,19 @@ pub fn sem_remove(id: i32) -> io::Result<()> {
     cvt(r as libc::c_long).map(drop)
 }
 
-/// Runs `f` with the pid of a child of this process that exits at once and is reaped only
-/// after `f`: a task known to have no SysV undo list (a fork without CLONE_SYSVSEM starts with
-/// none, and an ended task has none), for `kcmp(KCMP_SYSVSEM)` against it.
+/// Runs `f` with the pid of a child of this process that waits, doing nothing, until `f` is done
+/// (then it is killed and reaped): a task known to have no SysV undo list (a fork without
+/// CLONE_SYSVSEM starts with none), for `kcmp(KCMP_SYSVSEM)` against it. A fork of this process:
+/// only for a process seen using a semaphore set.
 pub fn with_task_without_undo_list<T>(f: impl FnOnce(Pid) -> T) -> io::Result<T> {
-    // SAFETY: the child of a possibly multi-threaded parent calls only _exit (async-signal-safe).
+    // SAFETY: the child of a possibly multi-threaded parent calls only pause (async-signal-safe)
+    // until it is killed.
     let child = unsafe {
         let r = libc::fork();
         if r == 0 {
-            libc::_exit(0);
+            loop {
+                libc::pause();
+            }
         }
         r
     };
@@ -530,10 +534,13 @@ pub fn with_task_without_undo_list<T>(f: impl FnOnce(Pid) -> T) -> io::Result<T>
     }
     let out = f(child);
     let mut st = 0;
-    // SAFETY: waits for our own child, by pid, with a valid status pointer.
-    while unsafe { libc::waitpid(child, &mut st, libc::__WALL) } == -1
-        && io::Error::last_os_error().raw_os_error() == Some(libc::EINTR)
-    {}
+    // SAFETY: kills and waits for our own child, by pid, with a valid status pointer.
+    unsafe {
+        libc::kill(child, libc::SIGKILL);
+        while libc::waitpid(child, &mut st, libc::__WALL) == -1
+            && io::Error::last_os_error().raw_os_error() == Some(libc::EINTR)
+        {}
+    }
     Ok(out)
 }
 
