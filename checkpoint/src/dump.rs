@@ -50,6 +50,10 @@ pub struct DumpOptions {
     /// Shared anonymous mappings, by (start, end), whose memory another member of the tree
     /// stores (its owner's image): recorded without page data.
     pub borrowed_maps: Vec<(u64, u64)>,
+    /// SysV semaphore sets and message queues (ids) another member of the tree stores: not
+    /// stored again (it makes them at restore).
+    pub borrowed_sems: Vec<i32>,
+    pub borrowed_msgs: Vec<i32>,
 }
 
 /// The fds not judged as files: the caller's, and a shell job's terminal.
@@ -111,8 +115,8 @@ pub fn preflight(pid: Pid, opts: &DumpOptions) -> Result<()> {
 /// Every reason `pid` cannot be dumped, each printable as one line, without touching the
 /// process (from /proc, sock_diag and `pidfd_getfd` copies): mappings, fds (with the
 /// processes at the other end of pipes and sockets named), working directory, executable,
-/// seccomp, a tracer, children, POSIX timers on clocks that cannot follow, SysV semaphores and
-/// message queues. The fds in `opts.external_fds` are not judged.
+/// seccomp, a tracer, children, POSIX timers on clocks that cannot follow, SysV semaphore undo
+/// state and message queues that cannot be read. The fds in `opts.external_fds` are not judged.
 /// `Err` only when the process cannot be read at all.
 pub fn blockers(pid: Pid, opts: &DumpOptions) -> Result<Vec<Error>> {
     if opts.tree && crate::tree::has_children(pid) {
@@ -385,6 +389,7 @@ fn collect_all(f: &mut Frozen, dir: &Path, opts: &DumpOptions, clk: &mut Clock) 
     drop(precopy);
     let memfds = memfd::collect(pid, &files, &memory, dir)?;
     let shm = sysv::collect(&maps)?;
+    let (sem, msg) = sysv::collect_sem_msg(pid, &opts.borrowed_sems, &opts.borrowed_msgs)?;
     let ghosts = ghosts::collect(pid, &files, &memory, dir)?;
     clk.lap("pages");
     check_interrupted(pid, opts)?;
@@ -427,6 +432,8 @@ fn collect_all(f: &mut Frozen, dir: &Path, opts: &DumpOptions, clk: &mut Clock) 
         task,
         threads,
         shm,
+        sem,
+        msg,
         memfds,
         pages_len: sink.len(),
         precopy_len,

@@ -20,7 +20,7 @@ const CAP_SYS_ADMIN: u32 = 21;
 const CAP_CHECKPOINT_RESTORE: u32 = 40;
 
 /// Effective capabilities of this process (CapEff of /proc/self/status).
-fn cap_eff() -> u64 {
+pub(crate) fn cap_eff() -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| crate::proc::field(&s, "CapEff").and_then(|v| u64::from_str_radix(v, 16).ok()))

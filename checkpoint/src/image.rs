@@ -34,13 +34,13 @@ use crate::memfd::MemfdState;
 use crate::memory::{self, MemoryState, Run};
 use crate::signals::SignalState;
 use crate::sys::{self, MappedFile, Pid};
-use crate::sysv::ShmSegment;
+use crate::sysv::{MsgQueue, SemSet, ShmSegment};
 use crate::task::TaskState;
 use crate::threads::ThreadState;
 use crate::vdso::VdsoLayout;
 
 pub const MAGIC: [u8; 8] = *b"DVKCKPT\0";
-pub const VERSION: u32 = 10;
+pub const VERSION: u32 = 11;
 pub const ARCH_X86_64: u32 = 62;
 pub const HEADER_LEN: usize = 32;
 pub const MANIFEST: &str = "manifest.img";
@@ -64,6 +64,9 @@ pub struct Manifest {
     pub threads: Vec<ThreadState>,
     /// SysV shared memory segments attached (their pages are in the attachments' runs).
     pub shm: Vec<ShmSegment>,
+    /// SysV semaphore sets and message queues the process is seen to use (see `sysv`).
+    pub sem: Vec<SemSet>,
+    pub msg: Vec<MsgQueue>,
     /// memfds, their content in memfd-<inode>.img.
     pub memfds: Vec<MemfdState>,
     pub pages_len: u64,
@@ -559,6 +562,8 @@ mod tests {
             files: Default::default(),
             locks: vec![],
             shm: vec![],
+            sem: vec![],
+            msg: vec![],
             signals: Default::default(),
             task: Default::default(),
             threads: vec![],

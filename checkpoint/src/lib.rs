@@ -4,7 +4,7 @@
 //! Phases, each usable on its own:
 //! - [`freeze::Frozen`]: `PTRACE_SEIZE` + `PTRACE_INTERRUPT`, thaw, kill;
 //! - [`dump::write_image`] (collect + write, process stays frozen): registers and xstate ([`cpu`]), memory ([`memory`], [`vdso`],
-//!   SysV segments [`sysv`]), fds
+//!   SysV segments, semaphore sets and message queues [`sysv`]), fds
 //!   ([`files`]) and their locks ([`locks`]), signals ([`signals`]), process attributes ([`task`]);
 //! - [`image`]: write and read (checked) images;
 //! - [`rebuild`]: a new process from an image;

@@ -4,7 +4,8 @@
 //! (see `stub`), then, by syscalls injected into it: a gadget page and a scratch area in the
 //! reserved range; the stub's vDSO block parked there; every other stub mapping unmapped; every fd
 //! closed; umask/cwd/personality/name; the vDSO block moved onto the image's addresses; SysV
-//! segments found or created; every VMA mapped (SysV ones attached) and filled; `PR_SET_MM_MAP`;
+//! segments, semaphore sets and message queues found or created (the sets and queues filled by
+//! the process); every VMA mapped (SysV ones attached) and filled; `PR_SET_MM_MAP`;
 //! fds; file locks; signal handlers and altstack; set_tid_address, robust list, rseq; pending
 //! signals and itimers; threads; POSIX timers; rlimits (from outside); finally the whole
 //! reserved range is unmapped by a `munmap` caught at syscall exit, where the saved xstate,
@@ -93,6 +94,7 @@ pub fn check(img: &Image, opts: &RestoreOptions) -> Result<()> {
         crate::ttys::prepare_shell_terminal(&m.files, t)?;
     }
     crate::sysv::check(&m.shm)?;
+    crate::sysv::check_sem_msg(&m.sem, &m.msg)?;
     std::fs::metadata(&m.task.exe)
         .map_err(|e| Error::FileChanged { path: m.task.exe.clone(), detail: format!("executable missing: {e}") })?;
     Ok(())
@@ -154,6 +156,9 @@ pub(crate) struct FromTree {
     pub(crate) ghosts: std::collections::HashMap<u64, std::path::PathBuf>,
     /// SysV segments (ids) a member restored before found or made: attached as they are.
     pub(crate) shm: std::collections::HashSet<i32>,
+    /// SysV semaphore sets and message queues (ids) a member restored before found or made.
+    pub(crate) sem: std::collections::HashSet<i32>,
+    pub(crate) msg: std::collections::HashSet<i32>,
 }
 
 /// Phases timed as they end.
@@ -333,7 +338,10 @@ pub(crate) fn complete(
     let mut memfds = memfd::install(&r, &m.memfds, &img.memfd_data, above_fds, &from_tree.memfds)?;
     ghosts::install(&r, &m.ghosts, &img.ghost_data, above_fds, &mut memfds, &from_tree.ghosts)?;
     let segs: Vec<sysv::ShmSegment> = m.shm.iter().filter(|s| !from_tree.shm.contains(&s.id)).cloned().collect();
-    let shm = sysv::prepare(&segs, &m.memory, img.pages.bytes(), img.precopy.bytes())?;
+    let mut sysv_made = sysv::prepare(&segs, &m.memory, img.pages.bytes(), img.precopy.bytes())?;
+    let sems: Vec<sysv::SemSet> = m.sem.iter().filter(|s| !from_tree.sem.contains(&s.id)).cloned().collect();
+    let msgs: Vec<sysv::MsgQueue> = m.msg.iter().filter(|q| !from_tree.msg.contains(&q.id)).cloned().collect();
+    sysv::prepare_sem_msg(&r, &sems, &msgs, &mut sysv_made)?;
     // Shared anonymous memory of a process of the same tree restored before: opened here.
     let mut alias_fds = std::collections::HashMap::new();
     for (range, (path, off)) in &from_tree.maps {
@@ -384,7 +392,14 @@ pub(crate) fn complete(
     laps.lap("signals");
 
     finish(&r, m, &child.threads, opts.stopped, hold)?;
-    shm.commit()?;
+    // A held process keeps the SysV objects made for it until it is let run (a tree: until
+    // every member is complete); they are removed if it is killed instead.
+    let sysv_made = if hold {
+        Some(sysv_made)
+    } else {
+        sysv_made.commit()?;
+        None
+    };
     child.done = true;
     laps.lap("resume");
     let lazy_bytes = lazy.as_ref().map_or(0, |l| l.bytes);
@@ -400,7 +415,7 @@ pub(crate) fn complete(
         tree: Vec::new(),
     };
     if hold {
-        let held = Held { pid, threads: std::mem::take(&mut child.threads), done: false, lazy };
+        let held = Held { pid, threads: std::mem::take(&mut child.threads), done: false, lazy, sysv: sysv_made };
         return Ok((report, Some(held)));
     }
     // Only a held restore hands the copy to its caller; this caller gets a process that has
@@ -468,6 +483,8 @@ pub struct Held {
     threads: Vec<Pid>,
     done: bool,
     lazy: Option<crate::lazy::LazyCopy>,
+    /// SysV objects made for it: kept once it runs, removed if it is killed.
+    sysv: Option<sysv::Created>,
 }
 
 impl Held {
@@ -492,14 +509,20 @@ impl Held {
 
     /// Lets the process run (detaches every thread).
     pub fn resume(mut self) -> Result<()> {
+        self.commit_sysv()?;
         self.done = true;
         detach_all(self.pid, &self.threads, false)
     }
 
     /// Lets the process run, or (`stopped`) detaches it into a job-control stop.
     pub(crate) fn release(mut self, stopped: bool) -> Result<()> {
+        self.commit_sysv()?;
         self.done = true;
         detach_all(self.pid, &self.threads, stopped)
+    }
+
+    fn commit_sysv(&mut self) -> Result<()> {
+        self.sysv.take().map_or(Ok(()), sysv::Created::commit)
     }
 
     /// Kills the held process and collects its threads.

@@ -466,6 +466,158 @@ pub fn sem_last_pid(id: i32, num: i32) -> io::Result<i32> {
     cvt(r as libc::c_long).map(|v| v as i32)
 }
 
+/// `semctl(GETALL)`: the values of the `n` semaphores of set `id`.
+pub fn sem_get_all(id: i32, n: usize) -> io::Result<Vec<u16>> {
+    let mut v = vec![0u16; n];
+    // SAFETY: GETALL writes one unsigned short per semaphore of the set; `n` is its size (the
+    // caller read it just before; a set cannot be resized, only removed, which fails the call).
+    let r = unsafe { libc::semctl(id, 0, libc::GETALL, v.as_mut_ptr()) };
+    cvt(r as libc::c_long).map(|_| v)
+}
+
+/// `semctl(IPC_STAT)`: the number of semaphores of set `id`.
+pub fn sem_count(id: i32) -> io::Result<usize> {
+    // SAFETY: semid_ds is plain data, filled by IPC_STAT within the call.
+    unsafe {
+        let mut ds: libc::semid_ds = std::mem::zeroed();
+        cvt(libc::semctl(id, 0, libc::IPC_STAT, &mut ds as *mut libc::semid_ds) as libc::c_long)?;
+        Ok(ds.sem_nsems as usize)
+    }
+}
+
+/// `semget(key, nsems, IPC_CREAT | IPC_EXCL | mode)`: a new SysV semaphore set's id.
+pub fn sem_create(key: i32, nsems: usize, mode: u32) -> io::Result<i32> {
+    let fl = libc::IPC_CREAT | libc::IPC_EXCL | (mode & 0o777) as i32;
+    // SAFETY: integer-only call.
+    let r = unsafe { libc::semget(key, nsems as i32, fl) };
+    cvt(r as libc::c_long).map(|v| v as i32)
+}
+
+/// `semctl(IPC_SET)`: owner and permission bits of semaphore set `id`.
+pub fn sem_set_owner(id: i32, uid: u32, gid: u32, mode: u32) -> io::Result<()> {
+    // SAFETY: semid_ds is plain data; IPC_STAT fills it, IPC_SET reads it, both within the call.
+    unsafe {
+        let mut ds: libc::semid_ds = std::mem::zeroed();
+        cvt(libc::semctl(id, 0, libc::IPC_STAT, &mut ds as *mut libc::semid_ds) as libc::c_long)?;
+        ds.sem_perm.uid = uid;
+        ds.sem_perm.gid = gid;
+        ds.sem_perm.mode = (mode & 0o777) as _;
+        cvt(libc::semctl(id, 0, libc::IPC_SET, &mut ds as *mut libc::semid_ds) as libc::c_long).map(drop)
+    }
+}
+
+/// `semctl(IPC_RMID)`: removes semaphore set `id`.
+pub fn sem_remove(id: i32) -> io::Result<()> {
+    // SAFETY: IPC_RMID takes no argument.
+    let r = unsafe { libc::semctl(id, 0, libc::IPC_RMID) };
+    cvt(r as libc::c_long).map(drop)
+}
+
+/// Runs `f` with the pid of a child of this process that waits, doing nothing, until `f` is done
+/// (then it is killed and reaped): a task known to have no SysV undo list (a fork without
+/// CLONE_SYSVSEM starts with none), for `kcmp(KCMP_SYSVSEM)` against it. A fork of this process:
+/// only for a process seen using a semaphore set.
+pub fn with_task_without_undo_list<T>(f: impl FnOnce(Pid) -> T) -> io::Result<T> {
+    // SAFETY: the child of a possibly multi-threaded parent calls only pause (async-signal-safe)
+    // until it is killed.
+    let child = unsafe {
+        let r = libc::fork();
+        if r == 0 {
+            loop {
+                libc::pause();
+            }
+        }
+        r
+    };
+    if child < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let out = f(child);
+    let mut st = 0;
+    // SAFETY: kills and waits for our own child, by pid, with a valid status pointer.
+    unsafe {
+        libc::kill(child, libc::SIGKILL);
+        while libc::waitpid(child, &mut st, libc::__WALL) == -1
+            && io::Error::last_os_error().raw_os_error() == Some(libc::EINTR)
+        {}
+    }
+    Ok(out)
+}
+
+/// What `msgctl(IPC_STAT)` says of a message queue that a copy of its messages depends on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MsgStat {
+    pub qnum: u64,
+    pub cbytes: u64,
+    pub qbytes: u64,
+    pub stime: i64,
+    pub rtime: i64,
+    pub ctime: i64,
+}
+
+/// `msgctl(IPC_STAT)` of message queue `id`.
+pub fn msg_stat(id: i32) -> io::Result<MsgStat> {
+    // SAFETY: msqid_ds is plain data, filled by IPC_STAT within the call.
+    unsafe {
+        let mut ds: libc::msqid_ds = std::mem::zeroed();
+        cvt(libc::msgctl(id, libc::IPC_STAT, &mut ds) as libc::c_long)?;
+        Ok(MsgStat {
+            qnum: ds.msg_qnum,
+            cbytes: ds.__msg_cbytes,
+            qbytes: ds.msg_qbytes,
+            stime: ds.msg_stime,
+            rtime: ds.msg_rtime,
+            ctime: ds.msg_ctime,
+        })
+    }
+}
+
+/// `msgrcv(id, buf, len - 8, index, MSG_COPY | IPC_NOWAIT)`: a copy of the `index`-th message
+/// of queue `id` (0 the first), left in the queue: its type in the first 8 bytes of `buf`, its
+/// text after; returns (type, text length). E2BIG if the text is longer than `buf.len() - 8`;
+/// ENOSYS without CONFIG_CHECKPOINT_RESTORE.
+pub fn msg_copy(id: i32, index: u64, buf: &mut [u8]) -> io::Result<(i64, usize)> {
+    const MSG_COPY: i64 = 0o40000;
+    let max = buf.len().checked_sub(8).ok_or_else(|| io::Error::from_raw_os_error(libc::EINVAL))?;
+    // SAFETY: the kernel writes the type (8 bytes) and at most `max` bytes of text into `buf`,
+    // which is 8 + max bytes long and lives through the call.
+    let r = unsafe {
+        libc::syscall(libc::SYS_msgrcv, id, buf.as_mut_ptr(), max, index, MSG_COPY | libc::IPC_NOWAIT as i64)
+    };
+    let n = cvt(r)? as usize;
+    let mtype = i64::from_ne_bytes(buf[..8].try_into().expect("8 bytes"));
+    Ok((mtype, n.min(max)))
+}
+
+/// `msgget(key, IPC_CREAT | IPC_EXCL | mode)`: a new SysV message queue's id.
+pub fn msg_create(key: i32, mode: u32) -> io::Result<i32> {
+    let fl = libc::IPC_CREAT | libc::IPC_EXCL | (mode & 0o777) as i32;
+    // SAFETY: integer-only call.
+    let r = unsafe { libc::msgget(key, fl) };
+    cvt(r as libc::c_long).map(|v| v as i32)
+}
+
+/// `msgctl(IPC_SET)`: owner, permission bits and size limit (`msg_qbytes`) of queue `id`.
+pub fn msg_set(id: i32, uid: u32, gid: u32, mode: u32, qbytes: u64) -> io::Result<()> {
+    // SAFETY: msqid_ds is plain data; IPC_STAT fills it, IPC_SET reads it, both within the call.
+    unsafe {
+        let mut ds: libc::msqid_ds = std::mem::zeroed();
+        cvt(libc::msgctl(id, libc::IPC_STAT, &mut ds) as libc::c_long)?;
+        ds.msg_perm.uid = uid;
+        ds.msg_perm.gid = gid;
+        ds.msg_perm.mode = (mode & 0o777) as _;
+        ds.msg_qbytes = qbytes as _;
+        cvt(libc::msgctl(id, libc::IPC_SET, &mut ds) as libc::c_long).map(drop)
+    }
+}
+
+/// `msgctl(IPC_RMID)`: removes message queue `id` (and its messages).
+pub fn msg_remove(id: i32) -> io::Result<()> {
+    // SAFETY: IPC_RMID takes no buffer.
+    let r = unsafe { libc::msgctl(id, libc::IPC_RMID, std::ptr::null_mut()) };
+    cvt(r as libc::c_long).map(drop)
+}
+
 /// Is the file registered in epoll `epfd` of `pid` under fd number `tfd` (its `toff`-th
 /// registration under that number, counted in the order its fdinfo lists them) the file of `fd`?
 pub fn kcmp_epoll_tfd(pid: Pid, epfd: i32, tfd: i32, toff: u32, fd: i32) -> io::Result<bool> {

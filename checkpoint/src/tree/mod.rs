@@ -291,6 +291,9 @@ pub fn dump(root: Pid, dir: &Path, after: AfterDump, opts: &DumpOptions) -> Resu
         }
         let mut phases = vec![("share", t0.elapsed())];
         let (mut pages, mut manifest, mut vmas, mut fds) = (0, 0, 0, 0);
+        // SysV semaphore sets and message queues are stored once, by the first member seen
+        // using them (parents first: the first restored, which makes them).
+        let (mut sems, mut msgs): (Vec<i32>, Vec<i32>) = Default::default();
         for (m, f) in members.iter().filter(|m| m.zombie.is_none()).zip(frozen.iter_mut()) {
             let mut external = p.external.get(&m.pid).cloned().unwrap_or_default();
             if m.ppid == 0 {
@@ -300,8 +303,19 @@ pub fn dump(root: Pid, dir: &Path, after: AfterDump, opts: &DumpOptions) -> Resu
             // Shared anonymous memory is stored once, in its owner's image.
             let borrowed_maps =
                 p.tree.shared_maps.iter().filter(|s| s.pid == m.pid).map(|s| (s.start, s.end)).collect();
-            let o = DumpOptions { external_fds: external, tree: false, allies, borrowed_maps, ..opts.clone() };
+            let o = DumpOptions {
+                external_fds: external,
+                tree: false,
+                allies,
+                borrowed_maps,
+                borrowed_sems: sems.clone(),
+                borrowed_msgs: msgs.clone(),
+                ..opts.clone()
+            };
+            let (s, q) = crate::sysv::seen_ids(m.pid);
             let r = crate::dump::write_image(f, &dir.join(m.pid.to_string()), &o).map_err(|e| in_member(m, e))?;
+            sems.extend(s.into_iter().filter(|id| !sems.contains(id)).collect::<Vec<_>>());
+            msgs.extend(q.into_iter().filter(|id| !msgs.contains(id)).collect::<Vec<_>>());
             add_phases(&mut phases, &r.phases);
             pages += r.pages_bytes;
             manifest += r.manifest_bytes;

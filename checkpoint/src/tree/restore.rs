@@ -202,8 +202,10 @@ pub fn restore(dir: &Path, opts: &RestoreOptions) -> Result<RestoreReport> {
     let mut held = Vec::new();
     let mut root_rep = None;
     let mut member_phases = Vec::new();
-    // SysV segments: found or made by the first member that has one attached.
+    // SysV segments: found or made by the first member that has one attached; semaphore sets
+    // and message queues by the first member seen using them.
     let mut shm_made: HashSet<i32> = HashSet::new();
+    let (mut sem_made, mut msg_made): (HashSet<i32>, HashSet<i32>) = Default::default();
     for (i, m) in t.members.iter().enumerate() {
         let Some(stub) = stubs[i].take() else { continue };
         let img = &imgs[&m.pid];
@@ -239,6 +241,10 @@ pub fn restore(dir: &Path, opts: &RestoreOptions) -> Result<RestoreReport> {
         }
         from.shm = img.manifest.shm.iter().map(|s| s.id).filter(|id| shm_made.contains(id)).collect();
         shm_made.extend(img.manifest.shm.iter().map(|s| s.id));
+        from.sem = img.manifest.sem.iter().map(|s| s.id).filter(|id| sem_made.contains(id)).collect();
+        sem_made.extend(img.manifest.sem.iter().map(|s| s.id));
+        from.msg = img.manifest.msg.iter().map(|q| q.id).filter(|id| msg_made.contains(id)).collect();
+        msg_made.extend(img.manifest.msg.iter().map(|q| q.id));
         let o = RestoreOptions {
             external_fds: external_of(m, &with),
             new_pid: opts.new_pid && m.ppid == 0,
