@@ -456,7 +456,7 @@ fn discard(r: &Restoring) {
 }
 
 /// Restores the received image held: one process, or (`group.bin` beside `m<vPID>/`
-/// directories) every member of a group move; a member that fails kills the ones before it.
+/// directories) every member of a group move, all at once; if one fails, the others are killed.
 async fn prepare_copy(agent: &Arc<Agent>, dir: &Path) -> Result<HeldCopy, String> {
     let group_bytes = match std::fs::read(dir.join(GROUP_FILE)) {
         Ok(b) => b,

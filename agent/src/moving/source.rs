@@ -922,9 +922,9 @@ fn build_plan(d: &Driver, i: usize) -> MovePlan {
     }
 }
 
-/// A group move: every member is dumped into `m<vPID>/` of the move's image directory (tmpfs)
-/// with its plan, `group.bin` says who they are and what streams run between them, and the
-/// whole directory goes to the destination as image files.
+/// A group move: every member is dumped at once, its page data streamed to the destination
+/// and the rest written into `m<vPID>/` of the move's image directory (tmpfs) with its plan;
+/// `group.bin` says who they are and what streams run between them; then those files go.
 async fn dump_group_and_send(d: &mut Driver) -> CoordEvent {
     drain_remote_queues(d);
     let _ = std::fs::remove_dir_all(&d.image_dir);
