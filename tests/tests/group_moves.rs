@@ -16,6 +16,7 @@ use dvk_tests::net::Proc;
 use dvk_tests::programs::{c_program, python3};
 use dvk_tests::{bin_dir, Cluster, Mode};
 use std::process::{Command, Output, Stdio};
+use std::time::Duration;
 
 const CACHE_PORT: u16 = 7000;
 const FRONT_PORT: u16 = 7100;
@@ -450,4 +451,155 @@ fn a_user_cannot_move_another_users_process_in_a_group_with_her_own_loopback() {
     let out = move_vpids(&cluster, &[her_vpid, roots], DEST);
     assert!(out.status.success(), "{}\n{}", String::from_utf8_lossy(&out.stderr), agent_logs(&cluster));
     assert_both_on_vpids(&cluster, &[her_vpid, roots], DEST);
+}
+
+/// A web front (python's http.server) that counts hits in redis over one persistent
+/// connection: `/incr` answers INCR's value, `/get` the value as it is.
+const WEB_FRONT_PY: &str = r#"
+import http.server, socket, sys
+port, cache_host, cache_port = int(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+cache = socket.create_connection((cache_host, cache_port))
+pending = b''
+
+def command(*args):
+    global pending
+    cache.sendall(b'*%d\r\n' % len(args) + b''.join(b'$%d\r\n%s\r\n' % (len(a), a) for a in args))
+    while b'\r\n' not in pending:
+        data = cache.recv(4096)
+        if not data:
+            raise OSError('the cache closed the connection')
+        pending += data
+    line, pending = pending.split(b'\r\n', 1)
+    if not line.startswith(b':'):
+        raise OSError('unexpected answer %r' % line)
+    return line[1:]
+
+class Handler(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        by = b'1' if self.path.startswith('/incr') else b'0'
+        body = command(b'INCRBY', b'hits', by) + b'\n'
+        self.send_response(200)
+        self.send_header('Content-Length', str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+server = http.server.HTTPServer(('0.0.0.0', port), Handler)
+print('listening', flush=True)
+server.serve_forever()
+"#;
+
+/// Real software: redis as the cache of a python web front, moved together twice while curl
+/// on node3 keeps asking the front to count. Every answer is the count before it plus one: no
+/// increment lost or doubled, none answered by a cache that lost its state, no request
+/// refused.
+#[test]
+fn a_web_front_and_its_redis_move_together_under_a_curl_loop_loopback() {
+    let test = "a_web_front_and_its_redis_move_together_under_a_curl_loop_loopback";
+    if dvk_tests::moving::skip_without_root(test) {
+        return;
+    }
+    let (Some(redis), Some(_)) = (dvk_tests::net::which("redis-server"), dvk_tests::net::which("curl")) else {
+        eprintln!("SKIP {test}: redis-server or curl not installed (ci/install-test-deps.sh)");
+        return;
+    };
+    const REDIS_PORT: u16 = 6391;
+    const WEB_PORT: u16 = 8011;
+    const HITS: usize = 300;
+    const PER_CURL: usize = 5;
+    let cluster = Cluster::start(3, Mode::Loopback);
+    let data = cluster.path("redis-data");
+    std::fs::create_dir_all(&data).unwrap();
+    let mut cmd = cluster.preloaded(SOURCE, &redis);
+    cmd.args(["--port", &REDIS_PORT.to_string(), "--bind", "0.0.0.0", "--save", "", "--appendonly", "no"])
+        .args(["--protected-mode", "no", "--daemonize", "no", "--dir"])
+        .arg(&data)
+        .arg("--logfile")
+        .arg(cluster.path("redis.log"))
+        .env("DVK_ENDPOINT", "cache")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let redis_pid = cluster.spawn(no_inherited_fds(&mut cmd));
+    let cache = cluster.wait_registered(SOURCE, redis_pid)["vpid"].as_i64().unwrap();
+    dvk_tests::net::wait_connectable(&cluster, SOURCE, "dc0", "cache.dc0.dvk", REDIS_PORT, REACH);
+    let mut cmd = cluster.preloaded(SOURCE, python3());
+    cmd.args(["-c", WEB_FRONT_PY, &WEB_PORT.to_string(), "cache.dc0.dvk", &REDIS_PORT.to_string()])
+        .env("DVK_ENDPOINT", "web")
+        .stdin(Stdio::null())
+        .stderr(std::fs::File::create(cluster.path("web.err")).unwrap());
+    let mut web = Proc::spawn(no_inherited_fds(&mut cmd), "web front");
+    web.lines.wait_for("listening", REACH);
+    let front = cluster.wait_registered(SOURCE, web.pid())["vpid"].as_i64().unwrap();
+    dvk_tests::net::wait_connectable(&cluster, CLIENT, "dc0", "web.dc0.dvk", WEB_PORT, REACH);
+
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    // Move k starts once MOVE_AT[k] hits are counted; the loop goes on meanwhile and waits at
+    // GATE[k] until that move is over, so each move happens with requests under way.
+    const MOVE_AT: [usize; 2] = [60, 180];
+    const GATE: [usize; 2] = [120, 240];
+    let (done, moves_done) = (AtomicUsize::new(0), AtomicUsize::new(0));
+    let answers = std::thread::scope(|s| {
+        let looping = s.spawn(|| {
+            let mut answers: Vec<u64> = Vec::new();
+            while answers.len() < HITS {
+                for (k, gate) in GATE.iter().enumerate() {
+                    if answers.len() >= *gate {
+                        dvk_tests::wait_until(LOOP, &format!("move {} over", k + 1), || {
+                            moves_done.load(Ordering::Relaxed) > k
+                        });
+                    }
+                }
+                let mut curl = cluster.preloaded(CLIENT, "curl");
+                curl.args(["-sS", "--fail", "--fail-early", "--noproxy", "*", "--max-time", "60"]);
+                for i in answers.len()..answers.len() + PER_CURL {
+                    curl.arg(format!("http://web.dc0.dvk:{WEB_PORT}/incr?hit={i}"));
+                }
+                dvk_tests::net::without_proxy(&mut curl);
+                let out =
+                    dvk_tests::net::run_bounded(no_inherited_fds(&mut curl), b"", Duration::from_secs(90), "curl");
+                if !out.status.success() {
+                    return Err(format!(
+                        "curl failed after {} hits: {}",
+                        answers.len(),
+                        String::from_utf8_lossy(&out.stderr)
+                    ));
+                }
+                answers.extend(String::from_utf8_lossy(&out.stdout).lines().map(|l| l.parse::<u64>().unwrap_or(0)));
+                done.store(answers.len(), Ordering::Relaxed);
+            }
+            Ok(answers)
+        });
+        let mut reports = Vec::new();
+        for (at, to) in MOVE_AT.into_iter().zip([DEST, SOURCE]) {
+            dvk_tests::wait_until(LOOP, &format!("{at} hits counted"), || {
+                looping.is_finished() || done.load(Ordering::Relaxed) >= at
+            });
+            let out = move_vpids(&cluster, &[front, cache], to);
+            let report = report_of(&cluster, &out);
+            assert!(out.status.success(), "{report:#}\n{}", agent_logs(&cluster));
+            let freeze = step_detail(&report, "freeze").unwrap_or_default();
+            assert!(freeze.contains("1 between members of the group"), "freeze step: {freeze}");
+            assert_both_on_vpids(&cluster, &[front, cache], to);
+            reports.push(report);
+            moves_done.fetch_add(1, Ordering::Relaxed);
+        }
+        let answers = looping.join().unwrap().unwrap_or_else(|e| panic!("{e}\n{}", agent_logs(&cluster)));
+        (answers, reports)
+    });
+    let (answers, reports) = answers;
+    let want: Vec<u64> = (1..=HITS as u64).collect();
+    assert_eq!(answers, want, "every hit counted once, in order, across both moves");
+    let mut curl = cluster.preloaded(CLIENT, "curl");
+    curl.args(["-sS", "--fail", "--noproxy", "*", "--max-time", "30", &format!("http://web.dc0.dvk:{WEB_PORT}/get")]);
+    dvk_tests::net::without_proxy(&mut curl);
+    let out = dvk_tests::net::run_bounded(no_inherited_fds(&mut curl), b"", Duration::from_secs(40), "curl /get");
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), HITS.to_string(), "redis holds the count");
+    eprintln!(
+        "{test}: {HITS} hits; frozen {} ms and {} ms",
+        reports[0]["frozen_micros"].as_u64().unwrap_or(0) / 1000,
+        reports[1]["frozen_micros"].as_u64().unwrap_or(0) / 1000
+    );
 }
