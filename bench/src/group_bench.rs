@@ -35,11 +35,13 @@ pub struct GroupBenchArgs {
     /// Rounds per size and way (node1 -> node2 -> node1 ...); median and max are reported.
     #[arg(long, default_value_t = 3)]
     pub rounds: usize,
+    /// Every move (alone and group) pre-copies (`move --precopy`); by default none does.
+    #[arg(long)]
+    pub precopy: bool,
 }
 
-/// One move request to the source's agent, as `migrate-cli move` sends it (no pre-copy: a
-/// group move has none yet, so neither has the baseline).
-fn move_request(cluster: &Cluster, ask: usize, vpids: &[i64], to: usize) -> anyhow::Result<MoveReport> {
+/// One move request to the source's agent, as `migrate-cli move` sends it.
+fn move_request(cluster: &Cluster, ask: usize, vpids: &[i64], to: usize, precopy: bool) -> anyhow::Result<MoveReport> {
     let dest = cluster.nodes[to].name.clone();
     let mut s = UnixStream::connect(cluster.nodes[ask].socket()).context("connect to the agent")?;
     s.set_read_timeout(Some(Duration::from_secs(120)))?;
@@ -47,7 +49,7 @@ fn move_request(cluster: &Cluster, ask: usize, vpids: &[i64], to: usize) -> anyh
         target: vpids[0] as i32,
         group: vpids[1..].iter().map(|v| *v as i32).collect(),
         dest: dest.clone(),
-        options: MoveOptions { precopy: Some(false), ..Default::default() },
+        options: MoveOptions { precopy: Some(precopy), ..Default::default() },
     };
     frame::write_frame(&mut s, &request, LOCAL_MAX_FRAME)?;
     loop {
@@ -99,14 +101,21 @@ fn start_pair(cluster: &Cluster, i: usize, port: u16, mb: f64) -> anyhow::Result
 }
 
 /// Moves every server from `at` to `to`, alone or as one group; the clients' longest gap.
-fn round(cluster: &Cluster, pairs: &mut [Pair], at: usize, to: usize, group: bool) -> anyhow::Result<Round> {
+fn round(
+    cluster: &Cluster,
+    pairs: &mut [Pair],
+    at: usize,
+    to: usize,
+    group: bool,
+    precopy: bool,
+) -> anyhow::Result<Round> {
     let started = now_us();
     let t = Instant::now();
     let vpids: Vec<i64> = pairs.iter().map(|p| p.vpid).collect();
     let reports: Vec<MoveReport> = if group {
-        vec![move_request(cluster, at, &vpids, to)?]
+        vec![move_request(cluster, at, &vpids, to, precopy)?]
     } else {
-        vpids.iter().map(|v| move_request(cluster, at, &[*v], to)).collect::<anyhow::Result<_>>()?
+        vpids.iter().map(|v| move_request(cluster, at, &[*v], to, precopy)).collect::<anyhow::Result<_>>()?
     };
     let total_ms = t.elapsed().as_secs_f64() * 1000.0;
     let done = now_us();
@@ -148,7 +157,7 @@ pub fn run(args: &GroupBenchArgs) -> anyhow::Result<()> {
             for group in [false, true] {
                 let mut rounds = Vec::new();
                 for _ in 0..args.rounds {
-                    let r = round(&cluster, &mut pairs, at, 1 - at, group)?;
+                    let r = round(&cluster, &mut pairs, at, 1 - at, group, args.precopy)?;
                     let steps: Vec<String> = r.steps.iter().map(|(n, t)| format!("{n} {t:.1}")).collect();
                     eprintln!(
                         "  {}: frozen {:?} ms, longest client gap {:.1} ms, round {:.1} ms; {}",
@@ -181,7 +190,12 @@ pub fn run(args: &GroupBenchArgs) -> anyhow::Result<()> {
             return Err(e);
         }
     }
-    println!("\nGroup moves: {} servers moved as one group vs one after the other ({})", args.servers, machine());
+    println!(
+        "\nGroup moves: {} servers moved as one group vs one after the other, {} ({})",
+        args.servers,
+        if args.precopy { "with pre-copy" } else { "no pre-copy" },
+        machine()
+    );
     println!(
         "(median of {} rounds, max in brackets; frozen: alone = the N moves' sum, group = the one move)\n",
         args.rounds

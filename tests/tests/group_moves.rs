@@ -213,7 +213,15 @@ fn server_and_cache(test: &str, mode: Mode) {
     }
     let cluster = Cluster::start(3, mode);
     let mut g = start_group(&cluster, 4000);
-    let there = moved(&cluster, &g, DEST, &[]);
+    // There with pre-copy: each member's memory copied in rounds while both still serve.
+    let there = moved(&cluster, &g, DEST, &["--precopy"]);
+    let precopy: Vec<&serde_json::Value> =
+        there["steps"].as_array().unwrap().iter().filter(|s| s["name"] == "pre-copy").collect();
+    assert_eq!(precopy.len(), 2, "a pre-copy step per member: {there:#}");
+    for (step, v) in precopy.iter().zip([g.front, g.cache]) {
+        let detail = step["detail"].as_str().unwrap_or_default();
+        assert!(detail.starts_with(&format!("vPID {v}: ")) && detail.contains("round(s)"), "{detail}");
+    }
     g.client.lines.wait_for("progress", LOOP);
     // Back with the page data compressed on the link.
     let back = moved(&cluster, &g, SOURCE, &["--compress"]);

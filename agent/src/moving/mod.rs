@@ -97,9 +97,10 @@ pub struct Moves {
     /// Page data of incoming moves, received into memory, by move id and file (`pages.img`, or
     /// `m<vPID>/pages.img` for each member of a group move).
     pub incoming: Mutex<HashMap<(u64, String), dvk_checkpoint::sys::MappedFile>>,
-    /// Pages pre-copied to this node while a process still ran on its source, by move id
-    /// (they arrive before the move's Start; see participant::image_size).
-    pub precopy: Mutex<HashMap<u64, participant::PrecopyStore>>,
+    /// Pages pre-copied to this node while a process still ran on its source, by move id and
+    /// file (`precopy.img`, or `m<vPID>/precopy.img` for a group's member; they arrive before
+    /// the move's Start; see participant::image_size).
+    pub precopy: Mutex<HashMap<(u64, String), participant::PrecopyStore>>,
     /// Fixed ends being detached: a reattach of the same stream waits for it.
     pub detaching: Mutex<HashMap<u64, tokio::sync::watch::Receiver<bool>>>,
     next_request: std::sync::atomic::AtomicU64,

@@ -95,7 +95,6 @@ pub fn start(agent: &Arc<Agent>, from: NodeId, msg: MoveMsg) {
         }
         agent.moves.participating.lock().remove(&tag.mid);
         drop_incoming(&agent, tag.mid);
-        agent.moves.precopy.lock().remove(&tag.mid);
     });
 }
 
@@ -251,19 +250,31 @@ const PRECOPY_PER_NODE: usize = 4;
 /// It comes before the move's Start, so it is taken from the node that owns the move id
 /// only, bounded in size and number per node, and dropped when idle, when the link to that
 /// node goes down, or when the move ends.
-fn precopy_size(agent: &Agent, from: NodeId, mid: u64, len: u64) {
-    if (mid >> 48) as u16 != from.0 || len > MAX_PAGES {
-        tracing::warn!(peer = %agent.node_name(from), mid, len, "pre-copy store refused (not that node's move, or too large)");
+fn precopy_size(agent: &Agent, from: NodeId, mid: u64, file: &str, len: u64) {
+    if (mid >> 48) as u16 != from.0 || !image_name_ok(file) || len > MAX_PAGES {
+        tracing::warn!(peer = %agent.node_name(from), mid, len, "pre-copy store refused (not that node's move, a bad name, or too large)");
         return;
     }
     let mut stores = agent.moves.precopy.lock();
     stores.retain(|_, p| p.touched.elapsed() < PRECOPY_IDLE);
-    let growing = stores.contains_key(&mid);
-    if !growing && stores.values().filter(|p| p.from == from).count() >= PRECOPY_PER_NODE {
-        tracing::warn!(peer = %agent.node_name(from), mid, "too many pre-copies from one node; refused");
+    let key = (mid, file.to_owned());
+    if !stores.contains_key(&key) {
+        let moves: std::collections::HashSet<u64> =
+            stores.iter().filter(|(k, p)| p.from == from && k.0 != mid).map(|(k, _)| k.0).collect();
+        let files = stores.keys().filter(|k| k.0 == mid).count();
+        if moves.len() >= PRECOPY_PER_NODE || files >= MAX_MEMBERS {
+            tracing::warn!(peer = %agent.node_name(from), mid, "too many pre-copies from one node; refused");
+            return;
+        }
+    }
+    // A group's members together: at most MAX_PAGES.
+    let others: u64 =
+        stores.iter().filter(|(k, _)| k.0 == mid && **k != key).map(|(_, p)| p.data.bytes().len() as u64).sum();
+    if others.saturating_add(len) > MAX_PAGES {
+        tracing::warn!(peer = %agent.node_name(from), mid, len, "pre-copy store refused (too large)");
         return;
     }
-    let store = stores.entry(mid).or_insert_with(|| PrecopyStore {
+    let store = stores.entry(key.clone()).or_insert_with(|| PrecopyStore {
         data: dvk_checkpoint::sys::MappedFile::empty(),
         from,
         touched: std::time::Instant::now(),
@@ -271,8 +282,15 @@ fn precopy_size(agent: &Agent, from: NodeId, mid: u64, len: u64) {
     store.touched = std::time::Instant::now();
     if let Err(e) = store.data.grow(len as usize) {
         tracing::error!(mid, len, "cannot hold the pre-copied pages in memory: {e}");
-        stores.remove(&mid);
+        stores.remove(&key);
     }
+}
+
+/// Pre-copied pages of a process (`precopy.img`) or of a group move's member
+/// (`m<vPID>/precopy.img`).
+fn is_precopy(file: &str) -> bool {
+    let precopy = dvk_checkpoint::precopy::PRECOPY;
+    file == precopy || file.split_once('/').is_some_and(|(_, name)| name == precopy)
 }
 
 /// Part of move `mid`'s page data could not be taken: everything received for it is dropped,
@@ -283,13 +301,12 @@ pub fn image_lost(agent: &Agent, from: NodeId, mid: u64, what: &str) {
     }
     tracing::warn!(peer = %agent.node_name(from), mid, "{what}: the move's page data is dropped");
     drop_incoming(agent, mid);
-    agent.moves.precopy.lock().remove(&mid);
 }
 
 /// `MoveImageSize`: the page data of move `mid` is received into memory (no file on the way).
 pub fn image_size(agent: &Agent, from: NodeId, mid: u64, file: &str, len: u64) {
-    if file == dvk_checkpoint::precopy::PRECOPY {
-        return precopy_size(agent, from, mid, len);
+    if is_precopy(file) {
+        return precopy_size(agent, from, mid, file, len);
     }
     if !is_pages(file) || !image_file_ok(agent, from, mid, file) {
         return;
@@ -322,9 +339,10 @@ fn is_pages(file: &str) -> bool {
     file == pages || file.split_once('/').is_some_and(|(_, name)| name == pages)
 }
 
-/// Drops every page data of move `mid` received here.
+/// Drops every page data of move `mid` received here (pre-copied too).
 fn drop_incoming(agent: &Agent, mid: u64) {
     agent.moves.incoming.lock().retain(|(m, _), _| *m != mid);
+    agent.moves.precopy.lock().retain(|(m, _), _| *m != mid);
 }
 
 /// `MoveImage` bytes from the move's source: page data into memory, other files into the
@@ -332,9 +350,9 @@ fn drop_incoming(agent: &Agent, mid: u64) {
 /// directory).
 pub fn receive_image(agent: &Agent, from: NodeId, mid: u64, file: &str, offset: u64, bytes: &[u8]) -> bool {
     use std::io::{Seek, SeekFrom, Write};
-    if file == dvk_checkpoint::precopy::PRECOPY {
+    if is_precopy(file) {
         let mut stores = agent.moves.precopy.lock();
-        return match stores.get_mut(&mid).filter(|p| p.from == from) {
+        return match stores.get_mut(&(mid, file.to_owned())).filter(|p| p.from == from) {
             Some(p) => {
                 p.touched = std::time::Instant::now();
                 p.data
@@ -434,7 +452,6 @@ async fn execute(d: &mut Driver, m: &Participant, action: PartAction) {
         }
         PartAction::DiscardCopy => {
             drop_incoming(&agent, m.tag.mid);
-            agent.moves.precopy.lock().remove(&m.tag.mid);
             if let Some(copy) = d.restore.take() {
                 copy.members.iter().for_each(discard);
             }
@@ -461,7 +478,7 @@ async fn prepare_copy(agent: &Arc<Agent>, dir: &Path) -> Result<HeldCopy, String
     let group_bytes = match std::fs::read(dir.join(GROUP_FILE)) {
         Ok(b) => b,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            let (r, _) = prepare_restore(agent, dir, dvk_checkpoint::image::PAGES.into(), &[]).await?;
+            let (r, _) = prepare_restore(agent, dir, String::new(), &[]).await?;
             return Ok(HeldCopy { members: vec![r], internal: Vec::new() });
         }
         Err(e) => return Err(format!("the group plan cannot be read: {e}")),
@@ -489,8 +506,7 @@ async fn prepare_copy(agent: &Arc<Agent>, dir: &Path) -> Result<HeldCopy, String
             if fail {
                 return Err("test fault: the restore of the group's last process fails on this node".to_string());
             }
-            let pages_key = format!("{member}/{}", dvk_checkpoint::image::PAGES);
-            let (r, ends) = prepare_restore(&agent, &member_dir, pages_key, &sides).await?;
+            let (r, ends) = prepare_restore(&agent, &member_dir, format!("{member}/"), &sides).await?;
             if r.plan.entry.vpid != vpid {
                 discard(&r);
                 return Err(format!("its image is of vPID {}", r.plan.entry.vpid));
@@ -585,20 +601,19 @@ fn all_vpids(m: &Participant) -> Vec<Vpid> {
 async fn prepare_restore(
     agent: &Arc<Agent>,
     dir: &Path,
-    pages_key: String,
+    prefix: String,
     internal: &[(u64, bool, InternalSide)],
 ) -> Result<(Restoring, Vec<((u64, bool), UnixStream)>), String> {
     if agent.fault == Some(super::Fault::HoldRestore) {
         tracing::warn!("test fault: holding the restore for 2 s");
         tokio::time::sleep(Duration::from_secs(2)).await;
     }
+    let pages_key = (mid_of(dir), format!("{prefix}{}", dvk_checkpoint::image::PAGES));
     match agent.fault {
         Some(super::Fault::FailRestore) => return Err("test fault: the restore fails on this node".into()),
-        Some(super::Fault::CorruptImage)
-            if agent.moves.incoming.lock().contains_key(&(mid_of(dir), pages_key.clone())) =>
-        {
+        Some(super::Fault::CorruptImage) if agent.moves.incoming.lock().contains_key(&pages_key) => {
             tracing::warn!("test fault: corrupting the received page data");
-            if let Some(m) = agent.moves.incoming.lock().get_mut(&(mid_of(dir), pages_key.clone())) {
+            if let Some(m) = agent.moves.incoming.lock().get_mut(&pages_key) {
                 let at = m.bytes().len() / 2;
                 let b = m.bytes().get(at).copied().unwrap_or(0);
                 let _ = m.write_at(at, &[b ^ 0x5a]);
@@ -741,8 +756,10 @@ async fn prepare_restore(
     let (holder, cmds) = std::sync::mpsc::channel::<HoldCmd>();
     let (ready_tx, ready_rx) = oneshot::channel();
     let dir2 = dir.to_path_buf();
-    let pages = agent.moves.incoming.lock().remove(&(plan.tag.mid, pages_key));
-    let precopy = agent.moves.precopy.lock().remove(&plan.tag.mid).map(|p| p.data);
+    let pages =
+        agent.moves.incoming.lock().remove(&(plan.tag.mid, format!("{prefix}{}", dvk_checkpoint::image::PAGES)));
+    let precopy_key = (plan.tag.mid, format!("{prefix}{}", dvk_checkpoint::precopy::PRECOPY));
+    let precopy = agent.moves.precopy.lock().remove(&precopy_key).map(|p| p.data);
     // Pre-copied pages are already here: the process may run before they are all in it.
     let opts = RestoreOptions { external_fds: external, lazy_precopy: precopy.is_some(), ..Default::default() };
     let agent2 = agent.clone();

@@ -122,6 +122,9 @@ struct InternalWork {
 /// One process of the move: the one asked for, or another of a group move.
 struct Member {
     entry: ProcessEntry,
+    /// The pre-copy tracker, from the end of the rounds until the dump (dropping it removes
+    /// every trace of tracking from the process).
+    precopy: Option<PrecopyRef>,
     freezer: Option<std::sync::mpsc::Sender<FreezeCmd>>,
     classified: Classified,
     endpoints: Vec<EndpointEntry>,
@@ -163,9 +166,6 @@ struct Driver {
     frozen_at: Option<Instant>,
     frozen_for: Option<Duration>,
     log_path: Option<String>,
-    /// The pre-copy tracker, from the end of the rounds until the dump (dropping it removes
-    /// every trace of tracking from the process).
-    precopy: Option<PrecopyRef>,
     /// A group move: the others' pids on the destination, as it restored them.
     restored_group: Vec<(Vpid, i32)>,
 }
@@ -263,10 +263,8 @@ async fn prepare(
                     is frozen"
             .into());
     }
-    if group && (req.options.transfer == Transfer::Rsync || req.options.precopy == Some(true)) {
-        return Err("--precopy and --transfer rsync are not available with --group yet: a group's images are \
-                    sent while its members are frozen, over the agent link"
-            .into());
+    if group && req.options.transfer == Transfer::Rsync {
+        return Err("--transfer rsync is not available with --group yet".into());
     }
     if !peers.contains(&req.dest) {
         return Err(format!(
@@ -333,6 +331,7 @@ async fn prepare(
         .zip(classified)
         .map(|((entry, endpoints), classified)| Member {
             entry,
+            precopy: None,
             freezer: None,
             classified,
             endpoints,
@@ -360,7 +359,6 @@ async fn prepare(
         frozen_at: None,
         frozen_for: None,
         log_path: None,
-        precopy: None,
         restored_group: Vec::new(),
     };
     let described: Vec<String> = d
@@ -394,10 +392,13 @@ async fn prepare(
     if d.transfer == Transfer::Rsync {
         // rsync sends a complete image directory after the freeze; pre-copy sends pages before.
         d.step("pre-copy", "not with --transfer rsync: the whole image is sent while frozen".into());
-    } else if group {
-        d.step("pre-copy", "not in a group move yet: every member's image is sent while frozen".into());
-    } else if let Some(why) = wants_precopy(req.options, d.entry.real_pid) {
-        precopy(&mut d, why).await;
+    } else {
+        // A group's members one after the other (each runs and serves meanwhile).
+        for i in 0..d.members.len() {
+            if let Some(why) = wants_precopy(req.options, d.members[i].entry.real_pid) {
+                precopy(&mut d, i, why).await;
+            }
+        }
     }
     // The protocol's clock starts here: pre-copy ran while nothing was held.
     let coordinator = Coordinator::new(
@@ -940,9 +941,11 @@ async fn dump_group_and_send(d: &mut Driver) -> CoordEvent {
     for i in 0..d.members.len() {
         let file = format!("{}/{}", member_dir_name(d.members[i].entry.vpid), dvk_checkpoint::image::PAGES);
         let pages = Arc::new(LinkPages::new(d, link.clone(), &file));
+        // Each member's tracker goes with its dump (and is dropped with it, whatever its outcome).
         let opts = DumpOptions {
             external_fds: d.members[i].classified.external(),
             pages_to: Some(dvk_checkpoint::image::PagesTo(pages.clone())),
+            precopy: d.members[i].precopy.take(),
             ..Default::default()
         };
         let (tx, rx) = oneshot::channel();
@@ -960,8 +963,13 @@ async fn dump_group_and_send(d: &mut Driver) -> CoordEvent {
         match dumped.and_then(|r| Ok((write_plan(d, i)?, r))) {
             Ok((plan_len, r)) => {
                 total += r.pages_bytes + r.manifest_bytes + plan_len;
+                let kept = if r.precopied_bytes > 0 {
+                    format!(" ({:.1} MB left to the pre-copy)", r.precopied_bytes as f64 / 1e6)
+                } else {
+                    String::new()
+                };
                 details.push(format!(
-                    "vPID {vpid}: {:.1} MB of pages, {} mappings, {} fds",
+                    "vPID {vpid}: {:.1} MB of pages{kept}, {} mappings, {} fds",
                     r.pages_bytes as f64 / 1e6,
                     r.vmas,
                     r.fds
@@ -986,7 +994,7 @@ async fn dump_group_and_send(d: &mut Driver) -> CoordEvent {
         Ok(n) => total += n,
         Err(e) => return CoordEvent::DumpFailed(e),
     }
-    d.image_bytes = total;
+    d.image_bytes = d.precopy_bytes + total;
     use std::sync::atomic::Ordering;
     let pages_sent: u64 = outs.iter().map(|o| o.on_wire.load(Ordering::Relaxed)).sum();
     let zeros = outs.iter().map(|o| o.sent.load(Ordering::Relaxed)).sum::<u64>() - pages_sent;
@@ -1144,7 +1152,7 @@ async fn dump_and_send(d: &mut Driver) -> CoordEvent {
     let opts = DumpOptions {
         external_fds: d.members[0].classified.external(),
         pages_to: Some(out),
-        precopy: d.precopy.take(),
+        precopy: d.members[0].precopy.take(),
         ..Default::default()
     };
     let precopied = opts.precopy.is_some();
@@ -1294,12 +1302,18 @@ fn wants_precopy(options: MoveOptions, pid: i32) -> Option<String> {
 /// start dirty tracking, then rounds of pages sent to the destination's pre-copy store until
 /// the set written per round is small or stops shrinking. On any failure the move goes on as
 /// stop-and-copy and says why.
-async fn precopy(d: &mut Driver, why: String) {
+async fn precopy(d: &mut Driver, i: usize, why: String) {
+    let who = if d.is_group() { format!("vPID {}: ", d.members[i].entry.vpid) } else { String::new() };
     let Some(link) = d.agent.link(d.dest) else {
-        return d.step("pre-copy", format!("skipped ({why}): no link to {}", d.agent.node_name(d.dest)));
+        return d.step("pre-copy", format!("{who}skipped ({why}): no link to {}", d.agent.node_name(d.dest)));
     };
-    let out = Arc::new(LinkPages::new(d, link, dvk_checkpoint::precopy::PRECOPY));
-    let pid = d.entry.real_pid;
+    let file = if d.is_group() {
+        format!("{}/{}", member_dir_name(d.members[i].entry.vpid), dvk_checkpoint::precopy::PRECOPY)
+    } else {
+        dvk_checkpoint::precopy::PRECOPY.to_owned()
+    };
+    let out = Arc::new(LinkPages::new(d, link, &file));
+    let pid = d.members[i].entry.real_pid;
     let run = {
         let out = out.clone();
         move || -> Result<dvk_checkpoint::precopy::Precopy, String> {
@@ -1321,19 +1335,19 @@ async fn precopy(d: &mut Driver, why: String) {
                 .iter()
                 .map(|r| format!("{:.1} MB in {} ms", r.bytes as f64 / 1e6, r.took.as_millis()))
                 .collect();
-            d.precopy_bytes = pc.copied();
+            d.precopy_bytes += pc.copied();
             let wire = out.on_wire.load(std::sync::atomic::Ordering::Relaxed);
             d.sent_bytes += wire;
             let why =
                 if d.compress { format!("{why}; {:.1} MB on the link, compressed", wire as f64 / 1e6) } else { why };
             d.step(
                 "pre-copy",
-                format!("{} round(s) while the process ran ({why}): {}", pc.rounds.len(), rounds.join(", ")),
+                format!("{who}{} round(s) while the process ran ({why}): {}", pc.rounds.len(), rounds.join(", ")),
             );
-            d.precopy = Some(PrecopyRef(Arc::new(std::sync::Mutex::new(pc))));
+            d.members[i].precopy = Some(PrecopyRef(Arc::new(std::sync::Mutex::new(pc))));
         }
-        Ok(Err(e)) => d.step("pre-copy", format!("skipped ({why}), the move copies everything while frozen: {e}")),
-        Err(e) => d.step("pre-copy", format!("skipped ({why}), the move copies everything while frozen: {e}")),
+        Ok(Err(e)) => d.step("pre-copy", format!("{who}skipped ({why}), it is copied while frozen: {e}")),
+        Err(e) => d.step("pre-copy", format!("{who}skipped ({why}), it is copied while frozen: {e}")),
     }
 }
 
