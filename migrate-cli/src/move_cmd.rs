@@ -17,8 +17,8 @@ pub struct MoveArgs {
     /// Move these processes (vPIDs or real pids, comma-separated; all on one node) together:
     /// every one is frozen, all are restored on NODE before any runs there, and a failure of
     /// any rolls all of them back. Streams between them stay streams between them, on NODE.
-    /// Memory is copied while all are frozen (no --precopy or --transfer rsync with a group
-    /// yet). A process with children is not moved yet, alone or in a group.
+    /// --precopy and --compress apply to every member (--transfer rsync not yet). A process
+    /// with children is not moved yet, alone or in a group.
     #[arg(long, value_delimiter = ',', value_name = "PROCESS,PROCESS...")]
     pub group: Vec<i32>,
     /// Copy memory in rounds while the process still runs and serves (each round only the
