@@ -258,20 +258,9 @@ fn precopy_size(agent: &Agent, from: NodeId, mid: u64, file: &str, len: u64) {
     let mut stores = agent.moves.precopy.lock();
     stores.retain(|_, p| p.touched.elapsed() < PRECOPY_IDLE);
     let key = (mid, file.to_owned());
-    if !stores.contains_key(&key) {
-        let moves: std::collections::HashSet<u64> =
-            stores.iter().filter(|(k, p)| p.from == from && k.0 != mid).map(|(k, _)| k.0).collect();
-        let files = stores.keys().filter(|k| k.0 == mid).count();
-        if moves.len() >= PRECOPY_PER_NODE || files >= MAX_MEMBERS {
-            tracing::warn!(peer = %agent.node_name(from), mid, "too many pre-copies from one node; refused");
-            return;
-        }
-    }
-    // A group's members together: at most MAX_PAGES.
-    let others: u64 =
-        stores.iter().filter(|(k, _)| k.0 == mid && **k != key).map(|(_, p)| p.data.bytes().len() as u64).sum();
-    if others.saturating_add(len) > MAX_PAGES {
-        tracing::warn!(peer = %agent.node_name(from), mid, len, "pre-copy store refused (too large)");
+    let held = stores.iter().map(|((m, f), p)| (*m, f.as_str(), p.from, p.data.bytes().len() as u64));
+    if let Err(why) = admit_precopy(held, from, mid, file, len) {
+        tracing::warn!(peer = %agent.node_name(from), mid, len, "pre-copy store refused: {why}");
         return;
     }
     let store = stores.entry(key.clone()).or_insert_with(|| PrecopyStore {
@@ -284,6 +273,43 @@ fn precopy_size(agent: &Agent, from: NodeId, mid: u64, file: &str, len: u64) {
         tracing::error!(mid, len, "cannot hold the pre-copied pages in memory: {e}");
         stores.remove(&key);
     }
+}
+
+/// Whether a pre-copy store for (`mid`, `file`) of `len` bytes from `from` may be made or
+/// grown, given the stores `held` (move, file, source, length): at most PRECOPY_PER_NODE moves
+/// per source node, MAX_MEMBERS files and MAX_PAGES bytes per move.
+fn admit_precopy<'a>(
+    held: impl Iterator<Item = (u64, &'a str, NodeId, u64)>,
+    from: NodeId,
+    mid: u64,
+    file: &str,
+    len: u64,
+) -> Result<(), &'static str> {
+    let (mut moves, mut files, mut others, mut exists) = (std::collections::HashSet::new(), 0, 0u64, false);
+    for (m, f, source, bytes) in held {
+        if m == mid && f == file {
+            exists = true;
+            continue;
+        }
+        if source == from && m != mid {
+            moves.insert(m);
+        }
+        if m == mid {
+            files += 1;
+            others += bytes;
+        }
+    }
+    // A new move (no store of it yet) from a node that has PRECOPY_PER_NODE others.
+    if !exists && files == 0 && moves.len() >= PRECOPY_PER_NODE {
+        return Err("too many pre-copies from one node");
+    }
+    if !exists && files >= MAX_MEMBERS {
+        return Err("too many processes in one move");
+    }
+    if others.saturating_add(len) > MAX_PAGES {
+        return Err("too large");
+    }
+    Ok(())
 }
 
 /// Pre-copied pages of a process (`precopy.img`) or of a group move's member
@@ -964,6 +990,32 @@ async fn hold_link(end: UnixStream) {
 #[cfg(test)]
 mod tests {
     use super::image_name_ok;
+
+    #[test]
+    fn pre_copy_stores_are_bounded_per_node_and_per_move() {
+        use super::{admit_precopy, MAX_MEMBERS, MAX_PAGES, PRECOPY_PER_NODE};
+        use pidvirt::NodeId;
+        let (a, b) = (NodeId(1), NodeId(2));
+        let files: Vec<String> = (0..MAX_MEMBERS + 1).map(|i| format!("m{i}/precopy.img")).collect();
+        // Moves of node a: PRECOPY_PER_NODE of them are taken, one more is not; node b's are its own.
+        let held: Vec<(u64, &str, NodeId, u64)> =
+            (0..PRECOPY_PER_NODE as u64).map(|m| (m, "precopy.img", a, 4096)).collect();
+        let next = PRECOPY_PER_NODE as u64;
+        assert!(admit_precopy(held.iter().copied(), a, next, "precopy.img", 4096).is_err());
+        assert!(admit_precopy(held.iter().copied(), b, next, "precopy.img", 4096).is_ok());
+        // A store already held may grow; another member's file of a held move may be added.
+        assert!(admit_precopy(held.iter().copied(), a, 0, "precopy.img", 1 << 20).is_ok());
+        assert!(admit_precopy(held.iter().copied(), a, 0, "m7/precopy.img", 4096).is_ok());
+        // One move: at most MAX_MEMBERS files, at most MAX_PAGES bytes in all.
+        let group: Vec<(u64, &str, NodeId, u64)> =
+            files[..MAX_MEMBERS].iter().map(|f| (9, f.as_str(), a, 4096)).collect();
+        assert!(admit_precopy(group.iter().copied(), a, 9, &files[MAX_MEMBERS], 4096).is_err());
+        assert!(admit_precopy(group.iter().copied(), a, 9, &files[0], 8192).is_ok());
+        let big = [(9, "m1/precopy.img", a, MAX_PAGES - 4096)];
+        assert!(admit_precopy(big.iter().copied(), a, 9, "m2/precopy.img", 8192).is_err());
+        assert!(admit_precopy(big.iter().copied(), a, 9, "m2/precopy.img", 4096).is_ok());
+        assert!(admit_precopy(std::iter::empty(), a, 9, "precopy.img", MAX_PAGES + 1).is_err());
+    }
 
     #[test]
     fn a_source_names_files_of_the_move_directory_or_of_a_member_directory_only() {
