@@ -12,7 +12,10 @@
 //! Integers little-endian; version 1; count ≤ [`MAX_RECORDS`]; the path is a
 //! `sockaddr_un` `sun_path`: 1 to 107 bytes, no NUL inside, NUL padded. One
 //! record per virtual fd of the process: the socket at `fd` had inode `old`
-//! before the move and has inode `new` after it.
+//! before the move and has inode `new` after it. A record whose fd is
+//! [`CHILD_PID`] is about a child of the process restored under another real
+//! pid (a process tree moved where its pids were taken): `old` is the child's
+//! real pid before the move, `new` its real pid now.
 
 pub const MAGIC: [u8; 4] = *b"DVKR";
 pub const VERSION: u16 = 1;
@@ -25,6 +28,9 @@ pub const RECORD_LEN: usize = 20;
 /// Largest possible frame.
 pub const MAX_FRAME_LEN: usize = HEADER_LEN + MAX_RECORDS * RECORD_LEN;
 
+/// The fd field of a record that maps a child's real pid (see the module doc).
+pub const CHILD_PID: i32 = -2;
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RelinkRecord {
     pub fd: i32,
@@ -33,6 +39,17 @@ pub struct RelinkRecord {
 }
 
 impl RelinkRecord {
+    /// A child of the process was `old` (real pid) and is `new` now.
+    pub fn child_pid(old: i32, new: i32) -> RelinkRecord {
+        RelinkRecord { fd: CHILD_PID, old_ino: old as u32 as u64, new_ino: new as u32 as u64 }
+    }
+
+    /// (old, new) real pid of a child, if this record maps one.
+    pub fn as_child_pid(&self) -> Option<(i32, i32)> {
+        let pid = |v: u64| i32::try_from(v).ok().filter(|p| *p > 0);
+        (self.fd == CHILD_PID).then(|| Some((pid(self.old_ino)?, pid(self.new_ino)?))).flatten()
+    }
+
     pub fn encode(&self) -> [u8; RECORD_LEN] {
         let mut b = [0u8; RECORD_LEN];
         b[0..4].copy_from_slice(&self.fd.to_le_bytes());
@@ -155,6 +172,16 @@ mod tests {
         let frame = encode(b"a", &many).unwrap();
         assert_eq!(frame.len(), MAX_FRAME_LEN);
         assert_eq!(decode_header(&header_of(&frame)).unwrap().0 as usize, MAX_RECORDS);
+    }
+
+    #[test]
+    fn child_pid_records() {
+        let r = RelinkRecord::child_pid(4242, 77);
+        assert_eq!(r.fd, CHILD_PID);
+        assert_eq!(decode_record(&r.encode()).as_child_pid(), Some((4242, 77)));
+        assert_eq!(RelinkRecord { fd: 3, old_ino: 1, new_ino: 2 }.as_child_pid(), None);
+        assert_eq!(RelinkRecord { fd: CHILD_PID, old_ino: 0, new_ino: 2 }.as_child_pid(), None);
+        assert_eq!(RelinkRecord { fd: CHILD_PID, old_ino: 1 << 40, new_ino: 2 }.as_child_pid(), None);
     }
 
     #[test]

@@ -45,6 +45,17 @@ pub fn vpid_of(real: i32) -> Option<i32> {
     used().iter().map(|s| unpack(s.load(Ordering::Acquire))).find(|(v, r)| *r == real && *v != 0).map(|(v, _)| v)
 }
 
+/// A child now has another real pid (its tree was restored under new pids): the same vPID.
+pub fn remap(old_real: i32, new_real: i32) {
+    for slot in used() {
+        let v = slot.load(Ordering::Acquire);
+        let (vpid, real) = unpack(v);
+        if v != 0 && real == old_real {
+            let _ = slot.compare_exchange(v, pack(vpid, new_real), Ordering::AcqRel, Ordering::Relaxed);
+        }
+    }
+}
+
 /// Forgets a reaped child.
 pub fn forget(real: i32) {
     for slot in used() {

@@ -442,6 +442,8 @@ pub extern "C" fn fork() -> pid_t {
 /// A vPID of one of our children becomes its real PID for the kernel; other values pass.
 /// The real PID behind a vPID of ourselves or one of our children.
 fn local_real(vpid: pid_t) -> Option<pid_t> {
+    // A restore under new pids maps the children's real pids in its Relink frame.
+    crate::relink::check();
     if vpid == identity::vpid() {
         Some(raw::getpid())
     } else {
@@ -470,6 +472,7 @@ fn reported(real: pid_t, status: Option<c_int>) -> pid_t {
     if real <= 0 {
         return real;
     }
+    crate::relink::check();
     match crate::children::vpid_of(real) {
         Some(v) => {
             let reaped = status.is_none_or(|s| libc::WIFEXITED(s) || libc::WIFSIGNALED(s));

@@ -7,8 +7,9 @@
 //! entry its new inode and switches the agent socket path (and with it the listener
 //! directory) that later requests use.
 //!
-//! Called before every agent request and where an fd-table entry looks stale, from
-//! any thread and from signal handlers (kill): allocation-free, async-signal-safe,
+//! Called before every agent request, where an fd-table entry looks stale, and before the
+//! table of children is used (the wait family, kill), from any thread and from signal
+//! handlers: allocation-free, async-signal-safe,
 //! errno-preserving, and lock-free for readers. Relinks are serialised by a try-lock
 //! holding the owner's thread id: another thread waits (bounded) for the owner, a
 //! signal handler that interrupted the owner on its own thread goes on without.
@@ -138,12 +139,19 @@ fn relink_locked() -> bool {
     decoded.is_some()
 }
 
-/// Gives the fd-table entries in `bytes` (whole records) their new inodes.
+/// Gives the fd-table entries in `bytes` (whole records) their new inodes, and children
+/// restored under other real pids their new pids.
 fn apply_records(bytes: &[u8]) {
     for record in bytes.chunks_exact(RECORD_LEN) {
         if let Ok(record) = <&[u8; RECORD_LEN]>::try_from(record) {
             let r = proto::decode_record(record);
-            fdtable::relink(r.fd, r.old_ino, r.new_ino);
+            match r.as_child_pid() {
+                Some((old, new)) => crate::children::remap(old, new),
+                None if r.fd >= 0 => {
+                    fdtable::relink(r.fd, r.old_ino, r.new_ino);
+                }
+                None => {}
+            }
         }
     }
 }
@@ -298,6 +306,31 @@ mod tests {
         }
         forget_link();
         link::switch_agent_path(&original_path);
+    }
+
+    #[test]
+    fn children_restored_under_new_pids_keep_their_vpids() {
+        let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+        let original_path = link::current_path();
+        let (link_fd, _agent1) = pair();
+        remember_link(link_fd);
+        // Two children known by vPID; one of them restored under another real pid, one not.
+        let (moved, stays) = ((4_900_001, 31_001), (4_900_002, 31_002));
+        assert!(crate::children::record(moved.0, moved.1) && crate::children::record(stays.0, stays.1));
+        let (new_link, agent2) = pair();
+        replace(link_fd, new_link);
+        let records = [RelinkRecord::child_pid(moved.1, 32_001), RelinkRecord { fd: -2, old_ino: 0, new_ino: 9 }];
+        write(agent2, &encode(b"/tmp/z/agent.sock", &records).unwrap());
+        assert!(check());
+        assert_eq!(crate::children::real_of(moved.0), Some(32_001));
+        assert_eq!(crate::children::vpid_of(32_001), Some(moved.0));
+        assert_eq!(crate::children::vpid_of(moved.1), None, "the old pid is nobody's now");
+        assert_eq!(crate::children::real_of(stays.0), Some(stays.1), "a record that maps nothing is ignored");
+        crate::children::forget(32_001);
+        crate::children::forget(stays.1);
+        link::switch_agent_path(&original_path);
+        raw::close(link_fd);
+        forget_link();
     }
 
     #[test]
