@@ -142,8 +142,7 @@ impl Member {
 
 struct Driver {
     agent: Arc<Agent>,
-    /// The process asked for; for a group move, the others follow it (`members[1..]`).
-    entry: ProcessEntry,
+    /// The process asked for first; for a group move, the others follow it.
     members: Vec<Member>,
     /// Streams between members of a group move, by stream id.
     internal: BTreeMap<u64, InternalWork>,
@@ -177,6 +176,11 @@ impl Driver {
         self.step_start = now;
         let _ = self.reply.send(LocalResponse::MoveStep(s.clone()));
         self.steps.push(s);
+    }
+
+    /// The process asked for (the first of a group).
+    fn lead(&self) -> &ProcessEntry {
+        &self.members[0].entry
     }
 
     fn is_group(&self) -> bool {
@@ -341,7 +345,6 @@ async fn prepare(
         .collect();
     let mut d = Driver {
         agent: agent.clone(),
-        entry: members[0].entry.clone(),
         members,
         internal: BTreeMap::new(),
         tag,
@@ -388,7 +391,7 @@ async fn prepare(
         described.join("; ")
     );
     d.step("preflight", detail);
-    tracing::info!(vpid = %d.entry.vpid, group = ?req.group, %tag, dest = %agent.node_name(req.dest), "move started");
+    tracing::info!(vpid = %d.lead().vpid, group = ?req.group, %tag, dest = %agent.node_name(req.dest), "move started");
     if d.transfer == Transfer::Rsync {
         // rsync sends a complete image directory after the freeze; pre-copy sends pages before.
         d.step("pre-copy", "not with --transfer rsync: the whole image is sent while frozen".into());
@@ -403,7 +406,7 @@ async fn prepare(
     // The protocol's clock starts here: pre-copy ran while nothing was held.
     let coordinator = Coordinator::new(
         tag,
-        d.entry.vpid,
+        d.lead().vpid,
         me,
         req.dest,
         keys,
@@ -505,7 +508,7 @@ async fn execute(d: &mut Driver, m: &mut Coordinator, action: CoordAction) -> Op
             None
         }
         CoordAction::RouteCommitted { dest, pid, group } => {
-            super::route_committed_all(&agent, d.entry.vpid, pid, &group, d.tag.mid, dest);
+            super::route_committed_all(&agent, d.lead().vpid, pid, &group, d.tag.mid, dest);
             crate::registry::save(&agent);
             None
         }
@@ -1261,7 +1264,7 @@ async fn dump_and_rsync(d: &mut Driver) -> CoordEvent {
 /// changed since. Done before the report, so that a move back asked after it finds the image.
 async fn keep_dump(d: &mut Driver) {
     let started = Instant::now();
-    let (agent, vpid, mid, dir) = (d.agent.clone(), d.entry.vpid, d.tag.mid, d.image_dir.clone());
+    let (agent, vpid, mid, dir) = (d.agent.clone(), d.lead().vpid, d.tag.mid, d.image_dir.clone());
     let kept = tokio::task::spawn_blocking(move || super::kept::keep_dump(&agent, vpid, mid, &dir)).await;
     let detail = match kept {
         Ok(Ok(bytes)) => format!(
@@ -1556,10 +1559,10 @@ fn finish(d: &mut Driver, outcome: Outcome, restored_group: &[(Vpid, i32)]) {
         })
         .collect();
     let report = MoveReport {
-        vpid: d.entry.vpid,
+        vpid: d.lead().vpid,
         from: d.agent.node_name(d.agent.node_id()),
         to: d.agent.node_name(d.dest),
-        old_pid: d.entry.real_pid,
+        old_pid: d.lead().real_pid,
         new_pid,
         committed,
         reason,
@@ -1571,7 +1574,7 @@ fn finish(d: &mut Driver, outcome: Outcome, restored_group: &[(Vpid, i32)]) {
         group,
         log: d.log_path.clone(),
     };
-    tracing::info!(vpid = %d.entry.vpid, tag = %d.tag, committed, frozen_ms = report.frozen_micros / 1000, total_ms = report.total_micros / 1000, reason = ?report.reason, "move finished");
+    tracing::info!(vpid = %d.lead().vpid, tag = %d.tag, committed, frozen_ms = report.frozen_micros / 1000, total_ms = report.total_micros / 1000, reason = ?report.reason, "move finished");
     let _ = d.reply.send(LocalResponse::MoveDone(Box::new(report)));
 }
 
