@@ -54,6 +54,11 @@ pub struct DumpOptions {
     /// stored again (it makes them at restore).
     pub borrowed_sems: Vec<i32>,
     pub borrowed_msgs: Vec<i32>,
+    /// A process tree: fds of other members than the root not to inspect either, by member
+    /// pid (`external_fds` are the root's): recorded as external in that member's image, left
+    /// out of what the members share, replaced at restore by `RestoreOptions::member_external`
+    /// (a listening socket a pre-fork server's workers inherited, carried by the caller).
+    pub member_external: std::collections::HashMap<Pid, Vec<i32>>,
 }
 
 /// The fds not judged as files: the caller's, and a shell job's terminal.

@@ -40,6 +40,11 @@ pub struct RestoreOptions {
     /// replaces the job's terminal, and the process joins this process's session and process
     /// group (see `ttys`).
     pub shell_job: Option<i32>,
+    /// A process tree: replacements for the fds dumped as external in other members than the
+    /// root (`DumpOptions::member_external`; `external_fds` are the root's): (the member's pid
+    /// in the image, fd in the image, fd of this process). Each member gets its own copy of the
+    /// same open file description: members given the same fd share it.
+    pub member_external: Vec<(Pid, i32, i32)>,
 }
 
 /// The caller's replacement fds, and the terminal for every fd of a shell job's terminal.
@@ -233,9 +238,10 @@ pub(crate) fn spawn(img: &Image, opts: &RestoreOptions) -> Result<Stub> {
     Ok(Stub { child, r, same_pid, notes })
 }
 
-/// A child of the stub `parent` (a fork injected there, `clone3` with `set_tid` = `pid` and
-/// `exit_signal`): a stub in the same state, traced by us. `pid` must be free.
-pub(crate) fn fork_stub(parent: &Remote, pid: Pid, exit_signal: i32) -> Result<Stub> {
+/// A child of the stub `parent` (a fork injected there, `clone3` with `set_tid` = `pid` when
+/// given, and `exit_signal`): a stub in the same state, traced by us. `pid` must be free;
+/// without it the child gets a new pid.
+pub(crate) fn fork_stub(parent: &Remote, want: Option<Pid>, exit_signal: i32) -> Result<Stub> {
     // The new child is attached at once and starts in a stop (PTRACE_O_TRACEFORK).
     sys::set_options(
         parent.pid,
@@ -243,21 +249,32 @@ pub(crate) fn fork_stub(parent: &Remote, pid: Pid, exit_signal: i32) -> Result<S
             as u64,
     )
     .map_err(pt("PTRACE_SETOPTIONS", parent.pid))?;
-    let set_tid = parent.put(0x100, &(pid as u64).to_le_bytes())?;
+    let (set_tid, set_tid_size) = match want {
+        Some(pid) => (parent.put(0x100, &(pid as u64).to_le_bytes())?, 1),
+        None => (0, 0),
+    };
     let mut args = Vec::with_capacity(88);
-    for v in [0, 0, 0, 0, exit_signal as u64, 0, 0, 0, set_tid, 1, 0] {
+    for v in [0, 0, 0, 0, exit_signal as u64, 0, 0, 0, set_tid, set_tid_size, 0] {
         args.extend_from_slice(&v.to_le_bytes());
     }
     let a = parent.put(0, &args)?;
     let got = parent.raw(libc::SYS_clone3, &[a, args.len() as u64])?;
     if got <= 0 {
-        return Err(Error::Restore(format!(
-            "pid {pid} cannot be given again to a process of the tree (fork in pid {}: {}){}",
-            parent.pid,
-            crate::inject::errno_name(-got as i32),
-            if got == -(libc::EEXIST as i64) { "; it is taken here" } else { "" }
-        )));
+        return Err(Error::Restore(match want {
+            Some(pid) => format!(
+                "pid {pid} cannot be given again to a process of the tree (fork in pid {}: {}){}",
+                parent.pid,
+                crate::inject::errno_name(-got as i32),
+                if got == -(libc::EEXIST as i64) { "; it is taken here" } else { "" }
+            ),
+            None => format!(
+                "a process of the tree cannot be forked (in pid {}: {})",
+                parent.pid,
+                crate::inject::errno_name(-got as i32)
+            ),
+        }));
     }
+    let pid = got as Pid;
     let child = Child { pid, threads: Vec::new(), done: false };
     let st = sys::wait(pid).map_err(pt("waitpid (new process)", pid))?;
     if !libc::WIFSTOPPED(st) {
@@ -272,7 +289,7 @@ pub(crate) fn fork_stub(parent: &Remote, pid: Pid, exit_signal: i32) -> Result<S
         scratch_len: parent.scratch_len,
         guard: None,
     };
-    Ok(Stub { child, r, same_pid: true, notes: Vec::new() })
+    Ok(Stub { child, r, same_pid: want.is_some(), notes: Vec::new() })
 }
 
 impl Stub {

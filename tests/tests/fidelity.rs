@@ -413,6 +413,212 @@ fn tree_main_exit() {
     tree("tree_main_exit", 2, &[]);
 }
 
+/// `/proc/PID/stat` of `pid`: (state, ppid, process group, session); None once it is gone.
+fn stat_of(pid: i32) -> Option<(char, i32, i32, i32)> {
+    let s = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let f: Vec<&str> = s[s.rfind(')')? + 2..].split_whitespace().collect();
+    let n = |i: usize| f.get(i).and_then(|v| v.parse().ok());
+    Some((f.first()?.chars().next()?, n(1)?, n(2)?, n(3)?))
+}
+
+/// A held tree restore: every member complete but in a ptrace stop; killed, none is left and
+/// none ran (the program's output is as it was at the dump).
+#[test]
+fn tree_held_restore_killed_leaves_nothing() {
+    if !root() {
+        return;
+    }
+    // The killed members' orphans (zombies of the killed root) come to us, who reap them.
+    // SAFETY: prctl with integer arguments.
+    unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
+    let p = Prog::start("tree_pipes");
+    let opts = ck::DumpOptions { tree: true, ..Default::default() };
+    let rep = ck::dump_with(p.pid, &p.img(1), AfterDump::Kill, &opts).expect("dump");
+    wait_exit(p.pid, Duration::from_secs(5));
+    let out = read(&p.out());
+    let (r, held) = ck::tree::restore_held(&p.img(1), &RestoreOptions::default()).expect("held restore");
+    let _members = Members { pids: r.tree.clone(), dir: p.dir.path().to_path_buf() };
+    assert_eq!(r.tree, rep.tree);
+    let want: Vec<(i32, i32)> = rep.tree.iter().map(|&x| (x, x)).collect();
+    assert_eq!(held.pids(), &want[..]);
+    for &pid in &r.tree {
+        assert_eq!(stat_of(pid).map(|s| s.0), Some('t'), "pid {pid} is held in a ptrace stop");
+    }
+    held.kill().expect("kill");
+    for &pid in r.tree.iter().skip(1) {
+        let mut st = 0;
+        // SAFETY: a member this test restored, re-parented to us (subreaper) once killed.
+        unsafe { libc::waitpid(pid, &mut st, libc::WNOHANG) };
+    }
+    for &pid in &r.tree {
+        assert_eq!(stat_of(pid), None, "member {pid} is left");
+    }
+    assert_eq!(read(&p.out()), out, "a member ran");
+}
+
+/// A held tree restore resumed: the tree runs on as `restore` leaves it.
+#[test]
+fn tree_held_restore_resumed() {
+    if !root() {
+        return;
+    }
+    let mut p = Prog::start("tree_pipes");
+    let opts = ck::DumpOptions { tree: true, ..Default::default() };
+    let rep = ck::dump_with(p.pid, &p.img(1), AfterDump::Kill, &opts).expect("dump");
+    wait_exit(p.pid, Duration::from_secs(5));
+    let (r, held) = ck::tree::restore_held(&p.img(1), &RestoreOptions::default()).expect("held restore");
+    let _members = Members { pids: r.tree.clone(), dir: p.dir.path().to_path_buf() };
+    assert_eq!(r.tree, rep.tree);
+    for &pid in &r.tree {
+        assert_eq!(stat_of(pid).map(|s| s.0), Some('t'), "pid {pid} is held in a ptrace stop");
+    }
+    held.resume().expect("resume");
+    p.pid = r.pid;
+    p.go();
+    p.expect_pass();
+    assert!(read(&p.out()).contains("child-ok"));
+}
+
+/// A tree frozen, its image written, then thawed (what a move does, in steps): the original
+/// runs on to its end; then the image restores (the pids are free again) and passes too.
+#[test]
+fn tree_frozen_in_steps() {
+    if !root() {
+        return;
+    }
+    let mut p = Prog::start("tree_pipes");
+    let mut t = ck::tree::FrozenTree::freeze(p.pid).expect("freeze");
+    let pids: Vec<i32> = t.members().iter().map(|m| m.pid).collect();
+    assert_eq!((pids.len(), pids[0]), (2, p.pid));
+    t.set_exit_kill(true).expect("exit kill");
+    t.set_exit_kill(false).expect("no exit kill");
+    let opts = ck::DumpOptions { tree: true, ..Default::default() };
+    let rep = t.write_image(&p.img(1), &opts).expect("write_image");
+    assert_eq!(rep.tree, pids);
+    assert!(rep.pages_bytes > 0 && p.img(1).join("tree.img").exists());
+    for &pid in &pids {
+        assert_eq!(stat_of(pid).map(|s| s.0), Some('t'), "pid {pid} stays frozen after the image");
+    }
+    let len = fs::metadata(p.out()).unwrap().len();
+    t.thaw().expect("thaw");
+    p.go();
+    p.expect_pass();
+    assert!(read(&p.out()).contains("child-ok"));
+    // The output as it was at the dump: the copy writes its own lines after it.
+    fs::OpenOptions::new().write(true).open(p.out()).unwrap().set_len(len).unwrap();
+    let r = ck::restore(&p.img(1), &RestoreOptions::default()).expect("restore");
+    let _members = Members { pids: r.tree.clone(), dir: p.dir.path().to_path_buf() };
+    assert_eq!(r.tree, pids);
+    p.pid = r.pid;
+    p.go();
+    p.expect_pass();
+    assert!(read(&p.out()).contains("child-ok"));
+}
+
+/// A tree restored under new pids while its original, frozen, still holds its own: the copy
+/// has other pids, its parents, process groups and sessions are the new pids of those it had,
+/// and it passes checks that do not depend on pid numbers (groups and sessions against its own
+/// and its parent's pid, a pipe each way, shared memory, a zombie reaped by wait(-1) with its
+/// status). Then the original is killed.
+#[test]
+fn tree_restored_under_new_pids_while_the_original_runs() {
+    if !root() {
+        return;
+    }
+    let mut p = Prog::start("tree_new_pids");
+    let mut t = ck::tree::FrozenTree::freeze(p.pid).expect("freeze");
+    let old = t.members().to_vec();
+    assert_eq!(old.len(), 6, "{old:?}");
+    let opts = ck::DumpOptions { tree: true, ..Default::default() };
+    t.write_image(&p.img(1), &opts).expect("write_image");
+    let ro = RestoreOptions { new_pid: true, ..Default::default() };
+    let r = ck::restore(&p.img(1), &ro).unwrap_or_else(|e| panic!("restore under new pids: {e}"));
+    let _members = Members { pids: r.tree.clone(), dir: p.dir.path().to_path_buf() };
+    assert_eq!(r.tree.len(), old.len());
+    let new: std::collections::HashMap<i32, i32> = old.iter().map(|m| m.pid).zip(r.tree.iter().copied()).collect();
+    let now = |pid: i32| *new.get(&pid).unwrap_or(&pid);
+    for (m, &pid) in old.iter().zip(&r.tree) {
+        assert_ne!(m.pid, pid, "{m:?}: the original holds its pid");
+        assert!(stat_of(m.pid).is_some(), "the original {} runs on (frozen)", m.pid);
+        let (state, ppid, pgrp, sid) = stat_of(pid).unwrap_or_else(|| panic!("copy {pid} of {m:?} is gone"));
+        assert_eq!((pgrp, sid), (now(m.pgid), now(m.sid)), "copy {pid} of {m:?}");
+        if m.ppid != 0 {
+            assert_eq!(ppid, now(m.ppid), "copy {pid} of {m:?}: its parent");
+        }
+        assert_eq!(state == 'Z', m.zombie.is_some(), "copy {pid} of {m:?}: state {state}");
+    }
+    // Groups and sessions that were members' are the new pids' (the root's group, A's, B's).
+    assert!(old.iter().filter(|m| new.contains_key(&m.pgid)).count() >= 5, "{old:?}");
+    assert!(old.iter().any(|m| m.ppid != 0 && m.sid == m.pid), "{old:?}");
+    let original = p.pid;
+    p.pid = r.pid;
+    p.go();
+    p.expect_pass();
+    // The original, frozen all along, is killed: every member reaped (the root by us).
+    t.kill().expect("kill the original");
+    for m in &old {
+        assert_eq!(stat_of(m.pid), None, "original {} is left (root {original})", m.pid);
+    }
+}
+
+/// A pre-fork server's listener carried by the caller in every member (the root's
+/// `external_fds`, the workers' `member_external`), replaced at restore by one listening socket
+/// of the test's: every member then holds that very description (kcmp), a connection to it is
+/// accepted by a worker, and the program finds the new address and passes. Without replacements
+/// for the workers the restore is refused.
+#[test]
+fn tree_listener_external_in_every_member() {
+    if !root() {
+        return;
+    }
+    use std::os::fd::AsRawFd;
+    let mut p = Prog::start("tree_prefork");
+    let out = read(&p.out());
+    let l: i32 = out.split("L=").nth(1).and_then(|v| v.split_whitespace().next()?.parse().ok()).expect("L=");
+    let members = ck::tree::members(p.pid).unwrap();
+    assert_eq!(members.len(), 3, "{members:?}");
+    let workers: Vec<i32> = members[1..].iter().map(|m| m.pid).collect();
+    let opts = ck::DumpOptions {
+        tree: true,
+        external_fds: vec![l],
+        member_external: workers.iter().map(|&w| (w, vec![l])).collect(),
+        ..Default::default()
+    };
+    assert!(ck::blockers(p.pid, &opts).unwrap().is_empty());
+    let rep = ck::dump_with(p.pid, &p.img(1), AfterDump::Kill, &opts).expect("dump");
+    assert_eq!(rep.tree[1..], workers[..]);
+    wait_exit(p.pid, Duration::from_secs(5));
+    let listener = std::os::unix::net::UnixListener::bind(p.path("sock2")).unwrap();
+    let fd = listener.as_raw_fd();
+    let root_only = RestoreOptions { external_fds: vec![(l, fd)], ..Default::default() };
+    let e = ck::restore(&p.img(1), &root_only).expect_err("workers without a replacement").to_string();
+    assert!(e.contains("child of") && e.contains(&format!("fd {l}")), "{e}");
+    let ro = RestoreOptions {
+        external_fds: vec![(l, fd)],
+        member_external: workers.iter().map(|&w| (w, l, fd)).collect(),
+        ..Default::default()
+    };
+    let r = ck::restore(&p.img(1), &ro).unwrap_or_else(|e| panic!("restore: {e}"));
+    let _members = Members { pids: r.tree.clone(), dir: p.dir.path().to_path_buf() };
+    assert_eq!(r.tree, rep.tree);
+    let me = std::process::id() as i32;
+    for &pid in &r.tree {
+        assert!(ck::sys::kcmp_file_of(me, fd, pid, l).unwrap(), "member {pid}: fd {l} is not the replacement");
+    }
+    let mut c = std::os::unix::net::UnixStream::connect(p.path("sock2")).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    c.write_all(b"who?").unwrap();
+    let mut b = [0u8; 4];
+    std::io::Read::read_exact(&mut c, &mut b).unwrap();
+    let who = i32::from_ne_bytes(b);
+    assert!(workers.contains(&who), "answered by {who}, not a worker of {workers:?}");
+    drop(c);
+    p.pid = r.pid;
+    p.go();
+    p.expect_pass();
+    drop(listener);
+}
+
 /// Pre-copy of a program that keeps writing its pages (and mapping, moving, unmapping and
 /// discarding memory) while it is copied: every page comes back with the last value written.
 #[test]

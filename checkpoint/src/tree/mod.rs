@@ -21,7 +21,7 @@
 mod restore;
 mod share;
 
-pub use restore::restore;
+pub use restore::{restore, restore_held, HeldTree};
 use share::plan;
 
 use std::collections::HashMap;
@@ -218,16 +218,33 @@ fn in_member(m: &Member, err: Error) -> Error {
     Error::InTree { who: who(m), err: Box::new(err) }
 }
 
+/// The fds the caller carries, per member: the root's (`external_fds`, and any under its pid in
+/// `member_external`) and every other member's (`member_external`).
+fn caller_external(members: &[Member], opts: &DumpOptions) -> HashMap<Pid, Vec<i32>> {
+    let mut out: HashMap<Pid, Vec<i32>> = HashMap::new();
+    for m in members {
+        let mut v: Vec<i32> = if m.ppid == 0 { opts.external_fds.clone() } else { Vec::new() };
+        for &fd in opts.member_external.get(&m.pid).into_iter().flatten() {
+            if !v.contains(&fd) {
+                v.push(fd);
+            }
+        }
+        if !v.is_empty() {
+            out.insert(m.pid, v);
+        }
+    }
+    out
+}
+
 /// Every reason the tree under `root` cannot be dumped, each naming its member.
 pub fn blockers(root: Pid, opts: &DumpOptions) -> Result<Vec<Error>> {
     let members = members(root)?;
-    let p = plan(&members, &opts.external_fds, false)?;
+    let caller = caller_external(&members, opts);
+    let p = plan(&members, &caller, false)?;
     let mut v = p.blockers;
     for m in members.iter().filter(|m| m.zombie.is_none()) {
         let mut external = p.external.get(&m.pid).cloned().unwrap_or_default();
-        if m.ppid == 0 {
-            external.extend(&opts.external_fds);
-        }
+        external.extend(caller.get(&m.pid).into_iter().flatten());
         let allies = members.iter().map(|x| x.pid).filter(|&x| x != m.pid).collect();
         let o = DumpOptions { external_fds: external, tree: false, allies, ..opts.clone() };
         match crate::dump::process_blockers(m.pid, &o, true) {
@@ -242,15 +259,204 @@ pub fn blockers(root: Pid, opts: &DumpOptions) -> Result<Vec<Error>> {
     Ok(v)
 }
 
-/// Dumps the tree under `root` into `dir` (see the module doc).
-pub fn dump(root: Pid, dir: &Path, after: AfterDump, opts: &DumpOptions) -> Result<DumpReport> {
-    // Each member writes its own pages.img: one page stream or pre-copy store cannot serve them.
+/// A process tree frozen (see the module doc): every member found and frozen parents first,
+/// zombies recorded, not frozen. Then its image can be written (`write_image`, as often as
+/// wanted: a move detaches the process's network streams in between), and the tree is thawed
+/// or killed. ptrace is per tracer thread: everything here happens on the thread that froze.
+/// Dropped without either, every member is thawed.
+pub struct FrozenTree {
+    root: Pid,
+    members: Vec<Member>,
+    /// One per live member, in the order of `members`.
+    frozen: Vec<Frozen>,
+    frozen_at: Instant,
+}
+
+impl FrozenTree {
+    /// Freezes the tree under `root`, parents first: a frozen process forks no more, so the
+    /// children listed then are all.
+    pub fn freeze(root: Pid) -> Result<FrozenTree> {
+        let frozen_at = Instant::now();
+        let mut members: Vec<Member> = vec![member(root, 0)?];
+        let mut frozen: Vec<Frozen> = Vec::new();
+        let mut i = 0;
+        while i < members.len() {
+            let m = members[i].clone();
+            if m.zombie.is_none() {
+                frozen.push(Frozen::freeze(m.pid).map_err(|e| in_member(&m, e))?);
+                for c in children(m.pid) {
+                    members.push(member(c, m.pid).map_err(|e| in_member(&m, e))?);
+                }
+            }
+            if members.len() > MAX_MEMBERS {
+                return Err(Error::Unsupported {
+                    pid: root,
+                    what: format!("a process tree of more than {MAX_MEMBERS} processes"),
+                });
+            }
+            i += 1;
+        }
+        Ok(FrozenTree { root, members, frozen, frozen_at })
+    }
+
+    pub fn root(&self) -> Pid {
+        self.root
+    }
+
+    /// Every member, parents first (the root first), zombies included.
+    pub fn members(&self) -> &[Member] {
+        &self.members
+    }
+
+    /// When the freeze began.
+    pub fn frozen_at(&self) -> Instant {
+        self.frozen_at
+    }
+
+    /// With `on`, every frozen member is killed if this tracer exits before it is thawed
+    /// (see [`Frozen::set_exit_kill`]).
+    pub fn set_exit_kill(&mut self, on: bool) -> Result<()> {
+        let live = self.members.iter().filter(|m| m.zombie.is_none());
+        for (m, f) in live.zip(self.frozen.iter_mut()) {
+            f.set_exit_kill(on).map_err(|e| in_member(m, e))?;
+        }
+        Ok(())
+    }
+
+    /// Writes the tree's image into `dir` (what [`dump`] does once the tree is frozen): what
+    /// the members share, each live member's image in `DIR/<pid>/`, then `tree.img`. The tree
+    /// stays frozen, whatever the outcome (a failure removes what was written). The report's
+    /// phases are the share plan's, the members' (summed) and the tree file's; `frozen` is
+    /// the time since the freeze.
+    pub fn write_image(&mut self, dir: &Path, opts: &DumpOptions) -> Result<DumpReport> {
+        let start = Instant::now();
+        refuse_elsewhere(self.root, opts)?;
+        image::create_dir(dir)?;
+        remove_tree_image(dir);
+        let mut clk = crate::dump::Clock { last: start, phases: Vec::new() };
+        let mut rep = self.write_members(dir, opts, &mut clk)?;
+        rep.phases = clk.phases;
+        rep.total = start.elapsed();
+        rep.frozen = self.frozen_at.elapsed();
+        Ok(rep)
+    }
+
+    /// The image of the frozen tree, its phases added to `clk` (the tree file's last).
+    fn write_members(&mut self, dir: &Path, opts: &DumpOptions, clk: &mut crate::dump::Clock) -> Result<DumpReport> {
+        let root = self.root;
+        let members = &self.members;
+        let frozen = &mut self.frozen;
+        type Written = (Vec<(&'static str, std::time::Duration)>, u64, u64, usize, usize);
+        let written = (|| -> Result<Written> {
+            let t0 = Instant::now();
+            let caller = caller_external(members, opts);
+            let p = plan(members, &caller, true)?;
+            if let Some(e) = p.blockers.into_iter().next() {
+                return Err(e);
+            }
+            let mut phases = vec![("share", t0.elapsed())];
+            let (mut pages, mut manifest, mut vmas, mut fds) = (0, 0, 0, 0);
+            // SysV semaphore sets and message queues are stored once, by the first member seen
+            // using them (parents first: the first restored, which makes them).
+            let (mut sems, mut msgs): (Vec<i32>, Vec<i32>) = Default::default();
+            for (m, f) in members.iter().filter(|m| m.zombie.is_none()).zip(frozen.iter_mut()) {
+                let mut external = p.external.get(&m.pid).cloned().unwrap_or_default();
+                external.extend(caller.get(&m.pid).into_iter().flatten());
+                let allies = members.iter().map(|x| x.pid).filter(|&x| x != m.pid).collect();
+                // Shared anonymous memory is stored once, in its owner's image.
+                let borrowed_maps =
+                    p.tree.shared_maps.iter().filter(|s| s.pid == m.pid).map(|s| (s.start, s.end)).collect();
+                let o = DumpOptions {
+                    external_fds: external,
+                    tree: false,
+                    allies,
+                    borrowed_maps,
+                    borrowed_sems: sems.clone(),
+                    borrowed_msgs: msgs.clone(),
+                    ..opts.clone()
+                };
+                let (s, q) = crate::sysv::seen_ids(m.pid);
+                let r =
+                    crate::dump::write_image(f, &dir.join(m.pid.to_string()), &o).map_err(|e| in_member(m, e))?;
+                sems.extend(s.into_iter().filter(|id| !sems.contains(id)).collect::<Vec<_>>());
+                msgs.extend(q.into_iter().filter(|id| !msgs.contains(id)).collect::<Vec<_>>());
+                add_phases(&mut phases, &r.phases);
+                pages += r.pages_bytes;
+                manifest += r.manifest_bytes;
+                vmas += r.vmas;
+                fds += r.fds;
+            }
+            let mut t = p.tree;
+            t.root = root;
+            t.members = members.clone();
+            let bytes = image::encode_payload(&TREE_MAGIC, TREE_VERSION, &t, TREE)?;
+            let path = dir.join(TREE);
+            let mut out = image::create_file(&path)?;
+            std::io::Write::write_all(&mut out, &bytes).map_err(io_at(&path))?;
+            crate::dump::check_interrupted(root, opts)?;
+            Ok((phases, pages, manifest + bytes.len() as u64, vmas, fds))
+        })();
+        let (phases, pages_bytes, manifest_bytes, vmas, fds) = match written {
+            Ok(v) => v,
+            Err(e) => {
+                remove_tree_image(dir);
+                return Err(e);
+            }
+        };
+        // The members' phases, summed (one member after the other), then the tree file.
+        let members_time: std::time::Duration = phases.iter().map(|p| p.1).sum();
+        clk.phases.extend(phases);
+        clk.lap("tree");
+        if let Some(t) = clk.phases.last_mut() {
+            t.1 = t.1.saturating_sub(members_time);
+        }
+        Ok(DumpReport {
+            pid: root,
+            pages_bytes,
+            manifest_bytes,
+            vmas,
+            fds,
+            tree: self.members.iter().map(|m| m.pid).collect(),
+            ..Default::default()
+        })
+    }
+
+    /// Lets every member run on as it was, children first (a parent never runs before its
+    /// children are back).
+    pub fn thaw(self) -> Result<()> {
+        self.thaw_with(false)
+    }
+
+    /// [`FrozenTree::thaw`]; `stop`: each member detached into a job-control stop.
+    pub fn thaw_with(self, stop: bool) -> Result<()> {
+        for f in self.frozen.into_iter().rev() {
+            f.thaw(stop)?;
+        }
+        Ok(())
+    }
+
+    /// Kills every member, leaves first, each reaped by its parent (see `kill_tree`); the root
+    /// is left to its own parent.
+    pub fn kill(self) -> Result<()> {
+        kill_tree(&self.members, self.frozen)
+    }
+}
+
+/// Each member writes its own pages.img: one page stream or pre-copy store cannot serve them.
+fn refuse_elsewhere(root: Pid, opts: &DumpOptions) -> Result<()> {
     if opts.pages_to.is_some() || opts.precopy.is_some() {
         return Err(Error::Unsupported {
             pid: root,
             what: "a process tree whose pages go elsewhere than the image directory (a move: not yet)".into(),
         });
     }
+    Ok(())
+}
+
+/// Dumps the tree under `root` into `dir` (see the module doc): [`FrozenTree::freeze`],
+/// [`FrozenTree::write_image`], then thawed or killed as `after` says.
+pub fn dump(root: Pid, dir: &Path, after: AfterDump, opts: &DumpOptions) -> Result<DumpReport> {
+    refuse_elsewhere(root, opts)?;
     let start = Instant::now();
     let mut clk = crate::dump::Clock { last: start, phases: Vec::new() };
     if let Some(e) = blockers(root, opts)?.into_iter().next() {
@@ -260,118 +466,21 @@ pub fn dump(root: Pid, dir: &Path, after: AfterDump, opts: &DumpOptions) -> Resu
     remove_tree_image(dir);
     clk.lap("check");
 
-    // Parents first: a frozen process forks no more, so the children listed then are all.
-    let frozen_at = Instant::now();
-    let mut members: Vec<Member> = vec![member(root, 0)?];
-    let mut frozen: Vec<Frozen> = Vec::new();
-    let mut i = 0;
-    while i < members.len() {
-        let m = members[i].clone();
-        if m.zombie.is_none() {
-            frozen.push(Frozen::freeze(m.pid).map_err(|e| in_member(&m, e))?);
-            for c in children(m.pid) {
-                members.push(member(c, m.pid).map_err(|e| in_member(&m, e))?);
-            }
-        }
-        if members.len() > MAX_MEMBERS {
-            return Err(Error::Unsupported {
-                pid: root,
-                what: format!("a process tree of more than {MAX_MEMBERS} processes"),
-            });
-        }
-        i += 1;
-    }
+    let mut tree = FrozenTree::freeze(root)?;
     clk.lap("freeze");
-    type Written = (Vec<(&'static str, std::time::Duration)>, u64, u64, usize, usize);
-    let written = (|| -> Result<Written> {
-        let t0 = Instant::now();
-        let p = plan(&members, &opts.external_fds, true)?;
-        if let Some(e) = p.blockers.into_iter().next() {
-            return Err(e);
-        }
-        let mut phases = vec![("share", t0.elapsed())];
-        let (mut pages, mut manifest, mut vmas, mut fds) = (0, 0, 0, 0);
-        // SysV semaphore sets and message queues are stored once, by the first member seen
-        // using them (parents first: the first restored, which makes them).
-        let (mut sems, mut msgs): (Vec<i32>, Vec<i32>) = Default::default();
-        for (m, f) in members.iter().filter(|m| m.zombie.is_none()).zip(frozen.iter_mut()) {
-            let mut external = p.external.get(&m.pid).cloned().unwrap_or_default();
-            if m.ppid == 0 {
-                external.extend(&opts.external_fds);
-            }
-            let allies = members.iter().map(|x| x.pid).filter(|&x| x != m.pid).collect();
-            // Shared anonymous memory is stored once, in its owner's image.
-            let borrowed_maps =
-                p.tree.shared_maps.iter().filter(|s| s.pid == m.pid).map(|s| (s.start, s.end)).collect();
-            let o = DumpOptions {
-                external_fds: external,
-                tree: false,
-                allies,
-                borrowed_maps,
-                borrowed_sems: sems.clone(),
-                borrowed_msgs: msgs.clone(),
-                ..opts.clone()
-            };
-            let (s, q) = crate::sysv::seen_ids(m.pid);
-            let r = crate::dump::write_image(f, &dir.join(m.pid.to_string()), &o).map_err(|e| in_member(m, e))?;
-            sems.extend(s.into_iter().filter(|id| !sems.contains(id)).collect::<Vec<_>>());
-            msgs.extend(q.into_iter().filter(|id| !msgs.contains(id)).collect::<Vec<_>>());
-            add_phases(&mut phases, &r.phases);
-            pages += r.pages_bytes;
-            manifest += r.manifest_bytes;
-            vmas += r.vmas;
-            fds += r.fds;
-        }
-        let mut t = p.tree;
-        t.root = root;
-        t.members = members.clone();
-        let bytes = image::encode_payload(&TREE_MAGIC, TREE_VERSION, &t, TREE)?;
-        let path = dir.join(TREE);
-        let mut out = image::create_file(&path)?;
-        std::io::Write::write_all(&mut out, &bytes).map_err(io_at(&path))?;
-        crate::dump::check_interrupted(root, opts)?;
-        Ok((phases, pages, manifest + bytes.len() as u64, vmas, fds))
-    })();
-    let (phases, pages_bytes, manifest_bytes, vmas, fds) = match written {
-        Ok(v) => v,
-        Err(e) => {
-            remove_tree_image(dir);
-            return Err(e); // every `Frozen` thaws its process as it is dropped
-        }
-    };
-    // The members' phases, summed (one member after the other), then the tree file.
-    let members_time: std::time::Duration = phases.iter().map(|p| p.1).sum();
-    clk.phases.extend(phases);
-    clk.lap("tree");
-    if let Some(t) = clk.phases.last_mut() {
-        t.1 = t.1.saturating_sub(members_time);
-    }
+    // On failure every `Frozen` thaws its process as the tree is dropped.
+    let rep = tree.write_members(dir, opts, &mut clk)?;
+    let frozen_at = tree.frozen_at;
     let mut frozen_time = frozen_at.elapsed();
     match after {
-        AfterDump::Kill => kill_tree(&members, frozen)?,
-        // Children first: a parent never runs before its children are back.
-        _ => {
-            for f in frozen.into_iter().rev() {
-                f.thaw(after == AfterDump::LeaveStopped)?;
-            }
-        }
+        AfterDump::Kill => tree.kill()?,
+        _ => tree.thaw_with(after == AfterDump::LeaveStopped)?,
     }
     if after != AfterDump::Kill {
         frozen_time = frozen_at.elapsed();
     }
     clk.lap(if after == AfterDump::Kill { "kill" } else { "thaw" });
-    Ok(DumpReport {
-        pid: root,
-        phases: clk.phases,
-        frozen: frozen_time,
-        total: start.elapsed(),
-        pages_bytes,
-        manifest_bytes,
-        vmas,
-        fds,
-        tree: members.iter().map(|m| m.pid).collect(),
-        ..Default::default()
-    })
+    Ok(DumpReport { phases: clk.phases, frozen: frozen_time, total: start.elapsed(), ..rep })
 }
 
 /// Kills every member, leaves first, each reaped by its parent (a `wait4` injected there while

@@ -16,12 +16,14 @@ use crate::sys::{self, Pid};
 
 /// The session and process group of a new member (forked by its restored parent, whose own it
 /// has): its own session, its own group, or another member's group.
-fn set_session(r: &Remote, m: &Member, parent: &Member) -> Result<()> {
+/// `new_pid`: the members restored so far, (pid in the image → pid now): another member's
+/// group is the group of that member's pid now.
+fn set_session(r: &Remote, m: &Member, parent: &Member, new_pid: &HashMap<Pid, Pid>) -> Result<()> {
     if m.sid == m.pid {
         r.call("setsid", libc::SYS_setsid, &[])?;
     } else if m.pgid != parent.pgid {
-        let g = if m.pgid == m.pid { 0 } else { m.pgid as u64 };
-        r.call(&format!("setpgid(0, {})", m.pgid), libc::SYS_setpgid, &[0, g])?;
+        let g = if m.pgid == m.pid { 0 } else { new_pid.get(&m.pgid).copied().unwrap_or(m.pgid) };
+        r.call(&format!("setpgid(0, {g})"), libc::SYS_setpgid, &[0, g as u64])?;
     }
     Ok(())
 }
@@ -108,9 +110,80 @@ fn make_pipes_and_pairs(
     Ok(out)
 }
 
-/// Restores the tree imaged in `dir` (see the module doc). The report is the root's, with
-/// every member in `tree`.
+/// A restored tree, every member complete and held in a ptrace stop (see [`rebuild::Held`]):
+/// none has run. Only the thread that restored it may resume or kill it; dropped without
+/// either, every member is killed.
+pub struct HeldTree {
+    /// The live members' holds, in member order (parents first), with their job-control stop.
+    held: Vec<(rebuild::Held, bool)>,
+    /// (pid in the image, pid now) of every member, in member order, zombies included.
+    pids: Vec<(Pid, Pid)>,
+    stopped: bool,
+}
+
+impl HeldTree {
+    /// (pid in the image → pid now) of every member, in member order (the root first),
+    /// zombies included.
+    pub fn pids(&self) -> &[(Pid, Pid)] {
+        &self.pids
+    }
+
+    /// Lets every member run, children first; those that were in a job-control stop (or all,
+    /// with `RestoreOptions::stopped`) go back into one (their parent is told again, as after
+    /// a new SIGSTOP).
+    pub fn resume(mut self) -> Result<()> {
+        let held = std::mem::take(&mut self.held);
+        let mut held = held.into_iter().rev();
+        for (h, stopped) in held.by_ref() {
+            if let Err(e) = h.release(self.stopped || stopped) {
+                // The others are killed as they are dropped (parents after their children).
+                for (h, _) in held {
+                    let _ = h.kill();
+                }
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
+    /// Kills every member, children first (none has run); each is collected by us as its
+    /// tracer, the root as its parent too (its children go to whoever reaps orphans here).
+    pub fn kill(mut self) -> Result<()> {
+        self.kill_all();
+        Ok(())
+    }
+
+    fn kill_all(&mut self) {
+        while let Some((h, _)) = self.held.pop() {
+            let _ = h.kill();
+        }
+    }
+}
+
+impl Drop for HeldTree {
+    fn drop(&mut self) {
+        self.kill_all();
+    }
+}
+
+/// Restores the tree imaged in `dir` (see the module doc): [`restore_held`], then every member
+/// released. The report is the root's, with every member in `tree`.
 pub fn restore(dir: &Path, opts: &RestoreOptions) -> Result<RestoreReport> {
+    let (mut rep, held) = restore_held(dir, opts)?;
+    let t = std::time::Instant::now();
+    held.resume()?;
+    let d = t.elapsed();
+    rep.phases.push(("release", d));
+    rep.total += d;
+    Ok(rep)
+}
+
+/// Restores the tree imaged in `dir` (see the module doc), every member complete and held: see
+/// [`HeldTree`]. The report is the root's, with every member's pid now in `tree` (member
+/// order). With `opts.new_pid` every member gets a new pid (the originals may still hold
+/// theirs): each is forked by its restored parent without `set_tid`, and a process group or
+/// session that was a member's is that member's new one.
+pub fn restore_held(dir: &Path, opts: &RestoreOptions) -> Result<(RestoreReport, HeldTree)> {
     let mut laps = Laps::new();
     let t = read_tree(dir)?;
     let mut imgs: HashMap<Pid, image::Image> = HashMap::new();
@@ -144,6 +217,12 @@ pub fn restore(dir: &Path, opts: &RestoreOptions) -> Result<RestoreReport> {
         if m.ppid == 0 {
             v.extend(&opts.external_fds);
         }
+        // Another member's fds the caller carries (the root's may be named there too).
+        for &(pid, fd, theirs) in &opts.member_external {
+            if pid == m.pid && !v.iter().any(|y| y.0 == fd) {
+                v.push((fd, theirs));
+            }
+        }
         v
     };
     // Everything that can be refused before a process exists (external fds: stand-ins).
@@ -173,9 +252,10 @@ pub fn restore(dir: &Path, opts: &RestoreOptions) -> Result<RestoreReport> {
         let kids: Vec<(usize, &Member)> = t.members.iter().enumerate().filter(|(_, c)| c.ppid == m.pid).collect();
         for (j, c) in kids {
             let parent = &stubs[i].as_ref().expect("parents first").r;
-            let s = rebuild::fork_stub(parent, c.pid, c.exit_signal).map_err(|e| in_member(c, e))?;
-            set_session(&s.r, c, m).map_err(|e| in_member(c, e))?;
-            new_pid.insert(c.pid, c.pid);
+            let want = if opts.new_pid { None } else { Some(c.pid) };
+            let s = rebuild::fork_stub(parent, want, c.exit_signal).map_err(|e| in_member(c, e))?;
+            new_pid.insert(c.pid, s.r.pid);
+            set_session(&s.r, c, m, &new_pid).map_err(|e| in_member(c, e))?;
             match c.zombie {
                 Some(status) => {
                     s.die_as(status).map_err(|e| in_member(c, e))?;
@@ -183,7 +263,7 @@ pub fn restore(dir: &Path, opts: &RestoreOptions) -> Result<RestoreReport> {
                 }
                 None => {
                     let task = &imgs[&c.pid].manifest.task;
-                    notes.extend(crate::task::restore_cgroup(c.pid, task));
+                    notes.extend(crate::task::restore_cgroup(s.r.pid, task));
                     crate::task::restore_early(&s.r, task).map_err(|e| in_member(c, e))?;
                     stubs[j] = Some(s);
                 }
@@ -247,12 +327,12 @@ pub fn restore(dir: &Path, opts: &RestoreOptions) -> Result<RestoreReport> {
         msg_made.extend(img.manifest.msg.iter().map(|q| q.id));
         let o = RestoreOptions {
             external_fds: external_of(m, &with),
-            new_pid: opts.new_pid && m.ppid == 0,
+            new_pid: opts.new_pid,
             stopped: opts.stopped,
             ..Default::default()
         };
         let (rep, h) = rebuild::complete(stub, img, &o, &from, true, Laps::new()).map_err(|e| in_member(m, e))?;
-        held.push(h.expect("held"));
+        held.push((h.expect("held"), m.stopped));
         add_phases(&mut member_phases, &rep.phases);
         if m.ppid == 0 {
             root_rep = Some(rep);
@@ -266,18 +346,17 @@ pub fn restore(dir: &Path, opts: &RestoreOptions) -> Result<RestoreReport> {
     let members_time: std::time::Duration = member_phases.iter().map(|p| p.1).sum();
     laps.phases.push(("share", loop_time.saturating_sub(members_time)));
     laps.phases.extend(member_phases);
-    // All complete: let them run, children first; those that were in a job-control stop go back
-    // into one (their parent is told again, as after a new SIGSTOP).
-    let live: Vec<&Member> = t.members.iter().filter(|m| m.zombie.is_none()).collect();
-    for (h, m) in held.into_iter().zip(live).rev() {
-        h.release(opts.stopped || m.stopped)?;
-    }
-    laps.lap("release");
+    // All complete: held until the caller lets them run (`HeldTree::resume`).
+    let held = HeldTree {
+        held,
+        pids: t.members.iter().map(|m| (m.pid, new_pid[&m.pid])).collect(),
+        stopped: opts.stopped,
+    };
     let mut rep = root_rep.expect("the root is live");
     rep.notes.extend(notes);
     rep.phases = laps.phases;
     rep.total = laps.start.elapsed();
     rep.pages_bytes = imgs.values().map(|i| i.manifest.pages_len).sum();
     rep.tree = t.members.iter().map(|m| new_pid[&m.pid]).collect();
-    Ok(rep)
+    Ok((rep, held))
 }

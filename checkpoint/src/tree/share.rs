@@ -26,7 +26,8 @@ fn is_shared_anon(l: &proc::MapLine) -> bool {
 
 /// Finds what the members share (`data`: also copies the unread bytes of pipes and pairs — on
 /// a frozen tree).
-pub(super) fn plan(members: &[Member], root_external: &[i32], data: bool) -> Result<Plan> {
+/// `caller_external`: per member, the fds the caller carries (not looked at).
+pub(super) fn plan(members: &[Member], caller_external: &HashMap<Pid, Vec<i32>>, data: bool) -> Result<Plan> {
     let mut p = Plan::default();
     let live: Vec<&Member> = members.iter().filter(|m| m.zombie.is_none()).collect();
     let by_pid: HashMap<Pid, &Member> = members.iter().map(|m| (m.pid, m)).collect();
@@ -38,7 +39,7 @@ pub(super) fn plan(members: &[Member], root_external: &[i32], data: bool) -> Res
         // Unreadable (a process whose main thread exited): its own blockers say why.
         let Ok(list) = crate::files::list_fds(m.pid) else { continue };
         for fd in list {
-            if m.ppid == 0 && root_external.contains(&fd) {
+            if caller_external.get(&m.pid).is_some_and(|v| v.contains(&fd)) {
                 continue;
             }
             let Ok(link) = std::fs::read_link(proc_path(m.pid, &format!("fd/{fd}"))) else { continue };
