@@ -17,6 +17,11 @@
 //! by the others from it (`pidfd_getfd`); a shared anonymous mapping of a later member maps the
 //! object of the first through `/proc/PID/map_files`. Every member is held until all are
 //! complete, then all run (a failure kills them all).
+//!
+//! In steps (a move): [`FrozenTree`] freezes, writes the image, thaws or kills;
+//! [`restore_held`] leaves every member complete and held ([`HeldTree`]: resumed or killed).
+//! With `RestoreOptions::new_pid` every member gets a new pid (forked without `set_tid`), and a
+//! process group or session that was a member's is that member's new one.
 
 mod restore;
 mod share;
@@ -376,8 +381,7 @@ impl FrozenTree {
                     ..opts.clone()
                 };
                 let (s, q) = crate::sysv::seen_ids(m.pid);
-                let r =
-                    crate::dump::write_image(f, &dir.join(m.pid.to_string()), &o).map_err(|e| in_member(m, e))?;
+                let r = crate::dump::write_image(f, &dir.join(m.pid.to_string()), &o).map_err(|e| in_member(m, e))?;
                 sems.extend(s.into_iter().filter(|id| !sems.contains(id)).collect::<Vec<_>>());
                 msgs.extend(q.into_iter().filter(|id| !msgs.contains(id)).collect::<Vec<_>>());
                 add_phases(&mut phases, &r.phases);

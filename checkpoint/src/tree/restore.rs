@@ -347,11 +347,8 @@ pub fn restore_held(dir: &Path, opts: &RestoreOptions) -> Result<(RestoreReport,
     laps.phases.push(("share", loop_time.saturating_sub(members_time)));
     laps.phases.extend(member_phases);
     // All complete: held until the caller lets them run (`HeldTree::resume`).
-    let held = HeldTree {
-        held,
-        pids: t.members.iter().map(|m| (m.pid, new_pid[&m.pid])).collect(),
-        stopped: opts.stopped,
-    };
+    let held =
+        HeldTree { held, pids: t.members.iter().map(|m| (m.pid, new_pid[&m.pid])).collect(), stopped: opts.stopped };
     let mut rep = root_rep.expect("the root is live");
     rep.notes.extend(notes);
     rep.phases = laps.phases;
