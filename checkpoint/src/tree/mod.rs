@@ -268,7 +268,8 @@ pub fn blockers(root: Pid, opts: &DumpOptions) -> Result<Vec<Error>> {
 /// zombies recorded, not frozen. Then its image can be written (`write_image`, as often as
 /// wanted: a move detaches the process's network streams in between), and the tree is thawed
 /// or killed. ptrace is per tracer thread: everything here happens on the thread that froze.
-/// Dropped without either, every member is thawed.
+/// Dropped without either, every member is thawed. The caller checks [`blockers`] first, as
+/// [`dump`] does (the image still refuses what it cannot carry, the tree staying frozen).
 pub struct FrozenTree {
     root: Pid,
     members: Vec<Member>,
