@@ -421,39 +421,42 @@ fn stat_of(pid: i32) -> Option<(char, i32, i32, i32)> {
     Some((f.first()?.chars().next()?, n(1)?, n(2)?, n(3)?))
 }
 
-/// A held tree restore: every member complete but in a ptrace stop; killed, none is left and
-/// none ran (the program's output is as it was at the dump).
+/// A held tree restore: every member complete but in a ptrace stop; killed, none is left (not
+/// even a zombie) and none ran (the program's output is as it was at the dump).
 #[test]
 fn tree_held_restore_killed_leaves_nothing() {
     if !root() {
         return;
     }
-    // The killed members' orphans (zombies of the killed root) come to us, who reap them.
-    // SAFETY: prctl with integer arguments.
-    unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
-    let p = Prog::start("tree_pipes");
-    let opts = ck::DumpOptions { tree: true, ..Default::default() };
-    let rep = ck::dump_with(p.pid, &p.img(1), AfterDump::Kill, &opts).expect("dump");
-    wait_exit(p.pid, Duration::from_secs(5));
-    let out = read(&p.out());
-    let (r, held) = ck::tree::restore_held(&p.img(1), &RestoreOptions::default()).expect("held restore");
-    let _members = Members { pids: r.tree.clone(), dir: p.dir.path().to_path_buf() };
-    assert_eq!(r.tree, rep.tree);
-    let want: Vec<(i32, i32)> = rep.tree.iter().map(|&x| (x, x)).collect();
-    assert_eq!(held.pids(), &want[..]);
-    for &pid in &r.tree {
-        assert_eq!(stat_of(pid).map(|s| s.0), Some('t'), "pid {pid} is held in a ptrace stop");
+    // Killed, or dropped (zombie members too).
+    for (name, kill) in [("tree_pipes", true), ("tree_zombie", false)] {
+        let p = Prog::start(name);
+        let opts = ck::DumpOptions { tree: true, ..Default::default() };
+        let rep = ck::dump_with(p.pid, &p.img(1), AfterDump::Kill, &opts).expect("dump");
+        wait_exit(p.pid, Duration::from_secs(5));
+        let out = read(&p.out());
+        let (r, held) = ck::tree::restore_held(&p.img(1), &RestoreOptions::default()).expect("held restore");
+        let _members = Members { pids: r.tree.clone(), dir: p.dir.path().to_path_buf() };
+        assert_eq!(r.tree, rep.tree);
+        let want: Vec<(i32, i32)> = rep.tree.iter().map(|&x| (x, x)).collect();
+        assert_eq!(held.pids(), &want[..]);
+        for &pid in &r.tree {
+            let state = stat_of(pid).map(|s| s.0);
+            assert!(matches!(state, Some('t' | 'Z')), "{name}: pid {pid} is held in a ptrace stop: {state:?}");
+        }
+        assert!(r.tree.iter().filter(|&&pid| stat_of(pid).map(|s| s.0) == Some('t')).count() >= 2);
+        // Each killed child, and each zombie, is reaped by its parent (not left for whoever
+        // reaps orphans), the root by us.
+        if kill {
+            held.kill().expect("kill");
+        } else {
+            drop(held);
+        }
+        for &pid in &r.tree {
+            assert_eq!(stat_of(pid), None, "{name}: member {pid} is left");
+        }
+        assert_eq!(read(&p.out()), out, "{name}: a member ran");
     }
-    held.kill().expect("kill");
-    for &pid in r.tree.iter().skip(1) {
-        let mut st = 0;
-        // SAFETY: a member this test restored, re-parented to us (subreaper) once killed.
-        unsafe { libc::waitpid(pid, &mut st, libc::WNOHANG) };
-    }
-    for &pid in &r.tree {
-        assert_eq!(stat_of(pid), None, "member {pid} is left");
-    }
-    assert_eq!(read(&p.out()), out, "a member ran");
 }
 
 /// A held tree restore resumed: the tree runs on as `restore` leaves it.
