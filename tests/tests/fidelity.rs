@@ -570,6 +570,55 @@ fn tree_restored_under_new_pids_while_the_original_runs() {
     }
 }
 
+/// Every kind of tree that can be copied beside its original (nothing of the original's
+/// reused: no FIFO, SysV object or bound socket path) is restored under new pids while the
+/// original is frozen (pidfds, shared memory, memfds, zombies, stops, groups, threads of a
+/// member whose main thread exited), held, and killed; the original, thawed, runs on and passes.
+#[test]
+fn tree_copies_under_new_pids_held_and_killed() {
+    if !root() {
+        return;
+    }
+    let kinds = [
+        ("tree_zombie", 5),
+        ("tree_pipes", 2),
+        ("tree_shared_anon", 2),
+        ("tree_memfd", 2),
+        ("tree_pidfd", 3),
+        ("tree_stopped", 2),
+        ("tree_groups", 6),
+        ("tree_main_exit", 2),
+    ];
+    for (name, n) in kinds {
+        let p = Prog::start(name);
+        let mut t = ck::tree::FrozenTree::freeze(p.pid).expect("freeze");
+        let old = t.members().to_vec();
+        assert_eq!(old.len(), n, "{name}: {old:?}");
+        let opts = ck::DumpOptions { tree: true, ..Default::default() };
+        t.write_image(&p.img(1), &opts).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let ro = RestoreOptions { new_pid: true, ..Default::default() };
+        let (r, held) = ck::tree::restore_held(&p.img(1), &ro).unwrap_or_else(|e| panic!("{name}: new pids: {e}"));
+        let _members = Members { pids: r.tree.clone(), dir: p.dir.path().to_path_buf() };
+        let new: std::collections::HashMap<i32, i32> = held.pids().iter().copied().collect();
+        let now = |pid: i32| *new.get(&pid).unwrap_or(&pid);
+        for (m, &pid) in old.iter().zip(&r.tree) {
+            assert_ne!(m.pid, pid, "{name}: {m:?}");
+            let (_, ppid, pgrp, sid) = stat_of(pid).unwrap_or_else(|| panic!("{name}: copy {pid} of {m:?} is gone"));
+            assert_eq!((pgrp, sid), (now(m.pgid), now(m.sid)), "{name}: copy {pid} of {m:?}");
+            if m.ppid != 0 {
+                assert_eq!(ppid, now(m.ppid), "{name}: copy {pid} of {m:?}: its parent");
+            }
+        }
+        held.kill().expect("kill the copy");
+        for &pid in &r.tree {
+            assert_eq!(stat_of(pid), None, "{name}: copy {pid} is left");
+        }
+        t.thaw().expect("thaw");
+        p.go();
+        p.expect_pass();
+    }
+}
+
 /// A pre-fork server's listener carried by the caller in every member (the root's
 /// `external_fds`, the workers' `member_external`), replaced at restore by one listening socket
 /// of the test's: every member then holds that very description (kcmp), a connection to it is
