@@ -542,6 +542,22 @@ impl Held {
         self.sysv.take().map_or(Ok(()), sysv::Created::commit)
     }
 
+    /// Reaps its exited child `child` (a `wait4(child, WNOHANG)` injected into it, every
+    /// register and its signal mask put back after): true if reaped. For a tree given up:
+    /// killed members are reaped by their parents, not left to whoever reaps orphans.
+    pub(crate) fn reap_child(&self, child: Pid) -> Result<bool> {
+        let pid = self.pid;
+        let maps = proc::maps(pid)?;
+        let at = crate::dump::gadget_address(pid, &maps)?;
+        let saved = crate::inject::read_code(pid, at, crate::inject::RESTORER_LEN)?;
+        let sigmask = sys::get_sigmask(pid).map_err(pt("PTRACE_GETSIGMASK", pid))?;
+        let base = sys::get_regs(pid).map_err(pt("PTRACE_GETREGS", pid))?;
+        let guard = Some(crate::inject::Guard { sigmask, saved });
+        let r = Remote { pid, gadget: at, base, scratch: 0, scratch_len: 0, guard };
+        let got = r.raw(libc::SYS_wait4, &[child as u64, 0, (libc::WNOHANG | libc::__WALL) as u64, 0])?;
+        Ok(got == child as i64)
+    }
+
     /// Kills the held process and collects its threads.
     pub fn kill(mut self) -> Result<()> {
         self.done = true;

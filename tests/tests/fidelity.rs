@@ -421,39 +421,42 @@ fn stat_of(pid: i32) -> Option<(char, i32, i32, i32)> {
     Some((f.first()?.chars().next()?, n(1)?, n(2)?, n(3)?))
 }
 
-/// A held tree restore: every member complete but in a ptrace stop; killed, none is left and
-/// none ran (the program's output is as it was at the dump).
+/// A held tree restore: every member complete but in a ptrace stop; killed, none is left (not
+/// even a zombie) and none ran (the program's output is as it was at the dump).
 #[test]
 fn tree_held_restore_killed_leaves_nothing() {
     if !root() {
         return;
     }
-    // The killed members' orphans (zombies of the killed root) come to us, who reap them.
-    // SAFETY: prctl with integer arguments.
-    unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
-    let p = Prog::start("tree_pipes");
-    let opts = ck::DumpOptions { tree: true, ..Default::default() };
-    let rep = ck::dump_with(p.pid, &p.img(1), AfterDump::Kill, &opts).expect("dump");
-    wait_exit(p.pid, Duration::from_secs(5));
-    let out = read(&p.out());
-    let (r, held) = ck::tree::restore_held(&p.img(1), &RestoreOptions::default()).expect("held restore");
-    let _members = Members { pids: r.tree.clone(), dir: p.dir.path().to_path_buf() };
-    assert_eq!(r.tree, rep.tree);
-    let want: Vec<(i32, i32)> = rep.tree.iter().map(|&x| (x, x)).collect();
-    assert_eq!(held.pids(), &want[..]);
-    for &pid in &r.tree {
-        assert_eq!(stat_of(pid).map(|s| s.0), Some('t'), "pid {pid} is held in a ptrace stop");
+    // Killed, or dropped (zombie members too).
+    for (name, kill) in [("tree_pipes", true), ("tree_zombie", false)] {
+        let p = Prog::start(name);
+        let opts = ck::DumpOptions { tree: true, ..Default::default() };
+        let rep = ck::dump_with(p.pid, &p.img(1), AfterDump::Kill, &opts).expect("dump");
+        wait_exit(p.pid, Duration::from_secs(5));
+        let out = read(&p.out());
+        let (r, held) = ck::tree::restore_held(&p.img(1), &RestoreOptions::default()).expect("held restore");
+        let _members = Members { pids: r.tree.clone(), dir: p.dir.path().to_path_buf() };
+        assert_eq!(r.tree, rep.tree);
+        let want: Vec<(i32, i32)> = rep.tree.iter().map(|&x| (x, x)).collect();
+        assert_eq!(held.pids(), &want[..]);
+        for &pid in &r.tree {
+            let state = stat_of(pid).map(|s| s.0);
+            assert!(matches!(state, Some('t' | 'Z')), "{name}: pid {pid} is held in a ptrace stop: {state:?}");
+        }
+        assert!(r.tree.iter().filter(|&&pid| stat_of(pid).map(|s| s.0) == Some('t')).count() >= 2);
+        // Each killed child, and each zombie, is reaped by its parent (not left for whoever
+        // reaps orphans), the root by us.
+        if kill {
+            held.kill().expect("kill");
+        } else {
+            drop(held);
+        }
+        for &pid in &r.tree {
+            assert_eq!(stat_of(pid), None, "{name}: member {pid} is left");
+        }
+        assert_eq!(read(&p.out()), out, "{name}: a member ran");
     }
-    held.kill().expect("kill");
-    for &pid in r.tree.iter().skip(1) {
-        let mut st = 0;
-        // SAFETY: a member this test restored, re-parented to us (subreaper) once killed.
-        unsafe { libc::waitpid(pid, &mut st, libc::WNOHANG) };
-    }
-    for &pid in &r.tree {
-        assert_eq!(stat_of(pid), None, "member {pid} is left");
-    }
-    assert_eq!(read(&p.out()), out, "a member ran");
 }
 
 /// A held tree restore resumed: the tree runs on as `restore` leaves it.
@@ -528,7 +531,10 @@ fn tree_restored_under_new_pids_while_the_original_runs() {
     let mut p = Prog::start("tree_new_pids");
     let mut t = ck::tree::FrozenTree::freeze(p.pid).expect("freeze");
     let old = t.members().to_vec();
-    assert_eq!(old.len(), 6, "{old:?}");
+    // A failing test kills the original's members too (the first entry is skipped).
+    let _originals =
+        Members { pids: [0].into_iter().chain(old.iter().map(|m| m.pid)).collect(), dir: p.dir.path().to_path_buf() };
+    assert_eq!(old.len(), 7, "{old:?}");
     let opts = ck::DumpOptions { tree: true, ..Default::default() };
     t.write_image(&p.img(1), &opts).expect("write_image");
     let ro = RestoreOptions { new_pid: true, ..Default::default() };
@@ -547,9 +553,12 @@ fn tree_restored_under_new_pids_while_the_original_runs() {
         }
         assert_eq!(state == 'Z', m.zombie.is_some(), "copy {pid} of {m:?}: state {state}");
     }
-    // Groups and sessions that were members' are the new pids' (the root's group, A's, B's).
-    assert!(old.iter().filter(|m| new.contains_key(&m.pgid)).count() >= 5, "{old:?}");
+    // Groups and sessions that were members' are the new pids' (the root's group, A's, B's),
+    // also D's: the group of another member than itself and its parent.
+    assert!(old.iter().filter(|m| new.contains_key(&m.pgid)).count() >= 6, "{old:?}");
     assert!(old.iter().any(|m| m.ppid != 0 && m.sid == m.pid), "{old:?}");
+    let parent_group = |m: &ck::tree::Member| old.iter().find(|p| p.pid == m.ppid).map(|p| p.pgid);
+    assert!(old.iter().any(|m| m.pgid != m.pid && Some(m.pgid) != parent_group(m)), "{old:?}");
     let original = p.pid;
     p.pid = r.pid;
     p.go();
@@ -558,6 +567,55 @@ fn tree_restored_under_new_pids_while_the_original_runs() {
     t.kill().expect("kill the original");
     for m in &old {
         assert_eq!(stat_of(m.pid), None, "original {} is left (root {original})", m.pid);
+    }
+}
+
+/// Every kind of tree that can be copied beside its original (nothing of the original's
+/// reused: no FIFO, SysV object or bound socket path) is restored under new pids while the
+/// original is frozen (pidfds, shared memory, memfds, zombies, stops, groups, threads of a
+/// member whose main thread exited), held, and killed; the original, thawed, runs on and passes.
+#[test]
+fn tree_copies_under_new_pids_held_and_killed() {
+    if !root() {
+        return;
+    }
+    let kinds = [
+        ("tree_zombie", 5),
+        ("tree_pipes", 2),
+        ("tree_shared_anon", 2),
+        ("tree_memfd", 2),
+        ("tree_pidfd", 3),
+        ("tree_stopped", 2),
+        ("tree_groups", 6),
+        ("tree_main_exit", 2),
+    ];
+    for (name, n) in kinds {
+        let p = Prog::start(name);
+        let mut t = ck::tree::FrozenTree::freeze(p.pid).expect("freeze");
+        let old = t.members().to_vec();
+        assert_eq!(old.len(), n, "{name}: {old:?}");
+        let opts = ck::DumpOptions { tree: true, ..Default::default() };
+        t.write_image(&p.img(1), &opts).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let ro = RestoreOptions { new_pid: true, ..Default::default() };
+        let (r, held) = ck::tree::restore_held(&p.img(1), &ro).unwrap_or_else(|e| panic!("{name}: new pids: {e}"));
+        let _members = Members { pids: r.tree.clone(), dir: p.dir.path().to_path_buf() };
+        let new: std::collections::HashMap<i32, i32> = held.pids().iter().copied().collect();
+        let now = |pid: i32| *new.get(&pid).unwrap_or(&pid);
+        for (m, &pid) in old.iter().zip(&r.tree) {
+            assert_ne!(m.pid, pid, "{name}: {m:?}");
+            let (_, ppid, pgrp, sid) = stat_of(pid).unwrap_or_else(|| panic!("{name}: copy {pid} of {m:?} is gone"));
+            assert_eq!((pgrp, sid), (now(m.pgid), now(m.sid)), "{name}: copy {pid} of {m:?}");
+            if m.ppid != 0 {
+                assert_eq!(ppid, now(m.ppid), "{name}: copy {pid} of {m:?}: its parent");
+            }
+        }
+        held.kill().expect("kill the copy");
+        for &pid in &r.tree {
+            assert_eq!(stat_of(pid), None, "{name}: copy {pid} is left");
+        }
+        t.thaw().expect("thaw");
+        p.go();
+        p.expect_pass();
     }
 }
 

@@ -17,6 +17,11 @@
 //! by the others from it (`pidfd_getfd`); a shared anonymous mapping of a later member maps the
 //! object of the first through `/proc/PID/map_files`. Every member is held until all are
 //! complete, then all run (a failure kills them all).
+//!
+//! In steps (a move): [`FrozenTree`] freezes, writes the image, thaws or kills;
+//! [`restore_held`] leaves every member complete and held ([`HeldTree`]: resumed or killed).
+//! With `RestoreOptions::new_pid` every member gets a new pid (forked without `set_tid`), and a
+//! process group or session that was a member's is that member's new one.
 
 mod restore;
 mod share;
@@ -263,7 +268,8 @@ pub fn blockers(root: Pid, opts: &DumpOptions) -> Result<Vec<Error>> {
 /// zombies recorded, not frozen. Then its image can be written (`write_image`, as often as
 /// wanted: a move detaches the process's network streams in between), and the tree is thawed
 /// or killed. ptrace is per tracer thread: everything here happens on the thread that froze.
-/// Dropped without either, every member is thawed.
+/// Dropped without either, every member is thawed. The caller checks [`blockers`] first, as
+/// [`dump`] does (the image still refuses what it cannot carry, the tree staying frozen).
 pub struct FrozenTree {
     root: Pid,
     members: Vec<Member>,
@@ -376,8 +382,7 @@ impl FrozenTree {
                     ..opts.clone()
                 };
                 let (s, q) = crate::sysv::seen_ids(m.pid);
-                let r =
-                    crate::dump::write_image(f, &dir.join(m.pid.to_string()), &o).map_err(|e| in_member(m, e))?;
+                let r = crate::dump::write_image(f, &dir.join(m.pid.to_string()), &o).map_err(|e| in_member(m, e))?;
                 sems.extend(s.into_iter().filter(|id| !sems.contains(id)).collect::<Vec<_>>());
                 msgs.extend(q.into_iter().filter(|id| !msgs.contains(id)).collect::<Vec<_>>());
                 add_phases(&mut phases, &r.phases);

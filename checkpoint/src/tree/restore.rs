@@ -114,8 +114,11 @@ fn make_pipes_and_pairs(
 /// none has run. Only the thread that restored it may resume or kill it; dropped without
 /// either, every member is killed.
 pub struct HeldTree {
-    /// The live members' holds, in member order (parents first), with their job-control stop.
-    held: Vec<(rebuild::Held, bool)>,
+    /// Per member, in member order (parents first): its hold and whether it goes back into a
+    /// job-control stop; None for a zombie, or once let go.
+    held: Vec<Option<(rebuild::Held, bool)>>,
+    /// Per member: its parent's index (None for the root).
+    parent: Vec<Option<usize>>,
     /// (pid in the image, pid now) of every member, in member order, zombies included.
     pids: Vec<(Pid, Pid)>,
     stopped: bool,
@@ -130,32 +133,34 @@ impl HeldTree {
 
     /// Lets every member run, children first; those that were in a job-control stop (or all,
     /// with `RestoreOptions::stopped`) go back into one (their parent is told again, as after
-    /// a new SIGSTOP).
+    /// a new SIGSTOP). A failure kills the members not yet let run.
     pub fn resume(mut self) -> Result<()> {
-        let held = std::mem::take(&mut self.held);
-        let mut held = held.into_iter().rev();
-        for (h, stopped) in held.by_ref() {
-            if let Err(e) = h.release(self.stopped || stopped) {
-                // The others are killed as they are dropped (parents after their children).
-                for (h, _) in held {
-                    let _ = h.kill();
-                }
-                return Err(e);
+        for i in (0..self.held.len()).rev() {
+            if let Some((h, stopped)) = self.held[i].take() {
+                h.release(self.stopped || stopped)?;
             }
         }
         Ok(())
     }
 
-    /// Kills every member, children first (none has run); each is collected by us as its
-    /// tracer, the root as its parent too (its children go to whoever reaps orphans here).
+    /// Kills every member, children first (none has run), each killed child and each zombie
+    /// reaped by its still-held parent (an injected `wait4`), so none is left behind for
+    /// whoever reaps orphans; the root is collected by us, its parent.
     pub fn kill(mut self) -> Result<()> {
         self.kill_all();
         Ok(())
     }
 
     fn kill_all(&mut self) {
-        while let Some((h, _)) = self.held.pop() {
-            let _ = h.kill();
+        for i in (0..self.held.len()).rev() {
+            if let Some((h, _)) = self.held[i].take() {
+                let _ = h.kill();
+            }
+            let parent = self.parent[i].and_then(|p| self.held[p].as_ref());
+            if let Some((p, _)) = parent {
+                // Best effort: a parent that cannot take the call leaves it to the reaper.
+                let _ = p.reap_child(self.pids[i].1);
+            }
         }
     }
 }
@@ -347,8 +352,10 @@ pub fn restore_held(dir: &Path, opts: &RestoreOptions) -> Result<(RestoreReport,
     laps.phases.push(("share", loop_time.saturating_sub(members_time)));
     laps.phases.extend(member_phases);
     // All complete: held until the caller lets them run (`HeldTree::resume`).
+    let mut held = held.into_iter();
     let held = HeldTree {
-        held,
+        held: t.members.iter().map(|m| if m.zombie.is_none() { held.next() } else { None }).collect(),
+        parent: t.members.iter().map(|m| t.members.iter().position(|p| p.pid == m.ppid && m.ppid != 0)).collect(),
         pids: t.members.iter().map(|m| (m.pid, new_pid[&m.pid])).collect(),
         stopped: opts.stopped,
     };
