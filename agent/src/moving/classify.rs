@@ -87,6 +87,48 @@ pub fn preflight(agent: &Agent, vpid: Vpid, pid: i32) -> Result<(Classified, Vec
     unreachable!()
 }
 
+/// [`preflight`] of a process tree (`members`: vPID and pid of each live process, the root
+/// first): each one's fds classified (every member's listeners counted as the tree's: a
+/// pre-fork server's children hold the root's), then the tree's blockers, with each member's
+/// agent fds left to the caller.
+pub fn preflight_tree(
+    agent: &Agent,
+    members: &[(Vpid, i32)],
+) -> Result<(Vec<Classified>, Vec<dvk_checkpoint::Error>), String> {
+    let owners: Vec<Vpid> = members.iter().map(|m| m.0).collect();
+    let root = members.first().ok_or("an empty tree")?.1;
+    for attempt in 0.. {
+        let mut all = Vec::new();
+        for &(vpid, pid) in members {
+            all.push(
+                classify_in(agent, vpid, pid, &owners).map_err(|e| format!("cannot read the fds of pid {pid}: {e}"))?,
+            );
+        }
+        if all.iter().any(|c| !c.pending.is_empty()) && attempt < 50 {
+            std::thread::sleep(std::time::Duration::from_millis(2));
+            continue;
+        }
+        let opts = tree_dump_options(members, &all);
+        let blockers = dvk_checkpoint::tree::blockers(root, &opts).map_err(|e| e.to_string())?;
+        return Ok((all, blockers));
+    }
+    unreachable!()
+}
+
+/// The dump options of a tree whose members' agent fds (`classified`, in member order) are
+/// carried by the agents.
+pub fn tree_dump_options(members: &[(Vpid, i32)], classified: &[Classified]) -> dvk_checkpoint::DumpOptions {
+    let mut opts = dvk_checkpoint::DumpOptions::default();
+    for (i, (&(_, pid), c)) in members.iter().zip(classified).enumerate() {
+        if i == 0 {
+            opts.external_fds = c.external();
+        } else {
+            opts.member_external.insert(pid, c.external());
+        }
+    }
+    opts
+}
+
 /// The shim keeps its agent link at the first free fd from here (shim/src/link.rs).
 const SHIM_LINK_FD_MIN: i32 = 900;
 
@@ -101,6 +143,12 @@ fn agent_socket_inodes() -> std::collections::HashSet<u64> {
 
 /// Classifies the fds of local process `vpid` (real `pid`), without changing anything.
 pub fn classify(agent: &Agent, vpid: Vpid, pid: i32) -> std::io::Result<Classified> {
+    classify_in(agent, vpid, pid, &[vpid])
+}
+
+/// [`classify`], counting as the process's own the listeners of the endpoints of `owners`
+/// (a process tree: a pre-fork server's children hold their parent's listener).
+pub fn classify_in(agent: &Agent, vpid: Vpid, pid: i32, owners: &[Vpid]) -> std::io::Result<Classified> {
     let fds = fds_of(pid)?;
     let by_inode = agent.relays.by_inode();
     let ours = agent_socket_inodes();
@@ -108,7 +156,7 @@ pub fn classify(agent: &Agent, vpid: Vpid, pid: i32) -> std::io::Result<Classifi
     let log_dir = agent.me.runtime_dir.join("logs");
     let (link_ino, listeners) = {
         let t = agent.tables.lock();
-        let eps: Vec<EndpointEntry> = t.routing.endpoints().filter(|e| e.vpid == vpid).cloned().collect();
+        let eps: Vec<EndpointEntry> = t.routing.endpoints().filter(|e| owners.contains(&e.vpid)).cloned().collect();
         let listeners: Vec<(EndpointEntry, Vec<Vec<u8>>)> = eps
             .into_iter()
             .map(|e| {

@@ -134,8 +134,9 @@ pub fn without_machine(agent: &Arc<Agent>, from: NodeId, msg: MoveMsg) {
 struct Restoring {
     plan: MovePlan,
     dir: PathBuf,
-    /// Commands to the thread that holds the restored copy (ptrace is per thread).
-    holder: std::sync::mpsc::Sender<HoldCmd>,
+    /// Commands to the thread that holds the restored copy (ptrace is per thread); None for a
+    /// member of a process tree (the tree's holder is the copy's).
+    holder: Option<std::sync::mpsc::Sender<HoldCmd>>,
     pid: i32,
     /// Our ends of the process's new sockets, by stream id.
     stream_ends: Vec<(u64, UnixStream)>,
@@ -164,6 +165,8 @@ enum HoldCmd {
 /// The held copy: one process, or every member of a group move with the streams between them.
 struct HeldCopy {
     members: Vec<Restoring>,
+    /// A process tree: the thread that holds every member (resumed or killed as one).
+    tree_holder: Option<std::sync::mpsc::Sender<HoldCmd>>,
     /// Streams between members: the plan and our ends of the new sockets (client, server),
     /// None for a side queued in a listen backlog (queued into the new listener at resume).
     internal: Vec<(InternalPlan, Option<UnixStream>, Option<UnixStream>)>,
@@ -218,9 +221,9 @@ fn image_name_ok(file: &str) -> bool {
     match file.split_once('/') {
         None => plain(file),
         Some((dir, name)) => {
-            dir.strip_prefix('m')
-                .is_some_and(|v| !v.is_empty() && v.len() <= 10 && v.bytes().all(|b| b.is_ascii_digit()))
-                && plain(name)
+            // `m<vPID>` (a member's plan and image), or `<pid>` (a tree member's image).
+            let digits = dir.strip_prefix('m').unwrap_or(dir);
+            !digits.is_empty() && digits.len() <= 10 && digits.bytes().all(|b| b.is_ascii_digit()) && plain(name)
         }
     }
 }
@@ -480,6 +483,9 @@ async fn execute(d: &mut Driver, m: &Participant, action: PartAction) {
             drop_incoming(&agent, m.tag.mid);
             if let Some(copy) = d.restore.take() {
                 copy.members.iter().for_each(discard);
+                if let Some(h) = &copy.tree_holder {
+                    let _ = h.send(HoldCmd::Kill);
+                }
             }
             let _ = std::fs::remove_dir_all(image_dir(&agent, m.tag.mid));
         }
@@ -492,7 +498,9 @@ async fn execute(d: &mut Driver, m: &Participant, action: PartAction) {
 
 /// Kills a held copy and removes the listener files made for it.
 fn discard(r: &Restoring) {
-    let _ = r.holder.send(HoldCmd::Kill);
+    if let Some(h) = &r.holder {
+        let _ = h.send(HoldCmd::Kill);
+    }
     for (_, l, _) in &r.listeners {
         l.remove();
     }
@@ -505,13 +513,16 @@ async fn prepare_copy(agent: &Arc<Agent>, dir: &Path) -> Result<HeldCopy, String
         Ok(b) => b,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             let (r, _) = prepare_restore(agent, dir, String::new(), &[]).await?;
-            return Ok(HeldCopy { members: vec![r], internal: Vec::new() });
+            return Ok(HeldCopy { members: vec![r], tree_holder: None, internal: Vec::new() });
         }
         Err(e) => return Err(format!("the group plan cannot be read: {e}")),
     };
     let group: GroupPlan = postcard::from_bytes(&group_bytes).map_err(|e| format!("the group plan is corrupt: {e}"))?;
     if group.members.is_empty() {
         return Err("the group plan names no process".into());
+    }
+    if group.tree {
+        return prepare_tree(agent, dir, group).await;
     }
     // Every member restored at once (each by a thread of its own), held; if any fails, the
     // others are killed once they are complete.
@@ -566,7 +577,112 @@ async fn prepare_copy(agent: &Arc<Agent>, dir: &Path) -> Result<HeldCopy, String
             (p, c, s)
         })
         .collect();
-    Ok(HeldCopy { members, internal })
+    Ok(HeldCopy { members, tree_holder: None, internal })
+}
+
+/// A process tree (`group.bin` says so): every member's sockets made from its plan (a
+/// listener several members hold made once), then the tree image (`tree.img`, `<pid>/`)
+/// restored held as one, under new pids (the frozen original may hold the old ones); each
+/// member's Relink frame maps its children's pids for its shim.
+async fn prepare_tree(agent: &Arc<Agent>, dir: &Path, group: GroupPlan) -> Result<HeldCopy, String> {
+    if agent.fault == Some(super::Fault::FailRestore) {
+        return Err("test fault: the restore fails on this node".into());
+    }
+    let mut shared = std::collections::HashMap::new();
+    let mut built = Vec::new();
+    for vpid in &group.members {
+        let sides: Vec<(u64, bool, InternalSide)> = group
+            .internal
+            .iter()
+            .flat_map(|p| [(p.id, true, &p.client), (p.id, false, &p.server)])
+            .filter(|(_, _, s)| s.vpid == *vpid && !s.fds.is_empty())
+            .map(|(id, client, s)| (id, client, s.clone()))
+            .collect();
+        let b = build_sockets(agent, &dir.join(super::source::member_dir_name(*vpid)), &sides, &mut shared)
+            .map_err(|e| format!("vPID {vpid} of the tree: {e}"))?;
+        if b.plan.entry.vpid != *vpid {
+            return Err(format!("vPID {vpid} of the tree: its plan is of vPID {}", b.plan.entry.vpid));
+        }
+        built.push(b);
+    }
+    let mut opts = RestoreOptions { new_pid: true, ..Default::default() };
+    for (i, b) in built.iter().enumerate() {
+        if i == 0 {
+            opts.external_fds = b.external.clone();
+        } else {
+            opts.member_external.extend(b.external.iter().map(|(fd, ours)| (b.plan.entry.real_pid, *fd, *ours)));
+        }
+    }
+    let (holder, cmds) = std::sync::mpsc::channel::<HoldCmd>();
+    let (ready_tx, ready_rx) = oneshot::channel::<Result<Vec<(i32, i32)>, String>>();
+    let tree_dir = dir.to_path_buf();
+    std::thread::Builder::new()
+        .name("restore-tree-held".into())
+        .spawn(move || {
+            let held = match dvk_checkpoint::tree::restore_held(&tree_dir, &opts) {
+                Ok((report, held)) => {
+                    let phases: Vec<String> =
+                        report.phases.iter().map(|(n, t)| format!("{n} {:.1}", t.as_secs_f64() * 1000.0)).collect();
+                    tracing::info!(pids = ?held.pids(), "process tree restored (held): {} ms", phases.join(", "));
+                    let _ = ready_tx.send(Ok(held.pids().to_vec()));
+                    held
+                }
+                Err(e) => {
+                    let _ = ready_tx.send(Err(e.to_string()));
+                    return;
+                }
+            };
+            match cmds.recv() {
+                Ok(HoldCmd::Resume(done)) => {
+                    let _ = done.send(held.resume().map_err(|e| e.to_string()));
+                }
+                // Kill, or the driver went away: the copy must not run.
+                _ => {
+                    let _ = held.kill();
+                }
+            }
+        })
+        .map_err(|e| format!("cannot start the restore thread: {e}"))?;
+    let pids = ready_rx.await.map_err(|_| "the restore thread died".to_string())??;
+    // Each member's shim knows its children by their old real pids: the frame maps them.
+    let moved: Vec<RelinkRecord> =
+        pids.iter().filter(|(old, new)| old != new).map(|(old, new)| RelinkRecord::child_pid(*old, *new)).collect();
+    let mut members = Vec::new();
+    let mut ours: std::collections::HashMap<(u64, bool), UnixStream> = std::collections::HashMap::new();
+    for b in built {
+        let old = b.plan.entry.real_pid;
+        let Some(&(_, pid)) = pids.iter().find(|(o, _)| *o == old) else {
+            let _ = holder.send(HoldCmd::Kill);
+            return Err(format!("vPID {} (pid {old}) is not in the restored tree", b.plan.entry.vpid));
+        };
+        if let Err(e) = write_relink(agent, &b, &moved) {
+            let _ = holder.send(HoldCmd::Kill);
+            return Err(e);
+        }
+        let Built { plan, keep, stream_ends, listeners, mut made, link_end, internal_ends, .. } = b;
+        made.0.clear();
+        ours.extend(internal_ends);
+        let member_dir = dir.join(super::source::member_dir_name(plan.entry.vpid));
+        members.push(Restoring {
+            plan,
+            dir: member_dir,
+            holder: None,
+            pid,
+            stream_ends,
+            listeners,
+            link_end,
+            _replacements: keep,
+        });
+    }
+    let internal = group
+        .internal
+        .into_iter()
+        .map(|p| {
+            let (c, s) = (ours.remove(&(p.id, true)), ours.remove(&(p.id, false)));
+            (p, c, s)
+        })
+        .collect();
+    Ok(HeldCopy { members, tree_holder: Some(holder), internal })
 }
 
 /// Commit on the destination: every member is registered and resumed; the streams between
@@ -611,6 +727,15 @@ async fn resume_copy(agent: &Arc<Agent>, m: &Participant, copy: HeldCopy) {
     for (r, entry) in copy.members.into_iter().zip(entries) {
         resume_registered(agent, m, r, entry).await;
     }
+    if let Some(holder) = copy.tree_holder {
+        let (tx, rx) = oneshot::channel();
+        let _ = holder.send(HoldCmd::Resume(tx));
+        match rx.await {
+            Ok(Ok(())) => tracing::info!(vpid = %m.vpid, tag = %m.tag, "moved process tree resumed here"),
+            Ok(Err(e)) => tracing::error!(vpid = %m.vpid, "resume of the process tree failed: {e}"),
+            Err(_) => tracing::error!(vpid = %m.vpid, "the restore thread died before resuming the tree"),
+        }
+    }
     // A group move's own directory (each member's was removed with it).
     let _ = std::fs::remove_dir_all(image_dir(agent, m.tag.mid));
 }
@@ -621,46 +746,30 @@ fn all_vpids(m: &Participant) -> Vec<Vpid> {
 }
 
 /// Builds the process's new sockets, queues the Relink frame, and restores the image held.
-/// `internal`: the process's sides of streams between members of a group move (stream id, the
-/// connecting side?): a new socket each, whose other end is returned.
-#[allow(clippy::type_complexity)]
-async fn prepare_restore(
+/// A process's new sockets, made from its move plan before its image is restored: the fds to
+/// replace (image fd → ours), the Relink records, and our ends.
+struct Built {
+    plan: MovePlan,
+    external: Vec<(i32, i32)>,
+    keep: Vec<OwnedFd>,
+    records: Vec<RelinkRecord>,
+    stream_ends: Vec<(u64, UnixStream)>,
+    listeners: Vec<(EndpointEntry, crate::listener::ListenerFile, UnixListener)>,
+    /// Listener files made here (removed again if the restore does not get to the end).
+    made: ListenerFiles,
+    link_end: UnixStream,
+    internal_ends: Vec<((u64, bool), UnixStream)>,
+}
+
+/// Reads the plan in `dir` and makes the process's new sockets (`internal`: its sides of
+/// streams between members of a group move). `shared`: listeners already made for another
+/// member of the same tree, by (endpoint vPID, port) → (our fd, its inode).
+fn build_sockets(
     agent: &Arc<Agent>,
     dir: &Path,
-    prefix: String,
     internal: &[(u64, bool, InternalSide)],
-) -> Result<(Restoring, Vec<((u64, bool), UnixStream)>), String> {
-    if agent.fault == Some(super::Fault::HoldRestore) {
-        tracing::warn!("test fault: holding the restore for 2 s");
-        tokio::time::sleep(Duration::from_secs(2)).await;
-    }
-    let pages_key = (mid_of(dir), format!("{prefix}{}", dvk_checkpoint::image::PAGES));
-    match agent.fault {
-        Some(super::Fault::FailRestore) => return Err("test fault: the restore fails on this node".into()),
-        Some(super::Fault::CorruptImage) if agent.moves.incoming.lock().contains_key(&pages_key) => {
-            tracing::warn!("test fault: corrupting the received page data");
-            if let Some(m) = agent.moves.incoming.lock().get_mut(&pages_key) {
-                let at = m.bytes().len() / 2;
-                let b = m.bytes().get(at).copied().unwrap_or(0);
-                let _ = m.write_at(at, &[b ^ 0x5a]);
-            }
-        }
-        Some(super::Fault::CorruptImage) => {
-            use std::io::{Read, Seek, SeekFrom, Write};
-            tracing::warn!("test fault: corrupting the received page file");
-            let mut f = std::fs::OpenOptions::new()
-                .read(true)
-                .write(true)
-                .open(dir.join("pages.img"))
-                .map_err(|e| format!("pages.img: {e}"))?;
-            let mut b = [0u8; 1];
-            let at = f.metadata().map(|m| m.len() / 2).unwrap_or(0);
-            let _ = f.seek(SeekFrom::Start(at)).and_then(|_| f.read_exact(&mut b));
-            b[0] ^= 0x5a;
-            let _ = f.seek(SeekFrom::Start(at)).and_then(|_| f.write_all(&b));
-        }
-        _ => {}
-    }
+    shared: &mut std::collections::HashMap<(Vpid, u16), (i32, u64)>,
+) -> Result<Built, String> {
     let plan_bytes = std::fs::read(dir.join(PLAN_FILE)).map_err(|e| format!("the move plan is missing: {e}"))?;
     let plan: MovePlan = postcard::from_bytes(&plan_bytes).map_err(|e| format!("the move plan is corrupt: {e}"))?;
     let uid = plan.entry.uid;
@@ -681,6 +790,14 @@ async fn prepare_restore(
     // Listener files made here are removed again if the restore does not get to the end.
     let mut made = ListenerFiles(Vec::new());
     for l in &plan.listeners {
+        // In a process tree, a listener another member holds too was made once, by the first.
+        if let Some((raw, new_ino)) = shared.get(&(l.endpoint.vpid, l.endpoint.port)).copied() {
+            for f in &l.fds {
+                records.push(RelinkRecord { fd: f.fd, old_ino: f.old_ino, new_ino });
+                external.push((f.fd, raw));
+            }
+            continue;
+        }
         let path = ep_dir.join(format!("moved-{}-{}-{:x}.sock", plan.entry.vpid.0, l.endpoint.port, plan.tag.mid));
         let _ = std::fs::remove_file(&path);
         let sock = UnixListener::bind(&path).map_err(|e| format!("cannot listen at {}: {e}", path.display()))?;
@@ -694,6 +811,7 @@ async fn prepare_restore(
             records.push(RelinkRecord { fd: f.fd, old_ino: f.old_ino, new_ino: ino(&sock) });
             external.push((f.fd, sock.as_raw_fd()));
         }
+        shared.insert((l.endpoint.vpid, l.endpoint.port), (sock.as_raw_fd(), ino(&sock)));
         listeners.push((l.endpoint.clone(), file, sock));
     }
     let mut stream_ends = Vec::new();
@@ -771,14 +889,63 @@ async fn prepare_restore(
         external.push((*fd, f.as_raw_fd()));
         keep.push(OwnedFd::from(f));
     }
+    Ok(Built { plan, external, keep, records, stream_ends, listeners, made, link_end, internal_ends })
+}
+
+/// Queues the Relink frame of `built` (and `extra` records) on the process's new link.
+fn write_relink(agent: &Agent, built: &Built, extra: &[RelinkRecord]) -> Result<(), String> {
     let agent_socket = agent.me.socket_path();
+    let mut records = built.records.clone();
+    records.extend_from_slice(extra);
     let frame = relink::encode(agent_socket.as_os_str().as_encoded_bytes(), &records)
         .map_err(|e| format!("cannot build the relink frame: {e:?}"))?;
-    {
-        use std::io::Write;
-        (&link_end).write_all(&frame).map_err(|e| format!("cannot queue the relink frame: {e}"))?;
-    }
+    use std::io::Write;
+    (&built.link_end).write_all(&frame).map_err(|e| format!("cannot queue the relink frame: {e}"))
+}
 
+/// `internal`: the process's sides of streams between members of a group move (stream id, the
+/// connecting side?): a new socket each, whose other end is returned.
+#[allow(clippy::type_complexity)]
+async fn prepare_restore(
+    agent: &Arc<Agent>,
+    dir: &Path,
+    prefix: String,
+    internal: &[(u64, bool, InternalSide)],
+) -> Result<(Restoring, Vec<((u64, bool), UnixStream)>), String> {
+    if agent.fault == Some(super::Fault::HoldRestore) {
+        tracing::warn!("test fault: holding the restore for 2 s");
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+    let pages_key = (mid_of(dir), format!("{prefix}{}", dvk_checkpoint::image::PAGES));
+    match agent.fault {
+        Some(super::Fault::FailRestore) => return Err("test fault: the restore fails on this node".into()),
+        Some(super::Fault::CorruptImage) if agent.moves.incoming.lock().contains_key(&pages_key) => {
+            tracing::warn!("test fault: corrupting the received page data");
+            if let Some(m) = agent.moves.incoming.lock().get_mut(&pages_key) {
+                let at = m.bytes().len() / 2;
+                let b = m.bytes().get(at).copied().unwrap_or(0);
+                let _ = m.write_at(at, &[b ^ 0x5a]);
+            }
+        }
+        Some(super::Fault::CorruptImage) => {
+            use std::io::{Read, Seek, SeekFrom, Write};
+            tracing::warn!("test fault: corrupting the received page file");
+            let mut f = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(dir.join("pages.img"))
+                .map_err(|e| format!("pages.img: {e}"))?;
+            let mut b = [0u8; 1];
+            let at = f.metadata().map(|m| m.len() / 2).unwrap_or(0);
+            let _ = f.seek(SeekFrom::Start(at)).and_then(|_| f.read_exact(&mut b));
+            b[0] ^= 0x5a;
+            let _ = f.seek(SeekFrom::Start(at)).and_then(|_| f.write_all(&b));
+        }
+        _ => {}
+    }
+    let built = build_sockets(agent, dir, internal, &mut std::collections::HashMap::new())?;
+    write_relink(agent, &built, &[])?;
+    let Built { plan, keep, external, stream_ends, listeners, mut made, link_end, internal_ends, .. } = built;
     let (holder, cmds) = std::sync::mpsc::channel::<HoldCmd>();
     let (ready_tx, ready_rx) = oneshot::channel();
     let dir2 = dir.to_path_buf();
@@ -869,7 +1036,16 @@ async fn prepare_restore(
     let pid = ready_rx.await.map_err(|_| "the restore thread died".to_string())??;
     made.0.clear();
     Ok((
-        Restoring { plan, dir: dir.to_path_buf(), holder, pid, stream_ends, listeners, link_end, _replacements: keep },
+        Restoring {
+            plan,
+            dir: dir.to_path_buf(),
+            holder: Some(holder),
+            pid,
+            stream_ends,
+            listeners,
+            link_end,
+            _replacements: keep,
+        },
         internal_ends,
     ))
 }
@@ -944,12 +1120,15 @@ async fn resume_registered(agent: &Arc<Agent>, m: &Participant, r: Restoring, en
 
     // The link: the agent's end of the process's new registration connection.
     tokio::spawn(hold_link(r.link_end));
-    let (tx, rx) = oneshot::channel();
-    let _ = r.holder.send(HoldCmd::Resume(tx));
-    match rx.await {
-        Ok(Ok(())) => tracing::info!(%vpid, pid = r.pid, tag = %m.tag, "moved process resumed here"),
-        Ok(Err(e)) => tracing::error!(%vpid, pid = r.pid, "resume failed: {e}"),
-        Err(_) => tracing::error!(%vpid, "the restore thread died before resuming"),
+    // A tree member is resumed with the tree, once every member is reattached.
+    if let Some(holder) = &r.holder {
+        let (tx, rx) = oneshot::channel();
+        let _ = holder.send(HoldCmd::Resume(tx));
+        match rx.await {
+            Ok(Ok(())) => tracing::info!(%vpid, pid = r.pid, tag = %m.tag, "moved process resumed here"),
+            Ok(Err(e)) => tracing::error!(%vpid, pid = r.pid, "resume failed: {e}"),
+            Err(_) => tracing::error!(%vpid, "the restore thread died before resuming"),
+        }
     }
     let kept = super::kept::KeptImages::of(agent);
     if r.dir == kept.dir(vpid) {
@@ -1019,7 +1198,7 @@ mod tests {
 
     #[test]
     fn a_source_names_files_of_the_move_directory_or_of_a_member_directory_only() {
-        for ok in ["pages.img", "plan.bin", "group.bin", "m4194305/pages.img", "m1/manifest.img"] {
+        for ok in ["pages.img", "plan.bin", "group.bin", "m4194305/pages.img", "m1/manifest.img", "4242/pages.img"] {
             assert!(image_name_ok(ok), "{ok}");
         }
         for bad in [
@@ -1032,7 +1211,6 @@ mod tests {
             "m1/",
             "m1/.x",
             "m1/a/b",
-            "4194305/pages.img",
             "/etc/passwd",
             "m12345678901/x",
             "a b",

@@ -17,6 +17,9 @@ pub const GROUP_FILE: &str = "group.bin";
 pub struct GroupPlan {
     /// Every member, the process asked for first.
     pub members: Vec<pidvirt::Vpid>,
+    /// The members are a process tree (the first is its root): one tree image (`tree.img`,
+    /// `<pid>/` per process) beside the members' plans, restored as one.
+    pub tree: bool,
     /// Streams between members: both ends move, the relay is made again where they run.
     pub internal: Vec<InternalPlan>,
 }

@@ -98,6 +98,64 @@ fn spawn_freezer(pid: i32) -> (std::sync::mpsc::Sender<FreezeCmd>, oneshot::Rece
     (tx, ready_rx)
 }
 
+/// Freezes the process tree under `root` on a thread of its own (the tracer of every member)
+/// and serves commands until kill or thaw (dropping the sender thaws). `expected`: the live
+/// members' pids the preflight saw, in tree order; a tree that changed since is thawed and the
+/// freeze fails (the move rolls back: try again).
+fn spawn_tree_freezer(
+    root: i32,
+    expected: Vec<i32>,
+) -> (std::sync::mpsc::Sender<FreezeCmd>, oneshot::Receiver<Result<(), String>>) {
+    let (tx, rx) = std::sync::mpsc::channel::<FreezeCmd>();
+    let (ready_tx, ready_rx) = oneshot::channel();
+    let spawned = std::thread::Builder::new().name(format!("freeze-tree-{root}")).spawn(move || {
+        let frozen = match dvk_checkpoint::tree::FrozenTree::freeze(root) {
+            Ok(f) => f,
+            Err(e) => {
+                let _ = ready_tx.send(Err(e.to_string()));
+                return;
+            }
+        };
+        let live: Vec<i32> = frozen.members().iter().filter(|m| m.zombie.is_none()).map(|m| m.pid).collect();
+        if live != expected {
+            let _ = ready_tx.send(Err(format!(
+                "the process tree changed since the preflight (processes {expected:?}, now {live:?}); try again"
+            )));
+            return; // dropping `frozen` thaws every member
+        }
+        let _ = ready_tx.send(Ok(()));
+        let mut frozen = frozen;
+        while let Ok(cmd) = rx.recv() {
+            match cmd {
+                FreezeCmd::Image(dir, opts, done) => {
+                    let _ = done.send(frozen.write_image(&dir, &opts).map_err(|e| e.to_string()));
+                }
+                FreezeCmd::ExitKill(on) => {
+                    if let Err(e) = frozen.set_exit_kill(on) {
+                        tracing::warn!(root, "cannot set PTRACE_O_EXITKILL: {e}");
+                    }
+                }
+                FreezeCmd::Kill(done) => {
+                    let _ = frozen.kill();
+                    crate::sys::reap(root);
+                    let _ = done.send(());
+                    return;
+                }
+                FreezeCmd::Thaw(done) => {
+                    let mut frozen = frozen;
+                    let _ = frozen.set_exit_kill(false);
+                    let _ = done.send(frozen.thaw().map_err(|e| e.to_string()));
+                    return;
+                }
+            }
+        }
+    });
+    if let Err(e) = spawned {
+        tracing::error!("cannot start the freezer thread: {e}");
+    }
+    (tx, ready_rx)
+}
+
 /// One stream of the moving process, as the source handles it.
 struct StreamWork {
     plan: StreamPlan,
@@ -142,8 +200,12 @@ impl Member {
 
 struct Driver {
     agent: Arc<Agent>,
-    /// The process asked for first; for a group move, the others follow it.
+    /// The process asked for first; for a group move, the others follow it; for a process
+    /// tree, its root and then every descendant, parents first.
     members: Vec<Member>,
+    /// The members are a process tree: frozen, dumped and restored as one (`tree_freezer`).
+    tree: bool,
+    tree_freezer: Option<std::sync::mpsc::Sender<FreezeCmd>>,
     /// Streams between members of a group move, by stream id.
     internal: BTreeMap<u64, InternalWork>,
     tag: MoveTag,
@@ -225,6 +287,27 @@ pub async fn run(agent: Arc<Agent>, req: Request) {
     }
 }
 
+/// The live processes of the tree under `root` (zombies go in the tree image), root first,
+/// parents before children, by vPID: every one must be under the shim, registered here.
+fn tree_members(agent: &Agent, root: i32) -> Result<Vec<Vpid>, String> {
+    let members = dvk_checkpoint::tree::members(root).map_err(|e| e.to_string())?;
+    let t = agent.tables.lock();
+    let mut out = Vec::new();
+    for m in members.iter().filter(|m| m.zombie.is_none()) {
+        match t.routing.find_local_by_pid(m.pid) {
+            Some(e) => out.push(e.vpid),
+            None => {
+                return Err(format!(
+                    "pid {} ({}), a child of pid {}, is not a process under the dvk shim here: a process tree \
+                     moves only when every process in it is",
+                    m.pid, m.comm, m.ppid
+                ))
+            }
+        }
+    }
+    Ok(out)
+}
+
 /// Checks, classifies and registers the move; nothing is changed in the process.
 async fn prepare(
     agent: &Arc<Agent>,
@@ -232,7 +315,14 @@ async fn prepare(
 ) -> Result<(Driver, Coordinator, mpsc::UnboundedReceiver<Input>), String> {
     let started = Instant::now();
     let me = agent.node_id();
-    let all: Vec<Vpid> = std::iter::once(req.vpid).chain(req.group.iter().copied()).collect();
+    let mut all: Vec<Vpid> = std::iter::once(req.vpid).chain(req.group.iter().copied()).collect();
+    // A process with children moves with its whole tree (a group whose members are the root
+    // and every descendant; zombies go in the tree image).
+    let root_pid = agent.tables.lock().routing.get(req.vpid).map(|r| r.entry.real_pid);
+    let tree = req.group.is_empty() && root_pid.is_some_and(|p| p > 0 && dvk_checkpoint::tree::has_children(p));
+    if tree {
+        all = tree_members(agent, root_pid.unwrap_or(0))?;
+    }
     let group = all.len() > 1;
     let (found, peers) = {
         let t = agent.tables.lock();
@@ -268,7 +358,10 @@ async fn prepare(
             .into());
     }
     if group && req.options.transfer == Transfer::Rsync {
-        return Err("--transfer rsync is not available with --group yet".into());
+        return Err("--transfer rsync is not available with --group yet, nor for a process tree".into());
+    }
+    if tree && req.options.precopy == Some(true) {
+        return Err("--precopy is not available for a process tree yet".into());
     }
     if !peers.contains(&req.dest) {
         return Err(format!(
@@ -294,14 +387,23 @@ async fn prepare(
     let classified = tokio::task::spawn_blocking(move || -> Result<Vec<Classified>, String> {
         let mut out = Vec::new();
         let mut list: Vec<String> = Vec::new();
-        for (vpid, pid) in ids.iter().copied() {
-            let (c, blockers) = classify::preflight(&a, vpid, pid)?;
-            let prefix = if ids.len() > 1 { format!("vPID {vpid} (pid {pid}): ") } else { String::new() };
-            list.extend(blockers.iter().map(|b| format!("  - {prefix}{b}")));
-            out.push(c);
+        if tree {
+            // The engine names the member of each blocker.
+            let (c, blockers) = classify::preflight_tree(&a, &ids)?;
+            list.extend(blockers.iter().map(|b| format!("  - {b}")));
+            out = c;
+        } else {
+            for (vpid, pid) in ids.iter().copied() {
+                let (c, blockers) = classify::preflight(&a, vpid, pid)?;
+                let prefix = if ids.len() > 1 { format!("vPID {vpid} (pid {pid}): ") } else { String::new() };
+                list.extend(blockers.iter().map(|b| format!("  - {prefix}{b}")));
+                out.push(c);
+            }
         }
         if !list.is_empty() {
-            let what = if ids.len() > 1 {
+            let what = if tree {
+                format!("the process tree of vPID {} ({} processes) cannot move", ids[0].0, ids.len())
+            } else if ids.len() > 1 {
                 format!("the group of {} processes cannot move", ids.len())
             } else {
                 format!("vPID {} (pid {}) cannot move", ids[0].0, ids[0].1)
@@ -346,6 +448,8 @@ async fn prepare(
     let mut d = Driver {
         agent: agent.clone(),
         members,
+        tree,
+        tree_freezer: None,
         internal: BTreeMap::new(),
         tag,
         dest: req.dest,
@@ -385,7 +489,13 @@ async fn prepare(
         .collect();
     let detail = format!(
         "{}{} → {}; {}",
-        if group { format!("group of {}: ", d.members.len()) } else { String::new() },
+        if tree {
+            format!("process tree of {}: ", d.members.len())
+        } else if group {
+            format!("group of {}: ", d.members.len())
+        } else {
+            String::new()
+        },
         agent.node_name(me),
         agent.node_name(req.dest),
         described.join("; ")
@@ -395,6 +505,8 @@ async fn prepare(
     if d.transfer == Transfer::Rsync {
         // rsync sends a complete image directory after the freeze; pre-copy sends pages before.
         d.step("pre-copy", "not with --transfer rsync: the whole image is sent while frozen".into());
+    } else if tree {
+        d.step("pre-copy", "not for a process tree yet: it is copied while frozen".into());
     } else {
         // A group's members one after the other (each runs and serves meanwhile).
         for i in 0..d.members.len() {
@@ -415,7 +527,7 @@ async fn prepare(
         super::timeouts(),
         super::now_ms(),
     )
-    .with_group(req.group.clone());
+    .with_group(all[1..].to_vec());
     Ok((d, coordinator, rx))
 }
 
@@ -490,6 +602,9 @@ async fn execute(d: &mut Driver, m: &mut Coordinator, action: CoordAction) -> Op
         }
         CoordAction::DumpAndSend => Some(dump_and_send(d).await),
         CoordAction::KillOriginalOnExit => {
+            if let Some(f) = &d.tree_freezer {
+                let _ = f.send(FreezeCmd::ExitKill(true));
+            }
             for m in &d.members {
                 m.freezer(FreezeCmd::ExitKill(true));
             }
@@ -498,6 +613,11 @@ async fn execute(d: &mut Driver, m: &mut Coordinator, action: CoordAction) -> Op
         CoordAction::KillOriginal => {
             d.frozen_for = d.frozen_at.map(|t| t.elapsed());
             d.step("commit", format!("runs on {}", agent.node_name(d.dest)));
+            if let Some(f) = d.tree_freezer.take() {
+                let (tx, rx) = oneshot::channel();
+                let _ = f.send(FreezeCmd::Kill(tx));
+                let _ = rx.await;
+            }
             for m in d.members.iter_mut() {
                 let (tx, rx) = oneshot::channel();
                 m.freezer(FreezeCmd::Kill(tx));
@@ -517,6 +637,13 @@ async fn execute(d: &mut Driver, m: &mut Coordinator, action: CoordAction) -> Op
             None
         }
         CoordAction::Thaw => {
+            if let Some(f) = d.tree_freezer.take() {
+                let (tx, rx) = oneshot::channel();
+                let _ = f.send(FreezeCmd::Thaw(tx));
+                if let Ok(Err(e)) = rx.await {
+                    tracing::error!(vpid = %d.lead().vpid, "thaw of the process tree failed: {e}");
+                }
+            }
             for m in d.members.iter_mut() {
                 let (tx, rx) = oneshot::channel();
                 m.freezer(FreezeCmd::Thaw(tx));
@@ -553,7 +680,17 @@ async fn freeze(d: &mut Driver, m: &mut Coordinator) -> CoordEvent {
     d.step_start = Instant::now();
     d.frozen_at = Some(Instant::now());
     let mut freezers = Vec::new();
-    for member in &d.members {
+    if d.tree {
+        let pids = d.members.iter().map(|m| m.entry.real_pid).collect();
+        let (tx, ready) = spawn_tree_freezer(d.lead().real_pid, pids);
+        match tokio::time::timeout(Duration::from_millis(super::timeouts().detach), ready).await {
+            Ok(Ok(Ok(()))) => d.tree_freezer = Some(tx),
+            Ok(Ok(Err(e))) => return CoordEvent::FreezeFailed(e),
+            Ok(Err(_)) => return CoordEvent::FreezeFailed("the freezer thread died".into()),
+            Err(_) => return CoordEvent::FreezeFailed("the process tree did not stop in time".into()),
+        }
+    }
+    for member in d.members.iter().filter(|_| !d.tree) {
         let (tx, ready) = spawn_freezer(member.entry.real_pid);
         // A freeze that hangs (a thread stuck in the kernel) is given up: dropping `tx` makes
         // the freezer thread thaw whatever it froze, whenever it gets there (the members frozen
@@ -570,9 +707,13 @@ async fn freeze(d: &mut Driver, m: &mut Coordinator) -> CoordEvent {
         member.freezer = Some(tx);
     }
     let mut remote = BTreeMap::new();
+    // A tree's members count each other's listeners (a pre-fork server's children hold the
+    // root's).
+    let owners: Vec<Vpid> = if d.tree { d.vpids() } else { Vec::new() };
     for i in 0..d.members.len() {
         let (agent, vpid, pid) = (d.agent.clone(), d.members[i].entry.vpid, d.members[i].entry.real_pid);
-        let found = tokio::task::spawn_blocking(move || frozen_fds(&agent, vpid, pid)).await;
+        let owners = if d.tree { owners.clone() } else { vec![vpid] };
+        let found = tokio::task::spawn_blocking(move || frozen_fds(&agent, vpid, pid, &owners)).await;
         let (c, backlog) = match found {
             Ok(Ok(x)) => x,
             Ok(Err(e)) => return CoordEvent::FreezeFailed(e),
@@ -624,16 +765,21 @@ async fn freeze(d: &mut Driver, m: &mut Coordinator) -> CoordEvent {
 
 /// The fds of a frozen process, classified, with the connections taken out of its listen
 /// backlogs (port, connection).
-fn frozen_fds(agent: &Agent, vpid: Vpid, pid: i32) -> Result<(Classified, Vec<(u16, OwnedFd)>), String> {
+fn frozen_fds(
+    agent: &Agent,
+    vpid: Vpid,
+    pid: i32,
+    owners: &[Vpid],
+) -> Result<(Classified, Vec<(u16, OwnedFd)>), String> {
     // A stream the agent is setting up (connected, its relay not registered yet) settles
     // within moments; the process is frozen, so no new one starts.
-    let mut c = classify::classify(agent, vpid, pid).map_err(|e| e.to_string())?;
+    let mut c = classify::classify_in(agent, vpid, pid, owners).map_err(|e| e.to_string())?;
     for _ in 0..100 {
         if c.pending.is_empty() {
             break;
         }
         std::thread::sleep(Duration::from_millis(2));
-        c = classify::classify(agent, vpid, pid).map_err(|e| e.to_string())?;
+        c = classify::classify_in(agent, vpid, pid, owners).map_err(|e| e.to_string())?;
     }
     if let Some(r) = c.pending.first() {
         return Err(format!("fd {} of pid {pid} is a connection to the agent still being set up; try again", r.fd));
@@ -986,7 +1132,8 @@ async fn dump_group_and_send(d: &mut Driver) -> CoordEvent {
     if let Some(e) = failed {
         return CoordEvent::DumpFailed(e);
     }
-    let group = GroupPlan { members: d.vpids(), internal: d.internal.values().map(|w| w.plan.clone()).collect() };
+    let group =
+        GroupPlan { members: d.vpids(), tree: false, internal: d.internal.values().map(|w| w.plan.clone()).collect() };
     let written =
         postcard::to_allocvec(&group).map_err(|e| format!("cannot encode the group plan: {e}")).and_then(|b| {
             write_private(&d.image_dir.join(GROUP_FILE), &b)
@@ -1138,6 +1285,9 @@ impl dvk_checkpoint::image::PageOut for LinkPages {
 }
 
 async fn dump_and_send(d: &mut Driver) -> CoordEvent {
+    if d.tree {
+        return dump_tree_and_send(d).await;
+    }
     if d.is_group() {
         return dump_group_and_send(d).await;
     }
@@ -1185,6 +1335,68 @@ async fn dump_and_send(d: &mut Driver) -> CoordEvent {
         ),
     );
     send_the_rest(d, pages_sent, zeros).await
+}
+
+/// A process tree: one tree image (`tree.img`, `<pid>/` per process) written by the tree's
+/// freezer thread with every member's agent fds left out, each member's plan in `m<vPID>/`,
+/// `group.bin` beside them; then the files go (page data included: a tree's page data is not
+/// streamed yet).
+async fn dump_tree_and_send(d: &mut Driver) -> CoordEvent {
+    drain_remote_queues(d);
+    let _ = std::fs::remove_dir_all(&d.image_dir);
+    let ids: Vec<(Vpid, i32)> = d.members.iter().map(|m| (m.entry.vpid, m.entry.real_pid)).collect();
+    let classified: Vec<Classified> = d.members.iter_mut().map(|m| std::mem::take(&mut m.classified)).collect();
+    let opts = classify::tree_dump_options(&ids, &classified);
+    for (m, c) in d.members.iter_mut().zip(classified) {
+        m.classified = c;
+    }
+    let Some(freezer) = &d.tree_freezer else { return CoordEvent::DumpFailed("the tree is not frozen".into()) };
+    let (tx, rx) = oneshot::channel();
+    let _ = freezer.send(FreezeCmd::Image(d.image_dir.clone(), opts, tx));
+    let report = match rx.await {
+        Ok(Ok(r)) => r,
+        Ok(Err(e)) => return CoordEvent::DumpFailed(e),
+        Err(_) => return CoordEvent::DumpFailed("the freezer thread died".into()),
+    };
+    let mut total = report.pages_bytes + report.manifest_bytes;
+    for i in 0..d.members.len() {
+        let dir = d.member_dir(i);
+        let made = std::fs::create_dir(&dir).and_then(|_| {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))
+        });
+        match made.map_err(|e| format!("{}: {e}", dir.display())).and_then(|_| write_plan(d, i)) {
+            Ok(n) => total += n,
+            Err(e) => return CoordEvent::DumpFailed(e),
+        }
+    }
+    let group =
+        GroupPlan { members: d.vpids(), tree: true, internal: d.internal.values().map(|w| w.plan.clone()).collect() };
+    let written =
+        postcard::to_allocvec(&group).map_err(|e| format!("cannot encode the group plan: {e}")).and_then(|b| {
+            write_private(&d.image_dir.join(GROUP_FILE), &b)
+                .map(|_| b.len() as u64)
+                .map_err(|e| format!("cannot write the group plan: {e}"))
+        });
+    match written {
+        Ok(n) => total += n,
+        Err(e) => return CoordEvent::DumpFailed(e),
+    }
+    d.image_bytes = total;
+    let phases: Vec<String> =
+        report.phases.iter().map(|(n, t)| format!("{n} {:.1}", t.as_secs_f64() * 1000.0)).collect();
+    d.step(
+        "dump",
+        format!(
+            "a tree of {} processes: {:.1} MB of pages, {} mappings, {} fds ({} ms)",
+            d.members.len(),
+            report.pages_bytes as f64 / 1e6,
+            report.vmas,
+            report.fds,
+            phases.join(", ")
+        ),
+    );
+    send_the_rest(d, 0, 0).await
 }
 
 /// After a dump that streamed its page data (`pages_sent` bytes on the link, `zeros` bytes of
