@@ -46,7 +46,7 @@ pub struct Request {
 }
 
 enum FreezeCmd {
-    Image(PathBuf, DumpOptions, oneshot::Sender<Result<dvk_checkpoint::DumpReport, String>>),
+    Image(PathBuf, Box<DumpOptions>, oneshot::Sender<Result<dvk_checkpoint::DumpReport, String>>),
     ExitKill(bool),
     Kill(oneshot::Sender<()>),
     Thaw(oneshot::Sender<Result<(), String>>),
@@ -1043,7 +1043,7 @@ fn drain_remote_queues(d: &mut Driver) {
 /// plan's length.
 async fn dump_with_plan(d: &Driver, i: usize, opts: DumpOptions) -> Result<(dvk_checkpoint::DumpReport, u64), String> {
     let (tx, rx) = oneshot::channel();
-    d.members[i].freezer(FreezeCmd::Image(d.member_dir(i), opts, tx));
+    d.members[i].freezer(FreezeCmd::Image(d.member_dir(i), Box::new(opts), tx));
     let report = rx.await.map_err(|_| "the freezer thread died".to_string())??;
     Ok((report, write_plan(d, i)?))
 }
@@ -1098,7 +1098,7 @@ async fn dump_group_and_send(d: &mut Driver) -> CoordEvent {
             ..Default::default()
         };
         let (tx, rx) = oneshot::channel();
-        d.members[i].freezer(FreezeCmd::Image(d.member_dir(i), opts, tx));
+        d.members[i].freezer(FreezeCmd::Image(d.member_dir(i), Box::new(opts), tx));
         pending.push(rx);
         outs.push(pages);
     }
@@ -1352,7 +1352,7 @@ async fn dump_tree_and_send(d: &mut Driver) -> CoordEvent {
     }
     let Some(freezer) = &d.tree_freezer else { return CoordEvent::DumpFailed("the tree is not frozen".into()) };
     let (tx, rx) = oneshot::channel();
-    let _ = freezer.send(FreezeCmd::Image(d.image_dir.clone(), opts, tx));
+    let _ = freezer.send(FreezeCmd::Image(d.image_dir.clone(), Box::new(opts), tx));
     let report = match rx.await {
         Ok(Ok(r)) => r,
         Ok(Err(e)) => return CoordEvent::DumpFailed(e),
