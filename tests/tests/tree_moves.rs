@@ -144,6 +144,21 @@ fn forking_server(test: &str, fail_first: bool) {
     // client's connections (the others exited; a zombie not reaped yet travels as one).
     dvk_tests::wait_until(REACH, "two live children", || children(server.pid()).0.len() == 2);
 
+    // `check` looks at the whole tree: the listener the children inherited is the agents' in
+    // each of them, nothing blocks.
+    let out = Command::new(bin_dir().join("migrate-cli"))
+        .arg("--config")
+        .arg(&cluster.config)
+        .args(["--node", &cluster.nodes[SOURCE].name, "check", &vpid.to_string(), &cluster.nodes[DEST].name, "--json"])
+        .env_remove("LD_PRELOAD")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let check: serde_json::Value = serde_json::from_slice(&out.stdout).expect("check --json");
+    let carried: Vec<&str> =
+        check["process"]["carried"].as_array().unwrap().iter().filter_map(|c| c.as_str()).collect();
+    assert_eq!(check["process"]["blockers"], serde_json::json!([]), "{check:#}");
+    assert_eq!(carried.iter().filter(|c| c.contains("virtual listener forking")).count(), 3, "{check:#}");
     if fail_first {
         let children_before = children(server.pid()).0;
         let out = move_cmd(&cluster, vpid);

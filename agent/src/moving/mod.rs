@@ -501,21 +501,53 @@ pub async fn check(agent: &Arc<Agent>, target: i32, dest: Option<&str>) -> Local
         }
     }
     let (a, vpid, pid) = (agent.clone(), entry.vpid, entry.real_pid);
-    let result = tokio::task::spawn_blocking(move || -> Result<(classify::Classified, Vec<String>), String> {
-        let (c, b) = classify::preflight(&a, vpid, pid)?;
-        Ok((c, b.iter().map(|e| e.to_string()).collect()))
+    // A process with children moves with its tree: every member is looked at.
+    let tree = if dvk_checkpoint::tree::has_children(pid) {
+        match source::tree_members(agent, pid) {
+            Ok(v) => Some(v),
+            Err(e) => {
+                blockers.push(e);
+                None
+            }
+        }
+    } else {
+        None
+    };
+    type Looked = (Vec<(Vpid, i32, classify::Classified)>, Vec<String>);
+    let result = tokio::task::spawn_blocking(move || -> Result<Looked, String> {
+        let Some(vpids) = tree else {
+            let (c, b) = classify::preflight(&a, vpid, pid)?;
+            return Ok((vec![(vpid, pid, c)], b.iter().map(|e| e.to_string()).collect()));
+        };
+        let ids: Vec<(Vpid, i32)> = {
+            let t = a.tables.lock();
+            vpids.iter().filter_map(|v| t.routing.get(*v).map(|r| (*v, r.entry.real_pid))).collect()
+        };
+        let (c, b) = classify::preflight_tree(&a, &ids)?;
+        let looked = ids.iter().zip(c).map(|(&(v, p), c)| (v, p, c)).collect();
+        Ok((looked, b.iter().map(|e| e.to_string()).collect()))
     })
     .await;
     match result {
-        Ok(Ok((c, b))) => {
+        Ok(Ok((looked, b))) => {
             blockers.extend(b);
+            let several = looked.len() > 1;
+            let who = |v: Vpid, p: i32| if several { format!("vPID {v} (pid {p}) ") } else { String::new() };
             LocalResponse::MoveChecked(Box::new(MoveCheck {
                 vpid,
                 pid,
                 node: agent.node_name(me),
                 blockers,
-                redirects: c.stdio.iter().map(|(fd, _, what)| format!("fd {fd}: {what}")).collect(),
-                carried: c.carried,
+                redirects: looked
+                    .iter()
+                    .flat_map(|(v, p, c)| {
+                        c.stdio.iter().map(move |(fd, _, what)| format!("{}fd {fd}: {what}", who(*v, *p)))
+                    })
+                    .collect(),
+                carried: looked
+                    .iter()
+                    .flat_map(|(v, p, c)| c.carried.iter().map(move |what| format!("{}{what}", who(*v, *p))))
+                    .collect(),
             }))
         }
         Ok(Err(e)) => LocalResponse::Error { message: e },

@@ -289,7 +289,7 @@ pub async fn run(agent: Arc<Agent>, req: Request) {
 
 /// The live processes of the tree under `root` (zombies go in the tree image), root first,
 /// parents before children, by vPID: every one must be under the shim, registered here.
-fn tree_members(agent: &Agent, root: i32) -> Result<Vec<Vpid>, String> {
+pub fn tree_members(agent: &Agent, root: i32) -> Result<Vec<Vpid>, String> {
     let members = dvk_checkpoint::tree::members(root).map_err(|e| e.to_string())?;
     let t = agent.tables.lock();
     let mut out = Vec::new();
