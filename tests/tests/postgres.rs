@@ -164,3 +164,129 @@ fn postgres_is_dumped_and_restored_as_a_process_tree() {
 fn read_log(run: &Path) -> String {
     fs::read_to_string(run.join("server.log")).unwrap_or_default()
 }
+
+/// PostgreSQL under the shim on node1 (a postmaster and its children), moved to node2 while
+/// a psql session on node3 runs a loop of inserts and selects in one open transaction, then
+/// commits; new sessions afterwards see every row. Nothing is lost: the count checked after
+/// every insert, the sum at the end.
+#[test]
+fn postgres_moves_under_an_insert_and_select_loop_loopback() {
+    use dvk_tests::moving::{agent_logs, no_inherited_fds};
+    use dvk_tests::{Cluster, Mode};
+    use std::io::{BufRead, Write};
+    let test = "postgres_moves_under_an_insert_and_select_loop_loopback";
+    if dvk_tests::moving::skip_without_root(test) {
+        return;
+    }
+    let (Some(postgres), Some(initdb)) = (pg_bin("postgres"), pg_bin("initdb")) else {
+        println!("SKIP {test}: no PostgreSQL server installed");
+        return;
+    };
+    const PORT: u16 = 5432;
+    let cluster = Cluster::start(3, Mode::Loopback);
+    let run = cluster.path("pg");
+    fs::create_dir(&run).unwrap();
+    fs::set_permissions(&run, fs::Permissions::from_mode(0o777)).unwrap();
+    let data = run.join("data");
+    let init = Command::new(&initdb)
+        .arg("-D")
+        .arg(&data)
+        .args(["-A", "trust", "-U", "postgres", "--no-sync"])
+        .current_dir(&run)
+        .uid(NOBODY)
+        .gid(NOBODY)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(init.status.success(), "initdb failed: {}", String::from_utf8_lossy(&init.stderr));
+    // Clients come from virtual addresses (127.77.x.y), not 127.0.0.1.
+    let hba = data.join("pg_hba.conf");
+    let mut rules = fs::read_to_string(&hba).unwrap();
+    rules.push_str("host all all 127.0.0.0/8 trust\n");
+    fs::write(&hba, rules).unwrap();
+    let log = fs::File::create(run.join("server.log")).unwrap();
+    let mut cmd = cluster.command(0, "setpriv");
+    cmd.args([format!("--reuid={NOBODY}"), format!("--regid={NOBODY}"), "--clear-groups".into(), "env".into()])
+        .arg(format!("LD_PRELOAD={}", dvk_tests::shim_path().display()))
+        .arg(&postgres)
+        .arg("-D")
+        .arg(&data)
+        .args(["-c", "listen_addresses=0.0.0.0", "-c", &format!("port={PORT}"), "-c", "fsync=off"])
+        .args(["-c", "unix_socket_directories=", "-c", "autovacuum=off"])
+        .current_dir(&run)
+        .env("DVK_ENDPOINT", "pg")
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log);
+    let pid = cluster.spawn(no_inherited_fds(&mut cmd));
+    let vpid = cluster.wait_registered(0, pid)["vpid"].as_i64().unwrap();
+    dvk_tests::net::wait_connectable(&cluster, 2, "dc0", "pg.dc0.dvk", PORT, Duration::from_secs(30));
+    let psql_on = |node: usize| {
+        let mut c = cluster.preloaded(node, "psql");
+        c.args(["-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-h", "pg.dc0.dvk", "-p", &PORT.to_string()])
+            .args(["-U", "postgres", "-d", "postgres"]);
+        no_inherited_fds(&mut c);
+        c
+    };
+    let sql = |sql: &str| -> String {
+        let out = psql_on(2).args(["-c", sql]).stdin(Stdio::null()).output().unwrap();
+        assert!(out.status.success(), "{sql}: {}\n{}", String::from_utf8_lossy(&out.stderr), read_log(&run));
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    let t = Instant::now();
+    while psql_on(2).args(["-c", "select 1"]).stdin(Stdio::null()).output().map(|o| !o.status.success()).unwrap_or(true)
+    {
+        assert!(t.elapsed() < Duration::from_secs(30), "postgres did not start: {}", read_log(&run));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    sql("create table t (k int primary key, v text)");
+
+    // One session, one transaction: an insert and a count per line, read back as it goes.
+    let mut session = psql_on(2).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let mut input = session.stdin.take().unwrap();
+    writeln!(input, "begin;").unwrap();
+    let mut output = std::io::BufReader::new(session.stdout.take().unwrap());
+    let mut ask = |k: u32| -> String {
+        writeln!(input, "insert into t values ({k}, md5('{k}')); select count(*) from t;").unwrap();
+        input.flush().unwrap();
+        let mut line = String::new();
+        output.read_line(&mut line).unwrap();
+        line.trim().to_string()
+    };
+    const ROWS: u32 = 300;
+    let mut k = 1;
+    let mut report = serde_json::Value::Null;
+    while k <= ROWS {
+        assert_eq!(ask(k), k.to_string(), "after insert {k}\n{}", read_log(&run));
+        if k == ROWS / 2 {
+            // Mid-transaction: the backend serving this session moves with its postmaster.
+            let out = cluster.cli(2, &["move", &vpid.to_string(), &cluster.nodes[1].name, "--json"]);
+            report = serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null);
+            assert!(
+                out.status.success() && report["committed"] == true,
+                "the postgres tree did not move: {}\n{report:#}\n{}\n{}",
+                String::from_utf8_lossy(&out.stderr),
+                read_log(&run),
+                agent_logs(&cluster)
+            );
+        }
+        k += 1;
+    }
+    drop(ask);
+    writeln!(input, "commit;").unwrap();
+    drop(input);
+    let status = session.wait().unwrap();
+    assert!(status.success(), "the session ended with {status}\n{}", read_log(&run));
+    // New sessions (backends forked on node2) see every row.
+    assert_eq!(sql("select count(*), sum(k) from t"), format!("{ROWS}|{}", ROWS * (ROWS + 1) / 2));
+    sql("checkpoint");
+    let row = cluster.ps(2).into_iter().find(|r| r["vpid"] == vpid).expect("postgres is in ps");
+    assert_eq!(row["node"], cluster.nodes[1].name.as_str());
+    let log = read_log(&run);
+    assert!(!log.contains("PANIC") && !log.contains("terminated by signal"), "{log}");
+    eprintln!(
+        "{test}: {ROWS} rows in one transaction across the move; {} processes, frozen {} ms",
+        report["group"].as_array().map(|g| g.len() + 1).unwrap_or(0),
+        report["frozen_micros"].as_u64().unwrap_or(0) / 1000
+    );
+}
