@@ -272,7 +272,6 @@ fn postgres_moves_under_an_insert_and_select_loop_loopback() {
         }
         k += 1;
     }
-    drop(ask);
     writeln!(input, "commit;").unwrap();
     drop(input);
     let status = session.wait().unwrap();
