@@ -53,8 +53,9 @@ enum Command {
     /// [pre-copy →] start → freeze → dump → transfer → restore → commit; on any failure it rolls
     /// back and keeps running where it was. Exit 0 only when it runs on the destination.
     ///
-    /// With --group, several processes of one node move as one: all are frozen, all are
-    /// restored on NODE before any of them runs there, and a failure of any rolls all back.
+    /// A process with children moves with its whole tree. With --group, several processes of
+    /// one node move as one: all are frozen, all are restored on NODE before any of them runs
+    /// there, and a failure of any rolls all back.
     #[command(override_usage = "migrate-cli move [OPTIONS] <PROCESS> <NODE>\n       \
                                 migrate-cli move [OPTIONS] --group <PROCESS>,<PROCESS>... <NODE>")]
     Move(move_cmd::MoveArgs),

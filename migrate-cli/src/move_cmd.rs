@@ -11,14 +11,16 @@ use std::time::{Duration, Instant};
 #[derive(clap::Args, Debug)]
 pub struct MoveArgs {
     /// PROCESS NODE: the process (its vPID, see `migrate-cli ps`, or its real pid on the node
-    /// asked) and the node to move it to. With --group: NODE only.
+    /// asked) and the node to move it to; a process with children moves with its whole tree.
+    /// With --group: NODE only.
     #[arg(value_name = "ARGS", num_args = 1..=2, required = true)]
     pub args: Vec<String>,
     /// Move these processes (vPIDs or real pids, comma-separated; all on one node) together:
     /// every one is frozen, all are restored on NODE before any runs there, and a failure of
     /// any rolls all of them back. Streams between them stay streams between them, on NODE.
-    /// --precopy and --compress apply to every member (--transfer rsync not yet). A process
-    /// with children is not moved yet, alone or in a group.
+    /// --precopy and --compress apply to every member (--transfer rsync not yet). A member
+    /// may not have children (a process with children, moved alone, moves with its whole
+    /// tree).
     #[arg(long, value_delimiter = ',', value_name = "PROCESS,PROCESS...")]
     pub group: Vec<i32>,
     /// Copy memory in rounds while the process still runs and serves (each round only the

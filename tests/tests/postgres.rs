@@ -283,9 +283,17 @@ fn postgres_moves_under_an_insert_and_select_loop_loopback() {
     assert_eq!(row["node"], cluster.nodes[1].name.as_str());
     let log = read_log(&run);
     assert!(!log.contains("PANIC") && !log.contains("terminated by signal"), "{log}");
+    let steps: Vec<String> = report["steps"]
+        .as_array()
+        .map(|v| {
+            v.iter().map(|s| format!("{} {:.1}", s["name"], s["micros"].as_f64().unwrap_or(0.0) / 1000.0)).collect()
+        })
+        .unwrap_or_default();
     eprintln!(
-        "{test}: {ROWS} rows in one transaction across the move; {} processes, frozen {} ms",
+        "{test}: {ROWS} rows in one transaction across the move; {} processes, {:.1} MB image, frozen {} ms; {}",
         report["group"].as_array().map(|g| g.len() + 1).unwrap_or(0),
-        report["frozen_micros"].as_u64().unwrap_or(0) / 1000
+        report["image_bytes"].as_f64().unwrap_or(0.0) / 1e6,
+        report["frozen_micros"].as_u64().unwrap_or(0) / 1000,
+        steps.join(", ")
     );
 }
