@@ -361,7 +361,7 @@ fn a_group_with_a_blocked_member_lists_every_blocker_and_freezes_nothing_loopbac
     }
     let cluster = Cluster::start(3, Mode::Loopback);
     let (_cache, cache) = start_server(&cluster, SOURCE, CACHE_PORT, MB);
-    // A process with a child: trees are not moved (yet), alone or in a group.
+    // A process with a child: its tree moves only from its root, never as a member of a group.
     let mut cmd = cluster.preloaded(SOURCE, python3());
     cmd.args([
         "-c",

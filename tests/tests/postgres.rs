@@ -79,18 +79,7 @@ fn postgres_is_dumped_and_restored_as_a_process_tree() {
     // SAFETY: chown of a directory we just made.
     let c = std::ffi::CString::new(run.to_str().unwrap()).unwrap();
     assert_eq!(unsafe { libc::chown(c.as_ptr(), NOBODY, NOBODY) }, 0);
-    let data = run.join("data");
-    let init = Command::new(&initdb)
-        .arg("-D")
-        .arg(&data)
-        .args(["-A", "trust", "-U", "postgres", "--no-sync"])
-        .current_dir(&run)
-        .uid(NOBODY)
-        .gid(NOBODY)
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
-    assert!(init.status.success(), "initdb failed: {}", String::from_utf8_lossy(&init.stderr));
+    let data = initdb_as_nobody(&initdb, &run);
 
     let log = fs::File::create(run.join("server.log")).unwrap();
     let mut cmd = Command::new(&postgres);
@@ -161,6 +150,23 @@ fn postgres_is_dumped_and_restored_as_a_process_tree() {
     drop(server);
 }
 
+/// A new database cluster in `run/data`, made by nobody (`run` must be writable by nobody).
+fn initdb_as_nobody(initdb: &Path, run: &Path) -> PathBuf {
+    let data = run.join("data");
+    let init = Command::new(initdb)
+        .arg("-D")
+        .arg(&data)
+        .args(["-A", "trust", "-U", "postgres", "--no-sync"])
+        .current_dir(run)
+        .uid(NOBODY)
+        .gid(NOBODY)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(init.status.success(), "initdb failed: {}", String::from_utf8_lossy(&init.stderr));
+    data
+}
+
 fn read_log(run: &Path) -> String {
     fs::read_to_string(run.join("server.log")).unwrap_or_default()
 }
@@ -187,18 +193,7 @@ fn postgres_moves_under_an_insert_and_select_loop_loopback() {
     let run = cluster.path("pg");
     fs::create_dir(&run).unwrap();
     fs::set_permissions(&run, fs::Permissions::from_mode(0o777)).unwrap();
-    let data = run.join("data");
-    let init = Command::new(&initdb)
-        .arg("-D")
-        .arg(&data)
-        .args(["-A", "trust", "-U", "postgres", "--no-sync"])
-        .current_dir(&run)
-        .uid(NOBODY)
-        .gid(NOBODY)
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
-    assert!(init.status.success(), "initdb failed: {}", String::from_utf8_lossy(&init.stderr));
+    let data = initdb_as_nobody(&initdb, &run);
     // Clients come from virtual addresses (127.77.x.y), not 127.0.0.1.
     let hba = data.join("pg_hba.conf");
     let mut rules = fs::read_to_string(&hba).unwrap();

@@ -496,6 +496,18 @@ async fn execute(d: &mut Driver, m: &Participant, action: PartAction) {
     }
 }
 
+/// `vpid`'s sides of the streams between members of a group (stream id, the connecting
+/// side?), those it holds fds on (a side queued in a listen backlog has none).
+fn sides_of(group: &GroupPlan, vpid: Vpid) -> Vec<(u64, bool, InternalSide)> {
+    group
+        .internal
+        .iter()
+        .flat_map(|p| [(p.id, true, &p.client), (p.id, false, &p.server)])
+        .filter(|(_, _, s)| s.vpid == vpid && !s.fds.is_empty())
+        .map(|(id, client, s)| (id, client, s.clone()))
+        .collect()
+}
+
 /// Kills a held copy and removes the listener files made for it.
 fn discard(r: &Restoring) {
     if let Some(h) = &r.holder {
@@ -529,13 +541,7 @@ async fn prepare_copy(agent: &Arc<Agent>, dir: &Path) -> Result<HeldCopy, String
     let last = group.members.len() - 1;
     let mut tasks = Vec::new();
     for (i, vpid) in group.members.iter().copied().enumerate() {
-        let sides: Vec<(u64, bool, InternalSide)> = group
-            .internal
-            .iter()
-            .flat_map(|p| [(p.id, true, &p.client), (p.id, false, &p.server)])
-            .filter(|(_, _, s)| s.vpid == vpid && !s.fds.is_empty())
-            .map(|(id, client, s)| (id, client, s.clone()))
-            .collect();
+        let sides = sides_of(&group, vpid);
         let member = super::source::member_dir_name(vpid);
         let (agent, member_dir) = (agent.clone(), dir.join(&member));
         let fail = i == last && i > 0 && agent.fault == Some(super::Fault::FailLastMember);
@@ -591,13 +597,7 @@ async fn prepare_tree(agent: &Arc<Agent>, dir: &Path, group: GroupPlan) -> Resul
     let mut shared = std::collections::HashMap::new();
     let mut built = Vec::new();
     for vpid in &group.members {
-        let sides: Vec<(u64, bool, InternalSide)> = group
-            .internal
-            .iter()
-            .flat_map(|p| [(p.id, true, &p.client), (p.id, false, &p.server)])
-            .filter(|(_, _, s)| s.vpid == *vpid && !s.fds.is_empty())
-            .map(|(id, client, s)| (id, client, s.clone()))
-            .collect();
+        let sides = sides_of(&group, *vpid);
         let b = build_sockets(agent, &dir.join(super::source::member_dir_name(*vpid)), &sides, &mut shared)
             .map_err(|e| format!("vPID {vpid} of the tree: {e}"))?;
         if b.plan.entry.vpid != *vpid {

@@ -52,41 +52,97 @@ enum FreezeCmd {
     Thaw(oneshot::Sender<Result<(), String>>),
 }
 
-/// Freezes `pid` on a thread of its own and serves commands until kill or thaw (dropping the
-/// sender thaws: the Frozen guard puts everything back).
-fn spawn_freezer(pid: i32) -> (std::sync::mpsc::Sender<FreezeCmd>, oneshot::Receiver<Result<(), String>>) {
+/// What a freezer thread holds, frozen by it (ptrace is per tracer thread): one process, or a
+/// whole process tree.
+trait FrozenHere {
+    fn image(
+        &mut self,
+        dir: &std::path::Path,
+        opts: &DumpOptions,
+    ) -> dvk_checkpoint::Result<dvk_checkpoint::DumpReport>;
+    fn exit_kill(&mut self, on: bool) -> dvk_checkpoint::Result<()>;
+    fn kill_all(self) -> dvk_checkpoint::Result<()>;
+    fn thaw_all(self) -> dvk_checkpoint::Result<()>;
+}
+
+impl FrozenHere for Frozen {
+    fn image(
+        &mut self,
+        dir: &std::path::Path,
+        opts: &DumpOptions,
+    ) -> dvk_checkpoint::Result<dvk_checkpoint::DumpReport> {
+        dvk_checkpoint::write_image(self, dir, opts)
+    }
+    fn exit_kill(&mut self, on: bool) -> dvk_checkpoint::Result<()> {
+        self.set_exit_kill(on)
+    }
+    fn kill_all(self) -> dvk_checkpoint::Result<()> {
+        self.kill()
+    }
+    fn thaw_all(self) -> dvk_checkpoint::Result<()> {
+        self.thaw(false)
+    }
+}
+
+impl FrozenHere for dvk_checkpoint::tree::FrozenTree {
+    fn image(
+        &mut self,
+        dir: &std::path::Path,
+        opts: &DumpOptions,
+    ) -> dvk_checkpoint::Result<dvk_checkpoint::DumpReport> {
+        self.write_image(dir, opts)
+    }
+    fn exit_kill(&mut self, on: bool) -> dvk_checkpoint::Result<()> {
+        self.set_exit_kill(on)
+    }
+    fn kill_all(self) -> dvk_checkpoint::Result<()> {
+        self.kill()
+    }
+    fn thaw_all(self) -> dvk_checkpoint::Result<()> {
+        self.thaw()
+    }
+}
+
+/// Runs `freeze` on a thread of its own, then serves commands on what it froze until kill or
+/// thaw (dropping the sender thaws: the guards put everything back). `pid` is the process (the
+/// tree's root) reaped after a kill.
+fn spawn_freezer_with<F: FrozenHere + 'static>(
+    pid: i32,
+    name: String,
+    freeze: impl FnOnce() -> Result<F, String> + Send + 'static,
+) -> (std::sync::mpsc::Sender<FreezeCmd>, oneshot::Receiver<Result<(), String>>) {
     let (tx, rx) = std::sync::mpsc::channel::<FreezeCmd>();
     let (ready_tx, ready_rx) = oneshot::channel();
-    let spawned = std::thread::Builder::new().name(format!("freeze-{pid}")).spawn(move || {
-        let mut frozen = match Frozen::freeze(pid) {
+    let spawned = std::thread::Builder::new().name(name).spawn(move || {
+        let mut frozen = match freeze() {
             Ok(f) => {
                 let _ = ready_tx.send(Ok(()));
                 f
             }
             Err(e) => {
-                let _ = ready_tx.send(Err(e.to_string()));
+                let _ = ready_tx.send(Err(e));
                 return;
             }
         };
         while let Ok(cmd) = rx.recv() {
             match cmd {
                 FreezeCmd::Image(dir, opts, done) => {
-                    let _ = done.send(dvk_checkpoint::write_image(&mut frozen, &dir, &opts).map_err(|e| e.to_string()));
+                    let _ = done.send(frozen.image(&dir, &opts).map_err(|e| e.to_string()));
                 }
                 FreezeCmd::ExitKill(on) => {
-                    if let Err(e) = frozen.set_exit_kill(on) {
+                    if let Err(e) = frozen.exit_kill(on) {
                         tracing::warn!(pid, "cannot set PTRACE_O_EXITKILL: {e}");
                     }
                 }
                 FreezeCmd::Kill(done) => {
-                    let _ = frozen.kill();
+                    let _ = frozen.kill_all();
                     crate::sys::reap(pid);
                     let _ = done.send(());
                     return;
                 }
                 FreezeCmd::Thaw(done) => {
-                    let _ = frozen.set_exit_kill(false);
-                    let _ = done.send(frozen.thaw(false).map_err(|e| e.to_string()));
+                    let _ = frozen.exit_kill(false);
+                    let _ = done.send(frozen.thaw_all().map_err(|e| e.to_string()));
                     return;
                 }
             }
@@ -98,62 +154,29 @@ fn spawn_freezer(pid: i32) -> (std::sync::mpsc::Sender<FreezeCmd>, oneshot::Rece
     (tx, ready_rx)
 }
 
-/// Freezes the process tree under `root` on a thread of its own (the tracer of every member)
-/// and serves commands until kill or thaw (dropping the sender thaws). `expected`: the live
-/// members' pids the preflight saw, in tree order; a tree that changed since is thawed and the
-/// freeze fails (the move rolls back: try again).
+/// Freezes `pid` on a thread of its own (see [`spawn_freezer_with`]).
+fn spawn_freezer(pid: i32) -> (std::sync::mpsc::Sender<FreezeCmd>, oneshot::Receiver<Result<(), String>>) {
+    spawn_freezer_with(pid, format!("freeze-{pid}"), move || Frozen::freeze(pid).map_err(|e| e.to_string()))
+}
+
+/// Freezes the process tree under `root` on a thread of its own (the tracer of every member).
+/// `expected`: the live members' pids the preflight saw, in tree order; a tree that changed
+/// since is thawed and the freeze fails (the move rolls back: try again).
 fn spawn_tree_freezer(
     root: i32,
     expected: Vec<i32>,
 ) -> (std::sync::mpsc::Sender<FreezeCmd>, oneshot::Receiver<Result<(), String>>) {
-    let (tx, rx) = std::sync::mpsc::channel::<FreezeCmd>();
-    let (ready_tx, ready_rx) = oneshot::channel();
-    let spawned = std::thread::Builder::new().name(format!("freeze-tree-{root}")).spawn(move || {
-        let frozen = match dvk_checkpoint::tree::FrozenTree::freeze(root) {
-            Ok(f) => f,
-            Err(e) => {
-                let _ = ready_tx.send(Err(e.to_string()));
-                return;
-            }
-        };
+    spawn_freezer_with(root, format!("freeze-tree-{root}"), move || {
+        let frozen = dvk_checkpoint::tree::FrozenTree::freeze(root).map_err(|e| e.to_string())?;
         let live: Vec<i32> = frozen.members().iter().filter(|m| m.zombie.is_none()).map(|m| m.pid).collect();
         if live != expected {
-            let _ = ready_tx.send(Err(format!(
+            // Dropping `frozen` thaws every member.
+            return Err(format!(
                 "the process tree changed since the preflight (processes {expected:?}, now {live:?}); try again"
-            )));
-            return; // dropping `frozen` thaws every member
+            ));
         }
-        let _ = ready_tx.send(Ok(()));
-        let mut frozen = frozen;
-        while let Ok(cmd) = rx.recv() {
-            match cmd {
-                FreezeCmd::Image(dir, opts, done) => {
-                    let _ = done.send(frozen.write_image(&dir, &opts).map_err(|e| e.to_string()));
-                }
-                FreezeCmd::ExitKill(on) => {
-                    if let Err(e) = frozen.set_exit_kill(on) {
-                        tracing::warn!(root, "cannot set PTRACE_O_EXITKILL: {e}");
-                    }
-                }
-                FreezeCmd::Kill(done) => {
-                    let _ = frozen.kill();
-                    crate::sys::reap(root);
-                    let _ = done.send(());
-                    return;
-                }
-                FreezeCmd::Thaw(done) => {
-                    let mut frozen = frozen;
-                    let _ = frozen.set_exit_kill(false);
-                    let _ = done.send(frozen.thaw().map_err(|e| e.to_string()));
-                    return;
-                }
-            }
-        }
-    });
-    if let Err(e) = spawned {
-        tracing::error!("cannot start the freezer thread: {e}");
-    }
-    (tx, ready_rx)
+        Ok(frozen)
+    })
 }
 
 /// One stream of the moving process, as the source handles it.
