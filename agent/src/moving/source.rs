@@ -1155,15 +1155,7 @@ async fn dump_group_and_send(d: &mut Driver) -> CoordEvent {
     if let Some(e) = failed {
         return CoordEvent::DumpFailed(e);
     }
-    let group =
-        GroupPlan { members: d.vpids(), tree: false, internal: d.internal.values().map(|w| w.plan.clone()).collect() };
-    let written =
-        postcard::to_allocvec(&group).map_err(|e| format!("cannot encode the group plan: {e}")).and_then(|b| {
-            write_private(&d.image_dir.join(GROUP_FILE), &b)
-                .map(|_| b.len() as u64)
-                .map_err(|e| format!("cannot write the group plan: {e}"))
-        });
-    match written {
+    match write_group_plan(d, false) {
         Ok(n) => total += n,
         Err(e) => return CoordEvent::DumpFailed(e),
     }
@@ -1360,6 +1352,15 @@ async fn dump_and_send(d: &mut Driver) -> CoordEvent {
     send_the_rest(d, pages_sent, zeros).await
 }
 
+/// Writes `group.bin` (the members, whether they are a tree, the streams between them); its
+/// length.
+fn write_group_plan(d: &Driver, tree: bool) -> Result<u64, String> {
+    let group = GroupPlan { members: d.vpids(), tree, internal: d.internal.values().map(|w| w.plan.clone()).collect() };
+    let bytes = postcard::to_allocvec(&group).map_err(|e| format!("cannot encode the group plan: {e}"))?;
+    write_private(&d.image_dir.join(GROUP_FILE), &bytes).map_err(|e| format!("cannot write the group plan: {e}"))?;
+    Ok(bytes.len() as u64)
+}
+
 /// A process tree: one tree image (`tree.img`, `<pid>/` per process) written by the tree's
 /// freezer thread with every member's agent fds left out, each member's plan in `m<vPID>/`,
 /// `group.bin` beside them; then the files go (page data included: a tree's page data is not
@@ -1393,15 +1394,7 @@ async fn dump_tree_and_send(d: &mut Driver) -> CoordEvent {
             Err(e) => return CoordEvent::DumpFailed(e),
         }
     }
-    let group =
-        GroupPlan { members: d.vpids(), tree: true, internal: d.internal.values().map(|w| w.plan.clone()).collect() };
-    let written =
-        postcard::to_allocvec(&group).map_err(|e| format!("cannot encode the group plan: {e}")).and_then(|b| {
-            write_private(&d.image_dir.join(GROUP_FILE), &b)
-                .map(|_| b.len() as u64)
-                .map_err(|e| format!("cannot write the group plan: {e}"))
-        });
-    match written {
+    match write_group_plan(d, true) {
         Ok(n) => total += n,
         Err(e) => return CoordEvent::DumpFailed(e),
     }
