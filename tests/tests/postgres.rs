@@ -276,6 +276,14 @@ fn postgres_moves_under_an_insert_and_select_loop_loopback() {
     sql("checkpoint");
     let row = cluster.ps(2).into_iter().find(|r| r["vpid"] == vpid).expect("postgres is in ps");
     assert_eq!(row["node"], cluster.nodes[1].name.as_str());
+    // Its immediate shutdown (SIGQUIT): the postmaster takes its children down and is reaped by
+    // node2's agent, whose child it is now; nothing is left behind.
+    let postmaster = row["pid"].as_i64().unwrap() as i32;
+    // SAFETY: kill takes two integers; the pid is the postmaster this test started, moved.
+    unsafe { libc::kill(postmaster, libc::SIGQUIT) };
+    dvk_tests::wait_until(Duration::from_secs(30), "the moved postmaster to shut down", || {
+        !Path::new(&format!("/proc/{postmaster}")).exists()
+    });
     let log = read_log(&run);
     assert!(!log.contains("PANIC") && !log.contains("terminated by signal"), "{log}");
     let steps: Vec<String> = report["steps"]
