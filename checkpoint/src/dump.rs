@@ -179,8 +179,8 @@ pub(crate) fn process_blockers(pid: Pid, opts: &DumpOptions, in_tree: bool) -> R
         v.push(Error::Unsupported {
             pid,
             what: format!(
-                "a process with children ({}): a process tree is dumped or moved whole, from its root \
-                 (`migrate-cli dump` or `move` of it alone), not as one process of a group",
+                "a process with children ({}): process trees are dumped or moved whole, from their root \
+                 (`migrate-cli dump`, or `move` of the root alone), not as one process",
                 named(&children)
             ),
         });
