@@ -204,3 +204,45 @@ fn forking_server(test: &str, fail_first: bool) {
     assert_eq!(row["node"], cluster.nodes[DEST].name.as_str());
     eprintln!("{test}: {}, frozen {} ms", done.unwrap(), report["frozen_micros"].as_u64().unwrap_or(0) / 1000);
 }
+
+/// A tree moves only when every process in it is under the shim: a child started without it
+/// is named, and nothing is frozen.
+#[test]
+fn a_tree_with_a_child_outside_the_shim_is_refused_by_name_loopback() {
+    let test = "a_tree_with_a_child_outside_the_shim_is_refused_by_name_loopback";
+    if dvk_tests::moving::skip_without_root(test) {
+        return;
+    }
+    let cluster = Cluster::start(3, Mode::Loopback);
+    let mut cmd = cluster.preloaded(SOURCE, python3());
+    cmd.args([
+        "-c",
+        "import os, subprocess, time\n\
+         env = {k: v for k, v in os.environ.items() if k != 'LD_PRELOAD'}\n\
+         p = subprocess.Popen(['sleep', '300'], env=env, stdin=subprocess.DEVNULL, \
+         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)\n\
+         print('started', p.pid, flush=True)\n\
+         p.wait()",
+    ])
+    .stdin(Stdio::null());
+    let mut parent = Proc::spawn(no_inherited_fds(&mut cmd), "parent");
+    let started = parent.lines.wait_for("started", REACH);
+    let child: i32 = started.split_whitespace().nth(1).and_then(|p| p.parse().ok()).expect("the child's pid");
+    let vpid = cluster.wait_registered(SOURCE, parent.pid())["vpid"].as_i64().unwrap();
+    // python starts it with vfork and exec (no fork hook of the shim runs in between): the
+    // agent never knew it.
+    assert!(!cluster.ps(SOURCE).iter().any(|r| r["pid"] == child), "the child is not registered");
+    let out = move_cmd(&cluster, vpid);
+    let err = String::from_utf8_lossy(&out.stderr);
+    // SAFETY: kill takes two integers; the child is this test's grandchild.
+    unsafe { libc::kill(child, libc::SIGKILL) };
+    assert!(!out.status.success() && out.stdout.is_empty(), "refused before it started: {err}");
+    assert!(
+        err.contains(&format!("pid {child} (sleep), a child of pid {}", parent.pid()))
+            && err.contains("not a process under the dvk shim"),
+        "the child is named: {err}"
+    );
+    let stat = std::fs::read_to_string(format!("/proc/{}/stat", parent.pid())).unwrap();
+    let state = stat.rsplit(')').next().unwrap().split_whitespace().next().unwrap().to_owned();
+    assert!(state == "S" || state == "R", "the parent was not left stopped: {state}");
+}
