@@ -383,8 +383,10 @@ async fn prepare(
     if group && req.options.transfer == Transfer::Rsync {
         return Err("--transfer rsync is not available with --group yet, nor for a process tree".into());
     }
-    if tree && req.options.precopy == Some(true) {
-        return Err("--precopy is not available for a process tree yet".into());
+    if tree && (req.options.precopy == Some(true) || req.options.compress) {
+        return Err("--precopy and --compress are not available for a process tree yet (its image is sent as \
+                    files once it is frozen)"
+            .into());
     }
     if !peers.contains(&req.dest) {
         return Err(format!(
