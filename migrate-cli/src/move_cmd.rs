@@ -29,7 +29,7 @@ pub struct MoveArgs {
     /// the pre-copied pages are in it and copies them in behind it (they are already on that
     /// node). Needs Linux ≥ 6.7 on the source; where it cannot run, the move says why and
     /// copies everything while frozen. Default: on when the process holds at least 64 MiB of
-    /// private memory (RssAnon), off below.
+    /// private memory (RssAnon), off below. Not for a process tree yet.
     #[arg(long, overrides_with = "no_precopy")]
     pub precopy: bool,
     /// Never pre-copy: freeze first, then copy everything (see --precopy).
@@ -37,7 +37,7 @@ pub struct MoveArgs {
     pub no_precopy: bool,
     /// Compress page data on the link (LZ4). Pays on a slow link with compressible memory;
     /// on a fast one (and on random data) it costs more CPU time than it saves: see
-    /// docs/PERFORMANCE.md. Off by default.
+    /// docs/PERFORMANCE.md. Off by default. Not for a process tree yet.
     #[arg(long)]
     pub compress: bool,
     /// How the image travels: `stream` (image frames on the agent link, into the
