@@ -108,18 +108,18 @@ pub fn preflight_tree(
             std::thread::sleep(std::time::Duration::from_millis(2));
             continue;
         }
-        let opts = tree_dump_options(members, &all);
+        let opts = tree_dump_options(members.iter().map(|m| m.1).zip(&all));
         let blockers = dvk_checkpoint::tree::blockers(root, &opts).map_err(|e| e.to_string())?;
         return Ok((all, blockers));
     }
     unreachable!()
 }
 
-/// The dump options of a tree whose members' agent fds (`classified`, in member order) are
-/// carried by the agents.
-pub fn tree_dump_options(members: &[(Vpid, i32)], classified: &[Classified]) -> dvk_checkpoint::DumpOptions {
+/// The dump options of a tree whose members' agent fds (each member's pid and classification,
+/// the root first) are carried by the agents.
+pub fn tree_dump_options<'a>(members: impl Iterator<Item = (i32, &'a Classified)>) -> dvk_checkpoint::DumpOptions {
     let mut opts = dvk_checkpoint::DumpOptions::default();
-    for (i, (&(_, pid), c)) in members.iter().zip(classified).enumerate() {
+    for (i, (pid, c)) in members.enumerate() {
         if i == 0 {
             opts.external_fds = c.external();
         } else {

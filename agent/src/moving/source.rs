@@ -226,9 +226,9 @@ struct Driver {
     /// The process asked for first; for a group move, the others follow it; for a process
     /// tree, its root and then every descendant, parents first.
     members: Vec<Member>,
-    /// The members are a process tree: frozen, dumped and restored as one (`tree_freezer`).
+    /// The members are a process tree: frozen, dumped and restored as one (the root's freezer
+    /// thread holds the whole tree; the others have none).
     tree: bool,
-    tree_freezer: Option<std::sync::mpsc::Sender<FreezeCmd>>,
     /// Streams between members of a group move, by stream id.
     internal: BTreeMap<u64, InternalWork>,
     tag: MoveTag,
@@ -474,7 +474,6 @@ async fn prepare(
         agent: agent.clone(),
         members,
         tree,
-        tree_freezer: None,
         internal: BTreeMap::new(),
         tag,
         dest: req.dest,
@@ -627,9 +626,6 @@ async fn execute(d: &mut Driver, m: &mut Coordinator, action: CoordAction) -> Op
         }
         CoordAction::DumpAndSend => Some(dump_and_send(d).await),
         CoordAction::KillOriginalOnExit => {
-            if let Some(f) = &d.tree_freezer {
-                let _ = f.send(FreezeCmd::ExitKill(true));
-            }
             for m in &d.members {
                 m.freezer(FreezeCmd::ExitKill(true));
             }
@@ -638,11 +634,6 @@ async fn execute(d: &mut Driver, m: &mut Coordinator, action: CoordAction) -> Op
         CoordAction::KillOriginal => {
             d.frozen_for = d.frozen_at.map(|t| t.elapsed());
             d.step("commit", format!("runs on {}", agent.node_name(d.dest)));
-            if let Some(f) = d.tree_freezer.take() {
-                let (tx, rx) = oneshot::channel();
-                let _ = f.send(FreezeCmd::Kill(tx));
-                let _ = rx.await;
-            }
             for m in d.members.iter_mut() {
                 let (tx, rx) = oneshot::channel();
                 m.freezer(FreezeCmd::Kill(tx));
@@ -662,13 +653,6 @@ async fn execute(d: &mut Driver, m: &mut Coordinator, action: CoordAction) -> Op
             None
         }
         CoordAction::Thaw => {
-            if let Some(f) = d.tree_freezer.take() {
-                let (tx, rx) = oneshot::channel();
-                let _ = f.send(FreezeCmd::Thaw(tx));
-                if let Ok(Err(e)) = rx.await {
-                    tracing::error!(vpid = %d.lead().vpid, "thaw of the process tree failed: {e}");
-                }
-            }
             for m in d.members.iter_mut() {
                 let (tx, rx) = oneshot::channel();
                 m.freezer(FreezeCmd::Thaw(tx));
@@ -704,29 +688,26 @@ async fn execute(d: &mut Driver, m: &mut Coordinator, action: CoordAction) -> Op
 async fn freeze(d: &mut Driver, m: &mut Coordinator) -> CoordEvent {
     d.step_start = Instant::now();
     d.frozen_at = Some(Instant::now());
+    // A freeze that hangs (a thread stuck in the kernel) is given up: dropping `tx` makes the
+    // freezer thread thaw whatever it froze, whenever it gets there (the members frozen before
+    // it too: their senders are dropped with `freezers`).
     let mut freezers = Vec::new();
     if d.tree {
+        // One thread freezes and holds the whole tree; it is the root's freezer.
         let pids = d.members.iter().map(|m| m.entry.real_pid).collect();
         let (tx, ready) = spawn_tree_freezer(d.lead().real_pid, pids);
-        match tokio::time::timeout(Duration::from_millis(super::timeouts().detach), ready).await {
-            Ok(Ok(Ok(()))) => d.tree_freezer = Some(tx),
-            Ok(Ok(Err(e))) => return CoordEvent::FreezeFailed(e),
-            Ok(Err(_)) => return CoordEvent::FreezeFailed("the freezer thread died".into()),
-            Err(_) => return CoordEvent::FreezeFailed("the process tree did not stop in time".into()),
+        if let Err(e) = frozen_in_time(ready, String::new(), "the process tree").await {
+            return e;
         }
+        freezers.push(tx);
     }
     for member in d.members.iter().filter(|_| !d.tree) {
         let (tx, ready) = spawn_freezer(member.entry.real_pid);
-        // A freeze that hangs (a thread stuck in the kernel) is given up: dropping `tx` makes
-        // the freezer thread thaw whatever it froze, whenever it gets there (the members frozen
-        // before it too: their senders are dropped with `freezers`).
         let who = if d.members.len() > 1 { format!("vPID {}: ", member.entry.vpid) } else { String::new() };
-        match tokio::time::timeout(Duration::from_millis(super::timeouts().detach), ready).await {
-            Ok(Ok(Ok(()))) => freezers.push(tx),
-            Ok(Ok(Err(e))) => return CoordEvent::FreezeFailed(format!("{who}{e}")),
-            Ok(Err(_)) => return CoordEvent::FreezeFailed(format!("{who}the freezer thread died")),
-            Err(_) => return CoordEvent::FreezeFailed(format!("{who}the process did not stop in time")),
+        if let Err(e) = frozen_in_time(ready, who, "the process").await {
+            return e;
         }
+        freezers.push(tx);
     }
     for (member, tx) in d.members.iter_mut().zip(freezers) {
         member.freezer = Some(tx);
@@ -786,6 +767,21 @@ async fn freeze(d: &mut Driver, m: &mut Coordinator) -> CoordEvent {
         if d.is_group() { format!(", {} between members of the group", d.internal.len()) } else { String::new() };
     d.step("freeze", format!("{n_streams} stream(s){internal}, {n_backlog} queued connection(s)"));
     CoordEvent::Frozen
+}
+
+/// Waits (at most the detach timeout) for a freezer thread to report its freeze; the
+/// FreezeFailed event if it did not, its message starting with `who`.
+async fn frozen_in_time(
+    ready: oneshot::Receiver<Result<(), String>>,
+    who: String,
+    what: &str,
+) -> Result<(), CoordEvent> {
+    match tokio::time::timeout(Duration::from_millis(super::timeouts().detach), ready).await {
+        Ok(Ok(Ok(()))) => Ok(()),
+        Ok(Ok(Err(e))) => Err(CoordEvent::FreezeFailed(format!("{who}{e}"))),
+        Ok(Err(_)) => Err(CoordEvent::FreezeFailed(format!("{who}the freezer thread died"))),
+        Err(_) => Err(CoordEvent::FreezeFailed(format!("{who}{what} did not stop in time"))),
+    }
 }
 
 /// The fds of a frozen process, classified, with the connections taken out of its listen
@@ -1370,15 +1366,10 @@ fn write_group_plan(d: &Driver, tree: bool) -> Result<u64, String> {
 async fn dump_tree_and_send(d: &mut Driver) -> CoordEvent {
     drain_remote_queues(d);
     let _ = std::fs::remove_dir_all(&d.image_dir);
-    let ids: Vec<(Vpid, i32)> = d.members.iter().map(|m| (m.entry.vpid, m.entry.real_pid)).collect();
-    let classified: Vec<Classified> = d.members.iter_mut().map(|m| std::mem::take(&mut m.classified)).collect();
-    let opts = classify::tree_dump_options(&ids, &classified);
-    for (m, c) in d.members.iter_mut().zip(classified) {
-        m.classified = c;
-    }
-    let Some(freezer) = &d.tree_freezer else { return CoordEvent::DumpFailed("the tree is not frozen".into()) };
+    let opts = classify::tree_dump_options(d.members.iter().map(|m| (m.entry.real_pid, &m.classified)));
     let (tx, rx) = oneshot::channel();
-    let _ = freezer.send(FreezeCmd::Image(d.image_dir.clone(), Box::new(opts), tx));
+    // The root's freezer thread holds the whole tree.
+    d.members[0].freezer(FreezeCmd::Image(d.image_dir.clone(), Box::new(opts), tx));
     let report = match rx.await {
         Ok(Ok(r)) => r,
         Ok(Err(e)) => return CoordEvent::DumpFailed(e),
