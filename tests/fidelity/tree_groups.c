@@ -58,13 +58,11 @@ int main(void) {
     pid_t c2 = fork();
     if (c2 == 0) { close(rdy[0]); _exit(leaf(rdy[1], -1)); }
     close(rdy[1]);
-    char b[5];
+    /* Up to EOF: every process has written its byte and closed its end (a writer still
+     * holding one when the read end is closed here would hold a pipe nobody in the tree reads). */
+    char b[8];
     int got = 0;
-    while (got < 5) {
-        ssize_t k = read(rdy[0], b, 5 - got);
-        if (k <= 0) break;
-        got += k;
-    }
+    for (ssize_t k; (k = read(rdy[0], b, sizeof b)) > 0;) got += k;
     close(rdy[0]);
     CHECK(got == 5, "only %d processes got ready", got);
     struct ids was = now();
