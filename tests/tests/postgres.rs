@@ -94,7 +94,7 @@ fn postgres_is_dumped_and_restored_as_a_process_tree() {
     let child = cmd
         .arg("-D")
         .arg(&data)
-        .args(["-c", "listen_addresses=", "-c", "fsync=off", "-c"])
+        .args(["-c", "listen_addresses=", "-c", "fsync=off", "-c", "autovacuum=off", "-c"])
         .arg(format!("unix_socket_directories={}", run.display()))
         .current_dir(&run)
         .uid(NOBODY)
@@ -118,6 +118,9 @@ fn postgres_is_dumped_and_restored_as_a_process_tree() {
     )
     .unwrap();
     let before = psql(&run, "select count(*), md5(string_agg(v, ',' order by k)) from t").unwrap();
+    // The backends of those sessions end after psql does: dump once only the server's own
+    // processes are left (a backend half-way through its exit is not one to carry).
+    settled(server.0, AUX);
 
     // Dump the whole tree (the original is killed), then restore it here.
     let img = tempfile::Builder::new().prefix("dvk-pg-img-").tempdir().unwrap();
@@ -165,6 +168,25 @@ fn initdb_as_nobody(initdb: &Path, run: &Path) -> PathBuf {
         .unwrap();
     assert!(init.status.success(), "initdb failed: {}", String::from_utf8_lossy(&init.stderr));
     data
+}
+
+/// The processes PostgreSQL 15 runs besides its backends with autovacuum off: checkpointer,
+/// background writer, WAL writer, logical replication launcher.
+const AUX: usize = 4;
+
+/// Waits until the postmaster `pid` has exactly `n` live children (no backend starting or
+/// ending).
+fn settled(pid: i32, n: usize) {
+    dvk_tests::wait_until(Duration::from_secs(30), &format!("postgres to settle at {n} child processes"), || {
+        let live = dvk_tests::children_of(pid as u32)
+            .into_iter()
+            .filter(|c| {
+                let stat = fs::read_to_string(format!("/proc/{c}/stat")).unwrap_or_default();
+                !matches!(stat.rsplit(')').next().and_then(|r| r.split_whitespace().next()), Some("Z") | None)
+            })
+            .count();
+        live == n
+    });
 }
 
 fn read_log(run: &Path) -> String {
@@ -254,6 +276,9 @@ fn postgres_moves_under_an_insert_and_select_loop_loopback() {
     while k <= ROWS {
         assert_eq!(ask(k), k.to_string(), "after insert {k}\n{}", read_log(&run));
         if k == ROWS / 2 {
+            // Only the server's processes and this session's backend (the earlier sessions'
+            // backends have ended): the tree the preflight sees is the one frozen.
+            settled(pid as i32, AUX + 1);
             // Mid-transaction: the backend serving this session moves with its postmaster.
             let out = cluster.cli(2, &["move", &vpid.to_string(), &cluster.nodes[1].name, "--json"]);
             report = serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null);
